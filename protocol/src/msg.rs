@@ -215,5 +215,53 @@ pub trait ControlMessage: Sized + Serialize + serde::de::DeserializeOwned {
 impl ControlMessage for AgentToRelay {}
 impl ControlMessage for RelayToAgent {}
 
+/// Reassembles control frames from the bytes of a stream, sans IO.
+///
+/// Feed it what the stream gives with [`Self::extend`], then take messages
+/// with [`Self::next_message`] until it returns `Ok(None)`. It never holds more than
+/// one partial frame plus the last chunk fed: a length prefix over
+/// [`MAX_CONTROL_FRAME_LEN`] is refused before its body arrives.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl FrameDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes read from the stream.
+    pub fn extend(&mut self, data: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Whether a partial frame is pending (the stream must not end here).
+    pub fn has_partial(&self) -> bool {
+        self.start < self.buf.len()
+    }
+
+    /// The next complete message, if any.
+    pub fn next_message<M: ControlMessage>(&mut self) -> Result<Option<M>, FrameError> {
+        match M::decode_frame(&self.buf[self.start..])? {
+            Some((msg, used)) => {
+                self.start += used;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
+                Ok(Some(msg))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -139,9 +139,12 @@ impl RecordHeader {
     }
 }
 
+/// A decoded record: its header, its ciphertext and the bytes consumed.
+pub type DecodedRecord<'a> = (RecordHeader, &'a [u8], usize);
+
 /// Decodes one whole record from the front of `buf`: `Ok(None)` if
 /// incomplete, else the header, the ciphertext and the bytes consumed.
-pub fn decode_record(buf: &[u8]) -> Result<Option<(RecordHeader, &[u8], usize)>, RecordError> {
+pub fn decode_record(buf: &[u8]) -> Result<Option<DecodedRecord<'_>>, RecordError> {
     let Some(header) = RecordHeader::decode(buf)? else {
         return Ok(None);
     };
@@ -202,7 +205,7 @@ mod tests {
         let mut out = Vec::new();
         FlowHeader {
             link_id: LinkId([0xaa; 16]),
-            flow_id: 0x0102_03,
+            flow_id: 0x0001_0203,
         }
         .write_to(&mut out);
         assert_eq!(

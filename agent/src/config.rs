@@ -1,0 +1,286 @@
+//! The agent configuration file (TOML).
+//!
+//! ```toml
+//! node_id = "5d1e..."              # 32 hex digits, as named in grants
+//! signing_key = "node.key"         # ed25519 key file (mode 0600)
+//! noise_key = "noise.key"          # X25519 key file (mode 0600)
+//! admin = "127.0.0.1:9201"         # optional: /metrics, /healthz, /readyz
+//!
+//! [[links]]
+//! name = "db"
+//! link_id = "0a7c..."              # 32 hex digits
+//! generation = 1
+//! side = "a"                       # "a" or "b"
+//! peer_noise_public_key = "9e2f..."  # 64 hex digits
+//! listen = "tcp://127.0.0.1:7000"  # or "unix:///run/app/db.sock";
+//! # target = "tcp://127.0.0.1:5432" # exactly one of listen / target
+//! allowed_uids = [1000]            # unix listeners: allowed peer uids
+//! allowed_gids = []                # unix listeners: allowed peer gids
+//! [links.relay]
+//! addr = "relay.example.net:4433"
+//! server_name = "relay.example.net" # name in the relay certificate
+//! ca_file = "ca.pem"               # pin by CA ...
+//! # cert_sha256 = "ab12..."        # ... or by the certificate's SHA-256
+//! ```
+//!
+//! Relative paths are relative to the config file's directory. A listener
+//! binds loopback or a Unix socket only: agents never accept connections
+//! from the network.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use comsat_protocol::{LinkId, NodeId, NoisePublicKey, Side};
+use serde::Deserialize;
+
+use crate::error::AgentError;
+
+/// Largest config file read.
+pub const MAX_CONFIG_LEN: u64 = 1024 * 1024;
+
+/// Most links one agent config may hold.
+pub const MAX_LINKS: usize = 10_000;
+
+/// The agent configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AgentConfig {
+    /// This agent's id.
+    pub node_id: NodeId,
+    /// ed25519 key file.
+    pub signing_key: PathBuf,
+    /// X25519 Noise key file.
+    pub noise_key: PathBuf,
+    /// Admin HTTP address.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+    /// The links.
+    #[serde(default)]
+    pub links: Vec<LinkConfig>,
+}
+
+/// One link half.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct LinkConfig {
+    /// A name for logs and metrics.
+    pub name: String,
+    /// The link id.
+    pub link_id: LinkId,
+    /// The generation the grant carries.
+    pub generation: u64,
+    /// The side this agent holds.
+    pub side: Side,
+    /// The peer's Noise static public key.
+    pub peer_noise_public_key: NoisePublicKey,
+    /// Local listener (`tcp://127.0.0.1:PORT` or `unix:///path`).
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Local target dialled per flow (`tcp://host:port` or `unix:///path`).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Unix listeners: peer uids allowed (empty: any, unless gids are set).
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
+    /// Unix listeners: peer gids allowed.
+    #[serde(default)]
+    pub allowed_gids: Vec<u32>,
+    /// The relay.
+    pub relay: RelayEndpoint,
+}
+
+/// How to reach and authenticate a relay.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RelayEndpoint {
+    /// `host:port` of the relay's QUIC listener.
+    pub addr: String,
+    /// The name the relay certificate is checked against.
+    pub server_name: String,
+    /// PEM CA certificate(s) the relay certificate must chain to.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 (hex) of the relay's end-entity certificate.
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
+}
+
+/// A local socket address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalSpec {
+    /// A TCP address.
+    Tcp(String),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl LocalSpec {
+    /// Parses `tcp://host:port` or `unix:///path`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("tcp://") {
+            if rest.is_empty() || !rest.contains(':') {
+                return Err(format!("`{s}`: expected tcp://HOST:PORT"));
+            }
+            Ok(Self::Tcp(rest.to_owned()))
+        } else if let Some(rest) = s.strip_prefix("unix://") {
+            if !rest.starts_with('/') {
+                return Err(format!("`{s}`: expected unix:///ABSOLUTE/PATH"));
+            }
+            Ok(Self::Unix(PathBuf::from(rest)))
+        } else {
+            Err(format!("`{s}`: expected tcp://HOST:PORT or unix:///PATH"))
+        }
+    }
+}
+
+impl std::fmt::Display for LocalSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp://{a}"),
+            Self::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+/// What a link does locally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalRole {
+    /// Accept local connections; each becomes a flow.
+    Listen(LocalSpec),
+    /// Dial this target for each flow the peer opens.
+    Target(LocalSpec),
+}
+
+impl LinkConfig {
+    /// The parsed local role.
+    pub fn role(&self) -> Result<LocalRole, String> {
+        match (&self.listen, &self.target) {
+            (Some(l), None) => {
+                let spec = LocalSpec::parse(l)?;
+                if let LocalSpec::Tcp(addr) = &spec {
+                    let sa: SocketAddr = addr.parse().map_err(|_| {
+                        format!(
+                            "listen `{l}`: expected a loopback IP:PORT such as tcp://127.0.0.1:7000"
+                        )
+                    })?;
+                    if !sa.ip().is_loopback() {
+                        return Err(format!(
+                            "listen `{l}`: agents listen on loopback or Unix sockets only \
+                             (they never accept connections from the network)"
+                        ));
+                    }
+                }
+                Ok(LocalRole::Listen(spec))
+            }
+            (None, Some(t)) => Ok(LocalRole::Target(LocalSpec::parse(t)?)),
+            _ => Err("set exactly one of `listen` or `target`".into()),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads and checks a config file; relative paths resolve against its
+    /// directory.
+    pub fn load(path: &Path) -> Result<Self, AgentError> {
+        use std::io::Read;
+        let io = |source| AgentError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let bad = |reason: String| AgentError::Config {
+            path: path.to_owned(),
+            reason,
+        };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .map_err(io)?
+            .take(MAX_CONFIG_LEN + 1)
+            .read_to_string(&mut text)
+            .map_err(io)?;
+        if text.len() as u64 > MAX_CONFIG_LEN {
+            return Err(bad(format!("file is larger than {MAX_CONFIG_LEN} bytes")));
+        }
+        let mut config: Self = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_owned();
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut config.signing_key);
+        resolve(&mut config.noise_key);
+        if config.links.len() > MAX_LINKS {
+            return Err(bad(format!("more than {MAX_LINKS} links")));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for link in &mut config.links {
+            if let Some(ca) = &mut link.relay.ca_file {
+                resolve(ca);
+            }
+            link.role()
+                .map_err(|e| bad(format!("link `{}`: {e}", link.name)))?;
+            if link.relay.ca_file.is_some() == link.relay.cert_sha256.is_some() {
+                return Err(bad(format!(
+                    "link `{}`: set exactly one of relay.ca_file or relay.cert_sha256",
+                    link.name
+                )));
+            }
+            if !ids.insert(link.link_id) {
+                return Err(bad(format!("link `{}`: link_id appears twice", link.name)));
+            }
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(listen: Option<&str>, target: Option<&str>) -> LinkConfig {
+        LinkConfig {
+            name: "l".into(),
+            link_id: LinkId([1; 16]),
+            generation: 1,
+            side: Side::A,
+            peer_noise_public_key: NoisePublicKey([2; 32]),
+            listen: listen.map(Into::into),
+            target: target.map(Into::into),
+            allowed_uids: vec![],
+            allowed_gids: vec![],
+            relay: RelayEndpoint {
+                addr: "127.0.0.1:1".into(),
+                server_name: "localhost".into(),
+                ca_file: None,
+                cert_sha256: Some("00".into()),
+            },
+        }
+    }
+
+    #[test]
+    fn listen_must_be_loopback() {
+        assert!(link(Some("tcp://127.0.0.1:7000"), None).role().is_ok());
+        assert!(link(Some("tcp://[::1]:7000"), None).role().is_ok());
+        let err = link(Some("tcp://0.0.0.0:7000"), None)
+            .role()
+            .expect_err("not loopback");
+        assert!(err.contains("loopback"), "{err}");
+        assert!(link(Some("unix:///tmp/x.sock"), None).role().is_ok());
+        assert!(link(Some("unix://rel.sock"), None).role().is_err());
+    }
+
+    #[test]
+    fn exactly_one_role() {
+        assert!(link(None, None).role().is_err());
+        assert!(
+            link(Some("tcp://127.0.0.1:1"), Some("tcp://a:1"))
+                .role()
+                .is_err()
+        );
+        assert!(link(None, Some("tcp://db.internal:5432")).role().is_ok());
+        assert!(link(None, Some("http://x")).role().is_err());
+    }
+}

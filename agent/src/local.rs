@@ -1,0 +1,208 @@
+//! Local sockets: listeners that turn accepted connections into flows, and
+//! dialling of targets.
+
+use std::io;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream, tcp, unix};
+
+use crate::config::LocalSpec;
+
+/// A bound local listener.
+#[derive(Debug)]
+pub(crate) enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// An accepted or dialled local connection.
+#[derive(Debug)]
+pub(crate) enum LocalConn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// The read half of a local connection.
+#[derive(Debug)]
+pub(crate) enum LocalRead {
+    Tcp(tcp::OwnedReadHalf),
+    Unix(unix::OwnedReadHalf),
+}
+
+/// The write half of a local connection.
+#[derive(Debug)]
+pub(crate) enum LocalWrite {
+    Tcp(tcp::OwnedWriteHalf),
+    Unix(unix::OwnedWriteHalf),
+}
+
+impl Listener {
+    /// Binds `spec`. A stale Unix socket file (nobody listening) is
+    /// replaced; a live one is an error.
+    pub(crate) async fn bind(spec: &LocalSpec) -> io::Result<Self> {
+        match spec {
+            LocalSpec::Tcp(addr) => Ok(Self::Tcp(TcpListener::bind(addr).await?)),
+            LocalSpec::Unix(path) => {
+                if path.exists() {
+                    if UnixStream::connect(path).await.is_ok() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            "another process is listening on this socket",
+                        ));
+                    }
+                    std::fs::remove_file(path)?;
+                }
+                Ok(Self::Unix(UnixListener::bind(path)?))
+            }
+        }
+    }
+
+    /// The bound address, for logs (`tcp://IP:PORT` or `unix:///path`).
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Self::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "tcp://?".into(), |a| format!("tcp://{a}")),
+            Self::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix://{}", p.display())))
+                .unwrap_or_else(|| "unix://?".into()),
+        }
+    }
+
+    /// Accepts the next connection with the peer's uid and gid (Unix only).
+    pub(crate) async fn accept(&self) -> io::Result<(LocalConn, Option<(u32, u32)>)> {
+        match self {
+            Self::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok((LocalConn::Tcp(s), None))
+            }
+            Self::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                let cred = s.peer_cred()?;
+                Ok((LocalConn::Unix(s), Some((cred.uid(), cred.gid()))))
+            }
+        }
+    }
+}
+
+/// Dials a target.
+pub(crate) async fn dial(spec: &LocalSpec, timeout: Duration) -> io::Result<LocalConn> {
+    let fut = async {
+        match spec {
+            LocalSpec::Tcp(addr) => {
+                let s = TcpStream::connect(addr.as_str()).await?;
+                let _ = s.set_nodelay(true);
+                Ok(LocalConn::Tcp(s))
+            }
+            LocalSpec::Unix(path) => Ok(LocalConn::Unix(UnixStream::connect(path).await?)),
+        }
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "dial timed out"))?
+}
+
+impl LocalConn {
+    pub(crate) fn split(self) -> (LocalRead, LocalWrite) {
+        match self {
+            Self::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (LocalRead::Tcp(r), LocalWrite::Tcp(w))
+            }
+            Self::Unix(s) => {
+                let (r, w) = s.into_split();
+                (LocalRead::Unix(r), LocalWrite::Unix(w))
+            }
+        }
+    }
+}
+
+impl LocalRead {
+    /// Reads what is available, allocating only once data is ready, so an
+    /// idle flow holds no buffer. `Ok(None)` at end of stream.
+    pub(crate) async fn read_chunk(&mut self, max: usize) -> io::Result<Option<Vec<u8>>> {
+        loop {
+            match self {
+                Self::Tcp(r) => r.readable().await?,
+                Self::Unix(r) => r.readable().await?,
+            }
+            let mut buf = Vec::with_capacity(max);
+            let res = match self {
+                Self::Tcp(r) => r.try_read_buf(&mut buf),
+                Self::Unix(r) => r.try_read_buf(&mut buf),
+            };
+            match res {
+                Ok(0) => return Ok(None),
+                Ok(_) => return Ok(Some(buf)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl LocalWrite {
+    fn inner(&mut self) -> &mut (dyn AsyncWrite + Unpin + Send) {
+        match self {
+            Self::Tcp(w) => w,
+            Self::Unix(w) => w,
+        }
+    }
+
+    pub(crate) async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        self.inner().write_all(data).await
+    }
+
+    /// Half-closes: the application reads end of stream.
+    pub(crate) async fn shutdown(&mut self) -> io::Result<()> {
+        self.inner().shutdown().await
+    }
+
+    /// Makes the application see a reset rather than a clean end of stream
+    /// (TCP: RST via zero linger; Unix sockets have no reset and just
+    /// close).
+    pub(crate) fn abort(self) {
+        if let Self::Tcp(w) = &self {
+            #[allow(deprecated)]
+            let _ = w.as_ref().set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+/// Whether a Unix peer with `cred` may use a listener restricted to
+/// `uids`/`gids` (both empty: anyone who can reach the socket file).
+pub(crate) fn peer_allowed(cred: Option<(u32, u32)>, uids: &[u32], gids: &[u32]) -> bool {
+    if uids.is_empty() && gids.is_empty() {
+        return true;
+    }
+    match cred {
+        Some((uid, gid)) => uids.contains(&uid) || gids.contains(&gid),
+        None => false,
+    }
+}
+
+/// Removes a Unix socket file we created.
+pub(crate) fn cleanup(spec: &LocalSpec) {
+    if let LocalSpec::Unix(p) = spec {
+        let _ = std::fs::remove_file(Path::new(p));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_policy() {
+        assert!(peer_allowed(Some((5, 5)), &[], &[]));
+        assert!(peer_allowed(Some((1000, 5)), &[1000], &[]));
+        assert!(!peer_allowed(Some((1001, 5)), &[1000], &[]));
+        assert!(peer_allowed(Some((1001, 50)), &[1000], &[50]));
+        assert!(!peer_allowed(None, &[1000], &[]));
+    }
+}

@@ -1,0 +1,81 @@
+//! Agent metrics. Names are `comsat_agent_<thing>_<unit|total>`.
+//!
+//! | name | type | meaning |
+//! |---|---|---|
+//! | `comsat_agent_relay_connects_total` | counter | relay connections established |
+//! | `comsat_agent_relay_connect_failures_total` | counter | failed connection attempts |
+//! | `comsat_agent_links_ready` | gauge | links with an end-to-end session up |
+//! | `comsat_agent_flows_total` | counter | flows opened (both directions of dialling) |
+//! | `comsat_agent_flows_open` | gauge | flows open |
+//! | `comsat_agent_flows_failed_total` | counter | flows that ended in a reset |
+//! | `comsat_agent_sent_bytes_total` | counter | application bytes sent into links, counted as they move |
+//! | `comsat_agent_received_bytes_total` | counter | application bytes delivered from links |
+//! | `comsat_agent_local_refused_total{reason}` | counter | local connections refused: `peer_credentials`, `link_not_ready` |
+
+use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
+
+/// Relay connections established.
+pub const RELAY_CONNECTS_TOTAL: &str = "comsat_agent_relay_connects_total";
+/// Failed relay connection attempts.
+pub const RELAY_CONNECT_FAILURES_TOTAL: &str = "comsat_agent_relay_connect_failures_total";
+/// Links with a session.
+pub const LINKS_READY: &str = "comsat_agent_links_ready";
+/// Flows opened.
+pub const FLOWS_TOTAL: &str = "comsat_agent_flows_total";
+/// Flows open.
+pub const FLOWS_OPEN: &str = "comsat_agent_flows_open";
+/// Flows reset.
+pub const FLOWS_FAILED_TOTAL: &str = "comsat_agent_flows_failed_total";
+/// Bytes sent.
+pub const SENT_BYTES_TOTAL: &str = "comsat_agent_sent_bytes_total";
+/// Bytes received.
+pub const RECEIVED_BYTES_TOTAL: &str = "comsat_agent_received_bytes_total";
+/// Local connections refused.
+pub const LOCAL_REFUSED_TOTAL: &str = "comsat_agent_local_refused_total";
+
+/// Metric handles, resolved once.
+#[derive(Clone)]
+pub(crate) struct Metrics {
+    pub(crate) connects: Counter,
+    pub(crate) connect_failures: Counter,
+    pub(crate) links_ready: Gauge,
+    pub(crate) flows_total: Counter,
+    pub(crate) flows_open: Gauge,
+    pub(crate) flows_failed: Counter,
+    pub(crate) sent_bytes: Counter,
+    pub(crate) received_bytes: Counter,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        describe_counter!(RELAY_CONNECTS_TOTAL, "Relay connections established");
+        describe_counter!(
+            RELAY_CONNECT_FAILURES_TOTAL,
+            "Failed relay connection attempts"
+        );
+        describe_gauge!(LINKS_READY, "Links with an end-to-end session up");
+        describe_counter!(FLOWS_TOTAL, "Flows opened");
+        describe_gauge!(FLOWS_OPEN, "Flows open");
+        describe_counter!(FLOWS_FAILED_TOTAL, "Flows that ended in a reset");
+        describe_counter!(SENT_BYTES_TOTAL, "Application bytes sent into links");
+        describe_counter!(
+            RECEIVED_BYTES_TOTAL,
+            "Application bytes delivered from links"
+        );
+        describe_counter!(LOCAL_REFUSED_TOTAL, "Local connections refused, by reason");
+        Self {
+            connects: counter!(RELAY_CONNECTS_TOTAL),
+            connect_failures: counter!(RELAY_CONNECT_FAILURES_TOTAL),
+            links_ready: gauge!(LINKS_READY),
+            flows_total: counter!(FLOWS_TOTAL),
+            flows_open: gauge!(FLOWS_OPEN),
+            flows_failed: counter!(FLOWS_FAILED_TOTAL),
+            sent_bytes: counter!(SENT_BYTES_TOTAL),
+            received_bytes: counter!(RECEIVED_BYTES_TOTAL),
+        }
+    }
+
+    pub(crate) fn local_refused(&self, reason: &'static str) {
+        counter!(LOCAL_REFUSED_TOTAL, "reason" => reason).increment(1);
+    }
+}

@@ -1,0 +1,238 @@
+//! The relay configuration file (TOML).
+//!
+//! ```toml
+//! # The relay's id, as named in grants (32 hex digits).
+//! relay_id = "9f0c..."
+//! # UDP address for QUIC.
+//! listen = "0.0.0.0:4433"
+//! # Admin HTTP (metrics, health): keep it on loopback.
+//! admin = "127.0.0.1:9101"
+//! # Server certificate chain and private key (PEM). The key file must be
+//! # mode 0600.
+//! tls_cert = "relay.crt"
+//! tls_key = "relay.key"
+//! # The authority's ed25519 public key (64 hex digits); grants must be
+//! # signed by it.
+//! authority_public_key = "3b6a..."
+//! # Directory of signed grant files (`*.grant`), watched for changes.
+//! grants_dir = "grants"
+//!
+//! [limits]              # all optional
+//! auth_timeout_ms = 5000
+//! max_unauthenticated = 256
+//! max_connections = 10000
+//! connection_receive_window = 16777216
+//! stream_receive_window = 2097152
+//! max_streams_per_connection = 1024
+//! idle_timeout_ms = 30000
+//! ```
+//!
+//! Relative paths are relative to the directory of the config file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use comsat_protocol::{RelayId, SignPublicKey};
+use serde::Deserialize;
+
+use crate::defaults;
+use crate::error::RelayError;
+
+/// Largest config file read.
+pub const MAX_CONFIG_LEN: u64 = 1024 * 1024;
+
+/// The relay configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RelayConfig {
+    /// This relay's id as named in grants.
+    pub relay_id: RelayId,
+    /// UDP address to serve QUIC on.
+    pub listen: SocketAddr,
+    /// Admin HTTP address (`/metrics`, `/healthz`, `/readyz`).
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+    /// PEM certificate chain.
+    pub tls_cert: PathBuf,
+    /// PEM private key (mode 0600).
+    pub tls_key: PathBuf,
+    /// The authority public key that signs grants.
+    pub authority_public_key: SignPublicKey,
+    /// Directory of `*.grant` files.
+    pub grants_dir: PathBuf,
+    /// Limits and tuning.
+    #[serde(default)]
+    pub limits: Limits,
+    /// For tests only: append every byte the relay forwards between agents
+    /// to this file. It only ever sees ciphertext; the end-to-end tests use
+    /// it to prove so.
+    #[serde(default)]
+    pub dangerous_tap_file: Option<PathBuf>,
+}
+
+/// Limits and QUIC tuning; see [`crate::defaults`] for the reasons.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Milliseconds an agent has to authenticate.
+    pub auth_timeout_ms: u64,
+    /// Unauthenticated connections at once.
+    pub max_unauthenticated: usize,
+    /// Authenticated connections at once.
+    pub max_connections: usize,
+    /// QUIC connection receive window, bytes.
+    pub connection_receive_window: u32,
+    /// QUIC stream receive window, bytes.
+    pub stream_receive_window: u32,
+    /// Concurrent flow streams per agent connection.
+    pub max_streams_per_connection: u32,
+    /// Idle timeout, milliseconds.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            auth_timeout_ms: defaults::AUTH_TIMEOUT.as_millis() as u64,
+            max_unauthenticated: defaults::MAX_UNAUTHENTICATED,
+            max_connections: defaults::MAX_CONNECTIONS,
+            connection_receive_window: defaults::CONNECTION_RECEIVE_WINDOW,
+            stream_receive_window: defaults::STREAM_RECEIVE_WINDOW,
+            max_streams_per_connection: defaults::MAX_STREAMS_PER_CONNECTION,
+            idle_timeout_ms: defaults::IDLE_TIMEOUT.as_millis() as u64,
+        }
+    }
+}
+
+impl Limits {
+    /// The authentication deadline.
+    pub fn auth_timeout(&self) -> Duration {
+        Duration::from_millis(self.auth_timeout_ms)
+    }
+}
+
+impl RelayConfig {
+    /// A configuration with the required fields and default limits.
+    pub fn new(
+        relay_id: RelayId,
+        listen: SocketAddr,
+        tls_cert: PathBuf,
+        tls_key: PathBuf,
+        authority_public_key: SignPublicKey,
+        grants_dir: PathBuf,
+    ) -> Self {
+        Self {
+            relay_id,
+            listen,
+            admin: None,
+            tls_cert,
+            tls_key,
+            authority_public_key,
+            grants_dir,
+            limits: Limits::default(),
+            dangerous_tap_file: None,
+        }
+    }
+
+    /// Reads and checks a config file; relative paths in it are resolved
+    /// against its directory.
+    pub fn load(path: &Path) -> Result<Self, RelayError> {
+        let text = read_limited(path)?;
+        let mut config: Self = toml::from_str(&text).map_err(|e| RelayError::Config {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut config.tls_cert,
+            &mut config.tls_key,
+            &mut config.grants_dir,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(tap) = &mut config.dangerous_tap_file {
+            if tap.is_relative() {
+                *tap = base.join(&*tap);
+            }
+        }
+        if config.limits.max_unauthenticated == 0 || config.limits.max_connections == 0 {
+            return Err(RelayError::Config {
+                path: path.to_owned(),
+                reason: "limits.max_unauthenticated and limits.max_connections must be at least 1"
+                    .into(),
+            });
+        }
+        Ok(config)
+    }
+}
+
+fn read_limited(path: &Path) -> Result<String, RelayError> {
+    use std::io::Read;
+    let io = |source| RelayError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut text = String::new();
+    file.take(MAX_CONFIG_LEN + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    if text.len() as u64 > MAX_CONFIG_LEN {
+        return Err(RelayError::Config {
+            path: path.to_owned(),
+            reason: format!("file is larger than {MAX_CONFIG_LEN} bytes"),
+        });
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_field_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "relay_id = \"{}\"\nlisten = \"127.0.0.1:1\"\ntls_cert = \"c\"\ntls_key = \"k\"\n\
+                 authority_public_key = \"{}\"\ngrants_dir = \"g\"\nlisten_port = 3\n",
+                "00".repeat(16),
+                "11".repeat(32)
+            ),
+        )
+        .expect("write");
+        let err = RelayConfig::load(&path).expect_err("unknown field");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("listen_port") && msg.contains("relay.toml"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_config_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "relay_id = \"{}\"\nlisten = \"127.0.0.1:1\"\ntls_cert = \"c\"\ntls_key = \"/abs/k\"\n\
+                 authority_public_key = \"{}\"\ngrants_dir = \"g\"\n",
+                "00".repeat(16),
+                "11".repeat(32)
+            ),
+        )
+        .expect("write");
+        let c = RelayConfig::load(&path).expect("load");
+        assert_eq!(c.tls_cert, dir.path().join("c"));
+        assert_eq!(c.tls_key, PathBuf::from("/abs/k"));
+    }
+}

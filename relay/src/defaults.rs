@@ -1,0 +1,53 @@
+//! Default values of the relay configuration, with the reason for each and
+//! what it costs.
+
+use std::time::Duration;
+
+/// Time an agent has from the first packet to a verified `Hello`. Long
+/// enough for a slow edge link, short enough that idle half-open
+/// connections do not pile up.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections that have not yet authenticated, at once. Each costs a QUIC
+/// connection state (a few KiB) plus its receive windows until it is
+/// refused; beyond this, new connections are refused outright.
+pub const MAX_UNAUTHENTICATED: usize = 256;
+
+/// Authenticated agent connections at once.
+pub const MAX_CONNECTIONS: usize = 10_000;
+
+/// QUIC connection receive window: the most one agent connection can make
+/// the relay buffer across all its streams (16 MiB worst case per busy
+/// connection; idle connections hold nothing).
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// QUIC per-stream receive window: one flow direction's bytes in flight at
+/// the relay. 2 MiB fills a 1 Gbit/s path with 16 ms RTT.
+pub const STREAM_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
+
+/// QUIC send window per connection.
+pub const SEND_WINDOW: u64 = 16 * 1024 * 1024;
+
+/// Concurrent flows (bidirectional streams) one agent may open to the
+/// relay, besides its control stream.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
+/// A connection silent for this long is dead. Keep-alives (below) keep a
+/// healthy idle connection open.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Interval of QUIC keep-alive pings, so NAT bindings stay open.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often the grant directory is checked for changes.
+pub const GRANT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Control messages queued for one agent before it is deemed stuck and
+/// disconnected (each is at most 16 KiB, usually under 100 bytes).
+pub const CONTROL_QUEUE: usize = 256;
+
+/// Time a new flow stream has to deliver its header.
+pub const FLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest chunk read from a stream at once when splicing.
+pub const SPLICE_CHUNK: usize = 64 * 1024;

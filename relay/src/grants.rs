@@ -1,0 +1,208 @@
+//! The grants a relay holds, and the `GrantSource` that feeds them.
+//!
+//! At this stage the source is a directory of signed grant files
+//! (`*.grant`, as written by `comsat dev init`), polled for changes. The
+//! controller will replace the source, not the store.
+//!
+//! Every grant is verified (authority signature, this relay named, not
+//! expired, generation not older than one seen before) before it is used;
+//! rejected files are logged with their name and reason and counted.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use comsat_protocol::grant::{Grant, GrantError, SignedGrant};
+use comsat_protocol::limits::MAX_SIGNED_GRANT_LEN;
+use comsat_protocol::{LinkId, NodeId, RelayId, SignPublicKey};
+
+use crate::metrics::Metrics;
+
+/// Most grant files read from a directory.
+pub const MAX_GRANT_FILES: usize = 100_000;
+
+/// An immutable snapshot of the valid grants.
+#[derive(Debug, Default)]
+pub struct GrantSet {
+    links: HashMap<LinkId, Arc<Grant>>,
+    nodes: HashMap<NodeId, SignPublicKey>,
+}
+
+impl GrantSet {
+    /// The grant of a link.
+    pub fn link(&self, id: &LinkId) -> Option<&Arc<Grant>> {
+        self.links.get(id)
+    }
+
+    /// The signing key of a node named in any grant.
+    pub fn node_key(&self, id: &NodeId) -> Option<&SignPublicKey> {
+        self.nodes.get(id)
+    }
+
+    /// Number of grants.
+    pub fn len(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty()
+    }
+}
+
+/// The relay's grant store: a snapshot swapped whole on every change.
+#[derive(Debug)]
+pub struct GrantStore {
+    relay_id: RelayId,
+    authority: SignPublicKey,
+    current: RwLock<Arc<GrantSet>>,
+    generations: RwLock<HashMap<LinkId, u64>>,
+}
+
+/// Unix time now, in seconds.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl GrantStore {
+    /// An empty store for `relay_id` trusting `authority`.
+    pub fn new(relay_id: RelayId, authority: SignPublicKey) -> Self {
+        Self {
+            relay_id,
+            authority,
+            current: RwLock::new(Arc::default()),
+            generations: RwLock::default(),
+        }
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<GrantSet> {
+        match self.current.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
+    /// Verifies `grants` and makes the valid ones the current set.
+    /// Returns the links whose grant went away or changed generation.
+    pub fn replace(&self, grants: Vec<(String, SignedGrant)>, metrics: &Metrics) -> Vec<LinkId> {
+        let now = unix_now();
+        let mut generations = match self.generations.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let mut set = GrantSet::default();
+        for (origin, signed) in grants {
+            let known = signed
+                .verify_signature(&self.authority)
+                .ok()
+                .and_then(|g| generations.get(&g.link_id).copied());
+            match signed.verify(&self.authority, &self.relay_id, now, known) {
+                Ok(grant) => {
+                    if let Some(prev) = set.links.get(&grant.link_id) {
+                        if prev.generation >= grant.generation {
+                            continue;
+                        }
+                    }
+                    set.nodes
+                        .insert(grant.side_a.node_id, grant.side_a.sign_pub);
+                    set.nodes
+                        .insert(grant.side_b.node_id, grant.side_b.sign_pub);
+                    set.links.insert(grant.link_id, Arc::new(grant));
+                }
+                Err(e) => {
+                    tracing::warn!(grant = %origin, error = %e, "grant refused");
+                    metrics.grant_rejected(grant_error_reason(&e));
+                }
+            }
+        }
+        for (link, grant) in &set.links {
+            let g = generations.entry(*link).or_insert(grant.generation);
+            *g = (*g).max(grant.generation);
+        }
+        let old = self.snapshot();
+        let changed = old
+            .links
+            .iter()
+            .filter(|(id, g)| {
+                set.links
+                    .get(*id)
+                    .is_none_or(|n| n.generation != g.generation)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        metrics.grants_loaded(set.len());
+        match self.current.write() {
+            Ok(mut c) => *c = Arc::new(set),
+            Err(p) => *p.into_inner() = Arc::new(set),
+        }
+        changed
+    }
+}
+
+fn grant_error_reason(e: &GrantError) -> &'static str {
+    match e {
+        GrantError::Malformed(_) | GrantError::Invalid(_) => "malformed",
+        GrantError::BadSignature => "bad_signature",
+        GrantError::NotForThisRelay { .. } => "other_relay",
+        GrantError::Expired { .. } => "expired",
+        GrantError::StaleGeneration { .. } => "stale_generation",
+        _ => "other",
+    }
+}
+
+/// A fingerprint of a directory's grant files, to notice changes cheaply.
+pub type DirStamp = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+/// Lists the `*.grant` files of `dir` with their size and mtime.
+pub fn stamp_dir(dir: &Path) -> std::io::Result<DirStamp> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "grant") {
+            continue;
+        }
+        let meta = entry.metadata()?;
+        out.push((path, meta.len(), meta.modified().ok()));
+        if out.len() >= MAX_GRANT_FILES {
+            tracing::warn!(dir = %dir.display(), "more than {MAX_GRANT_FILES} grant files; ignoring the rest");
+            break;
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads the grant files named in `stamp`; unreadable or malformed files
+/// are logged and counted, never fatal.
+pub fn read_grant_files(stamp: &DirStamp, metrics: &Metrics) -> Vec<(String, SignedGrant)> {
+    let mut out = Vec::new();
+    for (path, len, _) in stamp {
+        let name = path.display().to_string();
+        if *len > MAX_SIGNED_GRANT_LEN as u64 {
+            tracing::warn!(grant = %name, "grant file larger than {MAX_SIGNED_GRANT_LEN} bytes; ignored");
+            metrics.grant_rejected("malformed");
+            continue;
+        }
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(grant = %name, error = %e, "cannot read grant file");
+                metrics.grant_rejected("unreadable");
+                continue;
+            }
+        };
+        match SignedGrant::decode(&bytes) {
+            Ok(g) => out.push((name, g)),
+            Err(e) => {
+                tracing::warn!(grant = %name, error = %e, "malformed grant file");
+                metrics.grant_rejected("malformed");
+            }
+        }
+    }
+    out
+}

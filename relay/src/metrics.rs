@@ -1,0 +1,112 @@
+//! Relay metrics. Names are `comsat_relay_<thing>_<unit|total>`.
+//!
+//! | name | type | meaning |
+//! |---|---|---|
+//! | `comsat_relay_connections_total` | counter | QUIC connections accepted |
+//! | `comsat_relay_connections_open` | gauge | authenticated agent connections |
+//! | `comsat_relay_auth_failures_total{reason}` | counter | connections refused, by reason: `unknown_node`, `bad_signature`, `timeout`, `protocol`, `too_many_unauthenticated`, `too_many_connections`, `handshake` |
+//! | `comsat_relay_attach_refused_total{reason}` | counter | attaches refused: `not_granted`, `stale_generation`, `expired` |
+//! | `comsat_relay_links_paired` | gauge | links with both sides attached |
+//! | `comsat_relay_flows_total` | counter | flows spliced |
+//! | `comsat_relay_flows_open` | gauge | flows being spliced |
+//! | `comsat_relay_flows_refused_total` | counter | flow streams refused (link not paired on this connection) |
+//! | `comsat_relay_forwarded_bytes_total` | counter | flow bytes forwarded, counted as they move |
+//! | `comsat_relay_grants_loaded` | gauge | valid grants held |
+//! | `comsat_relay_grants_rejected_total{reason}` | counter | grant files refused: `malformed`, `bad_signature`, `other_relay`, `expired`, `stale_generation`, `unreadable` |
+
+use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
+
+/// Accepted QUIC connections.
+pub const CONNECTIONS_TOTAL: &str = "comsat_relay_connections_total";
+/// Authenticated connections open.
+pub const CONNECTIONS_OPEN: &str = "comsat_relay_connections_open";
+/// Refused connections by reason.
+pub const AUTH_FAILURES_TOTAL: &str = "comsat_relay_auth_failures_total";
+/// Refused attaches by reason.
+pub const ATTACH_REFUSED_TOTAL: &str = "comsat_relay_attach_refused_total";
+/// Paired links.
+pub const LINKS_PAIRED: &str = "comsat_relay_links_paired";
+/// Flows spliced.
+pub const FLOWS_TOTAL: &str = "comsat_relay_flows_total";
+/// Flows open.
+pub const FLOWS_OPEN: &str = "comsat_relay_flows_open";
+/// Flow streams refused.
+pub const FLOWS_REFUSED_TOTAL: &str = "comsat_relay_flows_refused_total";
+/// Bytes forwarded.
+pub const FORWARDED_BYTES_TOTAL: &str = "comsat_relay_forwarded_bytes_total";
+/// Grants held.
+pub const GRANTS_LOADED: &str = "comsat_relay_grants_loaded";
+/// Grants refused by reason.
+pub const GRANTS_REJECTED_TOTAL: &str = "comsat_relay_grants_rejected_total";
+
+/// Metric handles, resolved once.
+#[derive(Clone)]
+pub struct Metrics {
+    pub(crate) connections_total: Counter,
+    pub(crate) connections_open: Gauge,
+    pub(crate) links_paired: Gauge,
+    pub(crate) flows_total: Counter,
+    pub(crate) flows_open: Gauge,
+    pub(crate) flows_refused: Counter,
+    pub(crate) forwarded_bytes: Counter,
+    grants_loaded: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Describes the metrics and resolves the handles.
+    pub fn new() -> Self {
+        describe_counter!(CONNECTIONS_TOTAL, "QUIC connections accepted");
+        describe_gauge!(CONNECTIONS_OPEN, "Authenticated agent connections");
+        describe_counter!(AUTH_FAILURES_TOTAL, "Connections refused, by reason");
+        describe_counter!(ATTACH_REFUSED_TOTAL, "Attaches refused, by reason");
+        describe_gauge!(LINKS_PAIRED, "Links with both sides attached");
+        describe_counter!(FLOWS_TOTAL, "Flows spliced");
+        describe_gauge!(FLOWS_OPEN, "Flows being spliced");
+        describe_counter!(FLOWS_REFUSED_TOTAL, "Flow streams refused");
+        describe_counter!(FORWARDED_BYTES_TOTAL, "Flow bytes forwarded");
+        describe_gauge!(GRANTS_LOADED, "Valid grants held");
+        describe_counter!(GRANTS_REJECTED_TOTAL, "Grant files refused, by reason");
+        Self {
+            connections_total: counter!(CONNECTIONS_TOTAL),
+            connections_open: gauge!(CONNECTIONS_OPEN),
+            links_paired: gauge!(LINKS_PAIRED),
+            flows_total: counter!(FLOWS_TOTAL),
+            flows_open: gauge!(FLOWS_OPEN),
+            flows_refused: counter!(FLOWS_REFUSED_TOTAL),
+            forwarded_bytes: counter!(FORWARDED_BYTES_TOTAL),
+            grants_loaded: gauge!(GRANTS_LOADED),
+        }
+    }
+
+    /// Counts a refused connection.
+    pub fn auth_failure(&self, reason: &'static str) {
+        counter!(AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
+    }
+
+    /// Counts a refused attach.
+    pub fn attach_refused(&self, reason: &'static str) {
+        counter!(ATTACH_REFUSED_TOTAL, "reason" => reason).increment(1);
+    }
+
+    /// Counts a refused grant.
+    pub fn grant_rejected(&self, reason: &'static str) {
+        counter!(GRANTS_REJECTED_TOTAL, "reason" => reason).increment(1);
+    }
+
+    /// Sets the number of grants held.
+    pub fn grants_loaded(&self, n: usize) {
+        self.grants_loaded.set(n as f64);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

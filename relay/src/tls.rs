@@ -1,0 +1,87 @@
+//! The relay's TLS and QUIC configuration.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use comsat_protocol::ALPN;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::RelayConfig;
+use crate::defaults;
+use crate::error::RelayError;
+
+/// Builds the QUIC server configuration from the certificate files and
+/// limits in `config`.
+pub fn server_config(config: &RelayConfig) -> Result<quinn::ServerConfig, RelayError> {
+    let certs = load_certs(&config.tls_cert)?;
+    let key = load_key(&config.tls_key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| RelayError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            RelayError::Tls(format!(
+                "{} and {} do not form a usable certificate and key: {e}",
+                config.tls_cert.display(),
+                config.tls_key.display()
+            ))
+        })?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| RelayError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport_config(config)));
+    Ok(server)
+}
+
+fn transport_config(config: &RelayConfig) -> quinn::TransportConfig {
+    let l = &config.limits;
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(l.max_streams_per_connection.saturating_add(1).into())
+        .max_concurrent_uni_streams(0u32.into())
+        .receive_window(l.connection_receive_window.into())
+        .stream_receive_window(l.stream_receive_window.into())
+        .send_window(defaults::SEND_WINDOW)
+        .keep_alive_interval(Some(defaults::KEEP_ALIVE_INTERVAL))
+        .datagram_receive_buffer_size(None);
+    let idle = Duration::from_millis(l.idle_timeout_ms);
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
+    t
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, RelayError> {
+    let bytes = std::fs::read(path).map_err(|source| RelayError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            RelayError::Tls(format!(
+                "{}: not a PEM certificate chain: {e}",
+                path.display()
+            ))
+        })?;
+    if certs.is_empty() {
+        return Err(RelayError::Tls(format!(
+            "{}: no certificate found (expected PEM `BEGIN CERTIFICATE` blocks)",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, RelayError> {
+    let text = comsat_protocol::keys::read_secret_file(path)?;
+    PrivateKeyDer::from_pem_slice(text.as_bytes()).map_err(|e| {
+        RelayError::Tls(format!(
+            "{}: not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
+            path.display()
+        ))
+    })
+}

@@ -1,0 +1,322 @@
+//! `comsat dev init`: a complete local setup on files.
+//!
+//! Creates, in one directory:
+//!
+//! ```text
+//! authority.key            the authority's ed25519 key (0600): signs grants
+//! ca.pem, ca.key           a CA (key 0600) that issued the relay certificate
+//! relay/relay.toml         relay config; relay.crt, relay.key (0600)
+//! relay/grants/NAME.grant  one signed grant per link
+//! agent-a/agent.toml       side A: node.key, noise.key (0600); listens
+//! agent-b/agent.toml       side B: node.key, noise.key (0600); dials targets
+//! ```
+//!
+//! Every private key is generated here, where it is used, and never
+//! printed. The controller will do the same over the network, with each
+//! node generating its own keys.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
+use comsat_protocol::keys::write_secret_file;
+use comsat_protocol::{LinkId, NodeId, NoisePublicKey, NoiseSecretKey, RelayId, SigningKey};
+
+/// Default validity of dev grants.
+pub const GRANT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Default relay buffer per link (used once buffering lands).
+pub const BUFFER_LIMIT: u64 = 8 * 1024 * 1024;
+
+/// One link of the dev setup.
+#[derive(Debug, Clone)]
+pub struct DevLink {
+    /// Its name.
+    pub name: String,
+    /// Side A's listen spec (`tcp://127.0.0.1:PORT` or `unix:///path`).
+    pub listen: String,
+    /// Side B's target spec.
+    pub target: String,
+    /// Unix listener: allowed peer uids (empty: any).
+    pub allowed_uids: Vec<u32>,
+}
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    /// The relay's QUIC address (agents dial it).
+    pub relay_listen: SocketAddr,
+    /// The relay's admin address.
+    pub relay_admin: Option<SocketAddr>,
+    /// Admin addresses of agents A and B.
+    pub agent_admin: [Option<SocketAddr>; 2],
+    /// The links, side A listening and side B dialling.
+    pub links: Vec<DevLink>,
+    /// Pin the relay by certificate SHA-256 instead of by CA.
+    pub pin_sha256: bool,
+}
+
+/// One agent of the dev setup.
+#[derive(Debug, Clone)]
+pub struct DevAgent {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its node id.
+    pub node_id: NodeId,
+    /// Its ed25519 public key.
+    pub sign_pub: comsat_protocol::SignPublicKey,
+    /// Its Noise public key.
+    pub noise_pub: NoisePublicKey,
+}
+
+/// What was created.
+#[derive(Debug, Clone)]
+pub struct DevLayout {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The authority key file.
+    pub authority_key: PathBuf,
+    /// The relay's id.
+    pub relay_id: RelayId,
+    /// The relay's config file.
+    pub relay_config: PathBuf,
+    /// The relay's grant directory.
+    pub grants_dir: PathBuf,
+    /// CA certificate (PEM).
+    pub ca_pem: PathBuf,
+    /// SHA-256 of the relay certificate, hex.
+    pub relay_cert_sha256: String,
+    /// Side A.
+    pub agent_a: DevAgent,
+    /// Side B.
+    pub agent_b: DevAgent,
+    /// Link ids by name, in option order.
+    pub links: Vec<(String, LinkId)>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn toml_str(s: &str) -> String {
+    // TOML basic strings share JSON's escapes for what we write.
+    format!("{s:?}")
+}
+
+fn create_agent(dir: &Path, admin: Option<SocketAddr>) -> Result<(DevAgent, String)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let signing = SigningKey::generate();
+    let noise = NoiseSecretKey::generate();
+    signing.write_file(&dir.join("node.key"))?;
+    noise.write_file(&dir.join("noise.key"))?;
+    let node_id = NodeId::random();
+    let mut head = format!(
+        "# comsat agent config, written by `comsat dev init`.\n\
+         node_id = \"{node_id}\"\nsigning_key = \"node.key\"\nnoise_key = \"noise.key\"\n"
+    );
+    if let Some(a) = admin {
+        let _ = writeln!(head, "admin = \"{a}\"");
+    }
+    Ok((
+        DevAgent {
+            dir: dir.to_owned(),
+            config: dir.join("agent.toml"),
+            node_id,
+            sign_pub: signing.public(),
+            noise_pub: noise.public(),
+        },
+        head,
+    ))
+}
+
+/// Creates the setup in `dir` (which must not hold one already).
+pub fn init(dir: &Path, opts: &DevOptions) -> Result<DevLayout> {
+    if dir.join("authority.key").exists() {
+        bail!(
+            "{} already holds a comsat dev setup (authority.key exists); \
+             choose another --dir or remove it",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let authority = SigningKey::generate();
+    let authority_key = dir.join("authority.key");
+    authority.write_file(&authority_key)?;
+
+    // A CA and a relay certificate for loopback names.
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "comsat dev CA");
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
+    let ca_pem = dir.join("ca.pem");
+    std::fs::write(&ca_pem, ca.pem())?;
+    write_secret_file(&dir.join("ca.key"), ca.key().serialize_pem().as_bytes())?;
+
+    let relay_dir = dir.join("relay");
+    let grants_dir = relay_dir.join("grants");
+    std::fs::create_dir_all(&grants_dir)?;
+    let relay_key = rcgen::KeyPair::generate()?;
+    let mut names = vec!["localhost".to_owned()];
+    names.push(opts.relay_listen.ip().to_string());
+    let mut relay_params = rcgen::CertificateParams::new(names)?;
+    relay_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "comsat dev relay");
+    let relay_cert = relay_params.signed_by(&relay_key, &ca)?;
+    std::fs::write(relay_dir.join("relay.crt"), relay_cert.pem())?;
+    write_secret_file(
+        &relay_dir.join("relay.key"),
+        relay_key.serialize_pem().as_bytes(),
+    )?;
+    let relay_cert_sha256 = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(relay_cert.der()))
+    };
+
+    let relay_id = RelayId::random();
+    let mut relay_toml = format!(
+        "# comsat relay config, written by `comsat dev init`.\n\
+         relay_id = \"{relay_id}\"\nlisten = \"{}\"\n",
+        opts.relay_listen
+    );
+    if let Some(a) = opts.relay_admin {
+        let _ = writeln!(relay_toml, "admin = \"{a}\"");
+    }
+    let _ = write!(
+        relay_toml,
+        "tls_cert = \"relay.crt\"\ntls_key = \"relay.key\"\n\
+         authority_public_key = \"{}\"\ngrants_dir = \"grants\"\n",
+        authority.public()
+    );
+    let relay_config = relay_dir.join("relay.toml");
+    std::fs::write(&relay_config, relay_toml)?;
+
+    let (agent_a, mut a_toml) = create_agent(&dir.join("agent-a"), opts.agent_admin[0])?;
+    let (agent_b, mut b_toml) = create_agent(&dir.join("agent-b"), opts.agent_admin[1])?;
+    let pin = if opts.pin_sha256 {
+        format!("cert_sha256 = \"{relay_cert_sha256}\"\n")
+    } else {
+        format!("ca_file = {}\n", toml_str(&ca_pem.display().to_string()))
+    };
+    let mut links = Vec::new();
+    for link in &opts.links {
+        let link_id = LinkId::random();
+        let grant = Grant {
+            link_id,
+            generation: 1,
+            relays: vec![relay_id],
+            side_a: GrantSide {
+                node_id: agent_a.node_id,
+                sign_pub: agent_a.sign_pub,
+            },
+            side_b: GrantSide {
+                node_id: agent_b.node_id,
+                sign_pub: agent_b.sign_pub,
+            },
+            not_after: unix_now() + GRANT_VALIDITY.as_secs(),
+            buffer_limit: BUFFER_LIMIT,
+            limits: LinkLimits::default(),
+        };
+        let signed = grant.sign(&authority)?;
+        std::fs::write(
+            grants_dir.join(format!("{}.grant", link.name)),
+            signed.encode()?,
+        )?;
+        let relay = format!(
+            "[links.relay]\naddr = \"{}\"\nserver_name = \"localhost\"\n{pin}",
+            opts.relay_listen
+        );
+        let _ = write!(
+            a_toml,
+            "\n[[links]]\nname = {}\nlink_id = \"{link_id}\"\ngeneration = 1\nside = \"a\"\n\
+             peer_noise_public_key = \"{}\"\nlisten = {}\nallowed_uids = {:?}\n{relay}",
+            toml_str(&link.name),
+            agent_b.noise_pub,
+            toml_str(&link.listen),
+            link.allowed_uids,
+        );
+        let _ = write!(
+            b_toml,
+            "\n[[links]]\nname = {}\nlink_id = \"{link_id}\"\ngeneration = 1\nside = \"b\"\n\
+             peer_noise_public_key = \"{}\"\ntarget = {}\n{relay}",
+            toml_str(&link.name),
+            agent_a.noise_pub,
+            toml_str(&link.target),
+        );
+        links.push((link.name.clone(), link_id));
+    }
+    std::fs::write(&agent_a.config, a_toml)?;
+    std::fs::write(&agent_b.config, b_toml)?;
+    Ok(DevLayout {
+        dir: dir.to_owned(),
+        authority_key,
+        relay_id,
+        relay_config,
+        grants_dir,
+        ca_pem,
+        relay_cert_sha256,
+        agent_a,
+        agent_b,
+        links,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_writes_loadable_configs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = init(
+            dir.path(),
+            &DevOptions {
+                relay_listen: "127.0.0.1:4433".parse().expect("addr"),
+                relay_admin: None,
+                agent_admin: [None, None],
+                links: vec![DevLink {
+                    name: "demo".into(),
+                    listen: "tcp://127.0.0.1:7000".into(),
+                    target: "tcp://127.0.0.1:9000".into(),
+                    allowed_uids: vec![],
+                }],
+                pin_sha256: false,
+            },
+        )
+        .expect("init");
+        let relay = comsat_relay::RelayConfig::load(&layout.relay_config).expect("relay config");
+        assert_eq!(relay.relay_id, layout.relay_id);
+        let a = comsat_agent::AgentConfig::load(&layout.agent_a.config).expect("agent a");
+        let b = comsat_agent::AgentConfig::load(&layout.agent_b.config).expect("agent b");
+        assert_eq!(a.links.len(), 1);
+        assert_eq!(b.links[0].link_id, a.links[0].link_id);
+        assert!(
+            init(dir.path(), &DevOptions { ..layout_opts() }).is_err(),
+            "second init refused"
+        );
+    }
+
+    fn layout_opts() -> DevOptions {
+        DevOptions {
+            relay_listen: "127.0.0.1:4433".parse().expect("addr"),
+            relay_admin: None,
+            agent_admin: [None, None],
+            links: vec![],
+            pin_sha256: true,
+        }
+    }
+}
