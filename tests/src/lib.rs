@@ -1,1 +1,19 @@
-//! placeholder
+//! The harness of comsat's end-to-end tests.
+//!
+//! It starts the real `comsat` binary as processes on loopback ([`Proc`]),
+//! reads their `/metrics` ([`scrape`], [`metric`]), generates deterministic
+//! pseudo-random streams and hashes what arrives ([`Oracle`]), and speaks
+//! the relay protocol directly for negative tests ([`raw`]). Every process
+//! it starts is killed, by PID, when its handle drops.
+//!
+//! The scenario tests live in the root package's `tests/*.rs`, where Cargo
+//! gives them the binary's path as `env!("CARGO_BIN_EXE_comsat")`.
+
+#![forbid(unsafe_code)]
+
+pub mod oracle;
+pub mod proc;
+pub mod raw;
+
+pub use oracle::Oracle;
+pub use proc::{Proc, free_udp_port, metric, scrape};

@@ -1,0 +1,130 @@
+//! Starting a whole local system (relay + two agents as real processes)
+//! from a `comsat dev init` layout.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use comsat::dev::{DevLayout, DevLink, DevOptions};
+use comsat_tests::{Proc, free_udp_port};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_comsat");
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct System {
+    pub dir: tempfile::TempDir,
+    pub layout: DevLayout,
+    pub relay: Proc,
+    pub relay_quic: SocketAddr,
+    pub relay_admin: SocketAddr,
+    pub agents: Vec<(Proc, SocketAddr)>,
+}
+
+pub struct Options {
+    pub links: Vec<DevLink>,
+    pub tap: bool,
+}
+
+/// The second word after `key=` in a line like `... quic=1.2.3.4:5 admin=...`.
+fn field(line: &str, key: &str) -> Result<SocketAddr> {
+    let v = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .with_context(|| format!("no {key} in {line:?}"))?;
+    Ok(v.parse()?)
+}
+
+pub fn start_relay(
+    config: &Path,
+    logs: &Path,
+    name: &str,
+) -> Result<(Proc, SocketAddr, SocketAddr)> {
+    let mut relay = Proc::spawn(
+        BIN,
+        name,
+        &["relay", "run", "--config", &config.display().to_string()],
+        logs,
+    )?;
+    let line = relay.wait_line("comsat relay listening", START_TIMEOUT)?;
+    Ok((relay, field(&line, "quic=")?, field(&line, "admin=")?))
+}
+
+pub fn start_agent(config: &Path, logs: &Path, name: &str) -> Result<(Proc, SocketAddr)> {
+    let mut agent = Proc::spawn(
+        BIN,
+        name,
+        &["agent", "run", "--config", &config.display().to_string()],
+        logs,
+    )?;
+    let admin = agent.wait_line("comsat agent admin", START_TIMEOUT)?;
+    agent.wait_line("comsat agent started", START_TIMEOUT)?;
+    let addr = admin.rsplit(' ').next().context("admin line")?.parse()?;
+    Ok((agent, addr))
+}
+
+impl System {
+    pub fn start(opts: Options) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let any: SocketAddr = "127.0.0.1:0".parse()?;
+        let layout = comsat::dev::init(
+            &dir.path().join("setup"),
+            &DevOptions {
+                relay_listen: format!("127.0.0.1:{}", free_udp_port()?).parse()?,
+                relay_admin: Some(any),
+                agent_admin: [Some(any), Some(any)],
+                links: opts.links,
+                pin_sha256: false,
+            },
+        )?;
+        if opts.tap {
+            let mut text = std::fs::read_to_string(&layout.relay_config)?;
+            text.push_str("dangerous_tap_file = \"tap.bin\"\n");
+            std::fs::write(&layout.relay_config, text)?;
+        }
+        let logs = dir.path().to_owned();
+        let (relay, relay_quic, relay_admin) = start_relay(&layout.relay_config, &logs, "relay")?;
+        let a = start_agent(&layout.agent_a.config, &logs, "agent-a")?;
+        let b = start_agent(&layout.agent_b.config, &logs, "agent-b")?;
+        Ok(Self {
+            dir,
+            layout,
+            relay,
+            relay_quic,
+            relay_admin,
+            agents: vec![a, b],
+        })
+    }
+
+    pub fn logs(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    /// The address agent A printed for link `name`.
+    pub fn listen_addr(&mut self, name: &str) -> Result<String> {
+        let line = self.agents[0].0.wait_line(
+            &format!("comsat agent link {name} listening "),
+            START_TIMEOUT,
+        )?;
+        Ok(line.rsplit(' ').next().context("listen line")?.to_owned())
+    }
+
+    /// Waits until both agents report every link ready.
+    pub fn wait_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        for (_, admin) in &self.agents {
+            loop {
+                if let Ok((200, _)) = comsat_tests::proc::http_get(*admin, "/readyz") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("agents not ready within {START_TIMEOUT:?}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,464 @@
+//! End-to-end tests of the encrypted data plane: the real `comsat` binary
+//! as separate relay and agent processes on loopback.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use common::{Options, System};
+use comsat::dev::DevLink;
+use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
+use comsat_protocol::msg::make_hello;
+use comsat_protocol::{CLOSE_REFUSED, LinkId, NodeId, RelayId, SigningKey};
+use comsat_tests::oracle::hash_to_end;
+use comsat_tests::raw::{HelloOutcome, RawClient, exporter, send_hello};
+use comsat_tests::{Oracle, metric, scrape};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+/// Bytes per flow per direction: 8 flows x 8 MiB = 64 MiB each way.
+const PER_FLOW: u64 = 8 * 1024 * 1024;
+const FLOWS: u64 = 8;
+/// The server's reply stream is seeded from the client's seed.
+const REPLY_XOR: u64 = 0x5eed_0000_0000_b00b;
+const TEST_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn link(name: &str, listen: String, target: String) -> DevLink {
+    DevLink {
+        name: name.into(),
+        listen,
+        target,
+        allowed_uids: vec![],
+    }
+}
+
+/// Serves one flow at the target: reads a seed, then concurrently sends the
+/// reply stream and hashes everything received; returns (seed, len, hash).
+async fn serve_flow<S: AsyncRead + AsyncWrite + Unpin>(s: S) -> Result<Received> {
+    let (mut r, mut w) = tokio::io::split(s);
+    let seed = r.read_u64().await?;
+    let send = async {
+        Oracle::write_to(seed ^ REPLY_XOR, PER_FLOW, &mut w).await?;
+        w.shutdown().await
+    };
+    let (sent, received) = tokio::join!(send, hash_to_end(&mut r));
+    sent?;
+    let (len, hash) = received?;
+    Ok((seed, len, hash))
+}
+
+/// One client flow: sends seed + stream, half-closes, hashes the reply.
+async fn client_flow<S: AsyncRead + AsyncWrite + Unpin>(s: S, seed: u64) -> Result<()> {
+    let (mut r, mut w) = tokio::io::split(s);
+    let send = async {
+        w.write_u64(seed).await?;
+        Oracle::write_to(seed, PER_FLOW, &mut w).await?;
+        w.shutdown().await
+    };
+    let (sent, received) = tokio::join!(send, hash_to_end(&mut r));
+    sent?;
+    let (len, hash) = received?;
+    if len != PER_FLOW || hash != Oracle::digest(seed ^ REPLY_XOR, PER_FLOW) {
+        bail!("flow {seed}: reply of {len} bytes does not match the sent stream");
+    }
+    Ok(())
+}
+
+/// What the target saw of one flow: (seed, bytes, SHA-256).
+type Received = (u64, u64, [u8; 32]);
+
+async fn check_server_results(
+    results: Vec<tokio::task::JoinHandle<Result<Received>>>,
+) -> Result<()> {
+    let mut seeds = Vec::new();
+    for r in results {
+        let (seed, len, hash) = r.await??;
+        assert_eq!(len, PER_FLOW, "flow {seed}: bytes received at the target");
+        assert_eq!(
+            hash,
+            Oracle::digest(seed, PER_FLOW),
+            "flow {seed}: SHA-256 at the target"
+        );
+        seeds.push(seed);
+    }
+    seeds.sort();
+    assert_eq!(seeds, (1..=FLOWS).collect::<Vec<_>>());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_64mib_both_ways_over_8_flows() -> Result<()> {
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let target_addr = target.local_addr()?;
+    let mut sys = System::start(Options {
+        links: vec![link(
+            "bulk",
+            "tcp://127.0.0.1:0".into(),
+            format!("tcp://{target_addr}"),
+        )],
+        tap: false,
+    })?;
+    let listen = sys.listen_addr("bulk")?;
+    let listen: SocketAddr = listen.trim_start_matches("tcp://").parse()?;
+    sys.wait_ready()?;
+    let server = tokio::spawn(async move {
+        let mut flows = Vec::new();
+        for _ in 0..FLOWS {
+            let (s, _) = target.accept().await?;
+            flows.push(tokio::spawn(serve_flow(s)));
+        }
+        anyhow::Ok(flows)
+    });
+    let clients: Vec<_> = (1..=FLOWS)
+        .map(|seed| {
+            tokio::spawn(async move {
+                let s = TcpStream::connect(listen).await?;
+                client_flow(s, seed).await
+            })
+        })
+        .collect();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        for c in clients {
+            c.await??;
+        }
+        check_server_results(server.await??).await
+    })
+    .await
+    .context("transfer timed out")??;
+    let m = scrape(sys.relay_admin)?;
+    assert!(metric(&m, "comsat_relay_forwarded_bytes_total") >= (2 * FLOWS * PER_FLOW) as f64);
+    assert_eq!(metric(&m, "comsat_relay_flows_total"), FLOWS as f64);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_64mib_both_ways_over_8_flows() -> Result<()> {
+    let sockets = tempfile::tempdir()?;
+    let listen_path = sockets.path().join("app.sock");
+    let target_path = sockets.path().join("service.sock");
+    let target = UnixListener::bind(&target_path)?;
+    // Only our own uid may use the listener.
+    let uid = std::fs::metadata(sockets.path())?.uid();
+    let mut l = link(
+        "unix",
+        format!("unix://{}", listen_path.display()),
+        format!("unix://{}", target_path.display()),
+    );
+    l.allowed_uids = vec![uid];
+    let sys = System::start(Options {
+        links: vec![l],
+        tap: false,
+    })?;
+    sys.wait_ready()?;
+    let server = tokio::spawn(async move {
+        let mut flows = Vec::new();
+        for _ in 0..FLOWS {
+            let (s, _) = target.accept().await?;
+            flows.push(tokio::spawn(serve_flow(s)));
+        }
+        anyhow::Ok(flows)
+    });
+    let clients: Vec<_> = (1..=FLOWS)
+        .map(|seed| {
+            let path = listen_path.clone();
+            tokio::spawn(async move {
+                let s = UnixStream::connect(path).await?;
+                client_flow(s, seed).await
+            })
+        })
+        .collect();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        for c in clients {
+            c.await??;
+        }
+        check_server_results(server.await??).await
+    })
+    .await
+    .context("transfer timed out")??;
+    drop(sys);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_closed_flow_still_carries_the_reply() -> Result<()> {
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let target_addr = target.local_addr()?;
+    let mut sys = System::start(Options {
+        links: vec![link(
+            "half",
+            "tcp://127.0.0.1:0".into(),
+            format!("tcp://{target_addr}"),
+        )],
+        tap: false,
+    })?;
+    let listen: SocketAddr = sys
+        .listen_addr("half")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+    sys.wait_ready()?;
+    // The server reads the whole request to EOF, and only then answers.
+    let server = tokio::spawn(async move {
+        let (mut s, _) = target.accept().await?;
+        let mut request = Vec::new();
+        s.read_to_end(&mut request).await?;
+        let reply = format!("got {} bytes", request.len());
+        s.write_all(reply.as_bytes()).await?;
+        s.shutdown().await?;
+        anyhow::Ok(request)
+    });
+    let mut c = TcpStream::connect(listen).await?;
+    c.write_all(b"request body").await?;
+    c.shutdown().await?; // half-close: no more from the client
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(20), c.read_to_string(&mut reply)).await??;
+    assert_eq!(reply, "got 12 bytes");
+    assert_eq!(server.await??, b"request body");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_never_sees_plaintext() -> Result<()> {
+    const MARKER: &[u8] = b"COMSAT-PLAINTEXT-MARKER-7f3a";
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let target_addr = target.local_addr()?;
+    let mut sys = System::start(Options {
+        links: vec![link(
+            "tap",
+            "tcp://127.0.0.1:0".into(),
+            format!("tcp://{target_addr}"),
+        )],
+        tap: true,
+    })?;
+    let listen: SocketAddr = sys
+        .listen_addr("tap")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+    sys.wait_ready()?;
+    let payload: Vec<u8> = MARKER.repeat(4096); // ~112 KiB
+    let server = tokio::spawn(async move {
+        let (mut s, _) = target.accept().await?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await?;
+        s.write_all(&got).await?; // echo: the marker crosses both ways
+        s.shutdown().await?;
+        anyhow::Ok(got)
+    });
+    let mut c = TcpStream::connect(listen).await?;
+    c.write_all(&payload).await?;
+    c.shutdown().await?;
+    let mut echoed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), c.read_to_end(&mut echoed)).await??;
+    assert_eq!(server.await??, payload, "target received the plaintext");
+    assert_eq!(echoed, payload, "client received the echo");
+    let tap = std::fs::read(sys.layout.relay_config.with_file_name("tap.bin"))?;
+    assert!(
+        tap.len() >= 2 * payload.len(),
+        "the tap saw only {} bytes: it did not see the flow",
+        tap.len()
+    );
+    assert!(
+        !tap.windows(MARKER.len()).any(|w| w == MARKER),
+        "the relay forwarded plaintext"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_peer_with_wrong_uid_is_refused() -> Result<()> {
+    let sockets = tempfile::tempdir()?;
+    let listen_path = sockets.path().join("app.sock");
+    let target_path = sockets.path().join("service.sock");
+    let target = UnixListener::bind(&target_path)?;
+    let uid = std::fs::metadata(sockets.path())?.uid();
+    let mut l = link(
+        "guarded",
+        format!("unix://{}", listen_path.display()),
+        format!("unix://{}", target_path.display()),
+    );
+    l.allowed_uids = vec![uid.wrapping_add(4242)];
+    let sys = System::start(Options {
+        links: vec![l],
+        tap: false,
+    })?;
+    sys.wait_ready()?;
+    let mut c = UnixStream::connect(&listen_path).await?;
+    let _ = c.write_all(b"let me in").await;
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut buf)).await?;
+    assert!(matches!(n, Ok(0) | Err(_)), "refused peer got data");
+    // The target never saw a connection.
+    let accepted = tokio::time::timeout(Duration::from_millis(500), target.accept()).await;
+    assert!(
+        accepted.is_err(),
+        "the target was dialled for a refused peer"
+    );
+    let m = scrape(sys.agents[0].1)?;
+    assert_eq!(
+        metric(
+            &m,
+            "comsat_agent_local_refused_total{reason=\"peer_credentials\"}"
+        ),
+        1.0
+    );
+    assert_eq!(metric(&m, "comsat_agent_flows_total"), 0.0);
+    Ok(())
+}
+
+/// Writes `grant` into the relay's grant directory and waits until the
+/// relay has seen it (accepted or rejected).
+fn add_grant(sys: &System, name: &str, grant: &Grant, authority: &SigningKey) -> Result<()> {
+    let bytes = grant.sign(authority)?.encode()?;
+    std::fs::write(sys.layout.grants_dir.join(format!("{name}.grant")), bytes)?;
+    Ok(())
+}
+
+fn grant_for(
+    node: NodeId,
+    key: &SigningKey,
+    peer: &comsat::dev::DevAgent,
+    relay: RelayId,
+    not_after: u64,
+) -> Grant {
+    Grant {
+        link_id: LinkId::random(),
+        generation: 1,
+        relays: vec![relay],
+        side_a: GrantSide {
+            node_id: node,
+            sign_pub: key.public(),
+        },
+        side_b: GrantSide {
+            node_id: peer.node_id,
+            sign_pub: peer.sign_pub,
+        },
+        not_after,
+        buffer_limit: 1 << 20,
+        limits: LinkLimits::default(),
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn wait_metric(admin: SocketAddr, series: &str, at_least: f64) -> Result<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = scrape(admin)?;
+        if metric(&m, series) >= at_least {
+            return Ok(m);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{series} did not reach {at_least}; metrics:\n{m}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_are_refused_with_one_code_and_counted() -> Result<()> {
+    let sys = System::start(Options {
+        links: vec![link(
+            "ok",
+            "tcp://127.0.0.1:0".into(),
+            "tcp://127.0.0.1:9".into(),
+        )],
+        tap: false,
+    })?;
+    sys.wait_ready()?;
+    let authority = SigningKey::read_file(&sys.layout.authority_key)?;
+    let other_authority = SigningKey::generate();
+    let relay = sys.layout.relay_id;
+    let peer = &sys.layout.agent_b;
+
+    // Three nodes whose grants the relay must refuse.
+    let forged = (NodeId::random(), SigningKey::generate());
+    let elsewhere = (NodeId::random(), SigningKey::generate());
+    let expired = (NodeId::random(), SigningKey::generate());
+    add_grant(
+        &sys,
+        "forged",
+        &grant_for(forged.0, &forged.1, peer, relay, now() + 3600),
+        &other_authority,
+    )?;
+    add_grant(
+        &sys,
+        "elsewhere",
+        &grant_for(
+            elsewhere.0,
+            &elsewhere.1,
+            peer,
+            RelayId::random(),
+            now() + 3600,
+        ),
+        &authority,
+    )?;
+    add_grant(
+        &sys,
+        "expired",
+        &grant_for(expired.0, &expired.1, peer, relay, now() - 10),
+        &authority,
+    )?;
+    for reason in ["bad_signature", "other_relay", "expired"] {
+        wait_metric(
+            sys.relay_admin,
+            &format!("comsat_relay_grants_rejected_total{{reason=\"{reason}\"}}"),
+            1.0,
+        )
+        .await?;
+    }
+
+    let client = RawClient::new(&sys.layout.ca_pem)?;
+    let unknown = (NodeId::random(), SigningKey::generate());
+    for (what, (node, key)) in [
+        ("unknown key", &unknown),
+        ("grant signed by another authority", &forged),
+        ("grant for another relay", &elsewhere),
+        ("expired grant", &expired),
+    ] {
+        let conn = client.connect(sys.relay_quic).await?;
+        let hello = make_hello(*node, key, &exporter(&conn)?);
+        let outcome = send_hello(&conn, &hello).await?;
+        assert_eq!(
+            outcome,
+            HelloOutcome::Closed(CLOSE_REFUSED.into()),
+            "{what}: expected the generic refusal"
+        );
+    }
+    let m = scrape(sys.relay_admin)?;
+    assert_eq!(
+        metric(
+            &m,
+            "comsat_relay_auth_failures_total{reason=\"unknown_node\"}"
+        ),
+        4.0,
+        "{m}"
+    );
+
+    // A Hello that is valid on one connection is useless on another.
+    let agent_a_key = SigningKey::read_file(&sys.layout.agent_a.dir.join("node.key"))?;
+    let first = client.connect(sys.relay_quic).await?;
+    let hello = make_hello(sys.layout.agent_a.node_id, &agent_a_key, &exporter(&first)?);
+    assert_eq!(send_hello(&first, &hello).await?, HelloOutcome::Welcome);
+    let second = client.connect(sys.relay_quic).await?;
+    assert_eq!(
+        send_hello(&second, &hello).await?,
+        HelloOutcome::Closed(CLOSE_REFUSED.into()),
+        "replayed Hello"
+    );
+    let m = scrape(sys.relay_admin)?;
+    assert_eq!(
+        metric(
+            &m,
+            "comsat_relay_auth_failures_total{reason=\"bad_signature\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    Ok(())
+}
