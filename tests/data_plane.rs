@@ -100,6 +100,7 @@ async fn tcp_64mib_both_ways_over_8_flows() -> Result<()> {
             format!("tcp://{target_addr}"),
         )],
         tap: false,
+        pin_sha256: false,
     })?;
     let listen = sys.listen_addr("bulk")?;
     let listen: SocketAddr = listen.trim_start_matches("tcp://").parse()?;
@@ -151,6 +152,7 @@ async fn unix_socket_64mib_both_ways_over_8_flows() -> Result<()> {
     let sys = System::start(Options {
         links: vec![l],
         tap: false,
+        pin_sha256: false,
     })?;
     sys.wait_ready()?;
     let server = tokio::spawn(async move {
@@ -193,6 +195,7 @@ async fn half_closed_flow_still_carries_the_reply() -> Result<()> {
             format!("tcp://{target_addr}"),
         )],
         tap: false,
+        pin_sha256: true, // and the relay is pinned by certificate hash
     })?;
     let listen: SocketAddr = sys
         .listen_addr("half")?
@@ -231,6 +234,7 @@ async fn relay_never_sees_plaintext() -> Result<()> {
             format!("tcp://{target_addr}"),
         )],
         tap: true,
+        pin_sha256: false,
     })?;
     let listen: SocketAddr = sys
         .listen_addr("tap")?
@@ -282,6 +286,7 @@ async fn unix_peer_with_wrong_uid_is_refused() -> Result<()> {
     let sys = System::start(Options {
         links: vec![l],
         tap: false,
+        pin_sha256: false,
     })?;
     sys.wait_ready()?;
     let mut c = UnixStream::connect(&listen_path).await?;
@@ -369,6 +374,7 @@ async fn bad_credentials_are_refused_with_one_code_and_counted() -> Result<()> {
             "tcp://127.0.0.1:9".into(),
         )],
         tap: false,
+        pin_sha256: false,
     })?;
     sys.wait_ready()?;
     let authority = SigningKey::read_file(&sys.layout.authority_key)?;
@@ -460,5 +466,31 @@ async fn bad_credentials_are_refused_with_one_code_and_counted() -> Result<()> {
         1.0,
         "{m}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_refuses_a_relay_that_does_not_match_its_pin() -> Result<()> {
+    let sys = System::start(Options {
+        links: vec![link(
+            "pinned",
+            "tcp://127.0.0.1:0".into(),
+            "tcp://127.0.0.1:9".into(),
+        )],
+        tap: false,
+        pin_sha256: true,
+    })?;
+    sys.wait_ready()?;
+    // The same agent, but pinned to a certificate the relay does not have.
+    let config = std::fs::read_to_string(&sys.layout.agent_a.config)?;
+    let wrong = config.replace(&sys.layout.relay_cert_sha256, &"ab".repeat(32));
+    assert_ne!(wrong, config);
+    let path = sys.layout.agent_a.dir.join("wrong-pin.toml");
+    std::fs::write(&path, wrong)?;
+    let (_agent, admin) = common::start_agent(&path, &sys.logs(), "agent-wrong-pin")?;
+    wait_metric(admin, "comsat_agent_relay_connect_failures_total", 2.0).await?;
+    let m = scrape(admin)?;
+    assert_eq!(metric(&m, "comsat_agent_relay_connects_total"), 0.0, "{m}");
+    assert_eq!(comsat_tests::proc::http_get(admin, "/readyz")?.0, 503);
     Ok(())
 }

@@ -154,6 +154,48 @@ fn grant_error_reason(e: &GrantError) -> &'static str {
     }
 }
 
+/// Where a relay's grants come from. The relay polls its source and
+/// replaces its whole grant set whenever the source reports a change; grants
+/// that disappear or change generation are revoked.
+pub trait GrantSource: Send + 'static {
+    /// The full current set of signed grants, each with a name for logs, if
+    /// it changed since the last call; `Ok(None)` when unchanged.
+    fn poll(&mut self, metrics: &Metrics) -> std::io::Result<Option<Vec<(String, SignedGrant)>>>;
+
+    /// What the source is, for logs.
+    fn describe(&self) -> String;
+}
+
+/// Grants from a directory of `*.grant` files.
+#[derive(Debug)]
+pub struct DirGrantSource {
+    dir: PathBuf,
+    last: Option<DirStamp>,
+}
+
+impl DirGrantSource {
+    /// A source reading `dir`.
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir, last: None }
+    }
+}
+
+impl GrantSource for DirGrantSource {
+    fn poll(&mut self, metrics: &Metrics) -> std::io::Result<Option<Vec<(String, SignedGrant)>>> {
+        let stamp = stamp_dir(&self.dir)?;
+        if self.last.as_ref() == Some(&stamp) {
+            return Ok(None);
+        }
+        let files = read_grant_files(&stamp, metrics);
+        self.last = Some(stamp);
+        Ok(Some(files))
+    }
+
+    fn describe(&self) -> String {
+        format!("grants_dir {}", self.dir.display())
+    }
+}
+
 /// A fingerprint of a directory's grant files, to notice changes cheaply.
 pub type DirStamp = Vec<(PathBuf, u64, Option<SystemTime>)>;
 

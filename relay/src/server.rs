@@ -27,7 +27,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::config::RelayConfig;
 use crate::defaults;
 use crate::error::RelayError;
-use crate::grants::{self, GrantStore, unix_now};
+use crate::grants::{DirGrantSource, GrantSource, GrantStore, unix_now};
 use crate::metrics::Metrics;
 
 /// Stream error code: the flow was refused or its link went away.
@@ -106,6 +106,7 @@ impl State {
 pub struct Relay {
     endpoint: quinn::Endpoint,
     state: Arc<State>,
+    source: Box<dyn GrantSource>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -117,16 +118,26 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
-    /// Loads the certificate and the grants and binds the UDP socket.
+    /// Loads the certificate and the grants (from `config.grants_dir`) and
+    /// binds the UDP socket.
     pub fn bind(config: RelayConfig) -> Result<Self, RelayError> {
+        let source = Box::new(DirGrantSource::new(config.grants_dir.clone()));
+        Self::bind_with_source(config, source)
+    }
+
+    /// Like [`Self::bind`], with grants from `source`.
+    pub fn bind_with_source(
+        config: RelayConfig,
+        mut source: Box<dyn GrantSource>,
+    ) -> Result<Self, RelayError> {
         let server = crate::tls::server_config(&config)?;
         let metrics = Metrics::new();
         let grants = GrantStore::new(config.relay_id, config.authority_public_key);
-        let stamp = grants::stamp_dir(&config.grants_dir).map_err(|source| RelayError::Io {
+        let initial = source.poll(&metrics).map_err(|e| RelayError::Config {
             path: config.grants_dir.clone(),
-            source,
+            reason: format!("cannot read {}: {e}", source.describe()),
         })?;
-        grants.replace(grants::read_grant_files(&stamp, &metrics), &metrics);
+        grants.replace(initial.unwrap_or_default(), &metrics);
         let tap = match &config.dangerous_tap_file {
             Some(path) => Some(Mutex::new(
                 std::fs::OpenOptions::new()
@@ -156,7 +167,11 @@ impl Relay {
             tap,
             ready: AtomicBool::new(true),
         });
-        Ok(Self { endpoint, state })
+        Ok(Self {
+            endpoint,
+            state,
+            source,
+        })
     }
 
     /// The bound UDP address.
@@ -173,7 +188,7 @@ impl Relay {
     /// Serves until `shutdown` completes, then closes every connection.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
         let state = self.state.clone();
-        let watcher = tokio::spawn(watch_grants(state.clone()));
+        let watcher = tokio::spawn(watch_grants(state.clone(), self.source));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -206,29 +221,23 @@ impl Relay {
     }
 }
 
-async fn watch_grants(state: Arc<State>) {
-    let dir = state.config.grants_dir.clone();
-    let mut last = grants::stamp_dir(&dir).ok();
+async fn watch_grants(state: Arc<State>, mut source: Box<dyn GrantSource>) {
     let mut tick = tokio::time::interval(defaults::GRANT_POLL_INTERVAL);
     loop {
         tick.tick().await;
-        let stamp = match grants::stamp_dir(&dir) {
-            Ok(s) => s,
+        let files = match source.poll(&state.metrics) {
+            Ok(Some(files)) => files,
+            Ok(None) => continue,
             Err(e) => {
-                warn!(dir = %dir.display(), error = %e, "cannot read grants_dir");
+                warn!(source = %source.describe(), error = %e, "cannot read grants; keeping the current ones");
                 continue;
             }
         };
-        if last.as_ref() == Some(&stamp) {
-            continue;
-        }
-        let files = grants::read_grant_files(&stamp, &state.metrics);
         let changed = state.grants.replace(files, &state.metrics);
         info!(grants = state.grants.snapshot().len(), "grants reloaded");
         for link in changed {
             revoke(&state, link);
         }
-        last = Some(stamp);
     }
 }
 
@@ -594,7 +603,15 @@ fn forward_peer_frame(state: &State, conn_id: u64, link_id: LinkId, side: Side, 
         PeerFrame::Handshake(b) => state.tap(b),
         PeerFrame::Sealed { ciphertext, .. } => state.tap(ciphertext),
     }
-    send_or_close(&peer.ctl, &peer.conn, RelayToAgent::Peer { link_id, frame });
+    // A full queue here is the sender's doing (it floods its peer), so the
+    // frame is dropped rather than the peer disconnected; senders retry.
+    if peer
+        .ctl
+        .try_send(RelayToAgent::Peer { link_id, frame })
+        .is_err()
+    {
+        debug!(link = %link_id.fmt_short(), "peer frame dropped: peer's control queue is full");
+    }
 }
 
 async fn accept_flows(state: Arc<State>, conn_id: u64, conn: quinn::Connection) {

@@ -26,6 +26,8 @@ pub struct System {
 pub struct Options {
     pub links: Vec<DevLink>,
     pub tap: bool,
+    /// Agents pin the relay certificate by SHA-256 instead of by CA.
+    pub pin_sha256: bool,
 }
 
 /// The second word after `key=` in a line like `... quic=1.2.3.4:5 admin=...`.
@@ -76,7 +78,7 @@ impl System {
                 relay_admin: Some(any),
                 agent_admin: [Some(any), Some(any)],
                 links: opts.links,
-                pin_sha256: false,
+                pin_sha256: opts.pin_sha256,
             },
         )?;
         if opts.tap {
