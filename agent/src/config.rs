@@ -5,6 +5,7 @@
 //! signing_key = "node.key"         # ed25519 key file (mode 0600)
 //! noise_key = "noise.key"          # X25519 key file (mode 0600)
 //! admin = "127.0.0.1:9201"         # optional: /metrics, /healthz, /readyz
+//! flow_timeout_ms = 30000          # optional: outage a flow survives
 //!
 //! [[links]]
 //! name = "db"
@@ -55,6 +56,10 @@ pub struct AgentConfig {
     /// Admin HTTP address.
     #[serde(default)]
     pub admin: Option<SocketAddr>,
+    /// Milliseconds a flow waits for its link to come back after an outage
+    /// before its application sees a reset (default 30 s).
+    #[serde(default)]
+    pub flow_timeout_ms: Option<u64>,
     /// The links.
     #[serde(default)]
     pub links: Vec<LinkConfig>,

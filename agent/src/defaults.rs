@@ -36,12 +36,31 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
 /// Concurrent flow streams the relay may open to this agent.
 pub const MAX_INCOMING_FLOWS: u32 = 1024;
 
-/// Idle timeout of the relay connection.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle timeout of the relay connection: how fast a dead relay (crashed,
+/// unreachable) is noticed, so flows move on and resume quickly.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// QUIC keep-alive interval: keeps NAT bindings open, costs one small
-/// packet per interval on an idle link.
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// QUIC keep-alive interval: keeps NAT bindings open and the idle timeout
+/// from firing on a healthy idle connection; costs one small packet per
+/// interval.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(1500);
+
+/// How long a flow waits for its link to come back after an outage before
+/// it fails: shorter outages are invisible to the application (a pause);
+/// longer ones reset its socket.
+pub const FLOW_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Unacknowledged bytes one flow may hold for resending; when full, the
+/// local socket is not read (backpressure). 8 MiB covers a bandwidth-delay
+/// product of 1 Gbit/s x 64 ms.
+pub const FLOW_WINDOW: usize = 8 * 1024 * 1024;
+
+/// Unacknowledged bytes all flows of the agent may hold together.
+pub const REPLAY_BUDGET: usize = 256 * 1024 * 1024;
+
+/// Delay that lets the acknowledgements of a burst of records travel as one
+/// message.
+pub const ACK_DELAY: Duration = Duration::from_millis(2);
 
 /// Control messages queued toward the relay.
 pub const CONTROL_QUEUE: usize = 256;

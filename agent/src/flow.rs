@@ -1,34 +1,48 @@
-//! One flow: a local connection carried as records over a QUIC stream.
+//! Flows that survive reconnects.
 //!
+//! A flow is one local connection carried as records over a QUIC stream.
 //! Records are sealed with the link's Noise session under the nonce
-//! `(flow_id << 40) | seq`. The receiver accepts only the next `seq` in
-//! order, so a replayed, dropped or reordered record fails the flow.
+//! `(flow_id << 40) | seq`. The sender keeps every record until the peer
+//! agent acknowledges it (cumulative acks, sealed end to end on the link's
+//! control channel); only that ack frees it, never the relay's acceptance.
+//! When the stream dies (relay restart, network outage) the flow waits for
+//! the link to come back, gets a new stream, and resends everything not
+//! acknowledged; the receiver drops what it already delivered. The local
+//! socket stays open throughout, unless the outage outlasts the flow
+//! timeout: then the application sees a reset.
+//!
+//! Memory: each flow buffers at most [`defaults::FLOW_WINDOW`] of
+//! unacknowledged records, and all flows of the agent together at most its
+//! replay budget; a full window stops reading the local socket
+//! (backpressure, never unbounded growth).
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use comsat_protocol::FlowId;
-use comsat_protocol::noise::{NoiseError, Session};
-use comsat_protocol::record::{RecordError, RecordKind, decode_record};
+use comsat_protocol::noise::NoiseError;
+use comsat_protocol::record::{FlowHeader, RecordError, RecordKind, decode_record};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::time::Instant;
+use tracing::debug;
 
 use crate::defaults;
 use crate::local::{LocalRead, LocalWrite};
 use crate::metrics::Metrics;
+use crate::session::{LinkRt, LinkSession};
 
 /// Stream error code sent when a flow fails.
 pub(crate) const STREAM_FAILED: u32 = 2;
 
-/// Why a flow failed.
+/// Why a stream or a flow ended.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum FlowError {
     #[error("local socket: {0}")]
     Local(#[from] std::io::Error),
-    #[error("relay stream: {0}")]
-    Read(#[from] quinn::ReadError),
-    #[error("relay stream: {0}")]
-    Write(#[from] quinn::WriteError),
-    #[error("relay stream ended without a FIN record")]
-    Truncated,
+    #[error("relay stream lost: {0}")]
+    Lost(String),
     #[error("bad record: {0}")]
     Record(#[from] RecordError),
     #[error("record failed to decrypt: {0}")]
@@ -41,160 +55,470 @@ pub(crate) enum FlowError {
     PeerReset,
 }
 
-/// The sending half's state.
-pub(crate) struct Sender {
-    pub(crate) session: Arc<Session>,
-    pub(crate) flow_id: FlowId,
-    pub(crate) seq: u64,
-    pub(crate) stream: quinn::SendStream,
-}
-
-impl Sender {
-    /// Seals one record and writes it (with any `prefix`) to the stream.
-    pub(crate) async fn send(
-        &mut self,
-        prefix: &[u8],
-        kind: RecordKind,
-        payload: &[u8],
-    ) -> Result<(), FlowError> {
-        let mut out = Vec::with_capacity(prefix.len() + payload.len() + 32);
-        out.extend_from_slice(prefix);
-        self.session
-            .seal_record(self.flow_id, self.seq, kind, payload, &mut out)?;
-        self.seq += 1;
-        self.stream.write_chunk(Bytes::from(out)).await?;
-        Ok(())
+impl FlowError {
+    /// Whether a new stream can carry the flow on.
+    fn resumable(&self) -> bool {
+        matches!(self, Self::Lost(_))
     }
 }
 
-/// The receiving half's state.
-pub(crate) struct Receiver {
-    pub(crate) session: Arc<Session>,
-    pub(crate) flow_id: FlowId,
-    pub(crate) seq: u64,
-    pub(crate) stream: quinn::RecvStream,
-    pub(crate) pending: BytesMut,
+/// How a flow ended, once it has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum End {
+    Running,
+    Completed,
+    Reset,
 }
 
-impl Receiver {
-    /// The next record's kind and payload; `Ok(None)` at end of stream.
-    pub(crate) async fn next(
-        &mut self,
-        plain: &mut Vec<u8>,
-    ) -> Result<Option<RecordKind>, FlowError> {
+struct TxRecord {
+    seq: u64,
+    bytes: Bytes,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+#[derive(Default)]
+struct Tx {
+    next_seq: u64,
+    window: VecDeque<TxRecord>,
+    window_bytes: usize,
+    /// Every record below this was delivered to the peer's application.
+    acked: u64,
+    fin_seq: Option<u64>,
+}
+
+#[derive(Default)]
+struct Rx {
+    /// The next sequence number to deliver.
+    expected: u64,
+    fin_delivered: bool,
+}
+
+/// One flow's state, shared by its tasks.
+pub(crate) struct Flow {
+    pub(crate) id: FlowId,
+    pub(crate) session: Arc<LinkSession>,
+    link: Arc<LinkRt>,
+    dialer: bool,
+    tx: Mutex<Tx>,
+    tx_event: Notify,
+    rx: Mutex<Rx>,
+    streams_in: mpsc::Sender<(quinn::SendStream, quinn::RecvStream)>,
+    streams_out: tokio::sync::Mutex<mpsc::Receiver<(quinn::SendStream, quinn::RecvStream)>>,
+    end: watch::Sender<End>,
+    budget: Arc<Semaphore>,
+    metrics: Metrics,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Flow {
+    pub(crate) fn new(
+        id: FlowId,
+        session: Arc<LinkSession>,
+        link: Arc<LinkRt>,
+        dialer: bool,
+        budget: Arc<Semaphore>,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        let (streams_in, streams_out) = mpsc::channel(2);
+        Arc::new(Self {
+            id,
+            session,
+            link,
+            dialer,
+            tx: Mutex::default(),
+            tx_event: Notify::new(),
+            rx: Mutex::default(),
+            streams_in,
+            streams_out: tokio::sync::Mutex::new(streams_out),
+            end: watch::channel(End::Running).0,
+            budget,
+            metrics,
+        })
+    }
+
+    /// Hands a stream the peer opened for this flow to the flow.
+    pub(crate) fn offer_stream(&self, send: quinn::SendStream, recv: quinn::RecvStream) {
+        if let Err(mpsc::error::TrySendError::Full((mut s, mut r))) =
+            self.streams_in.try_send((send, recv))
+        {
+            let _ = s.reset(STREAM_FAILED.into());
+            let _ = r.stop(STREAM_FAILED.into());
+        }
+    }
+
+    /// Ends the flow with a reset (the application sees a reset socket).
+    pub(crate) fn reset(&self) {
+        self.end.send_if_modified(|e| {
+            if *e == End::Running {
+                *e = End::Reset;
+                true
+            } else {
+                false
+            }
+        });
+        self.tx_event.notify_waiters();
+    }
+
+    fn complete_if_done(&self) {
+        let ours = {
+            let tx = lock(&self.tx);
+            tx.fin_seq.is_some_and(|f| tx.acked > f)
+        };
+        let theirs = lock(&self.rx).fin_delivered;
+        if ours && theirs {
+            self.end.send_if_modified(|e| {
+                if *e == End::Running {
+                    *e = End::Completed;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    /// Seals and queues one record.
+    fn push(
+        &self,
+        kind: RecordKind,
+        payload: &[u8],
+        budget: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), FlowError> {
+        let mut tx = lock(&self.tx);
+        let seq = tx.next_seq;
+        let mut out = Vec::with_capacity(payload.len() + 32);
+        self.session
+            .noise
+            .seal_record(self.id, seq, kind, payload, &mut out)?;
+        tx.next_seq += 1;
+        tx.window_bytes += out.len();
+        if kind == RecordKind::Fin {
+            tx.fin_seq = Some(seq);
+        }
+        tx.window.push_back(TxRecord {
+            seq,
+            bytes: Bytes::from(out),
+            _budget: budget,
+        });
+        drop(tx);
+        self.tx_event.notify_waiters();
+        Ok(())
+    }
+
+    /// Queues the `Open` record that starts a flow (dialling side).
+    pub(crate) fn open(&self) -> Result<(), FlowError> {
+        self.push(RecordKind::Open, &[], None)
+    }
+
+    /// Records that the `Open` record (seq 0) was received before the flow
+    /// existed (accepting side).
+    pub(crate) fn opened_by_peer(&self) {
+        lock(&self.rx).expected = 1;
+        self.link.queue_ack(self.id, 1);
+    }
+
+    /// The peer delivered every record below `upto`.
+    pub(crate) fn on_ack(&self, upto: u64) {
+        let mut tx = lock(&self.tx);
+        if upto <= tx.acked || upto > tx.next_seq {
+            return;
+        }
+        tx.acked = upto;
+        while tx.window.front().is_some_and(|r| r.seq < upto) {
+            if let Some(r) = tx.window.pop_front() {
+                tx.window_bytes -= r.bytes.len();
+            }
+        }
+        drop(tx);
+        self.tx_event.notify_waiters();
+        self.complete_if_done();
+    }
+
+    fn ended(&self) -> End {
+        *self.end.borrow()
+    }
+
+    /// Reads the local socket into records while the window has room.
+    async fn read_local(self: Arc<Self>, mut reader: LocalRead) {
         loop {
-            if let Some((header, ct, used)) = decode_record(&self.pending)? {
-                if header.seq != self.seq {
+            loop {
+                let notified = self.tx_event.notified();
+                if self.ended() != End::Running {
+                    return;
+                }
+                if lock(&self.tx).window_bytes < defaults::FLOW_WINDOW {
+                    break;
+                }
+                notified.await;
+            }
+            let mut end = self.end.subscribe();
+            let read = tokio::select! {
+                r = reader.read_chunk(defaults::READ_CHUNK) => r,
+                _ = end.wait_for(|e| *e != End::Running) => return,
+            };
+            match read {
+                Ok(Some(data)) => {
+                    let kib = u32::try_from(data.len().div_ceil(1024)).unwrap_or(u32::MAX);
+                    let permit = tokio::select! {
+                        p = self.budget.clone().acquire_many_owned(kib) => p.ok(),
+                        _ = end.wait_for(|e| *e != End::Running) => return,
+                    };
+                    if self.push(RecordKind::Data, &data, permit).is_err() {
+                        return self.reset();
+                    }
+                    self.metrics.sent_bytes.increment(data.len() as u64);
+                }
+                Ok(None) => {
+                    if self.push(RecordKind::Fin, &[], None).is_err() {
+                        self.reset();
+                    }
+                    return;
+                }
+                Err(e) => {
+                    debug!(error = %e, "local read failed");
+                    let _ = self.push(RecordKind::Reset, &[], None);
+                    // Give the stream writer a moment to send the reset.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    return self.reset();
+                }
+            }
+        }
+    }
+
+    /// Writes every queued record from the oldest unacknowledged one on.
+    async fn write_stream(&self, send: &mut quinn::SendStream) -> Result<(), FlowError> {
+        let mut next = lock(&self.tx).acked;
+        loop {
+            let notified = self.tx_event.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let batch: Vec<Bytes> = {
+                let tx = lock(&self.tx);
+                next = next.max(tx.acked);
+                let start = tx.window.front().map_or(0, |r| r.seq);
+                let skip = usize::try_from(next.saturating_sub(start)).unwrap_or(usize::MAX);
+                tx.window
+                    .iter()
+                    .skip(skip)
+                    .map(|r| r.bytes.clone())
+                    .collect()
+            };
+            if batch.is_empty() {
+                notified.await;
+                continue;
+            }
+            for bytes in batch {
+                send.write_chunk(bytes)
+                    .await
+                    .map_err(|e| FlowError::Lost(e.to_string()))?;
+                next += 1;
+            }
+        }
+    }
+
+    /// Delivers records from the stream to the application, in order,
+    /// dropping duplicates.
+    async fn read_stream(
+        &self,
+        recv: &mut quinn::RecvStream,
+        writer: &mut LocalWrite,
+    ) -> Result<(), FlowError> {
+        let mut pending = BytesMut::new();
+        let mut plain = Vec::new();
+        let delivered = lock(&self.rx).expected;
+        if delivered > 0 {
+            self.link.queue_ack(self.id, delivered);
+        }
+        loop {
+            while let Some((header, ct, used)) = decode_record(&pending)? {
+                let expected = lock(&self.rx).expected;
+                if header.seq < expected {
+                    // Already delivered: a resend after a reconnect. Ack
+                    // again, in case the first ack was lost with the link.
+                    pending.advance(used);
+                    self.link.queue_ack(self.id, expected);
+                    continue;
+                }
+                if header.seq > expected {
                     return Err(FlowError::Sequence {
-                        want: self.seq,
+                        want: expected,
                         got: header.seq,
                     });
                 }
                 plain.clear();
                 let kind = self
                     .session
-                    .open_record(self.flow_id, header.seq, ct, plain)?;
-                self.pending.advance(used);
-                self.seq += 1;
-                return Ok(Some(kind));
+                    .noise
+                    .open_record(self.id, header.seq, ct, &mut plain)?;
+                pending.advance(used);
+                match kind {
+                    RecordKind::Open if header.seq == 0 => {}
+                    RecordKind::Data => {
+                        writer.write_all(&plain).await?;
+                        self.metrics.received_bytes.increment(plain.len() as u64);
+                    }
+                    RecordKind::Fin => {
+                        writer.shutdown().await?;
+                        lock(&self.rx).fin_delivered = true;
+                    }
+                    RecordKind::Reset => return Err(FlowError::PeerReset),
+                    other => return Err(FlowError::Unexpected(other)),
+                }
+                lock(&self.rx).expected = header.seq + 1;
+                self.link.queue_ack(self.id, header.seq + 1);
+                if kind == RecordKind::Fin {
+                    self.complete_if_done();
+                }
             }
-            match self.stream.read_chunk(usize::MAX, true).await? {
-                Some(chunk) => self.pending.extend_from_slice(&chunk.bytes),
-                None if self.pending.is_empty() => return Ok(None),
-                None => return Err(FlowError::Truncated),
-            }
-        }
-    }
-}
-
-async fn local_to_remote(
-    reader: &mut LocalRead,
-    tx: &mut Sender,
-    metrics: &Metrics,
-) -> Result<(), FlowError> {
-    loop {
-        match reader.read_chunk(defaults::READ_CHUNK).await? {
-            Some(data) => {
-                tx.send(&[], RecordKind::Data, &data).await?;
-                metrics.sent_bytes.increment(data.len() as u64);
-            }
-            None => {
-                tx.send(&[], RecordKind::Fin, &[]).await?;
-                let _ = tx.stream.finish();
-                return Ok(());
+            match recv.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) => pending.extend_from_slice(&chunk.bytes),
+                Ok(None) => return Err(FlowError::Lost("stream finished".into())),
+                Err(e) => return Err(FlowError::Lost(e.to_string())),
             }
         }
     }
-}
 
-async fn remote_to_local(
-    rx: &mut Receiver,
-    writer: &mut LocalWrite,
-    metrics: &Metrics,
-) -> Result<(), FlowError> {
-    let mut plain = Vec::new();
-    loop {
-        match rx.next(&mut plain).await? {
-            Some(RecordKind::Data) => {
-                writer.write_all(&plain).await?;
-                metrics.received_bytes.increment(plain.len() as u64);
-            }
-            Some(RecordKind::Fin) => {
-                writer.shutdown().await?;
-                return Ok(());
-            }
-            Some(RecordKind::Reset) => return Err(FlowError::PeerReset),
-            Some(other) => return Err(FlowError::Unexpected(other)),
-            None => return Err(FlowError::Truncated),
+    /// A new stream for this flow: the dialer opens one on the link each
+    /// time it becomes ready anew (`last_epoch` remembers the last try); the
+    /// other side waits for the peer's.
+    async fn next_stream(
+        &self,
+        last_epoch: &mut Option<u64>,
+    ) -> Option<(quinn::SendStream, quinn::RecvStream)> {
+        if !self.dialer {
+            return self.streams_out.lock().await.recv().await;
         }
-    }
-}
-
-/// Runs both directions until both end cleanly or either fails; on failure
-/// the peer gets a reset record and the application a reset socket.
-pub(crate) async fn run(
-    mut tx: Sender,
-    mut rx: Receiver,
-    mut reader: LocalRead,
-    mut writer: LocalWrite,
-    metrics: Metrics,
-) {
-    metrics.flows_open.increment(1.0);
-    let failure = {
-        let up = local_to_remote(&mut reader, &mut tx, &metrics);
-        let down = remote_to_local(&mut rx, &mut writer, &metrics);
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
+        let mut ready = self.link.ready.subscribe();
         loop {
-            if up_done && down_done {
-                break None;
+            let current = ready
+                .wait_for(|r| {
+                    r.as_ref().is_some_and(|r| {
+                        Arc::ptr_eq(&r.session, &self.session) && Some(r.epoch) != *last_epoch
+                    })
+                })
+                .await
+                .ok()?
+                .clone()?;
+            *last_epoch = Some(current.epoch);
+            let Ok((mut send, recv)) = current.conn.open_bi().await else {
+                continue;
+            };
+            let mut header = Vec::new();
+            FlowHeader {
+                link_id: self.link.cfg.link_id,
+                flow_id: self.id,
             }
-            tokio::select! {
-                r = &mut up, if !up_done => {
-                    up_done = true;
-                    if let Err(e) = r { break Some(e) }
+            .write_to(&mut header);
+            if send.write_all(&header).await.is_ok() {
+                return Some((send, recv));
+            }
+        }
+    }
+}
+
+/// Runs a flow to its end: the local reader in its own task, streams one
+/// after another here. `first` is a stream already open for it.
+pub(crate) async fn run(
+    flow: Arc<Flow>,
+    reader: LocalRead,
+    mut writer: LocalWrite,
+    mut first: Option<(quinn::SendStream, quinn::RecvStream)>,
+) {
+    let metrics = flow.metrics.clone();
+    metrics.flows_open.increment(1.0);
+    let reading = tokio::spawn(flow.clone().read_local(reader));
+    let mut end = flow.end.subscribe();
+    let mut last_epoch = None;
+    let mut outage: Option<Instant> = None;
+    let mut resumed = false;
+    let result = loop {
+        let stream = match first.take() {
+            Some(s) => Some(s),
+            None => {
+                let deadline = *outage.get_or_insert_with(Instant::now) + flow.link.flow_timeout;
+                tokio::select! {
+                    s = flow.next_stream(&mut last_epoch) => s,
+                    _ = tokio::time::sleep_until(deadline) => None,
+                    _ = end.wait_for(|e| *e != End::Running) => None,
                 }
-                r = &mut down, if !down_done => {
-                    down_done = true;
-                    if let Err(e) = r { break Some(e) }
+            }
+        };
+        let Some((mut send, mut recv)) = stream else {
+            if flow.ended() == End::Running {
+                debug!("flow timed out waiting for its link");
+                flow.reset();
+            }
+            break flow.ended();
+        };
+        if resumed {
+            metrics.flows_resumed.increment(1);
+        }
+        let err = tokio::select! {
+            e = async {
+                tokio::select! {
+                    r = flow.write_stream(&mut send) => r.err(),
+                    r = flow.read_stream(&mut recv, &mut writer) => r.err(),
                 }
+            } => e,
+            _ = end.wait_for(|e| *e != End::Running) => None,
+        };
+        match (flow.ended(), err) {
+            (End::Completed, _) => {
+                let _ = send.finish();
+                break End::Completed;
+            }
+            (End::Reset, _) => {
+                // Tell the peer, best effort; it also times out on its own.
+                let _ = flow.push(RecordKind::Reset, &[], None);
+                let _ = flow_tail(&flow, &mut send).await;
+                let _ = send.reset(STREAM_FAILED.into());
+                let _ = recv.stop(STREAM_FAILED.into());
+                break End::Reset;
+            }
+            (End::Running, Some(e)) if e.resumable() => {
+                debug!(error = %e, "flow stream lost; waiting to resume");
+                resumed = true;
+                outage = Some(Instant::now());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (End::Running, e) => {
+                debug!(error = ?e, "flow failed");
+                flow.reset();
+                if !matches!(e, Some(FlowError::PeerReset)) {
+                    let _ = flow.push(RecordKind::Reset, &[], None);
+                    let _ = flow_tail(&flow, &mut send).await;
+                }
+                let _ = send.reset(STREAM_FAILED.into());
+                let _ = recv.stop(STREAM_FAILED.into());
+                break End::Reset;
             }
         }
     };
+    reading.abort();
     metrics.flows_open.decrement(1.0);
-    if let Some(e) = failure {
-        tracing::debug!(error = %e, "flow failed");
+    flow.link.remove_flow(flow.id);
+    if result == End::Reset {
         metrics.flows_failed.increment(1);
-        let told = !matches!(e, FlowError::PeerReset)
-            && tx.send(&[], RecordKind::Reset, &[]).await.is_ok();
-        if told {
-            let _ = tx.stream.finish();
-        } else {
-            let _ = tx.stream.reset(STREAM_FAILED.into());
-        }
-        let _ = rx.stream.stop(STREAM_FAILED.into());
         writer.abort();
     } else {
-        tracing::debug!("flow closed");
+        debug!("flow closed");
     }
+}
+
+/// Writes the newest queued record (a reset) within a short time.
+async fn flow_tail(flow: &Flow, send: &mut quinn::SendStream) -> Result<(), FlowError> {
+    let last = lock(&flow.tx).window.back().map(|r| r.bytes.clone());
+    if let Some(bytes) = last {
+        tokio::time::timeout(Duration::from_millis(200), send.write_chunk(bytes))
+            .await
+            .map_err(|_| FlowError::Lost("timeout".into()))?
+            .map_err(|e| FlowError::Lost(e.to_string()))?;
+    }
+    Ok(())
 }

@@ -55,12 +55,18 @@ impl Agent {
     pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
         let signing = SigningKey::read_file(&config.signing_key)?;
         let noise = NoiseSecretKey::read_file(&config.noise_key)?;
+        let budget_kib = defaults::REPLAY_BUDGET / 1024;
         let shared = Arc::new(Shared {
             node_id: config.node_id,
             signing,
             noise,
             metrics: metrics::Metrics::new(),
+            budget: Arc::new(tokio::sync::Semaphore::new(budget_kib)),
         });
+        let flow_timeout = config
+            .flow_timeout_ms
+            .map_or(defaults::FLOW_TIMEOUT, std::time::Duration::from_millis);
+        let mut notifies: HashMap<RelayEndpoint, Arc<tokio::sync::Notify>> = HashMap::new();
         let mut tasks = JoinSet::new();
         let mut by_relay: HashMap<RelayEndpoint, HashMap<_, Arc<LinkRt>>> = HashMap::new();
         let mut links = Vec::new();
@@ -70,7 +76,8 @@ impl Agent {
                 path: "agent config".into(),
                 reason: format!("link `{}`: {reason}", cfg.name),
             })?;
-            let link = Arc::new(LinkRt::new(cfg.clone(), role.clone()));
+            let notify = notifies.entry(cfg.relay.clone()).or_default().clone();
+            let link = Arc::new(LinkRt::new(cfg.clone(), role.clone(), flow_timeout, notify));
             if let LocalRole::Listen(spec) = &role {
                 let listener =
                     local::Listener::bind(spec)
@@ -96,7 +103,8 @@ impl Agent {
             links.push(link);
         }
         for (relay, links) in by_relay {
-            tasks.spawn(session::relay_loop(shared.clone(), relay, links));
+            let notify = notifies.get(&relay).cloned().unwrap_or_default();
+            tasks.spawn(session::relay_loop(shared.clone(), relay, links, notify));
         }
         Ok(Self {
             tasks,

@@ -8,6 +8,7 @@
 //! | `comsat_agent_flows_total` | counter | flows opened (both directions of dialling) |
 //! | `comsat_agent_flows_open` | gauge | flows open |
 //! | `comsat_agent_flows_failed_total` | counter | flows that ended in a reset |
+//! | `comsat_agent_flows_resumed_total` | counter | times a flow moved to a new stream after an outage |
 //! | `comsat_agent_sent_bytes_total` | counter | application bytes sent into links, counted as they move |
 //! | `comsat_agent_received_bytes_total` | counter | application bytes delivered from links |
 //! | `comsat_agent_local_refused_total{reason}` | counter | local connections refused: `peer_credentials`, `link_not_ready` |
@@ -26,6 +27,8 @@ pub const FLOWS_TOTAL: &str = "comsat_agent_flows_total";
 pub const FLOWS_OPEN: &str = "comsat_agent_flows_open";
 /// Flows reset.
 pub const FLOWS_FAILED_TOTAL: &str = "comsat_agent_flows_failed_total";
+/// Flow resumptions.
+pub const FLOWS_RESUMED_TOTAL: &str = "comsat_agent_flows_resumed_total";
 /// Bytes sent.
 pub const SENT_BYTES_TOTAL: &str = "comsat_agent_sent_bytes_total";
 /// Bytes received.
@@ -42,6 +45,7 @@ pub(crate) struct Metrics {
     pub(crate) flows_total: Counter,
     pub(crate) flows_open: Gauge,
     pub(crate) flows_failed: Counter,
+    pub(crate) flows_resumed: Counter,
     pub(crate) sent_bytes: Counter,
     pub(crate) received_bytes: Counter,
 }
@@ -57,6 +61,10 @@ impl Metrics {
         describe_counter!(FLOWS_TOTAL, "Flows opened");
         describe_gauge!(FLOWS_OPEN, "Flows open");
         describe_counter!(FLOWS_FAILED_TOTAL, "Flows that ended in a reset");
+        describe_counter!(
+            FLOWS_RESUMED_TOTAL,
+            "Times a flow moved to a new stream after an outage"
+        );
         describe_counter!(SENT_BYTES_TOTAL, "Application bytes sent into links");
         describe_counter!(
             RECEIVED_BYTES_TOTAL,
@@ -70,6 +78,7 @@ impl Metrics {
             flows_total: counter!(FLOWS_TOTAL),
             flows_open: gauge!(FLOWS_OPEN),
             flows_failed: counter!(FLOWS_FAILED_TOTAL),
+            flows_resumed: counter!(FLOWS_RESUMED_TOTAL),
             sent_bytes: counter!(SENT_BYTES_TOTAL),
             received_bytes: counter!(RECEIVED_BYTES_TOTAL),
         }

@@ -1,28 +1,37 @@
 //! Relay sessions: one QUIC connection per relay, carrying all the links
 //! this agent holds on it, reconnecting with jittered exponential backoff.
+//!
+//! Per link, the end-to-end Noise session outlives connections: after a
+//! reconnect side A asks side B (sealed, so only B can answer) whether it
+//! still holds the session; if so the link's flows resume on it, otherwise
+//! a new handshake starts a new session and the old flows are reset (a
+//! nonce is never reused).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use comsat_protocol::limits::MAX_FLOW_ID;
+use comsat_protocol::link::{LinkControl, MAX_ACKS_PER_MESSAGE};
 use comsat_protocol::msg::{
     AgentToRelay, ControlMessage, FrameDecoder, PeerFrame, RelayToAgent, make_hello,
 };
 use comsat_protocol::noise::{self, ExpectResponse, Session};
-use comsat_protocol::record::{FLOW_HEADER_LEN, FlowHeader, RecordKind};
+use comsat_protocol::record::{
+    FLOW_HEADER_LEN, FlowHeader, RECORD_HEADER_LEN, RecordHeader, RecordKind,
+};
 use comsat_protocol::{
     FlowId, HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN, LinkId, NodeId, NoiseSecretKey, Side,
     SigningKey,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{LinkConfig, LocalRole, RelayEndpoint};
 use crate::defaults;
-use crate::flow::{self, Receiver, STREAM_FAILED, Sender};
+use crate::flow::{self, Flow, STREAM_FAILED};
 use crate::local;
 use crate::metrics::Metrics;
 
@@ -32,30 +41,110 @@ pub(crate) struct Shared {
     pub(crate) signing: SigningKey,
     pub(crate) noise: NoiseSecretKey,
     pub(crate) metrics: Metrics,
+    /// Replay budget of the whole agent, in KiB of unacknowledged records.
+    pub(crate) budget: Arc<Semaphore>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// A link's end-to-end session and its link-control sequence numbers.
+pub(crate) struct LinkSession {
+    pub(crate) noise: Session,
+    send_seq: AtomicU64,
+    recv_last: Mutex<Option<u64>>,
+}
+
+impl LinkSession {
+    fn new(noise: Session) -> Arc<Self> {
+        Arc::new(Self {
+            noise,
+            send_seq: AtomicU64::new(0),
+            recv_last: Mutex::new(None),
+        })
+    }
+
+    fn seal(&self, msg: &LinkControl) -> Option<PeerFrame> {
+        let seq = self.send_seq.fetch_add(1, Ordering::Relaxed);
+        let plain = msg.encode().ok()?;
+        let ciphertext = self.noise.seal_control(seq, &plain).ok()?;
+        Some(PeerFrame::Sealed { seq, ciphertext })
+    }
+
+    /// Opens a sealed message; refuses a `seq` not above the last one.
+    fn open(&self, seq: u64, ciphertext: &[u8]) -> Option<LinkControl> {
+        let mut last = lock(&self.recv_last);
+        if last.is_some_and(|l| seq <= l) {
+            return None;
+        }
+        let plain = self.noise.open_control(seq, ciphertext).ok()?;
+        let msg = LinkControl::decode(&plain).ok()?;
+        *last = Some(seq);
+        Some(msg)
+    }
+}
+
+/// A link that is ready: its session is up with the peer on `conn`.
+#[derive(Clone)]
+pub(crate) struct Ready {
+    pub(crate) session: Arc<LinkSession>,
+    pub(crate) conn: quinn::Connection,
+    /// Increases every time the link becomes ready.
+    pub(crate) epoch: u64,
 }
 
 /// The live state of one link.
 pub(crate) struct LinkRt {
     pub(crate) cfg: LinkConfig,
     pub(crate) role: LocalRole,
-    /// The current end-to-end session and the relay connection it rides.
-    pub(crate) ready: watch::Sender<Option<(Arc<Session>, quinn::Connection)>>,
+    pub(crate) flow_timeout: Duration,
+    pub(crate) ready: watch::Sender<Option<Ready>>,
+    session: Mutex<Option<Arc<LinkSession>>>,
     pending: Mutex<Option<ExpectResponse>>,
+    resume_sent: Mutex<Option<Instant>>,
+    epoch: AtomicU64,
     next_flow: AtomicU32,
+    flows: Mutex<HashMap<FlowId, Arc<Flow>>>,
+    acks: Mutex<HashMap<FlowId, u64>>,
+    ack_notify: Arc<Notify>,
 }
 
 impl LinkRt {
-    pub(crate) fn new(cfg: LinkConfig, role: LocalRole) -> Self {
+    pub(crate) fn new(
+        cfg: LinkConfig,
+        role: LocalRole,
+        flow_timeout: Duration,
+        ack_notify: Arc<Notify>,
+    ) -> Self {
         Self {
             cfg,
             role,
+            flow_timeout,
             ready: watch::channel(None).0,
+            session: Mutex::new(None),
             pending: Mutex::new(None),
+            resume_sent: Mutex::new(None),
+            epoch: AtomicU64::new(0),
             next_flow: AtomicU32::new(0),
+            flows: Mutex::default(),
+            acks: Mutex::default(),
+            ack_notify,
         }
     }
 
-    fn set_ready(&self, value: Option<(Arc<Session>, quinn::Connection)>, metrics: &Metrics) {
+    fn set_ready(&self, conn: Option<&quinn::Connection>, metrics: &Metrics) {
+        let value = match (conn, lock(&self.session).clone()) {
+            (Some(conn), Some(session)) => Some(Ready {
+                session,
+                conn: conn.clone(),
+                epoch: self.epoch.fetch_add(1, Ordering::Relaxed) + 1,
+            }),
+            _ => None,
+        };
         let was = self.ready.borrow().is_some();
         let now = value.is_some();
         self.ready.send_replace(value);
@@ -72,6 +161,32 @@ impl LinkRt {
         }
     }
 
+    /// Installs a new session: every flow of the old one is reset.
+    fn install_session(&self, session: Session, conn: &quinn::Connection, metrics: &Metrics) {
+        let old = lock(&self.session).replace(LinkSession::new(session));
+        if old.is_some() {
+            let flows: Vec<_> = lock(&self.flows).drain().map(|(_, f)| f).collect();
+            if !flows.is_empty() {
+                info!(link = %self.cfg.name, flows = flows.len(), "new session: resetting the old session's flows");
+            }
+            for f in flows {
+                f.reset();
+            }
+            lock(&self.acks).clear();
+        }
+        *lock(&self.resume_sent) = None;
+        self.set_ready(Some(conn), metrics);
+    }
+
+    /// Drops the session and resets its flows (revocation).
+    fn drop_session(&self, metrics: &Metrics) {
+        lock(&self.session).take();
+        for (_, f) in lock(&self.flows).drain() {
+            f.reset();
+        }
+        self.set_ready(None, metrics);
+    }
+
     /// A flow id never used before by this agent for this link: side A
     /// uses odd ids, side B even ones, so both may open flows.
     fn alloc_flow_id(&self) -> Option<FlowId> {
@@ -83,11 +198,59 @@ impl LinkRt {
         (id < MAX_FLOW_ID).then_some(id)
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, Option<ExpectResponse>> {
-        match self.pending.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
+    /// Schedules a cumulative acknowledgement to the peer.
+    pub(crate) fn queue_ack(&self, flow: FlowId, upto: u64) {
+        let mut acks = lock(&self.acks);
+        let e = acks.entry(flow).or_insert(upto);
+        *e = (*e).max(upto);
+        drop(acks);
+        self.ack_notify.notify_one();
+    }
+
+    pub(crate) fn remove_flow(&self, id: FlowId) {
+        lock(&self.flows).remove(&id);
+    }
+
+    /// Seals and sends pending acks, if the link is ready.
+    fn flush_acks(&self, ctl: &mpsc::Sender<AgentToRelay>) {
+        let Some(ready) = self.ready.borrow().clone() else {
+            return;
+        };
+        let acks: Vec<(FlowId, u64)> = lock(&self.acks).drain().collect();
+        for chunk in acks.chunks(MAX_ACKS_PER_MESSAGE) {
+            if let Some(frame) = ready.session.seal(&LinkControl::Acks(chunk.to_vec())) {
+                if ctl
+                    .try_send(AgentToRelay::Peer {
+                        link_id: self.cfg.link_id,
+                        frame,
+                    })
+                    .is_err()
+                {
+                    // Put them back; the next flush retries.
+                    let mut pending = lock(&self.acks);
+                    for (f, u) in chunk {
+                        let e = pending.entry(*f).or_insert(*u);
+                        *e = (*e).max(*u);
+                    }
+                }
+            }
         }
+    }
+
+    fn send_sealed(&self, msg: &LinkControl, ctl: &mpsc::Sender<AgentToRelay>) {
+        let Some(session) = lock(&self.session).clone() else {
+            return;
+        };
+        if let Some(frame) = session.seal(msg) {
+            let _ = ctl.try_send(AgentToRelay::Peer {
+                link_id: self.cfg.link_id,
+                frame,
+            });
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Option<ExpectResponse>> {
+        lock(&self.pending)
     }
 }
 
@@ -121,6 +284,7 @@ pub(crate) async fn relay_loop(
     shared: Arc<Shared>,
     relay: RelayEndpoint,
     links: HashMap<LinkId, Arc<LinkRt>>,
+    ack_notify: Arc<Notify>,
 ) {
     let span = info_span!("relay", addr = %relay.addr);
     async move {
@@ -133,7 +297,7 @@ pub(crate) async fn relay_loop(
         };
         let mut backoff = Backoff::new();
         loop {
-            match connect_and_serve(&shared, &relay, &client, &links).await {
+            match connect_and_serve(&shared, &relay, &client, &links, &ack_notify).await {
                 Ok(()) => backoff.reset(),
                 Err(e) => {
                     shared.metrics.connect_failures.increment(1);
@@ -158,6 +322,7 @@ async fn connect_and_serve(
     relay: &RelayEndpoint,
     client: &quinn::ClientConfig,
     links: &HashMap<LinkId, Arc<LinkRt>>,
+    ack_notify: &Notify,
 ) -> Result<(), String> {
     let addr = tokio::net::lookup_host(relay.addr.as_str())
         .await
@@ -179,7 +344,7 @@ async fn connect_and_serve(
     let (conn, send, recv, decoder) = result?;
     shared.metrics.connects.increment(1);
     info!("connected to relay");
-    serve(shared, &conn, send, recv, decoder, links).await;
+    serve(shared, &conn, send, recv, decoder, links, ack_notify).await;
     conn.close(0u32.into(), b"bye");
     endpoint.close(0u32.into(), b"bye");
     Ok(())
@@ -262,6 +427,7 @@ async fn serve(
     mut recv: quinn::RecvStream,
     mut decoder: FrameDecoder,
     links: &HashMap<LinkId, Arc<LinkRt>>,
+    ack_notify: &Notify,
 ) {
     let (ctl, rx) = mpsc::channel(defaults::CONTROL_QUEUE);
     let writer = tokio::spawn(write_control(send, rx));
@@ -280,11 +446,24 @@ async fn serve(
     loop {
         let msg = tokio::select! {
             m = read_message(&mut recv, &mut decoder) => m,
+            () = ack_notify.notified() => {
+                // Let acks of a burst of records gather into one message.
+                tokio::time::sleep(defaults::ACK_DELAY).await;
+                for link in links.values() {
+                    link.flush_acks(&ctl);
+                }
+                continue;
+            }
             _ = retry.tick() => {
                 for (id, _) in present.iter().filter(|(_, p)| **p) {
                     if let Some(link) = links.get(id) {
                         if link.cfg.side == Side::A && link.ready.borrow().is_none() {
-                            initiate(shared, link, &ctl);
+                            let stale_resume = lock(&link.resume_sent)
+                                .is_some_and(|t| t.elapsed() >= defaults::HANDSHAKE_RETRY);
+                            let no_resume = lock(&link.resume_sent).is_none();
+                            if stale_resume || no_resume {
+                                initiate(shared, link, &ctl);
+                            }
                         }
                     }
                 }
@@ -313,7 +492,12 @@ async fn serve(
                 present.insert(link_id, true);
                 debug!(link = %link.cfg.name, "peer present");
                 if link.cfg.side == Side::A {
-                    initiate(shared, link, &ctl);
+                    if lock(&link.session).is_some() {
+                        *lock(&link.resume_sent) = Some(Instant::now());
+                        link.send_sealed(&LinkControl::Resume, &ctl);
+                    } else {
+                        initiate(shared, link, &ctl);
+                    }
                 }
             }
             RelayToAgent::PeerAbsent { link_id } => {
@@ -328,15 +512,18 @@ async fn serve(
                 let Some(link) = links.get(&link_id) else {
                     continue;
                 };
-                if let PeerFrame::Handshake(msg) = frame {
-                    handle_handshake(shared, link, conn, &ctl, &msg);
+                match frame {
+                    PeerFrame::Handshake(msg) => handle_handshake(shared, link, conn, &ctl, &msg),
+                    PeerFrame::Sealed { seq, ciphertext } => {
+                        handle_sealed(shared, link, conn, &ctl, seq, &ciphertext);
+                    }
                 }
             }
             RelayToAgent::Error { link_id, code } => {
                 let name = links.get(&link_id).map_or("?", |l| l.cfg.name.as_str());
                 warn!(link = %name, ?code, "relay refused the link");
                 if let Some(link) = links.get(&link_id) {
-                    link.set_ready(None, &shared.metrics);
+                    link.drop_session(&shared.metrics);
                 }
             }
         }
@@ -346,7 +533,50 @@ async fn serve(
     let _ = writer.await;
 }
 
+fn handle_sealed(
+    shared: &Shared,
+    link: &LinkRt,
+    conn: &quinn::Connection,
+    ctl: &mpsc::Sender<AgentToRelay>,
+    seq: u64,
+    ciphertext: &[u8],
+) {
+    let Some(session) = lock(&link.session).clone() else {
+        debug!(link = %link.cfg.name, "sealed message without a session ignored");
+        return;
+    };
+    let Some(msg) = session.open(seq, ciphertext) else {
+        debug!(link = %link.cfg.name, "sealed message refused (other session or replay)");
+        return;
+    };
+    match msg {
+        LinkControl::Resume => {
+            if link.cfg.side == Side::B {
+                link.send_sealed(&LinkControl::ResumeOk, ctl);
+                info!(link = %link.cfg.name, "session resumed");
+                link.set_ready(Some(conn), &shared.metrics);
+            }
+        }
+        LinkControl::ResumeOk => {
+            if link.cfg.side == Side::A {
+                *lock(&link.resume_sent) = None;
+                info!(link = %link.cfg.name, "session resumed");
+                link.set_ready(Some(conn), &shared.metrics);
+            }
+        }
+        LinkControl::Acks(acks) => {
+            let flows = lock(&link.flows);
+            for (id, upto) in acks {
+                if let Some(f) = flows.get(&id) {
+                    f.on_ack(upto);
+                }
+            }
+        }
+    }
+}
+
 fn initiate(shared: &Shared, link: &LinkRt, ctl: &mpsc::Sender<AgentToRelay>) {
+    *lock(&link.resume_sent) = None;
     match noise::initiate(
         &shared.noise,
         &link.cfg.peer_noise_public_key,
@@ -405,7 +635,7 @@ fn handle_handshake(
             }
         }
     };
-    link.set_ready(Some((Arc::new(session), conn.clone())), &shared.metrics);
+    link.install_session(session, conn, &shared.metrics);
 }
 
 /// Accepts flows the peer opened (through the relay) on this connection.
@@ -431,11 +661,11 @@ async fn accept_flow(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), String> {
-    let mut header = [0u8; FLOW_HEADER_LEN];
     let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream| {
         let _ = send.reset(STREAM_FAILED.into());
         let _ = recv.stop(STREAM_FAILED.into());
     };
+    let mut header = [0u8; FLOW_HEADER_LEN];
     let read =
         tokio::time::timeout(defaults::FLOW_OPEN_TIMEOUT, recv.read_exact(&mut header)).await;
     let parsed = match read {
@@ -450,6 +680,13 @@ async fn accept_flow(
         refuse(&mut send, &mut recv);
         return Err("flow for a link not held on this relay".into());
     };
+    // A flow that exists resumes on this stream.
+    let existing = lock(&link.flows).get(&h.flow_id).cloned();
+    if let Some(flow) = existing {
+        debug!(link = %link.cfg.name, flow = h.flow_id, "flow resumes on a new stream");
+        flow.offer_stream(send, recv);
+        return Ok(());
+    }
     let LocalRole::Target(target) = &link.role else {
         refuse(&mut send, &mut recv);
         return Err(format!(
@@ -457,51 +694,64 @@ async fn accept_flow(
             link.cfg.name
         ));
     };
-    let Some((session, _)) = link.ready.borrow().clone() else {
+    let Some(session) = lock(&link.session).clone() else {
         refuse(&mut send, &mut recv);
         return Err(format!("link {}: no session yet", link.cfg.name));
     };
-    let mut rx = Receiver {
-        session: session.clone(),
-        flow_id: h.flow_id,
-        seq: 0,
-        stream: recv,
-        pending: BytesMut::new(),
-    };
-    let mut tx = Sender {
-        session,
-        flow_id: h.flow_id,
-        seq: 0,
-        stream: send,
-    };
-    // The first record must be an authentic Open: only then is the target
-    // dialled, so neither the relay nor anyone else can make us dial.
-    let mut plain = Vec::new();
-    let first = tokio::time::timeout(defaults::FLOW_OPEN_TIMEOUT, rx.next(&mut plain)).await;
-    match first {
-        Ok(Ok(Some(RecordKind::Open))) => {}
-        _ => {
-            refuse(&mut tx.stream, &mut rx.stream);
-            return Err(format!(
-                "link {}: flow did not start with Open",
-                link.cfg.name
-            ));
-        }
+    // A new flow must start with an authentic Open record (seq 0): only
+    // then is the target dialled, so neither the relay nor anyone else can
+    // make us dial.
+    let opened = tokio::time::timeout(defaults::FLOW_OPEN_TIMEOUT, async {
+        let mut rh = [0u8; RECORD_HEADER_LEN];
+        recv.read_exact(&mut rh).await.ok()?;
+        let header = RecordHeader::decode(&rh).ok().flatten()?;
+        let mut ct = vec![0u8; header.len];
+        recv.read_exact(&mut ct).await.ok()?;
+        let mut plain = Vec::new();
+        let kind = session
+            .noise
+            .open_record(h.flow_id, header.seq, &ct, &mut plain)
+            .ok()?;
+        (header.seq == 0 && kind == RecordKind::Open).then_some(())
+    })
+    .await;
+    if !matches!(opened, Ok(Some(()))) {
+        refuse(&mut send, &mut recv);
+        return Err(format!(
+            "link {}: stream for unknown flow {} did not start with Open",
+            link.cfg.name, h.flow_id
+        ));
     }
     let local = match local::dial(target, defaults::TARGET_DIAL_TIMEOUT).await {
         Ok(c) => c,
         Err(e) => {
             warn!(link = %link.cfg.name, target = %target, error = %e, "cannot reach target");
-            if tx.send(&[], RecordKind::Reset, &[]).await.is_ok() {
-                let _ = tx.stream.finish();
+            let mut out = Vec::new();
+            if session
+                .noise
+                .seal_record(h.flow_id, 0, RecordKind::Reset, &[], &mut out)
+                .is_ok()
+                && send.write_all(&out).await.is_ok()
+            {
+                let _ = send.finish();
             }
             shared.metrics.flows_failed.increment(1);
             return Ok(());
         }
     };
+    let flow = Flow::new(
+        h.flow_id,
+        session,
+        link.clone(),
+        false,
+        shared.budget.clone(),
+        shared.metrics.clone(),
+    );
+    flow.opened_by_peer();
+    lock(&link.flows).insert(h.flow_id, flow.clone());
     shared.metrics.flows_total.increment(1);
     let (reader, writer) = local.split();
-    flow::run(tx, rx, reader, writer, shared.metrics.clone())
+    flow::run(flow, reader, writer, Some((send, recv)))
         .instrument(info_span!("flow", link = %link.cfg.name, id = h.flow_id))
         .await;
     Ok(())
@@ -537,7 +787,7 @@ pub(crate) async fn serve_listener(
     }
 }
 
-async fn dial_flow(shared: &Shared, link: &LinkRt, conn: local::LocalConn) {
+async fn dial_flow(shared: &Shared, link: &Arc<LinkRt>, conn: local::LocalConn) {
     let mut ready = link.ready.subscribe();
     let current =
         match tokio::time::timeout(defaults::FLOW_OPEN_TIMEOUT, ready.wait_for(|r| r.is_some()))
@@ -546,45 +796,30 @@ async fn dial_flow(shared: &Shared, link: &LinkRt, conn: local::LocalConn) {
             Ok(Ok(current)) => current.clone(),
             _ => None,
         };
-    let Some((session, relay_conn)) = current else {
+    let Some(current) = current else {
         shared.metrics.local_refused("link_not_ready");
         warn!(link = %link.cfg.name, "link not ready; local connection closed");
         return;
     };
     let Some(flow_id) = link.alloc_flow_id() else {
-        warn!(link = %link.cfg.name, "flow ids exhausted for this session");
+        warn!(link = %link.cfg.name, "flow ids exhausted for this agent run");
         return;
     };
-    let Ok((send, recv)) = relay_conn.open_bi().await else {
-        shared.metrics.flows_failed.increment(1);
-        return;
-    };
-    let mut tx = Sender {
-        session: session.clone(),
+    let flow = Flow::new(
         flow_id,
-        seq: 0,
-        stream: send,
-    };
-    let rx = Receiver {
-        session,
-        flow_id,
-        seq: 0,
-        stream: recv,
-        pending: BytesMut::new(),
-    };
-    let mut header = Vec::with_capacity(FLOW_HEADER_LEN);
-    FlowHeader {
-        link_id: link.cfg.link_id,
-        flow_id,
-    }
-    .write_to(&mut header);
-    if tx.send(&header, RecordKind::Open, &[]).await.is_err() {
-        shared.metrics.flows_failed.increment(1);
+        current.session,
+        link.clone(),
+        true,
+        shared.budget.clone(),
+        shared.metrics.clone(),
+    );
+    if flow.open().is_err() {
         return;
     }
+    lock(&link.flows).insert(flow_id, flow.clone());
     shared.metrics.flows_total.increment(1);
     let (reader, writer) = conn.split();
-    flow::run(tx, rx, reader, writer, shared.metrics.clone())
+    flow::run(flow, reader, writer, None)
         .instrument(info_span!("flow", link = %link.cfg.name, id = flow_id))
         .await;
 }

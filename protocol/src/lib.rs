@@ -19,6 +19,7 @@ pub mod grant;
 pub mod ids;
 pub mod keys;
 pub mod limits;
+pub mod link;
 pub mod msg;
 pub mod noise;
 pub mod record;

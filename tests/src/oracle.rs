@@ -2,6 +2,8 @@
 //! from a seed, so the receiver's SHA-256 and byte count prove that nothing
 //! was lost, duplicated, reordered or altered.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -67,6 +69,14 @@ impl Oracle {
 
 /// Reads `r` to its end; returns the byte count and SHA-256.
 pub async fn hash_to_end<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<(u64, [u8; 32])> {
+    hash_counting(r, &AtomicU64::new(0)).await
+}
+
+/// Like [`hash_to_end`], adding every byte read to `progress` as it comes.
+pub async fn hash_counting<R: AsyncRead + Unpin>(
+    r: &mut R,
+    progress: &AtomicU64,
+) -> std::io::Result<(u64, [u8; 32])> {
     let mut h = Sha256::new();
     let mut n = 0u64;
     let mut buf = vec![0u8; CHUNK];
@@ -76,6 +86,7 @@ pub async fn hash_to_end<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<(u6
             return Ok((n, h.finalize().into()));
         }
         n += k as u64;
+        progress.fetch_add(k as u64, Ordering::Relaxed);
         h.update(&buf[..k]);
     }
 }
