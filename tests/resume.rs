@@ -164,3 +164,206 @@ async fn relay_killed_and_restarted_mid_transfer_loses_nothing() -> Result<()> {
     assert!(metric(&a, "comsat_agent_flows_resumed_total") >= 3.0, "{a}");
     Ok(())
 }
+
+/// Echoes every connection's bytes back until it ends.
+async fn echo_server(listener: TcpListener) {
+    while let Ok((s, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let (mut r, mut w) = s.into_split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        });
+    }
+}
+
+/// Writes `data` and reads the same number of bytes back.
+async fn echo_round(s: &mut TcpStream, data: &[u8]) -> Result<()> {
+    s.write_all(data).await?;
+    let mut back = vec![0u8; data.len()];
+    tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut back)).await??;
+    if back != data {
+        bail!("echo differs");
+    }
+    Ok(())
+}
+
+/// Keeps a flow busy until it ends; `Ok(())` if the application saw a
+/// reset (an error), an error if it saw a clean end of stream.
+async fn expect_reset(mut s: TcpStream, within: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if tokio::time::Instant::now() > deadline {
+            bail!("no reset within {within:?}");
+        }
+        if let Err(e) = s.write_all(b"still here").await {
+            eprintln!("write failed: {e}");
+            return Ok(());
+        }
+        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+            Ok(Ok(0)) => bail!("the application saw a clean end of stream, not a reset"),
+            Ok(Ok(_)) | Err(_) => {}
+            Ok(Err(e)) => {
+                eprintln!("read failed: {e}");
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn echo_system(target: SocketAddr, flow_timeout_ms: Option<u64>) -> Result<System> {
+    let sys = System::start_with(
+        Options {
+            links: vec![DevLink {
+                name: "echo".into(),
+                listen: "tcp://127.0.0.1:0".into(),
+                target: format!("tcp://{target}"),
+                allowed_uids: vec![],
+            }],
+            tap: false,
+            pin_sha256: false,
+        },
+        |text| match flow_timeout_ms {
+            Some(ms) => text.replacen(
+                "noise_key = \"noise.key\"\n",
+                &format!("noise_key = \"noise.key\"\nflow_timeout_ms = {ms}\n"),
+                1,
+            ),
+            None => text,
+        },
+    )?;
+    Ok(sys)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_peer_agent_resets_old_flows_and_serves_new_ones() -> Result<()> {
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let mut sys = echo_system(target.local_addr()?, None)?;
+    tokio::spawn(echo_server(target));
+    let listen: SocketAddr = sys
+        .listen_addr("echo")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+    sys.wait_ready()?;
+    let data: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut old = TcpStream::connect(listen).await?;
+    echo_round(&mut old, &data).await?;
+
+    // Agent B dies and comes back with the same data dir (same keys).
+    sys.agents[1].0.kill();
+    let logs = sys.logs();
+    let b = common::start_agent(&sys.layout.agent_b.config, &logs, "agent-b-2")?;
+    sys.agents[1] = b;
+
+    // The old flow cannot go on (its peer's session is gone): the
+    // application sees a reset, never a silent end or a reused nonce.
+    expect_reset(old, Duration::from_secs(30)).await?;
+    sys.wait_ready()?;
+    let mut new = TcpStream::connect(listen).await?;
+    echo_round(&mut new, &data).await?;
+    let m = scrape(sys.agents[0].1)?;
+    assert!(metric(&m, "comsat_agent_flows_failed_total") >= 1.0, "{m}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_longer_than_flow_timeout_resets_both_ends() -> Result<()> {
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let target_addr = target.local_addr()?;
+    let mut sys = echo_system(target_addr, Some(1500))?;
+    let listen: SocketAddr = sys
+        .listen_addr("echo")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+    sys.wait_ready()?;
+    let mut client = TcpStream::connect(listen).await?;
+    let (mut server, _) = tokio::time::timeout(Duration::from_secs(10), async {
+        // The flow reaches the target once the first bytes go through.
+        client.write_all(b"hello").await?;
+        target.accept().await
+    })
+    .await??;
+    let mut hello = [0u8; 5];
+    server.read_exact(&mut hello).await?;
+    server.write_all(b"world").await?;
+    client.read_exact(&mut hello).await?;
+    assert_eq!(&hello, b"world");
+
+    // The relay dies and stays dead: after the connection's idle timeout
+    // (5 s) and the flow timeout (1.5 s) both applications see a reset.
+    sys.relay.kill();
+    let (c, s) = tokio::join!(
+        expect_reset(client, Duration::from_secs(20)),
+        expect_reset(server, Duration::from_secs(20)),
+    );
+    c.context("client side")?;
+    s.context("server side")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn superseded_grant_tears_the_link_down_and_old_generation_is_refused() -> Result<()> {
+    use comsat_protocol::SigningKey;
+    use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
+
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let mut sys = echo_system(target.local_addr()?, None)?;
+    tokio::spawn(echo_server(target));
+    let listen: SocketAddr = sys
+        .listen_addr("echo")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+    sys.wait_ready()?;
+    let mut flow = TcpStream::connect(listen).await?;
+    echo_round(&mut flow, b"before revocation").await?;
+
+    // The authority supersedes the link with generation 2.
+    let authority = SigningKey::read_file(&sys.layout.authority_key)?;
+    let (name, link_id) = sys.layout.links[0].clone();
+    let grant = Grant {
+        link_id,
+        generation: 2,
+        relays: vec![sys.layout.relay_id],
+        side_a: GrantSide {
+            node_id: sys.layout.agent_a.node_id,
+            sign_pub: sys.layout.agent_a.sign_pub,
+        },
+        side_b: GrantSide {
+            node_id: sys.layout.agent_b.node_id,
+            sign_pub: sys.layout.agent_b.sign_pub,
+        },
+        not_after: u64::MAX / 2,
+        buffer_limit: 1 << 20,
+        limits: LinkLimits::default(),
+    };
+    let path = sys.layout.grants_dir.join(format!("{name}.grant"));
+    std::fs::write(&path, grant.sign(&authority)?.encode()?)?;
+
+    // The flow stops: the application sees a reset.
+    expect_reset(flow, Duration::from_secs(15)).await?;
+    let m = scrape(sys.relay_admin)?;
+    assert_eq!(metric(&m, "comsat_relay_links_paired"), 0.0, "{m}");
+
+    // An agent still configured with generation 1 is refused.
+    sys.agents[0].0.kill();
+    let logs = sys.logs();
+    sys.agents[0] = common::start_agent(&sys.layout.agent_a.config, &logs, "agent-a-2")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = scrape(sys.relay_admin)?;
+        if metric(
+            &m,
+            "comsat_relay_attach_refused_total{reason=\"stale_generation\"}",
+        ) >= 1.0
+        {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("old generation was not refused; metrics:\n{m}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a = scrape(sys.agents[0].1)?;
+    assert_eq!(metric(&a, "comsat_agent_links_ready"), 0.0, "{a}");
+    Ok(())
+}

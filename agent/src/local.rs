@@ -164,12 +164,18 @@ impl LocalWrite {
     }
 
     /// Makes the application see a reset rather than a clean end of stream
-    /// (TCP: RST via zero linger; Unix sockets have no reset and just
-    /// close).
+    /// (TCP: RST via zero linger, sent when the read half is dropped too;
+    /// Unix sockets have no reset and just close).
     pub(crate) fn abort(self) {
-        if let Self::Tcp(w) = &self {
-            #[allow(deprecated)]
-            let _ = w.as_ref().set_linger(Some(Duration::ZERO));
+        match self {
+            Self::Tcp(w) => {
+                #[allow(deprecated)]
+                let _ = w.as_ref().set_linger(Some(Duration::ZERO));
+                // Dropping the half would send a FIN first; forgetting it
+                // leaves the close (now an RST) to the read half's drop.
+                w.forget();
+            }
+            Self::Unix(w) => drop(w),
         }
     }
 }

@@ -491,6 +491,10 @@ async fn serve(
                 };
                 present.insert(link_id, true);
                 debug!(link = %link.cfg.name, "peer present");
+                // The peer (re)joined, perhaps as a new incarnation: the
+                // link is ready again only once the session is confirmed
+                // (Resume / ResumeOk) or replaced (handshake).
+                link.set_ready(None, &shared.metrics);
                 if link.cfg.side == Side::A {
                     if lock(&link.session).is_some() {
                         *lock(&link.resume_sent) = Some(Instant::now());

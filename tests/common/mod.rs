@@ -69,6 +69,11 @@ pub fn start_agent(config: &Path, logs: &Path, name: &str) -> Result<(Proc, Sock
 
 impl System {
     pub fn start(opts: Options) -> Result<Self> {
+        Self::start_with(opts, |t| t)
+    }
+
+    /// Like [`Self::start`], editing both agent configs with `edit` first.
+    pub fn start_with(opts: Options, edit: impl Fn(String) -> String) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let any: SocketAddr = "127.0.0.1:0".parse()?;
         let layout = comsat::dev::init(
@@ -85,6 +90,10 @@ impl System {
             let mut text = std::fs::read_to_string(&layout.relay_config)?;
             text.push_str("dangerous_tap_file = \"tap.bin\"\n");
             std::fs::write(&layout.relay_config, text)?;
+        }
+        for config in [&layout.agent_a.config, &layout.agent_b.config] {
+            let text = std::fs::read_to_string(config)?;
+            std::fs::write(config, edit(text))?;
         }
         let logs = dir.path().to_owned();
         let (relay, relay_quic, relay_admin) = start_relay(&layout.relay_config, &logs, "relay")?;
@@ -122,7 +131,13 @@ impl System {
                     break;
                 }
                 if Instant::now() > deadline {
-                    bail!("agents not ready within {START_TIMEOUT:?}");
+                    let tails: Vec<String> =
+                        self.agents.iter().map(|(p, _)| p.log_tail()).collect();
+                    bail!(
+                        "agents not ready within {START_TIMEOUT:?}; logs:\n{}\nrelay:\n{}",
+                        tails.join("\n----\n"),
+                        self.relay.log_tail()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
