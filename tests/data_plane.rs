@@ -101,6 +101,7 @@ async fn tcp_64mib_both_ways_over_8_flows() -> Result<()> {
         )],
         tap: false,
         pin_sha256: false,
+        relay_extra: String::new(),
     })?;
     let listen = sys.listen_addr("bulk")?;
     let listen: SocketAddr = listen.trim_start_matches("tcp://").parse()?;
@@ -153,6 +154,7 @@ async fn unix_socket_64mib_both_ways_over_8_flows() -> Result<()> {
         links: vec![l],
         tap: false,
         pin_sha256: false,
+        relay_extra: String::new(),
     })?;
     sys.wait_ready()?;
     let server = tokio::spawn(async move {
@@ -196,6 +198,7 @@ async fn half_closed_flow_still_carries_the_reply() -> Result<()> {
         )],
         tap: false,
         pin_sha256: true, // and the relay is pinned by certificate hash
+        relay_extra: String::new(),
     })?;
     let listen: SocketAddr = sys
         .listen_addr("half")?
@@ -235,6 +238,7 @@ async fn relay_never_sees_plaintext() -> Result<()> {
         )],
         tap: true,
         pin_sha256: false,
+        relay_extra: String::new(),
     })?;
     let listen: SocketAddr = sys
         .listen_addr("tap")?
@@ -287,6 +291,7 @@ async fn unix_peer_with_wrong_uid_is_refused() -> Result<()> {
         links: vec![l],
         tap: false,
         pin_sha256: false,
+        relay_extra: String::new(),
     })?;
     sys.wait_ready()?;
     let mut c = UnixStream::connect(&listen_path).await?;
@@ -375,6 +380,7 @@ async fn bad_credentials_are_refused_with_one_code_and_counted() -> Result<()> {
         )],
         tap: false,
         pin_sha256: false,
+        relay_extra: String::new(),
     })?;
     sys.wait_ready()?;
     let authority = SigningKey::read_file(&sys.layout.authority_key)?;
@@ -479,6 +485,7 @@ async fn agent_refuses_a_relay_that_does_not_match_its_pin() -> Result<()> {
         )],
         tap: false,
         pin_sha256: true,
+        relay_extra: String::new(),
     })?;
     sys.wait_ready()?;
     // The same agent, but pinned to a certificate the relay does not have.

@@ -54,6 +54,7 @@ async fn relay_killed_and_restarted_mid_transfer_loses_nothing() -> Result<()> {
         }],
         tap: false,
         pin_sha256: false,
+        relay_extra: String::new(),
     })?;
     let listen: SocketAddr = sys
         .listen_addr("bulk")?
@@ -222,6 +223,7 @@ fn echo_system(target: SocketAddr, flow_timeout_ms: Option<u64>) -> Result<Syste
             }],
             tap: false,
             pin_sha256: false,
+            relay_extra: String::new(),
         },
         |text| match flow_timeout_ms {
             Some(ms) => text.replacen(
@@ -366,4 +368,111 @@ async fn superseded_grant_tears_the_link_down_and_old_generation_is_refused() ->
     let a = scrape(sys.agents[0].1)?;
     assert_eq!(metric(&a, "comsat_agent_links_ready"), 0.0, "{a}");
     Ok(())
+}
+
+fn signal(pid: u32, sig: &str) -> Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()?;
+    if !status.success() {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
+async fn wait_metric(admin: SocketAddr, series: &str, pred: impl Fn(f64) -> bool) -> Result<f64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = scrape(admin)?;
+        let v = metric(&m, series);
+        if pred(v) {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{series} = {v} never met the condition; metrics:\n{m}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_stores_and_forwards_while_the_peer_is_away() -> Result<()> {
+    const LEN: u64 = 8 * 1024 * 1024;
+    const SEED: u64 = 77;
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let mut sys = System::start(Options {
+        links: vec![DevLink {
+            name: "sf".into(),
+            listen: "tcp://127.0.0.1:0".into(),
+            target: format!("tcp://{}", target.local_addr()?),
+            allowed_uids: vec![],
+        }],
+        tap: false,
+        pin_sha256: false,
+        // Notice a vanished agent quickly.
+        relay_extra: "[limits]\nidle_timeout_ms = 2000\n".into(),
+    })?;
+    let listen: SocketAddr = sys
+        .listen_addr("sf")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+    sys.wait_ready()?;
+
+    // Agent B goes away (frozen: it keeps its session) and the relay
+    // notices.
+    let b_pid = sys.agents[1].0.pid();
+    signal(b_pid, "STOP")?;
+    let resumed = scopeguard(b_pid);
+    wait_metric(sys.relay_admin, "comsat_relay_links_paired", |v| v == 0.0).await?;
+
+    // A's application writes 8 MiB and closes while B is away.
+    let mut client = TcpStream::connect(listen).await?;
+    let writer = tokio::spawn(async move {
+        Oracle::write_to(SEED, LEN, &mut client).await?;
+        client.shutdown().await?;
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await?;
+        anyhow::Ok(rest)
+    });
+    let held = wait_metric(sys.relay_admin, "comsat_relay_buffered_bytes", |v| {
+        v >= (LEN / 2) as f64
+    })
+    .await?;
+    eprintln!("relay holds {held} bytes for the absent peer");
+    assert!(
+        held <= (common::BUFFER_LIMIT + 128 * 1024) as f64,
+        "relay buffered {held}, over the link's buffer_limit"
+    );
+
+    // B comes back and receives everything, in order.
+    drop(resumed);
+    let (mut s, _) = tokio::time::timeout(Duration::from_secs(30), target.accept()).await??;
+    let (len, hash) = tokio::time::timeout(
+        Duration::from_secs(60),
+        comsat_tests::oracle::hash_to_end(&mut s),
+    )
+    .await??;
+    assert_eq!(len, LEN, "bytes delivered after the peer came back");
+    assert_eq!(
+        hash,
+        Oracle::digest(SEED, LEN),
+        "SHA-256 after store and forward"
+    );
+    s.shutdown().await?;
+    let rest = tokio::time::timeout(Duration::from_secs(30), writer).await???;
+    assert!(rest.is_empty());
+    wait_metric(sys.relay_admin, "comsat_relay_buffered_bytes", |v| v == 0.0).await?;
+    Ok(())
+}
+
+/// Sends SIGCONT to `pid` when dropped, so a failed test never leaves a
+/// stopped process behind.
+fn scopeguard(pid: u32) -> impl Drop {
+    struct Cont(u32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            let _ = signal(self.0, "CONT");
+        }
+    }
+    Cont(pid)
 }

@@ -88,7 +88,9 @@ impl LinkSession {
     }
 }
 
-/// A link that is ready: its session is up with the peer on `conn`.
+/// A link that is ready to carry flows: attached on `conn` with an
+/// end-to-end session (whose peer may be away for now: the relay then holds
+/// what is sent until it is back).
 #[derive(Clone)]
 pub(crate) struct Ready {
     pub(crate) session: Arc<LinkSession>,
@@ -107,6 +109,8 @@ pub(crate) struct LinkRt {
     pending: Mutex<Option<ExpectResponse>>,
     resume_sent: Mutex<Option<Instant>>,
     epoch: AtomicU64,
+    /// The peer confirmed the current session since it last (re)appeared.
+    peer_confirmed: std::sync::atomic::AtomicBool,
     next_flow: AtomicU32,
     flows: Mutex<HashMap<FlowId, Arc<Flow>>>,
     acks: Mutex<HashMap<FlowId, u64>>,
@@ -129,6 +133,7 @@ impl LinkRt {
             pending: Mutex::new(None),
             resume_sent: Mutex::new(None),
             epoch: AtomicU64::new(0),
+            peer_confirmed: std::sync::atomic::AtomicBool::new(false),
             next_flow: AtomicU32::new(0),
             flows: Mutex::default(),
             acks: Mutex::default(),
@@ -175,6 +180,7 @@ impl LinkRt {
             lock(&self.acks).clear();
         }
         *lock(&self.resume_sent) = None;
+        self.peer_confirmed.store(true, Ordering::Relaxed);
         self.set_ready(Some(conn), metrics);
     }
 
@@ -443,6 +449,8 @@ async fn serve(
     retry.tick().await;
     // Links whose peer is present on this connection.
     let mut present: HashMap<LinkId, bool> = HashMap::new();
+    // Links the relay accepted on this connection.
+    let mut attached: std::collections::HashSet<LinkId> = std::collections::HashSet::new();
     loop {
         let msg = tokio::select! {
             m = read_message(&mut recv, &mut decoder) => m,
@@ -457,7 +465,7 @@ async fn serve(
             _ = retry.tick() => {
                 for (id, _) in present.iter().filter(|(_, p)| **p) {
                     if let Some(link) = links.get(id) {
-                        if link.cfg.side == Side::A && link.ready.borrow().is_none() {
+                        if link.cfg.side == Side::A && !link.peer_confirmed.load(Ordering::Relaxed) {
                             let stale_resume = lock(&link.resume_sent)
                                 .is_some_and(|t| t.elapsed() >= defaults::HANDSHAKE_RETRY);
                             let no_resume = lock(&link.resume_sent).is_none();
@@ -483,6 +491,10 @@ async fn serve(
             RelayToAgent::Attached { link_id } => {
                 if let Some(link) = links.get(&link_id) {
                     debug!(link = %link.cfg.name, "attached");
+                    attached.insert(link_id);
+                    // With a session from before, flows can go on (the
+                    // relay holds them until the peer is back).
+                    link.set_ready(Some(conn), &shared.metrics);
                 }
             }
             RelayToAgent::PeerPresent { link_id } => {
@@ -491,10 +503,10 @@ async fn serve(
                 };
                 present.insert(link_id, true);
                 debug!(link = %link.cfg.name, "peer present");
-                // The peer (re)joined, perhaps as a new incarnation: the
-                // link is ready again only once the session is confirmed
-                // (Resume / ResumeOk) or replaced (handshake).
-                link.set_ready(None, &shared.metrics);
+                // The peer (re)joined, perhaps as a new incarnation: side A
+                // checks that it still holds the session (Resume) and
+                // replaces it (handshake) if it does not answer.
+                link.peer_confirmed.store(false, Ordering::Relaxed);
                 if link.cfg.side == Side::A {
                     if lock(&link.session).is_some() {
                         *lock(&link.resume_sent) = Some(Instant::now());
@@ -509,8 +521,12 @@ async fn serve(
                     continue;
                 };
                 present.insert(link_id, false);
-                link.set_ready(None, &shared.metrics);
                 *link.pending() = None;
+                // Flows whose streams died with the peer's connection open
+                // new ones (a new epoch), which the relay holds for it.
+                if attached.contains(&link_id) {
+                    link.set_ready(Some(conn), &shared.metrics);
+                }
             }
             RelayToAgent::Peer { link_id, frame } => {
                 let Some(link) = links.get(&link_id) else {
@@ -527,7 +543,12 @@ async fn serve(
                 let name = links.get(&link_id).map_or("?", |l| l.cfg.name.as_str());
                 warn!(link = %name, ?code, "relay refused the link");
                 if let Some(link) = links.get(&link_id) {
-                    link.drop_session(&shared.metrics);
+                    attached.remove(&link_id);
+                    if code == comsat_protocol::msg::ErrorCode::Revoked {
+                        link.drop_session(&shared.metrics);
+                    } else {
+                        link.set_ready(None, &shared.metrics);
+                    }
                 }
             }
         }
@@ -558,6 +579,7 @@ fn handle_sealed(
             if link.cfg.side == Side::B {
                 link.send_sealed(&LinkControl::ResumeOk, ctl);
                 info!(link = %link.cfg.name, "session resumed");
+                link.peer_confirmed.store(true, Ordering::Relaxed);
                 link.set_ready(Some(conn), &shared.metrics);
             }
         }
@@ -565,6 +587,7 @@ fn handle_sealed(
             if link.cfg.side == Side::A {
                 *lock(&link.resume_sent) = None;
                 info!(link = %link.cfg.name, "session resumed");
+                link.peer_confirmed.store(true, Ordering::Relaxed);
                 link.set_ready(Some(conn), &shared.metrics);
             }
         }

@@ -25,6 +25,7 @@
 //! stream_receive_window = 2097152
 //! max_streams_per_connection = 1024
 //! idle_timeout_ms = 30000
+//! buffer_budget = 268435456    # bytes held for absent peers, all links
 //! ```
 //!
 //! Relative paths are relative to the directory of the config file.
@@ -91,6 +92,8 @@ pub struct Limits {
     pub max_streams_per_connection: u32,
     /// Idle timeout, milliseconds.
     pub idle_timeout_ms: u64,
+    /// Bytes held for parked flows (peer away), all links together.
+    pub buffer_budget: u64,
 }
 
 impl Default for Limits {
@@ -103,6 +106,7 @@ impl Default for Limits {
             stream_receive_window: defaults::STREAM_RECEIVE_WINDOW,
             max_streams_per_connection: defaults::MAX_STREAMS_PER_CONNECTION,
             idle_timeout_ms: defaults::IDLE_TIMEOUT.as_millis() as u64,
+            buffer_budget: defaults::BUFFER_BUDGET,
         }
     }
 }

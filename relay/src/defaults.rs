@@ -51,3 +51,10 @@ pub const FLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest chunk read from a stream at once when splicing.
 pub const SPLICE_CHUNK: usize = 64 * 1024;
+
+/// Bytes the relay holds for parked flows (whose peer is away), all links
+/// together; each link is further limited by its grant's `buffer_limit`.
+pub const BUFFER_BUDGET: u64 = 256 * 1024 * 1024;
+
+/// How often a parked flow that hit a buffer limit checks for room again.
+pub const PARK_RECHECK: Duration = Duration::from_millis(100);

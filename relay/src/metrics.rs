@@ -11,6 +11,8 @@
 //! | `comsat_relay_flows_open` | gauge | flows being spliced |
 //! | `comsat_relay_flows_refused_total` | counter | flow streams refused (link not paired on this connection) |
 //! | `comsat_relay_forwarded_bytes_total` | counter | flow bytes forwarded, counted as they move |
+//! | `comsat_relay_buffered_bytes` | gauge | bytes held for flows whose peer is away |
+//! | `comsat_relay_flows_parked_total` | counter | flows held because their peer was away |
 //! | `comsat_relay_grants_loaded` | gauge | valid grants held |
 //! | `comsat_relay_grants_rejected_total{reason}` | counter | grant files refused: `malformed`, `bad_signature`, `other_relay`, `expired`, `stale_generation`, `unreadable` |
 
@@ -34,6 +36,10 @@ pub const FLOWS_OPEN: &str = "comsat_relay_flows_open";
 pub const FLOWS_REFUSED_TOTAL: &str = "comsat_relay_flows_refused_total";
 /// Bytes forwarded.
 pub const FORWARDED_BYTES_TOTAL: &str = "comsat_relay_forwarded_bytes_total";
+/// Bytes held for parked flows.
+pub const BUFFERED_BYTES: &str = "comsat_relay_buffered_bytes";
+/// Flows parked.
+pub const FLOWS_PARKED_TOTAL: &str = "comsat_relay_flows_parked_total";
 /// Grants held.
 pub const GRANTS_LOADED: &str = "comsat_relay_grants_loaded";
 /// Grants refused by reason.
@@ -49,6 +55,8 @@ pub struct Metrics {
     pub(crate) flows_open: Gauge,
     pub(crate) flows_refused: Counter,
     pub(crate) forwarded_bytes: Counter,
+    pub(crate) buffered_bytes: Gauge,
+    pub(crate) flows_parked: Counter,
     grants_loaded: Gauge,
 }
 
@@ -70,6 +78,8 @@ impl Metrics {
         describe_gauge!(FLOWS_OPEN, "Flows being spliced");
         describe_counter!(FLOWS_REFUSED_TOTAL, "Flow streams refused");
         describe_counter!(FORWARDED_BYTES_TOTAL, "Flow bytes forwarded");
+        describe_gauge!(BUFFERED_BYTES, "Bytes held for flows whose peer is away");
+        describe_counter!(FLOWS_PARKED_TOTAL, "Flows held because their peer was away");
         describe_gauge!(GRANTS_LOADED, "Valid grants held");
         describe_counter!(GRANTS_REJECTED_TOTAL, "Grant files refused, by reason");
         Self {
@@ -80,6 +90,8 @@ impl Metrics {
             flows_open: gauge!(FLOWS_OPEN),
             flows_refused: counter!(FLOWS_REFUSED_TOTAL),
             forwarded_bytes: counter!(FORWARDED_BYTES_TOTAL),
+            buffered_bytes: gauge!(BUFFERED_BYTES),
+            flows_parked: counter!(FLOWS_PARKED_TOTAL),
             grants_loaded: gauge!(GRANTS_LOADED),
         }
     }

@@ -45,6 +45,10 @@ struct LinkSlot {
     b: Option<Attachment>,
     /// Flips to `true` when the link is revoked: its flows stop.
     revoked: watch::Sender<bool>,
+    /// Bumped whenever a side attaches: parked flows look for their peer.
+    pair: watch::Sender<u64>,
+    /// Bytes held for this link's parked flows.
+    buffered: Arc<AtomicU64>,
 }
 
 impl LinkSlot {
@@ -53,6 +57,8 @@ impl LinkSlot {
             a: None,
             b: None,
             revoked: watch::channel(false).0,
+            pair: watch::channel(0).0,
+            buffered: Arc::default(),
         }
     }
 
@@ -81,6 +87,8 @@ struct State {
     next_conn_id: AtomicU64,
     tap: Option<Mutex<std::fs::File>>,
     ready: AtomicBool,
+    /// Bytes held for parked flows, all links together.
+    buffered: AtomicU64,
 }
 
 impl State {
@@ -166,6 +174,7 @@ impl Relay {
             next_conn_id: AtomicU64::new(1),
             tap,
             ready: AtomicBool::new(true),
+            buffered: AtomicU64::new(0),
         });
         Ok(Self {
             endpoint,
@@ -531,6 +540,7 @@ fn attach(
     if !was_paired && slot.a.is_some() && slot.b.is_some() {
         state.metrics.links_paired.increment(1.0);
     }
+    slot.pair.send_modify(|n| *n += 1);
     info!(link = %link_id.fmt_short(), %side, "attached");
     Ok(())
 }
@@ -623,6 +633,127 @@ async fn accept_flows(state: Arc<State>, conn_id: u64, conn: quinn::Connection) 
     }
 }
 
+/// Bytes held by the relay for a parked flow, released on drop.
+struct Held {
+    bytes: u64,
+    link: Arc<AtomicU64>,
+    state: Arc<State>,
+}
+
+impl Held {
+    fn add(&mut self, n: u64) {
+        self.bytes += n;
+        self.link.fetch_add(n, Ordering::Relaxed);
+        let total = self.state.buffered.fetch_add(n, Ordering::Relaxed) + n;
+        self.state.metrics.buffered_bytes.set(total as f64);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.link.fetch_sub(self.bytes, Ordering::Relaxed);
+        let total = self.state.buffered.fetch_sub(self.bytes, Ordering::Relaxed) - self.bytes;
+        self.state.metrics.buffered_bytes.set(total as f64);
+    }
+}
+
+/// A flow whose peer side is away: what the relay read of it so far.
+struct Parked {
+    chunks: Vec<bytes::Bytes>,
+    finished: bool,
+    _held: Held,
+}
+
+/// Where a new flow stream goes.
+struct Route {
+    side: Side,
+    peer: Option<quinn::Connection>,
+    revoked: watch::Receiver<bool>,
+    pair: watch::Receiver<u64>,
+    link_buffered: Arc<AtomicU64>,
+    buffer_limit: u64,
+}
+
+fn route(state: &State, conn_id: u64, link_id: &LinkId) -> Option<Route> {
+    let buffer_limit = state
+        .grants
+        .snapshot()
+        .link(link_id)
+        .map_or(0, |g| g.buffer_limit);
+    let links = state.links();
+    let slot = links.get(link_id)?;
+    let side = if slot.a.as_ref().is_some_and(|a| a.conn_id == conn_id) {
+        Side::A
+    } else if slot.b.as_ref().is_some_and(|b| b.conn_id == conn_id) {
+        Side::B
+    } else {
+        return None;
+    };
+    Some(Route {
+        side,
+        peer: slot.side(side.peer()).as_ref().map(|p| p.conn.clone()),
+        revoked: slot.revoked.subscribe(),
+        pair: slot.pair.subscribe(),
+        link_buffered: slot.buffered.clone(),
+        buffer_limit,
+    })
+}
+
+/// Holds a flow whose peer is away: reads it into memory while the link's
+/// `buffer_limit` and the relay's budget allow (then stops reading, so QUIC
+/// flow control pushes back on the sender), until the peer attaches.
+/// `None` if the flow ended or the link went away meanwhile.
+async fn park(
+    state: &Arc<State>,
+    link_id: LinkId,
+    route: &mut Route,
+    recv: &mut quinn::RecvStream,
+) -> Option<(quinn::Connection, Parked)> {
+    let mut parked = Parked {
+        chunks: Vec::new(),
+        finished: false,
+        _held: Held {
+            bytes: 0,
+            link: route.link_buffered.clone(),
+            state: state.clone(),
+        },
+    };
+    state.metrics.flows_parked.increment(1);
+    debug!("flow parked: peer away");
+    loop {
+        let peer = {
+            let links = state.links();
+            links
+                .get(&link_id)
+                .and_then(|s| s.side(route.side.peer()).as_ref().map(|p| p.conn.clone()))
+        };
+        if let Some(peer) = peer {
+            return Some((peer, parked));
+        }
+        let room = !parked.finished
+            && route.link_buffered.load(Ordering::Relaxed) < route.buffer_limit
+            && state.buffered.load(Ordering::Relaxed) < state.config.limits.buffer_budget;
+        tokio::select! {
+            changed = route.pair.changed() => {
+                if changed.is_err() {
+                    return None;
+                }
+            }
+            _ = route.revoked.wait_for(|r| *r) => return None,
+            chunk = recv.read_chunk(defaults::SPLICE_CHUNK, true), if room => match chunk {
+                Ok(Some(c)) => {
+                    parked._held.add(c.bytes.len() as u64);
+                    state.tap(&c.bytes);
+                    parked.chunks.push(c.bytes);
+                }
+                Ok(None) => parked.finished = true,
+                Err(_) => return None,
+            },
+            () = tokio::time::sleep(defaults::PARK_RECHECK), if !room => {}
+        }
+    }
+}
+
 async fn splice_flow(
     state: Arc<State>,
     conn_id: u64,
@@ -643,49 +774,56 @@ async fn splice_flow(
     let Some((flow, _)) = parsed else {
         return refuse_stream(&mut send, &mut recv);
     };
-    // The flow's link must be paired, with this connection as one side.
-    let route = {
-        let links = state.links();
-        links.get(&flow.link_id).and_then(|slot| {
-            let (a, b) = (slot.a.as_ref()?, slot.b.as_ref()?);
-            let peer = if a.conn_id == conn_id {
-                b
-            } else if b.conn_id == conn_id {
-                a
-            } else {
-                return None;
-            };
-            Some((peer.conn.clone(), slot.revoked.subscribe()))
-        })
-    };
-    let Some((peer_conn, mut revoked)) = route else {
+    // The flow's link must be attached on this connection.
+    let Some(mut route) = route(&state, conn_id, &flow.link_id) else {
         return refuse_stream(&mut send, &mut recv);
     };
-    let Ok((mut peer_send, peer_recv)) = peer_conn.open_bi().await else {
-        return refuse_stream(&mut send, &mut recv);
-    };
-    if peer_send.write_all(&header).await.is_err() {
-        return refuse_stream(&mut send, &mut recv);
-    }
-    state.metrics.flows_total.increment(1);
-    state.metrics.flows_open.increment(1.0);
     let span = info_span!("flow", link = %flow.link_id.fmt_short(), id = flow.flow_id);
     async {
-        debug!("flow spliced");
-        tokio::select! {
-            _ = async {
-                tokio::join!(
-                    pump(&state, recv, peer_send),
-                    pump(&state, peer_recv, send),
-                )
-            } => {}
-            _ = revoked.wait_for(|r| *r) => debug!("flow stopped: link revoked"),
+        let (peer_conn, parked) = match route.peer.take() {
+            Some(peer) => (peer, None),
+            None => match park(&state, flow.link_id, &mut route, &mut recv).await {
+                Some((peer, parked)) => (peer, Some(parked)),
+                None => return refuse_stream(&mut send, &mut recv),
+            },
+        };
+        let Ok((mut peer_send, peer_recv)) = peer_conn.open_bi().await else {
+            return refuse_stream(&mut send, &mut recv);
+        };
+        if peer_send.write_all(&header).await.is_err() {
+            return refuse_stream(&mut send, &mut recv);
         }
+        let mut finished = false;
+        if let Some(parked) = parked {
+            debug!(bytes = parked._held.bytes, "delivering parked flow");
+            for chunk in parked.chunks.iter().cloned() {
+                state.metrics.forwarded_bytes.increment(chunk.len() as u64);
+                if peer_send.write_chunk(chunk).await.is_err() {
+                    return refuse_stream(&mut send, &mut recv);
+                }
+            }
+            finished = parked.finished;
+        }
+        state.metrics.flows_total.increment(1);
+        state.metrics.flows_open.increment(1.0);
+        debug!("flow spliced");
+        let forward = async {
+            if finished {
+                let _ = peer_send.finish();
+                let _ = peer_send.stopped().await;
+            } else {
+                pump(&state, recv, peer_send).await;
+            }
+        };
+        tokio::select! {
+            _ = async { tokio::join!(forward, pump(&state, peer_recv, send)) } => {}
+            _ = route.revoked.wait_for(|r| *r) => debug!("flow stopped: link revoked"),
+        }
+        state.metrics.flows_open.decrement(1.0);
         debug!("flow ended");
     }
     .instrument(span)
     .await;
-    state.metrics.flows_open.decrement(1.0);
 }
 
 /// Copies one direction of a flow, chunk by chunk, without copying bytes:

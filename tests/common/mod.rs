@@ -13,6 +13,8 @@ use comsat_tests::{Proc, free_udp_port};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_comsat");
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// The per-link relay buffer that `comsat dev init` grants.
+pub const BUFFER_LIMIT: u64 = comsat::dev::BUFFER_LIMIT;
 
 pub struct System {
     pub dir: tempfile::TempDir,
@@ -28,6 +30,8 @@ pub struct Options {
     pub tap: bool,
     /// Agents pin the relay certificate by SHA-256 instead of by CA.
     pub pin_sha256: bool,
+    /// Appended to the relay config (after every top-level key).
+    pub relay_extra: String,
 }
 
 /// The second word after `key=` in a line like `... quic=1.2.3.4:5 admin=...`.
@@ -86,11 +90,12 @@ impl System {
                 pin_sha256: opts.pin_sha256,
             },
         )?;
+        let mut relay_text = std::fs::read_to_string(&layout.relay_config)?;
         if opts.tap {
-            let mut text = std::fs::read_to_string(&layout.relay_config)?;
-            text.push_str("dangerous_tap_file = \"tap.bin\"\n");
-            std::fs::write(&layout.relay_config, text)?;
+            relay_text.push_str("dangerous_tap_file = \"tap.bin\"\n");
         }
+        relay_text.push_str(&opts.relay_extra);
+        std::fs::write(&layout.relay_config, relay_text)?;
         for config in [&layout.agent_a.config, &layout.agent_b.config] {
             let text = std::fs::read_to_string(config)?;
             std::fs::write(config, edit(text))?;
