@@ -57,6 +57,25 @@ pub struct DevOptions {
     pub links: Vec<DevLink>,
     /// Pin the relay by certificate SHA-256 instead of by CA.
     pub pin_sha256: bool,
+    /// More relays after the first, as (QUIC, admin) addresses: every link
+    /// names them all, in order, and each gets its own directory
+    /// (`relay-2/`, …) with the same grants.
+    pub extra_relays: Vec<(SocketAddr, Option<SocketAddr>)>,
+}
+
+/// One relay of the dev setup.
+#[derive(Debug, Clone)]
+pub struct DevRelay {
+    /// Its id.
+    pub id: RelayId,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its grant directory.
+    pub grants_dir: PathBuf,
+    /// SHA-256 of its certificate, hex.
+    pub cert_sha256: String,
+    /// Its QUIC address.
+    pub listen: SocketAddr,
 }
 
 /// One agent of the dev setup.
@@ -97,6 +116,8 @@ pub struct DevLayout {
     pub agent_b: DevAgent,
     /// Link ids by name, in option order.
     pub links: Vec<(String, LinkId)>,
+    /// Every relay, the first one included, in the links' order.
+    pub relays: Vec<DevRelay>,
 }
 
 fn unix_now() -> u64 {
@@ -166,59 +187,46 @@ pub fn init(dir: &Path, opts: &DevOptions) -> Result<DevLayout> {
     std::fs::write(&ca_pem, ca.pem())?;
     write_secret_file(&dir.join("ca.key"), ca.key().serialize_pem().as_bytes())?;
 
-    let relay_dir = dir.join("relay");
-    let grants_dir = relay_dir.join("grants");
-    std::fs::create_dir_all(&grants_dir)?;
-    let relay_key = rcgen::KeyPair::generate()?;
-    let mut names = vec!["localhost".to_owned()];
-    names.push(opts.relay_listen.ip().to_string());
-    let mut relay_params = rcgen::CertificateParams::new(names)?;
-    relay_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "comsat dev relay");
-    let relay_cert = relay_params.signed_by(&relay_key, &ca)?;
-    std::fs::write(relay_dir.join("relay.crt"), relay_cert.pem())?;
-    write_secret_file(
-        &relay_dir.join("relay.key"),
-        relay_key.serialize_pem().as_bytes(),
-    )?;
-    let relay_cert_sha256 = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(relay_cert.der()))
-    };
-
-    let relay_id = RelayId::random();
-    let mut relay_toml = format!(
-        "# comsat relay config, written by `comsat dev init`.\n\
-         relay_id = \"{relay_id}\"\nlisten = \"{}\"\n",
-        opts.relay_listen
-    );
-    if let Some(a) = opts.relay_admin {
-        let _ = writeln!(relay_toml, "admin = \"{a}\"");
+    let mut relays = Vec::new();
+    let all = std::iter::once((opts.relay_listen, opts.relay_admin))
+        .chain(opts.extra_relays.iter().copied());
+    for (n, (listen, admin)) in all.enumerate() {
+        let name = if n == 0 {
+            "relay".to_owned()
+        } else {
+            format!("relay-{}", n + 1)
+        };
+        relays.push(create_relay(
+            &dir.join(name),
+            &ca,
+            &authority,
+            listen,
+            admin,
+        )?);
     }
-    let _ = write!(
-        relay_toml,
-        "tls_cert = \"relay.crt\"\ntls_key = \"relay.key\"\n\
-         authority_public_key = \"{}\"\ngrants_dir = \"grants\"\n",
-        authority.public()
-    );
-    let relay_config = relay_dir.join("relay.toml");
-    std::fs::write(&relay_config, relay_toml)?;
-
     let (agent_a, mut a_toml) = create_agent(&dir.join("agent-a"), opts.agent_admin[0])?;
     let (agent_b, mut b_toml) = create_agent(&dir.join("agent-b"), opts.agent_admin[1])?;
-    let pin = if opts.pin_sha256 {
-        format!("cert_sha256 = \"{relay_cert_sha256}\"\n")
-    } else {
-        format!("ca_file = {}\n", toml_str(&ca_pem.display().to_string()))
-    };
+    let relay_tables: String = relays
+        .iter()
+        .map(|r| {
+            let pin = if opts.pin_sha256 {
+                format!("cert_sha256 = \"{}\"\n", r.cert_sha256)
+            } else {
+                format!("ca_file = {}\n", toml_str(&ca_pem.display().to_string()))
+            };
+            format!(
+                "[[links.relays]]\naddr = \"{}\"\nserver_name = \"localhost\"\n{pin}",
+                r.listen
+            )
+        })
+        .collect();
     let mut links = Vec::new();
     for link in &opts.links {
         let link_id = LinkId::random();
         let grant = Grant {
             link_id,
             generation: 1,
-            relays: vec![relay_id],
+            relays: relays.iter().map(|r| r.id).collect(),
             side_a: GrantSide {
                 node_id: agent_a.node_id,
                 sign_pub: agent_a.sign_pub,
@@ -231,15 +239,11 @@ pub fn init(dir: &Path, opts: &DevOptions) -> Result<DevLayout> {
             buffer_limit: BUFFER_LIMIT,
             limits: LinkLimits::default(),
         };
-        let signed = grant.sign(&authority)?;
-        std::fs::write(
-            grants_dir.join(format!("{}.grant", link.name)),
-            signed.encode()?,
-        )?;
-        let relay = format!(
-            "[links.relay]\naddr = \"{}\"\nserver_name = \"localhost\"\n{pin}",
-            opts.relay_listen
-        );
+        let signed = grant.sign(&authority)?.encode()?;
+        for r in &relays {
+            std::fs::write(r.grants_dir.join(format!("{}.grant", link.name)), &signed)?;
+        }
+        let relay = &relay_tables;
         let _ = write!(
             a_toml,
             "\n[[links]]\nname = {}\nlink_id = \"{link_id}\"\ngeneration = 1\nside = \"a\"\n\
@@ -261,17 +265,69 @@ pub fn init(dir: &Path, opts: &DevOptions) -> Result<DevLayout> {
     }
     std::fs::write(&agent_a.config, a_toml)?;
     std::fs::write(&agent_b.config, b_toml)?;
+    let first = relays[0].clone();
     Ok(DevLayout {
         dir: dir.to_owned(),
         authority_key,
-        relay_id,
-        relay_config,
-        grants_dir,
+        relay_id: first.id,
+        relay_config: first.config,
+        grants_dir: first.grants_dir,
         ca_pem,
-        relay_cert_sha256,
+        relay_cert_sha256: first.cert_sha256,
         agent_a,
         agent_b,
         links,
+        relays,
+    })
+}
+
+fn create_relay(
+    relay_dir: &Path,
+    ca: &rcgen::CertifiedIssuer<'_, rcgen::KeyPair>,
+    authority: &SigningKey,
+    listen: SocketAddr,
+    admin: Option<SocketAddr>,
+) -> Result<DevRelay> {
+    let grants_dir = relay_dir.join("grants");
+    std::fs::create_dir_all(&grants_dir)?;
+    let relay_key = rcgen::KeyPair::generate()?;
+    let names = vec!["localhost".to_owned(), listen.ip().to_string()];
+    let mut relay_params = rcgen::CertificateParams::new(names)?;
+    relay_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "comsat dev relay");
+    let relay_cert = relay_params.signed_by(&relay_key, ca)?;
+    std::fs::write(relay_dir.join("relay.crt"), relay_cert.pem())?;
+    write_secret_file(
+        &relay_dir.join("relay.key"),
+        relay_key.serialize_pem().as_bytes(),
+    )?;
+    let cert_sha256 = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(relay_cert.der()))
+    };
+    let id = RelayId::random();
+    let mut relay_toml = format!(
+        "# comsat relay config, written by `comsat dev init`.\n\
+         relay_id = \"{id}\"\nlisten = \"{listen}\"\n"
+    );
+    if let Some(a) = admin {
+        let _ = writeln!(relay_toml, "admin = \"{a}\"");
+    }
+    let _ = write!(
+        relay_toml,
+        "tls_cert = \"relay.crt\"\ntls_key = \"relay.key\"\n\
+         authority_public_key = \"{}\"\ngrants_dir = \"grants\"\n",
+        authority.public()
+    );
+    let config = relay_dir.join("relay.toml");
+    std::fs::write(&config, relay_toml)?;
+    Ok(DevRelay {
+        id,
+        config,
+        grants_dir,
+        cert_sha256,
+        listen,
     })
 }
 
@@ -295,6 +351,7 @@ mod tests {
                     allowed_uids: vec![],
                 }],
                 pin_sha256: false,
+                extra_relays: vec![],
             },
         )
         .expect("init");
@@ -317,6 +374,7 @@ mod tests {
             agent_admin: [None, None],
             links: vec![],
             pin_sha256: true,
+            extra_relays: vec![],
         }
     }
 }

@@ -106,6 +106,24 @@ struct DevInit {
     /// Agents pin the relay certificate by SHA-256 instead of by CA.
     #[arg(long)]
     pin_sha256: bool,
+    /// A backup relay as QUIC_ADDR[,ADMIN_ADDR] (repeatable): links name
+    /// every relay in order, and agents fail over to the next.
+    #[arg(long = "extra-relay", value_parser = parse_extra_relay)]
+    extra_relays: Vec<(SocketAddr, Option<SocketAddr>)>,
+}
+
+fn parse_extra_relay(s: &str) -> Result<(SocketAddr, Option<SocketAddr>), String> {
+    let (quic, admin) = match s.split_once(',') {
+        Some((q, a)) => (q, Some(a)),
+        None => (s, None),
+    };
+    let quic = quic
+        .parse()
+        .map_err(|_| format!("`{quic}`: expected IP:PORT"))?;
+    let admin = admin
+        .map(|a| a.parse().map_err(|_| format!("`{a}`: expected IP:PORT")))
+        .transpose()?;
+    Ok((quic, admin))
 }
 
 fn parse_link(s: &str) -> Result<comsat::dev::DevLink, String> {
@@ -246,6 +264,7 @@ fn dev_init(args: DevInit) -> anyhow::Result<()> {
             agent_admin: [Some(args.agent_a_admin), Some(args.agent_b_admin)],
             links,
             pin_sha256: args.pin_sha256,
+            extra_relays: args.extra_relays,
         },
     )
     .map_err(|e| Usage(format!("{e:#}")))?;

@@ -102,6 +102,7 @@ async fn tcp_64mib_both_ways_over_8_flows() -> Result<()> {
         tap: false,
         pin_sha256: false,
         relay_extra: String::new(),
+        extra_relays: 0,
     })?;
     let listen = sys.listen_addr("bulk")?;
     let listen: SocketAddr = listen.trim_start_matches("tcp://").parse()?;
@@ -155,6 +156,7 @@ async fn unix_socket_64mib_both_ways_over_8_flows() -> Result<()> {
         tap: false,
         pin_sha256: false,
         relay_extra: String::new(),
+        extra_relays: 0,
     })?;
     sys.wait_ready()?;
     let server = tokio::spawn(async move {
@@ -199,6 +201,7 @@ async fn half_closed_flow_still_carries_the_reply() -> Result<()> {
         tap: false,
         pin_sha256: true, // and the relay is pinned by certificate hash
         relay_extra: String::new(),
+        extra_relays: 0,
     })?;
     let listen: SocketAddr = sys
         .listen_addr("half")?
@@ -239,6 +242,7 @@ async fn relay_never_sees_plaintext() -> Result<()> {
         tap: true,
         pin_sha256: false,
         relay_extra: String::new(),
+        extra_relays: 0,
     })?;
     let listen: SocketAddr = sys
         .listen_addr("tap")?
@@ -292,6 +296,7 @@ async fn unix_peer_with_wrong_uid_is_refused() -> Result<()> {
         tap: false,
         pin_sha256: false,
         relay_extra: String::new(),
+        extra_relays: 0,
     })?;
     sys.wait_ready()?;
     let mut c = UnixStream::connect(&listen_path).await?;
@@ -381,6 +386,7 @@ async fn bad_credentials_are_refused_with_one_code_and_counted() -> Result<()> {
         tap: false,
         pin_sha256: false,
         relay_extra: String::new(),
+        extra_relays: 0,
     })?;
     sys.wait_ready()?;
     let authority = SigningKey::read_file(&sys.layout.authority_key)?;
@@ -486,6 +492,7 @@ async fn agent_refuses_a_relay_that_does_not_match_its_pin() -> Result<()> {
         tap: false,
         pin_sha256: true,
         relay_extra: String::new(),
+        extra_relays: 0,
     })?;
     sys.wait_ready()?;
     // The same agent, but pinned to a certificate the relay does not have.

@@ -41,128 +41,188 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     received.context("receiving (a reset here is an application-visible failure)")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_killed_and_restarted_mid_transfer_loses_nothing() -> Result<()> {
-    let target = TcpListener::bind("127.0.0.1:0").await?;
-    let target_addr = target.local_addr()?;
-    let mut sys = System::start(Options {
+/// A running bulk transfer: 4 flows, 32 MiB each way each.
+struct Bulk {
+    progress: Arc<AtomicU64>,
+    done: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Bulk {
+    const TOTAL: u64 = 2 * FLOWS * PER_FLOW;
+
+    fn start(listen: SocketAddr, target: TcpListener) -> Self {
+        let progress = Arc::new(AtomicU64::new(0));
+        let server = {
+            let progress = progress.clone();
+            tokio::spawn(async move {
+                let mut flows = Vec::new();
+                for _ in 0..FLOWS {
+                    let (mut s, _) = target.accept().await?;
+                    let progress = progress.clone();
+                    flows.push(tokio::spawn(async move {
+                        let seed = s.read_u64().await?;
+                        let got = exchange(s, seed ^ REPLY_XOR, None, &progress).await?;
+                        anyhow::Ok((seed, got))
+                    }));
+                }
+                anyhow::Ok(flows)
+            })
+        };
+        let clients: Vec<_> = (1..=FLOWS)
+            .map(|seed| {
+                let progress = progress.clone();
+                tokio::spawn(async move {
+                    let s = TcpStream::connect(listen).await?;
+                    let got = exchange(s, seed, Some(seed), &progress).await?;
+                    anyhow::Ok((seed, got))
+                })
+            })
+            .collect();
+        let done = tokio::spawn(async move {
+            for c in clients {
+                let (seed, (len, hash)) = c.await??;
+                // The client received the server's reply stream.
+                assert_eq!(
+                    len, PER_FLOW,
+                    "flow {seed}: bytes at the client (lost or duplicated)"
+                );
+                assert_eq!(
+                    hash,
+                    Oracle::digest(seed ^ REPLY_XOR, PER_FLOW),
+                    "flow {seed}: client SHA-256"
+                );
+            }
+            let mut seeds = Vec::new();
+            for s in server.await?? {
+                let (seed, (len, hash)) = s.await??;
+                assert_eq!(
+                    len, PER_FLOW,
+                    "flow {seed}: bytes at the server (lost or duplicated)"
+                );
+                assert_eq!(
+                    hash,
+                    Oracle::digest(seed, PER_FLOW),
+                    "flow {seed}: server SHA-256"
+                );
+                seeds.push(seed);
+            }
+            seeds.sort();
+            assert_eq!(seeds, (1..=FLOWS).collect::<Vec<_>>());
+            Ok(())
+        });
+        Self { progress, done }
+    }
+
+    /// Waits until `at` bytes have arrived, in either direction.
+    async fn reach(&self, at: u64) -> Result<u64> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let now = self.progress.load(Ordering::Relaxed);
+            if now >= at {
+                return Ok(now);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("transfer stalled at {now} of {} bytes", Self::TOTAL);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn finish(self) -> Result<()> {
+        tokio::time::timeout(Duration::from_secs(240), self.done)
+            .await
+            .context("transfer did not finish")??
+    }
+}
+
+fn bulk_system(target: SocketAddr, extra_relays: usize) -> Result<System> {
+    System::start(Options {
         links: vec![DevLink {
             name: "bulk".into(),
             listen: "tcp://127.0.0.1:0".into(),
-            target: format!("tcp://{target_addr}"),
+            target: format!("tcp://{target}"),
             allowed_uids: vec![],
         }],
         tap: false,
         pin_sha256: false,
         relay_extra: String::new(),
-    })?;
+        extra_relays,
+    })
+}
+
+fn assert_no_application_failures(sys: &System) -> Result<()> {
+    for (_, admin) in &sys.agents {
+        let m = scrape(*admin)?;
+        assert_eq!(metric(&m, "comsat_agent_flows_failed_total"), 0.0, "{m}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_and_restarted_mid_transfer_loses_nothing() -> Result<()> {
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let mut sys = bulk_system(target.local_addr()?, 0)?;
     let listen: SocketAddr = sys
         .listen_addr("bulk")?
         .trim_start_matches("tcp://")
         .parse()?;
     sys.wait_ready()?;
-
-    let progress = Arc::new(AtomicU64::new(0));
-    let server = {
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            let mut flows = Vec::new();
-            for _ in 0..FLOWS {
-                let (mut s, _) = target.accept().await?;
-                let progress = progress.clone();
-                flows.push(tokio::spawn(async move {
-                    let seed = s.read_u64().await?;
-                    let got = exchange(s, seed ^ REPLY_XOR, None, &progress).await?;
-                    anyhow::Ok((seed, got))
-                }));
-            }
-            anyhow::Ok(flows)
-        })
-    };
-    let clients: Vec<_> = (1..=FLOWS)
-        .map(|seed| {
-            let progress = progress.clone();
-            tokio::spawn(async move {
-                let s = TcpStream::connect(listen).await?;
-                let got = exchange(s, seed, Some(seed), &progress).await?;
-                anyhow::Ok((seed, got))
-            })
-        })
-        .collect();
+    let bulk = Bulk::start(listen, target);
 
     // Kill the relay at three random points of the transfer, restarting it
     // each time on the same address with the same configuration.
-    let total = 2 * FLOWS * PER_FLOW;
     let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
     let mut points: Vec<u64> = (0..3)
-        .map(|i| total * (i * 25 + rng.random_range(10..25)) / 100)
+        .map(|i| Bulk::TOTAL * (i * 25 + rng.random_range(10..25)) / 100)
         .collect();
     points.sort();
     let logs = sys.logs();
     for (i, at) in points.iter().enumerate() {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        while progress.load(Ordering::Relaxed) < *at {
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "transfer stalled at {} of {total} bytes",
-                    progress.load(Ordering::Relaxed)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let now = bulk.reach(*at).await?;
         sys.relay.kill();
-        eprintln!(
-            "killed the relay at {} bytes",
-            progress.load(Ordering::Relaxed)
-        );
+        eprintln!("killed the relay at {now} bytes");
         let (relay, _, admin) =
             common::start_relay(&sys.layout.relay_config, &logs, &format!("relay-{}", i + 2))?;
         sys.relay = relay;
         sys.relay_admin = admin;
     }
-
-    let results = tokio::time::timeout(Duration::from_secs(240), async {
-        let mut out = Vec::new();
-        for c in clients {
-            out.push(c.await??);
-        }
-        for s in server.await?? {
-            out.push(s.await??);
-        }
-        anyhow::Ok(out)
-    })
-    .await
-    .context("transfer did not finish")??;
-    assert_eq!(results.len() as u64, 2 * FLOWS);
-    for (seed, (len, hash)) in &results[..FLOWS as usize] {
-        // The client received the server's reply stream.
-        assert_eq!(
-            *len, PER_FLOW,
-            "flow {seed}: bytes at the client (lost or duplicated)"
-        );
-        assert_eq!(
-            *hash,
-            Oracle::digest(seed ^ REPLY_XOR, PER_FLOW),
-            "flow {seed}: client SHA-256"
-        );
-    }
-    for (seed, (len, hash)) in &results[FLOWS as usize..] {
-        assert_eq!(
-            *len, PER_FLOW,
-            "flow {seed}: bytes at the server (lost or duplicated)"
-        );
-        assert_eq!(
-            *hash,
-            Oracle::digest(*seed, PER_FLOW),
-            "flow {seed}: server SHA-256"
-        );
-    }
-    for (_, admin) in &sys.agents {
-        let m = scrape(*admin)?;
-        assert_eq!(metric(&m, "comsat_agent_flows_failed_total"), 0.0, "{m}");
-    }
+    bulk.finish().await?;
+    assert_no_application_failures(&sys)?;
     let a = scrape(sys.agents[0].1)?;
     assert!(metric(&a, "comsat_agent_flows_resumed_total") >= 3.0, "{a}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_failover_to_the_next_relay_loses_nothing() -> Result<()> {
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let mut sys = bulk_system(target.local_addr()?, 1)?;
+    let listen: SocketAddr = sys
+        .listen_addr("bulk")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+    sys.wait_ready()?;
+    // Both agents are on the first relay.
+    assert_eq!(
+        metric(&scrape(sys.relay_admin)?, "comsat_relay_links_paired"),
+        1.0
+    );
+    let bulk = Bulk::start(listen, target);
+    let at = bulk.reach(Bulk::TOTAL / 3).await?;
+    sys.relay.kill(); // and it stays dead
+    eprintln!("killed the first relay at {at} bytes");
+    bulk.finish().await?;
+    assert_no_application_failures(&sys)?;
+    let backup = scrape(sys.backups[0].1)?;
+    assert_eq!(
+        metric(&backup, "comsat_relay_links_paired"),
+        1.0,
+        "{backup}"
+    );
+    assert!(
+        metric(&backup, "comsat_relay_forwarded_bytes_total") > 0.0,
+        "{backup}"
+    );
     Ok(())
 }
 
@@ -224,6 +284,7 @@ fn echo_system(target: SocketAddr, flow_timeout_ms: Option<u64>) -> Result<Syste
             tap: false,
             pin_sha256: false,
             relay_extra: String::new(),
+            extra_relays: 0,
         },
         |text| match flow_timeout_ms {
             Some(ms) => text.replacen(
@@ -411,6 +472,7 @@ async fn relay_stores_and_forwards_while_the_peer_is_away() -> Result<()> {
         pin_sha256: false,
         // Notice a vanished agent quickly.
         relay_extra: "[limits]\nidle_timeout_ms = 2000\n".into(),
+        extra_relays: 0,
     })?;
     let listen: SocketAddr = sys
         .listen_addr("sf")?

@@ -17,12 +17,21 @@
 //! # target = "tcp://127.0.0.1:5432" # exactly one of listen / target
 //! allowed_uids = [1000]            # unix listeners: allowed peer uids
 //! allowed_gids = []                # unix listeners: allowed peer gids
-//! [links.relay]
+//! [[links.relays]]                # in order of preference, as in the grant
 //! addr = "relay.example.net:4433"
 //! server_name = "relay.example.net" # name in the relay certificate
 //! ca_file = "ca.pem"               # pin by CA ...
 //! # cert_sha256 = "ab12..."        # ... or by the certificate's SHA-256
+//! [[links.relays]]                 # a backup, used while the first is down
+//! addr = "relay2.example.net:4433"
+//! server_name = "relay2.example.net"
+//! ca_file = "ca.pem"
 //! ```
+//!
+//! Links with the same relay list share one QUIC connection, to the first
+//! relay of the list that answers; both agents of a link follow the same
+//! order, so they meet on the same relay, and move back to an earlier relay
+//! when it answers again.
 //!
 //! Relative paths are relative to the config file's directory. A listener
 //! binds loopback or a Unix socket only: agents never accept connections
@@ -38,6 +47,9 @@ use crate::error::AgentError;
 
 /// Largest config file read.
 pub const MAX_CONFIG_LEN: u64 = 1024 * 1024;
+
+/// Most relays one link may name (as in grants).
+pub const MAX_RELAYS_PER_LINK: usize = comsat_protocol::limits::MAX_GRANT_RELAYS;
 
 /// Most links one agent config may hold.
 pub const MAX_LINKS: usize = 10_000;
@@ -92,8 +104,8 @@ pub struct LinkConfig {
     /// Unix listeners: peer gids allowed.
     #[serde(default)]
     pub allowed_gids: Vec<u32>,
-    /// The relay.
-    pub relay: RelayEndpoint,
+    /// The relays that carry the link, in order of preference.
+    pub relays: Vec<RelayEndpoint>,
 }
 
 /// How to reach and authenticate a relay.
@@ -222,14 +234,26 @@ impl AgentConfig {
         }
         let mut ids = std::collections::HashSet::new();
         for link in &mut config.links {
-            if let Some(ca) = &mut link.relay.ca_file {
-                resolve(ca);
+            if link.relays.is_empty() || link.relays.len() > MAX_RELAYS_PER_LINK {
+                return Err(bad(format!(
+                    "link `{}`: list 1 to {MAX_RELAYS_PER_LINK} [[links.relays]]",
+                    link.name
+                )));
+            }
+            for relay in &mut link.relays {
+                if let Some(ca) = &mut relay.ca_file {
+                    resolve(ca);
+                }
             }
             link.role()
                 .map_err(|e| bad(format!("link `{}`: {e}", link.name)))?;
-            if link.relay.ca_file.is_some() == link.relay.cert_sha256.is_some() {
+            if link
+                .relays
+                .iter()
+                .any(|r| r.ca_file.is_some() == r.cert_sha256.is_some())
+            {
                 return Err(bad(format!(
-                    "link `{}`: set exactly one of relay.ca_file or relay.cert_sha256",
+                    "link `{}`: set exactly one of ca_file or cert_sha256 in every [[links.relays]]",
                     link.name
                 )));
             }
@@ -256,12 +280,12 @@ mod tests {
             target: target.map(Into::into),
             allowed_uids: vec![],
             allowed_gids: vec![],
-            relay: RelayEndpoint {
+            relays: vec![RelayEndpoint {
                 addr: "127.0.0.1:1".into(),
                 server_name: "localhost".into(),
                 ca_file: None,
                 cert_sha256: Some("00".into()),
-            },
+            }],
         }
     }
 

@@ -9,8 +9,13 @@ pub const RECONNECT_INITIAL: Duration = Duration::from_millis(50);
 /// jitter spreads a fleet's reconnects.
 pub const RECONNECT_MAX: Duration = Duration::from_secs(1);
 
-/// Time to establish a QUIC connection and be welcomed by the relay.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time to establish a QUIC connection and be welcomed by the relay; after
+/// it the next relay of the list is tried. QUIC resends its first packet
+/// after 1 s and 2 s, so this leaves room for a lossy path.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// While on a backup relay, how often the preferred ones are tried again.
+pub const RELAY_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long an accepted local connection waits for its link to become
 /// ready (peer present, Noise session up) before it is closed.

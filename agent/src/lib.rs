@@ -66,9 +66,9 @@ impl Agent {
         let flow_timeout = config
             .flow_timeout_ms
             .map_or(defaults::FLOW_TIMEOUT, std::time::Duration::from_millis);
-        let mut notifies: HashMap<RelayEndpoint, Arc<tokio::sync::Notify>> = HashMap::new();
+        let mut notifies: HashMap<Vec<RelayEndpoint>, Arc<tokio::sync::Notify>> = HashMap::new();
         let mut tasks = JoinSet::new();
-        let mut by_relay: HashMap<RelayEndpoint, HashMap<_, Arc<LinkRt>>> = HashMap::new();
+        let mut by_relay: HashMap<Vec<RelayEndpoint>, HashMap<_, Arc<LinkRt>>> = HashMap::new();
         let mut links = Vec::new();
         let mut listening = Vec::new();
         for cfg in config.links {
@@ -76,7 +76,7 @@ impl Agent {
                 path: "agent config".into(),
                 reason: format!("link `{}`: {reason}", cfg.name),
             })?;
-            let notify = notifies.entry(cfg.relay.clone()).or_default().clone();
+            let notify = notifies.entry(cfg.relays.clone()).or_default().clone();
             let link = Arc::new(LinkRt::new(cfg.clone(), role.clone(), flow_timeout, notify));
             if let LocalRole::Listen(spec) = &role {
                 let listener =
@@ -97,14 +97,14 @@ impl Agent {
                 ));
             }
             by_relay
-                .entry(cfg.relay.clone())
+                .entry(cfg.relays.clone())
                 .or_default()
                 .insert(cfg.link_id, link.clone());
             links.push(link);
         }
-        for (relay, links) in by_relay {
-            let notify = notifies.get(&relay).cloned().unwrap_or_default();
-            tasks.spawn(session::relay_loop(shared.clone(), relay, links, notify));
+        for (relays, links) in by_relay {
+            let notify = notifies.get(&relays).cloned().unwrap_or_default();
+            tasks.spawn(session::relay_loop(shared.clone(), relays, links, notify));
         }
         Ok(Self {
             tasks,

@@ -285,51 +285,113 @@ impl Backoff {
     }
 }
 
-/// Keeps a connection to `relay` for `links`, forever.
+/// How a relay connection ended.
+enum Ended {
+    /// It closed or failed; start again from the first relay of the list.
+    Closed,
+    /// An earlier relay of the list answers again: move there.
+    Switch(usize),
+}
+
+/// Keeps `links` on the first relay of `relays` that answers, forever.
 pub(crate) async fn relay_loop(
     shared: Arc<Shared>,
-    relay: RelayEndpoint,
+    relays: Vec<RelayEndpoint>,
     links: HashMap<LinkId, Arc<LinkRt>>,
     ack_notify: Arc<Notify>,
 ) {
-    let span = info_span!("relay", addr = %relay.addr);
-    async move {
-        let client = match crate::tls::client_config(&relay) {
-            Ok(c) => c,
+    let candidates: Vec<(RelayEndpoint, quinn::ClientConfig)> = relays
+        .iter()
+        .filter_map(|r| match crate::tls::client_config(r) {
+            Ok(c) => Some((r.clone(), c)),
             Err(e) => {
-                tracing::error!(error = %e, "cannot configure TLS for relay; links on it stay down");
-                return;
+                tracing::error!(relay = %r.addr, error = %e, "cannot configure TLS for relay; skipping it");
+                None
             }
-        };
-        let mut backoff = Backoff::new();
-        loop {
-            match connect_and_serve(&shared, &relay, &client, &links, &ack_notify).await {
-                Ok(()) => backoff.reset(),
-                Err(e) => {
-                    shared.metrics.connect_failures.increment(1);
-                    warn!(error = %e, "relay connection failed");
-                }
+        })
+        .collect();
+    if candidates.is_empty() {
+        tracing::error!("no usable relay for these links; they stay down");
+        return;
+    }
+    let mut backoff = Backoff::new();
+    let mut i = 0;
+    loop {
+        let (relay, client) = &candidates[i];
+        let span = info_span!("relay", addr = %relay.addr);
+        let ended = connect_and_serve(
+            &shared,
+            relay,
+            client,
+            &links,
+            &ack_notify,
+            &candidates[..i],
+        )
+        .instrument(span)
+        .await;
+        for link in links.values() {
+            link.set_ready(None, &shared.metrics);
+            *link.pending() = None;
+        }
+        match ended {
+            Ok(Ended::Switch(j)) => {
+                info!(from = %relay.addr, to = %candidates[j].0.addr, "moving to a preferred relay");
+                backoff.reset();
+                i = j;
+                continue;
             }
-            for link in links.values() {
-                link.set_ready(None, &shared.metrics);
-                *link.pending() = None;
+            Ok(Ended::Closed) => {
+                backoff.reset();
+                i = 0;
             }
+            Err(e) => {
+                shared.metrics.connect_failures.increment(1);
+                warn!(relay = %relay.addr, error = %e, "relay connection failed");
+                i = (i + 1) % candidates.len();
+            }
+        }
+        if i == 0 {
             tokio::time::sleep(backoff.next_delay()).await;
         }
     }
-    .instrument(span)
-    .await;
 }
 
-/// Connects, authenticates and serves until the connection ends. `Ok` if
-/// it was established (the backoff restarts), `Err` if it never was.
+/// Connects, authenticates and serves until the connection ends. `Err` if
+/// it was never established.
 async fn connect_and_serve(
     shared: &Arc<Shared>,
     relay: &RelayEndpoint,
     client: &quinn::ClientConfig,
     links: &HashMap<LinkId, Arc<LinkRt>>,
     ack_notify: &Notify,
-) -> Result<(), String> {
+    earlier: &[(RelayEndpoint, quinn::ClientConfig)],
+) -> Result<Ended, String> {
+    let (endpoint, conn, send, recv, decoder) = connect(shared, relay, client).await?;
+    shared.metrics.connects.increment(1);
+    info!("connected to relay");
+    let ended = serve(
+        shared, &conn, send, recv, decoder, links, ack_notify, earlier,
+    )
+    .await;
+    conn.close(0u32.into(), b"bye");
+    endpoint.close(0u32.into(), b"bye");
+    Ok(ended)
+}
+
+async fn connect(
+    shared: &Shared,
+    relay: &RelayEndpoint,
+    client: &quinn::ClientConfig,
+) -> Result<
+    (
+        quinn::Endpoint,
+        quinn::Connection,
+        quinn::SendStream,
+        quinn::RecvStream,
+        FrameDecoder,
+    ),
+    String,
+> {
     let addr = tokio::net::lookup_host(relay.addr.as_str())
         .await
         .map_err(|e| format!("resolve {}: {e}", relay.addr))?
@@ -341,19 +403,28 @@ async fn connect_and_serve(
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
     let endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("bind {bind}: {e}"))?;
-    let result = tokio::time::timeout(
+    let (conn, send, recv, decoder) = tokio::time::timeout(
         defaults::CONNECT_TIMEOUT,
         establish(shared, &endpoint, client, addr, &relay.server_name),
     )
     .await
-    .map_err(|_| "timed out connecting".to_owned())?;
-    let (conn, send, recv, decoder) = result?;
-    shared.metrics.connects.increment(1);
-    info!("connected to relay");
-    serve(shared, &conn, send, recv, decoder, links, ack_notify).await;
-    conn.close(0u32.into(), b"bye");
-    endpoint.close(0u32.into(), b"bye");
-    Ok(())
+    .map_err(|_| "timed out connecting".to_owned())??;
+    Ok((endpoint, conn, send, recv, decoder))
+}
+
+/// The index of the first of `earlier` that accepts us now, if any.
+async fn probe(
+    shared: Arc<Shared>,
+    earlier: Vec<(RelayEndpoint, quinn::ClientConfig)>,
+) -> Option<usize> {
+    for (j, (relay, client)) in earlier.iter().enumerate() {
+        if let Ok((endpoint, conn, ..)) = connect(&shared, relay, client).await {
+            conn.close(0u32.into(), b"probe");
+            endpoint.close(0u32.into(), b"probe");
+            return Some(j);
+        }
+    }
+    None
 }
 
 type Established = (
@@ -426,6 +497,7 @@ async fn write_control(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Agent
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     shared: &Arc<Shared>,
     conn: &quinn::Connection,
@@ -434,7 +506,8 @@ async fn serve(
     mut decoder: FrameDecoder,
     links: &HashMap<LinkId, Arc<LinkRt>>,
     ack_notify: &Notify,
-) {
+    earlier: &[(RelayEndpoint, quinn::ClientConfig)],
+) -> Ended {
     let (ctl, rx) = mpsc::channel(defaults::CONTROL_QUEUE);
     let writer = tokio::spawn(write_control(send, rx));
     for link in links.values() {
@@ -447,6 +520,10 @@ async fn serve(
     let acceptor = tokio::spawn(accept_flows(shared.clone(), conn.clone(), links.clone()));
     let mut retry = tokio::time::interval(defaults::HANDSHAKE_RETRY);
     retry.tick().await;
+    let mut probe_tick = tokio::time::interval(defaults::RELAY_PROBE_INTERVAL);
+    probe_tick.tick().await;
+    let mut probing: Option<tokio::task::JoinHandle<Option<usize>>> = None;
+    let mut ended = Ended::Closed;
     // Links whose peer is present on this connection.
     let mut present: HashMap<LinkId, bool> = HashMap::new();
     // Links the relay accepted on this connection.
@@ -454,6 +531,23 @@ async fn serve(
     loop {
         let msg = tokio::select! {
             m = read_message(&mut recv, &mut decoder) => m,
+            _ = probe_tick.tick(), if !earlier.is_empty() && probing.is_none() => {
+                probing = Some(tokio::spawn(probe(shared.clone(), earlier.to_vec())));
+                continue;
+            }
+            found = async {
+                match probing.as_mut() {
+                    Some(handle) => handle.await.ok().flatten(),
+                    None => None,
+                }
+            }, if probing.is_some() => {
+                probing = None;
+                if let Some(j) = found {
+                    ended = Ended::Switch(j);
+                    break;
+                }
+                continue;
+            }
             () = ack_notify.notified() => {
                 // Let acks of a burst of records gather into one message.
                 tokio::time::sleep(defaults::ACK_DELAY).await;
@@ -554,8 +648,12 @@ async fn serve(
         }
     }
     acceptor.abort();
+    if let Some(p) = probing {
+        p.abort();
+    }
     drop(ctl);
     let _ = writer.await;
+    ended
 }
 
 fn handle_sealed(

@@ -22,6 +22,8 @@ pub struct System {
     pub relay: Proc,
     pub relay_quic: SocketAddr,
     pub relay_admin: SocketAddr,
+    /// Backup relays: (process, admin address).
+    pub backups: Vec<(Proc, SocketAddr)>,
     pub agents: Vec<(Proc, SocketAddr)>,
 }
 
@@ -32,6 +34,8 @@ pub struct Options {
     pub pin_sha256: bool,
     /// Appended to the relay config (after every top-level key).
     pub relay_extra: String,
+    /// Backup relays to start besides the first.
+    pub extra_relays: usize,
 }
 
 /// The second word after `key=` in a line like `... quic=1.2.3.4:5 admin=...`.
@@ -88,6 +92,14 @@ impl System {
                 agent_admin: [Some(any), Some(any)],
                 links: opts.links,
                 pin_sha256: opts.pin_sha256,
+                extra_relays: (0..opts.extra_relays)
+                    .map(|_| {
+                        Ok((
+                            format!("127.0.0.1:{}", free_udp_port()?).parse()?,
+                            Some(any),
+                        ))
+                    })
+                    .collect::<Result<_>>()?,
             },
         )?;
         let mut relay_text = std::fs::read_to_string(&layout.relay_config)?;
@@ -102,6 +114,14 @@ impl System {
         }
         let logs = dir.path().to_owned();
         let (relay, relay_quic, relay_admin) = start_relay(&layout.relay_config, &logs, "relay")?;
+        let mut backups = Vec::new();
+        for (n, r) in layout.relays.iter().enumerate().skip(1) {
+            let mut text = std::fs::read_to_string(&r.config)?;
+            text.push_str(&opts.relay_extra);
+            std::fs::write(&r.config, text)?;
+            let (p, _, admin) = start_relay(&r.config, &logs, &format!("relay-{}", n + 1))?;
+            backups.push((p, admin));
+        }
         let a = start_agent(&layout.agent_a.config, &logs, "agent-a")?;
         let b = start_agent(&layout.agent_b.config, &logs, "agent-b")?;
         Ok(Self {
@@ -110,6 +130,7 @@ impl System {
             relay,
             relay_quic,
             relay_admin,
+            backups,
             agents: vec![a, b],
         })
     }
