@@ -286,7 +286,7 @@ fn echo_system(target: SocketAddr, flow_timeout_ms: Option<u64>) -> Result<Syste
             relay_extra: String::new(),
             extra_relays: 0,
         },
-        |text| match flow_timeout_ms {
+        |_, text| match flow_timeout_ms {
             Some(ms) => text.replacen(
                 "noise_key = \"noise.key\"\n",
                 &format!("noise_key = \"noise.key\"\nflow_timeout_ms = {ms}\n"),
@@ -537,4 +537,235 @@ fn scopeguard(pid: u32) -> impl Drop {
         }
     }
     Cont(pid)
+}
+
+/// A system whose agent A reaches the relay through a fault proxy.
+fn partitioned_system(
+    target: SocketAddr,
+    flow_timeout_ms: u64,
+) -> Result<(System, comsat_tests::fault::FaultProxy)> {
+    let front = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let front_addr = front.local_addr()?;
+    let upstream = std::sync::Mutex::new(None);
+    let sys = System::start_with(
+        Options {
+            links: vec![DevLink {
+                name: "p".into(),
+                listen: "tcp://127.0.0.1:0".into(),
+                target: format!("tcp://{target}"),
+                allowed_uids: vec![],
+            }],
+            tap: false,
+            pin_sha256: false,
+            relay_extra: String::new(),
+            extra_relays: 0,
+        },
+        |agent, text| {
+            let text = text.replacen(
+                "noise_key = \"noise.key\"\n",
+                &format!("noise_key = \"noise.key\"\nflow_timeout_ms = {flow_timeout_ms}\n"),
+                1,
+            );
+            if agent != 0 {
+                return text;
+            }
+            // Agent A dials the proxy instead of the relay.
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("addr = "))
+                .map(str::to_owned)
+                .unwrap_or_default();
+            let relay = line
+                .trim_start_matches("addr = ")
+                .trim_matches('"')
+                .to_owned();
+            *upstream.lock().unwrap_or_else(|p| p.into_inner()) = relay.parse::<SocketAddr>().ok();
+            text.replace(&line, &format!("addr = \"{front_addr}\""))
+        },
+    );
+    // The proxy must run before agent A can connect: start it, then wait
+    // for readiness in the caller.
+    let upstream = upstream
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .context("no relay address in agent A's config")?;
+    let proxy = comsat_tests::fault::FaultProxy::start_on(front, upstream)?;
+    Ok((sys?, proxy))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_partition_and_loss_are_invisible_to_the_application() -> Result<()> {
+    use comsat_tests::fault::Fault;
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let (mut sys, proxy) = partitioned_system(target.local_addr()?, 30_000)?;
+    let listen: SocketAddr = sys.listen_addr("p")?.trim_start_matches("tcp://").parse()?;
+    sys.wait_ready()?;
+    let bulk = Bulk::start(listen, target);
+    bulk.reach(Bulk::TOTAL / 4).await?;
+    proxy.set(Fault::Lossy {
+        drop_percent: 5,
+        delay: Duration::from_millis(10),
+    });
+    eprintln!("5% loss and 10 ms delay for 2 s");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set(Fault::Blackhole);
+    eprintln!("blackhole for 3 s");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.set(Fault::Pass);
+    bulk.finish().await?;
+    assert_no_application_failures(&sys)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_partition_fails_both_ends_and_frees_the_relay() -> Result<()> {
+    use comsat_tests::fault::Fault;
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let (mut sys, proxy) = partitioned_system(target.local_addr()?, 3_000)?;
+    let listen: SocketAddr = sys.listen_addr("p")?.trim_start_matches("tcp://").parse()?;
+    sys.wait_ready()?;
+    let mut client = TcpStream::connect(listen).await?;
+    client.write_all(b"hello").await?;
+    let (mut server, _) = tokio::time::timeout(Duration::from_secs(10), target.accept()).await??;
+    let mut hello = [0u8; 5];
+    server.read_exact(&mut hello).await?;
+    server.write_all(b"world").await?;
+    client.read_exact(&mut hello).await?;
+
+    proxy.set(Fault::Blackhole);
+    let (c, s) = tokio::join!(
+        expect_reset(client, Duration::from_secs(30)),
+        expect_reset(server, Duration::from_secs(30)),
+    );
+    c.context("client side")?;
+    s.context("server side")?;
+    // Nothing of the flow is left at the relay.
+    wait_metric(sys.relay_admin, "comsat_relay_flows_open", |v| v == 0.0).await?;
+    wait_metric(sys.relay_admin, "comsat_relay_buffered_bytes", |v| v == 0.0).await?;
+    wait_metric(sys.relay_admin, "comsat_relay_links_paired", |v| v == 0.0).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_receiver_blocks_its_sender_and_not_other_links() -> Result<()> {
+    const SLOW_TOTAL: u64 = 128 * 1024 * 1024;
+    const FAST_LEN: u64 = 16 * 1024 * 1024;
+    let slow_target = TcpListener::bind("127.0.0.1:0").await?;
+    let fast_target = TcpListener::bind("127.0.0.1:0").await?;
+    let mut sys = System::start(Options {
+        links: vec![
+            DevLink {
+                name: "slow".into(),
+                listen: "tcp://127.0.0.1:0".into(),
+                target: format!("tcp://{}", slow_target.local_addr()?),
+                allowed_uids: vec![],
+            },
+            DevLink {
+                name: "fast".into(),
+                listen: "tcp://127.0.0.1:0".into(),
+                target: format!("tcp://{}", fast_target.local_addr()?),
+                allowed_uids: vec![],
+            },
+        ],
+        tap: false,
+        pin_sha256: false,
+        relay_extra: String::new(),
+        extra_relays: 0,
+    })?;
+    let slow: SocketAddr = sys
+        .listen_addr("slow")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+    let fast: SocketAddr = sys
+        .listen_addr("fast")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+    sys.wait_ready()?;
+
+    // A consumer that accepts and never reads.
+    let held = tokio::spawn(async move { slow_target.accept().await });
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let written = written.clone();
+        tokio::spawn(async move {
+            let mut s = TcpStream::connect(slow).await?;
+            let chunk = vec![7u8; 64 * 1024];
+            while written.load(Ordering::Relaxed) < SLOW_TOTAL {
+                s.write_all(&chunk).await?;
+                written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        })
+    };
+
+    // The other link on the same relay carries 16 MiB each way meanwhile.
+    let server = tokio::spawn(async move {
+        let (s, _) = fast_target.accept().await?;
+        let (mut r, mut w) = s.into_split();
+        let (sent, got) = tokio::join!(
+            async {
+                Oracle::write_to(2, FAST_LEN, &mut w).await?;
+                w.shutdown().await
+            },
+            comsat_tests::oracle::hash_to_end(&mut r)
+        );
+        sent?;
+        anyhow::Ok(got?)
+    });
+    let c = TcpStream::connect(fast).await?;
+    let (mut r, mut w) = c.into_split();
+    let (sent, got) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(
+            async {
+                Oracle::write_to(1, FAST_LEN, &mut w).await?;
+                w.shutdown().await
+            },
+            comsat_tests::oracle::hash_to_end(&mut r)
+        )
+    })
+    .await?;
+    sent?;
+    assert_eq!(
+        got?,
+        (FAST_LEN, Oracle::digest(2, FAST_LEN)),
+        "fast link, client side"
+    );
+    assert_eq!(
+        server.await??,
+        (FAST_LEN, Oracle::digest(1, FAST_LEN)),
+        "fast link, server side"
+    );
+
+    // The slow link's sender is blocked: its writes stop progressing, far
+    // below what it wanted to send (bounded buffers all along the path).
+    let mut last = written.load(Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = written.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the slow link's sender never blocked ({now} bytes written)");
+        }
+        last = now;
+    }
+    assert!(
+        !writer.is_finished(),
+        "the sender finished: nothing pushed back"
+    );
+    assert!(
+        last < SLOW_TOTAL / 2,
+        "{last} bytes accepted for a consumer that reads nothing"
+    );
+    eprintln!("slow sender blocked after {last} bytes");
+    let m = scrape(sys.relay_admin)?;
+    assert!(
+        metric(&m, "comsat_relay_buffered_bytes") <= (common::BUFFER_LIMIT + 128 * 1024) as f64,
+        "{m}"
+    );
+    writer.abort();
+    held.abort();
+    Ok(())
 }

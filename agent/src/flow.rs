@@ -43,6 +43,8 @@ pub(crate) enum FlowError {
     Local(#[from] std::io::Error),
     #[error("relay stream lost: {0}")]
     Lost(String),
+    #[error("relay connection went silent (idle timeout)")]
+    Silent,
     #[error("bad record: {0}")]
     Record(#[from] RecordError),
     #[error("record failed to decrypt: {0}")]
@@ -58,7 +60,7 @@ pub(crate) enum FlowError {
 impl FlowError {
     /// Whether a new stream can carry the flow on.
     fn resumable(&self) -> bool {
-        matches!(self, Self::Lost(_))
+        matches!(self, Self::Lost(_) | Self::Silent)
     }
 }
 
@@ -314,9 +316,12 @@ impl Flow {
                 continue;
             }
             for bytes in batch {
-                send.write_chunk(bytes)
-                    .await
-                    .map_err(|e| FlowError::Lost(e.to_string()))?;
+                send.write_chunk(bytes).await.map_err(|e| match e {
+                    quinn::WriteError::ConnectionLost(quinn::ConnectionError::TimedOut) => {
+                        FlowError::Silent
+                    }
+                    e => FlowError::Lost(e.to_string()),
+                })?;
                 next += 1;
             }
         }
@@ -379,6 +384,9 @@ impl Flow {
             match recv.read_chunk(usize::MAX, true).await {
                 Ok(Some(chunk)) => pending.extend_from_slice(&chunk.bytes),
                 Ok(None) => return Err(FlowError::Lost("stream finished".into())),
+                Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::TimedOut)) => {
+                    return Err(FlowError::Silent);
+                }
                 Err(e) => return Err(FlowError::Lost(e.to_string())),
             }
         }
@@ -484,7 +492,15 @@ pub(crate) async fn run(
             (End::Running, Some(e)) if e.resumable() => {
                 debug!(error = %e, "flow stream lost; waiting to resume");
                 resumed = true;
-                outage = Some(Instant::now());
+                // A connection that went silent was already down for its
+                // idle timeout: the outage began then, not now.
+                let began = match e {
+                    FlowError::Silent => Instant::now()
+                        .checked_sub(defaults::IDLE_TIMEOUT)
+                        .unwrap_or_else(Instant::now),
+                    _ => Instant::now(),
+                };
+                outage = Some(began);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             (End::Running, e) => {

@@ -77,11 +77,12 @@ pub fn start_agent(config: &Path, logs: &Path, name: &str) -> Result<(Proc, Sock
 
 impl System {
     pub fn start(opts: Options) -> Result<Self> {
-        Self::start_with(opts, |t| t)
+        Self::start_with(opts, |_, t| t)
     }
 
-    /// Like [`Self::start`], editing both agent configs with `edit` first.
-    pub fn start_with(opts: Options, edit: impl Fn(String) -> String) -> Result<Self> {
+    /// Like [`Self::start`], editing the agent configs with `edit` first
+    /// (called with 0 for agent A, 1 for agent B).
+    pub fn start_with(opts: Options, edit: impl Fn(usize, String) -> String) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let any: SocketAddr = "127.0.0.1:0".parse()?;
         let layout = comsat::dev::init(
@@ -108,9 +109,12 @@ impl System {
         }
         relay_text.push_str(&opts.relay_extra);
         std::fs::write(&layout.relay_config, relay_text)?;
-        for config in [&layout.agent_a.config, &layout.agent_b.config] {
+        for (i, config) in [&layout.agent_a.config, &layout.agent_b.config]
+            .into_iter()
+            .enumerate()
+        {
             let text = std::fs::read_to_string(config)?;
-            std::fs::write(config, edit(text))?;
+            std::fs::write(config, edit(i, text))?;
         }
         let logs = dir.path().to_owned();
         let (relay, relay_quic, relay_admin) = start_relay(&layout.relay_config, &logs, "relay")?;

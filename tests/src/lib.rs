@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod fault;
 pub mod oracle;
 pub mod proc;
 pub mod raw;
