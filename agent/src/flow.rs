@@ -16,7 +16,6 @@
 //! replay budget; a full window stops reading the local socket
 //! (backpressure, never unbounded growth).
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +23,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use comsat_protocol::FlowId;
 use comsat_protocol::noise::NoiseError;
 use comsat_protocol::record::{FlowHeader, RecordError, RecordKind, decode_record};
+use comsat_protocol::resume::{Reassembly, ReplayWindow, Verdict};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tracing::debug;
@@ -72,26 +72,17 @@ pub(crate) enum End {
     Reset,
 }
 
-struct TxRecord {
-    seq: u64,
-    bytes: Bytes,
-    _budget: Option<OwnedSemaphorePermit>,
-}
-
 #[derive(Default)]
 struct Tx {
-    next_seq: u64,
-    window: VecDeque<TxRecord>,
-    window_bytes: usize,
-    /// Every record below this was delivered to the peer's application.
-    acked: u64,
+    /// Sealed records until the peer acknowledges them, each holding its
+    /// share of the agent's replay budget.
+    window: ReplayWindow<Option<OwnedSemaphorePermit>>,
     fin_seq: Option<u64>,
 }
 
 #[derive(Default)]
 struct Rx {
-    /// The next sequence number to deliver.
-    expected: u64,
+    reassembly: Reassembly,
     fin_delivered: bool,
 }
 
@@ -170,7 +161,7 @@ impl Flow {
     fn complete_if_done(&self) {
         let ours = {
             let tx = lock(&self.tx);
-            tx.fin_seq.is_some_and(|f| tx.acked > f)
+            tx.fin_seq.is_some_and(|f| tx.window.acked() > f)
         };
         let theirs = lock(&self.rx).fin_delivered;
         if ours && theirs {
@@ -193,21 +184,15 @@ impl Flow {
         budget: Option<OwnedSemaphorePermit>,
     ) -> Result<(), FlowError> {
         let mut tx = lock(&self.tx);
-        let seq = tx.next_seq;
+        let seq = tx.window.next_seq();
         let mut out = Vec::with_capacity(payload.len() + 32);
         self.session
             .noise
             .seal_record(self.id, seq, kind, payload, &mut out)?;
-        tx.next_seq += 1;
-        tx.window_bytes += out.len();
         if kind == RecordKind::Fin {
             tx.fin_seq = Some(seq);
         }
-        tx.window.push_back(TxRecord {
-            seq,
-            bytes: Bytes::from(out),
-            _budget: budget,
-        });
+        tx.window.push(Bytes::from(out), budget);
         drop(tx);
         self.tx_event.notify_waiters();
         Ok(())
@@ -221,23 +206,20 @@ impl Flow {
     /// Records that the `Open` record (seq 0) was received before the flow
     /// existed (accepting side).
     pub(crate) fn opened_by_peer(&self) {
-        lock(&self.rx).expected = 1;
+        lock(&self.rx).reassembly.delivered();
         self.link.queue_ack(self.id, 1);
     }
 
     /// The peer delivered every record below `upto`.
     pub(crate) fn on_ack(&self, upto: u64) {
-        let mut tx = lock(&self.tx);
-        if upto <= tx.acked || upto > tx.next_seq {
-            return;
-        }
-        tx.acked = upto;
-        while tx.window.front().is_some_and(|r| r.seq < upto) {
-            if let Some(r) = tx.window.pop_front() {
-                tx.window_bytes -= r.bytes.len();
+        match lock(&self.tx).window.ack(upto) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) => {
+                debug!(error = %e, "acknowledgement ignored");
+                return;
             }
         }
-        drop(tx);
         self.tx_event.notify_waiters();
         self.complete_if_done();
     }
@@ -254,7 +236,7 @@ impl Flow {
                 if self.ended() != End::Running {
                     return;
                 }
-                if lock(&self.tx).window_bytes < defaults::FLOW_WINDOW {
+                if lock(&self.tx).window.bytes() < defaults::FLOW_WINDOW {
                     break;
                 }
                 notified.await;
@@ -295,21 +277,15 @@ impl Flow {
 
     /// Writes every queued record from the oldest unacknowledged one on.
     async fn write_stream(&self, send: &mut quinn::SendStream) -> Result<(), FlowError> {
-        let mut next = lock(&self.tx).acked;
+        let mut next = lock(&self.tx).window.acked();
         loop {
             let notified = self.tx_event.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let batch: Vec<Bytes> = {
                 let tx = lock(&self.tx);
-                next = next.max(tx.acked);
-                let start = tx.window.front().map_or(0, |r| r.seq);
-                let skip = usize::try_from(next.saturating_sub(start)).unwrap_or(usize::MAX);
-                tx.window
-                    .iter()
-                    .skip(skip)
-                    .map(|r| r.bytes.clone())
-                    .collect()
+                next = next.max(tx.window.acked());
+                tx.window.from(next).map(|(_, r)| r.clone()).collect()
             };
             if batch.is_empty() {
                 notified.await;
@@ -336,25 +312,28 @@ impl Flow {
     ) -> Result<(), FlowError> {
         let mut pending = BytesMut::new();
         let mut plain = Vec::new();
-        let delivered = lock(&self.rx).expected;
+        let delivered = lock(&self.rx).reassembly.expected();
         if delivered > 0 {
             self.link.queue_ack(self.id, delivered);
         }
         loop {
             while let Some((header, ct, used)) = decode_record(&pending)? {
-                let expected = lock(&self.rx).expected;
-                if header.seq < expected {
-                    // Already delivered: a resend after a reconnect. Ack
-                    // again, in case the first ack was lost with the link.
-                    pending.advance(used);
-                    self.link.queue_ack(self.id, expected);
-                    continue;
-                }
-                if header.seq > expected {
-                    return Err(FlowError::Sequence {
-                        want: expected,
-                        got: header.seq,
-                    });
+                let reassembly = lock(&self.rx).reassembly;
+                match reassembly.check(header.seq) {
+                    Verdict::Deliver => {}
+                    Verdict::Duplicate => {
+                        // Already delivered: a resend after a reconnect.
+                        // Ack again, in case the first ack was lost.
+                        pending.advance(used);
+                        self.link.queue_ack(self.id, reassembly.expected());
+                        continue;
+                    }
+                    Verdict::Gap => {
+                        return Err(FlowError::Sequence {
+                            want: reassembly.expected(),
+                            got: header.seq,
+                        });
+                    }
                 }
                 plain.clear();
                 let kind = self
@@ -375,7 +354,7 @@ impl Flow {
                     RecordKind::Reset => return Err(FlowError::PeerReset),
                     other => return Err(FlowError::Unexpected(other)),
                 }
-                lock(&self.rx).expected = header.seq + 1;
+                lock(&self.rx).reassembly.delivered();
                 self.link.queue_ack(self.id, header.seq + 1);
                 if kind == RecordKind::Fin {
                     self.complete_if_done();
@@ -529,7 +508,7 @@ pub(crate) async fn run(
 
 /// Writes the newest queued record (a reset) within a short time.
 async fn flow_tail(flow: &Flow, send: &mut quinn::SendStream) -> Result<(), FlowError> {
-    let last = lock(&flow.tx).window.back().map(|r| r.bytes.clone());
+    let last = lock(&flow.tx).window.last().cloned();
     if let Some(bytes) = last {
         tokio::time::timeout(Duration::from_millis(200), send.write_chunk(bytes))
             .await

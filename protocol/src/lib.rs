@@ -23,6 +23,7 @@ pub mod link;
 pub mod msg;
 pub mod noise;
 pub mod record;
+pub mod resume;
 
 pub use grant::{Grant, GrantError, GrantSide, LinkLimits, SignedGrant};
 pub use ids::{FlowId, LinkId, NodeId, RelayId, Side};

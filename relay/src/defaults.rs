@@ -40,7 +40,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How often the grant directory is checked for changes.
-pub const GRANT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+pub const GRANT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Control messages queued for one agent before it is deemed stuck and
 /// disconnected (each is at most 16 KiB, usually under 100 bytes).
