@@ -3,8 +3,10 @@
 
 mod common;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -89,6 +91,40 @@ async fn check_server_results(
     Ok(())
 }
 
+/// Runs [`FLOWS`] concurrent flows, each carrying [`PER_FLOW`] bytes both
+/// ways, and checks every byte at both ends.
+async fn eight_flows<S, A, AF, C, CF>(mut accept: A, connect: C) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    A: FnMut() -> AF + Send + 'static,
+    AF: Future<Output = std::io::Result<S>> + Send,
+    C: Fn() -> CF,
+    CF: Future<Output = std::io::Result<S>> + Send + 'static,
+{
+    let server = tokio::spawn(async move {
+        let mut flows = Vec::new();
+        for _ in 0..FLOWS {
+            let s = accept().await?;
+            flows.push(tokio::spawn(serve_flow(s)));
+        }
+        anyhow::Ok(flows)
+    });
+    let clients: Vec<_> = (1..=FLOWS)
+        .map(|seed| {
+            let connecting = connect();
+            tokio::spawn(async move { client_flow(connecting.await?, seed).await })
+        })
+        .collect();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        for c in clients {
+            c.await??;
+        }
+        check_server_results(server.await??).await
+    })
+    .await
+    .context("transfer timed out")?
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_64mib_both_ways_over_8_flows() -> Result<()> {
     let target = TcpListener::bind("127.0.0.1:0").await?;
@@ -107,30 +143,15 @@ async fn tcp_64mib_both_ways_over_8_flows() -> Result<()> {
     let listen = sys.listen_addr("bulk")?;
     let listen: SocketAddr = listen.trim_start_matches("tcp://").parse()?;
     sys.wait_ready()?;
-    let server = tokio::spawn(async move {
-        let mut flows = Vec::new();
-        for _ in 0..FLOWS {
-            let (s, _) = target.accept().await?;
-            flows.push(tokio::spawn(serve_flow(s)));
-        }
-        anyhow::Ok(flows)
-    });
-    let clients: Vec<_> = (1..=FLOWS)
-        .map(|seed| {
-            tokio::spawn(async move {
-                let s = TcpStream::connect(listen).await?;
-                client_flow(s, seed).await
-            })
-        })
-        .collect();
-    tokio::time::timeout(TEST_TIMEOUT, async {
-        for c in clients {
-            c.await??;
-        }
-        check_server_results(server.await??).await
-    })
-    .await
-    .context("transfer timed out")??;
+    let target = Arc::new(target);
+    eight_flows(
+        move || {
+            let target = target.clone();
+            async move { target.accept().await.map(|(s, _)| s) }
+        },
+        move || TcpStream::connect(listen),
+    )
+    .await?;
     let m = scrape(sys.relay_admin)?;
     assert!(metric(&m, "comsat_relay_forwarded_bytes_total") >= (2 * FLOWS * PER_FLOW) as f64);
     assert_eq!(metric(&m, "comsat_relay_flows_total"), FLOWS as f64);
@@ -159,31 +180,15 @@ async fn unix_socket_64mib_both_ways_over_8_flows() -> Result<()> {
         extra_relays: 0,
     })?;
     sys.wait_ready()?;
-    let server = tokio::spawn(async move {
-        let mut flows = Vec::new();
-        for _ in 0..FLOWS {
-            let (s, _) = target.accept().await?;
-            flows.push(tokio::spawn(serve_flow(s)));
-        }
-        anyhow::Ok(flows)
-    });
-    let clients: Vec<_> = (1..=FLOWS)
-        .map(|seed| {
-            let path = listen_path.clone();
-            tokio::spawn(async move {
-                let s = UnixStream::connect(path).await?;
-                client_flow(s, seed).await
-            })
-        })
-        .collect();
-    tokio::time::timeout(TEST_TIMEOUT, async {
-        for c in clients {
-            c.await??;
-        }
-        check_server_results(server.await??).await
-    })
-    .await
-    .context("transfer timed out")??;
+    let target = Arc::new(target);
+    eight_flows(
+        move || {
+            let target = target.clone();
+            async move { target.accept().await.map(|(s, _)| s) }
+        },
+        move || UnixStream::connect(listen_path.clone()),
+    )
+    .await?;
     drop(sys);
     Ok(())
 }

@@ -69,6 +69,13 @@ impl LinkSlot {
         }
     }
 
+    /// Whether `side` is attached on connection `conn_id`.
+    fn held_by(&self, side: Side, conn_id: u64) -> bool {
+        self.side(side)
+            .as_ref()
+            .is_some_and(|a| a.conn_id == conn_id)
+    }
+
     fn side(&self, side: Side) -> &Option<Attachment> {
         match side {
             Side::A => &self.a,
@@ -566,11 +573,7 @@ fn detach(state: &State, conn_id: u64, link_id: LinkId, side: Side) {
         let Some(slot) = links.get_mut(&link_id) else {
             return;
         };
-        if slot
-            .side(side)
-            .as_ref()
-            .is_none_or(|a| a.conn_id != conn_id)
-        {
+        if !slot.held_by(side, conn_id) {
             return;
         }
         let was_paired = slot.a.is_some() && slot.b.is_some();
@@ -596,11 +599,7 @@ fn forward_peer_frame(state: &State, conn_id: u64, link_id: LinkId, side: Side, 
         let Some(slot) = links.get(&link_id) else {
             return;
         };
-        if slot
-            .side(side)
-            .as_ref()
-            .is_none_or(|a| a.conn_id != conn_id)
-        {
+        if !slot.held_by(side, conn_id) {
             return;
         }
         slot.side(side.peer()).clone()
