@@ -20,10 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use comsat_protocol::FlowId;
 use comsat_protocol::noise::NoiseError;
 use comsat_protocol::record::{FlowHeader, RecordError, RecordKind, decode_record};
 use comsat_protocol::resume::{Reassembly, ReplayWindow, Verdict};
+use comsat_protocol::{FlowId, STREAM_PEER_SILENT};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tracing::debug;
@@ -296,6 +296,9 @@ impl Flow {
                     quinn::WriteError::ConnectionLost(quinn::ConnectionError::TimedOut) => {
                         FlowError::Silent
                     }
+                    quinn::WriteError::Stopped(code) if code == STREAM_PEER_SILENT.into() => {
+                        FlowError::Silent
+                    }
                     e => FlowError::Lost(e.to_string()),
                 })?;
                 next += 1;
@@ -364,6 +367,9 @@ impl Flow {
                 Ok(Some(chunk)) => pending.extend_from_slice(&chunk.bytes),
                 Ok(None) => return Err(FlowError::Lost("stream finished".into())),
                 Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::TimedOut)) => {
+                    return Err(FlowError::Silent);
+                }
+                Err(quinn::ReadError::Reset(code)) if code == STREAM_PEER_SILENT.into() => {
                     return Err(FlowError::Silent);
                 }
                 Err(e) => return Err(FlowError::Lost(e.to_string())),

@@ -50,3 +50,8 @@ pub const CLOSE_NORMAL: u32 = 0x00;
 
 /// Close code for a peer that broke the protocol after authenticating.
 pub const CLOSE_PROTOCOL_ERROR: u32 = 0x11;
+
+/// Stream error code with which a relay resets (or stops) one side of a
+/// flow because the other side's connection went silent (idle timeout): the
+/// outage began an idle timeout ago, not now.
+pub const STREAM_PEER_SILENT: u32 = 3;

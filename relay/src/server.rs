@@ -19,7 +19,7 @@ use comsat_protocol::msg::{
 use comsat_protocol::record::{FLOW_HEADER_LEN, FlowHeader};
 use comsat_protocol::{
     CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_REFUSED, HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN,
-    LinkId, NodeId, Side,
+    LinkId, NodeId, STREAM_PEER_SILENT, Side,
 };
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -836,8 +836,19 @@ async fn pump(state: &State, mut from: quinn::RecvStream, mut to: quinn::SendStr
                     .forwarded_bytes
                     .increment(chunk.bytes.len() as u64);
                 state.tap(&chunk.bytes);
-                if to.write_chunk(chunk.bytes).await.is_err() {
-                    let _ = from.stop(STREAM_REFUSED.into());
+                if let Err(e) = to.write_chunk(chunk.bytes).await {
+                    let silent = matches!(
+                        e,
+                        quinn::WriteError::ConnectionLost(quinn::ConnectionError::TimedOut)
+                    );
+                    let _ = from.stop(
+                        if silent {
+                            STREAM_PEER_SILENT
+                        } else {
+                            STREAM_REFUSED
+                        }
+                        .into(),
+                    );
                     return;
                 }
             }
@@ -848,8 +859,19 @@ async fn pump(state: &State, mut from: quinn::RecvStream, mut to: quinn::SendStr
                 let _ = to.stopped().await;
                 return;
             }
-            Err(_) => {
-                let _ = to.reset(STREAM_REFUSED.into());
+            Err(e) => {
+                let silent = matches!(
+                    e,
+                    quinn::ReadError::ConnectionLost(quinn::ConnectionError::TimedOut)
+                );
+                let _ = to.reset(
+                    if silent {
+                        STREAM_PEER_SILENT
+                    } else {
+                        STREAM_REFUSED
+                    }
+                    .into(),
+                );
                 return;
             }
         }
