@@ -212,7 +212,8 @@ pub fn init(dir: &Path, opts: &DevOptions) -> Result<DevLayout> {
             let pin = if opts.pin_sha256 {
                 format!("cert_sha256 = \"{}\"\n", r.cert_sha256)
             } else {
-                format!("ca_file = {}\n", toml_str(&ca_pem.display().to_string()))
+                // Relative to the agent's directory, so the setup can move.
+                "ca_file = \"../ca.pem\"\n".to_owned()
             };
             format!(
                 "[[links.relays]]\naddr = \"{}\"\nserver_name = \"localhost\"\n{pin}",

@@ -77,6 +77,12 @@ impl Agent {
                 reason: format!("link `{}`: {reason}", cfg.name),
             })?;
             let notify = notifies.entry(cfg.relays.clone()).or_default().clone();
+            for relay in &cfg.relays {
+                tls::client_config(relay).map_err(|reason| AgentError::Tls {
+                    link: cfg.name.clone(),
+                    reason: format!("relay {}: {reason}", relay.addr),
+                })?;
+            }
             let link = Arc::new(LinkRt::new(cfg.clone(), role.clone(), flow_timeout, notify));
             if let LocalRole::Listen(spec) = &role {
                 let listener =
