@@ -1,5 +1,467 @@
-//! comsat-bench: not built yet (see the benchmark issue).
+//! comsat-bench: how fast is comsat, beside the baselines, in one run.
+//!
+//! Every figure is measured on loopback with every process of the path
+//! real and separate (agent A, relay, agent B, and this process as the
+//! client and the server), interleaved with its baseline (A B A B …) and
+//! reported as the median of several runs, with the ratio to the baseline
+//! measured in the same run: these machines are noisy, ratios hold better
+//! than absolute numbers.
+//!
+//! ```sh
+//! cargo build --release
+//! cargo run --release -p comsat-bench -- run --quick
+//! ```
+//!
+//! Results go to `bench/results/latest.json` and `latest.md`.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("comsat-bench is not built yet; its scenarios land with the benchmark issue")
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use comsat::dev::{DevLink, DevOptions};
+use comsat_tests::{Proc, free_udp_port};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser, Debug)]
+#[command(name = "comsat-bench", about = "Benchmarks comsat against baselines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the scenarios.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// A short run (under 3 minutes) that keeps the harness from rotting.
+    #[arg(long)]
+    quick: bool,
+    /// Only this scenario: throughput-1, throughput-8, latency.
+    #[arg(long)]
+    scenario: Option<String>,
+    /// The comsat binary (default: `comsat` beside this executable).
+    #[arg(long)]
+    comsat: Option<PathBuf>,
+    /// Where to write latest.json and latest.md.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+/// One measured figure beside its baseline.
+#[derive(Debug, Serialize)]
+struct Figure {
+    scenario: String,
+    metric: String,
+    unit: String,
+    comsat: f64,
+    baseline_name: String,
+    baseline: f64,
+    /// comsat ÷ baseline.
+    ratio: f64,
+    samples: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    quick: bool,
+    environment: Environment,
+    figures: Vec<Figure>,
+    notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Environment {
+    kernel: String,
+    cpus: usize,
+    cpu_model: String,
+    aes_ni: bool,
+    comsat_version: String,
+    quic_max_udp_payload: u16,
+}
+
+fn environment() -> Environment {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    Environment {
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        aes_ni: cpuinfo.contains(" aes "),
+        cpu_model,
+        comsat_version: env!("CARGO_PKG_VERSION").to_owned(),
+        // quinn's default MTU discovery upper bound: loopback's 64 KiB MTU
+        // is never used.
+        quic_max_udp_payload: 1452,
+    }
+}
+
+/// A running comsat path: relay and two agents, links `bulk` and `ping`.
+struct Path {
+    _dir: tempfile::TempDir,
+    _procs: Vec<Proc>,
+    bulk: SocketAddr,
+    ping: SocketAddr,
+}
+
+async fn start_path(bin: &str, sink: SocketAddr, echo: SocketAddr) -> Result<Path> {
+    let dir = tempfile::tempdir()?;
+    let any: SocketAddr = "127.0.0.1:0".parse()?;
+    let layout = comsat::dev::init(
+        &dir.path().join("setup"),
+        &DevOptions {
+            relay_listen: format!("127.0.0.1:{}", free_udp_port()?).parse()?,
+            relay_admin: Some(any),
+            agent_admin: [Some(any), Some(any)],
+            links: vec![
+                DevLink {
+                    name: "bulk".into(),
+                    listen: "tcp://127.0.0.1:0".into(),
+                    target: format!("tcp://{sink}"),
+                    allowed_uids: vec![],
+                },
+                DevLink {
+                    name: "ping".into(),
+                    listen: "tcp://127.0.0.1:0".into(),
+                    target: format!("tcp://{echo}"),
+                    allowed_uids: vec![],
+                },
+            ],
+            pin_sha256: false,
+            extra_relays: vec![],
+        },
+    )?;
+    let logs = dir.path();
+    let timeout = Duration::from_secs(20);
+    let mut relay = Proc::spawn(
+        bin,
+        "relay",
+        &[
+            "relay",
+            "run",
+            "--config",
+            &layout.relay_config.display().to_string(),
+        ],
+        logs,
+    )?;
+    relay.wait_line("comsat relay listening", timeout)?;
+    let mut a = Proc::spawn(
+        bin,
+        "agent-a",
+        &[
+            "agent",
+            "run",
+            "--config",
+            &layout.agent_a.config.display().to_string(),
+        ],
+        logs,
+    )?;
+    let b = Proc::spawn(
+        bin,
+        "agent-b",
+        &[
+            "agent",
+            "run",
+            "--config",
+            &layout.agent_b.config.display().to_string(),
+        ],
+        logs,
+    )?;
+    let addr = |line: String| -> Result<SocketAddr> {
+        Ok(line
+            .rsplit(' ')
+            .next()
+            .context("listen line")?
+            .trim_start_matches("tcp://")
+            .parse()?)
+    };
+    let bulk = addr(a.wait_line("comsat agent link bulk listening ", timeout)?)?;
+    let ping = addr(a.wait_line("comsat agent link ping listening ", timeout)?)?;
+    let admin: SocketAddr = a
+        .wait_line("comsat agent admin", timeout)?
+        .rsplit(' ')
+        .next()
+        .context("admin line")?
+        .parse()?;
+    let deadline = Instant::now() + timeout;
+    while !matches!(comsat_tests::proc::http_get(admin, "/readyz"), Ok((200, _))) {
+        if Instant::now() > deadline {
+            bail!("comsat path not ready; agent log:\n{}", a.log_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Path {
+        _dir: dir,
+        _procs: vec![relay, a, b],
+        bulk,
+        ping,
+    })
+}
+
+/// Accepts connections, reads each to its end, then answers one byte.
+async fn sink(listener: TcpListener) {
+    while let Ok((mut s, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    let _ = s.write_all(&[1]).await;
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Echoes every connection.
+async fn echo(listener: TcpListener) {
+    while let Ok((s, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let _ = s.set_nodelay(true);
+            let (mut r, mut w) = s.into_split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// Sends `per_flow` bytes on each of `flows` connections to `addr` and
+/// waits for the sink's answers; returns per-flow throughputs in MiB/s.
+async fn throughput(addr: SocketAddr, flows: usize, per_flow: u64) -> Result<Vec<f64>> {
+    let mut tasks = Vec::new();
+    for _ in 0..flows {
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await?;
+            let buf = vec![0x5au8; 256 * 1024];
+            let start = Instant::now();
+            let mut left = per_flow;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                s.write_all(&buf[..n]).await?;
+                left -= n as u64;
+            }
+            s.shutdown().await?;
+            let mut done = [0u8; 1];
+            s.read_exact(&mut done).await?;
+            anyhow::Ok(per_flow as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64())
+        }));
+    }
+    let mut rates = Vec::new();
+    for t in tasks {
+        rates.push(tokio::time::timeout(Duration::from_secs(300), t).await???);
+    }
+    Ok(rates)
+}
+
+/// 64-byte ping-pongs; returns round-trip times in microseconds, sorted.
+async fn latency(addr: SocketAddr, rounds: usize) -> Result<Vec<f64>> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    // Warm up the path.
+    for _ in 0..20 {
+        s.write_all(&msg).await?;
+        s.read_exact(&mut back).await?;
+    }
+    let mut rtts = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        s.write_all(&msg).await?;
+        s.read_exact(&mut back).await?;
+        rtts.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    rtts.sort_by(f64::total_cmp);
+    Ok(rtts)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 0.5)
+}
+
+/// Jain's fairness index of per-flow rates: 1 is perfectly fair.
+fn jain(rates: &[f64]) -> f64 {
+    let sum: f64 = rates.iter().sum();
+    let squares: f64 = rates.iter().map(|r| r * r).sum();
+    sum * sum / (rates.len() as f64 * squares)
+}
+
+fn figure(
+    scenario: &str,
+    metric: &str,
+    unit: &str,
+    comsat: f64,
+    baseline: f64,
+    samples: usize,
+) -> Figure {
+    Figure {
+        scenario: scenario.into(),
+        metric: metric.into(),
+        unit: unit.into(),
+        comsat,
+        baseline_name: "direct loopback TCP".into(),
+        baseline,
+        ratio: comsat / baseline,
+        samples,
+    }
+}
+
+fn markdown(report: &Report) -> String {
+    let mut out = String::from(
+        "| scenario | metric | comsat | baseline | ratio |\n|---|---|---:|---:|---:|\n",
+    );
+    for f in &report.figures {
+        out.push_str(&format!(
+            "| {} | {} | {:.1} {} | {:.1} {} ({}) | {:.3} |\n",
+            f.scenario, f.metric, f.comsat, f.unit, f.baseline, f.unit, f.baseline_name, f.ratio
+        ));
+    }
+    for n in &report.notes {
+        out.push_str(&format!("\n{n}\n"));
+    }
+    out
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let bin = match args.comsat {
+        Some(p) => p,
+        None => std::env::current_exe()?
+            .parent()
+            .context("executable has no directory")?
+            .join("comsat"),
+    };
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first with `cargo build --release`, or pass --comsat PATH",
+            bin.display()
+        );
+    }
+    let bin = bin.display().to_string();
+    let reps = if args.quick { 3 } else { 5 };
+    let per_flow_1: u64 = if args.quick { 256 << 20 } else { 2 << 30 };
+    let per_flow_8: u64 = if args.quick { 32 << 20 } else { 256 << 20 };
+    let rounds = if args.quick { 2_000 } else { 20_000 };
+    let wanted = |name: &str| args.scenario.as_deref().is_none_or(|s| s == name);
+
+    let sink_l = TcpListener::bind("127.0.0.1:0").await?;
+    let echo_l = TcpListener::bind("127.0.0.1:0").await?;
+    let (sink_addr, echo_addr) = (sink_l.local_addr()?, echo_l.local_addr()?);
+    tokio::spawn(sink(sink_l));
+    tokio::spawn(echo(echo_l));
+    eprintln!("starting relay and agents ({bin})");
+    let path = start_path(&bin, sink_addr, echo_addr).await?;
+    let mut figures = Vec::new();
+
+    if wanted("throughput-1") {
+        let (mut c, mut d) = (Vec::new(), Vec::new());
+        for i in 0..reps {
+            eprintln!("throughput-1: run {}/{reps}", i + 1);
+            d.push(throughput(sink_addr, 1, per_flow_1).await?[0]);
+            c.push(throughput(path.bulk, 1, per_flow_1).await?[0]);
+        }
+        figures.push(figure(
+            "throughput-1",
+            "one flow",
+            "MiB/s",
+            median(c),
+            median(d),
+            reps,
+        ));
+    }
+    if wanted("throughput-8") {
+        let (mut c, mut d, mut fair) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..reps {
+            eprintln!("throughput-8: run {}/{reps}", i + 1);
+            d.push(throughput(sink_addr, 8, per_flow_8).await?.iter().sum());
+            let rates = throughput(path.bulk, 8, per_flow_8).await?;
+            fair.push(jain(&rates));
+            c.push(rates.iter().sum());
+        }
+        figures.push(figure(
+            "throughput-8",
+            "8 flows, aggregate",
+            "MiB/s",
+            median(c),
+            median(d),
+            reps,
+        ));
+        figures.push(Figure {
+            scenario: "throughput-8".into(),
+            metric: "Jain fairness index".into(),
+            unit: "".into(),
+            comsat: median(fair),
+            baseline_name: "perfect fairness".into(),
+            baseline: 1.0,
+            ratio: 0.0,
+            samples: reps,
+        });
+        if let Some(f) = figures.last_mut() {
+            f.ratio = f.comsat;
+        }
+    }
+    if wanted("latency") {
+        eprintln!("latency: {rounds} ping-pongs each");
+        let d = latency(echo_addr, rounds).await?;
+        let c = latency(path.ping, rounds).await?;
+        for (name, p) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
+            figures.push(figure(
+                "latency",
+                &format!("64 B round trip {name}"),
+                "µs",
+                percentile(&c, p),
+                percentile(&d, p),
+                rounds,
+            ));
+        }
+    }
+    let report = Report {
+        quick: args.quick,
+        environment: environment(),
+        figures,
+        notes: vec![
+            "Baselines so far: direct loopback TCP. stunnel, rathole and bare quinn \
+             come with bench/peers.sh (open work)."
+                .into(),
+        ],
+    };
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(
+        args.out.join("latest.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    let md = markdown(&report);
+    std::fs::write(args.out.join("latest.md"), &md)?;
+    println!("{md}");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Run(args) => rt.block_on(run(args)),
+    }
 }
