@@ -129,17 +129,11 @@ where
 async fn tcp_64mib_both_ways_over_8_flows() -> Result<()> {
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let target_addr = target.local_addr()?;
-    let mut sys = System::start(Options {
-        links: vec![link(
-            "bulk",
-            "tcp://127.0.0.1:0".into(),
-            format!("tcp://{target_addr}"),
-        )],
-        tap: false,
-        pin_sha256: false,
-        relay_extra: String::new(),
-        extra_relays: 0,
-    })?;
+    let mut sys = System::start(Options::one(link(
+        "bulk",
+        "tcp://127.0.0.1:0".into(),
+        format!("tcp://{target_addr}"),
+    )))?;
     let listen = sys.listen_addr("bulk")?;
     let listen: SocketAddr = listen.trim_start_matches("tcp://").parse()?;
     sys.wait_ready()?;
@@ -172,13 +166,7 @@ async fn unix_socket_64mib_both_ways_over_8_flows() -> Result<()> {
         format!("unix://{}", target_path.display()),
     );
     l.allowed_uids = vec![uid];
-    let sys = System::start(Options {
-        links: vec![l],
-        tap: false,
-        pin_sha256: false,
-        relay_extra: String::new(),
-        extra_relays: 0,
-    })?;
+    let sys = System::start(Options::one(l))?;
     sys.wait_ready()?;
     let target = Arc::new(target);
     eight_flows(
@@ -296,13 +284,7 @@ async fn unix_peer_with_wrong_uid_is_refused() -> Result<()> {
         format!("unix://{}", target_path.display()),
     );
     l.allowed_uids = vec![uid.wrapping_add(4242)];
-    let sys = System::start(Options {
-        links: vec![l],
-        tap: false,
-        pin_sha256: false,
-        relay_extra: String::new(),
-        extra_relays: 0,
-    })?;
+    let sys = System::start(Options::one(l))?;
     sys.wait_ready()?;
     let mut c = UnixStream::connect(&listen_path).await?;
     let _ = c.write_all(b"let me in").await;
@@ -382,17 +364,11 @@ async fn wait_metric(admin: SocketAddr, series: &str, at_least: f64) -> Result<S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_credentials_are_refused_with_one_code_and_counted() -> Result<()> {
-    let sys = System::start(Options {
-        links: vec![link(
-            "ok",
-            "tcp://127.0.0.1:0".into(),
-            "tcp://127.0.0.1:9".into(),
-        )],
-        tap: false,
-        pin_sha256: false,
-        relay_extra: String::new(),
-        extra_relays: 0,
-    })?;
+    let sys = System::start(Options::one(link(
+        "ok",
+        "tcp://127.0.0.1:0".into(),
+        "tcp://127.0.0.1:9".into(),
+    )))?;
     sys.wait_ready()?;
     let authority = SigningKey::read_file(&sys.layout.authority_key)?;
     let other_authority = SigningKey::generate();

@@ -268,18 +268,12 @@ async fn expect_reset(mut s: TcpStream, within: Duration) -> Result<()> {
 
 fn echo_system(target: SocketAddr, flow_timeout_ms: Option<u64>) -> Result<System> {
     let sys = System::start_with(
-        Options {
-            links: vec![DevLink {
-                name: "echo".into(),
-                listen: "tcp://127.0.0.1:0".into(),
-                target: format!("tcp://{target}"),
-                allowed_uids: vec![],
-            }],
-            tap: false,
-            pin_sha256: false,
-            relay_extra: String::new(),
-            extra_relays: 0,
-        },
+        Options::one(DevLink {
+            name: "echo".into(),
+            listen: "tcp://127.0.0.1:0".into(),
+            target: format!("tcp://{target}"),
+            allowed_uids: vec![],
+        }),
         |_, text| match flow_timeout_ms {
             Some(ms) => text.replacen(
                 "noise_key = \"noise.key\"\n",
@@ -542,18 +536,12 @@ fn partitioned_system(
     let front_addr = front.local_addr()?;
     let upstream = std::sync::Mutex::new(None);
     let sys = System::start_with(
-        Options {
-            links: vec![DevLink {
-                name: "p".into(),
-                listen: "tcp://127.0.0.1:0".into(),
-                target: format!("tcp://{target}"),
-                allowed_uids: vec![],
-            }],
-            tap: false,
-            pin_sha256: false,
-            relay_extra: String::new(),
-            extra_relays: 0,
-        },
+        Options::one(DevLink {
+            name: "p".into(),
+            listen: "tcp://127.0.0.1:0".into(),
+            target: format!("tcp://{target}"),
+            allowed_uids: vec![],
+        }),
         |agent, text| {
             let text = text.replacen(
                 "noise_key = \"noise.key\"\n",
@@ -646,26 +634,19 @@ async fn slow_receiver_blocks_its_sender_and_not_other_links() -> Result<()> {
     const FAST_LEN: u64 = 16 * 1024 * 1024;
     let slow_target = TcpListener::bind("127.0.0.1:0").await?;
     let fast_target = TcpListener::bind("127.0.0.1:0").await?;
-    let mut sys = System::start(Options {
-        links: vec![
-            DevLink {
-                name: "slow".into(),
-                listen: "tcp://127.0.0.1:0".into(),
-                target: format!("tcp://{}", slow_target.local_addr()?),
-                allowed_uids: vec![],
-            },
-            DevLink {
-                name: "fast".into(),
-                listen: "tcp://127.0.0.1:0".into(),
-                target: format!("tcp://{}", fast_target.local_addr()?),
-                allowed_uids: vec![],
-            },
-        ],
-        tap: false,
-        pin_sha256: false,
-        relay_extra: String::new(),
-        extra_relays: 0,
-    })?;
+    let mut options = Options::one(DevLink {
+        name: "slow".into(),
+        listen: "tcp://127.0.0.1:0".into(),
+        target: format!("tcp://{}", slow_target.local_addr()?),
+        allowed_uids: vec![],
+    });
+    options.links.push(DevLink {
+        name: "fast".into(),
+        listen: "tcp://127.0.0.1:0".into(),
+        target: format!("tcp://{}", fast_target.local_addr()?),
+        allowed_uids: vec![],
+    });
+    let mut sys = System::start(options)?;
     let slow: SocketAddr = sys
         .listen_addr("slow")?
         .trim_start_matches("tcp://")

@@ -145,57 +145,13 @@ async fn start_path(bin: &str, sink: SocketAddr, echo: SocketAddr) -> Result<Pat
         },
     )?;
     let logs = dir.path();
-    let timeout = Duration::from_secs(20);
-    let mut relay = Proc::spawn(
-        bin,
-        "relay",
-        &[
-            "relay",
-            "run",
-            "--config",
-            &layout.relay_config.display().to_string(),
-        ],
-        logs,
-    )?;
-    relay.wait_line("comsat relay listening", timeout)?;
-    let mut a = Proc::spawn(
-        bin,
-        "agent-a",
-        &[
-            "agent",
-            "run",
-            "--config",
-            &layout.agent_a.config.display().to_string(),
-        ],
-        logs,
-    )?;
-    let b = Proc::spawn(
-        bin,
-        "agent-b",
-        &[
-            "agent",
-            "run",
-            "--config",
-            &layout.agent_b.config.display().to_string(),
-        ],
-        logs,
-    )?;
-    let addr = |line: String| -> Result<SocketAddr> {
-        Ok(line
-            .rsplit(' ')
-            .next()
-            .context("listen line")?
-            .trim_start_matches("tcp://")
-            .parse()?)
-    };
-    let bulk = addr(a.wait_line("comsat agent link bulk listening ", timeout)?)?;
-    let ping = addr(a.wait_line("comsat agent link ping listening ", timeout)?)?;
-    let admin: SocketAddr = a
-        .wait_line("comsat agent admin", timeout)?
-        .rsplit(' ')
-        .next()
-        .context("admin line")?
-        .parse()?;
+    let timeout = comsat_tests::proc::START_TIMEOUT;
+    let (relay, _, _) = comsat_tests::proc::start_relay(bin, &layout.relay_config, logs, "relay")?;
+    let (mut a, admin) =
+        comsat_tests::proc::start_agent(bin, &layout.agent_a.config, logs, "agent-a")?;
+    let (b, _) = comsat_tests::proc::start_agent(bin, &layout.agent_b.config, logs, "agent-b")?;
+    let bulk = comsat_tests::proc::listen_addr(&mut a, "bulk")?;
+    let ping = comsat_tests::proc::listen_addr(&mut a, "ping")?;
     let deadline = Instant::now() + timeout;
     while !matches!(comsat_tests::proc::http_get(admin, "/readyz"), Ok((200, _))) {
         if Instant::now() > deadline {

@@ -12,7 +12,7 @@ use comsat::dev::{DevLayout, DevLink, DevOptions};
 use comsat_tests::{Proc, free_udp_port};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_comsat");
-pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+pub const START_TIMEOUT: Duration = comsat_tests::proc::START_TIMEOUT;
 /// The per-link relay buffer that `comsat dev init` grants.
 pub const BUFFER_LIMIT: u64 = comsat::dev::BUFFER_LIMIT;
 
@@ -38,41 +38,29 @@ pub struct Options {
     pub extra_relays: usize,
 }
 
-/// The second word after `key=` in a line like `... quic=1.2.3.4:5 admin=...`.
-fn field(line: &str, key: &str) -> Result<SocketAddr> {
-    let v = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(key))
-        .with_context(|| format!("no {key} in {line:?}"))?;
-    Ok(v.parse()?)
-}
-
 pub fn start_relay(
     config: &Path,
     logs: &Path,
     name: &str,
 ) -> Result<(Proc, SocketAddr, SocketAddr)> {
-    let mut relay = Proc::spawn(
-        BIN,
-        name,
-        &["relay", "run", "--config", &config.display().to_string()],
-        logs,
-    )?;
-    let line = relay.wait_line("comsat relay listening", START_TIMEOUT)?;
-    Ok((relay, field(&line, "quic=")?, field(&line, "admin=")?))
+    comsat_tests::proc::start_relay(BIN, config, logs, name)
 }
 
 pub fn start_agent(config: &Path, logs: &Path, name: &str) -> Result<(Proc, SocketAddr)> {
-    let mut agent = Proc::spawn(
-        BIN,
-        name,
-        &["agent", "run", "--config", &config.display().to_string()],
-        logs,
-    )?;
-    let admin = agent.wait_line("comsat agent admin", START_TIMEOUT)?;
-    agent.wait_line("comsat agent started", START_TIMEOUT)?;
-    let addr = admin.rsplit(' ').next().context("admin line")?.parse()?;
-    Ok((agent, addr))
+    comsat_tests::proc::start_agent(BIN, config, logs, name)
+}
+
+impl Options {
+    /// One link, no tap, CA pinning, one relay.
+    pub fn one(link: DevLink) -> Self {
+        Self {
+            links: vec![link],
+            tap: false,
+            pin_sha256: false,
+            relay_extra: String::new(),
+            extra_relays: 0,
+        }
+    }
 }
 
 impl System {

@@ -164,3 +164,67 @@ pub fn metric(text: &str, series: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// How long a started process has to print its ready line.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The address after `key` in a line like `... quic=1.2.3.4:5 admin=...`.
+fn field(line: &str, key: &str) -> Result<SocketAddr> {
+    let v = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .with_context(|| format!("no {key} in {line:?}"))?;
+    Ok(v.parse()?)
+}
+
+/// Starts `bin relay run --config CONFIG`; returns it with its QUIC and
+/// admin addresses once it listens.
+pub fn start_relay(
+    bin: &str,
+    config: &Path,
+    logs: &Path,
+    name: &str,
+) -> Result<(Proc, SocketAddr, SocketAddr)> {
+    let mut relay = Proc::spawn(
+        bin,
+        name,
+        &["relay", "run", "--config", &config.display().to_string()],
+        logs,
+    )?;
+    let line = relay.wait_line("comsat relay listening", START_TIMEOUT)?;
+    Ok((relay, field(&line, "quic=")?, field(&line, "admin=")?))
+}
+
+/// Starts `bin agent run --config CONFIG`; returns it with its admin
+/// address once it has started (the config must name an admin address).
+pub fn start_agent(
+    bin: &str,
+    config: &Path,
+    logs: &Path,
+    name: &str,
+) -> Result<(Proc, SocketAddr)> {
+    let mut agent = Proc::spawn(
+        bin,
+        name,
+        &["agent", "run", "--config", &config.display().to_string()],
+        logs,
+    )?;
+    let admin = agent.wait_line("comsat agent admin", START_TIMEOUT)?;
+    agent.wait_line("comsat agent started", START_TIMEOUT)?;
+    let addr = admin.rsplit(' ').next().context("admin line")?.parse()?;
+    Ok((agent, addr))
+}
+
+/// The address an agent printed for link `name`, without its `tcp://`.
+pub fn listen_addr(agent: &mut Proc, name: &str) -> Result<SocketAddr> {
+    let line = agent.wait_line(
+        &format!("comsat agent link {name} listening "),
+        START_TIMEOUT,
+    )?;
+    Ok(line
+        .rsplit(' ')
+        .next()
+        .context("listen line")?
+        .trim_start_matches("tcp://")
+        .parse()?)
+}
