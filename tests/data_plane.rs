@@ -489,3 +489,35 @@ async fn agent_refuses_a_relay_that_does_not_match_its_pin() -> Result<()> {
     assert_eq!(comsat_tests::proc::http_get(admin, "/readyz")?.0, 503);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_connections_leave_the_unauthenticated_cap() -> Result<()> {
+    let mut options = Options::one(link(
+        "cap",
+        "tcp://127.0.0.1:0".into(),
+        "tcp://127.0.0.1:9".into(),
+    ));
+    options.relay_extra = "[limits]\nmax_unauthenticated = 1\n".into();
+    let sys = System::start(options)?;
+    // Both agents got in, one after the other, through a cap of one.
+    sys.wait_ready()?;
+    let key = SigningKey::read_file(&sys.layout.agent_a.dir.join("node.key"))?;
+    let client = RawClient::new(&sys.layout.ca_pem)?;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let conn = client.connect(sys.relay_quic).await?;
+        let hello = make_hello(sys.layout.agent_a.node_id, &key, &exporter(&conn)?);
+        assert_eq!(send_hello(&conn, &hello).await?, HelloOutcome::Welcome);
+        open.push(conn);
+    }
+    let m = scrape(sys.relay_admin)?;
+    assert_eq!(
+        metric(
+            &m,
+            "comsat_relay_auth_failures_total{reason=\"too_many_unauthenticated\"}"
+        ),
+        0.0,
+        "{m}"
+    );
+    Ok(())
+}

@@ -216,10 +216,7 @@ impl Relay {
                     match state.unauthenticated.clone().try_acquire_owned() {
                         Ok(permit) => {
                             let state = state.clone();
-                            tokio::spawn(async move {
-                                handle_incoming(state, incoming).await;
-                                drop(permit);
-                            });
+                            tokio::spawn(handle_incoming(state, incoming, permit));
                         }
                         Err(_) => {
                             state.metrics.auth_failure("too_many_unauthenticated");
@@ -281,7 +278,14 @@ fn refuse(state: &State, conn: &quinn::Connection, reason: &'static str) {
     conn.close(CLOSE_REFUSED.into(), b"refused");
 }
 
-async fn handle_incoming(state: Arc<State>, incoming: quinn::Incoming) {
+/// Authenticates a new connection, then serves it. `unauthenticated` is
+/// this connection's place among the unauthenticated ones, given back as
+/// soon as it has authenticated (or failed to).
+async fn handle_incoming(
+    state: Arc<State>,
+    incoming: quinn::Incoming,
+    unauthenticated: tokio::sync::OwnedSemaphorePermit,
+) {
     let deadline = tokio::time::Instant::now() + state.config.limits.auth_timeout();
     let conn = match tokio::time::timeout_at(deadline, incoming).await {
         Ok(Ok(conn)) => conn,
@@ -296,6 +300,7 @@ async fn handle_incoming(state: Arc<State>, incoming: quinn::Incoming) {
         }
     };
     let authed = tokio::time::timeout_at(deadline, authenticate(&state, &conn)).await;
+    drop(unauthenticated);
     let (node_id, send, decoder, recv) = match authed {
         Ok(Ok(ok)) => ok,
         Ok(Err(reason)) => return refuse(&state, &conn, reason),
