@@ -744,3 +744,76 @@ async fn slow_receiver_blocks_its_sender_and_not_other_links() -> Result<()> {
     held.abort();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_meet_on_a_relay_both_can_reach() -> Result<()> {
+    use comsat_tests::fault::{Fault, FaultProxy};
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let target_addr = target.local_addr()?;
+    tokio::spawn(echo_server(target));
+    // Agent B cannot reach the first relay (a blackhole in front of it);
+    // agent A reaches both. A starts on the first relay, alone.
+    let front = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let front_addr = front.local_addr()?;
+    let first_relay = std::sync::Mutex::new(None);
+    let mut options = Options::one(DevLink {
+        name: "meet".into(),
+        listen: "tcp://127.0.0.1:0".into(),
+        target: format!("tcp://{target_addr}"),
+        allowed_uids: vec![],
+    });
+    options.extra_relays = 1;
+    let mut sys = System::start_with(options, |agent, text| {
+        if agent != 1 {
+            return text;
+        }
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("addr = "))
+            .map(str::to_owned)
+            .unwrap_or_default();
+        let addr = line
+            .trim_start_matches("addr = ")
+            .trim_matches('"')
+            .to_owned();
+        *first_relay.lock().unwrap_or_else(|p| p.into_inner()) = addr.parse::<SocketAddr>().ok();
+        text.replacen(&line, &format!("addr = \"{front_addr}\""), 1)
+    })?;
+    let upstream = first_relay
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .context("no first relay in agent B's config")?;
+    let proxy = FaultProxy::start_on(front, upstream)?;
+    proxy.set(Fault::Blackhole);
+    let listen: SocketAddr = sys
+        .listen_addr("meet")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+
+    // Within a few dwell periods A moves to the second relay, where B is.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let attempt = async {
+            let mut s = TcpStream::connect(listen).await?;
+            echo_round(&mut s, b"are we on the same relay?").await
+        };
+        match tokio::time::timeout(Duration::from_secs(15), attempt).await {
+            Ok(Ok(())) => break,
+            _ if tokio::time::Instant::now() > deadline => {
+                bail!("the agents never met on the relay both can reach")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    let second = scrape(sys.backups[0].1)?;
+    assert_eq!(
+        metric(&second, "comsat_relay_links_paired"),
+        1.0,
+        "{second}"
+    );
+    assert_eq!(
+        metric(&scrape(sys.relay_admin)?, "comsat_relay_links_paired"),
+        0.0
+    );
+    Ok(())
+}

@@ -30,8 +30,10 @@
 //!
 //! Links with the same relay list share one QUIC connection, to the first
 //! relay of the list that answers; both agents of a link follow the same
-//! order, so they meet on the same relay, and move back to an earlier relay
-//! when it answers again.
+//! order, so they meet on the same relay. When the connection dies they
+//! start again from the top of the list; when every link's peer stays away
+//! from the relay they are on (one agent cannot reach it), they try the next
+//! relays in turn until they meet.
 //!
 //! Relative paths are relative to the config file's directory. A listener
 //! binds loopback or a Unix socket only: agents never accept connections

@@ -14,8 +14,12 @@ pub const RECONNECT_MAX: Duration = Duration::from_secs(1);
 /// after 1 s and 2 s, so this leaves room for a lossy path.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// While on a backup relay, how often the preferred ones are tried again.
-pub const RELAY_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long every link of a relay group waits for its peers on a relay
+/// before the group tries the next relay of its list: randomized between
+/// this and twice this, and doubled for each hop in a row without meeting a
+/// peer (up to 16 times), so two agents that missed each other meet and an
+/// agent whose peer is simply down does not churn.
+pub const PEER_DWELL: Duration = Duration::from_secs(3);
 
 /// How long an accepted local connection waits for its link to become
 /// ready (peer present, Noise session up) before it is closed.

@@ -289,8 +289,8 @@ impl Backoff {
 enum Ended {
     /// It closed or failed; start again from the first relay of the list.
     Closed,
-    /// An earlier relay of the list answers again: move there.
-    Switch(usize),
+    /// Every link's peer stayed away: try the next relay of the list.
+    Hop,
 }
 
 /// Keeps `links` on the first relay of `relays` that answers, forever.
@@ -316,32 +316,29 @@ pub(crate) async fn relay_loop(
     }
     let mut backoff = Backoff::new();
     let mut i = 0;
+    // Hops in a row without meeting a peer: each doubles the dwell.
+    let mut hops = 0u32;
     loop {
         let (relay, client) = &candidates[i];
         let span = info_span!("relay", addr = %relay.addr);
-        let ended = connect_and_serve(
-            &shared,
-            relay,
-            client,
-            &links,
-            &ack_notify,
-            &candidates[..i],
-        )
-        .instrument(span)
-        .await;
+        let can_hop = candidates.len() > 1;
+        let ended = connect_and_serve(&shared, relay, client, &links, &ack_notify, can_hop, hops)
+            .instrument(span)
+            .await;
         for link in links.values() {
             link.set_ready(None, &shared.metrics);
             *link.pending() = None;
         }
         match ended {
-            Ok(Ended::Switch(j)) => {
-                info!(from = %relay.addr, to = %candidates[j].0.addr, "moving to a preferred relay");
-                backoff.reset();
-                i = j;
+            Ok(Ended::Hop) => {
+                hops = hops.saturating_add(1);
+                i = (i + 1) % candidates.len();
+                info!(from = %relay.addr, to = %candidates[i].0.addr, "peers absent here; trying the next relay");
                 continue;
             }
             Ok(Ended::Closed) => {
                 backoff.reset();
+                hops = 0;
                 i = 0;
             }
             Err(e) => {
@@ -364,13 +361,14 @@ async fn connect_and_serve(
     client: &quinn::ClientConfig,
     links: &HashMap<LinkId, Arc<LinkRt>>,
     ack_notify: &Notify,
-    earlier: &[(RelayEndpoint, quinn::ClientConfig)],
+    can_hop: bool,
+    hops: u32,
 ) -> Result<Ended, String> {
     let (endpoint, conn, send, recv, decoder) = connect(shared, relay, client).await?;
     shared.metrics.connects.increment(1);
     info!("connected to relay");
     let ended = serve(
-        shared, &conn, send, recv, decoder, links, ack_notify, earlier,
+        shared, &conn, send, recv, decoder, links, ack_notify, can_hop, hops,
     )
     .await;
     conn.close(0u32.into(), b"bye");
@@ -410,21 +408,6 @@ async fn connect(
     .await
     .map_err(|_| "timed out connecting".to_owned())??;
     Ok((endpoint, conn, send, recv, decoder))
-}
-
-/// The index of the first of `earlier` that accepts us now, if any.
-async fn probe(
-    shared: Arc<Shared>,
-    earlier: Vec<(RelayEndpoint, quinn::ClientConfig)>,
-) -> Option<usize> {
-    for (j, (relay, client)) in earlier.iter().enumerate() {
-        if let Ok((endpoint, conn, ..)) = connect(&shared, relay, client).await {
-            conn.close(0u32.into(), b"probe");
-            endpoint.close(0u32.into(), b"probe");
-            return Some(j);
-        }
-    }
-    None
 }
 
 type Established = (
@@ -506,7 +489,8 @@ async fn serve(
     mut decoder: FrameDecoder,
     links: &HashMap<LinkId, Arc<LinkRt>>,
     ack_notify: &Notify,
-    earlier: &[(RelayEndpoint, quinn::ClientConfig)],
+    can_hop: bool,
+    hops: u32,
 ) -> Ended {
     let (ctl, rx) = mpsc::channel(defaults::CONTROL_QUEUE);
     let writer = tokio::spawn(write_control(send, rx));
@@ -520,9 +504,13 @@ async fn serve(
     let acceptor = tokio::spawn(accept_flows(shared.clone(), conn.clone(), links.clone()));
     let mut retry = tokio::time::interval(defaults::HANDSHAKE_RETRY);
     retry.tick().await;
-    let mut probe_tick = tokio::time::interval(defaults::RELAY_PROBE_INTERVAL);
-    probe_tick.tick().await;
-    let mut probing: Option<tokio::task::JoinHandle<Option<usize>>> = None;
+    // Links whose peer is away on this relay, since when. When all of them
+    // have waited longer than the dwell, the group tries the next relay of
+    // its list: both agents follow the same list, and the randomized dwell
+    // lets one of two agents that missed each other arrive first.
+    let mut absent_since: HashMap<LinkId, Instant> = HashMap::new();
+    let dwell = defaults::PEER_DWELL.mul_f64(1.0 + rand::random::<f64>()) * 2u32.pow(hops.min(4));
+    let mut hop_check = tokio::time::interval(Duration::from_millis(500));
     let mut ended = Ended::Closed;
     // Links whose peer is present on this connection.
     let mut present: HashMap<LinkId, bool> = HashMap::new();
@@ -531,28 +519,21 @@ async fn serve(
     loop {
         let msg = tokio::select! {
             m = read_message(&mut recv, &mut decoder) => m,
-            _ = probe_tick.tick(), if !earlier.is_empty() && probing.is_none() => {
-                probing = Some(tokio::spawn(probe(shared.clone(), earlier.to_vec())));
-                continue;
-            }
-            found = async {
-                match probing.as_mut() {
-                    Some(handle) => handle.await.ok().flatten(),
-                    None => None,
-                }
-            }, if probing.is_some() => {
-                probing = None;
-                if let Some(j) = found {
-                    ended = Ended::Switch(j);
-                    break;
-                }
-                continue;
-            }
             () = ack_notify.notified() => {
                 // Let acks of a burst of records gather into one message.
                 tokio::time::sleep(defaults::ACK_DELAY).await;
                 for link in links.values() {
                     link.flush_acks(&ctl);
+                }
+                continue;
+            }
+            _ = hop_check.tick(), if can_hop => {
+                let stranded = links.keys().all(|id| {
+                    absent_since.get(id).is_some_and(|t| t.elapsed() >= dwell)
+                });
+                if stranded {
+                    ended = Ended::Hop;
+                    break;
                 }
                 continue;
             }
@@ -586,6 +567,9 @@ async fn serve(
                 if let Some(link) = links.get(&link_id) {
                     debug!(link = %link.cfg.name, "attached");
                     attached.insert(link_id);
+                    if !present.get(&link_id).copied().unwrap_or(false) {
+                        absent_since.entry(link_id).or_insert_with(Instant::now);
+                    }
                     // With a session from before, flows can go on (the
                     // relay holds them until the peer is back).
                     link.set_ready(Some(conn), &shared.metrics);
@@ -596,6 +580,7 @@ async fn serve(
                     continue;
                 };
                 present.insert(link_id, true);
+                absent_since.remove(&link_id);
                 debug!(link = %link.cfg.name, "peer present");
                 // The peer (re)joined, perhaps as a new incarnation: side A
                 // checks that it still holds the session (Resume) and
@@ -615,6 +600,7 @@ async fn serve(
                     continue;
                 };
                 present.insert(link_id, false);
+                absent_since.insert(link_id, Instant::now());
                 *link.pending() = None;
                 // Flows whose streams died with the peer's connection open
                 // new ones (a new epoch), which the relay holds for it.
@@ -636,6 +622,9 @@ async fn serve(
             RelayToAgent::Error { link_id, code } => {
                 let name = links.get(&link_id).map_or("?", |l| l.cfg.name.as_str());
                 warn!(link = %name, ?code, "relay refused the link");
+                // A relay that will not carry the link counts as one where
+                // its peer is away.
+                absent_since.entry(link_id).or_insert_with(Instant::now);
                 if let Some(link) = links.get(&link_id) {
                     attached.remove(&link_id);
                     if code == comsat_protocol::msg::ErrorCode::Revoked {
@@ -648,9 +637,6 @@ async fn serve(
         }
     }
     acceptor.abort();
-    if let Some(p) = probing {
-        p.abort();
-    }
     drop(ctl);
     let _ = writer.await;
     ended
