@@ -31,9 +31,11 @@ pub const TARGET_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval at which side A retries a Noise handshake that got no answer.
 pub const HANDSHAKE_RETRY: Duration = Duration::from_secs(2);
 
-/// Largest local read sealed into one record. 16 KiB keeps latency low and
-/// is allocated only while data is ready, never held by an idle flow.
-pub const READ_CHUNK: usize = 16 * 1024;
+/// Largest local read sealed into one record: a whole Noise message, so bulk
+/// transfers pay the per-record costs (AEAD setup, header, ack) once per
+/// 64 KiB. Small writes still go out at once as small records; the buffer is
+/// allocated only while data is ready, never held by an idle flow.
+pub const READ_CHUNK: usize = comsat_protocol::limits::MAX_RECORD_PAYLOAD_LEN;
 
 /// QUIC connection receive window (bytes the relay can have in flight to
 /// this agent across all flows).

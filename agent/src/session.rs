@@ -371,6 +371,14 @@ async fn connect_and_serve(
         shared, &conn, send, recv, decoder, links, ack_notify, can_hop, hops,
     )
     .await;
+    let stats = conn.stats();
+    info!(
+        sent_packets = stats.path.sent_packets,
+        lost_packets = stats.path.lost_packets,
+        congestion_events = stats.path.congestion_events,
+        rtt_us = stats.path.rtt.as_micros() as u64,
+        "relay connection ended"
+    );
     conn.close(0u32.into(), b"bye");
     endpoint.close(0u32.into(), b"bye");
     Ok(ended)
