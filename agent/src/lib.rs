@@ -21,6 +21,7 @@ mod local;
 pub mod metrics;
 mod session;
 pub mod tls;
+mod udp;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -408,7 +408,10 @@ async fn connect(
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("bind {bind}: {e}"))?;
+    let socket = crate::udp::bind(bind).map_err(|e| format!("bind {bind}: {e}"))?;
+    let runtime = quinn::default_runtime().ok_or("no async runtime")?;
+    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+        .map_err(|e| format!("bind {bind}: {e}"))?;
     let (conn, send, recv, decoder) = tokio::time::timeout(
         defaults::CONNECT_TIMEOUT,
         establish(shared, &endpoint, client, addr, &relay.server_name),

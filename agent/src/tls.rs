@@ -2,6 +2,7 @@
 //! match a pinned SHA-256.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use comsat_protocol::ALPN;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -61,6 +62,10 @@ pub fn client_config(relay: &RelayEndpoint) -> Result<quinn::ClientConfig, Strin
         .stream_receive_window(defaults::STREAM_RECEIVE_WINDOW.into())
         .keep_alive_interval(Some(defaults::KEEP_ALIVE_INTERVAL))
         .max_idle_timeout(quinn::IdleTimeout::try_from(defaults::IDLE_TIMEOUT).ok());
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(10u32.into())
+        .max_ack_delay(Some(Duration::from_millis(5)));
+    t.ack_frequency_config(Some(ack));
     config.transport_config(Arc::new(t));
     Ok(config)
 }

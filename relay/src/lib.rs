@@ -19,6 +19,7 @@ pub mod grants;
 pub mod metrics;
 pub mod server;
 pub mod tls;
+pub mod udp;
 
 pub use config::RelayConfig;
 pub use error::RelayError;

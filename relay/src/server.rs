@@ -166,11 +166,20 @@ impl Relay {
             )),
             None => None,
         };
-        let endpoint =
-            quinn::Endpoint::server(server, config.listen).map_err(|source| RelayError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let bind_error = |source| RelayError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = crate::udp::bind(config.listen).map_err(bind_error)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(bind_error)?;
         let state = Arc::new(State {
             unauthenticated: Arc::new(Semaphore::new(config.limits.max_unauthenticated)),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),

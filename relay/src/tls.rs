@@ -50,6 +50,10 @@ fn transport_config(config: &RelayConfig) -> quinn::TransportConfig {
         .keep_alive_interval(Some(defaults::KEEP_ALIVE_INTERVAL))
         .datagram_receive_buffer_size(None);
     let idle = Duration::from_millis(l.idle_timeout_ms);
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(10u32.into())
+        .max_ack_delay(Some(Duration::from_millis(5)));
+    t.ack_frequency_config(Some(ack));
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
     t
 }
