@@ -26,6 +26,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+mod bare_quinn;
 mod stunnel;
 
 #[derive(Parser, Debug)]
@@ -274,6 +275,7 @@ fn jain(rates: &[f64]) -> f64 {
 /// The baselines measured beside comsat.
 const DIRECT: &str = "direct loopback TCP";
 const STUNNEL: &str = "stunnel two-hop TLS chain";
+const QUINN: &str = "bare quinn stream, one hop";
 
 fn figure(
     scenario: &str,
@@ -365,8 +367,8 @@ async fn run(args: RunArgs) -> Result<()> {
     tokio::spawn(echo(echo_l));
     eprintln!("starting relay and agents ({bin})");
     let path = start_path(&bin, sink_addr, echo_addr).await?;
-    let mut notes =
-        vec!["rathole and a bare quinn stream are not measured yet (open work).".to_owned()];
+    let mut notes = vec!["rathole is not measured yet (open work).".to_owned()];
+    let bare = bare_quinn::Server::start()?;
     let chain = if stunnel::available() {
         eprintln!("starting the stunnel chain");
         Some(stunnel::start(sink_addr, echo_addr)?)
@@ -384,6 +386,7 @@ async fn run(args: RunArgs) -> Result<()> {
             if let Some(chain) = &chain {
                 s.add(STUNNEL, throughput(chain.bulk, 1, per_flow_1).await?[0]);
             }
+            s.add(QUINN, bare.throughput(1, per_flow_1).await?[0]);
             s.comsat
                 .push(throughput(path.bulk, 1, per_flow_1).await?[0]);
         }
@@ -403,6 +406,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     throughput(chain.bulk, 8, per_flow_8).await?.iter().sum(),
                 );
             }
+            s.add(QUINN, bare.throughput(8, per_flow_8).await?.iter().sum());
             let rates = throughput(path.bulk, 8, per_flow_8).await?;
             fair.push(jain(&rates));
             s.comsat.push(rates.iter().sum());
@@ -425,6 +429,7 @@ async fn run(args: RunArgs) -> Result<()> {
         if let Some(chain) = &chain {
             runs.push((STUNNEL, latency(chain.ping, rounds).await?));
         }
+        runs.push((QUINN, bare.latency(rounds).await?));
         let c = latency(path.ping, rounds).await?;
         for (name, p) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
             for (baseline, d) in &runs {

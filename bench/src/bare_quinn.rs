@@ -1,0 +1,153 @@
+//! The bare quinn baseline: one QUIC stream per flow, client and server in
+//! this process, TLS 1.3 with the same crypto provider and MTU as comsat.
+//! It shows what QUIC itself costs on this machine, one hop, no relay.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// A server that answers each stream: reads a length and that many bytes,
+/// then writes one byte (throughput), or echoes (latency, length 0).
+pub(crate) struct Server {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+}
+
+impl Server {
+    pub(crate) fn start() -> Result<Self> {
+        let key = rcgen::KeyPair::generate()?;
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned()])?.self_signed(&key)?;
+        let cert_der: CertificateDer<'static> = cert.der().clone();
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert_der.clone()], key_der)?;
+        server_tls.alpn_protocols = vec![b"bench".to_vec()];
+        let server = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)?,
+        ));
+        let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse()?)?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert_der)?;
+        let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client_tls.alpn_protocols = vec![b"bench".to_vec()];
+        let client = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)?,
+        ));
+        let accept = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accept.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        tokio::spawn(async move {
+                            let mut len = [0u8; 8];
+                            if recv.read_exact(&mut len).await.is_err() {
+                                return;
+                            }
+                            let mut left = u64::from_be_bytes(len);
+                            if left == 0 {
+                                // Echo until the client finishes.
+                                let mut buf = [0u8; 64];
+                                while recv.read_exact(&mut buf).await.is_ok() {
+                                    if send.write_all(&buf).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                return;
+                            }
+                            while left > 0 {
+                                match recv.read_chunk(usize::MAX, true).await {
+                                    Ok(Some(c)) => left = left.saturating_sub(c.bytes.len() as u64),
+                                    _ => return,
+                                }
+                            }
+                            let _ = send.write_all(&[1]).await;
+                            let _ = send.finish();
+                            let _ = send.stopped().await;
+                        });
+                    }
+                });
+            }
+        });
+        Ok(Self { endpoint, client })
+    }
+
+    async fn connect(&self) -> Result<quinn::Connection> {
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        let addr: SocketAddr = self.endpoint.local_addr()?;
+        Ok(client
+            .connect_with(self.client.clone(), addr, "localhost")?
+            .await?)
+    }
+
+    /// Per-flow throughputs in MiB/s, one connection, `flows` streams.
+    pub(crate) async fn throughput(&self, flows: usize, per_flow: u64) -> Result<Vec<f64>> {
+        let conn = self.connect().await?;
+        let mut tasks = Vec::new();
+        for _ in 0..flows {
+            let conn = conn.clone();
+            tasks.push(tokio::spawn(async move {
+                let (mut send, mut recv) = conn.open_bi().await?;
+                let buf = bytes_of(256 * 1024);
+                let start = Instant::now();
+                send.write_all(&per_flow.to_be_bytes()).await?;
+                let mut left = per_flow;
+                while left > 0 {
+                    let n = left.min(buf.len() as u64) as usize;
+                    send.write_all(&buf[..n]).await?;
+                    left -= n as u64;
+                }
+                let mut done = [0u8; 1];
+                recv.read_exact(&mut done).await?;
+                anyhow::Ok(per_flow as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64())
+            }));
+        }
+        let mut rates = Vec::new();
+        for t in tasks {
+            rates.push(
+                tokio::time::timeout(Duration::from_secs(300), t)
+                    .await
+                    .context("bare quinn flow timed out")???,
+            );
+        }
+        conn.close(0u32.into(), b"done");
+        Ok(rates)
+    }
+
+    /// 64-byte round trips on one stream, in microseconds, sorted.
+    pub(crate) async fn latency(&self, rounds: usize) -> Result<Vec<f64>> {
+        let conn = self.connect().await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&0u64.to_be_bytes()).await?;
+        let msg = [7u8; 64];
+        let mut back = [0u8; 64];
+        for _ in 0..20 {
+            send.write_all(&msg).await?;
+            recv.read_exact(&mut back).await?;
+        }
+        let mut rtts = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let t = Instant::now();
+            send.write_all(&msg).await?;
+            recv.read_exact(&mut back).await?;
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        rtts.sort_by(f64::total_cmp);
+        conn.close(0u32.into(), b"done");
+        Ok(rtts)
+    }
+}
+
+fn bytes_of(n: usize) -> Vec<u8> {
+    vec![0x5a; n]
+}
