@@ -312,9 +312,11 @@ impl Flow {
         &self,
         recv: &mut quinn::RecvStream,
         writer: &mut LocalWrite,
+        delivery: &mut Delivery,
     ) -> Result<(), FlowError> {
+        // A record an earlier stream left half written goes out first.
+        self.finish_delivery(delivery, writer).await?;
         let mut pending = BytesMut::new();
-        let mut plain = Vec::new();
         let delivered = lock(&self.rx).reassembly.expected();
         if delivered > 0 {
             self.link.queue_ack(self.id, delivered);
@@ -338,30 +340,24 @@ impl Flow {
                         });
                     }
                 }
-                plain.clear();
-                let kind = self
-                    .session
-                    .noise
-                    .open_record(self.id, header.seq, ct, &mut plain)?;
+                let kind =
+                    self.session
+                        .noise
+                        .open_record(self.id, header.seq, ct, &mut delivery.buf)?;
                 pending.advance(used);
                 match kind {
                     RecordKind::Open if header.seq == 0 => {}
-                    RecordKind::Data => {
-                        writer.write_all(&plain).await?;
-                        self.metrics.received_bytes.increment(plain.len() as u64);
-                    }
-                    RecordKind::Fin => {
-                        writer.shutdown().await?;
-                        lock(&self.rx).fin_delivered = true;
-                    }
+                    RecordKind::Data => {}
+                    RecordKind::Fin => delivery.fin = true,
                     RecordKind::Reset => return Err(FlowError::PeerReset),
                     other => return Err(FlowError::Unexpected(other)),
                 }
+                // The record is ours from here: if this stream dies while it
+                // is being written, the next one finishes the write; it is
+                // never delivered twice.
                 lock(&self.rx).reassembly.delivered();
-                self.link.queue_ack(self.id, header.seq + 1);
-                if kind == RecordKind::Fin {
-                    self.complete_if_done();
-                }
+                delivery.ack = Some(header.seq + 1);
+                self.finish_delivery(delivery, writer).await?;
             }
             match recv.read_chunk(usize::MAX, true).await {
                 Ok(Some(chunk)) => pending.extend_from_slice(&chunk.bytes),
@@ -375,6 +371,34 @@ impl Flow {
                 Err(e) => return Err(FlowError::Lost(e.to_string())),
             }
         }
+    }
+
+    /// Hands what `delivery` holds to the application, then acknowledges it.
+    async fn finish_delivery(
+        &self,
+        delivery: &mut Delivery,
+        writer: &mut LocalWrite,
+    ) -> Result<(), FlowError> {
+        while delivery.written < delivery.buf.len() {
+            let n = writer.write(&delivery.buf[delivery.written..]).await?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            }
+            delivery.written += n;
+            self.metrics.received_bytes.increment(n as u64);
+        }
+        delivery.buf.clear();
+        delivery.written = 0;
+        if delivery.fin {
+            writer.shutdown().await?;
+            delivery.fin = false;
+            lock(&self.rx).fin_delivered = true;
+        }
+        if let Some(upto) = delivery.ack.take() {
+            self.link.queue_ack(self.id, upto);
+            self.complete_if_done();
+        }
+        Ok(())
     }
 
     /// A new stream for this flow: the dialer opens one on the link each
@@ -415,6 +439,17 @@ impl Flow {
     }
 }
 
+/// What the receiving side accepted from the peer but has not finished
+/// handing to the application. It outlives streams: a write cut short by a
+/// stream failure resumes on the next stream instead of starting over.
+#[derive(Default)]
+struct Delivery {
+    buf: Vec<u8>,
+    written: usize,
+    fin: bool,
+    ack: Option<u64>,
+}
+
 /// Runs a flow to its end: the local reader in its own task, streams one
 /// after another here. `first` is a stream already open for it.
 pub(crate) async fn run(
@@ -430,6 +465,7 @@ pub(crate) async fn run(
     let mut last_epoch = None;
     let mut outage: Option<Instant> = None;
     let mut resumed = false;
+    let mut delivery = Delivery::default();
     let result = loop {
         let stream = match first.take() {
             Some(s) => Some(s),
@@ -456,7 +492,7 @@ pub(crate) async fn run(
             e = async {
                 tokio::select! {
                     r = flow.write_stream(&mut send) => r.err(),
-                    r = flow.read_stream(&mut recv, &mut writer) => r.err(),
+                    r = flow.read_stream(&mut recv, &mut writer, &mut delivery) => r.err(),
                 }
             } => e,
             _ = end.wait_for(|e| *e != End::Running) => None,

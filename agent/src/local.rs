@@ -154,8 +154,10 @@ impl LocalWrite {
         }
     }
 
-    pub(crate) async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        self.inner().write_all(data).await
+    /// Writes some of `data`; cancel-safe (nothing is written if the
+    /// future is dropped before it completes).
+    pub(crate) async fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.inner().write(data).await
     }
 
     /// Half-closes: the application reads end of stream.

@@ -1,8 +1,9 @@
-//! Control frames from the network: decode never panics, and whatever
-//! decodes re-encodes to a frame that decodes to the same message.
+//! `AgentToRelay` control frames from the network: decoding never panics, and a
+//! frame that decodes re-encodes (with `write_to`, to `encoded_len` bytes)
+//! to a frame that decodes to an equal message.
 #![no_main]
 
-use comsat_protocol::msg::{ControlMessage, FrameDecoder, AgentToRelay};
+use comsat_protocol::msg::{AgentToRelay, ControlMessage, FrameDecoder};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -10,6 +11,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(used <= data.len());
         let mut again = Vec::new();
         msg.write_to(&mut again).expect("a decoded message encodes");
+        assert_eq!(msg.encoded_len(), Ok(again.len()));
         let (back, n) = AgentToRelay::decode_frame(&again)
             .expect("re-encoded frame is valid")
             .expect("re-encoded frame is complete");
@@ -17,10 +19,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(n, again.len());
     }
     // The streaming decoder on the same bytes, fed in two pieces.
-    let mut d = FrameDecoder::new();
-    let cut = data.len() / 2;
-    d.extend(&data[..cut]);
-    while let Ok(Some(_)) = d.next_message::<AgentToRelay>() {}
-    d.extend(&data[cut..]);
-    while let Ok(Some(_)) = d.next_message::<AgentToRelay>() {}
+    let mut decoder = FrameDecoder::new();
+    let (first, second) = data.split_at(data.len() / 2);
+    decoder.extend(first);
+    while let Ok(Some(_)) = decoder.next_message::<AgentToRelay>() {}
+    decoder.extend(second);
+    while let Ok(Some(_)) = decoder.next_message::<AgentToRelay>() {}
 });

@@ -8,7 +8,9 @@
 //! # Admin HTTP (metrics, health): keep it on loopback.
 //! admin = "127.0.0.1:9101"
 //! # Server certificate chain and private key (PEM). The key file must be
-//! # mode 0600.
+//! # mode 0600. The QUIC stateless-reset and connection-id keys derive from
+//! # it, so a relay restarted with the same key makes its agents notice the
+//! # restart at once.
 //! tls_cert = "relay.crt"
 //! tls_key = "relay.key"
 //! # The authority's ed25519 public key (64 hex digits); grants must be

@@ -174,7 +174,7 @@ impl Relay {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            crate::tls::endpoint_config(&config)?,
             Some(server),
             socket,
             runtime,
