@@ -3,7 +3,7 @@
 //! to a frame that decodes to an equal message.
 #![no_main]
 
-use comsat_protocol::msg::{RelayToAgent, ControlMessage, FrameDecoder};
+use comsat_protocol::msg::{ControlMessage, FrameDecoder, RelayToAgent};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
