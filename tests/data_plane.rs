@@ -426,7 +426,8 @@ async fn bad_credentials_are_refused_with_one_code_and_counted() -> Result<()> {
         assert_eq!(
             outcome,
             HelloOutcome::Closed(CLOSE_REFUSED.into()),
-            "{what}: expected the generic refusal"
+            "{what}: expected the generic refusal; relay log:\n{}",
+            sys.relay.log_tail()
         );
     }
     let m = scrape(sys.relay_admin)?;
@@ -436,19 +437,26 @@ async fn bad_credentials_are_refused_with_one_code_and_counted() -> Result<()> {
             "comsat_relay_auth_failures_total{reason=\"unknown_node\"}"
         ),
         4.0,
-        "{m}"
+        "{m}\nrelay log:\n{}",
+        sys.relay.log_tail()
     );
 
     // A Hello that is valid on one connection is useless on another.
     let agent_a_key = SigningKey::read_file(&sys.layout.agent_a.dir.join("node.key"))?;
     let first = client.connect(sys.relay_quic).await?;
     let hello = make_hello(sys.layout.agent_a.node_id, &agent_a_key, &exporter(&first)?);
-    assert_eq!(send_hello(&first, &hello).await?, HelloOutcome::Welcome);
+    assert_eq!(
+        send_hello(&first, &hello).await?,
+        HelloOutcome::Welcome,
+        "relay log:\n{}",
+        sys.relay.log_tail()
+    );
     let second = client.connect(sys.relay_quic).await?;
     assert_eq!(
         send_hello(&second, &hello).await?,
         HelloOutcome::Closed(CLOSE_REFUSED.into()),
-        "replayed Hello"
+        "replayed Hello; relay log:\n{}",
+        sys.relay.log_tail()
     );
     let m = scrape(sys.relay_admin)?;
     assert_eq!(
@@ -457,7 +465,8 @@ async fn bad_credentials_are_refused_with_one_code_and_counted() -> Result<()> {
             "comsat_relay_auth_failures_total{reason=\"bad_signature\"}"
         ),
         1.0,
-        "{m}"
+        "{m}\nrelay log:\n{}",
+        sys.relay.log_tail()
     );
     Ok(())
 }

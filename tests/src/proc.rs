@@ -166,7 +166,7 @@ pub fn metric(text: &str, series: &str) -> f64 {
 }
 
 /// How long a started process has to print its ready line.
-pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The address after `key` in a line like `... quic=1.2.3.4:5 admin=...`.
 fn field(line: &str, key: &str) -> Result<SocketAddr> {
