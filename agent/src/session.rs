@@ -289,6 +289,10 @@ impl Backoff {
 enum Ended {
     /// It closed or failed; start again from the first relay of the list.
     Closed,
+    /// The relay went silent (idle timeout): it is probably gone, so start
+    /// with the next relay of the list. Its peers, noticing the same
+    /// silence, do the same.
+    Silent,
     /// Every link's peer stayed away: try the next relay of the list.
     Hop,
 }
@@ -336,7 +340,14 @@ pub(crate) async fn relay_loop(
                 info!(from = %relay.addr, to = %candidates[i].0.addr, "peers absent here; trying the next relay");
                 continue;
             }
-            Ok(Ended::Closed) => {
+            Ok(Ended::Silent) if candidates.len() > 1 => {
+                backoff.reset();
+                hops = 0;
+                i = (i + 1) % candidates.len();
+                info!(from = %relay.addr, to = %candidates[i].0.addr, "relay went silent; trying the next relay first");
+                continue;
+            }
+            Ok(Ended::Closed | Ended::Silent) => {
                 backoff.reset();
                 hops = 0;
                 i = 0;
@@ -367,10 +378,15 @@ async fn connect_and_serve(
     let (endpoint, conn, send, recv, decoder) = connect(shared, relay, client).await?;
     shared.metrics.connects.increment(1);
     info!("connected to relay");
-    let ended = serve(
+    let mut ended = serve(
         shared, &conn, send, recv, decoder, links, ack_notify, can_hop, hops,
     )
     .await;
+    if matches!(ended, Ended::Closed)
+        && matches!(conn.close_reason(), Some(quinn::ConnectionError::TimedOut))
+    {
+        ended = Ended::Silent;
+    }
     let stats = conn.stats();
     info!(
         sent_packets = stats.path.sent_packets,
