@@ -30,8 +30,9 @@
 //!
 //! Links with the same relay list share one QUIC connection, to the first
 //! relay of the list that answers; both agents of a link follow the same
-//! order, so they meet on the same relay. When the connection dies they
-//! start again from the top of the list; when every link's peer stays away
+//! order, so they meet on the same relay. When the relay goes silent they
+//! move to the next relay of the list; when the connection ends otherwise
+//! they start again from the top; when every link's peer stays away
 //! from the relay they are on (one agent cannot reach it), they try the next
 //! relays in turn until they meet.
 //!
