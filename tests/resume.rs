@@ -527,6 +527,23 @@ fn scopeguard(pid: u32) -> impl Drop {
     Cont(pid)
 }
 
+/// Points an agent config's first relay at `front` (a fault proxy), noting
+/// the relay address it replaced in `upstream`.
+fn redirect_first_relay(
+    text: String,
+    front: SocketAddr,
+    upstream: &std::sync::Mutex<Option<SocketAddr>>,
+) -> String {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("addr = "))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    let relay = line.trim_start_matches("addr = ").trim_matches('"');
+    *upstream.lock().unwrap_or_else(|p| p.into_inner()) = relay.parse().ok();
+    text.replacen(&line, &format!("addr = \"{front}\""), 1)
+}
+
 /// A system whose agent A reaches the relay through a fault proxy.
 fn partitioned_system(
     target: SocketAddr,
@@ -552,17 +569,7 @@ fn partitioned_system(
                 return text;
             }
             // Agent A dials the proxy instead of the relay.
-            let line = text
-                .lines()
-                .find(|l| l.starts_with("addr = "))
-                .map(str::to_owned)
-                .unwrap_or_default();
-            let relay = line
-                .trim_start_matches("addr = ")
-                .trim_matches('"')
-                .to_owned();
-            *upstream.lock().unwrap_or_else(|p| p.into_inner()) = relay.parse::<SocketAddr>().ok();
-            text.replace(&line, &format!("addr = \"{front_addr}\""))
+            redirect_first_relay(text, front_addr, &upstream)
         },
     );
     // The proxy must run before agent A can connect: start it, then wait
@@ -767,17 +774,7 @@ async fn agents_meet_on_a_relay_both_can_reach() -> Result<()> {
         if agent != 1 {
             return text;
         }
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("addr = "))
-            .map(str::to_owned)
-            .unwrap_or_default();
-        let addr = line
-            .trim_start_matches("addr = ")
-            .trim_matches('"')
-            .to_owned();
-        *first_relay.lock().unwrap_or_else(|p| p.into_inner()) = addr.parse::<SocketAddr>().ok();
-        text.replacen(&line, &format!("addr = \"{front_addr}\""), 1)
+        redirect_first_relay(text, front_addr, &first_relay)
     })?;
     let upstream = first_relay
         .into_inner()
