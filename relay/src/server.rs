@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -93,26 +93,24 @@ struct State {
     connections: Arc<Semaphore>,
     next_conn_id: AtomicU64,
     tap: Option<Mutex<std::fs::File>>,
-    ready: AtomicBool,
     /// Bytes held for parked flows, all links together.
     buffered: AtomicU64,
 }
 
+/// Locks `m`, going on with the data of a thread that panicked holding it
+/// (every critical section here leaves the data consistent).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl State {
     fn links(&self) -> std::sync::MutexGuard<'_, HashMap<LinkId, LinkSlot>> {
-        match self.links.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        lock(&self.links)
     }
 
     fn tap(&self, bytes: &[u8]) {
         if let Some(tap) = &self.tap {
-            let mut f = match tap.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            let _ = f.write_all(bytes);
+            let _ = lock(tap).write_all(bytes);
         }
     }
 }
@@ -189,7 +187,6 @@ impl Relay {
             metrics,
             next_conn_id: AtomicU64::new(1),
             tap,
-            ready: AtomicBool::new(true),
             buffered: AtomicU64::new(0),
         });
         Ok(Self {
@@ -204,10 +201,11 @@ impl Relay {
         self.endpoint.local_addr()
     }
 
-    /// Whether the relay is serving (grants loaded).
+    /// Whether the relay is serving (what `/readyz` reports). A bound
+    /// relay has loaded its grants ([`Self::bind`] fails otherwise) and
+    /// serves until it stops.
     pub fn readiness(&self) -> impl Fn() -> bool + Send + Sync + 'static {
-        let state = self.state.clone();
-        move || state.ready.load(Ordering::Relaxed)
+        || true
     }
 
     /// Serves until `shutdown` completes, then closes every connection.
@@ -674,7 +672,7 @@ impl Drop for Held {
 struct Parked {
     chunks: Vec<bytes::Bytes>,
     finished: bool,
-    _held: Held,
+    held: Held,
 }
 
 /// Where a new flow stream goes.
@@ -695,13 +693,9 @@ fn route(state: &State, conn_id: u64, link_id: &LinkId) -> Option<Route> {
         .map_or(0, |g| g.buffer_limit);
     let links = state.links();
     let slot = links.get(link_id)?;
-    let side = if slot.a.as_ref().is_some_and(|a| a.conn_id == conn_id) {
-        Side::A
-    } else if slot.b.as_ref().is_some_and(|b| b.conn_id == conn_id) {
-        Side::B
-    } else {
-        return None;
-    };
+    let side = [Side::A, Side::B]
+        .into_iter()
+        .find(|side| slot.held_by(*side, conn_id))?;
     Some(Route {
         side,
         peer: slot.side(side.peer()).as_ref().map(|p| p.conn.clone()),
@@ -725,7 +719,7 @@ async fn park(
     let mut parked = Parked {
         chunks: Vec::new(),
         finished: false,
-        _held: Held {
+        held: Held {
             bytes: 0,
             link: route.link_buffered.clone(),
             state: state.clone(),
@@ -755,7 +749,7 @@ async fn park(
             _ = route.revoked.wait_for(|r| *r) => return None,
             chunk = recv.read_chunk(defaults::SPLICE_CHUNK, true), if room => match chunk {
                 Ok(Some(c)) => {
-                    parked._held.add(c.bytes.len() as u64);
+                    parked.held.add(c.bytes.len() as u64);
                     state.tap(&c.bytes);
                     parked.chunks.push(c.bytes);
                 }
@@ -808,7 +802,7 @@ async fn splice_flow(
         }
         let mut finished = false;
         if let Some(parked) = parked {
-            debug!(bytes = parked._held.bytes, "delivering parked flow");
+            debug!(bytes = parked.held.bytes, "delivering parked flow");
             for chunk in parked.chunks.iter().cloned() {
                 state.metrics.forwarded_bytes.increment(chunk.len() as u64);
                 if peer_send.write_chunk(chunk).await.is_err() {
@@ -851,18 +845,11 @@ async fn pump(state: &State, mut from: quinn::RecvStream, mut to: quinn::SendStr
                     .increment(chunk.bytes.len() as u64);
                 state.tap(&chunk.bytes);
                 if let Err(e) = to.write_chunk(chunk.bytes).await {
-                    let silent = matches!(
-                        e,
-                        quinn::WriteError::ConnectionLost(quinn::ConnectionError::TimedOut)
-                    );
-                    let _ = from.stop(
-                        if silent {
-                            STREAM_PEER_SILENT
-                        } else {
-                            STREAM_REFUSED
-                        }
-                        .into(),
-                    );
+                    let lost = match &e {
+                        quinn::WriteError::ConnectionLost(c) => Some(c),
+                        _ => None,
+                    };
+                    let _ = from.stop(end_code(lost));
                     return;
                 }
             }
@@ -874,20 +861,23 @@ async fn pump(state: &State, mut from: quinn::RecvStream, mut to: quinn::SendStr
                 return;
             }
             Err(e) => {
-                let silent = matches!(
-                    e,
-                    quinn::ReadError::ConnectionLost(quinn::ConnectionError::TimedOut)
-                );
-                let _ = to.reset(
-                    if silent {
-                        STREAM_PEER_SILENT
-                    } else {
-                        STREAM_REFUSED
-                    }
-                    .into(),
-                );
+                let lost = match &e {
+                    quinn::ReadError::ConnectionLost(c) => Some(c),
+                    _ => None,
+                };
+                let _ = to.reset(end_code(lost));
                 return;
             }
         }
+    }
+}
+
+/// The code with which one side of a spliced flow is ended when the other
+/// side's stream fails: `STREAM_PEER_SILENT` when that side's connection
+/// timed out (the outage began an idle timeout ago), else `STREAM_REFUSED`.
+fn end_code(lost: Option<&quinn::ConnectionError>) -> quinn::VarInt {
+    match lost {
+        Some(quinn::ConnectionError::TimedOut) => STREAM_PEER_SILENT.into(),
+        _ => STREAM_REFUSED.into(),
     }
 }
