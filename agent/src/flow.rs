@@ -30,6 +30,7 @@ use tracing::debug;
 
 use crate::defaults;
 use crate::local::{LocalRead, LocalWrite};
+use crate::lock;
 use crate::metrics::Metrics;
 use crate::session::{LinkRt, LinkSession};
 
@@ -100,13 +101,6 @@ pub(crate) struct Flow {
     end: watch::Sender<End>,
     budget: Arc<Semaphore>,
     metrics: Metrics,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 impl Flow {
@@ -265,10 +259,8 @@ impl Flow {
                     return;
                 }
                 Err(e) => {
+                    // `run` tells the peer.
                     debug!(error = %e, "local read failed");
-                    let _ = self.push(RecordKind::Reset, &[], None);
-                    // Give the stream writer a moment to send the reset.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
                     return self.reset();
                 }
             }
@@ -489,26 +481,14 @@ pub(crate) async fn run(
             metrics.flows_resumed.increment(1);
         }
         let err = tokio::select! {
-            e = async {
-                tokio::select! {
-                    r = flow.write_stream(&mut send) => r.err(),
-                    r = flow.read_stream(&mut recv, &mut writer, &mut delivery) => r.err(),
-                }
-            } => e,
+            r = flow.write_stream(&mut send) => r.err(),
+            r = flow.read_stream(&mut recv, &mut writer, &mut delivery) => r.err(),
             _ = end.wait_for(|e| *e != End::Running) => None,
         };
         match (flow.ended(), err) {
             (End::Completed, _) => {
                 let _ = send.finish();
                 break End::Completed;
-            }
-            (End::Reset, _) => {
-                // Tell the peer, best effort; it also times out on its own.
-                let _ = flow.push(RecordKind::Reset, &[], None);
-                let _ = flow_tail(&flow, &mut send).await;
-                let _ = send.reset(STREAM_FAILED.into());
-                let _ = recv.stop(STREAM_FAILED.into());
-                break End::Reset;
             }
             (End::Running, Some(e)) if e.resumable() => {
                 debug!(error = %e, "flow stream lost; waiting to resume");
@@ -524,9 +504,11 @@ pub(crate) async fn run(
                 outage = Some(began);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            (End::Running, e) => {
+            (_, e) => {
+                // Reset here or elsewhere (local error, new session, …).
                 debug!(error = ?e, "flow failed");
                 flow.reset();
+                // Tell the peer, best effort; it also times out on its own.
                 if !matches!(e, Some(FlowError::PeerReset)) {
                     let _ = flow.push(RecordKind::Reset, &[], None);
                     let _ = flow_tail(&flow, &mut send).await;

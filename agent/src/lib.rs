@@ -31,6 +31,12 @@ use comsat_protocol::{NoiseSecretKey, SigningKey};
 use tokio::task::JoinSet;
 
 pub use config::AgentConfig;
+
+/// Locks `m`, going on with the data of a task that panicked holding it
+/// (every critical section here leaves the data consistent).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 pub use error::AgentError;
 
 use crate::config::{LocalRole, RelayEndpoint};
@@ -126,8 +132,9 @@ impl Agent {
         &self.listening
     }
 
-    /// A function telling whether every link has its end-to-end session up
-    /// (what `/readyz` reports).
+    /// A function telling whether every link is attached to a relay with an
+    /// end-to-end session (what `/readyz` reports; a link's peer may be away,
+    /// the relay then holds what is sent for it).
     pub fn readiness(&self) -> impl Fn() -> bool + Send + Sync + 'static {
         let links = self.links.clone();
         move || links.iter().all(|l| l.ready.borrow().is_some())

@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `comsat_agent_relay_connects_total` | counter | relay connections established |
 //! | `comsat_agent_relay_connect_failures_total` | counter | failed connection attempts |
-//! | `comsat_agent_links_ready` | gauge | links with an end-to-end session up |
+//! | `comsat_agent_links_ready` | gauge | links attached to a relay with an end-to-end session |
 //! | `comsat_agent_flows_total` | counter | flows opened (both directions of dialling) |
 //! | `comsat_agent_flows_open` | gauge | flows open |
 //! | `comsat_agent_flows_failed_total` | counter | flows that ended in a reset |
@@ -19,7 +19,7 @@ use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
 pub const RELAY_CONNECTS_TOTAL: &str = "comsat_agent_relay_connects_total";
 /// Failed relay connection attempts.
 pub const RELAY_CONNECT_FAILURES_TOTAL: &str = "comsat_agent_relay_connect_failures_total";
-/// Links with a session.
+/// Links attached with a session.
 pub const LINKS_READY: &str = "comsat_agent_links_ready";
 /// Flows opened.
 pub const FLOWS_TOTAL: &str = "comsat_agent_flows_total";
@@ -57,7 +57,10 @@ impl Metrics {
             RELAY_CONNECT_FAILURES_TOTAL,
             "Failed relay connection attempts"
         );
-        describe_gauge!(LINKS_READY, "Links with an end-to-end session up");
+        describe_gauge!(
+            LINKS_READY,
+            "Links attached to a relay with an end-to-end session"
+        );
         describe_counter!(FLOWS_TOTAL, "Flows opened");
         describe_gauge!(FLOWS_OPEN, "Flows open");
         describe_counter!(FLOWS_FAILED_TOTAL, "Flows that ended in a reset");

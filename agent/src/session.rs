@@ -33,6 +33,7 @@ use crate::config::{LinkConfig, LocalRole, RelayEndpoint};
 use crate::defaults;
 use crate::flow::{self, Flow, STREAM_FAILED};
 use crate::local;
+use crate::lock;
 use crate::metrics::Metrics;
 
 /// What the agent's tasks share.
@@ -43,13 +44,6 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     /// Replay budget of the whole agent, in KiB of unacknowledged records.
     pub(crate) budget: Arc<Semaphore>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 /// A link's end-to-end session and its link-control sequence numbers.
@@ -153,10 +147,14 @@ impl LinkRt {
         let was = self.ready.borrow().is_some();
         let now = value.is_some();
         self.ready.send_replace(value);
+        if now {
+            // Acks that waited for the link go out now.
+            self.ack_notify.notify_one();
+        }
         match (was, now) {
             (false, true) => {
                 metrics.links_ready.increment(1.0);
-                info!(link = %self.cfg.name, "link ready: end-to-end session up");
+                info!(link = %self.cfg.name, "link ready: attached, end-to-end session up");
             }
             (true, false) => {
                 metrics.links_ready.decrement(1.0);
@@ -206,10 +204,7 @@ impl LinkRt {
 
     /// Schedules a cumulative acknowledgement to the peer.
     pub(crate) fn queue_ack(&self, flow: FlowId, upto: u64) {
-        let mut acks = lock(&self.acks);
-        let e = acks.entry(flow).or_insert(upto);
-        *e = (*e).max(upto);
-        drop(acks);
+        merge_ack(&mut lock(&self.acks), flow, upto);
         self.ack_notify.notify_one();
     }
 
@@ -234,9 +229,8 @@ impl LinkRt {
                 {
                     // Put them back; the next flush retries.
                     let mut pending = lock(&self.acks);
-                    for (f, u) in chunk {
-                        let e = pending.entry(*f).or_insert(*u);
-                        *e = (*e).max(*u);
+                    for (flow, upto) in chunk {
+                        merge_ack(&mut pending, *flow, *upto);
                     }
                 }
             }
@@ -258,6 +252,12 @@ impl LinkRt {
     fn pending(&self) -> std::sync::MutexGuard<'_, Option<ExpectResponse>> {
         lock(&self.pending)
     }
+}
+
+/// Keeps the highest acknowledged position per flow.
+fn merge_ack(acks: &mut HashMap<FlowId, u64>, flow: FlowId, upto: u64) {
+    let e = acks.entry(flow).or_insert(upto);
+    *e = (*e).max(upto);
 }
 
 /// Jittered exponential backoff.
