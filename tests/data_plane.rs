@@ -152,22 +152,33 @@ async fn tcp_64mib_both_ways_over_8_flows() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unix_socket_64mib_both_ways_over_8_flows() -> Result<()> {
+/// A ready system with one link between Unix sockets in a new directory,
+/// whose listener admits only the uid `allowed` makes of our own; returns
+/// the directory, the listen path, the target listener and the system.
+fn unix_system(
+    name: &str,
+    allowed: impl Fn(u32) -> u32,
+) -> Result<(tempfile::TempDir, std::path::PathBuf, UnixListener, System)> {
     let sockets = tempfile::tempdir()?;
     let listen_path = sockets.path().join("app.sock");
     let target_path = sockets.path().join("service.sock");
     let target = UnixListener::bind(&target_path)?;
-    // Only our own uid may use the listener.
     let uid = std::fs::metadata(sockets.path())?.uid();
     let mut l = link(
-        "unix",
+        name,
         format!("unix://{}", listen_path.display()),
         format!("unix://{}", target_path.display()),
     );
-    l.allowed_uids = vec![uid];
+    l.allowed_uids = vec![allowed(uid)];
     let sys = System::start(Options::one(l))?;
     sys.wait_ready()?;
+    Ok((sockets, listen_path, target, sys))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_64mib_both_ways_over_8_flows() -> Result<()> {
+    // Only our own uid may use the listener.
+    let (_sockets, listen_path, target, sys) = unix_system("unix", |uid| uid)?;
     let target = Arc::new(target);
     eight_flows(
         move || {
@@ -273,19 +284,8 @@ async fn relay_never_sees_plaintext() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unix_peer_with_wrong_uid_is_refused() -> Result<()> {
-    let sockets = tempfile::tempdir()?;
-    let listen_path = sockets.path().join("app.sock");
-    let target_path = sockets.path().join("service.sock");
-    let target = UnixListener::bind(&target_path)?;
-    let uid = std::fs::metadata(sockets.path())?.uid();
-    let mut l = link(
-        "guarded",
-        format!("unix://{}", listen_path.display()),
-        format!("unix://{}", target_path.display()),
-    );
-    l.allowed_uids = vec![uid.wrapping_add(4242)];
-    let sys = System::start(Options::one(l))?;
-    sys.wait_ready()?;
+    let (_sockets, listen_path, target, sys) =
+        unix_system("guarded", |uid| uid.wrapping_add(4242))?;
     let mut c = UnixStream::connect(&listen_path).await?;
     let _ = c.write_all(b"let me in").await;
     let mut buf = Vec::new();
