@@ -13,7 +13,8 @@ pub struct ParseHexError {
     got: String,
 }
 
-pub(crate) fn parse_hex<const N: usize>(s: &str) -> Result<[u8; N], ParseHexError> {
+/// Parses exactly `2 * N` hex digits.
+pub fn parse_hex<const N: usize>(s: &str) -> Result<[u8; N], ParseHexError> {
     let err = || ParseHexError {
         expected: N * 2,
         got: if s.len() > 80 {

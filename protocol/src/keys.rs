@@ -88,6 +88,16 @@ impl SigningKey {
         self.0.sign(&buf)
     }
 
+    /// The key as PKCS#8 v1 DER (for JWT signing), zeroized on drop.
+    pub fn to_pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
+        use ed25519_dalek::pkcs8::EncodePrivateKey;
+        // Encoding a 32-byte seed into its fixed PKCS#8 form cannot fail.
+        self.0
+            .to_pkcs8_der()
+            .map(|doc| Zeroizing::new(doc.as_bytes().to_vec()))
+            .unwrap_or_default()
+    }
+
     /// Writes the key to `path` (mode 0600, atomically).
     pub fn write_file(&self, path: &Path) -> Result<(), KeyFileError> {
         let text = Zeroizing::new(format!(

@@ -14,9 +14,11 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
+pub mod api;
 pub mod codec;
 pub mod grant;
 pub mod ids;
+pub mod jwt;
 pub mod keys;
 pub mod limits;
 pub mod link;
