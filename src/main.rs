@@ -237,7 +237,7 @@ async fn run_agent(config: PathBuf) -> anyhow::Result<()> {
         println!("comsat agent admin {bound}");
         tokio::spawn(serve);
     }
-    for (name, addr) in agent.listening() {
+    for (name, addr) in &agent.listening() {
         println!("comsat agent link {name} listening {addr}");
     }
     println!("comsat agent started");

@@ -81,7 +81,7 @@ pub struct AgentConfig {
 }
 
 /// One link half.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct LinkConfig {
@@ -175,6 +175,45 @@ pub enum LocalRole {
 }
 
 impl LinkConfig {
+    /// This agent's half of a link as the controller sends it; relay
+    /// certificates must chain to `relay_ca_file`.
+    pub fn from_desired(link: &comsat_protocol::api::AgentLink, relay_ca_file: &Path) -> Self {
+        Self {
+            name: link.name.clone(),
+            link_id: link.link_id,
+            generation: link.generation,
+            side: link.side,
+            peer_noise_public_key: link.peer_noise_public_key,
+            listen: link.listen.clone(),
+            target: link.target.clone(),
+            allowed_uids: link.allowed_uids.clone(),
+            allowed_gids: link.allowed_gids.clone(),
+            relays: link
+                .relays
+                .iter()
+                .map(|r| RelayEndpoint {
+                    addr: r.addr.clone(),
+                    server_name: r.server_name.clone(),
+                    ca_file: Some(relay_ca_file.to_owned()),
+                    cert_sha256: None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether `other` is the same link half except for its generation and
+    /// relays: then its session and flows carry over.
+    pub(crate) fn same_half(&self, other: &Self) -> bool {
+        self.link_id == other.link_id
+            && self.side == other.side
+            && self.peer_noise_public_key == other.peer_noise_public_key
+            && self.listen == other.listen
+            && self.target == other.target
+            && self.allowed_uids == other.allowed_uids
+            && self.allowed_gids == other.allowed_gids
+            && self.name == other.name
+    }
+
     /// The parsed local role.
     pub fn role(&self) -> Result<LocalRole, String> {
         match (&self.listen, &self.target) {
@@ -202,6 +241,19 @@ impl LinkConfig {
 }
 
 impl AgentConfig {
+    /// A config with no links, for an agent whose links come from the
+    /// controller ([`crate::Agent::apply`]).
+    pub fn for_node(node_id: NodeId, signing_key: PathBuf, noise_key: PathBuf) -> Self {
+        Self {
+            node_id,
+            signing_key,
+            noise_key,
+            admin: None,
+            flow_timeout_ms: None,
+            links: Vec::new(),
+        }
+    }
+
     /// Reads and checks a config file; relative paths resolve against its
     /// directory.
     pub fn load(path: &Path) -> Result<Self, AgentError> {

@@ -23,18 +23,20 @@ mod session;
 pub mod tls;
 mod udp;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use comsat_protocol::{NoiseSecretKey, SigningKey};
-use tokio::task::JoinSet;
+use comsat_protocol::{LinkId, NoiseSecretKey, SigningKey};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
-pub use config::AgentConfig;
+pub use config::{AgentConfig, LinkConfig};
 
 /// Locks `m`, going on with the data of a task that panicked holding it
 /// (every critical section here leaves the data consistent).
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 pub use error::AgentError;
@@ -42,17 +44,47 @@ pub use error::AgentError;
 use crate::config::{LocalRole, RelayEndpoint};
 use crate::session::{LinkRt, Shared};
 
-/// A started agent: listeners bound, relay sessions running.
+/// A started agent: listeners bound, relay sessions running. Its links can
+/// be replaced while it runs ([`Agent::apply`]).
 pub struct Agent {
-    tasks: JoinSet<()>,
-    links: Vec<Arc<LinkRt>>,
-    listening: Vec<(String, String)>,
+    shared: Arc<Shared>,
+    flow_timeout: Duration,
+    links: HashMap<LinkId, Held>,
+    groups: HashMap<Vec<RelayEndpoint>, Group>,
+    live: Arc<Mutex<Vec<Arc<LinkRt>>>>,
+}
+
+/// A link the agent holds.
+struct Held {
+    cfg: LinkConfig,
+    rt: Arc<LinkRt>,
+    listener: Option<JoinHandle<()>>,
+    /// The listener's bound address.
+    bound: Option<String>,
+}
+
+/// Links with the same relay list, sharing one relay session.
+struct Group {
+    task: JoinHandle<()>,
+    members: BTreeSet<LinkId>,
+}
+
+/// What [`Agent::apply`] did.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct Applied {
+    /// `(link name, bound address)` of every listener bound now.
+    pub listening: Vec<(String, String)>,
+    /// Links that were removed (their listener closed, their flows reset).
+    pub removed: Vec<String>,
+    /// Links that could not be set up, with why; they are not held.
+    pub failed: Vec<(String, AgentError)>,
 }
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
-            .field("listening", &self.listening)
+            .field("links", &self.links.len())
             .finish_non_exhaustive()
     }
 }
@@ -60,6 +92,16 @@ impl std::fmt::Debug for Agent {
 impl Agent {
     /// Loads the keys, binds every listener and starts the relay sessions.
     pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
+        let mut agent = Self::new(&config)?;
+        let applied = agent.apply(config.links).await;
+        if let Some((_, e)) = applied.failed.into_iter().next() {
+            return Err(e);
+        }
+        Ok(agent)
+    }
+
+    /// An agent holding no link yet: loads the keys.
+    pub fn new(config: &AgentConfig) -> Result<Self, AgentError> {
         let signing = SigningKey::read_file(&config.signing_key)?;
         let noise = NoiseSecretKey::read_file(&config.noise_key)?;
         let budget_kib = defaults::REPLAY_BUDGET / 1024;
@@ -72,84 +114,226 @@ impl Agent {
         });
         let flow_timeout = config
             .flow_timeout_ms
-            .map_or(defaults::FLOW_TIMEOUT, std::time::Duration::from_millis);
-        let mut notifies: HashMap<Vec<RelayEndpoint>, Arc<tokio::sync::Notify>> = HashMap::new();
-        let mut tasks = JoinSet::new();
-        let mut by_relay: HashMap<Vec<RelayEndpoint>, HashMap<_, Arc<LinkRt>>> = HashMap::new();
-        let mut links = Vec::new();
-        let mut listening = Vec::new();
-        for cfg in config.links {
-            let role = cfg.role().map_err(|reason| AgentError::Config {
-                path: "agent config".into(),
-                reason: format!("link `{}`: {reason}", cfg.name),
-            })?;
-            let notify = notifies.entry(cfg.relays.clone()).or_default().clone();
-            for relay in &cfg.relays {
-                tls::client_config(relay).map_err(|reason| AgentError::Tls {
-                    link: cfg.name.clone(),
-                    reason: format!("relay {}: {reason}", relay.addr),
-                })?;
-            }
-            let link = Arc::new(LinkRt::new(cfg.clone(), role.clone(), flow_timeout, notify));
-            if let LocalRole::Listen(spec) = &role {
-                let listener =
-                    local::Listener::bind(spec)
-                        .await
-                        .map_err(|source| AgentError::Listen {
-                            link: cfg.name.clone(),
-                            spec: spec.to_string(),
-                            source,
-                        })?;
-                let addr = listener.describe();
-                tracing::info!(link = %cfg.name, listen = %addr, "listening");
-                listening.push((cfg.name.clone(), addr));
-                tasks.spawn(session::serve_listener(
-                    shared.clone(),
-                    link.clone(),
-                    listener,
-                ));
-            }
-            by_relay
-                .entry(cfg.relays.clone())
-                .or_default()
-                .insert(cfg.link_id, link.clone());
-            links.push(link);
-        }
-        for (relays, links) in by_relay {
-            let notify = notifies.get(&relays).cloned().unwrap_or_default();
-            tasks.spawn(session::relay_loop(shared.clone(), relays, links, notify));
-        }
+            .map_or(defaults::FLOW_TIMEOUT, Duration::from_millis);
         Ok(Self {
-            tasks,
-            links,
-            listening,
+            shared,
+            flow_timeout,
+            links: HashMap::new(),
+            groups: HashMap::new(),
+            live: Arc::default(),
         })
     }
 
-    /// `(link name, bound address)` of every listener, e.g.
-    /// `("db", "tcp://127.0.0.1:7000")`.
-    pub fn listening(&self) -> &[(String, String)] {
-        &self.listening
+    /// Makes `links` the agent's links. Only what changed is touched: a
+    /// removed link closes its listener and resets its flows; a new one
+    /// binds its listener; a link whose grant moved to other relays keeps
+    /// its end-to-end session and flows, which resume on the new relays.
+    /// Links sharing a relay list with a changed one reconnect and resume.
+    pub async fn apply(&mut self, links: Vec<LinkConfig>) -> Applied {
+        let mut applied = Applied::default();
+        let mut desired = HashMap::new();
+        for cfg in links {
+            match check(&cfg) {
+                Ok(role) => {
+                    desired.insert(cfg.link_id, (cfg, role));
+                }
+                Err(e) => applied.failed.push((cfg.name.clone(), e)),
+            }
+        }
+        // Links gone, or changed in what their session and flows depend on.
+        let gone: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(id, held)| {
+                desired
+                    .get(*id)
+                    .is_none_or(|(cfg, _)| !cfg.same_half(&held.cfg))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some(held) = self.links.remove(&id) {
+                self.stop_groups_of(&[id]).await;
+                if let Some(task) = held.listener {
+                    task.abort();
+                    let _ = task.await;
+                }
+                held.rt.shut(&self.shared.metrics);
+                if let LocalRole::Listen(spec) = &held.rt.role {
+                    local::cleanup(spec);
+                }
+                tracing::info!(link = %held.cfg.name, "link removed");
+                applied.removed.push(held.cfg.name);
+            }
+        }
+        for (id, (cfg, role)) in desired {
+            if let Some(held) = self.links.get_mut(&id) {
+                held.cfg = cfg;
+                continue;
+            }
+            let rt = Arc::new(LinkRt::new(
+                cfg.clone(),
+                role.clone(),
+                self.flow_timeout,
+                Arc::new(Notify::new()),
+            ));
+            let mut listener = None;
+            let mut bound = None;
+            if let LocalRole::Listen(spec) = &role {
+                match local::Listener::bind(spec).await {
+                    Ok(l) => {
+                        let addr = l.describe();
+                        tracing::info!(link = %cfg.name, listen = %addr, "listening");
+                        applied.listening.push((cfg.name.clone(), addr.clone()));
+                        bound = Some(addr);
+                        listener = Some(tokio::spawn(session::serve_listener(
+                            self.shared.clone(),
+                            rt.clone(),
+                            l,
+                        )));
+                    }
+                    Err(source) => {
+                        applied.failed.push((
+                            cfg.name.clone(),
+                            AgentError::Listen {
+                                link: cfg.name.clone(),
+                                spec: spec.to_string(),
+                                source,
+                            },
+                        ));
+                        continue;
+                    }
+                }
+            }
+            self.links.insert(
+                id,
+                Held {
+                    cfg,
+                    rt,
+                    listener,
+                    bound,
+                },
+            );
+        }
+        self.regroup().await;
+        *lock(&self.live) = self.links.values().map(|h| h.rt.clone()).collect();
+        applied
+    }
+
+    /// Stops the relay sessions carrying any of `ids`.
+    async fn stop_groups_of(&mut self, ids: &[LinkId]) {
+        let keys: Vec<_> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| ids.iter().any(|id| g.members.contains(id)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            if let Some(group) = self.groups.remove(&key) {
+                group.task.abort();
+                let _ = group.task.await;
+                for id in &group.members {
+                    if let Some(held) = self.links.get(id) {
+                        held.rt.detach(&self.shared.metrics);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one relay session per relay list, restarting only those whose
+    /// links changed.
+    async fn regroup(&mut self) {
+        let mut want: HashMap<Vec<RelayEndpoint>, BTreeSet<LinkId>> = HashMap::new();
+        for (id, held) in &self.links {
+            want.entry(held.cfg.relays.clone()).or_default().insert(*id);
+        }
+        let stale: Vec<LinkId> = self
+            .groups
+            .iter()
+            .filter(|(k, g)| want.get(*k) != Some(&g.members))
+            .flat_map(|(_, g)| g.members.iter().copied())
+            .collect();
+        self.stop_groups_of(&stale).await;
+        for (relays, members) in want {
+            // A link the controller could not place on any relay yet.
+            if relays.is_empty() || self.groups.contains_key(&relays) {
+                continue;
+            }
+            let notify = Arc::new(Notify::new());
+            let mut links = HashMap::new();
+            for id in &members {
+                if let Some(held) = self.links.get(id) {
+                    held.rt.rebind(notify.clone(), held.cfg.generation);
+                    links.insert(*id, held.rt.clone());
+                }
+            }
+            let task = tokio::spawn(session::relay_loop(
+                self.shared.clone(),
+                relays.clone(),
+                links,
+                notify,
+            ));
+            self.groups.insert(relays, Group { task, members });
+        }
+    }
+
+    /// `(link name, bound address)` of every listener.
+    pub fn listening(&self) -> Vec<(String, String)> {
+        let mut out: Vec<_> = self
+            .links
+            .values()
+            .filter_map(|h| Some((h.cfg.name.clone(), h.bound.clone()?)))
+            .collect();
+        out.sort();
+        out
     }
 
     /// A function telling whether every link is attached to a relay with an
     /// end-to-end session (what `/readyz` reports; a link's peer may be away,
     /// the relay then holds what is sent for it).
     pub fn readiness(&self) -> impl Fn() -> bool + Send + Sync + 'static {
-        let links = self.links.clone();
-        move || links.iter().all(|l| l.ready.borrow().is_some())
+        let live = self.live.clone();
+        move || lock(&live).iter().all(|l| l.ready.borrow().is_some())
     }
 
     /// Runs until `shutdown` completes.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         shutdown.await;
         tracing::info!("agent shutting down");
-        self.tasks.abort_all();
-        while self.tasks.join_next().await.is_some() {}
-        for link in &self.links {
-            if let LocalRole::Listen(spec) = &link.role {
-                local::cleanup(spec);
+        self.stop().await;
+    }
+
+    /// Stops every relay session and listener.
+    pub async fn stop(&mut self) {
+        let _ = self.apply(Vec::new()).await;
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for g in self.groups.values() {
+            g.task.abort();
+        }
+        for h in self.links.values() {
+            if let Some(l) = &h.listener {
+                l.abort();
             }
         }
     }
+}
+
+/// Checks a link's local role and relay TLS settings.
+fn check(cfg: &LinkConfig) -> Result<LocalRole, AgentError> {
+    let role = cfg.role().map_err(|reason| AgentError::Config {
+        path: "agent config".into(),
+        reason: format!("link `{}`: {reason}", cfg.name),
+    })?;
+    for relay in &cfg.relays {
+        tls::client_config(relay).map_err(|reason| AgentError::Tls {
+            link: cfg.name.clone(),
+            reason: format!("relay {}: {reason}", relay.addr),
+        })?;
+    }
+    Ok(role)
 }

@@ -108,7 +108,12 @@ pub(crate) struct LinkRt {
     next_flow: AtomicU32,
     flows: Mutex<HashMap<FlowId, Arc<Flow>>>,
     acks: Mutex<HashMap<FlowId, u64>>,
-    ack_notify: Arc<Notify>,
+    /// Wakes the relay session that carries the link (it changes when the
+    /// link moves to another relay list).
+    ack_notify: Mutex<Arc<Notify>>,
+    /// The grant generation attached with (it changes when the controller
+    /// re-grants the link, e.g. on other relays; flows go on).
+    generation: AtomicU64,
 }
 
 impl LinkRt {
@@ -119,7 +124,6 @@ impl LinkRt {
         ack_notify: Arc<Notify>,
     ) -> Self {
         Self {
-            cfg,
             role,
             flow_timeout,
             ready: watch::channel(None).0,
@@ -129,10 +133,42 @@ impl LinkRt {
             epoch: AtomicU64::new(0),
             peer_confirmed: std::sync::atomic::AtomicBool::new(false),
             next_flow: AtomicU32::new(0),
+            generation: AtomicU64::new(cfg.generation),
             flows: Mutex::default(),
             acks: Mutex::default(),
-            ack_notify,
+            ack_notify: Mutex::new(ack_notify),
+            cfg,
         }
+    }
+
+    /// Moves the link to the relay session woken by `notify`, attaching with
+    /// `generation` from now on.
+    pub(crate) fn rebind(&self, notify: Arc<Notify>, generation: u64) {
+        *lock(&self.ack_notify) = notify;
+        self.generation.store(generation, Ordering::Relaxed);
+    }
+
+    fn wake_acks(&self) {
+        lock(&self.ack_notify).notify_one();
+    }
+
+    /// Marks the link down after its relay session was stopped from
+    /// outside (reconfiguration), closing that session's connection.
+    pub(crate) fn detach(&self, metrics: &Metrics) {
+        if let Some(ready) = self.ready.borrow().clone() {
+            ready.conn.close(0u32.into(), b"reconfigured");
+        }
+        self.set_ready(None, metrics);
+        *self.pending() = None;
+    }
+
+    /// Ends the link for good (it was deleted): every flow is reset.
+    pub(crate) fn shut(&self, metrics: &Metrics) {
+        let flows: Vec<_> = lock(&self.flows).drain().map(|(_, f)| f).collect();
+        for f in flows {
+            f.reset();
+        }
+        self.detach(metrics);
     }
 
     fn set_ready(&self, conn: Option<&quinn::Connection>, metrics: &Metrics) {
@@ -149,7 +185,7 @@ impl LinkRt {
         self.ready.send_replace(value);
         if now {
             // Acks that waited for the link go out now.
-            self.ack_notify.notify_one();
+            self.wake_acks();
         }
         match (was, now) {
             (false, true) => {
@@ -205,7 +241,7 @@ impl LinkRt {
     /// Schedules a cumulative acknowledgement to the peer.
     pub(crate) fn queue_ack(&self, flow: FlowId, upto: u64) {
         merge_ack(&mut lock(&self.acks), flow, upto);
-        self.ack_notify.notify_one();
+        self.wake_acks();
     }
 
     pub(crate) fn remove_flow(&self, id: FlowId) {
@@ -524,7 +560,7 @@ async fn serve(
     for link in links.values() {
         let _ = ctl.try_send(AgentToRelay::Attach {
             link_id: link.cfg.link_id,
-            generation: link.cfg.generation,
+            generation: link.generation.load(Ordering::Relaxed),
             side: link.cfg.side,
         });
     }

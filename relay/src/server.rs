@@ -95,6 +95,8 @@ struct State {
     tap: Option<Mutex<std::fs::File>>,
     /// Bytes held for parked flows, all links together.
     buffered: AtomicU64,
+    /// The served certificate, reloaded when its file changes.
+    cert: Arc<crate::tls::CertSlot>,
 }
 
 /// Locks `m`, going on with the data of a thread that panicked holding it
@@ -143,7 +145,8 @@ impl Relay {
         config: RelayConfig,
         mut source: Box<dyn GrantSource>,
     ) -> Result<Self, RelayError> {
-        let server = crate::tls::server_config(&config)?;
+        let cert = crate::tls::CertSlot::load(&config.tls_cert, &config.tls_key)?;
+        let server = crate::tls::server_config(&config, cert.clone())?;
         let metrics = Metrics::new();
         let grants = GrantStore::new(config.relay_id, config.authority_public_key);
         let initial = source.poll(&metrics).map_err(|e| RelayError::Config {
@@ -188,6 +191,7 @@ impl Relay {
             next_conn_id: AtomicU64::new(1),
             tap,
             buffered: AtomicU64::new(0),
+            cert,
         });
         Ok(Self {
             endpoint,
@@ -199,6 +203,19 @@ impl Relay {
     /// The bound UDP address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// A function reporting the relay's load (for controller heartbeats).
+    pub fn load_probe(
+        &self,
+    ) -> impl Fn() -> comsat_protocol::api::RelayLoad + Send + Sync + 'static {
+        let state = self.state.clone();
+        move || comsat_protocol::api::RelayLoad {
+            connections: (state.config.limits.max_connections
+                - state.connections.available_permits()) as u64,
+            links: state.grants.snapshot().len() as u64,
+            buffered_bytes: state.buffered.load(Ordering::Relaxed),
+        }
     }
 
     /// Whether the relay is serving (what `/readyz` reports). A bound
@@ -245,6 +262,7 @@ async fn watch_grants(state: Arc<State>, mut source: Box<dyn GrantSource>) {
     let mut tick = tokio::time::interval(defaults::GRANT_POLL_INTERVAL);
     loop {
         tick.tick().await;
+        state.cert.reload_if_changed();
         let files = match source.poll(&state.metrics) {
             Ok(Some(files)) => files,
             Ok(None) => continue,

@@ -1,35 +1,107 @@
 //! The relay's TLS and QUIC configuration.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
 
 use comsat_protocol::ALPN;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
 use crate::config::RelayConfig;
 use crate::defaults;
 use crate::error::RelayError;
 
-/// Builds the QUIC server configuration from the certificate files and
-/// limits in `config`.
-pub fn server_config(config: &RelayConfig) -> Result<quinn::ServerConfig, RelayError> {
-    let certs = load_certs(&config.tls_cert)?;
-    let key = load_key(&config.tls_key)?;
+/// The relay's certificate, swapped in place when its files change (a
+/// renewed certificate is served to new connections without a restart).
+#[derive(Debug)]
+pub struct CertSlot {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<(Arc<CertifiedKey>, Option<SystemTime>)>,
+}
+
+impl CertSlot {
+    /// Loads the certificate chain and key.
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<Self>, RelayError> {
+        let stamp = modified(cert);
+        let ck = load_certified(cert, key)?;
+        Ok(Arc::new(Self {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            current: RwLock::new((ck, stamp)),
+        }))
+    }
+
+    /// Reloads the files if the certificate file changed since the last
+    /// load. A pair that does not load is logged and the old one kept.
+    pub fn reload_if_changed(&self) -> bool {
+        let stamp = modified(&self.cert);
+        let last = match self.current.read() {
+            Ok(c) => c.1,
+            Err(p) => p.into_inner().1,
+        };
+        if stamp == last {
+            return false;
+        }
+        match load_certified(&self.cert, &self.key) {
+            Ok(ck) => {
+                match self.current.write() {
+                    Ok(mut c) => *c = (ck, stamp),
+                    Err(p) => *p.into_inner() = (ck, stamp),
+                }
+                tracing::info!(cert = %self.cert.display(), "certificate reloaded");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "new certificate does not load; keeping the current one");
+                false
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for CertSlot {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(match self.current.read() {
+            Ok(c) => c.0.clone(),
+            Err(p) => p.into_inner().0.clone(),
+        })
+    }
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+fn load_certified(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, RelayError> {
+    let certs = load_certs(cert)?;
+    let der = load_key(key)?;
+    let provider = rustls::crypto::ring::default_provider();
+    let ck = CertifiedKey::from_der(certs, der, &provider).map_err(|e| {
+        RelayError::Tls(format!(
+            "{} and {} do not form a usable certificate and key: {e}",
+            cert.display(),
+            key.display()
+        ))
+    })?;
+    Ok(Arc::new(ck))
+}
+
+/// Builds the QUIC server configuration from the certificate in `cert`
+/// and the limits in `config`.
+pub fn server_config(
+    config: &RelayConfig,
+    cert: Arc<CertSlot>,
+) -> Result<quinn::ServerConfig, RelayError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| RelayError::Tls(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            RelayError::Tls(format!(
-                "{} and {} do not form a usable certificate and key: {e}",
-                config.tls_cert.display(),
-                config.tls_key.display()
-            ))
-        })?;
+        .with_cert_resolver(cert);
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
