@@ -1,9 +1,16 @@
 //! Support code of the `comsat` binary that tests also use.
 //!
-//! [`dev`] writes a complete local setup (authority, CA, relay and two
-//! agents, grants) until the controller does this over the network.
+//! [`dev`] writes a complete static local setup (authority, CA, relay and
+//! two agents, grants). [`client`] talks to the controller API; [`node`]
+//! enrols agents and relays and keeps them in step with the controller;
+//! [`ctl`] is the operator's command line client; [`up`] runs it all in
+//! one process.
 
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
+pub mod client;
+pub mod ctl;
 pub mod dev;
+pub mod node;
+pub mod up;

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use comsat_protocol::api::NodeKind;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 /// comsat: a relay-based secure interconnect broker.
@@ -35,8 +36,10 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the whole system locally (not built yet).
-    Up,
+    /// Run the whole system locally in one process: a controller, a relay
+    /// and two agents on loopback, enrolled with join tokens, plus a demo
+    /// service and link. Ctrl-C stops it; a second run reuses DIR.
+    Up(UpArgs),
     /// Run a relay.
     Relay {
         #[command(subcommand)]
@@ -47,8 +50,13 @@ enum Command {
         #[command(subcommand)]
         command: AgentCommand,
     },
-    /// The control plane (not built yet).
-    Controller,
+    /// The control plane: enrolment, links, grants.
+    Controller {
+        #[command(subcommand)]
+        command: ControllerCommand,
+    },
+    /// Operate a controller: join tokens, agents, relays, links.
+    Ctl(CtlArgs),
     /// Development helpers.
     Dev {
         #[command(subcommand)]
@@ -56,23 +64,248 @@ enum Command {
     },
 }
 
+#[derive(Args, Debug)]
+struct UpArgs {
+    /// Where the controller, relay and agents keep their state.
+    #[arg(long, default_value = ".comsat", env = "COMSAT_DATA_DIR")]
+    data_dir: PathBuf,
+    /// The controller's HTTPS port on 127.0.0.1 (first run only).
+    #[arg(long, default_value_t = 8443)]
+    controller_port: u16,
+    /// The relay's QUIC (UDP) port on 127.0.0.1 (first run only).
+    #[arg(long, default_value_t = 4433)]
+    relay_port: u16,
+    /// Where the demo link listens.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    demo_listen: SocketAddr,
+    /// Start only the infrastructure: no demo service, no demo link.
+    #[arg(long)]
+    no_demo: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ControllerCommand {
+    /// Create a controller's data dir: authority key, CA and server
+    /// certificate (or yours), database, admin token, ctl context.
+    Init {
+        /// Directory to create (must not hold a controller yet).
+        #[arg(long, env = "COMSAT_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The URL nodes and operators reach the controller at; it goes
+        /// into join tokens and the server certificate.
+        #[arg(long, default_value = "https://127.0.0.1:8443")]
+        public_url: String,
+        /// Your server certificate chain (PEM) instead of a generated CA.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// The CA that issued --tls-cert (PEM), pinned by nodes; default:
+        /// the last certificate of the chain.
+        #[arg(long, requires = "tls_cert")]
+        tls_ca: Option<PathBuf>,
+    },
+    /// Serve the controller API from an initialised data dir.
+    Run {
+        /// The data dir `controller init` created.
+        #[arg(long, env = "COMSAT_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Address to listen on (default: from controller.toml).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 enum RelayCommand {
-    /// Serve agents as configured in a relay.toml.
+    /// Serve agents: from an enrolled data dir (grants pushed by the
+    /// controller), or as configured in a relay.toml.
     Run {
-        /// The relay config file.
+        /// The data dir `comsat relay enrol` wrote.
+        #[arg(
+            long,
+            env = "COMSAT_DATA_DIR",
+            conflicts_with = "config",
+            required_unless_present = "config"
+        )]
+        data_dir: Option<PathBuf>,
+        /// UDP address to serve QUIC on (default: all addresses, at the
+        /// enrolled public address's port).
+        #[arg(long, requires = "data_dir")]
+        listen: Option<SocketAddr>,
+        /// Admin HTTP address (/metrics, /healthz, /readyz).
+        #[arg(long, requires = "data_dir")]
+        admin: Option<SocketAddr>,
+        /// A static relay config file (see `comsat dev init`).
         #[arg(long, env = "COMSAT_RELAY_CONFIG")]
-        config: PathBuf,
+        config: Option<PathBuf>,
+    },
+    /// Enrol this machine as a relay with a join token.
+    Enrol {
+        #[command(flatten)]
+        token: TokenArgs,
+        /// Directory for the relay's keys, certificate and grant cache.
+        #[arg(long, env = "COMSAT_DATA_DIR")]
+        data_dir: PathBuf,
+        /// HOST:PORT agents dial (UDP); HOST goes into the certificate.
+        #[arg(long)]
+        public_addr: String,
     },
 }
 
 #[derive(Subcommand, Debug)]
 enum AgentCommand {
-    /// Join the links configured in an agent.toml.
+    /// Join links: those the controller assigns to an enrolled data dir,
+    /// or those configured in an agent.toml.
     Run {
-        /// The agent config file.
+        /// The data dir `comsat agent enrol` wrote.
+        #[arg(
+            long,
+            env = "COMSAT_DATA_DIR",
+            conflicts_with = "config",
+            required_unless_present = "config"
+        )]
+        data_dir: Option<PathBuf>,
+        /// Admin HTTP address (/metrics, /healthz, /readyz).
+        #[arg(long, requires = "data_dir")]
+        admin: Option<SocketAddr>,
+        /// A static agent config file (see `comsat dev init`).
         #[arg(long, env = "COMSAT_AGENT_CONFIG")]
-        config: PathBuf,
+        config: Option<PathBuf>,
+    },
+    /// Enrol this machine as an agent with a join token.
+    Enrol {
+        #[command(flatten)]
+        token: TokenArgs,
+        /// Directory for the agent's keys and state.
+        #[arg(long, env = "COMSAT_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct TokenArgs {
+    /// The join token (prefer --token-file: a command line is visible to
+    /// every user of the machine).
+    token: Option<String>,
+    /// File holding the join token; `-` reads standard input.
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct CtlArgs {
+    /// Controller URL.
+    #[arg(long, env = "COMSAT_CONTROLLER", global = true)]
+    controller: Option<String>,
+    /// File holding the admin API token.
+    #[arg(long, env = "COMSAT_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// The controller CA (PEM).
+    #[arg(long, env = "COMSAT_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// A context file written by `controller init` (default
+    /// ./.comsat/context.toml when it exists).
+    #[arg(long, env = "COMSAT_CONTEXT", global = true)]
+    context: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Table, global = true)]
+    output: OutputFormat,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCommand {
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Enrolled agents.
+    Agent {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// Enrolled relays.
+    Relay {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// Links between two agents.
+    Link {
+        #[command(subcommand)]
+        command: LinkCommand,
+    },
+    /// A summary of the controller's state.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a one-time join token; prints only the token.
+    Create {
+        /// What the token enrols.
+        #[arg(long, value_parser = ["agent", "relay"])]
+        kind: String,
+        /// The name the node gets (default: one the controller picks).
+        #[arg(long)]
+        name: Option<String>,
+        /// Lifetime, e.g. 10m, 1h, 2d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ListCommand {
+    /// List them.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum LinkCommand {
+    /// Create a link: FROM listens locally, TO dials the target.
+    Create {
+        /// The link's name (lowercase letters, digits, `-`).
+        name: String,
+        /// The agent that listens.
+        #[arg(long)]
+        from: String,
+        /// Where it listens: tcp://127.0.0.1:PORT or unix:///PATH.
+        #[arg(long)]
+        listen: String,
+        /// The agent that dials the target.
+        #[arg(long)]
+        to: String,
+        /// What it dials: tcp://HOST:PORT or unix:///PATH.
+        #[arg(long)]
+        target: String,
+        /// Unix listeners: a peer uid allowed to connect (repeatable).
+        #[arg(long = "allow-uid")]
+        allow_uids: Vec<u32>,
+        /// Unix listeners: a peer gid allowed to connect (repeatable).
+        #[arg(long = "allow-gid")]
+        allow_gids: Vec<u32>,
+    },
+    /// List links.
+    List,
+    /// Show one link.
+    Show {
+        /// The link's name.
+        name: String,
+    },
+    /// Delete a link: listeners close, open flows are reset, relays drop it.
+    Delete {
+        /// The link's name.
+        name: String,
     },
 }
 
@@ -146,9 +379,9 @@ fn parse_link(s: &str) -> Result<comsat::dev::DevLink, String> {
     })
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("COMSAT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -285,26 +518,256 @@ fn dev_init(args: DevInit) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn controller_init(
+    data_dir: PathBuf,
+    public_url: String,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let report = comsat_controller::init(&comsat_controller::InitOptions {
+        data_dir,
+        public_url: Some(public_url),
+        tls_cert,
+        tls_key,
+        tls_ca,
+    })
+    .map_err(|e| Usage(e.to_string()))?;
+    let dir = report.data_dir.display();
+    println!("initialised a comsat controller in {dir}");
+    println!("  URL:            {}", report.public_url);
+    println!("  CA SHA-256:     {}", report.ca_sha256);
+    println!("  admin token:    {dir}/admin.token (keep it secret)");
+    println!("  ctl context:    {}", report.context_file.display());
+    println!("next:");
+    println!("  comsat controller run --data-dir {dir}");
+    println!("  export COMSAT_CONTEXT={}", report.context_file.display());
+    println!("  comsat ctl token create --kind relay --name relay-1 > relay.token");
+    Ok(())
+}
+
+async fn run_up(args: UpArgs) -> anyhow::Result<()> {
+    let prometheus = install_metrics()?;
+    let opts = comsat::up::UpOptions {
+        data_dir: args.data_dir,
+        controller_port: args.controller_port,
+        relay_port: args.relay_port,
+        demo_listen: args.demo_listen,
+        demo: !args.no_demo,
+    };
+    comsat::up::up(opts, prometheus, shutdown_signal()).await
+}
+
+async fn run_controller(data_dir: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let controller =
+        comsat_controller::Controller::bind(comsat_controller::RunOptions { data_dir, listen })
+            .await
+            .map_err(|e| Usage(e.to_string()))?;
+    let addr = controller.local_addr();
+    println!("comsat controller listening https://{addr}");
+    controller.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
+    use comsat::ctl;
+    let target = ctl::Target {
+        controller: args.controller,
+        token_file: args.token_file,
+        ca: args.ca,
+        context: args.context,
+    };
+    let out = match args.output {
+        OutputFormat::Table => ctl::Output::Table,
+        OutputFormat::Json => ctl::Output::Json,
+    };
+    let c = target.client().map_err(|e| Usage(format!("{e:#}")))?;
+    let text = match args.command {
+        CtlCommand::Token {
+            command: TokenCommand::Create { kind, name, ttl },
+        } => {
+            let kind = kind.parse::<NodeKind>().map_err(Usage)?;
+            ctl::token_create(&c, kind, name, Some(ttl)).await?
+        }
+        CtlCommand::Agent { .. } => ctl::agent_list(&c, out).await?,
+        CtlCommand::Relay { .. } => ctl::relay_list(&c, out).await?,
+        CtlCommand::Link { command } => match command {
+            LinkCommand::Create {
+                name,
+                from,
+                listen,
+                to,
+                target,
+                allow_uids,
+                allow_gids,
+            } => {
+                let body = comsat_protocol::api::LinkCreate {
+                    name,
+                    from,
+                    listen,
+                    to,
+                    target,
+                    allowed_uids: allow_uids,
+                    allowed_gids: allow_gids,
+                };
+                ctl::link_create(&c, body, out).await?
+            }
+            LinkCommand::List => ctl::link_list(&c, out).await?,
+            LinkCommand::Show { name } => ctl::link_show(&c, &name, out).await?,
+            LinkCommand::Delete { name } => ctl::link_delete(&c, &name).await?,
+        },
+        CtlCommand::Status => ctl::status(&c, out).await?,
+    };
+    print!("{text}");
+    Ok(())
+}
+
+async fn enrol(
+    token: TokenArgs,
+    kind: NodeKind,
+    dir: PathBuf,
+    public_addr: Option<String>,
+) -> anyhow::Result<()> {
+    let join = comsat::node::read_token(token.token, token.token_file.as_deref())
+        .map_err(|e| Usage(format!("{e:#}")))?;
+    let done = comsat::node::enrol(&join, kind, &dir, public_addr.as_deref()).await?;
+    println!(
+        "enrolled {kind} {} (id {}) into {}",
+        done.name,
+        done.node_id,
+        dir.display()
+    );
+    println!("next: comsat {kind} run --data-dir {}", dir.display());
+    Ok(())
+}
+
+async fn run_enrolled_relay(
+    dir: PathBuf,
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    let state = comsat::node::NodeState::load(&dir, NodeKind::Relay)
+        .map_err(|e| Usage(format!("{e:#}")))?;
+    let config = comsat::node::relay_config(&dir, &state, listen, admin)
+        .map_err(|e| Usage(format!("{e:#}")))?;
+    let prometheus = install_metrics()?;
+    let relay = comsat_relay::Relay::bind(config).map_err(|e| Usage(e.to_string()))?;
+    let quic = relay.local_addr()?;
+    let admin_shown =
+        serve_admin(admin, prometheus, relay.readiness(), "grants not loaded\n").await?;
+    tracing::info!(%quic, admin = %admin_shown, name = %state.name, "relay listening");
+    println!("comsat relay listening quic={quic} admin={admin_shown}");
+    let sync = tokio::spawn(comsat::node::relay_sync(dir, state, relay.load_probe()));
+    let result = relay.run(shutdown_signal()).await;
+    sync.abort();
+    result?;
+    Ok(())
+}
+
+async fn run_enrolled_agent(dir: PathBuf, admin: Option<SocketAddr>) -> anyhow::Result<()> {
+    let state = comsat::node::NodeState::load(&dir, NodeKind::Agent)
+        .map_err(|e| Usage(format!("{e:#}")))?;
+    let prometheus = install_metrics()?;
+    let mut agent = comsat_agent::Agent::new(&comsat::node::agent_config(&dir, &state))
+        .map_err(|e| Usage(e.to_string()))?;
+    let admin_shown =
+        serve_admin(admin, prometheus, agent.readiness(), "links not ready\n").await?;
+    println!("comsat agent admin {admin_shown}");
+    let mut version = 0;
+    if let Some(cached) = comsat::node::cached_desired(&dir) {
+        comsat::node::apply_desired(&mut agent, &dir, &cached).await;
+        version = cached.version;
+    }
+    println!("comsat agent started");
+    tracing::info!(name = %state.name, "agent started");
+    tokio::select! {
+        () = comsat::node::agent_sync(dir, state, &mut agent, version) => {}
+        () = shutdown_signal() => {}
+    }
+    tracing::info!("agent shutting down");
+    agent.stop().await;
+    Ok(())
+}
+
+async fn serve_admin(
+    addr: Option<SocketAddr>,
+    prometheus: PrometheusHandle,
+    ready: impl Fn() -> bool + Send + Sync + 'static,
+    not_ready: &'static str,
+) -> anyhow::Result<String> {
+    let Some(addr) = addr else {
+        return Ok("none".into());
+    };
+    let (bound, serve) =
+        comsat_relay::admin::bind(addr, prometheus, ready, not_ready, std::future::pending())
+            .await
+            .with_context(|| format!("binding admin address {addr}"))?;
+    tokio::spawn(serve);
+    Ok(bound.to_string())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // `up` and `ctl` talk to a person: only warnings unless asked.
+    let quiet = matches!(cli.command, Command::Up(_) | Command::Ctl(_));
+    init_tracing(cli.log_format, if quiet { "warn" } else { "info" });
     let result = match cli.command {
-        Command::Up => Err(Usage(
-            "`comsat up` is not built yet: it lands with the controller. For now run \
-             `comsat dev init` and start the relay and agents it describes (see README.md)"
-                .into(),
-        )
-        .into()),
-        Command::Controller => Err(Usage(comsat_controller::NOT_YET.into()).into()),
+        Command::Up(args) => runtime().and_then(|rt| rt.block_on(run_up(args))),
+        Command::Controller { command } => match command {
+            ControllerCommand::Init {
+                data_dir,
+                public_url,
+                tls_cert,
+                tls_key,
+                tls_ca,
+            } => controller_init(data_dir, public_url, tls_cert, tls_key, tls_ca),
+            ControllerCommand::Run { data_dir, listen } => {
+                runtime().and_then(|rt| rt.block_on(run_controller(data_dir, listen)))
+            }
+        },
+        Command::Ctl(args) => runtime().and_then(|rt| rt.block_on(ctl(args))),
         Command::Dev {
             command: DevCommand::Init(args),
         } => dev_init(args),
-        Command::Relay {
-            command: RelayCommand::Run { config },
-        } => runtime().and_then(|rt| rt.block_on(run_relay(config))),
-        Command::Agent {
-            command: AgentCommand::Run { config },
-        } => runtime().and_then(|rt| rt.block_on(run_agent(config))),
+        Command::Relay { command } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                match command {
+                    RelayCommand::Run {
+                        data_dir: Some(dir),
+                        listen,
+                        admin,
+                        ..
+                    } => run_enrolled_relay(dir, listen, admin).await,
+                    RelayCommand::Run { config, .. } => match config {
+                        Some(config) => run_relay(config).await,
+                        None => Err(Usage("pass --data-dir DIR or --config FILE".into()).into()),
+                    },
+                    RelayCommand::Enrol {
+                        token,
+                        data_dir,
+                        public_addr,
+                    } => enrol(token, NodeKind::Relay, data_dir, Some(public_addr)).await,
+                }
+            })
+        }),
+        Command::Agent { command } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                match command {
+                    AgentCommand::Run {
+                        data_dir: Some(dir),
+                        admin,
+                        ..
+                    } => run_enrolled_agent(dir, admin).await,
+                    AgentCommand::Run { config, .. } => match config {
+                        Some(config) => run_agent(config).await,
+                        None => Err(Usage("pass --data-dir DIR or --config FILE".into()).into()),
+                    },
+                    AgentCommand::Enrol { token, data_dir } => {
+                        enrol(token, NodeKind::Agent, data_dir, None).await
+                    }
+                }
+            })
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,11 +1,35 @@
-//! The comsat controller.
+//! The comsat controller: enrolment, links, grants and relay assignment,
+//! served as an HTTPS API ([`comsat_protocol::api`]).
 //!
-//! Not built yet: enrolment, the HTTPS API, storage and the grant push land
-//! with the controller issue. Until then `comsat dev init` writes the
-//! static configuration and grant files the relay and agents read.
+//! - [`init`] creates a data dir: authority key, CAs, TLS certificate,
+//!   database, admin token, `comsat ctl` context.
+//! - [`Controller::bind`] opens it and binds; [`Controller::run`] serves
+//!   until told to stop.
+//! - Storage goes through the [`store::Store`] trait ([`store::SqliteStore`]
+//!   by default).
+//! - Relays are assigned by weighted rendezvous hashing ([`assign`]); a
+//!   background task moves links off relays that stop heartbeating and
+//!   renews grants before they expire.
+//!
+//! Node requests carry EdDSA JWTs whose `jti` is recorded in the database
+//! and refused a second time; operators use the admin API token, of which
+//! only a SHA-256 is stored. No secret is ever logged.
 
 #![forbid(unsafe_code)]
 
-/// What the CLI prints for controller commands that do not exist yet.
-pub const NOT_YET: &str = "the controller is not built yet: use `comsat dev init` to write \
-     static relay and agent configurations (see README.md)";
+pub mod assign;
+pub mod config;
+mod error;
+mod http;
+mod init;
+pub mod pki;
+mod server;
+mod state;
+pub mod store;
+
+pub use config::ControllerConfig;
+pub use error::ControllerError;
+pub use init::{
+    ADMIN_TOKEN_FILE, ADMIN_TOKEN_PREFIX, CONTEXT_FILE, InitOptions, InitReport, init, token_hash,
+};
+pub use server::{Controller, RunOptions};

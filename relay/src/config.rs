@@ -8,7 +8,8 @@
 //! # Admin HTTP (metrics, health): keep it on loopback.
 //! admin = "127.0.0.1:9101"
 //! # Server certificate chain and private key (PEM). The key file must be
-//! # mode 0600. The QUIC stateless-reset and connection-id keys derive from
+//! # mode 0600. A new certificate written over tls_cert (renewal) is
+//! # served to new connections within a second, without a restart. The QUIC stateless-reset and connection-id keys derive from
 //! # it, so a relay restarted with the same key makes its agents notice the
 //! # restart at once.
 //! tls_cert = "relay.crt"

@@ -197,3 +197,61 @@ pub fn endpoint_config(config: &RelayConfig) -> Result<quinn::EndpointConfig, Re
     });
     Ok(endpoint)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let (c, k) = (dir.join("tls.crt"), dir.join("tls.key"));
+        let tmp = dir.join("tls.crt.tmp");
+        std::fs::write(&tmp, cert.pem()).expect("write");
+        std::fs::rename(&tmp, &c).expect("rename");
+        comsat_protocol::keys::write_secret_file(&k, key.serialize_pem().as_bytes())
+            .expect("key file");
+        (c, k)
+    }
+
+    fn served(slot: &CertSlot) -> Vec<u8> {
+        match slot.current.read() {
+            Ok(c) => c.0.cert[0].as_ref().to_vec(),
+            Err(p) => p.into_inner().0.cert[0].as_ref().to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_renewed_certificate_file_is_served_without_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (c, k) = write_pair(dir.path(), "one.example");
+        let slot = CertSlot::load(&c, &k).expect("loads");
+        let first = served(&slot);
+        assert!(!slot.reload_if_changed(), "nothing changed yet");
+        // A coarse mtime could hide the change: make it visibly newer.
+        std::thread::sleep(Duration::from_millis(20));
+        write_pair(dir.path(), "two.example");
+        let later = SystemTime::now() + Duration::from_secs(2);
+        std::fs::File::options()
+            .write(true)
+            .open(&c)
+            .and_then(|f| f.set_modified(later))
+            .expect("touch");
+        assert!(slot.reload_if_changed());
+        assert_ne!(served(&slot), first);
+        // A broken file is refused and the current pair kept.
+        std::fs::write(&c, "not a certificate").expect("write");
+        let much_later = later + Duration::from_secs(2);
+        std::fs::File::options()
+            .write(true)
+            .open(&c)
+            .and_then(|f| f.set_modified(much_later))
+            .expect("touch");
+        let before = served(&slot);
+        assert!(!slot.reload_if_changed());
+        assert_eq!(served(&slot), before);
+    }
+}

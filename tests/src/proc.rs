@@ -87,6 +87,18 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Sends it SIGINT (what Ctrl-C sends), by its PID.
+    pub fn interrupt(&self) -> Result<()> {
+        let status = Command::new("kill")
+            .args(["-s", "INT", &self.child.id().to_string()])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -s INT {} failed", self.child.id());
+        }
+        Ok(())
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -1,0 +1,383 @@
+//! `controller.toml`: the controller's configuration file.
+//!
+//! `comsat controller init --data-dir DIR` writes it; `comsat controller
+//! run --data-dir DIR` reads it. Every key is optional; unknown keys are
+//! refused. Relative paths are relative to DIR.
+//!
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `public_url` | `https://127.0.0.1:8443` | the URL nodes and `comsat ctl` reach the controller at; it goes into every join token |
+//! | `listen` | `0.0.0.0:<port of public_url>`, or `127.0.0.1:<port>` when its host is a loopback address or `localhost` | the HTTPS listen address (`--listen` overrides it) |
+//! | `jwt_leeway_secs` | 30 | clock skew tolerated on node JWTs (at most 300) |
+//! | `heartbeat_interval_secs` | 5 | how often relays heartbeat (informational: relays use a fixed 5 s) |
+//! | `heartbeat_timeout_secs` | 15 | a relay with no heartbeat for this long is unhealthy and its links move; must exceed `heartbeat_interval_secs` |
+//! | `relays_per_link` | 2 | relays each link is assigned: a primary and backups (1 to 16) |
+//! | `relay_cert_ttl_secs` | 86400 | lifetime of relay certificates the controller issues (at least 300) |
+//! | `grant_ttl_secs` | 604800 (7 days) | lifetime of grants; they are re-signed before half of it is gone (at least 60) |
+//! | `link_buffer_limit` | 67108864 (64 MiB) | bytes a relay may hold per link while one side is away |
+//! | `tls_cert` | `tls.crt` | the HTTPS server certificate chain (PEM) |
+//! | `tls_key` | `tls.key` | its private key (PEM, mode 0600) |
+//! | `ca` | `ca.pem` | the CA nodes pin (its SHA-256 goes into join tokens; served at `/v1/ca`) |
+//! | `relay_ca_cert` | `relay-ca.pem` | the CA that signs relay certificates (agents trust it) |
+//! | `relay_ca_key` | `relay-ca.key` | its private key (mode 0600) |
+//! | `authority_key` | `authority.key` | the ed25519 authority key that signs grants (mode 0600) |
+//! | `database` | `controller.db` | the SQLite database |
+//!
+//! Example:
+//!
+//! ```toml
+//! public_url = "https://controller.example.com:8443"
+//! relays_per_link = 3
+//! heartbeat_timeout_secs = 20
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use comsat_protocol::limits::MAX_GRANT_RELAYS;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ControllerError;
+
+/// The config file's name inside the data dir.
+pub const CONFIG_FILE: &str = "controller.toml";
+
+/// Largest config file read.
+const MAX_CONFIG_LEN: u64 = 64 * 1024;
+
+/// The default `public_url`.
+pub const DEFAULT_PUBLIC_URL: &str = "https://127.0.0.1:8443";
+
+fn default_public_url() -> String {
+    DEFAULT_PUBLIC_URL.to_owned()
+}
+fn default_leeway() -> u64 {
+    30
+}
+fn default_hb_interval() -> u64 {
+    5
+}
+fn default_hb_timeout() -> u64 {
+    15
+}
+fn default_relays_per_link() -> usize {
+    2
+}
+fn default_relay_cert_ttl() -> u64 {
+    86_400
+}
+fn default_grant_ttl() -> u64 {
+    7 * 86_400
+}
+fn default_buffer_limit() -> u64 {
+    64 * 1024 * 1024
+}
+fn path_default(s: &str) -> PathBuf {
+    PathBuf::from(s)
+}
+
+/// The parsed `controller.toml` (see the module docs for every key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// The URL nodes reach the controller at.
+    #[serde(default = "default_public_url")]
+    pub public_url: String,
+    /// The HTTPS listen address.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Clock skew tolerated on node JWTs, seconds.
+    #[serde(default = "default_leeway")]
+    pub jwt_leeway_secs: u64,
+    /// How often relays heartbeat, seconds (informational).
+    #[serde(default = "default_hb_interval")]
+    pub heartbeat_interval_secs: u64,
+    /// Heartbeat silence after which a relay is unhealthy, seconds.
+    #[serde(default = "default_hb_timeout")]
+    pub heartbeat_timeout_secs: u64,
+    /// Relays per link (primary + backups).
+    #[serde(default = "default_relays_per_link")]
+    pub relays_per_link: usize,
+    /// Lifetime of issued relay certificates, seconds.
+    #[serde(default = "default_relay_cert_ttl")]
+    pub relay_cert_ttl_secs: u64,
+    /// Lifetime of grants, seconds.
+    #[serde(default = "default_grant_ttl")]
+    pub grant_ttl_secs: u64,
+    /// Per-link relay buffer, bytes.
+    #[serde(default = "default_buffer_limit")]
+    pub link_buffer_limit: u64,
+    /// HTTPS certificate chain (PEM).
+    #[serde(default = "tls_cert_default")]
+    pub tls_cert: PathBuf,
+    /// HTTPS private key (PEM).
+    #[serde(default = "tls_key_default")]
+    pub tls_key: PathBuf,
+    /// The CA nodes pin.
+    #[serde(default = "ca_default")]
+    pub ca: PathBuf,
+    /// The relay CA certificate.
+    #[serde(default = "relay_ca_cert_default")]
+    pub relay_ca_cert: PathBuf,
+    /// The relay CA key.
+    #[serde(default = "relay_ca_key_default")]
+    pub relay_ca_key: PathBuf,
+    /// The authority key.
+    #[serde(default = "authority_key_default")]
+    pub authority_key: PathBuf,
+    /// The SQLite database.
+    #[serde(default = "database_default")]
+    pub database: PathBuf,
+}
+
+fn tls_cert_default() -> PathBuf {
+    path_default("tls.crt")
+}
+fn tls_key_default() -> PathBuf {
+    path_default("tls.key")
+}
+fn ca_default() -> PathBuf {
+    path_default("ca.pem")
+}
+fn relay_ca_cert_default() -> PathBuf {
+    path_default("relay-ca.pem")
+}
+fn relay_ca_key_default() -> PathBuf {
+    path_default("relay-ca.key")
+}
+fn authority_key_default() -> PathBuf {
+    path_default("authority.key")
+}
+fn database_default() -> PathBuf {
+    path_default("controller.db")
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            public_url: default_public_url(),
+            listen: None,
+            jwt_leeway_secs: default_leeway(),
+            heartbeat_interval_secs: default_hb_interval(),
+            heartbeat_timeout_secs: default_hb_timeout(),
+            relays_per_link: default_relays_per_link(),
+            relay_cert_ttl_secs: default_relay_cert_ttl(),
+            grant_ttl_secs: default_grant_ttl(),
+            link_buffer_limit: default_buffer_limit(),
+            tls_cert: tls_cert_default(),
+            tls_key: tls_key_default(),
+            ca: ca_default(),
+            relay_ca_cert: relay_ca_cert_default(),
+            relay_ca_key: relay_ca_key_default(),
+            authority_key: authority_key_default(),
+            database: database_default(),
+        }
+    }
+}
+
+/// The host and port of an `https://host[:port][/]` URL (host without
+/// IPv6 brackets; port 443 if absent).
+pub fn parse_public_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("`{url}` must start with https://"))?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty()
+        || authority.bytes().any(|c| {
+            matches!(c, b'/' | b'@' | b'?' | b'#')
+                || c.is_ascii_whitespace()
+                || c.is_ascii_control()
+        })
+    {
+        return Err(format!(
+            "`{url}` must be https://HOST[:PORT] with no path, user or query"
+        ));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("`{url}`: unclosed [ in the host"))?;
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("`{url}`: `{host}` is not an IPv6 address"));
+        }
+        (host, after.strip_prefix(':'))
+    } else {
+        match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        None => 443,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("`{url}`: the port must be 1 to 65535"))?,
+    };
+    if !crate::pki::valid_host(host) {
+        return Err(format!(
+            "`{url}`: `{host}` is not a valid host name or IP address"
+        ));
+    }
+    Ok((host.to_owned(), port))
+}
+
+/// Whether `host` is `localhost` or a loopback IP.
+pub fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+impl ControllerConfig {
+    /// Reads and checks `DIR/controller.toml`, making its paths absolute.
+    pub fn load(dir: &Path) -> Result<Self, ControllerError> {
+        let path = dir.join(CONFIG_FILE);
+        if !path.exists() {
+            return Err(ControllerError::NotInitialised {
+                dir: dir.to_owned(),
+                path,
+            });
+        }
+        let text = {
+            use std::io::Read;
+            let file = std::fs::File::open(&path).map_err(ControllerError::io(&path))?;
+            let mut text = String::new();
+            file.take(MAX_CONFIG_LEN + 1)
+                .read_to_string(&mut text)
+                .map_err(ControllerError::io(&path))?;
+            if text.len() as u64 > MAX_CONFIG_LEN {
+                return Err(ControllerError::Config {
+                    path,
+                    message: format!("larger than {MAX_CONFIG_LEN} bytes"),
+                });
+            }
+            text
+        };
+        let mut config: Self = toml::from_str(&text).map_err(|e| ControllerError::Config {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        config.check().map_err(|message| ControllerError::Config {
+            path: path.clone(),
+            message,
+        })?;
+        for p in [
+            &mut config.tls_cert,
+            &mut config.tls_key,
+            &mut config.ca,
+            &mut config.relay_ca_cert,
+            &mut config.relay_ca_key,
+            &mut config.authority_key,
+            &mut config.database,
+        ] {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Checks values; the error names the key and the allowed range.
+    pub fn check(&self) -> Result<(), String> {
+        parse_public_url(&self.public_url).map_err(|e| format!("public_url: {e}"))?;
+        if self.jwt_leeway_secs > 300 {
+            return Err("jwt_leeway_secs must be at most 300".into());
+        }
+        if self.heartbeat_interval_secs == 0 {
+            return Err("heartbeat_interval_secs must be at least 1".into());
+        }
+        if self.heartbeat_timeout_secs <= self.heartbeat_interval_secs {
+            return Err(format!(
+                "heartbeat_timeout_secs ({}) must exceed heartbeat_interval_secs ({})",
+                self.heartbeat_timeout_secs, self.heartbeat_interval_secs
+            ));
+        }
+        if !(1..=MAX_GRANT_RELAYS).contains(&self.relays_per_link) {
+            return Err(format!("relays_per_link must be 1 to {MAX_GRANT_RELAYS}"));
+        }
+        if self.relay_cert_ttl_secs < 300 {
+            return Err("relay_cert_ttl_secs must be at least 300".into());
+        }
+        if !(60..=10 * 365 * 86_400).contains(&self.grant_ttl_secs) {
+            return Err("grant_ttl_secs must be 60 to 315360000 (ten years)".into());
+        }
+        if self.link_buffer_limit == 0 {
+            return Err("link_buffer_limit must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The listen address: `listen`, or derived from `public_url`.
+    pub fn listen_addr(&self) -> SocketAddr {
+        if let Some(addr) = self.listen {
+            return addr;
+        }
+        let (host, port) =
+            parse_public_url(&self.public_url).unwrap_or_else(|_| ("127.0.0.1".into(), 8443));
+        let ip = if is_loopback_host(&host) {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        };
+        SocketAddr::new(ip, port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_default_ports() {
+        assert_eq!(
+            parse_public_url("https://c.example.com:9443/"),
+            Ok(("c.example.com".into(), 9443))
+        );
+        assert_eq!(
+            parse_public_url("https://10.0.0.1"),
+            Ok(("10.0.0.1".into(), 443))
+        );
+        assert_eq!(
+            parse_public_url("https://[::1]:8443"),
+            Ok(("::1".into(), 8443))
+        );
+        for bad in [
+            "http://x:1",
+            "https://",
+            "https://x:0",
+            "https://x:1/path",
+            "https://u@x:1",
+            "https://x y:1",
+            "https://[zz]:1",
+        ] {
+            assert!(parse_public_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listen_defaults_follow_the_url() {
+        let mut c = ControllerConfig::default();
+        assert_eq!(c.listen_addr(), "127.0.0.1:8443".parse().expect("addr"));
+        c.public_url = "https://localhost:9000".into();
+        assert_eq!(c.listen_addr(), "127.0.0.1:9000".parse().expect("addr"));
+        c.public_url = "https://c.example.com".into();
+        assert_eq!(c.listen_addr(), "0.0.0.0:443".parse().expect("addr"));
+        c.listen = Some("10.0.0.1:1".parse().expect("addr"));
+        assert_eq!(c.listen_addr(), "10.0.0.1:1".parse().expect("addr"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(CONFIG_FILE), "public_urll = \"x\"\n").expect("write");
+        let err = ControllerConfig::load(dir.path()).expect_err("unknown key");
+        assert!(err.to_string().contains("public_urll"), "{err}");
+        std::fs::write(dir.path().join(CONFIG_FILE), "relays_per_link = 0\n").expect("write");
+        let err = ControllerConfig::load(dir.path()).expect_err("bad value");
+        assert!(err.to_string().contains("relays_per_link"), "{err}");
+        std::fs::write(dir.path().join(CONFIG_FILE), "").expect("write");
+        let c = ControllerConfig::load(dir.path()).expect("defaults");
+        assert_eq!(c.database, dir.path().join("controller.db"));
+    }
+}

@@ -1,0 +1,820 @@
+//! The HTTPS API ([`comsat_protocol::api`]): routes, authentication and
+//! handlers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use comsat_protocol::api::{
+    self, AgentDesired, AgentInfo, AgentLink, CertRequest, CertResponse, Empty, EnrolRequest,
+    EnrolResponse, JoinToken, LinkCreate, LinkInfo, NodeKind, RelayAddr, RelayEvent,
+    RelayEventKind, RelayEvents, RelayHeartbeat, RelayInfo, Status, TokenCreate, TokenCreated,
+};
+use comsat_protocol::jwt::{self, unix_now};
+use comsat_protocol::{LinkId, NodeId, RelayId, Side};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use crate::init::token_hash;
+use crate::pki;
+use crate::state::{ApiError, Shared};
+use crate::store::{LinkRecord, NewJoinToken, NewNode, NodeRecord, Redemption};
+
+type AppState = Arc<Shared>;
+
+/// Default join token lifetime.
+const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
+/// Longest join token lifetime.
+const MAX_TOKEN_TTL_SECS: u64 = 30 * 86_400;
+/// Most uids or gids on one link.
+const MAX_SELECTORS: usize = 64;
+/// Longest listen or target spec.
+const MAX_SPEC_LEN: usize = 512;
+/// A long poll re-reads the database at least this often (changes made by
+/// another controller sharing the database notify no one here).
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// The API's routes.
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new()
+        .route(api::PATH_CA, get(get_ca))
+        .route(api::PATH_ENROL, post(enrol))
+        .route(api::PATH_RELAY_EVENTS, get(relay_events))
+        .route(api::PATH_RELAY_HEARTBEAT, post(relay_heartbeat))
+        .route(api::PATH_RELAY_CERT, post(relay_cert))
+        .route(api::PATH_AGENT_CONFIG, get(agent_config))
+        .route(api::PATH_TOKENS, post(create_token))
+        .route(api::PATH_AGENTS, get(list_agents))
+        .route(api::PATH_RELAYS, get(list_relays))
+        .route(api::PATH_LINKS, get(list_links).post(create_link))
+        .route(
+            &format!("{}/{{name}}", api::PATH_LINKS),
+            get(get_link).delete(delete_link),
+        )
+        .route(api::PATH_STATUS, get(status))
+        .fallback(|| async { ApiError::not_found("no such API path") })
+        .layer(DefaultBodyLimit::max(api::MAX_BODY_LEN))
+        .with_state(state)
+}
+
+/// A JSON body: malformed JSON or unknown fields are a 400 with the
+/// parser's message; an oversized body a 413.
+pub(crate) struct JsonBody<T>(pub(crate) T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            ApiError::new(
+                e.status(),
+                format!("cannot read the request body: {}", e.body_text()),
+            )
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))
+}
+
+fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer …` header"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::unauthorized("Authorization header is not ASCII"))?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(token.trim()),
+        _ => Err(ApiError::unauthorized(
+            "Authorization header must be `Bearer <token>`",
+        )),
+    }
+}
+
+/// Checks the admin API token.
+async fn auth_admin(state: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+    let token = bearer(headers)?;
+    match state.store.api_token(&token_hash(token)).await? {
+        Some(_) => Ok(()),
+        None => {
+            tracing::warn!("refused an admin request: unknown API token");
+            Err(ApiError::unauthorized(
+                "unknown API token (use the admin token from the controller's admin.token)",
+            ))
+        }
+    }
+}
+
+/// Checks a node JWT: its node exists and is of `kind`, the signature and
+/// claims verify, and its `jti` was never seen (recorded in the database,
+/// so this holds across restarts).
+async fn auth_node(
+    state: &Shared,
+    headers: &HeaderMap,
+    kind: NodeKind,
+) -> Result<NodeRecord, ApiError> {
+    let refuse = |node: Option<&NodeId>, reason: String| {
+        tracing::warn!(node = ?node.map(ToString::to_string), %kind, reason = %reason, "refused a node JWT");
+        ApiError::unauthorized(reason)
+    };
+    let token = bearer(headers)?;
+    let claimed = jwt::claimed_node(token).map_err(|e| refuse(None, e.to_string()))?;
+    let node = match state.store.node(&claimed).await? {
+        Some(n) if n.kind == kind => n,
+        Some(n) => {
+            return Err(refuse(
+                Some(&claimed),
+                format!(
+                    "node {claimed} is a {}; this endpoint is for {kind}s",
+                    n.kind
+                ),
+            ));
+        }
+        None => {
+            return Err(refuse(
+                Some(&claimed),
+                format!("JWT names node {claimed}, which is not enrolled here"),
+            ));
+        }
+    };
+    let now = unix_now();
+    let leeway = state.config.jwt_leeway_secs;
+    let claims = jwt::verify(
+        token,
+        &node.node_id,
+        &node.sign_pub,
+        &state.audience,
+        now,
+        leeway,
+    )
+    .map_err(|e| refuse(Some(&claimed), e.to_string()))?;
+    let fresh = state
+        .store
+        .record_jti(
+            &claims.jti,
+            &node.node_id,
+            claims.exp.saturating_add(leeway),
+        )
+        .await?;
+    if !fresh {
+        return Err(refuse(
+            Some(&claimed),
+            "JWT replayed: its jti was already used".into(),
+        ));
+    }
+    state.store.touch_node(&node.node_id, now).await?;
+    Ok(node)
+}
+
+async fn get_ca(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        state.ca_pem.clone(),
+    )
+        .into_response()
+}
+
+fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+async fn create_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<TokenCreate>,
+) -> Result<Json<TokenCreated>, ApiError> {
+    auth_admin(&state, &headers).await?;
+    let ttl = req.ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
+    if ttl == 0 || ttl > MAX_TOKEN_TTL_SECS {
+        return Err(ApiError::bad_request(format!(
+            "ttl_secs must be 1 to {MAX_TOKEN_TTL_SECS} (30 days)"
+        )));
+    }
+    if let Some(name) = &req.name {
+        if !api::valid_name(name) {
+            return Err(ApiError::bad_request(format!(
+                "name `{name}` is not valid: 1 to {} characters of a-z, 0-9 and -, \
+                 not starting or ending with -",
+                api::MAX_NAME_LEN
+            )));
+        }
+        if state.store.node_by_name(req.kind, name).await?.is_some() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("a {} named `{name}` is already enrolled", req.kind),
+            ));
+        }
+    }
+    let now = unix_now();
+    let token = JoinToken {
+        id: hex::encode(rand::random::<[u8; 8]>()),
+        secret: hex::encode(rand::random::<[u8; 32]>()),
+        ca_sha256: state.ca_sha256,
+        url: state.config.public_url.clone(),
+    };
+    let expires_at = now.saturating_add(ttl);
+    state
+        .store
+        .create_join_token(&NewJoinToken {
+            id: token.id.clone(),
+            secret_hash: hex::encode(Sha256::digest(token.secret.as_bytes())),
+            kind: req.kind,
+            name: req.name.clone(),
+            expires_at,
+            created_at: now,
+        })
+        .await?;
+    tracing::info!(token_id = %token.id, kind = %req.kind, name = ?req.name, expires_at, "join token created");
+    Ok(Json(TokenCreated {
+        token: token.encode(),
+        expires_at,
+    }))
+}
+
+/// The host of a relay's `public_addr`, checked.
+fn relay_host(public_addr: &str) -> Result<&str, ApiError> {
+    pki::host_of(public_addr)
+        .filter(|h| pki::valid_host(h))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "public_addr `{public_addr}` must be HOST:PORT (a DNS name or IP; IPv6 in [])"
+            ))
+        })
+}
+
+async fn enrol(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<EnrolRequest>,
+) -> Result<Json<EnrolResponse>, ApiError> {
+    let now = unix_now();
+    let mut cert_pem = None;
+    match req.kind {
+        NodeKind::Agent => {
+            if req.noise_public_key.is_none() {
+                return Err(ApiError::bad_request("an agent must send noise_public_key"));
+            }
+        }
+        NodeKind::Relay => {
+            let (Some(addr), Some(csr)) = (&req.public_addr, &req.csr_pem) else {
+                return Err(ApiError::bad_request(
+                    "a relay must send public_addr (HOST:PORT agents dial) and csr_pem",
+                ));
+            };
+            let host = relay_host(addr)?;
+            // Issued now but only handed out if the token redeems.
+            let cert = state
+                .relay_ca
+                .issue_for_csr(
+                    csr,
+                    host,
+                    now,
+                    Duration::from_secs(state.config.relay_cert_ttl_secs),
+                )
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            cert_pem = Some(cert);
+        }
+    }
+    if !is_lower_hex(&req.token_id, 16) || !is_lower_hex(&req.secret, 64) {
+        return Err(ApiError::unauthorized("unknown join token"));
+    }
+    let redemption = Redemption {
+        token_id: req.token_id.clone(),
+        secret_hash: hex::encode(Sha256::digest(req.secret.as_bytes())),
+        kind: req.kind,
+        now,
+    };
+    let node = NewNode {
+        node_id: NodeId::random(),
+        sign_pub: req.sign_public_key,
+        noise_pub: match req.kind {
+            NodeKind::Agent => req.noise_public_key,
+            NodeKind::Relay => None,
+        },
+        public_addr: match req.kind {
+            NodeKind::Agent => None,
+            NodeKind::Relay => req.public_addr.clone(),
+        },
+    };
+    let record = match state.store.redeem_join_token(&redemption, &node).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(token_id = %req.token_id, kind = %req.kind, reason = %e, "enrolment refused");
+            return Err(e.into());
+        }
+    };
+    tracing::info!(kind = %record.kind, name = %record.name, node_id = %record.node_id, "node enrolled");
+    Ok(Json(EnrolResponse {
+        node_id: record.node_id,
+        name: record.name,
+        authority_public_key: state.authority.public(),
+        audience: state.audience.clone(),
+        relay_ca_pem: state.relay_ca.cert_pem().to_owned(),
+        cert_pem,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct PollQuery {
+    #[serde(default)]
+    since: u64,
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// Waits until something changes, the deadline passes, or the server
+/// shuts down; `false` when it is time to answer.
+async fn wait_change(
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    deadline: Instant,
+) -> bool {
+    if *shutdown.borrow() || Instant::now() >= deadline {
+        return false;
+    }
+    let recheck = Instant::now() + RECHECK;
+    tokio::select! {
+        r = changes.changed() => r.is_ok(),
+        _ = shutdown.changed() => false,
+        () = tokio::time::sleep_until(deadline.min(recheck)) => Instant::now() < deadline,
+    }
+}
+
+fn deadline(wait_ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(wait_ms.min(api::MAX_WAIT_MS))
+}
+
+async fn relay_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<PollQuery>, QueryRejection>,
+) -> Result<Json<RelayEvents>, ApiError> {
+    let q = query(q)?;
+    let relay = auth_node(&state, &headers, NodeKind::Relay).await?;
+    let relay_id = RelayId(relay.node_id.0);
+    let deadline = deadline(q.wait_ms);
+    let mut changes = state.changes.subscribe();
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        changes.borrow_and_update();
+        let mut rows = state
+            .store
+            .relay_events(&relay_id, q.since, api::MAX_EVENTS_PER_POLL + 1)
+            .await?;
+        if !rows.is_empty() {
+            let more = rows.len() > api::MAX_EVENTS_PER_POLL;
+            rows.truncate(api::MAX_EVENTS_PER_POLL);
+            let next = rows.last().map_or(q.since, |e| e.seq);
+            let events = rows
+                .into_iter()
+                .map(|e| RelayEvent {
+                    seq: e.seq,
+                    link_id: e.link_id,
+                    kind: match e.grant_hex {
+                        Some(grant) => RelayEventKind::Grant { grant },
+                        None => RelayEventKind::Revoke,
+                    },
+                })
+                .collect();
+            return Ok(Json(RelayEvents { events, next, more }));
+        }
+        if !wait_change(&mut changes, &mut shutdown, deadline).await {
+            // Nothing for this relay. A cursor beyond the log (the database
+            // was replaced) is brought back to its end.
+            let max = state.store.max_event_seq().await?;
+            return Ok(Json(RelayEvents {
+                events: Vec::new(),
+                next: q.since.min(max),
+                more: false,
+            }));
+        }
+    }
+}
+
+async fn relay_heartbeat(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(hb): JsonBody<RelayHeartbeat>,
+) -> Result<Json<Empty>, ApiError> {
+    let relay = auth_node(&state, &headers, NodeKind::Relay).await?;
+    state
+        .store
+        .heartbeat(&relay.node_id, &hb.load, unix_now())
+        .await?;
+    Ok(Json(Empty {}))
+}
+
+async fn relay_cert(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<CertRequest>,
+) -> Result<Json<CertResponse>, ApiError> {
+    let relay = auth_node(&state, &headers, NodeKind::Relay).await?;
+    let addr = relay.public_addr.as_deref().unwrap_or_default();
+    let host = relay_host(addr)?;
+    let cert_pem = state
+        .relay_ca
+        .issue_for_csr(
+            &req.csr_pem,
+            host,
+            unix_now(),
+            Duration::from_secs(state.config.relay_cert_ttl_secs),
+        )
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    tracing::info!(relay = %relay.name, "relay certificate renewed");
+    Ok(Json(CertResponse { cert_pem }))
+}
+
+/// An agent's desired state: its half of each of its links.
+async fn desired(state: &Shared, agent: &NodeRecord) -> Result<AgentDesired, ApiError> {
+    let relays: HashMap<RelayId, NodeRecord> = state
+        .store
+        .nodes(NodeKind::Relay)
+        .await?
+        .into_iter()
+        .map(|r| (r.relay_id(), r))
+        .collect();
+    let mut links = Vec::new();
+    for link in state.store.links_of_agent(&agent.node_id).await? {
+        let side = if link.from_node == agent.node_id {
+            Side::A
+        } else {
+            Side::B
+        };
+        let peer_id = match side {
+            Side::A => link.to_node,
+            Side::B => link.from_node,
+        };
+        let Some(peer_noise) = state.store.node(&peer_id).await?.and_then(|p| p.noise_pub) else {
+            tracing::warn!(link = %link.name, peer = %peer_id, "link peer has no Noise key; left out");
+            continue;
+        };
+        let relay_addrs = link
+            .relays
+            .iter()
+            .filter_map(|r| {
+                let addr = relays.get(r)?.public_addr.clone()?;
+                let server_name = pki::host_of(&addr)?.to_owned();
+                Some(RelayAddr {
+                    relay_id: *r,
+                    addr,
+                    server_name,
+                })
+            })
+            .collect();
+        links.push(AgentLink {
+            name: link.name.clone(),
+            link_id: link.link_id,
+            generation: link.generation,
+            side,
+            peer_noise_public_key: peer_noise,
+            listen: (side == Side::A).then(|| link.listen.clone()),
+            target: (side == Side::B).then(|| link.target.clone()),
+            allowed_uids: if side == Side::A {
+                link.allowed_uids.clone()
+            } else {
+                Vec::new()
+            },
+            allowed_gids: if side == Side::A {
+                link.allowed_gids.clone()
+            } else {
+                Vec::new()
+            },
+            relays: relay_addrs,
+        });
+    }
+    Ok(AgentDesired {
+        version: agent.config_version,
+        links,
+        relay_ca_pem: state.relay_ca.cert_pem().to_owned(),
+    })
+}
+
+async fn agent_config(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<PollQuery>, QueryRejection>,
+) -> Result<Json<AgentDesired>, ApiError> {
+    let q = query(q)?;
+    let mut agent = auth_node(&state, &headers, NodeKind::Agent).await?;
+    let deadline = deadline(q.wait_ms);
+    let mut changes = state.changes.subscribe();
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        changes.borrow_and_update();
+        if let Some(fresh) = state.store.node(&agent.node_id).await? {
+            agent = fresh;
+        }
+        if agent.config_version > q.since
+            || !wait_change(&mut changes, &mut shutdown, deadline).await
+        {
+            return Ok(Json(desired(&state, &agent).await?));
+        }
+    }
+}
+
+async fn list_agents(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<AgentInfo>>, ApiError> {
+    auth_admin(&state, &headers).await?;
+    let links = state.store.links().await?;
+    let agents = state.store.nodes(NodeKind::Agent).await?;
+    Ok(Json(
+        agents
+            .into_iter()
+            .map(|a| AgentInfo {
+                links: links
+                    .iter()
+                    .filter(|l| l.from_node == a.node_id || l.to_node == a.node_id)
+                    .count() as u64,
+                name: a.name,
+                node_id: a.node_id,
+                last_seen: a.last_seen,
+            })
+            .collect(),
+    ))
+}
+
+async fn list_relays(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<RelayInfo>>, ApiError> {
+    auth_admin(&state, &headers).await?;
+    let now = unix_now();
+    let links = state.store.links().await?;
+    let (relays, _) = state.relays(now).await?;
+    Ok(Json(
+        relays
+            .into_iter()
+            .map(|r| {
+                let id = r.relay_id();
+                RelayInfo {
+                    healthy: state.healthy(&r, now),
+                    links: links.iter().filter(|l| l.relays.contains(&id)).count() as u64,
+                    name: r.name,
+                    relay_id: id,
+                    public_addr: r.public_addr.unwrap_or_default(),
+                    last_heartbeat: r.last_heartbeat,
+                    load: r.load,
+                }
+            })
+            .collect(),
+    ))
+}
+
+fn check_link_name(name: &str) -> Result<(), ApiError> {
+    if api::valid_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "link name `{name}` is not valid: 1 to {} characters of a-z, 0-9 and -, \
+             not starting or ending with -",
+            api::MAX_NAME_LEN
+        )))
+    }
+}
+
+fn check_unix_path(spec: &str, field: &str, path: &str) -> Result<(), ApiError> {
+    if !path.starts_with('/') || path.len() < 2 || path.contains('\0') {
+        return Err(ApiError::bad_request(format!(
+            "{field} `{spec}`: a unix socket must be unix:///ABSOLUTE/PATH"
+        )));
+    }
+    Ok(())
+}
+
+/// `tcp://<loopback ip>:<port>` or `unix:///abs/path`.
+fn check_listen(spec: &str) -> Result<(), ApiError> {
+    if spec.len() > MAX_SPEC_LEN {
+        return Err(ApiError::bad_request(format!(
+            "listen is longer than {MAX_SPEC_LEN} bytes"
+        )));
+    }
+    if let Some(addr) = spec.strip_prefix("tcp://") {
+        let ok = addr
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback() && a.port() != 0);
+        if !ok {
+            return Err(ApiError::bad_request(format!(
+                "listen `{spec}`: agents listen on loopback only: use tcp://127.0.0.1:PORT, \
+                 tcp://[::1]:PORT or unix:///PATH"
+            )));
+        }
+        return Ok(());
+    }
+    if let Some(path) = spec.strip_prefix("unix://") {
+        return check_unix_path(spec, "listen", path);
+    }
+    Err(ApiError::bad_request(format!(
+        "listen `{spec}` must be tcp://127.0.0.1:PORT or unix:///PATH"
+    )))
+}
+
+/// `tcp://host:port` or `unix:///abs/path`.
+fn check_target(spec: &str) -> Result<(), ApiError> {
+    if spec.len() > MAX_SPEC_LEN {
+        return Err(ApiError::bad_request(format!(
+            "target is longer than {MAX_SPEC_LEN} bytes"
+        )));
+    }
+    if let Some(addr) = spec.strip_prefix("tcp://") {
+        let ok = pki::host_of(addr).is_some_and(pki::valid_host) && !addr.ends_with(":0");
+        if !ok {
+            return Err(ApiError::bad_request(format!(
+                "target `{spec}` must be tcp://HOST:PORT (IPv6 in [])"
+            )));
+        }
+        return Ok(());
+    }
+    if let Some(path) = spec.strip_prefix("unix://") {
+        return check_unix_path(spec, "target", path);
+    }
+    Err(ApiError::bad_request(format!(
+        "target `{spec}` must be tcp://HOST:PORT or unix:///PATH"
+    )))
+}
+
+async fn create_link(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<LinkCreate>,
+) -> Result<(StatusCode, Json<LinkInfo>), ApiError> {
+    auth_admin(&state, &headers).await?;
+    check_link_name(&req.name)?;
+    check_listen(&req.listen)?;
+    check_target(&req.target)?;
+    if req.allowed_uids.len() > MAX_SELECTORS || req.allowed_gids.len() > MAX_SELECTORS {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_SELECTORS} allowed_uids and {MAX_SELECTORS} allowed_gids"
+        )));
+    }
+    if (!req.allowed_uids.is_empty() || !req.allowed_gids.is_empty())
+        && !req.listen.starts_with("unix://")
+    {
+        return Err(ApiError::bad_request(
+            "allowed_uids and allowed_gids apply only to unix:// listeners",
+        ));
+    }
+    if req.from == req.to {
+        return Err(ApiError::bad_request(format!(
+            "from and to are both `{}`: a link joins two different agents",
+            req.from
+        )));
+    }
+    let mut agents = Vec::new();
+    for name in [&req.from, &req.to] {
+        match state.store.node_by_name(NodeKind::Agent, name).await? {
+            Some(a) => agents.push(a),
+            None => {
+                return Err(ApiError::not_found(format!(
+                    "no agent named `{name}` is enrolled (see `comsat ctl agents`)"
+                )));
+            }
+        }
+    }
+    let (a, b) = (&agents[0], &agents[1]);
+    let now = unix_now();
+    let link = LinkRecord {
+        link_id: LinkId::random(),
+        name: req.name.clone(),
+        generation: 1,
+        from_node: a.node_id,
+        listen: req.listen.clone(),
+        to_node: b.node_id,
+        target: req.target.clone(),
+        allowed_uids: req.allowed_uids.clone(),
+        allowed_gids: req.allowed_gids.clone(),
+        relays: Vec::new(),
+        created_at: now,
+        grant_not_after: 0,
+    };
+    let link = state.create_link(link, now).await?;
+    let names = state.node_names().await?;
+    Ok((StatusCode::CREATED, Json(Shared::link_info(&link, &names))))
+}
+
+async fn list_links(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<LinkInfo>>, ApiError> {
+    auth_admin(&state, &headers).await?;
+    let names = state.node_names().await?;
+    let links = state.store.links().await?;
+    Ok(Json(
+        links.iter().map(|l| Shared::link_info(l, &names)).collect(),
+    ))
+}
+
+async fn get_link(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<LinkInfo>, ApiError> {
+    auth_admin(&state, &headers).await?;
+    let link = state
+        .store
+        .link_by_name(&name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no link named `{name}`")))?;
+    let names = state.node_names().await?;
+    Ok(Json(Shared::link_info(&link, &names)))
+}
+
+async fn delete_link(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Empty>, ApiError> {
+    auth_admin(&state, &headers).await?;
+    match state.delete_link(&name, unix_now()).await? {
+        Some(_) => Ok(Json(Empty {})),
+        None => Err(ApiError::not_found(format!("no link named `{name}`"))),
+    }
+}
+
+async fn status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Status>, ApiError> {
+    auth_admin(&state, &headers).await?;
+    let now = unix_now();
+    let agents = state.store.nodes(NodeKind::Agent).await?;
+    let (relays, healthy) = state.relays(now).await?;
+    let links = state.store.links().await?;
+    Ok(Json(Status {
+        agents: agents.len() as u64,
+        relays: relays.len() as u64,
+        healthy_relays: healthy.len() as u64,
+        links: links.len() as u64,
+        unassigned_links: links
+            .iter()
+            .filter(|l| {
+                !l.relays
+                    .iter()
+                    .any(|r| healthy.iter().any(|c| c.relay_id == *r))
+            })
+            .count() as u64,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_and_target_specs() {
+        for ok in [
+            "tcp://127.0.0.1:7000",
+            "tcp://[::1]:7000",
+            "unix:///run/x.sock",
+        ] {
+            assert!(check_listen(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "tcp://0.0.0.0:7000",
+            "tcp://10.0.0.1:7000",
+            "tcp://127.0.0.1:0",
+            "tcp://localhost:7000",
+            "unix://relative",
+            "unix:///",
+            "udp://127.0.0.1:1",
+            "",
+        ] {
+            assert!(check_listen(bad).is_err(), "{bad}");
+        }
+        for ok in [
+            "tcp://db.internal:5432",
+            "tcp://10.0.0.1:80",
+            "tcp://[fe80::1]:80",
+            "unix:///s",
+        ] {
+            assert!(check_target(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "tcp://db",
+            "tcp://:80",
+            "tcp://db:0",
+            "tcp://a b:1",
+            "unix://x",
+            "http://x:1",
+        ] {
+            assert!(check_target(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! `comsat controller init`: creates a controller's data dir.
+//!
+//! ```text
+//! controller.toml   configuration (see crate::config)
+//! authority.key     ed25519 authority key that signs grants (0600)
+//! ca.pem            the CA nodes pin for the controller API
+//! ca.key            its key, when generated here (0600)
+//! tls.crt, tls.key  the HTTPS certificate and key (key 0600)
+//! relay-ca.pem      the CA that signs relay certificates (agents trust it)
+//! relay-ca.key      its key (0600)
+//! controller.db     the SQLite database
+//! admin.token       the first admin API token (0600; only its hash is in the db)
+//! context.toml      what `comsat ctl` needs to reach this controller
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use comsat_protocol::SigningKey;
+use comsat_protocol::jwt::unix_now;
+use comsat_protocol::keys::write_secret_file;
+use sha2::{Digest, Sha256};
+
+use crate::config::{CONFIG_FILE, DEFAULT_PUBLIC_URL, parse_public_url};
+use crate::error::ControllerError;
+use crate::pki::{self, CaIssuer};
+use crate::store::{SqliteStore, Store};
+
+/// Prefix of admin API tokens.
+pub const ADMIN_TOKEN_PREFIX: &str = "comsat-admin-v1";
+
+/// The admin token file's name.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// The `comsat ctl` context file's name.
+pub const CONTEXT_FILE: &str = "context.toml";
+
+/// Lifetime of the generated HTTPS certificate (ten years; the operator
+/// replaces `tls.crt`/`tls.key` to rotate it).
+const SERVER_CERT_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// What `init` creates.
+#[derive(Clone, Debug, Default)]
+pub struct InitOptions {
+    /// The data dir (created if missing; must not hold a controller).
+    pub data_dir: PathBuf,
+    /// The URL nodes reach the controller at (default
+    /// `https://127.0.0.1:8443`).
+    pub public_url: Option<String>,
+    /// Operator-provided HTTPS certificate chain (PEM); with `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// Operator-provided HTTPS key (PEM); with `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// The CA nodes pin (PEM); default: the last certificate of `tls_cert`.
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// What `init` did. Holds no secret.
+#[derive(Clone, Debug)]
+pub struct InitReport {
+    /// The data dir.
+    pub data_dir: PathBuf,
+    /// The URL in join tokens.
+    pub public_url: String,
+    /// SHA-256 of the CA certificate (hex), as pinned by join tokens.
+    pub ca_sha256: String,
+    /// The `comsat ctl` context file.
+    pub context_file: PathBuf,
+}
+
+/// SHA-256 of an API token, hex: what the database stores.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn read_file(path: &Path, option: &'static str) -> Result<Vec<u8>, ControllerError> {
+    std::fs::read(path).map_err(|e| ControllerError::Option {
+        option,
+        message: format!("cannot read {}: {e}", path.display()),
+    })
+}
+
+fn write_public(path: &Path, contents: &[u8]) -> Result<(), ControllerError> {
+    std::fs::write(path, contents).map_err(ControllerError::io(path))
+}
+
+fn toml_str(s: &str) -> String {
+    // TOML basic strings share JSON's escapes for what we write.
+    serde_json::Value::String(s.to_owned()).to_string()
+}
+
+/// Creates a controller data dir. Refuses a directory that already holds
+/// one. Never prints or returns the admin token: it is in `admin.token`.
+pub fn init(opts: &InitOptions) -> Result<InitReport, ControllerError> {
+    let dir = &opts.data_dir;
+    for marker in [CONFIG_FILE, "authority.key", "controller.db"] {
+        let marker = dir.join(marker);
+        if marker.exists() {
+            return Err(ControllerError::AlreadyInitialised {
+                dir: dir.clone(),
+                marker,
+            });
+        }
+    }
+    let public_url = opts
+        .public_url
+        .clone()
+        .unwrap_or_else(|| DEFAULT_PUBLIC_URL.to_owned());
+    let public_url = public_url.trim_end_matches('/').to_owned();
+    let (host, _port) =
+        parse_public_url(&public_url).map_err(|message| ControllerError::Option {
+            option: "--public-url",
+            message,
+        })?;
+    let operator_tls = match (&opts.tls_cert, &opts.tls_key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => {
+            if opts.tls_ca.is_some() {
+                return Err(ControllerError::Option {
+                    option: "--tls-ca",
+                    message: "given without --tls-cert and --tls-key: pass all three, \
+                              or none to have the controller generate its CA"
+                        .into(),
+                });
+            }
+            None
+        }
+        _ => {
+            return Err(ControllerError::Option {
+                option: "--tls-cert/--tls-key",
+                message: "pass both (the certificate chain and its key), or neither".into(),
+            });
+        }
+    };
+
+    std::fs::create_dir_all(dir).map_err(ControllerError::io(dir))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(ControllerError::io(dir))?;
+    }
+    let now = unix_now();
+
+    SigningKey::generate().write_file(&dir.join("authority.key"))?;
+
+    // The controller's HTTPS certificate and the CA nodes pin.
+    let ca_path = dir.join("ca.pem");
+    let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let ca_pem = if let Some((cert, key)) = operator_tls {
+        let cert_pem = read_file(cert, "--tls-cert")?;
+        let key_pem = read_file(key, "--tls-key")?;
+        // Refuse now what the server would refuse at start.
+        pki::server_tls_config(&cert_pem, &key_pem).map_err(|e| ControllerError::Option {
+            option: "--tls-cert/--tls-key",
+            message: e.to_string(),
+        })?;
+        let ca_pem = match &opts.tls_ca {
+            Some(ca) => {
+                let pem = read_file(ca, "--tls-ca")?;
+                pki::certs_from_pem(&pem).map_err(|e| ControllerError::Option {
+                    option: "--tls-ca",
+                    message: e.to_string(),
+                })?;
+                pem
+            }
+            None => pki::last_cert_pem(&cert_pem)
+                .map_err(|e| ControllerError::Option {
+                    option: "--tls-cert",
+                    message: e.to_string(),
+                })?
+                .into_bytes(),
+        };
+        write_public(&cert_path, &cert_pem)?;
+        write_secret_file(&key_path, &key_pem)?;
+        ca_pem
+    } else {
+        let ca =
+            pki::generate_ca("comsat controller CA").map_err(ControllerError::pki(&ca_path))?;
+        write_secret_file(&dir.join("ca.key"), ca.key_pem.as_bytes())?;
+        let issuer = CaIssuer::from_pem(&ca.cert_pem, &ca.key_pem)
+            .map_err(ControllerError::pki(&ca_path))?;
+        let mut names = vec![host.clone()];
+        for extra in ["localhost", "127.0.0.1"] {
+            if !names.iter().any(|n| n == extra) {
+                names.push(extra.to_owned());
+            }
+        }
+        let (cert_pem, key_pem) = issuer
+            .issue_server(names, now, SERVER_CERT_TTL)
+            .map_err(ControllerError::pki(&cert_path))?;
+        write_public(&cert_path, cert_pem.as_bytes())?;
+        write_secret_file(&key_path, key_pem.as_bytes())?;
+        ca.cert_pem.into_bytes()
+    };
+    write_public(&ca_path, &ca_pem)?;
+    let ca_sha256 =
+        hex::encode(pki::first_cert_sha256(&ca_pem).map_err(ControllerError::pki(&ca_path))?);
+
+    // The relay CA.
+    let relay_ca_path = dir.join("relay-ca.pem");
+    let relay_ca =
+        pki::generate_ca("comsat relay CA").map_err(ControllerError::pki(&relay_ca_path))?;
+    write_secret_file(&dir.join("relay-ca.key"), relay_ca.key_pem.as_bytes())?;
+    write_public(&relay_ca_path, relay_ca.cert_pem.as_bytes())?;
+
+    // The first admin token; only its hash goes into the database.
+    let token = format!(
+        "{ADMIN_TOKEN_PREFIX}:{}",
+        hex::encode(rand::random::<[u8; 32]>())
+    );
+    write_secret_file(&dir.join(ADMIN_TOKEN_FILE), format!("{token}\n").as_bytes())?;
+    create_database(&dir.join("controller.db"), token_hash(&token), now)?;
+
+    let context_file = dir.join(CONTEXT_FILE);
+    write_public(
+        &context_file,
+        format!(
+            "# comsat ctl context, written by `comsat controller init`.\n\
+             # Paths are relative to this file's directory.\n\
+             controller = {}\ntoken_file = \"{ADMIN_TOKEN_FILE}\"\nca = \"ca.pem\"\n",
+            toml_str(&public_url)
+        )
+        .as_bytes(),
+    )?;
+
+    // Written last: its presence means a complete data dir.
+    write_public(
+        &dir.join(CONFIG_FILE),
+        format!(
+            "# comsat controller configuration, written by `comsat controller init`.\n\
+             # Every key is optional; defaults are shown commented out.\n\
+             public_url = {}\n\
+             # listen = \"0.0.0.0:8443\"\n\
+             # jwt_leeway_secs = 30\n\
+             # heartbeat_interval_secs = 5\n\
+             # heartbeat_timeout_secs = 15\n\
+             # relays_per_link = 2\n\
+             # relay_cert_ttl_secs = 86400\n\
+             # grant_ttl_secs = 604800\n\
+             # link_buffer_limit = 67108864\n",
+            toml_str(&public_url)
+        )
+        .as_bytes(),
+    )?;
+
+    Ok(InitReport {
+        data_dir: dir.clone(),
+        public_url,
+        ca_sha256,
+        context_file,
+    })
+}
+
+/// Creates the database with its schema and the admin token's hash, on a
+/// runtime of its own (`init` is synchronous and may be called from inside
+/// another runtime).
+fn create_database(path: &Path, admin_hash: String, now: u64) -> Result<(), ControllerError> {
+    let db = path.to_owned();
+    let result = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ControllerError::io(&db))?;
+        rt.block_on(async {
+            let store = SqliteStore::open(&db)
+                .await
+                .map_err(|source| ControllerError::Store {
+                    path: db.clone(),
+                    source,
+                })?;
+            let added = store.add_api_token(&admin_hash, "admin", now).await;
+            store.close().await;
+            added.map_err(|source| ControllerError::Store {
+                path: db.clone(),
+                source,
+            })
+        })
+    })
+    .join();
+    match result {
+        Ok(r) => r,
+        Err(_) => Err(ControllerError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other("database setup thread panicked"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn init_writes_a_complete_private_data_dir_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("ctl");
+        let report = init(&InitOptions {
+            data_dir: dir.clone(),
+            public_url: Some("https://ctl.example.com:9443".into()),
+            ..InitOptions::default()
+        })
+        .expect("init");
+        assert_eq!(report.public_url, "https://ctl.example.com:9443");
+        for secret in [
+            "authority.key",
+            "ca.key",
+            "tls.key",
+            "relay-ca.key",
+            "admin.token",
+        ] {
+            let mode = std::fs::metadata(dir.join(secret))
+                .expect(secret)
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{secret}");
+        }
+        let ctx = std::fs::read_to_string(&report.context_file).expect("context");
+        assert_eq!(
+            ctx.lines()
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>(),
+            [
+                "controller = \"https://ctl.example.com:9443\"",
+                "token_file = \"admin.token\"",
+                "ca = \"ca.pem\""
+            ]
+        );
+        let token = std::fs::read_to_string(dir.join("admin.token")).expect("token");
+        assert!(token.starts_with("comsat-admin-v1:"));
+        assert!(!format!("{report:?}").contains(token.trim()));
+        let config = crate::config::ControllerConfig::load(&dir).expect("config loads");
+        assert_eq!(config.public_url, report.public_url);
+        let ca = std::fs::read(dir.join("ca.pem")).expect("ca");
+        assert_eq!(
+            hex::encode(pki::first_cert_sha256(&ca).expect("sha")),
+            report.ca_sha256
+        );
+        let err = init(&InitOptions {
+            data_dir: dir.clone(),
+            ..InitOptions::default()
+        })
+        .expect_err("second init");
+        assert!(err.to_string().contains("already holds"), "{err}");
+    }
+
+    #[test]
+    fn operator_tls_files_are_used_and_the_chain_root_pinned() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ca = pki::generate_ca("operator CA").expect("ca");
+        let issuer = CaIssuer::from_pem(&ca.cert_pem, &ca.key_pem).expect("issuer");
+        let (leaf, key) = issuer
+            .issue_server(
+                vec!["ctl.example".into()],
+                unix_now(),
+                Duration::from_secs(3600),
+            )
+            .expect("leaf");
+        let chain = tmp.path().join("chain.pem");
+        let key_path = tmp.path().join("key.pem");
+        std::fs::write(&chain, format!("{leaf}{}", ca.cert_pem)).expect("write");
+        std::fs::write(&key_path, key).expect("write");
+        let report = init(&InitOptions {
+            data_dir: tmp.path().join("d"),
+            public_url: Some("https://ctl.example:8443".into()),
+            tls_cert: Some(chain),
+            tls_key: Some(key_path.clone()),
+            tls_ca: None,
+        })
+        .expect("init");
+        assert_eq!(
+            report.ca_sha256,
+            hex::encode(pki::first_cert_sha256(ca.cert_pem.as_bytes()).expect("sha"))
+        );
+        assert!(!tmp.path().join("d/ca.key").exists());
+        let err = init(&InitOptions {
+            data_dir: tmp.path().join("e"),
+            tls_key: Some(key_path),
+            ..InitOptions::default()
+        })
+        .expect_err("key alone");
+        assert!(err.to_string().contains("--tls-cert"), "{err}");
+    }
+}

@@ -1,0 +1,353 @@
+//! Certificates: the controller's CAs, its TLS server certificate, relay
+//! certificates issued from CSRs, and PEM helpers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+/// A certificate operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PkiError {
+    /// rcgen refused.
+    #[error("{what}: {source}")]
+    Rcgen {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        source: rcgen::Error,
+    },
+    /// PEM input did not parse.
+    #[error("{0}")]
+    Pem(String),
+    /// rustls refused the certificate or key.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn rc(what: &'static str) -> impl FnOnce(rcgen::Error) -> PkiError {
+    move |source| PkiError::Rcgen { what, source }
+}
+
+/// A CA: its certificate (PEM) and private key (PEM).
+#[derive(Clone)]
+pub struct CaFiles {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The private key, PKCS#8 PEM (a secret).
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CaFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaFiles")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Generates a self-signed CA named `common_name` (ECDSA P-256).
+pub fn generate_ca(common_name: &str) -> Result<CaFiles, PkiError> {
+    let key = KeyPair::generate().map_err(rc("generating a CA key"))?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc("CA parameters"))?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let cert = params
+        .self_signed(&key)
+        .map_err(rc("self-signing the CA"))?;
+    Ok(CaFiles {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// An issuer loaded from a CA's files.
+pub struct CaIssuer {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+}
+
+impl std::fmt::Debug for CaIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaIssuer").finish_non_exhaustive()
+    }
+}
+
+/// The host part of a `host:port` (brackets of an IPv6 literal removed).
+pub fn host_of(addr: &str) -> Option<&str> {
+    let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        (host, after.strip_prefix(':')?)
+    } else {
+        addr.rsplit_once(':')?
+    };
+    port.parse::<u16>().ok()?;
+    if host.is_empty() || host.contains(':') && !addr.starts_with('[') {
+        return None;
+    }
+    Some(host)
+}
+
+/// Whether `host` is a name a certificate can carry: an IP address or a
+/// DNS name of letters, digits, `-` and `.`.
+pub fn valid_host(host: &str) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+fn validity(now: u64, ttl: Duration) -> Result<(OffsetDateTime, OffsetDateTime), PkiError> {
+    let now = i64::try_from(now).map_err(|_| PkiError::Pem("clock out of range".into()))?;
+    let start = OffsetDateTime::from_unix_timestamp(now.saturating_sub(300))
+        .map_err(|e| PkiError::Pem(format!("clock out of range: {e}")))?;
+    let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+    let end = OffsetDateTime::from_unix_timestamp(now.saturating_add(ttl))
+        .map_err(|e| PkiError::Pem(format!("certificate lifetime out of range: {e}")))?;
+    Ok((start, end))
+}
+
+fn leaf_params(
+    names: Vec<String>,
+    common_name: &str,
+    now: u64,
+    ttl: Duration,
+) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(names).map_err(rc("certificate names"))?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let (start, end) = validity(now, ttl)?;
+    params.not_before = start;
+    params.not_after = end;
+    Ok(params)
+}
+
+impl CaIssuer {
+    /// Loads a CA from its certificate and key PEM.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem).map_err(rc("reading the CA key"))?;
+        let issuer =
+            Issuer::from_ca_cert_pem(cert_pem, key).map_err(rc("reading the CA certificate"))?;
+        Ok(Self {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// A new key and server certificate for `names` (IP addresses become
+    /// IP SANs), valid for `ttl` from `now`. Returns (cert PEM, key PEM).
+    pub fn issue_server(
+        &self,
+        names: Vec<String>,
+        now: u64,
+        ttl: Duration,
+    ) -> Result<(String, String), PkiError> {
+        let key = KeyPair::generate().map_err(rc("generating a TLS key"))?;
+        let params = leaf_params(names, "comsat controller", now, ttl)?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(rc("signing the TLS certificate"))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A relay certificate for the public key of `csr_pem` (whose signature
+    /// must verify), naming only `host`, valid for `ttl` from `now`. What
+    /// the CSR asks for beyond its key is ignored.
+    pub fn issue_for_csr(
+        &self,
+        csr_pem: &str,
+        host: &str,
+        now: u64,
+        ttl: Duration,
+    ) -> Result<String, PkiError> {
+        let mut csr = parse_csr(csr_pem)?;
+        csr.params = leaf_params(vec![host.to_owned()], "comsat relay", now, ttl)?;
+        let cert = csr
+            .signed_by(&self.issuer)
+            .map_err(rc("signing the relay certificate"))?;
+        Ok(cert.pem())
+    }
+}
+
+/// Parses and checks a PEM CSR.
+pub fn parse_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, PkiError> {
+    if csr_pem.len() > 64 * 1024 {
+        return Err(PkiError::Pem("csr_pem is longer than 64 KiB".into()));
+    }
+    CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+        PkiError::Pem(format!(
+            "csr_pem is not a valid PEM certificate signing request with a verifying signature: {e}"
+        ))
+    })
+}
+
+/// Every certificate in a PEM text, in order.
+pub fn certs_from_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::Pem(format!("bad PEM certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(PkiError::Pem("no PEM certificate found".into()));
+    }
+    Ok(certs)
+}
+
+/// The private key in a PEM text.
+pub fn key_from_pem(pem: &[u8]) -> Result<PrivateKeyDer<'static>, PkiError> {
+    PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|e| PkiError::Pem(format!("bad PEM private key: {e}")))
+}
+
+/// SHA-256 of the first certificate of a PEM text (what join tokens pin).
+pub fn first_cert_sha256(pem: &[u8]) -> Result<[u8; 32], PkiError> {
+    let certs = certs_from_pem(pem)?;
+    let first = certs
+        .first()
+        .ok_or_else(|| PkiError::Pem("no PEM certificate found".into()))?;
+    Ok(Sha256::digest(first.as_ref()).into())
+}
+
+/// The last certificate of a PEM chain, as PEM.
+pub fn last_cert_pem(pem: &[u8]) -> Result<String, PkiError> {
+    let certs = certs_from_pem(pem)?;
+    let last = certs
+        .last()
+        .ok_or_else(|| PkiError::Pem("no PEM certificate found".into()))?;
+    Ok(der_to_pem(last.as_ref()))
+}
+
+fn der_to_pem(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+/// The rustls server configuration (ring, TLS 1.2 and 1.3, HTTP/1.1).
+pub fn server_tls_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<rustls::ServerConfig, PkiError> {
+    let certs = certs_from_pem(cert_pem)?;
+    let key = key_from_pem(key_pem)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::PublicKeyData;
+
+    #[test]
+    fn hosts_of_addresses() {
+        assert_eq!(host_of("relay.example:4433"), Some("relay.example"));
+        assert_eq!(host_of("10.0.0.1:4433"), Some("10.0.0.1"));
+        assert_eq!(host_of("[::1]:4433"), Some("::1"));
+        for bad in [
+            "relay",
+            "relay:",
+            ":4433",
+            "relay:99999",
+            "::1:4433",
+            "[::1]",
+        ] {
+            assert_eq!(host_of(bad), None, "{bad}");
+        }
+        assert!(valid_host("relay-1.example.com"));
+        assert!(valid_host("::1"));
+        assert!(!valid_host("bad host"));
+        assert!(!valid_host("-x.example"));
+    }
+
+    #[test]
+    fn relay_certificate_names_only_the_host_and_keeps_the_key() {
+        let ca = generate_ca("test relay CA").expect("ca");
+        let issuer = CaIssuer::from_pem(&ca.cert_pem, &ca.key_pem).expect("issuer");
+        let key = KeyPair::generate().expect("key");
+        let params = CertificateParams::new(vec!["evil.example".to_owned()]).expect("params");
+        let csr = params
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        let pem = issuer
+            .issue_for_csr(&csr, "10.1.2.3", 1_800_000_000, Duration::from_secs(3600))
+            .expect("issue");
+        let der = certs_from_pem(pem.as_bytes()).expect("parse").remove(0);
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).expect("x509");
+        let san = cert
+            .subject_alternative_name()
+            .expect("ext")
+            .expect("san")
+            .value
+            .general_names
+            .clone();
+        assert_eq!(san.len(), 1);
+        assert!(format!("{:?}", san[0]).contains("[10, 1, 2, 3]"), "{san:?}");
+        assert!(!cert.is_ca());
+        assert_eq!(
+            cert.public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
+        assert_eq!(cert.validity().not_after.timestamp(), 1_800_000_000 + 3600);
+        assert!(
+            issuer
+                .issue_for_csr("garbage", "x", 0, Duration::from_secs(1))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn pem_round_trip_of_the_last_certificate() {
+        let a = generate_ca("a").expect("a");
+        let b = generate_ca("b").expect("b");
+        let chain = format!("{}{}", a.cert_pem, b.cert_pem);
+        let last = last_cert_pem(chain.as_bytes()).expect("last");
+        assert_eq!(
+            first_cert_sha256(last.as_bytes()).expect("sha"),
+            first_cert_sha256(b.cert_pem.as_bytes()).expect("sha")
+        );
+        assert!(first_cert_sha256(b"nothing").is_err());
+    }
+}

@@ -1,0 +1,240 @@
+//! [`Controller`]: opens the data dir, binds, serves HTTPS and runs the
+//! background tasks (relay assignment and grant renewal, JWT id purge).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use comsat_protocol::SigningKey;
+use comsat_protocol::jwt::unix_now;
+use tokio::sync::{Mutex, watch};
+
+use crate::config::ControllerConfig;
+use crate::error::ControllerError;
+use crate::pki::{self, CaIssuer};
+use crate::state::Shared;
+use crate::store::SqliteStore;
+
+/// How often links are checked for reassignment and grant renewal.
+const ASSIGN_INTERVAL: Duration = Duration::from_secs(1);
+/// How often expired JWT ids are forgotten.
+const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// How long open requests (long polls end at once) get to finish.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// How to run a controller.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The data dir made by [`crate::init`].
+    pub data_dir: PathBuf,
+    /// Overrides `listen` in `controller.toml`.
+    pub listen: Option<SocketAddr>,
+}
+
+/// A controller bound to its listen address, ready to [`run`](Self::run).
+pub struct Controller {
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+    local_addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_text(path: &Path, dir: &Path) -> Result<String, ControllerError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ControllerError::NotInitialised {
+                dir: dir.to_owned(),
+                path: path.to_owned(),
+            })
+        }
+        Err(e) => Err(ControllerError::Io {
+            path: path.to_owned(),
+            source: e,
+        }),
+    }
+}
+
+fn read_secret(path: &Path, dir: &Path) -> Result<String, ControllerError> {
+    if !path.exists() {
+        return Err(ControllerError::NotInitialised {
+            dir: dir.to_owned(),
+            path: path.to_owned(),
+        });
+    }
+    Ok(comsat_protocol::keys::read_secret_file(path)?.to_string())
+}
+
+impl Controller {
+    /// Reads the data dir, opens the database (applying migrations) and
+    /// binds the listen address.
+    pub async fn bind(opts: RunOptions) -> Result<Self, ControllerError> {
+        let dir = &opts.data_dir;
+        let config = ControllerConfig::load(dir)?;
+        if !config.authority_key.exists() {
+            return Err(ControllerError::NotInitialised {
+                dir: dir.clone(),
+                path: config.authority_key.clone(),
+            });
+        }
+        let authority = SigningKey::read_file(&config.authority_key)?;
+        let ca_pem = read_text(&config.ca, dir)?;
+        let ca_sha256 =
+            pki::first_cert_sha256(ca_pem.as_bytes()).map_err(ControllerError::pki(&config.ca))?;
+        let relay_ca_pem = read_text(&config.relay_ca_cert, dir)?;
+        let relay_ca_key = read_secret(&config.relay_ca_key, dir)?;
+        let relay_ca = CaIssuer::from_pem(&relay_ca_pem, &relay_ca_key)
+            .map_err(ControllerError::pki(&config.relay_ca_cert))?;
+        let cert_pem = read_text(&config.tls_cert, dir)?;
+        let key_pem = read_secret(&config.tls_key, dir)?;
+        let tls = pki::server_tls_config(cert_pem.as_bytes(), key_pem.as_bytes())
+            .map_err(ControllerError::pki(&config.tls_cert))?;
+        if !config.database.exists() {
+            return Err(ControllerError::NotInitialised {
+                dir: dir.clone(),
+                path: config.database.clone(),
+            });
+        }
+        let store = SqliteStore::open(&config.database)
+            .await
+            .map_err(|source| ControllerError::Store {
+                path: config.database.clone(),
+                source,
+            })?;
+        let addr = opts.listen.unwrap_or_else(|| config.listen_addr());
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| ControllerError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| ControllerError::Bind { addr, source })?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let audience = format!("comsat-controller:{}", authority.public());
+        let shared = Arc::new(Shared {
+            store: Arc::new(store),
+            config,
+            authority,
+            audience,
+            ca_pem,
+            ca_sha256,
+            relay_ca,
+            changes: watch::channel(0).0,
+            shutdown: shutdown_rx,
+            link_lock: Mutex::new(()),
+            started_at: unix_now(),
+        });
+        Ok(Self {
+            shared,
+            listener,
+            local_addr,
+            tls: Arc::new(tls),
+            shutdown,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The JWT audience of this deployment.
+    pub fn audience(&self) -> &str {
+        &self.shared.audience
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, ends long
+    /// polls, lets open requests finish (a few seconds at most) and closes
+    /// the database.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
+        let Self {
+            shared,
+            listener,
+            local_addr,
+            tls,
+            shutdown: stop,
+        } = self;
+        let handle = axum_server::Handle::<SocketAddr>::new();
+        let server = axum_server::from_tcp_rustls(
+            listener,
+            axum_server::tls_rustls::RustlsConfig::from_config(tls),
+        )
+        .map_err(ControllerError::Serve)?
+        .handle(handle.clone());
+        let app = crate::http::router(shared.clone());
+        let tasks = [
+            tokio::spawn(assign_loop(shared.clone())),
+            tokio::spawn(purge_loop(shared.clone())),
+        ];
+        tracing::info!(
+            listen = %local_addr,
+            public_url = %shared.config.public_url,
+            audience = %shared.audience,
+            "controller serving"
+        );
+        let serve = server.serve(app.into_make_service());
+        tokio::pin!(serve);
+        let result = tokio::select! {
+            r = &mut serve => r,
+            () = shutdown => {
+                tracing::info!("controller shutting down");
+                let _ = stop.send(true);
+                handle.graceful_shutdown(Some(GRACE));
+                serve.await
+            }
+        };
+        let _ = stop.send(true);
+        for task in tasks {
+            let _ = task.await;
+        }
+        shared.store.close().await;
+        result.map_err(ControllerError::Serve)
+    }
+}
+
+async fn assign_loop(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut tick = tokio::time::interval(ASSIGN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        if let Err(e) = shared.reassign(unix_now()).await {
+            tracing::warn!(error = %e.message, "relay assignment pass failed; retrying");
+        }
+    }
+}
+
+async fn purge_loop(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut tick = tokio::time::interval(PURGE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        match shared.store.purge_jtis(unix_now()).await {
+            Ok(n) if n > 0 => tracing::debug!(purged = n, "expired JWT ids forgotten"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "purging expired JWT ids failed"),
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Storage: one trait, [`Store`], with every database operation the API
+//! needs, and its backends.
+//!
+//! Each method is one transaction. Operations that must be atomic — join
+//! token redemption, creating or re-granting a link together with its relay
+//! events and the agents' config version bumps — are single methods, so a
+//! backend cannot get them half right. [`SqliteStore`] is the embedded
+//! default; a PostgreSQL backend implements the same trait.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use comsat_protocol::api::{NodeKind, RelayLoad};
+use comsat_protocol::{LinkId, NodeId, NoisePublicKey, RelayId, SignPublicKey};
+
+/// A storage operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database failed or could not be reached.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Applying the schema migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A row holds something that does not parse (the database was edited
+    /// by hand or is corrupt).
+    #[error("corrupt database row: {0}")]
+    Corrupt(String),
+    /// No join token has this id and secret.
+    #[error("unknown join token")]
+    UnknownToken,
+    /// The join token was redeemed before.
+    #[error("join token already used")]
+    TokenUsed,
+    /// The join token expired (and is now used up).
+    #[error("join token expired; ask the operator for a new one (`comsat ctl token create`)")]
+    TokenExpired,
+    /// The join token enrols the other kind of node (it was not consumed).
+    #[error("this token enrols a {token_kind}; run `comsat {token_kind} enrol`")]
+    WrongKind {
+        /// The kind the token enrols.
+        token_kind: NodeKind,
+    },
+    /// A node of this kind already has this name.
+    #[error("a {kind} named `{name}` is already enrolled")]
+    NodeNameTaken {
+        /// Its kind.
+        kind: NodeKind,
+        /// The name.
+        name: String,
+    },
+    /// A link already has this name.
+    #[error("a link named `{0}` already exists")]
+    LinkNameTaken(String),
+}
+
+/// A join token to store (the secret itself is never stored).
+#[derive(Clone, Debug)]
+pub struct NewJoinToken {
+    /// Its id (16 hex digits).
+    pub id: String,
+    /// SHA-256 of the secret, hex.
+    pub secret_hash: String,
+    /// What it enrols.
+    pub kind: NodeKind,
+    /// The name the node gets, if fixed.
+    pub name: Option<String>,
+    /// Unix time it expires.
+    pub expires_at: u64,
+    /// Unix time it was created.
+    pub created_at: u64,
+}
+
+/// A redemption attempt.
+#[derive(Clone, Debug)]
+pub struct Redemption {
+    /// The token's id.
+    pub token_id: String,
+    /// SHA-256 of the presented secret, hex.
+    pub secret_hash: String,
+    /// The kind the node enrols as.
+    pub kind: NodeKind,
+    /// Unix time now.
+    pub now: u64,
+}
+
+/// A node to register on redemption.
+#[derive(Clone, Debug)]
+pub struct NewNode {
+    /// Its id.
+    pub node_id: NodeId,
+    /// Its ed25519 key.
+    pub sign_pub: SignPublicKey,
+    /// Agents: their Noise key.
+    pub noise_pub: Option<NoisePublicKey>,
+    /// Relays: the `host:port` agents dial.
+    pub public_addr: Option<String>,
+}
+
+/// An enrolled node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// Its id.
+    pub node_id: NodeId,
+    /// Agent or relay.
+    pub kind: NodeKind,
+    /// Its name (unique per kind).
+    pub name: String,
+    /// Its ed25519 key (verifies its JWTs; named in grants).
+    pub sign_pub: SignPublicKey,
+    /// Agents: their Noise key.
+    pub noise_pub: Option<NoisePublicKey>,
+    /// Relays: the address agents dial.
+    pub public_addr: Option<String>,
+    /// Unix time enrolled.
+    pub created_at: u64,
+    /// Unix time of its last authenticated request.
+    pub last_seen: Option<u64>,
+    /// Relays: Unix time of the last heartbeat.
+    pub last_heartbeat: Option<u64>,
+    /// Relays: the last reported load.
+    pub load: RelayLoad,
+    /// Agents: the version of their desired state.
+    pub config_version: u64,
+}
+
+impl NodeRecord {
+    /// The relay id of a relay node (the same 16 bytes as its node id).
+    pub fn relay_id(&self) -> RelayId {
+        RelayId(self.node_id.0)
+    }
+}
+
+/// A link as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkRecord {
+    /// Its id.
+    pub link_id: LinkId,
+    /// Its name (unique).
+    pub name: String,
+    /// Grant generation, bumped on every change of its relay list.
+    pub generation: u64,
+    /// Side A: the agent that listens.
+    pub from_node: NodeId,
+    /// Side A's listen spec.
+    pub listen: String,
+    /// Side B: the agent that dials the target.
+    pub to_node: NodeId,
+    /// Side B's target spec.
+    pub target: String,
+    /// Unix listeners: allowed peer uids.
+    pub allowed_uids: Vec<u32>,
+    /// Unix listeners: allowed peer gids.
+    pub allowed_gids: Vec<u32>,
+    /// Assigned relays, primary first (empty: unassigned).
+    pub relays: Vec<RelayId>,
+    /// Unix time created.
+    pub created_at: u64,
+    /// Unix time the current grant expires (0: no grant).
+    pub grant_not_after: u64,
+}
+
+/// A relay event to append.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEvent {
+    /// The relay it is for.
+    pub relay_id: RelayId,
+    /// The link concerned.
+    pub link_id: LinkId,
+    /// The signed grant (hex), or `None` for a revocation.
+    pub grant_hex: Option<String>,
+}
+
+/// A stored relay event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Its position in the log.
+    pub seq: u64,
+    /// The link concerned.
+    pub link_id: LinkId,
+    /// The signed grant (hex), or `None` for a revocation.
+    pub grant_hex: Option<String>,
+}
+
+/// A change of a link's grant: a new relay list (new generation) or a
+/// renewal (same generation, later expiry).
+#[derive(Clone, Debug)]
+pub struct LinkGrantUpdate {
+    /// The link.
+    pub link_id: LinkId,
+    /// The generation the caller read; the update is skipped if the link
+    /// has changed since (optimistic concurrency).
+    pub expected_generation: u64,
+    /// The new generation.
+    pub generation: u64,
+    /// The new relay list.
+    pub relays: Vec<RelayId>,
+    /// The new grant's expiry (0: no grant).
+    pub grant_not_after: u64,
+    /// Events to append (grants for the new relays, revocations for the
+    /// dropped ones).
+    pub events: Vec<NewEvent>,
+    /// Whether both agents' config versions go up (their relay set changed).
+    pub bump_agents: bool,
+}
+
+/// Every database operation of the controller.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Stores an API token's hash (SHA-256 of the whole token, hex).
+    async fn add_api_token(&self, hash: &str, name: &str, now: u64) -> Result<(), StoreError>;
+
+    /// The name of the API token with this hash, if any.
+    async fn api_token(&self, hash: &str) -> Result<Option<String>, StoreError>;
+
+    /// Stores a new join token.
+    async fn create_join_token(&self, token: &NewJoinToken) -> Result<(), StoreError>;
+
+    /// Redeems a join token and registers the node, atomically: of two
+    /// racing redemptions exactly one wins. An expired token is used up
+    /// and refused; a token of the other kind is refused and left unused.
+    /// The node is named after the token, or `<kind>-<8 hex>`.
+    async fn redeem_join_token(
+        &self,
+        redemption: &Redemption,
+        node: &NewNode,
+    ) -> Result<NodeRecord, StoreError>;
+
+    /// One node by id.
+    async fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError>;
+
+    /// One node by kind and name.
+    async fn node_by_name(
+        &self,
+        kind: NodeKind,
+        name: &str,
+    ) -> Result<Option<NodeRecord>, StoreError>;
+
+    /// Every node of a kind, by name.
+    async fn nodes(&self, kind: NodeKind) -> Result<Vec<NodeRecord>, StoreError>;
+
+    /// Records a JWT id until `expires_at`; `false` if it was seen before.
+    async fn record_jti(
+        &self,
+        jti: &str,
+        node: &NodeId,
+        expires_at: u64,
+    ) -> Result<bool, StoreError>;
+
+    /// Forgets JWT ids that expired before `now`; returns how many.
+    async fn purge_jtis(&self, now: u64) -> Result<u64, StoreError>;
+
+    /// Sets a node's `last_seen`.
+    async fn touch_node(&self, id: &NodeId, now: u64) -> Result<(), StoreError>;
+
+    /// Stores a relay heartbeat.
+    async fn heartbeat(&self, id: &NodeId, load: &RelayLoad, now: u64) -> Result<(), StoreError>;
+
+    /// Creates a link with its first events, and bumps both agents' config
+    /// versions. Fails with [`StoreError::LinkNameTaken`] if the name is.
+    async fn create_link(&self, link: &LinkRecord, events: &[NewEvent]) -> Result<(), StoreError>;
+
+    /// One link by name.
+    async fn link_by_name(&self, name: &str) -> Result<Option<LinkRecord>, StoreError>;
+
+    /// Every link, by name.
+    async fn links(&self) -> Result<Vec<LinkRecord>, StoreError>;
+
+    /// The links an agent holds a side of, by name.
+    async fn links_of_agent(&self, agent: &NodeId) -> Result<Vec<LinkRecord>, StoreError>;
+
+    /// Deletes a link, appends a revocation for each of its relays and
+    /// bumps both agents' config versions. Returns the deleted link.
+    async fn delete_link(&self, name: &str, now: u64) -> Result<Option<LinkRecord>, StoreError>;
+
+    /// Applies a grant change unless the link changed meanwhile; `false`
+    /// if it did (or is gone) and nothing was written.
+    async fn update_link_grant(
+        &self,
+        update: &LinkGrantUpdate,
+        now: u64,
+    ) -> Result<bool, StoreError>;
+
+    /// A relay's events after `since`, oldest first, at most `limit`.
+    async fn relay_events(
+        &self,
+        relay: &RelayId,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError>;
+
+    /// The highest event seq of all relays (0 if none).
+    async fn max_event_seq(&self) -> Result<u64, StoreError>;
+
+    /// Closes the connections (the store is unusable afterwards).
+    async fn close(&self);
+}

@@ -1,0 +1,685 @@
+//! The HTTPS API in process: init a temp dir, bind on 127.0.0.1:0, and talk
+//! to it with reqwest over TLS pinned to the generated CA.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use comsat_controller::{Controller, InitOptions, RunOptions, init};
+use comsat_protocol::api::{
+    self, AgentDesired, EnrolRequest, EnrolResponse, ErrorBody, JoinToken, LinkCreate, LinkInfo,
+    NodeKind, RelayEventKind, RelayEvents, RelayHeartbeat, RelayLoad, Status, TokenCreated,
+};
+use comsat_protocol::jwt::{self, unix_now};
+use comsat_protocol::{NoiseSecretKey, RelayId, Side, SignPublicKey, SignedGrant, SigningKey};
+use reqwest::StatusCode;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use serde_json::json;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+struct Api {
+    _dir: tempfile::TempDir,
+    client: reqwest::Client,
+    base: String,
+    admin: String,
+    ca_pem: String,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<Result<(), comsat_controller::ControllerError>>>,
+}
+
+struct Node {
+    key: SigningKey,
+    noise: Option<NoiseSecretKey>,
+    enrolled: EnrolResponse,
+}
+
+impl Node {
+    fn jwt(&self) -> String {
+        jwt::mint(
+            &self.key,
+            &self.enrolled.node_id,
+            &self.enrolled.audience,
+            unix_now(),
+            30,
+        )
+        .expect("mint")
+    }
+
+    fn relay_id(&self) -> RelayId {
+        RelayId(self.enrolled.node_id.0)
+    }
+}
+
+fn client(ca_pem: &[u8]) -> reqwest::Client {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.expect("ca pem")).expect("add root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(config)
+        .build()
+        .expect("client")
+}
+
+async fn start(extra_config: &str) -> Api {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("ctl");
+    init(&InitOptions {
+        data_dir: data.clone(),
+        ..InitOptions::default()
+    })
+    .expect("init");
+    if !extra_config.is_empty() {
+        let path = data.join("controller.toml");
+        let mut text = std::fs::read_to_string(&path).expect("read config");
+        text.push_str(extra_config);
+        std::fs::write(&path, text).expect("write config");
+    }
+    let controller = Controller::bind(RunOptions {
+        data_dir: data.clone(),
+        listen: Some("127.0.0.1:0".parse().expect("addr")),
+    })
+    .await
+    .expect("bind");
+    let base = format!("https://127.0.0.1:{}", controller.local_addr().port());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(controller.run(async {
+        let _ = stopped.await;
+    }));
+    let ca_pem = std::fs::read_to_string(data.join("ca.pem")).expect("ca");
+    let admin = std::fs::read_to_string(data.join("admin.token"))
+        .expect("admin token")
+        .trim()
+        .to_owned();
+    Api {
+        client: client(ca_pem.as_bytes()),
+        _dir: dir,
+        base,
+        admin,
+        ca_pem,
+        stop: Some(stop),
+        server: Some(server),
+    }
+}
+
+impl Api {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .expect("stops in time")
+                .expect("task")
+                .expect("run ok");
+        }
+    }
+
+    async fn token(&self, kind: NodeKind, name: &str) -> JoinToken {
+        let resp = self
+            .client
+            .post(self.url(api::PATH_TOKENS))
+            .bearer_auth(&self.admin)
+            .json(&json!({ "kind": kind, "name": name }))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let created: TokenCreated = resp.json().await.expect("json");
+        assert!(created.expires_at > unix_now());
+        JoinToken::parse(&created.token).expect("token parses")
+    }
+
+    async fn enrol_req(&self, req: &EnrolRequest) -> reqwest::Response {
+        self.client
+            .post(self.url(api::PATH_ENROL))
+            .json(req)
+            .send()
+            .await
+            .expect("send")
+    }
+
+    async fn enrol_agent(&self, name: &str) -> Node {
+        let token = self.token(NodeKind::Agent, name).await;
+        assert_eq!(token.url, "https://127.0.0.1:8443");
+        let key = SigningKey::generate();
+        let noise = NoiseSecretKey::generate();
+        let resp = self
+            .enrol_req(&EnrolRequest {
+                token_id: token.id,
+                secret: token.secret,
+                kind: NodeKind::Agent,
+                sign_public_key: key.public(),
+                noise_public_key: Some(noise.public()),
+                public_addr: None,
+                csr_pem: None,
+            })
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let enrolled: EnrolResponse = resp.json().await.expect("json");
+        assert_eq!(enrolled.name, name);
+        Node {
+            key,
+            noise: Some(noise),
+            enrolled,
+        }
+    }
+
+    async fn enrol_relay(&self, name: &str, addr: &str) -> Node {
+        let token = self.token(NodeKind::Relay, name).await;
+        let key = SigningKey::generate();
+        let resp = self
+            .enrol_req(&EnrolRequest {
+                token_id: token.id,
+                secret: token.secret,
+                kind: NodeKind::Relay,
+                sign_public_key: key.public(),
+                noise_public_key: None,
+                public_addr: Some(addr.to_owned()),
+                csr_pem: Some(csr()),
+            })
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let enrolled: EnrolResponse = resp.json().await.expect("json");
+        assert!(
+            enrolled
+                .cert_pem
+                .as_deref()
+                .is_some_and(|c| c.contains("BEGIN CERTIFICATE"))
+        );
+        Node {
+            key,
+            noise: None,
+            enrolled,
+        }
+    }
+
+    async fn heartbeat(&self, relay: &Node) {
+        let resp = self
+            .client
+            .post(self.url(api::PATH_RELAY_HEARTBEAT))
+            .bearer_auth(relay.jwt())
+            .json(&RelayHeartbeat {
+                load: RelayLoad::default(),
+            })
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+
+    async fn events(&self, relay: &Node, since: u64, wait_ms: u64) -> RelayEvents {
+        let resp = self
+            .client
+            .get(self.url(api::PATH_RELAY_EVENTS))
+            .query(&[("since", since), ("wait_ms", wait_ms)])
+            .bearer_auth(relay.jwt())
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.json().await.expect("json")
+    }
+
+    async fn config(&self, agent: &Node, since: u64, wait_ms: u64) -> AgentDesired {
+        let resp = self
+            .client
+            .get(self.url(api::PATH_AGENT_CONFIG))
+            .query(&[("since", since), ("wait_ms", wait_ms)])
+            .bearer_auth(agent.jwt())
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.json().await.expect("json")
+    }
+
+    async fn admin_get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        let resp = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(&self.admin)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        resp.json().await.expect("json")
+    }
+
+    async fn create_link(&self, body: &LinkCreate) -> reqwest::Response {
+        self.client
+            .post(self.url(api::PATH_LINKS))
+            .bearer_auth(&self.admin)
+            .json(body)
+            .send()
+            .await
+            .expect("send")
+    }
+}
+
+fn csr() -> String {
+    let key = rcgen::KeyPair::generate().expect("key");
+    rcgen::CertificateParams::new(vec!["ignored.example".to_owned()])
+        .expect("params")
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem")
+}
+
+async fn error_of(resp: reqwest::Response) -> (StatusCode, String) {
+    let status = resp.status();
+    let body: ErrorBody = resp.json().await.expect("error body");
+    (status, body.error)
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn link(name: &str, from: &str, to: &str) -> LinkCreate {
+    LinkCreate {
+        name: name.into(),
+        from: from.into(),
+        listen: "tcp://127.0.0.1:7000".into(),
+        to: to.into(),
+        target: "tcp://127.0.0.1:5432".into(),
+        allowed_uids: vec![],
+        allowed_gids: vec![],
+    }
+}
+
+fn verify_grant(
+    hex_grant: &str,
+    authority: &SignPublicKey,
+    relay: &RelayId,
+) -> comsat_protocol::Grant {
+    let bytes = hex::decode(hex_grant).expect("hex");
+    SignedGrant::decode(&bytes)
+        .expect("decode")
+        .verify(authority, relay, unix_now(), None)
+        .expect("verifies")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrol_authenticate_link_and_revoke() {
+    let mut api = start("").await;
+
+    // The CA is public; everything admin needs the admin token.
+    let ca = api
+        .client
+        .get(api.url(api::PATH_CA))
+        .send()
+        .await
+        .expect("ca")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(ca, api.ca_pem);
+    let resp = api
+        .client
+        .post(api.url(api::PATH_TOKENS))
+        .bearer_auth("comsat-admin-v1:nope")
+        .json(&json!({ "kind": "agent" }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let resp = api
+        .client
+        .post(api.url(api::PATH_TOKENS))
+        .bearer_auth(&api.admin)
+        .json(&json!({ "kind": "agent", "nmae": "x" }))
+        .send()
+        .await
+        .expect("send");
+    let (status, msg) = error_of(resp).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("unknown field"), "{msg}");
+
+    let a = api.enrol_agent("a").await;
+    let b = api.enrol_agent("b").await;
+    assert_eq!(a.enrolled.audience, b.enrolled.audience);
+    assert!(a.enrolled.audience.starts_with("comsat-controller:"));
+
+    // A relay token refuses an agent, and stays good for a relay.
+    let relay_token = api.token(NodeKind::Relay, "r1").await;
+    let mut req = EnrolRequest {
+        token_id: relay_token.id.clone(),
+        secret: relay_token.secret.clone(),
+        kind: NodeKind::Agent,
+        sign_public_key: SigningKey::generate().public(),
+        noise_public_key: Some(NoiseSecretKey::generate().public()),
+        public_addr: None,
+        csr_pem: None,
+    };
+    let (status, msg) = error_of(api.enrol_req(&req).await).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(msg.contains("comsat relay enrol"), "{msg}");
+    let r1_key = SigningKey::generate();
+    req.kind = NodeKind::Relay;
+    req.sign_public_key = r1_key.public();
+    req.noise_public_key = None;
+    req.public_addr = Some("127.0.0.1:4431".into());
+    req.csr_pem = Some(csr());
+    let resp = api.enrol_req(&req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let r1 = Node {
+        key: r1_key,
+        noise: None,
+        enrolled: resp.json().await.expect("json"),
+    };
+    let (status, msg) = error_of(api.enrol_req(&req).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(msg, "join token already used");
+    req.secret = "0".repeat(64);
+    let (status, msg) = error_of(api.enrol_req(&req).await).await;
+    assert_eq!(
+        (status, msg.as_str()),
+        (StatusCode::UNAUTHORIZED, "unknown join token")
+    );
+
+    // Node JWTs: good once; replays, other algorithms, other keys refused.
+    let token = a.jwt();
+    let get_config = |token: String| {
+        api.client
+            .get(api.url(api::PATH_AGENT_CONFIG))
+            .bearer_auth(token)
+            .send()
+    };
+    let resp = get_config(token.clone()).await.expect("send");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let desired: AgentDesired = resp.json().await.expect("json");
+    assert!(desired.links.is_empty());
+    assert!(desired.relay_ca_pem.contains("BEGIN CERTIFICATE"));
+    let (status, msg) = error_of(get_config(token).await.expect("send")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(msg.contains("replayed"), "{msg}");
+    let node = a.enrolled.node_id;
+    let now = unix_now();
+    let hs256 = format!(
+        "{}.{}.{}",
+        b64(format!(r#"{{"alg":"HS256","typ":"JWT","kid":"{node}"}}"#).as_bytes()),
+        b64(format!(
+            r#"{{"sub":"{node}","aud":"{}","iat":{now},"exp":{},"jti":"x1"}}"#,
+            a.enrolled.audience,
+            now + 30
+        )
+        .as_bytes()),
+        b64(b"not a real mac")
+    );
+    let (status, msg) = error_of(get_config(hs256).await.expect("send")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(msg.contains("EdDSA"), "{msg}");
+    let forged = jwt::mint(
+        &SigningKey::generate(),
+        &node,
+        &a.enrolled.audience,
+        now,
+        30,
+    )
+    .expect("mint");
+    let (status, msg) = error_of(get_config(forged).await.expect("send")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(msg.contains("signature"), "{msg}");
+    let wrong_aud = jwt::mint(&a.key, &node, "comsat-controller:other", now, 30).expect("mint");
+    let (status, _) = error_of(get_config(wrong_aud).await.expect("send")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // A relay's JWT does not open agent endpoints.
+    let (status, _) = error_of(get_config(r1.jwt()).await.expect("send")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let resp = api
+        .client
+        .get(api.url(api::PATH_AGENT_CONFIG))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    // Relays: two heartbeat, one does not.
+    let r2 = api.enrol_relay("r2", "127.0.0.1:4432").await;
+    let r3 = api.enrol_relay("r3", "relay3.example:4433").await;
+    api.heartbeat(&r1).await;
+    api.heartbeat(&r2).await;
+    let status: Status = api.admin_get(api::PATH_STATUS).await;
+    assert_eq!(
+        (status.agents, status.relays, status.healthy_relays),
+        (2, 3, 2)
+    );
+
+    // Link errors.
+    let (code, msg) = error_of(api.create_link(&link("db", "a", "zz")).await).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert!(msg.contains("`zz`"), "{msg}");
+    let (code, _) = error_of(api.create_link(&link("db", "a", "a")).await).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    let mut bad = link("db", "a", "b");
+    bad.listen = "tcp://0.0.0.0:7000".into();
+    let (code, msg) = error_of(api.create_link(&bad).await).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("loopback"), "{msg}");
+
+    // A long poll of agent b wakes when the link appears.
+    let b_version = api.config(&b, 0, 0).await.version;
+    let b_poll = {
+        let client = api.client.clone();
+        let url = api.url(api::PATH_AGENT_CONFIG);
+        let jwt = b.jwt();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let resp = client
+                .get(url)
+                .query(&[("since", b_version), ("wait_ms", 20_000)])
+                .bearer_auth(jwt)
+                .send()
+                .await
+                .expect("send");
+            (
+                started.elapsed(),
+                resp.json::<AgentDesired>().await.expect("json"),
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let resp = api.create_link(&link("db", "a", "b")).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let info: LinkInfo = resp.json().await.expect("json");
+    let mut names = info.relays.clone();
+    names.sort();
+    assert_eq!(names, ["r1", "r2"]);
+    assert_eq!(
+        (info.from.as_str(), info.to.as_str(), info.generation),
+        ("a", "b", 1)
+    );
+    let (code, _) = error_of(api.create_link(&link("db", "a", "b")).await).await;
+    assert_eq!(code, StatusCode::CONFLICT);
+
+    let (waited, b_desired) = b_poll.await.expect("poll task");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    assert!(b_desired.version > b_version);
+    assert_eq!(b_desired.links.len(), 1);
+    let bl = &b_desired.links[0];
+    assert_eq!(bl.side, Side::B);
+    assert_eq!(bl.target.as_deref(), Some("tcp://127.0.0.1:5432"));
+    assert_eq!(bl.listen, None);
+    assert_eq!(
+        bl.peer_noise_public_key,
+        a.noise.as_ref().expect("noise").public()
+    );
+
+    let a_desired = api.config(&a, 0, 0).await;
+    let al = &a_desired.links[0];
+    assert_eq!(al.side, Side::A);
+    assert_eq!(al.listen.as_deref(), Some("tcp://127.0.0.1:7000"));
+    assert_eq!(al.target, None);
+    assert_eq!(
+        al.peer_noise_public_key,
+        b.noise.as_ref().expect("noise").public()
+    );
+    assert_eq!(al.link_id, info.link_id);
+    assert_eq!(al.relays.len(), 2);
+    for r in &al.relays {
+        assert!(r.relay_id == r1.relay_id() || r.relay_id == r2.relay_id());
+        assert_eq!(r.server_name, "127.0.0.1");
+        assert!(r.addr.starts_with("127.0.0.1:443"));
+    }
+
+    // Grants reach exactly the assigned relays and verify.
+    let authority = a.enrolled.authority_public_key;
+    let mut cursors = Vec::new();
+    for r in [&r1, &r2] {
+        let ev = api.events(r, 0, 0).await;
+        assert_eq!(ev.events.len(), 1);
+        assert!(!ev.more);
+        assert_eq!(ev.next, ev.events[0].seq);
+        let RelayEventKind::Grant { grant } = &ev.events[0].kind else {
+            panic!("expected a grant");
+        };
+        let g = verify_grant(grant, &authority, &r.relay_id());
+        assert_eq!(g.link_id, info.link_id);
+        assert_eq!(g.side_a.node_id, a.enrolled.node_id);
+        assert_eq!(g.side_b.sign_pub, b.key.public());
+        assert_eq!(g.buffer_limit, 64 * 1024 * 1024);
+        cursors.push(ev.next);
+    }
+    let started = Instant::now();
+    let none = api.events(&r3, 0, 300).await;
+    assert!(none.events.is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(250));
+
+    let links: Vec<LinkInfo> = api.admin_get(api::PATH_LINKS).await;
+    assert_eq!(links, vec![info.clone()]);
+    let one: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
+    assert_eq!(one, info);
+
+    // Relay certificate renewal.
+    let resp = api
+        .client
+        .post(api.url(api::PATH_RELAY_CERT))
+        .bearer_auth(r3.jwt())
+        .json(&json!({ "csr_pem": csr() }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // Deleting revokes at both relays and empties both agents' config.
+    let resp = api
+        .client
+        .delete(api.url(&format!("{}/db", api::PATH_LINKS)))
+        .bearer_auth(&api.admin)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::OK);
+    for (r, since) in [&r1, &r2].into_iter().zip(cursors) {
+        let ev = api.events(r, since, 0).await;
+        assert_eq!(ev.events.len(), 1);
+        assert_eq!(ev.events[0].kind, RelayEventKind::Revoke);
+    }
+    assert!(api.events(&r3, 0, 0).await.events.is_empty());
+    let after = api.config(&a, a_desired.version, 0).await;
+    assert!(after.version > a_desired.version);
+    assert!(after.links.is_empty());
+
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_move_off_a_relay_that_stops_heartbeating() {
+    let mut api = start("heartbeat_interval_secs = 1\nheartbeat_timeout_secs = 2\n").await;
+    let _a = api.enrol_agent("a").await;
+    let _b = api.enrol_agent("b").await;
+    let relays = vec![
+        api.enrol_relay("r1", "127.0.0.1:4431").await,
+        api.enrol_relay("r2", "127.0.0.1:4432").await,
+        api.enrol_relay("r3", "127.0.0.1:4433").await,
+    ];
+    for r in &relays {
+        api.heartbeat(r).await;
+    }
+    let resp = api.create_link(&link("db", "a", "b")).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let info: LinkInfo = resp.json().await.expect("json");
+    assert_eq!(info.relays.len(), 2);
+    let dead_name = info.relays[0].clone();
+    let dead = relays
+        .iter()
+        .find(|r| r.enrolled.name == dead_name)
+        .expect("dead relay");
+    let dead_cursor = api.events(dead, 0, 0).await.next;
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let moved = loop {
+        assert!(
+            Instant::now() < deadline,
+            "link never moved off {dead_name}"
+        );
+        for r in relays.iter().filter(|r| r.enrolled.name != dead_name) {
+            api.heartbeat(r).await;
+        }
+        let now: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
+        if !now.relays.contains(&dead_name) {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(moved.generation, 2);
+    assert_eq!(moved.relays.len(), 2);
+    // The surviving relay keeps its place as primary.
+    assert_eq!(moved.relays[0], info.relays[1]);
+    let ev = api.events(dead, dead_cursor, 0).await;
+    assert_eq!(ev.events.len(), 1);
+    assert_eq!(ev.events[0].kind, RelayEventKind::Revoke);
+    let newcomer = relays
+        .iter()
+        .find(|r| r.enrolled.name == moved.relays[1])
+        .expect("newcomer");
+    let ev = api.events(newcomer, 0, 0).await;
+    let RelayEventKind::Grant { grant } = &ev.events.last().expect("grant").kind else {
+        panic!("expected a grant");
+    };
+    let g = verify_grant(
+        grant,
+        &newcomer.enrolled.authority_public_key,
+        &newcomer.relay_id(),
+    );
+    assert_eq!(g.generation, 2);
+    let relays_now: Vec<api::RelayInfo> = api.admin_get(api::PATH_RELAYS).await;
+    let dead_info = relays_now
+        .iter()
+        .find(|r| r.name == dead_name)
+        .expect("listed");
+    assert!(!dead_info.healthy);
+    assert_eq!(dead_info.links, 0);
+    api.stop().await;
+}
+
+#[test]
+fn init_refuses_an_initialised_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = InitOptions {
+        data_dir: dir.path().to_owned(),
+        ..InitOptions::default()
+    };
+    init(&opts).expect("first");
+    let err = init(&opts).expect_err("second");
+    assert!(err.to_string().contains(&dir.path().display().to_string()));
+    assert!(Path::new(&dir.path().join("controller.db")).exists());
+}

@@ -1,0 +1,341 @@
+//! Store-level tests on a temporary SQLite file.
+
+use std::sync::Arc;
+
+use comsat_controller::store::{
+    LinkGrantUpdate, LinkRecord, NewEvent, NewJoinToken, NewNode, NodeRecord, Redemption,
+    SqliteStore, Store, StoreError,
+};
+use comsat_protocol::api::NodeKind;
+use comsat_protocol::jwt::unix_now;
+use comsat_protocol::{LinkId, NodeId, NoiseSecretKey, RelayId, SigningKey};
+
+async fn open(dir: &tempfile::TempDir) -> SqliteStore {
+    SqliteStore::open(&dir.path().join("controller.db"))
+        .await
+        .expect("open store")
+}
+
+async fn token(store: &dyn Store, kind: NodeKind, name: Option<&str>, expires_at: u64) -> String {
+    let id = hex::encode(rand::random::<[u8; 8]>());
+    store
+        .create_join_token(&NewJoinToken {
+            id: id.clone(),
+            secret_hash: "hash".into(),
+            kind,
+            name: name.map(str::to_owned),
+            expires_at,
+            created_at: unix_now(),
+        })
+        .await
+        .expect("create token");
+    id
+}
+
+fn redemption(id: &str, kind: NodeKind) -> Redemption {
+    Redemption {
+        token_id: id.to_owned(),
+        secret_hash: "hash".into(),
+        kind,
+        now: unix_now(),
+    }
+}
+
+fn new_node(kind: NodeKind) -> NewNode {
+    NewNode {
+        node_id: NodeId::random(),
+        sign_pub: SigningKey::generate().public(),
+        noise_pub: (kind == NodeKind::Agent).then(|| NoiseSecretKey::generate().public()),
+        public_addr: (kind == NodeKind::Relay).then(|| "127.0.0.1:4433".to_owned()),
+    }
+}
+
+async fn enrol(store: &dyn Store, kind: NodeKind, name: &str) -> NodeRecord {
+    let id = token(store, kind, Some(name), unix_now() + 60).await;
+    store
+        .redeem_join_token(&redemption(&id, kind), &new_node(kind))
+        .await
+        .expect("redeem")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_redemptions_have_exactly_one_winner() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn Store> = Arc::new(open(&dir).await);
+    for round in 0..25 {
+        let id = token(&*store, NodeKind::Agent, None, unix_now() + 60).await;
+        let tasks: Vec<_> = (0..3)
+            .map(|_| {
+                let store = store.clone();
+                let id = id.clone();
+                tokio::spawn(async move {
+                    store
+                        .redeem_join_token(
+                            &redemption(&id, NodeKind::Agent),
+                            &new_node(NodeKind::Agent),
+                        )
+                        .await
+                })
+            })
+            .collect();
+        let mut won = 0;
+        for t in tasks {
+            match t.await.expect("task") {
+                Ok(node) => {
+                    won += 1;
+                    assert!(node.name.starts_with("agent-"), "{}", node.name);
+                }
+                Err(StoreError::TokenUsed) => {}
+                Err(e) => panic!("round {round}: unexpected {e}"),
+            }
+        }
+        assert_eq!(won, 1, "round {round}");
+    }
+    assert_eq!(store.nodes(NodeKind::Agent).await.expect("nodes").len(), 25);
+}
+
+#[tokio::test]
+async fn expired_token_is_refused_and_used_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir).await;
+    let id = token(&store, NodeKind::Agent, None, unix_now() - 1).await;
+    let node = new_node(NodeKind::Agent);
+    let err = store
+        .redeem_join_token(&redemption(&id, NodeKind::Agent), &node)
+        .await
+        .expect_err("expired");
+    assert!(matches!(err, StoreError::TokenExpired), "{err}");
+    let err = store
+        .redeem_join_token(&redemption(&id, NodeKind::Agent), &node)
+        .await
+        .expect_err("used up");
+    assert!(matches!(err, StoreError::TokenUsed), "{err}");
+    assert_eq!(err.to_string(), "join token already used");
+    assert!(store.node(&node.node_id).await.expect("node").is_none());
+}
+
+#[tokio::test]
+async fn wrong_kind_and_wrong_secret_leave_the_token_usable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir).await;
+    let id = token(&store, NodeKind::Relay, Some("edge-relay"), unix_now() + 60).await;
+    let err = store
+        .redeem_join_token(
+            &redemption(&id, NodeKind::Agent),
+            &new_node(NodeKind::Agent),
+        )
+        .await
+        .expect_err("wrong kind");
+    assert!(
+        matches!(
+            err,
+            StoreError::WrongKind {
+                token_kind: NodeKind::Relay
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("comsat relay enrol"), "{err}");
+    let mut bad_secret = redemption(&id, NodeKind::Relay);
+    bad_secret.secret_hash = "other".into();
+    let err = store
+        .redeem_join_token(&bad_secret, &new_node(NodeKind::Relay))
+        .await
+        .expect_err("wrong secret");
+    assert_eq!(err.to_string(), "unknown join token");
+    let err = store
+        .redeem_join_token(
+            &redemption("0000000000000000", NodeKind::Relay),
+            &new_node(NodeKind::Relay),
+        )
+        .await
+        .expect_err("unknown id");
+    assert!(matches!(err, StoreError::UnknownToken), "{err}");
+    let relay = store
+        .redeem_join_token(
+            &redemption(&id, NodeKind::Relay),
+            &new_node(NodeKind::Relay),
+        )
+        .await
+        .expect("right kind redeems");
+    assert_eq!(relay.name, "edge-relay");
+    assert_eq!(relay.kind, NodeKind::Relay);
+    // A second node may not take the same name.
+    let id2 = token(&store, NodeKind::Relay, Some("edge-relay"), unix_now() + 60).await;
+    let err = store
+        .redeem_join_token(
+            &redemption(&id2, NodeKind::Relay),
+            &new_node(NodeKind::Relay),
+        )
+        .await
+        .expect_err("name taken");
+    assert!(matches!(err, StoreError::NodeNameTaken { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn jti_replay_is_refused_across_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeId::random();
+    let now = unix_now();
+    {
+        let store = open(&dir).await;
+        assert!(
+            store
+                .record_jti("abc", &node, now + 60)
+                .await
+                .expect("first")
+        );
+        assert!(
+            !store
+                .record_jti("abc", &node, now + 60)
+                .await
+                .expect("second")
+        );
+        assert!(store.record_jti("old", &node, now - 10).await.expect("old"));
+        store.close().await;
+    }
+    let store = open(&dir).await;
+    assert!(
+        !store
+            .record_jti("abc", &node, now + 60)
+            .await
+            .expect("after reopen")
+    );
+    assert_eq!(store.purge_jtis(now).await.expect("purge"), 1);
+    assert!(
+        !store
+            .record_jti("abc", &node, now + 60)
+            .await
+            .expect("still held")
+    );
+    assert!(
+        store
+            .record_jti("old", &node, now + 60)
+            .await
+            .expect("purged one")
+    );
+}
+
+#[tokio::test]
+async fn link_events_go_only_to_assigned_relays() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir).await;
+    let a = enrol(&store, NodeKind::Agent, "a").await;
+    let b = enrol(&store, NodeKind::Agent, "b").await;
+    let r1 = enrol(&store, NodeKind::Relay, "r1").await.relay_id();
+    let r2 = enrol(&store, NodeKind::Relay, "r2").await.relay_id();
+    let r3 = enrol(&store, NodeKind::Relay, "r3").await.relay_id();
+    let link = LinkRecord {
+        link_id: LinkId::random(),
+        name: "db".into(),
+        generation: 1,
+        from_node: a.node_id,
+        listen: "tcp://127.0.0.1:7000".into(),
+        to_node: b.node_id,
+        target: "tcp://127.0.0.1:5432".into(),
+        allowed_uids: vec![],
+        allowed_gids: vec![],
+        relays: vec![r1, r2],
+        created_at: unix_now(),
+        grant_not_after: unix_now() + 3600,
+    };
+    let grant = |r: RelayId, g: &str| NewEvent {
+        relay_id: r,
+        link_id: link.link_id,
+        grant_hex: Some(g.into()),
+    };
+    store
+        .create_link(&link, &[grant(r1, "g1"), grant(r2, "g1")])
+        .await
+        .expect("create");
+    assert_eq!(
+        store.link_by_name("db").await.expect("get"),
+        Some(link.clone())
+    );
+    let err = store.create_link(&link, &[]).await.expect_err("name taken");
+    assert!(matches!(err, StoreError::LinkNameTaken(_)), "{err}");
+    for agent in [&a, &b] {
+        let now = store
+            .node(&agent.node_id)
+            .await
+            .expect("node")
+            .expect("some");
+        assert_eq!(now.config_version, agent.config_version + 1);
+    }
+    let e1 = store.relay_events(&r1, 0, 100).await.expect("events");
+    assert_eq!(e1.len(), 1);
+    assert_eq!(e1[0].grant_hex.as_deref(), Some("g1"));
+    assert_eq!(
+        store.relay_events(&r2, 0, 100).await.expect("events").len(),
+        1
+    );
+    assert!(
+        store
+            .relay_events(&r3, 0, 100)
+            .await
+            .expect("events")
+            .is_empty()
+    );
+
+    // A stale update is skipped; a current one moves r2's place to r3.
+    let mut update = LinkGrantUpdate {
+        link_id: link.link_id,
+        expected_generation: 7,
+        generation: 2,
+        relays: vec![r1, r3],
+        grant_not_after: unix_now() + 3600,
+        events: vec![
+            grant(r1, "g2"),
+            grant(r3, "g2"),
+            NewEvent {
+                relay_id: r2,
+                link_id: link.link_id,
+                grant_hex: None,
+            },
+        ],
+        bump_agents: true,
+    };
+    assert!(
+        !store
+            .update_link_grant(&update, unix_now())
+            .await
+            .expect("stale")
+    );
+    let since = store.max_event_seq().await.expect("max");
+    update.expected_generation = 1;
+    assert!(
+        store
+            .update_link_grant(&update, unix_now())
+            .await
+            .expect("current")
+    );
+    let r2_events = store.relay_events(&r2, since, 100).await.expect("events");
+    assert_eq!(r2_events.len(), 1);
+    assert_eq!(r2_events[0].grant_hex, None);
+
+    let max_before = store.max_event_seq().await.expect("max");
+    let deleted = store.delete_link("db", unix_now()).await.expect("delete");
+    assert_eq!(deleted.map(|l| l.relays), Some(vec![r1, r3]));
+    let mut revoked = Vec::new();
+    for r in [r1, r2, r3] {
+        for e in store
+            .relay_events(&r, max_before, 100)
+            .await
+            .expect("events")
+        {
+            assert_eq!(e.grant_hex, None);
+            revoked.push(r);
+        }
+    }
+    assert_eq!(revoked, vec![r1, r3]);
+    assert!(store.link_by_name("db").await.expect("get").is_none());
+    assert!(
+        store
+            .delete_link("db", unix_now())
+            .await
+            .expect("again")
+            .is_none()
+    );
+    let a_now = store.node(&a.node_id).await.expect("node").expect("some");
+    assert_eq!(a_now.config_version, a.config_version + 3);
+}

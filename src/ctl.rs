@@ -1,0 +1,352 @@
+//! `comsat ctl`: the operator's client of the controller API.
+//!
+//! Where the controller is and how to authenticate, first found wins:
+//! `--controller URL --token-file F --ca F` (or `COMSAT_CONTROLLER`,
+//! `COMSAT_TOKEN_FILE`, `COMSAT_CA`), then the context file given with
+//! `--context F` / `COMSAT_CONTEXT`, then `./.comsat/context.toml`.
+//! `comsat controller init` writes the context file into its data dir:
+//!
+//! ```toml
+//! controller = "https://127.0.0.1:8443"
+//! token_file = "admin.token"   # relative to this file
+//! ca = "ca.pem"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
+use comsat_protocol::api::{self, NodeKind};
+use comsat_protocol::keys::read_secret_file;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::client::{self, Auth, Client};
+
+/// The default context file, relative to the working directory.
+pub const DEFAULT_CONTEXT: &str = ".comsat/context.toml";
+
+/// A context file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CtlContext {
+    /// The controller's base URL.
+    pub controller: String,
+    /// The admin token file.
+    pub token_file: PathBuf,
+    /// The controller CA.
+    pub ca: PathBuf,
+}
+
+/// Where `ctl` finds its controller, as given on the command line.
+#[derive(Debug, Default, Clone)]
+pub struct Target {
+    /// `--controller`.
+    pub controller: Option<String>,
+    /// `--token-file`.
+    pub token_file: Option<PathBuf>,
+    /// `--ca`.
+    pub ca: Option<PathBuf>,
+    /// `--context`.
+    pub context: Option<PathBuf>,
+}
+
+impl Target {
+    /// Resolves the target into a client.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let ctx_path = self
+            .context
+            .clone()
+            .or_else(|| Some(PathBuf::from(DEFAULT_CONTEXT)).filter(|p| p.exists()));
+        let ctx = match &ctx_path {
+            Some(p) => Some(load_context(p)?),
+            None => None,
+        };
+        let controller = self
+            .controller
+            .clone()
+            .or_else(|| ctx.as_ref().map(|c| c.controller.clone()));
+        let token_file = self
+            .token_file
+            .clone()
+            .or_else(|| ctx.as_ref().map(|c| c.token_file.clone()));
+        let ca = self
+            .ca
+            .clone()
+            .or_else(|| ctx.as_ref().map(|c| c.ca.clone()));
+        let (Some(controller), Some(token_file), Some(ca)) = (controller, token_file, ca) else {
+            bail!(
+                "which controller? pass --controller URL --token-file FILE --ca FILE, or \
+                 --context DIR/context.toml as written by `comsat controller init` \
+                 (or set COMSAT_CONTROLLER, COMSAT_TOKEN_FILE, COMSAT_CA / COMSAT_CONTEXT)"
+            );
+        };
+        let token = read_secret_file(&token_file)
+            .with_context(|| format!("reading the admin token file {}", token_file.display()))?;
+        let token = Zeroizing::new(token.trim().to_owned());
+        let ca = client::read_ca(&ca)?;
+        Client::new(&controller, &ca, Auth::Admin(token))
+    }
+}
+
+fn load_context(path: &Path) -> anyhow::Result<CtlContext> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the ctl context {}", path.display()))?;
+    let mut ctx: CtlContext = toml::from_str(&text)
+        .with_context(|| format!("{} is not a valid ctl context file", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in [&mut ctx.token_file, &mut ctx.ca] {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+    Ok(ctx)
+}
+
+/// Writes a context file (used by `controller init`).
+pub fn write_context(path: &Path, ctx: &CtlContext) -> anyhow::Result<()> {
+    std::fs::write(path, toml::to_string(ctx)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Aligned columns.
+    Table,
+    /// JSON, for scripts.
+    Json,
+}
+
+/// Prints `rows` under `header` as aligned columns.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        s.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.iter().map(|h| (*h).to_owned()).collect());
+    for r in rows {
+        out.push_str(&line(r.clone()));
+    }
+    out
+}
+
+fn ago(t: Option<u64>) -> String {
+    match t {
+        None => "never".into(),
+        Some(t) => {
+            let now = comsat_protocol::jwt::unix_now();
+            format!("{}s ago", now.saturating_sub(t))
+        }
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(v)? + "\n")
+}
+
+/// `token create`: prints only the token.
+pub async fn token_create(
+    c: &Client,
+    kind: NodeKind,
+    name: Option<String>,
+    ttl: Option<std::time::Duration>,
+) -> anyhow::Result<String> {
+    if let Some(n) = &name {
+        if !api::valid_name(n) {
+            bail!(
+                "--name `{n}`: use 1 to {} lowercase letters, digits and `-`",
+                api::MAX_NAME_LEN
+            );
+        }
+    }
+    let body = api::TokenCreate {
+        kind,
+        name,
+        ttl_secs: ttl.map(|d| d.as_secs().max(1)),
+    };
+    let t: api::TokenCreated = c.post(api::PATH_TOKENS, &body, "token create").await?;
+    Ok(t.token + "\n")
+}
+
+/// `agent list`.
+pub async fn agent_list(c: &Client, out: Output) -> anyhow::Result<String> {
+    let v: Vec<api::AgentInfo> = c.get(api::PATH_AGENTS, &[], "agent list").await?;
+    if out == Output::Json {
+        return json(&v);
+    }
+    let rows = v
+        .iter()
+        .map(|a| {
+            vec![
+                a.name.clone(),
+                a.node_id.to_string(),
+                a.links.to_string(),
+                ago(a.last_seen),
+            ]
+        })
+        .collect::<Vec<_>>();
+    Ok(table(&["NAME", "ID", "LINKS", "LAST SEEN"], &rows))
+}
+
+/// `relay list`.
+pub async fn relay_list(c: &Client, out: Output) -> anyhow::Result<String> {
+    let v: Vec<api::RelayInfo> = c.get(api::PATH_RELAYS, &[], "relay list").await?;
+    if out == Output::Json {
+        return json(&v);
+    }
+    let rows = v
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                r.public_addr.clone(),
+                if r.healthy { "healthy" } else { "unhealthy" }.into(),
+                r.links.to_string(),
+                r.load.connections.to_string(),
+                ago(r.last_heartbeat),
+            ]
+        })
+        .collect::<Vec<_>>();
+    Ok(table(
+        &[
+            "NAME",
+            "ADDRESS",
+            "STATE",
+            "LINKS",
+            "CONNECTIONS",
+            "HEARTBEAT",
+        ],
+        &rows,
+    ))
+}
+
+fn link_rows(v: &[api::LinkInfo]) -> String {
+    let rows = v
+        .iter()
+        .map(|l| {
+            vec![
+                l.name.clone(),
+                format!("{} {}", l.from, l.listen),
+                format!("{} {}", l.to, l.target),
+                if l.relays.is_empty() {
+                    "(none healthy)".into()
+                } else {
+                    l.relays.join(",")
+                },
+                l.generation.to_string(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(&["NAME", "FROM", "TO", "RELAYS", "GEN"], &rows)
+}
+
+/// `link create`.
+pub async fn link_create(c: &Client, body: api::LinkCreate, out: Output) -> anyhow::Result<String> {
+    if !api::valid_name(&body.name) {
+        bail!(
+            "link name `{}`: use 1 to {} lowercase letters, digits and `-`",
+            body.name,
+            api::MAX_NAME_LEN
+        );
+    }
+    let l: api::LinkInfo = c.post(api::PATH_LINKS, &body, "link create").await?;
+    if out == Output::Json {
+        return json(&l);
+    }
+    Ok(link_rows(&[l]))
+}
+
+/// `link list`.
+pub async fn link_list(c: &Client, out: Output) -> anyhow::Result<String> {
+    let v: Vec<api::LinkInfo> = c.get(api::PATH_LINKS, &[], "link list").await?;
+    if out == Output::Json {
+        return json(&v);
+    }
+    Ok(link_rows(&v))
+}
+
+fn link_path(name: &str) -> anyhow::Result<String> {
+    if !api::valid_name(name) {
+        return Err(anyhow!(
+            "link name `{name}`: use 1 to {} lowercase letters, digits and `-`",
+            api::MAX_NAME_LEN
+        ));
+    }
+    Ok(format!("{}/{name}", api::PATH_LINKS))
+}
+
+/// `link show`.
+pub async fn link_show(c: &Client, name: &str, out: Output) -> anyhow::Result<String> {
+    let l: api::LinkInfo = c.get(&link_path(name)?, &[], "link show").await?;
+    if out == Output::Json {
+        return json(&l);
+    }
+    Ok(format!(
+        "name:       {}\nid:         {}\ngeneration: {}\nfrom:       {} listening on {}\nto:         {} dialling {}\nrelays:     {}\n",
+        l.name,
+        l.link_id,
+        l.generation,
+        l.from,
+        l.listen,
+        l.to,
+        l.target,
+        if l.relays.is_empty() {
+            "(none healthy yet)".into()
+        } else {
+            l.relays.join(", ")
+        }
+    ))
+}
+
+/// `link delete`.
+pub async fn link_delete(c: &Client, name: &str) -> anyhow::Result<String> {
+    c.delete(&link_path(name)?, "link delete").await?;
+    Ok(format!("link {name} deleted\n"))
+}
+
+/// `status`.
+pub async fn status(c: &Client, out: Output) -> anyhow::Result<String> {
+    let s: api::Status = c.get(api::PATH_STATUS, &[], "status").await?;
+    if out == Output::Json {
+        return json(&s);
+    }
+    Ok(format!(
+        "controller: {}\nagents:     {}\nrelays:     {} ({} healthy)\nlinks:      {} ({} without a healthy relay)\n",
+        c.base(),
+        s.agents,
+        s.relays,
+        s.healthy_relays,
+        s.links,
+        s.unassigned_links
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(
+            &["NAME", "ID"],
+            &[
+                vec!["a".into(), "1".into()],
+                vec!["long-name".into(), "2".into()],
+            ],
+        );
+        assert_eq!(t, "NAME       ID\na          1\nlong-name  2\n");
+    }
+}

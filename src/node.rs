@@ -1,0 +1,593 @@
+//! Enrolled nodes: `comsat agent|relay enrol` and the controller-fed
+//! `comsat agent|relay run --data-dir DIR`.
+//!
+//! A node's data dir after enrolment:
+//!
+//! | file | what |
+//! |---|---|
+//! | `node.toml` | kind, id, name, controller URL, JWT audience, authority key; relays: public address |
+//! | `node.key` | ed25519 node key (0600), signs the node's JWTs and `Hello`s |
+//! | `noise.key` | agents: X25519 Noise static key (0600) |
+//! | `tls.key`, `tls.crt` | relays: TLS key (0600, never leaves the node) and the certificate the controller issued for it, renewed at two thirds of its life |
+//! | `ca.pem` | the controller CA, pinned at enrolment |
+//! | `relay-ca.pem` | the CA relay certificates chain to |
+//! | `grants/` | relays: verified grants (`*.grant`) and the event cursor — a relay restarts and serves without the controller |
+//! | `desired.json` | agents: the last desired state — an agent restarts and rejoins its links without the controller |
+//!
+//! Keys are generated here and never sent anywhere; only public keys and a
+//! certificate signing request go to the controller.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use comsat_protocol::api::{self, JoinToken, NodeKind};
+use comsat_protocol::grant::SignedGrant;
+use comsat_protocol::keys::{read_secret_file, write_secret_file};
+use comsat_protocol::{NodeId, NoiseSecretKey, RelayId, SignPublicKey, SigningKey};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::client::{self, Auth, Client};
+
+/// How often a relay heartbeats.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest wait between retries while the controller is unreachable.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Largest `node.toml` or `desired.json` read.
+const MAX_STATE_FILE: u64 = 8 * 1024 * 1024;
+
+/// `node.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeState {
+    /// `agent` or `relay`.
+    pub kind: NodeKind,
+    /// The node's id.
+    pub node_id: NodeId,
+    /// The node's name.
+    pub name: String,
+    /// The controller's base URL.
+    pub controller: String,
+    /// `aud` of the node's JWTs.
+    pub audience: String,
+    /// The key that signs grants.
+    pub authority_public_key: SignPublicKey,
+    /// Relays: the `host:port` agents dial.
+    #[serde(default)]
+    pub public_addr: Option<String>,
+}
+
+fn read_capped(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_STATE_FILE + 1).read_to_string(&mut text))
+        .with_context(|| format!("reading {}", path.display()))?;
+    if text.len() as u64 > MAX_STATE_FILE {
+        bail!("{}: larger than {MAX_STATE_FILE} bytes", path.display());
+    }
+    Ok(text)
+}
+
+/// Writes `bytes` to `path` atomically (a temporary file renamed over it).
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+impl NodeState {
+    /// Reads `DIR/node.toml`, checking it is a node of `kind`.
+    pub fn load(dir: &Path, kind: NodeKind) -> anyhow::Result<Self> {
+        let path = dir.join("node.toml");
+        if !path.exists() {
+            bail!(
+                "{} does not exist: enrol first with `comsat {kind} enrol --token-file FILE --data-dir {}`",
+                path.display(),
+                dir.display()
+            );
+        }
+        let state: Self = toml::from_str(&read_capped(&path)?)
+            .with_context(|| format!("{} is not a valid node state file", path.display()))?;
+        if state.kind != kind {
+            bail!(
+                "{} belongs to a {}, not a {kind}: use `comsat {} run --data-dir {}`",
+                dir.display(),
+                state.kind,
+                state.kind,
+                dir.display()
+            );
+        }
+        Ok(state)
+    }
+
+    /// A client of the node's controller, authenticating with its key.
+    pub fn client(&self, dir: &Path) -> anyhow::Result<Client> {
+        let ca = client::read_ca(&dir.join("ca.pem"))?;
+        let key = SigningKey::read_file(&dir.join("node.key"))?;
+        Client::new(
+            &self.controller,
+            &ca,
+            Auth::Node {
+                node_id: self.node_id,
+                key: Box::new(key),
+                audience: self.audience.clone(),
+            },
+        )
+    }
+}
+
+/// Where a join token comes from: the argument, a file (`-` is stdin) or
+/// `COMSAT_TOKEN`.
+pub fn read_token(arg: Option<String>, file: Option<&Path>) -> anyhow::Result<JoinToken> {
+    let text = Zeroizing::new(match (arg, file) {
+        (Some(t), None) => t,
+        (None, Some(p)) if p == Path::new("-") => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(
+                &mut std::io::Read::take(std::io::stdin(), api::MAX_JOIN_TOKEN_LEN as u64 + 2),
+                &mut s,
+            )
+            .context("reading the join token from standard input")?;
+            s
+        }
+        (None, Some(p)) => {
+            let mut s = String::new();
+            std::fs::File::open(p)
+                .and_then(|f| {
+                    std::io::Read::read_to_string(
+                        &mut std::io::Read::take(f, api::MAX_JOIN_TOKEN_LEN as u64 + 2),
+                        &mut s,
+                    )
+                })
+                .with_context(|| format!("reading the join token file {}", p.display()))?;
+            s
+        }
+        (None, None) => std::env::var("COMSAT_TOKEN").map_err(|_| {
+            anyhow!(
+                "no join token: pass --token-file FILE (or - for standard input), set COMSAT_TOKEN, \
+                 or give it as an argument; `comsat ctl token create` prints one"
+            )
+        })?,
+        (Some(_), Some(_)) => bail!("give the join token either as an argument or with --token-file, not both"),
+    });
+    Ok(JoinToken::parse(&text)?)
+}
+
+/// What `enrol` did, for the CLI to print.
+#[derive(Debug)]
+pub struct Enrolled {
+    /// The node's name.
+    pub name: String,
+    /// Its id.
+    pub node_id: NodeId,
+}
+
+/// Enrols this machine as a node of `kind` with `token`, writing its data
+/// dir. Relays give the address agents will dial.
+pub async fn enrol(
+    token: &JoinToken,
+    kind: NodeKind,
+    dir: &Path,
+    public_addr: Option<&str>,
+) -> anyhow::Result<Enrolled> {
+    if dir.join("node.toml").exists() {
+        bail!(
+            "{} is already enrolled (node.toml exists): run `comsat {kind} run --data-dir {}`, \
+             or enrol into an empty directory",
+            dir.display(),
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    eprintln!("comsat: contacting the controller at {} …", token.url);
+    let ca_pem = client::fetch_pinned_ca(&token.url, &token.ca_sha256).await?;
+    let ca = client::read_ca_pem(&ca_pem)?;
+    let signing = SigningKey::generate();
+    let mut req = api::EnrolRequest {
+        token_id: token.id.clone(),
+        secret: token.secret.clone(),
+        kind,
+        sign_public_key: signing.public(),
+        noise_public_key: None,
+        public_addr: None,
+        csr_pem: None,
+    };
+    let mut noise = None;
+    let mut tls_key = None;
+    match kind {
+        NodeKind::Agent => {
+            let key = NoiseSecretKey::generate();
+            req.noise_public_key = Some(key.public());
+            noise = Some(key);
+        }
+        NodeKind::Relay => {
+            let addr = public_addr.ok_or_else(|| {
+                anyhow!("a relay needs --public-addr HOST:PORT, the address agents dial")
+            })?;
+            let host = host_of(addr)?;
+            let key = rcgen::KeyPair::generate().context("generating the relay TLS key")?;
+            req.csr_pem = Some(csr(&key, &host)?);
+            req.public_addr = Some(addr.to_owned());
+            tls_key = Some(key);
+        }
+    }
+    let client = Client::new(&token.url, &ca, Auth::None)?;
+    let resp: api::EnrolResponse = client.post(api::PATH_ENROL, &req, "enrolment").await?;
+    signing.write_file(&dir.join("node.key"))?;
+    if let Some(key) = noise {
+        key.write_file(&dir.join("noise.key"))?;
+    }
+    if let Some(key) = tls_key {
+        write_secret_file(&dir.join("tls.key"), key.serialize_pem().as_bytes())?;
+        let cert = resp
+            .cert_pem
+            .as_deref()
+            .ok_or_else(|| anyhow!("the controller sent no certificate for this relay"))?;
+        write_atomic(&dir.join("tls.crt"), cert.as_bytes())?;
+        std::fs::create_dir_all(dir.join("grants"))?;
+    }
+    write_atomic(&dir.join("ca.pem"), ca_pem.as_bytes())?;
+    write_atomic(&dir.join("relay-ca.pem"), resp.relay_ca_pem.as_bytes())?;
+    let state = NodeState {
+        kind,
+        node_id: resp.node_id,
+        name: resp.name.clone(),
+        controller: token.url.clone(),
+        audience: resp.audience,
+        authority_public_key: resp.authority_public_key,
+        public_addr: public_addr.map(str::to_owned),
+    };
+    write_atomic(&dir.join("node.toml"), toml::to_string(&state)?.as_bytes())?;
+    Ok(Enrolled {
+        name: resp.name,
+        node_id: resp.node_id,
+    })
+}
+
+/// The host part of `host:port` (brackets of an IPv6 address removed).
+fn host_of(addr: &str) -> anyhow::Result<String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("--public-addr `{addr}`: expected HOST:PORT"))?;
+    port.parse::<u16>()
+        .map_err(|_| anyhow!("--public-addr `{addr}`: `{port}` is not a port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        bail!("--public-addr `{addr}`: expected HOST:PORT");
+    }
+    Ok(host.to_owned())
+}
+
+fn csr(key: &rcgen::KeyPair, host: &str) -> anyhow::Result<String> {
+    let params = rcgen::CertificateParams::new(vec![host.to_owned()])
+        .with_context(|| format!("`{host}` is not a valid certificate name"))?;
+    let req = params
+        .serialize_request(key)
+        .context("building the certificate signing request")?;
+    req.pem()
+        .context("encoding the certificate signing request")
+}
+
+/// Jittered exponential backoff for controller retries.
+struct Retry(Duration);
+
+impl Retry {
+    fn new() -> Self {
+        Self(Duration::from_millis(500))
+    }
+    async fn wait(&mut self) {
+        let d = self.0;
+        self.0 = (d * 2).min(RETRY_MAX);
+        tokio::time::sleep(d / 2 + (d / 2).mul_f64(rand::random::<f64>())).await;
+    }
+    fn reset(&mut self) {
+        self.0 = Duration::from_millis(500);
+    }
+}
+
+// ---------------------------------------------------------------- relays
+
+/// The relay config of an enrolled relay's data dir.
+pub fn relay_config(
+    dir: &Path,
+    state: &NodeState,
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+) -> anyhow::Result<comsat_relay::RelayConfig> {
+    let listen = match listen {
+        Some(l) => l,
+        None => {
+            let addr = state.public_addr.as_deref().unwrap_or_default();
+            let port = addr
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .ok_or_else(|| {
+                    anyhow!("node.toml: public_addr `{addr}` has no port; pass --listen")
+                })?;
+            SocketAddr::from(([0, 0, 0, 0], port))
+        }
+    };
+    let mut cfg = comsat_relay::RelayConfig::new(
+        RelayId(state.node_id.0),
+        listen,
+        dir.join("tls.crt"),
+        dir.join("tls.key"),
+        state.authority_public_key,
+        dir.join("grants"),
+    );
+    cfg.admin = admin;
+    Ok(cfg)
+}
+
+/// Keeps an enrolled relay's grant cache, heartbeat and certificate in
+/// step with the controller, forever.
+pub async fn relay_sync(
+    dir: PathBuf,
+    state: NodeState,
+    load: impl Fn() -> api::RelayLoad + Send + Sync + 'static,
+) {
+    let client = match state.client(&dir) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot talk to the controller; serving cached grants only");
+            return;
+        }
+    };
+    let hb = {
+        let client = client.clone();
+        async move {
+            let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+            loop {
+                tick.tick().await;
+                let body = api::RelayHeartbeat { load: load() };
+                if let Err(e) = client
+                    .post::<_, api::Empty>(api::PATH_RELAY_HEARTBEAT, &body, "heartbeat")
+                    .await
+                {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+            }
+        }
+    };
+    tokio::join!(
+        hb,
+        relay_events(&client, &dir, &state),
+        renew_cert(&client, &dir)
+    );
+}
+
+async fn relay_events(client: &Client, dir: &Path, state: &NodeState) {
+    let grants = dir.join("grants");
+    let cursor_file = grants.join("cursor");
+    let mut since: u64 = std::fs::read_to_string(&cursor_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let relay_id = RelayId(state.node_id.0);
+    let mut retry = Retry::new();
+    loop {
+        let wait = client::LONG_POLL.as_millis().to_string();
+        let got: anyhow::Result<api::RelayEvents> = client
+            .get(
+                api::PATH_RELAY_EVENTS,
+                &[("since", since.to_string()), ("wait_ms", wait)],
+                "relay events",
+            )
+            .await;
+        let events = match got {
+            Ok(e) => {
+                retry.reset();
+                e
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot fetch grants from the controller; serving cached ones");
+                retry.wait().await;
+                continue;
+            }
+        };
+        for ev in &events.events {
+            let file = grants.join(format!("{}.grant", ev.link_id));
+            match &ev.kind {
+                api::RelayEventKind::Grant { grant } => {
+                    match check_grant(grant, state, &relay_id) {
+                        Ok(bytes) => {
+                            if let Err(e) = write_atomic(&file, &bytes) {
+                                tracing::error!(error = %e, "cannot cache a grant");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(link = %ev.link_id, error = %e, "controller sent a grant that does not verify; ignored");
+                        }
+                    }
+                }
+                api::RelayEventKind::Revoke => {
+                    let _ = std::fs::remove_file(&file);
+                    tracing::info!(link = %ev.link_id, "link revoked");
+                }
+            }
+        }
+        if events.next != since {
+            since = events.next;
+            if let Err(e) = write_atomic(&cursor_file, since.to_string().as_bytes()) {
+                tracing::error!(error = %e, "cannot save the event cursor");
+            }
+        }
+    }
+}
+
+fn check_grant(hex_grant: &str, state: &NodeState, relay: &RelayId) -> anyhow::Result<Vec<u8>> {
+    if hex_grant.len() > 2 * comsat_protocol::limits::MAX_SIGNED_GRANT_LEN {
+        bail!("grant too long");
+    }
+    let bytes = hex::decode(hex_grant)?;
+    let signed = SignedGrant::decode(&bytes)?;
+    signed.verify(
+        &state.authority_public_key,
+        relay,
+        comsat_protocol::jwt::unix_now(),
+        None,
+    )?;
+    Ok(bytes)
+}
+
+/// Seconds of validity left in the certificate file, and its lifetime.
+fn cert_life(path: &Path) -> Option<(i64, i64)> {
+    let pem = std::fs::read(path).ok()?;
+    let der = client::read_ca_pem(std::str::from_utf8(&pem).ok()?).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.first()?.as_ref()).ok()?;
+    let v = cert.validity();
+    let now = comsat_protocol::jwt::unix_now() as i64;
+    Some((
+        v.not_after.timestamp() - now,
+        v.not_after.timestamp() - v.not_before.timestamp(),
+    ))
+}
+
+async fn renew_cert(client: &Client, dir: &Path) {
+    let cert = dir.join("tls.crt");
+    let mut retry = Retry::new();
+    loop {
+        // Renew when a third of the lifetime is left.
+        let wait = match cert_life(&cert) {
+            Some((left, life)) => (left - life / 3).max(0) as u64,
+            None => 0,
+        };
+        tokio::time::sleep(Duration::from_secs(wait.min(3600))).await;
+        if cert_life(&cert).is_some_and(|(left, life)| left > life / 3) {
+            continue;
+        }
+        match request_cert(client, dir).await {
+            Ok(pem) => {
+                retry.reset();
+                match write_atomic(&cert, pem.as_bytes()) {
+                    Ok(()) => tracing::info!("relay certificate renewed"),
+                    Err(e) => tracing::error!(error = %e, "cannot write the renewed certificate"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "certificate renewal failed; retrying");
+                retry.wait().await;
+            }
+        }
+    }
+}
+
+async fn request_cert(client: &Client, dir: &Path) -> anyhow::Result<String> {
+    let state = NodeState::load(dir, NodeKind::Relay)?;
+    let key_pem = read_secret_file(&dir.join("tls.key"))?;
+    let key = rcgen::KeyPair::from_pem(&key_pem).context("tls.key")?;
+    let host = host_of(state.public_addr.as_deref().unwrap_or_default())?;
+    let body = api::CertRequest {
+        csr_pem: csr(&key, &host)?,
+    };
+    let resp: api::CertResponse = client
+        .post(api::PATH_RELAY_CERT, &body, "certificate renewal")
+        .await?;
+    Ok(resp.cert_pem)
+}
+
+// ---------------------------------------------------------------- agents
+
+/// The agent config of an enrolled agent's data dir (no links yet: they
+/// come from the controller).
+pub fn agent_config(dir: &Path, state: &NodeState) -> comsat_agent::AgentConfig {
+    comsat_agent::AgentConfig::for_node(state.node_id, dir.join("node.key"), dir.join("noise.key"))
+}
+
+/// The last desired state this agent applied, if any.
+pub fn cached_desired(dir: &Path) -> Option<api::AgentDesired> {
+    let text = read_capped(&dir.join("desired.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn link_configs(dir: &Path, desired: &api::AgentDesired) -> Vec<comsat_agent::LinkConfig> {
+    let ca = dir.join("relay-ca.pem");
+    desired
+        .links
+        .iter()
+        .map(|l| comsat_agent::LinkConfig::from_desired(l, &ca))
+        .collect()
+}
+
+/// Applies a desired state and prints what changed (machine-readable lines
+/// the tests and scripts read).
+pub async fn apply_desired(
+    agent: &mut comsat_agent::Agent,
+    dir: &Path,
+    desired: &api::AgentDesired,
+) {
+    let applied = agent.apply(link_configs(dir, desired)).await;
+    for (name, addr) in &applied.listening {
+        println!("comsat agent link {name} listening {addr}");
+    }
+    for name in &applied.removed {
+        println!("comsat agent link {name} removed");
+    }
+    for (name, e) in &applied.failed {
+        tracing::error!(link = %name, error = %e, "link cannot be set up");
+        println!("comsat agent link {name} failed");
+    }
+}
+
+/// Follows the controller's desired state for this agent, forever.
+pub async fn agent_sync(
+    dir: PathBuf,
+    state: NodeState,
+    agent: &mut comsat_agent::Agent,
+    mut version: u64,
+) {
+    let client = match state.client(&dir) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot talk to the controller; keeping the cached links");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    let mut retry = Retry::new();
+    loop {
+        let wait = client::LONG_POLL.as_millis().to_string();
+        let got: anyhow::Result<api::AgentDesired> = client
+            .get(
+                api::PATH_AGENT_CONFIG,
+                &[("since", version.to_string()), ("wait_ms", wait)],
+                "agent config",
+            )
+            .await;
+        let desired = match got {
+            Ok(d) => {
+                retry.reset();
+                d
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot fetch this agent's links from the controller; keeping the current ones");
+                retry.wait().await;
+                continue;
+            }
+        };
+        if desired.version == version {
+            continue;
+        }
+        if let Err(e) = write_atomic(&dir.join("relay-ca.pem"), desired.relay_ca_pem.as_bytes()) {
+            tracing::error!(error = %e, "cannot save the relay CA");
+        }
+        apply_desired(agent, &dir, &desired).await;
+        match serde_json::to_vec(&desired) {
+            Ok(bytes) => {
+                if let Err(e) = write_atomic(&dir.join("desired.json"), &bytes) {
+                    tracing::error!(error = %e, "cannot cache the desired state");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode the desired state"),
+        }
+        tracing::info!(
+            version = desired.version,
+            links = desired.links.len(),
+            "desired state applied"
+        );
+        version = desired.version;
+    }
+}

@@ -1,0 +1,804 @@
+//! The controller end to end, with the real `comsat` binary as processes:
+//! `controller init/run`, join tokens from `ctl token create`, `relay|agent
+//! enrol`, `relay|agent run --data-dir`, `ctl link create/delete`, and the
+//! refusals the controller owes (tokens, JWTs, what each node learns).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use comsat::node::NodeState;
+use comsat_protocol::api::{self, NodeKind};
+use comsat_protocol::{SigningKey, jwt};
+use comsat_tests::proc::{metric, scrape};
+use comsat_tests::{Proc, free_udp_port};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_comsat");
+const START: Duration = comsat_tests::proc::START_TIMEOUT;
+/// How long a change made with `ctl` may take to reach the agents.
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// Runs `comsat ARGS` to completion: (exit code, stdout, stderr).
+fn comsat(args: &[&str]) -> Result<(i32, String, String)> {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("COMSAT_LOG", "warn")
+        .env_remove("COMSAT_CONTEXT")
+        .output()
+        .with_context(|| format!("running comsat {args:?}"))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Like [`comsat`], failing unless it exits 0; returns stdout.
+fn ok(args: &[&str]) -> Result<String> {
+    let (code, out, err) = comsat(args)?;
+    ensure!(code == 0, "comsat {args:?} exited {code}:\n{out}\n{err}");
+    Ok(out)
+}
+
+fn free_tcp_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    controller: Option<Proc>,
+    relays: Vec<(String, Proc, SocketAddr, SocketAddr)>,
+    agents: Vec<(String, Proc, SocketAddr)>,
+}
+
+impl Cluster {
+    /// Initialises a controller (with `edit` applied to its
+    /// controller.toml) and runs it.
+    fn start(edit: impl FnOnce(String) -> String) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = free_tcp_port()?;
+        let ctl_dir = dir.path().join("controller");
+        ok(&[
+            "controller",
+            "init",
+            "--data-dir",
+            &s(&ctl_dir),
+            "--public-url",
+            &format!("https://127.0.0.1:{port}"),
+        ])?;
+        let toml = ctl_dir.join("controller.toml");
+        let text = std::fs::read_to_string(&toml)?;
+        std::fs::write(&toml, edit(text))?;
+        let mut c = Self {
+            dir,
+            controller: None,
+            relays: Vec::new(),
+            agents: Vec::new(),
+        };
+        c.run_controller()?;
+        Ok(c)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn run_controller(&mut self) -> Result<()> {
+        let mut p = Proc::spawn(
+            BIN,
+            "controller",
+            &[
+                "controller",
+                "run",
+                "--data-dir",
+                &s(&self.path("controller")),
+            ],
+            self.dir.path(),
+        )?;
+        p.wait_line("comsat controller listening", START)?;
+        self.controller = Some(p);
+        Ok(())
+    }
+
+    fn ctl(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        let ctx = s(&self.path("controller/context.toml"));
+        let mut all = vec!["ctl", "--context", &ctx];
+        all.extend_from_slice(args);
+        comsat(&all)
+    }
+
+    fn ctl_ok(&self, args: &[&str]) -> Result<String> {
+        let (code, out, err) = self.ctl(args)?;
+        ensure!(code == 0, "ctl {args:?} exited {code}:\n{out}\n{err}");
+        Ok(out)
+    }
+
+    /// A join token in a file.
+    fn token(&self, kind: &str, name: &str, extra: &[&str]) -> Result<PathBuf> {
+        let mut args = vec!["token", "create", "--kind", kind, "--name", name];
+        args.extend_from_slice(extra);
+        let token = self.ctl_ok(&args)?;
+        ensure!(
+            token.trim().lines().count() == 1,
+            "token create printed more than the token: {token}"
+        );
+        let file = self.path(&format!("{name}.{kind}.token"));
+        std::fs::write(&file, token)?;
+        Ok(file)
+    }
+
+    fn enrol_relay(&mut self, name: &str) -> Result<()> {
+        let token = self.token("relay", name, &[])?;
+        let port = free_udp_port()?;
+        let dir = self.path(name);
+        ok(&[
+            "relay",
+            "enrol",
+            "--token-file",
+            &s(&token),
+            "--data-dir",
+            &s(&dir),
+            "--public-addr",
+            &format!("127.0.0.1:{port}"),
+        ])?;
+        self.run_relay(name)
+    }
+
+    fn run_relay(&mut self, name: &str) -> Result<()> {
+        let dir = self.path(name);
+        let port = NodeState::load(&dir, NodeKind::Relay)?
+            .public_addr
+            .context("public addr")?
+            .rsplit_once(':')
+            .context("port")?
+            .1
+            .to_owned();
+        let mut p = Proc::spawn(
+            BIN,
+            name,
+            &[
+                "relay",
+                "run",
+                "--data-dir",
+                &s(&dir),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin",
+                "127.0.0.1:0",
+            ],
+            self.dir.path(),
+        )?;
+        let line = p.wait_line("comsat relay listening", START)?;
+        let field = |k: &str| -> Result<SocketAddr> {
+            Ok(line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .context("field")?
+                .parse()?)
+        };
+        let (quic, admin) = (field("quic=")?, field("admin=")?);
+        self.relays.retain(|r| r.0 != name);
+        self.relays.push((name.to_owned(), p, quic, admin));
+        Ok(())
+    }
+
+    fn enrol_agent(&mut self, name: &str) -> Result<()> {
+        let token = self.token("agent", name, &[])?;
+        ok(&[
+            "agent",
+            "enrol",
+            "--token-file",
+            &s(&token),
+            "--data-dir",
+            &s(&self.path(name)),
+        ])?;
+        self.run_agent(name)
+    }
+
+    fn run_agent(&mut self, name: &str) -> Result<()> {
+        let mut p = Proc::spawn(
+            BIN,
+            name,
+            &[
+                "agent",
+                "run",
+                "--data-dir",
+                &s(&self.path(name)),
+                "--admin",
+                "127.0.0.1:0",
+            ],
+            self.dir.path(),
+        )?;
+        let line = p.wait_line("comsat agent admin", START)?;
+        p.wait_line("comsat agent started", START)?;
+        let admin = line.rsplit(' ').next().context("admin")?.parse()?;
+        self.agents.retain(|a| a.0 != name);
+        self.agents.push((name.to_owned(), p, admin));
+        Ok(())
+    }
+
+    fn agent(&mut self, name: &str) -> Result<&mut Proc> {
+        self.agents
+            .iter_mut()
+            .find(|a| a.0 == name)
+            .map(|a| &mut a.1)
+            .context("no such agent")
+    }
+
+    fn relay_admin(&self, name: &str) -> Result<SocketAddr> {
+        self.relays
+            .iter()
+            .find(|r| r.0 == name)
+            .map(|r| r.3)
+            .context("no such relay")
+    }
+
+    /// Waits until the relays have heartbeated, so links get assigned.
+    fn wait_relays_healthy(&self, n: usize) -> Result<()> {
+        wait_for(CONVERGE, || {
+            let out = self.ctl_ok(&["relay", "list", "-o", "json"])?;
+            let relays: Vec<api::RelayInfo> = serde_json::from_str(&out)?;
+            let healthy = relays.iter().filter(|r| r.healthy).count();
+            ensure!(healthy >= n, "{healthy} of {n} relays healthy: {out}");
+            Ok(())
+        })
+    }
+
+    /// Logs of every process, for failure messages.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Some(c) = &self.controller {
+            out += &format!("--- controller\n{}\n", c.log_tail());
+        }
+        for r in &self.relays {
+            out += &format!("--- {}\n{}\n", r.0, r.1.log_tail());
+        }
+        for a in &self.agents {
+            out += &format!("--- {}\n{}\n", a.0, a.1.log_tail());
+        }
+        out
+    }
+}
+
+/// `text` (TOML) with top-level `key = value`, replaced or added.
+fn set_key(text: &str, key: &str, value: &str) -> String {
+    let mut out: Vec<String> = text
+        .lines()
+        .filter(|l| {
+            !l.trim_start().starts_with(&format!("{key} "))
+                && !l.trim_start().starts_with(&format!("{key}="))
+        })
+        .map(str::to_owned)
+        .collect();
+    // Top-level keys go before the first table.
+    let at = out
+        .iter()
+        .position(|l| l.trim_start().starts_with('['))
+        .unwrap_or(out.len());
+    out.insert(at, format!("{key} = {value}"));
+    out.join("\n") + "\n"
+}
+
+fn wait_for(limit: Duration, mut f: impl FnMut() -> Result<()>) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match f() {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// The address an agent printed for link `name`.
+fn listen_addr(agent: &mut Proc, name: &str) -> Result<SocketAddr> {
+    comsat_tests::proc::listen_addr(agent, name)
+}
+
+/// A TCP server that answers every connection with the SHA-256 of what it
+/// read until EOF.
+async fn hash_server() -> Result<SocketAddr> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut h = Sha256::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match sock.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => h.update(&buf[..n]),
+                        Err(_) => return,
+                    }
+                }
+                let _ = sock.write_all(&h.finalize()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Sends `len` pseudo-random bytes through `addr` and checks the SHA-256
+/// the far end answers with.
+async fn round_trip(addr: SocketAddr, len: usize, seed: u8) -> Result<()> {
+    let mut sock = tokio::net::TcpStream::connect(addr).await?;
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[0] ^ seed)
+        .collect();
+    let want = Sha256::digest(&data);
+    sock.write_all(&data).await?;
+    sock.shutdown().await?;
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), sock.read_to_end(&mut got))
+        .await
+        .context("no answer within 30 s")??;
+    ensure!(
+        got == want.as_slice(),
+        "SHA-256 mismatch through the link ({} bytes back)",
+        got.len()
+    );
+    Ok(())
+}
+
+/// Retries [`round_trip`] until the link carries it (it is set up within
+/// seconds of `link create`).
+async fn round_trip_eventually(addr: SocketAddr, len: usize) -> Result<Duration> {
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < CONVERGE {
+        match round_trip(addr, len, 7).await {
+            Ok(()) => return Ok(start.elapsed()),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("never tried")))
+}
+
+/// A cluster with one relay, agents `a` and `b`, and link `demo` from a's
+/// listener to a hash server behind b.
+async fn demo(edit: impl FnOnce(String) -> String) -> Result<(Cluster, SocketAddr, SocketAddr)> {
+    let mut c = Cluster::start(edit)?;
+    c.enrol_relay("relay-1")?;
+    c.enrol_agent("a")?;
+    c.enrol_agent("b")?;
+    c.wait_relays_healthy(1)?;
+    let target = hash_server().await?;
+    let listen = format!("tcp://127.0.0.1:{}", free_tcp_port()?);
+    c.ctl_ok(&[
+        "link",
+        "create",
+        "demo",
+        "--from",
+        "a",
+        "--listen",
+        &listen,
+        "--to",
+        "b",
+        "--target",
+        &format!("tcp://{target}"),
+    ])?;
+    let listen = listen_addr(c.agent("a")?, "demo")?;
+    Ok((c, listen, target))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_created_with_ctl_carries_bytes_and_delete_takes_it_away() -> Result<()> {
+    let (mut c, listen, _) = demo(|t| t).await?;
+    let took = round_trip_eventually(listen, 8 << 20)
+        .await
+        .with_context(|| c.logs())?;
+    eprintln!("link usable {took:?} after the listener appeared");
+
+    let links: Vec<api::LinkInfo> =
+        serde_json::from_str(&c.ctl_ok(&["link", "list", "-o", "json"])?)?;
+    ensure!(
+        links.len() == 1 && links[0].relays == ["relay-1"],
+        "{links:?}"
+    );
+    let table = c.ctl_ok(&["link", "list"])?;
+    ensure!(
+        table.starts_with("NAME") && table.contains("demo"),
+        "{table}"
+    );
+    let status = c.ctl_ok(&["status"])?;
+    ensure!(status.contains("agents:     2"), "{status}");
+
+    // An agent restarted with its data dir comes back without a token.
+    let relay_admin = c.relay_admin("relay-1")?;
+    c.agent("b")?.kill();
+    c.run_agent("b")?;
+    round_trip_eventually(listen, 1 << 20)
+        .await
+        .with_context(|| c.logs())?;
+
+    // An open flow, then delete: the flow is reset, the listener closes,
+    // the relay drops the grant.
+    let mut open = tokio::net::TcpStream::connect(listen).await?;
+    open.write_all(b"partial").await?;
+    wait_for(CONVERGE, || {
+        let m = scrape(relay_admin)?;
+        ensure!(metric(&m, "comsat_relay_grants_loaded") == 1.0);
+        Ok(())
+    })?;
+    c.ctl_ok(&["link", "delete", "demo"])?;
+    c.agent("a")?
+        .wait_line("comsat agent link demo removed", CONVERGE)?;
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), open.read_to_end(&mut buf)).await;
+    ensure!(
+        matches!(r, Ok(Err(_))),
+        "the open flow should be reset when its link is deleted, got {r:?}"
+    );
+    ensure!(
+        tokio::net::TcpStream::connect(listen).await.is_err(),
+        "the listener should be closed"
+    );
+    wait_for(CONVERGE, || {
+        let m = scrape(relay_admin)?;
+        ensure!(
+            metric(&m, "comsat_relay_grants_loaded") == 0.0,
+            "relay still holds the grant"
+        );
+        Ok(())
+    })
+    .with_context(|| c.logs())?;
+    let (code, _, err) = c.ctl(&["link", "show", "demo"])?;
+    ensure!(
+        code != 0 && err.contains("demo"),
+        "link show after delete: {code} {err}"
+    );
+    Ok(())
+}
+
+/// A request to the controller with a hand-made bearer token.
+async fn raw_get(c: &Cluster, path: &str, bearer: &str) -> Result<(u16, String)> {
+    let state_url = std::fs::read_to_string(c.path("controller/context.toml"))?;
+    let url = state_url
+        .lines()
+        .find_map(|l| l.strip_prefix("controller = "))
+        .context("controller url")?
+        .trim_matches('"')
+        .to_owned();
+    let roots = {
+        let mut r = rustls::RootCertStore::empty();
+        for cert in comsat::client::read_ca(&c.path("controller/ca.pem"))? {
+            r.add(cert)?;
+        }
+        r
+    };
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let resp = http
+        .get(format!("{url}{path}"))
+        .bearer_auth(bearer)
+        .send()
+        .await?;
+    Ok((resp.status().as_u16(), resp.text().await?))
+}
+
+fn node_key(c: &Cluster, name: &str) -> Result<(NodeState, SigningKey)> {
+    let dir = c.path(name);
+    let kind = if name.starts_with("relay") {
+        NodeKind::Relay
+    } else {
+        NodeKind::Agent
+    };
+    Ok((
+        NodeState::load(&dir, kind)?,
+        SigningKey::read_file(&dir.join("node.key"))?,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_plane_outlives_the_controller_and_a_seen_jti_stays_refused() -> Result<()> {
+    let (mut c, listen, _) = demo(|t| t).await?;
+    round_trip_eventually(listen, 1 << 20)
+        .await
+        .with_context(|| c.logs())?;
+    let (state, key) = node_key(&c, "a")?;
+    let token = jwt::mint(&key, &state.node_id, &state.audience, jwt::unix_now(), 50)?;
+    let (code, body) = raw_get(&c, api::PATH_AGENT_CONFIG, &token).await?;
+    ensure!(code == 200, "first use of a JWT: {code} {body}");
+
+    // A flow open across the controller's death, and new flows while it
+    // is down.
+    let mut open = tokio::net::TcpStream::connect(listen).await?;
+    open.write_all(&[1u8; 100_000]).await?;
+    c.controller.take().context("controller")?.kill();
+    for i in 0..3u8 {
+        round_trip(listen, 2 << 20, i)
+            .await
+            .with_context(|| c.logs())?;
+    }
+    open.write_all(&[2u8; 100_000]).await?;
+    open.shutdown().await?;
+    let mut digest = Vec::new();
+    open.read_to_end(&mut digest).await?;
+    let mut h = Sha256::new();
+    h.update([1u8; 100_000]);
+    h.update([2u8; 100_000]);
+    ensure!(
+        digest == h.finalize().as_slice(),
+        "flow open across the controller's death"
+    );
+
+    c.run_controller()?;
+    let (code, body) = raw_get(&c, api::PATH_AGENT_CONFIG, &token).await?;
+    ensure!(
+        code == 401 && body.contains("replayed"),
+        "a JWT seen before the restart: {code} {body}"
+    );
+    round_trip(listen, 1 << 20, 9).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_jwts_are_refused_with_clear_errors() -> Result<()> {
+    let mut c = Cluster::start(|t| t)?;
+    c.enrol_agent("a")?;
+    let dir = |n: &str| s(&c.path(n));
+
+    // A used token.
+    let used = c.path("a.agent.token");
+    let (code, _, err) = comsat(&[
+        "agent",
+        "enrol",
+        "--token-file",
+        &s(&used),
+        "--data-dir",
+        &dir("again"),
+    ])?;
+    ensure!(
+        code != 0 && err.contains("already used"),
+        "used token: {code} {err}"
+    );
+
+    // An expired token.
+    let expired = c.token("agent", "late", &["--ttl", "1s"])?;
+    std::thread::sleep(Duration::from_millis(2100));
+    let (code, _, err) = comsat(&[
+        "agent",
+        "enrol",
+        "--token-file",
+        &s(&expired),
+        "--data-dir",
+        &dir("late"),
+    ])?;
+    ensure!(
+        code != 0 && err.contains("expired"),
+        "expired token: {code} {err}"
+    );
+    // ... and used up: it stays refused.
+    let (code, _, err) = comsat(&[
+        "agent",
+        "enrol",
+        "--token-file",
+        &s(&expired),
+        "--data-dir",
+        &dir("late2"),
+    ])?;
+    ensure!(code != 0, "expired token, second try: {code} {err}");
+
+    // A relay token used by an agent.
+    let relay_token = c.token("relay", "relay-9", &[])?;
+    let (code, _, err) = comsat(&[
+        "agent",
+        "enrol",
+        "--token-file",
+        &s(&relay_token),
+        "--data-dir",
+        &dir("x"),
+    ])?;
+    ensure!(
+        code != 0 && err.contains("relay"),
+        "relay token used by an agent: {code} {err}"
+    );
+
+    // A token pinning another CA.
+    let good = std::fs::read_to_string(c.token("agent", "pinned", &[])?)?;
+    let mut t = api::JoinToken::parse(&good)?;
+    t.ca_sha256[0] ^= 1;
+    let (code, _, err) = comsat(&["agent", "enrol", &t.encode(), "--data-dir", &dir("pinned")])?;
+    ensure!(
+        code != 0 && err.contains("SHA-256"),
+        "wrong CA pin: {code} {err}"
+    );
+
+    // JWTs.
+    let (state, key) = node_key(&c, "a")?;
+    let now = jwt::unix_now();
+    let good = jwt::mint(&key, &state.node_id, &state.audience, now, 30)?;
+    let (code, body) = raw_get(&c, api::PATH_AGENT_CONFIG, &good).await?;
+    ensure!(code == 200, "{code} {body}");
+    let (code, body) = raw_get(&c, api::PATH_AGENT_CONFIG, &good).await?;
+    ensure!(
+        code == 401 && body.contains("replayed"),
+        "replayed JWT: {code} {body}"
+    );
+
+    let other = SigningKey::generate();
+    let forged = jwt::mint(&other, &state.node_id, &state.audience, now, 30)?;
+    let (code, body) = raw_get(&c, api::PATH_AGENT_CONFIG, &forged).await?;
+    ensure!(
+        code == 401 && body.contains("signature"),
+        "JWT signed by another key: {code} {body}"
+    );
+
+    let old = jwt::mint(&key, &state.node_id, &state.audience, now - 600, 30)?;
+    let (code, body) = raw_get(&c, api::PATH_AGENT_CONFIG, &old).await?;
+    ensure!(
+        code == 401 && body.contains("expired"),
+        "expired JWT: {code} {body}"
+    );
+
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let header = format!(r#"{{"alg":"HS256","typ":"JWT","kid":"{}"}}"#, state.node_id);
+    let claims = format!(
+        r#"{{"sub":"{}","aud":"{}","iat":{now},"exp":{},"jti":"hs"}}"#,
+        state.node_id,
+        state.audience,
+        now + 30
+    );
+    let hs = format!(
+        "{}.{}.{}",
+        b64(header.as_bytes()),
+        b64(claims.as_bytes()),
+        b64(&[0; 32])
+    );
+    let (code, body) = raw_get(&c, api::PATH_AGENT_CONFIG, &hs).await?;
+    ensure!(
+        code == 401 && body.contains("EdDSA"),
+        "HS256 JWT: {code} {body}"
+    );
+    let none = format!(
+        "{}.{}.",
+        b64(format!(r#"{{"alg":"none","kid":"{}"}}"#, state.node_id).as_bytes()),
+        b64(claims.as_bytes())
+    );
+    let (code, body) = raw_get(&c, api::PATH_AGENT_CONFIG, &none).await?;
+    ensure!(code == 401, "alg none JWT: {code} {body}");
+
+    // An agent's JWT does not open relay endpoints.
+    let agent_jwt = jwt::mint(&key, &state.node_id, &state.audience, now, 30)?;
+    let (code, body) = raw_get(&c, api::PATH_RELAY_EVENTS, &agent_jwt).await?;
+    ensure!(
+        code == 401 || code == 403,
+        "agent JWT on relay events: {code} {body}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_learn_only_their_part() -> Result<()> {
+    // Two relays, one relay per link: the other relay must get nothing.
+    let mut c = Cluster::start(|t| set_key(&t, "relays_per_link", "1"))?;
+    c.enrol_relay("relay-1")?;
+    c.enrol_relay("relay-2")?;
+    c.enrol_agent("a")?;
+    c.enrol_agent("b")?;
+    c.wait_relays_healthy(2)?;
+    let target = hash_server().await?;
+    let target_spec = format!("tcp://{target}");
+    let listen_spec = format!("tcp://127.0.0.1:{}", free_tcp_port()?);
+    c.ctl_ok(&[
+        "link",
+        "create",
+        "demo",
+        "--from",
+        "a",
+        "--listen",
+        &listen_spec,
+        "--to",
+        "b",
+        "--target",
+        &target_spec,
+    ])?;
+    let listen = listen_addr(c.agent("a")?, "demo")?;
+    round_trip_eventually(listen, 1 << 20)
+        .await
+        .with_context(|| c.logs())?;
+
+    let link: api::LinkInfo =
+        serde_json::from_str(&c.ctl_ok(&["link", "show", "demo", "-o", "json"])?)?;
+    ensure!(link.relays.len() == 1, "{link:?}");
+    let assigned = link.relays[0].clone();
+    let other = if assigned == "relay-1" {
+        "relay-2"
+    } else {
+        "relay-1"
+    };
+
+    // The unassigned relay's event log and grant cache hold nothing.
+    let (state, key) = node_key(&c, other)?;
+    let t = jwt::mint(&key, &state.node_id, &state.audience, jwt::unix_now(), 30)?;
+    let (code, body) = raw_get(
+        &c,
+        &format!("{}?since=0&wait_ms=0", api::PATH_RELAY_EVENTS),
+        &t,
+    )
+    .await?;
+    ensure!(code == 200, "{code} {body}");
+    let events: api::RelayEvents = serde_json::from_str(&body)?;
+    ensure!(
+        events.events.is_empty(),
+        "unassigned relay got events: {body}"
+    );
+    let cached = std::fs::read_dir(c.path(other).join("grants"))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "grant"))
+        .count();
+    ensure!(cached == 0, "unassigned relay cached {cached} grants");
+    let m = scrape(c.relay_admin(other)?)?;
+    ensure!(metric(&m, "comsat_relay_grants_loaded") == 0.0);
+    let m = scrape(c.relay_admin(&assigned)?)?;
+    ensure!(metric(&m, "comsat_relay_grants_loaded") == 1.0);
+
+    // Each agent's desired state names its own half, never the peer's
+    // socket.
+    for (me, must_not) in [("a", target_spec.as_str()), ("b", listen_spec.as_str())] {
+        let (state, key) = node_key(&c, me)?;
+        let t = jwt::mint(&key, &state.node_id, &state.audience, jwt::unix_now(), 30)?;
+        let (code, body) = raw_get(
+            &c,
+            &format!("{}?since=0&wait_ms=0", api::PATH_AGENT_CONFIG),
+            &t,
+        )
+        .await?;
+        ensure!(code == 200, "{code} {body}");
+        ensure!(
+            !body.contains(must_not),
+            "agent {me}'s config names its peer's socket: {body}"
+        );
+        let desired: api::AgentDesired = serde_json::from_str(&body)?;
+        ensure!(desired.links.len() == 1);
+        let l = &desired.links[0];
+        ensure!(l.relays.len() == 1 && l.relays[0].addr.starts_with("127.0.0.1:"));
+    }
+
+    // The assigned relay stops heartbeating: the link moves to the other
+    // one and carries bytes there.
+    let idx = c
+        .relays
+        .iter()
+        .position(|r| r.0 == assigned)
+        .context("relay")?;
+    c.relays[idx].1.kill();
+    wait_for(Duration::from_secs(60), || {
+        let link: api::LinkInfo =
+            serde_json::from_str(&c.ctl_ok(&["link", "show", "demo", "-o", "json"])?)?;
+        ensure!(link.relays == [other], "still on {:?}", link.relays);
+        Ok(())
+    })
+    .with_context(|| c.logs())?;
+    round_trip_eventually(listen, 1 << 20)
+        .await
+        .with_context(|| c.logs())?;
+    let m = scrape(c.relay_admin(other)?)?;
+    ensure!(
+        metric(&m, "comsat_relay_grants_loaded") == 1.0,
+        "the new relay holds the grant"
+    );
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! `comsat up` as a new user runs it: one process, a controller, a relay
+//! and two agents enrolled with join tokens, a demo link that answers, a
+//! clean exit on Ctrl-C, and a second run that reuses the identities.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use comsat_tests::{Proc, free_udp_port};
+
+const BIN: &str = env!("CARGO_BIN_EXE_comsat");
+
+fn free_tcp_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_the_demo_link_stops_on_ctrl_c_and_comes_back_with_the_same_identities()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("state");
+    let demo = format!("127.0.0.1:{}", free_tcp_port()?);
+    let controller_port = free_tcp_port()?.to_string();
+    let relay_port = free_udp_port()?.to_string();
+    let args = [
+        "up",
+        "--data-dir",
+        data.to_str().context("path")?,
+        "--controller-port",
+        &controller_port,
+        "--relay-port",
+        &relay_port,
+        "--demo-listen",
+        &demo,
+    ];
+    let mut ids = Vec::new();
+    for run in 0..2 {
+        let mut up = Proc::spawn(BIN, &format!("up-{run}"), &args, dir.path())?;
+        up.wait_line("comsat up ready", Duration::from_secs(120))?;
+        let reply = comsat::up::ask(demo.parse()?, b"GET / HTTP/1.0\r\n\r\n").await?;
+        ensure!(
+            reply.starts_with("HTTP/1.0 200") && reply.ends_with(comsat::up::DEMO_REPLY),
+            "run {run}: unexpected reply through the demo link: {reply:?}"
+        );
+        let mut these = Vec::new();
+        for node in ["relay-1", "agent-a", "agent-b"] {
+            let state = std::fs::read_to_string(data.join(node).join("node.toml"))?;
+            these.push(state);
+        }
+        ids.push(these);
+        up.interrupt()?;
+        let code = up.wait_exit(Duration::from_secs(20))?;
+        ensure!(
+            code == Some(0),
+            "run {run}: exit code {code:?}\n{}",
+            up.log_tail()
+        );
+        up.wait_line("comsat up stopped", Duration::from_secs(1))?;
+    }
+    ensure!(ids[0] == ids[1], "the second run enrolled new identities");
+    ensure!(
+        !data.join("demo.sock").exists(),
+        "the demo service's socket is left behind"
+    );
+    Ok(())
+}
