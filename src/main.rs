@@ -57,6 +57,13 @@ enum Command {
     },
     /// Operate a controller: join tokens, agents, relays, links.
     Ctl(CtlArgs),
+    /// Print a shell completion script, e.g.
+    /// `comsat completions bash > /etc/bash_completion.d/comsat`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Development helpers.
     Dev {
         #[command(subcommand)]
@@ -726,6 +733,14 @@ fn main() -> ExitCode {
             }
         },
         Command::Ctl(args) => runtime().and_then(|rt| rt.block_on(ctl(args))),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "comsat", &mut script);
+            // A closed pipe (`| head`) is not an error worth a message.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+            Ok(())
+        }
         Command::Dev {
             command: DevCommand::Init(args),
         } => dev_init(args),
