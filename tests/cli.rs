@@ -56,9 +56,9 @@ fn every_command_has_help() -> Result<()> {
             let same_line = entry
                 .split_once("  ")
                 .is_some_and(|(_, d)| !d.trim().is_empty());
-            let next_line = lines.get(i + 1).is_some_and(|n| {
-                n.len() - n.trim_start().len() > indent && !n.trim().is_empty()
-            });
+            let next_line = lines
+                .get(i + 1)
+                .is_some_and(|n| n.len() - n.trim_start().len() > indent && !n.trim().is_empty());
             ensure!(
                 same_line || next_line,
                 "{args:?}: undocumented {entry:?}\n{out}"

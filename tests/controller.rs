@@ -138,6 +138,11 @@ impl Cluster {
     }
 
     fn enrol_relay(&mut self, name: &str) -> Result<()> {
+        self.enrol_relay_only(name)?;
+        self.run_relay(name)
+    }
+
+    fn enrol_relay_only(&mut self, name: &str) -> Result<()> {
         let token = self.token("relay", name, &[])?;
         let port = free_udp_port()?;
         let dir = self.path(name);
@@ -151,7 +156,7 @@ impl Cluster {
             "--public-addr",
             &format!("127.0.0.1:{port}"),
         ])?;
-        self.run_relay(name)
+        Ok(())
     }
 
     fn run_relay(&mut self, name: &str) -> Result<()> {
@@ -800,5 +805,62 @@ async fn nodes_learn_only_their_part() -> Result<()> {
         metric(&m, "comsat_relay_grants_loaded") == 1.0,
         "the new relay holds the grant"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_renews_its_certificate_and_serves_it_without_restart() -> Result<()> {
+    let mut c = Cluster::start(|t| t)?;
+    c.enrol_relay_only("relay-1")?;
+    // Replace the issued certificate by one for the same key that is about
+    // to expire and that no agent trusts (self-signed).
+    let dir = c.path("relay-1");
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("tls.key"))?)?;
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::seconds(100);
+    params.not_after = now + time::Duration::seconds(20);
+    let dying = params.self_signed(&key)?.pem();
+    std::fs::write(dir.join("tls.crt"), &dying)?;
+    c.run_relay("relay-1")?;
+    wait_for(CONVERGE, || {
+        let now = std::fs::read_to_string(dir.join("tls.crt"))?;
+        ensure!(now != dying, "certificate not renewed yet");
+        Ok(())
+    })
+    .with_context(|| c.logs())?;
+    let pem = std::fs::read(dir.join("tls.crt"))?;
+    let der = comsat::client::read_ca_pem(std::str::from_utf8(&pem)?)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der[0].as_ref())?;
+    let ca_pem = std::fs::read(dir.join("relay-ca.pem"))?;
+    let ca_der = comsat::client::read_ca_pem(std::str::from_utf8(&ca_pem)?)?;
+    let (_, ca) = x509_parser::parse_x509_certificate(ca_der[0].as_ref())?;
+    ensure!(
+        cert.issuer() == ca.subject(),
+        "renewed certificate not issued by the relay CA"
+    );
+    // Agents, which trust only the relay CA, connect to the running relay.
+    c.enrol_agent("a")?;
+    c.enrol_agent("b")?;
+    c.wait_relays_healthy(1)?;
+    let target = hash_server().await?;
+    let listen = format!("tcp://127.0.0.1:{}", free_tcp_port()?);
+    c.ctl_ok(&[
+        "link",
+        "create",
+        "demo",
+        "--from",
+        "a",
+        "--listen",
+        &listen,
+        "--to",
+        "b",
+        "--target",
+        &format!("tcp://{target}"),
+    ])?;
+    let addr = listen_addr(c.agent("a")?, "demo")?;
+    round_trip_eventually(addr, 1 << 20)
+        .await
+        .with_context(|| c.logs())?;
     Ok(())
 }
