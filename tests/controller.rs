@@ -65,17 +65,29 @@ impl Cluster {
     /// Initialises a controller (with `edit` applied to its
     /// controller.toml) and runs it.
     fn start(edit: impl FnOnce(String) -> String) -> Result<Self> {
+        Self::start_with(edit, |_| Ok(Vec::new()))
+    }
+
+    /// Like [`Self::start`], with more `controller init` arguments made
+    /// from the temporary directory.
+    fn start_with(
+        edit: impl FnOnce(String) -> String,
+        init_args: impl FnOnce(&Path) -> Result<Vec<String>>,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = free_tcp_port()?;
         let ctl_dir = dir.path().join("controller");
-        ok(&[
-            "controller",
-            "init",
-            "--data-dir",
-            &s(&ctl_dir),
-            "--public-url",
-            &format!("https://127.0.0.1:{port}"),
-        ])?;
+        let extra = init_args(dir.path())?;
+        let mut args = vec![
+            "controller".to_owned(),
+            "init".to_owned(),
+            "--data-dir".to_owned(),
+            s(&ctl_dir),
+            "--public-url".to_owned(),
+            format!("https://127.0.0.1:{port}"),
+        ];
+        args.extend(extra);
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
         let toml = ctl_dir.join("controller.toml");
         let text = std::fs::read_to_string(&toml)?;
         std::fs::write(&toml, edit(text))?;
@@ -862,5 +874,55 @@ async fn a_relay_renews_its_certificate_and_serves_it_without_restart() -> Resul
     round_trip_eventually(addr, 1 << 20)
         .await
         .with_context(|| c.logs())?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_with_the_operators_own_certificate_enrols_nodes() -> Result<()> {
+    // The operator's CA and server certificate, made outside comsat.
+    let mut c = Cluster::start_with(
+        |t| t,
+        |dir| {
+            let ca_key = rcgen::KeyPair::generate()?;
+            let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            ca_params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "operator CA");
+            let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
+            let key = rcgen::KeyPair::generate()?;
+            let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])?
+                .signed_by(&key, &ca)?;
+            let files = [
+                ("op-ca.pem", ca.pem()),
+                ("op.crt", cert.pem()),
+                ("op.key", key.serialize_pem()),
+            ];
+            for (name, text) in &files {
+                comsat_protocol::keys::write_secret_file(&dir.join(name), text.as_bytes())?;
+            }
+            Ok(vec![
+                "--tls-cert".into(),
+                s(&dir.join("op.crt")),
+                "--tls-key".into(),
+                s(&dir.join("op.key")),
+                "--tls-ca".into(),
+                s(&dir.join("op-ca.pem")),
+            ])
+        },
+    )?;
+    let pinned = std::fs::read_to_string(c.path("controller/ca.pem"))?;
+    ensure!(
+        pinned == std::fs::read_to_string(c.path("op-ca.pem"))?,
+        "nodes must pin the operator's CA"
+    );
+    c.enrol_agent("a")?;
+    let agents: Vec<api::AgentInfo> =
+        serde_json::from_str(&c.ctl_ok(&["agent", "list", "-o", "json"])?)?;
+    ensure!(agents.len() == 1 && agents[0].name == "a", "{agents:?}");
+    ensure!(
+        std::fs::read_to_string(c.path("a/ca.pem"))? == pinned,
+        "the agent stored another CA"
+    );
     Ok(())
 }
