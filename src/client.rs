@@ -197,6 +197,17 @@ impl Client {
         self.send(req, what).await
     }
 
+    /// `PATCH path` with a JSON body.
+    pub async fn patch<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        what: &str,
+    ) -> anyhow::Result<T> {
+        let req = self.http.patch(format!("{}{path}", self.base)).json(body);
+        self.send(req, what).await
+    }
+
     /// `DELETE path`.
     pub async fn delete(&self, path: &str, what: &str) -> anyhow::Result<()> {
         let req = self.http.delete(format!("{}{path}", self.base));

@@ -246,11 +246,13 @@ fn link_rows(v: &[api::LinkInfo]) -> String {
                 } else {
                     l.relays.join(",")
                 },
+                l.max_flows
+                    .map_or_else(|| "unlimited".into(), |n| n.to_string()),
                 l.generation.to_string(),
             ]
         })
         .collect::<Vec<_>>();
-    table(&["NAME", "FROM", "TO", "RELAYS", "GEN"], &rows)
+    table(&["NAME", "FROM", "TO", "RELAYS", "MAX FLOWS", "GEN"], &rows)
 }
 
 /// `link create`.
@@ -291,11 +293,27 @@ fn link_path(name: &str) -> anyhow::Result<String> {
 /// `link show`.
 pub async fn link_show(c: &Client, name: &str, out: Output) -> anyhow::Result<String> {
     let l: api::LinkInfo = c.get(&link_path(name)?, &[], "link show").await?;
+    show_link(&l, out)
+}
+
+/// `link update`: changes the limits relays enforce; open flows go on.
+pub async fn link_update(
+    c: &Client,
+    name: &str,
+    max_flows: Option<u32>,
+    out: Output,
+) -> anyhow::Result<String> {
+    let body = api::LinkUpdate { max_flows };
+    let l: api::LinkInfo = c.patch(&link_path(name)?, &body, "link update").await?;
+    show_link(&l, out)
+}
+
+fn show_link(l: &api::LinkInfo, out: Output) -> anyhow::Result<String> {
     if out == Output::Json {
-        return json(&l);
+        return json(l);
     }
     Ok(format!(
-        "name:       {}\nid:         {}\ngeneration: {}\nfrom:       {} listening on {}\nto:         {} dialling {}\nrelays:     {}\n",
+        "name:       {}\nid:         {}\ngeneration: {}\nfrom:       {} listening on {}\nto:         {} dialling {}\nmax flows:  {}\nrelays:     {}\n",
         l.name,
         l.link_id,
         l.generation,
@@ -303,6 +321,8 @@ pub async fn link_show(c: &Client, name: &str, out: Output) -> anyhow::Result<St
         l.listen,
         l.to,
         l.target,
+        l.max_flows
+            .map_or_else(|| "unlimited".into(), |n| n.to_string()),
         if l.relays.is_empty() {
             "(none healthy yet)".into()
         } else {

@@ -301,6 +301,22 @@ enum LinkCommand {
         /// Unix listeners: a peer gid allowed to connect (repeatable).
         #[arg(long = "allow-gid")]
         allow_gids: Vec<u32>,
+        /// Concurrent flows the relays allow the link (default: no limit);
+        /// one more is reset and counted.
+        #[arg(long)]
+        max_flows: Option<u32>,
+    },
+    /// Change the limits relays enforce on a link; open flows go on.
+    #[command(group(clap::ArgGroup::new("flows").required(true).args(["max_flows", "unlimited_flows"])))]
+    Update {
+        /// The link's name.
+        name: String,
+        /// Concurrent flows the relays allow the link.
+        #[arg(long)]
+        max_flows: Option<u32>,
+        /// Remove the concurrent-flow limit.
+        #[arg(long)]
+        unlimited_flows: bool,
     },
     /// List links.
     List,
@@ -607,6 +623,7 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 target,
                 allow_uids,
                 allow_gids,
+                max_flows,
             } => {
                 let body = comsat_protocol::api::LinkCreate {
                     name,
@@ -616,9 +633,13 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                     target,
                     allowed_uids: allow_uids,
                     allowed_gids: allow_gids,
+                    max_flows,
                 };
                 ctl::link_create(&c, body, out).await?
             }
+            LinkCommand::Update {
+                name, max_flows, ..
+            } => ctl::link_update(&c, &name, max_flows, out).await?,
             LinkCommand::List => ctl::link_list(&c, out).await?,
             LinkCommand::Show { name } => ctl::link_show(&c, &name, out).await?,
             LinkCommand::Delete { name } => ctl::link_delete(&c, &name).await?,

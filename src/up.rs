@@ -220,6 +220,7 @@ async fn ensure_demo_link(admin: &Client, listen: &SocketAddr, sock: &Path) -> a
         target: want_target,
         allowed_uids: vec![],
         allowed_gids: vec![],
+        max_flows: None,
     };
     let _: api::LinkInfo = admin.post(api::PATH_LINKS, &body, "link create").await?;
     Ok(())

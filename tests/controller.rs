@@ -926,3 +926,128 @@ async fn a_controller_with_the_operators_own_certificate_enrols_nodes() -> Resul
     );
     Ok(())
 }
+
+/// Writes `data` on a connection through a link, half-closes and checks
+/// the SHA-256 the far end answers with.
+async fn finish_flow(mut sock: tokio::net::TcpStream, sent: &[u8]) -> Result<()> {
+    sock.shutdown().await?;
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), sock.read_to_end(&mut got))
+        .await
+        .context("no answer within 30 s")??;
+    ensure!(
+        got == Sha256::digest(sent).as_slice(),
+        "open flow lost or changed bytes"
+    );
+    Ok(())
+}
+
+/// Whether a new flow through `addr` is let in: it carries bytes and gets
+/// the digest back, or it is reset.
+async fn new_flow_allowed(addr: SocketAddr) -> Result<bool> {
+    let mut sock = tokio::net::TcpStream::connect(addr).await?;
+    let _ = sock.write_all(b"third").await;
+    let _ = sock.shutdown().await;
+    let mut got = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut got)).await {
+        Ok(Ok(_)) if got == Sha256::digest(b"third").as_slice() => Ok(true),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(false),
+        other => anyhow::bail!("neither carried nor reset: {other:?} ({} bytes)", got.len()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_enforces_max_flows_and_an_update_applies_without_touching_open_flows()
+-> Result<()> {
+    let mut c = Cluster::start(|t| t)?;
+    c.enrol_relay("relay-1")?;
+    c.enrol_agent("a")?;
+    c.enrol_agent("b")?;
+    c.wait_relays_healthy(1)?;
+    let target = hash_server().await?;
+    let listen = format!("tcp://127.0.0.1:{}", free_tcp_port()?);
+    c.ctl_ok(&[
+        "link",
+        "create",
+        "demo",
+        "--from",
+        "a",
+        "--listen",
+        &listen,
+        "--to",
+        "b",
+        "--target",
+        &format!("tcp://{target}"),
+        "--max-flows",
+        "2",
+    ])?;
+    let addr = listen_addr(c.agent("a")?, "demo")?;
+    round_trip_eventually(addr, 1024)
+        .await
+        .with_context(|| c.logs())?;
+    let relay_admin = c.relay_admin("relay-1")?;
+    // The first flow counts until its streams have ended at the relay.
+    wait_for(CONVERGE, || {
+        let m = scrape(relay_admin)?;
+        ensure!(
+            metric(&m, "comsat_relay_flows_open") == 0.0,
+            "first flow still open"
+        );
+        Ok(())
+    })?;
+
+    // Two flows open and carrying bytes.
+    let mut open = Vec::new();
+    for i in 0..2u8 {
+        let mut sock = tokio::net::TcpStream::connect(addr).await?;
+        sock.write_all(&[i; 1000]).await?;
+        open.push((sock, vec![i; 1000]));
+    }
+    wait_for(CONVERGE, || {
+        let m = scrape(relay_admin)?;
+        ensure!(
+            metric(&m, "comsat_relay_flows_open") == 2.0,
+            "flows not spliced yet"
+        );
+        Ok(())
+    })?;
+    // A third is reset and counted.
+    ensure!(
+        !new_flow_allowed(addr).await?,
+        "a third flow got through a limit of 2"
+    );
+    let m = scrape(relay_admin)?;
+    ensure!(
+        metric(&m, "comsat_relay_flows_over_limit_total") >= 1.0,
+        "refusal not counted"
+    );
+
+    // Raising the limit lets a new flow in; the open ones go on.
+    let shown = c.ctl_ok(&["link", "update", "demo", "--max-flows", "3"])?;
+    ensure!(shown.contains('3'), "{shown}");
+    let deadline = Instant::now() + CONVERGE;
+    while !new_flow_allowed(addr).await? {
+        ensure!(
+            Instant::now() < deadline,
+            "the raised limit never applied\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (mut sock, mut sent) in open {
+        sock.write_all(b" more")
+            .await
+            .with_context(|| format!("an open flow was reset by the update\n{}", c.logs()))?;
+        sent.extend_from_slice(b" more");
+        finish_flow(sock, &sent)
+            .await
+            .with_context(|| format!("an open flow failed after the update\n{}", c.logs()))?;
+    }
+    let link: api::LinkInfo =
+        serde_json::from_str(&c.ctl_ok(&["link", "show", "demo", "-o", "json"])?)?;
+    ensure!(
+        link.max_flows == Some(3) && link.generation == 1,
+        "{link:?}"
+    );
+    Ok(())
+}

@@ -23,7 +23,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use comsat_protocol::noise::NoiseError;
 use comsat_protocol::record::{FlowHeader, RecordError, RecordKind, decode_record};
 use comsat_protocol::resume::{Reassembly, ReplayWindow, Verdict};
-use comsat_protocol::{FlowId, STREAM_PEER_SILENT};
+use comsat_protocol::{FlowId, STREAM_FLOW_LIMIT, STREAM_PEER_SILENT};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tracing::debug;
@@ -56,6 +56,8 @@ pub(crate) enum FlowError {
     Unexpected(RecordKind),
     #[error("peer reset the flow")]
     PeerReset,
+    #[error("the relay refused the flow: its link has the most concurrent flows its grant allows")]
+    OverLimit,
 }
 
 impl FlowError {
@@ -291,6 +293,9 @@ impl Flow {
                     quinn::WriteError::Stopped(code) if code == STREAM_PEER_SILENT.into() => {
                         FlowError::Silent
                     }
+                    quinn::WriteError::Stopped(code) if code == STREAM_FLOW_LIMIT.into() => {
+                        FlowError::OverLimit
+                    }
                     e => FlowError::Lost(e.to_string()),
                 })?;
                 next += 1;
@@ -359,6 +364,9 @@ impl Flow {
                 }
                 Err(quinn::ReadError::Reset(code)) if code == STREAM_PEER_SILENT.into() => {
                     return Err(FlowError::Silent);
+                }
+                Err(quinn::ReadError::Reset(code)) if code == STREAM_FLOW_LIMIT.into() => {
+                    return Err(FlowError::OverLimit);
                 }
                 Err(e) => return Err(FlowError::Lost(e.to_string())),
             }
@@ -506,7 +514,11 @@ pub(crate) async fn run(
             }
             (_, e) => {
                 // Reset here or elsewhere (local error, new session, …).
-                debug!(error = ?e, "flow failed");
+                if let Some(FlowError::OverLimit) = &e {
+                    tracing::warn!(link = %flow.link.cfg.name, "flow refused by the relay: the link's max_flows are open");
+                } else {
+                    debug!(error = ?e, "flow failed");
+                }
                 flow.reset();
                 // Tell the peer, best effort; it also times out on its own.
                 if !matches!(e, Some(FlowError::PeerReset)) {

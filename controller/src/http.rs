@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use comsat_protocol::api::{
     self, AgentDesired, AgentInfo, AgentLink, CertRequest, CertResponse, Empty, EnrolRequest,
-    EnrolResponse, JoinToken, LinkCreate, LinkInfo, NodeKind, RelayAddr, RelayEvent,
+    EnrolResponse, JoinToken, LinkCreate, LinkInfo, LinkUpdate, NodeKind, RelayAddr, RelayEvent,
     RelayEventKind, RelayEvents, RelayHeartbeat, RelayInfo, Status, TokenCreate, TokenCreated,
 };
 use comsat_protocol::jwt::{self, unix_now};
@@ -59,7 +59,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route(api::PATH_LINKS, get(list_links).post(create_link))
         .route(
             &format!("{}/{{name}}", api::PATH_LINKS),
-            get(get_link).delete(delete_link),
+            get(get_link).patch(update_link).delete(delete_link),
         )
         .route(api::PATH_STATUS, get(status))
         .fallback(|| async { ApiError::not_found("no such API path") })
@@ -703,10 +703,39 @@ async fn create_link(
         relays: Vec::new(),
         created_at: now,
         grant_not_after: 0,
+        max_flows: check_max_flows(req.max_flows)?,
     };
     let link = state.create_link(link, now).await?;
     let names = state.node_names().await?;
     Ok((StatusCode::CREATED, Json(Shared::link_info(&link, &names))))
+}
+
+/// Most concurrent flows a link may be given.
+const MAX_FLOWS_LIMIT: u32 = 1_000_000;
+
+fn check_max_flows(n: Option<u32>) -> Result<Option<u32>, ApiError> {
+    match n {
+        Some(n) if n == 0 || n > MAX_FLOWS_LIMIT => Err(ApiError::bad_request(format!(
+            "max_flows {n}: use 1 to {MAX_FLOWS_LIMIT}, or leave it out for no limit"
+        ))),
+        n => Ok(n),
+    }
+}
+
+async fn update_link(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<LinkUpdate>,
+) -> Result<Json<LinkInfo>, ApiError> {
+    auth_admin(&state, &headers).await?;
+    let max_flows = check_max_flows(req.max_flows)?;
+    let link = state
+        .update_link_limits(&name, max_flows, unix_now())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no link named `{name}`")))?;
+    let names = state.node_names().await?;
+    Ok(Json(Shared::link_info(&link, &names)))
 }
 
 async fn list_links(

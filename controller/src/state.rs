@@ -160,7 +160,10 @@ impl Shared {
             },
             not_after,
             buffer_limit: self.config.link_buffer_limit,
-            limits: LinkLimits::default(),
+            limits: LinkLimits {
+                max_flows: link.max_flows,
+                ..LinkLimits::default()
+            },
         };
         let signed = grant
             .sign(&self.authority)
@@ -210,6 +213,39 @@ impl Shared {
             "link created"
         );
         Ok(link)
+    }
+
+    /// Changes a link's limits: its grant is re-signed with the same
+    /// generation (relays apply it to new flows; open flows go on) and
+    /// pushed to its relays. Agents see no change.
+    pub(crate) async fn update_link_limits(
+        &self,
+        name: &str,
+        max_flows: Option<u32>,
+        now: u64,
+    ) -> Result<Option<LinkRecord>, ApiError> {
+        let _guard = self.link_lock.lock().await;
+        let Some(mut link) = self.store.link_by_name(name).await? else {
+            return Ok(None);
+        };
+        link.max_flows = max_flows;
+        let grant = self
+            .grant_hex(&link, link.generation, &link.relays, link.grant_not_after)
+            .await?;
+        let events = Self::grant_events(link.link_id, &link.relays, grant.as_ref());
+        if !self
+            .store
+            .update_link_limits(&link.link_id, link.generation, max_flows, &events, now)
+            .await?
+        {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("link `{name}` changed meanwhile; try again"),
+            ));
+        }
+        self.notify();
+        tracing::info!(link = %link.name, max_flows = ?max_flows, "link limits updated");
+        Ok(Some(link))
     }
 
     /// Deletes a link and revokes it at its relays.
@@ -323,6 +359,7 @@ impl Shared {
             target: link.target.clone(),
             allowed_uids: link.allowed_uids.clone(),
             allowed_gids: link.allowed_gids.clone(),
+            max_flows: link.max_flows,
             relays: link.relays.iter().map(|r| name(&NodeId(r.0))).collect(),
             created_at: link.created_at,
         }

@@ -301,6 +301,7 @@ fn link(name: &str, from: &str, to: &str) -> LinkCreate {
         target: "tcp://127.0.0.1:5432".into(),
         allowed_uids: vec![],
         allowed_gids: vec![],
+        max_flows: None,
     }
 }
 

@@ -238,6 +238,7 @@ async fn link_events_go_only_to_assigned_relays() {
         relays: vec![r1, r2],
         created_at: unix_now(),
         grant_not_after: unix_now() + 3600,
+        max_flows: None,
     };
     let grant = |r: RelayId, g: &str| NewEvent {
         relay_id: r,

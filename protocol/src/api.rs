@@ -18,7 +18,7 @@
 //! | [`PATH_AGENTS`] | GET | admin | → `Vec<`[`AgentInfo`]`>` |
 //! | [`PATH_RELAYS`] | GET | admin | → `Vec<`[`RelayInfo`]`>` |
 //! | [`PATH_LINKS`] | GET / POST | admin | [`LinkCreate`] → [`LinkInfo`]; list → `Vec<LinkInfo>` |
-//! | `PATH_LINKS/{name}` | GET / DELETE | admin | → [`LinkInfo`] / [`Empty`] |
+//! | `PATH_LINKS/{name}` | GET / PATCH / DELETE | admin | → [`LinkInfo`]; [`LinkUpdate`] → [`LinkInfo`]; → [`Empty`] |
 //! | [`PATH_STATUS`] | GET | admin | → [`Status`] |
 
 use std::fmt;
@@ -369,6 +369,18 @@ pub struct LinkCreate {
     /// Unix listeners: allowed peer gids.
     #[serde(default)]
     pub allowed_gids: Vec<u32>,
+    /// Concurrent flows the relay lets the link have (`None`: unlimited).
+    #[serde(default)]
+    pub max_flows: Option<u32>,
+}
+
+/// `PATCH PATH_LINKS/{name}`: changes the limits the relays enforce. Open
+/// flows go on; the new limits apply to new flows within seconds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkUpdate {
+    /// Concurrent flows (`None`: unlimited).
+    pub max_flows: Option<u32>,
 }
 
 /// A link as the operator sees it.
@@ -394,6 +406,9 @@ pub struct LinkInfo {
     /// Unix listeners: allowed peer gids.
     #[serde(default)]
     pub allowed_gids: Vec<u32>,
+    /// Concurrent flows the relays allow (`None`: unlimited).
+    #[serde(default)]
+    pub max_flows: Option<u32>,
     /// Relay names, primary first (empty while no relay is healthy).
     pub relays: Vec<String>,
     /// Unix time created.

@@ -57,3 +57,8 @@ pub const CLOSE_PROTOCOL_ERROR: u32 = 0x11;
 /// flow because the other side's connection went silent (idle timeout): the
 /// outage began an idle timeout ago, not now.
 pub const STREAM_PEER_SILENT: u32 = 3;
+
+/// Stream error code with which a relay refuses a new flow because its link
+/// already has the grant's `max_flows` concurrent flows open. The dialling
+/// agent resets the application's connection; it does not retry.
+pub const STREAM_FLOW_LIMIT: u32 = 4;

@@ -10,6 +10,7 @@
 //! | `comsat_relay_flows_total` | counter | flows spliced |
 //! | `comsat_relay_flows_open` | gauge | flows being spliced |
 //! | `comsat_relay_flows_refused_total` | counter | flow streams refused (link not paired on this connection) |
+//! | `comsat_relay_flows_over_limit_total` | counter | new flows refused because their link had its grant's `max_flows` open (the application sees a reset) |
 //! | `comsat_relay_forwarded_bytes_total` | counter | flow bytes forwarded, counted as they move |
 //! | `comsat_relay_buffered_bytes` | gauge | bytes held for flows whose peer is away |
 //! | `comsat_relay_flows_parked_total` | counter | flows held because their peer was away |
@@ -34,6 +35,8 @@ pub const FLOWS_TOTAL: &str = "comsat_relay_flows_total";
 pub const FLOWS_OPEN: &str = "comsat_relay_flows_open";
 /// Flow streams refused.
 pub const FLOWS_REFUSED_TOTAL: &str = "comsat_relay_flows_refused_total";
+/// New flows refused over their link's `max_flows`.
+pub const FLOWS_OVER_LIMIT_TOTAL: &str = "comsat_relay_flows_over_limit_total";
 /// Bytes forwarded.
 pub const FORWARDED_BYTES_TOTAL: &str = "comsat_relay_forwarded_bytes_total";
 /// Bytes held for parked flows.
@@ -54,6 +57,7 @@ pub struct Metrics {
     pub(crate) flows_total: Counter,
     pub(crate) flows_open: Gauge,
     pub(crate) flows_refused: Counter,
+    pub(crate) flows_over_limit: Counter,
     pub(crate) forwarded_bytes: Counter,
     pub(crate) buffered_bytes: Gauge,
     pub(crate) flows_parked: Counter,
@@ -77,6 +81,10 @@ impl Metrics {
         describe_counter!(FLOWS_TOTAL, "Flows spliced");
         describe_gauge!(FLOWS_OPEN, "Flows being spliced");
         describe_counter!(FLOWS_REFUSED_TOTAL, "Flow streams refused");
+        describe_counter!(
+            FLOWS_OVER_LIMIT_TOTAL,
+            "New flows refused because their link had max_flows open"
+        );
         describe_counter!(FORWARDED_BYTES_TOTAL, "Flow bytes forwarded");
         describe_gauge!(BUFFERED_BYTES, "Bytes held for flows whose peer is away");
         describe_counter!(FLOWS_PARKED_TOTAL, "Flows held because their peer was away");
@@ -89,6 +97,7 @@ impl Metrics {
             flows_total: counter!(FLOWS_TOTAL),
             flows_open: gauge!(FLOWS_OPEN),
             flows_refused: counter!(FLOWS_REFUSED_TOTAL),
+            flows_over_limit: counter!(FLOWS_OVER_LIMIT_TOTAL),
             forwarded_bytes: counter!(FORWARDED_BYTES_TOTAL),
             buffered_bytes: gauge!(BUFFERED_BYTES),
             flows_parked: counter!(FLOWS_PARKED_TOTAL),

@@ -18,8 +18,8 @@ use comsat_protocol::msg::{
 };
 use comsat_protocol::record::{FLOW_HEADER_LEN, FlowHeader};
 use comsat_protocol::{
-    CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_REFUSED, HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN,
-    LinkId, NodeId, STREAM_PEER_SILENT, Side,
+    CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_REFUSED, FlowId, HELLO_EXPORTER_LABEL,
+    HELLO_EXPORTER_LEN, LinkId, NodeId, STREAM_FLOW_LIMIT, STREAM_PEER_SILENT, Side,
 };
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -49,6 +49,47 @@ struct LinkSlot {
     pair: watch::Sender<u64>,
     /// Bytes held for this link's parked flows.
     buffered: Arc<AtomicU64>,
+    /// The link's open flows.
+    flows: FlowCounts,
+}
+
+/// Open streams per flow id of a link: a flow counts once, however many
+/// streams (resumptions) carry it.
+type FlowCounts = Arc<Mutex<HashMap<FlowId, u32>>>;
+
+/// One open stream of a flow, counted in its link's [`FlowCounts`] until
+/// dropped.
+struct FlowGuard {
+    counts: FlowCounts,
+    id: FlowId,
+}
+
+impl FlowGuard {
+    /// Counts a stream of flow `id`; `None` if it is a new flow and the
+    /// link already has `limit` flows open.
+    fn enter(counts: &FlowCounts, id: FlowId, limit: Option<u32>) -> Option<Self> {
+        let mut c = lock(counts);
+        if !c.contains_key(&id) && limit.is_some_and(|max| c.len() >= max as usize) {
+            return None;
+        }
+        *c.entry(id).or_insert(0) += 1;
+        Some(Self {
+            counts: counts.clone(),
+            id,
+        })
+    }
+}
+
+impl Drop for FlowGuard {
+    fn drop(&mut self) {
+        let mut c = lock(&self.counts);
+        if let Some(n) = c.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.id);
+            }
+        }
+    }
 }
 
 impl LinkSlot {
@@ -59,6 +100,7 @@ impl LinkSlot {
             revoked: watch::channel(false).0,
             pair: watch::channel(0).0,
             buffered: Arc::default(),
+            flows: Arc::default(),
         }
     }
 
@@ -701,14 +743,18 @@ struct Route {
     pair: watch::Receiver<u64>,
     link_buffered: Arc<AtomicU64>,
     buffer_limit: u64,
+    flows: FlowCounts,
+    /// The grant's concurrent-flow limit, as of now (an updated grant
+    /// applies to the next flow).
+    max_flows: Option<u32>,
 }
 
 fn route(state: &State, conn_id: u64, link_id: &LinkId) -> Option<Route> {
-    let buffer_limit = state
+    let (buffer_limit, max_flows) = state
         .grants
         .snapshot()
         .link(link_id)
-        .map_or(0, |g| g.buffer_limit);
+        .map_or((0, Some(0)), |g| (g.buffer_limit, g.limits.max_flows));
     let links = state.links();
     let slot = links.get(link_id)?;
     let side = [Side::A, Side::B]
@@ -721,6 +767,8 @@ fn route(state: &State, conn_id: u64, link_id: &LinkId) -> Option<Route> {
         pair: slot.pair.subscribe(),
         link_buffered: slot.buffered.clone(),
         buffer_limit,
+        flows: slot.flows.clone(),
+        max_flows,
     })
 }
 
@@ -802,6 +850,13 @@ async fn splice_flow(
     // The flow's link must be attached on this connection.
     let Some(mut route) = route(&state, conn_id, &flow.link_id) else {
         return refuse_stream(&mut send, &mut recv);
+    };
+    let Some(_counted) = FlowGuard::enter(&route.flows, flow.flow_id, route.max_flows) else {
+        state.metrics.flows_over_limit.increment(1);
+        debug!(link = %flow.link_id.fmt_short(), limit = ?route.max_flows, "flow refused: the link's max_flows are open");
+        let _ = send.reset(STREAM_FLOW_LIMIT.into());
+        let _ = recv.stop(STREAM_FLOW_LIMIT.into());
+        return;
     };
     let span = info_span!("flow", link = %flow.link_id.fmt_short(), id = flow.flow_id);
     async {

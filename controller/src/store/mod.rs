@@ -161,6 +161,8 @@ pub struct LinkRecord {
     pub created_at: u64,
     /// Unix time the current grant expires (0: no grant).
     pub grant_not_after: u64,
+    /// Concurrent flows the relays allow (`None`: unlimited).
+    pub max_flows: Option<u32>,
 }
 
 /// A relay event to append.
@@ -281,6 +283,18 @@ pub trait Store: Send + Sync {
     async fn update_link_grant(
         &self,
         update: &LinkGrantUpdate,
+        now: u64,
+    ) -> Result<bool, StoreError>;
+
+    /// Sets a link's limits and appends its re-signed grant events (same
+    /// generation: open flows go on) unless the link changed meanwhile;
+    /// `false` if it did (or is gone) and nothing was written.
+    async fn update_link_limits(
+        &self,
+        link_id: &LinkId,
+        expected_generation: u64,
+        max_flows: Option<u32>,
+        events: &[NewEvent],
         now: u64,
     ) -> Result<bool, StoreError>;
 

@@ -81,7 +81,7 @@ fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
 }
 
 const LINK_COLUMNS: &str = "link_id, name, generation, from_node, listen, to_node, target, \
-     allowed_uids, allowed_gids, relays, created_at, grant_not_after";
+     allowed_uids, allowed_gids, relays, created_at, grant_not_after, max_flows";
 
 fn link_from_row(row: &SqliteRow) -> Result<LinkRecord, StoreError> {
     let relays: Vec<String> = json("links.relays", &row.try_get::<String, _>("relays")?)?;
@@ -107,6 +107,9 @@ fn link_from_row(row: &SqliteRow) -> Result<LinkRecord, StoreError> {
             .collect::<Result<_, _>>()?,
         created_at: to_u64(row.try_get("created_at")?),
         grant_not_after: to_u64(row.try_get("grant_not_after")?),
+        max_flows: row
+            .try_get::<Option<i64>, _>("max_flows")?
+            .and_then(|n| u32::try_from(n).ok()),
     })
 }
 
@@ -444,8 +447,8 @@ impl Store for SqliteStore {
         }
         let inserted = sqlx::query(
             "INSERT INTO links (link_id, name, generation, from_node, listen, to_node, target, \
-             allowed_uids, allowed_gids, relays, created_at, grant_not_after) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             allowed_uids, allowed_gids, relays, created_at, grant_not_after, max_flows) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(link.link_id.to_string())
         .bind(&link.name)
@@ -459,6 +462,7 @@ impl Store for SqliteStore {
         .bind(relays_json(&link.relays)?)
         .bind(to_i64(link.created_at))
         .bind(to_i64(link.grant_not_after))
+        .bind(link.max_flows.map(i64::from))
         .execute(&mut *tx)
         .await;
         if let Err(e) = inserted {
@@ -569,6 +573,31 @@ impl Store for SqliteStore {
             let b: NodeId = parse("links.to_node", &row.try_get::<String, _>("to_node")?)?;
             bump_agents(&mut tx, &a, &b).await?;
         }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn update_link_limits(
+        &self,
+        link_id: &LinkId,
+        expected_generation: u64,
+        max_flows: Option<u32>,
+        events: &[NewEvent],
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let done =
+            sqlx::query("UPDATE links SET max_flows = ? WHERE link_id = ? AND generation = ?")
+                .bind(max_flows.map(i64::from))
+                .bind(link_id.to_string())
+                .bind(to_i64(expected_generation))
+                .execute(&mut *tx)
+                .await?;
+        if done.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        insert_events(&mut tx, events, now).await?;
         tx.commit().await?;
         Ok(true)
     }
