@@ -549,6 +549,7 @@ pub async fn agent_sync(
     };
     let mut retry = Retry::new();
     loop {
+        let asked = tokio::time::Instant::now();
         let wait = client::LONG_POLL.as_millis().to_string();
         let got: anyhow::Result<api::AgentDesired> = client
             .get(
@@ -569,6 +570,11 @@ pub async fn agent_sync(
             }
         };
         if desired.version == version {
+            // A controller that answers at once with nothing new is not
+            // long-polling: do not spin on it.
+            if asked.elapsed() < Duration::from_secs(1) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             continue;
         }
         if let Err(e) = write_atomic(&dir.join("relay-ca.pem"), desired.relay_ca_pem.as_bytes()) {

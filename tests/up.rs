@@ -65,3 +65,63 @@ async fn up_serves_the_demo_link_stops_on_ctrl_c_and_comes_back_with_the_same_id
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_without_the_demo_starts_only_the_infrastructure() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("state");
+    let controller_port = free_tcp_port()?.to_string();
+    let relay_port = free_udp_port()?.to_string();
+    let mut up = Proc::spawn(
+        BIN,
+        "up-no-demo",
+        &[
+            "up",
+            "--no-demo",
+            "--data-dir",
+            data.to_str().context("path")?,
+            "--controller-port",
+            &controller_port,
+            "--relay-port",
+            &relay_port,
+        ],
+        dir.path(),
+    )?;
+    up.wait_line("comsat up ready", Duration::from_secs(120))?;
+    let context = data.join("controller/context.toml");
+    let out = std::process::Command::new(BIN)
+        .args([
+            "ctl",
+            "--context",
+            context.to_str().context("path")?,
+            "link",
+            "list",
+            "-o",
+            "json",
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    ensure!(links.is_empty(), "--no-demo created links: {links:?}");
+    ensure!(
+        !data.join("demo.sock").exists(),
+        "--no-demo started the demo service"
+    );
+    for node in ["relay-1", "agent-a", "agent-b"] {
+        ensure!(
+            data.join(node).join("node.toml").exists(),
+            "{node} not enrolled"
+        );
+    }
+    up.interrupt()?;
+    ensure!(
+        up.wait_exit(Duration::from_secs(20))? == Some(0),
+        "{}",
+        up.log_tail()
+    );
+    Ok(())
+}
