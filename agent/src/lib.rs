@@ -67,6 +67,7 @@ struct Held {
 struct Group {
     task: JoinHandle<()>,
     members: BTreeSet<LinkId>,
+    notify: Arc<Notify>,
 }
 
 /// What [`Agent::apply`] did.
@@ -257,7 +258,17 @@ impl Agent {
         self.stop_groups_of(&stale).await;
         for (relays, members) in want {
             // A link the controller could not place on any relay yet.
-            if relays.is_empty() || self.groups.contains_key(&relays) {
+            if relays.is_empty() {
+                continue;
+            }
+            if let Some(group) = self.groups.get(&relays) {
+                // Unchanged session; a new grant generation is used from
+                // the next attach (the relay drops the old one).
+                for id in &members {
+                    if let Some(held) = self.links.get(id) {
+                        held.rt.rebind(group.notify.clone(), held.cfg.generation);
+                    }
+                }
                 continue;
             }
             let notify = Arc::new(Notify::new());
@@ -272,9 +283,16 @@ impl Agent {
                 self.shared.clone(),
                 relays.clone(),
                 links,
-                notify,
+                notify.clone(),
             ));
-            self.groups.insert(relays, Group { task, members });
+            self.groups.insert(
+                relays,
+                Group {
+                    task,
+                    members,
+                    notify,
+                },
+            );
         }
     }
 
