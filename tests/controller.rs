@@ -1051,3 +1051,43 @@ async fn the_relay_enforces_max_flows_and_an_update_applies_without_touching_ope
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_byte_counters_move_while_a_flow_is_open() -> Result<()> {
+    let (c, listen, _) = demo(|t| t).await?;
+    round_trip_eventually(listen, 1024)
+        .await
+        .with_context(|| c.logs())?;
+    let admin = c.relay_admin("relay-1")?;
+    let forwarded = || -> Result<f64> {
+        Ok(metric(
+            &scrape(admin)?,
+            "comsat_relay_forwarded_bytes_total",
+        ))
+    };
+    let mut sock = tokio::net::TcpStream::connect(listen).await?;
+    let mut sent = Vec::new();
+    let mut last = forwarded()?;
+    for i in 0..3u8 {
+        let chunk = vec![i; 2 << 20];
+        sock.write_all(&chunk).await?;
+        sent.extend_from_slice(&chunk);
+        wait_for(CONVERGE, || {
+            let now = forwarded()?;
+            ensure!(
+                now >= last + (2 << 20) as f64,
+                "forwarded {now}, was {last}"
+            );
+            last = now;
+            Ok(())
+        })
+        .with_context(|| format!("round {i}: the counter did not move while the flow was open"))?;
+        let m = scrape(admin)?;
+        ensure!(
+            metric(&m, "comsat_relay_flows_open") == 1.0,
+            "the flow is not open"
+        );
+    }
+    finish_flow(sock, &sent).await?;
+    Ok(())
+}
