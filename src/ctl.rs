@@ -369,4 +369,39 @@ mod tests {
         );
         assert_eq!(t, "NAME       ID\na          1\nlong-name  2\n");
     }
+
+    fn info(name: &str, max_flows: Option<u32>) -> api::LinkInfo {
+        api::LinkInfo {
+            name: name.into(),
+            link_id: comsat_protocol::LinkId([7; 16]),
+            generation: 2,
+            from: "a".into(),
+            listen: "tcp://127.0.0.1:7000".into(),
+            to: "b".into(),
+            target: "tcp://127.0.0.1:5432".into(),
+            allowed_uids: vec![],
+            allowed_gids: vec![],
+            max_flows,
+            relays: vec!["r1".into()],
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn links_show_their_flow_limit() -> anyhow::Result<()> {
+        let rows = link_rows(&[info("db", Some(8)), info("free", None)]);
+        let lines: Vec<&str> = rows.lines().collect();
+        let col = lines[0].find("MAX FLOWS").expect("column");
+        assert!(lines[0][col..].starts_with("MAX FLOWS  GEN"), "{rows}");
+        assert!(lines[1][col..].starts_with("8 "), "{rows}");
+        assert!(lines[2][col..].starts_with("unlimited "), "{rows}");
+
+        let shown = show_link(&info("db", Some(8)), Output::Table)?;
+        assert!(shown.contains("\nmax flows:  8\n"), "{shown}");
+        let shown = show_link(&info("db", None), Output::Table)?;
+        assert!(shown.contains("\nmax flows:  unlimited\n"), "{shown}");
+        let json = show_link(&info("db", Some(8)), Output::Json)?;
+        assert!(json.contains("\"max_flows\": 8"), "{json}");
+        Ok(())
+    }
 }

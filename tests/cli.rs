@@ -33,6 +33,7 @@ fn every_command_has_help() -> Result<()> {
         &["ctl"],
         &["ctl", "token", "create"],
         &["ctl", "link", "create"],
+        &["ctl", "link", "update"],
         &["ctl", "link", "delete"],
         &["ctl", "relay", "list"],
         &["completions"],
@@ -99,6 +100,26 @@ fn errors_name_what_is_wrong_and_what_to_do() -> Result<()> {
     let (code, _, err) = run(&["ctl", "link", "list"])?;
     ensure!(
         code == 2 && err.contains("--controller") && err.contains("--context"),
+        "{code} {err}"
+    );
+
+    // `link update` takes exactly one of --max-flows and --unlimited-flows.
+    let (code, _, err) = run(&["ctl", "link", "update", "db"])?;
+    ensure!(
+        code == 2 && err.contains("--max-flows") && err.contains("--unlimited-flows"),
+        "{code} {err}"
+    );
+    let (code, _, err) = run(&[
+        "ctl",
+        "link",
+        "update",
+        "db",
+        "--max-flows",
+        "3",
+        "--unlimited-flows",
+    ])?;
+    ensure!(
+        code == 2 && err.contains("cannot be used with"),
         "{code} {err}"
     );
 

@@ -659,6 +659,7 @@ async fn create_link(
     check_link_name(&req.name)?;
     check_listen(&req.listen)?;
     check_target(&req.target)?;
+    let max_flows = check_max_flows(req.max_flows)?;
     if req.allowed_uids.len() > MAX_SELECTORS || req.allowed_gids.len() > MAX_SELECTORS {
         return Err(ApiError::bad_request(format!(
             "at most {MAX_SELECTORS} allowed_uids and {MAX_SELECTORS} allowed_gids"
@@ -703,7 +704,7 @@ async fn create_link(
         relays: Vec::new(),
         created_at: now,
         grant_not_after: 0,
-        max_flows: check_max_flows(req.max_flows)?,
+        max_flows,
     };
     let link = state.create_link(link, now).await?;
     let names = state.node_names().await?;

@@ -1,7 +1,7 @@
 //! The HTTPS API in process: init a temp dir, bind on 127.0.0.1:0, and talk
 //! to it with reqwest over TLS pinned to the generated CA.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 
 struct Api {
     _dir: tempfile::TempDir,
+    data: PathBuf,
     client: reqwest::Client,
     base: String,
     admin: String,
@@ -103,6 +104,7 @@ async fn start(extra_config: &str) -> Api {
     Api {
         client: client(ca_pem.as_bytes()),
         _dir: dir,
+        data,
         base,
         admin,
         ca_pem,
@@ -263,6 +265,16 @@ impl Api {
     async fn create_link(&self, body: &LinkCreate) -> reqwest::Response {
         self.client
             .post(self.url(api::PATH_LINKS))
+            .bearer_auth(&self.admin)
+            .json(body)
+            .send()
+            .await
+            .expect("send")
+    }
+
+    async fn patch_link(&self, name: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .patch(self.url(&format!("{}/{name}", api::PATH_LINKS)))
             .bearer_auth(&self.admin)
             .json(body)
             .send()
@@ -602,6 +614,207 @@ async fn enrol_authenticate_link_and_revoke() {
     api.stop().await;
 }
 
+/// The one grant event a relay got after `since`, verified; and its seq.
+async fn one_grant(api: &Api, relay: &Node, since: u64) -> (comsat_protocol::Grant, u64) {
+    let ev = api.events(relay, since, 5_000).await;
+    assert_eq!(ev.events.len(), 1, "{:?}", ev.events);
+    let RelayEventKind::Grant { grant } = &ev.events[0].kind else {
+        panic!("expected a grant, got {:?}", ev.events[0].kind);
+    };
+    let g = verify_grant(
+        grant,
+        &relay.enrolled.authority_public_key,
+        &relay.relay_id(),
+    );
+    (g, ev.next)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_max_flows_is_granted_and_updated_without_a_new_generation() {
+    let mut api = start("grant_ttl_secs = 60\n").await;
+    let a = api.enrol_agent("a").await;
+    let b = api.enrol_agent("b").await;
+    let r1 = api.enrol_relay("r1", "127.0.0.1:4431").await;
+    let r2 = api.enrol_relay("r2", "127.0.0.1:4432").await;
+    api.heartbeat(&r1).await;
+    api.heartbeat(&r2).await;
+
+    // Out of range: 400 with a message naming the field, nothing created.
+    for bad in [0, 1_000_001, u32::MAX] {
+        let mut body = link("db", "a", "b");
+        body.max_flows = Some(bad);
+        let (code, msg) = error_of(api.create_link(&body).await).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(
+            msg.contains("max_flows") && msg.contains("1000000"),
+            "{msg}"
+        );
+    }
+    // Checked before the agents are looked up.
+    let mut body = link("db", "a", "nobody");
+    body.max_flows = Some(0);
+    let (code, _) = error_of(api.create_link(&body).await).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    let listed: Vec<LinkInfo> = api.admin_get(api::PATH_LINKS).await;
+    assert!(listed.is_empty());
+
+    // Created with a limit: shown everywhere, and in every relay's grant.
+    let mut body = link("db", "a", "b");
+    body.max_flows = Some(8);
+    let resp = api.create_link(&body).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let info: LinkInfo = resp.json().await.expect("json");
+    assert_eq!((info.max_flows, info.generation), (Some(8), 1));
+    assert_eq!(info.relays.len(), 2);
+    let one: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
+    assert_eq!(one, info);
+    let listed: Vec<LinkInfo> = api.admin_get(api::PATH_LINKS).await;
+    assert_eq!(listed, vec![info.clone()]);
+    // A link created without one is unlimited.
+    let resp = api.create_link(&link("free", "b", "a")).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let free: LinkInfo = resp.json().await.expect("json");
+    assert_eq!(free.max_flows, None);
+
+    let mut cursors = Vec::new();
+    for r in [&r1, &r2] {
+        let ev = api.events(r, 0, 0).await;
+        assert_eq!(ev.events.len(), 2);
+        let mut seen = 0;
+        for e in &ev.events {
+            let RelayEventKind::Grant { grant } = &e.kind else {
+                panic!("expected a grant");
+            };
+            let g = verify_grant(grant, &r.enrolled.authority_public_key, &r.relay_id());
+            let want = if g.link_id == info.link_id {
+                Some(8)
+            } else {
+                assert_eq!(g.link_id, free.link_id);
+                None
+            };
+            assert_eq!(g.limits.max_flows, want);
+            assert_eq!(g.limits.rate_bytes_per_sec, None);
+            assert_eq!(g.generation, 1);
+            seen += 1;
+        }
+        assert_eq!(seen, 2);
+        cursors.push(ev.next);
+    }
+    let a_version = api.config(&a, 0, 0).await.version;
+    let b_version = api.config(&b, 0, 0).await.version;
+
+    // PATCH: same generation, new limit, one new grant per assigned relay;
+    // the agents' desired state does not change.
+    let resp = api.patch_link("db", &json!({ "max_flows": 3 })).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let patched: LinkInfo = resp.json().await.expect("json");
+    assert_eq!(
+        patched,
+        LinkInfo {
+            max_flows: Some(3),
+            ..info.clone()
+        }
+    );
+    let one: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
+    assert_eq!(one, patched);
+    for (r, cursor) in [&r1, &r2].into_iter().zip(cursors.iter_mut()) {
+        let (g, next) = one_grant(&api, r, *cursor).await;
+        assert_eq!(g.link_id, info.link_id);
+        assert_eq!(g.generation, 1);
+        assert_eq!(g.limits.max_flows, Some(3));
+        *cursor = next;
+    }
+    let started = Instant::now();
+    let a_now = api.config(&a, a_version, 300).await;
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(a_now.version, a_version);
+    assert_eq!(api.config(&b, 0, 0).await.version, b_version);
+
+    // Grant renewal keeps the limit (and the generation): make the
+    // stored grant nearly expired behind the controller's back.
+    {
+        use comsat_controller::store::{LinkGrantUpdate, SqliteStore, Store};
+        let store = SqliteStore::open(&api.data.join("controller.db"))
+            .await
+            .expect("open store");
+        let record = store.link_by_name("db").await.expect("link").expect("some");
+        assert_eq!(record.max_flows, Some(3));
+        let soon = unix_now() + 5;
+        assert!(
+            store
+                .update_link_grant(
+                    &LinkGrantUpdate {
+                        link_id: record.link_id,
+                        expected_generation: record.generation,
+                        generation: record.generation,
+                        relays: record.relays.clone(),
+                        grant_not_after: soon,
+                        events: vec![],
+                        bump_agents: false,
+                    },
+                    unix_now(),
+                )
+                .await
+                .expect("update")
+        );
+        store.close().await;
+        for (r, cursor) in [&r1, &r2].into_iter().zip(cursors.iter_mut()) {
+            let (g, next) = one_grant(&api, r, *cursor).await;
+            assert_eq!(g.link_id, info.link_id);
+            assert!(g.not_after > soon, "renewed");
+            assert_eq!(g.generation, 1);
+            assert_eq!(g.limits.max_flows, Some(3));
+            *cursor = next;
+        }
+    }
+
+    // Back to unlimited.
+    let resp = api.patch_link("db", &json!({ "max_flows": null })).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let patched: LinkInfo = resp.json().await.expect("json");
+    assert_eq!((patched.max_flows, patched.generation), (None, 1));
+    for (r, cursor) in [&r1, &r2].into_iter().zip(cursors.iter_mut()) {
+        let (g, next) = one_grant(&api, r, *cursor).await;
+        assert_eq!((g.generation, g.limits.max_flows), (1, None));
+        *cursor = next;
+    }
+
+    // Errors: unknown link, out of range, bad JSON, no admin token. None
+    // of them pushes anything.
+    let (code, msg) = error_of(api.patch_link("nope", &json!({ "max_flows": 3 })).await).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert!(msg.contains("`nope`"), "{msg}");
+    for bad in [
+        json!({ "max_flows": 0 }),
+        json!({ "max_flows": 1_000_001 }),
+        json!({ "max_flows": -1 }),
+        json!({ "max_flows": "3" }),
+        json!({ "max_flow": 3 }),
+    ] {
+        let (code, msg) = error_of(api.patch_link("db", &bad).await).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}: {msg}");
+    }
+    let (code, msg) = error_of(api.patch_link("db", &json!({ "max_flows": 0 })).await).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("max_flows 0"), "{msg}");
+    let resp = api
+        .client
+        .patch(api.url(&format!("{}/db", api::PATH_LINKS)))
+        .json(&json!({ "max_flows": 3 }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    for (r, cursor) in [&r1, &r2].into_iter().zip(&cursors) {
+        assert!(api.events(r, *cursor, 0).await.events.is_empty());
+    }
+    let one: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
+    assert_eq!(one.max_flows, None);
+    assert_eq!(api.config(&a, 0, 0).await.version, a_version);
+
+    api.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn links_move_off_a_relay_that_stops_heartbeating() {
     let mut api = start("heartbeat_interval_secs = 1\nheartbeat_timeout_secs = 2\n").await;
@@ -615,7 +828,9 @@ async fn links_move_off_a_relay_that_stops_heartbeating() {
     for r in &relays {
         api.heartbeat(r).await;
     }
-    let resp = api.create_link(&link("db", "a", "b")).await;
+    let mut body = link("db", "a", "b");
+    body.max_flows = Some(4);
+    let resp = api.create_link(&body).await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let info: LinkInfo = resp.json().await.expect("json");
     assert_eq!(info.relays.len(), 2);
@@ -662,6 +877,9 @@ async fn links_move_off_a_relay_that_stops_heartbeating() {
         &newcomer.relay_id(),
     );
     assert_eq!(g.generation, 2);
+    // Reassignment keeps the link's limits.
+    assert_eq!(g.limits.max_flows, Some(4));
+    assert_eq!(moved.max_flows, Some(4));
     let relays_now: Vec<api::RelayInfo> = api.admin_get(api::PATH_RELAYS).await;
     let dead_info = relays_now
         .iter()

@@ -340,3 +340,112 @@ async fn link_events_go_only_to_assigned_relays() {
     let a_now = store.node(&a.node_id).await.expect("node").expect("some");
     assert_eq!(a_now.config_version, a.config_version + 3);
 }
+
+async fn config_versions(store: &dyn Store, ids: &[NodeId]) -> Vec<u64> {
+    let mut v = Vec::new();
+    for id in ids {
+        let node = store.node(id).await.expect("node").expect("some");
+        v.push(node.config_version);
+    }
+    v
+}
+
+#[tokio::test]
+async fn link_limits_persist_and_update_without_touching_agents() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir).await;
+    let a = enrol(&store, NodeKind::Agent, "a").await;
+    let b = enrol(&store, NodeKind::Agent, "b").await;
+    let r1 = enrol(&store, NodeKind::Relay, "r1").await.relay_id();
+    let r2 = enrol(&store, NodeKind::Relay, "r2").await.relay_id();
+    let mut link = LinkRecord {
+        link_id: LinkId::random(),
+        name: "db".into(),
+        generation: 3,
+        from_node: a.node_id,
+        listen: "tcp://127.0.0.1:7000".into(),
+        to_node: b.node_id,
+        target: "tcp://127.0.0.1:5432".into(),
+        allowed_uids: vec![],
+        allowed_gids: vec![],
+        relays: vec![r1],
+        created_at: unix_now(),
+        grant_not_after: unix_now() + 3600,
+        max_flows: Some(1_000_000),
+    };
+    store.create_link(&link, &[]).await.expect("create");
+    assert_eq!(
+        store.link_by_name("db").await.expect("get"),
+        Some(link.clone())
+    );
+    let before = config_versions(&store, &[a.node_id, b.node_id]).await;
+
+    let grant = |r: RelayId| NewEvent {
+        relay_id: r,
+        link_id: link.link_id,
+        grant_hex: Some("g".into()),
+    };
+    // A stale generation writes nothing.
+    let since = store.max_event_seq().await.expect("max");
+    assert!(
+        !store
+            .update_link_limits(&link.link_id, 2, Some(5), &[grant(r1)], unix_now())
+            .await
+            .expect("stale")
+    );
+    assert!(
+        store
+            .relay_events(&r1, since, 100)
+            .await
+            .expect("events")
+            .is_empty()
+    );
+    assert!(
+        !store
+            .update_link_limits(&LinkId::random(), 3, Some(5), &[], unix_now())
+            .await
+            .expect("unknown")
+    );
+    // The current one sets the limit, keeps everything else and appends
+    // the events; agents' config versions stay.
+    assert!(
+        store
+            .update_link_limits(&link.link_id, 3, Some(5), &[grant(r1)], unix_now())
+            .await
+            .expect("current")
+    );
+    link.max_flows = Some(5);
+    assert_eq!(store.links().await.expect("links"), vec![link.clone()]);
+    assert_eq!(
+        store
+            .relay_events(&r1, since, 100)
+            .await
+            .expect("events")
+            .len(),
+        1
+    );
+    assert!(
+        store
+            .relay_events(&r2, since, 100)
+            .await
+            .expect("events")
+            .is_empty()
+    );
+    assert_eq!(
+        config_versions(&store, &[a.node_id, b.node_id]).await,
+        before
+    );
+    // And back to unlimited (NULL).
+    assert!(
+        store
+            .update_link_limits(&link.link_id, 3, None, &[], unix_now())
+            .await
+            .expect("unlimit")
+    );
+    link.max_flows = None;
+    assert_eq!(store.link_by_name("db").await.expect("get"), Some(link));
+    assert_eq!(
+        config_versions(&store, &[a.node_id, b.node_id]).await,
+        before
+    );
+}
