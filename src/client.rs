@@ -277,6 +277,15 @@ pub async fn fetch_pinned_ca(base: &str, ca_sha256: &[u8; 32]) -> anyhow::Result
     }
     let pem = read_limited(resp).await?;
     let certs = parse_ca(&pem).context("the controller's CA")?;
+    // Only the certificate whose hash is checked may become the trust
+    // anchor: a second one would be trusted unchecked.
+    if certs.len() != 1 {
+        bail!(
+            "the controller at {base} serves {} CA certificates; it must serve exactly the one \
+             its join tokens pin (put a single CA certificate in the controller's ca.pem)",
+            certs.len()
+        );
+    }
     let got: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, certs[0].as_ref())
         .as_ref()
         .try_into()

@@ -45,7 +45,15 @@ impl Listener {
         match spec {
             LocalSpec::Tcp(addr) => Ok(Self::Tcp(TcpListener::bind(addr).await?)),
             LocalSpec::Unix(path) => {
-                if path.exists() {
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    // The path comes from the controller: never remove
+                    // anything but a socket file.
+                    if !is_socket(&meta) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AlreadyExists,
+                            "a file that is not a socket is in the way; comsat only replaces stale sockets",
+                        ));
+                    }
                     if UnixStream::connect(path).await.is_ok() {
                         return Err(io::Error::new(
                             io::ErrorKind::AddrInUse,
@@ -194,15 +202,37 @@ pub(crate) fn peer_allowed(cred: Option<(u32, u32)>, uids: &[u32], gids: &[u32])
     }
 }
 
-/// Removes a Unix socket file we created.
+fn is_socket(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    meta.file_type().is_socket()
+}
+
+/// Removes a Unix socket file we created (and nothing that is not a socket).
 pub(crate) fn cleanup(spec: &LocalSpec) {
     if let LocalSpec::Unix(p) = spec {
-        let _ = std::fs::remove_file(Path::new(p));
+        let p = Path::new(p);
+        if std::fs::symlink_metadata(p).is_ok_and(|m| is_socket(&m)) {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_listener_never_removes_a_file_that_is_not_a_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.key");
+        std::fs::write(&path, "secret").expect("write");
+        let spec = LocalSpec::Unix(path.clone());
+        assert!(Listener::bind(&spec).await.is_err());
+        cleanup(&spec);
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("still there"),
+            "secret"
+        );
+    }
+
     use super::*;
 
     #[test]
