@@ -452,21 +452,8 @@ async fn run_relay(config: PathBuf) -> anyhow::Result<()> {
     let admin = config.admin;
     let relay = comsat_relay::Relay::bind(config).map_err(|e| Usage(e.to_string()))?;
     let quic = relay.local_addr()?;
-    let mut admin_addr = None;
-    if let Some(addr) = admin {
-        let (bound, serve) = comsat_relay::admin::bind(
-            addr,
-            prometheus,
-            relay.readiness(),
-            "grants not loaded\n",
-            std::future::pending(),
-        )
-        .await
-        .with_context(|| format!("binding admin address {addr}"))?;
-        admin_addr = Some(bound);
-        tokio::spawn(serve);
-    }
-    let admin_shown = admin_addr.map_or_else(|| "none".into(), |a| a.to_string());
+    let admin_shown =
+        serve_admin(admin, prometheus, relay.readiness(), "grants not loaded\n").await?;
     tracing::info!(%quic, admin = %admin_shown, "relay listening");
     println!("comsat relay listening quic={quic} admin={admin_shown}");
     relay.run(shutdown_signal()).await?;
@@ -480,19 +467,9 @@ async fn run_agent(config: PathBuf) -> anyhow::Result<()> {
     let agent = comsat_agent::Agent::start(config)
         .await
         .map_err(|e| Usage(e.to_string()))?;
-    if let Some(addr) = admin {
-        let (bound, serve) = comsat_relay::admin::bind(
-            addr,
-            prometheus,
-            agent.readiness(),
-            "links not ready\n",
-            std::future::pending(),
-        )
-        .await
-        .with_context(|| format!("binding admin address {addr}"))?;
-        println!("comsat agent admin {bound}");
-        tokio::spawn(serve);
-    }
+    let admin_shown =
+        serve_admin(admin, prometheus, agent.readiness(), "links not ready\n").await?;
+    println!("comsat agent admin {admin_shown}");
     for (name, addr) in &agent.listening() {
         println!("comsat agent link {name} listening {addr}");
     }

@@ -128,7 +128,8 @@ impl Agent {
     /// Makes `links` the agent's links. Only what changed is touched: a
     /// removed link closes its listener and resets its flows; a new one
     /// binds its listener; a link whose grant moved to other relays keeps
-    /// its end-to-end session and flows, which resume on the new relays.
+    /// its end-to-end session and flows here (the relay still resets them
+    /// when it drops the old generation: see the open review finding).
     /// Links sharing a relay list with a changed one reconnect and resume.
     pub async fn apply(&mut self, links: Vec<LinkConfig>) -> Applied {
         let mut applied = Applied::default();

@@ -124,8 +124,8 @@ pub fn valid_name(name: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
-/// What a node sends to redeem its join token.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// What a node sends to redeem its join token. `Debug` hides the secret.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrolRequest {
     /// The token's id.
@@ -145,6 +145,18 @@ pub struct EnrolRequest {
     /// Relays: a PEM certificate signing request for their TLS key.
     #[serde(default)]
     pub csr_pem: Option<String>,
+}
+
+impl fmt::Debug for EnrolRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrolRequest")
+            .field("token_id", &self.token_id)
+            .field("secret", &"<redacted>")
+            .field("kind", &self.kind)
+            .field("sign_public_key", &self.sign_public_key)
+            .field("public_addr", &self.public_addr)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What an enrolled node learns.
@@ -549,6 +561,16 @@ mod tests {
         assert_eq!(JoinToken::parse(&s), Ok(t.clone()));
         assert_eq!(JoinToken::parse(&format!("  {s}\n")), Ok(t.clone()));
         assert!(!format!("{t:?}").contains(&t.secret));
+        let req = EnrolRequest {
+            token_id: t.id.clone(),
+            secret: t.secret.clone(),
+            kind: NodeKind::Agent,
+            sign_public_key: SignPublicKey([1; 32]),
+            noise_public_key: None,
+            public_addr: None,
+            csr_pem: None,
+        };
+        assert!(!format!("{req:?}").contains(&t.secret));
     }
 
     #[test]
