@@ -4,7 +4,7 @@
 //! two agents, grants). [`client`] talks to the controller API; [`node`]
 //! enrols agents and relays and keeps them in step with the controller;
 //! [`ctl`] is the operator's command line client; [`up`] runs it all in
-//! one process.
+//! one process; [`relay_ops`] handles a relay's signals and `relay drain`.
 
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
@@ -13,4 +13,5 @@ pub mod client;
 pub mod ctl;
 pub mod dev;
 pub mod node;
+pub mod relay_ops;
 pub mod up;

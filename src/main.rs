@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use comsat::relay_ops;
 use comsat_protocol::api::NodeKind;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -147,6 +148,30 @@ enum RelayCommand {
         /// A static relay config file (see `comsat dev init`).
         #[arg(long, env = "COMSAT_RELAY_CONFIG")]
         config: Option<PathBuf>,
+        /// On SIGTERM, how long to wait for attached links to move to
+        /// their next relay before exiting anyway (default: the config's
+        /// `[drain] grace_secs`, else 30s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        drain_grace: Option<std::time::Duration>,
+    },
+    /// Drain a running relay: it refuses new attaches, moves every link to
+    /// the next relay of its grant, and exits (what SIGTERM does); this
+    /// waits until it has exited.
+    Drain {
+        /// The relay's data dir (or the directory of its config file).
+        #[arg(
+            long,
+            env = "COMSAT_DATA_DIR",
+            conflicts_with = "config",
+            required_unless_present = "config"
+        )]
+        data_dir: Option<PathBuf>,
+        /// The relay's static config file.
+        #[arg(long, env = "COMSAT_RELAY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Give up waiting after this long (the relay keeps draining).
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Enrol this machine as a relay with a join token.
     Enrol {
@@ -446,17 +471,48 @@ impl std::fmt::Display for Usage {
 
 impl std::error::Error for Usage {}
 
-async fn run_relay(config: PathBuf) -> anyhow::Result<()> {
-    let config = comsat_relay::RelayConfig::load(&config).map_err(|e| Usage(e.to_string()))?;
+async fn run_relay(path: PathBuf, drain_grace: Option<std::time::Duration>) -> anyhow::Result<()> {
+    let config = comsat_relay::RelayConfig::load(&path).map_err(|e| Usage(e.to_string()))?;
     let prometheus = install_metrics()?;
     let admin = config.admin;
+    let grace = drain_grace.unwrap_or(config.drain.grace());
     let relay = comsat_relay::Relay::bind(config).map_err(|e| Usage(e.to_string()))?;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    serve_relay(
+        relay,
+        prometheus,
+        admin,
+        dir,
+        grace,
+        relay_ops::Reload::Config(path.clone()),
+    )
+    .await
+}
+
+/// Serves `relay` until a signal stops it (see [`relay_ops`]).
+async fn serve_relay(
+    relay: comsat_relay::Relay,
+    prometheus: PrometheusHandle,
+    admin: Option<SocketAddr>,
+    dir: &std::path::Path,
+    grace: std::time::Duration,
+    reload: relay_ops::Reload,
+) -> anyhow::Result<()> {
     let quic = relay.local_addr()?;
-    let admin_shown =
-        serve_admin(admin, prometheus, relay.readiness(), "grants not loaded\n").await?;
+    let extra: comsat_relay::admin::ExtraMetrics = std::sync::Arc::new(relay.link_metrics());
+    let admin_shown = serve_admin(
+        admin,
+        prometheus,
+        Some(extra),
+        relay.readiness(),
+        "not serving: draining\n",
+    )
+    .await?;
+    let stop = relay_ops::watch_signals(relay.handle(), grace, reload)?;
+    let _pid = relay_ops::PidFile::create(dir)?;
     tracing::info!(%quic, admin = %admin_shown, "relay listening");
     println!("comsat relay listening quic={quic} admin={admin_shown}");
-    relay.run(shutdown_signal()).await?;
+    relay.run_until(stop).await?;
     Ok(())
 }
 
@@ -467,8 +523,14 @@ async fn run_agent(config: PathBuf) -> anyhow::Result<()> {
     let agent = comsat_agent::Agent::start(config)
         .await
         .map_err(|e| Usage(e.to_string()))?;
-    let admin_shown =
-        serve_admin(admin, prometheus, agent.readiness(), "links not ready\n").await?;
+    let admin_shown = serve_admin(
+        admin,
+        prometheus,
+        None,
+        agent.readiness(),
+        "links not ready\n",
+    )
+    .await?;
     println!("comsat agent admin {admin_shown}");
     for (name, addr) in &agent.listening() {
         println!("comsat agent link {name} listening {addr}");
@@ -650,23 +712,32 @@ async fn run_enrolled_relay(
     dir: PathBuf,
     listen: Option<SocketAddr>,
     admin: Option<SocketAddr>,
+    drain_grace: Option<std::time::Duration>,
 ) -> anyhow::Result<()> {
     let state = comsat::node::NodeState::load(&dir, NodeKind::Relay)
         .map_err(|e| Usage(format!("{e:#}")))?;
     let config = comsat::node::relay_config(&dir, &state, listen, admin)
         .map_err(|e| Usage(format!("{e:#}")))?;
+    let grace = drain_grace.unwrap_or(config.drain.grace());
     let prometheus = install_metrics()?;
     let relay = comsat_relay::Relay::bind(config).map_err(|e| Usage(e.to_string()))?;
-    let quic = relay.local_addr()?;
-    let admin_shown =
-        serve_admin(admin, prometheus, relay.readiness(), "grants not loaded\n").await?;
-    tracing::info!(%quic, admin = %admin_shown, name = %state.name, "relay listening");
-    println!("comsat relay listening quic={quic} admin={admin_shown}");
-    let sync = tokio::spawn(comsat::node::relay_sync(dir, state, relay.load_probe()));
-    let result = relay.run(shutdown_signal()).await;
+    tracing::info!(name = %state.name, "relay starting");
+    let sync = tokio::spawn(comsat::node::relay_sync(
+        dir.clone(),
+        state,
+        relay.load_probe(),
+    ));
+    let result = serve_relay(
+        relay,
+        prometheus,
+        admin,
+        &dir,
+        grace,
+        relay_ops::Reload::Certificate,
+    )
+    .await;
     sync.abort();
-    result?;
-    Ok(())
+    result
 }
 
 async fn run_enrolled_agent(dir: PathBuf, admin: Option<SocketAddr>) -> anyhow::Result<()> {
@@ -675,8 +746,14 @@ async fn run_enrolled_agent(dir: PathBuf, admin: Option<SocketAddr>) -> anyhow::
     let prometheus = install_metrics()?;
     let mut agent = comsat_agent::Agent::new(&comsat::node::agent_config(&dir, &state))
         .map_err(|e| Usage(e.to_string()))?;
-    let admin_shown =
-        serve_admin(admin, prometheus, agent.readiness(), "links not ready\n").await?;
+    let admin_shown = serve_admin(
+        admin,
+        prometheus,
+        None,
+        agent.readiness(),
+        "links not ready\n",
+    )
+    .await?;
     println!("comsat agent admin {admin_shown}");
     let mut version = 0;
     if let Some(cached) = comsat::node::cached_desired(&dir) {
@@ -697,16 +774,23 @@ async fn run_enrolled_agent(dir: PathBuf, admin: Option<SocketAddr>) -> anyhow::
 async fn serve_admin(
     addr: Option<SocketAddr>,
     prometheus: PrometheusHandle,
+    extra: Option<comsat_relay::admin::ExtraMetrics>,
     ready: impl Fn() -> bool + Send + Sync + 'static,
     not_ready: &'static str,
 ) -> anyhow::Result<String> {
     let Some(addr) = addr else {
         return Ok("none".into());
     };
-    let (bound, serve) =
-        comsat_relay::admin::bind(addr, prometheus, ready, not_ready, std::future::pending())
-            .await
-            .with_context(|| format!("binding admin address {addr}"))?;
+    let (bound, serve) = comsat_relay::admin::bind(
+        addr,
+        prometheus,
+        extra,
+        ready,
+        not_ready,
+        std::future::pending(),
+    )
+    .await
+    .with_context(|| format!("binding admin address {addr}"))?;
     tokio::spawn(serve);
     Ok(bound.to_string())
 }
@@ -749,12 +833,41 @@ fn main() -> ExitCode {
                         data_dir: Some(dir),
                         listen,
                         admin,
+                        drain_grace,
                         ..
-                    } => run_enrolled_relay(dir, listen, admin).await,
-                    RelayCommand::Run { config, .. } => match config {
-                        Some(config) => run_relay(config).await,
+                    } => run_enrolled_relay(dir, listen, admin, drain_grace).await,
+                    RelayCommand::Run {
+                        config,
+                        drain_grace,
+                        ..
+                    } => match config {
+                        Some(config) => run_relay(config, drain_grace).await,
                         None => Err(Usage("pass --data-dir DIR or --config FILE".into()).into()),
                     },
+                    RelayCommand::Drain {
+                        data_dir,
+                        config,
+                        timeout,
+                    } => {
+                        let dir = match (data_dir, config) {
+                            (Some(dir), _) => dir,
+                            (None, Some(config)) => config
+                                .parent()
+                                .map(std::path::Path::to_path_buf)
+                                .unwrap_or_default(),
+                            (None, None) => {
+                                return Err(
+                                    Usage("pass --data-dir DIR or --config FILE".into()).into()
+                                );
+                            }
+                        };
+                        let dir = if dir.as_os_str().is_empty() {
+                            PathBuf::from(".")
+                        } else {
+                            dir
+                        };
+                        tokio::task::spawn_blocking(move || relay_ops::drain(&dir, timeout)).await?
+                    }
                     RelayCommand::Enrol {
                         token,
                         data_dir,

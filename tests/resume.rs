@@ -220,6 +220,111 @@ async fn relay_failover_to_the_next_relay_loses_nothing() -> Result<()> {
     Ok(())
 }
 
+/// Waits (without blocking the runtime the transfer runs on) until `p`
+/// exits; returns its exit code and how long that took.
+async fn exited(p: &mut comsat_tests::Proc, within: Duration) -> Result<(Option<i32>, Duration)> {
+    let started = tokio::time::Instant::now();
+    while p.is_running() {
+        if started.elapsed() > within {
+            bail!(
+                "{} still running after {within:?}:\n{}",
+                p.name(),
+                p.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((p.wait_exit(Duration::from_secs(1))?, started.elapsed()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_two_relays_in_turn_under_traffic_loses_nothing() -> Result<()> {
+    // The relays' default grace.
+    const GRACE: Duration = Duration::from_secs(30);
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let mut sys = bulk_system(target.local_addr()?, 1)?;
+    let listen: SocketAddr = sys
+        .listen_addr("bulk")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+    sys.wait_ready()?;
+    assert_eq!(
+        metric(&scrape(sys.relay_admin)?, "comsat_relay_links_paired"),
+        1.0
+    );
+    let bulk = Bulk::start(listen, target);
+    let logs = sys.logs();
+
+    // Drain the first relay with SIGTERM, under traffic in both directions.
+    let at = bulk.reach(Bulk::TOTAL / 4).await?;
+    signal(sys.relay.pid(), "TERM")?;
+    let (code, took) = exited(&mut sys.relay, GRACE + Duration::from_secs(15)).await?;
+    eprintln!("relay 1 drained at {at} bytes in {took:?}");
+    assert_eq!(code, Some(0), "{}", sys.relay.log_tail());
+    assert!(took < GRACE, "the drain used its whole grace ({took:?})");
+    assert!(
+        sys.relay
+            .log_tail()
+            .contains("drained: every link has moved"),
+        "{}",
+        sys.relay.log_tail()
+    );
+    assert!(!sys.layout.relay_config.with_file_name("relay.pid").exists());
+    // Both sides moved together to the next relay of the grant.
+    wait_metric(sys.backups[0].1, "comsat_relay_links_paired", |v| v == 1.0).await?;
+    // The drained relay comes back and takes links again, by itself.
+    let (relay, _, admin) = common::start_relay(&sys.layout.relay_config, &logs, "relay-1b")?;
+    sys.relay = relay;
+    sys.relay_admin = admin;
+
+    // Drain the second one with `comsat relay drain`.
+    let at = bulk.reach(Bulk::TOTAL * 5 / 8).await?;
+    let backup_config = sys.layout.relays[1].config.clone();
+    let drain = {
+        let config = backup_config.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(common::BIN)
+                .args(["relay", "drain", "--timeout", "45s", "--config"])
+                .arg(&config)
+                .output()
+        })
+    };
+    let out = drain.await.context("relay drain")??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "relay drain failed: {stderr}");
+    assert!(stderr.contains("has exited"), "{stderr}");
+    let (code, took) = exited(&mut sys.backups[0].0, Duration::from_secs(5)).await?;
+    eprintln!("relay 2 drained at {at} bytes; `relay drain` said: {stderr}");
+    assert_eq!(code, Some(0));
+    assert!(took < GRACE);
+    assert!(
+        sys.backups[0]
+            .0
+            .log_tail()
+            .contains("drained: every link has moved"),
+        "{}",
+        sys.backups[0].0.log_tail()
+    );
+    wait_metric(sys.relay_admin, "comsat_relay_links_paired", |v| v == 1.0).await?;
+    let (p, _, admin) = common::start_relay(&backup_config, &logs, "relay-2b")?;
+    sys.backups[0] = (p, admin);
+
+    bulk.finish().await?;
+    assert_no_application_failures(&sys)?;
+    for (_, admin) in &sys.agents {
+        let m = scrape(*admin)?;
+        assert_eq!(metric(&m, "comsat_agent_relay_drains_total"), 2.0, "{m}");
+    }
+    // The restarted first relay carried the end of the transfer.
+    assert!(
+        metric(
+            &scrape(sys.relay_admin)?,
+            "comsat_relay_forwarded_bytes_total"
+        ) > 0.0
+    );
+    Ok(())
+}
+
 /// Echoes every connection's bytes back until it ends.
 async fn echo_server(listener: TcpListener) {
     while let Ok((s, _)) = listener.accept().await {

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `comsat_agent_relay_connects_total` | counter | relay connections established |
 //! | `comsat_agent_relay_connect_failures_total` | counter | failed connection attempts |
+//! | `comsat_agent_relay_drains_total` | counter | times a draining relay told the agent to move its links to the next relay |
 //! | `comsat_agent_links_ready` | gauge | links attached to a relay with an end-to-end session |
 //! | `comsat_agent_flows_total` | counter | flows opened (both directions of dialling) |
 //! | `comsat_agent_flows_open` | gauge | flows open |
@@ -19,6 +20,8 @@ use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
 pub const RELAY_CONNECTS_TOTAL: &str = "comsat_agent_relay_connects_total";
 /// Failed relay connection attempts.
 pub const RELAY_CONNECT_FAILURES_TOTAL: &str = "comsat_agent_relay_connect_failures_total";
+/// Moves away from a draining relay.
+pub const RELAY_DRAINS_TOTAL: &str = "comsat_agent_relay_drains_total";
 /// Links attached with a session.
 pub const LINKS_READY: &str = "comsat_agent_links_ready";
 /// Flows opened.
@@ -41,6 +44,7 @@ pub const LOCAL_REFUSED_TOTAL: &str = "comsat_agent_local_refused_total";
 pub(crate) struct Metrics {
     pub(crate) connects: Counter,
     pub(crate) connect_failures: Counter,
+    pub(crate) relay_drains: Counter,
     pub(crate) links_ready: Gauge,
     pub(crate) flows_total: Counter,
     pub(crate) flows_open: Gauge,
@@ -56,6 +60,10 @@ impl Metrics {
         describe_counter!(
             RELAY_CONNECT_FAILURES_TOTAL,
             "Failed relay connection attempts"
+        );
+        describe_counter!(
+            RELAY_DRAINS_TOTAL,
+            "Times a draining relay told the agent to move its links"
         );
         describe_gauge!(
             LINKS_READY,
@@ -77,6 +85,7 @@ impl Metrics {
         Self {
             connects: counter!(RELAY_CONNECTS_TOTAL),
             connect_failures: counter!(RELAY_CONNECT_FAILURES_TOTAL),
+            relay_drains: counter!(RELAY_DRAINS_TOTAL),
             links_ready: gauge!(LINKS_READY),
             flows_total: counter!(FLOWS_TOTAL),
             flows_open: gauge!(FLOWS_OPEN),

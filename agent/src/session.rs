@@ -331,6 +331,9 @@ enum Ended {
     Silent,
     /// Every link's peer stayed away: try the next relay of the list.
     Hop,
+    /// The relay is draining and told us to go: move every link to the
+    /// next relay of the list at once (the peers were told the same).
+    Drained,
 }
 
 /// Keeps `links` on the first relay of `relays` that answers, forever.
@@ -358,6 +361,9 @@ pub(crate) async fn relay_loop(
     let mut i = 0;
     // Hops in a row without meeting a peer: each doubles the dwell.
     let mut hops = 0u32;
+    // Relays in a row that told us to go away: once every relay of the
+    // list has, wait (with backoff) before trying them again.
+    let mut drained = 0usize;
     loop {
         let (relay, client) = &candidates[i];
         let span = info_span!("relay", addr = %relay.addr);
@@ -369,7 +375,21 @@ pub(crate) async fn relay_loop(
             link.set_ready(None, &shared.metrics);
             *link.pending() = None;
         }
+        if !matches!(ended, Ok(Ended::Drained)) {
+            drained = 0;
+        }
         match ended {
+            Ok(Ended::Drained) => {
+                drained += 1;
+                i = (i + 1) % candidates.len();
+                shared.metrics.relay_drains.increment(1);
+                info!(from = %relay.addr, to = %candidates[i].0.addr, "relay is draining; moving to the next relay");
+                if drained < candidates.len() {
+                    hops = 0;
+                    continue;
+                }
+                drained = 0;
+            }
             Ok(Ended::Hop) => {
                 hops = hops.saturating_add(1);
                 i = (i + 1) % candidates.len();
@@ -626,6 +646,10 @@ async fn serve(
         };
         match msg {
             RelayToAgent::Welcome => {}
+            RelayToAgent::GoAway => {
+                ended = Ended::Drained;
+                break;
+            }
             RelayToAgent::Attached { link_id } => {
                 if let Some(link) = links.get(&link_id) {
                     debug!(link = %link.cfg.name, "attached");

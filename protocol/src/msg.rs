@@ -90,6 +90,11 @@ pub enum ErrorCode {
     NotAttached,
     /// The link was revoked.
     Revoked,
+    /// The relay is draining: it takes no new attaches (move to the next
+    /// relay of the grant).
+    Draining,
+    /// The relay holds as many links as its operator allows.
+    RelayFull,
 }
 
 /// Messages from a relay to an agent.
@@ -126,6 +131,10 @@ pub enum RelayToAgent {
         /// Why.
         code: ErrorCode,
     },
+    /// The relay is draining (shutting down or upgrading): move every link
+    /// of this connection to the next relay of its grant, now. Both sides
+    /// of a link are told at once, so they meet on the same next relay.
+    GoAway,
 }
 
 /// The bytes a `Hello` signature covers after the domain label.

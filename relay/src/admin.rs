@@ -13,11 +13,16 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+/// Series rendered at scrape time, appended to the registry's.
+pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// Binds the admin address and returns the bound address and the serving
-/// future.
+/// future. `extra` adds series computed at scrape time (the relay's
+/// per-link series).
 pub async fn bind(
     addr: SocketAddr,
     prometheus: PrometheusHandle,
+    extra: Option<ExtraMetrics>,
     ready: impl Fn() -> bool + Send + Sync + 'static,
     not_ready_reason: &'static str,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -30,7 +35,14 @@ pub async fn bind(
             "/metrics",
             get(move || {
                 let p = prometheus.clone();
-                async move { p.render() }
+                let extra = extra.clone();
+                async move {
+                    let mut text = p.render();
+                    if let Some(extra) = extra {
+                        text.push_str(&extra());
+                    }
+                    text
+                }
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))

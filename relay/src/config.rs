@@ -29,9 +29,27 @@
 //! max_streams_per_connection = 1024
 //! idle_timeout_ms = 30000
 //! buffer_budget = 268435456    # bytes held for absent peers, all links
+//! max_links = 100000           # links with a side attached, at once
+//! metrics_max_links = 100      # links with /metrics series of their own
+//!
+//! [drain]               # optional
+//! grace_secs = 30       # SIGTERM: how long to wait for links to move
 //! ```
 //!
 //! Relative paths are relative to the directory of the config file.
+//!
+//! ## Reload
+//!
+//! The relay re-reads this file on SIGHUP (`systemctl reload`) and when it
+//! changes on disk. A file that does not parse, names an unusable
+//! certificate, or changes a setting that needs a restart (`relay_id`,
+//! `listen`, `admin`, `authority_public_key`, `grants_dir`,
+//! `dangerous_tap_file`) is refused with an error in the log and the
+//! `comsat_relay_config_reloads_total{result="refused"}` counter; the
+//! configuration in force stays. Accepted changes apply at once: limits to
+//! the next connection, attach or flow; QUIC windows, stream counts and the
+//! idle timeout to new connections; `tls_cert`/`tls_key` to new
+//! handshakes. Open connections and flows are never dropped by a reload.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -69,6 +87,9 @@ pub struct RelayConfig {
     /// Limits and tuning.
     #[serde(default)]
     pub limits: Limits,
+    /// How the relay drains on SIGTERM.
+    #[serde(default)]
+    pub drain: Drain,
     /// For tests only: append every byte the relay forwards between agents
     /// to this file. It only ever sees ciphertext; the end-to-end tests use
     /// it to prove so.
@@ -97,6 +118,36 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// Bytes held for parked flows (peer away), all links together.
     pub buffer_budget: u64,
+    /// Links with at least one side attached, at once; an attach beyond is
+    /// refused (`relay_full`) and the agent tries the next relay.
+    pub max_links: usize,
+    /// Links with `/metrics` series of their own (the rest are summed).
+    pub metrics_max_links: usize,
+}
+
+/// Draining: what SIGTERM and `comsat relay drain` do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct Drain {
+    /// Seconds to wait for attached links to move to their next relay
+    /// before exiting anyway.
+    pub grace_secs: u64,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self {
+            grace_secs: defaults::DRAIN_GRACE.as_secs(),
+        }
+    }
+}
+
+impl Drain {
+    /// The grace period.
+    pub fn grace(&self) -> Duration {
+        Duration::from_secs(self.grace_secs)
+    }
 }
 
 impl Default for Limits {
@@ -110,6 +161,8 @@ impl Default for Limits {
             max_streams_per_connection: defaults::MAX_STREAMS_PER_CONNECTION,
             idle_timeout_ms: defaults::IDLE_TIMEOUT.as_millis() as u64,
             buffer_budget: defaults::BUFFER_BUDGET,
+            max_links: defaults::MAX_LINKS,
+            metrics_max_links: defaults::METRICS_MAX_LINKS,
         }
     }
 }
@@ -140,6 +193,7 @@ impl RelayConfig {
             authority_public_key,
             grants_dir,
             limits: Limits::default(),
+            drain: Drain::default(),
             dangerous_tap_file: None,
         }
     }
@@ -167,14 +221,43 @@ impl RelayConfig {
                 *tap = base.join(&*tap);
             }
         }
-        if config.limits.max_unauthenticated == 0 || config.limits.max_connections == 0 {
+        if config.limits.max_unauthenticated == 0
+            || config.limits.max_connections == 0
+            || config.limits.max_links == 0
+        {
             return Err(RelayError::Config {
                 path: path.to_owned(),
-                reason: "limits.max_unauthenticated and limits.max_connections must be at least 1"
+                reason: "limits.max_unauthenticated, limits.max_connections and limits.max_links \
+                         must be at least 1"
                     .into(),
             });
         }
         Ok(config)
+    }
+
+    /// The settings that only a restart can change, named, when `self`
+    /// and `new` differ in them.
+    pub fn restart_only_changes(&self, new: &Self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.relay_id != new.relay_id {
+            out.push("relay_id");
+        }
+        if self.listen != new.listen {
+            out.push("listen");
+        }
+        if self.admin != new.admin {
+            out.push("admin");
+        }
+        if self.authority_public_key != new.authority_public_key {
+            out.push("authority_public_key");
+        }
+        if self.grants_dir != new.grants_dir {
+            out.push("grants_dir");
+        }
+        if self.dangerous_tap_file != new.dangerous_tap_file {
+            out.push("dangerous_tap_file");
+        }
+        out
     }
 }
 

@@ -58,3 +58,20 @@ pub const BUFFER_BUDGET: u64 = 256 * 1024 * 1024;
 
 /// How often a parked flow that hit a buffer limit checks for room again.
 pub const PARK_RECHECK: Duration = Duration::from_millis(100);
+
+/// Links (granted links with a side attached) one relay serves at once.
+/// Each costs a few hundred bytes while idle.
+pub const MAX_LINKS: usize = 100_000;
+
+/// Links with `/metrics` series of their own; the others are summed under
+/// `link="_other"`, so a scrape stays small however many links there are.
+pub const METRICS_MAX_LINKS: usize = 100;
+
+/// What a rate-limited link that was idle may send at once: this long at
+/// its rate. Short, so a limit is felt within a fraction of a second.
+pub const THROTTLE_BURST: Duration = Duration::from_millis(100);
+
+/// How long a draining relay waits for its links to move before it exits
+/// anyway. Above the agents' reconnect time, well under systemd's default
+/// `TimeoutStopSec` of 90 s.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);

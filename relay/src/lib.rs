@@ -16,6 +16,7 @@ pub mod config;
 pub mod defaults;
 pub mod error;
 pub mod grants;
+mod links;
 pub mod metrics;
 pub mod server;
 pub mod tls;
@@ -23,4 +24,4 @@ pub mod udp;
 
 pub use config::RelayConfig;
 pub use error::RelayError;
-pub use server::Relay;
+pub use server::{Relay, RelayHandle, Stop};

@@ -5,7 +5,7 @@
 //! | `comsat_relay_connections_total` | counter | QUIC connections accepted |
 //! | `comsat_relay_connections_open` | gauge | authenticated agent connections |
 //! | `comsat_relay_auth_failures_total{reason}` | counter | connections refused, by reason: `unknown_node`, `bad_signature`, `timeout`, `protocol`, `too_many_unauthenticated`, `too_many_connections`, `handshake` |
-//! | `comsat_relay_attach_refused_total{reason}` | counter | attaches refused: `not_granted`, `stale_generation`, `expired` |
+//! | `comsat_relay_attach_refused_total{reason}` | counter | attaches refused: `not_granted`, `stale_generation`, `expired`, `draining`, `relay_full` (`limits.max_links` reached) |
 //! | `comsat_relay_links_paired` | gauge | links with both sides attached |
 //! | `comsat_relay_flows_total` | counter | flows spliced |
 //! | `comsat_relay_flows_open` | gauge | flows being spliced |
@@ -16,6 +16,24 @@
 //! | `comsat_relay_flows_parked_total` | counter | flows held because their peer was away |
 //! | `comsat_relay_grants_loaded` | gauge | valid grants held |
 //! | `comsat_relay_grants_rejected_total{reason}` | counter | grant files refused: `malformed`, `bad_signature`, `other_relay`, `expired`, `stale_generation`, `unreadable` |
+//! | `comsat_relay_draining` | gauge | 1 while the relay drains (SIGTERM), else 0 |
+//! | `comsat_relay_config_reloads_total{result}` | counter | config reloads (SIGHUP or file change): `applied`, `refused` (the old one stays; the log says why) |
+//! | `comsat_relay_throttled_seconds_total` | counter | time flows waited for their link's rate limit, all links |
+//!
+//! Per link (label `link` = the link id in hex; at most
+//! `limits.metrics_max_links` links get series of their own, the first to
+//! carry traffic keeping their place while their grant lasts; all other
+//! links are summed under `link="_other"`, so a scrape stays bounded
+//! however many links the relay holds; a link's series go when its grant
+//! goes):
+//!
+//! | name | type | meaning |
+//! |---|---|---|
+//! | `comsat_relay_link_bytes_total{link,direction}` | counter | bytes forwarded, `a_to_b` (sent by side A) or `b_to_a`, counted as they move |
+//! | `comsat_relay_link_flows_open{link}` | gauge | open flows |
+//! | `comsat_relay_link_buffered_bytes{link}` | gauge | bytes held while the peer is away |
+//! | `comsat_relay_link_throttled_seconds_total{link}` | counter | time the link's flows waited for its rate limit |
+//! | `comsat_relay_link_refused_total{link,reason}` | counter | `max_flows`: new flows refused over the limit; `attach`: refused attaches (wrong generation, draining, relay full) |
 
 use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
 
@@ -47,6 +65,10 @@ pub const FLOWS_PARKED_TOTAL: &str = "comsat_relay_flows_parked_total";
 pub const GRANTS_LOADED: &str = "comsat_relay_grants_loaded";
 /// Grants refused by reason.
 pub const GRANTS_REJECTED_TOTAL: &str = "comsat_relay_grants_rejected_total";
+/// 1 while draining.
+pub const DRAINING: &str = "comsat_relay_draining";
+/// Config reloads by result.
+pub const CONFIG_RELOADS_TOTAL: &str = "comsat_relay_config_reloads_total";
 
 /// Metric handles, resolved once.
 #[derive(Clone)]
@@ -62,6 +84,7 @@ pub struct Metrics {
     pub(crate) buffered_bytes: Gauge,
     pub(crate) flows_parked: Counter,
     grants_loaded: Gauge,
+    pub(crate) draining: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -90,6 +113,8 @@ impl Metrics {
         describe_counter!(FLOWS_PARKED_TOTAL, "Flows held because their peer was away");
         describe_gauge!(GRANTS_LOADED, "Valid grants held");
         describe_counter!(GRANTS_REJECTED_TOTAL, "Grant files refused, by reason");
+        describe_gauge!(DRAINING, "1 while the relay drains");
+        describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads, by result");
         Self {
             connections_total: counter!(CONNECTIONS_TOTAL),
             connections_open: gauge!(CONNECTIONS_OPEN),
@@ -102,6 +127,7 @@ impl Metrics {
             buffered_bytes: gauge!(BUFFERED_BYTES),
             flows_parked: counter!(FLOWS_PARKED_TOTAL),
             grants_loaded: gauge!(GRANTS_LOADED),
+            draining: gauge!(DRAINING),
         }
     }
 
@@ -113,6 +139,11 @@ impl Metrics {
     /// Counts a refused attach.
     pub fn attach_refused(&self, reason: &'static str) {
         counter!(ATTACH_REFUSED_TOTAL, "reason" => reason).increment(1);
+    }
+
+    /// Counts a config reload: `applied` or `refused`.
+    pub fn config_reload(&self, result: &'static str) {
+        counter!(CONFIG_RELOADS_TOTAL, "result" => result).increment(1);
     }
 
     /// Counts a refused grant.

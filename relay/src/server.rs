@@ -9,8 +9,8 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use comsat_protocol::msg::{
@@ -21,13 +21,14 @@ use comsat_protocol::{
     CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_REFUSED, FlowId, HELLO_EXPORTER_LABEL,
     HELLO_EXPORTER_LEN, LinkId, NodeId, STREAM_FLOW_LIMIT, STREAM_PEER_SILENT, Side,
 };
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::config::RelayConfig;
+use crate::config::{Limits, RelayConfig};
 use crate::defaults;
 use crate::error::RelayError;
 use crate::grants::{DirGrantSource, GrantSource, GrantStore, unix_now};
+use crate::links::{FlowCounts, LinkStats, LinkTable, Throttle, lock};
 use crate::metrics::Metrics;
 
 /// Stream error code: the flow was refused or its link went away.
@@ -47,15 +48,10 @@ struct LinkSlot {
     revoked: watch::Sender<bool>,
     /// Bumped whenever a side attaches: parked flows look for their peer.
     pair: watch::Sender<u64>,
-    /// Bytes held for this link's parked flows.
-    buffered: Arc<AtomicU64>,
-    /// The link's open flows.
-    flows: FlowCounts,
+    /// The link's counters, flows and rate limiters (they outlive the slot
+    /// while the grant lasts).
+    stats: Arc<LinkStats>,
 }
-
-/// Open streams per flow id of a link: a flow counts once, however many
-/// streams (resumptions) carry it.
-type FlowCounts = Arc<Mutex<HashMap<FlowId, u32>>>;
 
 /// One open stream of a flow, counted in its link's [`FlowCounts`] until
 /// dropped.
@@ -93,14 +89,13 @@ impl Drop for FlowGuard {
 }
 
 impl LinkSlot {
-    fn new() -> Self {
+    fn new(stats: Arc<LinkStats>) -> Self {
         Self {
             a: None,
             b: None,
             revoked: watch::channel(false).0,
             pair: watch::channel(0).0,
-            buffered: Arc::default(),
-            flows: Arc::default(),
+            stats,
         }
     }
 
@@ -126,30 +121,73 @@ impl LinkSlot {
     }
 }
 
+/// How many of something are held at once, against a limit that a
+/// config reload may change.
+#[derive(Default)]
+struct Occupancy(Arc<AtomicUsize>);
+
+/// One place in an [`Occupancy`], given back on drop.
+struct Place(Arc<AtomicUsize>);
+
+impl Occupancy {
+    fn try_enter(&self, max: usize) -> Option<Place> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Place(self.0.clone()))
+    }
+
+    fn current(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 struct State {
+    /// The configuration as loaded at start (the restart-only settings).
     config: RelayConfig,
+    /// The limits in force (a reload replaces them).
+    limits: RwLock<Arc<Limits>>,
     grants: GrantStore,
     links: Mutex<HashMap<LinkId, LinkSlot>>,
+    /// Per-link counters and rate limiters.
+    table: LinkTable,
     metrics: Metrics,
-    unauthenticated: Arc<Semaphore>,
-    connections: Arc<Semaphore>,
+    unauthenticated: Occupancy,
+    connections: Occupancy,
     next_conn_id: AtomicU64,
     tap: Option<Mutex<std::fs::File>>,
     /// Bytes held for parked flows, all links together.
     buffered: AtomicU64,
     /// The served certificate, reloaded when its file changes.
     cert: Arc<crate::tls::CertSlot>,
-}
-
-/// Locks `m`, going on with the data of a thread that panicked holding it
-/// (every critical section here leaves the data consistent).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Flips to `true` when the relay starts draining.
+    draining: watch::Sender<bool>,
+    /// Nanoseconds flows waited for their link's rate limit, all links.
+    throttled_ns: AtomicU64,
 }
 
 impl State {
     fn links(&self) -> std::sync::MutexGuard<'_, HashMap<LinkId, LinkSlot>> {
         lock(&self.links)
+    }
+
+    fn limits(&self) -> Arc<Limits> {
+        match self.limits.read() {
+            Ok(l) => l.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn is_draining(&self) -> bool {
+        *self.draining.borrow()
     }
 
     fn tap(&self, bytes: &[u8]) {
@@ -171,6 +209,91 @@ impl std::fmt::Debug for Relay {
         f.debug_struct("Relay")
             .field("relay_id", &self.state.config.relay_id)
             .finish_non_exhaustive()
+    }
+}
+
+/// How a running relay is asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Stop {
+    /// Close every connection now (agents notice and move on, resuming
+    /// their flows elsewhere).
+    Now,
+    /// Drain: refuse new attaches, tell every agent to move its links to
+    /// the next relay of their grants, and exit when no link is attached
+    /// here any more or after `grace`, whichever comes first.
+    Drain {
+        /// The longest the relay waits for its links to move.
+        grace: Duration,
+    },
+}
+
+/// A handle on a running relay for its operator's signals: reload the
+/// configuration or the certificate.
+#[derive(Clone)]
+pub struct RelayHandle {
+    state: Arc<State>,
+    endpoint: quinn::Endpoint,
+}
+
+impl std::fmt::Debug for RelayHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayHandle").finish_non_exhaustive()
+    }
+}
+
+impl RelayHandle {
+    /// Applies a new configuration (read from the same file): the
+    /// certificate pair, the limits and the QUIC transport settings. Refused
+    /// as a whole, with the reason, if a restart-only setting changed or
+    /// the certificate does not load; the configuration in force stays.
+    pub fn reload(&self, new: &RelayConfig) -> Result<(), String> {
+        let result = self.try_reload(new);
+        let outcome = if result.is_ok() { "applied" } else { "refused" };
+        self.state.metrics.config_reload(outcome);
+        result
+    }
+
+    fn try_reload(&self, new: &RelayConfig) -> Result<(), String> {
+        let fixed = self.state.config.restart_only_changes(new);
+        if !fixed.is_empty() {
+            return Err(format!(
+                "{} cannot change without a restart (restart the relay, or undo the change)",
+                fixed.join(", ")
+            ));
+        }
+        if new.limits.max_unauthenticated == 0
+            || new.limits.max_connections == 0
+            || new.limits.max_links == 0
+        {
+            return Err(
+                "limits.max_unauthenticated, limits.max_connections and limits.max_links \
+                 must be at least 1"
+                    .into(),
+            );
+        }
+        self.state
+            .cert
+            .set_files(&new.tls_cert, &new.tls_key)
+            .map_err(|e| e.to_string())?;
+        let server =
+            crate::tls::server_config(new, self.state.cert.clone()).map_err(|e| e.to_string())?;
+        self.endpoint.set_server_config(Some(server));
+        match self.state.limits.write() {
+            Ok(mut l) => *l = Arc::new(new.limits.clone()),
+            Err(p) => *p.into_inner() = Arc::new(new.limits.clone()),
+        }
+        Ok(())
+    }
+
+    /// Reloads the certificate and key files now, if they changed.
+    pub fn reload_certificate(&self) {
+        self.state.cert.reload_if_changed();
+    }
+
+    /// Whether the relay is draining.
+    pub fn is_draining(&self) -> bool {
+        self.state.is_draining()
     }
 }
 
@@ -224,17 +347,22 @@ impl Relay {
         )
         .map_err(bind_error)?;
         let state = Arc::new(State {
-            unauthenticated: Arc::new(Semaphore::new(config.limits.max_unauthenticated)),
-            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            limits: RwLock::new(Arc::new(config.limits.clone())),
+            unauthenticated: Occupancy::default(),
+            connections: Occupancy::default(),
             config,
             grants,
             links: Mutex::default(),
+            table: LinkTable::default(),
             metrics,
             next_conn_id: AtomicU64::new(1),
             tap,
             buffered: AtomicU64::new(0),
             cert,
+            draining: watch::channel(false).0,
+            throttled_ns: AtomicU64::new(0),
         });
+        state.table.sync(&state.grants.snapshot());
         Ok(Self {
             endpoint,
             state,
@@ -247,14 +375,21 @@ impl Relay {
         self.endpoint.local_addr()
     }
 
+    /// A handle for reloads while the relay runs.
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle {
+            state: self.state.clone(),
+            endpoint: self.endpoint.clone(),
+        }
+    }
+
     /// A function reporting the relay's load (for controller heartbeats).
     pub fn load_probe(
         &self,
     ) -> impl Fn() -> comsat_protocol::api::RelayLoad + Send + Sync + 'static {
         let state = self.state.clone();
         move || comsat_protocol::api::RelayLoad {
-            connections: (state.config.limits.max_connections
-                - state.connections.available_permits()) as u64,
+            connections: state.connections.current() as u64,
             links: state.grants.snapshot().len() as u64,
             buffered_bytes: state.buffered.load(Ordering::Relaxed),
         }
@@ -262,41 +397,113 @@ impl Relay {
 
     /// Whether the relay is serving (what `/readyz` reports). A bound
     /// relay has loaded its grants ([`Self::bind`] fails otherwise) and
-    /// serves until it stops.
+    /// serves until it stops; a draining relay is not ready, so load
+    /// balancers and health checks stop sending agents to it.
     pub fn readiness(&self) -> impl Fn() -> bool + Send + Sync + 'static {
-        || true
+        let state = self.state.clone();
+        move || !state.is_draining()
+    }
+
+    /// Per-link series for `/metrics` (bounded: see the metrics table in
+    /// [`crate::metrics`]).
+    pub fn link_metrics(&self) -> impl Fn() -> String + Send + Sync + 'static {
+        let state = self.state.clone();
+        move || {
+            let mut text = format!(
+                "# HELP comsat_relay_throttled_seconds_total Time flows waited for their link's rate limit, all links\n\
+                 # TYPE comsat_relay_throttled_seconds_total counter\n\
+                 comsat_relay_throttled_seconds_total {}\n",
+                state.throttled_ns.load(Ordering::Relaxed) as f64 / 1e9
+            );
+            text.push_str(&state.table.render(state.limits().metrics_max_links));
+            text
+        }
     }
 
     /// Serves until `shutdown` completes, then closes every connection.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
+        let (tx, rx) = mpsc::channel(1);
+        tokio::select! {
+            result = self.run_until(rx) => result,
+            () = async move {
+                shutdown.await;
+                let _ = tx.send(Stop::Now).await;
+                std::future::pending::<()>().await;
+            } => Ok(()),
+        }
+    }
+
+    /// Serves until told to [`Stop`]. A [`Stop::Now`] received while
+    /// draining ends the drain at once.
+    pub async fn run_until(self, mut stop: mpsc::Receiver<Stop>) -> Result<(), RelayError> {
         let state = self.state.clone();
         let watcher = tokio::spawn(watch_grants(state.clone(), self.source));
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                incoming = self.endpoint.accept() => {
-                    let Some(incoming) = incoming else { break };
-                    state.metrics.connections_total.increment(1);
-                    match state.unauthenticated.clone().try_acquire_owned() {
-                        Ok(permit) => {
-                            let state = state.clone();
-                            tokio::spawn(handle_incoming(state, incoming, permit));
-                        }
-                        Err(_) => {
-                            state.metrics.auth_failure("too_many_unauthenticated");
-                            incoming.refuse();
-                        }
-                    }
-                }
-            }
+        let accept = tokio::spawn(accept_loop(state.clone(), self.endpoint.clone()));
+        let how = stop.recv().await.unwrap_or(Stop::Now);
+        if let Stop::Drain { grace } = how {
+            drain(&state, grace, &mut stop).await;
         }
+        accept.abort();
         watcher.abort();
         info!("relay shutting down");
         self.endpoint.close(CLOSE_NORMAL.into(), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         Ok(())
+    }
+}
+
+async fn accept_loop(state: Arc<State>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        state.metrics.connections_total.increment(1);
+        let max = state.limits().max_unauthenticated;
+        match state.unauthenticated.try_enter(max) {
+            Some(place) => {
+                tokio::spawn(handle_incoming(state.clone(), incoming, place));
+            }
+            None => {
+                state.metrics.auth_failure("too_many_unauthenticated");
+                incoming.refuse();
+            }
+        }
+    }
+}
+
+/// Tells every agent to move on and waits until no link is attached here,
+/// `grace` has passed, or a second stop asks for now.
+async fn drain(state: &State, grace: Duration, stop: &mut mpsc::Receiver<Stop>) {
+    let started = tokio::time::Instant::now();
+    let attached = state.links().len();
+    info!(
+        links = attached,
+        grace_secs = grace.as_secs_f64(),
+        "draining: refusing new attaches and asking every agent to move to its next relay"
+    );
+    state.draining.send_replace(true);
+    state.metrics.draining.set(1.0);
+    let deadline = started + grace;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        let left = state.links().len();
+        if left == 0 {
+            info!(
+                after_secs = started.elapsed().as_secs_f64(),
+                "drained: every link has moved"
+            );
+            return;
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = tokio::time::sleep_until(deadline) => {
+                warn!(links = left, grace_secs = grace.as_secs_f64(), "drain grace over with links still attached; closing them");
+                return;
+            }
+            again = stop.recv() => {
+                if matches!(again, Some(Stop::Now) | None) {
+                    warn!(links = left, "stop requested during drain; closing now");
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -314,7 +521,9 @@ async fn watch_grants(state: Arc<State>, mut source: Box<dyn GrantSource>) {
             }
         };
         let changed = state.grants.replace(files, &state.metrics);
-        info!(grants = state.grants.snapshot().len(), "grants reloaded");
+        let snapshot = state.grants.snapshot();
+        state.table.sync(&snapshot);
+        info!(grants = snapshot.len(), "grants reloaded");
         for link in changed {
             revoke(&state, link);
         }
@@ -348,12 +557,8 @@ fn refuse(state: &State, conn: &quinn::Connection, reason: &'static str) {
 /// Authenticates a new connection, then serves it. `unauthenticated` is
 /// this connection's place among the unauthenticated ones, given back as
 /// soon as it has authenticated (or failed to).
-async fn handle_incoming(
-    state: Arc<State>,
-    incoming: quinn::Incoming,
-    unauthenticated: tokio::sync::OwnedSemaphorePermit,
-) {
-    let deadline = tokio::time::Instant::now() + state.config.limits.auth_timeout();
+async fn handle_incoming(state: Arc<State>, incoming: quinn::Incoming, unauthenticated: Place) {
+    let deadline = tokio::time::Instant::now() + state.limits().auth_timeout();
     let conn = match tokio::time::timeout_at(deadline, incoming).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
@@ -373,7 +578,7 @@ async fn handle_incoming(
         Ok(Err(reason)) => return refuse(&state, &conn, reason),
         Err(_) => return refuse(&state, &conn, "timeout"),
     };
-    let Ok(permit) = state.connections.clone().try_acquire_owned() else {
+    let Some(permit) = state.connections.try_enter(state.limits().max_connections) else {
         return refuse(&state, &conn, "too_many_connections");
     };
     let conn_id = state.next_conn_id.fetch_add(1, Ordering::Relaxed);
@@ -465,10 +670,20 @@ async fn serve_connection(
     let _ = ctl.try_send(RelayToAgent::Welcome);
     let flows = tokio::spawn(accept_flows(state.clone(), conn_id, conn.clone()));
     let mut attached: HashSet<(LinkId, Side)> = HashSet::new();
+    let mut draining = state.draining.subscribe();
+    let mut told_to_go = false;
     loop {
         let msg = tokio::select! {
             msg = read_message::<AgentToRelay>(&mut recv, &mut decoder) => msg,
             _ = conn.closed() => break,
+            _ = draining.wait_for(|d| *d), if !told_to_go => {
+                // Every link of the connection moves to its next relay; the
+                // agent closes the connection when it has left.
+                told_to_go = true;
+                debug!("draining: agent told to go away");
+                send_or_close(&ctl, &conn, RelayToAgent::GoAway);
+                continue;
+            }
         };
         let msg = match msg {
             Ok(Some(m)) => m,
@@ -587,6 +802,11 @@ fn attach(
     let Some(grant) = grants.link(&link_id) else {
         return refused("not_granted", ErrorCode::NotGranted);
     };
+    let stats = state.table.get(grant);
+    let refused = |reason, code| {
+        stats.refused_attach();
+        refused(reason, code)
+    };
     if grant.side(side).node_id != node_id {
         return refused("not_granted", ErrorCode::NotGranted);
     }
@@ -599,8 +819,17 @@ fn attach(
     if unix_now() >= grant.not_after {
         return refused("expired", ErrorCode::NotGranted);
     }
+    if state.is_draining() {
+        return refused("draining", ErrorCode::Draining);
+    }
     let mut links = state.links();
-    let slot = links.entry(link_id).or_insert_with(LinkSlot::new);
+    if !links.contains_key(&link_id) && links.len() >= state.limits().max_links {
+        drop(links);
+        return refused("relay_full", ErrorCode::RelayFull);
+    }
+    let slot = links
+        .entry(link_id)
+        .or_insert_with(|| LinkSlot::new(stats.clone()));
     let was_paired = slot.a.is_some() && slot.b.is_some();
     let old = slot.side_mut(side).replace(Attachment {
         conn_id,
@@ -707,14 +936,14 @@ async fn accept_flows(state: Arc<State>, conn_id: u64, conn: quinn::Connection) 
 /// Bytes held by the relay for a parked flow, released on drop.
 struct Held {
     bytes: u64,
-    link: Arc<AtomicU64>,
+    link: Arc<LinkStats>,
     state: Arc<State>,
 }
 
 impl Held {
     fn add(&mut self, n: u64) {
         self.bytes += n;
-        self.link.fetch_add(n, Ordering::Relaxed);
+        self.link.buffered.fetch_add(n, Ordering::Relaxed);
         let total = self.state.buffered.fetch_add(n, Ordering::Relaxed) + n;
         self.state.metrics.buffered_bytes.set(total as f64);
     }
@@ -722,7 +951,7 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.link.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.link.buffered.fetch_sub(self.bytes, Ordering::Relaxed);
         let total = self.state.buffered.fetch_sub(self.bytes, Ordering::Relaxed) - self.bytes;
         self.state.metrics.buffered_bytes.set(total as f64);
     }
@@ -741,9 +970,8 @@ struct Route {
     peer: Option<quinn::Connection>,
     revoked: watch::Receiver<bool>,
     pair: watch::Receiver<u64>,
-    link_buffered: Arc<AtomicU64>,
+    stats: Arc<LinkStats>,
     buffer_limit: u64,
-    flows: FlowCounts,
     /// The grant's concurrent-flow limit, as of now (an updated grant
     /// applies to the next flow).
     max_flows: Option<u32>,
@@ -765,9 +993,8 @@ fn route(state: &State, conn_id: u64, link_id: &LinkId) -> Option<Route> {
         peer: slot.side(side.peer()).as_ref().map(|p| p.conn.clone()),
         revoked: slot.revoked.subscribe(),
         pair: slot.pair.subscribe(),
-        link_buffered: slot.buffered.clone(),
+        stats: slot.stats.clone(),
         buffer_limit,
-        flows: slot.flows.clone(),
         max_flows,
     })
 }
@@ -787,7 +1014,7 @@ async fn park(
         finished: false,
         held: Held {
             bytes: 0,
-            link: route.link_buffered.clone(),
+            link: route.stats.clone(),
             state: state.clone(),
         },
     };
@@ -804,8 +1031,8 @@ async fn park(
             return Some((peer, parked));
         }
         let room = !parked.finished
-            && route.link_buffered.load(Ordering::Relaxed) < route.buffer_limit
-            && state.buffered.load(Ordering::Relaxed) < state.config.limits.buffer_budget;
+            && route.stats.buffered.load(Ordering::Relaxed) < route.buffer_limit
+            && state.buffered.load(Ordering::Relaxed) < state.limits().buffer_budget;
         tokio::select! {
             changed = route.pair.changed() => {
                 if changed.is_err() {
@@ -851,8 +1078,9 @@ async fn splice_flow(
     let Some(mut route) = route(&state, conn_id, &flow.link_id) else {
         return refuse_stream(&mut send, &mut recv);
     };
-    let Some(_counted) = FlowGuard::enter(&route.flows, flow.flow_id, route.max_flows) else {
+    let Some(_counted) = FlowGuard::enter(&route.stats.flows, flow.flow_id, route.max_flows) else {
         state.metrics.flows_over_limit.increment(1);
+        route.stats.refused_max_flows();
         debug!(link = %flow.link_id.fmt_short(), limit = ?route.max_flows, "flow refused: the link's max_flows are open");
         let _ = send.reset(STREAM_FLOW_LIMIT.into());
         let _ = recv.stop(STREAM_FLOW_LIMIT.into());
@@ -878,6 +1106,7 @@ async fn splice_flow(
             debug!(bytes = parked.held.bytes, "delivering parked flow");
             for chunk in parked.chunks.iter().cloned() {
                 state.metrics.forwarded_bytes.increment(chunk.len() as u64);
+                route.stats.add_bytes(route.side, chunk.len() as u64);
                 if peer_send.write_chunk(chunk).await.is_err() {
                     return refuse_stream(&mut send, &mut recv);
                 }
@@ -887,16 +1116,18 @@ async fn splice_flow(
         state.metrics.flows_total.increment(1);
         state.metrics.flows_open.increment(1.0);
         debug!("flow spliced");
+        let (side, stats) = (route.side, route.stats.clone());
         let forward = async {
             if finished {
                 let _ = peer_send.finish();
                 let _ = peer_send.stopped().await;
             } else {
-                pump(&state, recv, peer_send).await;
+                pump(&state, &stats, side, recv, peer_send).await;
             }
         };
+        let backward = pump(&state, &stats, side.peer(), peer_recv, send);
         tokio::select! {
-            _ = async { tokio::join!(forward, pump(&state, peer_recv, send)) } => {}
+            _ = async { tokio::join!(forward, backward) } => {}
             _ = route.revoked.wait_for(|r| *r) => debug!("flow stopped: link revoked"),
         }
         state.metrics.flows_open.decrement(1.0);
@@ -906,16 +1137,32 @@ async fn splice_flow(
     .await;
 }
 
-/// Copies one direction of a flow, chunk by chunk, without copying bytes:
-/// QUIC flow control bounds what is buffered on either side.
-async fn pump(state: &State, mut from: quinn::RecvStream, mut to: quinn::SendStream) {
+/// Copies one direction of a flow (sent by side `from_side`), chunk by
+/// chunk, without copying bytes: QUIC flow control bounds what is buffered
+/// on either side. A rate-limited link waits before forwarding each chunk;
+/// meanwhile nothing more is read, so the sender is slowed, never dropped.
+async fn pump(
+    state: &State,
+    stats: &LinkStats,
+    from_side: Side,
+    mut from: quinn::RecvStream,
+    mut to: quinn::SendStream,
+) {
+    let throttle: &Throttle = stats.throttle(from_side);
     loop {
-        match from.read_chunk(defaults::SPLICE_CHUNK, true).await {
+        match from.read_chunk(throttle.chunk(), true).await {
             Ok(Some(chunk)) => {
-                state
-                    .metrics
-                    .forwarded_bytes
-                    .increment(chunk.bytes.len() as u64);
+                let n = chunk.bytes.len();
+                let wait = throttle.delay(n, tokio::time::Instant::now());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                    stats.add_throttled(wait);
+                    state
+                        .throttled_ns
+                        .fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
+                }
+                state.metrics.forwarded_bytes.increment(n as u64);
+                stats.add_bytes(from_side, n as u64);
                 state.tap(&chunk.bytes);
                 if let Err(e) = to.write_chunk(chunk.bytes).await {
                     let lost = match &e {

@@ -18,9 +18,25 @@ use crate::error::RelayError;
 /// renewed certificate is served to new connections without a restart).
 #[derive(Debug)]
 pub struct CertSlot {
-    cert: PathBuf,
-    key: PathBuf,
+    files: RwLock<(PathBuf, PathBuf)>,
     current: RwLock<(Arc<CertifiedKey>, Option<SystemTime>)>,
+    /// The stamp of a certificate file that failed to load (so it is
+    /// reported once, not on every poll).
+    failed: RwLock<Option<SystemTime>>,
+}
+
+fn read<T: Clone>(l: &RwLock<T>) -> T {
+    match l.read() {
+        Ok(v) => v.clone(),
+        Err(p) => p.into_inner().clone(),
+    }
+}
+
+fn write<T>(l: &RwLock<T>, v: T) {
+    match l.write() {
+        Ok(mut g) => *g = v,
+        Err(p) => *p.into_inner() = v,
+    }
 }
 
 impl CertSlot {
@@ -29,34 +45,43 @@ impl CertSlot {
         let stamp = modified(cert);
         let ck = load_certified(cert, key)?;
         Ok(Arc::new(Self {
-            cert: cert.to_owned(),
-            key: key.to_owned(),
+            files: RwLock::new((cert.to_owned(), key.to_owned())),
             current: RwLock::new((ck, stamp)),
+            failed: RwLock::new(None),
         }))
     }
 
+    /// Switches to another certificate and key (a reloaded config may name
+    /// new files) and loads them now. On error nothing changes.
+    pub fn set_files(&self, cert: &Path, key: &Path) -> Result<(), RelayError> {
+        let stamp = modified(cert);
+        let ck = load_certified(cert, key)?;
+        write(&self.files, (cert.to_owned(), key.to_owned()));
+        write(&self.current, (ck, stamp));
+        write(&self.failed, None);
+        Ok(())
+    }
+
     /// Reloads the files if the certificate file changed since the last
-    /// load. A pair that does not load is logged and the old one kept.
+    /// load. A pair that does not load is logged (once per change) and the
+    /// old one kept.
     pub fn reload_if_changed(&self) -> bool {
-        let stamp = modified(&self.cert);
-        let last = match self.current.read() {
-            Ok(c) => c.1,
-            Err(p) => p.into_inner().1,
-        };
-        if stamp == last {
+        let (cert, key) = read(&self.files);
+        let stamp = modified(&cert);
+        let last = read(&self.current).1;
+        if stamp == last || (stamp.is_some() && stamp == read(&self.failed)) {
             return false;
         }
-        match load_certified(&self.cert, &self.key) {
+        match load_certified(&cert, &key) {
             Ok(ck) => {
-                match self.current.write() {
-                    Ok(mut c) => *c = (ck, stamp),
-                    Err(p) => *p.into_inner() = (ck, stamp),
-                }
-                tracing::info!(cert = %self.cert.display(), "certificate reloaded");
+                write(&self.current, (ck, stamp));
+                write(&self.failed, None);
+                tracing::info!(cert = %cert.display(), "certificate reloaded");
                 true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "new certificate does not load; keeping the current one");
+                write(&self.failed, stamp);
+                tracing::error!(error = %e, "new certificate does not load; keeping the current one (fix the files; they are checked again when they change)");
                 false
             }
         }

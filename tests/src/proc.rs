@@ -99,6 +99,11 @@ impl Proc {
         Ok(())
     }
 
+    /// The name it was started with (also its log file's).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

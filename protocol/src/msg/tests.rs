@@ -90,6 +90,14 @@ fn hex_snapshots_relay_to_agent() {
         }),
         "0000001205cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd02"
     );
+    assert_eq!(frame(&RelayToAgent::GoAway), "0000000106");
+    assert_eq!(
+        frame(&RelayToAgent::Error {
+            link_id: link,
+            code: ErrorCode::Draining
+        }),
+        "0000001205cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd05"
+    );
 }
 
 #[test]
@@ -157,14 +165,17 @@ fn arb_r2a() -> impl Strategy<Value = RelayToAgent> {
         arb_link().prop_map(|link_id| RelayToAgent::PeerAbsent { link_id }),
         (arb_link(), arb_peer_frame())
             .prop_map(|(link_id, frame)| RelayToAgent::Peer { link_id, frame }),
-        (arb_link(), 0usize..5).prop_map(|(link_id, c)| RelayToAgent::Error {
+        Just(RelayToAgent::GoAway),
+        (arb_link(), 0usize..7).prop_map(|(link_id, c)| RelayToAgent::Error {
             link_id,
             code: [
                 ErrorCode::NotGranted,
                 ErrorCode::AlreadyAttached,
                 ErrorCode::StaleGeneration,
                 ErrorCode::NotAttached,
-                ErrorCode::Revoked
+                ErrorCode::Revoked,
+                ErrorCode::Draining,
+                ErrorCode::RelayFull,
             ][c],
         }),
     ]
