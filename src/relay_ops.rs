@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use comsat_relay::{RelayConfig, RelayHandle, Stop};
+use comsat_relay::{RelayHandle, Stop};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
@@ -126,19 +126,14 @@ fn modified(path: &Path) -> Option<std::time::SystemTime> {
 fn apply_reload(handle: &RelayHandle, reload: &Reload) {
     match reload {
         Reload::Certificate => handle.reload_certificate(),
-        Reload::Config(path) => {
-            let result = RelayConfig::load(path)
-                .map_err(|e| e.to_string())
-                .and_then(|config| handle.reload(&config));
-            match result {
-                Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
-                Err(e) => tracing::error!(
-                    config = %path.display(),
-                    error = %e,
-                    "configuration reload refused; the configuration in force stays"
-                ),
-            }
-        }
+        Reload::Config(path) => match handle.reload_file(path) {
+            Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
+            Err(e) => tracing::error!(
+                config = %path.display(),
+                error = %e,
+                "configuration reload refused; the configuration in force stays"
+            ),
+        },
     }
 }
 

@@ -75,3 +75,11 @@ pub const ACK_DELAY: Duration = Duration::from_millis(2);
 
 /// Control messages queued toward the relay.
 pub const CONTROL_QUEUE: usize = 256;
+
+/// First delay before an attach the relay refused for a reason that may
+/// pass (grant not there yet, relay full) is sent again on the same
+/// connection; it doubles up to [`REATTACH_MAX`].
+pub const REATTACH_INITIAL: Duration = Duration::from_secs(1);
+
+/// Longest delay between attach retries on one connection.
+pub const REATTACH_MAX: Duration = Duration::from_secs(30);

@@ -599,6 +599,9 @@ async fn serve(
     let mut present: HashMap<LinkId, bool> = HashMap::new();
     // Links the relay accepted on this connection.
     let mut attached: std::collections::HashSet<LinkId> = std::collections::HashSet::new();
+    // Links whose attach was refused for a reason that may pass: when to
+    // send it again, and the delay after that.
+    let mut reattach: HashMap<LinkId, (Instant, Duration)> = HashMap::new();
     loop {
         let msg = tokio::select! {
             m = read_message(&mut recv, &mut decoder) => m,
@@ -621,6 +624,18 @@ async fn serve(
                 continue;
             }
             _ = retry.tick() => {
+                for (id, (due, _)) in &reattach {
+                    if *due <= Instant::now() {
+                        if let Some(link) = links.get(id) {
+                            debug!(link = %link.cfg.name, "attaching again");
+                            let _ = ctl.try_send(AgentToRelay::Attach {
+                                link_id: *id,
+                                generation: link.generation.load(Ordering::Relaxed),
+                                side: link.cfg.side,
+                            });
+                        }
+                    }
+                }
                 for (id, _) in present.iter().filter(|(_, p)| **p) {
                     if let Some(link) = links.get(id) {
                         if link.cfg.side == Side::A && !link.peer_confirmed.load(Ordering::Relaxed) {
@@ -654,6 +669,7 @@ async fn serve(
                 if let Some(link) = links.get(&link_id) {
                     debug!(link = %link.cfg.name, "attached");
                     attached.insert(link_id);
+                    reattach.remove(&link_id);
                     if !present.get(&link_id).copied().unwrap_or(false) {
                         absent_since.entry(link_id).or_insert_with(Instant::now);
                     }
@@ -714,10 +730,26 @@ async fn serve(
                 absent_since.entry(link_id).or_insert_with(Instant::now);
                 if let Some(link) = links.get(&link_id) {
                     attached.remove(&link_id);
-                    if code == comsat_protocol::msg::ErrorCode::Revoked {
+                    use comsat_protocol::msg::ErrorCode;
+                    if code == ErrorCode::Revoked {
                         link.drop_session(&shared.metrics);
                     } else {
                         link.set_ready(None, &shared.metrics);
+                    }
+                    // The grant may not have reached the relay yet (or a
+                    // newer one reached us first), or the relay may have
+                    // room again later: ask again, less and less often.
+                    if matches!(
+                        code,
+                        ErrorCode::NotGranted | ErrorCode::StaleGeneration | ErrorCode::RelayFull
+                    ) {
+                        let next = reattach
+                            .get(&link_id)
+                            .map_or(defaults::REATTACH_INITIAL, |(_, d)| {
+                                (*d * 2).min(defaults::REATTACH_MAX)
+                            });
+                        let wait = next.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                        reattach.insert(link_id, (Instant::now() + wait, next));
                     }
                 }
             }

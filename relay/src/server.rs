@@ -248,7 +248,20 @@ impl RelayHandle {
     /// as a whole, with the reason, if a restart-only setting changed or
     /// the certificate does not load; the configuration in force stays.
     pub fn reload(&self, new: &RelayConfig) -> Result<(), String> {
-        let result = self.try_reload(new);
+        self.counted(self.try_reload(new))
+    }
+
+    /// Reads the config file at `path` and applies it as
+    /// [`Self::reload`] does; a file that does not load is refused the
+    /// same way.
+    pub fn reload_file(&self, path: &std::path::Path) -> Result<(), String> {
+        let result = RelayConfig::load(path)
+            .map_err(|e| e.to_string())
+            .and_then(|new| self.try_reload(&new));
+        self.counted(result)
+    }
+
+    fn counted(&self, result: Result<(), String>) -> Result<(), String> {
         let outcome = if result.is_ok() { "applied" } else { "refused" };
         self.state.metrics.config_reload(outcome);
         result
