@@ -248,11 +248,68 @@ fn link_rows(v: &[api::LinkInfo]) -> String {
                 },
                 l.max_flows
                     .map_or_else(|| "unlimited".into(), |n| n.to_string()),
+                l.rate_limit_bytes_per_sec
+                    .map_or_else(|| "unlimited".into(), format_rate),
                 l.generation.to_string(),
             ]
         })
         .collect::<Vec<_>>();
-    table(&["NAME", "FROM", "TO", "RELAYS", "MAX FLOWS", "GEN"], &rows)
+    table(
+        &["NAME", "FROM", "TO", "RELAYS", "MAX FLOWS", "RATE", "GEN"],
+        &rows,
+    )
+}
+
+/// Parses a rate as operators write it: `10MiB/s`, `1.5MB/s`, `100Mbit/s`,
+/// `512KiB`, or plain bytes per second (`65536`). Returns bytes per second.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a number and a unit, like 10MiB/s or 100Mbit/s"))?;
+    let factor: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "K" | "KB" | "kB" => 1e3,
+        "KiB" => 1024.0,
+        "M" | "MB" => 1e6,
+        "MiB" => 1024.0 * 1024.0,
+        "G" | "GB" => 1e9,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "kbit" | "Kbit" => 1e3 / 8.0,
+        "Mbit" => 1e6 / 8.0,
+        "Gbit" => 1e9 / 8.0,
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (use B, KB, KiB, MB, MiB, GB, GiB, kbit, Mbit or Gbit, per second)"
+            ));
+        }
+    };
+    let bytes = value * factor;
+    if !(1.0..=1e18).contains(&bytes) {
+        return Err(format!("`{s}`: out of range"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// Formats bytes per second in binary units (`10 MiB/s`).
+pub fn format_rate(r: u64) -> String {
+    const UNITS: [&str; 4] = ["B/s", "KiB/s", "MiB/s", "GiB/s"];
+    let mut v = r as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if (v - v.round()).abs() < 0.005 {
+        format!("{} {}", v.round(), UNITS[unit])
+    } else {
+        format!("{v:.2} {}", UNITS[unit])
+    }
 }
 
 /// `link create`.
@@ -300,10 +357,10 @@ pub async fn link_show(c: &Client, name: &str, out: Output) -> anyhow::Result<St
 pub async fn link_update(
     c: &Client,
     name: &str,
-    max_flows: Option<u32>,
+    update: api::LinkUpdate,
     out: Output,
 ) -> anyhow::Result<String> {
-    let body = api::LinkUpdate { max_flows };
+    let body = update;
     let l: api::LinkInfo = c.patch(&link_path(name)?, &body, "link update").await?;
     show_link(&l, out)
 }
@@ -313,7 +370,7 @@ fn show_link(l: &api::LinkInfo, out: Output) -> anyhow::Result<String> {
         return json(l);
     }
     Ok(format!(
-        "name:       {}\nid:         {}\ngeneration: {}\nfrom:       {} listening on {}\nto:         {} dialling {}\nmax flows:  {}\nrelays:     {}\n",
+        "name:       {}\nid:         {}\ngeneration: {}\nfrom:       {} listening on {}\nto:         {} dialling {}\nmax flows:  {}\nrate limit: {}\nrelays:     {}\n",
         l.name,
         l.link_id,
         l.generation,
@@ -323,6 +380,10 @@ fn show_link(l: &api::LinkInfo, out: Output) -> anyhow::Result<String> {
         l.target,
         l.max_flows
             .map_or_else(|| "unlimited".into(), |n| n.to_string()),
+        l.rate_limit_bytes_per_sec.map_or_else(
+            || "unlimited".into(),
+            |r| format!("{} per direction", format_rate(r))
+        ),
         if l.relays.is_empty() {
             "(none healthy yet)".into()
         } else {
@@ -382,6 +443,7 @@ mod tests {
             allowed_uids: vec![],
             allowed_gids: vec![],
             max_flows,
+            rate_limit_bytes_per_sec: max_flows.map(|_| 10 << 20),
             relays: vec!["r1".into()],
             created_at: 0,
         }
@@ -392,16 +454,40 @@ mod tests {
         let rows = link_rows(&[info("db", Some(8)), info("free", None)]);
         let lines: Vec<&str> = rows.lines().collect();
         let col = lines[0].find("MAX FLOWS").expect("column");
-        assert!(lines[0][col..].starts_with("MAX FLOWS  GEN"), "{rows}");
+        assert!(lines[0][col..].starts_with("MAX FLOWS  RATE"), "{rows}");
         assert!(lines[1][col..].starts_with("8 "), "{rows}");
+        assert!(lines[1].contains(" 10 MiB/s "), "{rows}");
         assert!(lines[2][col..].starts_with("unlimited "), "{rows}");
 
         let shown = show_link(&info("db", Some(8)), Output::Table)?;
         assert!(shown.contains("\nmax flows:  8\n"), "{shown}");
+        assert!(
+            shown.contains("\nrate limit: 10 MiB/s per direction\n"),
+            "{shown}"
+        );
         let shown = show_link(&info("db", None), Output::Table)?;
         assert!(shown.contains("\nmax flows:  unlimited\n"), "{shown}");
         let json = show_link(&info("db", Some(8)), Output::Json)?;
         assert!(json.contains("\"max_flows\": 8"), "{json}");
+        assert!(
+            json.contains("\"rate_limit_bytes_per_sec\": 10485760"),
+            "{json}"
+        );
         Ok(())
+    }
+
+    #[test]
+    fn rates_parse_as_operators_write_them() {
+        assert_eq!(parse_rate("10MiB/s"), Ok(10 * 1024 * 1024));
+        assert_eq!(parse_rate("1.5MB/s"), Ok(1_500_000));
+        assert_eq!(parse_rate("100Mbit/s"), Ok(12_500_000));
+        assert_eq!(parse_rate("512KiB"), Ok(512 * 1024));
+        assert_eq!(parse_rate("65536"), Ok(65536));
+        for bad in ["", "fast", "10 parsecs/s", "-1MB/s", "0", "1e30"] {
+            assert!(parse_rate(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(format_rate(10 * 1024 * 1024), "10 MiB/s");
+        assert_eq!(format_rate(1_500_000), "1.43 MiB/s");
+        assert_eq!(format_rate(512), "512 B/s");
     }
 }

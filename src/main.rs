@@ -330,18 +330,31 @@ enum LinkCommand {
         /// one more is reset and counted.
         #[arg(long)]
         max_flows: Option<u32>,
+        /// Bytes per second the relays let the link carry in each
+        /// direction, like 10MiB/s or 100Mbit/s (default: no limit); the
+        /// sender is slowed, nothing is dropped.
+        #[arg(long, value_parser = comsat::ctl::parse_rate)]
+        rate_limit: Option<u64>,
     },
-    /// Change the limits relays enforce on a link; open flows go on.
-    #[command(group(clap::ArgGroup::new("flows").required(true).args(["max_flows", "unlimited_flows"])))]
+    /// Change the limits relays enforce on a link (the others stay); open
+    /// flows go on.
+    #[command(group(clap::ArgGroup::new("limits").required(true).multiple(true).args(["max_flows", "unlimited_flows", "rate_limit", "unlimited_rate"])))]
     Update {
         /// The link's name.
         name: String,
         /// Concurrent flows the relays allow the link.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "unlimited_flows")]
         max_flows: Option<u32>,
         /// Remove the concurrent-flow limit.
         #[arg(long)]
         unlimited_flows: bool,
+        /// Bytes per second per direction, like 10MiB/s or 100Mbit/s;
+        /// applies to open flows too.
+        #[arg(long, value_parser = comsat::ctl::parse_rate, conflicts_with = "unlimited_rate")]
+        rate_limit: Option<u64>,
+        /// Remove the rate limit.
+        #[arg(long)]
+        unlimited_rate: bool,
     },
     /// List links.
     List,
@@ -663,6 +676,7 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 allow_uids,
                 allow_gids,
                 max_flows,
+                rate_limit,
             } => {
                 let body = comsat_protocol::api::LinkCreate {
                     name,
@@ -673,12 +687,24 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                     allowed_uids: allow_uids,
                     allowed_gids: allow_gids,
                     max_flows,
+                    rate_limit_bytes_per_sec: rate_limit,
                 };
                 ctl::link_create(&c, body, out).await?
             }
             LinkCommand::Update {
-                name, max_flows, ..
-            } => ctl::link_update(&c, &name, max_flows, out).await?,
+                name,
+                max_flows,
+                unlimited_flows,
+                rate_limit,
+                unlimited_rate,
+            } => {
+                // 0 removes a limit; a field left out stays as it is.
+                let update = comsat_protocol::api::LinkUpdate {
+                    max_flows: if unlimited_flows { Some(0) } else { max_flows },
+                    rate_limit_bytes_per_sec: if unlimited_rate { Some(0) } else { rate_limit },
+                };
+                ctl::link_update(&c, &name, update, out).await?
+            }
             LinkCommand::List => ctl::link_list(&c, out).await?,
             LinkCommand::Show { name } => ctl::link_show(&c, &name, out).await?,
             LinkCommand::Delete { name } => ctl::link_delete(&c, &name).await?,

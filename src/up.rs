@@ -221,6 +221,7 @@ async fn ensure_demo_link(admin: &Client, listen: &SocketAddr, sock: &Path) -> a
         allowed_uids: vec![],
         allowed_gids: vec![],
         max_flows: None,
+        rate_limit_bytes_per_sec: None,
     };
     let _: api::LinkInfo = admin.post(api::PATH_LINKS, &body, "link create").await?;
     Ok(())

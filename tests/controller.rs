@@ -1053,6 +1053,88 @@ async fn the_relay_enforces_max_flows_and_an_update_applies_without_touching_ope
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_set_with_ctl_throttles_the_link_and_an_update_lifts_it_for_open_flows()
+-> Result<()> {
+    let mut c = Cluster::start(|t| t)?;
+    c.enrol_relay("relay-1")?;
+    c.enrol_agent("a")?;
+    c.enrol_agent("b")?;
+    c.wait_relays_healthy(1)?;
+    let target = hash_server().await?;
+    let listen = format!("tcp://127.0.0.1:{}", free_tcp_port()?);
+    c.ctl_ok(&[
+        "link",
+        "create",
+        "demo",
+        "--from",
+        "a",
+        "--listen",
+        &listen,
+        "--to",
+        "b",
+        "--target",
+        &format!("tcp://{target}"),
+        "--rate-limit",
+        "128KiB/s",
+    ])?;
+    let link: api::LinkInfo =
+        serde_json::from_str(&c.ctl_ok(&["link", "show", "demo", "-o", "json"])?)?;
+    ensure!(
+        link.rate_limit_bytes_per_sec == Some(128 * 1024),
+        "{link:?}"
+    );
+    let id = hex::encode(link.link_id.0);
+    let addr = listen_addr(c.agent("a")?, "demo")?;
+    round_trip_eventually(addr, 1024)
+        .await
+        .with_context(|| c.logs())?;
+    let admin = c.relay_admin("relay-1")?;
+    let series = |name: &str| format!("{name}{{link=\"{id}\"}}");
+    let m = scrape(admin)?;
+    ensure!(
+        metric(&m, &series("comsat_relay_link_rate_limit_bytes_per_second")) == 131_072.0,
+        "the relay does not hold the limit:\n{m}"
+    );
+
+    // More than the burst: the relay holds the sender back.
+    let mut sock = tokio::net::TcpStream::connect(addr).await?;
+    let mut sent = vec![1u8; 512 * 1024];
+    sock.write_all(&sent).await?;
+    wait_for(CONVERGE, || {
+        let m = scrape(admin)?;
+        ensure!(
+            metric(&m, &series("comsat_relay_link_throttled_seconds_total")) > 0.0,
+            "not throttled yet"
+        );
+        Ok(())
+    })?;
+
+    // Lifting the limit applies to the open flow, which goes on.
+    c.ctl_ok(&["link", "update", "demo", "--unlimited-rate"])?;
+    wait_for(CONVERGE, || {
+        let m = scrape(admin)?;
+        ensure!(
+            metric(&m, &series("comsat_relay_link_rate_limit_bytes_per_second")) == 0.0,
+            "limit still in force"
+        );
+        Ok(())
+    })?;
+    let more = vec![2u8; 8 << 20];
+    sock.write_all(&more).await?;
+    sent.extend_from_slice(&more);
+    finish_flow(sock, &sent)
+        .await
+        .with_context(|| format!("the open flow failed across the update\n{}", c.logs()))?;
+    let link: api::LinkInfo =
+        serde_json::from_str(&c.ctl_ok(&["link", "show", "demo", "-o", "json"])?)?;
+    ensure!(
+        link.rate_limit_bytes_per_sec.is_none() && link.generation == 1,
+        "{link:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_byte_counters_move_while_a_flow_is_open() -> Result<()> {
     let (c, listen, _) = demo(|t| t).await?;
     round_trip_eventually(listen, 1024)

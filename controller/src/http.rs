@@ -660,6 +660,7 @@ async fn create_link(
     check_listen(&req.listen)?;
     check_target(&req.target)?;
     let max_flows = check_max_flows(req.max_flows)?;
+    let rate_limit = check_rate_limit(req.rate_limit_bytes_per_sec)?;
     if req.allowed_uids.len() > MAX_SELECTORS || req.allowed_gids.len() > MAX_SELECTORS {
         return Err(ApiError::bad_request(format!(
             "at most {MAX_SELECTORS} allowed_uids and {MAX_SELECTORS} allowed_gids"
@@ -705,6 +706,7 @@ async fn create_link(
         created_at: now,
         grant_not_after: 0,
         max_flows,
+        rate_limit,
     };
     let link = state.create_link(link, now).await?;
     let names = state.node_names().await?;
@@ -713,6 +715,21 @@ async fn create_link(
 
 /// Most concurrent flows a link may be given.
 const MAX_FLOWS_LIMIT: u32 = 1_000_000;
+
+/// Lowest rate limit, bytes per second: below it a link could not even
+/// carry its own handshakes and acknowledgements in good time.
+const MIN_RATE_LIMIT: u64 = 1024;
+
+fn check_rate_limit(r: Option<u64>) -> Result<Option<u64>, ApiError> {
+    match r {
+        Some(r) if r < MIN_RATE_LIMIT || r > i64::MAX as u64 => {
+            Err(ApiError::bad_request(format!(
+                "rate_limit_bytes_per_sec {r}: use at least {MIN_RATE_LIMIT}, or leave it out for no limit"
+            )))
+        }
+        r => Ok(r),
+    }
+}
 
 fn check_max_flows(n: Option<u32>) -> Result<Option<u32>, ApiError> {
     match n {
@@ -730,9 +747,15 @@ async fn update_link(
     JsonBody(req): JsonBody<LinkUpdate>,
 ) -> Result<Json<LinkInfo>, ApiError> {
     auth_admin(&state, &headers).await?;
-    let max_flows = check_max_flows(req.max_flows)?;
+    if req.max_flows.is_none() && req.rate_limit_bytes_per_sec.is_none() {
+        return Err(ApiError::bad_request(
+            "nothing to change: give max_flows and/or rate_limit_bytes_per_sec (0 removes a limit)",
+        ));
+    }
+    check_max_flows(req.max_flows.filter(|n| *n > 0))?;
+    check_rate_limit(req.rate_limit_bytes_per_sec.filter(|r| *r > 0))?;
     let link = state
-        .update_link_limits(&name, max_flows, unix_now())
+        .update_link_limits(&name, &req, unix_now())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no link named `{name}`")))?;
     let names = state.node_names().await?;

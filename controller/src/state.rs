@@ -162,7 +162,7 @@ impl Shared {
             buffer_limit: self.config.link_buffer_limit,
             limits: LinkLimits {
                 max_flows: link.max_flows,
-                ..LinkLimits::default()
+                rate_bytes_per_sec: link.rate_limit,
             },
         };
         let signed = grant
@@ -221,21 +221,35 @@ impl Shared {
     pub(crate) async fn update_link_limits(
         &self,
         name: &str,
-        max_flows: Option<u32>,
+        update: &comsat_protocol::api::LinkUpdate,
         now: u64,
     ) -> Result<Option<LinkRecord>, ApiError> {
         let _guard = self.link_lock.lock().await;
         let Some(mut link) = self.store.link_by_name(name).await? else {
             return Ok(None);
         };
-        link.max_flows = max_flows;
+        // Absent: unchanged; 0: no limit.
+        if let Some(n) = update.max_flows {
+            link.max_flows = (n > 0).then_some(n);
+        }
+        if let Some(r) = update.rate_limit_bytes_per_sec {
+            link.rate_limit = (r > 0).then_some(r);
+        }
+        let (max_flows, rate_limit) = (link.max_flows, link.rate_limit);
         let grant = self
             .grant_hex(&link, link.generation, &link.relays, link.grant_not_after)
             .await?;
         let events = Self::grant_events(link.link_id, &link.relays, grant.as_ref());
         if !self
             .store
-            .update_link_limits(&link.link_id, link.generation, max_flows, &events, now)
+            .update_link_limits(
+                &link.link_id,
+                link.generation,
+                max_flows,
+                rate_limit,
+                &events,
+                now,
+            )
             .await?
         {
             return Err(ApiError::new(
@@ -244,7 +258,7 @@ impl Shared {
             ));
         }
         self.notify();
-        tracing::info!(link = %link.name, max_flows = ?max_flows, "link limits updated");
+        tracing::info!(link = %link.name, ?max_flows, ?rate_limit, "link limits updated");
         Ok(Some(link))
     }
 
@@ -360,6 +374,7 @@ impl Shared {
             allowed_uids: link.allowed_uids.clone(),
             allowed_gids: link.allowed_gids.clone(),
             max_flows: link.max_flows,
+            rate_limit_bytes_per_sec: link.rate_limit,
             relays: link.relays.iter().map(|r| name(&NodeId(r.0))).collect(),
             created_at: link.created_at,
         }

@@ -314,6 +314,7 @@ fn link(name: &str, from: &str, to: &str) -> LinkCreate {
         allowed_uids: vec![],
         allowed_gids: vec![],
         max_flows: None,
+        rate_limit_bytes_per_sec: None,
     }
 }
 
@@ -768,14 +769,38 @@ async fn link_max_flows_is_granted_and_updated_without_a_new_generation() {
         }
     }
 
-    // Back to unlimited.
-    let resp = api.patch_link("db", &json!({ "max_flows": null })).await;
+    // A rate limit: the flow limit stays, the generation too.
+    let resp = api
+        .patch_link("db", &json!({ "rate_limit_bytes_per_sec": 1_048_576 }))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let patched: LinkInfo = resp.json().await.expect("json");
+    assert_eq!(
+        (
+            patched.max_flows,
+            patched.rate_limit_bytes_per_sec,
+            patched.generation
+        ),
+        (Some(3), Some(1_048_576), 1)
+    );
+    for (r, cursor) in [&r1, &r2].into_iter().zip(cursors.iter_mut()) {
+        let (g, next) = one_grant(&api, r, *cursor).await;
+        assert_eq!(g.generation, 1);
+        assert_eq!(g.limits.max_flows, Some(3));
+        assert_eq!(g.limits.rate_bytes_per_sec, Some(1_048_576));
+        *cursor = next;
+    }
+
+    // Back to unlimited flows (0); the rate limit stays.
+    let resp = api.patch_link("db", &json!({ "max_flows": 0 })).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let patched: LinkInfo = resp.json().await.expect("json");
     assert_eq!((patched.max_flows, patched.generation), (None, 1));
+    assert_eq!(patched.rate_limit_bytes_per_sec, Some(1_048_576));
     for (r, cursor) in [&r1, &r2].into_iter().zip(cursors.iter_mut()) {
         let (g, next) = one_grant(&api, r, *cursor).await;
         assert_eq!((g.generation, g.limits.max_flows), (1, None));
+        assert_eq!(g.limits.rate_bytes_per_sec, Some(1_048_576));
         *cursor = next;
     }
 
@@ -785,18 +810,28 @@ async fn link_max_flows_is_granted_and_updated_without_a_new_generation() {
     assert_eq!(code, StatusCode::NOT_FOUND);
     assert!(msg.contains("`nope`"), "{msg}");
     for bad in [
-        json!({ "max_flows": 0 }),
         json!({ "max_flows": 1_000_001 }),
         json!({ "max_flows": -1 }),
         json!({ "max_flows": "3" }),
         json!({ "max_flow": 3 }),
+        json!({ "rate_limit_bytes_per_sec": 10 }),
+        json!({ "rate_limit_bytes_per_sec": -1 }),
+        json!({}),
+        json!({ "max_flows": null }),
     ] {
         let (code, msg) = error_of(api.patch_link("db", &bad).await).await;
         assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}: {msg}");
     }
-    let (code, msg) = error_of(api.patch_link("db", &json!({ "max_flows": 0 })).await).await;
+    let (code, msg) = error_of(api.patch_link("db", &json!({})).await).await;
     assert_eq!(code, StatusCode::BAD_REQUEST);
-    assert!(msg.contains("max_flows 0"), "{msg}");
+    assert!(msg.contains("nothing to change"), "{msg}");
+    let (code, msg) = error_of(
+        api.patch_link("db", &json!({ "rate_limit_bytes_per_sec": 10 }))
+            .await,
+    )
+    .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("rate_limit_bytes_per_sec 10"), "{msg}");
     let resp = api
         .client
         .patch(api.url(&format!("{}/db", api::PATH_LINKS)))

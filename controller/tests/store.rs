@@ -239,6 +239,7 @@ async fn link_events_go_only_to_assigned_relays() {
         created_at: unix_now(),
         grant_not_after: unix_now() + 3600,
         max_flows: None,
+        rate_limit: None,
     };
     let grant = |r: RelayId, g: &str| NewEvent {
         relay_id: r,
@@ -372,6 +373,7 @@ async fn link_limits_persist_and_update_without_touching_agents() {
         created_at: unix_now(),
         grant_not_after: unix_now() + 3600,
         max_flows: Some(1_000_000),
+        rate_limit: Some(1 << 20),
     };
     store.create_link(&link, &[]).await.expect("create");
     assert_eq!(
@@ -389,7 +391,7 @@ async fn link_limits_persist_and_update_without_touching_agents() {
     let since = store.max_event_seq().await.expect("max");
     assert!(
         !store
-            .update_link_limits(&link.link_id, 2, Some(5), &[grant(r1)], unix_now())
+            .update_link_limits(&link.link_id, 2, Some(5), None, &[grant(r1)], unix_now())
             .await
             .expect("stale")
     );
@@ -402,7 +404,7 @@ async fn link_limits_persist_and_update_without_touching_agents() {
     );
     assert!(
         !store
-            .update_link_limits(&LinkId::random(), 3, Some(5), &[], unix_now())
+            .update_link_limits(&LinkId::random(), 3, Some(5), None, &[], unix_now())
             .await
             .expect("unknown")
     );
@@ -410,11 +412,19 @@ async fn link_limits_persist_and_update_without_touching_agents() {
     // the events; agents' config versions stay.
     assert!(
         store
-            .update_link_limits(&link.link_id, 3, Some(5), &[grant(r1)], unix_now())
+            .update_link_limits(
+                &link.link_id,
+                3,
+                Some(5),
+                Some(4096),
+                &[grant(r1)],
+                unix_now()
+            )
             .await
             .expect("current")
     );
     link.max_flows = Some(5);
+    link.rate_limit = Some(4096);
     assert_eq!(store.links().await.expect("links"), vec![link.clone()]);
     assert_eq!(
         store
@@ -438,11 +448,12 @@ async fn link_limits_persist_and_update_without_touching_agents() {
     // And back to unlimited (NULL).
     assert!(
         store
-            .update_link_limits(&link.link_id, 3, None, &[], unix_now())
+            .update_link_limits(&link.link_id, 3, None, None, &[], unix_now())
             .await
             .expect("unlimit")
     );
     link.max_flows = None;
+    link.rate_limit = None;
     assert_eq!(store.link_by_name("db").await.expect("get"), Some(link));
     assert_eq!(
         config_versions(&store, &[a.node_id, b.node_id]).await,

@@ -384,15 +384,25 @@ pub struct LinkCreate {
     /// Concurrent flows the relay lets the link have (`None`: unlimited).
     #[serde(default)]
     pub max_flows: Option<u32>,
+    /// Bytes per second the relay lets the link carry in each direction
+    /// (`None`: unlimited).
+    #[serde(default)]
+    pub rate_limit_bytes_per_sec: Option<u64>,
 }
 
-/// `PATCH PATH_LINKS/{name}`: changes the limits the relays enforce. Open
-/// flows go on; the new limits apply to new flows within seconds.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// `PATCH PATH_LINKS/{name}`: changes the limits the relays enforce.
+/// A field left out stays as it is; `0` removes that limit. Open flows go
+/// on; a new flow limit applies to new flows, a new rate to every flow,
+/// within seconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkUpdate {
-    /// Concurrent flows (`None`: unlimited).
+    /// Concurrent flows (`0`: unlimited).
+    #[serde(default)]
     pub max_flows: Option<u32>,
+    /// Bytes per second per direction (`0`: unlimited).
+    #[serde(default)]
+    pub rate_limit_bytes_per_sec: Option<u64>,
 }
 
 /// A link as the operator sees it.
@@ -421,6 +431,9 @@ pub struct LinkInfo {
     /// Concurrent flows the relays allow (`None`: unlimited).
     #[serde(default)]
     pub max_flows: Option<u32>,
+    /// Bytes per second per direction the relays allow (`None`: unlimited).
+    #[serde(default)]
+    pub rate_limit_bytes_per_sec: Option<u64>,
     /// Relay names, primary first (empty while no relay is healthy).
     pub relays: Vec<String>,
     /// Unix time created.

@@ -150,6 +150,7 @@ impl LinkStats {
             throttled_ns: self.throttled_ns.load(Ordering::Relaxed),
             refused_max_flows: self.refused_max_flows.load(Ordering::Relaxed),
             refused_attach: self.refused_attach.load(Ordering::Relaxed),
+            rate: self.throttle[0].rate().unwrap_or(0),
         }
     }
 
@@ -167,6 +168,8 @@ struct Sample {
     throttled_ns: u64,
     refused_max_flows: u64,
     refused_attach: u64,
+    /// The rate limit in force (0: none); not summed.
+    rate: u64,
 }
 
 impl Sample {
@@ -309,6 +312,20 @@ fn render_rows(rows: &[(String, Sample)]) -> String {
                 "comsat_relay_link_throttled_seconds_total{{link=\"{link}\"}} {}",
                 s.throttled_ns as f64 / 1e9
             );
+        },
+    );
+    family(
+        "comsat_relay_link_rate_limit_bytes_per_second",
+        "gauge",
+        "The rate limit in force per direction (0: none); not reported for _other",
+        &|link, s, out| {
+            if link != "_other" {
+                let _ = writeln!(
+                    out,
+                    "comsat_relay_link_rate_limit_bytes_per_second{{link=\"{link}\"}} {}",
+                    s.rate
+                );
+            }
         },
     );
     family(

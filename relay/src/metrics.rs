@@ -33,6 +33,7 @@
 //! | `comsat_relay_link_flows_open{link}` | gauge | open flows |
 //! | `comsat_relay_link_buffered_bytes{link}` | gauge | bytes held while the peer is away |
 //! | `comsat_relay_link_throttled_seconds_total{link}` | counter | time the link's flows waited for its rate limit |
+//! | `comsat_relay_link_rate_limit_bytes_per_second{link}` | gauge | the grant's rate limit in force, per direction (0: none) |
 //! | `comsat_relay_link_refused_total{link,reason}` | counter | `max_flows`: new flows refused over the limit; `attach`: refused attaches (wrong generation, draining, relay full) |
 
 use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};

@@ -163,6 +163,8 @@ pub struct LinkRecord {
     pub grant_not_after: u64,
     /// Concurrent flows the relays allow (`None`: unlimited).
     pub max_flows: Option<u32>,
+    /// Bytes per second per direction the relays allow (`None`: unlimited).
+    pub rate_limit: Option<u64>,
 }
 
 /// A relay event to append.
@@ -294,6 +296,7 @@ pub trait Store: Send + Sync {
         link_id: &LinkId,
         expected_generation: u64,
         max_flows: Option<u32>,
+        rate_limit: Option<u64>,
         events: &[NewEvent],
         now: u64,
     ) -> Result<bool, StoreError>;

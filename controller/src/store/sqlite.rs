@@ -81,7 +81,7 @@ fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
 }
 
 const LINK_COLUMNS: &str = "link_id, name, generation, from_node, listen, to_node, target, \
-     allowed_uids, allowed_gids, relays, created_at, grant_not_after, max_flows";
+     allowed_uids, allowed_gids, relays, created_at, grant_not_after, max_flows, rate_limit";
 
 fn link_from_row(row: &SqliteRow) -> Result<LinkRecord, StoreError> {
     let relays: Vec<String> = json("links.relays", &row.try_get::<String, _>("relays")?)?;
@@ -110,6 +110,9 @@ fn link_from_row(row: &SqliteRow) -> Result<LinkRecord, StoreError> {
         max_flows: row
             .try_get::<Option<i64>, _>("max_flows")?
             .and_then(|n| u32::try_from(n).ok()),
+        rate_limit: row
+            .try_get::<Option<i64>, _>("rate_limit")?
+            .and_then(|n| u64::try_from(n).ok()),
     })
 }
 
@@ -447,8 +450,8 @@ impl Store for SqliteStore {
         }
         let inserted = sqlx::query(
             "INSERT INTO links (link_id, name, generation, from_node, listen, to_node, target, \
-             allowed_uids, allowed_gids, relays, created_at, grant_not_after, max_flows) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             allowed_uids, allowed_gids, relays, created_at, grant_not_after, max_flows, \
+             rate_limit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(link.link_id.to_string())
         .bind(&link.name)
@@ -463,6 +466,7 @@ impl Store for SqliteStore {
         .bind(to_i64(link.created_at))
         .bind(to_i64(link.grant_not_after))
         .bind(link.max_flows.map(i64::from))
+        .bind(link.rate_limit.map(to_i64))
         .execute(&mut *tx)
         .await;
         if let Err(e) = inserted {
@@ -582,17 +586,20 @@ impl Store for SqliteStore {
         link_id: &LinkId,
         expected_generation: u64,
         max_flows: Option<u32>,
+        rate_limit: Option<u64>,
         events: &[NewEvent],
         now: u64,
     ) -> Result<bool, StoreError> {
         let mut tx = self.write_tx().await?;
-        let done =
-            sqlx::query("UPDATE links SET max_flows = ? WHERE link_id = ? AND generation = ?")
-                .bind(max_flows.map(i64::from))
-                .bind(link_id.to_string())
-                .bind(to_i64(expected_generation))
-                .execute(&mut *tx)
-                .await?;
+        let done = sqlx::query(
+            "UPDATE links SET max_flows = ?, rate_limit = ? WHERE link_id = ? AND generation = ?",
+        )
+        .bind(max_flows.map(i64::from))
+        .bind(rate_limit.map(to_i64))
+        .bind(link_id.to_string())
+        .bind(to_i64(expected_generation))
+        .execute(&mut *tx)
+        .await?;
         if done.rows_affected() != 1 {
             tx.rollback().await?;
             return Ok(false);
