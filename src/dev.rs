@@ -282,6 +282,42 @@ pub fn init(dir: &Path, opts: &DevOptions) -> Result<DevLayout> {
     })
 }
 
+impl DevLayout {
+    /// Re-signs link `name`'s grant with `limits` (same generation, so the
+    /// relays apply them without touching the link) into every relay's
+    /// grant directory.
+    pub fn set_link_limits(&self, name: &str, limits: LinkLimits) -> Result<()> {
+        let Some((_, link_id)) = self.links.iter().find(|(n, _)| n == name) else {
+            bail!("no link named `{name}` in this layout");
+        };
+        let authority = SigningKey::read_file(&self.authority_key)?;
+        let grant = Grant {
+            link_id: *link_id,
+            generation: 1,
+            relays: self.relays.iter().map(|r| r.id).collect(),
+            side_a: GrantSide {
+                node_id: self.agent_a.node_id,
+                sign_pub: self.agent_a.sign_pub,
+            },
+            side_b: GrantSide {
+                node_id: self.agent_b.node_id,
+                sign_pub: self.agent_b.sign_pub,
+            },
+            not_after: unix_now() + GRANT_VALIDITY.as_secs(),
+            buffer_limit: BUFFER_LIMIT,
+            limits,
+        };
+        let signed = grant.sign(&authority)?.encode()?;
+        for r in &self.relays {
+            let path = r.grants_dir.join(format!("{name}.grant"));
+            let tmp = r.grants_dir.join(format!(".{name}.grant.tmp"));
+            std::fs::write(&tmp, &signed)?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(())
+    }
+}
+
 fn create_relay(
     relay_dir: &Path,
     ca: &rcgen::CertifiedIssuer<'_, rcgen::KeyPair>,

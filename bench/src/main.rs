@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use comsat::dev::{DevLink, DevOptions};
+use comsat_protocol::grant::LinkLimits;
 use comsat_tests::{Proc, free_udp_port};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,7 +48,7 @@ struct RunArgs {
     /// A short run (under 3 minutes) that keeps the harness from rotting.
     #[arg(long)]
     quick: bool,
-    /// Only this scenario: throughput-1, throughput-8, latency.
+    /// Only this scenario: throughput-1, throughput-8, latency, rate-limit.
     #[arg(long)]
     scenario: Option<String>,
     /// The comsat binary (default: `comsat` beside this executable).
@@ -112,49 +113,53 @@ fn environment() -> Environment {
     }
 }
 
-/// A running comsat path: relay and two agents, links `bulk` and `ping`.
+/// A running comsat path: relay and two agents, and the listen address
+/// of each link, in the order given.
 struct Path {
     _dir: tempfile::TempDir,
     _procs: Vec<Proc>,
-    bulk: SocketAddr,
-    ping: SocketAddr,
+    listen: Vec<SocketAddr>,
 }
 
-async fn start_path(bin: &str, sink: SocketAddr, echo: SocketAddr) -> Result<Path> {
+fn link(name: &str, target: SocketAddr) -> DevLink {
+    DevLink {
+        name: name.into(),
+        listen: "tcp://127.0.0.1:0".into(),
+        target: format!("tcp://{target}"),
+        allowed_uids: vec![],
+    }
+}
+
+/// Starts a relay and two agents carrying `links`; `limits` re-signs the
+/// named links' grants with limits before the relay starts.
+async fn start_path(bin: &str, links: Vec<DevLink>, limits: &[(&str, LinkLimits)]) -> Result<Path> {
     let dir = tempfile::tempdir()?;
     let any: SocketAddr = "127.0.0.1:0".parse()?;
+    let names: Vec<String> = links.iter().map(|l| l.name.clone()).collect();
     let layout = comsat::dev::init(
         &dir.path().join("setup"),
         &DevOptions {
             relay_listen: format!("127.0.0.1:{}", free_udp_port()?).parse()?,
             relay_admin: Some(any),
             agent_admin: [Some(any), Some(any)],
-            links: vec![
-                DevLink {
-                    name: "bulk".into(),
-                    listen: "tcp://127.0.0.1:0".into(),
-                    target: format!("tcp://{sink}"),
-                    allowed_uids: vec![],
-                },
-                DevLink {
-                    name: "ping".into(),
-                    listen: "tcp://127.0.0.1:0".into(),
-                    target: format!("tcp://{echo}"),
-                    allowed_uids: vec![],
-                },
-            ],
+            links,
             pin_sha256: false,
             extra_relays: vec![],
         },
     )?;
+    for (name, l) in limits {
+        layout.set_link_limits(name, l.clone())?;
+    }
     let logs = dir.path();
     let timeout = comsat_tests::proc::START_TIMEOUT;
     let (relay, _, _) = comsat_tests::proc::start_relay(bin, &layout.relay_config, logs, "relay")?;
     let (mut a, admin) =
         comsat_tests::proc::start_agent(bin, &layout.agent_a.config, logs, "agent-a")?;
     let (b, _) = comsat_tests::proc::start_agent(bin, &layout.agent_b.config, logs, "agent-b")?;
-    let bulk = comsat_tests::proc::listen_addr(&mut a, "bulk")?;
-    let ping = comsat_tests::proc::listen_addr(&mut a, "ping")?;
+    let mut listen = Vec::new();
+    for name in &names {
+        listen.push(comsat_tests::proc::listen_addr(&mut a, name)?);
+    }
     let deadline = Instant::now() + timeout;
     while !matches!(comsat_tests::proc::http_get(admin, "/readyz"), Ok((200, _))) {
         if Instant::now() > deadline {
@@ -165,8 +170,7 @@ async fn start_path(bin: &str, sink: SocketAddr, echo: SocketAddr) -> Result<Pat
     Ok(Path {
         _dir: dir,
         _procs: vec![relay, a, b],
-        bulk,
-        ping,
+        listen,
     })
 }
 
@@ -366,7 +370,13 @@ async fn run(args: RunArgs) -> Result<()> {
     tokio::spawn(sink(sink_l));
     tokio::spawn(echo(echo_l));
     eprintln!("starting relay and agents ({bin})");
-    let path = start_path(&bin, sink_addr, echo_addr).await?;
+    let path = start_path(
+        &bin,
+        vec![link("bulk", sink_addr), link("ping", echo_addr)],
+        &[],
+    )
+    .await?;
+    let (bulk, ping) = (path.listen[0], path.listen[1]);
     let mut notes = vec!["rathole is not measured yet (open work).".to_owned()];
     let bare = bare_quinn::Server::start()?;
     let chain = if stunnel::available() {
@@ -387,8 +397,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 s.add(STUNNEL, throughput(chain.bulk, 1, per_flow_1).await?[0]);
             }
             s.add(QUINN, bare.throughput(1, per_flow_1).await?[0]);
-            s.comsat
-                .push(throughput(path.bulk, 1, per_flow_1).await?[0]);
+            s.comsat.push(throughput(bulk, 1, per_flow_1).await?[0]);
         }
         s.figures("throughput-1", "one flow", "MiB/s", &mut figures);
     }
@@ -407,7 +416,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 );
             }
             s.add(QUINN, bare.throughput(8, per_flow_8).await?.iter().sum());
-            let rates = throughput(path.bulk, 8, per_flow_8).await?;
+            let rates = throughput(bulk, 8, per_flow_8).await?;
             fair.push(jain(&rates));
             s.comsat.push(rates.iter().sum());
         }
@@ -430,7 +439,7 @@ async fn run(args: RunArgs) -> Result<()> {
             runs.push((STUNNEL, latency(chain.ping, rounds).await?));
         }
         runs.push((QUINN, bare.latency(rounds).await?));
-        let c = latency(path.ping, rounds).await?;
+        let c = latency(ping, rounds).await?;
         for (name, p) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
             for (baseline, d) in &runs {
                 figures.push(figure(
@@ -444,6 +453,9 @@ async fn run(args: RunArgs) -> Result<()> {
                 ));
             }
         }
+    }
+    if wanted("rate-limit") {
+        rate_limit(&bin, sink_addr, reps, per_flow_1, &mut figures).await?;
     }
     let report = Report {
         quick: args.quick,
@@ -459,6 +471,67 @@ async fn run(args: RunArgs) -> Result<()> {
     let md = markdown(&report);
     std::fs::write(args.out.join("latest.md"), &md)?;
     println!("{md}");
+    Ok(())
+}
+
+/// The relay enforces a link's rate limit: 4 MiB through a link limited
+/// to 1 MiB/s, while another link on the same relay and agents runs bulk
+/// beside it, compared with that other link alone.
+async fn rate_limit(
+    bin: &str,
+    sink_addr: SocketAddr,
+    reps: usize,
+    per_flow: u64,
+    figures: &mut Vec<Figure>,
+) -> Result<()> {
+    const LIMITED: u64 = 4 << 20;
+    const RATE: u64 = 1 << 20;
+    eprintln!("rate-limit: starting a path with a link limited to 1 MiB/s");
+    let path = start_path(
+        bin,
+        vec![link("limited", sink_addr), link("free", sink_addr)],
+        &[(
+            "limited",
+            LinkLimits {
+                rate_bytes_per_sec: Some(RATE),
+                max_flows: None,
+            },
+        )],
+    )
+    .await?;
+    let (limited, free) = (path.listen[0], path.listen[1]);
+    let (mut alone, mut beside, mut limited_secs) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..reps {
+        eprintln!("rate-limit: run {}/{reps}", i + 1);
+        alone.push(throughput(free, 1, per_flow).await?[0]);
+        let slow = tokio::spawn(async move {
+            let start = Instant::now();
+            throughput(limited, 1, LIMITED).await?;
+            anyhow::Ok(start.elapsed().as_secs_f64())
+        });
+        // Give the limited flow a head start so the two overlap.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        beside.push(throughput(free, 1, per_flow).await?[0]);
+        limited_secs.push(slow.await??);
+    }
+    figures.push(figure(
+        "rate-limit",
+        "4 MiB through a 1 MiB/s link (floor: 3 s)",
+        "s",
+        median(limited_secs),
+        "the floor",
+        3.0,
+        reps,
+    ));
+    figures.push(figure(
+        "rate-limit",
+        "another link's one flow while it runs",
+        "MiB/s",
+        median(beside),
+        "that link alone",
+        median(alone),
+        reps,
+    ));
     Ok(())
 }
 
