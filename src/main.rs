@@ -113,6 +113,12 @@ enum ControllerCommand {
         /// the last certificate of the chain.
         #[arg(long, requires = "tls_cert")]
         tls_ca: Option<PathBuf>,
+        /// Keep state in this PostgreSQL database
+        /// (postgres://USER:PASSWORD@HOST:PORT/DB) instead of the SQLite
+        /// file in the data dir; it must be empty. Prefer the environment
+        /// variable: a command line is visible to other users.
+        #[arg(long, env = "COMSAT_DATABASE_URL", hide_env_values = true, value_parser = comsat_controller::store::DatabaseUrl::parse)]
+        database: Option<comsat_controller::store::DatabaseUrl>,
     },
     /// Serve the controller API from an initialised data dir.
     Run {
@@ -122,6 +128,11 @@ enum ControllerCommand {
         /// Address to listen on (default: from controller.toml).
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// The PostgreSQL database this controller shares with others
+        /// (postgres://USER:PASSWORD@HOST:PORT/DB); default: the SQLite
+        /// file in the data dir. Prefer the environment variable.
+        #[arg(long, env = "COMSAT_DATABASE_URL", hide_env_values = true, value_parser = comsat_controller::store::DatabaseUrl::parse)]
+        database: Option<comsat_controller::store::DatabaseUrl>,
     },
 }
 
@@ -593,21 +604,8 @@ fn dev_init(args: DevInit) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn controller_init(
-    data_dir: PathBuf,
-    public_url: String,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    tls_ca: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    let report = comsat_controller::init(&comsat_controller::InitOptions {
-        data_dir,
-        public_url: Some(public_url),
-        tls_cert,
-        tls_key,
-        tls_ca,
-    })
-    .map_err(|e| Usage(e.to_string()))?;
+fn controller_init(opts: comsat_controller::InitOptions) -> anyhow::Result<()> {
+    let report = comsat_controller::init(&opts).map_err(|e| Usage(e.to_string()))?;
     let dir = report.data_dir.display();
     println!("initialised a comsat controller in {dir}");
     println!("  URL:            {}", report.public_url);
@@ -633,11 +631,10 @@ async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     comsat::up::up(opts, prometheus, shutdown_signal()).await
 }
 
-async fn run_controller(data_dir: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
-    let controller =
-        comsat_controller::Controller::bind(comsat_controller::RunOptions { data_dir, listen })
-            .await
-            .map_err(|e| Usage(e.to_string()))?;
+async fn run_controller(opts: comsat_controller::RunOptions) -> anyhow::Result<()> {
+    let controller = comsat_controller::Controller::bind(opts)
+        .await
+        .map_err(|e| Usage(e.to_string()))?;
     let addr = controller.local_addr();
     println!("comsat controller listening https://{addr}");
     controller.run(shutdown_signal()).await?;
@@ -835,10 +832,26 @@ fn main() -> ExitCode {
                 tls_cert,
                 tls_key,
                 tls_ca,
-            } => controller_init(data_dir, public_url, tls_cert, tls_key, tls_ca),
-            ControllerCommand::Run { data_dir, listen } => {
-                runtime().and_then(|rt| rt.block_on(run_controller(data_dir, listen)))
-            }
+                database,
+            } => controller_init(comsat_controller::InitOptions {
+                data_dir,
+                public_url: Some(public_url),
+                tls_cert,
+                tls_key,
+                tls_ca,
+                database,
+            }),
+            ControllerCommand::Run {
+                data_dir,
+                listen,
+                database,
+            } => runtime().and_then(|rt| {
+                rt.block_on(run_controller(comsat_controller::RunOptions {
+                    data_dir,
+                    listen,
+                    database,
+                }))
+            }),
         },
         Command::Ctl(args) => runtime().and_then(|rt| rt.block_on(ctl(args))),
         Command::Completions { shell } => {

@@ -76,6 +76,7 @@ pub async fn up(
     let controller = comsat_controller::Controller::bind(comsat_controller::RunOptions {
         data_dir: ctl_dir.clone(),
         listen: None,
+        database: None,
     })
     .await
     .context("starting the controller")?;

@@ -56,6 +56,8 @@ fn s(p: &Path) -> String {
 
 struct Cluster {
     dir: tempfile::TempDir,
+    /// A PostgreSQL database instead of the SQLite file.
+    database: Option<String>,
     controller: Option<Proc>,
     relays: Vec<(String, Proc, SocketAddr, SocketAddr)>,
     agents: Vec<(String, Proc, SocketAddr)>,
@@ -74,10 +76,22 @@ impl Cluster {
         edit: impl FnOnce(String) -> String,
         init_args: impl FnOnce(&Path) -> Result<Vec<String>>,
     ) -> Result<Self> {
+        Self::start_on(None, edit, init_args)
+    }
+
+    /// Like [`Self::start_with`], on `database` (PostgreSQL) if given.
+    fn start_on(
+        database: Option<String>,
+        edit: impl FnOnce(String) -> String,
+        init_args: impl FnOnce(&Path) -> Result<Vec<String>>,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = free_tcp_port()?;
         let ctl_dir = dir.path().join("controller");
-        let extra = init_args(dir.path())?;
+        let mut extra = init_args(dir.path())?;
+        if let Some(url) = &database {
+            extra.extend(["--database".to_owned(), url.clone()]);
+        }
         let mut args = vec![
             "controller".to_owned(),
             "init".to_owned(),
@@ -93,6 +107,7 @@ impl Cluster {
         std::fs::write(&toml, edit(text))?;
         let mut c = Self {
             dir,
+            database,
             controller: None,
             relays: Vec::new(),
             agents: Vec::new(),
@@ -106,20 +121,62 @@ impl Cluster {
     }
 
     fn run_controller(&mut self) -> Result<()> {
-        let mut p = Proc::spawn(
-            BIN,
-            "controller",
-            &[
-                "controller",
-                "run",
-                "--data-dir",
-                &s(&self.path("controller")),
-            ],
-            self.dir.path(),
-        )?;
-        p.wait_line("comsat controller listening", START)?;
+        let p = self.spawn_controller("controller", "controller", None)?;
         self.controller = Some(p);
         Ok(())
+    }
+
+    /// Runs `controller run` on data dir `dir`, named `name`.
+    fn spawn_controller(&self, dir: &str, name: &str, listen: Option<u16>) -> Result<Proc> {
+        let data_dir = s(&self.path(dir));
+        let mut args = vec!["controller", "run", "--data-dir", &data_dir];
+        let listen = listen.map(|p| format!("127.0.0.1:{p}"));
+        if let Some(l) = &listen {
+            args.extend(["--listen", l]);
+        }
+        if let Some(url) = &self.database {
+            args.extend(["--database", url]);
+        }
+        let mut p = Proc::spawn(BIN, name, &args, self.dir.path())?;
+        p.wait_line("comsat controller listening", START)?;
+        Ok(p)
+    }
+
+    /// A second controller on the same database, from a copy of the
+    /// first one's data dir, listening on `port`.
+    fn second_controller(&self, port: u16) -> Result<Proc> {
+        let from = self.path("controller");
+        let to = self.path("controller-2");
+        std::fs::create_dir_all(&to)?;
+        for entry in std::fs::read_dir(&from)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+            }
+        }
+        self.spawn_controller("controller-2", "controller-2", Some(port))
+    }
+
+    /// `comsat ctl` against the controller at `url` with the admin token.
+    fn ctl_at(&self, url: &str, args: &[&str]) -> Result<String> {
+        let token = s(&self.path("controller/admin.token"));
+        let ca = s(&self.path("controller/ca.pem"));
+        let mut all = vec![
+            "ctl",
+            "--controller",
+            url,
+            "--token-file",
+            &token,
+            "--ca",
+            &ca,
+        ];
+        all.extend_from_slice(args);
+        let (code, out, err) = comsat(&all)?;
+        ensure!(
+            code == 0,
+            "ctl {args:?} at {url} exited {code}:\n{out}\n{err}"
+        );
+        Ok(out)
     }
 
     fn ctl(&self, args: &[&str]) -> Result<(i32, String, String)> {
@@ -489,6 +546,11 @@ async fn raw_get(c: &Cluster, path: &str, bearer: &str) -> Result<(u16, String)>
         .context("controller url")?
         .trim_matches('"')
         .to_owned();
+    raw_get_at(c, &url, path, bearer).await
+}
+
+/// GETs `path` from the controller at `url` with a bearer token.
+async fn raw_get_at(c: &Cluster, url: &str, path: &str, bearer: &str) -> Result<(u16, String)> {
     let roots = {
         let mut r = rustls::RootCertStore::empty();
         for cert in comsat::client::read_ca(&c.path("controller/ca.pem"))? {
@@ -1171,5 +1233,102 @@ async fn relay_byte_counters_move_while_a_flow_is_open() -> Result<()> {
         );
     }
     finish_flow(sock, &sent).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_on_one_postgres_database_act_as_one() -> Result<()> {
+    use comsat_controller::store::testing::{fresh_database, postgres_server};
+    let Some(server) = postgres_server() else {
+        return Ok(());
+    };
+    let database = fresh_database(&server).await?;
+    let mut c = Cluster::start_on(Some(database), |t| t, |_| Ok(Vec::new()))?;
+    let port2 = free_tcp_port()?;
+    let _second = c.second_controller(port2)?;
+    let url2 = format!("https://127.0.0.1:{port2}");
+
+    // Nodes enrol through the first controller...
+    c.enrol_relay("relay-1")?;
+    c.enrol_agent("a")?;
+    c.enrol_agent("b")?;
+    c.wait_relays_healthy(1)?;
+    // ...the link is created through the second, and bytes flow: the
+    // first controller's long polls hear of it.
+    let target = hash_server().await?;
+    let listen = format!("tcp://127.0.0.1:{}", free_tcp_port()?);
+    c.ctl_at(
+        &url2,
+        &[
+            "link",
+            "create",
+            "demo",
+            "--from",
+            "a",
+            "--listen",
+            &listen,
+            "--to",
+            "b",
+            "--target",
+            &format!("tcp://{target}"),
+        ],
+    )?;
+    let addr = listen_addr(c.agent("a")?, "demo")?;
+    round_trip_eventually(addr, 1 << 20)
+        .await
+        .with_context(|| c.logs())?;
+    let listed = c.ctl_ok(&["link", "list"])?;
+    ensure!(listed.contains("demo"), "{listed}");
+
+    // A JWT used at one controller is refused at the other.
+    let (state, key) = node_key(&c, "a")?;
+    let token = jwt::mint(&key, &state.node_id, &state.audience, jwt::unix_now(), 50)?;
+    let (code, body) = raw_get(&c, api::PATH_AGENT_CONFIG, &token).await?;
+    ensure!(code == 200, "first use: {code} {body}");
+    let (code, body) = raw_get_at(&c, &url2, api::PATH_AGENT_CONFIG, &token).await?;
+    ensure!(
+        code == 401 && body.contains("replayed"),
+        "the same JWT at the second controller: {code} {body}"
+    );
+
+    // One join token redeemed at both controllers at once: one wins.
+    let first = c.token("agent", "racer", &[])?;
+    let text = std::fs::read_to_string(&first)?;
+    let (head, _) = text.trim().rsplit_once(':').context("token url")?;
+    let (head, _) = head.rsplit_once(":https").context("token url")?;
+    let second = c.path("racer-2.token");
+    std::fs::write(&second, format!("{head}:{url2}\n"))?;
+    let enrol = |token: PathBuf, dir: PathBuf| {
+        std::thread::spawn(move || {
+            Command::new(BIN)
+                .args(["agent", "enrol", "--token-file"])
+                .arg(token)
+                .arg("--data-dir")
+                .arg(dir)
+                .output()
+        })
+    };
+    let runs = [
+        enrol(first, c.path("racer-1")),
+        enrol(second, c.path("racer-2")),
+    ];
+    let mut outcomes = Vec::new();
+    for r in runs {
+        let out = r.join().map_err(|_| anyhow::anyhow!("enrol thread"))??;
+        outcomes.push((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    ensure!(
+        outcomes.iter().filter(|(ok, _)| *ok).count() == 1,
+        "exactly one redemption wins: {outcomes:?}"
+    );
+    ensure!(
+        outcomes
+            .iter()
+            .any(|(ok, err)| !ok && err.contains("already used")),
+        "the loser is told the token was used: {outcomes:?}"
+    );
     Ok(())
 }

@@ -25,6 +25,16 @@ pub enum ControllerError {
         /// The file that shows it.
         marker: PathBuf,
     },
+    /// `init` was given a database that already holds a controller.
+    #[error(
+        "{url} already holds a controller's state: to add a controller, copy the first \
+         controller's data dir and run it with the same --database; to start over, use an \
+         empty database"
+    )]
+    DatabaseInUse {
+        /// The database, without its password.
+        url: String,
+    },
     /// A file of the data dir is missing.
     #[error(
         "{} is missing: is {} a controller data dir? create one with `comsat controller init`",

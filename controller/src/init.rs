@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{CONFIG_FILE, DEFAULT_PUBLIC_URL, parse_public_url};
 use crate::error::ControllerError;
 use crate::pki::{self, CaIssuer};
-use crate::store::{SqliteStore, Store};
+use crate::store::{DatabaseUrl, SqlStore, Store};
 
 /// Prefix of admin API tokens.
 pub const ADMIN_TOKEN_PREFIX: &str = "comsat-admin-v1";
@@ -53,6 +53,10 @@ pub struct InitOptions {
     pub tls_key: Option<PathBuf>,
     /// The CA nodes pin (PEM); default: the last certificate of `tls_cert`.
     pub tls_ca: Option<PathBuf>,
+    /// A PostgreSQL database instead of the SQLite file (it must hold no
+    /// controller yet: a second controller copies the first one's data
+    /// dir and runs with the same database).
+    pub database: Option<DatabaseUrl>,
 }
 
 /// What `init` did. Holds no secret.
@@ -101,6 +105,24 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, ControllerError> {
                 marker,
             });
         }
+    }
+    if let Some(url) = &opts.database {
+        on_own_runtime(database_label(url), {
+            let url = url.clone();
+            async move {
+                let store = SqlStore::connect_postgres(url.expose())
+                    .await
+                    .map_err(|source| store_error(&url, source))?;
+                let used = store.holds_a_controller().await;
+                store.close().await;
+                if used.map_err(|source| store_error(&url, source))? {
+                    return Err(ControllerError::DatabaseInUse {
+                        url: url.redacted(),
+                    });
+                }
+                Ok(())
+            }
+        })?;
     }
     let public_url = opts
         .public_url
@@ -209,7 +231,12 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, ControllerError> {
         hex::encode(rand::random::<[u8; 32]>())
     );
     write_secret_file(&dir.join(ADMIN_TOKEN_FILE), format!("{token}\n").as_bytes())?;
-    create_database(&dir.join("controller.db"), token_hash(&token), now)?;
+    create_database(
+        &dir.join("controller.db"),
+        opts.database.as_ref(),
+        token_hash(&token),
+        now,
+    )?;
 
     let context_file = dir.join(CONTEXT_FILE);
     write_public(
@@ -251,39 +278,66 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, ControllerError> {
     })
 }
 
-/// Creates the database with its schema and the admin token's hash, on a
-/// runtime of its own (`init` is synchronous and may be called from inside
-/// another runtime).
-fn create_database(path: &Path, admin_hash: String, now: u64) -> Result<(), ControllerError> {
-    let db = path.to_owned();
+fn database_label(url: &DatabaseUrl) -> PathBuf {
+    PathBuf::from(url.redacted())
+}
+
+fn store_error(url: &DatabaseUrl, source: crate::store::StoreError) -> ControllerError {
+    ControllerError::Store {
+        path: database_label(url),
+        source,
+    }
+}
+
+/// Runs `work` on a runtime of its own (`init` is synchronous and may be
+/// called from inside another runtime).
+fn on_own_runtime<F>(label: PathBuf, work: F) -> Result<(), ControllerError>
+where
+    F: Future<Output = Result<(), ControllerError>> + Send + 'static,
+{
+    let io_label = label.clone();
     let result = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(ControllerError::io(&db))?;
-        rt.block_on(async {
-            let store = SqliteStore::open(&db)
-                .await
-                .map_err(|source| ControllerError::Store {
-                    path: db.clone(),
-                    source,
-                })?;
-            let added = store.add_api_token(&admin_hash, "admin", now).await;
-            store.close().await;
-            added.map_err(|source| ControllerError::Store {
-                path: db.clone(),
-                source,
-            })
-        })
+            .map_err(ControllerError::io(&io_label))?;
+        rt.block_on(work)
     })
     .join();
     match result {
         Ok(r) => r,
         Err(_) => Err(ControllerError::Io {
-            path: path.to_owned(),
+            path: label,
             source: std::io::Error::other("database setup thread panicked"),
         }),
     }
+}
+
+/// Creates the database (the SQLite file at `path`, or the PostgreSQL
+/// database at `url`) with its schema and the admin token's hash.
+fn create_database(
+    path: &Path,
+    url: Option<&DatabaseUrl>,
+    admin_hash: String,
+    now: u64,
+) -> Result<(), ControllerError> {
+    let db = path.to_owned();
+    let url = url.cloned();
+    let label = url.as_ref().map_or_else(|| db.clone(), database_label);
+    on_own_runtime(label.clone(), async move {
+        let failed = |source| ControllerError::Store {
+            path: label.clone(),
+            source,
+        };
+        let store = match &url {
+            Some(url) => SqlStore::connect_postgres(url.expose()).await,
+            None => SqlStore::open(&db).await,
+        }
+        .map_err(failed)?;
+        let added = store.add_api_token(&admin_hash, "admin", now).await;
+        store.close().await;
+        added.map_err(failed)
+    })
 }
 
 #[cfg(test)]
@@ -366,6 +420,7 @@ mod tests {
             tls_cert: Some(chain),
             tls_key: Some(key_path.clone()),
             tls_ca: None,
+            database: None,
         })
         .expect("init");
         assert_eq!(

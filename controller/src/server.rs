@@ -15,12 +15,15 @@ use crate::config::ControllerConfig;
 use crate::error::ControllerError;
 use crate::pki::{self, CaIssuer};
 use crate::state::Shared;
-use crate::store::SqliteStore;
+use crate::store::{CHANGES_CHANNEL, DatabaseUrl, SqlStore};
 
 /// How often links are checked for reassignment and grant renewal.
 const ASSIGN_INTERVAL: Duration = Duration::from_secs(1);
 /// How often expired JWT ids are forgotten.
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often a controller sharing its database looks for other
+/// controllers' changes (it is woken sooner by `LISTEN` where it works).
+const SHARED_POLL: Duration = Duration::from_millis(500);
 /// How long open requests (long polls end at once) get to finish.
 const GRACE: Duration = Duration::from_secs(5);
 
@@ -31,6 +34,9 @@ pub struct RunOptions {
     pub data_dir: PathBuf,
     /// Overrides `listen` in `controller.toml`.
     pub listen: Option<SocketAddr>,
+    /// A PostgreSQL database (shared with other controllers) instead of
+    /// the SQLite file in the data dir.
+    pub database: Option<DatabaseUrl>,
 }
 
 /// A controller bound to its listen address, ready to [`run`](Self::run).
@@ -40,6 +46,7 @@ pub struct Controller {
     local_addr: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     shutdown: watch::Sender<bool>,
+    database: Option<DatabaseUrl>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -100,18 +107,28 @@ impl Controller {
         let key_pem = read_secret(&config.tls_key, dir)?;
         let tls = pki::server_tls_config(cert_pem.as_bytes(), key_pem.as_bytes())
             .map_err(ControllerError::pki(&config.tls_cert))?;
-        if !config.database.exists() {
-            return Err(ControllerError::NotInitialised {
-                dir: dir.clone(),
-                path: config.database.clone(),
-            });
-        }
-        let store = SqliteStore::open(&config.database)
-            .await
-            .map_err(|source| ControllerError::Store {
-                path: config.database.clone(),
-                source,
-            })?;
+        let store = match &opts.database {
+            Some(url) => SqlStore::connect_postgres(url.expose())
+                .await
+                .map_err(|source| ControllerError::Store {
+                    path: PathBuf::from(url.redacted()),
+                    source,
+                })?,
+            None => {
+                if !config.database.exists() {
+                    return Err(ControllerError::NotInitialised {
+                        dir: dir.clone(),
+                        path: config.database.clone(),
+                    });
+                }
+                SqlStore::open(&config.database)
+                    .await
+                    .map_err(|source| ControllerError::Store {
+                        path: config.database.clone(),
+                        source,
+                    })?
+            }
+        };
         let addr = opts.listen.unwrap_or_else(|| config.listen_addr());
         let listener = std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -140,6 +157,7 @@ impl Controller {
             local_addr,
             tls: Arc::new(tls),
             shutdown,
+            database: opts.database,
         })
     }
 
@@ -163,6 +181,7 @@ impl Controller {
             local_addr,
             tls,
             shutdown: stop,
+            database: self_database,
         } = self;
         let handle = axum_server::Handle::<SocketAddr>::new();
         let server = axum_server::from_tcp_rustls(
@@ -175,6 +194,7 @@ impl Controller {
         let tasks = [
             tokio::spawn(assign_loop(shared.clone())),
             tokio::spawn(purge_loop(shared.clone())),
+            tokio::spawn(watch_shared_database(shared.clone(), self_database)),
         ];
         tracing::info!(
             listen = %local_addr,
@@ -217,6 +237,63 @@ async fn assign_loop(shared: Arc<Shared>) {
         if let Err(e) = shared.reassign(unix_now()).await {
             tracing::warn!(error = %e.message, "relay assignment pass failed; retrying");
         }
+    }
+}
+
+/// With a database other controllers share, their changes must wake this
+/// controller's long polls too: a `LISTEN` on PostgreSQL wakes it at once,
+/// and the change count is polled every [`SHARED_POLL`] whatever happens
+/// (the bound when `LISTEN` is unavailable, as on CockroachDB). A
+/// controller on its own SQLite file needs none of it.
+async fn watch_shared_database(shared: Arc<Shared>, database: Option<DatabaseUrl>) {
+    let Some(url) = database else { return };
+    let mut shutdown = shared.shutdown.clone();
+    let mut listener = match sqlx::postgres::PgListener::connect(url.expose()).await {
+        Ok(mut l) => match l.listen(CHANGES_CHANNEL).await {
+            Ok(()) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "LISTEN refused; polling the database for other controllers' changes");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot LISTEN; polling the database for other controllers' changes");
+            None
+        }
+    };
+    let mut last = shared.store.change_mark().await.ok();
+    loop {
+        let woke = tokio::select! {
+            ok = notified(&mut listener) => Some(ok),
+            () = tokio::time::sleep(SHARED_POLL) => None,
+            _ = shutdown.changed() => return,
+        };
+        if *shutdown.borrow() {
+            return;
+        }
+        if woke == Some(false) {
+            tracing::warn!(
+                "LISTEN connection lost; polling the database for other controllers' changes"
+            );
+            listener = None;
+        }
+        match shared.store.change_mark().await {
+            Ok(now) if Some(now) != last => {
+                last = Some(now);
+                shared.notify();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reading the database's change count failed"),
+        }
+    }
+}
+
+/// Waits for a notification; `false` if the listener failed. Never
+/// completes without a listener.
+async fn notified(listener: &mut Option<sqlx::postgres::PgListener>) -> bool {
+    match listener {
+        Some(l) => l.recv().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

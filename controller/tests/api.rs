@@ -88,6 +88,7 @@ async fn start(extra_config: &str) -> Api {
     let controller = Controller::bind(RunOptions {
         data_dir: data.clone(),
         listen: Some("127.0.0.1:0".parse().expect("addr")),
+        database: None,
     })
     .await
     .expect("bind");

@@ -1,19 +1,44 @@
-//! Store-level tests on a temporary SQLite file.
+//! Store-level tests, each run on a temporary SQLite file and on a fresh
+//! PostgreSQL database (when `COMSAT_TEST_POSTGRES_URL` names a server and
+//! a role that may create databases; otherwise the PostgreSQL runs say
+//! why they skip).
 
 use std::sync::Arc;
 
 use comsat_controller::store::{
-    LinkGrantUpdate, LinkRecord, NewEvent, NewJoinToken, NewNode, NodeRecord, Redemption,
-    SqliteStore, Store, StoreError,
+    LinkGrantUpdate, LinkRecord, NewEvent, NewJoinToken, NewNode, NodeRecord, Redemption, SqlStore,
+    Store, StoreError,
 };
 use comsat_protocol::api::NodeKind;
 use comsat_protocol::jwt::unix_now;
 use comsat_protocol::{LinkId, NodeId, NoiseSecretKey, RelayId, SigningKey};
 
-async fn open(dir: &tempfile::TempDir) -> SqliteStore {
-    SqliteStore::open(&dir.path().join("controller.db"))
-        .await
-        .expect("open store")
+mod common;
+
+use common::Db;
+
+async fn open(db: &Db) -> SqlStore {
+    db.open().await
+}
+
+/// Runs the test body `$name(db)` on SQLite and on PostgreSQL.
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name(super::Db::sqlite()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                let Some(db) = super::Db::postgres().await else {
+                    return;
+                };
+                super::$name(db).await;
+            }
+        }
+    };
 }
 
 async fn token(store: &dyn Store, kind: NodeKind, name: Option<&str>, expires_at: u64) -> String {
@@ -58,9 +83,8 @@ async fn enrol(store: &dyn Store, kind: NodeKind, name: &str) -> NodeRecord {
         .expect("redeem")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn racing_redemptions_have_exactly_one_winner() {
-    let dir = tempfile::tempdir().expect("tempdir");
+both!(racing_redemptions_have_exactly_one_winner);
+async fn racing_redemptions_have_exactly_one_winner(dir: Db) {
     let store: Arc<dyn Store> = Arc::new(open(&dir).await);
     for round in 0..25 {
         let id = token(&*store, NodeKind::Agent, None, unix_now() + 60).await;
@@ -94,9 +118,8 @@ async fn racing_redemptions_have_exactly_one_winner() {
     assert_eq!(store.nodes(NodeKind::Agent).await.expect("nodes").len(), 25);
 }
 
-#[tokio::test]
-async fn expired_token_is_refused_and_used_up() {
-    let dir = tempfile::tempdir().expect("tempdir");
+both!(expired_token_is_refused_and_used_up);
+async fn expired_token_is_refused_and_used_up(dir: Db) {
     let store = open(&dir).await;
     let id = token(&store, NodeKind::Agent, None, unix_now() - 1).await;
     let node = new_node(NodeKind::Agent);
@@ -114,9 +137,8 @@ async fn expired_token_is_refused_and_used_up() {
     assert!(store.node(&node.node_id).await.expect("node").is_none());
 }
 
-#[tokio::test]
-async fn wrong_kind_and_wrong_secret_leave_the_token_usable() {
-    let dir = tempfile::tempdir().expect("tempdir");
+both!(wrong_kind_and_wrong_secret_leave_the_token_usable);
+async fn wrong_kind_and_wrong_secret_leave_the_token_usable(dir: Db) {
     let store = open(&dir).await;
     let id = token(&store, NodeKind::Relay, Some("edge-relay"), unix_now() + 60).await;
     let err = store
@@ -172,9 +194,8 @@ async fn wrong_kind_and_wrong_secret_leave_the_token_usable() {
     assert!(matches!(err, StoreError::NodeNameTaken { .. }), "{err}");
 }
 
-#[tokio::test]
-async fn jti_replay_is_refused_across_reopen() {
-    let dir = tempfile::tempdir().expect("tempdir");
+both!(jti_replay_is_refused_across_reopen);
+async fn jti_replay_is_refused_across_reopen(dir: Db) {
     let node = NodeId::random();
     let now = unix_now();
     {
@@ -216,9 +237,8 @@ async fn jti_replay_is_refused_across_reopen() {
     );
 }
 
-#[tokio::test]
-async fn link_events_go_only_to_assigned_relays() {
-    let dir = tempfile::tempdir().expect("tempdir");
+both!(link_events_go_only_to_assigned_relays);
+async fn link_events_go_only_to_assigned_relays(dir: Db) {
     let store = open(&dir).await;
     let a = enrol(&store, NodeKind::Agent, "a").await;
     let b = enrol(&store, NodeKind::Agent, "b").await;
@@ -351,9 +371,8 @@ async fn config_versions(store: &dyn Store, ids: &[NodeId]) -> Vec<u64> {
     v
 }
 
-#[tokio::test]
-async fn link_limits_persist_and_update_without_touching_agents() {
-    let dir = tempfile::tempdir().expect("tempdir");
+both!(link_limits_persist_and_update_without_touching_agents);
+async fn link_limits_persist_and_update_without_touching_agents(dir: Db) {
     let store = open(&dir).await;
     let a = enrol(&store, NodeKind::Agent, "a").await;
     let b = enrol(&store, NodeKind::Agent, "b").await;
@@ -458,5 +477,118 @@ async fn link_limits_persist_and_update_without_touching_agents() {
     assert_eq!(
         config_versions(&store, &[a.node_id, b.node_id]).await,
         before
+    );
+}
+
+both!(two_controllers_on_one_database_behave_as_one);
+/// Two stores (two controllers' pools) on one database: a token redeemed
+/// through both at once has one winner, a `jti` seen by one is refused by
+/// the other, and a relay reading events while both write never misses
+/// one (numbers are committed in order).
+async fn two_controllers_on_one_database_behave_as_one(db: Db) {
+    let one: Arc<dyn Store> = Arc::new(open(&db).await);
+    let two: Arc<dyn Store> = Arc::new(open(&db).await);
+
+    for _ in 0..10 {
+        let id = token(&*one, NodeKind::Agent, None, unix_now() + 60).await;
+        let tasks: Vec<_> = [one.clone(), two.clone(), one.clone(), two.clone()]
+            .into_iter()
+            .map(|store| {
+                let id = id.clone();
+                tokio::spawn(async move {
+                    store
+                        .redeem_join_token(
+                            &redemption(&id, NodeKind::Agent),
+                            &new_node(NodeKind::Agent),
+                        )
+                        .await
+                })
+            })
+            .collect();
+        let mut won = 0;
+        for t in tasks {
+            match t.await.expect("task") {
+                Ok(_) => won += 1,
+                Err(StoreError::TokenUsed) => {}
+                Err(e) => panic!("unexpected: {e}"),
+            }
+        }
+        assert_eq!(won, 1);
+    }
+
+    let node = NodeId::random();
+    assert!(
+        one.record_jti("j1", &node, unix_now() + 60)
+            .await
+            .expect("one")
+    );
+    assert!(
+        !two.record_jti("j1", &node, unix_now() + 60)
+            .await
+            .expect("two")
+    );
+
+    let a = enrol(&*one, NodeKind::Agent, "a").await;
+    let b = enrol(&*two, NodeKind::Agent, "b").await;
+    let relay = enrol(&*one, NodeKind::Relay, "r1").await.relay_id();
+    const LINKS: usize = 40;
+    let writers: Vec<_> = (0..LINKS)
+        .map(|i| {
+            let store = if i % 2 == 0 { one.clone() } else { two.clone() };
+            let (a, b) = (a.node_id, b.node_id);
+            tokio::spawn(async move {
+                let link = LinkRecord {
+                    link_id: LinkId::random(),
+                    name: format!("l{i}"),
+                    generation: 1,
+                    from_node: a,
+                    listen: "tcp://127.0.0.1:7000".into(),
+                    to_node: b,
+                    target: "tcp://127.0.0.1:5432".into(),
+                    allowed_uids: vec![],
+                    allowed_gids: vec![],
+                    relays: vec![relay],
+                    created_at: unix_now(),
+                    grant_not_after: unix_now() + 3600,
+                    max_flows: None,
+                    rate_limit: None,
+                };
+                let ev = NewEvent {
+                    relay_id: relay,
+                    link_id: link.link_id,
+                    grant_hex: Some(format!("g{i}")),
+                };
+                store.create_link(&link, &[ev]).await.expect("create");
+            })
+        })
+        .collect();
+    // A relay long-polling meanwhile, from a cursor, as relays do.
+    let reader = {
+        let store = two.clone();
+        tokio::spawn(async move {
+            let (mut cursor, mut seen) = (0, Vec::new());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while seen.len() < LINKS {
+                assert!(std::time::Instant::now() < deadline, "saw {}", seen.len());
+                for e in store.relay_events(&relay, cursor, 7).await.expect("read") {
+                    assert!(e.seq > cursor);
+                    cursor = e.seq;
+                    seen.push(e.link_id);
+                }
+                tokio::task::yield_now().await;
+            }
+            seen
+        })
+    };
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let seen = reader.await.expect("reader");
+    let all = one.relay_events(&relay, 0, 1000).await.expect("all");
+    assert_eq!(all.len(), LINKS);
+    assert_eq!(
+        seen,
+        all.iter().map(|e| e.link_id).collect::<Vec<_>>(),
+        "the reader saw every event, in order"
     );
 }

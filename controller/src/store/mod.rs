@@ -4,16 +4,109 @@
 //! Each method is one transaction. Operations that must be atomic — join
 //! token redemption, creating or re-granting a link together with its relay
 //! events and the agents' config version bumps — are single methods, so a
-//! backend cannot get them half right. [`SqliteStore`] is the embedded
-//! default; a PostgreSQL backend implements the same trait.
+//! backend cannot get them half right. [`SqlStore`] implements it on SQLite (the embedded
+//! default) and on PostgreSQL.
 
-mod sqlite;
+mod sql;
 
-pub use sqlite::SqliteStore;
+pub use sql::{Backend, CHANGES_CHANNEL, SqlStore, SqliteStore};
+
+/// Support for tests that run on PostgreSQL.
+pub mod testing {
+    use sqlx::Connection;
+
+    /// Where tests find a PostgreSQL server: a URL ending in a database
+    /// name, whose role may create databases (`.ci/run` sets one up).
+    pub const POSTGRES_ENV: &str = "COMSAT_TEST_POSTGRES_URL";
+
+    /// The test server's URL, or `None` after printing why the calling
+    /// test skips its PostgreSQL part.
+    pub fn postgres_server() -> Option<String> {
+        match std::env::var(POSTGRES_ENV) {
+            Ok(url) => Some(url),
+            Err(_) => {
+                eprintln!(
+                    "skipped on PostgreSQL: set {POSTGRES_ENV}=postgres://USER:PASS@HOST/postgres \
+                     (a role that may create databases) to run it there"
+                );
+                None
+            }
+        }
+    }
+
+    /// Creates a database with a random name on the server of `admin`
+    /// and returns its URL.
+    pub async fn fresh_database(admin: &str) -> Result<String, sqlx::Error> {
+        let name = format!("comsat_test_{}", hex::encode(rand::random::<[u8; 6]>()));
+        let mut conn = sqlx::PgConnection::connect(admin).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await?;
+        let _ = conn.close().await;
+        let (base, query) = match admin.split_once('?') {
+            Some((b, q)) => (b, format!("?{q}")),
+            None => (admin, String::new()),
+        };
+        let server = base.rsplit_once('/').map_or(base, |(s, _)| s);
+        Ok(format!("{server}/{name}{query}"))
+    }
+}
 
 use async_trait::async_trait;
 use comsat_protocol::api::{NodeKind, RelayLoad};
 use comsat_protocol::{LinkId, NodeId, NoisePublicKey, RelayId, SignPublicKey};
+
+/// A PostgreSQL connection URL. It may carry a password, so `Debug` and
+/// `Display` show it without one (and without query parameters).
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// Checks that `s` is a `postgres://` or `postgresql://` URL.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let ok = s.starts_with("postgres://") || s.starts_with("postgresql://");
+        if !ok || s.len() > 4096 {
+            return Err(
+                "expected postgres://USER:PASSWORD@HOST:PORT/DATABASE (SQLite needs no URL: \
+                 it is the file controller.db in the data dir)"
+                    .into(),
+            );
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The URL itself, password included: only for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL without password or query.
+    pub fn redacted(&self) -> String {
+        let base = self.0.split('?').next().unwrap_or_default();
+        let Some((scheme, rest)) = base.split_once("://") else {
+            return "postgres://…".into();
+        };
+        match rest.rsplit_once('@') {
+            Some((user, host)) => {
+                let user = user.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => format!("{scheme}://{rest}"),
+        }
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
 
 /// A storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -301,6 +394,11 @@ pub trait Store: Send + Sync {
         now: u64,
     ) -> Result<bool, StoreError>;
 
+    /// A number that changes whenever nodes have something new to hear
+    /// (relay events, agents' config): controllers sharing the database
+    /// poll it to wake their long polls.
+    async fn change_mark(&self) -> Result<u64, StoreError>;
+
     /// A relay's events after `since`, oldest first, at most `limit`.
     async fn relay_events(
         &self,
@@ -314,4 +412,25 @@ pub trait Store: Send + Sync {
 
     /// Closes the connections (the store is unusable afterwards).
     async fn close(&self);
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::DatabaseUrl;
+
+    #[test]
+    fn a_database_url_never_shows_its_password() {
+        let u = DatabaseUrl::parse("postgres://comsat:s3cret@db.example:5432/comsat?password=x")
+            .expect("valid");
+        for shown in [format!("{u}"), format!("{u:?}")] {
+            assert!(
+                !shown.contains("s3cret") && !shown.contains("password=x"),
+                "{shown}"
+            );
+            assert_eq!(shown, "postgres://comsat:***@db.example:5432/comsat");
+        }
+        assert!(u.expose().contains("s3cret"));
+        assert!(DatabaseUrl::parse("mysql://x").is_err());
+        assert!(DatabaseUrl::parse("controller.db").is_err());
+    }
 }

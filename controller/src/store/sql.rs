@@ -1,6 +1,19 @@
-//! The SQLite backend: a file in the data dir, WAL, 5 s busy timeout,
-//! foreign keys on. Write transactions start with `BEGIN IMMEDIATE`, so a
-//! writer waits for the lock instead of failing on a stale snapshot.
+//! The SQL backends, through one implementation on sqlx's `Any` driver:
+//!
+//! - **SQLite** (the embedded default): a file in the data dir, WAL, 5 s
+//!   busy timeout, foreign keys on. Write transactions start with
+//!   `BEGIN IMMEDIATE`, so a writer waits for the lock instead of failing
+//!   on a stale snapshot.
+//! - **PostgreSQL**, shared by several controllers. Every race is decided
+//!   by one statement (a conditional `UPDATE`, a unique key), so READ
+//!   COMMITTED is enough. Relay events take their sequence numbers from a
+//!   one-row counter updated in the same transaction: its row lock orders
+//!   writers, so numbers become visible in order and a relay reading "after
+//!   N" never skips an event committed late. Nothing here needs advisory
+//!   locks, `LISTEN` or sequences, so the same schema runs on
+//!   PostgreSQL-compatible distributed SQL (CockroachDB, YugabyteDB).
+//!
+//! Queries use `$1`-style parameters, which both databases take.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -9,11 +22,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use comsat_protocol::api::{NodeKind, RelayLoad};
 use comsat_protocol::{LinkId, NodeId, RelayId};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, ConnectOptions, Executor, Row, Transaction};
 
 use super::{
     EventRecord, LinkGrantUpdate, LinkRecord, NewEvent, NewJoinToken, NewNode, NodeRecord,
@@ -23,11 +33,24 @@ use super::{
 /// How long a connection waits for a lock another holds.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The SQLite [`Store`].
-#[derive(Clone, Debug)]
-pub struct SqliteStore {
-    pool: SqlitePool,
+/// Which database a [`SqlStore`] talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file.
+    Sqlite,
+    /// A PostgreSQL (or compatible) server.
+    Postgres,
 }
+
+/// The SQL [`Store`]: SQLite or PostgreSQL.
+#[derive(Clone, Debug)]
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// The SQLite store (the embedded default): a [`SqlStore`] on a file.
+pub type SqliteStore = SqlStore;
 
 pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -59,7 +82,7 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
 const NODE_COLUMNS: &str = "node_id, kind, name, sign_pub, noise_pub, public_addr, created_at, \
      last_seen, last_heartbeat, load, config_version";
 
-fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
+fn node_from_row(row: &AnyRow) -> Result<NodeRecord, StoreError> {
     let load: Option<String> = row.try_get("load")?;
     let noise: Option<String> = row.try_get("noise_pub")?;
     Ok(NodeRecord {
@@ -83,7 +106,7 @@ fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
 const LINK_COLUMNS: &str = "link_id, name, generation, from_node, listen, to_node, target, \
      allowed_uids, allowed_gids, relays, created_at, grant_not_after, max_flows, rate_limit";
 
-fn link_from_row(row: &SqliteRow) -> Result<LinkRecord, StoreError> {
+fn link_from_row(row: &AnyRow) -> Result<LinkRecord, StoreError> {
     let relays: Vec<String> = json("links.relays", &row.try_get::<String, _>("relays")?)?;
     Ok(LinkRecord {
         link_id: parse("links.link_id", &row.try_get::<String, _>("link_id")?)?,
@@ -121,7 +144,7 @@ fn relays_json(relays: &[RelayId]) -> Result<String, StoreError> {
 }
 
 async fn insert_events(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut Transaction<'static, Any>,
     events: &[NewEvent],
     now: u64,
 ) -> Result<(), StoreError> {
@@ -131,10 +154,17 @@ async fn insert_events(
         } else {
             "revoke"
         };
+        // The counter row stays locked until commit: the next writer waits
+        // here, so sequence numbers are committed in order.
+        let seq: i64 = sqlx::query("UPDATE event_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get("seq")?;
         sqlx::query(
-            "INSERT INTO relay_events (relay_id, link_id, kind, grant_hex, created_at) \
-             VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO relay_events (seq, relay_id, link_id, kind, grant_hex, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
+        .bind(seq)
         .bind(e.relay_id.to_string())
         .bind(e.link_id.to_string())
         .bind(kind)
@@ -146,13 +176,35 @@ async fn insert_events(
     Ok(())
 }
 
+/// Counts a change nodes must hear of (controllers sharing the database
+/// watch the count) and, on PostgreSQL, wakes their `LISTEN` at commit.
+async fn mark_change(
+    tx: &mut Transaction<'static, Any>,
+    backend: Backend,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE event_seq SET changes = changes + 1 WHERE id = 1")
+        .execute(&mut **tx)
+        .await?;
+    if backend == Backend::Postgres {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT pg_notify('{CHANGES_CHANNEL}', '')"
+        )))
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The PostgreSQL `NOTIFY` channel of changes.
+pub const CHANGES_CHANNEL: &str = "comsat_changes";
+
 async fn bump_agents(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut Transaction<'static, Any>,
     a: &NodeId,
     b: &NodeId,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "UPDATE nodes SET config_version = config_version + 1 WHERE node_id = ? OR node_id = ?",
+        "UPDATE nodes SET config_version = config_version + 1 WHERE node_id = $1 OR node_id = $2",
     )
     .bind(a.to_string())
     .bind(b.to_string())
@@ -166,34 +218,79 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
         .is_some_and(|d| d.is_unique_violation())
 }
 
-impl SqliteStore {
-    /// Opens (creating if missing) the database file and applies the
-    /// embedded migrations.
+impl SqlStore {
+    /// Opens (creating if missing) the SQLite database file and applies
+    /// the embedded migrations.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::new()
+        sqlx::any::install_default_drivers();
+        let url = sqlx::sqlite::SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
+            .to_url_lossy();
+        let pool = AnyPoolOptions::new()
             .max_connections(8)
-            .connect_with(options)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute(sqlx::AssertSqlSafe(format!(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {};",
+                        BUSY_TIMEOUT.as_millis()
+                    )))
+                    .await?;
+                    Ok(())
+                })
+            })
+            .connect(url.as_str())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            backend: Backend::Sqlite,
+        })
     }
 
-    async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// Connects to a PostgreSQL database (`postgres://user:pass@host/db`)
+    /// and applies the embedded migrations (several controllers may start
+    /// at once: the migrator takes a lock).
+    pub async fn connect_postgres(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Self {
+            pool,
+            backend: Backend::Postgres,
+        })
+    }
+
+    /// Whether the database already holds a controller (an admin token).
+    pub async fn holds_a_controller(&self) -> Result<bool, StoreError> {
+        Ok(sqlx::query("SELECT 1 FROM api_tokens LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    async fn write_tx(&self) -> Result<Transaction<'static, Any>, StoreError> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
     }
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl Store for SqlStore {
     async fn add_api_token(&self, hash: &str, name: &str, now: u64) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO api_tokens (hash, name, created_at) VALUES (?, ?, ?)")
+        sqlx::query("INSERT INTO api_tokens (hash, name, created_at) VALUES ($1, $2, $3)")
             .bind(hash)
             .bind(name)
             .bind(to_i64(now))
@@ -203,7 +300,7 @@ impl Store for SqliteStore {
     }
 
     async fn api_token(&self, hash: &str) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT name FROM api_tokens WHERE hash = ?")
+        let row = sqlx::query("SELECT name FROM api_tokens WHERE hash = $1")
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?;
@@ -213,7 +310,7 @@ impl Store for SqliteStore {
     async fn create_join_token(&self, t: &NewJoinToken) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO join_tokens (id, secret_hash, kind, name, expires_at, used_at, created_at) \
-             VALUES (?, ?, ?, ?, ?, NULL, ?)",
+             VALUES ($1, $2, $3, $4, $5, NULL, $6)",
         )
         .bind(&t.id)
         .bind(&t.secret_hash)
@@ -234,8 +331,8 @@ impl Store for SqliteStore {
         let mut tx = self.write_tx().await?;
         // The one statement that decides who wins a race.
         let won = sqlx::query(
-            "UPDATE join_tokens SET used_at = ? \
-             WHERE id = ? AND secret_hash = ? AND kind = ? AND used_at IS NULL \
+            "UPDATE join_tokens SET used_at = $1 \
+             WHERE id = $2 AND secret_hash = $3 AND kind = $4 AND used_at IS NULL \
              RETURNING name, expires_at",
         )
         .bind(to_i64(r.now))
@@ -247,7 +344,7 @@ impl Store for SqliteStore {
         let Some(won) = won else {
             // Find out why, without changing anything.
             let row =
-                sqlx::query("SELECT secret_hash, kind, used_at FROM join_tokens WHERE id = ?")
+                sqlx::query("SELECT secret_hash, kind, used_at FROM join_tokens WHERE id = $1")
                     .bind(&r.token_id)
                     .fetch_optional(&mut *tx)
                     .await?;
@@ -275,7 +372,7 @@ impl Store for SqliteStore {
         let token_name: Option<String> = won.try_get("name")?;
         let name = match token_name {
             Some(name) => {
-                let taken = sqlx::query("SELECT 1 FROM nodes WHERE kind = ? AND name = ?")
+                let taken = sqlx::query("SELECT 1 FROM nodes WHERE kind = $1 AND name = $2")
                     .bind(r.kind.as_str())
                     .bind(&name)
                     .fetch_optional(&mut *tx)
@@ -291,7 +388,7 @@ impl Store for SqliteStore {
                 let mut tries = 0;
                 loop {
                     let name = format!("{}-{}", r.kind, hex::encode(rand::random::<[u8; 4]>()));
-                    let taken = sqlx::query("SELECT 1 FROM nodes WHERE kind = ? AND name = ?")
+                    let taken = sqlx::query("SELECT 1 FROM nodes WHERE kind = $1 AND name = $2")
                         .bind(r.kind.as_str())
                         .bind(&name)
                         .fetch_optional(&mut *tx)
@@ -324,7 +421,7 @@ impl Store for SqliteStore {
         let inserted = sqlx::query(
             "INSERT INTO nodes (node_id, kind, name, sign_pub, noise_pub, public_addr, created_at, \
              last_seen, last_heartbeat, load, config_version) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL, $9)",
         )
         .bind(record.node_id.to_string())
         .bind(record.kind.as_str())
@@ -353,7 +450,7 @@ impl Store for SqliteStore {
     }
 
     async fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError> {
-        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE node_id = ?");
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE node_id = $1");
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id.to_string())
             .fetch_optional(&self.pool)
@@ -368,7 +465,7 @@ impl Store for SqliteStore {
         kind: NodeKind,
         name: &str,
     ) -> Result<Option<NodeRecord>, StoreError> {
-        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE kind = ? AND name = ?");
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE kind = $1 AND name = $2");
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(kind.as_str())
             .bind(name)
@@ -380,7 +477,7 @@ impl Store for SqliteStore {
     }
 
     async fn nodes(&self, kind: NodeKind) -> Result<Vec<NodeRecord>, StoreError> {
-        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE kind = ? ORDER BY name");
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE kind = $1 ORDER BY name");
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(kind.as_str())
             .fetch_all(&self.pool)
@@ -397,7 +494,7 @@ impl Store for SqliteStore {
         expires_at: u64,
     ) -> Result<bool, StoreError> {
         let result =
-            sqlx::query("INSERT INTO jwt_seen (jti, node_id, expires_at) VALUES (?, ?, ?)")
+            sqlx::query("INSERT INTO jwt_seen (jti, node_id, expires_at) VALUES ($1, $2, $3)")
                 .bind(jti)
                 .bind(node.to_string())
                 .bind(to_i64(expires_at))
@@ -411,7 +508,7 @@ impl Store for SqliteStore {
     }
 
     async fn purge_jtis(&self, now: u64) -> Result<u64, StoreError> {
-        let done = sqlx::query("DELETE FROM jwt_seen WHERE expires_at < ?")
+        let done = sqlx::query("DELETE FROM jwt_seen WHERE expires_at < $1")
             .bind(to_i64(now))
             .execute(&self.pool)
             .await?;
@@ -419,7 +516,7 @@ impl Store for SqliteStore {
     }
 
     async fn touch_node(&self, id: &NodeId, now: u64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE nodes SET last_seen = ? WHERE node_id = ?")
+        sqlx::query("UPDATE nodes SET last_seen = $1 WHERE node_id = $2")
             .bind(to_i64(now))
             .bind(id.to_string())
             .execute(&self.pool)
@@ -428,7 +525,7 @@ impl Store for SqliteStore {
     }
 
     async fn heartbeat(&self, id: &NodeId, load: &RelayLoad, now: u64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE nodes SET last_heartbeat = ?, load = ? WHERE node_id = ?")
+        sqlx::query("UPDATE nodes SET last_heartbeat = $1, load = $2 WHERE node_id = $3")
             .bind(to_i64(now))
             .bind(to_json(load)?)
             .bind(id.to_string())
@@ -439,7 +536,7 @@ impl Store for SqliteStore {
 
     async fn create_link(&self, link: &LinkRecord, events: &[NewEvent]) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
-        let taken = sqlx::query("SELECT 1 FROM links WHERE name = ?")
+        let taken = sqlx::query("SELECT 1 FROM links WHERE name = $1")
             .bind(&link.name)
             .fetch_optional(&mut *tx)
             .await?
@@ -451,7 +548,7 @@ impl Store for SqliteStore {
         let inserted = sqlx::query(
             "INSERT INTO links (link_id, name, generation, from_node, listen, to_node, target, \
              allowed_uids, allowed_gids, relays, created_at, grant_not_after, max_flows, \
-             rate_limit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             rate_limit) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(link.link_id.to_string())
         .bind(&link.name)
@@ -479,12 +576,13 @@ impl Store for SqliteStore {
         }
         insert_events(&mut tx, events, link.created_at).await?;
         bump_agents(&mut tx, &link.from_node, &link.to_node).await?;
+        mark_change(&mut tx, self.backend).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn link_by_name(&self, name: &str) -> Result<Option<LinkRecord>, StoreError> {
-        let sql = format!("SELECT {LINK_COLUMNS} FROM links WHERE name = ?");
+        let sql = format!("SELECT {LINK_COLUMNS} FROM links WHERE name = $1");
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(name)
             .fetch_optional(&self.pool)
@@ -506,7 +604,7 @@ impl Store for SqliteStore {
 
     async fn links_of_agent(&self, agent: &NodeId) -> Result<Vec<LinkRecord>, StoreError> {
         let sql = format!(
-            "SELECT {LINK_COLUMNS} FROM links WHERE from_node = ? OR to_node = ? ORDER BY name"
+            "SELECT {LINK_COLUMNS} FROM links WHERE from_node = $1 OR to_node = $2 ORDER BY name"
         );
         let id = agent.to_string();
         sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -521,7 +619,7 @@ impl Store for SqliteStore {
 
     async fn delete_link(&self, name: &str, now: u64) -> Result<Option<LinkRecord>, StoreError> {
         let mut tx = self.write_tx().await?;
-        let sql = format!("SELECT {LINK_COLUMNS} FROM links WHERE name = ?");
+        let sql = format!("SELECT {LINK_COLUMNS} FROM links WHERE name = $1");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(name)
             .fetch_optional(&mut *tx)
@@ -531,7 +629,7 @@ impl Store for SqliteStore {
             return Ok(None);
         };
         let link = link_from_row(&row)?;
-        sqlx::query("DELETE FROM links WHERE link_id = ?")
+        sqlx::query("DELETE FROM links WHERE link_id = $1")
             .bind(link.link_id.to_string())
             .execute(&mut *tx)
             .await?;
@@ -546,6 +644,7 @@ impl Store for SqliteStore {
             .collect();
         insert_events(&mut tx, &revokes, now).await?;
         bump_agents(&mut tx, &link.from_node, &link.to_node).await?;
+        mark_change(&mut tx, self.backend).await?;
         tx.commit().await?;
         Ok(Some(link))
     }
@@ -553,8 +652,8 @@ impl Store for SqliteStore {
     async fn update_link_grant(&self, u: &LinkGrantUpdate, now: u64) -> Result<bool, StoreError> {
         let mut tx = self.write_tx().await?;
         let done = sqlx::query(
-            "UPDATE links SET generation = ?, relays = ?, grant_not_after = ? \
-             WHERE link_id = ? AND generation = ?",
+            "UPDATE links SET generation = $1, relays = $2, grant_not_after = $3 \
+             WHERE link_id = $4 AND generation = $5",
         )
         .bind(to_i64(u.generation))
         .bind(relays_json(&u.relays)?)
@@ -569,7 +668,7 @@ impl Store for SqliteStore {
         }
         insert_events(&mut tx, &u.events, now).await?;
         if u.bump_agents {
-            let row = sqlx::query("SELECT from_node, to_node FROM links WHERE link_id = ?")
+            let row = sqlx::query("SELECT from_node, to_node FROM links WHERE link_id = $1")
                 .bind(u.link_id.to_string())
                 .fetch_one(&mut *tx)
                 .await?;
@@ -577,6 +676,7 @@ impl Store for SqliteStore {
             let b: NodeId = parse("links.to_node", &row.try_get::<String, _>("to_node")?)?;
             bump_agents(&mut tx, &a, &b).await?;
         }
+        mark_change(&mut tx, self.backend).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -592,7 +692,7 @@ impl Store for SqliteStore {
     ) -> Result<bool, StoreError> {
         let mut tx = self.write_tx().await?;
         let done = sqlx::query(
-            "UPDATE links SET max_flows = ?, rate_limit = ? WHERE link_id = ? AND generation = ?",
+            "UPDATE links SET max_flows = $1, rate_limit = $2 WHERE link_id = $3 AND generation = $4",
         )
         .bind(max_flows.map(i64::from))
         .bind(rate_limit.map(to_i64))
@@ -605,6 +705,7 @@ impl Store for SqliteStore {
             return Ok(false);
         }
         insert_events(&mut tx, events, now).await?;
+        mark_change(&mut tx, self.backend).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -617,7 +718,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<EventRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, link_id, grant_hex FROM relay_events \
-             WHERE relay_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+             WHERE relay_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(relay.to_string())
         .bind(to_i64(since))
@@ -643,6 +744,13 @@ impl Store for SqliteStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(row.try_get::<Option<i64>, _>("m")?.map_or(0, to_u64))
+    }
+
+    async fn change_mark(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT seq, changes FROM event_seq WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(to_u64(row.try_get("seq")?).wrapping_add(to_u64(row.try_get("changes")?)))
     }
 
     async fn close(&self) {
