@@ -53,10 +53,13 @@ impl std::fmt::Debug for Auth {
     }
 }
 
-/// A client of one controller.
+/// A client of a controller, reachable at one or more URLs (several
+/// controllers sharing one database): a request that cannot reach one goes
+/// to the next, and the one that answered is tried first next time.
 #[derive(Debug, Clone)]
 pub struct Client {
-    base: String,
+    bases: Arc<Vec<String>>,
+    current: Arc<std::sync::atomic::AtomicUsize>,
     http: reqwest::Client,
     auth: Arc<Auth>,
 }
@@ -101,6 +104,18 @@ impl Client {
     /// A client of the controller at `base` (`https://host:port`) whose
     /// certificate must chain to `ca`.
     pub fn new(base: &str, ca: &[CertificateDer<'static>], auth: Auth) -> anyhow::Result<Self> {
+        Self::with_fallbacks(&[base.to_owned()], ca, auth)
+    }
+
+    /// A client of the controllers at `bases`, tried in order.
+    pub fn with_fallbacks(
+        bases: &[String],
+        ca: &[CertificateDer<'static>],
+        auth: Auth,
+    ) -> anyhow::Result<Self> {
+        if bases.is_empty() {
+            bail!("no controller URL");
+        }
         let mut roots = rustls::RootCertStore::empty();
         for c in ca {
             roots
@@ -115,15 +130,22 @@ impl Client {
         // Long polls last up to LONG_POLL; leave room for the answer.
         let http = http_client(tls, LONG_POLL + REQUEST_TIMEOUT)?;
         Ok(Self {
-            base: base.trim_end_matches('/').to_owned(),
+            bases: Arc::new(
+                bases
+                    .iter()
+                    .map(|b| b.trim_end_matches('/').to_owned())
+                    .collect(),
+            ),
+            current: Arc::default(),
             http,
             auth: Arc::new(auth),
         })
     }
 
-    /// The controller's base URL.
+    /// The base URL requests go to first (the last one that answered).
     pub fn base(&self) -> &str {
-        &self.base
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        &self.bases[i % self.bases.len()]
     }
 
     fn bearer(&self) -> anyhow::Result<Option<Zeroizing<String>>> {
@@ -147,22 +169,43 @@ impl Client {
         })
     }
 
+    /// Sends the request `build` makes for a base URL, to the current
+    /// controller and, when it cannot be reached, to the next ones.
     async fn send<T: DeserializeOwned>(
         &self,
-        req: reqwest::RequestBuilder,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
         what: &str,
     ) -> anyhow::Result<T> {
-        let req = match self.bearer()? {
-            Some(t) => req.bearer_auth(t.as_str()),
-            None => req,
+        use std::sync::atomic::Ordering;
+        let start = self.current.load(Ordering::Relaxed);
+        let mut unreachable = Vec::new();
+        let mut answered = None;
+        for k in 0..self.bases.len() {
+            let i = (start + k) % self.bases.len();
+            let base = &self.bases[i];
+            let req = build(base);
+            let req = match self.bearer()? {
+                Some(t) => req.bearer_auth(t.as_str()),
+                None => req,
+            };
+            match req.send().await {
+                Ok(resp) => {
+                    if k > 0 {
+                        tracing::info!(controller = %base, "using the next controller");
+                    }
+                    self.current.store(i, Ordering::Relaxed);
+                    answered = Some(resp);
+                    break;
+                }
+                Err(e) => unreachable.push(format!("{base}: {}", error_chain(&e))),
+            }
+        }
+        let Some(resp) = answered else {
+            bail!(
+                "{what}: cannot reach the controller at {}",
+                unreachable.join("; nor at ")
+            );
         };
-        let resp = req.send().await.map_err(|e| {
-            anyhow!(
-                "{what}: cannot reach the controller at {}: {}",
-                self.base,
-                error_chain(&e)
-            )
-        })?;
         let status = resp.status();
         let body = read_limited(resp).await.with_context(|| what.to_owned())?;
         if !status.is_success() {
@@ -182,8 +225,11 @@ impl Client {
         query: &[(&str, String)],
         what: &str,
     ) -> anyhow::Result<T> {
-        let req = self.http.get(format!("{}{path}", self.base)).query(query);
-        self.send(req, what).await
+        self.send(
+            |base| self.http.get(format!("{base}{path}")).query(query),
+            what,
+        )
+        .await
     }
 
     /// `POST path` with a JSON body.
@@ -193,8 +239,11 @@ impl Client {
         body: &B,
         what: &str,
     ) -> anyhow::Result<T> {
-        let req = self.http.post(format!("{}{path}", self.base)).json(body);
-        self.send(req, what).await
+        self.send(
+            |base| self.http.post(format!("{base}{path}")).json(body),
+            what,
+        )
+        .await
     }
 
     /// `PATCH path` with a JSON body.
@@ -204,14 +253,18 @@ impl Client {
         body: &B,
         what: &str,
     ) -> anyhow::Result<T> {
-        let req = self.http.patch(format!("{}{path}", self.base)).json(body);
-        self.send(req, what).await
+        self.send(
+            |base| self.http.patch(format!("{base}{path}")).json(body),
+            what,
+        )
+        .await
     }
 
     /// `DELETE path`.
     pub async fn delete(&self, path: &str, what: &str) -> anyhow::Result<()> {
-        let req = self.http.delete(format!("{}{path}", self.base));
-        let _: api::Empty = self.send(req, what).await?;
+        let _: api::Empty = self
+            .send(|base| self.http.delete(format!("{base}{path}")), what)
+            .await?;
         Ok(())
     }
 }

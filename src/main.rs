@@ -235,6 +235,10 @@ struct TokenArgs {
     /// File holding the join token; `-` reads standard input.
     #[arg(long, conflicts_with = "token")]
     token_file: Option<PathBuf>,
+    /// Another controller sharing the first one's database (https://…),
+    /// tried when the token's one cannot be reached (repeatable).
+    #[arg(long = "fallback-controller")]
+    fallback_controllers: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -720,7 +724,22 @@ async fn enrol(
 ) -> anyhow::Result<()> {
     let join = comsat::node::read_token(token.token, token.token_file.as_deref())
         .map_err(|e| Usage(format!("{e:#}")))?;
-    let done = comsat::node::enrol(&join, kind, &dir, public_addr.as_deref()).await?;
+    for url in &token.fallback_controllers {
+        if !url.starts_with("https://") {
+            return Err(Usage(format!(
+                "--fallback-controller {url}: expected an https:// URL"
+            ))
+            .into());
+        }
+    }
+    let done = comsat::node::enrol(
+        &join,
+        kind,
+        &dir,
+        public_addr.as_deref(),
+        &token.fallback_controllers,
+    )
+    .await?;
     println!(
         "enrolled {kind} {} (id {}) into {}",
         done.name,

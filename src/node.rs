@@ -48,8 +48,12 @@ pub struct NodeState {
     pub node_id: NodeId,
     /// The node's name.
     pub name: String,
-    /// The controller's base URL.
+    /// The controller's base URL (from the join token).
     pub controller: String,
+    /// More controllers sharing its database, tried in order when it
+    /// cannot be reached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback_controllers: Vec<String>,
     /// `aud` of the node's JWTs.
     pub audience: String,
     /// The key that signs grants.
@@ -107,8 +111,10 @@ impl NodeState {
     pub fn client(&self, dir: &Path) -> anyhow::Result<Client> {
         let ca = client::read_ca(&dir.join("ca.pem"))?;
         let key = SigningKey::read_file(&dir.join("node.key"))?;
-        Client::new(
-            &self.controller,
+        let mut bases = vec![self.controller.clone()];
+        bases.extend(self.fallback_controllers.iter().cloned());
+        Client::with_fallbacks(
+            &bases,
             &ca,
             Auth::Node {
                 node_id: self.node_id,
@@ -172,6 +178,7 @@ pub async fn enrol(
     kind: NodeKind,
     dir: &Path,
     public_addr: Option<&str>,
+    fallbacks: &[String],
 ) -> anyhow::Result<Enrolled> {
     if dir.join("node.toml").exists() {
         bail!(
@@ -236,6 +243,7 @@ pub async fn enrol(
         node_id: resp.node_id,
         name: resp.name.clone(),
         controller: token.url.clone(),
+        fallback_controllers: fallbacks.to_vec(),
         audience: resp.audience,
         authority_public_key: resp.authority_public_key,
         public_addr: public_addr.map(str::to_owned),

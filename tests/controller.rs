@@ -58,6 +58,8 @@ struct Cluster {
     dir: tempfile::TempDir,
     /// A PostgreSQL database instead of the SQLite file.
     database: Option<String>,
+    /// `--fallback-controller` given to enrolments.
+    fallback: Option<String>,
     controller: Option<Proc>,
     relays: Vec<(String, Proc, SocketAddr, SocketAddr)>,
     agents: Vec<(String, Proc, SocketAddr)>,
@@ -108,6 +110,7 @@ impl Cluster {
         let mut c = Self {
             dir,
             database,
+            fallback: None,
             controller: None,
             relays: Vec::new(),
             agents: Vec::new(),
@@ -215,16 +218,21 @@ impl Cluster {
         let token = self.token("relay", name, &[])?;
         let port = free_udp_port()?;
         let dir = self.path(name);
-        ok(&[
+        let (token, dir, addr) = (s(&token), s(&dir), format!("127.0.0.1:{port}"));
+        let mut args = vec![
             "relay",
             "enrol",
             "--token-file",
-            &s(&token),
+            &token,
             "--data-dir",
-            &s(&dir),
+            &dir,
             "--public-addr",
-            &format!("127.0.0.1:{port}"),
-        ])?;
+            &addr,
+        ];
+        if let Some(f) = &self.fallback {
+            args.extend(["--fallback-controller", f]);
+        }
+        ok(&args)?;
         Ok(())
     }
 
@@ -267,15 +275,13 @@ impl Cluster {
     }
 
     fn enrol_agent(&mut self, name: &str) -> Result<()> {
-        let token = self.token("agent", name, &[])?;
-        ok(&[
-            "agent",
-            "enrol",
-            "--token-file",
-            &s(&token),
-            "--data-dir",
-            &s(&self.path(name)),
-        ])?;
+        let token = s(&self.token("agent", name, &[])?);
+        let dir = s(&self.path(name));
+        let mut args = vec!["agent", "enrol", "--token-file", &token, "--data-dir", &dir];
+        if let Some(f) = &self.fallback {
+            args.extend(["--fallback-controller", f]);
+        }
+        ok(&args)?;
         self.run_agent(name)
     }
 
@@ -1247,6 +1253,7 @@ async fn two_controllers_on_one_postgres_database_act_as_one() -> Result<()> {
     let port2 = free_tcp_port()?;
     let _second = c.second_controller(port2)?;
     let url2 = format!("https://127.0.0.1:{port2}");
+    c.fallback = Some(url2.clone());
 
     // Nodes enrol through the first controller...
     c.enrol_relay("relay-1")?;
@@ -1330,5 +1337,41 @@ async fn two_controllers_on_one_postgres_database_act_as_one() -> Result<()> {
             .any(|(ok, err)| !ok && err.contains("already used")),
         "the loser is told the token was used: {outcomes:?}"
     );
+
+    // The first controller dies: relays and agents go on with the second
+    // (they were enrolled with it as a fallback), and a link created there
+    // reaches them.
+    c.controller.take().context("controller")?.kill();
+    let target2 = hash_server().await?;
+    let listen2 = format!("tcp://127.0.0.1:{}", free_tcp_port()?);
+    c.ctl_at(
+        &url2,
+        &[
+            "link",
+            "create",
+            "after",
+            "--from",
+            "a",
+            "--listen",
+            &listen2,
+            "--to",
+            "b",
+            "--target",
+            &format!("tcp://{target2}"),
+        ],
+    )?;
+    let addr2 = listen_addr(c.agent("a")?, "after")?;
+    round_trip_eventually(addr2, 1 << 20)
+        .await
+        .with_context(|| c.logs())?;
+    // The relay heartbeats to the second controller: it stays healthy.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let relays = c.ctl_at(&url2, &["relay", "list", "-o", "json"])?;
+    let relays: Vec<api::RelayInfo> = serde_json::from_str(&relays)?;
+    ensure!(
+        relays.len() == 1 && relays[0].healthy,
+        "the relay is still healthy at the second controller: {relays:?}"
+    );
+    round_trip(addr, 1 << 20, 3).await?;
     Ok(())
 }
