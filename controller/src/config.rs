@@ -21,7 +21,7 @@
 //! | `relay_ca_cert` | `relay-ca.pem` | the CA that signs relay certificates (agents trust it) |
 //! | `relay_ca_key` | `relay-ca.key` | its private key (mode 0600) |
 //! | `authority_key` | `authority.key` | the ed25519 authority key that signs grants (mode 0600) |
-//! | `database` | `controller.db` | the SQLite database |
+//! | `database` | `controller.db` | the SQLite database (unused with `--database postgres://…` / `COMSAT_DATABASE_URL`, which is never read from this file: it may hold a password) |
 //!
 //! Example:
 //!
