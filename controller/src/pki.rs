@@ -259,6 +259,42 @@ fn der_to_pem(der: &[u8]) -> String {
 }
 
 /// The rustls server configuration (ring, TLS 1.2 and 1.3, HTTP/1.1).
+/// Checks a new HTTPS certificate before it replaces the served one: the
+/// key must match it, and it must chain to the CA nodes pin (`ca_pem`) for
+/// `host`; otherwise every node would stop trusting the controller.
+pub fn check_rotated_certificate(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    ca_pem: &[u8],
+    host: &str,
+) -> Result<rustls::ServerConfig, String> {
+    let certs = certs_from_pem(cert_pem).map_err(|e| e.to_string())?;
+    let key = key_from_pem(key_pem).map_err(|e| e.to_string())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::sign::CertifiedKey::from_der(certs.clone(), key.clone_key(), &provider)
+        .map_err(|e| format!("the key does not match the certificate: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certs_from_pem(ca_pem).map_err(|e| e.to_string())? {
+        roots
+            .add(ca)
+            .map_err(|e| format!("the pinned CA is unusable: {e}"))?;
+    }
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("{host}: {e}"))?;
+    use rustls::client::danger::ServerCertVerifier;
+    let (leaf, rest) = certs.split_first().ok_or("no certificate")?;
+    verifier
+        .verify_server_cert(leaf, rest, &name, &[], rustls::pki_types::UnixTime::now())
+        .map_err(|e| {
+            format!("it does not verify for {host} against the CA nodes pin (ca.pem): {e}")
+        })?;
+    server_tls_config(cert_pem, key_pem).map_err(|e| e.to_string())
+}
+
 pub fn server_tls_config(
     cert_pem: &[u8],
     key_pem: &[u8],
@@ -349,5 +385,65 @@ mod tests {
             first_cert_sha256(b.cert_pem.as_bytes()).expect("sha")
         );
         assert!(first_cert_sha256(b"nothing").is_err());
+    }
+
+    #[test]
+    fn a_rotated_certificate_must_match_its_key_and_chain_to_the_pinned_ca() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let ttl = Duration::from_secs(3600);
+        let ca = generate_ca("pinned").expect("ca");
+        let issuer = CaIssuer::from_pem(&ca.cert_pem, &ca.key_pem).expect("issuer");
+        let (cert, key) = issuer
+            .issue_server(vec!["ctl.example".into()], now, ttl)
+            .expect("leaf");
+        let ok = check_rotated_certificate(
+            cert.as_bytes(),
+            key.as_bytes(),
+            ca.cert_pem.as_bytes(),
+            "ctl.example",
+        );
+        assert!(ok.is_ok(), "{:?}", ok.err());
+
+        let (_, other_key) = issuer
+            .issue_server(vec!["ctl.example".into()], now, ttl)
+            .expect("leaf");
+        let err = check_rotated_certificate(
+            cert.as_bytes(),
+            other_key.as_bytes(),
+            ca.cert_pem.as_bytes(),
+            "ctl.example",
+        )
+        .expect_err("mismatched key");
+        assert!(err.contains("does not match"), "{err}");
+
+        let stranger = generate_ca("another").expect("ca");
+        let stranger = CaIssuer::from_pem(&stranger.cert_pem, &stranger.key_pem).expect("issuer");
+        let (cert2, key2) = stranger
+            .issue_server(vec!["ctl.example".into()], now, ttl)
+            .expect("leaf");
+        let err = check_rotated_certificate(
+            cert2.as_bytes(),
+            key2.as_bytes(),
+            ca.cert_pem.as_bytes(),
+            "ctl.example",
+        )
+        .expect_err("other CA");
+        assert!(err.contains("ca.pem"), "{err}");
+
+        let err = check_rotated_certificate(
+            cert.as_bytes(),
+            key.as_bytes(),
+            ca.cert_pem.as_bytes(),
+            "other.example",
+        )
+        .expect_err("other host");
+        assert!(err.contains("other.example"), "{err}");
+        assert!(
+            check_rotated_certificate(b"junk", key.as_bytes(), ca.cert_pem.as_bytes(), "x")
+                .is_err()
+        );
     }
 }

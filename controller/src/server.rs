@@ -24,6 +24,8 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// How often a controller sharing its database looks for other
 /// controllers' changes (it is woken sooner by `LISTEN` where it works).
 const SHARED_POLL: Duration = Duration::from_millis(500);
+/// How often the HTTPS certificate files are checked for a renewal.
+const TLS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long open requests (long polls end at once) get to finish.
 const GRACE: Duration = Duration::from_secs(5);
 
@@ -184,17 +186,16 @@ impl Controller {
             database: self_database,
         } = self;
         let handle = axum_server::Handle::<SocketAddr>::new();
-        let server = axum_server::from_tcp_rustls(
-            listener,
-            axum_server::tls_rustls::RustlsConfig::from_config(tls),
-        )
-        .map_err(ControllerError::Serve)?
-        .handle(handle.clone());
+        let rustls_config = axum_server::tls_rustls::RustlsConfig::from_config(tls);
+        let server = axum_server::from_tcp_rustls(listener, rustls_config.clone())
+            .map_err(ControllerError::Serve)?
+            .handle(handle.clone());
         let app = crate::http::router(shared.clone());
         let tasks = [
             tokio::spawn(assign_loop(shared.clone())),
             tokio::spawn(purge_loop(shared.clone())),
             tokio::spawn(watch_shared_database(shared.clone(), self_database)),
+            tokio::spawn(watch_tls_files(shared.clone(), rustls_config)),
         ];
         tracing::info!(
             listen = %local_addr,
@@ -284,6 +285,56 @@ async fn watch_shared_database(shared: Arc<Shared>, database: Option<DatabaseUrl
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reading the database's change count failed"),
+        }
+    }
+}
+
+/// Serves a new HTTPS certificate and key as soon as their files change
+/// (an operator's renewal), to new connections; open ones, long polls
+/// included, go on. A pair that does not load, does not match, or does not
+/// chain to the CA nodes pin is refused with an error and the current one
+/// stays; it is tried again when either file changes.
+async fn watch_tls_files(shared: Arc<Shared>, served: axum_server::tls_rustls::RustlsConfig) {
+    let (cert, key) = (
+        shared.config.tls_cert.clone(),
+        shared.config.tls_key.clone(),
+    );
+    let stamps = || [&cert, &key].map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    let mut last = stamps();
+    let host = crate::config::parse_public_url(&shared.config.public_url)
+        .map(|(h, _)| h)
+        .unwrap_or_default();
+    let mut shutdown = shared.shutdown.clone();
+    let mut tick = tokio::time::interval(TLS_CHECK_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        let now = stamps();
+        if now == last {
+            continue;
+        }
+        last = now;
+        let loaded = std::fs::read(&cert)
+            .map_err(|e| format!("{}: {e}", cert.display()))
+            .and_then(|c| {
+                let k = comsat_protocol::keys::read_secret_file(&key).map_err(|e| e.to_string())?;
+                pki::check_rotated_certificate(&c, k.as_bytes(), shared.ca_pem.as_bytes(), &host)
+            });
+        match loaded {
+            Ok(config) => {
+                served.reload_from_config(Arc::new(config));
+                tracing::info!(cert = %cert.display(), "HTTPS certificate reloaded; new connections get it");
+            }
+            Err(e) => tracing::error!(
+                cert = %cert.display(),
+                error = %e,
+                "new HTTPS certificate refused; still serving the current one"
+            ),
         }
     }
 }
