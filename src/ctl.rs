@@ -260,6 +260,52 @@ fn link_rows(v: &[api::LinkInfo]) -> String {
     )
 }
 
+/// `audit list`.
+pub async fn audit_list(
+    c: &Client,
+    since: Option<std::time::Duration>,
+    subject: Option<String>,
+    limit: usize,
+    out: Output,
+) -> anyhow::Result<String> {
+    let mut query = vec![("limit", limit.to_string())];
+    if let Some(d) = since {
+        let from = std::time::SystemTime::now()
+            .checked_sub(d)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        query.push(("since", from.to_string()));
+    }
+    if let Some(s) = subject {
+        query.push(("subject", s));
+    }
+    let v: Vec<api::AuditRecord> = c.get(api::PATH_AUDIT, &query, "audit list").await?;
+    if out == Output::Json {
+        return json(&v);
+    }
+    let rows = v
+        .iter()
+        .map(|r| {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.at_ms);
+            vec![
+                humantime::format_rfc3339_seconds(at).to_string(),
+                r.subject.clone(),
+                r.action.clone(),
+                r.resource.clone(),
+                r.result.clone(),
+                r.reason.clone().unwrap_or_default(),
+                r.source.clone().unwrap_or_default(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    Ok(table(
+        &[
+            "TIME", "SUBJECT", "ACTION", "RESOURCE", "RESULT", "REASON", "SOURCE",
+        ],
+        &rows,
+    ))
+}
+
 /// Parses a rate as operators write it: `10MiB/s`, `1.5MB/s`, `100Mbit/s`,
 /// `512KiB`, or plain bytes per second (`65536`). Returns bytes per second.
 pub fn parse_rate(s: &str) -> Result<u64, String> {

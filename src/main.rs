@@ -293,6 +293,27 @@ enum CtlCommand {
     },
     /// A summary of the controller's state.
     Status,
+    /// The audit log: changes and refused authentications, with reasons.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// List audit records, oldest first (at most 1000, the newest).
+    List {
+        /// Only records newer than this, e.g. 10m, 1h, 7d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Only this subject, or subjects starting with it (`agent:`).
+        #[arg(long)]
+        subject: Option<String>,
+        /// At most this many records.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -711,6 +732,14 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
             LinkCommand::Delete { name } => ctl::link_delete(&c, &name).await?,
         },
         CtlCommand::Status => ctl::status(&c, out).await?,
+        CtlCommand::Audit {
+            command:
+                AuditCommand::List {
+                    since,
+                    subject,
+                    limit,
+                },
+        } => ctl::audit_list(&c, since, subject, limit, out).await?,
     };
     print!("{text}");
     Ok(())

@@ -630,16 +630,15 @@ async fn the_data_plane_outlives_the_controller_and_a_seen_jti_stays_refused() -
 
     c.run_controller()?;
     let (code, body) = raw_get(&c, api::PATH_AGENT_CONFIG, &token).await?;
-    ensure!(
-        code == 401 && body.contains("replayed"),
-        "a JWT seen before the restart: {code} {body}"
-    );
+    ensure!(code == 401, "a JWT seen before the restart: {code} {body}");
+    let audit = c.ctl_ok(&["audit", "list", "-o", "json"])?;
+    ensure!(audit.contains("replayed"), "{audit}");
     round_trip(listen, 1 << 20, 9).await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokens_and_jwts_are_refused_with_clear_errors() -> Result<()> {
+async fn tokens_and_jwts_are_refused_alike_and_audited_with_the_reason() -> Result<()> {
     let mut c = Cluster::start(|t| t)?;
     c.enrol_agent("a")?;
     let dir = |n: &str| s(&c.path(n));
@@ -654,10 +653,8 @@ async fn tokens_and_jwts_are_refused_with_clear_errors() -> Result<()> {
         "--data-dir",
         &dir("again"),
     ])?;
-    ensure!(
-        code != 0 && err.contains("already used"),
-        "used token: {code} {err}"
-    );
+    let refused = |code: i32, err: &str| code != 0 && err.contains("join token refused");
+    ensure!(refused(code, &err), "used token: {code} {err}");
 
     // An expired token.
     let expired = c.token("agent", "late", &["--ttl", "1s"])?;
@@ -670,10 +667,7 @@ async fn tokens_and_jwts_are_refused_with_clear_errors() -> Result<()> {
         "--data-dir",
         &dir("late"),
     ])?;
-    ensure!(
-        code != 0 && err.contains("expired"),
-        "expired token: {code} {err}"
-    );
+    ensure!(refused(code, &err), "expired token: {code} {err}");
     // ... and used up: it stays refused.
     let (code, _, err) = comsat(&[
         "agent",
@@ -696,7 +690,7 @@ async fn tokens_and_jwts_are_refused_with_clear_errors() -> Result<()> {
         &dir("x"),
     ])?;
     ensure!(
-        code != 0 && err.contains("relay"),
+        refused(code, &err),
         "relay token used by an agent: {code} {err}"
     );
 
@@ -717,25 +711,20 @@ async fn tokens_and_jwts_are_refused_with_clear_errors() -> Result<()> {
     let (code, body) = raw_get(&c, api::PATH_AGENT_CONFIG, &good).await?;
     ensure!(code == 200, "{code} {body}");
     let (code, body) = raw_get(&c, api::PATH_AGENT_CONFIG, &good).await?;
-    ensure!(
-        code == 401 && body.contains("replayed"),
-        "replayed JWT: {code} {body}"
-    );
+    let unauthorized = |code: u16, body: &str| code == 401 && body.contains("unauthorized");
+    ensure!(unauthorized(code, &body), "replayed JWT: {code} {body}");
 
     let other = SigningKey::generate();
     let forged = jwt::mint(&other, &state.node_id, &state.audience, now, 30)?;
     let (code, body) = raw_get(&c, api::PATH_AGENT_CONFIG, &forged).await?;
     ensure!(
-        code == 401 && body.contains("signature"),
+        unauthorized(code, &body),
         "JWT signed by another key: {code} {body}"
     );
 
     let old = jwt::mint(&key, &state.node_id, &state.audience, now - 600, 30)?;
     let (code, body) = raw_get(&c, api::PATH_AGENT_CONFIG, &old).await?;
-    ensure!(
-        code == 401 && body.contains("expired"),
-        "expired JWT: {code} {body}"
-    );
+    ensure!(unauthorized(code, &body), "expired JWT: {code} {body}");
 
     use base64::Engine;
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
@@ -753,10 +742,7 @@ async fn tokens_and_jwts_are_refused_with_clear_errors() -> Result<()> {
         b64(&[0; 32])
     );
     let (code, body) = raw_get(&c, api::PATH_AGENT_CONFIG, &hs).await?;
-    ensure!(
-        code == 401 && body.contains("EdDSA"),
-        "HS256 JWT: {code} {body}"
-    );
+    ensure!(unauthorized(code, &body), "HS256 JWT: {code} {body}");
     let none = format!(
         "{}.{}.",
         b64(format!(r#"{{"alg":"none","kid":"{}"}}"#, state.node_id).as_bytes()),
@@ -769,9 +755,62 @@ async fn tokens_and_jwts_are_refused_with_clear_errors() -> Result<()> {
     let agent_jwt = jwt::mint(&key, &state.node_id, &state.audience, now, 30)?;
     let (code, body) = raw_get(&c, api::PATH_RELAY_EVENTS, &agent_jwt).await?;
     ensure!(
-        code == 401 || code == 403,
+        unauthorized(code, &body),
         "agent JWT on relay events: {code} {body}"
     );
+
+    // The operator sees every real reason in the audit log, with the
+    // subject and the source; no token used here is in it, nor in the
+    // controller's log.
+    let audit: Vec<api::AuditRecord> =
+        serde_json::from_str(&c.ctl_ok(&["audit", "list", "--since", "1h", "-o", "json"])?)?;
+    for reason in [
+        "already used",
+        "expired",
+        "comsat relay enrol",
+        "replayed",
+        "signature",
+        "EdDSA",
+        "this endpoint is for relays",
+    ] {
+        ensure!(
+            audit.iter().any(|r| r.result == "denied"
+                && r.reason.as_deref().is_some_and(|x| x.contains(reason))
+                && r.source
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with("127.0.0.1:"))),
+            "no denied audit record for {reason:?}: {audit:#?}"
+        );
+    }
+    ensure!(
+        audit
+            .iter()
+            .any(|r| r.subject == format!("node:{}", state.node_id) && r.action == "authenticate"),
+        "{audit:#?}"
+    );
+    let table = c.ctl_ok(&["audit", "list", "--subject", "agent:"])?;
+    ensure!(
+        table.starts_with("TIME") && table.contains("agent:a") && table.contains("enrol"),
+        "{table}"
+    );
+    let audit_text = serde_json::to_string(&audit)?;
+    let controller_log = std::fs::read_to_string(c.path("controller.log"))?;
+    let admin = std::fs::read_to_string(c.path("controller/admin.token"))?;
+    let mut secrets = vec![admin.trim().to_owned(), good, forged, old, hs, agent_jwt];
+    for file in [used, expired, relay_token] {
+        let t = api::JoinToken::parse(std::fs::read_to_string(file)?.trim())?;
+        secrets.push(t.secret.clone());
+    }
+    for secret in &secrets {
+        ensure!(
+            !audit_text.contains(secret.as_str()),
+            "a secret is in the audit log"
+        );
+        ensure!(
+            !controller_log.contains(secret.as_str()),
+            "a secret is in the controller's log"
+        );
+    }
     Ok(())
 }
 
@@ -1299,9 +1338,11 @@ async fn two_controllers_on_one_postgres_database_act_as_one() -> Result<()> {
     ensure!(code == 200, "first use: {code} {body}");
     let (code, body) = raw_get_at(&c, &url2, api::PATH_AGENT_CONFIG, &token).await?;
     ensure!(
-        code == 401 && body.contains("replayed"),
+        code == 401,
         "the same JWT at the second controller: {code} {body}"
     );
+    let audit = c.ctl_at(&url2, &["audit", "list", "-o", "json"])?;
+    ensure!(audit.contains("replayed"), "{audit}");
 
     // One join token redeemed at both controllers at once: one wins.
     let first = c.token("agent", "racer", &[])?;
@@ -1339,7 +1380,7 @@ async fn two_controllers_on_one_postgres_database_act_as_one() -> Result<()> {
     ensure!(
         outcomes
             .iter()
-            .any(|(ok, err)| !ok && err.contains("already used")),
+            .any(|(ok, err)| !ok && err.contains("join token refused")),
         "the loser is told the token was used: {outcomes:?}"
     );
 

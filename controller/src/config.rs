@@ -15,6 +15,7 @@
 //! | `relay_cert_ttl_secs` | 86400 | lifetime of relay certificates the controller issues (at least 300) |
 //! | `grant_ttl_secs` | 604800 (7 days) | lifetime of grants; they are re-signed before half of it is gone (at least 60) |
 //! | `link_buffer_limit` | 67108864 (64 MiB) | bytes a relay may hold per link while one side is away |
+//! | `audit_retention_days` | 90 | audit records older than this are removed (hourly); 0 keeps them forever |
 //! | `tls_cert` | `tls.crt` | the HTTPS server certificate chain (PEM) |
 //! | `tls_key` | `tls.key` | its private key (PEM, mode 0600) |
 //! | `ca` | `ca.pem` | the CA nodes pin (its SHA-256 goes into join tokens; served at `/v1/ca`) |
@@ -72,6 +73,9 @@ fn default_grant_ttl() -> u64 {
 fn default_buffer_limit() -> u64 {
     64 * 1024 * 1024
 }
+fn default_audit_retention() -> u64 {
+    90
+}
 fn path_default(s: &str) -> PathBuf {
     PathBuf::from(s)
 }
@@ -107,6 +111,9 @@ pub struct ControllerConfig {
     /// Per-link relay buffer, bytes.
     #[serde(default = "default_buffer_limit")]
     pub link_buffer_limit: u64,
+    /// Days audit records are kept (0: forever).
+    #[serde(default = "default_audit_retention")]
+    pub audit_retention_days: u64,
     /// HTTPS certificate chain (PEM).
     #[serde(default = "tls_cert_default")]
     pub tls_cert: PathBuf,
@@ -164,6 +171,7 @@ impl Default for ControllerConfig {
             relay_cert_ttl_secs: default_relay_cert_ttl(),
             grant_ttl_secs: default_grant_ttl(),
             link_buffer_limit: default_buffer_limit(),
+            audit_retention_days: default_audit_retention(),
             tls_cert: tls_cert_default(),
             tls_key: tls_key_default(),
             ca: ca_default(),

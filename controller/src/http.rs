@@ -9,10 +9,13 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
+
+use crate::audit::{Caller, Outcome, Verdict};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use comsat_protocol::api::AuditRecord;
 use comsat_protocol::api::{
     self, AgentDesired, AgentInfo, AgentLink, CertRequest, CertResponse, Empty, EnrolRequest,
     EnrolResponse, JoinToken, LinkCreate, LinkInfo, LinkUpdate, NodeKind, RelayAddr, RelayEvent,
@@ -28,7 +31,7 @@ use tokio::time::Instant;
 use crate::init::token_hash;
 use crate::pki;
 use crate::state::{ApiError, Shared};
-use crate::store::{LinkRecord, NewJoinToken, NewNode, NodeRecord, Redemption};
+use crate::store::{LinkRecord, NewJoinToken, NewNode, NodeRecord, Redemption, StoreError};
 
 type AppState = Arc<Shared>;
 
@@ -62,29 +65,17 @@ pub(crate) fn router(state: AppState) -> Router {
             get(get_link).patch(update_link).delete(delete_link),
         )
         .route(api::PATH_STATUS, get(status))
+        .route(api::PATH_AUDIT, get(audit_list))
         .fallback(|| async { ApiError::not_found("no such API path") })
         .layer(DefaultBodyLimit::max(api::MAX_BODY_LEN))
         .with_state(state)
 }
 
-/// A JSON body: malformed JSON or unknown fields are a 400 with the
-/// parser's message; an oversized body a 413.
-pub(crate) struct JsonBody<T>(pub(crate) T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            ApiError::new(
-                e.status(),
-                format!("cannot read the request body: {}", e.body_text()),
-            )
-        })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
-    }
+/// Parses a JSON body read as bytes (after the caller was authenticated:
+/// a stranger learns nothing from the parser's messages).
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
@@ -92,32 +83,71 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))
 }
 
-fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+fn bearer(headers: &HeaderMap) -> Result<&str, &'static str> {
     let value = headers
         .get(header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer …` header"))?;
+        .ok_or("no `Authorization: Bearer …` header")?;
     let value = value
         .to_str()
-        .map_err(|_| ApiError::unauthorized("Authorization header is not ASCII"))?;
+        .map_err(|_| "Authorization header is not ASCII")?;
     match value.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(token.trim()),
-        _ => Err(ApiError::unauthorized(
-            "Authorization header must be `Bearer <token>`",
-        )),
+        _ => Err("Authorization header is not `Bearer <token>`"),
     }
 }
 
-/// Checks the admin API token.
-async fn auth_admin(state: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
-    let token = bearer(headers)?;
+/// What every refused authentication answers: the real reason goes to the
+/// audit log only.
+const UNAUTHORIZED: &str = "unauthorized (the controller's audit log has the reason)";
+
+/// Refuses a caller whose source has failed too often, before looking at
+/// its credentials.
+fn check_not_limited(state: &Shared, caller: &Caller) -> Result<(), ApiError> {
+    if state.auth_limit.exhausted(caller.ip()) {
+        return Err(ApiError::too_many());
+    }
+    Ok(())
+}
+
+/// Records a refused authentication (and the source running out of
+/// attempts, once) and answers the uniform 401.
+async fn refuse_auth(state: &Shared, caller: &Caller, subject: &str, reason: &str) -> ApiError {
+    tracing::warn!(source = ?caller.source(), subject, reason, path = %caller.path, "refused an authentication");
+    state
+        .audit(
+            caller,
+            subject,
+            "authenticate",
+            &caller.path,
+            Outcome::Denied,
+            Some(reason),
+        )
+        .await;
+    if state.auth_limit.take(caller.ip()) == (Verdict::Limited { first: true }) {
+        state
+            .audit(
+                caller,
+                subject,
+                "authenticate",
+                &caller.path,
+                Outcome::Denied,
+                Some("rate limited: too many failed authentications from this address"),
+            )
+            .await;
+    }
+    ApiError::unauthorized(UNAUTHORIZED)
+}
+
+/// Checks an API token; returns the subject it stands for.
+async fn auth_admin(state: &Shared, caller: &Caller) -> Result<String, ApiError> {
+    check_not_limited(state, caller)?;
+    let token = match bearer(&caller.headers) {
+        Ok(t) => t,
+        Err(reason) => return Err(refuse_auth(state, caller, "anonymous", reason).await),
+    };
     match state.store.api_token(&token_hash(token)).await? {
-        Some(_) => Ok(()),
-        None => {
-            tracing::warn!("refused an admin request: unknown API token");
-            Err(ApiError::unauthorized(
-                "unknown API token (use the admin token from the controller's admin.token)",
-            ))
-        }
+        Some(name) => Ok(format!("user:{name}")),
+        None => Err(refuse_auth(state, caller, "anonymous", "unknown API token").await),
     }
 }
 
@@ -126,15 +156,22 @@ async fn auth_admin(state: &Shared, headers: &HeaderMap) -> Result<(), ApiError>
 /// so this holds across restarts).
 async fn auth_node(
     state: &Shared,
-    headers: &HeaderMap,
+    caller: &Caller,
     kind: NodeKind,
 ) -> Result<NodeRecord, ApiError> {
-    let refuse = |node: Option<&NodeId>, reason: String| {
-        tracing::warn!(node = ?node.map(ToString::to_string), %kind, reason = %reason, "refused a node JWT");
-        ApiError::unauthorized(reason)
+    check_not_limited(state, caller)?;
+    let refuse = async |node: Option<&NodeId>, reason: String| {
+        let subject = node.map_or_else(|| "anonymous".to_owned(), |n| format!("node:{n}"));
+        refuse_auth(state, caller, &subject, &reason).await
     };
-    let token = bearer(headers)?;
-    let claimed = jwt::claimed_node(token).map_err(|e| refuse(None, e.to_string()))?;
+    let token = match bearer(&caller.headers) {
+        Ok(t) => t,
+        Err(reason) => return Err(refuse(None, reason.to_owned()).await),
+    };
+    let claimed = match jwt::claimed_node(token) {
+        Ok(c) => c,
+        Err(e) => return Err(refuse(None, e.to_string()).await),
+    };
     let node = match state.store.node(&claimed).await? {
         Some(n) if n.kind == kind => n,
         Some(n) => {
@@ -144,26 +181,30 @@ async fn auth_node(
                     "node {claimed} is a {}; this endpoint is for {kind}s",
                     n.kind
                 ),
-            ));
+            )
+            .await);
         }
         None => {
             return Err(refuse(
                 Some(&claimed),
                 format!("JWT names node {claimed}, which is not enrolled here"),
-            ));
+            )
+            .await);
         }
     };
     let now = unix_now();
     let leeway = state.config.jwt_leeway_secs;
-    let claims = jwt::verify(
+    let claims = match jwt::verify(
         token,
         &node.node_id,
         &node.sign_pub,
         &state.audience,
         now,
         leeway,
-    )
-    .map_err(|e| refuse(Some(&claimed), e.to_string()))?;
+    ) {
+        Ok(c) => c,
+        Err(e) => return Err(refuse(Some(&claimed), e.to_string()).await),
+    };
     let fresh = state
         .store
         .record_jti(
@@ -176,7 +217,8 @@ async fn auth_node(
         return Err(refuse(
             Some(&claimed),
             "JWT replayed: its jti was already used".into(),
-        ));
+        )
+        .await);
     }
     state.store.touch_node(&node.node_id, now).await?;
     Ok(node)
@@ -196,10 +238,11 @@ fn is_lower_hex(s: &str, len: usize) -> bool {
 
 async fn create_token(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    JsonBody(req): JsonBody<TokenCreate>,
+    caller: Caller,
+    body: Bytes,
 ) -> Result<Json<TokenCreated>, ApiError> {
-    auth_admin(&state, &headers).await?;
+    let subject = auth_admin(&state, &caller).await?;
+    let req: TokenCreate = parse_json(&body)?;
     let ttl = req.ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
     if ttl == 0 || ttl > MAX_TOKEN_TTL_SECS {
         return Err(ApiError::bad_request(format!(
@@ -241,6 +284,16 @@ async fn create_token(
         })
         .await?;
     tracing::info!(token_id = %token.id, kind = %req.kind, name = ?req.name, expires_at, "join token created");
+    state
+        .audit(
+            &caller,
+            &subject,
+            "token.create",
+            &format!("token/{}", token.id),
+            Outcome::Ok,
+            None,
+        )
+        .await;
     Ok(Json(TokenCreated {
         token: token.encode(),
         expires_at,
@@ -258,10 +311,32 @@ fn relay_host(public_addr: &str) -> Result<&str, ApiError> {
         })
 }
 
+/// What a refused enrolment answers, whatever the reason (the audit log
+/// has it).
+const ENROL_REFUSED: &str = "join token refused (unknown, used, expired or for another kind of node: \
+     the controller's audit log says which)";
+
 async fn enrol(
     State(state): State<AppState>,
-    JsonBody(req): JsonBody<EnrolRequest>,
+    caller: Caller,
+    body: Bytes,
 ) -> Result<Json<EnrolResponse>, ApiError> {
+    if let Verdict::Limited { first } = state.enrol_limit.take(caller.ip()) {
+        if first {
+            state
+                .audit(
+                    &caller,
+                    "anonymous",
+                    "enrol",
+                    &caller.path,
+                    Outcome::Denied,
+                    Some("rate limited: too many enrolment attempts from this address"),
+                )
+                .await;
+        }
+        return Err(ApiError::too_many());
+    }
+    let req: EnrolRequest = parse_json(&body)?;
     let now = unix_now();
     let mut cert_pem = None;
     match req.kind {
@@ -291,8 +366,19 @@ async fn enrol(
         }
     }
     if !is_lower_hex(&req.token_id, 16) || !is_lower_hex(&req.secret, 64) {
-        return Err(ApiError::unauthorized("unknown join token"));
+        state
+            .audit(
+                &caller,
+                "anonymous",
+                "enrol",
+                "token/?",
+                Outcome::Denied,
+                Some("malformed join token"),
+            )
+            .await;
+        return Err(ApiError::unauthorized(ENROL_REFUSED));
     }
+    let resource = format!("token/{}", req.token_id);
     let redemption = Redemption {
         token_id: req.token_id.clone(),
         secret_hash: hex::encode(Sha256::digest(req.secret.as_bytes())),
@@ -315,10 +401,40 @@ async fn enrol(
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(token_id = %req.token_id, kind = %req.kind, reason = %e, "enrolment refused");
-            return Err(e.into());
+            let refused = matches!(
+                e,
+                StoreError::UnknownToken
+                    | StoreError::TokenUsed
+                    | StoreError::TokenExpired
+                    | StoreError::WrongKind { .. }
+            );
+            if !refused {
+                return Err(e.into());
+            }
+            state
+                .audit(
+                    &caller,
+                    "anonymous",
+                    "enrol",
+                    &resource,
+                    Outcome::Denied,
+                    Some(&format!("{e} (a {} tried it)", req.kind)),
+                )
+                .await;
+            return Err(ApiError::unauthorized(ENROL_REFUSED));
         }
     };
     tracing::info!(kind = %record.kind, name = %record.name, node_id = %record.node_id, "node enrolled");
+    state
+        .audit(
+            &caller,
+            &format!("{}:{}", record.kind, record.name),
+            "enrol",
+            &resource,
+            Outcome::Ok,
+            None,
+        )
+        .await;
     Ok(Json(EnrolResponse {
         node_id: record.node_id,
         name: record.name,
@@ -361,11 +477,11 @@ fn deadline(wait_ms: u64) -> Instant {
 
 async fn relay_events(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     q: Result<Query<PollQuery>, QueryRejection>,
 ) -> Result<Json<RelayEvents>, ApiError> {
     let q = query(q)?;
-    let relay = auth_node(&state, &headers, NodeKind::Relay).await?;
+    let relay = auth_node(&state, &caller, NodeKind::Relay).await?;
     let relay_id = RelayId(relay.node_id.0);
     let deadline = deadline(q.wait_ms);
     let mut changes = state.changes.subscribe();
@@ -408,10 +524,11 @@ async fn relay_events(
 
 async fn relay_heartbeat(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    JsonBody(hb): JsonBody<RelayHeartbeat>,
+    caller: Caller,
+    body: Bytes,
 ) -> Result<Json<Empty>, ApiError> {
-    let relay = auth_node(&state, &headers, NodeKind::Relay).await?;
+    let relay = auth_node(&state, &caller, NodeKind::Relay).await?;
+    let hb: RelayHeartbeat = parse_json(&body)?;
     state
         .store
         .heartbeat(&relay.node_id, &hb.load, unix_now())
@@ -421,10 +538,11 @@ async fn relay_heartbeat(
 
 async fn relay_cert(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    JsonBody(req): JsonBody<CertRequest>,
+    caller: Caller,
+    body: Bytes,
 ) -> Result<Json<CertResponse>, ApiError> {
-    let relay = auth_node(&state, &headers, NodeKind::Relay).await?;
+    let relay = auth_node(&state, &caller, NodeKind::Relay).await?;
+    let req: CertRequest = parse_json(&body)?;
     let addr = relay.public_addr.as_deref().unwrap_or_default();
     let host = relay_host(addr)?;
     let cert_pem = state
@@ -437,6 +555,16 @@ async fn relay_cert(
         )
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     tracing::info!(relay = %relay.name, "relay certificate renewed");
+    state
+        .audit(
+            &caller,
+            &format!("relay:{}", relay.name),
+            "relay.cert",
+            &format!("relay/{}", relay.name),
+            Outcome::Ok,
+            None,
+        )
+        .await;
     Ok(Json(CertResponse { cert_pem }))
 }
 
@@ -507,11 +635,11 @@ async fn desired(state: &Shared, agent: &NodeRecord) -> Result<AgentDesired, Api
 
 async fn agent_config(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     q: Result<Query<PollQuery>, QueryRejection>,
 ) -> Result<Json<AgentDesired>, ApiError> {
     let q = query(q)?;
-    let mut agent = auth_node(&state, &headers, NodeKind::Agent).await?;
+    let mut agent = auth_node(&state, &caller, NodeKind::Agent).await?;
     let deadline = deadline(q.wait_ms);
     let mut changes = state.changes.subscribe();
     let mut shutdown = state.shutdown.clone();
@@ -530,9 +658,9 @@ async fn agent_config(
 
 async fn list_agents(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Result<Json<Vec<AgentInfo>>, ApiError> {
-    auth_admin(&state, &headers).await?;
+    auth_admin(&state, &caller).await?;
     let links = state.store.links().await?;
     let agents = state.store.nodes(NodeKind::Agent).await?;
     Ok(Json(
@@ -553,9 +681,9 @@ async fn list_agents(
 
 async fn list_relays(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Result<Json<Vec<RelayInfo>>, ApiError> {
-    auth_admin(&state, &headers).await?;
+    auth_admin(&state, &caller).await?;
     let now = unix_now();
     let links = state.store.links().await?;
     let (relays, _) = state.relays(now).await?;
@@ -652,10 +780,11 @@ fn check_target(spec: &str) -> Result<(), ApiError> {
 
 async fn create_link(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    JsonBody(req): JsonBody<LinkCreate>,
+    caller: Caller,
+    body: Bytes,
 ) -> Result<(StatusCode, Json<LinkInfo>), ApiError> {
-    auth_admin(&state, &headers).await?;
+    let subject = auth_admin(&state, &caller).await?;
+    let req: LinkCreate = parse_json(&body)?;
     check_link_name(&req.name)?;
     check_listen(&req.listen)?;
     check_target(&req.target)?;
@@ -709,6 +838,16 @@ async fn create_link(
         rate_limit,
     };
     let link = state.create_link(link, now).await?;
+    state
+        .audit(
+            &caller,
+            &subject,
+            "link.create",
+            &format!("link/{}", link.name),
+            Outcome::Ok,
+            None,
+        )
+        .await;
     let names = state.node_names().await?;
     Ok((StatusCode::CREATED, Json(Shared::link_info(&link, &names))))
 }
@@ -742,11 +881,12 @@ fn check_max_flows(n: Option<u32>) -> Result<Option<u32>, ApiError> {
 
 async fn update_link(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(name): Path<String>,
-    JsonBody(req): JsonBody<LinkUpdate>,
+    body: Bytes,
 ) -> Result<Json<LinkInfo>, ApiError> {
-    auth_admin(&state, &headers).await?;
+    let subject = auth_admin(&state, &caller).await?;
+    let req: LinkUpdate = parse_json(&body)?;
     if req.max_flows.is_none() && req.rate_limit_bytes_per_sec.is_none() {
         return Err(ApiError::bad_request(
             "nothing to change: give max_flows and/or rate_limit_bytes_per_sec (0 removes a limit)",
@@ -758,15 +898,25 @@ async fn update_link(
         .update_link_limits(&name, &req, unix_now())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no link named `{name}`")))?;
+    state
+        .audit(
+            &caller,
+            &subject,
+            "link.update",
+            &format!("link/{}", link.name),
+            Outcome::Ok,
+            None,
+        )
+        .await;
     let names = state.node_names().await?;
     Ok(Json(Shared::link_info(&link, &names)))
 }
 
 async fn list_links(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Result<Json<Vec<LinkInfo>>, ApiError> {
-    auth_admin(&state, &headers).await?;
+    auth_admin(&state, &caller).await?;
     let names = state.node_names().await?;
     let links = state.store.links().await?;
     Ok(Json(
@@ -776,10 +926,10 @@ async fn list_links(
 
 async fn get_link(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Json<LinkInfo>, ApiError> {
-    auth_admin(&state, &headers).await?;
+    auth_admin(&state, &caller).await?;
     let link = state
         .store
         .link_by_name(&name)
@@ -791,21 +941,30 @@ async fn get_link(
 
 async fn delete_link(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Json<Empty>, ApiError> {
-    auth_admin(&state, &headers).await?;
+    let subject = auth_admin(&state, &caller).await?;
     match state.delete_link(&name, unix_now()).await? {
-        Some(_) => Ok(Json(Empty {})),
+        Some(link) => {
+            state
+                .audit(
+                    &caller,
+                    &subject,
+                    "link.delete",
+                    &format!("link/{}", link.name),
+                    Outcome::Ok,
+                    None,
+                )
+                .await;
+            Ok(Json(Empty {}))
+        }
         None => Err(ApiError::not_found(format!("no link named `{name}`"))),
     }
 }
 
-async fn status(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Json<Status>, ApiError> {
-    auth_admin(&state, &headers).await?;
+async fn status(State(state): State<AppState>, caller: Caller) -> Result<Json<Status>, ApiError> {
+    auth_admin(&state, &caller).await?;
     let now = unix_now();
     let agents = state.store.nodes(NodeKind::Agent).await?;
     let (relays, healthy) = state.relays(now).await?;
@@ -870,4 +1029,37 @@ mod tests {
             assert!(check_target(bad).is_err(), "{bad}");
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    /// Unix seconds.
+    #[serde(default)]
+    since: u64,
+    #[serde(default)]
+    subject: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn audit_list(
+    State(state): State<AppState>,
+    caller: Caller,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Json<Vec<AuditRecord>>, ApiError> {
+    auth_admin(&state, &caller).await?;
+    let q = query(q)?;
+    if q.subject.as_ref().is_some_and(|s| s.len() > 256) {
+        return Err(ApiError::bad_request("subject: at most 256 characters"));
+    }
+    let limit = q
+        .limit
+        .unwrap_or(api::MAX_AUDIT_RECORDS)
+        .clamp(1, api::MAX_AUDIT_RECORDS);
+    let records = state
+        .store
+        .audit(q.since.saturating_mul(1000), q.subject.as_deref(), limit)
+        .await?;
+    Ok(Json(records))
 }

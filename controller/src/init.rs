@@ -264,7 +264,8 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, ControllerError> {
              # relays_per_link = 2\n\
              # relay_cert_ttl_secs = 86400\n\
              # grant_ttl_secs = 604800\n\
-             # link_buffer_limit = 67108864\n",
+             # link_buffer_limit = 67108864\n\
+             # audit_retention_days = 90\n",
             toml_str(&public_url)
         )
         .as_bytes(),

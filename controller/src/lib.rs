@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod assign;
+mod audit;
 pub mod config;
 mod error;
 mod http;

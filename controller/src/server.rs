@@ -152,6 +152,8 @@ impl Controller {
             shutdown: shutdown_rx,
             link_lock: Mutex::new(()),
             started_at: unix_now(),
+            enrol_limit: crate::audit::enrol_limiter(),
+            auth_limit: crate::audit::auth_failure_limiter(),
         });
         Ok(Self {
             shared,
@@ -203,7 +205,7 @@ impl Controller {
             audience = %shared.audience,
             "controller serving"
         );
-        let serve = server.serve(app.into_make_service());
+        let serve = server.serve(app.into_make_service_with_connect_info::<SocketAddr>());
         tokio::pin!(serve);
         let result = tokio::select! {
             r = &mut serve => r,
@@ -363,6 +365,15 @@ async fn purge_loop(shared: Arc<Shared>) {
             Ok(n) if n > 0 => tracing::debug!(purged = n, "expired JWT ids forgotten"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "purging expired JWT ids failed"),
+        }
+        let days = shared.config.audit_retention_days;
+        if days > 0 {
+            let before = crate::audit::now_ms().saturating_sub(days.saturating_mul(86_400_000));
+            match shared.store.purge_audit(before).await {
+                Ok(n) if n > 0 => tracing::info!(removed = n, days, "old audit records removed"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "removing old audit records failed"),
+            }
         }
     }
 }

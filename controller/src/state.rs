@@ -36,6 +36,15 @@ impl ApiError {
     pub(crate) fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, message)
     }
+    pub(crate) fn too_many() -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many failed attempts from this address; try again in {} s",
+                crate::audit::RETRY_AFTER.as_secs()
+            ),
+        )
+    }
     pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, message)
     }
@@ -91,6 +100,10 @@ pub(crate) struct Shared {
     pub(crate) link_lock: Mutex<()>,
     /// Unix time the controller started (assignment waits for heartbeats).
     pub(crate) started_at: u64,
+    /// Enrolment attempts per source address.
+    pub(crate) enrol_limit: crate::audit::SourceLimiter,
+    /// Failed authentications per source address.
+    pub(crate) auth_limit: crate::audit::SourceLimiter,
 }
 
 impl Shared {

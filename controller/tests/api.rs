@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use comsat_controller::{Controller, InitOptions, RunOptions, init};
 use comsat_protocol::api::{
-    self, AgentDesired, EnrolRequest, EnrolResponse, ErrorBody, JoinToken, LinkCreate, LinkInfo,
-    NodeKind, RelayEventKind, RelayEvents, RelayHeartbeat, RelayLoad, Status, TokenCreated,
+    self, AgentDesired, AuditRecord, EnrolRequest, EnrolResponse, ErrorBody, JoinToken, LinkCreate,
+    LinkInfo, NodeKind, RelayEventKind, RelayEvents, RelayHeartbeat, RelayLoad, Status,
+    TokenCreated,
 };
 use comsat_protocol::jwt::{self, unix_now};
 use comsat_protocol::{NoiseSecretKey, RelayId, Side, SignPublicKey, SignedGrant, SigningKey};
@@ -383,9 +384,12 @@ async fn enrol_authenticate_link_and_revoke() {
         public_addr: None,
         csr_pem: None,
     };
-    let (status, msg) = error_of(api.enrol_req(&req).await).await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
-    assert!(msg.contains("comsat relay enrol"), "{msg}");
+    // Every refusal answers the same; the audit log has the reason.
+    let refused = |(status, msg): (StatusCode, String)| {
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(msg.starts_with("join token refused"), "{msg}");
+    };
+    refused(error_of(api.enrol_req(&req).await).await);
     let r1_key = SigningKey::generate();
     req.kind = NodeKind::Relay;
     req.sign_public_key = r1_key.public();
@@ -399,15 +403,10 @@ async fn enrol_authenticate_link_and_revoke() {
         noise: None,
         enrolled: resp.json().await.expect("json"),
     };
-    let (status, msg) = error_of(api.enrol_req(&req).await).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert_eq!(msg, "join token already used");
+    refused(error_of(api.enrol_req(&req).await).await);
+    let used_secret = req.secret.clone();
     req.secret = "0".repeat(64);
-    let (status, msg) = error_of(api.enrol_req(&req).await).await;
-    assert_eq!(
-        (status, msg.as_str()),
-        (StatusCode::UNAUTHORIZED, "unknown join token")
-    );
+    refused(error_of(api.enrol_req(&req).await).await);
 
     // Node JWTs: good once; replays, other algorithms, other keys refused.
     let token = a.jwt();
@@ -422,9 +421,11 @@ async fn enrol_authenticate_link_and_revoke() {
     let desired: AgentDesired = resp.json().await.expect("json");
     assert!(desired.links.is_empty());
     assert!(desired.relay_ca_pem.contains("BEGIN CERTIFICATE"));
-    let (status, msg) = error_of(get_config(token).await.expect("send")).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert!(msg.contains("replayed"), "{msg}");
+    let unauthorized = |(status, msg): (StatusCode, String)| {
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(msg.starts_with("unauthorized"), "{msg}");
+    };
+    unauthorized(error_of(get_config(token.clone()).await.expect("send")).await);
     let node = a.enrolled.node_id;
     let now = unix_now();
     let hs256 = format!(
@@ -438,9 +439,7 @@ async fn enrol_authenticate_link_and_revoke() {
         .as_bytes()),
         b64(b"not a real mac")
     );
-    let (status, msg) = error_of(get_config(hs256).await.expect("send")).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert!(msg.contains("EdDSA"), "{msg}");
+    unauthorized(error_of(get_config(hs256.clone()).await.expect("send")).await);
     let forged = jwt::mint(
         &SigningKey::generate(),
         &node,
@@ -449,9 +448,7 @@ async fn enrol_authenticate_link_and_revoke() {
         30,
     )
     .expect("mint");
-    let (status, msg) = error_of(get_config(forged).await.expect("send")).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert!(msg.contains("signature"), "{msg}");
+    unauthorized(error_of(get_config(forged.clone()).await.expect("send")).await);
     let wrong_aud = jwt::mint(&a.key, &node, "comsat-controller:other", now, 30).expect("mint");
     let (status, _) = error_of(get_config(wrong_aud).await.expect("send")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -465,6 +462,59 @@ async fn enrol_authenticate_link_and_revoke() {
         .await
         .expect("send");
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    // The audit log kept every real reason, with subject and source, and
+    // none of the secrets used.
+    let audit: Vec<AuditRecord> = api.admin_get(api::PATH_AUDIT).await;
+    let denied = |reason: &str| {
+        audit.iter().any(|r| {
+            r.result == "denied"
+                && r.reason.as_deref().is_some_and(|x| x.contains(reason))
+                && r.source
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with("127.0.0.1:"))
+        })
+    };
+    for reason in [
+        "unknown API token",
+        "comsat relay enrol",
+        "already used",
+        "unknown join token",
+        "replayed",
+        "EdDSA",
+        "signature",
+        "this endpoint is for agents",
+        "no `Authorization",
+    ] {
+        assert!(
+            denied(reason),
+            "no denied record for {reason:?}: {audit:#?}"
+        );
+    }
+    assert!(
+        audit
+            .iter()
+            .any(|r| r.action == "enrol" && r.result == "ok" && r.subject == "relay:r1"),
+        "{audit:#?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|r| r.subject == format!("node:{node}") && r.result == "denied"),
+        "{audit:#?}"
+    );
+    let text = serde_json::to_string(&audit).expect("json");
+    for secret in [
+        api.admin.as_str(),
+        used_secret.as_str(),
+        relay_token.secret.as_str(),
+        token.as_str(),
+        hs256.as_str(),
+        forged.as_str(),
+        "comsat-admin-v1:nope",
+    ] {
+        assert!(!text.contains(secret), "a secret is in the audit log");
+    }
 
     // Relays: two heartbeat, one does not.
     let r2 = api.enrol_relay("r2", "127.0.0.1:4432").await;

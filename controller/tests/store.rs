@@ -592,3 +592,55 @@ async fn two_controllers_on_one_database_behave_as_one(db: Db) {
         "the reader saw every event, in order"
     );
 }
+
+both!(the_audit_log_filters_by_time_and_subject_and_forgets_by_retention);
+async fn the_audit_log_filters_by_time_and_subject_and_forgets_by_retention(db: Db) {
+    use comsat_protocol::api::AuditRecord;
+    let store = open(&db).await;
+    let rec = |at_ms: u64, subject: &str, result: &str| AuditRecord {
+        at_ms,
+        subject: subject.into(),
+        action: "link.create".into(),
+        resource: "link/db".into(),
+        result: result.into(),
+        reason: (result != "ok").then(|| "because".to_owned()),
+        source: Some("127.0.0.1:5000".into()),
+    };
+    for r in [
+        rec(1_000, "user:admin", "ok"),
+        rec(2_000, "agent:edge-a", "denied"),
+        rec(3_000, "agent:edge-b", "ok"),
+        rec(4_000, "user:admin", "denied"),
+    ] {
+        store.append_audit(&r).await.expect("append");
+    }
+    let all = store.audit(0, None, 100).await.expect("all");
+    assert_eq!(
+        all.iter().map(|r| r.at_ms).collect::<Vec<_>>(),
+        [1_000, 2_000, 3_000, 4_000]
+    );
+    assert_eq!(all[1], rec(2_000, "agent:edge-a", "denied"));
+    let agents = store.audit(0, Some("agent:"), 100).await.expect("agents");
+    assert_eq!(agents.len(), 2);
+    let since = store
+        .audit(2_500, Some("user:admin"), 100)
+        .await
+        .expect("since");
+    assert_eq!(since, vec![rec(4_000, "user:admin", "denied")]);
+    // A wildcard in the filter is a plain character.
+    assert!(
+        store
+            .audit(0, Some("%"), 100)
+            .await
+            .expect("pct")
+            .is_empty()
+    );
+    // The newest when limited.
+    let newest = store.audit(0, None, 2).await.expect("limited");
+    assert_eq!(
+        newest.iter().map(|r| r.at_ms).collect::<Vec<_>>(),
+        [3_000, 4_000]
+    );
+    assert_eq!(store.purge_audit(2_500).await.expect("purge"), 2);
+    assert_eq!(store.audit(0, None, 100).await.expect("rest").len(), 2);
+}

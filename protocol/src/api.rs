@@ -51,6 +51,10 @@ pub const PATH_RELAYS: &str = "/v1/relays";
 pub const PATH_LINKS: &str = "/v1/links";
 /// Summary (admin).
 pub const PATH_STATUS: &str = "/v1/status";
+/// `GET`: the audit log (admin), `?since=UNIX_SECS&subject=S&limit=N`.
+pub const PATH_AUDIT: &str = "/v1/audit";
+/// Most audit records one request returns.
+pub const MAX_AUDIT_RECORDS: usize = 1000;
 
 /// Longest long poll a client may ask for (`wait_ms`).
 pub const MAX_WAIT_MS: u64 = 30_000;
@@ -340,6 +344,30 @@ pub struct AgentInfo {
     pub last_seen: Option<u64>,
     /// Links it holds a side of.
     pub links: u64,
+}
+
+/// One audit record: a change, or a refused authentication. Holds no
+/// secret (tokens are named by id, never by value).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Unix time, milliseconds.
+    pub at_ms: u64,
+    /// Who: `user:NAME`, `agent:NAME`, `relay:NAME`, or `anonymous`
+    /// (optionally with the node id a refused JWT claimed).
+    pub subject: String,
+    /// What: `link.create`, `token.create`, `enrol`, `authenticate`, …
+    pub action: String,
+    /// On what: `link/NAME`, `token/ID`, `agent/NAME`, an API path, …
+    pub resource: String,
+    /// `ok`, `denied` or `failed`.
+    pub result: String,
+    /// Why it was denied or failed (the real reason, which the caller
+    /// is not told).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The caller's address.
+    #[serde(default)]
+    pub source: Option<String>,
 }
 
 /// An enrolled relay.

@@ -53,7 +53,7 @@ pub mod testing {
 }
 
 use async_trait::async_trait;
-use comsat_protocol::api::{NodeKind, RelayLoad};
+use comsat_protocol::api::{AuditRecord, NodeKind, RelayLoad};
 use comsat_protocol::{LinkId, NodeId, NoisePublicKey, RelayId, SignPublicKey};
 
 /// A PostgreSQL connection URL. It may carry a password, so `Debug` and
@@ -349,6 +349,24 @@ pub trait Store: Send + Sync {
 
     /// Forgets JWT ids that expired before `now`; returns how many.
     async fn purge_jtis(&self, now: u64) -> Result<u64, StoreError>;
+
+    /// Appends an audit record (the log is append-only: nothing updates
+    /// a record; only [`Self::purge_audit`] removes old ones).
+    async fn append_audit(&self, record: &AuditRecord) -> Result<(), StoreError>;
+
+    /// Audit records at or after `since_ms`, of `subject` if given (a
+    /// prefix: `agent:` matches every agent), oldest first, at most `limit`
+    /// (the newest ones when there are more).
+    async fn audit(
+        &self,
+        since_ms: u64,
+        subject: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Removes audit records older than `before_ms` (retention); returns
+    /// how many.
+    async fn purge_audit(&self, before_ms: u64) -> Result<u64, StoreError>;
 
     /// Sets a node's `last_seen`.
     async fn touch_node(&self, id: &NodeId, now: u64) -> Result<(), StoreError>;

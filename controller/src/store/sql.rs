@@ -20,7 +20,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use comsat_protocol::api::{NodeKind, RelayLoad};
+use comsat_protocol::api::{AuditRecord, NodeKind, RelayLoad};
 use comsat_protocol::{LinkId, NodeId, RelayId};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, ConnectOptions, Executor, Row, Transaction};
@@ -510,6 +510,70 @@ impl Store for SqlStore {
     async fn purge_jtis(&self, now: u64) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM jwt_seen WHERE expires_at < $1")
             .bind(to_i64(now))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn append_audit(&self, r: &AuditRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit_log (id, at_ms, subject, action, resource, result, reason, source) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(hex::encode(rand::random::<[u8; 8]>()))
+        .bind(to_i64(r.at_ms))
+        .bind(&r.subject)
+        .bind(&r.action)
+        .bind(&r.resource)
+        .bind(&r.result)
+        .bind(r.reason.as_deref())
+        .bind(r.source.as_deref())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn audit(
+        &self,
+        since_ms: u64,
+        subject: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        // The newest `limit` records, then oldest first. A subject filter
+        // is a prefix, matched without LIKE (no wildcard to escape).
+        let prefix = subject.unwrap_or("");
+        let rows = sqlx::query(
+            "SELECT at_ms, subject, action, resource, result, reason, source FROM audit_log \
+             WHERE at_ms >= $1 AND substr(subject, 1, CAST($2 AS INTEGER)) = $3 \
+             ORDER BY at_ms DESC, id DESC LIMIT $4",
+        )
+        .bind(to_i64(since_ms))
+        .bind(i64::try_from(prefix.len()).unwrap_or(i64::MAX))
+        .bind(prefix)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = rows
+            .iter()
+            .map(|row| {
+                Ok(AuditRecord {
+                    at_ms: to_u64(row.try_get("at_ms")?),
+                    subject: row.try_get("subject")?,
+                    action: row.try_get("action")?,
+                    resource: row.try_get("resource")?,
+                    result: row.try_get("result")?,
+                    reason: row.try_get("reason")?,
+                    source: row.try_get("source")?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    async fn purge_audit(&self, before_ms: u64) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM audit_log WHERE at_ms < $1")
+            .bind(to_i64(before_ms))
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected())
