@@ -260,6 +260,251 @@ fn link_rows(v: &[api::LinkInfo]) -> String {
     )
 }
 
+/// The API path of users or service accounts.
+pub fn principal_path(kind: api::PrincipalKind) -> &'static str {
+    match kind {
+        api::PrincipalKind::User => api::PATH_USERS,
+        api::PrincipalKind::ServiceAccount => api::PATH_SERVICE_ACCOUNTS,
+    }
+}
+
+fn checked_name<'a>(what: &str, name: &'a str) -> anyhow::Result<&'a str> {
+    if api::valid_name(name) {
+        Ok(name)
+    } else {
+        bail!(
+            "{what} name `{name}`: use 1 to {} lowercase letters, digits and `-`",
+            api::MAX_NAME_LEN
+        )
+    }
+}
+
+/// `DELETE PATH/NAME`.
+pub async fn delete(c: &Client, path: &str, name: &str, what: &str) -> anyhow::Result<String> {
+    let name = checked_name(what.split(' ').next().unwrap_or("object"), name)?;
+    c.delete(&format!("{path}/{name}"), what).await?;
+    Ok(String::new())
+}
+
+/// `serviceaccount|user create`: prints only the token.
+pub async fn principal_create(
+    c: &Client,
+    kind: api::PrincipalKind,
+    name: String,
+    ttl: Option<std::time::Duration>,
+) -> anyhow::Result<String> {
+    checked_name(kind.as_str(), &name)?;
+    let body = api::PrincipalCreate {
+        name,
+        ttl_secs: ttl.map(|d| d.as_secs().max(1)),
+    };
+    let created: api::PrincipalCreated = c
+        .post(principal_path(kind), &body, &format!("{kind} create"))
+        .await?;
+    Ok(format!("{}\n", created.token))
+}
+
+/// `serviceaccount|user token NAME`: prints only the new token.
+pub async fn principal_token(
+    c: &Client,
+    kind: api::PrincipalKind,
+    name: &str,
+    ttl: Option<std::time::Duration>,
+) -> anyhow::Result<String> {
+    let name = checked_name(kind.as_str(), name)?;
+    let body = api::PrincipalCreate {
+        name: String::new(),
+        ttl_secs: ttl.map(|d| d.as_secs().max(1)),
+    };
+    let created: api::PrincipalCreated = c
+        .post(
+            &format!("{}/{name}/tokens", principal_path(kind)),
+            &body,
+            &format!("{kind} token"),
+        )
+        .await?;
+    Ok(format!("{}\n", created.token))
+}
+
+/// `serviceaccount|user revoke NAME --token-id ID`.
+pub async fn principal_revoke(
+    c: &Client,
+    kind: api::PrincipalKind,
+    name: &str,
+    id: &str,
+) -> anyhow::Result<String> {
+    let name = checked_name(kind.as_str(), name)?;
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("token id `{id}`: expected the hex id `{kind} list` shows");
+    }
+    c.delete(
+        &format!("{}/{name}/tokens/{id}", principal_path(kind)),
+        &format!("{kind} revoke"),
+    )
+    .await?;
+    Ok(format!("revoked token {id} of {kind} {name}\n"))
+}
+
+/// `serviceaccount|user list`.
+pub async fn principal_list(
+    c: &Client,
+    kind: api::PrincipalKind,
+    out: Output,
+) -> anyhow::Result<String> {
+    let v: Vec<api::PrincipalInfo> = c
+        .get(principal_path(kind), &[], &format!("{kind} list"))
+        .await?;
+    if out == Output::Json {
+        return json(&v);
+    }
+    let now = comsat_protocol::jwt::unix_now();
+    let rows = v
+        .iter()
+        .map(|p| {
+            let tokens = p
+                .tokens
+                .iter()
+                .map(|t| {
+                    let state = if t.revoked_at.is_some() {
+                        " (revoked)"
+                    } else if t.expires_at.is_some_and(|e| e <= now) {
+                        " (expired)"
+                    } else {
+                        ""
+                    };
+                    format!("{}{state}", t.id)
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![p.name.clone(), tokens]
+        })
+        .collect::<Vec<_>>();
+    Ok(table(&["NAME", "TOKENS"], &rows))
+}
+
+/// Parses `RESOURCES:VERBS`.
+pub fn parse_rule(s: &str) -> anyhow::Result<api::Rule> {
+    let (resources, verbs) = s.split_once(':').ok_or_else(|| {
+        anyhow!("rule `{s}`: expected RESOURCES:VERBS, e.g. links,tokens:get,list,create")
+    })?;
+    let list = |x: &str| {
+        x.split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    Ok(api::Rule {
+        resources: list(resources),
+        verbs: list(verbs),
+    })
+}
+
+fn role_rows(v: &[api::RoleInfo]) -> String {
+    let rows = v
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                if r.builtin { "built-in" } else { "" }.to_owned(),
+                r.rules
+                    .iter()
+                    .map(|x| format!("{}:{}", x.resources.join(","), x.verbs.join(",")))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(&["NAME", "KIND", "RULES"], &rows)
+}
+
+/// `role create`.
+pub async fn role_create(
+    c: &Client,
+    name: String,
+    rules: &[String],
+    out: Output,
+) -> anyhow::Result<String> {
+    checked_name("role", &name)?;
+    let rules = rules
+        .iter()
+        .map(|r| parse_rule(r))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let r: api::RoleInfo = c
+        .post(
+            api::PATH_ROLES,
+            &api::RoleCreate { name, rules },
+            "role create",
+        )
+        .await?;
+    if out == Output::Json {
+        return json(&r);
+    }
+    Ok(role_rows(&[r]))
+}
+
+/// `role list`.
+pub async fn role_list(c: &Client, out: Output) -> anyhow::Result<String> {
+    let v: Vec<api::RoleInfo> = c.get(api::PATH_ROLES, &[], "role list").await?;
+    if out == Output::Json {
+        return json(&v);
+    }
+    Ok(role_rows(&v))
+}
+
+/// `role show`.
+pub async fn role_show(c: &Client, name: &str, out: Output) -> anyhow::Result<String> {
+    let name = checked_name("role", name)?;
+    let r: api::RoleInfo = c
+        .get(&format!("{}/{name}", api::PATH_ROLES), &[], "role show")
+        .await?;
+    if out == Output::Json {
+        return json(&r);
+    }
+    Ok(role_rows(&[r]))
+}
+
+fn binding_rows(v: &[api::RoleBindingInfo]) -> String {
+    let rows = v
+        .iter()
+        .map(|b| {
+            vec![
+                b.name.clone(),
+                b.role.clone(),
+                format!("{}:{}", b.subject_kind, b.subject_name),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(&["NAME", "ROLE", "SUBJECT"], &rows)
+}
+
+/// `rolebinding create`.
+pub async fn binding_create(
+    c: &Client,
+    body: api::RoleBindingCreate,
+    out: Output,
+) -> anyhow::Result<String> {
+    checked_name("role binding", &body.name)?;
+    let b: api::RoleBindingInfo = c
+        .post(api::PATH_ROLE_BINDINGS, &body, "rolebinding create")
+        .await?;
+    if out == Output::Json {
+        return json(&b);
+    }
+    Ok(binding_rows(&[b]))
+}
+
+/// `rolebinding list`.
+pub async fn binding_list(c: &Client, out: Output) -> anyhow::Result<String> {
+    let v: Vec<api::RoleBindingInfo> = c
+        .get(api::PATH_ROLE_BINDINGS, &[], "rolebinding list")
+        .await?;
+    if out == Output::Json {
+        return json(&v);
+    }
+    Ok(binding_rows(&v))
+}
+
 /// `audit list`.
 pub async fn audit_list(
     c: &Client,

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use comsat::relay_ops;
-use comsat_protocol::api::NodeKind;
+use comsat_protocol::api::{self, NodeKind};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 /// comsat: a relay-based secure interconnect broker.
@@ -297,6 +297,114 @@ enum CtlCommand {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Service accounts (automation) and their API tokens.
+    #[command(name = "serviceaccount")]
+    ServiceAccount {
+        #[command(subcommand)]
+        command: PrincipalCommand,
+    },
+    /// Users (people) and their API tokens.
+    User {
+        #[command(subcommand)]
+        command: PrincipalCommand,
+    },
+    /// Roles: rules of resources and verbs.
+    Role {
+        #[command(subcommand)]
+        command: RoleCommand,
+    },
+    /// Role bindings: roles given to users and service accounts.
+    #[command(name = "rolebinding")]
+    RoleBinding {
+        #[command(subcommand)]
+        command: RoleBindingCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PrincipalCommand {
+    /// Create one with its first API token; prints only the token.
+    Create {
+        /// Its name.
+        name: String,
+        /// Lifetime of the token, e.g. 30d (default: no expiry).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+    /// List them with their tokens' ids (never the tokens).
+    List,
+    /// Delete one: its tokens stop working and its bindings go.
+    Delete {
+        /// Its name.
+        name: String,
+    },
+    /// Issue another API token; prints only the token.
+    Token {
+        /// Its name.
+        name: String,
+        /// Lifetime of the token, e.g. 30d (default: no expiry).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+    /// Revoke one API token (see `list` for ids).
+    Revoke {
+        /// Its name.
+        name: String,
+        /// The token's id.
+        #[arg(long)]
+        token_id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RoleCommand {
+    /// Create a role.
+    Create {
+        /// Its name.
+        name: String,
+        /// A rule, RESOURCES:VERBS (comma-separated; `*` for all), e.g.
+        /// `links,tokens/agent:get,list,create` (repeatable).
+        #[arg(long = "rule", required = true)]
+        rules: Vec<String>,
+    },
+    /// List roles, built-in ones included.
+    List,
+    /// Show one role's rules.
+    Show {
+        /// Its name.
+        name: String,
+    },
+    /// Delete a role (not a built-in one).
+    Delete {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RoleBindingCommand {
+    /// Give a role to a service account or a user.
+    #[command(group(clap::ArgGroup::new("subject").required(true).args(["serviceaccount", "user"])))]
+    Create {
+        /// The binding's name.
+        name: String,
+        /// The role.
+        #[arg(long)]
+        role: String,
+        /// A service account.
+        #[arg(long)]
+        serviceaccount: Option<String>,
+        /// A user.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// List role bindings.
+    List,
+    /// Delete a role binding.
+    Delete {
+        /// Its name.
+        name: String,
     },
 }
 
@@ -666,6 +774,26 @@ async fn run_controller(opts: comsat_controller::RunOptions) -> anyhow::Result<(
     Ok(())
 }
 
+async fn principal(
+    c: &comsat::client::Client,
+    kind: api::PrincipalKind,
+    command: PrincipalCommand,
+    out: comsat::ctl::Output,
+) -> anyhow::Result<String> {
+    use comsat::ctl;
+    match command {
+        PrincipalCommand::Create { name, ttl } => ctl::principal_create(c, kind, name, ttl).await,
+        PrincipalCommand::List => ctl::principal_list(c, kind, out).await,
+        PrincipalCommand::Delete { name } => {
+            ctl::delete(c, ctl::principal_path(kind), &name, "delete").await
+        }
+        PrincipalCommand::Token { name, ttl } => ctl::principal_token(c, kind, &name, ttl).await,
+        PrincipalCommand::Revoke { name, token_id } => {
+            ctl::principal_revoke(c, kind, &name, &token_id).await
+        }
+    }
+}
+
 async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
     use comsat::ctl;
     let target = ctl::Target {
@@ -700,7 +828,7 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 max_flows,
                 rate_limit,
             } => {
-                let body = comsat_protocol::api::LinkCreate {
+                let body = api::LinkCreate {
                     name,
                     from,
                     listen,
@@ -721,7 +849,7 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 unlimited_rate,
             } => {
                 // 0 removes a limit; a field left out stays as it is.
-                let update = comsat_protocol::api::LinkUpdate {
+                let update = api::LinkUpdate {
                     max_flows: if unlimited_flows { Some(0) } else { max_flows },
                     rate_limit_bytes_per_sec: if unlimited_rate { Some(0) } else { rate_limit },
                 };
@@ -740,6 +868,45 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                     limit,
                 },
         } => ctl::audit_list(&c, since, subject, limit, out).await?,
+        CtlCommand::ServiceAccount { command } => {
+            principal(&c, api::PrincipalKind::ServiceAccount, command, out).await?
+        }
+        CtlCommand::User { command } => {
+            principal(&c, api::PrincipalKind::User, command, out).await?
+        }
+        CtlCommand::Role { command } => match command {
+            RoleCommand::Create { name, rules } => ctl::role_create(&c, name, &rules, out).await?,
+            RoleCommand::List => ctl::role_list(&c, out).await?,
+            RoleCommand::Show { name } => ctl::role_show(&c, &name, out).await?,
+            RoleCommand::Delete { name } => {
+                ctl::delete(&c, api::PATH_ROLES, &name, "role delete").await?
+            }
+        },
+        CtlCommand::RoleBinding { command } => match command {
+            RoleBindingCommand::Create {
+                name,
+                role,
+                serviceaccount,
+                user,
+            } => {
+                let (subject_kind, subject_name) = match (serviceaccount, user) {
+                    (Some(n), _) => (api::PrincipalKind::ServiceAccount, n),
+                    (None, Some(n)) => (api::PrincipalKind::User, n),
+                    (None, None) => unreachable!("clap requires one"),
+                };
+                let body = api::RoleBindingCreate {
+                    name,
+                    role,
+                    subject_kind,
+                    subject_name,
+                };
+                ctl::binding_create(&c, body, out).await?
+            }
+            RoleBindingCommand::List => ctl::binding_list(&c, out).await?,
+            RoleBindingCommand::Delete { name } => {
+                ctl::delete(&c, api::PATH_ROLE_BINDINGS, &name, "rolebinding delete").await?
+            }
+        },
     };
     print!("{text}");
     Ok(())

@@ -1550,3 +1550,97 @@ async fn rotating_the_controller_certificate_drops_no_agent() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_gets_only_what_its_role_allows() -> Result<()> {
+    let c = Cluster::start(|t| t)?;
+    // `create` prints the token and nothing else.
+    let token = c.ctl_ok(&["serviceaccount", "create", "deployer"])?;
+    ensure!(
+        token.lines().count() == 1 && token.starts_with("comsat-sa-v1:"),
+        "{token}"
+    );
+    let token_file = c.path("deployer.token");
+    comsat_protocol::keys::write_secret_file(&token_file, token.as_bytes())?;
+    c.ctl_ok(&[
+        "rolebinding",
+        "create",
+        "deployer-ops",
+        "--role",
+        "operator",
+        "--serviceaccount",
+        "deployer",
+    ])?;
+    let url = controller_url(&c)?;
+    let ca = s(&c.path("controller/ca.pem"));
+    let as_deployer = |args: &[&str]| {
+        let tf = s(&token_file);
+        let mut all = vec![
+            "ctl",
+            "--controller",
+            &url,
+            "--token-file",
+            &tf,
+            "--ca",
+            &ca,
+        ];
+        all.extend_from_slice(args);
+        comsat(&all)
+    };
+    // The operator role may create join tokens...
+    let (code, out, err) = as_deployer(&["token", "create", "--kind", "agent"])?;
+    ensure!(
+        code == 0 && out.starts_with("comsat-join-v1:"),
+        "{code} {out} {err}"
+    );
+    // ...but not read roles: refused, non-zero, naming the permission.
+    let (code, _, err) = as_deployer(&["role", "list"])?;
+    ensure!(
+        code != 0 && err.contains("`list` on `roles`"),
+        "{code} {err}"
+    );
+    // A custom role, bound in place of the operator one.
+    c.ctl_ok(&[
+        "role",
+        "create",
+        "reader",
+        "--rule",
+        "links,agents:get,list",
+    ])?;
+    let roles = c.ctl_ok(&["role", "list"])?;
+    ensure!(
+        roles.contains("reader") && roles.contains("built-in"),
+        "{roles}"
+    );
+    c.ctl_ok(&["rolebinding", "delete", "deployer-ops"])?;
+    c.ctl_ok(&[
+        "rolebinding",
+        "create",
+        "deployer-read",
+        "--role",
+        "reader",
+        "--serviceaccount",
+        "deployer",
+    ])?;
+    let (code, _, err) = as_deployer(&["link", "list"])?;
+    ensure!(code == 0, "{err}");
+    let (code, _, err) = as_deployer(&["token", "create", "--kind", "agent"])?;
+    ensure!(
+        code != 0 && err.contains("`create` on `tokens/agent`"),
+        "{code} {err}"
+    );
+    // Deleting the account ends its token.
+    c.ctl_ok(&["serviceaccount", "delete", "deployer"])?;
+    let (code, _, err) = as_deployer(&["link", "list"])?;
+    ensure!(code != 0 && err.contains("unauthorized"), "{code} {err}");
+    let audit = c.ctl_ok(&[
+        "audit",
+        "list",
+        "--subject",
+        "serviceaccount:deployer",
+        "-o",
+        "json",
+    ])?;
+    ensure!(audit.contains("`list` on `roles`"), "{audit}");
+    Ok(())
+}

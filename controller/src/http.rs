@@ -13,6 +13,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 
 use crate::audit::{Caller, Outcome, Verdict};
+use crate::rbac;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use comsat_protocol::api::AuditRecord;
@@ -20,6 +21,10 @@ use comsat_protocol::api::{
     self, AgentDesired, AgentInfo, AgentLink, CertRequest, CertResponse, Empty, EnrolRequest,
     EnrolResponse, JoinToken, LinkCreate, LinkInfo, LinkUpdate, NodeKind, RelayAddr, RelayEvent,
     RelayEventKind, RelayEvents, RelayHeartbeat, RelayInfo, Status, TokenCreate, TokenCreated,
+};
+use comsat_protocol::api::{
+    PrincipalCreate, PrincipalCreated, PrincipalInfo, PrincipalKind, RoleBindingCreate,
+    RoleBindingInfo, RoleCreate, RoleInfo, Rule,
 };
 use comsat_protocol::jwt::{self, unix_now};
 use comsat_protocol::{LinkId, NodeId, RelayId, Side};
@@ -31,7 +36,9 @@ use tokio::time::Instant;
 use crate::init::token_hash;
 use crate::pki;
 use crate::state::{ApiError, Shared};
-use crate::store::{LinkRecord, NewJoinToken, NewNode, NodeRecord, Redemption, StoreError};
+use crate::store::{
+    LinkRecord, NewApiToken, NewJoinToken, NewNode, NodeRecord, Redemption, StoreError,
+};
 
 type AppState = Arc<Shared>;
 
@@ -66,6 +73,80 @@ pub(crate) fn router(state: AppState) -> Router {
         )
         .route(api::PATH_STATUS, get(status))
         .route(api::PATH_AUDIT, get(audit_list))
+        .route(
+            api::PATH_SERVICE_ACCOUNTS,
+            get(|st: State<AppState>, c: Caller| {
+                list_principals(st, c, PrincipalKind::ServiceAccount)
+            })
+            .post(|st: State<AppState>, c: Caller, b: Bytes| {
+                create_principal(st, c, PrincipalKind::ServiceAccount, b)
+            }),
+        )
+        .route(
+            &format!("{}/{{name}}", api::PATH_SERVICE_ACCOUNTS),
+            axum::routing::delete(|st: State<AppState>, c: Caller, n: Path<String>| {
+                delete_principal(st, c, PrincipalKind::ServiceAccount, n)
+            }),
+        )
+        .route(
+            &format!("{}/{{name}}/tokens", api::PATH_SERVICE_ACCOUNTS),
+            post(
+                |st: State<AppState>, c: Caller, n: Path<String>, b: Bytes| {
+                    add_token(st, c, PrincipalKind::ServiceAccount, n, b)
+                },
+            ),
+        )
+        .route(
+            &format!("{}/{{name}}/tokens/{{id}}", api::PATH_SERVICE_ACCOUNTS),
+            axum::routing::delete(
+                |st: State<AppState>, c: Caller, p: Path<(String, String)>| {
+                    revoke_token(st, c, PrincipalKind::ServiceAccount, p)
+                },
+            ),
+        )
+        .route(
+            api::PATH_USERS,
+            get(|st: State<AppState>, c: Caller| list_principals(st, c, PrincipalKind::User)).post(
+                |st: State<AppState>, c: Caller, b: Bytes| {
+                    create_principal(st, c, PrincipalKind::User, b)
+                },
+            ),
+        )
+        .route(
+            &format!("{}/{{name}}", api::PATH_USERS),
+            axum::routing::delete(|st: State<AppState>, c: Caller, n: Path<String>| {
+                delete_principal(st, c, PrincipalKind::User, n)
+            }),
+        )
+        .route(
+            &format!("{}/{{name}}/tokens", api::PATH_USERS),
+            post(
+                |st: State<AppState>, c: Caller, n: Path<String>, b: Bytes| {
+                    add_token(st, c, PrincipalKind::User, n, b)
+                },
+            ),
+        )
+        .route(
+            &format!("{}/{{name}}/tokens/{{id}}", api::PATH_USERS),
+            axum::routing::delete(
+                |st: State<AppState>, c: Caller, p: Path<(String, String)>| {
+                    revoke_token(st, c, PrincipalKind::User, p)
+                },
+            ),
+        )
+        .route(api::PATH_ROLES, get(list_roles).post(create_role))
+        .route(
+            &format!("{}/{{name}}", api::PATH_ROLES),
+            get(get_role).delete(delete_role),
+        )
+        .route(
+            api::PATH_ROLE_BINDINGS,
+            get(list_bindings).post(create_binding),
+        )
+        .route(
+            &format!("{}/{{name}}", api::PATH_ROLE_BINDINGS),
+            get(get_binding).delete(delete_binding),
+        )
         .fallback(|| async { ApiError::not_found("no such API path") })
         .layer(DefaultBodyLimit::max(api::MAX_BODY_LEN))
         .with_state(state)
@@ -138,17 +219,101 @@ async fn refuse_auth(state: &Shared, caller: &Caller, subject: &str, reason: &st
     ApiError::unauthorized(UNAUTHORIZED)
 }
 
-/// Checks an API token; returns the subject it stands for.
-async fn auth_admin(state: &Shared, caller: &Caller) -> Result<String, ApiError> {
+/// The user or service account an API token stands for.
+pub(crate) struct Principal {
+    kind: PrincipalKind,
+    name: String,
+}
+
+impl Principal {
+    fn subject(&self) -> String {
+        format!("{}:{}", self.kind, self.name)
+    }
+}
+
+/// Authenticates an API token: known, not revoked, not expired.
+async fn authenticate_api(state: &Shared, caller: &Caller) -> Result<Principal, ApiError> {
     check_not_limited(state, caller)?;
     let token = match bearer(&caller.headers) {
         Ok(t) => t,
         Err(reason) => return Err(refuse_auth(state, caller, "anonymous", reason).await),
     };
-    match state.store.api_token(&token_hash(token)).await? {
-        Some(name) => Ok(format!("user:{name}")),
-        None => Err(refuse_auth(state, caller, "anonymous", "unknown API token").await),
+    let Some(rec) = state.store.api_token(&token_hash(token)).await? else {
+        return Err(refuse_auth(state, caller, "anonymous", "unknown API token").await);
+    };
+    let subject = format!("{}:{}", rec.kind, rec.name);
+    if rec.revoked_at.is_some() {
+        let reason = format!("API token {} was revoked", rec.id);
+        return Err(refuse_auth(state, caller, &subject, &reason).await);
     }
+    if rec.expires_at.is_some_and(|t| t <= unix_now()) {
+        let reason = format!("API token {} expired", rec.id);
+        return Err(refuse_auth(state, caller, &subject, &reason).await);
+    }
+    Ok(Principal {
+        kind: rec.kind,
+        name: rec.name,
+    })
+}
+
+/// The rules of every role bound to `p` (a binding to a role that does not
+/// exist gives nothing).
+async fn rules_of(state: &Shared, p: &Principal) -> Result<Vec<Rule>, ApiError> {
+    let mut rules = Vec::new();
+    for role in state.store.roles_of(p.kind, &p.name).await? {
+        if let Some(r) = rbac::builtin(&role) {
+            rules.extend(r);
+        } else if let Some(json) = state.store.role(&role).await? {
+            match serde_json::from_str::<Vec<Rule>>(&json) {
+                Ok(r) => rules.extend(r),
+                Err(e) => {
+                    tracing::error!(role, error = %e, "a stored role does not parse; it grants nothing")
+                }
+            }
+        }
+    }
+    Ok(rules)
+}
+
+/// Checks that `p` may `verb` on `resource`; a refusal is audited and
+/// names the missing permission. Returns the subject.
+async fn check_permission(
+    state: &Shared,
+    caller: &Caller,
+    p: &Principal,
+    resource: &str,
+    verb: &str,
+) -> Result<String, ApiError> {
+    let subject = p.subject();
+    if rbac::allows(&rules_of(state, p).await?, resource, verb) {
+        return Ok(subject);
+    }
+    let missing = format!("`{verb}` on `{resource}`");
+    state
+        .audit(
+            caller,
+            &subject,
+            &format!("{resource}.{verb}"),
+            &caller.path,
+            Outcome::Denied,
+            Some(&format!("no role bound to {subject} allows {missing}")),
+        )
+        .await;
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!("forbidden: {subject} lacks the permission {missing}; bind it a role that has it"),
+    ))
+}
+
+/// Authenticates an API token and checks its permission.
+async fn authorize(
+    state: &Shared,
+    caller: &Caller,
+    resource: &str,
+    verb: &str,
+) -> Result<String, ApiError> {
+    let p = authenticate_api(state, caller).await?;
+    check_permission(state, caller, &p, resource, verb).await
 }
 
 /// Checks a node JWT: its node exists and is of `kind`, the signature and
@@ -241,8 +406,16 @@ async fn create_token(
     caller: Caller,
     body: Bytes,
 ) -> Result<Json<TokenCreated>, ApiError> {
-    let subject = auth_admin(&state, &caller).await?;
+    let principal = authenticate_api(&state, &caller).await?;
     let req: TokenCreate = parse_json(&body)?;
+    let subject = check_permission(
+        &state,
+        &caller,
+        &principal,
+        &format!("tokens/{}", req.kind),
+        "create",
+    )
+    .await?;
     let ttl = req.ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
     if ttl == 0 || ttl > MAX_TOKEN_TTL_SECS {
         return Err(ApiError::bad_request(format!(
@@ -660,7 +833,7 @@ async fn list_agents(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<AgentInfo>>, ApiError> {
-    auth_admin(&state, &caller).await?;
+    authorize(&state, &caller, "agents", "list").await?;
     let links = state.store.links().await?;
     let agents = state.store.nodes(NodeKind::Agent).await?;
     Ok(Json(
@@ -683,7 +856,7 @@ async fn list_relays(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<RelayInfo>>, ApiError> {
-    auth_admin(&state, &caller).await?;
+    authorize(&state, &caller, "relays", "list").await?;
     let now = unix_now();
     let links = state.store.links().await?;
     let (relays, _) = state.relays(now).await?;
@@ -783,7 +956,7 @@ async fn create_link(
     caller: Caller,
     body: Bytes,
 ) -> Result<(StatusCode, Json<LinkInfo>), ApiError> {
-    let subject = auth_admin(&state, &caller).await?;
+    let subject = authorize(&state, &caller, "links", "create").await?;
     let req: LinkCreate = parse_json(&body)?;
     check_link_name(&req.name)?;
     check_listen(&req.listen)?;
@@ -885,7 +1058,7 @@ async fn update_link(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<LinkInfo>, ApiError> {
-    let subject = auth_admin(&state, &caller).await?;
+    let subject = authorize(&state, &caller, "links", "update").await?;
     let req: LinkUpdate = parse_json(&body)?;
     if req.max_flows.is_none() && req.rate_limit_bytes_per_sec.is_none() {
         return Err(ApiError::bad_request(
@@ -916,7 +1089,7 @@ async fn list_links(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<LinkInfo>>, ApiError> {
-    auth_admin(&state, &caller).await?;
+    authorize(&state, &caller, "links", "list").await?;
     let names = state.node_names().await?;
     let links = state.store.links().await?;
     Ok(Json(
@@ -929,7 +1102,7 @@ async fn get_link(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Json<LinkInfo>, ApiError> {
-    auth_admin(&state, &caller).await?;
+    authorize(&state, &caller, "links", "get").await?;
     let link = state
         .store
         .link_by_name(&name)
@@ -944,7 +1117,7 @@ async fn delete_link(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Json<Empty>, ApiError> {
-    let subject = auth_admin(&state, &caller).await?;
+    let subject = authorize(&state, &caller, "links", "delete").await?;
     match state.delete_link(&name, unix_now()).await? {
         Some(link) => {
             state
@@ -964,7 +1137,7 @@ async fn delete_link(
 }
 
 async fn status(State(state): State<AppState>, caller: Caller) -> Result<Json<Status>, ApiError> {
-    auth_admin(&state, &caller).await?;
+    authorize(&state, &caller, "status", "get").await?;
     let now = unix_now();
     let agents = state.store.nodes(NodeKind::Agent).await?;
     let (relays, healthy) = state.relays(now).await?;
@@ -1048,7 +1221,7 @@ async fn audit_list(
     caller: Caller,
     q: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Result<Json<Vec<AuditRecord>>, ApiError> {
-    auth_admin(&state, &caller).await?;
+    authorize(&state, &caller, "audit", "list").await?;
     let q = query(q)?;
     if q.subject.as_ref().is_some_and(|s| s.len() > 256) {
         return Err(ApiError::bad_request("subject: at most 256 characters"));
@@ -1062,4 +1235,386 @@ async fn audit_list(
         .audit(q.since.saturating_mul(1000), q.subject.as_deref(), limit)
         .await?;
     Ok(Json(records))
+}
+
+fn principal_resource(kind: PrincipalKind) -> &'static str {
+    match kind {
+        PrincipalKind::User => "users",
+        PrincipalKind::ServiceAccount => "serviceaccounts",
+    }
+}
+
+/// A new API token for a user or service account: shown once, stored as
+/// its hash.
+fn new_api_token(
+    kind: PrincipalKind,
+    ttl_secs: Option<u64>,
+) -> Result<(String, NewApiToken), ApiError> {
+    if ttl_secs.is_some_and(|t| t == 0 || t > MAX_API_TOKEN_TTL_SECS) {
+        return Err(ApiError::bad_request(format!(
+            "ttl_secs must be 1 to {MAX_API_TOKEN_TTL_SECS} (10 years), or left out for no expiry"
+        )));
+    }
+    let prefix = match kind {
+        PrincipalKind::User => "comsat-user-v1",
+        PrincipalKind::ServiceAccount => "comsat-sa-v1",
+    };
+    let token = format!("{prefix}:{}", hex::encode(rand::random::<[u8; 32]>()));
+    let hash = token_hash(&token);
+    let now = unix_now();
+    Ok((
+        token,
+        NewApiToken {
+            id: hash[..16].to_owned(),
+            hash,
+            created_at: now,
+            expires_at: ttl_secs.map(|t| now.saturating_add(t)),
+        },
+    ))
+}
+
+/// Longest API token lifetime.
+const MAX_API_TOKEN_TTL_SECS: u64 = 10 * 365 * 86_400;
+
+async fn list_principals(
+    State(state): State<AppState>,
+    caller: Caller,
+    kind: PrincipalKind,
+) -> Result<Json<Vec<PrincipalInfo>>, ApiError> {
+    authorize(&state, &caller, principal_resource(kind), "list").await?;
+    Ok(Json(state.store.principals(kind).await?))
+}
+
+async fn create_principal(
+    State(state): State<AppState>,
+    caller: Caller,
+    kind: PrincipalKind,
+    body: Bytes,
+) -> Result<(StatusCode, Json<PrincipalCreated>), ApiError> {
+    let subject = authorize(&state, &caller, principal_resource(kind), "create").await?;
+    let req: PrincipalCreate = parse_json(&body)?;
+    rbac::check_name(kind.as_str(), &req.name).map_err(ApiError::bad_request)?;
+    let (token, record) = new_api_token(kind, req.ttl_secs)?;
+    state
+        .store
+        .create_principal(kind, &req.name, &record)
+        .await?;
+    let created = format!("{kind}:{}", req.name);
+    state
+        .audit(
+            &caller,
+            &subject,
+            &format!("{}.create", principal_resource(kind)),
+            &created,
+            Outcome::Ok,
+            None,
+        )
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(PrincipalCreated {
+            subject: created,
+            token_id: record.id,
+            token,
+            expires_at: record.expires_at,
+        }),
+    ))
+}
+
+async fn delete_principal(
+    State(state): State<AppState>,
+    caller: Caller,
+    kind: PrincipalKind,
+    Path(name): Path<String>,
+) -> Result<Json<Empty>, ApiError> {
+    let subject = authorize(&state, &caller, principal_resource(kind), "delete").await?;
+    let target = format!("{kind}:{name}");
+    if target == subject {
+        return Err(ApiError::bad_request(format!(
+            "{target} cannot delete itself; use another account"
+        )));
+    }
+    if !state.store.delete_principal(kind, &name).await? {
+        return Err(ApiError::not_found(format!("no {kind} named `{name}`")));
+    }
+    state
+        .audit(
+            &caller,
+            &subject,
+            &format!("{}.delete", principal_resource(kind)),
+            &target,
+            Outcome::Ok,
+            None,
+        )
+        .await;
+    Ok(Json(Empty {}))
+}
+
+async fn add_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    kind: PrincipalKind,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<PrincipalCreated>), ApiError> {
+    let subject = authorize(&state, &caller, principal_resource(kind), "update").await?;
+    let req: PrincipalCreate = parse_json(&body)?;
+    let (token, record) = new_api_token(kind, req.ttl_secs)?;
+    if !state
+        .store
+        .add_principal_token(kind, &name, &record)
+        .await?
+    {
+        return Err(ApiError::not_found(format!("no {kind} named `{name}`")));
+    }
+    let target = format!("{kind}:{name}");
+    state
+        .audit(
+            &caller,
+            &subject,
+            &format!("{}.token.create", principal_resource(kind)),
+            &format!("{target}/token/{}", record.id),
+            Outcome::Ok,
+            None,
+        )
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(PrincipalCreated {
+            subject: target,
+            token_id: record.id,
+            token,
+            expires_at: record.expires_at,
+        }),
+    ))
+}
+
+async fn revoke_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    kind: PrincipalKind,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Json<Empty>, ApiError> {
+    let subject = authorize(&state, &caller, principal_resource(kind), "update").await?;
+    if !state
+        .store
+        .revoke_token(kind, &name, &id, unix_now())
+        .await?
+    {
+        return Err(ApiError::not_found(format!(
+            "{kind} `{name}` has no token `{id}` that is not revoked yet"
+        )));
+    }
+    state
+        .audit(
+            &caller,
+            &subject,
+            &format!("{}.token.revoke", principal_resource(kind)),
+            &format!("{kind}:{name}/token/{id}"),
+            Outcome::Ok,
+            None,
+        )
+        .await;
+    Ok(Json(Empty {}))
+}
+
+async fn all_roles(state: &Shared) -> Result<Vec<RoleInfo>, ApiError> {
+    let mut out: Vec<RoleInfo> = rbac::builtin_roles()
+        .into_iter()
+        .map(|(name, rules)| RoleInfo {
+            name: name.to_owned(),
+            rules,
+            builtin: true,
+        })
+        .collect();
+    for (name, json) in state.store.roles().await? {
+        let rules = serde_json::from_str(&json).unwrap_or_default();
+        out.push(RoleInfo {
+            name,
+            rules,
+            builtin: false,
+        });
+    }
+    Ok(out)
+}
+
+async fn list_roles(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<RoleInfo>>, ApiError> {
+    authorize(&state, &caller, "roles", "list").await?;
+    Ok(Json(all_roles(&state).await?))
+}
+
+async fn get_role(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<RoleInfo>, ApiError> {
+    authorize(&state, &caller, "roles", "get").await?;
+    all_roles(&state)
+        .await?
+        .into_iter()
+        .find(|r| r.name == name)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no role named `{name}`")))
+}
+
+async fn create_role(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(StatusCode, Json<RoleInfo>), ApiError> {
+    let subject = authorize(&state, &caller, "roles", "create").await?;
+    let req: RoleCreate = parse_json(&body)?;
+    rbac::check_name("role", &req.name).map_err(ApiError::bad_request)?;
+    rbac::check_rules(&req.rules).map_err(ApiError::bad_request)?;
+    if rbac::builtin(&req.name).is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("`{}` is a built-in role", req.name),
+        ));
+    }
+    let json =
+        serde_json::to_string(&req.rules).map_err(|e| ApiError::internal("encoding rules", e))?;
+    state
+        .store
+        .create_role(&req.name, &json, unix_now())
+        .await?;
+    state
+        .audit(
+            &caller,
+            &subject,
+            "roles.create",
+            &format!("role/{}", req.name),
+            Outcome::Ok,
+            None,
+        )
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(RoleInfo {
+            name: req.name,
+            rules: req.rules,
+            builtin: false,
+        }),
+    ))
+}
+
+async fn delete_role(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Empty>, ApiError> {
+    let subject = authorize(&state, &caller, "roles", "delete").await?;
+    if rbac::builtin(&name).is_some() {
+        return Err(ApiError::bad_request(format!(
+            "`{name}` is a built-in role; it cannot be deleted"
+        )));
+    }
+    if !state.store.delete_role(&name).await? {
+        return Err(ApiError::not_found(format!("no role named `{name}`")));
+    }
+    state
+        .audit(
+            &caller,
+            &subject,
+            "roles.delete",
+            &format!("role/{name}"),
+            Outcome::Ok,
+            None,
+        )
+        .await;
+    Ok(Json(Empty {}))
+}
+
+async fn list_bindings(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<RoleBindingInfo>>, ApiError> {
+    authorize(&state, &caller, "rolebindings", "list").await?;
+    Ok(Json(state.store.bindings().await?))
+}
+
+async fn get_binding(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<RoleBindingInfo>, ApiError> {
+    authorize(&state, &caller, "rolebindings", "get").await?;
+    state
+        .store
+        .bindings()
+        .await?
+        .into_iter()
+        .find(|b| b.name == name)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no role binding named `{name}`")))
+}
+
+async fn create_binding(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(StatusCode, Json<RoleBindingInfo>), ApiError> {
+    let subject = authorize(&state, &caller, "rolebindings", "create").await?;
+    let req: RoleBindingCreate = parse_json(&body)?;
+    rbac::check_name("role binding", &req.name).map_err(ApiError::bad_request)?;
+    if rbac::builtin(&req.role).is_none() && state.store.role(&req.role).await?.is_none() {
+        return Err(ApiError::not_found(format!(
+            "no role named `{}` (see `comsat ctl role list`)",
+            req.role
+        )));
+    }
+    let exists = state
+        .store
+        .principals(req.subject_kind)
+        .await?
+        .iter()
+        .any(|p| p.name == req.subject_name);
+    if !exists {
+        return Err(ApiError::not_found(format!(
+            "no {} named `{}`",
+            req.subject_kind, req.subject_name
+        )));
+    }
+    state.store.create_binding(&req, unix_now()).await?;
+    state
+        .audit(
+            &caller,
+            &subject,
+            "rolebindings.create",
+            &format!("rolebinding/{}", req.name),
+            Outcome::Ok,
+            Some(&format!(
+                "{} to {}:{}",
+                req.role, req.subject_kind, req.subject_name
+            )),
+        )
+        .await;
+    Ok((StatusCode::CREATED, Json(req)))
+}
+
+async fn delete_binding(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Empty>, ApiError> {
+    let subject = authorize(&state, &caller, "rolebindings", "delete").await?;
+    if !state.store.delete_binding(&name).await? {
+        return Err(ApiError::not_found(format!(
+            "no role binding named `{name}`"
+        )));
+    }
+    state
+        .audit(
+            &caller,
+            &subject,
+            "rolebindings.delete",
+            &format!("rolebinding/{name}"),
+            Outcome::Ok,
+            None,
+        )
+        .await;
+    Ok(Json(Empty {}))
 }

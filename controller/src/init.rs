@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{CONFIG_FILE, DEFAULT_PUBLIC_URL, parse_public_url};
 use crate::error::ControllerError;
 use crate::pki::{self, CaIssuer};
-use crate::store::{DatabaseUrl, SqlStore, Store};
+use crate::store::{DatabaseUrl, NewApiToken, SqlStore, Store};
 
 /// Prefix of admin API tokens.
 pub const ADMIN_TOKEN_PREFIX: &str = "comsat-admin-v1";
@@ -335,7 +335,14 @@ fn create_database(
             None => SqlStore::open(&db).await,
         }
         .map_err(failed)?;
-        let added = store.add_api_token(&admin_hash, "admin", now).await;
+        let added = store
+            .bootstrap_admin(&NewApiToken {
+                id: admin_hash[..16].to_owned(),
+                hash: admin_hash,
+                created_at: now,
+                expires_at: None,
+            })
+            .await;
         store.close().await;
         added.map_err(failed)
     })

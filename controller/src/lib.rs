@@ -24,6 +24,7 @@ mod error;
 mod http;
 mod init;
 pub mod pki;
+pub mod rbac;
 mod server;
 mod state;
 pub mod store;

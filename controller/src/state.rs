@@ -64,7 +64,9 @@ impl From<StoreError> for ApiError {
                 StatusCode::UNAUTHORIZED
             }
             StoreError::WrongKind { .. } => StatusCode::FORBIDDEN,
-            StoreError::NodeNameTaken { .. } | StoreError::LinkNameTaken(_) => StatusCode::CONFLICT,
+            StoreError::NodeNameTaken { .. }
+            | StoreError::LinkNameTaken(_)
+            | StoreError::Exists(_) => StatusCode::CONFLICT,
             _ => return Self::internal("database", e),
         };
         Self::new(status, e.to_string())

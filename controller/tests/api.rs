@@ -988,3 +988,320 @@ fn init_refuses_an_initialised_dir() {
     assert!(err.to_string().contains(&dir.path().display().to_string()));
     assert!(Path::new(&dir.path().join("controller.db")).exists());
 }
+
+/// Sends `method path` with `body` and bearer `token`; returns the status
+/// and the error message, if any.
+async fn call(
+    api: &Api,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (StatusCode, String) {
+    let mut req = api.client.request(method, api.url(path)).bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("send");
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    (status, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_builtin_role_is_allowed_exactly_what_it_says() {
+    use comsat_controller::rbac;
+    use reqwest::Method;
+    let api = start("").await;
+    let mut n = 0u32;
+    for (role, rules) in rbac::builtin_roles() {
+        // A service account bound to the role.
+        let (status, text) = call(
+            &api,
+            &api.admin,
+            Method::POST,
+            api::PATH_SERVICE_ACCOUNTS,
+            Some(json!({ "name": format!("sa-{role}") })),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{text}");
+        let created: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let token = created["token"].as_str().expect("token").to_owned();
+        let (status, text) = call(
+            &api,
+            &api.admin,
+            Method::POST,
+            api::PATH_ROLE_BINDINGS,
+            Some(json!({
+                "name": format!("b-{role}"),
+                "role": role,
+                "subject_kind": "serviceaccount",
+                "subject_name": format!("sa-{role}"),
+            })),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{text}");
+
+        // Every (resource, verb) the API has, with a call that shows it.
+        let mut unique = || {
+            n += 1;
+            format!("x{n}")
+        };
+        let cases: Vec<(&str, &str, Method, String, Option<serde_json::Value>)> = vec![
+            ("agents", "list", Method::GET, api::PATH_AGENTS.into(), None),
+            ("relays", "list", Method::GET, api::PATH_RELAYS.into(), None),
+            ("links", "list", Method::GET, api::PATH_LINKS.into(), None),
+            (
+                "links",
+                "get",
+                Method::GET,
+                format!("{}/nope", api::PATH_LINKS),
+                None,
+            ),
+            (
+                "links",
+                "create",
+                Method::POST,
+                api::PATH_LINKS.into(),
+                Some(serde_json::to_value(link("l1", "nobody", "noone")).expect("json")),
+            ),
+            (
+                "links",
+                "update",
+                Method::PATCH,
+                format!("{}/nope", api::PATH_LINKS),
+                Some(json!({ "max_flows": 3 })),
+            ),
+            (
+                "links",
+                "delete",
+                Method::DELETE,
+                format!("{}/nope", api::PATH_LINKS),
+                None,
+            ),
+            (
+                "tokens/agent",
+                "create",
+                Method::POST,
+                api::PATH_TOKENS.into(),
+                Some(json!({ "kind": "agent" })),
+            ),
+            (
+                "tokens/relay",
+                "create",
+                Method::POST,
+                api::PATH_TOKENS.into(),
+                Some(json!({ "kind": "relay" })),
+            ),
+            ("roles", "list", Method::GET, api::PATH_ROLES.into(), None),
+            (
+                "roles",
+                "get",
+                Method::GET,
+                format!("{}/viewer", api::PATH_ROLES),
+                None,
+            ),
+            (
+                "roles",
+                "create",
+                Method::POST,
+                api::PATH_ROLES.into(),
+                Some(
+                    json!({ "name": unique(), "rules": [{ "resources": ["links"], "verbs": ["get"] }] }),
+                ),
+            ),
+            (
+                "roles",
+                "delete",
+                Method::DELETE,
+                format!("{}/nope", api::PATH_ROLES),
+                None,
+            ),
+            (
+                "rolebindings",
+                "list",
+                Method::GET,
+                api::PATH_ROLE_BINDINGS.into(),
+                None,
+            ),
+            (
+                "rolebindings",
+                "get",
+                Method::GET,
+                format!("{}/nope", api::PATH_ROLE_BINDINGS),
+                None,
+            ),
+            (
+                "rolebindings",
+                "create",
+                Method::POST,
+                api::PATH_ROLE_BINDINGS.into(),
+                Some(
+                    json!({ "name": unique(), "role": "nope", "subject_kind": "user", "subject_name": "nobody" }),
+                ),
+            ),
+            (
+                "rolebindings",
+                "delete",
+                Method::DELETE,
+                format!("{}/nope", api::PATH_ROLE_BINDINGS),
+                None,
+            ),
+            (
+                "serviceaccounts",
+                "list",
+                Method::GET,
+                api::PATH_SERVICE_ACCOUNTS.into(),
+                None,
+            ),
+            (
+                "serviceaccounts",
+                "create",
+                Method::POST,
+                api::PATH_SERVICE_ACCOUNTS.into(),
+                Some(json!({ "name": unique() })),
+            ),
+            (
+                "serviceaccounts",
+                "update",
+                Method::POST,
+                format!("{}/nope/tokens", api::PATH_SERVICE_ACCOUNTS),
+                Some(json!({})),
+            ),
+            (
+                "serviceaccounts",
+                "delete",
+                Method::DELETE,
+                format!("{}/nope", api::PATH_SERVICE_ACCOUNTS),
+                None,
+            ),
+            ("users", "list", Method::GET, api::PATH_USERS.into(), None),
+            (
+                "users",
+                "create",
+                Method::POST,
+                api::PATH_USERS.into(),
+                Some(json!({ "name": unique() })),
+            ),
+            (
+                "users",
+                "update",
+                Method::DELETE,
+                format!("{}/nope/tokens/0011223344556677", api::PATH_USERS),
+                None,
+            ),
+            (
+                "users",
+                "delete",
+                Method::DELETE,
+                format!("{}/nope", api::PATH_USERS),
+                None,
+            ),
+            ("audit", "list", Method::GET, api::PATH_AUDIT.into(), None),
+            ("status", "get", Method::GET, api::PATH_STATUS.into(), None),
+        ];
+        for (resource, verb, method, path, body) in cases {
+            let (status, text) = call(&api, &token, method.clone(), &path, body).await;
+            let want = rbac::allows(&rules, resource, verb);
+            assert_ne!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{role} {method} {path}: {text}"
+            );
+            assert_eq!(
+                status != StatusCode::FORBIDDEN,
+                want,
+                "role {role}, {verb} on {resource} ({method} {path}): {status} {text}"
+            );
+            if !want {
+                assert!(
+                    text.contains(&format!("`{verb}` on `{resource}`")),
+                    "the refusal names the missing permission: {text}"
+                );
+            }
+        }
+    }
+    // Every refusal is in the audit log with its subject.
+    let audit: Vec<AuditRecord> = api.admin_get(api::PATH_AUDIT).await;
+    assert!(audit.iter().any(|r| {
+        r.subject == "serviceaccount:sa-viewer"
+            && r.result == "denied"
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.contains("`create` on `links`"))
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_account_tokens_expire_and_are_revocable() {
+    use reqwest::Method;
+    let api = start("").await;
+    let (status, text) = call(
+        &api,
+        &api.admin,
+        Method::POST,
+        api::PATH_SERVICE_ACCOUNTS,
+        Some(json!({ "name": "ci" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let first: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let token = first["token"].as_str().expect("token").to_owned();
+    // No role yet: authenticated, and denied.
+    let (status, _) = call(&api, &token, Method::GET, api::PATH_LINKS, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, text) = call(
+        &api,
+        &api.admin,
+        Method::POST,
+        api::PATH_ROLE_BINDINGS,
+        Some(json!({ "name": "ci-view", "role": "viewer", "subject_kind": "serviceaccount", "subject_name": "ci" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let (status, _) = call(&api, &token, Method::GET, api::PATH_LINKS, None).await;
+    assert_eq!(status, StatusCode::OK);
+    // A second token, 1 s of life.
+    let (status, text) = call(
+        &api,
+        &api.admin,
+        Method::POST,
+        &format!("{}/ci/tokens", api::PATH_SERVICE_ACCOUNTS),
+        Some(json!({ "ttl_secs": 1 })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let short: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let short_token = short["token"].as_str().expect("token").to_owned();
+    let (status, _) = call(&api, &short_token, Method::GET, api::PATH_LINKS, None).await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, _) = call(&api, &short_token, Method::GET, api::PATH_LINKS, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "expired");
+    // Revoking the first.
+    let id = first["token_id"].as_str().expect("id");
+    let (status, text) = call(
+        &api,
+        &api.admin,
+        Method::DELETE,
+        &format!("{}/ci/tokens/{id}", api::PATH_SERVICE_ACCOUNTS),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let (status, _) = call(&api, &token, Method::GET, api::PATH_LINKS, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "revoked");
+    let audit: Vec<AuditRecord> = api.admin_get(api::PATH_AUDIT).await;
+    for reason in ["expired", "was revoked"] {
+        assert!(
+            audit.iter().any(|r| r.subject == "serviceaccount:ci"
+                && r.reason.as_deref().is_some_and(|x| x.contains(reason))),
+            "{reason}: {audit:#?}"
+        );
+    }
+    let listed: Vec<api::PrincipalInfo> = api.admin_get(api::PATH_SERVICE_ACCOUNTS).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].tokens.len(), 2);
+    let text = serde_json::to_string(&listed).expect("json");
+    assert!(!text.contains(&token) && !text.contains(&short_token));
+}

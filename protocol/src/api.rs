@@ -53,6 +53,17 @@ pub const PATH_LINKS: &str = "/v1/links";
 pub const PATH_STATUS: &str = "/v1/status";
 /// `GET`: the audit log (admin), `?since=UNIX_SECS&subject=S&limit=N`.
 pub const PATH_AUDIT: &str = "/v1/audit";
+/// `GET` list, `POST` create ([`PrincipalCreate`]): service accounts;
+/// `/{name}` `DELETE`; `/{name}/tokens` `POST` another token;
+/// `/{name}/tokens/{id}` `DELETE` revokes one.
+pub const PATH_SERVICE_ACCOUNTS: &str = "/v1/serviceaccounts";
+/// The same for users.
+pub const PATH_USERS: &str = "/v1/users";
+/// `GET` list, `POST` create ([`RoleCreate`]); `/{name}` `GET`, `DELETE`.
+pub const PATH_ROLES: &str = "/v1/roles";
+/// `GET` list, `POST` create ([`RoleBindingCreate`]); `/{name}` `GET`,
+/// `DELETE`.
+pub const PATH_ROLE_BINDINGS: &str = "/v1/rolebindings";
 /// Most audit records one request returns.
 pub const MAX_AUDIT_RECORDS: usize = 1000;
 
@@ -345,6 +356,157 @@ pub struct AgentInfo {
     /// Links it holds a side of.
     pub links: u64,
 }
+
+/// Who may hold API tokens and be bound to roles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrincipalKind {
+    /// A person.
+    User,
+    /// Automation.
+    #[serde(rename = "serviceaccount")]
+    ServiceAccount,
+}
+
+impl PrincipalKind {
+    /// `user` or `serviceaccount`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::ServiceAccount => "serviceaccount",
+        }
+    }
+}
+
+impl fmt::Display for PrincipalKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PrincipalKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "user" => Ok(Self::User),
+            "serviceaccount" => Ok(Self::ServiceAccount),
+            other => Err(format!(
+                "unknown subject kind `{other}` (user or serviceaccount)"
+            )),
+        }
+    }
+}
+
+/// `POST PATH_SERVICE_ACCOUNTS` / `PATH_USERS`, and their `/{name}/tokens`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalCreate {
+    /// The name (ignored when adding a token to an existing one).
+    #[serde(default)]
+    pub name: String,
+    /// Lifetime of the token, seconds (default: no expiry).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// The answer: the only time the token is shown.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PrincipalCreated {
+    /// The subject, `serviceaccount:NAME` or `user:NAME`.
+    pub subject: String,
+    /// The token's id (to revoke it; not secret).
+    pub token_id: String,
+    /// The API token.
+    pub token: String,
+    /// Unix time it expires, if it does.
+    pub expires_at: Option<u64>,
+}
+
+impl fmt::Debug for PrincipalCreated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrincipalCreated")
+            .field("subject", &self.subject)
+            .field("token_id", &self.token_id)
+            .field("token", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// An API token as listed (never its value).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenInfo {
+    /// Its id.
+    pub id: String,
+    /// Unix time created.
+    pub created_at: u64,
+    /// Unix time it expires, if it does.
+    pub expires_at: Option<u64>,
+    /// Unix time it was revoked, if it was.
+    pub revoked_at: Option<u64>,
+}
+
+/// A user or service account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrincipalInfo {
+    /// Which.
+    pub kind: PrincipalKind,
+    /// Its name.
+    pub name: String,
+    /// Unix time created.
+    pub created_at: u64,
+    /// Its tokens.
+    pub tokens: Vec<ApiTokenInfo>,
+}
+
+/// One rule of a role: these verbs on these resources (`*` for all).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// `agents`, `relays`, `links`, `tokens` (or `tokens/agent`,
+    /// `tokens/relay`), `roles`, `rolebindings`, `serviceaccounts`,
+    /// `users`, `audit`, `status`, or `*`.
+    pub resources: Vec<String>,
+    /// `get`, `list`, `create`, `update`, `delete`, or `*`.
+    pub verbs: Vec<String>,
+}
+
+/// `POST PATH_ROLES`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleCreate {
+    /// Its name.
+    pub name: String,
+    /// What it allows.
+    pub rules: Vec<Rule>,
+}
+
+/// A role as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleInfo {
+    /// Its name.
+    pub name: String,
+    /// What it allows.
+    pub rules: Vec<Rule>,
+    /// One of the four that come with the controller (not deletable).
+    pub builtin: bool,
+}
+
+/// `POST PATH_ROLE_BINDINGS`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleBindingCreate {
+    /// Its name.
+    pub name: String,
+    /// The role it grants.
+    pub role: String,
+    /// To whom.
+    pub subject_kind: PrincipalKind,
+    /// Their name.
+    pub subject_name: String,
+}
+
+/// A role binding as listed.
+pub type RoleBindingInfo = RoleBindingCreate;
 
 /// One audit record: a change, or a refused authentication. Holds no
 /// secret (tokens are named by id, never by value).

@@ -53,7 +53,9 @@ pub mod testing {
 }
 
 use async_trait::async_trait;
-use comsat_protocol::api::{AuditRecord, NodeKind, RelayLoad};
+use comsat_protocol::api::{
+    AuditRecord, NodeKind, PrincipalInfo, PrincipalKind, RelayLoad, RoleBindingCreate,
+};
 use comsat_protocol::{LinkId, NodeId, NoisePublicKey, RelayId, SignPublicKey};
 
 /// A PostgreSQL connection URL. It may carry a password, so `Debug` and
@@ -148,6 +150,37 @@ pub enum StoreError {
     /// A link already has this name.
     #[error("a link named `{0}` already exists")]
     LinkNameTaken(String),
+    /// Something of this kind already has this name (`role `x``, …).
+    #[error("{0} already exists")]
+    Exists(String),
+}
+
+/// An API token to store (only the hash of its value).
+#[derive(Clone, Debug)]
+pub struct NewApiToken {
+    /// SHA-256 of the whole token, hex.
+    pub hash: String,
+    /// Its public id.
+    pub id: String,
+    /// Unix time created.
+    pub created_at: u64,
+    /// Unix time it expires, if it does.
+    pub expires_at: Option<u64>,
+}
+
+/// A stored API token, found by its hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiTokenRecord {
+    /// Whose.
+    pub kind: PrincipalKind,
+    /// Their name.
+    pub name: String,
+    /// Its id.
+    pub id: String,
+    /// Unix time it expires, if it does.
+    pub expires_at: Option<u64>,
+    /// Unix time it was revoked, if it was.
+    pub revoked_at: Option<u64>,
 }
 
 /// A join token to store (the secret itself is never stored).
@@ -307,11 +340,71 @@ pub struct LinkGrantUpdate {
 /// Every database operation of the controller.
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// Stores an API token's hash (SHA-256 of the whole token, hex).
-    async fn add_api_token(&self, hash: &str, name: &str, now: u64) -> Result<(), StoreError>;
+    /// Creates the `admin` user with its first token, bound to the
+    /// built-in `admin` role (at `controller init`).
+    async fn bootstrap_admin(&self, token: &NewApiToken) -> Result<(), StoreError>;
 
-    /// The name of the API token with this hash, if any.
-    async fn api_token(&self, hash: &str) -> Result<Option<String>, StoreError>;
+    /// The API token with this hash, if any (even expired or revoked: the
+    /// caller decides).
+    async fn api_token(&self, hash: &str) -> Result<Option<ApiTokenRecord>, StoreError>;
+
+    /// Creates a user or service account with its first token.
+    async fn create_principal(
+        &self,
+        kind: PrincipalKind,
+        name: &str,
+        token: &NewApiToken,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes a user or service account, its tokens and its bindings;
+    /// `false` if there was none.
+    async fn delete_principal(&self, kind: PrincipalKind, name: &str) -> Result<bool, StoreError>;
+
+    /// Users or service accounts, with their tokens.
+    async fn principals(&self, kind: PrincipalKind) -> Result<Vec<PrincipalInfo>, StoreError>;
+
+    /// Adds a token to an existing user or service account; `false` if
+    /// there is none.
+    async fn add_principal_token(
+        &self,
+        kind: PrincipalKind,
+        name: &str,
+        token: &NewApiToken,
+    ) -> Result<bool, StoreError>;
+
+    /// Revokes one token of a user or service account; `false` if it has
+    /// no such (unrevoked) token.
+    async fn revoke_token(
+        &self,
+        kind: PrincipalKind,
+        name: &str,
+        id: &str,
+        now: u64,
+    ) -> Result<bool, StoreError>;
+
+    /// Creates a role (`rules` as JSON).
+    async fn create_role(&self, name: &str, rules: &str, now: u64) -> Result<(), StoreError>;
+
+    /// The rules (JSON) of a stored role.
+    async fn role(&self, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// Every stored role and its rules (JSON), by name.
+    async fn roles(&self) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// Deletes a role; `false` if there was none.
+    async fn delete_role(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Creates a role binding.
+    async fn create_binding(&self, b: &RoleBindingCreate, now: u64) -> Result<(), StoreError>;
+
+    /// Every role binding, by name.
+    async fn bindings(&self) -> Result<Vec<RoleBindingCreate>, StoreError>;
+
+    /// The roles bound to a subject.
+    async fn roles_of(&self, kind: PrincipalKind, name: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Deletes a role binding; `false` if there was none.
+    async fn delete_binding(&self, name: &str) -> Result<bool, StoreError>;
 
     /// Stores a new join token.
     async fn create_join_token(&self, token: &NewJoinToken) -> Result<(), StoreError>;

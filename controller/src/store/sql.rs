@@ -20,14 +20,16 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use comsat_protocol::api::{AuditRecord, NodeKind, RelayLoad};
+use comsat_protocol::api::{
+    ApiTokenInfo, AuditRecord, NodeKind, PrincipalInfo, PrincipalKind, RelayLoad, RoleBindingCreate,
+};
 use comsat_protocol::{LinkId, NodeId, RelayId};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, ConnectOptions, Executor, Row, Transaction};
 
 use super::{
-    EventRecord, LinkGrantUpdate, LinkRecord, NewEvent, NewJoinToken, NewNode, NodeRecord,
-    Redemption, Store, StoreError,
+    ApiTokenRecord, EventRecord, LinkGrantUpdate, LinkRecord, NewApiToken, NewEvent, NewJoinToken,
+    NewNode, NodeRecord, Redemption, Store, StoreError,
 };
 
 /// How long a connection waits for a lock another holds.
@@ -213,6 +215,49 @@ async fn bump_agents(
     Ok(())
 }
 
+async fn insert_token(
+    tx: &mut Transaction<'static, Any>,
+    kind: PrincipalKind,
+    name: &str,
+    t: &NewApiToken,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO api_tokens (hash, name, created_at, id, subject_kind, expires_at, revoked_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, NULL)",
+    )
+    .bind(&t.hash)
+    .bind(name)
+    .bind(to_i64(t.created_at))
+    .bind(&t.id)
+    .bind(kind.as_str())
+    .bind(t.expires_at.map(to_i64))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_principal(
+    tx: &mut Transaction<'static, Any>,
+    kind: PrincipalKind,
+    name: &str,
+    token: &NewApiToken,
+) -> Result<(), StoreError> {
+    let done = sqlx::query("INSERT INTO principals (kind, name, created_at) VALUES ($1, $2, $3)")
+        .bind(kind.as_str())
+        .bind(name)
+        .bind(to_i64(token.created_at))
+        .execute(&mut **tx)
+        .await;
+    match done {
+        Ok(_) => {}
+        Err(e) if is_unique_violation(&e) => {
+            return Err(StoreError::Exists(format!("{kind} `{name}`")));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    insert_token(tx, kind, name, token).await
+}
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .is_some_and(|d| d.is_unique_violation())
@@ -289,22 +334,263 @@ impl SqlStore {
 
 #[async_trait]
 impl Store for SqlStore {
-    async fn add_api_token(&self, hash: &str, name: &str, now: u64) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO api_tokens (hash, name, created_at) VALUES ($1, $2, $3)")
-            .bind(hash)
-            .bind(name)
-            .bind(to_i64(now))
-            .execute(&self.pool)
-            .await?;
+    async fn bootstrap_admin(&self, token: &NewApiToken) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        insert_principal(&mut tx, PrincipalKind::User, "admin", token).await?;
+        sqlx::query(
+            "INSERT INTO role_bindings (name, role, subject_kind, subject_name, created_at) \
+             VALUES ('admin', 'admin', 'user', 'admin', $1)",
+        )
+        .bind(to_i64(token.created_at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
-    async fn api_token(&self, hash: &str) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT name FROM api_tokens WHERE hash = $1")
-            .bind(hash)
+    async fn api_token(&self, hash: &str) -> Result<Option<ApiTokenRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT subject_kind, name, id, expires_at, revoked_at FROM api_tokens WHERE hash = $1",
+        )
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(ApiTokenRecord {
+                kind: parse(
+                    "api_tokens.subject_kind",
+                    &r.try_get::<String, _>("subject_kind")?,
+                )?,
+                name: r.try_get("name")?,
+                id: r.try_get::<Option<String>, _>("id")?.unwrap_or_default(),
+                expires_at: r.try_get::<Option<i64>, _>("expires_at")?.map(to_u64),
+                revoked_at: r.try_get::<Option<i64>, _>("revoked_at")?.map(to_u64),
+            })
+        })
+        .transpose()
+    }
+
+    async fn create_principal(
+        &self,
+        kind: PrincipalKind,
+        name: &str,
+        token: &NewApiToken,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        match insert_principal(&mut tx, kind, name, token).await {
+            Ok(()) => {
+                tx.commit().await?;
+                Ok(())
+            }
+            Err(e) => {
+                tx.rollback().await?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn delete_principal(&self, kind: PrincipalKind, name: &str) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let done = sqlx::query("DELETE FROM principals WHERE kind = $1 AND name = $2")
+            .bind(kind.as_str())
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM api_tokens WHERE subject_kind = $1 AND name = $2")
+            .bind(kind.as_str())
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM role_bindings WHERE subject_kind = $1 AND subject_name = $2")
+            .bind(kind.as_str())
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn principals(&self, kind: PrincipalKind) -> Result<Vec<PrincipalInfo>, StoreError> {
+        let rows =
+            sqlx::query("SELECT name, created_at FROM principals WHERE kind = $1 ORDER BY name")
+                .bind(kind.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+        let tokens = sqlx::query(
+            "SELECT name, id, created_at, expires_at, revoked_at FROM api_tokens \
+             WHERE subject_kind = $1 ORDER BY created_at, id",
+        )
+        .bind(kind.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let name: String = r.try_get("name")?;
+            let mut mine = Vec::new();
+            for t in &tokens {
+                if t.try_get::<String, _>("name")? == name {
+                    mine.push(ApiTokenInfo {
+                        id: t.try_get::<Option<String>, _>("id")?.unwrap_or_default(),
+                        created_at: to_u64(t.try_get("created_at")?),
+                        expires_at: t.try_get::<Option<i64>, _>("expires_at")?.map(to_u64),
+                        revoked_at: t.try_get::<Option<i64>, _>("revoked_at")?.map(to_u64),
+                    });
+                }
+            }
+            out.push(PrincipalInfo {
+                kind,
+                name,
+                created_at: to_u64(r.try_get("created_at")?),
+                tokens: mine,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn add_principal_token(
+        &self,
+        kind: PrincipalKind,
+        name: &str,
+        token: &NewApiToken,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let exists = sqlx::query("SELECT 1 FROM principals WHERE kind = $1 AND name = $2")
+            .bind(kind.as_str())
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+        if !exists {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        insert_token(&mut tx, kind, name, token).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn revoke_token(
+        &self,
+        kind: PrincipalKind,
+        name: &str,
+        id: &str,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE api_tokens SET revoked_at = $1 \
+             WHERE subject_kind = $2 AND name = $3 AND id = $4 AND revoked_at IS NULL",
+        )
+        .bind(to_i64(now))
+        .bind(kind.as_str())
+        .bind(name)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn create_role(&self, name: &str, rules: &str, now: u64) -> Result<(), StoreError> {
+        let done = sqlx::query("INSERT INTO roles (name, rules, created_at) VALUES ($1, $2, $3)")
+            .bind(name)
+            .bind(rules)
+            .bind(to_i64(now))
+            .execute(&self.pool)
+            .await;
+        match done {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Exists(format!("role `{name}`"))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn role(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT rules FROM roles WHERE name = $1")
+            .bind(name)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| r.try_get("name")).transpose()?)
+        Ok(row.map(|r| r.try_get("rules")).transpose()?)
+    }
+
+    async fn roles(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query("SELECT name, rules FROM roles ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("name")?, r.try_get("rules")?)))
+            .collect()
+    }
+
+    async fn delete_role(&self, name: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM roles WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn create_binding(&self, b: &RoleBindingCreate, now: u64) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO role_bindings (name, role, subject_kind, subject_name, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&b.name)
+        .bind(&b.role)
+        .bind(b.subject_kind.as_str())
+        .bind(&b.subject_name)
+        .bind(to_i64(now))
+        .execute(&self.pool)
+        .await;
+        match done {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => {
+                Err(StoreError::Exists(format!("role binding `{}`", b.name)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn bindings(&self) -> Result<Vec<RoleBindingCreate>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, role, subject_kind, subject_name FROM role_bindings ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RoleBindingCreate {
+                    name: r.try_get("name")?,
+                    role: r.try_get("role")?,
+                    subject_kind: parse(
+                        "role_bindings.subject_kind",
+                        &r.try_get::<String, _>("subject_kind")?,
+                    )?,
+                    subject_name: r.try_get("subject_name")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn roles_of(&self, kind: PrincipalKind, name: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT role FROM role_bindings WHERE subject_kind = $1 AND subject_name = $2",
+        )
+        .bind(kind.as_str())
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get("role")?)).collect()
+    }
+
+    async fn delete_binding(&self, name: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM role_bindings WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn create_join_token(&self, t: &NewJoinToken) -> Result<(), StoreError> {
