@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
+pub mod apply;
 pub mod client;
 pub mod ctl;
 pub mod dev;

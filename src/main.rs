@@ -320,6 +320,22 @@ enum CtlCommand {
         #[command(subcommand)]
         command: RoleBindingCommand,
     },
+    /// Make the controller hold what a YAML file describes (Link, Role,
+    /// RoleBinding, ServiceAccount, JoinToken); applying twice changes
+    /// nothing the second time.
+    Apply {
+        /// The file (`-`: standard input).
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Print an object as the YAML document `apply` takes (`-o json` for
+    /// JSON).
+    Get {
+        /// link, role, rolebinding or serviceaccount.
+        kind: String,
+        /// Its name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -882,6 +898,10 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 ctl::delete(&c, api::PATH_ROLES, &name, "role delete").await?
             }
         },
+        CtlCommand::Apply { file } => comsat::apply::apply(&c, &file).await?,
+        CtlCommand::Get { kind, name } => {
+            comsat::apply::get(&c, &kind, &name, matches!(out, ctl::Output::Json)).await?
+        }
         CtlCommand::RoleBinding { command } => match command {
             RoleBindingCommand::Create {
                 name,

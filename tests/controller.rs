@@ -1644,3 +1644,113 @@ async fn a_service_account_gets_only_what_its_role_allows() -> Result<()> {
     ensure!(audit.contains("`list` on `roles`"), "{audit}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_is_idempotent_and_refuses_a_bad_file_whole() -> Result<()> {
+    let mut c = Cluster::start(|t| t)?;
+    c.enrol_agent("a")?;
+    c.enrol_agent("b")?;
+    let file = c.path("fleet.yaml");
+    let text = "\
+apiVersion: comsat.dev/v1
+kind: ServiceAccount
+metadata: {name: ci}
+---
+apiVersion: comsat.dev/v1
+kind: Role
+metadata: {name: reader}
+spec:
+  rules:
+    - resources: [links, agents]
+      verbs: [get, list]
+---
+apiVersion: comsat.dev/v1
+kind: RoleBinding
+metadata: {name: ci-reads}
+spec: {role: reader, subject: {kind: serviceaccount, name: ci}}
+---
+apiVersion: comsat.dev/v1
+kind: Link
+metadata: {name: db}
+spec:
+  from: a
+  listen: tcp://127.0.0.1:17432
+  to: b
+  target: tcp://127.0.0.1:5432
+  maxFlows: 10
+---
+apiVersion: comsat.dev/v1
+kind: JoinToken
+metadata: {name: edge-c}
+spec: {nodeKind: agent, ttl: 1h}
+";
+    std::fs::write(&file, text)?;
+    let f = s(&file);
+    let first = c.ctl_ok(&["apply", "-f", &f])?;
+    for line in [
+        "serviceaccount/ci created",
+        "role/reader created",
+        "rolebinding/ci-reads created",
+        "link/db created",
+        "jointoken/edge-c created",
+    ] {
+        ensure!(first.contains(line), "{line}: {first}");
+    }
+    ensure!(first.contains("comsat-sa-v1:") && first.contains("comsat-join-v1:"));
+    let second = c.ctl_ok(&["apply", "-f", &f])?;
+    ensure!(
+        second.lines().count() == 5 && second.lines().all(|l| l.contains(" unchanged")),
+        "the second apply changed something:\n{second}"
+    );
+    let links: Vec<api::LinkInfo> =
+        serde_json::from_str(&c.ctl_ok(&["link", "list", "-o", "json"])?)?;
+    ensure!(links.len() == 1 && links[0].max_flows == Some(10) && links[0].generation == 1);
+
+    // What `get` prints, `apply` takes back unchanged.
+    for (kind, name) in [
+        ("link", "db"),
+        ("role", "reader"),
+        ("rolebinding", "ci-reads"),
+        ("serviceaccount", "ci"),
+    ] {
+        let yaml = c.ctl_ok(&["get", kind, name])?;
+        ensure!(yaml.contains("apiVersion: comsat.dev/v1"), "{yaml}");
+        let back = c.path(&format!("{kind}.yaml"));
+        std::fs::write(&back, &yaml)?;
+        let again = c.ctl_ok(&["apply", "-f", &s(&back)])?;
+        ensure!(
+            again.trim() == format!("{kind}/{name} unchanged"),
+            "{kind}: {again}\n{yaml}"
+        );
+    }
+
+    // A limit changed in the file is an update of the same link.
+    std::fs::write(&file, text.replace("maxFlows: 10", "maxFlows: 20"))?;
+    let third = c.ctl_ok(&["apply", "-f", &f])?;
+    ensure!(third.contains("link/db updated"), "{third}");
+    let links: Vec<api::LinkInfo> =
+        serde_json::from_str(&c.ctl_ok(&["link", "list", "-o", "json"])?)?;
+    ensure!(links[0].max_flows == Some(20) && links[0].generation == 1);
+
+    // A bad document: refused with the file, document and field named, and
+    // nothing of the file applied.
+    let bad = format!(
+        "apiVersion: comsat.dev/v1\nkind: ServiceAccount\nmetadata: {{name: fresh}}\n---\n{}",
+        text.replace("target: tcp", "tagret: tcp")
+    );
+    std::fs::write(&file, bad)?;
+    let (code, _, err) = c.ctl(&["apply", "-f", &f])?;
+    ensure!(
+        code != 0
+            && err.contains("fleet.yaml")
+            && err.contains("document 5")
+            && err.contains("tagret"),
+        "{code} {err}"
+    );
+    let sas = c.ctl_ok(&["serviceaccount", "list"])?;
+    ensure!(
+        !sas.contains("fresh"),
+        "a document of a refused file was applied: {sas}"
+    );
+    Ok(())
+}

@@ -73,6 +73,7 @@ pub(crate) fn router(state: AppState) -> Router {
         )
         .route(api::PATH_STATUS, get(status))
         .route(api::PATH_AUDIT, get(audit_list))
+        .route(api::PATH_OPEN_TOKENS, get(list_open_tokens))
         .route(
             api::PATH_SERVICE_ACCOUNTS,
             get(|st: State<AppState>, c: Caller| {
@@ -1617,4 +1618,13 @@ async fn delete_binding(
         )
         .await;
     Ok(Json(Empty {}))
+}
+
+/// Join tokens neither used nor expired (never their secrets).
+async fn list_open_tokens(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<api::JoinTokenInfo>>, ApiError> {
+    authorize(&state, &caller, "tokens", "list").await?;
+    Ok(Json(state.store.open_join_tokens(unix_now()).await?))
 }

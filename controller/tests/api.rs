@@ -1093,6 +1093,13 @@ async fn every_builtin_role_is_allowed_exactly_what_it_says() {
                 api::PATH_TOKENS.into(),
                 Some(json!({ "kind": "relay" })),
             ),
+            (
+                "tokens",
+                "list",
+                Method::GET,
+                api::PATH_OPEN_TOKENS.into(),
+                None,
+            ),
             ("roles", "list", Method::GET, api::PATH_ROLES.into(), None),
             (
                 "roles",

@@ -43,6 +43,8 @@ pub const PATH_RELAY_CERT: &str = "/v1/relay/cert";
 pub const PATH_AGENT_CONFIG: &str = "/v1/agent/config";
 /// Join tokens (admin).
 pub const PATH_TOKENS: &str = "/v1/tokens";
+/// `GET`: join tokens neither used nor expired ([`JoinTokenInfo`]).
+pub const PATH_OPEN_TOKENS: &str = "/v1/tokens/open";
 /// Enrolled agents (admin).
 pub const PATH_AGENTS: &str = "/v1/agents";
 /// Enrolled relays (admin).
@@ -324,6 +326,21 @@ pub struct TokenCreate {
     /// Lifetime in seconds (default one hour).
     #[serde(default)]
     pub ttl_secs: Option<u64>,
+}
+
+/// A join token as listed (`GET PATH_TOKENS`): never its secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenInfo {
+    /// Its id.
+    pub id: String,
+    /// What it enrols.
+    pub kind: NodeKind,
+    /// The name the node gets, if set.
+    pub name: Option<String>,
+    /// Unix time it expires.
+    pub expires_at: u64,
+    /// Whether it was redeemed (or tried after expiry).
+    pub used: bool,
 }
 
 /// A new join token.

@@ -54,7 +54,8 @@ pub mod testing {
 
 use async_trait::async_trait;
 use comsat_protocol::api::{
-    AuditRecord, NodeKind, PrincipalInfo, PrincipalKind, RelayLoad, RoleBindingCreate,
+    AuditRecord, JoinTokenInfo, NodeKind, PrincipalInfo, PrincipalKind, RelayLoad,
+    RoleBindingCreate,
 };
 use comsat_protocol::{LinkId, NodeId, NoisePublicKey, RelayId, SignPublicKey};
 
@@ -408,6 +409,10 @@ pub trait Store: Send + Sync {
 
     /// Stores a new join token.
     async fn create_join_token(&self, token: &NewJoinToken) -> Result<(), StoreError>;
+
+    /// Join tokens not yet used nor expired at `now`, oldest first (at
+    /// most 1000).
+    async fn open_join_tokens(&self, now: u64) -> Result<Vec<JoinTokenInfo>, StoreError>;
 
     /// Redeems a join token and registers the node, atomically: of two
     /// racing redemptions exactly one wins. An expired token is used up

@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use comsat_protocol::api::{
-    ApiTokenInfo, AuditRecord, NodeKind, PrincipalInfo, PrincipalKind, RelayLoad, RoleBindingCreate,
+    ApiTokenInfo, AuditRecord, JoinTokenInfo, NodeKind, PrincipalInfo, PrincipalKind, RelayLoad,
+    RoleBindingCreate,
 };
 use comsat_protocol::{LinkId, NodeId, RelayId};
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -607,6 +608,27 @@ impl Store for SqlStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn open_join_tokens(&self, now: u64) -> Result<Vec<JoinTokenInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, kind, name, expires_at FROM join_tokens \
+             WHERE used_at IS NULL AND expires_at > $1 ORDER BY created_at, id LIMIT 1000",
+        )
+        .bind(to_i64(now))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(JoinTokenInfo {
+                    id: r.try_get("id")?,
+                    kind: parse("join_tokens.kind", &r.try_get::<String, _>("kind")?)?,
+                    name: r.try_get("name")?,
+                    expires_at: to_u64(r.try_get("expires_at")?),
+                    used: false,
+                })
+            })
+            .collect()
     }
 
     async fn redeem_join_token(
