@@ -446,4 +446,56 @@ mod tests {
                 .is_err()
         );
     }
+
+    #[test]
+    fn a_rotation_to_a_new_intermediate_under_the_pinned_root_is_accepted() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let root_key = KeyPair::generate().expect("key");
+        let mut root_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = root_params.self_signed(&root_key).expect("root");
+        let root_issuer = Issuer::new(root_params, root_key);
+        let chain_under = |label: &str| {
+            let key = KeyPair::generate().expect("key");
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(rcgen::DnType::CommonName, label);
+            let inter = p.signed_by(&key, &root_issuer).expect("intermediate");
+            let inter_issuer = Issuer::new(p, key);
+            let leaf_key = KeyPair::generate().expect("key");
+            let leaf = CertificateParams::new(vec!["ctl.example".to_owned()])
+                .expect("params")
+                .signed_by(&leaf_key, &inter_issuer)
+                .expect("leaf");
+            (
+                format!("{}{}", leaf.pem(), inter.pem()),
+                leaf_key.serialize_pem(),
+            )
+        };
+        for label in ["intermediate 1", "intermediate 2"] {
+            let (chain, key) = chain_under(label);
+            let ok = check_rotated_certificate(
+                chain.as_bytes(),
+                key.as_bytes(),
+                root.pem().as_bytes(),
+                "ctl.example",
+            );
+            assert!(ok.is_ok(), "{label}: {:?}", ok.err());
+        }
+        // Without its intermediate the leaf does not chain.
+        let (chain, key) = chain_under("intermediate 3");
+        let leaf_only = chain
+            .split_inclusive("-----END CERTIFICATE-----\n")
+            .next()
+            .expect("leaf");
+        assert!(
+            check_rotated_certificate(
+                leaf_only.as_bytes(),
+                key.as_bytes(),
+                root.pem().as_bytes(),
+                "ctl.example"
+            )
+            .is_err()
+        );
+    }
 }

@@ -1014,6 +1014,7 @@ async fn every_builtin_role_is_allowed_exactly_what_it_says() {
     use reqwest::Method;
     let api = start("").await;
     let mut n = 0u32;
+    let mut refused = 0usize;
     for (role, rules) in rbac::builtin_roles() {
         // A service account bound to the role.
         let (status, text) = call(
@@ -1221,6 +1222,7 @@ async fn every_builtin_role_is_allowed_exactly_what_it_says() {
                 "role {role}, {verb} on {resource} ({method} {path}): {status} {text}"
             );
             if !want {
+                refused += 1;
                 assert!(
                     text.contains(&format!("`{verb}` on `{resource}`")),
                     "the refusal names the missing permission: {text}"
@@ -1228,8 +1230,18 @@ async fn every_builtin_role_is_allowed_exactly_what_it_says() {
             }
         }
     }
-    // Every refusal is in the audit log with its subject.
+    // Every refusal is in the audit log with its subject and reason.
     let audit: Vec<AuditRecord> = api.admin_get(api::PATH_AUDIT).await;
+    let denied = audit
+        .iter()
+        .filter(|r| {
+            r.result == "denied"
+                && r.subject.starts_with("serviceaccount:sa-")
+                && r.reason.as_deref().is_some_and(|x| x.contains("allows `"))
+        })
+        .count();
+    assert!(refused > 20, "the matrix refused only {refused} calls");
+    assert_eq!(denied, refused, "one audit record per refused call");
     assert!(audit.iter().any(|r| {
         r.subject == "serviceaccount:sa-viewer"
             && r.result == "denied"
