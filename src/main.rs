@@ -460,6 +460,12 @@ enum TokenCommand {
 enum ListCommand {
     /// List them.
     List,
+    /// Decommission one: its credentials stop working at once (an agent
+    /// must hold no link; a relay's links move to other relays).
+    Delete {
+        /// Its name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -830,8 +836,18 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
             let kind = kind.parse::<NodeKind>().map_err(Usage)?;
             ctl::token_create(&c, kind, name, Some(ttl)).await?
         }
-        CtlCommand::Agent { .. } => ctl::agent_list(&c, out).await?,
-        CtlCommand::Relay { .. } => ctl::relay_list(&c, out).await?,
+        CtlCommand::Agent {
+            command: ListCommand::List,
+        } => ctl::agent_list(&c, out).await?,
+        CtlCommand::Relay {
+            command: ListCommand::List,
+        } => ctl::relay_list(&c, out).await?,
+        CtlCommand::Agent {
+            command: ListCommand::Delete { name },
+        } => ctl::delete(&c, api::PATH_AGENTS, &name, "agent delete").await?,
+        CtlCommand::Relay {
+            command: ListCommand::Delete { name },
+        } => ctl::delete(&c, api::PATH_RELAYS, &name, "relay delete").await?,
         CtlCommand::Link { command } => match command {
             LinkCommand::Create {
                 name,

@@ -1752,5 +1752,23 @@ spec: {nodeKind: agent, ttl: 1h}
         !sas.contains("fresh"),
         "a document of a refused file was applied: {sas}"
     );
+
+    // Decommissioning an agent: refused while it holds a link, then done;
+    // its credentials stop working at once.
+    let (code, _, err) = c.ctl(&["agent", "delete", "a"])?;
+    ensure!(code != 0 && err.contains("db"), "{code} {err}");
+    c.ctl_ok(&["link", "delete", "db"])?;
+    c.ctl_ok(&["agent", "delete", "a"])?;
+    let agents = c.ctl_ok(&["agent", "list"])?;
+    ensure!(!agents.lines().any(|l| l.starts_with("a ")), "{agents}");
+    let (state, key) = node_key(&c, "a")?;
+    let jwt = jwt::mint(&key, &state.node_id, &state.audience, jwt::unix_now(), 30)?;
+    let (code, _) = raw_get(&c, api::PATH_AGENT_CONFIG, &jwt).await?;
+    ensure!(code == 401, "a decommissioned agent is refused: {code}");
+    let audit = c.ctl_ok(&["audit", "list", "-o", "json"])?;
+    ensure!(
+        audit.contains("agents.delete") && audit.contains("not enrolled"),
+        "{audit}"
+    );
     Ok(())
 }

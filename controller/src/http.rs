@@ -73,6 +73,24 @@ pub(crate) fn router(state: AppState) -> Router {
         )
         .route(api::PATH_STATUS, get(status))
         .route(api::PATH_AUDIT, get(audit_list))
+        .route(
+            &format!("{}/{{name}}", api::PATH_AGENTS),
+            get(|st: State<AppState>, c: Caller, n: Path<String>| {
+                get_node(st, c, NodeKind::Agent, n)
+            })
+            .delete(|st: State<AppState>, c: Caller, n: Path<String>| {
+                delete_node(st, c, NodeKind::Agent, n)
+            }),
+        )
+        .route(
+            &format!("{}/{{name}}", api::PATH_RELAYS),
+            get(|st: State<AppState>, c: Caller, n: Path<String>| {
+                get_node(st, c, NodeKind::Relay, n)
+            })
+            .delete(|st: State<AppState>, c: Caller, n: Path<String>| {
+                delete_node(st, c, NodeKind::Relay, n)
+            }),
+        )
         .route(api::PATH_OPEN_TOKENS, get(list_open_tokens))
         .route(
             api::PATH_SERVICE_ACCOUNTS,
@@ -1627,4 +1645,80 @@ async fn list_open_tokens(
 ) -> Result<Json<Vec<api::JoinTokenInfo>>, ApiError> {
     authorize(&state, &caller, "tokens", "list").await?;
     Ok(Json(state.store.open_join_tokens(unix_now()).await?))
+}
+
+fn node_resource(kind: NodeKind) -> &'static str {
+    match kind {
+        NodeKind::Agent => "agents",
+        NodeKind::Relay => "relays",
+    }
+}
+
+/// One enrolled node: what the lists show of it.
+async fn get_node(
+    State(state): State<AppState>,
+    caller: Caller,
+    kind: NodeKind,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&state, &caller, node_resource(kind), "get").await?;
+    let node = state
+        .store
+        .node_by_name(kind, &name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no {kind} named `{name}`")))?;
+    Ok(Json(serde_json::json!({
+        "name": node.name,
+        "node_id": node.node_id.to_string(),
+        "kind": kind.as_str(),
+        "public_addr": node.public_addr,
+        "created_at": node.created_at,
+        "last_seen": node.last_seen,
+        "last_heartbeat": node.last_heartbeat,
+    })))
+}
+
+/// Decommissions a node: its credentials stop working at once. An agent
+/// must hold no link any more; a relay's links move to other relays.
+async fn delete_node(
+    State(state): State<AppState>,
+    caller: Caller,
+    kind: NodeKind,
+    Path(name): Path<String>,
+) -> Result<Json<Empty>, ApiError> {
+    let subject = authorize(&state, &caller, node_resource(kind), "delete").await?;
+    let _guard = state.link_lock.lock().await;
+    let node = state
+        .store
+        .node_by_name(kind, &name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no {kind} named `{name}`")))?;
+    if kind == NodeKind::Agent {
+        let links = state.store.links_of_agent(&node.node_id).await?;
+        if !links.is_empty() {
+            let names: Vec<_> = links.iter().map(|l| l.name.as_str()).collect();
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "agent `{name}` still holds links {}: delete them first",
+                    names.join(", ")
+                ),
+            ));
+        }
+    }
+    state.store.delete_node(&node.node_id).await?;
+    drop(_guard);
+    state.notify();
+    tracing::info!(%kind, name, "node decommissioned");
+    state
+        .audit(
+            &caller,
+            &subject,
+            &format!("{}.delete", node_resource(kind)),
+            &format!("{kind}/{name}"),
+            Outcome::Ok,
+            None,
+        )
+        .await;
+    Ok(Json(Empty {}))
 }

@@ -459,7 +459,7 @@ mod tests {
             let key = KeyPair::generate().expect("key");
             let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
             p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            p.distinguished_name.push(rcgen::DnType::CommonName, label);
+            p.distinguished_name.push(DnType::CommonName, label);
             let inter = p.signed_by(&key, &root_issuer).expect("intermediate");
             let inter_issuer = Issuer::new(p, key);
             let leaf_key = KeyPair::generate().expect("key");

@@ -1050,7 +1050,35 @@ async fn every_builtin_role_is_allowed_exactly_what_it_says() {
         };
         let cases: Vec<(&str, &str, Method, String, Option<serde_json::Value>)> = vec![
             ("agents", "list", Method::GET, api::PATH_AGENTS.into(), None),
+            (
+                "agents",
+                "get",
+                Method::GET,
+                format!("{}/nope", api::PATH_AGENTS),
+                None,
+            ),
+            (
+                "agents",
+                "delete",
+                Method::DELETE,
+                format!("{}/nope", api::PATH_AGENTS),
+                None,
+            ),
             ("relays", "list", Method::GET, api::PATH_RELAYS.into(), None),
+            (
+                "relays",
+                "get",
+                Method::GET,
+                format!("{}/nope", api::PATH_RELAYS),
+                None,
+            ),
+            (
+                "relays",
+                "delete",
+                Method::DELETE,
+                format!("{}/nope", api::PATH_RELAYS),
+                None,
+            ),
             ("links", "list", Method::GET, api::PATH_LINKS.into(), None),
             (
                 "links",

@@ -482,6 +482,11 @@ pub trait Store: Send + Sync {
     /// Every link, by name.
     async fn links(&self) -> Result<Vec<LinkRecord>, StoreError>;
 
+    /// Removes an enrolled node: its JWTs stop working at once. An agent
+    /// must hold no link (the caller checks); a relay's events go with it.
+    /// `false` if there was none.
+    async fn delete_node(&self, id: &NodeId) -> Result<bool, StoreError>;
+
     /// The links an agent holds a side of, by name.
     async fn links_of_agent(&self, agent: &NodeId) -> Result<Vec<LinkRecord>, StoreError>;
 

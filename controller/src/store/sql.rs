@@ -887,6 +887,31 @@ impl Store for SqlStore {
         Ok(done.rows_affected())
     }
 
+    async fn delete_node(&self, id: &NodeId) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let done = sqlx::query("DELETE FROM nodes WHERE node_id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await;
+        let done = match done {
+            Ok(d) => d,
+            Err(e) => {
+                tx.rollback().await?;
+                return Err(e.into());
+            }
+        };
+        if done.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM relay_events WHERE relay_id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     async fn touch_node(&self, id: &NodeId, now: u64) -> Result<(), StoreError> {
         sqlx::query("UPDATE nodes SET last_seen = $1 WHERE node_id = $2")
             .bind(to_i64(now))
