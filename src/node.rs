@@ -400,7 +400,7 @@ async fn relay_events(client: &Client, dir: &Path, state: &NodeState) {
             let file = grants.join(format!("{}.grant", ev.link_id));
             match &ev.kind {
                 api::RelayEventKind::Grant { grant } => {
-                    match check_grant(grant, state, &relay_id) {
+                    match check_grant(grant, state, &relay_id, &ev.link_id, &file) {
                         Ok(bytes) => {
                             if let Err(e) = write_atomic(&file, &bytes) {
                                 tracing::error!(error = %e, "cannot cache a grant");
@@ -426,18 +426,38 @@ async fn relay_events(client: &Client, dir: &Path, state: &NodeState) {
     }
 }
 
-fn check_grant(hex_grant: &str, state: &NodeState, relay: &RelayId) -> anyhow::Result<Vec<u8>> {
+/// Verifies a grant the controller sent for `link`: signed by the
+/// authority, naming this relay and that link, and not older than the one
+/// cached at `cached` (a late event never rolls a link back).
+fn check_grant(
+    hex_grant: &str,
+    state: &NodeState,
+    relay: &RelayId,
+    link: &comsat_protocol::LinkId,
+    cached: &Path,
+) -> anyhow::Result<Vec<u8>> {
     if hex_grant.len() > 2 * comsat_protocol::limits::MAX_SIGNED_GRANT_LEN {
         bail!("grant too long");
     }
     let bytes = hex::decode(hex_grant)?;
     let signed = SignedGrant::decode(&bytes)?;
-    signed.verify(
+    let known = std::fs::read(cached)
+        .ok()
+        .and_then(|b| SignedGrant::decode(&b).ok())
+        .and_then(|g| g.verify_signature(&state.authority_public_key).ok())
+        .map(|g| g.generation);
+    let grant = signed.verify(
         &state.authority_public_key,
         relay,
         comsat_protocol::jwt::unix_now(),
-        None,
+        known,
     )?;
+    if grant.link_id != *link {
+        bail!(
+            "the grant is for link {}, but came as an event for link {link}",
+            grant.link_id
+        );
+    }
     Ok(bytes)
 }
 
@@ -467,7 +487,10 @@ async fn renew_cert(client: &Client, dir: &Path) {
         if cert_life(&cert).is_some_and(|(left, life)| left > life / 3) {
             continue;
         }
-        match request_cert(client, dir).await {
+        match request_cert(client, dir)
+            .await
+            .and_then(|pem| check_renewed(&pem, dir).map(|()| pem))
+        {
             Ok(pem) => {
                 retry.reset();
                 match write_atomic(&cert, pem.as_bytes()) {
@@ -481,6 +504,36 @@ async fn renew_cert(client: &Client, dir: &Path) {
             }
         }
     }
+}
+
+/// Checks a renewed certificate before it replaces the served one: it
+/// parses, is for this relay's key (`tls.key`), and is valid now for a
+/// while. A bad one is refused (and asked for again with backoff).
+fn check_renewed(pem: &str, dir: &Path) -> anyhow::Result<()> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("the renewed certificate is not PEM: {e}"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| anyhow!("the controller sent no certificate"))?;
+    let key_pem = read_secret_file(&dir.join("tls.key"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("tls.key")?;
+    rustls::sign::CertifiedKey::from_der(
+        certs.clone(),
+        key,
+        &rustls::crypto::ring::default_provider(),
+    )
+    .map_err(|e| anyhow!("the renewed certificate is not for this relay's key: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| anyhow!("the renewed certificate does not parse: {e}"))?;
+    let now = comsat_protocol::jwt::unix_now() as i64;
+    let v = cert.validity();
+    if v.not_before.timestamp() > now + 300 || v.not_after.timestamp() <= now + 60 {
+        bail!("the renewed certificate is not valid now");
+    }
+    Ok(())
 }
 
 async fn request_cert(client: &Client, dir: &Path) -> anyhow::Result<String> {
@@ -603,5 +656,126 @@ pub async fn agent_sync(
             "desired state applied"
         );
         version = desired.version;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
+    use comsat_protocol::{LinkId, NodeId};
+
+    fn state(authority: &SigningKey) -> NodeState {
+        NodeState {
+            kind: NodeKind::Relay,
+            node_id: NodeId([1; 16]),
+            name: "r1".into(),
+            controller: "https://127.0.0.1:1".into(),
+            fallback_controllers: vec![],
+            audience: "comsat-controller:x".into(),
+            authority_public_key: authority.public(),
+            public_addr: Some("127.0.0.1:4433".into()),
+        }
+    }
+
+    fn signed(authority: &SigningKey, link: LinkId, relay: RelayId, generation: u64) -> String {
+        let side = |n: u8| GrantSide {
+            node_id: NodeId([n; 16]),
+            sign_pub: SigningKey::generate().public(),
+        };
+        let g = Grant {
+            link_id: link,
+            generation,
+            relays: vec![relay],
+            side_a: side(2),
+            side_b: side(3),
+            not_after: comsat_protocol::jwt::unix_now() + 3600,
+            buffer_limit: 0,
+            limits: LinkLimits::default(),
+        };
+        hex::encode(g.sign(authority).and_then(|s| s.encode()).expect("sign"))
+    }
+
+    #[test]
+    fn a_cached_grant_is_never_replaced_by_an_older_one_or_another_links() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let authority = SigningKey::generate();
+        let st = state(&authority);
+        let relay = RelayId([1; 16]);
+        let link = LinkId([3; 16]);
+        let file = dir.path().join("x.grant");
+        let g2 = check_grant(
+            &signed(&authority, link, relay, 2),
+            &st,
+            &relay,
+            &link,
+            &file,
+        )
+        .expect("first");
+        std::fs::write(&file, &g2).expect("cache");
+        // The same generation again (a renewal or a limit change) is taken.
+        check_grant(
+            &signed(&authority, link, relay, 2),
+            &st,
+            &relay,
+            &link,
+            &file,
+        )
+        .expect("same generation");
+        let err = check_grant(
+            &signed(&authority, link, relay, 1),
+            &st,
+            &relay,
+            &link,
+            &file,
+        )
+        .expect_err("older");
+        assert!(err.to_string().contains("generation"), "{err}");
+        let other = LinkId([4; 16]);
+        let err = check_grant(
+            &signed(&authority, other, relay, 3),
+            &st,
+            &relay,
+            &link,
+            &file,
+        )
+        .expect_err("another link's grant");
+        assert!(
+            err.to_string().contains("came as an event for link"),
+            "{err}"
+        );
+        let stranger = SigningKey::generate();
+        assert!(
+            check_grant(
+                &signed(&stranger, link, relay, 3),
+                &st,
+                &relay,
+                &link,
+                &file
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_renewed_certificate_must_be_for_the_relays_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = rcgen::KeyPair::generate().expect("key");
+        write_secret_file(&dir.path().join("tls.key"), key.serialize_pem().as_bytes())
+            .expect("key file");
+        let cert = rcgen::CertificateParams::new(vec!["relay.example".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        check_renewed(&cert.pem(), dir.path()).expect("good");
+        let other = rcgen::KeyPair::generate().expect("key");
+        let wrong = rcgen::CertificateParams::new(vec!["relay.example".to_owned()])
+            .expect("params")
+            .self_signed(&other)
+            .expect("cert");
+        let err = check_renewed(&wrong.pem(), dir.path()).expect_err("other key");
+        assert!(err.to_string().contains("key"), "{err}");
+        assert!(check_renewed("junk", dir.path()).is_err());
+        assert!(check_renewed("", dir.path()).is_err());
     }
 }

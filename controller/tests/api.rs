@@ -164,8 +164,8 @@ impl Api {
         let noise = NoiseSecretKey::generate();
         let resp = self
             .enrol_req(&EnrolRequest {
-                token_id: token.id,
-                secret: token.secret,
+                token_id: token.id.clone(),
+                secret: token.secret.clone(),
                 kind: NodeKind::Agent,
                 sign_public_key: key.public(),
                 noise_public_key: Some(noise.public()),
@@ -188,8 +188,8 @@ impl Api {
         let key = SigningKey::generate();
         let resp = self
             .enrol_req(&EnrolRequest {
-                token_id: token.id,
-                secret: token.secret,
+                token_id: token.id.clone(),
+                secret: token.secret.clone(),
                 kind: NodeKind::Relay,
                 sign_public_key: key.public(),
                 noise_public_key: None,
