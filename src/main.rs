@@ -256,7 +256,7 @@ struct CtlArgs {
     /// ./.comsat/context.toml when it exists).
     #[arg(long, env = "COMSAT_CONTEXT", global = true)]
     context: Option<PathBuf>,
-    /// Output format.
+    /// Output format (`yaml`: only for `get`, which prints YAML by default).
     #[arg(short, long, value_enum, default_value_t = OutputFormat::Table, global = true)]
     output: OutputFormat,
     #[command(subcommand)]
@@ -267,6 +267,7 @@ struct CtlArgs {
 enum OutputFormat {
     Table,
     Json,
+    Yaml,
 }
 
 #[derive(Subcommand, Debug)]
@@ -824,9 +825,14 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         ca: args.ca,
         context: args.context,
     };
-    let out = match args.output {
-        OutputFormat::Table => ctl::Output::Table,
-        OutputFormat::Json => ctl::Output::Json,
+    let out = match (args.output, &args.command) {
+        (OutputFormat::Yaml, CtlCommand::Get { .. }) | (OutputFormat::Table, _) => {
+            ctl::Output::Table
+        }
+        (OutputFormat::Json, _) => ctl::Output::Json,
+        (OutputFormat::Yaml, _) => {
+            return Err(Usage("-o yaml is for `comsat ctl get`; use -o json".into()).into());
+        }
     };
     let c = target.client().map_err(|e| Usage(format!("{e:#}")))?;
     let text = match args.command {

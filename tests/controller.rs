@@ -1713,7 +1713,7 @@ spec: {nodeKind: agent, ttl: 1h}
         ("rolebinding", "ci-reads"),
         ("serviceaccount", "ci"),
     ] {
-        let yaml = c.ctl_ok(&["get", kind, name])?;
+        let yaml = c.ctl_ok(&["get", kind, name, "-o", "yaml"])?;
         ensure!(yaml.contains("apiVersion: comsat.dev/v1"), "{yaml}");
         let back = c.path(&format!("{kind}.yaml"));
         std::fs::write(&back, &yaml)?;
