@@ -934,7 +934,11 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 let (subject_kind, subject_name) = match (serviceaccount, user) {
                     (Some(n), _) => (api::PrincipalKind::ServiceAccount, n),
                     (None, Some(n)) => (api::PrincipalKind::User, n),
-                    (None, None) => unreachable!("clap requires one"),
+                    (None, None) => {
+                        return Err(
+                            Usage("pass --serviceaccount NAME or --user NAME".into()).into()
+                        );
+                    }
                 };
                 let body = api::RoleBindingCreate {
                     name,
