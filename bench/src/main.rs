@@ -48,7 +48,8 @@ struct RunArgs {
     /// A short run (under 3 minutes) that keeps the harness from rotting.
     #[arg(long)]
     quick: bool,
-    /// Only this scenario: throughput-1, throughput-8, latency, rate-limit.
+    /// Only this scenario: throughput-1, throughput-8, latency, rate-limit,
+    /// memory.
     #[arg(long)]
     scenario: Option<String>,
     /// The comsat binary (default: `comsat` beside this executable).
@@ -117,7 +118,8 @@ fn environment() -> Environment {
 /// of each link, in the order given.
 struct Path {
     _dir: tempfile::TempDir,
-    _procs: Vec<Proc>,
+    /// Relay, agent A, agent B.
+    procs: Vec<Proc>,
     listen: Vec<SocketAddr>,
 }
 
@@ -169,7 +171,7 @@ async fn start_path(bin: &str, links: Vec<DevLink>, limits: &[(&str, LinkLimits)
     }
     Ok(Path {
         _dir: dir,
-        _procs: vec![relay, a, b],
+        procs: vec![relay, a, b],
         listen,
     })
 }
@@ -457,6 +459,14 @@ async fn run(args: RunArgs) -> Result<()> {
     if wanted("rate-limit") {
         rate_limit(&bin, sink_addr, reps, per_flow_1, &mut figures).await?;
     }
+    if wanted("memory") {
+        let sizes: &[usize] = if args.quick {
+            &[10, 200]
+        } else {
+            &[10, 500, 1000]
+        };
+        memory(&bin, sink_addr, sizes, &mut figures, &mut notes).await?;
+    }
     let report = Report {
         quick: args.quick,
         environment: environment(),
@@ -531,6 +541,84 @@ async fn rate_limit(
         "that link alone",
         median(alone),
         reps,
+    ));
+    Ok(())
+}
+
+/// Resident memory of a process, KiB (`VmRSS` of /proc/PID/status).
+fn rss_kib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS value")?
+        .parse()?)
+}
+
+/// The slope of the least-squares line through `points`.
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let num: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let den: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    if den == 0.0 { 0.0 } else { num / den }
+}
+
+/// Relay and agent memory per idle paired link: paths with N idle links
+/// (all paired, one connection per agent), RSS after they settle, a line
+/// fitted over N.
+async fn memory(
+    bin: &str,
+    sink_addr: SocketAddr,
+    sizes: &[usize],
+    figures: &mut Vec<Figure>,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let (mut relay_pts, mut agent_pts) = (Vec::new(), Vec::new());
+    for &n in sizes {
+        eprintln!("memory: {n} idle paired links");
+        let links = (0..n).map(|i| link(&format!("l{i}"), sink_addr)).collect();
+        let path = start_path(bin, links, &[]).await?;
+        // Let allocations settle (handshakes done, buffers returned).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        relay_pts.push((n as f64, rss_kib(path.procs[0].pid())?));
+        agent_pts.push((n as f64, rss_kib(path.procs[1].pid())?));
+    }
+    let per_link = slope(&relay_pts);
+    figures.push(figure(
+        "memory",
+        "relay RSS per idle paired link (floor: 16 KiB)",
+        "KiB",
+        per_link,
+        "the floor",
+        16.0,
+        sizes.len(),
+    ));
+    figures.push(figure(
+        "memory",
+        "agent RSS per idle link (side A)",
+        "KiB",
+        slope(&agent_pts),
+        "the relay's floor, for scale",
+        16.0,
+        sizes.len(),
+    ));
+    notes.push(format!(
+        "memory: relay RSS {} KiB at {}..{} links (line fitted over {:?}); relay RSS per idle \
+         agent connection is not measured yet.",
+        relay_pts
+            .iter()
+            .map(|p| format!("{:.0}", p.1))
+            .collect::<Vec<_>>()
+            .join(", "),
+        sizes.first().copied().unwrap_or(0),
+        sizes.last().copied().unwrap_or(0),
+        sizes
     ));
     Ok(())
 }
