@@ -49,7 +49,7 @@ struct RunArgs {
     #[arg(long)]
     quick: bool,
     /// Only this scenario: throughput-1, throughput-8, latency, rate-limit,
-    /// memory.
+    /// resume, memory.
     #[arg(long)]
     scenario: Option<String>,
     /// The comsat binary (default: `comsat` beside this executable).
@@ -117,10 +117,12 @@ fn environment() -> Environment {
 /// A running comsat path: relay and two agents, and the listen address
 /// of each link, in the order given.
 struct Path {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     /// Relay, agent A, agent B.
     procs: Vec<Proc>,
     listen: Vec<SocketAddr>,
+    /// The relay's config file (to restart it).
+    relay_config: PathBuf,
 }
 
 fn link(name: &str, target: SocketAddr) -> DevLink {
@@ -170,9 +172,10 @@ async fn start_path(bin: &str, links: Vec<DevLink>, limits: &[(&str, LinkLimits)
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(Path {
-        _dir: dir,
         procs: vec![relay, a, b],
         listen,
+        relay_config: layout.relay_config.clone(),
+        dir,
     })
 }
 
@@ -459,6 +462,12 @@ async fn run(args: RunArgs) -> Result<()> {
     if wanted("rate-limit") {
         rate_limit(&bin, sink_addr, reps, per_flow_1, &mut figures).await?;
     }
+    if wanted("resume") {
+        let n = if args.quick { 100 } else { 1000 };
+        if let Err(e) = resume(&bin, sink_addr, n, &mut figures).await {
+            notes.push(format!("resume: FAILED: {e:#}"));
+        }
+    }
     if wanted("memory") {
         let sizes: &[usize] = if args.quick {
             &[10, 200]
@@ -541,6 +550,71 @@ async fn rate_limit(
         "that link alone",
         median(alone),
         reps,
+    ));
+    Ok(())
+}
+
+/// One small exchange through the sink: 1 byte there, 1 byte back.
+async fn poke(addr: SocketAddr) -> Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_u64(1).await?;
+    s.write_all(&[7]).await?;
+    let mut done = [0u8; 1];
+    s.read_exact(&mut done).await?;
+    Ok(())
+}
+
+/// Resume: a path with `n` links, the relay killed and restarted on the
+/// same key; the time until every link carries bytes again.
+async fn resume(
+    bin: &str,
+    sink_addr: SocketAddr,
+    n: usize,
+    figures: &mut Vec<Figure>,
+) -> Result<()> {
+    eprintln!("resume: {n} links, relay killed and restarted");
+    let links = (0..n).map(|i| link(&format!("l{i}"), sink_addr)).collect();
+    let mut path = start_path(bin, links, &[]).await?;
+    for addr in &path.listen {
+        poke(*addr).await.context("before the restart")?;
+    }
+    path.procs[0].kill();
+    let (relay, _, _) =
+        comsat_tests::proc::start_relay(bin, &path.relay_config, path.dir.path(), "relay-2")?;
+    let started = Instant::now();
+    path.procs[0] = relay;
+    let pokes: Vec<_> = path
+        .listen
+        .iter()
+        .map(|addr| {
+            let addr = *addr;
+            tokio::spawn(async move {
+                // A link that is not back yet makes its agent wait, then
+                // closes the connection: try again until it carries bytes.
+                loop {
+                    if poke(addr).await.is_ok() {
+                        return Instant::now();
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        })
+        .collect();
+    let mut last = started;
+    for p in pokes {
+        let at = tokio::time::timeout(Duration::from_secs(60), p)
+            .await
+            .context("a link did not carry bytes within 60 s of the restart")??;
+        last = last.max(at);
+    }
+    figures.push(figure(
+        "resume",
+        &format!("all {n} links carry bytes again after a relay restart (floor: 5 s for 1,000)"),
+        "s",
+        (last - started).as_secs_f64(),
+        "the floor",
+        5.0,
+        1,
     ));
     Ok(())
 }
