@@ -306,3 +306,38 @@ async fn a_relay_at_its_link_cap_refuses_the_next_link_and_serves_the_first() ->
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_hundreds_of_links_on_one_relay_gets_them_all_ready() -> Result<()> {
+    // More links than a control queue used to hold: every attach must get
+    // through, and every answer back.
+    const LINKS: usize = 400;
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let target_addr = target.local_addr()?;
+    tokio::spawn(echo_server(target));
+    let links = (0..LINKS)
+        .map(|i| DevLink {
+            name: format!("l{i}"),
+            listen: "tcp://127.0.0.1:0".into(),
+            target: format!("tcp://{target_addr}"),
+            allowed_uids: vec![],
+        })
+        .collect();
+    let mut sys = System::start(Options {
+        links,
+        tap: false,
+        pin_sha256: false,
+        relay_extra: String::new(),
+        extra_relays: 0,
+    })?;
+    let mut last = String::new();
+    for i in 0..LINKS {
+        last = sys.listen_addr(&format!("l{i}"))?;
+    }
+    sys.wait_ready()?;
+    let m = scrape(sys.relay_admin)?;
+    assert_eq!(metric(&m, "comsat_relay_links_paired"), LINKS as f64, "{m}");
+    let mut s = TcpStream::connect(last.trim_start_matches("tcp://")).await?;
+    echo_round(&mut s, b"the last link carries bytes").await?;
+    Ok(())
+}

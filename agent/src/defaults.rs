@@ -73,8 +73,9 @@ pub const REPLAY_BUDGET: usize = 256 * 1024 * 1024;
 /// message.
 pub const ACK_DELAY: Duration = Duration::from_millis(2);
 
-/// Control messages queued toward the relay.
-pub const CONTROL_QUEUE: usize = 256;
+/// Control messages queued toward the relay (attaches wait for room; acks
+/// and handshakes are retried when it is full).
+pub const CONTROL_QUEUE: usize = 1024;
 
 /// First delay before an attach the relay refused for a reason that may
 /// pass (grant not there yet, relay full) is sent again on the same

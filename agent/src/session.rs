@@ -577,12 +577,17 @@ async fn serve(
 ) -> Ended {
     let (ctl, rx) = mpsc::channel(defaults::CONTROL_QUEUE);
     let writer = tokio::spawn(write_control(send, rx));
+    // Every link attaches; with more links than the queue holds, wait for
+    // the writer rather than drop an attach.
     for link in links.values() {
-        let _ = ctl.try_send(AgentToRelay::Attach {
+        let attach = AgentToRelay::Attach {
             link_id: link.cfg.link_id,
             generation: link.generation.load(Ordering::Relaxed),
             side: link.cfg.side,
-        });
+        };
+        if ctl.send(attach).await.is_err() {
+            break;
+        }
     }
     let acceptor = tokio::spawn(accept_flows(shared.clone(), conn.clone(), links.clone()));
     let mut retry = tokio::time::interval(defaults::HANDSHAKE_RETRY);

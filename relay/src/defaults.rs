@@ -43,8 +43,11 @@ pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const GRANT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Control messages queued for one agent before it is deemed stuck and
-/// disconnected (each is at most 16 KiB, usually under 100 bytes).
-pub const CONTROL_QUEUE: usize = 256;
+/// disconnected (each is at most 16 KiB, usually under 100 bytes; the queue
+/// allocates as it fills). An agent attaching N links at once is sent about
+/// 2N messages (attached, peer present), so this bounds the links one agent
+/// can attach in one burst to a few thousand.
+pub const CONTROL_QUEUE: usize = 8192;
 
 /// Time a new flow stream has to deliver its header.
 pub const FLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
