@@ -50,7 +50,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
 use comsat_protocol::api::{self, NodeKind, PrincipalKind};
 use serde::{Deserialize, Serialize};
 
@@ -247,30 +247,10 @@ fn parse(file: &str, text: &str) -> anyhow::Result<Vec<Item>> {
     Ok(items)
 }
 
-/// Reads `path` (`-`: standard input).
-fn read(path: &Path) -> anyhow::Result<String> {
-    use std::io::Read;
-    let mut text = String::new();
-    if path == Path::new("-") {
-        std::io::stdin()
-            .take(MAX_FILE + 1)
-            .read_to_string(&mut text)
-            .context("reading standard input")?;
-    } else {
-        std::fs::File::open(path)
-            .and_then(|f| f.take(MAX_FILE + 1).read_to_string(&mut text))
-            .with_context(|| format!("reading {}", path.display()))?;
-    }
-    if text.len() as u64 > MAX_FILE {
-        bail!("{}: larger than {MAX_FILE} bytes", path.display());
-    }
-    Ok(text)
-}
-
 /// `ctl apply -f FILE`: one line per document, `KIND/NAME created|updated|
 /// unchanged|replaced`.
 pub async fn apply(c: &Client, path: &Path) -> anyhow::Result<String> {
-    let text = read(path)?;
+    let text = crate::node::read_at_most(path, MAX_FILE)?;
     let items = parse(&path.display().to_string(), &text)?;
     let mut out = String::new();
     for item in items {

@@ -260,14 +260,6 @@ fn link_rows(v: &[api::LinkInfo]) -> String {
     )
 }
 
-/// The API path of users or service accounts.
-pub fn principal_path(kind: api::PrincipalKind) -> &'static str {
-    match kind {
-        api::PrincipalKind::User => api::PATH_USERS,
-        api::PrincipalKind::ServiceAccount => api::PATH_SERVICE_ACCOUNTS,
-    }
-}
-
 fn checked_name<'a>(what: &str, name: &'a str) -> anyhow::Result<&'a str> {
     if api::valid_name(name) {
         Ok(name)
@@ -299,7 +291,7 @@ pub async fn principal_create(
         ttl_secs: ttl.map(|d| d.as_secs().max(1)),
     };
     let created: api::PrincipalCreated = c
-        .post(principal_path(kind), &body, &format!("{kind} create"))
+        .post(kind.path(), &body, &format!("{kind} create"))
         .await?;
     Ok(format!("{}\n", created.token))
 }
@@ -318,7 +310,7 @@ pub async fn principal_token(
     };
     let created: api::PrincipalCreated = c
         .post(
-            &format!("{}/{name}/tokens", principal_path(kind)),
+            &format!("{}/{name}/tokens", kind.path()),
             &body,
             &format!("{kind} token"),
         )
@@ -338,7 +330,7 @@ pub async fn principal_revoke(
         bail!("token id `{id}`: expected the hex id `{kind} list` shows");
     }
     c.delete(
-        &format!("{}/{name}/tokens/{id}", principal_path(kind)),
+        &format!("{}/{name}/tokens/{id}", kind.path()),
         &format!("{kind} revoke"),
     )
     .await?;
@@ -351,9 +343,7 @@ pub async fn principal_list(
     kind: api::PrincipalKind,
     out: Output,
 ) -> anyhow::Result<String> {
-    let v: Vec<api::PrincipalInfo> = c
-        .get(principal_path(kind), &[], &format!("{kind} list"))
-        .await?;
+    let v: Vec<api::PrincipalInfo> = c.get(kind.path(), &[], &format!("{kind} list")).await?;
     if out == Output::Json {
         return json(&v);
     }

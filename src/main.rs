@@ -807,9 +807,7 @@ async fn principal(
     match command {
         PrincipalCommand::Create { name, ttl } => ctl::principal_create(c, kind, name, ttl).await,
         PrincipalCommand::List => ctl::principal_list(c, kind, out).await,
-        PrincipalCommand::Delete { name } => {
-            ctl::delete(c, ctl::principal_path(kind), &name, "delete").await
-        }
+        PrincipalCommand::Delete { name } => ctl::delete(c, kind.path(), &name, "delete").await,
         PrincipalCommand::Token { name, ttl } => ctl::principal_token(c, kind, &name, ttl).await,
         PrincipalCommand::Revoke { name, token_id } => {
             ctl::principal_revoke(c, kind, &name, &token_id).await

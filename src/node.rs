@@ -64,13 +64,22 @@ pub struct NodeState {
 }
 
 fn read_capped(path: &Path) -> anyhow::Result<String> {
+    read_at_most(path, MAX_STATE_FILE)
+}
+
+/// Reads a text file of at most `max` bytes (`-`: standard input), naming
+/// the file in errors.
+pub(crate) fn read_at_most(path: &Path, max: u64) -> anyhow::Result<String> {
     use std::io::Read;
     let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_STATE_FILE + 1).read_to_string(&mut text))
-        .with_context(|| format!("reading {}", path.display()))?;
-    if text.len() as u64 > MAX_STATE_FILE {
-        bail!("{}: larger than {MAX_STATE_FILE} bytes", path.display());
+    let read = if path == Path::new("-") {
+        std::io::stdin().take(max + 1).read_to_string(&mut text)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(max + 1).read_to_string(&mut text))
+    };
+    read.with_context(|| format!("reading {}", path.display()))?;
+    if text.len() as u64 > max {
+        bail!("{}: larger than {max} bytes", path.display());
     }
     Ok(text)
 }

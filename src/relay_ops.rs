@@ -196,18 +196,12 @@ fn is_zombie(pid: u32) -> bool {
 }
 
 fn read_pid(path: &Path) -> anyhow::Result<u32> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .with_context(|| {
-            format!(
-                "reading {}: is a relay running with this data dir? (`comsat relay run` writes it)",
-                path.display()
-            )
-        })?
-        .take(MAX_PID_FILE)
-        .read_to_string(&mut text)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let text = crate::node::read_at_most(path, MAX_PID_FILE).with_context(|| {
+        format!(
+            "is a relay running with this data dir? (`comsat relay run` writes {})",
+            path.display()
+        )
+    })?;
     let pid: u32 = text.trim().parse().map_err(|_| {
         anyhow::anyhow!(
             "{} does not hold a PID (found {:?}); remove it if no relay runs",

@@ -37,6 +37,25 @@ async fn echo_round(s: &mut TcpStream, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// A relay and two agents with one ready link `echo` to an echo server;
+/// returns the system and the link's listen address.
+async fn echo_system() -> Result<(System, SocketAddr)> {
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let mut sys = System::start(Options::one(DevLink {
+        name: "echo".into(),
+        listen: "tcp://127.0.0.1:0".into(),
+        target: format!("tcp://{}", target.local_addr()?),
+        allowed_uids: vec![],
+    }))?;
+    tokio::spawn(echo_server(target));
+    let listen: SocketAddr = sys
+        .listen_addr("echo")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+    sys.wait_ready()?;
+    Ok((sys, listen))
+}
+
 fn sighup(pid: u32) -> Result<()> {
     let ok = std::process::Command::new("kill")
         .args(["-s", "HUP", &pid.to_string()])
@@ -105,19 +124,7 @@ fn issue_relay_cert(sys: &System, name: &str) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_refuses_a_broken_config_and_applies_a_new_certificate_without_dropping_flows()
 -> Result<()> {
-    let target = TcpListener::bind("127.0.0.1:0").await?;
-    let mut sys = System::start(Options::one(DevLink {
-        name: "echo".into(),
-        listen: "tcp://127.0.0.1:0".into(),
-        target: format!("tcp://{}", target.local_addr()?),
-        allowed_uids: vec![],
-    }))?;
-    tokio::spawn(echo_server(target));
-    let listen: SocketAddr = sys
-        .listen_addr("echo")?
-        .trim_start_matches("tcp://")
-        .parse()?;
-    sys.wait_ready()?;
+    let (sys, listen) = echo_system().await?;
     let mut flow = TcpStream::connect(listen).await?;
     echo_round(&mut flow, b"before any reload").await?;
     let connects = |sys: &System| -> Result<f64> {
@@ -200,19 +207,7 @@ async fn sighup_refuses_a_broken_config_and_applies_a_new_certificate_without_dr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_link_metrics_move_while_a_flow_is_open() -> Result<()> {
-    let target = TcpListener::bind("127.0.0.1:0").await?;
-    let mut sys = System::start(Options::one(DevLink {
-        name: "echo".into(),
-        listen: "tcp://127.0.0.1:0".into(),
-        target: format!("tcp://{}", target.local_addr()?),
-        allowed_uids: vec![],
-    }))?;
-    tokio::spawn(echo_server(target));
-    let listen: SocketAddr = sys
-        .listen_addr("echo")?
-        .trim_start_matches("tcp://")
-        .parse()?;
-    sys.wait_ready()?;
+    let (sys, listen) = echo_system().await?;
     let link = hex::encode(sys.layout.links[0].1.0);
     let series = |name: &str| format!("{name}{{link=\"{link}\",direction=\"a_to_b\"}}");
     let mut flow = TcpStream::connect(listen).await?;

@@ -92,67 +92,6 @@ pub(crate) fn router(state: AppState) -> Router {
             }),
         )
         .route(api::PATH_OPEN_TOKENS, get(list_open_tokens))
-        .route(
-            api::PATH_SERVICE_ACCOUNTS,
-            get(|st: State<AppState>, c: Caller| {
-                list_principals(st, c, PrincipalKind::ServiceAccount)
-            })
-            .post(|st: State<AppState>, c: Caller, b: Bytes| {
-                create_principal(st, c, PrincipalKind::ServiceAccount, b)
-            }),
-        )
-        .route(
-            &format!("{}/{{name}}", api::PATH_SERVICE_ACCOUNTS),
-            axum::routing::delete(|st: State<AppState>, c: Caller, n: Path<String>| {
-                delete_principal(st, c, PrincipalKind::ServiceAccount, n)
-            }),
-        )
-        .route(
-            &format!("{}/{{name}}/tokens", api::PATH_SERVICE_ACCOUNTS),
-            post(
-                |st: State<AppState>, c: Caller, n: Path<String>, b: Bytes| {
-                    add_token(st, c, PrincipalKind::ServiceAccount, n, b)
-                },
-            ),
-        )
-        .route(
-            &format!("{}/{{name}}/tokens/{{id}}", api::PATH_SERVICE_ACCOUNTS),
-            axum::routing::delete(
-                |st: State<AppState>, c: Caller, p: Path<(String, String)>| {
-                    revoke_token(st, c, PrincipalKind::ServiceAccount, p)
-                },
-            ),
-        )
-        .route(
-            api::PATH_USERS,
-            get(|st: State<AppState>, c: Caller| list_principals(st, c, PrincipalKind::User)).post(
-                |st: State<AppState>, c: Caller, b: Bytes| {
-                    create_principal(st, c, PrincipalKind::User, b)
-                },
-            ),
-        )
-        .route(
-            &format!("{}/{{name}}", api::PATH_USERS),
-            axum::routing::delete(|st: State<AppState>, c: Caller, n: Path<String>| {
-                delete_principal(st, c, PrincipalKind::User, n)
-            }),
-        )
-        .route(
-            &format!("{}/{{name}}/tokens", api::PATH_USERS),
-            post(
-                |st: State<AppState>, c: Caller, n: Path<String>, b: Bytes| {
-                    add_token(st, c, PrincipalKind::User, n, b)
-                },
-            ),
-        )
-        .route(
-            &format!("{}/{{name}}/tokens/{{id}}", api::PATH_USERS),
-            axum::routing::delete(
-                |st: State<AppState>, c: Caller, p: Path<(String, String)>| {
-                    revoke_token(st, c, PrincipalKind::User, p)
-                },
-            ),
-        )
         .route(api::PATH_ROLES, get(list_roles).post(create_role))
         .route(
             &format!("{}/{{name}}", api::PATH_ROLES),
@@ -166,6 +105,8 @@ pub(crate) fn router(state: AppState) -> Router {
             &format!("{}/{{name}}", api::PATH_ROLE_BINDINGS),
             get(get_binding).delete(delete_binding),
         )
+        .merge(principal_routes(PrincipalKind::ServiceAccount))
+        .merge(principal_routes(PrincipalKind::User))
         .fallback(|| async { ApiError::not_found("no such API path") })
         .layer(DefaultBodyLimit::max(api::MAX_BODY_LEN))
         .with_state(state)
@@ -1256,11 +1197,38 @@ async fn audit_list(
     Ok(Json(records))
 }
 
-fn principal_resource(kind: PrincipalKind) -> &'static str {
-    match kind {
-        PrincipalKind::User => "users",
-        PrincipalKind::ServiceAccount => "serviceaccounts",
-    }
+/// The routes of users or service accounts (the same for both kinds).
+fn principal_routes(kind: PrincipalKind) -> Router<AppState> {
+    let base = kind.path();
+    Router::new()
+        .route(
+            base,
+            get(move |st: State<AppState>, c: Caller| list_principals(st, c, kind)).post(
+                move |st: State<AppState>, c: Caller, b: Bytes| create_principal(st, c, kind, b),
+            ),
+        )
+        .route(
+            &format!("{base}/{{name}}"),
+            axum::routing::delete(move |st: State<AppState>, c: Caller, n: Path<String>| {
+                delete_principal(st, c, kind, n)
+            }),
+        )
+        .route(
+            &format!("{base}/{{name}}/tokens"),
+            post(
+                move |st: State<AppState>, c: Caller, n: Path<String>, b: Bytes| {
+                    add_token(st, c, kind, n, b)
+                },
+            ),
+        )
+        .route(
+            &format!("{base}/{{name}}/tokens/{{id}}"),
+            axum::routing::delete(
+                move |st: State<AppState>, c: Caller, p: Path<(String, String)>| {
+                    revoke_token(st, c, kind, p)
+                },
+            ),
+        )
 }
 
 /// A new API token for a user or service account: shown once, stored as
@@ -1300,7 +1268,7 @@ async fn list_principals(
     caller: Caller,
     kind: PrincipalKind,
 ) -> Result<Json<Vec<PrincipalInfo>>, ApiError> {
-    authorize(&state, &caller, principal_resource(kind), "list").await?;
+    authorize(&state, &caller, kind.resource(), "list").await?;
     Ok(Json(state.store.principals(kind).await?))
 }
 
@@ -1310,7 +1278,7 @@ async fn create_principal(
     kind: PrincipalKind,
     body: Bytes,
 ) -> Result<(StatusCode, Json<PrincipalCreated>), ApiError> {
-    let subject = authorize(&state, &caller, principal_resource(kind), "create").await?;
+    let subject = authorize(&state, &caller, kind.resource(), "create").await?;
     let req: PrincipalCreate = parse_json(&body)?;
     rbac::check_name(kind.as_str(), &req.name).map_err(ApiError::bad_request)?;
     let (token, record) = new_api_token(kind, req.ttl_secs)?;
@@ -1323,7 +1291,7 @@ async fn create_principal(
         .audit(
             &caller,
             &subject,
-            &format!("{}.create", principal_resource(kind)),
+            &format!("{}.create", kind.resource()),
             &created,
             Outcome::Ok,
             None,
@@ -1346,7 +1314,7 @@ async fn delete_principal(
     kind: PrincipalKind,
     Path(name): Path<String>,
 ) -> Result<Json<Empty>, ApiError> {
-    let subject = authorize(&state, &caller, principal_resource(kind), "delete").await?;
+    let subject = authorize(&state, &caller, kind.resource(), "delete").await?;
     let target = format!("{kind}:{name}");
     if target == subject {
         return Err(ApiError::bad_request(format!(
@@ -1360,7 +1328,7 @@ async fn delete_principal(
         .audit(
             &caller,
             &subject,
-            &format!("{}.delete", principal_resource(kind)),
+            &format!("{}.delete", kind.resource()),
             &target,
             Outcome::Ok,
             None,
@@ -1376,7 +1344,7 @@ async fn add_token(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<PrincipalCreated>), ApiError> {
-    let subject = authorize(&state, &caller, principal_resource(kind), "update").await?;
+    let subject = authorize(&state, &caller, kind.resource(), "update").await?;
     let req: PrincipalCreate = parse_json(&body)?;
     let (token, record) = new_api_token(kind, req.ttl_secs)?;
     if !state
@@ -1391,7 +1359,7 @@ async fn add_token(
         .audit(
             &caller,
             &subject,
-            &format!("{}.token.create", principal_resource(kind)),
+            &format!("{}.token.create", kind.resource()),
             &format!("{target}/token/{}", record.id),
             Outcome::Ok,
             None,
@@ -1414,7 +1382,7 @@ async fn revoke_token(
     kind: PrincipalKind,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Json<Empty>, ApiError> {
-    let subject = authorize(&state, &caller, principal_resource(kind), "update").await?;
+    let subject = authorize(&state, &caller, kind.resource(), "update").await?;
     if !state
         .store
         .revoke_token(kind, &name, &id, unix_now())
@@ -1428,7 +1396,7 @@ async fn revoke_token(
         .audit(
             &caller,
             &subject,
-            &format!("{}.token.revoke", principal_resource(kind)),
+            &format!("{}.token.revoke", kind.resource()),
             &format!("{kind}:{name}/token/{id}"),
             Outcome::Ok,
             None,
@@ -1579,6 +1547,9 @@ async fn create_binding(
     let subject = authorize(&state, &caller, "rolebindings", "create").await?;
     let req: RoleBindingCreate = parse_json(&body)?;
     rbac::check_name("role binding", &req.name).map_err(ApiError::bad_request)?;
+    rbac::check_name("role", &req.role).map_err(ApiError::bad_request)?;
+    rbac::check_name(req.subject_kind.as_str(), &req.subject_name)
+        .map_err(ApiError::bad_request)?;
     if rbac::builtin(&req.role).is_none() && state.store.role(&req.role).await?.is_none() {
         return Err(ApiError::not_found(format!(
             "no role named `{}` (see `comsat ctl role list`)",

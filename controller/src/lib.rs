@@ -5,15 +5,18 @@
 //!   database, admin token, `comsat ctl` context.
 //! - [`Controller::bind`] opens it and binds; [`Controller::run`] serves
 //!   until told to stop.
-//! - Storage goes through the [`store::Store`] trait ([`store::SqliteStore`]
-//!   by default).
+//! - Storage goes through the [`store::Store`] trait, implemented by
+//!   [`store::SqlStore`] on SQLite (the default) and PostgreSQL (several
+//!   controllers on one database).
 //! - Relays are assigned by weighted rendezvous hashing ([`assign`]); a
 //!   background task moves links off relays that stop heartbeating and
 //!   renews grants before they expire.
 //!
 //! Node requests carry EdDSA JWTs whose `jti` is recorded in the database
-//! and refused a second time; operators use the admin API token, of which
-//! only a SHA-256 is stored. No secret is ever logged.
+//! and refused a second time; users and service accounts use API tokens,
+//! of which only a SHA-256 is stored, and get what their role bindings
+//! allow ([`rbac`]). Changes and refusals go to the audit log. No secret is
+//! ever logged.
 
 #![forbid(unsafe_code)]
 

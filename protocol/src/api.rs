@@ -3,8 +3,11 @@
 //! Everything here is plain data; the controller serves it (axum) and the
 //! nodes and `comsat ctl` call it. Bodies are JSON; every response that is
 //! not 2xx carries an [`ErrorBody`]. Nodes authenticate with a short-lived
-//! JWT signed by their node key ([`crate::jwt`]); operators with the admin
-//! API token. Both go in `Authorization: Bearer …`.
+//! JWT signed by their node key ([`crate::jwt`]); users and service
+//! accounts with an API token, whose role bindings decide what they may do
+//! (the "permission" column: resource and verb). Both go in
+//! `Authorization: Bearer …`. Every refused authentication answers 401
+//! alike; a missing permission answers 403 naming it.
 //!
 //! | path | method | who | body → answer |
 //! |---|---|---|---|
@@ -14,12 +17,18 @@
 //! | [`PATH_RELAY_HEARTBEAT`] | POST | relay | [`RelayHeartbeat`] → [`Empty`] |
 //! | [`PATH_RELAY_CERT`] | POST | relay | [`CertRequest`] → [`CertResponse`] |
 //! | [`PATH_AGENT_CONFIG`] | GET `?since=V&wait_ms=W` | agent | → [`AgentDesired`] |
-//! | [`PATH_TOKENS`] | POST | admin | [`TokenCreate`] → [`TokenCreated`] |
-//! | [`PATH_AGENTS`] | GET | admin | → `Vec<`[`AgentInfo`]`>` |
-//! | [`PATH_RELAYS`] | GET | admin | → `Vec<`[`RelayInfo`]`>` |
-//! | [`PATH_LINKS`] | GET / POST | admin | [`LinkCreate`] → [`LinkInfo`]; list → `Vec<LinkInfo>` |
-//! | `PATH_LINKS/{name}` | GET / PATCH / DELETE | admin | → [`LinkInfo`]; [`LinkUpdate`] → [`LinkInfo`]; → [`Empty`] |
-//! | [`PATH_STATUS`] | GET | admin | → [`Status`] |
+//! | [`PATH_TOKENS`] | POST | `tokens/KIND` create | [`TokenCreate`] → [`TokenCreated`] |
+//! | [`PATH_OPEN_TOKENS`] | GET | `tokens` list | → `Vec<`[`JoinTokenInfo`]`>` |
+//! | [`PATH_AGENTS`], [`PATH_RELAYS`] | GET | `agents`/`relays` list | → `Vec<`[`AgentInfo`]`>`, `Vec<`[`RelayInfo`]`>` |
+//! | `PATH_AGENTS/{name}`, `PATH_RELAYS/{name}` | GET / DELETE | get / delete | → node; → [`Empty`] (decommission) |
+//! | [`PATH_LINKS`] | GET / POST | `links` list / create | [`LinkCreate`] → [`LinkInfo`]; list → `Vec<LinkInfo>` |
+//! | `PATH_LINKS/{name}` | GET / PATCH / DELETE | `links` get / update / delete | → [`LinkInfo`]; [`LinkUpdate`] → [`LinkInfo`]; → [`Empty`] |
+//! | [`PATH_SERVICE_ACCOUNTS`], [`PATH_USERS`] | GET / POST | list / create | → `Vec<`[`PrincipalInfo`]`>`; [`PrincipalCreate`] → [`PrincipalCreated`] |
+//! | `…/{name}`, `…/{name}/tokens`, `…/{name}/tokens/{id}` | DELETE, POST, DELETE | delete, update, update | → [`Empty`]; [`PrincipalCreate`] → [`PrincipalCreated`]; → [`Empty`] |
+//! | [`PATH_ROLES`], `…/{name}` | GET / POST / DELETE | `roles` | [`RoleCreate`] → [`RoleInfo`] |
+//! | [`PATH_ROLE_BINDINGS`], `…/{name}` | GET / POST / DELETE | `rolebindings` | [`RoleBindingCreate`] → [`RoleBindingInfo`] |
+//! | [`PATH_AUDIT`] | GET `?since=S&subject=P&limit=N` | `audit` list | → `Vec<`[`AuditRecord`]`>` |
+//! | [`PATH_STATUS`] | GET | `status` get | → [`Status`] |
 
 use std::fmt;
 
@@ -391,6 +400,22 @@ impl PrincipalKind {
         match self {
             Self::User => "user",
             Self::ServiceAccount => "serviceaccount",
+        }
+    }
+
+    /// Where the API keeps them.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::User => PATH_USERS,
+            Self::ServiceAccount => PATH_SERVICE_ACCOUNTS,
+        }
+    }
+
+    /// The resource roles name them by: `users` or `serviceaccounts`.
+    pub fn resource(self) -> &'static str {
+        match self {
+            Self::User => "users",
+            Self::ServiceAccount => "serviceaccounts",
         }
     }
 }
