@@ -563,7 +563,7 @@ pub struct AuditRecord {
     pub action: String,
     /// On what: `link/NAME`, `token/ID`, `agent/NAME`, an API path, …
     pub resource: String,
-    /// `ok`, `denied` or `failed`.
+    /// `ok` or `denied`.
     pub result: String,
     /// Why it was denied or failed (the real reason, which the caller
     /// is not told).

@@ -243,17 +243,11 @@ impl std::fmt::Debug for RelayHandle {
 }
 
 impl RelayHandle {
-    /// Applies a new configuration (read from the same file): the
-    /// certificate pair, the limits and the QUIC transport settings. Refused
-    /// as a whole, with the reason, if a restart-only setting changed or
-    /// the certificate does not load; the configuration in force stays.
-    pub fn reload(&self, new: &RelayConfig) -> Result<(), String> {
-        self.counted(self.try_reload(new))
-    }
-
-    /// Reads the config file at `path` and applies it as
-    /// [`Self::reload`] does; a file that does not load is refused the
-    /// same way.
+    /// Reads the config file at `path` (the one the relay started from) and
+    /// applies it: the certificate pair, the limits and the QUIC transport
+    /// settings. Refused as a whole, with the reason, if the file does not
+    /// load, a restart-only setting changed or the certificate does not
+    /// load; the configuration in force stays. Counted either way.
     pub fn reload_file(&self, path: &std::path::Path) -> Result<(), String> {
         let result = RelayConfig::load(path)
             .map_err(|e| e.to_string())
@@ -302,11 +296,6 @@ impl RelayHandle {
     /// Reloads the certificate and key files now, if they changed.
     pub fn reload_certificate(&self) {
         self.state.cert.reload_if_changed();
-    }
-
-    /// Whether the relay is draining.
-    pub fn is_draining(&self) -> bool {
-        self.state.is_draining()
     }
 }
 

@@ -320,11 +320,6 @@ impl SqlStore {
             .is_some())
     }
 
-    /// Which database this is.
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
     async fn write_tx(&self) -> Result<Transaction<'static, Any>, StoreError> {
         Ok(match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
