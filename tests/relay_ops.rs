@@ -211,10 +211,24 @@ async fn per_link_metrics_move_while_a_flow_is_open() -> Result<()> {
     let link = hex::encode(sys.layout.links[0].1.0);
     let series = |name: &str| format!("{name}{{link=\"{link}\",direction=\"a_to_b\"}}");
     let mut flow = TcpStream::connect(listen).await?;
-    let mut last = 0.0;
+    let (mut last, mut last_udp) = (0.0, [0.0; 2]);
     for round in 0..3 {
         echo_round(&mut flow, &vec![round as u8; 256 * 1024]).await?;
         let m = scrape(sys.relay_admin)?;
+        // What went through the relay went over UDP both ways: at least
+        // the bytes of this round, in and out.
+        for (i, dir) in ["rx", "tx"].into_iter().enumerate() {
+            let udp = metric(
+                &m,
+                &format!("comsat_relay_udp_bytes_total{{direction=\"{dir}\"}}"),
+            );
+            assert!(
+                udp >= last_udp[i] + 2.0 * 256.0 * 1024.0,
+                "round {round}: udp {dir} {udp} after {}\n{m}",
+                last_udp[i]
+            );
+            last_udp[i] = udp;
+        }
         let a_to_b = metric(&m, &series("comsat_relay_link_bytes_total"));
         let b_to_a = metric(
             &m,
@@ -334,5 +348,27 @@ async fn an_agent_with_hundreds_of_links_on_one_relay_gets_them_all_ready() -> R
     assert_eq!(metric(&m, "comsat_relay_links_paired"), LINKS as f64, "{m}");
     let mut s = TcpStream::connect(last.trim_start_matches("tcp://")).await?;
     echo_round(&mut s, b"the last link carries bytes").await?;
+    Ok(())
+}
+
+/// The relay gives an agent few flow streams at first and more as it uses
+/// them: far more flows than the first credit, all open at once, each
+/// carry bytes both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_may_hold_more_flows_open_than_its_first_stream_credit() -> Result<()> {
+    const FLOWS: usize = 4 * comsat_relay::defaults::INITIAL_STREAMS_PER_CONNECTION as usize;
+    let (_sys, listen) = echo_system().await?;
+    let mut flows = Vec::new();
+    for i in 0..FLOWS {
+        let mut flow = TcpStream::connect(listen).await?;
+        echo_round(&mut flow, format!("flow {i} opens").as_bytes())
+            .await
+            .with_context(|| format!("flow {i} of {FLOWS}"))?;
+        // Held open, so each flow keeps its stream.
+        flows.push(flow);
+    }
+    for (i, flow) in flows.iter_mut().enumerate() {
+        echo_round(flow, format!("flow {i} is still open").as_bytes()).await?;
+    }
     Ok(())
 }

@@ -112,7 +112,8 @@ pub struct Limits {
     pub connection_receive_window: u32,
     /// QUIC stream receive window, bytes.
     pub stream_receive_window: u32,
-    /// Concurrent flow streams per agent connection.
+    /// Concurrent flow streams per agent connection, at most (the credit
+    /// starts lower and grows with use).
     pub max_streams_per_connection: u32,
     /// Idle timeout, milliseconds.
     pub idle_timeout_ms: u64,

@@ -32,6 +32,12 @@ pub const SEND_WINDOW: u64 = 16 * 1024 * 1024;
 /// relay, besides its control stream.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
+/// Flow streams an agent may open at first; the relay doubles the credit
+/// (up to `max_streams_per_connection`) as the agent uses three quarters
+/// of it. QUIC keeps a slot for every stream it allows, so an idle agent
+/// costs little and a busy one gets what it uses.
+pub const INITIAL_STREAMS_PER_CONNECTION: u32 = 32;
+
 /// A connection silent for this long is dead. Keep-alives (below) keep a
 /// healthy idle connection open.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);

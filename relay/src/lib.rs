@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod server;
 pub mod tls;
 pub mod udp;
+mod wire;
 
 pub use config::RelayConfig;
 pub use error::RelayError;

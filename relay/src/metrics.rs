@@ -19,6 +19,8 @@
 //! | `comsat_relay_draining` | gauge | 1 while the relay drains (SIGTERM), else 0 |
 //! | `comsat_relay_config_reloads_total{result}` | counter | config reloads (SIGHUP or file change): `applied`, `refused` (the old one stays; the log says why) |
 //! | `comsat_relay_throttled_seconds_total` | counter | time flows waited for their link's rate limit, all links |
+//! | `comsat_relay_udp_bytes_total{direction}` | counter | UDP payload bytes of agent connections, `rx` or `tx`: QUIC packets with their headers, acknowledgements and retransmissions, so `rx + tx` over twice the bytes forwarded is the wire overhead per hop |
+//! | `comsat_relay_udp_datagrams_total{direction}` | counter | UDP datagrams of agent connections, `rx` or `tx` |
 //!
 //! Per link (label `link` = the link id in hex; at most
 //! `limits.metrics_max_links` links get series of their own, the first to

@@ -172,6 +172,8 @@ struct State {
     draining: watch::Sender<bool>,
     /// Nanoseconds flows waited for their link's rate limit, all links.
     throttled_ns: AtomicU64,
+    /// UDP traffic of authenticated connections.
+    wire: crate::wire::WireStats,
 }
 
 impl State {
@@ -363,6 +365,7 @@ impl Relay {
             cert,
             draining: watch::channel(false).0,
             throttled_ns: AtomicU64::new(0),
+            wire: crate::wire::WireStats::default(),
         });
         state.table.sync(&state.grants.snapshot());
         Ok(Self {
@@ -418,6 +421,7 @@ impl Relay {
                 state.throttled_ns.load(Ordering::Relaxed) as f64 / 1e9
             );
             text.push_str(&state.table.render(state.limits().metrics_max_links));
+            text.push_str(&state.wire.render());
             text
         }
     }
@@ -588,7 +592,9 @@ async fn handle_incoming(state: Arc<State>, incoming: quinn::Incoming, unauthent
     async move {
         info!("agent connected");
         state.metrics.connections_open.increment(1.0);
+        state.wire.open(conn_id, &conn);
         serve_connection(&state, conn_id, node_id, conn, send, recv, decoder).await;
+        state.wire.close(conn_id);
         state.metrics.connections_open.decrement(1.0);
         drop(permit);
         info!("agent disconnected");
@@ -927,12 +933,43 @@ fn forward_peer_frame(state: &State, conn_id: u64, link_id: LinkId, side: Side, 
 }
 
 async fn accept_flows(state: Arc<State>, conn_id: u64, conn: quinn::Connection) {
+    let open = Arc::new(AtomicU64::new(0));
+    // As the transport config the connection was accepted with says.
+    let mut credit = u64::from(
+        state
+            .limits()
+            .max_streams_per_connection
+            .min(defaults::INITIAL_STREAMS_PER_CONNECTION),
+    );
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let state = state.clone();
+        let now = open.fetch_add(1, Ordering::Relaxed) + 1;
+        credit = grow_stream_credit(
+            &conn,
+            now,
+            credit,
+            state.limits().max_streams_per_connection,
+        );
+        let (state, open) = (state.clone(), open.clone());
         tokio::spawn(async move {
             splice_flow(state, conn_id, send, recv).await;
+            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
+}
+
+/// Doubles an agent's flow-stream credit (up to `max`) once `open` flows
+/// use three quarters of it; returns the credit in force.
+fn grow_stream_credit(conn: &quinn::Connection, open: u64, credit: u64, max: u32) -> u64 {
+    let max = u64::from(max);
+    if open * 4 < credit * 3 || credit >= max {
+        return credit;
+    }
+    let grown = (credit * 2).min(max);
+    // The control stream keeps its own place.
+    conn.set_max_concurrent_bi_streams(
+        quinn::VarInt::from_u64(grown + 1).unwrap_or(quinn::VarInt::MAX),
+    );
+    grown
 }
 
 /// Bytes held by the relay for a parked flow, released on drop.

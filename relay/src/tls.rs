@@ -139,7 +139,11 @@ pub fn server_config(
 fn transport_config(config: &RelayConfig) -> quinn::TransportConfig {
     let l = &config.limits;
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(l.max_streams_per_connection.saturating_add(1).into())
+    // The control stream, and the first flows; more as they are used.
+    let initial = l
+        .max_streams_per_connection
+        .min(defaults::INITIAL_STREAMS_PER_CONNECTION);
+    t.max_concurrent_bidi_streams(initial.saturating_add(1).into())
         .max_concurrent_uni_streams(0u32.into())
         .receive_window(l.connection_receive_window.into())
         .stream_receive_window(l.stream_receive_window.into())
