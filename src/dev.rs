@@ -316,6 +316,45 @@ impl DevLayout {
         }
         Ok(())
     }
+
+    /// Enrols `n` more nodes with every relay of the layout, for load
+    /// tests that act as many agents: each pair of new nodes shares a
+    /// grant (with an odd `n`, the last one shares one with side B). The
+    /// relays must be (re)started or reload their grants to know them.
+    /// Returns each node's id and signing key.
+    pub fn add_nodes(&self, n: usize) -> Result<Vec<(NodeId, SigningKey)>> {
+        let authority = SigningKey::read_file(&self.authority_key)?;
+        let nodes: Vec<(NodeId, SigningKey)> = (0..n)
+            .map(|_| (NodeId::random(), SigningKey::generate()))
+            .collect();
+        let side = |(id, key): &(NodeId, SigningKey)| GrantSide {
+            node_id: *id,
+            sign_pub: key.public(),
+        };
+        for (i, pair) in nodes.chunks(2).enumerate() {
+            let grant = Grant {
+                link_id: LinkId::random(),
+                generation: 1,
+                relays: self.relays.iter().map(|r| r.id).collect(),
+                side_a: side(&pair[0]),
+                side_b: pair.get(1).map_or(
+                    GrantSide {
+                        node_id: self.agent_b.node_id,
+                        sign_pub: self.agent_b.sign_pub,
+                    },
+                    side,
+                ),
+                not_after: unix_now() + GRANT_VALIDITY.as_secs(),
+                buffer_limit: BUFFER_LIMIT,
+                limits: LinkLimits::default(),
+            };
+            let signed = grant.sign(&authority)?.encode()?;
+            for r in &self.relays {
+                std::fs::write(r.grants_dir.join(format!("node-pair-{i}.grant")), &signed)?;
+            }
+        }
+        Ok(nodes)
+    }
 }
 
 fn create_relay(

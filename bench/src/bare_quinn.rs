@@ -32,7 +32,7 @@ impl Server {
         let server = quinn::ServerConfig::with_crypto(Arc::new(
             quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)?,
         ));
-        let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse()?)?;
+        let endpoint = endpoint(Some(server))?;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert_der)?;
         let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -83,11 +83,52 @@ impl Server {
     }
 
     async fn connect(&self) -> Result<quinn::Connection> {
-        let client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        self.connect_from(&endpoint(None)?).await
+    }
+
+    async fn connect_from(&self, client: &quinn::Endpoint) -> Result<quinn::Connection> {
         let addr: SocketAddr = self.endpoint.local_addr()?;
         Ok(client
             .connect_with(self.client.clone(), addr, "localhost")?
             .await?)
+    }
+
+    /// `n` handshakes, `concurrency` at a time, from as many client
+    /// sockets as the fleet of agents uses: each one's time in
+    /// milliseconds, sorted.
+    pub(crate) async fn handshakes(
+        self: &Arc<Self>,
+        n: usize,
+        concurrency: usize,
+    ) -> Result<Vec<f64>> {
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let clients: Vec<quinn::Endpoint> = (0..crate::fleet::SOCKETS)
+            .map(|_| endpoint(None))
+            .collect::<Result<_>>()?;
+        let mut workers = Vec::new();
+        for _ in 0..concurrency {
+            let (server, next, clients) = (self.clone(), next.clone(), clients.clone());
+            workers.push(tokio::spawn(async move {
+                let mut times = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let start = Instant::now();
+                    let conn = server.connect_from(&clients[i % clients.len()]).await?;
+                    times.push(start.elapsed().as_secs_f64() * 1e3);
+                    conn.close(0u32.into(), b"done");
+                }
+                anyhow::Ok(times)
+            }));
+        }
+        let mut times = Vec::new();
+        for w in workers {
+            times.extend(w.await??);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times)
     }
 
     /// Per-flow throughputs in MiB/s, one connection, `flows` streams.
@@ -146,6 +187,18 @@ impl Server {
         conn.close(0u32.into(), b"done");
         Ok(rtts)
     }
+}
+
+/// An endpoint on a loopback socket with the relay's socket buffers.
+fn endpoint(server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint> {
+    let socket = comsat_relay::udp::bind("127.0.0.1:0".parse()?)?;
+    let runtime = quinn::default_runtime().context("no async runtime")?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        runtime,
+    )?)
 }
 
 fn bytes_of(n: usize) -> Vec<u8> {

@@ -2,7 +2,7 @@
 //!
 //! Every figure is measured on loopback with every process of the path
 //! real and separate (agent A, relay, agent B, and this process as the
-//! client and the server), interleaved with its baseline (A B A B …) and
+//! client and the server), interleaved with its baselines (A B A B …) and
 //! reported as the median of several runs, with the ratio to the baseline
 //! measured in the same run: these machines are noisy, ratios hold better
 //! than absolute numbers.
@@ -12,23 +12,39 @@
 //! cargo run --release -p comsat-bench -- run --quick
 //! ```
 //!
-//! Results go to `bench/results/latest.json` and `latest.md`.
+//! Results go to `bench/results/latest.json`, `latest.md` and `latest.svg`.
+//! Scenarios (`--scenario NAME`, default all): `throughput-1` (with CPU
+//! seconds per GB and wire bytes per payload byte), `throughput-8`,
+//! `latency` (idle and beside a bulk flow), `rate-limit`, `setup` (agent
+//! handshakes at concurrency 64, link setup rate), `resume`, `memory` (per
+//! idle link and agent connection, and capacity: the sizes held with RSS
+//! linear in N; `--large` asks for large sizes).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use comsat::dev::{DevLink, DevOptions};
 use comsat_protocol::grant::LinkLimits;
-use comsat_tests::{Proc, free_udp_port};
-use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 mod bare_quinn;
+mod chain;
+mod fleet;
+mod measure;
+mod path;
+mod rathole;
+mod report;
 mod stunnel;
+
+use measure::{
+    cpu_during, fit, jain, latency, latency_under_bulk, median, percentile, poke, rss_kib,
+    throughput, wait_carrying,
+};
+use path::{Path, link};
+use report::{Bar, Figure, Report, Samples, figure};
 
 #[derive(Parser, Debug)]
 #[command(name = "comsat-bench", about = "Benchmarks comsat against baselines")]
@@ -48,309 +64,84 @@ struct RunArgs {
     /// A short run (under 3 minutes) that keeps the harness from rotting.
     #[arg(long)]
     quick: bool,
-    /// Only this scenario: throughput-1, throughput-8, latency, rate-limit,
-    /// resume, memory.
+    /// Large sizes for the memory and capacity scenario (up to 10,000
+    /// links and 50,000 agent connections; needs a few GiB and minutes).
+    #[arg(long)]
+    large: bool,
+    /// Only this scenario: throughput-1, throughput-8, latency,
+    /// rate-limit, setup, resume, memory (also called capacity).
     #[arg(long)]
     scenario: Option<String>,
     /// The comsat binary (default: `comsat` beside this executable).
     #[arg(long)]
     comsat: Option<PathBuf>,
-    /// Where to write latest.json and latest.md.
+    /// Where to write latest.json, latest.md and latest.svg.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
-}
-
-/// One measured figure beside its baseline.
-#[derive(Debug, Serialize)]
-struct Figure {
-    scenario: String,
-    metric: String,
-    unit: String,
-    comsat: f64,
-    baseline_name: String,
-    baseline: f64,
-    /// comsat ÷ baseline.
-    ratio: f64,
-    samples: usize,
-}
-
-#[derive(Debug, Serialize)]
-struct Report {
-    quick: bool,
-    environment: Environment,
-    figures: Vec<Figure>,
-    notes: Vec<String>,
-}
-
-#[derive(Debug, Serialize)]
-struct Environment {
-    kernel: String,
-    cpus: usize,
-    cpu_model: String,
-    aes_ni: bool,
-    comsat_version: String,
-    quic_max_udp_payload: u16,
-}
-
-fn environment() -> Environment {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu_model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
-        .unwrap_or_default();
-    Environment {
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        aes_ni: cpuinfo.contains(" aes "),
-        cpu_model,
-        comsat_version: env!("CARGO_PKG_VERSION").to_owned(),
-        // quinn's default MTU discovery upper bound: loopback's 64 KiB MTU
-        // is never used.
-        quic_max_udp_payload: 1452,
-    }
-}
-
-/// A running comsat path: relay and two agents, and the listen address
-/// of each link, in the order given.
-struct Path {
-    dir: tempfile::TempDir,
-    /// Relay, agent A, agent B.
-    procs: Vec<Proc>,
-    listen: Vec<SocketAddr>,
-    /// The relay's config file (to restart it).
-    relay_config: PathBuf,
-}
-
-fn link(name: &str, target: SocketAddr) -> DevLink {
-    DevLink {
-        name: name.into(),
-        listen: "tcp://127.0.0.1:0".into(),
-        target: format!("tcp://{target}"),
-        allowed_uids: vec![],
-    }
-}
-
-/// Starts a relay and two agents carrying `links`; `limits` re-signs the
-/// named links' grants with limits before the relay starts.
-async fn start_path(bin: &str, links: Vec<DevLink>, limits: &[(&str, LinkLimits)]) -> Result<Path> {
-    let dir = tempfile::tempdir()?;
-    let any: SocketAddr = "127.0.0.1:0".parse()?;
-    let names: Vec<String> = links.iter().map(|l| l.name.clone()).collect();
-    let layout = comsat::dev::init(
-        &dir.path().join("setup"),
-        &DevOptions {
-            relay_listen: format!("127.0.0.1:{}", free_udp_port()?).parse()?,
-            relay_admin: Some(any),
-            agent_admin: [Some(any), Some(any)],
-            links,
-            pin_sha256: false,
-            extra_relays: vec![],
-        },
-    )?;
-    for (name, l) in limits {
-        layout.set_link_limits(name, l.clone())?;
-    }
-    let logs = dir.path();
-    let timeout = comsat_tests::proc::START_TIMEOUT;
-    let (relay, _, _) = comsat_tests::proc::start_relay(bin, &layout.relay_config, logs, "relay")?;
-    let (mut a, admin) =
-        comsat_tests::proc::start_agent(bin, &layout.agent_a.config, logs, "agent-a")?;
-    let (b, _) = comsat_tests::proc::start_agent(bin, &layout.agent_b.config, logs, "agent-b")?;
-    let mut listen = Vec::new();
-    for name in &names {
-        listen.push(comsat_tests::proc::listen_addr(&mut a, name)?);
-    }
-    let deadline = Instant::now() + timeout;
-    while !matches!(comsat_tests::proc::http_get(admin, "/readyz"), Ok((200, _))) {
-        if Instant::now() > deadline {
-            bail!("comsat path not ready; agent log:\n{}", a.log_tail());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(Path {
-        procs: vec![relay, a, b],
-        listen,
-        relay_config: layout.relay_config.clone(),
-        dir,
-    })
-}
-
-/// Accepts connections; each announces a length, sends that many bytes, and
-/// gets one byte back once they all arrived. (No half-close: stunnel does
-/// not carry one through TLS.)
-async fn sink(listener: TcpListener) {
-    while let Ok((mut s, _)) = listener.accept().await {
-        tokio::spawn(async move {
-            let Ok(mut left) = s.read_u64().await else {
-                return;
-            };
-            let mut buf = vec![0u8; 256 * 1024];
-            while left > 0 {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => left = left.saturating_sub(n as u64),
-                }
-            }
-            let _ = s.write_all(&[1]).await;
-        });
-    }
-}
-
-/// Echoes every connection.
-async fn echo(listener: TcpListener) {
-    while let Ok((s, _)) = listener.accept().await {
-        tokio::spawn(async move {
-            let _ = s.set_nodelay(true);
-            let (mut r, mut w) = s.into_split();
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-        });
-    }
-}
-
-/// Sends `per_flow` bytes on each of `flows` connections to `addr` and
-/// waits for the sink's answers; returns per-flow throughputs in MiB/s.
-async fn throughput(addr: SocketAddr, flows: usize, per_flow: u64) -> Result<Vec<f64>> {
-    let mut tasks = Vec::new();
-    for _ in 0..flows {
-        tasks.push(tokio::spawn(async move {
-            let mut s = TcpStream::connect(addr).await?;
-            let buf = vec![0x5au8; 256 * 1024];
-            let start = Instant::now();
-            s.write_u64(per_flow).await?;
-            let mut left = per_flow;
-            while left > 0 {
-                let n = left.min(buf.len() as u64) as usize;
-                s.write_all(&buf[..n]).await?;
-                left -= n as u64;
-            }
-            let mut done = [0u8; 1];
-            s.read_exact(&mut done).await?;
-            anyhow::Ok(per_flow as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64())
-        }));
-    }
-    let mut rates = Vec::new();
-    for t in tasks {
-        rates.push(tokio::time::timeout(Duration::from_secs(300), t).await???);
-    }
-    Ok(rates)
-}
-
-/// 64-byte ping-pongs; returns round-trip times in microseconds, sorted.
-async fn latency(addr: SocketAddr, rounds: usize) -> Result<Vec<f64>> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
-    let msg = [7u8; 64];
-    let mut back = [0u8; 64];
-    // Warm up the path.
-    for _ in 0..20 {
-        s.write_all(&msg).await?;
-        s.read_exact(&mut back).await?;
-    }
-    let mut rtts = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let t = Instant::now();
-        s.write_all(&msg).await?;
-        s.read_exact(&mut back).await?;
-        rtts.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    rtts.sort_by(f64::total_cmp);
-    Ok(rtts)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    percentile(&v, 0.5)
-}
-
-/// Jain's fairness index of per-flow rates: 1 is perfectly fair.
-fn jain(rates: &[f64]) -> f64 {
-    let sum: f64 = rates.iter().sum();
-    let squares: f64 = rates.iter().map(|r| r * r).sum();
-    sum * sum / (rates.len() as f64 * squares)
 }
 
 /// The baselines measured beside comsat.
 const DIRECT: &str = "direct loopback TCP";
 const STUNNEL: &str = "stunnel two-hop TLS chain";
+const RATHOLE_TCP: &str = "rathole TCP, one hop";
+const RATHOLE_NOISE: &str = "rathole Noise, one hop";
 const QUINN: &str = "bare quinn stream, one hop";
+const FLOOR: &str = "the floor";
 
-fn figure(
-    scenario: &str,
-    metric: &str,
-    unit: &str,
-    comsat: f64,
-    baseline_name: &str,
-    baseline: f64,
-    samples: usize,
-) -> Figure {
-    Figure {
-        scenario: scenario.into(),
-        metric: metric.into(),
-        unit: unit.into(),
-        comsat,
-        baseline_name: baseline_name.into(),
-        baseline,
-        ratio: comsat / baseline,
-        samples,
+/// Bytes in a GB, for CPU seconds per GB.
+const GB: f64 = 1e9;
+
+/// IPv4 and UDP headers of one datagram: on the wire beside its payload.
+const IP_UDP_HEADERS: f64 = 28.0;
+
+/// What every scenario shares.
+struct Run {
+    bin: String,
+    quick: bool,
+    large: bool,
+    reps: usize,
+    sink: SocketAddr,
+    echo: SocketAddr,
+    /// The main path: links `bulk` (to the sink) and `ping` (to the echo).
+    path: Path,
+    /// Peer baselines that are installed, by name.
+    chains: Vec<(&'static str, chain::Chain)>,
+    quinn: Arc<bare_quinn::Server>,
+    figures: Vec<Figure>,
+    notes: Vec<String>,
+    /// Chart panels: title, unit, bars.
+    charts: Vec<(String, String, Vec<Bar>)>,
+}
+
+impl Run {
+    fn bulk(&self) -> SocketAddr {
+        self.path.listen[0]
     }
-}
 
-/// Samples of comsat and of each baseline that ran, taken interleaved.
-#[derive(Default)]
-struct Samples {
-    comsat: Vec<f64>,
-    baselines: Vec<(&'static str, Vec<f64>)>,
-}
+    fn ping(&self) -> SocketAddr {
+        self.path.listen[1]
+    }
 
-impl Samples {
-    fn add(&mut self, name: &'static str, v: f64) {
-        match self.baselines.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, vs)) => vs.push(v),
-            None => self.baselines.push((name, vec![v])),
+    fn chart(&mut self, title: &str, unit: &str, s: &Samples) {
+        let mut bars = vec![Bar {
+            label: "comsat (two hops, Noise end to end)".into(),
+            value: median(s.comsat.clone()),
+            ours: true,
+        }];
+        for (name, vs) in &s.baselines {
+            bars.push(Bar {
+                label: (*name).into(),
+                value: median(vs.clone()),
+                ours: false,
+            });
         }
+        self.charts.push((title.into(), unit.into(), bars));
     }
-
-    /// One figure per baseline: medians and their ratio.
-    fn figures(self, scenario: &str, metric: &str, unit: &str, out: &mut Vec<Figure>) {
-        let n = self.comsat.len();
-        let c = median(self.comsat);
-        for (name, vs) in self.baselines {
-            out.push(figure(scenario, metric, unit, c, name, median(vs), n));
-        }
-    }
-}
-
-fn markdown(report: &Report) -> String {
-    let mut out = String::from(
-        "| scenario | metric | comsat | baseline | ratio |\n|---|---|---:|---:|---:|\n",
-    );
-    for f in &report.figures {
-        out.push_str(&format!(
-            "| {} | {} | {:.1} {} | {:.1} {} ({}) | {:.3} |\n",
-            f.scenario, f.metric, f.comsat, f.unit, f.baseline, f.unit, f.baseline_name, f.ratio
-        ));
-    }
-    for n in &report.notes {
-        out.push_str(&format!("\n{n}\n"));
-    }
-    out
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let bin = match args.comsat {
-        Some(p) => p,
+    let bin = match &args.comsat {
+        Some(p) => p.clone(),
         None => std::env::current_exe()?
             .parent()
             .context("executable has no directory")?
@@ -363,152 +154,330 @@ async fn run(args: RunArgs) -> Result<()> {
         );
     }
     let bin = bin.display().to_string();
-    let reps = if args.quick { 3 } else { 5 };
-    let per_flow_1: u64 = if args.quick { 256 << 20 } else { 2 << 30 };
-    let per_flow_8: u64 = if args.quick { 32 << 20 } else { 256 << 20 };
-    let rounds = if args.quick { 2_000 } else { 20_000 };
-    let wanted = |name: &str| args.scenario.as_deref().is_none_or(|s| s == name);
+    // Debug logging would weigh on the figures.
+    comsat_tests::proc::set_log_filter("info");
+    let wanted = |name: &str| {
+        args.scenario
+            .as_deref()
+            .is_none_or(|s| s == name || (s == "capacity" && name == "memory"))
+    };
 
     let sink_l = TcpListener::bind("127.0.0.1:0").await?;
     let echo_l = TcpListener::bind("127.0.0.1:0").await?;
-    let (sink_addr, echo_addr) = (sink_l.local_addr()?, echo_l.local_addr()?);
-    tokio::spawn(sink(sink_l));
-    tokio::spawn(echo(echo_l));
+    let (sink, echo) = (sink_l.local_addr()?, echo_l.local_addr()?);
+    tokio::spawn(measure::sink(sink_l));
+    tokio::spawn(measure::echo(echo_l));
     eprintln!("starting relay and agents ({bin})");
-    let path = start_path(
-        &bin,
-        vec![link("bulk", sink_addr), link("ping", echo_addr)],
-        &[],
-    )
-    .await?;
-    let (bulk, ping) = (path.listen[0], path.listen[1]);
-    let mut notes = vec!["rathole is not measured yet (open work).".to_owned()];
-    let bare = bare_quinn::Server::start()?;
-    let chain = if stunnel::available() {
-        eprintln!("starting the stunnel chain");
-        Some(stunnel::start(sink_addr, echo_addr)?)
-    } else {
-        notes.push("stunnel: MISSING (run bench/peers.sh); its figures are absent.".into());
-        None
+    let path = Path::start(&bin, vec![link("bulk", sink), link("ping", echo)], &[]).await?;
+    wait_carrying("comsat", path.listen[0], path.listen[1]).await?;
+    let mut notes = Vec::new();
+    let mut chains = Vec::new();
+    type Starter = fn(SocketAddr, SocketAddr) -> Result<chain::Chain>;
+    let peers: [(&str, bool, Starter); 3] = [
+        (STUNNEL, stunnel::available(), stunnel::start),
+        (RATHOLE_TCP, rathole::available(), |s, e| {
+            rathole::start(rathole::Transport::Tcp, s, e)
+        }),
+        (RATHOLE_NOISE, rathole::available(), |s, e| {
+            rathole::start(rathole::Transport::Noise, s, e)
+        }),
+    ];
+    for (name, available, start) in peers {
+        if !available {
+            notes.push(format!(
+                "{name}: MISSING (install with `sudo bash bench/peers.sh`); its figures are absent."
+            ));
+            continue;
+        }
+        eprintln!("starting {name}");
+        let chain = start(sink, echo)?;
+        match wait_carrying(name, chain.bulk, chain.ping).await {
+            Ok(()) => chains.push((name, chain)),
+            Err(e) => notes.push(format!(
+                "{name}: FAILED to start ({e:#}); its figures are absent."
+            )),
+        }
+    }
+    let mut r = Run {
+        bin,
+        quick: args.quick,
+        large: args.large,
+        reps: if args.quick { 3 } else { 5 },
+        sink,
+        echo,
+        path,
+        chains,
+        quinn: Arc::new(bare_quinn::Server::start()?),
+        figures: Vec::new(),
+        notes,
+        charts: Vec::new(),
     };
-    let mut figures = Vec::new();
-
-    if wanted("throughput-1") {
-        let mut s = Samples::default();
-        for i in 0..reps {
-            eprintln!("throughput-1: run {}/{reps}", i + 1);
-            s.add(DIRECT, throughput(sink_addr, 1, per_flow_1).await?[0]);
-            if let Some(chain) = &chain {
-                s.add(STUNNEL, throughput(chain.bulk, 1, per_flow_1).await?[0]);
-            }
-            s.add(QUINN, bare.throughput(1, per_flow_1).await?[0]);
-            s.comsat.push(throughput(bulk, 1, per_flow_1).await?[0]);
-        }
-        s.figures("throughput-1", "one flow", "MiB/s", &mut figures);
-    }
-    if wanted("throughput-8") {
-        let (mut s, mut fair) = (Samples::default(), Vec::new());
-        for i in 0..reps {
-            eprintln!("throughput-8: run {}/{reps}", i + 1);
-            s.add(
-                DIRECT,
-                throughput(sink_addr, 8, per_flow_8).await?.iter().sum(),
-            );
-            if let Some(chain) = &chain {
-                s.add(
-                    STUNNEL,
-                    throughput(chain.bulk, 8, per_flow_8).await?.iter().sum(),
-                );
-            }
-            s.add(QUINN, bare.throughput(8, per_flow_8).await?.iter().sum());
-            let rates = throughput(bulk, 8, per_flow_8).await?;
-            fair.push(jain(&rates));
-            s.comsat.push(rates.iter().sum());
-        }
-        s.figures("throughput-8", "8 flows, aggregate", "MiB/s", &mut figures);
-        let j = median(fair);
-        figures.push(figure(
-            "throughput-8",
-            "Jain fairness index",
-            "",
-            j,
-            "perfect fairness",
-            1.0,
-            reps,
-        ));
-    }
-    if wanted("latency") {
-        eprintln!("latency: {rounds} ping-pongs each");
-        let mut runs = vec![(DIRECT, latency(echo_addr, rounds).await?)];
-        if let Some(chain) = &chain {
-            runs.push((STUNNEL, latency(chain.ping, rounds).await?));
-        }
-        runs.push((QUINN, bare.latency(rounds).await?));
-        let c = latency(ping, rounds).await?;
-        for (name, p) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
-            for (baseline, d) in &runs {
-                figures.push(figure(
-                    "latency",
-                    &format!("64 B round trip {name}"),
-                    "µs",
-                    percentile(&c, p),
-                    baseline,
-                    percentile(d, p),
-                    rounds,
-                ));
+    // A scenario that fails is reported, and the others still run.
+    type Scenario =
+        for<'a> fn(&'a mut Run) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
+    let scenarios: [(&str, Scenario); 7] = [
+        ("throughput-1", |r| Box::pin(throughput_1(r))),
+        ("throughput-8", |r| Box::pin(throughput_8(r))),
+        ("latency", |r| Box::pin(latency_scenario(r))),
+        ("rate-limit", |r| Box::pin(rate_limit(r))),
+        ("setup", |r| Box::pin(setup(r))),
+        ("resume", |r| Box::pin(resume(r))),
+        ("memory", |r| Box::pin(memory(r))),
+    ];
+    let mut ran = false;
+    for (name, scenario) in scenarios {
+        if wanted(name) {
+            ran = true;
+            if let Err(e) = scenario(&mut r).await {
+                eprintln!("{name}: FAILED: {e:#}");
+                r.notes.push(format!("{name}: FAILED: {e:#}"));
             }
         }
     }
-    if wanted("rate-limit") {
-        rate_limit(&bin, sink_addr, reps, per_flow_1, &mut figures).await?;
-    }
-    if wanted("resume") {
-        let n = if args.quick { 100 } else { 1000 };
-        if let Err(e) = resume(&bin, sink_addr, n, &mut figures).await {
-            notes.push(format!("resume: FAILED: {e:#}"));
-        }
-    }
-    if wanted("memory") {
-        let sizes: &[usize] = if args.quick {
-            &[10, 200]
-        } else {
-            &[10, 500, 1000]
-        };
-        memory(&bin, sink_addr, sizes, &mut figures, &mut notes).await?;
+    if !ran {
+        bail!(
+            "no scenario named {:?}: choose throughput-1, throughput-8, latency, rate-limit, \
+             setup, resume, memory or capacity",
+            args.scenario.unwrap_or_default()
+        );
     }
     let report = Report {
         quick: args.quick,
-        environment: environment(),
-        figures,
-        notes,
+        command: std::env::args()
+            .skip(1)
+            .fold("comsat-bench".to_owned(), |a, b| a + " " + &b),
+        environment: report::environment(),
+        figures: r.figures,
+        notes: r.notes,
     };
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(
         args.out.join("latest.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
-    let md = markdown(&report);
+    let md = report::markdown(&report);
     std::fs::write(args.out.join("latest.md"), &md)?;
+    std::fs::write(args.out.join("latest.svg"), report::svg(&r.charts))?;
     println!("{md}");
+    Ok(())
+}
+
+/// UDP payload bytes and datagrams through the relay, both directions.
+fn relay_udp(path: &Path) -> Result<(f64, f64)> {
+    let m = path.relay_metrics()?;
+    let sum = |name: &str| {
+        ["rx", "tx"]
+            .iter()
+            .map(|d| comsat_tests::metric(&m, &format!("{name}{{direction=\"{d}\"}}")))
+            .sum::<f64>()
+    };
+    Ok((
+        sum("comsat_relay_udp_bytes_total"),
+        sum("comsat_relay_udp_datagrams_total"),
+    ))
+}
+
+/// One flow per target, interleaved; beside comsat's: the CPU seconds per
+/// GB of each path's processes, the relay's share, and the bytes on the
+/// wire per payload byte per hop.
+async fn throughput_1(r: &mut Run) -> Result<()> {
+    let n: u64 = if r.quick { 256 << 20 } else { 2 << 30 };
+    let (mut s, mut cpu) = (Samples::default(), Samples::default());
+    let (mut share, mut wire, mut udp_only) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..r.reps {
+        eprintln!("throughput-1: run {}/{}", i + 1, r.reps);
+        s.add(DIRECT, throughput(r.sink, 1, n).await?[0]);
+        for (name, chain) in &r.chains {
+            let (rate, c) = cpu_during(&chain.pids(), throughput(chain.bulk, 1, n)).await?;
+            s.add(name, rate[0]);
+            cpu.add(name, c.iter().sum::<f64>() / (n as f64 / GB));
+        }
+        s.add(QUINN, r.quinn.throughput(1, n).await?[0]);
+        let before = relay_udp(&r.path)?;
+        let (rate, c) = cpu_during(&r.path.pids(), throughput(r.bulk(), 1, n)).await?;
+        let after = relay_udp(&r.path)?;
+        s.comsat.push(rate[0]);
+        let total: f64 = c.iter().sum();
+        cpu.comsat.push(total / (n as f64 / GB));
+        share.push(c[0] / total);
+        // Two hops: agent A -> relay and relay -> agent B.
+        let payload = 2.0 * n as f64;
+        udp_only.push((after.0 - before.0) / payload);
+        wire.push((after.0 - before.0 + IP_UDP_HEADERS * (after.1 - before.1)) / payload);
+    }
+    s.figures("throughput-1", "one flow", "MiB/s", &mut r.figures);
+    r.chart("1-flow throughput", "MiB/s", &s);
+    let metric = "CPU seconds per GB (relay and both agents; peers: all their processes)";
+    let c = median(cpu.comsat.clone());
+    r.figures.push(figure(
+        "efficiency",
+        &format!("{metric}; floor 6.5"),
+        "s",
+        c,
+        FLOOR,
+        6.5,
+        r.reps,
+    ));
+    cpu.figures("efficiency", metric, "s", &mut r.figures);
+    let share = median(share);
+    r.figures.push(figure(
+        "efficiency",
+        "the relay's share of that CPU time",
+        "",
+        share,
+        "all three processes",
+        1.0,
+        r.reps,
+    ));
+    r.figures.push(figure(
+        "efficiency",
+        "wire bytes (IP+UDP+QUIC) per payload byte per hop; floor 1.05",
+        "",
+        median(wire),
+        FLOOR,
+        1.05,
+        r.reps,
+    ));
+    r.notes.push(format!(
+        "efficiency: wire bytes are counted at the relay (comsat_relay_udp_bytes_total and \
+         _datagrams_total, both directions, acknowledgements included) plus 28 bytes of IPv4 \
+         and UDP headers per datagram, over the payload bytes of the two hops; UDP payload \
+         alone is {:.4} per payload byte per hop.",
+        median(udp_only)
+    ));
+    Ok(())
+}
+
+async fn throughput_8(r: &mut Run) -> Result<()> {
+    let n: u64 = if r.quick { 32 << 20 } else { 256 << 20 };
+    let (mut s, mut fair) = (Samples::default(), Vec::new());
+    let mut one = Vec::new();
+    for i in 0..r.reps {
+        eprintln!("throughput-8: run {}/{}", i + 1, r.reps);
+        s.add(DIRECT, throughput(r.sink, 8, n).await?.iter().sum());
+        for (name, chain) in &r.chains {
+            s.add(name, throughput(chain.bulk, 8, n).await?.iter().sum());
+        }
+        s.add(QUINN, r.quinn.throughput(8, n).await?.iter().sum());
+        let rates = throughput(r.bulk(), 8, n).await?;
+        fair.push(jain(&rates));
+        s.comsat.push(rates.iter().sum());
+        one.push(throughput(r.bulk(), 1, 8 * n).await?[0]);
+    }
+    s.figures(
+        "throughput-8",
+        "8 flows, aggregate",
+        "MiB/s",
+        &mut r.figures,
+    );
+    let (agg, one) = (median(s.comsat.clone()), median(one));
+    r.figures.push(figure(
+        "throughput-8",
+        "8-flow aggregate over one flow (same bytes); floor 0.9",
+        "MiB/s",
+        agg,
+        "comsat, one flow",
+        one,
+        r.reps,
+    ));
+    r.figures.push(figure(
+        "throughput-8",
+        "Jain fairness index; floor 0.9",
+        "",
+        median(fair),
+        "perfect fairness",
+        1.0,
+        r.reps,
+    ));
+    Ok(())
+}
+
+/// p50, p99 and p99.9 of a sorted run.
+fn tails(rtts: &[f64]) -> [f64; 3] {
+    [0.5, 0.99, 0.999].map(|p| percentile(rtts, p))
+}
+
+async fn latency_scenario(r: &mut Run) -> Result<()> {
+    let rounds = if r.quick { 2_000 } else { 20_000 };
+    let busy_rounds = rounds / 4;
+    let mut idle: [Samples; 3] = Default::default();
+    let (mut added, mut busy) = (Samples::default(), Samples::default());
+    for i in 0..r.reps {
+        eprintln!(
+            "latency: run {}/{}, {rounds} ping-pongs each",
+            i + 1,
+            r.reps
+        );
+        let direct = tails(&latency(r.echo, rounds).await?);
+        for (k, v) in direct.iter().enumerate() {
+            idle[k].add(DIRECT, *v);
+        }
+        for (name, chain) in &r.chains {
+            let t = tails(&latency(chain.ping, rounds).await?);
+            for (k, v) in t.iter().enumerate() {
+                idle[k].add(name, *v);
+            }
+            added.add(name, t[1] - direct[1]);
+            let b = latency_under_bulk(chain.bulk, chain.ping, busy_rounds).await?;
+            busy.add(name, percentile(&b, 0.99));
+        }
+        let t = tails(&r.quinn.latency(rounds).await?);
+        for (k, v) in t.iter().enumerate() {
+            idle[k].add(QUINN, *v);
+        }
+        let t = tails(&latency(r.ping(), rounds).await?);
+        for (k, v) in t.iter().enumerate() {
+            idle[k].comsat.push(*v);
+        }
+        added.comsat.push(t[1] - direct[1]);
+        let b = latency_under_bulk(r.bulk(), r.ping(), busy_rounds).await?;
+        busy.comsat.push(percentile(&b, 0.99));
+    }
+    for (k, name) in ["p50", "p99", "p99.9"].iter().enumerate() {
+        idle[k].figures(
+            "latency",
+            &format!("64 B round trip {name}"),
+            "µs",
+            &mut r.figures,
+        );
+    }
+    r.chart("64 B round trip p99, idle", "µs", &idle[1]);
+    added.figures(
+        "latency",
+        "added p99 over direct TCP (floor vs rathole Noise: 2.5)",
+        "µs",
+        &mut r.figures,
+    );
+    busy.figures(
+        "latency",
+        "p99 round trip while another link of the path runs bulk",
+        "µs",
+        &mut r.figures,
+    );
+    r.figures.push(figure(
+        "latency",
+        "p99 round trip while another link runs bulk; floor 5 ms",
+        "µs",
+        median(busy.comsat.clone()),
+        FLOOR,
+        5_000.0,
+        r.reps,
+    ));
+    r.chart("64 B round trip p99 beside a bulk flow", "µs", &busy);
     Ok(())
 }
 
 /// The relay enforces a link's rate limit: 4 MiB through a link limited
 /// to 1 MiB/s, while another link on the same relay and agents runs bulk
 /// beside it, compared with that other link alone.
-async fn rate_limit(
-    bin: &str,
-    sink_addr: SocketAddr,
-    reps: usize,
-    per_flow: u64,
-    figures: &mut Vec<Figure>,
-) -> Result<()> {
+async fn rate_limit(r: &mut Run) -> Result<()> {
     const LIMITED: u64 = 4 << 20;
     const RATE: u64 = 1 << 20;
+    let per_flow: u64 = if r.quick { 256 << 20 } else { 2 << 30 };
     eprintln!("rate-limit: starting a path with a link limited to 1 MiB/s");
-    let path = start_path(
-        bin,
-        vec![link("limited", sink_addr), link("free", sink_addr)],
+    let path = Path::start(
+        &r.bin,
+        vec![link("limited", r.sink), link("free", r.sink)],
         &[(
             "limited",
             LinkLimits {
@@ -520,8 +489,8 @@ async fn rate_limit(
     .await?;
     let (limited, free) = (path.listen[0], path.listen[1]);
     let (mut alone, mut beside, mut limited_secs) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..reps {
-        eprintln!("rate-limit: run {}/{reps}", i + 1);
+    for i in 0..r.reps {
+        eprintln!("rate-limit: run {}/{}", i + 1, r.reps);
         alone.push(throughput(free, 1, per_flow).await?[0]);
         let slow = tokio::spawn(async move {
             let start = Instant::now();
@@ -533,63 +502,35 @@ async fn rate_limit(
         beside.push(throughput(free, 1, per_flow).await?[0]);
         limited_secs.push(slow.await??);
     }
-    figures.push(figure(
+    r.figures.push(figure(
         "rate-limit",
         "4 MiB through a 1 MiB/s link (floor: 3 s)",
         "s",
         median(limited_secs),
-        "the floor",
+        FLOOR,
         3.0,
-        reps,
+        r.reps,
     ));
-    figures.push(figure(
+    r.figures.push(figure(
         "rate-limit",
         "another link's one flow while it runs",
         "MiB/s",
         median(beside),
         "that link alone",
         median(alone),
-        reps,
+        r.reps,
     ));
     Ok(())
 }
 
-/// One small exchange through the sink: 1 byte there, 1 byte back.
-async fn poke(addr: SocketAddr) -> Result<()> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.write_u64(1).await?;
-    s.write_all(&[7]).await?;
-    let mut done = [0u8; 1];
-    s.read_exact(&mut done).await?;
-    Ok(())
-}
-
-/// Resume: a path with `n` links, the relay killed and restarted on the
-/// same key; the time until every link carries bytes again.
-async fn resume(
-    bin: &str,
-    sink_addr: SocketAddr,
-    n: usize,
-    figures: &mut Vec<Figure>,
-) -> Result<()> {
-    eprintln!("resume: {n} links, relay killed and restarted");
-    let links = (0..n).map(|i| link(&format!("l{i}"), sink_addr)).collect();
-    let mut path = start_path(bin, links, &[]).await?;
-    for addr in &path.listen {
-        poke(*addr).await.context("before the restart")?;
-    }
-    path.procs[0].kill();
-    let (relay, _, _) =
-        comsat_tests::proc::start_relay(bin, &path.relay_config, path.dir.path(), "relay-2")?;
-    let started = Instant::now();
-    path.procs[0] = relay;
-    let pokes: Vec<_> = path
-        .listen
+/// Pokes every address until each carries bytes; the time the last did.
+async fn all_carry(listen: &[SocketAddr]) -> Result<Instant> {
+    let pokes: Vec<_> = listen
         .iter()
         .map(|addr| {
             let addr = *addr;
             tokio::spawn(async move {
-                // A link that is not back yet makes its agent wait, then
+                // A link that is not up yet makes its agent wait, then
                 // closes the connection: try again until it carries bytes.
                 loop {
                     if poke(addr).await.is_ok() {
@@ -600,100 +541,272 @@ async fn resume(
             })
         })
         .collect();
-    let mut last = started;
+    let mut last = Instant::now();
     for p in pokes {
         let at = tokio::time::timeout(Duration::from_secs(60), p)
             .await
-            .context("a link did not carry bytes within 60 s of the restart")??;
+            .context("a link did not carry bytes within 60 s")??;
         last = last.max(at);
     }
-    figures.push(figure(
+    Ok(last)
+}
+
+/// Adds `[limits]` to a relay config so it admits `connections` agents.
+fn admit(config: &std::path::Path, connections: usize) -> Result<()> {
+    let mut text = std::fs::read_to_string(config)?;
+    text.push_str(&format!(
+        "\n[limits]\nmax_connections = {}\n",
+        connections + 100
+    ));
+    std::fs::write(config, text)?;
+    Ok(())
+}
+
+/// Agent connections per second and handshake (QUIC, TLS, signed Hello,
+/// Welcome) p99 at concurrency 64, beside bare quinn handshakes; then
+/// link setup: agent A starts with N links, until each carries a byte.
+async fn setup(r: &mut Run) -> Result<()> {
+    const CONCURRENCY: usize = 64;
+    let n = if r.quick { 640 } else { 6_400 };
+    eprintln!("setup: {n} agent connections, {CONCURRENCY} at a time");
+    let mut relay = Path::prepare(&r.bin, vec![], &[])?;
+    let nodes = relay.layout.add_nodes(n)?;
+    admit(&relay.relay_config(), n)?;
+    relay.start_relay("relay")?;
+    let fleet = Arc::new(fleet::Fleet::new(
+        relay.layout.relays[0].listen,
+        &relay.layout.ca_pem,
+        nodes,
+    )?);
+    let started = Instant::now();
+    let (conns, times) = fleet.connect_many(0..n, CONCURRENCY).await?;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    drop(conns);
+    let started = Instant::now();
+    let bare = r.quinn.handshakes(n, CONCURRENCY).await?;
+    let bare_rate = n as f64 / started.elapsed().as_secs_f64();
+    r.figures.push(figure(
+        "setup",
+        "agent connections per second at concurrency 64",
+        "/s",
+        rate,
+        "bare quinn handshakes",
+        bare_rate,
+        n,
+    ));
+    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+        r.figures.push(figure(
+            "setup",
+            &format!("agent handshake {name} at concurrency 64 (to Welcome)"),
+            "ms",
+            percentile(&times, p),
+            "bare quinn handshake",
+            percentile(&bare, p),
+            n,
+        ));
+    }
+    r.figures.push(figure(
+        "setup",
+        "agent handshake p99 at concurrency 64; floor 100 ms",
+        "ms",
+        percentile(&times, 0.99),
+        FLOOR,
+        100.0,
+        n,
+    ));
+    drop(relay);
+
+    let links = if r.quick { 100 } else { 1_000 };
+    eprintln!("setup: agent A starts with {links} links");
+    let mut path = Path::prepare(
+        &r.bin,
+        (0..links).map(|i| link(&format!("l{i}"), r.sink)).collect(),
+        &[],
+    )?;
+    path.start_relay("relay")?;
+    path.start_agent_b()?;
+    let started = Instant::now();
+    path.start_agent_a().await?;
+    let last = all_carry(&path.listen).await?;
+    let secs = (last - started).as_secs_f64();
+    r.figures.push(figure(
+        "setup",
+        &format!(
+            "links set up per second (agent start to first byte on each of {links}: \
+             attach, pair, Noise, first byte)"
+        ),
+        "/s",
+        links as f64 / secs,
+        "agent connections per second",
+        rate,
+        1,
+    ));
+    Ok(())
+}
+
+/// Resume: a path with `n` links, the relay killed and restarted on the
+/// same key; the time until every link carries bytes again.
+async fn resume(r: &mut Run) -> Result<()> {
+    let n = if r.quick { 100 } else { 1000 };
+    eprintln!("resume: {n} links, relay killed and restarted");
+    let links = (0..n).map(|i| link(&format!("l{i}"), r.sink)).collect();
+    let mut path = Path::start(&r.bin, links, &[]).await?;
+    all_carry(&path.listen)
+        .await
+        .context("before the restart")?;
+    if let Some(relay) = &mut path.relay {
+        relay.kill();
+    }
+    path.start_relay("relay-2")?;
+    let started = Instant::now();
+    let last = all_carry(&path.listen).await?;
+    r.figures.push(figure(
         "resume",
         &format!("all {n} links carry bytes again after a relay restart (floor: 5 s for 1,000)"),
         "s",
         (last - started).as_secs_f64(),
-        "the floor",
+        FLOOR,
         5.0,
         1,
     ));
     Ok(())
 }
 
-/// Resident memory of a process, KiB (`VmRSS` of /proc/PID/status).
-fn rss_kib(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS")?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .context("VmRSS value")?
-        .parse()?)
+/// The sizes held and the line fitted over them.
+struct Capacity {
+    points: Vec<(f64, f64)>,
+    failed: Option<String>,
 }
 
-/// The slope of the least-squares line through `points`.
-fn slope(points: &[(f64, f64)]) -> f64 {
-    let n = points.len() as f64;
-    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
-    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
-    let num: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    let den: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
-    if den == 0.0 { 0.0 } else { num / den }
-}
-
-/// Relay and agent memory per idle paired link: paths with N idle links
-/// (all paired, one connection per agent), RSS after they settle, a line
-/// fitted over N.
-async fn memory(
-    bin: &str,
-    sink_addr: SocketAddr,
-    sizes: &[usize],
-    figures: &mut Vec<Figure>,
-    notes: &mut Vec<String>,
-) -> Result<()> {
-    let (mut relay_pts, mut agent_pts) = (Vec::new(), Vec::new());
-    for &n in sizes {
-        eprintln!("memory: {n} idle paired links");
-        let links = (0..n).map(|i| link(&format!("l{i}"), sink_addr)).collect();
-        let path = start_path(bin, links, &[]).await?;
-        // Let allocations settle (handshakes done, buffers returned).
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        relay_pts.push((n as f64, rss_kib(path.procs[0].pid())?));
-        agent_pts.push((n as f64, rss_kib(path.procs[1].pid())?));
+impl Capacity {
+    fn report(
+        &self,
+        what: &str,
+        asked: usize,
+        floor: f64,
+        agent: Option<&[(f64, f64)]>,
+        r: &mut Run,
+    ) {
+        let (slope, r2) = fit(&self.points);
+        let held = self.points.last().map_or(0.0, |p| p.0);
+        r.figures.push(figure(
+            "memory",
+            &format!("relay RSS per idle {what} (floor: {floor} KiB)"),
+            "KiB",
+            slope,
+            FLOOR,
+            floor,
+            self.points.len(),
+        ));
+        if let Some(agent) = agent {
+            r.figures.push(figure(
+                "memory",
+                "agent RSS per idle link (side A)",
+                "KiB",
+                fit(agent).0,
+                "the relay's floor, for scale",
+                floor,
+                agent.len(),
+            ));
+        }
+        r.figures.push(figure(
+            "capacity",
+            &format!("{what}s one relay held, RSS linear in N (R² {r2:.4})"),
+            "",
+            held,
+            "asked",
+            asked as f64,
+            self.points.len(),
+        ));
+        r.notes.push(format!(
+            "memory: relay RSS (KiB) by {what}s held: {}{}",
+            self.points
+                .iter()
+                .map(|p| format!("{:.0} → {:.0}", p.0, p.1))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.failed
+                .as_ref()
+                .map(|e| format!("; the next size FAILED: {e}"))
+                .unwrap_or_default()
+        ));
     }
-    let per_link = slope(&relay_pts);
-    figures.push(figure(
-        "memory",
-        "relay RSS per idle paired link (floor: 16 KiB)",
-        "KiB",
-        per_link,
-        "the floor",
-        16.0,
-        sizes.len(),
-    ));
-    figures.push(figure(
-        "memory",
-        "agent RSS per idle link (side A)",
-        "KiB",
-        slope(&agent_pts),
-        "the relay's floor, for scale",
-        16.0,
-        sizes.len(),
-    ));
-    notes.push(format!(
-        "memory: relay RSS {} KiB at {}..{} links (line fitted over {:?}); relay RSS per idle \
-         agent connection is not measured yet.",
-        relay_pts
+}
+
+/// Relay and agent memory per idle paired link and per idle agent
+/// connection, a line fitted over several N; the largest N held is the
+/// capacity shown.
+async fn memory(r: &mut Run) -> Result<()> {
+    let (link_sizes, conn_sizes): (&[usize], &[usize]) = match (r.large, r.quick) {
+        (true, _) => (&[1_000, 5_000, 10_000], &[10_000, 25_000, 50_000]),
+        (false, true) => (&[10, 200, 400], &[100, 500, 1_000]),
+        (false, false) => (&[10, 500, 1_000], &[1_000, 3_000, 5_000]),
+    };
+    let mut links = Capacity {
+        points: Vec::new(),
+        failed: None,
+    };
+    let mut agent = Vec::new();
+    for &n in link_sizes {
+        eprintln!("memory: {n} idle paired links");
+        let held = async {
+            let l = (0..n).map(|i| link(&format!("l{i}"), r.sink)).collect();
+            let path = Path::start(&r.bin, l, &[]).await?;
+            // Let allocations settle (handshakes done, buffers returned).
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let pids = path.pids();
+            anyhow::Ok((rss_kib(pids[0])?, rss_kib(pids[1])?))
+        };
+        match held.await {
+            Ok((relay, a)) => {
+                links.points.push((n as f64, relay));
+                agent.push((n as f64, a));
+            }
+            Err(e) => {
+                links.failed = Some(format!("{n}: {e:#}"));
+                break;
+            }
+        }
+    }
+    let max_links = *link_sizes.last().unwrap_or(&0);
+    links.report("paired link", max_links, 16.0, Some(&agent), r);
+
+    let max = *conn_sizes.last().unwrap_or(&0);
+    eprintln!("memory: up to {max} idle agent connections");
+    let mut relay = Path::prepare(&r.bin, vec![], &[])?;
+    let nodes = relay.layout.add_nodes(max)?;
+    admit(&relay.relay_config(), max)?;
+    relay.start_relay("relay")?;
+    let fleet = Arc::new(fleet::Fleet::new(
+        relay.layout.relays[0].listen,
+        &relay.layout.ca_pem,
+        nodes,
+    )?);
+    let mut conns = Capacity {
+        points: Vec::new(),
+        failed: None,
+    };
+    let mut held = Vec::new();
+    for &n in conn_sizes {
+        match fleet.connect_many(held.len()..n, 64).await {
+            Ok((more, _)) => held.extend(more),
+            Err(e) => {
+                conns.failed = Some(format!("{n}: {e:#}"));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let alive = held
             .iter()
-            .map(|p| format!("{:.0}", p.1))
-            .collect::<Vec<_>>()
-            .join(", "),
-        sizes.first().copied().unwrap_or(0),
-        sizes.last().copied().unwrap_or(0),
-        sizes
-    ));
+            .filter(|c| c.conn.close_reason().is_none())
+            .count();
+        if alive < n {
+            conns.failed = Some(format!("{n}: only {alive} connections stayed open"));
+            break;
+        }
+        conns.points.push((n as f64, rss_kib(relay.relay_pid()?)?));
+    }
+    conns.report("agent connection", max, 64.0, None, r);
     Ok(())
 }
 

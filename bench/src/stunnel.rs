@@ -2,47 +2,16 @@
 //! TLS on both hops, certificates verified: the topology of comsat without
 //! the end-to-end layer.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 
-/// A running chain with two services, `bulk` and `ping`.
-pub(crate) struct Chain {
-    _dir: tempfile::TempDir,
-    procs: Vec<Child>,
-    pub(crate) bulk: SocketAddr,
-    pub(crate) ping: SocketAddr,
-}
-
-impl Drop for Chain {
-    fn drop(&mut self) {
-        if std::env::var_os("COMSAT_BENCH_KEEP").is_some() {
-            let kept =
-                std::mem::replace(&mut self._dir, tempfile::TempDir::new().expect("tempdir"));
-            let _ = kept.keep();
-        }
-        for p in &mut self.procs {
-            let _ = p.kill();
-            let _ = p.wait();
-        }
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+use crate::chain::{Chain, free_port};
 
 /// Whether stunnel is installed.
 pub(crate) fn available() -> bool {
-    Command::new("stunnel")
-        .arg("-version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
+    crate::chain::available("stunnel", "-version")
 }
 
 fn service(name: &str, accept: u16, connect: u16, client: bool, dir: &Path) -> String {
@@ -60,9 +29,6 @@ fn service(name: &str, accept: u16, connect: u16, client: bool, dir: &Path) -> S
 /// Starts the chain in front of `sink` (bulk) and `echo` (ping).
 pub(crate) fn start(sink: SocketAddr, echo: SocketAddr) -> Result<Chain> {
     let dir = tempfile::tempdir()?;
-    if std::env::var_os("COMSAT_BENCH_KEEP").is_some() {
-        eprintln!("stunnel files in {}", dir.path().display());
-    }
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -85,50 +51,25 @@ pub(crate) fn start(sink: SocketAddr, echo: SocketAddr) -> Result<Chain> {
         format!("{}{}", cert.pem(), key.serialize_pem()),
     )?;
     let head = "foreground = yes\npid =\ndebug = 3\n";
-    let d = dir.path();
+    let d = dir.path().to_owned();
     let mut entries = Vec::new();
     let (mut client, mut relay, mut server) = (head.to_owned(), head.to_owned(), head.to_owned());
     for (name, target) in [("bulk", sink), ("ping", echo)] {
         let (c, r_in, r_mid, s) = (free_port()?, free_port()?, free_port()?, free_port()?);
-        client.push_str(&service(name, c, r_in, true, d));
-        relay.push_str(&service(&format!("{name}-in"), r_in, r_mid, false, d));
-        relay.push_str(&service(&format!("{name}-out"), r_mid, s, true, d));
+        client.push_str(&service(name, c, r_in, true, &d));
+        relay.push_str(&service(&format!("{name}-in"), r_in, r_mid, false, &d));
+        relay.push_str(&service(&format!("{name}-out"), r_mid, s, true, &d));
         server.push_str(&format!(
             "[{name}]\naccept = 127.0.0.1:{s}\nconnect = {target}\ncert = {}\n\n",
             d.join("server.pem").display()
         ));
         entries.push(SocketAddr::from(([127, 0, 0, 1], c)));
     }
-    let mut procs = Vec::new();
+    let mut chain = Chain::new(dir, entries[0], entries[1]);
     for (name, conf) in [("server", server), ("relay", relay), ("client", client)] {
         let path = d.join(format!("{name}.conf"));
         std::fs::write(&path, conf)?;
-        let log = std::fs::File::create(d.join(format!("{name}.log")))?;
-        procs.push(
-            Command::new("stunnel")
-                .arg(&path)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .context("starting stunnel")?,
-        );
-    }
-    let chain = Chain {
-        bulk: entries[0],
-        ping: entries[1],
-        procs,
-        _dir: dir,
-    };
-    // Wait until the client side accepts.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for addr in [chain.bulk, chain.ping] {
-        while std::net::TcpStream::connect(addr).is_err() {
-            if Instant::now() > deadline {
-                bail!("stunnel did not start");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        chain.spawn(name, "stunnel", &[&path])?;
     }
     Ok(chain)
 }

@@ -9,6 +9,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+/// The log filter children get (`COMSAT_LOG`): debug for the relay and the
+/// agent unless [`set_log_filter`] chose another.
+static LOG_FILTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the log filter of every process started from now on (once; the
+/// bench uses `info`, so debug logging does not weigh on its figures).
+pub fn set_log_filter(filter: &str) {
+    let _ = LOG_FILTER.set(filter.to_owned());
+}
+
 /// A running `comsat` process. Killed (by its PID) when dropped.
 pub struct Proc {
     name: String,
@@ -25,7 +35,12 @@ impl Proc {
         let stderr = std::fs::File::create(&log)?;
         let mut child = Command::new(bin)
             .args(args)
-            .env("COMSAT_LOG", "info,comsat_relay=debug,comsat_agent=debug")
+            .env(
+                "COMSAT_LOG",
+                LOG_FILTER
+                    .get()
+                    .map_or("info,comsat_relay=debug,comsat_agent=debug", String::as_str),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)

@@ -1,0 +1,132 @@
+//! Many agents at once, played by this process: each connection is a real
+//! QUIC connection to the relay with its own node identity, TLS verified
+//! against the relay's CA, and the agent's `Hello` signed with the node's
+//! key; it counts as up when the relay answers `Welcome`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use comsat_agent::config::RelayEndpoint;
+use comsat_protocol::msg::{ControlMessage, FrameDecoder, RelayToAgent, make_hello};
+use comsat_protocol::{HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN, NodeId, SigningKey};
+
+/// Client sockets the connections share (a real fleet has one per agent;
+/// the relay serves each connection alike either way).
+pub(crate) const SOCKETS: usize = 16;
+
+/// One connected agent: the connection and its control stream (dropping
+/// the stream would end the agent's session).
+pub(crate) struct Connected {
+    pub(crate) conn: quinn::Connection,
+    _control: (quinn::SendStream, quinn::RecvStream),
+}
+
+pub(crate) struct Fleet {
+    endpoints: Vec<quinn::Endpoint>,
+    client: quinn::ClientConfig,
+    relay: SocketAddr,
+    nodes: Arc<Vec<(NodeId, SigningKey)>>,
+}
+
+impl Fleet {
+    pub(crate) fn new(
+        relay: SocketAddr,
+        ca: &Path,
+        nodes: Vec<(NodeId, SigningKey)>,
+    ) -> Result<Self> {
+        // As an agent's config names it.
+        let endpoint: RelayEndpoint = serde_json::from_value(serde_json::json!({
+            "addr": relay.to_string(),
+            "server_name": "localhost",
+            "ca_file": ca,
+        }))?;
+        let client = comsat_agent::tls::client_config(&endpoint).map_err(anyhow::Error::msg)?;
+        let endpoints = (0..SOCKETS)
+            .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("address")))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            endpoints,
+            client,
+            relay,
+            nodes: Arc::new(nodes),
+        })
+    }
+
+    /// Connects node `i` and waits for `Welcome`: the connection (keep it
+    /// to keep the agent connected) and the time it took.
+    pub(crate) async fn connect(&self, i: usize) -> Result<(Connected, Duration)> {
+        let (node_id, key) = &self.nodes[i % self.nodes.len()];
+        let endpoint = &self.endpoints[i % self.endpoints.len()];
+        let start = Instant::now();
+        let conn = endpoint
+            .connect_with(self.client.clone(), self.relay, "localhost")?
+            .await
+            .context("QUIC handshake")?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let mut exporter = [0u8; HELLO_EXPORTER_LEN];
+        conn.export_keying_material(&mut exporter, HELLO_EXPORTER_LABEL, b"")
+            .map_err(|_| anyhow::anyhow!("TLS exporter unavailable"))?;
+        let mut buf = Vec::new();
+        make_hello(*node_id, key, &exporter).write_to(&mut buf)?;
+        send.write_all(&buf).await?;
+        let mut decoder = FrameDecoder::new();
+        let mut chunk = [0u8; 512];
+        loop {
+            if let Some(msg) = decoder.next_message::<RelayToAgent>()? {
+                if msg != RelayToAgent::Welcome {
+                    bail!("the relay answered {msg:?} instead of Welcome");
+                }
+                let elapsed = start.elapsed();
+                let connected = Connected {
+                    conn,
+                    _control: (send, recv),
+                };
+                return Ok((connected, elapsed));
+            }
+            match recv.read(&mut chunk).await? {
+                Some(n) => decoder.extend(&chunk[..n]),
+                None => bail!("the relay closed the control stream"),
+            }
+        }
+    }
+
+    /// Connects nodes `range`, `concurrency` at a time: every connection
+    /// (held open) and each one's time to `Welcome` in milliseconds, sorted.
+    pub(crate) async fn connect_many(
+        self: &Arc<Self>,
+        range: std::ops::Range<usize>,
+        concurrency: usize,
+    ) -> Result<(Vec<Connected>, Vec<f64>)> {
+        let n = range.end;
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(range.start));
+        let mut workers = Vec::new();
+        for _ in 0..concurrency {
+            let (fleet, next) = (self.clone(), next.clone());
+            workers.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= n {
+                        return anyhow::Ok(out);
+                    }
+                    let done = tokio::time::timeout(Duration::from_secs(30), fleet.connect(i))
+                        .await
+                        .context("no Welcome within 30 s")??;
+                    out.push(done);
+                }
+            }));
+        }
+        let (mut conns, mut times) = (Vec::new(), Vec::new());
+        for w in workers {
+            for (c, t) in w.await?? {
+                conns.push(c);
+                times.push(t.as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok((conns, times))
+    }
+}

@@ -1,0 +1,273 @@
+//! The bench's own client and servers, and the arithmetic on samples.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Accepts connections; each announces a length, sends that many bytes, and
+/// gets one byte back once they all arrived. (No half-close: stunnel does
+/// not carry one through TLS.)
+pub(crate) async fn sink(listener: TcpListener) {
+    while let Ok((mut s, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let Ok(mut left) = s.read_u64().await else {
+                return;
+            };
+            let mut buf = vec![0u8; 256 * 1024];
+            while left > 0 {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => left = left.saturating_sub(n as u64),
+                }
+            }
+            let _ = s.write_all(&[1]).await;
+        });
+    }
+}
+
+/// Echoes every connection.
+pub(crate) async fn echo(listener: TcpListener) {
+    while let Ok((s, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let _ = s.set_nodelay(true);
+            let (mut r, mut w) = s.into_split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// Sends `per_flow` bytes on each of `flows` connections to `addr` and
+/// waits for the sink's answers; returns per-flow throughputs in MiB/s.
+pub(crate) async fn throughput(addr: SocketAddr, flows: usize, per_flow: u64) -> Result<Vec<f64>> {
+    let mut tasks = Vec::new();
+    for _ in 0..flows {
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await?;
+            let buf = vec![0x5au8; 256 * 1024];
+            let start = Instant::now();
+            s.write_u64(per_flow).await?;
+            let mut left = per_flow;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                s.write_all(&buf[..n]).await?;
+                left -= n as u64;
+            }
+            let mut done = [0u8; 1];
+            s.read_exact(&mut done).await?;
+            anyhow::Ok(per_flow as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64())
+        }));
+    }
+    let mut rates = Vec::new();
+    for t in tasks {
+        rates.push(
+            tokio::time::timeout(Duration::from_secs(300), t)
+                .await
+                .context("a flow did not finish within 300 s")???,
+        );
+    }
+    Ok(rates)
+}
+
+/// 64-byte ping-pongs; returns round-trip times in microseconds, sorted.
+pub(crate) async fn latency(addr: SocketAddr, rounds: usize) -> Result<Vec<f64>> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    // Warm up the path.
+    for _ in 0..20 {
+        s.write_all(&msg).await?;
+        s.read_exact(&mut back).await?;
+    }
+    let mut rtts = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        s.write_all(&msg).await?;
+        s.read_exact(&mut back).await?;
+        rtts.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    rtts.sort_by(f64::total_cmp);
+    Ok(rtts)
+}
+
+/// [`latency`] on `ping` while one flow sends bulk to `bulk` (a sink)
+/// through the same path the whole time.
+pub(crate) async fn latency_under_bulk(
+    bulk: SocketAddr,
+    ping: SocketAddr,
+    rounds: usize,
+) -> Result<Vec<f64>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut s = TcpStream::connect(bulk).await?;
+    let flag = stop.clone();
+    let load = tokio::spawn(async move {
+        let buf = vec![0x5au8; 256 * 1024];
+        // Announces more than it will send: the sink stops at our close.
+        s.write_u64(u64::MAX).await?;
+        let mut sent = 0u64;
+        while !flag.load(Ordering::Relaxed) {
+            s.write_all(&buf).await?;
+            sent += buf.len() as u64;
+        }
+        anyhow::Ok(sent)
+    });
+    // Let the bulk flow reach its pace.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rtts = latency(ping, rounds).await;
+    stop.store(true, Ordering::Relaxed);
+    let sent = tokio::time::timeout(Duration::from_secs(30), load)
+        .await
+        .context("the bulk flow did not stop")???;
+    if sent == 0 {
+        bail!("the bulk flow sent nothing");
+    }
+    rtts
+}
+
+/// One small exchange through the sink: 1 byte there, 1 byte back.
+pub(crate) async fn poke(addr: SocketAddr) -> Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_u64(1).await?;
+    s.write_all(&[7]).await?;
+    let mut done = [0u8; 1];
+    s.read_exact(&mut done).await?;
+    Ok(())
+}
+
+/// Waits until `bulk` (in front of a sink) and `ping` (in front of the
+/// echo) both carry bytes.
+pub(crate) async fn wait_carrying(what: &str, bulk: SocketAddr, ping: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let try_once = async {
+            poke(bulk).await?;
+            latency(ping, 1).await?;
+            anyhow::Ok(())
+        };
+        match tokio::time::timeout(Duration::from_secs(2), try_once).await {
+            Ok(Ok(())) => return Ok(()),
+            _ if Instant::now() > deadline => bail!("{what} did not carry bytes within 20 s"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 0.5)
+}
+
+/// Jain's fairness index of per-flow rates: 1 is perfectly fair.
+pub(crate) fn jain(rates: &[f64]) -> f64 {
+    let sum: f64 = rates.iter().sum();
+    let squares: f64 = rates.iter().map(|r| r * r).sum();
+    sum * sum / (rates.len() as f64 * squares)
+}
+
+/// The least-squares line through `points`: slope and R².
+pub(crate) fn fit(points: &[(f64, f64)]) -> (f64, f64) {
+    let n = points.len() as f64;
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let syy: f64 = points.iter().map(|p| (p.1 - my).powi(2)).sum();
+    if sxx == 0.0 {
+        return (0.0, 0.0);
+    }
+    let r2 = if syy == 0.0 {
+        1.0
+    } else {
+        sxy * sxy / (sxx * syy)
+    };
+    (sxy / sxx, r2)
+}
+
+/// Resident memory of a process, KiB (`VmRSS` of /proc/PID/status).
+pub(crate) fn rss_kib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS value")?
+        .parse()?)
+}
+
+/// CPU time of a process so far, all threads, user and system, in seconds
+/// (`utime` and `stime` of /proc/PID/stat, in USER_HZ = 100 ticks a second
+/// on every Linux architecture we run on).
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("/proc/{pid}/stat"))?;
+    // The command name is in parentheses and may hold spaces: count fields
+    // after the last `)`; utime and stime are fields 14 and 15 of the line.
+    let rest = text.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        Ok(fields.get(i).context("short stat")?.parse::<u64>()? as f64)
+    };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// CPU seconds of each of `pids` spent while `work` runs.
+pub(crate) async fn cpu_during<T>(
+    pids: &[u32],
+    work: impl Future<Output = Result<T>>,
+) -> Result<(T, Vec<f64>)> {
+    let before: Vec<f64> = pids
+        .iter()
+        .map(|p| cpu_seconds(*p))
+        .collect::<Result<_>>()?;
+    let out = work.await?;
+    let after: Vec<f64> = pids
+        .iter()
+        .map(|p| cpu_seconds(*p))
+        .collect::<Result<_>>()?;
+    Ok((out, after.iter().zip(&before).map(|(a, b)| a - b).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_fits_itself() {
+        let (slope, r2) = fit(&[(10.0, 100.0), (20.0, 150.0), (40.0, 250.0)]);
+        assert!((slope - 5.0).abs() < 1e-9);
+        assert!((r2 - 1.0).abs() < 1e-9);
+        let (_, r2) = fit(&[(10.0, 100.0), (20.0, 300.0), (40.0, 120.0)]);
+        assert!(r2 < 0.5, "{r2}");
+    }
+
+    #[test]
+    fn jain_is_one_when_fair_and_one_over_n_when_one_flow_takes_all() {
+        assert!((jain(&[5.0, 5.0, 5.0, 5.0]) - 1.0).abs() < 1e-9);
+        assert!((jain(&[8.0, 0.0, 0.0, 0.0]) - 0.25).abs() < 1e-9);
+    }
+
+    #[test]
+    fn percentiles_pick_from_sorted_samples() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 51.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+}

@@ -1,0 +1,159 @@
+//! A comsat path on loopback: a relay and two agents, each its own
+//! process, carrying links from agent A's listeners to targets beside
+//! agent B.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use comsat::dev::{DevLayout, DevLink, DevOptions};
+use comsat_protocol::grant::LinkLimits;
+use comsat_tests::proc::{self, Proc};
+
+/// A link from a loopback listener of agent A to `target` beside agent B.
+pub(crate) fn link(name: &str, target: SocketAddr) -> DevLink {
+    DevLink {
+        name: name.into(),
+        listen: "tcp://127.0.0.1:0".into(),
+        target: format!("tcp://{target}"),
+        allowed_uids: vec![],
+    }
+}
+
+/// A path's files, before or while its processes run.
+pub(crate) struct Path {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) layout: DevLayout,
+    pub(crate) relay: Option<Proc>,
+    /// The relay's admin address (for `/metrics`).
+    pub(crate) relay_admin: Option<SocketAddr>,
+    pub(crate) agent_a: Option<Proc>,
+    pub(crate) agent_b: Option<Proc>,
+    /// Agent A's listen address of each link, in the order given.
+    pub(crate) listen: Vec<SocketAddr>,
+    bin: String,
+}
+
+impl Path {
+    /// Writes the setup for `links`; `limits` re-signs the named links'
+    /// grants with limits. Starts nothing.
+    pub(crate) fn prepare(
+        bin: &str,
+        links: Vec<DevLink>,
+        limits: &[(&str, LinkLimits)],
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let any: SocketAddr = "127.0.0.1:0".parse()?;
+        let layout = comsat::dev::init(
+            &dir.path().join("setup"),
+            &DevOptions {
+                relay_listen: format!("127.0.0.1:{}", comsat_tests::free_udp_port()?).parse()?,
+                relay_admin: Some(any),
+                agent_admin: [Some(any), Some(any)],
+                links,
+                pin_sha256: false,
+                extra_relays: vec![],
+            },
+        )?;
+        for (name, l) in limits {
+            layout.set_link_limits(name, l.clone())?;
+        }
+        Ok(Self {
+            dir,
+            layout,
+            relay: None,
+            relay_admin: None,
+            agent_a: None,
+            agent_b: None,
+            listen: Vec::new(),
+            bin: bin.to_owned(),
+        })
+    }
+
+    /// Prepares and starts the whole path; returns once agent A is ready.
+    pub(crate) async fn start(
+        bin: &str,
+        links: Vec<DevLink>,
+        limits: &[(&str, LinkLimits)],
+    ) -> Result<Self> {
+        let mut path = Self::prepare(bin, links, limits)?;
+        path.start_relay("relay")?;
+        path.start_agent_b()?;
+        path.start_agent_a().await?;
+        Ok(path)
+    }
+
+    /// Starts (or restarts, after a kill) the relay; its log is `NAME.log`.
+    pub(crate) fn start_relay(&mut self, name: &str) -> Result<()> {
+        let (relay, _, admin) =
+            proc::start_relay(&self.bin, &self.layout.relay_config, self.dir.path(), name)?;
+        self.relay = Some(relay);
+        self.relay_admin = Some(admin);
+        Ok(())
+    }
+
+    pub(crate) fn start_agent_b(&mut self) -> Result<()> {
+        let (b, _) = proc::start_agent(
+            &self.bin,
+            &self.layout.agent_b.config,
+            self.dir.path(),
+            "agent-b",
+        )?;
+        self.agent_b = Some(b);
+        Ok(())
+    }
+
+    /// Starts agent A and waits until it reports ready (every link
+    /// attached at the relay).
+    pub(crate) async fn start_agent_a(&mut self) -> Result<()> {
+        let (mut a, admin) = proc::start_agent(
+            &self.bin,
+            &self.layout.agent_a.config,
+            self.dir.path(),
+            "agent-a",
+        )?;
+        self.listen.clear();
+        for (name, _) in &self.layout.links {
+            self.listen.push(proc::listen_addr(&mut a, name)?);
+        }
+        let deadline = Instant::now() + proc::START_TIMEOUT;
+        while !matches!(proc::http_get(admin, "/readyz"), Ok((200, _))) {
+            if Instant::now() > deadline {
+                bail!("comsat path not ready; agent log:\n{}", a.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.agent_a = Some(a);
+        Ok(())
+    }
+
+    /// The relay's `/metrics`.
+    pub(crate) fn relay_metrics(&self) -> Result<String> {
+        match self.relay_admin {
+            Some(admin) => comsat_tests::scrape(admin),
+            None => bail!("the relay is not running"),
+        }
+    }
+
+    /// PIDs of the relay, agent A and agent B (those running).
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        [&self.relay, &self.agent_a, &self.agent_b]
+            .into_iter()
+            .flatten()
+            .map(Proc::pid)
+            .collect()
+    }
+
+    pub(crate) fn relay_pid(&self) -> Result<u32> {
+        match &self.relay {
+            Some(r) => Ok(r.pid()),
+            None => bail!("the relay is not running"),
+        }
+    }
+
+    /// The relay's config file.
+    pub(crate) fn relay_config(&self) -> PathBuf {
+        self.layout.relay_config.clone()
+    }
+}
