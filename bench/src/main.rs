@@ -401,7 +401,8 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
     let rounds = if r.quick { 2_000 } else { 20_000 };
     let busy_rounds = rounds / 4;
     let mut idle: [Samples; 3] = Default::default();
-    let (mut added, mut busy) = (Samples::default(), Samples::default());
+    let (mut added, mut busy, mut busy_p50) =
+        (Samples::default(), Samples::default(), Samples::default());
     for i in 0..r.reps {
         eprintln!(
             "latency: run {}/{}, {rounds} ping-pongs each",
@@ -420,6 +421,7 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
             added.add(name, t[1] - direct[1]);
             let b = latency_under_bulk(chain.bulk, chain.ping, busy_rounds).await?;
             busy.add(name, percentile(&b, 0.99));
+            busy_p50.add(name, percentile(&b, 0.5));
         }
         let t = tails(&r.quinn.latency(rounds).await?);
         for (k, v) in t.iter().enumerate() {
@@ -432,6 +434,7 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
         added.comsat.push(t[1] - direct[1]);
         let b = latency_under_bulk(r.bulk(), r.ping(), busy_rounds).await?;
         busy.comsat.push(percentile(&b, 0.99));
+        busy_p50.comsat.push(percentile(&b, 0.5));
     }
     for (k, name) in ["p50", "p99", "p99.9"].iter().enumerate() {
         idle[k].figures(
@@ -445,6 +448,12 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
     added.figures(
         "latency",
         "added p99 over direct TCP (floor vs rathole Noise: 2.5)",
+        "µs",
+        &mut r.figures,
+    );
+    busy_p50.figures(
+        "latency",
+        "p50 round trip while another link of the path runs bulk",
         "µs",
         &mut r.figures,
     );
