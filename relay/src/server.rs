@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use comsat_protocol::msg::{
     AgentToRelay, ControlMessage, ErrorCode, FrameDecoder, PeerFrame, RelayToAgent, verify_hello,
 };
@@ -998,7 +999,7 @@ impl Drop for Held {
 
 /// A flow whose peer side is away: what the relay read of it so far.
 struct Parked {
-    chunks: Vec<bytes::Bytes>,
+    chunks: Vec<Bytes>,
     finished: bool,
     held: Held,
 }
@@ -1059,6 +1060,7 @@ async fn park(
     };
     state.metrics.flows_parked.increment(1);
     debug!("flow parked: peer away");
+    let mut frames = Vec::new();
     loop {
         let peer = {
             let links = state.links();
@@ -1079,11 +1081,11 @@ async fn park(
                 }
             }
             _ = route.revoked.wait_for(|r| *r) => return None,
-            chunk = recv.read_chunk(defaults::SPLICE_CHUNK, true), if room => match chunk {
+            chunk = read_joined(recv, defaults::SPLICE_CHUNK, &mut frames), if room => match chunk {
                 Ok(Some(c)) => {
-                    parked.held.add(c.bytes.len() as u64);
-                    state.tap(&c.bytes);
-                    parked.chunks.push(c.bytes);
+                    parked.held.add(c.len() as u64);
+                    state.tap(&c);
+                    parked.chunks.push(c);
                 }
                 Ok(None) => parked.finished = true,
                 Err(_) => return None,
@@ -1188,10 +1190,11 @@ async fn pump(
     mut to: quinn::SendStream,
 ) {
     let throttle: &Throttle = stats.throttle(from_side);
+    let mut frames: Vec<Bytes> = Vec::new();
     loop {
-        match from.read_chunk(throttle.chunk(), true).await {
+        match read_joined(&mut from, throttle.chunk(), &mut frames).await {
             Ok(Some(chunk)) => {
-                let n = chunk.bytes.len();
+                let n = chunk.len();
                 let wait = throttle.delay(n, tokio::time::Instant::now());
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
@@ -1202,8 +1205,8 @@ async fn pump(
                 }
                 state.metrics.forwarded_bytes.increment(n as u64);
                 stats.add_bytes(from_side, n as u64);
-                state.tap(&chunk.bytes);
-                if let Err(e) = to.write_chunk(chunk.bytes).await {
+                state.tap(&chunk);
+                if let Err(e) = to.write_chunk(chunk).await {
                     let lost = match &e {
                         quinn::WriteError::ConnectionLost(c) => Some(c),
                         _ => None,
@@ -1229,6 +1232,35 @@ async fn pump(
             }
         }
     }
+}
+
+/// Reads what a stream has for us: waits for at least one chunk, then
+/// takes every chunk already received (up to [`defaults::SPLICE_JOIN_FRAMES`])
+/// and joins them into one, so the outgoing stream holds few large chunks
+/// instead of many datagram-sized ones. A rate-limited link (`max` below
+/// [`defaults::SPLICE_CHUNK`]) reads one chunk of at most `max` bytes.
+async fn read_joined(
+    from: &mut quinn::RecvStream,
+    max: usize,
+    frames: &mut Vec<Bytes>,
+) -> Result<Option<Bytes>, quinn::ReadError> {
+    if max < defaults::SPLICE_CHUNK {
+        return Ok(from.read_chunk(max, true).await?.map(|c| c.bytes));
+    }
+    frames.resize(defaults::SPLICE_JOIN_FRAMES, Bytes::new());
+    let Some(n) = from.read_chunks(frames).await? else {
+        return Ok(None);
+    };
+    let got = &mut frames[..n];
+    if let [one] = got {
+        return Ok(Some(std::mem::take(one)));
+    }
+    let mut joined = BytesMut::with_capacity(got.iter().map(Bytes::len).sum());
+    for frame in got.iter_mut() {
+        joined.extend_from_slice(frame);
+        *frame = Bytes::new();
+    }
+    Ok(Some(joined.freeze()))
 }
 
 /// The code with which one side of a spliced flow is ended when the other
