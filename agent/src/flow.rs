@@ -20,8 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use comsat_protocol::noise::NoiseError;
-use comsat_protocol::record::{FlowHeader, RecordError, RecordKind, decode_record};
+use comsat_protocol::limits::NOISE_TAG_LEN;
+use comsat_protocol::noise::{NoiseError, RECORD_PREFIX_LEN};
+use comsat_protocol::record::{
+    FlowHeader, RECORD_HEADER_LEN, RecordError, RecordHeader, RecordKind, decode_record,
+};
 use comsat_protocol::resume::{Reassembly, ReplayWindow, Verdict};
 use comsat_protocol::{FlowId, STREAM_FLOW_LIMIT, STREAM_PEER_SILENT};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -172,31 +175,38 @@ impl Flow {
         }
     }
 
-    /// Seals and queues one record.
+    /// Seals one record where it lies and queues it. `record` holds
+    /// [`RECORD_PREFIX_LEN`] bytes of room for the header, then the payload.
     fn push(
         &self,
         kind: RecordKind,
-        payload: &[u8],
+        mut record: Vec<u8>,
         budget: Option<OwnedSemaphorePermit>,
     ) -> Result<(), FlowError> {
         let mut tx = lock(&self.tx);
         let seq = tx.window.next_seq();
-        let mut out = Vec::with_capacity(payload.len() + 32);
         self.session
             .noise
-            .seal_record(self.id, seq, kind, payload, &mut out)?;
+            .seal_record_in_place(self.id, seq, kind, &mut record)?;
         if kind == RecordKind::Fin {
             tx.fin_seq = Some(seq);
         }
-        tx.window.push(Bytes::from(out), budget);
+        tx.window.push(Bytes::from(record), budget);
         drop(tx);
         self.tx_event.notify_waiters();
         Ok(())
     }
 
+    /// Seals and queues a record without payload.
+    fn push_empty(&self, kind: RecordKind) -> Result<(), FlowError> {
+        let mut record = Vec::with_capacity(RECORD_PREFIX_LEN + NOISE_TAG_LEN);
+        record.resize(RECORD_PREFIX_LEN, 0);
+        self.push(kind, record, None)
+    }
+
     /// Queues the `Open` record that starts a flow (dialling side).
     pub(crate) fn open(&self) -> Result<(), FlowError> {
-        self.push(RecordKind::Open, &[], None)
+        self.push_empty(RecordKind::Open)
     }
 
     /// Records that the `Open` record (seq 0) was received before the flow
@@ -239,23 +249,24 @@ impl Flow {
             }
             let mut end = self.end.subscribe();
             let read = tokio::select! {
-                r = reader.read_chunk(defaults::READ_CHUNK) => r,
+                r = reader.read_chunk(RECORD_PREFIX_LEN, defaults::READ_CHUNK, NOISE_TAG_LEN) => r,
                 _ = end.wait_for(|e| *e != End::Running) => return,
             };
             match read {
-                Ok(Some(data)) => {
-                    let kib = u32::try_from(data.len().div_ceil(1024)).unwrap_or(u32::MAX);
+                Ok(Some(record)) => {
+                    let len = record.len() - RECORD_PREFIX_LEN;
+                    let kib = u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX);
                     let permit = tokio::select! {
                         p = self.budget.clone().acquire_many_owned(kib) => p.ok(),
                         _ = end.wait_for(|e| *e != End::Running) => return,
                     };
-                    if self.push(RecordKind::Data, &data, permit).is_err() {
+                    if self.push(RecordKind::Data, record, permit).is_err() {
                         return self.reset();
                     }
-                    self.metrics.sent_bytes.increment(data.len() as u64);
+                    self.metrics.sent_bytes.increment(len as u64);
                 }
                 Ok(None) => {
-                    if self.push(RecordKind::Fin, &[], None).is_err() {
+                    if self.push_empty(RecordKind::Fin).is_err() {
                         self.reset();
                     }
                     return;
@@ -319,7 +330,7 @@ impl Flow {
             self.link.queue_ack(self.id, delivered);
         }
         loop {
-            while let Some((header, ct, used)) = decode_record(&pending)? {
+            while let Some((header, _, used)) = decode_record(&pending)? {
                 let reassembly = lock(&self.rx).reassembly;
                 match reassembly.check(header.seq) {
                     Verdict::Deliver => {}
@@ -337,11 +348,16 @@ impl Flow {
                         });
                     }
                 }
-                let kind =
-                    self.session
-                        .noise
-                        .open_record(self.id, header.seq, ct, &mut delivery.buf)?;
-                pending.advance(used);
+                // Decrypted where it lies; the plaintext is handed on as is.
+                let mut record = pending.split_to(used);
+                let (kind, payload) = self.session.noise.open_record_in_place(
+                    self.id,
+                    header.seq,
+                    &mut record[RECORD_HEADER_LEN..],
+                )?;
+                record.advance(RECORD_HEADER_LEN + payload.start);
+                record.truncate(payload.len());
+                delivery.buf = record;
                 match kind {
                     RecordKind::Open if header.seq == 0 => {}
                     RecordKind::Data => {}
@@ -355,6 +371,11 @@ impl Flow {
                 lock(&self.rx).reassembly.delivered();
                 delivery.ack = Some(header.seq + 1);
                 self.finish_delivery(delivery, writer).await?;
+            }
+            // Room for the whole record in one allocation, so a 64 KiB
+            // record is not copied again each time the buffer grows.
+            if let Ok(Some(h)) = RecordHeader::decode(&pending) {
+                pending.reserve((RECORD_HEADER_LEN + h.len).saturating_sub(pending.len()));
             }
             match recv.read_chunk(usize::MAX, true).await {
                 Ok(Some(chunk)) => pending.extend_from_slice(&chunk.bytes),
@@ -387,7 +408,7 @@ impl Flow {
             delivery.written += n;
             self.metrics.received_bytes.increment(n as u64);
         }
-        delivery.buf.clear();
+        delivery.buf = BytesMut::new();
         delivery.written = 0;
         if delivery.fin {
             writer.shutdown().await?;
@@ -444,7 +465,7 @@ impl Flow {
 /// stream failure resumes on the next stream instead of starting over.
 #[derive(Default)]
 struct Delivery {
-    buf: Vec<u8>,
+    buf: BytesMut,
     written: usize,
     fin: bool,
     ack: Option<u64>,
@@ -522,7 +543,7 @@ pub(crate) async fn run(
                 flow.reset();
                 // Tell the peer, best effort; it also times out on its own.
                 if !matches!(e, Some(FlowError::PeerReset)) {
-                    let _ = flow.push(RecordKind::Reset, &[], None);
+                    let _ = flow.push_empty(RecordKind::Reset);
                     let _ = flow_tail(&flow, &mut send).await;
                 }
                 let _ = send.reset(STREAM_FAILED.into());

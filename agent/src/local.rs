@@ -5,6 +5,7 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
+use bytes::BufMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream, tcp, unix};
 
@@ -131,18 +132,28 @@ impl LocalConn {
 }
 
 impl LocalRead {
-    /// Reads what is available, allocating only once data is ready, so an
+    /// Reads what is available, at most `max` bytes, after `prefix` zero
+    /// bytes and with `spare` bytes of capacity left after them (room for
+    /// a record header in front and a tag behind, so the bytes can be
+    /// sealed where they lie). Allocates only once data is ready, so an
     /// idle flow holds no buffer. `Ok(None)` at end of stream.
-    pub(crate) async fn read_chunk(&mut self, max: usize) -> io::Result<Option<Vec<u8>>> {
+    pub(crate) async fn read_chunk(
+        &mut self,
+        prefix: usize,
+        max: usize,
+        spare: usize,
+    ) -> io::Result<Option<Vec<u8>>> {
         loop {
             match self {
                 Self::Tcp(r) => r.readable().await?,
                 Self::Unix(r) => r.readable().await?,
             }
-            let mut buf = Vec::with_capacity(max);
+            let mut buf = Vec::with_capacity(prefix + max + spare);
+            buf.resize(prefix, 0);
+            let mut room = (&mut buf).limit(max);
             let res = match self {
-                Self::Tcp(r) => r.try_read_buf(&mut buf),
-                Self::Unix(r) => r.try_read_buf(&mut buf),
+                Self::Tcp(r) => r.try_read_buf(&mut room),
+                Self::Unix(r) => r.try_read_buf(&mut room),
             };
             match res {
                 Ok(0) => return Ok(None),

@@ -1,27 +1,33 @@
-//! Records from the network opened with a real Noise session: opening
-//! arbitrary bytes never panics, and what one side seals the other opens
-//! to the same kind and payload.
+//! Records from the network opened with a real Noise session (either
+//! transport cipher): opening arbitrary bytes never panics, and what one
+//! side seals, copying or in place, the other opens to the same kind and
+//! payload.
 #![no_main]
 
 use std::sync::OnceLock;
 
 use comsat_protocol::LinkId;
 use comsat_protocol::keys::NoiseSecretKey;
-use comsat_protocol::noise::{self, Session};
-use comsat_protocol::record::{RecordKind, decode_record};
+use comsat_protocol::noise::{self, Cipher, RECORD_PREFIX_LEN, Session};
+use comsat_protocol::record::{RECORD_HEADER_LEN, RecordKind, decode_record};
 use libfuzzer_sys::fuzz_target;
 
-/// The initiator (side A) and responder (side B) of one fixed session.
-fn sessions() -> &'static (Session, Session) {
-    static PAIR: OnceLock<(Session, Session)> = OnceLock::new();
-    PAIR.get_or_init(|| {
-        let a = NoiseSecretKey::from_bytes([1; 32]);
-        let b = NoiseSecretKey::from_bytes([2; 32]);
-        let link = LinkId([5; 16]);
-        let (pending, m1) = noise::initiate(&a, &b.public(), &link).expect("initiate");
-        let (sb, m2) = noise::respond(&b, &a.public(), &link, &m1).expect("respond");
-        let sa = pending.handle_response(&m2).expect("finish");
-        (sa, sb)
+/// The initiator (side A) and responder (side B) of one fixed session per
+/// transport cipher.
+fn sessions() -> &'static [(Session, Session); 2] {
+    static PAIRS: OnceLock<[(Session, Session); 2]> = OnceLock::new();
+    PAIRS.get_or_init(|| {
+        [Cipher::ChaChaPoly, Cipher::AesGcm].map(|cipher| {
+            let a = NoiseSecretKey::from_bytes([1; 32]);
+            let b = NoiseSecretKey::from_bytes([2; 32]);
+            let link = LinkId([5; 16]);
+            let (pending, m1) =
+                noise::initiate_preferring(&a, &b.public(), &link, cipher).expect("initiate");
+            let (sb, m2) = noise::respond_preferring(&b, &a.public(), &link, &m1, cipher)
+                .expect("respond");
+            let sa = pending.handle_response(&m2).expect("finish");
+            (sa, sb)
+        })
     })
 }
 
@@ -29,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((head, rest)) = data.split_first_chunk::<4>() else {
         return;
     };
-    let (sa, sb) = sessions();
+    let (sa, sb) = &sessions()[usize::from(head[1] & 1)];
     // Any u32 flow id, valid or not; the top byte also picks a kind below.
     let flow = u32::from_be_bytes(*head);
 
@@ -62,5 +68,18 @@ fuzz_target!(|data: &[u8]| {
         let opened = sb.open_record(flow_id, header.seq, ciphertext, &mut payload);
         assert_eq!(opened.ok(), Some(kind));
         assert_eq!(payload.as_slice(), rest);
+
+        // The same record sealed in place is the same bytes, and opens in
+        // place to the payload.
+        let mut record = vec![0u8; RECORD_PREFIX_LEN];
+        record.extend_from_slice(rest);
+        sa.seal_record_in_place(flow_id, seq, kind, &mut record)
+            .expect("sealed once already");
+        assert_eq!(record, wire);
+        let (got, at) = sb
+            .open_record_in_place(flow_id, seq, &mut record[RECORD_HEADER_LEN..])
+            .expect("opens");
+        assert_eq!(got, kind);
+        assert_eq!(&record[RECORD_HEADER_LEN..][at], rest);
     }
 });

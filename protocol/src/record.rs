@@ -117,8 +117,15 @@ pub struct RecordHeader {
 impl RecordHeader {
     /// Appends the header to `out`.
     pub fn write_to(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&(self.len as u32).to_be_bytes());
-        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.encode());
+    }
+
+    /// The encoded header.
+    pub fn encode(&self) -> [u8; RECORD_HEADER_LEN] {
+        let mut b = [0u8; RECORD_HEADER_LEN];
+        b[..4].copy_from_slice(&(self.len as u32).to_be_bytes());
+        b[4..].copy_from_slice(&self.seq.to_be_bytes());
+        b
     }
 
     /// Decodes and checks a header from the front of `buf`: `Ok(None)` if
