@@ -33,6 +33,7 @@ use tokio::net::TcpListener;
 mod bare_quinn;
 mod chain;
 mod fleet;
+mod iperf;
 mod measure;
 mod path;
 mod rathole;
@@ -82,6 +83,7 @@ struct RunArgs {
 
 /// The baselines measured beside comsat.
 const DIRECT: &str = "direct loopback TCP";
+const IPERF: &str = "iperf3, loopback TCP";
 const STUNNEL: &str = "stunnel two-hop TLS chain";
 const RATHOLE_TCP: &str = "rathole TCP, one hop";
 const RATHOLE_NOISE: &str = "rathole Noise, one hop";
@@ -107,6 +109,8 @@ struct Run {
     /// Peer baselines that are installed, by name.
     chains: Vec<(&'static str, chain::Chain)>,
     quinn: Arc<bare_quinn::Server>,
+    /// Whether iperf3 is installed.
+    iperf: bool,
     figures: Vec<Figure>,
     notes: Vec<String>,
     /// Chart panels: title, unit, bars.
@@ -182,6 +186,12 @@ async fn run(args: RunArgs) -> Result<()> {
             rathole::start(rathole::Transport::Noise, s, e)
         }),
     ];
+    let iperf = iperf::available();
+    if !iperf {
+        notes.push(format!(
+            "{IPERF}: MISSING (install with `sudo bash bench/peers.sh`); its figures are absent."
+        ));
+    }
     for (name, available, start) in peers {
         if !available {
             notes.push(format!(
@@ -208,6 +218,7 @@ async fn run(args: RunArgs) -> Result<()> {
         path,
         chains,
         quinn: Arc::new(bare_quinn::Server::start()?),
+        iperf,
         figures: Vec::new(),
         notes,
         charts: Vec::new(),
@@ -287,6 +298,9 @@ async fn throughput_1(r: &mut Run) -> Result<()> {
     for i in 0..r.reps {
         eprintln!("throughput-1: run {}/{}", i + 1, r.reps);
         s.add(DIRECT, throughput(r.sink, 1, n).await?[0]);
+        if r.iperf {
+            s.add(IPERF, iperf::throughput(n).await?);
+        }
         for (name, chain) in &r.chains {
             let (rate, c) = cpu_during(&chain.pids(), throughput(chain.bulk, 1, n)).await?;
             s.add(name, rate[0]);

@@ -159,6 +159,10 @@ pub(crate) fn environment() -> Environment {
                 "rathole".into(),
                 version_line("rathole", &["--version"], "Build Version"),
             ),
+            (
+                "iperf3".into(),
+                version_line("iperf3", &["--version"], "iperf"),
+            ),
         ],
         // quinn's default MTU discovery upper bound: loopback's 64 KiB MTU
         // is never used.
