@@ -48,8 +48,9 @@ use serde::Deserialize;
 
 use crate::error::AgentError;
 
-/// Largest config file read.
-pub const MAX_CONFIG_LEN: u64 = 1024 * 1024;
+/// Largest config file read: room for [`MAX_LINKS`] links of two relays
+/// each (a link with one relay takes ~420 bytes, so 10,000 take ~4 MiB).
+pub const MAX_CONFIG_LEN: u64 = 16 * 1024 * 1024;
 
 /// Most relays one link may name (as in grants).
 pub const MAX_RELAYS_PER_LINK: usize = comsat_protocol::limits::MAX_GRANT_RELAYS;
@@ -354,6 +355,41 @@ mod tests {
         assert!(err.contains("loopback"), "{err}");
         assert!(link(Some("unix:///tmp/x.sock"), None).role().is_ok());
         assert!(link(Some("unix://rel.sock"), None).role().is_err());
+    }
+
+    /// A file with as many links as an agent may hold loads; one more
+    /// link is refused for what it is, not for the file's size.
+    #[test]
+    fn the_most_links_allowed_fit_in_a_config_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let entry = |i: usize| {
+            format!(
+                "[[links]]\nname = \"link-{i:05}\"\nlink_id = \"{i:032x}\"\ngeneration = 1\n\
+                 side = \"b\"\npeer_noise_public_key = \"{}\"\n\
+                 target = \"tcp://127.0.0.1:{}\"\n[[links.relays]]\n\
+                 addr = \"relay-1.example.net:4433\"\nserver_name = \"relay-1.example.net\"\n\
+                 cert_sha256 = \"{}\"\n",
+                "9e".repeat(32),
+                1000 + i % 60000,
+                "ab".repeat(32)
+            )
+        };
+        let head = format!(
+            "node_id = \"{}\"\nsigning_key = \"node.key\"\nnoise_key = \"noise.key\"\n",
+            "5d".repeat(16)
+        );
+        let path = dir.path().join("agent.toml");
+        let mut text = head.clone();
+        for i in 0..MAX_LINKS {
+            text.push_str(&entry(i));
+        }
+        std::fs::write(&path, &text).expect("write");
+        let config = AgentConfig::load(&path).expect("MAX_LINKS links load");
+        assert_eq!(config.links.len(), MAX_LINKS);
+        text.push_str(&entry(MAX_LINKS));
+        std::fs::write(&path, &text).expect("write");
+        let err = AgentConfig::load(&path).expect_err("one link too many");
+        assert!(err.to_string().contains("more than"), "{err}");
     }
 
     #[test]
