@@ -37,6 +37,11 @@ pub const HANDSHAKE_RETRY: Duration = Duration::from_secs(2);
 /// allocated only while data is ready, never held by an idle flow.
 pub const READ_CHUNK: usize = comsat_protocol::limits::MAX_RECORD_PAYLOAD_LEN;
 
+/// STREAM frames taken from a flow's stream in one read: everything that
+/// has arrived, up to this many, for one look at the connection's state
+/// instead of one per frame. 16 empty handles (512 bytes) per open flow.
+pub const READ_FRAMES: usize = 16;
+
 /// QUIC connection receive window (bytes the relay can have in flight to
 /// this agent across all flows).
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;

@@ -325,6 +325,7 @@ impl Flow {
         // A record an earlier stream left half written goes out first.
         self.finish_delivery(delivery, writer).await?;
         let mut pending = BytesMut::new();
+        let mut frames: [Bytes; defaults::READ_FRAMES] = Default::default();
         let delivered = lock(&self.rx).reassembly.expected();
         if delivered > 0 {
             self.link.queue_ack(self.id, delivered);
@@ -377,8 +378,13 @@ impl Flow {
             if let Ok(Some(h)) = RecordHeader::decode(&pending) {
                 pending.reserve((RECORD_HEADER_LEN + h.len).saturating_sub(pending.len()));
             }
-            match recv.read_chunk(usize::MAX, true).await {
-                Ok(Some(chunk)) => pending.extend_from_slice(&chunk.bytes),
+            match recv.read_chunks(&mut frames).await {
+                Ok(Some(n)) => {
+                    for frame in &mut frames[..n] {
+                        pending.extend_from_slice(frame);
+                        *frame = Bytes::new();
+                    }
+                }
                 Ok(None) => return Err(FlowError::Lost("stream finished".into())),
                 Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::TimedOut)) => {
                     return Err(FlowError::Silent);
