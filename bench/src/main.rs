@@ -189,13 +189,13 @@ async fn run(args: RunArgs) -> Result<()> {
     let iperf = iperf::available();
     if !iperf {
         notes.push(format!(
-            "{IPERF}: MISSING (install with `sudo bash bench/peers.sh`); its figures are absent."
+            "{IPERF}: MISSING (install it: `bash bench/peers.sh` as root); its figures are absent."
         ));
     }
     for (name, available, start) in peers {
         if !available {
             notes.push(format!(
-                "{name}: MISSING (install with `sudo bash bench/peers.sh`); its figures are absent."
+                "{name}: MISSING (install it: `bash bench/peers.sh` as root); its figures are absent."
             ));
             continue;
         }
