@@ -585,14 +585,10 @@ fn admit(config: &std::path::Path, connections: usize) -> Result<()> {
     Ok(())
 }
 
-/// Agent connections per second and handshake (QUIC, TLS, signed Hello,
-/// Welcome) p99 at concurrency 64, beside bare quinn handshakes; then
-/// link setup: agent A starts with N links, until each carries a byte.
-async fn setup(r: &mut Run) -> Result<()> {
-    const CONCURRENCY: usize = 64;
-    let n = if r.quick { 640 } else { 6_400 };
-    eprintln!("setup: {n} agent connections, {CONCURRENCY} at a time");
-    let mut relay = Path::prepare(&r.bin, vec![], &[])?;
+/// A relay (no agents) that admits `n` agent identities, and the fleet
+/// that plays them.
+fn fleet_relay(bin: &str, n: usize) -> Result<(Path, Arc<fleet::Fleet>)> {
+    let mut relay = Path::prepare(bin, vec![], &[])?;
     let nodes = relay.layout.add_nodes(n)?;
     admit(&relay.relay_config(), n)?;
     relay.start_relay("relay")?;
@@ -601,6 +597,17 @@ async fn setup(r: &mut Run) -> Result<()> {
         &relay.layout.ca_pem,
         nodes,
     )?);
+    Ok((relay, fleet))
+}
+
+/// Agent connections per second and handshake (QUIC, TLS, signed Hello,
+/// Welcome) p99 at concurrency 64, beside bare quinn handshakes; then
+/// link setup: agent A starts with N links, until each carries a byte.
+async fn setup(r: &mut Run) -> Result<()> {
+    const CONCURRENCY: usize = 64;
+    let n = if r.quick { 640 } else { 6_400 };
+    eprintln!("setup: {n} agent connections, {CONCURRENCY} at a time");
+    let (relay, fleet) = fleet_relay(&r.bin, n)?;
     let started = Instant::now();
     let (conns, times) = fleet.connect_many(0..n, CONCURRENCY).await?;
     let rate = n as f64 / started.elapsed().as_secs_f64();
@@ -796,15 +803,7 @@ async fn memory(r: &mut Run) -> Result<()> {
 
     let max = *conn_sizes.last().unwrap_or(&0);
     eprintln!("memory: up to {max} idle agent connections");
-    let mut relay = Path::prepare(&r.bin, vec![], &[])?;
-    let nodes = relay.layout.add_nodes(max)?;
-    admit(&relay.relay_config(), max)?;
-    relay.start_relay("relay")?;
-    let fleet = Arc::new(fleet::Fleet::new(
-        relay.layout.relays[0].listen,
-        &relay.layout.ca_pem,
-        nodes,
-    )?);
+    let (relay, fleet) = fleet_relay(&r.bin, max)?;
     let mut conns = Capacity {
         points: Vec::new(),
         failed: None,
