@@ -1,12 +1,66 @@
-//! Property tests of the record framing, flow headers and grants.
+//! Property tests of the record framing, flow headers, sealed records and
+//! grants.
+
+use std::sync::OnceLock;
 
 use comsat_protocol::grant::{Grant, GrantSide, LinkLimits, SignedGrant};
 use comsat_protocol::ids::{LinkId, NodeId, RelayId};
-use comsat_protocol::keys::SigningKey;
-use comsat_protocol::record::{FlowHeader, RecordHeader, decode_record};
+use comsat_protocol::keys::{NoiseSecretKey, SigningKey};
+use comsat_protocol::noise::{self, Cipher, RECORD_PREFIX_LEN, Session};
+use comsat_protocol::record::{
+    FlowHeader, RECORD_HEADER_LEN, RecordHeader, RecordKind, decode_record,
+};
 use proptest::prelude::*;
 
+/// One session per transport cipher: (side A, side B).
+fn sessions() -> &'static [(Session, Session); 2] {
+    static PAIRS: OnceLock<[(Session, Session); 2]> = OnceLock::new();
+    PAIRS.get_or_init(|| {
+        [Cipher::ChaChaPoly, Cipher::AesGcm].map(|cipher| {
+            let a = NoiseSecretKey::from_bytes([1; 32]);
+            let b = NoiseSecretKey::from_bytes([2; 32]);
+            let link = LinkId([5; 16]);
+            let (pending, m1) =
+                noise::initiate_preferring(&a, &b.public(), &link, cipher).expect("initiate");
+            let (sb, m2) =
+                noise::respond_preferring(&b, &a.public(), &link, &m1, cipher).expect("respond");
+            (pending.handle_response(&m2).expect("finish"), sb)
+        })
+    })
+}
+
 proptest! {
+    /// A record sealed in place is the record the copying sealer makes;
+    /// the peer opens it in place to the same kind and payload, and any
+    /// flipped bit is refused.
+    #[test]
+    fn sealed_records_round_trip_in_place(
+        aes in any::<bool>(),
+        payload in proptest::collection::vec(any::<u8>(), 0..3000),
+        flow in 1u32..(1 << 24),
+        seq in 0u64..(1 << 40),
+        flip in any::<usize>(),
+    ) {
+        let (sa, sb) = &sessions()[usize::from(aes)];
+        let mut copied = Vec::new();
+        sa.seal_record(flow, seq, RecordKind::Data, &payload, &mut copied).expect("seal");
+        let mut record = vec![0u8; RECORD_PREFIX_LEN];
+        record.extend_from_slice(&payload);
+        sa.seal_record_in_place(flow, seq, RecordKind::Data, &mut record).expect("seal");
+        prop_assert_eq!(&record, &copied);
+        let (h, _, used) = decode_record(&record).expect("valid").expect("whole");
+        prop_assert_eq!((h.seq, used), (seq, record.len()));
+        let mut altered = record.clone();
+        let at = RECORD_HEADER_LEN + flip % (altered.len() - RECORD_HEADER_LEN);
+        altered[at] ^= 1 << (flip % 8);
+        prop_assert!(sb.open_record_in_place(flow, seq, &mut altered[RECORD_HEADER_LEN..]).is_err());
+        let (kind, at) = sb
+            .open_record_in_place(flow, seq, &mut record[RECORD_HEADER_LEN..])
+            .expect("open");
+        prop_assert_eq!(kind, RecordKind::Data);
+        prop_assert_eq!(&record[RECORD_HEADER_LEN..][at], payload.as_slice());
+    }
+
     #[test]
     fn flow_header_round_trip(link in any::<[u8; 16]>(), flow in 1u32..(1 << 24)) {
         let h = FlowHeader { link_id: LinkId(link), flow_id: flow };
