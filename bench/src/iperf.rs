@@ -28,7 +28,9 @@ pub(crate) async fn throughput(bytes: u64) -> Result<f64> {
         .spawn()
         .context("starting iperf3 -s")?;
     let client = async {
-        // The server needs a moment to listen; the client retries.
+        // The server needs a moment to listen; the client retries (iperf3
+        // may exit 0 with an error in its report, so the report decides).
+        let mut last = anyhow::anyhow!("iperf3 client never ran");
         for _ in 0..50 {
             let out = Command::new("iperf3")
                 .args([
@@ -45,12 +47,16 @@ pub(crate) async fn throughput(bytes: u64) -> Result<f64> {
                 .output()
                 .await
                 .context("running iperf3 -c")?;
-            if out.status.success() {
-                return received_mib_per_sec(&out.stdout);
+            match received_mib_per_sec(&out.stdout) {
+                Ok(rate) if out.status.success() => return Ok(rate),
+                Ok(_) => last = anyhow::anyhow!("iperf3 -c exited with {}", out.status),
+                Err(e) => last = e,
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        bail!("iperf3 client never reached its server on port {port}")
+        Err(last.context(format!(
+            "iperf3 client never reached its server on port {port}"
+        )))
     };
     let rate = tokio::time::timeout(Duration::from_secs(60), client)
         .await
@@ -62,6 +68,9 @@ pub(crate) async fn throughput(bytes: u64) -> Result<f64> {
 /// `end.sum_received.bits_per_second` of iperf3's JSON report, in MiB/s.
 fn received_mib_per_sec(json: &[u8]) -> Result<f64> {
     let v: serde_json::Value = serde_json::from_slice(json).context("iperf3 -J output")?;
+    if let Some(error) = v["error"].as_str() {
+        bail!("iperf3: {error}");
+    }
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 report without end.sum_received.bits_per_second")?;
@@ -75,6 +84,9 @@ mod tests {
         let json = br#"{"end":{"sum_sent":{"bits_per_second":1},"sum_received":{"bits_per_second":8388608}}}"#;
         assert_eq!(super::received_mib_per_sec(json).expect("parses"), 1.0);
         assert!(super::received_mib_per_sec(b"{}").is_err());
+        let refused = br#"{"end":{},"error":"unable to connect to server"}"#;
+        let err = super::received_mib_per_sec(refused).expect_err("an error report");
+        assert!(err.to_string().contains("unable to connect"), "{err}");
         assert!(super::received_mib_per_sec(b"not json").is_err());
     }
 }

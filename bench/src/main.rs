@@ -299,7 +299,13 @@ async fn throughput_1(r: &mut Run) -> Result<()> {
         eprintln!("throughput-1: run {}/{}", i + 1, r.reps);
         s.add(DIRECT, throughput(r.sink, 1, n).await?[0]);
         if r.iperf {
-            s.add(IPERF, iperf::throughput(n).await?);
+            // A failed iperf3 run is reported; comsat's figures still count.
+            match iperf::throughput(n).await {
+                Ok(rate) => s.add(IPERF, rate),
+                Err(e) => r
+                    .notes
+                    .push(format!("{IPERF}: run {} FAILED: {e:#}", i + 1)),
+            }
         }
         for (name, chain) in &r.chains {
             let (rate, c) = cpu_during(&chain.pids(), throughput(chain.bulk, 1, n)).await?;

@@ -154,6 +154,9 @@ pub enum NoiseError {
     /// A payload is too long for one record.
     #[error("record payload of {0} bytes exceeds {MAX_RECORD_PAYLOAD_LEN}")]
     PayloadTooLong(usize),
+    /// A buffer to seal in place lacks the room for the record header.
+    #[error("record buffer of {0} bytes lacks the {RECORD_PREFIX_LEN}-byte prefix")]
+    NoPrefix(usize),
     /// A record or control message failed to decrypt (wrong key, flow or
     /// sequence number, or altered bytes).
     #[error("decryption failed")]
@@ -374,7 +377,7 @@ impl Session {
         let payload_len = buf
             .len()
             .checked_sub(start + RECORD_PREFIX_LEN)
-            .ok_or(NoiseError::Record(RecordError::Empty))?;
+            .ok_or(NoiseError::NoPrefix(buf.len().saturating_sub(start)))?;
         if payload_len > MAX_RECORD_PAYLOAD_LEN {
             return Err(NoiseError::PayloadTooLong(payload_len));
         }
@@ -574,10 +577,10 @@ mod tests {
                 assert_eq!(&record[RECORD_HEADER_LEN..][at], &payload[..len]);
             }
             let mut short = vec![0; RECORD_PREFIX_LEN - 1];
-            assert!(
-                sa.seal_record_in_place(3, 10, RecordKind::Data, &mut short)
-                    .is_err()
-            );
+            assert!(matches!(
+                sa.seal_record_in_place(3, 10, RecordKind::Data, &mut short),
+                Err(NoiseError::NoPrefix(12))
+            ));
             let mut long = vec![0; RECORD_PREFIX_LEN + MAX_RECORD_PAYLOAD_LEN + 1];
             assert!(matches!(
                 sa.seal_record_in_place(3, 10, RecordKind::Data, &mut long),
