@@ -769,6 +769,25 @@ impl Capacity {
     }
 }
 
+/// What the relay counted as refused connections, by reason (why a
+/// capacity size failed, in the relay's own words).
+fn refusals(relay: &Path) -> String {
+    match relay.relay_metrics() {
+        Ok(m) => {
+            let lines: Vec<&str> = m
+                .lines()
+                .filter(|l| l.starts_with("comsat_relay_auth_failures_total{"))
+                .collect();
+            if lines.is_empty() {
+                "the relay counted no refused connection".into()
+            } else {
+                format!("the relay counted {}", lines.join(", "))
+            }
+        }
+        Err(e) => format!("the relay's /metrics: {e:#}"),
+    }
+}
+
 /// Relay and agent memory per idle paired link and per idle agent
 /// connection, a line fitted over several N; the largest N held is the
 /// capacity shown.
@@ -819,7 +838,7 @@ async fn memory(r: &mut Run) -> Result<()> {
         match fleet.connect_many(held.len()..n, 64).await {
             Ok((more, _)) => held.extend(more),
             Err(e) => {
-                conns.failed = Some(format!("{n}: {e:#}"));
+                conns.failed = Some(format!("{n}: {e:#}; {}", refusals(&relay)));
                 break;
             }
         }
@@ -829,7 +848,10 @@ async fn memory(r: &mut Run) -> Result<()> {
             .filter(|c| c.conn.close_reason().is_none())
             .count();
         if alive < n {
-            conns.failed = Some(format!("{n}: only {alive} connections stayed open"));
+            conns.failed = Some(format!(
+                "{n}: only {alive} connections stayed open; {}",
+                refusals(&relay)
+            ));
             break;
         }
         conns.points.push((n as f64, rss_kib(relay.relay_pid()?)?));
