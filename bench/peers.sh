@@ -2,8 +2,8 @@
 # Installs the baselines comsat-bench measures beside comsat: stunnel (a
 # two-hop TLS chain, the same topology as comsat without the end-to-end
 # layer) and iperf3 (the loopback TCP ceiling) from Debian packages, and
-# rathole (TCP and Noise transports, one hop) from crates.io. A peer that is missing is reported as missing by the
-# bench, never silently dropped.
+# rathole (TCP and Noise transports, one hop) from crates.io. A peer that
+# is missing is reported as missing by the bench, never silently dropped.
 set -euo pipefail
 if ! command -v stunnel >/dev/null 2>&1 || ! command -v iperf3 >/dev/null 2>&1; then
   if [ "$(id -u)" -ne 0 ]; then

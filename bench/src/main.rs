@@ -188,15 +188,11 @@ async fn run(args: RunArgs) -> Result<()> {
     ];
     let iperf = iperf::available();
     if !iperf {
-        notes.push(format!(
-            "{IPERF}: MISSING (install it: `bash bench/peers.sh` as root); its figures are absent."
-        ));
+        notes.push(missing(IPERF));
     }
     for (name, available, start) in peers {
         if !available {
-            notes.push(format!(
-                "{name}: MISSING (install it: `bash bench/peers.sh` as root); its figures are absent."
-            ));
+            notes.push(missing(name));
             continue;
         }
         eprintln!("starting {name}");
@@ -271,6 +267,11 @@ async fn run(args: RunArgs) -> Result<()> {
     std::fs::write(args.out.join("latest.svg"), report::svg(&r.charts))?;
     println!("{md}");
     Ok(())
+}
+
+/// The note for a peer that is not installed.
+fn missing(name: &str) -> String {
+    format!("{name}: MISSING (install it: `bash bench/peers.sh` as root); its figures are absent.")
 }
 
 /// UDP payload bytes and datagrams through the relay, both directions.
