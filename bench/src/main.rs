@@ -424,6 +424,11 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
     let mut idle: [Samples; 3] = Default::default();
     let (mut added, mut busy, mut busy_p50) =
         (Samples::default(), Samples::default(), Samples::default());
+    // A second comsat path (its own relay and agents) whose bulk flow
+    // competes for the same CPUs but shares no process with the ping: what
+    // the machine itself costs a round trip beside bulk.
+    let apart = Path::start(&r.bin, vec![link("bulk", r.sink)], &[]).await?;
+    let (mut apart_p99, mut apart_p50) = (Samples::default(), Samples::default());
     for i in 0..r.reps {
         eprintln!(
             "latency: run {}/{}, {rounds} ping-pongs each",
@@ -456,7 +461,13 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
         let b = latency_under_bulk(r.bulk(), r.ping(), busy_rounds).await?;
         busy.comsat.push(percentile(&b, 0.99));
         busy_p50.comsat.push(percentile(&b, 0.5));
+        let b = latency_under_bulk(apart.listen[0], r.ping(), busy_rounds).await?;
+        apart_p99.comsat.push(percentile(&b, 0.99));
+        apart_p50.comsat.push(percentile(&b, 0.5));
     }
+    drop(apart);
+    apart_p50.baselines = busy_p50.baselines.clone();
+    apart_p99.baselines = busy.baselines.clone();
     for (k, name) in ["p50", "p99", "p99.9"].iter().enumerate() {
         idle[k].figures(
             "latency",
@@ -481,6 +492,18 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
     busy.figures(
         "latency",
         "p99 round trip while another link of the path runs bulk",
+        "µs",
+        &mut r.figures,
+    );
+    apart_p50.figures(
+        "latency",
+        "p50 round trip while a second comsat path (no shared process) runs bulk",
+        "µs",
+        &mut r.figures,
+    );
+    apart_p99.figures(
+        "latency",
+        "p99 round trip while a second comsat path (no shared process) runs bulk",
         "µs",
         &mut r.figures,
     );
