@@ -317,6 +317,41 @@ impl DevLayout {
         Ok(())
     }
 
+    /// Keeps link `name` on relay `relay` (an index into `relays`) alone,
+    /// in both agents' configs: with links kept on different relays, each
+    /// rides its own QUIC connection from the same agents. The agents must
+    /// be (re)started to use it.
+    pub fn keep_link_on_relay(&self, name: &str, relay: usize) -> Result<()> {
+        let Some(keep) = self.relays.get(relay) else {
+            bail!(
+                "the layout has {} relays, not {}",
+                self.relays.len(),
+                relay + 1
+            );
+        };
+        let keep = keep.listen.to_string();
+        for config in [&self.agent_a.config, &self.agent_b.config] {
+            let text = std::fs::read_to_string(config)
+                .with_context(|| format!("read {}", config.display()))?;
+            let mut doc: toml::Table =
+                toml::from_str(&text).with_context(|| format!("parse {}", config.display()))?;
+            let Some(toml::Value::Array(links)) = doc.get_mut("links") else {
+                bail!("{} has no links", config.display());
+            };
+            let link = links
+                .iter_mut()
+                .find(|l| l.get("name").and_then(toml::Value::as_str) == Some(name))
+                .with_context(|| format!("no link named `{name}` in {}", config.display()))?;
+            let Some(toml::Value::Array(relays)) = link.get_mut("relays") else {
+                bail!("link `{name}` in {} names no relays", config.display());
+            };
+            relays.retain(|r| r.get("addr").and_then(toml::Value::as_str) == Some(&keep));
+            std::fs::write(config, toml::to_string(&doc)?)
+                .with_context(|| format!("write {}", config.display()))?;
+        }
+        Ok(())
+    }
+
     /// Enrols `n` more nodes with every relay of the layout, for load
     /// tests that act as many agents: each pair of new nodes shares a
     /// grant (with an odd `n`, the last one shares one with side B). The
@@ -441,6 +476,44 @@ mod tests {
             init(dir.path(), &DevOptions { ..layout_opts() }).is_err(),
             "second init refused"
         );
+    }
+
+    #[test]
+    fn a_link_kept_on_one_relay_names_only_it_in_both_agents() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let link = |name: &str| DevLink {
+            name: name.into(),
+            listen: "tcp://127.0.0.1:0".into(),
+            target: "tcp://127.0.0.1:9000".into(),
+            allowed_uids: vec![],
+        };
+        let layout = init(
+            dir.path(),
+            &DevOptions {
+                links: vec![link("bulk"), link("ping")],
+                extra_relays: vec![("127.0.0.1:4434".parse().expect("addr"), None)],
+                ..layout_opts()
+            },
+        )
+        .expect("init");
+        layout.keep_link_on_relay("ping", 1).expect("keep ping");
+        for config in [&layout.agent_a.config, &layout.agent_b.config] {
+            let agent = comsat_agent::AgentConfig::load(config).expect("still loads");
+            let relays = |name: &str| -> Vec<String> {
+                let l = agent.links.iter().find(|l| l.name == name).expect("link");
+                l.relays.iter().map(|r| r.addr.clone()).collect()
+            };
+            assert_eq!(relays("ping"), ["127.0.0.1:4434"]);
+            assert_eq!(relays("bulk"), ["127.0.0.1:4433", "127.0.0.1:4434"]);
+        }
+        let err = layout
+            .keep_link_on_relay("ping", 2)
+            .expect_err("no third relay");
+        assert!(err.to_string().contains("2 relays"), "{err}");
+        let err = layout
+            .keep_link_on_relay("nope", 0)
+            .expect_err("no such link");
+        assert!(err.to_string().contains("nope"), "{err}");
     }
 
     fn layout_opts() -> DevOptions {

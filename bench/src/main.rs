@@ -429,6 +429,16 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
     // the machine itself costs a round trip beside bulk.
     let apart = Path::start(&r.bin, vec![link("bulk", r.sink)], &[]).await?;
     let (mut apart_p99, mut apart_p50) = (Samples::default(), Samples::default());
+    // The same two agents, the ping on a connection of its own (through a
+    // second relay): what sharing one QUIC connection with bulk costs.
+    let split = Path::start_split(&r.bin, vec![link("bulk", r.sink), link("ping", r.echo)]).await?;
+    wait_carrying(
+        "comsat, one relay per link",
+        split.listen[0],
+        split.listen[1],
+    )
+    .await?;
+    let (mut split_p99, mut split_p50) = (Samples::default(), Samples::default());
     for i in 0..r.reps {
         eprintln!(
             "latency: run {}/{}, {rounds} ping-pongs each",
@@ -464,10 +474,17 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
         let b = latency_under_bulk(apart.listen[0], r.ping(), busy_rounds).await?;
         apart_p99.comsat.push(percentile(&b, 0.99));
         apart_p50.comsat.push(percentile(&b, 0.5));
+        let b = latency_under_bulk(split.listen[0], split.listen[1], busy_rounds).await?;
+        split_p99.comsat.push(percentile(&b, 0.99));
+        split_p50.comsat.push(percentile(&b, 0.5));
     }
-    drop(apart);
-    apart_p50.baselines = busy_p50.baselines.clone();
-    apart_p99.baselines = busy.baselines.clone();
+    drop((apart, split));
+    for s in [&mut apart_p50, &mut split_p50] {
+        s.baselines = busy_p50.baselines.clone();
+    }
+    for s in [&mut apart_p99, &mut split_p99] {
+        s.baselines = busy.baselines.clone();
+    }
     for (k, name) in ["p50", "p99", "p99.9"].iter().enumerate() {
         idle[k].figures(
             "latency",
@@ -504,6 +521,18 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
     apart_p99.figures(
         "latency",
         "p99 round trip while a second comsat path (no shared process) runs bulk",
+        "µs",
+        &mut r.figures,
+    );
+    split_p50.figures(
+        "latency",
+        "p50 round trip, same agents, while bulk runs on another QUIC connection (one relay per link)",
+        "µs",
+        &mut r.figures,
+    );
+    split_p99.figures(
+        "latency",
+        "p99 round trip, same agents, while bulk runs on another QUIC connection (one relay per link)",
         "µs",
         &mut r.figures,
     );

@@ -30,6 +30,8 @@ pub(crate) struct Path {
     pub(crate) relay_admin: Option<SocketAddr>,
     pub(crate) agent_a: Option<Proc>,
     pub(crate) agent_b: Option<Proc>,
+    /// Relays after the first (see [`Path::start_split`]).
+    pub(crate) more_relays: Vec<Proc>,
     /// Agent A's listen address of each link, in the order given.
     pub(crate) listen: Vec<SocketAddr>,
     bin: String,
@@ -43,8 +45,25 @@ impl Path {
         links: Vec<DevLink>,
         limits: &[(&str, LinkLimits)],
     ) -> Result<Self> {
+        Self::prepare_relays(bin, links, limits, 0)
+    }
+
+    fn prepare_relays(
+        bin: &str,
+        links: Vec<DevLink>,
+        limits: &[(&str, LinkLimits)],
+        extra_relays: usize,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let any: SocketAddr = "127.0.0.1:0".parse()?;
+        let extra_relays = (0..extra_relays)
+            .map(|_| {
+                let port = comsat_tests::free_udp_port()?;
+                // An admin listener too: the tests' start_relay reads
+                // its address.
+                Ok((format!("127.0.0.1:{port}").parse()?, Some(any)))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let layout = comsat::dev::init(
             &dir.path().join("setup"),
             &DevOptions {
@@ -53,7 +72,7 @@ impl Path {
                 agent_admin: [Some(any), Some(any)],
                 links,
                 pin_sha256: false,
-                extra_relays: vec![],
+                extra_relays,
             },
         )?;
         for (name, l) in limits {
@@ -66,6 +85,7 @@ impl Path {
             relay_admin: None,
             agent_a: None,
             agent_b: None,
+            more_relays: Vec::new(),
             listen: Vec::new(),
             bin: bin.to_owned(),
         })
@@ -79,6 +99,30 @@ impl Path {
     ) -> Result<Self> {
         let mut path = Self::prepare(bin, links, limits)?;
         path.start_relay("relay")?;
+        path.start_agent_b()?;
+        path.start_agent_a().await?;
+        Ok(path)
+    }
+
+    /// Like [`Path::start`], with one relay per link: each link rides its
+    /// own QUIC connection from the same two agents.
+    pub(crate) async fn start_split(bin: &str, links: Vec<DevLink>) -> Result<Self> {
+        let names: Vec<String> = links.iter().map(|l| l.name.clone()).collect();
+        let extra = names.len().saturating_sub(1);
+        let mut path = Self::prepare_relays(bin, links, &[], extra)?;
+        for (i, name) in names.iter().enumerate() {
+            path.layout.keep_link_on_relay(name, i)?;
+        }
+        path.start_relay("relay")?;
+        for (i, r) in path.layout.relays.iter().enumerate().skip(1) {
+            let (relay, _, _) = proc::start_relay(
+                &path.bin,
+                &r.config,
+                path.dir.path(),
+                &format!("relay-{}", i + 1),
+            )?;
+            path.more_relays.push(relay);
+        }
         path.start_agent_b()?;
         path.start_agent_a().await?;
         Ok(path)
