@@ -346,8 +346,17 @@ impl DevLayout {
                 bail!("link `{name}` in {} names no relays", config.display());
             };
             relays.retain(|r| r.get("addr").and_then(toml::Value::as_str) == Some(&keep));
-            std::fs::write(config, toml::to_string(&doc)?)
-                .with_context(|| format!("write {}", config.display()))?;
+            if relays.is_empty() {
+                bail!(
+                    "link `{name}` in {} does not name relay {keep}",
+                    config.display()
+                );
+            }
+            let tmp = config.with_extension("toml.tmp");
+            std::fs::write(&tmp, toml::to_string(&doc)?)
+                .with_context(|| format!("write {}", tmp.display()))?;
+            std::fs::rename(&tmp, config)
+                .with_context(|| format!("replace {}", config.display()))?;
         }
         Ok(())
     }
