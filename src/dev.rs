@@ -330,33 +330,53 @@ impl DevLayout {
             );
         };
         let keep = keep.listen.to_string();
+        self.edit_link(name, |link, config| {
+            let Some(toml::Value::Array(relays)) = link.get_mut("relays") else {
+                bail!("link `{name}` in {config} names no relays");
+            };
+            relays.retain(|r| r.get("addr").and_then(toml::Value::as_str) == Some(&keep));
+            if relays.is_empty() {
+                bail!("link `{name}` in {config} does not name relay {keep}");
+            }
+            Ok(())
+        })
+    }
+
+    /// Sets link `name`'s `connection` (see the agent config reference) in
+    /// both agents' configs: it then rides a QUIC connection apart from
+    /// the links that name none. The agents must be (re)started to use it.
+    pub fn set_link_connection(&self, name: &str, connection: &str) -> Result<()> {
+        self.edit_link(name, |link, _| {
+            link.insert("connection".into(), connection.into());
+            Ok(())
+        })
+    }
+
+    /// Applies `edit` to link `name`'s table in both agents' configs and
+    /// replaces each file by rename.
+    fn edit_link(
+        &self,
+        name: &str,
+        edit: impl Fn(&mut toml::Table, &str) -> Result<()>,
+    ) -> Result<()> {
         for config in [&self.agent_a.config, &self.agent_b.config] {
-            let text = std::fs::read_to_string(config)
-                .with_context(|| format!("read {}", config.display()))?;
+            let shown = config.display().to_string();
+            let text = std::fs::read_to_string(config).with_context(|| format!("read {shown}"))?;
             let mut doc: toml::Table =
-                toml::from_str(&text).with_context(|| format!("parse {}", config.display()))?;
+                toml::from_str(&text).with_context(|| format!("parse {shown}"))?;
             let Some(toml::Value::Array(links)) = doc.get_mut("links") else {
-                bail!("{} has no links", config.display());
+                bail!("{shown} has no links");
             };
             let link = links
                 .iter_mut()
                 .find(|l| l.get("name").and_then(toml::Value::as_str) == Some(name))
-                .with_context(|| format!("no link named `{name}` in {}", config.display()))?;
-            let Some(toml::Value::Array(relays)) = link.get_mut("relays") else {
-                bail!("link `{name}` in {} names no relays", config.display());
-            };
-            relays.retain(|r| r.get("addr").and_then(toml::Value::as_str) == Some(&keep));
-            if relays.is_empty() {
-                bail!(
-                    "link `{name}` in {} does not name relay {keep}",
-                    config.display()
-                );
-            }
+                .and_then(toml::Value::as_table_mut)
+                .with_context(|| format!("no link named `{name}` in {shown}"))?;
+            edit(link, &shown)?;
             let tmp = config.with_extension("toml.tmp");
             std::fs::write(&tmp, toml::to_string(&doc)?)
                 .with_context(|| format!("write {}", tmp.display()))?;
-            std::fs::rename(&tmp, config)
-                .with_context(|| format!("replace {}", config.display()))?;
+            std::fs::rename(&tmp, config).with_context(|| format!("replace {shown}"))?;
         }
         Ok(())
     }
@@ -488,7 +508,7 @@ mod tests {
     }
 
     #[test]
-    fn a_link_kept_on_one_relay_names_only_it_in_both_agents() {
+    fn links_kept_on_one_relay_or_given_a_connection_in_both_agents() {
         let dir = tempfile::tempdir().expect("tempdir");
         let link = |name: &str| DevLink {
             name: name.into(),
@@ -506,14 +526,19 @@ mod tests {
         )
         .expect("init");
         layout.keep_link_on_relay("ping", 1).expect("keep ping");
+        layout
+            .set_link_connection("bulk", "files")
+            .expect("name a connection");
         for config in [&layout.agent_a.config, &layout.agent_b.config] {
             let agent = comsat_agent::AgentConfig::load(config).expect("still loads");
+            let find = |name: &str| agent.links.iter().find(|l| l.name == name).expect("link");
             let relays = |name: &str| -> Vec<String> {
-                let l = agent.links.iter().find(|l| l.name == name).expect("link");
-                l.relays.iter().map(|r| r.addr.clone()).collect()
+                find(name).relays.iter().map(|r| r.addr.clone()).collect()
             };
             assert_eq!(relays("ping"), ["127.0.0.1:4434"]);
             assert_eq!(relays("bulk"), ["127.0.0.1:4433", "127.0.0.1:4434"]);
+            assert_eq!(find("bulk").connection.as_deref(), Some("files"));
+            assert_eq!(find("ping").connection, None);
         }
         let err = layout
             .keep_link_on_relay("ping", 2)

@@ -526,3 +526,63 @@ async fn authenticated_connections_leave_the_unauthenticated_cap() -> Result<()>
     assert_eq!(metric(&m, REFUSED), refused_before, "{m}");
     Ok(())
 }
+
+/// Links that name a `connection` ride a QUIC connection of their own to
+/// the same relay, apart from the other links of the same two agents, and
+/// both kinds carry their flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_connection_is_a_second_quic_connection_to_the_same_relay() -> Result<()> {
+    let echo = TcpListener::bind("127.0.0.1:0").await?;
+    let echo_addr = echo.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let links = ["plain", "rpc-1", "rpc-2"]
+        .map(|n| link(n, "tcp://127.0.0.1:0".into(), format!("tcp://{echo_addr}")));
+    let mut sys = System::start_with(
+        Options {
+            links: links.to_vec(),
+            ..Options::one(links[0].clone())
+        },
+        |_, text| {
+            // Both halves of both rpc links name the same connection.
+            text.replace(
+                "name = \"rpc-1\"\n",
+                "name = \"rpc-1\"\nconnection = \"interactive\"\n",
+            )
+            .replace(
+                "name = \"rpc-2\"\n",
+                "name = \"rpc-2\"\nconnection = \"interactive\"\n",
+            )
+        },
+    )?;
+    let mut listen = Vec::new();
+    for name in ["plain", "rpc-1", "rpc-2"] {
+        let addr: SocketAddr = sys
+            .listen_addr(name)?
+            .trim_start_matches("tcp://")
+            .parse()?;
+        listen.push(addr);
+    }
+    sys.wait_ready()?;
+    for (addr, name) in listen.iter().zip(["plain", "rpc-1", "rpc-2"]) {
+        let mut c = TcpStream::connect(addr).await?;
+        c.write_all(name.as_bytes()).await?;
+        let mut back = vec![0u8; name.len()];
+        tokio::time::timeout(Duration::from_secs(20), c.read_exact(&mut back))
+            .await
+            .with_context(|| format!("{name}: no echo"))??;
+        assert_eq!(back, name.as_bytes(), "{name}");
+    }
+    // Two agents, two connections each: the default one (plain) and the
+    // named one (both rpc links), all to the one relay.
+    let m = wait_metric(sys.relay_admin, "comsat_relay_connections_open", 4.0).await?;
+    assert_eq!(metric(&m, "comsat_relay_connections_open"), 4.0, "{m}");
+    assert_eq!(metric(&m, "comsat_relay_links_paired"), 3.0, "{m}");
+    Ok(())
+}

@@ -50,8 +50,16 @@ pub struct Agent {
     shared: Arc<Shared>,
     flow_timeout: Duration,
     links: HashMap<LinkId, Held>,
-    groups: HashMap<Vec<RelayEndpoint>, Group>,
+    groups: HashMap<GroupKey, Group>,
     live: Arc<Mutex<Vec<Arc<LinkRt>>>>,
+}
+
+/// What links share one relay session (one QUIC connection at a time):
+/// the same relay list and the same `connection` name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct GroupKey {
+    relays: Vec<RelayEndpoint>,
+    connection: Option<String>,
 }
 
 /// A link the agent holds.
@@ -243,12 +251,16 @@ impl Agent {
         }
     }
 
-    /// Runs one relay session per relay list, restarting only those whose
-    /// links changed.
+    /// Runs one relay session per relay list and `connection` name,
+    /// restarting only those whose links changed.
     async fn regroup(&mut self) {
-        let mut want: HashMap<Vec<RelayEndpoint>, BTreeSet<LinkId>> = HashMap::new();
+        let mut want: HashMap<GroupKey, BTreeSet<LinkId>> = HashMap::new();
         for (id, held) in &self.links {
-            want.entry(held.cfg.relays.clone()).or_default().insert(*id);
+            let key = GroupKey {
+                relays: held.cfg.relays.clone(),
+                connection: held.cfg.connection.clone(),
+            };
+            want.entry(key).or_default().insert(*id);
         }
         let stale: Vec<LinkId> = self
             .groups
@@ -257,12 +269,12 @@ impl Agent {
             .flat_map(|(_, g)| g.members.iter().copied())
             .collect();
         self.stop_groups_of(&stale).await;
-        for (relays, members) in want {
+        for (key, members) in want {
             // A link the controller could not place on any relay yet.
-            if relays.is_empty() {
+            if key.relays.is_empty() {
                 continue;
             }
-            if let Some(group) = self.groups.get(&relays) {
+            if let Some(group) = self.groups.get(&key) {
                 // Unchanged session; a new grant generation is used from
                 // the next attach (the relay drops the old one).
                 for id in &members {
@@ -282,12 +294,12 @@ impl Agent {
             }
             let task = tokio::spawn(session::relay_loop(
                 self.shared.clone(),
-                relays.clone(),
+                key.relays.clone(),
                 links,
                 notify.clone(),
             ));
             self.groups.insert(
-                relays,
+                key,
                 Group {
                     task,
                     members,
@@ -344,10 +356,12 @@ impl Drop for Agent {
 
 /// Checks a link's local role and relay TLS settings.
 fn check(cfg: &LinkConfig) -> Result<LocalRole, AgentError> {
-    let role = cfg.role().map_err(|reason| AgentError::Config {
+    let bad = |reason: String| AgentError::Config {
         path: "agent config".into(),
         reason: format!("link `{}`: {reason}", cfg.name),
-    })?;
+    };
+    let role = cfg.role().map_err(bad)?;
+    cfg.check_connection().map_err(bad)?;
     for relay in &cfg.relays {
         tls::client_config(relay).map_err(|reason| AgentError::Tls {
             link: cfg.name.clone(),
