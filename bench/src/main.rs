@@ -439,6 +439,21 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
     )
     .await?;
     let (mut split_p99, mut split_p50) = (Samples::default(), Samples::default());
+    // The same two agents and relay, the ping on a connection of its own
+    // (`connection = "interactive"`): what an operator can choose.
+    let own = Path::start_with_connection(
+        &r.bin,
+        vec![link("bulk", r.sink), link("ping", r.echo)],
+        "ping",
+    )
+    .await?;
+    wait_carrying(
+        "comsat, ping on its own connection",
+        own.listen[0],
+        own.listen[1],
+    )
+    .await?;
+    let (mut own_p99, mut own_p50) = (Samples::default(), Samples::default());
     for i in 0..r.reps {
         eprintln!(
             "latency: run {}/{}, {rounds} ping-pongs each",
@@ -477,12 +492,15 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
         let b = latency_under_bulk(split.listen[0], split.listen[1], busy_rounds).await?;
         split_p99.comsat.push(percentile(&b, 0.99));
         split_p50.comsat.push(percentile(&b, 0.5));
+        let b = latency_under_bulk(own.listen[0], own.listen[1], busy_rounds).await?;
+        own_p99.comsat.push(percentile(&b, 0.99));
+        own_p50.comsat.push(percentile(&b, 0.5));
     }
-    drop((apart, split));
-    for s in [&mut apart_p50, &mut split_p50] {
+    drop((apart, split, own));
+    for s in [&mut apart_p50, &mut split_p50, &mut own_p50] {
         s.baselines = busy_p50.baselines.clone();
     }
-    for s in [&mut apart_p99, &mut split_p99] {
+    for s in [&mut apart_p99, &mut split_p99, &mut own_p99] {
         s.baselines = busy.baselines.clone();
     }
     for (k, name) in ["p50", "p99", "p99.9"].iter().enumerate() {
@@ -521,6 +539,18 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
     apart_p99.figures(
         "latency",
         "p99 round trip while a second comsat path (no shared process) runs bulk",
+        "µs",
+        &mut r.figures,
+    );
+    own_p50.figures(
+        "latency",
+        "p50 round trip beside bulk, the ping on its own connection (connection = \"interactive\")",
+        "µs",
+        &mut r.figures,
+    );
+    own_p99.figures(
+        "latency",
+        "p99 round trip beside bulk, the ping on its own connection (connection = \"interactive\")",
         "µs",
         &mut r.figures,
     );

@@ -104,8 +104,23 @@ impl Path {
         Ok(path)
     }
 
+    /// Like [`Path::start`], with link `name` on a QUIC connection of its
+    /// own (the agents' `connection` option) to the same relay.
+    pub(crate) async fn start_with_connection(
+        bin: &str,
+        links: Vec<DevLink>,
+        name: &str,
+    ) -> Result<Self> {
+        let mut path = Self::prepare(bin, links, &[])?;
+        path.layout.set_link_connection(name, "interactive")?;
+        path.start_relay("relay")?;
+        path.start_agent_b()?;
+        path.start_agent_a().await?;
+        Ok(path)
+    }
+
     /// Like [`Path::start`], with one relay per link: each link rides its
-    /// own QUIC connection from the same two agents.
+    /// own QUIC connection from the same two agents, through its own relay.
     pub(crate) async fn start_split(bin: &str, links: Vec<DevLink>) -> Result<Self> {
         let names: Vec<String> = links.iter().map(|l| l.name.clone()).collect();
         let extra = names.len().saturating_sub(1);
