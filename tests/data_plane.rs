@@ -584,5 +584,10 @@ async fn a_named_connection_is_a_second_quic_connection_to_the_same_relay() -> R
     let m = wait_metric(sys.relay_admin, "comsat_relay_connections_open", 4.0).await?;
     assert_eq!(metric(&m, "comsat_relay_connections_open"), 4.0, "{m}");
     assert_eq!(metric(&m, "comsat_relay_links_paired"), 3.0, "{m}");
+    // The agent's log tells its two sessions to the one relay apart.
+    let log = std::fs::read_to_string(sys.logs().join("agent-a.log"))?;
+    for name in ["connection=default", "connection=interactive"] {
+        assert!(log.contains(name), "no `{name}` in agent A's log:\n{log}");
+    }
     Ok(())
 }

@@ -295,6 +295,7 @@ impl Agent {
             let task = tokio::spawn(session::relay_loop(
                 self.shared.clone(),
                 key.relays.clone(),
+                key.connection.clone(),
                 links,
                 notify.clone(),
             ));

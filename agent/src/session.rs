@@ -336,10 +336,12 @@ enum Ended {
     Drained,
 }
 
-/// Keeps `links` on the first relay of `relays` that answers, forever.
+/// Keeps `links` on the first relay of `relays` that answers, forever;
+/// `connection` names their connection in logs (`default` when none).
 pub(crate) async fn relay_loop(
     shared: Arc<Shared>,
     relays: Vec<RelayEndpoint>,
+    connection: Option<String>,
     links: HashMap<LinkId, Arc<LinkRt>>,
     ack_notify: Arc<Notify>,
 ) {
@@ -366,7 +368,11 @@ pub(crate) async fn relay_loop(
     let mut drained = 0usize;
     loop {
         let (relay, client) = &candidates[i];
-        let span = info_span!("relay", addr = %relay.addr);
+        let span = info_span!(
+            "relay",
+            addr = %relay.addr,
+            connection = %connection.as_deref().unwrap_or("default")
+        );
         let can_hop = candidates.len() > 1;
         let ended = connect_and_serve(&shared, relay, client, &links, &ack_notify, can_hop, hops)
             .instrument(span)
