@@ -282,6 +282,13 @@ pub fn init(dir: &Path, opts: &DevOptions) -> Result<DevLayout> {
     })
 }
 
+/// Writes `text` over `path` by way of a temporary file and a rename.
+fn replace_file(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replace {}", path.display()))
+}
+
 impl DevLayout {
     /// Re-signs link `name`'s grant with `limits` (same generation, so the
     /// relays apply them without touching the link) into every relay's
@@ -352,6 +359,46 @@ impl DevLayout {
         })
     }
 
+    /// Gives relay `relay` an interactive listener at `addr` (its config's
+    /// `interactive_listen`) and puts link `name` on it in both agents'
+    /// configs: the `connection` name, and `addr` in place of that relay's
+    /// main address. The relay and agents must be (re)started to use it.
+    pub fn put_link_on_interactive_listener(
+        &self,
+        name: &str,
+        connection: &str,
+        relay: usize,
+        addr: SocketAddr,
+    ) -> Result<()> {
+        let Some(r) = self.relays.get(relay) else {
+            bail!(
+                "the layout has {} relays, not {}",
+                self.relays.len(),
+                relay + 1
+            );
+        };
+        let shown = r.config.display().to_string();
+        let text = std::fs::read_to_string(&r.config).with_context(|| format!("read {shown}"))?;
+        let mut doc: toml::Table =
+            toml::from_str(&text).with_context(|| format!("parse {shown}"))?;
+        doc.insert("interactive_listen".into(), addr.to_string().into());
+        replace_file(&r.config, &toml::to_string(&doc)?)?;
+        let main = r.listen.to_string();
+        self.edit_link(name, |link, config| {
+            link.insert("connection".into(), connection.into());
+            let Some(toml::Value::Array(relays)) = link.get_mut("relays") else {
+                bail!("link `{name}` in {config} names no relays");
+            };
+            let entry = relays
+                .iter_mut()
+                .filter_map(toml::Value::as_table_mut)
+                .find(|t| t.get("addr").and_then(toml::Value::as_str) == Some(&main))
+                .with_context(|| format!("link `{name}` in {config} does not name relay {main}"))?;
+            entry.insert("addr".into(), addr.to_string().into());
+            Ok(())
+        })
+    }
+
     /// Applies `edit` to link `name`'s table in both agents' configs and
     /// replaces each file by rename.
     fn edit_link(
@@ -373,10 +420,7 @@ impl DevLayout {
                 .and_then(toml::Value::as_table_mut)
                 .with_context(|| format!("no link named `{name}` in {shown}"))?;
             edit(link, &shown)?;
-            let tmp = config.with_extension("toml.tmp");
-            std::fs::write(&tmp, toml::to_string(&doc)?)
-                .with_context(|| format!("write {}", tmp.display()))?;
-            std::fs::rename(&tmp, config).with_context(|| format!("replace {shown}"))?;
+            replace_file(config, &toml::to_string(&doc)?)?;
         }
         Ok(())
     }
@@ -540,6 +584,23 @@ mod tests {
             assert_eq!(find("bulk").connection.as_deref(), Some("files"));
             assert_eq!(find("ping").connection, None);
         }
+        let lane: SocketAddr = "127.0.0.1:4435".parse().expect("addr");
+        layout
+            .put_link_on_interactive_listener("ping", "rpc", 1, lane)
+            .expect("interactive listener");
+        let relay = comsat_relay::RelayConfig::load(&layout.relays[1].config).expect("relay 2");
+        assert_eq!(relay.interactive_listen, Some(lane));
+        for config in [&layout.agent_a.config, &layout.agent_b.config] {
+            let agent = comsat_agent::AgentConfig::load(config).expect("still loads");
+            let ping = agent.links.iter().find(|l| l.name == "ping").expect("ping");
+            assert_eq!(ping.connection.as_deref(), Some("rpc"));
+            let addrs: Vec<&str> = ping.relays.iter().map(|r| r.addr.as_str()).collect();
+            assert_eq!(addrs, ["127.0.0.1:4435"]);
+        }
+        let err = layout
+            .put_link_on_interactive_listener("bulk", "rpc", 5, lane)
+            .expect_err("no sixth relay");
+        assert!(err.to_string().contains("2 relays"), "{err}");
         let err = layout
             .keep_link_on_relay("ping", 2)
             .expect_err("no third relay");

@@ -690,8 +690,18 @@ async fn serve_relay(
     .await?;
     let stop = relay_ops::watch_signals(relay.handle(), grace, reload)?;
     let _pid = relay_ops::PidFile::create(dir)?;
-    tracing::info!(%quic, admin = %admin_shown, "relay listening");
-    println!("comsat relay listening quic={quic} admin={admin_shown}");
+    match relay.interactive_addr().transpose()? {
+        Some(interactive) => {
+            tracing::info!(%quic, admin = %admin_shown, %interactive, "relay listening");
+            println!(
+                "comsat relay listening quic={quic} admin={admin_shown} interactive={interactive}"
+            );
+        }
+        None => {
+            tracing::info!(%quic, admin = %admin_shown, "relay listening");
+            println!("comsat relay listening quic={quic} admin={admin_shown}");
+        }
+    }
     relay.run_until(stop).await?;
     Ok(())
 }

@@ -591,3 +591,99 @@ async fn a_named_connection_is_a_second_quic_connection_to_the_same_relay() -> R
     }
     Ok(())
 }
+
+/// How many threads of process `pid` are named `name`.
+fn threads_named(pid: u32, name: &str) -> Result<usize> {
+    let mut n = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let comm = std::fs::read_to_string(task?.path().join("comm")).unwrap_or_default();
+        n += usize::from(comm.trim_end() == name);
+    }
+    Ok(n)
+}
+
+/// A link put on the relay's interactive listener (a `connection` name and
+/// the relay's `interactive_listen` address in both agents) carries its
+/// flows beside a plain link, and the relay and both agents serve it from
+/// a thread of its own, which a setup without it does not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_interactive_listener_serves_named_links_from_their_own_thread() -> Result<()> {
+    let echo = TcpListener::bind("127.0.0.1:0").await?;
+    let echo_addr = echo.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let links =
+        ["plain", "rpc"].map(|n| link(n, "tcp://127.0.0.1:0".into(), format!("tcp://{echo_addr}")));
+    let interactive: SocketAddr =
+        format!("127.0.0.1:{}", comsat_tests::free_udp_port()?).parse()?;
+    let mut sys = System::start_prepared(
+        Options {
+            links: links.to_vec(),
+            ..Options::one(links[0].clone())
+        },
+        |layout| layout.put_link_on_interactive_listener("rpc", "interactive", 0, interactive),
+    )?;
+    let log = std::fs::read_to_string(sys.logs().join("relay.log"))?;
+    assert!(
+        log.contains(&format!("interactive={interactive}")),
+        "the relay names its interactive listener:\n{log}"
+    );
+    let mut listen = Vec::new();
+    for name in ["plain", "rpc"] {
+        let addr: SocketAddr = sys
+            .listen_addr(name)?
+            .trim_start_matches("tcp://")
+            .parse()?;
+        listen.push(addr);
+    }
+    sys.wait_ready()?;
+    for (addr, name) in listen.iter().zip(["plain", "rpc"]) {
+        let mut c = TcpStream::connect(addr).await?;
+        c.write_all(name.as_bytes()).await?;
+        let mut back = vec![0u8; name.len()];
+        tokio::time::timeout(Duration::from_secs(20), c.read_exact(&mut back))
+            .await
+            .with_context(|| format!("{name}: no echo"))??;
+        assert_eq!(back, name.as_bytes(), "{name}");
+    }
+    let m = wait_metric(sys.relay_admin, "comsat_relay_connections_open", 4.0).await?;
+    assert_eq!(metric(&m, "comsat_relay_connections_open"), 4.0, "{m}");
+    assert_eq!(metric(&m, "comsat_relay_links_paired"), 2.0, "{m}");
+    let pids = [
+        sys.relay.pid(),
+        sys.agents[0].0.pid(),
+        sys.agents[1].0.pid(),
+    ];
+    for pid in pids {
+        // Its worker, and any blocking-pool thread it started.
+        assert!(threads_named(pid, "comsat-lane")? >= 1, "process {pid}");
+    }
+    Ok(())
+}
+
+/// Without named connections no process starts the lane thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_named_connection_no_lane_thread() -> Result<()> {
+    let echo = TcpListener::bind("127.0.0.1:0").await?;
+    let mut sys = System::start(Options::one(link(
+        "plain",
+        "tcp://127.0.0.1:0".into(),
+        format!("tcp://{}", echo.local_addr()?),
+    )))?;
+    let _ = sys.listen_addr("plain")?;
+    sys.wait_ready()?;
+    for pid in [
+        sys.relay.pid(),
+        sys.agents[0].0.pid(),
+        sys.agents[1].0.pid(),
+    ] {
+        assert_eq!(threads_named(pid, "comsat-lane")?, 0, "process {pid}");
+    }
+    Ok(())
+}

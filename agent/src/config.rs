@@ -17,8 +17,8 @@
 //! # target = "tcp://127.0.0.1:5432" # exactly one of listen / target
 //! allowed_uids = [1000]            # unix listeners: allowed peer uids
 //! allowed_gids = []                # unix listeners: allowed peer gids
-//! connection = "interactive"       # optional: links naming the same
-//!                                  # connection share a QUIC connection
+//! connection = "interactive"       # optional: a connection (and thread)
+//!                                  # apart from unnamed links; see below
 //! [[links.relays]]                # in order of preference, as in the grant
 //! addr = "relay.example.net:4433"
 //! server_name = "relay.example.net" # name in the relay certificate
@@ -31,8 +31,9 @@
 //! ```
 //!
 //! Links with the same relay list (and the same `connection`, if any)
-//! share one QUIC connection, to the first relay of the list that answers; both agents of a link follow the same
-//! order, so they meet on the same relay. When the relay goes silent they
+//! share one QUIC connection, to the first relay of the list that
+//! answers; both agents of a link follow the same order, so they meet on
+//! the same relay. When the relay goes silent they
 //! move to the next relay of the list; when the connection ends otherwise
 //! they start again from the top; when every link's peer stays away
 //! from the relay they are on (one agent cannot reach it), they try the next
@@ -40,12 +41,17 @@
 //!
 //! A link that sends little but must answer fast (a request/response
 //! service beside a link that moves files) belongs on a connection of its
-//! own: on one connection every datagram is handled in order by one task,
-//! so a busy bulk link delays the others' round trips (on the bench's
-//! 2-core machine, ~10 ms p50 shared against ~1 ms apart). Name it on both
-//! halves of the link: each agent groups its own links. Each name costs
-//! one more QUIC connection per relay (about 40 KiB at the relay); at most
-//! [`MAX_CONNECTIONS`] names per agent.
+//! own: give it a `connection` name, on both halves of the link (each
+//! agent groups its own links). Links naming a connection ride a QUIC
+//! connection of their own per relay, and are served, with their
+//! listeners and flows, by one thread of their own (`comsat-lane`), apart
+//! from the threads a bulk link keeps busy. Point their relays at the
+//! relay's `interactive_listen` address, which the relay serves the same
+//! way. On the bench's 2-core machine a ping beside a bulk flow took p50
+//! ~10 ms / p99 ~21 ms sharing everything and ~0.25 ms / ~4 ms this way.
+//! Keep bulk links off named connections: one thread carries them all.
+//! Each name costs one more QUIC connection per relay (about 40 KiB at the
+//! relay); at most [`MAX_CONNECTIONS`] names per agent.
 //!
 //! Relative paths are relative to the config file's directory. A listener
 //! binds loopback or a Unix socket only: agents never accept connections

@@ -43,4 +43,12 @@ pub enum AgentError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The thread that serves links naming a `connection` could not start.
+    #[error("link {link}: cannot start the thread for named connections: {source}")]
+    Lane {
+        /// The link.
+        link: String,
+        /// The cause.
+        source: std::io::Error,
+    },
 }

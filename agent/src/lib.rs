@@ -52,6 +52,37 @@ pub struct Agent {
     links: HashMap<LinkId, Held>,
     groups: HashMap<GroupKey, Group>,
     live: Arc<Mutex<Vec<Arc<LinkRt>>>>,
+    /// Serves the links that name a `connection`; started with the first.
+    lane: Option<Lane>,
+}
+
+/// The runtime of one thread (`comsat-lane`) that serves the links naming
+/// a `connection`: their relay sessions, listeners and flows, apart from
+/// the main threads that a bulk link keeps busy.
+struct Lane(Option<tokio::runtime::Runtime>);
+
+impl Lane {
+    fn start() -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("comsat-lane")
+            .enable_all()
+            .build()?;
+        Ok(Self(Some(rt)))
+    }
+
+    fn handle(&self) -> Option<&tokio::runtime::Handle> {
+        self.0.as_ref().map(tokio::runtime::Runtime::handle)
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one would panic.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// What links share one relay session (one QUIC connection at a time):
@@ -130,6 +161,7 @@ impl Agent {
             links: HashMap::new(),
             groups: HashMap::new(),
             live: Arc::default(),
+            lane: None,
         })
     }
 
@@ -189,18 +221,45 @@ impl Agent {
             ));
             let mut listener = None;
             let mut bound = None;
+            let lane = match cfg.connection {
+                Some(_) => match self.lane() {
+                    Ok(h) => Some(h),
+                    Err(source) => {
+                        applied.failed.push((
+                            cfg.name.clone(),
+                            AgentError::Lane {
+                                link: cfg.name.clone(),
+                                source,
+                            },
+                        ));
+                        continue;
+                    }
+                },
+                None => None,
+            };
             if let LocalRole::Listen(spec) = &role {
-                match local::Listener::bind(spec).await {
+                // A lane link's listener is bound and served on the lane,
+                // so its sockets are polled there too.
+                let bind = match &lane {
+                    Some(h) => {
+                        let spec = spec.clone();
+                        h.spawn(async move { local::Listener::bind(&spec).await })
+                            .await
+                            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                    }
+                    None => local::Listener::bind(spec).await,
+                };
+                match bind {
                     Ok(l) => {
                         let addr = l.describe();
                         tracing::info!(link = %cfg.name, listen = %addr, "listening");
                         applied.listening.push((cfg.name.clone(), addr.clone()));
                         bound = Some(addr);
-                        listener = Some(tokio::spawn(session::serve_listener(
-                            self.shared.clone(),
-                            rt.clone(),
-                            l,
-                        )));
+                        let serve = session::serve_listener(self.shared.clone(), rt.clone(), l);
+                        listener = Some(match &lane {
+                            Some(h) => h.spawn(serve),
+                            None => tokio::spawn(serve),
+                        });
                     }
                     Err(source) => {
                         applied.failed.push((
@@ -228,6 +287,18 @@ impl Agent {
         self.regroup().await;
         *lock(&self.live) = self.links.values().map(|h| h.rt.clone()).collect();
         applied
+    }
+
+    /// The lane's runtime, started on first use.
+    fn lane(&mut self) -> std::io::Result<tokio::runtime::Handle> {
+        if self.lane.is_none() {
+            self.lane = Some(Lane::start()?);
+        }
+        self.lane
+            .as_ref()
+            .and_then(Lane::handle)
+            .cloned()
+            .ok_or_else(|| std::io::Error::other("the lane runtime is gone"))
     }
 
     /// Stops the relay sessions carrying any of `ids`.
@@ -292,13 +363,23 @@ impl Agent {
                     links.insert(*id, held.rt.clone());
                 }
             }
-            let task = tokio::spawn(session::relay_loop(
+            let session = session::relay_loop(
                 self.shared.clone(),
                 key.relays.clone(),
                 key.connection.clone(),
                 links,
                 notify.clone(),
-            ));
+            );
+            // A named connection's lane was started when its first link
+            // was applied; without one (it failed) there is no such link.
+            let lane = key
+                .connection
+                .as_ref()
+                .and_then(|_| self.lane.as_ref()?.handle());
+            let task = match lane {
+                Some(h) => h.spawn(session),
+                None => tokio::spawn(session),
+            };
             self.groups.insert(
                 key,
                 Group {

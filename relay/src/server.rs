@@ -203,8 +203,61 @@ impl State {
 /// A bound relay, ready to [`Relay::run`].
 pub struct Relay {
     endpoint: quinn::Endpoint,
+    lane: Option<Lane>,
     state: Arc<State>,
     source: Box<dyn GrantSource>,
+}
+
+/// The interactive listener (`interactive_listen`): its endpoint, and the
+/// runtime of one thread (`comsat-lane`) that drives its connections and
+/// their flows apart from the main threads.
+struct Lane {
+    endpoint: quinn::Endpoint,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Lane {
+    fn bind(
+        config: &RelayConfig,
+        server: quinn::ServerConfig,
+        addr: SocketAddr,
+    ) -> Result<Self, RelayError> {
+        let bind_error = |source| RelayError::Bind { addr, source };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("comsat-lane")
+            .enable_all()
+            .build()
+            .map_err(bind_error)?;
+        let socket = crate::udp::bind(addr).map_err(bind_error)?;
+        // quinn spawns the endpoint's and its connections' drivers on the
+        // runtime it is created in.
+        let endpoint = {
+            let _lane = runtime.enter();
+            let rt = quinn::default_runtime()
+                .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
+            quinn::Endpoint::new(
+                crate::tls::endpoint_config(config)?,
+                Some(server),
+                socket,
+                rt,
+            )
+            .map_err(bind_error)?
+        };
+        Ok(Self {
+            endpoint,
+            runtime: Some(runtime),
+        })
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one would panic.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for Relay {
@@ -236,7 +289,8 @@ pub enum Stop {
 #[derive(Clone)]
 pub struct RelayHandle {
     state: Arc<State>,
-    endpoint: quinn::Endpoint,
+    /// The main endpoint, then the interactive one if any.
+    endpoints: Vec<quinn::Endpoint>,
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -288,7 +342,9 @@ impl RelayHandle {
             .map_err(|e| e.to_string())?;
         let server =
             crate::tls::server_config(new, self.state.cert.clone()).map_err(|e| e.to_string())?;
-        self.endpoint.set_server_config(Some(server));
+        for endpoint in &self.endpoints {
+            endpoint.set_server_config(Some(server.clone()));
+        }
         match self.state.limits.write() {
             Ok(mut l) => *l = Arc::new(new.limits.clone()),
             Err(p) => *p.into_inner() = Arc::new(new.limits.clone()),
@@ -351,6 +407,14 @@ impl Relay {
             runtime,
         )
         .map_err(bind_error)?;
+        let lane = match config.interactive_listen {
+            Some(addr) => Some(Lane::bind(
+                &config,
+                crate::tls::server_config(&config, cert.clone())?,
+                addr,
+            )?),
+            None => None,
+        };
         let state = Arc::new(State {
             limits: RwLock::new(Arc::new(config.limits.clone())),
             unauthenticated: Occupancy::default(),
@@ -371,6 +435,7 @@ impl Relay {
         state.table.sync(&state.grants.snapshot());
         Ok(Self {
             endpoint,
+            lane,
             state,
             source,
         })
@@ -381,11 +446,18 @@ impl Relay {
         self.endpoint.local_addr()
     }
 
+    /// The bound UDP address of the interactive listener, if configured.
+    pub fn interactive_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.lane.as_ref().map(|l| l.endpoint.local_addr())
+    }
+
     /// A handle for reloads while the relay runs.
     pub fn handle(&self) -> RelayHandle {
+        let mut endpoints = vec![self.endpoint.clone()];
+        endpoints.extend(self.lane.as_ref().map(|l| l.endpoint.clone()));
         RelayHandle {
             state: self.state.clone(),
-            endpoint: self.endpoint.clone(),
+            endpoints,
         }
     }
 
@@ -446,15 +518,30 @@ impl Relay {
         let state = self.state.clone();
         let watcher = tokio::spawn(watch_grants(state.clone(), self.source));
         let accept = tokio::spawn(accept_loop(state.clone(), self.endpoint.clone()));
+        // The interactive listener's connections, and every task they
+        // spawn (flows), live on the lane's own thread.
+        let lane_accept = self.lane.as_ref().and_then(|l| {
+            let rt = l.runtime.as_ref()?;
+            Some(rt.spawn(accept_loop(state.clone(), l.endpoint.clone())))
+        });
         let how = stop.recv().await.unwrap_or(Stop::Now);
         if let Stop::Drain { grace } = how {
             drain(&state, grace, &mut stop).await;
         }
         accept.abort();
+        if let Some(a) = lane_accept {
+            a.abort();
+        }
         watcher.abort();
         info!("relay shutting down");
-        self.endpoint.close(CLOSE_NORMAL.into(), b"shutdown");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let endpoints =
+            std::iter::once(&self.endpoint).chain(self.lane.as_ref().map(|l| &l.endpoint));
+        for endpoint in endpoints.clone() {
+            endpoint.close(CLOSE_NORMAL.into(), b"shutdown");
+        }
+        for endpoint in endpoints {
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        }
         Ok(())
     }
 }

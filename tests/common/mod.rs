@@ -71,6 +71,24 @@ impl System {
     /// Like [`Self::start`], editing the agent configs with `edit` first
     /// (called with 0 for agent A, 1 for agent B).
     pub fn start_with(opts: Options, edit: impl Fn(usize, String) -> String) -> Result<Self> {
+        Self::start_prepared(opts, |layout| {
+            for (i, config) in [&layout.agent_a.config, &layout.agent_b.config]
+                .into_iter()
+                .enumerate()
+            {
+                let text = std::fs::read_to_string(config)?;
+                std::fs::write(config, edit(i, text))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Like [`Self::start`], letting `prepare` change the layout's files
+    /// (after `relay_extra` is applied) before anything starts.
+    pub fn start_prepared(
+        opts: Options,
+        prepare: impl FnOnce(&DevLayout) -> Result<()>,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let any: SocketAddr = "127.0.0.1:0".parse()?;
         let layout = comsat::dev::init(
@@ -97,13 +115,7 @@ impl System {
         }
         relay_text.push_str(&opts.relay_extra);
         std::fs::write(&layout.relay_config, relay_text)?;
-        for (i, config) in [&layout.agent_a.config, &layout.agent_b.config]
-            .into_iter()
-            .enumerate()
-        {
-            let text = std::fs::read_to_string(config)?;
-            std::fs::write(config, edit(i, text))?;
-        }
+        prepare(&layout)?;
         let logs = dir.path().to_owned();
         let (relay, relay_quic, relay_admin) = start_relay(&layout.relay_config, &logs, "relay")?;
         let mut backups = Vec::new();
