@@ -104,15 +104,18 @@ impl Path {
         Ok(path)
     }
 
-    /// Like [`Path::start`], with link `name` on a QUIC connection of its
-    /// own (the agents' `connection` option) to the same relay.
-    pub(crate) async fn start_with_connection(
+    /// Like [`Path::start`], with link `name` on the relay's interactive
+    /// listener: a QUIC connection and a thread of its own in the agents
+    /// (their `connection` option) and in the relay (`interactive_listen`).
+    pub(crate) async fn start_interactive(
         bin: &str,
         links: Vec<DevLink>,
         name: &str,
     ) -> Result<Self> {
         let mut path = Self::prepare(bin, links, &[])?;
-        path.layout.set_link_connection(name, "interactive")?;
+        let addr = format!("127.0.0.1:{}", comsat_tests::free_udp_port()?).parse()?;
+        path.layout
+            .put_link_on_interactive_listener(name, "interactive", 0, addr)?;
         path.start_relay("relay")?;
         path.start_agent_b()?;
         path.start_agent_a().await?;
