@@ -329,14 +329,7 @@ impl DevLayout {
     /// rides its own QUIC connection from the same agents. The agents must
     /// be (re)started to use it.
     pub fn keep_link_on_relay(&self, name: &str, relay: usize) -> Result<()> {
-        let Some(keep) = self.relays.get(relay) else {
-            bail!(
-                "the layout has {} relays, not {}",
-                self.relays.len(),
-                relay + 1
-            );
-        };
-        let keep = keep.listen.to_string();
+        let keep = self.relay(relay)?.listen.to_string();
         self.edit_link(name, |link, config| {
             let Some(toml::Value::Array(relays)) = link.get_mut("relays") else {
                 bail!("link `{name}` in {config} names no relays");
@@ -370,13 +363,7 @@ impl DevLayout {
         relay: usize,
         addr: SocketAddr,
     ) -> Result<()> {
-        let Some(r) = self.relays.get(relay) else {
-            bail!(
-                "the layout has {} relays, not {}",
-                self.relays.len(),
-                relay + 1
-            );
-        };
+        let r = self.relay(relay)?;
         let shown = r.config.display().to_string();
         let text = std::fs::read_to_string(&r.config).with_context(|| format!("read {shown}"))?;
         let mut doc: toml::Table =
@@ -397,6 +384,13 @@ impl DevLayout {
             entry.insert("addr".into(), addr.to_string().into());
             Ok(())
         })
+    }
+
+    /// Relay `i` of the layout (0 is the first).
+    fn relay(&self, i: usize) -> Result<&DevRelay> {
+        self.relays
+            .get(i)
+            .with_context(|| format!("the layout has {} relays, not {}", self.relays.len(), i + 1))
     }
 
     /// Applies `edit` to link `name`'s table in both agents' configs and

@@ -527,13 +527,10 @@ async fn authenticated_connections_leave_the_unauthenticated_cap() -> Result<()>
     Ok(())
 }
 
-/// Links that name a `connection` ride a QUIC connection of their own to
-/// the same relay, apart from the other links of the same two agents, and
-/// both kinds carry their flows.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_named_connection_is_a_second_quic_connection_to_the_same_relay() -> Result<()> {
+/// An echo server on loopback for as long as the test runs.
+async fn spawn_echo() -> Result<SocketAddr> {
     let echo = TcpListener::bind("127.0.0.1:0").await?;
-    let echo_addr = echo.local_addr()?;
+    let addr = echo.local_addr()?;
     tokio::spawn(async move {
         while let Ok((mut s, _)) = echo.accept().await {
             tokio::spawn(async move {
@@ -542,27 +539,26 @@ async fn a_named_connection_is_a_second_quic_connection_to_the_same_relay() -> R
             });
         }
     });
-    let links = ["plain", "rpc-1", "rpc-2"]
-        .map(|n| link(n, "tcp://127.0.0.1:0".into(), format!("tcp://{echo_addr}")));
-    let mut sys = System::start_with(
-        Options {
-            links: links.to_vec(),
-            ..Options::one(links[0].clone())
-        },
-        |_, text| {
-            // Both halves of both rpc links name the same connection.
-            text.replace(
-                "name = \"rpc-1\"\n",
-                "name = \"rpc-1\"\nconnection = \"interactive\"\n",
-            )
-            .replace(
-                "name = \"rpc-2\"\n",
-                "name = \"rpc-2\"\nconnection = \"interactive\"\n",
-            )
-        },
-    )?;
+    Ok(addr)
+}
+
+/// Links `names` to `echo` (the first as the options' one link).
+fn echo_links(names: &[&str], echo: SocketAddr) -> Options {
+    let links: Vec<DevLink> = names
+        .iter()
+        .map(|n| link(n, "tcp://127.0.0.1:0".into(), format!("tcp://{echo}")))
+        .collect();
+    Options {
+        links: links.clone(),
+        ..Options::one(links[0].clone())
+    }
+}
+
+/// Waits until `sys` is ready, then sends each link's name through it to
+/// the echo and checks it comes back.
+async fn echo_each(sys: &mut System, names: &[&str]) -> Result<()> {
     let mut listen = Vec::new();
-    for name in ["plain", "rpc-1", "rpc-2"] {
+    for name in names {
         let addr: SocketAddr = sys
             .listen_addr(name)?
             .trim_start_matches("tcp://")
@@ -570,7 +566,7 @@ async fn a_named_connection_is_a_second_quic_connection_to_the_same_relay() -> R
         listen.push(addr);
     }
     sys.wait_ready()?;
-    for (addr, name) in listen.iter().zip(["plain", "rpc-1", "rpc-2"]) {
+    for (addr, name) in listen.iter().zip(names) {
         let mut c = TcpStream::connect(addr).await?;
         c.write_all(name.as_bytes()).await?;
         let mut back = vec![0u8; name.len()];
@@ -579,6 +575,40 @@ async fn a_named_connection_is_a_second_quic_connection_to_the_same_relay() -> R
             .with_context(|| format!("{name}: no echo"))??;
         assert_eq!(back, name.as_bytes(), "{name}");
     }
+    Ok(())
+}
+
+/// Process ids of the relay and both agents.
+fn pids(sys: &System) -> [u32; 3] {
+    [
+        sys.relay.pid(),
+        sys.agents[0].0.pid(),
+        sys.agents[1].0.pid(),
+    ]
+}
+
+/// How many threads of process `pid` are named `name`.
+fn threads_named(pid: u32, name: &str) -> Result<usize> {
+    let mut n = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let comm = std::fs::read_to_string(task?.path().join("comm")).unwrap_or_default();
+        n += usize::from(comm.trim_end() == name);
+    }
+    Ok(n)
+}
+
+/// Links that name a `connection` ride a QUIC connection of their own to
+/// the same relay, apart from the other links of the same two agents, and
+/// both kinds carry their flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_connection_is_a_second_quic_connection_to_the_same_relay() -> Result<()> {
+    let names = ["plain", "rpc-1", "rpc-2"];
+    let mut sys = System::start_prepared(echo_links(&names, spawn_echo().await?), |layout| {
+        // Both halves of both rpc links name the same connection.
+        layout.set_link_connection("rpc-1", "interactive")?;
+        layout.set_link_connection("rpc-2", "interactive")
+    })?;
+    echo_each(&mut sys, &names).await?;
     // Two agents, two connections each: the default one (plain) and the
     // named one (both rpc links), all to the one relay.
     let m = wait_metric(sys.relay_admin, "comsat_relay_connections_open", 4.0).await?;
@@ -592,75 +622,28 @@ async fn a_named_connection_is_a_second_quic_connection_to_the_same_relay() -> R
     Ok(())
 }
 
-/// How many threads of process `pid` are named `name`.
-fn threads_named(pid: u32, name: &str) -> Result<usize> {
-    let mut n = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let comm = std::fs::read_to_string(task?.path().join("comm")).unwrap_or_default();
-        n += usize::from(comm.trim_end() == name);
-    }
-    Ok(n)
-}
-
 /// A link put on the relay's interactive listener (a `connection` name and
 /// the relay's `interactive_listen` address in both agents) carries its
 /// flows beside a plain link, and the relay and both agents serve it from
 /// a thread of its own, which a setup without it does not start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_interactive_listener_serves_named_links_from_their_own_thread() -> Result<()> {
-    let echo = TcpListener::bind("127.0.0.1:0").await?;
-    let echo_addr = echo.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    let links =
-        ["plain", "rpc"].map(|n| link(n, "tcp://127.0.0.1:0".into(), format!("tcp://{echo_addr}")));
+    let names = ["plain", "rpc"];
     let interactive: SocketAddr =
         format!("127.0.0.1:{}", comsat_tests::free_udp_port()?).parse()?;
-    let mut sys = System::start_prepared(
-        Options {
-            links: links.to_vec(),
-            ..Options::one(links[0].clone())
-        },
-        |layout| layout.put_link_on_interactive_listener("rpc", "interactive", 0, interactive),
-    )?;
+    let mut sys = System::start_prepared(echo_links(&names, spawn_echo().await?), |layout| {
+        layout.put_link_on_interactive_listener("rpc", "interactive", 0, interactive)
+    })?;
     let log = std::fs::read_to_string(sys.logs().join("relay.log"))?;
     assert!(
         log.contains(&format!("interactive={interactive}")),
         "the relay names its interactive listener:\n{log}"
     );
-    let mut listen = Vec::new();
-    for name in ["plain", "rpc"] {
-        let addr: SocketAddr = sys
-            .listen_addr(name)?
-            .trim_start_matches("tcp://")
-            .parse()?;
-        listen.push(addr);
-    }
-    sys.wait_ready()?;
-    for (addr, name) in listen.iter().zip(["plain", "rpc"]) {
-        let mut c = TcpStream::connect(addr).await?;
-        c.write_all(name.as_bytes()).await?;
-        let mut back = vec![0u8; name.len()];
-        tokio::time::timeout(Duration::from_secs(20), c.read_exact(&mut back))
-            .await
-            .with_context(|| format!("{name}: no echo"))??;
-        assert_eq!(back, name.as_bytes(), "{name}");
-    }
+    echo_each(&mut sys, &names).await?;
     let m = wait_metric(sys.relay_admin, "comsat_relay_connections_open", 4.0).await?;
     assert_eq!(metric(&m, "comsat_relay_connections_open"), 4.0, "{m}");
     assert_eq!(metric(&m, "comsat_relay_links_paired"), 2.0, "{m}");
-    let pids = [
-        sys.relay.pid(),
-        sys.agents[0].0.pid(),
-        sys.agents[1].0.pid(),
-    ];
-    for pid in pids {
+    for pid in pids(&sys) {
         // Its worker, and any blocking-pool thread it started.
         assert!(threads_named(pid, "comsat-lane")? >= 1, "process {pid}");
     }
@@ -670,19 +653,9 @@ async fn the_interactive_listener_serves_named_links_from_their_own_thread() -> 
 /// Without named connections no process starts the lane thread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_named_connection_no_lane_thread() -> Result<()> {
-    let echo = TcpListener::bind("127.0.0.1:0").await?;
-    let mut sys = System::start(Options::one(link(
-        "plain",
-        "tcp://127.0.0.1:0".into(),
-        format!("tcp://{}", echo.local_addr()?),
-    )))?;
-    let _ = sys.listen_addr("plain")?;
-    sys.wait_ready()?;
-    for pid in [
-        sys.relay.pid(),
-        sys.agents[0].0.pid(),
-        sys.agents[1].0.pid(),
-    ] {
+    let mut sys = System::start(echo_links(&["plain"], spawn_echo().await?))?;
+    echo_each(&mut sys, &["plain"]).await?;
+    for pid in pids(&sys) {
         assert_eq!(threads_named(pid, "comsat-lane")?, 0, "process {pid}");
     }
     Ok(())
