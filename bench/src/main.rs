@@ -424,36 +424,7 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
     let mut idle: [Samples; 3] = Default::default();
     let (mut added, mut busy, mut busy_p50) =
         (Samples::default(), Samples::default(), Samples::default());
-    // A second comsat path (its own relay and agents) whose bulk flow
-    // competes for the same CPUs but shares no process with the ping: what
-    // the machine itself costs a round trip beside bulk.
-    let apart = Path::start(&r.bin, vec![link("bulk", r.sink)], &[]).await?;
-    let (mut apart_p99, mut apart_p50) = (Samples::default(), Samples::default());
-    // The same two agents, the ping on a connection of its own (through a
-    // second relay): what sharing one QUIC connection with bulk costs.
-    let split = Path::start_split(&r.bin, vec![link("bulk", r.sink), link("ping", r.echo)]).await?;
-    wait_carrying(
-        "comsat, one relay per link",
-        split.listen[0],
-        split.listen[1],
-    )
-    .await?;
-    let (mut split_p99, mut split_p50) = (Samples::default(), Samples::default());
-    // The same two agents and relay, the ping on the relay's interactive
-    // listener: its own connection and threads (what an operator can set).
-    let own = Path::start_interactive(
-        &r.bin,
-        vec![link("bulk", r.sink), link("ping", r.echo)],
-        "ping",
-    )
-    .await?;
-    wait_carrying(
-        "comsat, ping on the interactive listener",
-        own.listen[0],
-        own.listen[1],
-    )
-    .await?;
-    let (mut own_p99, mut own_p50) = (Samples::default(), Samples::default());
+    let mut beside = placements(r).await?;
     for i in 0..r.reps {
         eprintln!(
             "latency: run {}/{}, {rounds} ping-pongs each",
@@ -486,22 +457,18 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
         let b = latency_under_bulk(r.bulk(), r.ping(), busy_rounds).await?;
         busy.comsat.push(percentile(&b, 0.99));
         busy_p50.comsat.push(percentile(&b, 0.5));
-        let b = latency_under_bulk(apart.listen[0], r.ping(), busy_rounds).await?;
-        apart_p99.comsat.push(percentile(&b, 0.99));
-        apart_p50.comsat.push(percentile(&b, 0.5));
-        let b = latency_under_bulk(split.listen[0], split.listen[1], busy_rounds).await?;
-        split_p99.comsat.push(percentile(&b, 0.99));
-        split_p50.comsat.push(percentile(&b, 0.5));
-        let b = latency_under_bulk(own.listen[0], own.listen[1], busy_rounds).await?;
-        own_p99.comsat.push(percentile(&b, 0.99));
-        own_p50.comsat.push(percentile(&b, 0.5));
+        for p in &mut beside {
+            let b = latency_under_bulk(p.bulk, p.ping, busy_rounds).await?;
+            p.p50.comsat.push(percentile(&b, 0.5));
+            p.p99.comsat.push(percentile(&b, 0.99));
+        }
     }
-    drop((apart, split, own));
-    for s in [&mut apart_p50, &mut split_p50, &mut own_p50] {
-        s.baselines = busy_p50.baselines.clone();
-    }
-    for s in [&mut apart_p99, &mut split_p99, &mut own_p99] {
-        s.baselines = busy.baselines.clone();
+    for p in &mut beside {
+        // Their processes end here; the peers' beside-bulk figures are
+        // what each is compared with.
+        p.path = None;
+        p.p50.baselines = busy_p50.baselines.clone();
+        p.p99.baselines = busy.baselines.clone();
     }
     for (k, name) in ["p50", "p99", "p99.9"].iter().enumerate() {
         idle[k].figures(
@@ -530,42 +497,12 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
         "µs",
         &mut r.figures,
     );
-    apart_p50.figures(
-        "latency",
-        "p50 round trip while a second comsat path (no shared process) runs bulk",
-        "µs",
-        &mut r.figures,
-    );
-    apart_p99.figures(
-        "latency",
-        "p99 round trip while a second comsat path (no shared process) runs bulk",
-        "µs",
-        &mut r.figures,
-    );
-    own_p50.figures(
-        "latency",
-        "p50 round trip beside bulk, the ping on the interactive listener (own connection and thread)",
-        "µs",
-        &mut r.figures,
-    );
-    own_p99.figures(
-        "latency",
-        "p99 round trip beside bulk, the ping on the interactive listener (own connection and thread)",
-        "µs",
-        &mut r.figures,
-    );
-    split_p50.figures(
-        "latency",
-        "p50 round trip, same agents, while bulk runs on another QUIC connection (one relay per link)",
-        "µs",
-        &mut r.figures,
-    );
-    split_p99.figures(
-        "latency",
-        "p99 round trip, same agents, while bulk runs on another QUIC connection (one relay per link)",
-        "µs",
-        &mut r.figures,
-    );
+    for p in &beside {
+        for (q, samples) in [("p50", &p.p50), ("p99", &p.p99)] {
+            let metric = format!("{q} round trip{}", p.what);
+            samples.figures("latency", &metric, "µs", &mut r.figures);
+        }
+    }
     r.figures.push(figure(
         "latency",
         "p99 round trip while another link runs bulk; floor 5 ms",
@@ -579,13 +516,75 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
         "latency",
         "p99 round trip while another link runs bulk, the ping on the interactive listener; floor 5 ms",
         "µs",
-        median(own_p99.comsat.clone()),
+        median(beside[LANE].p99.comsat.clone()),
         FLOOR,
         5_000.0,
         r.reps,
     ));
     r.chart("64 B round trip p99 beside a bulk flow", "µs", &busy);
     Ok(())
+}
+
+/// One placement of the ping beside a bulk flow, other than the main
+/// path's: the path started for it, where its bulk flow and its ping go,
+/// and the round trips measured.
+struct Beside {
+    /// The metric's tail after "p50 round trip" / "p99 round trip".
+    what: &'static str,
+    path: Option<Path>,
+    bulk: SocketAddr,
+    ping: SocketAddr,
+    p50: Samples,
+    p99: Samples,
+}
+
+/// Index in [`placements`] of the ping on the interactive listener, which
+/// has a floor line of its own.
+const LANE: usize = 1;
+
+/// The placements, started: a second path that shares no process with
+/// the main one (what the machine itself costs a round trip beside bulk);
+/// the ping on the relay's interactive listener (its own connection and
+/// threads: what an operator can set); and the ping on a connection of
+/// its own through a second relay (what sharing one connection costs).
+async fn placements(r: &Run) -> Result<Vec<Beside>> {
+    let pair = || vec![link("bulk", r.sink), link("ping", r.echo)];
+    let apart = Path::start(&r.bin, vec![link("bulk", r.sink)], &[]).await?;
+    let own = Path::start_interactive(&r.bin, pair(), "ping").await?;
+    let split = Path::start_split(&r.bin, pair()).await?;
+    let placed = [
+        (
+            " while a second comsat path (no shared process) runs bulk",
+            apart.listen[0],
+            r.ping(),
+            apart,
+        ),
+        (
+            " beside bulk, the ping on the interactive listener (own connection and thread)",
+            own.listen[0],
+            own.listen[1],
+            own,
+        ),
+        (
+            ", same agents, while bulk runs on another QUIC connection (one relay per link)",
+            split.listen[0],
+            split.listen[1],
+            split,
+        ),
+    ];
+    let mut out = Vec::new();
+    for (what, bulk, ping, path) in placed {
+        wait_carrying(&format!("comsat,{what}"), bulk, ping).await?;
+        out.push(Beside {
+            what,
+            path: Some(path),
+            bulk,
+            ping,
+            p50: Samples::default(),
+            p99: Samples::default(),
+        });
+    }
+    Ok(out)
 }
 
 /// The relay enforces a link's rate limit: 4 MiB through a link limited
