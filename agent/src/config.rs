@@ -50,6 +50,8 @@
 //! way. On the bench's 2-core machine a ping beside a bulk flow took p50
 //! ~10 ms / p99 ~21 ms sharing everything and ~0.25 ms / ~4 ms this way.
 //! Keep bulk links off named connections: one thread carries them all.
+//! A running agent handed a link whose `connection` changed
+//! ([`crate::Agent::apply`]) treats it as a new link: its flows reset.
 //! Each name costs one more QUIC connection per relay (about 40 KiB at the
 //! relay); at most [`MAX_CONNECTIONS`] names per agent.
 //!
@@ -231,9 +233,12 @@ impl LinkConfig {
     }
 
     /// Whether `other` is the same link half except for its generation and
-    /// relays: then its session and flows carry over.
+    /// relays: then its session and flows carry over. A changed
+    /// `connection` is another half: its listener and flows run on another
+    /// runtime (the lane or the main one).
     pub(crate) fn same_half(&self, other: &Self) -> bool {
         self.link_id == other.link_id
+            && self.connection == other.connection
             && self.side == other.side
             && self.peer_noise_public_key == other.peer_noise_public_key
             && self.listen == other.listen
@@ -406,6 +411,17 @@ mod tests {
             }],
             connection: None,
         }
+    }
+
+    #[test]
+    fn a_changed_connection_is_another_half_and_new_relays_are_not() {
+        let a = link(None, Some("tcp://db.internal:5432"));
+        let mut b = a.clone();
+        b.relays[0].addr = "127.0.0.1:2".into();
+        b.generation = 2;
+        assert!(a.same_half(&b), "relays and generation carry over");
+        b.connection = Some("interactive".into());
+        assert!(!a.same_half(&b), "a new connection is a new half");
     }
 
     #[test]
