@@ -48,7 +48,7 @@
 //! from the threads a bulk link keeps busy. Point their relays at the
 //! relay's `interactive_listen` address, which the relay serves the same
 //! way. On the bench's 2-core machine a ping beside a bulk flow took p50
-//! ~10 ms / p99 ~21 ms sharing everything and ~0.25 ms / ~4 ms this way.
+//! ~10 ms / p99 ~21 ms sharing everything and ~0.3 ms / 3.4–7 ms this way.
 //! Keep bulk links off named connections: one thread carries them all.
 //! A running agent handed a link whose `connection` changed
 //! ([`crate::Agent::apply`]) treats it as a new link: its flows reset.

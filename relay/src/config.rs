@@ -51,7 +51,7 @@
 //! the relays of links that send little but must answer fast there, on
 //! both agents, and give those links a `connection` name (agent config):
 //! on the bench's 2-core machine a ping beside a bulk flow took p50 ~10 ms
-//! / p99 ~21 ms sharing everything, ~0.25 ms / ~4 ms this way. Do not send
+//! / p99 ~21 ms sharing everything, ~0.3 ms / 3.4–7 ms this way. Do not send
 //! bulk links there: one thread carries all of them.
 //!
 //! ## Reload
