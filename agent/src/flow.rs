@@ -22,6 +22,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use comsat_protocol::limits::NOISE_TAG_LEN;
 use comsat_protocol::noise::{NoiseError, RECORD_PREFIX_LEN};
+use comsat_protocol::quantum::Quantum;
 use comsat_protocol::record::{
     FlowHeader, RECORD_HEADER_LEN, RecordError, RecordHeader, RecordKind, decode_record,
 };
@@ -236,6 +237,7 @@ impl Flow {
 
     /// Reads the local socket into records while the window has room.
     async fn read_local(self: Arc<Self>, mut reader: LocalRead) {
+        let mut quantum = Quantum::default();
         loop {
             loop {
                 let notified = self.tx_event.notified();
@@ -264,6 +266,9 @@ impl Flow {
                         return self.reset();
                     }
                     self.metrics.sent_bytes.increment(len as u64);
+                    if quantum.spend(len) {
+                        tokio::task::yield_now().await;
+                    }
                 }
                 Ok(None) => {
                     if self.push_empty(RecordKind::Fin).is_err() {
@@ -326,6 +331,7 @@ impl Flow {
         self.finish_delivery(delivery, writer).await?;
         let mut pending = BytesMut::new();
         let mut frames: [Bytes; defaults::READ_FRAMES] = Default::default();
+        let mut quantum = Quantum::default();
         let delivered = lock(&self.rx).reassembly.expected();
         if delivered > 0 {
             self.link.queue_ack(self.id, delivered);
@@ -372,6 +378,9 @@ impl Flow {
                 lock(&self.rx).reassembly.delivered();
                 delivery.ack = Some(header.seq + 1);
                 self.finish_delivery(delivery, writer).await?;
+                if quantum.spend(used) {
+                    tokio::task::yield_now().await;
+                }
             }
             // Room for the whole record in one allocation, so a 64 KiB
             // record is not copied again each time the buffer grows.

@@ -24,6 +24,7 @@ pub mod limits;
 pub mod link;
 pub mod msg;
 pub mod noise;
+pub mod quantum;
 pub mod record;
 pub mod resume;
 

@@ -17,6 +17,7 @@ use bytes::{Bytes, BytesMut};
 use comsat_protocol::msg::{
     AgentToRelay, ControlMessage, ErrorCode, FrameDecoder, PeerFrame, RelayToAgent, verify_hello,
 };
+use comsat_protocol::quantum::Quantum;
 use comsat_protocol::record::{FLOW_HEADER_LEN, FlowHeader};
 use comsat_protocol::{
     CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_REFUSED, FlowId, HELLO_EXPORTER_LABEL,
@@ -1278,6 +1279,7 @@ async fn pump(
 ) {
     let throttle: &Throttle = stats.throttle(from_side);
     let mut frames: Vec<Bytes> = Vec::new();
+    let mut quantum = Quantum::default();
     loop {
         match read_joined(&mut from, throttle.chunk(), &mut frames).await {
             Ok(Some(chunk)) => {
@@ -1300,6 +1302,9 @@ async fn pump(
                     };
                     let _ = from.stop(end_code(lost));
                     return;
+                }
+                if quantum.spend(n) {
+                    tokio::task::yield_now().await;
                 }
             }
             Ok(None) => {
