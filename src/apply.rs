@@ -120,6 +120,9 @@ pub struct LinkSpec {
     /// Like `10MiB/s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rate_limit: Option<String>,
+    /// The agents' connection of its own for the link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    connection: Option<String>,
 }
 
 /// `spec` of a Role.
@@ -203,6 +206,15 @@ fn check(doc: Document) -> Result<Item, String> {
             let s: LinkSpec = required(doc.spec)?;
             if let Some(r) = &s.rate_limit {
                 crate::ctl::parse_rate(r).map_err(|e| format!("spec.rateLimit: {e}"))?;
+            }
+            if let Some(c) = s.connection.as_deref() {
+                if !api::valid_connection_name(c) {
+                    return Err(format!(
+                        "spec.connection `{}`: use 1 to {} letters, digits, -, _ or .",
+                        c.escape_debug(),
+                        api::MAX_CONNECTION_NAME_LEN
+                    ));
+                }
             }
             Item::Link(name, s)
         }
@@ -293,6 +305,7 @@ async fn apply_one(c: &Client, item: Item) -> anyhow::Result<String> {
                     allowed_gids: s.allowed_gids,
                     max_flows: s.max_flows,
                     rate_limit_bytes_per_sec: rate,
+                    connection: s.connection,
                 };
                 let _: api::LinkInfo = c.post(api::PATH_LINKS, &body, "apply").await?;
                 return Ok(format!("link/{name} created"));
@@ -304,6 +317,7 @@ async fn apply_one(c: &Client, item: Item) -> anyhow::Result<String> {
                 ("target", have.target == s.target),
                 ("allowedUids", have.allowed_uids == s.allowed_uids),
                 ("allowedGids", have.allowed_gids == s.allowed_gids),
+                ("connection", have.connection == s.connection),
             ];
             if let Some((field, _)) = fixed.iter().find(|(_, same)| !same) {
                 bail!(
@@ -469,6 +483,7 @@ pub async fn get(c: &Client, kind: &str, name: &str, json: bool) -> anyhow::Resu
                     allowed_gids: l.allowed_gids,
                     max_flows: l.max_flows,
                     rate_limit: l.rate_limit_bytes_per_sec.map(|r| r.to_string()),
+                    connection: l.connection,
                 },
             )?
         }
@@ -529,6 +544,7 @@ spec:
   to: b
   target: tcp://127.0.0.1:5432
   rateLimit: 10MiB/s
+  connection: interactive
 ---
 apiVersion: comsat.dev/v1
 kind: ServiceAccount
@@ -541,7 +557,8 @@ metadata: {name: ci}
         let items = parse("f.yaml", GOOD).expect("parses");
         assert_eq!(items.len(), 2);
         assert!(
-            matches!(&items[0], Item::Link(n, s) if n == "db" && s.rate_limit.as_deref() == Some("10MiB/s"))
+            matches!(&items[0], Item::Link(n, s) if n == "db" && s.rate_limit.as_deref() == Some("10MiB/s")
+                && s.connection.as_deref() == Some("interactive"))
         );
         assert_eq!(items[1], Item::ServiceAccount("ci".into()));
     }
@@ -572,6 +589,9 @@ metadata: {name: ci}
         let rate = GOOD.replace("10MiB/s", "fast");
         let e = format!("{:#}", parse("f.yaml", &rate).expect_err("rate"));
         assert!(e.contains("rateLimit"), "{e}");
+        let conn = GOOD.replace("connection: interactive", "connection: a/b");
+        let e = format!("{:#}", parse("f.yaml", &conn).expect_err("connection"));
+        assert!(e.contains("spec.connection `a/b`"), "{e}");
         let sa = GOOD.replace("metadata: {name: ci}", "metadata: {name: ci}\nspec: {x: 1}");
         let e = format!("{:#}", parse("f.yaml", &sa).expect_err("sa spec"));
         assert!(e.contains("document 2") && e.contains('x'), "{e}");

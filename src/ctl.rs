@@ -213,6 +213,7 @@ pub async fn relay_list(c: &Client, out: Output) -> anyhow::Result<String> {
             vec![
                 r.name.clone(),
                 r.public_addr.clone(),
+                r.interactive_addr.clone().unwrap_or_else(|| "-".into()),
                 if r.healthy { "healthy" } else { "unhealthy" }.into(),
                 r.links.to_string(),
                 r.load.connections.to_string(),
@@ -224,6 +225,7 @@ pub async fn relay_list(c: &Client, out: Output) -> anyhow::Result<String> {
         &[
             "NAME",
             "ADDRESS",
+            "INTERACTIVE",
             "STATE",
             "LINKS",
             "CONNECTIONS",
@@ -651,7 +653,7 @@ fn show_link(l: &api::LinkInfo, out: Output) -> anyhow::Result<String> {
         return json(l);
     }
     Ok(format!(
-        "name:       {}\nid:         {}\ngeneration: {}\nfrom:       {} listening on {}\nto:         {} dialling {}\nmax flows:  {}\nrate limit: {}\nrelays:     {}\n",
+        "name:       {}\nid:         {}\ngeneration: {}\nfrom:       {} listening on {}\nto:         {} dialling {}\nmax flows:  {}\nrate limit: {}\nconnection: {}\nrelays:     {}\n",
         l.name,
         l.link_id,
         l.generation,
@@ -664,6 +666,10 @@ fn show_link(l: &api::LinkInfo, out: Output) -> anyhow::Result<String> {
         l.rate_limit_bytes_per_sec.map_or_else(
             || "unlimited".into(),
             |r| format!("{} per direction", format_rate(r))
+        ),
+        l.connection.as_deref().map_or_else(
+            || "shared with the agents' other links".into(),
+            |c| format!("{c} (its own QUIC connection and thread on both agents)")
         ),
         if l.relays.is_empty() {
             "(none healthy yet)".into()
@@ -725,6 +731,7 @@ mod tests {
             allowed_gids: vec![],
             max_flows,
             rate_limit_bytes_per_sec: max_flows.map(|_| 10 << 20),
+            connection: max_flows.map(|_| "interactive".into()),
             relays: vec!["r1".into()],
             created_at: 0,
         }
@@ -746,8 +753,16 @@ mod tests {
             shown.contains("\nrate limit: 10 MiB/s per direction\n"),
             "{shown}"
         );
+        assert!(
+            shown.contains("\nconnection: interactive (its own QUIC connection"),
+            "{shown}"
+        );
         let shown = show_link(&info("db", None), Output::Table)?;
         assert!(shown.contains("\nmax flows:  unlimited\n"), "{shown}");
+        assert!(
+            shown.contains("\nconnection: shared with the agents' other links\n"),
+            "{shown}"
+        );
         let json = show_link(&info("db", Some(8)), Output::Json)?;
         assert!(json.contains("\"max_flows\": 8"), "{json}");
         assert!(

@@ -194,6 +194,11 @@ enum RelayCommand {
         /// HOST:PORT agents dial (UDP); HOST goes into the certificate.
         #[arg(long)]
         public_addr: String,
+        /// Also run an interactive listener on this UDP port (same host):
+        /// links created with `--connection` reach it over a QUIC
+        /// connection and a relay thread of their own. Open the port too.
+        #[arg(long, value_name = "PORT")]
+        interactive_port: Option<u16>,
     },
 }
 
@@ -502,6 +507,12 @@ enum LinkCommand {
         /// sender is slowed, nothing is dropped.
         #[arg(long, value_parser = comsat::ctl::parse_rate)]
         rate_limit: Option<u64>,
+        /// Give the link a QUIC connection and a thread of its own on both
+        /// agents (and the relays' interactive listener where they run
+        /// one), so its round trips do not wait behind bulk links. Links
+        /// naming the same connection share it.
+        #[arg(long, value_name = "NAME")]
+        connection: Option<String>,
     },
     /// Change the limits relays enforce on a link (the others stay); open
     /// flows go on.
@@ -873,6 +884,7 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 allow_gids,
                 max_flows,
                 rate_limit,
+                connection,
             } => {
                 let body = api::LinkCreate {
                     name,
@@ -884,6 +896,7 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                     allowed_gids: allow_gids,
                     max_flows,
                     rate_limit_bytes_per_sec: rate_limit,
+                    connection,
                 };
                 ctl::link_create(&c, body, out).await?
             }
@@ -970,7 +983,7 @@ async fn enrol(
     token: TokenArgs,
     kind: NodeKind,
     dir: PathBuf,
-    public_addr: Option<String>,
+    relay: Option<(String, Option<u16>)>,
 ) -> anyhow::Result<()> {
     let join = comsat::node::read_token(token.token, token.token_file.as_deref())
         .map_err(|e| Usage(format!("{e:#}")))?;
@@ -986,7 +999,8 @@ async fn enrol(
         &join,
         kind,
         &dir,
-        public_addr.as_deref(),
+        relay.as_ref().map(|(addr, _)| addr.as_str()),
+        relay.as_ref().and_then(|(_, port)| *port),
         &token.fallback_controllers,
     )
     .await?;
@@ -1180,7 +1194,11 @@ fn main() -> ExitCode {
                         token,
                         data_dir,
                         public_addr,
-                    } => enrol(token, NodeKind::Relay, data_dir, Some(public_addr)).await,
+                        interactive_port,
+                    } => {
+                        let relay = Some((public_addr, interactive_port));
+                        enrol(token, NodeKind::Relay, data_dir, relay).await
+                    }
                 }
             })
         }),

@@ -61,6 +61,10 @@ pub struct NodeState {
     /// Relays: the `host:port` agents dial.
     #[serde(default)]
     pub public_addr: Option<String>,
+    /// Relays: the `host:port` of their interactive listener (the host of
+    /// `public_addr`), if they run one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interactive_addr: Option<String>,
 }
 
 fn read_capped(path: &Path) -> anyhow::Result<String> {
@@ -181,12 +185,14 @@ pub struct Enrolled {
 }
 
 /// Enrols this machine as a node of `kind` with `token`, writing its data
-/// dir. Relays give the address agents will dial.
+/// dir. Relays give the address agents will dial and, if they run an
+/// interactive listener, its port (on the same host).
 pub async fn enrol(
     token: &JoinToken,
     kind: NodeKind,
     dir: &Path,
     public_addr: Option<&str>,
+    interactive_port: Option<u16>,
     fallbacks: &[String],
 ) -> anyhow::Result<Enrolled> {
     if dir.join("node.toml").exists() {
@@ -209,6 +215,7 @@ pub async fn enrol(
         sign_public_key: signing.public(),
         noise_public_key: None,
         public_addr: None,
+        interactive_addr: None,
         csr_pem: None,
     };
     let mut noise = None;
@@ -227,6 +234,9 @@ pub async fn enrol(
             let key = rcgen::KeyPair::generate().context("generating the relay TLS key")?;
             req.csr_pem = Some(csr(&key, &host)?);
             req.public_addr = Some(addr.to_owned());
+            req.interactive_addr = interactive_port
+                .map(|port| interactive_addr(addr, port))
+                .transpose()?;
             tls_key = Some(key);
         }
     }
@@ -256,12 +266,28 @@ pub async fn enrol(
         audience: resp.audience,
         authority_public_key: resp.authority_public_key,
         public_addr: public_addr.map(str::to_owned),
+        interactive_addr: req.interactive_addr.clone(),
     };
     write_atomic(&dir.join("node.toml"), toml::to_string(&state)?.as_bytes())?;
     Ok(Enrolled {
         name: resp.name,
         node_id: resp.node_id,
     })
+}
+
+/// `host:port` of a relay's interactive listener: the host agents dial
+/// (`public_addr`'s, which its certificate names) and another port.
+fn interactive_addr(public_addr: &str, port: u16) -> anyhow::Result<String> {
+    let (public_host, public_port) = public_addr
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("--public-addr `{public_addr}`: expected HOST:PORT"))?;
+    if public_port.parse::<u16>().ok() == Some(port) {
+        bail!(
+            "--interactive-port {port} is the port of --public-addr `{public_addr}`: \
+             the interactive listener needs a port of its own"
+        );
+    }
+    Ok(format!("{public_host}:{port}"))
 }
 
 /// The host part of `host:port` (brackets of an IPv6 address removed).
@@ -336,6 +362,13 @@ pub fn relay_config(
         dir.join("grants"),
     );
     cfg.admin = admin;
+    if let Some(lane) = &state.interactive_addr {
+        let port = lane
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .ok_or_else(|| anyhow!("node.toml: interactive_addr `{lane}` has no port"))?;
+        cfg.interactive_listen = Some(SocketAddr::new(listen.ip(), port));
+    }
     Ok(cfg)
 }
 
@@ -684,6 +717,7 @@ mod tests {
             audience: "comsat-controller:x".into(),
             authority_public_key: authority.public(),
             public_addr: Some("127.0.0.1:4433".into()),
+            interactive_addr: None,
         }
     }
 
@@ -703,6 +737,29 @@ mod tests {
             limits: LinkLimits::default(),
         };
         hex::encode(g.sign(authority).and_then(|s| s.encode()).expect("sign"))
+    }
+
+    #[test]
+    fn an_interactive_port_is_on_the_public_host_and_the_relay_listens_there() {
+        assert_eq!(
+            interactive_addr("relay.example:4433", 4434).expect("ok"),
+            "relay.example:4434"
+        );
+        assert_eq!(
+            interactive_addr("[::1]:4433", 4434).expect("ok"),
+            "[::1]:4434"
+        );
+        let same = interactive_addr("relay.example:4433", 4433).expect_err("same port");
+        assert!(format!("{same}").contains("a port of its own"), "{same}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut st = state(&SigningKey::generate());
+        let cfg = relay_config(dir.path(), &st, None, None).expect("config");
+        assert_eq!(cfg.interactive_listen, None);
+        st.interactive_addr = Some("127.0.0.1:4434".into());
+        let cfg = relay_config(dir.path(), &st, None, None).expect("config");
+        assert_eq!(cfg.listen, "0.0.0.0:4433".parse().expect("addr"));
+        assert_eq!(cfg.interactive_listen, "0.0.0.0:4434".parse().ok());
     }
 
     #[test]

@@ -101,7 +101,7 @@ pub async fn up(
     if !relay_dir.join("node.toml").exists() {
         let token = new_token(&admin, NodeKind::Relay, RELAY).await?;
         let addr = format!("127.0.0.1:{}", opts.relay_port);
-        node::enrol(&token, NodeKind::Relay, &relay_dir, Some(&addr), &[]).await?;
+        node::enrol(&token, NodeKind::Relay, &relay_dir, Some(&addr), None, &[]).await?;
     }
     let relay_state = node::NodeState::load(&relay_dir, NodeKind::Relay)?;
     let relay_config = node::relay_config(&relay_dir, &relay_state, None, None)?;
@@ -134,7 +134,7 @@ pub async fn up(
         let agent_dir = dir.join(name);
         if !agent_dir.join("node.toml").exists() {
             let token = new_token(&admin, NodeKind::Agent, name).await?;
-            node::enrol(&token, NodeKind::Agent, &agent_dir, None, &[]).await?;
+            node::enrol(&token, NodeKind::Agent, &agent_dir, None, None, &[]).await?;
         }
         let state = node::NodeState::load(&agent_dir, NodeKind::Agent)?;
         let mut agent = comsat_agent::Agent::new(&node::agent_config(&agent_dir, &state))?;
@@ -223,6 +223,7 @@ async fn ensure_demo_link(admin: &Client, listen: &SocketAddr, sock: &Path) -> a
         allowed_gids: vec![],
         max_flows: None,
         rate_limit_bytes_per_sec: None,
+        connection: None,
     };
     let _: api::LinkInfo = admin.post(api::PATH_LINKS, &body, "link create").await?;
     Ok(())

@@ -215,6 +215,11 @@ impl Cluster {
     }
 
     fn enrol_relay_only(&mut self, name: &str) -> Result<()> {
+        self.enrol_relay_only_with(name, &[])
+    }
+
+    /// Enrols relay `name` with more `relay enrol` arguments.
+    fn enrol_relay_only_with(&mut self, name: &str, extra: &[&str]) -> Result<()> {
         let token = self.token("relay", name, &[])?;
         let port = free_udp_port()?;
         let dir = self.path(name);
@@ -232,6 +237,7 @@ impl Cluster {
         if let Some(f) = &self.fallback {
             args.extend(["--fallback-controller", f]);
         }
+        args.extend_from_slice(extra);
         ok(&args)?;
         Ok(())
     }
@@ -305,6 +311,14 @@ impl Cluster {
         self.agents.retain(|a| a.0 != name);
         self.agents.push((name.to_owned(), p, admin));
         Ok(())
+    }
+
+    fn relay_proc(&self, name: &str) -> Result<&Proc> {
+        self.relays
+            .iter()
+            .find(|r| r.0 == name)
+            .map(|r| &r.1)
+            .context("no such relay")
     }
 
     fn agent(&mut self, name: &str) -> Result<&mut Proc> {
@@ -1770,5 +1784,74 @@ spec: {nodeKind: agent, ttl: 1h}
         audit.contains("agents.delete") && audit.contains("not enrolled"),
         "{audit}"
     );
+    Ok(())
+}
+
+/// A relay enrolled with `--interactive-port` runs its interactive listener
+/// and tells the controller; a link created with `ctl link create
+/// --connection` reaches both agents with that name and the address, so
+/// it rides a QUIC connection of its own to that listener and is served by
+/// a thread of its own in the relay and both agents, beside a plain link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_created_with_a_connection_uses_the_relays_interactive_listener() -> Result<()> {
+    let mut c = Cluster::start(|t| t)?;
+    let lane_port = free_udp_port()?.to_string();
+    c.enrol_relay_only_with("relay-1", &["--interactive-port", &lane_port])?;
+    c.run_relay("relay-1")?;
+    let lane = format!("127.0.0.1:{lane_port}");
+    let log = c.relay_proc("relay-1")?.log_tail();
+    ensure!(
+        log.contains(&format!("interactive={lane}")),
+        "the relay runs its interactive listener:\n{log}"
+    );
+    c.enrol_agent("a")?;
+    c.enrol_agent("b")?;
+    c.wait_relays_healthy(1)?;
+    let relays: Vec<api::RelayInfo> =
+        serde_json::from_str(&c.ctl_ok(&["relay", "list", "-o", "json"])?)?;
+    ensure!(
+        relays[0].interactive_addr.as_deref() == Some(lane.as_str()),
+        "{relays:?}"
+    );
+    let target = hash_server().await?;
+    for (name, connection) in [("plain", None), ("rpc", Some("interactive"))] {
+        let listen = format!("tcp://127.0.0.1:{}", free_tcp_port()?);
+        let target = format!("tcp://{target}");
+        let mut args = vec![
+            "link", "create", name, "--from", "a", "--listen", &listen, "--to", "b", "--target",
+            &target,
+        ];
+        if let Some(conn) = connection {
+            args.extend(["--connection", conn]);
+        }
+        c.ctl_ok(&args)?;
+    }
+    let shown = c.ctl_ok(&["link", "show", "rpc"])?;
+    ensure!(shown.contains("\nconnection: interactive "), "{shown}");
+    for name in ["plain", "rpc"] {
+        let listen = listen_addr(c.agent("a")?, name)?;
+        round_trip_eventually(listen, 1 << 20)
+            .await
+            .with_context(|| c.logs())?;
+    }
+    // Two connections per agent: the shared one and the rpc link's own.
+    let admin = c.relay_admin("relay-1")?;
+    wait_for(CONVERGE, || {
+        let m = scrape(admin)?;
+        let open = metric(&m, "comsat_relay_connections_open");
+        ensure!(open == 4.0, "{open} relay connections open");
+        Ok(())
+    })
+    .with_context(|| c.logs())?;
+    let mut pids = vec![c.relay_proc("relay-1")?.pid()];
+    for agent in ["a", "b"] {
+        pids.push(c.agent(agent)?.pid());
+    }
+    for pid in pids {
+        ensure!(
+            comsat_tests::threads_named(pid, "comsat-lane")? >= 1,
+            "process {pid} has no lane thread"
+        );
+    }
     Ok(())
 }

@@ -17,7 +17,7 @@ use comsat_protocol::msg::make_hello;
 use comsat_protocol::{CLOSE_REFUSED, LinkId, NodeId, RelayId, SigningKey};
 use comsat_tests::oracle::hash_to_end;
 use comsat_tests::raw::{HelloOutcome, RawClient, exporter, send_hello};
-use comsat_tests::{Oracle, metric, scrape};
+use comsat_tests::{Oracle, metric, scrape, threads_named};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
@@ -585,16 +585,6 @@ fn pids(sys: &System) -> [u32; 3] {
         sys.agents[0].0.pid(),
         sys.agents[1].0.pid(),
     ]
-}
-
-/// How many threads of process `pid` are named `name`.
-fn threads_named(pid: u32, name: &str) -> Result<usize> {
-    let mut n = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let comm = std::fs::read_to_string(task?.path().join("comm")).unwrap_or_default();
-        n += usize::from(comm.trim_end() == name);
-    }
-    Ok(n)
 }
 
 /// Links that name a `connection` ride a QUIC connection of their own to

@@ -48,8 +48,11 @@
 //! from the threads a bulk link keeps busy. Point their relays at the
 //! relay's `interactive_listen` address, which the relay serves the same
 //! way. On the bench's 2-core machine a ping beside a bulk flow took p50
-//! ~10 ms / p99 ~21 ms sharing everything and ~0.3 ms / 3.4–7 ms this way.
+//! ~5 ms / p99 ~16–20 ms sharing everything and ~0.3 ms / 3–7 ms this way.
 //! Keep bulk links off named connections: one thread carries them all.
+//! An enrolled agent gets both from its controller: links created with
+//! `comsat ctl link create --connection NAME` come with the name and, for
+//! relays enrolled with `--interactive-port`, that listener's address.
 //! A running agent handed a link whose `connection` changed
 //! ([`crate::Agent::apply`]) treats it as a new link: its flows reset.
 //! Each name costs one more QUIC connection per relay (about 40 KiB at the
@@ -81,7 +84,7 @@ pub const MAX_LINKS: usize = 10_000;
 pub const MAX_CONNECTIONS: usize = 16;
 
 /// Longest `connection` name.
-pub const MAX_CONNECTION_NAME_LEN: usize = 64;
+pub use comsat_protocol::api::MAX_CONNECTION_NAME_LEN;
 
 /// The agent configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -222,13 +225,18 @@ impl LinkConfig {
                 .relays
                 .iter()
                 .map(|r| RelayEndpoint {
-                    addr: r.addr.clone(),
+                    // A link of its own connection dials the relay's
+                    // interactive listener where it runs one.
+                    addr: match (&link.connection, &r.interactive_addr) {
+                        (Some(_), Some(lane)) => lane.clone(),
+                        _ => r.addr.clone(),
+                    },
                     server_name: r.server_name.clone(),
                     ca_file: Some(relay_ca_file.to_owned()),
                     cert_sha256: None,
                 })
                 .collect(),
-            connection: None,
+            connection: link.connection.clone(),
         }
     }
 
@@ -254,11 +262,7 @@ impl LinkConfig {
         let Some(name) = &self.connection else {
             return Ok(());
         };
-        let ok = (1..=MAX_CONNECTION_NAME_LEN).contains(&name.len())
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if ok {
+        if comsat_protocol::api::valid_connection_name(name) {
             Ok(())
         } else {
             Err(format!(
@@ -411,6 +415,46 @@ mod tests {
             }],
             connection: None,
         }
+    }
+
+    #[test]
+    fn a_controller_link_with_a_connection_dials_the_interactive_listeners() {
+        use comsat_protocol::RelayId;
+        use comsat_protocol::api::{AgentLink, RelayAddr};
+        let relay = |n: u8, lane: Option<&str>| RelayAddr {
+            relay_id: RelayId([n; 16]),
+            addr: format!("r{n}.example:4433"),
+            server_name: format!("r{n}.example"),
+            interactive_addr: lane.map(Into::into),
+        };
+        let mut desired = AgentLink {
+            name: "ssh".into(),
+            link_id: LinkId([1; 16]),
+            generation: 1,
+            side: Side::A,
+            peer_noise_public_key: NoisePublicKey([2; 32]),
+            listen: Some("tcp://127.0.0.1:2222".into()),
+            target: None,
+            allowed_uids: vec![],
+            allowed_gids: vec![],
+            relays: vec![relay(1, Some("r1.example:4434")), relay(2, None)],
+            connection: Some("interactive".into()),
+        };
+        let ca = Path::new("/ca.pem");
+        let cfg = LinkConfig::from_desired(&desired, ca);
+        assert_eq!(cfg.connection.as_deref(), Some("interactive"));
+        let addrs: Vec<&str> = cfg.relays.iter().map(|r| r.addr.as_str()).collect();
+        // A relay without an interactive listener is reached on its main one.
+        assert_eq!(addrs, ["r1.example:4434", "r2.example:4433"]);
+        assert_eq!(cfg.relays[0].server_name, "r1.example");
+        // A link without a connection stays on the main listeners.
+        desired.connection = None;
+        let cfg = LinkConfig::from_desired(&desired, ca);
+        let addrs: Vec<&str> = cfg.relays.iter().map(|r| r.addr.as_str()).collect();
+        assert_eq!(
+            (cfg.connection, addrs),
+            (None, vec!["r1.example:4433", "r2.example:4433"])
+        );
     }
 
     #[test]

@@ -444,6 +444,24 @@ fn relay_host(public_addr: &str) -> Result<&str, ApiError> {
         })
 }
 
+/// A relay's `interactive_addr`: `HOST:PORT` on the host of its
+/// `public_addr` (its certificate names that host) and another port.
+fn check_interactive_addr(public_addr: &str, host: &str, lane: &str) -> Result<(), ApiError> {
+    let port = |a: &str| a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+    if pki::host_of(lane) != Some(host) || port(lane).is_none() {
+        return Err(ApiError::bad_request(format!(
+            "interactive_addr `{lane}` must be HOST:PORT with the host of public_addr `{public_addr}` \
+             (the relay's certificate names that host)"
+        )));
+    }
+    if port(lane) == port(public_addr) {
+        return Err(ApiError::bad_request(format!(
+            "interactive_addr `{lane}` is public_addr: the interactive listener needs a port of its own"
+        )));
+    }
+    Ok(())
+}
+
 /// What a refused enrolment answers, whatever the reason (the audit log
 /// has it).
 const ENROL_REFUSED: &str = "join token refused (unknown, used, expired or for another kind of node: \
@@ -485,6 +503,9 @@ async fn enrol(
                 ));
             };
             let host = relay_host(addr)?;
+            if let Some(lane) = &req.interactive_addr {
+                check_interactive_addr(addr, host, lane)?;
+            }
             // Issued now but only handed out if the token redeems.
             let cert = state
                 .relay_ca
@@ -528,6 +549,10 @@ async fn enrol(
         public_addr: match req.kind {
             NodeKind::Agent => None,
             NodeKind::Relay => req.public_addr.clone(),
+        },
+        interactive_addr: match req.kind {
+            NodeKind::Agent => None,
+            NodeKind::Relay => req.interactive_addr.clone(),
         },
     };
     let record = match state.store.redeem_join_token(&redemption, &node).await {
@@ -729,12 +754,14 @@ async fn desired(state: &Shared, agent: &NodeRecord) -> Result<AgentDesired, Api
             .relays
             .iter()
             .filter_map(|r| {
-                let addr = relays.get(r)?.public_addr.clone()?;
+                let relay = relays.get(r)?;
+                let addr = relay.public_addr.clone()?;
                 let server_name = pki::host_of(&addr)?.to_owned();
                 Some(RelayAddr {
                     relay_id: *r,
                     addr,
                     server_name,
+                    interactive_addr: relay.interactive_addr.clone(),
                 })
             })
             .collect();
@@ -757,6 +784,7 @@ async fn desired(state: &Shared, agent: &NodeRecord) -> Result<AgentDesired, Api
                 Vec::new()
             },
             relays: relay_addrs,
+            connection: link.connection.clone(),
         });
     }
     Ok(AgentDesired {
@@ -831,6 +859,7 @@ async fn list_relays(
                     name: r.name,
                     relay_id: id,
                     public_addr: r.public_addr.unwrap_or_default(),
+                    interactive_addr: r.interactive_addr,
                     last_heartbeat: r.last_heartbeat,
                     load: r.load,
                 }
@@ -923,6 +952,17 @@ async fn create_link(
     check_target(&req.target)?;
     let max_flows = check_max_flows(req.max_flows)?;
     let rate_limit = check_rate_limit(req.rate_limit_bytes_per_sec)?;
+    if let Some(c) = req
+        .connection
+        .as_deref()
+        .filter(|c| !api::valid_connection_name(c))
+    {
+        return Err(ApiError::bad_request(format!(
+            "connection `{}`: use 1 to {} letters, digits, `-`, `_` or `.` (or leave it out to share the agents' connection)",
+            c.escape_debug(),
+            api::MAX_CONNECTION_NAME_LEN
+        )));
+    }
     if req.allowed_uids.len() > MAX_SELECTORS || req.allowed_gids.len() > MAX_SELECTORS {
         return Err(ApiError::bad_request(format!(
             "at most {MAX_SELECTORS} allowed_uids and {MAX_SELECTORS} allowed_gids"
@@ -969,6 +1009,7 @@ async fn create_link(
         grant_not_after: 0,
         max_flows,
         rate_limit,
+        connection: req.connection.clone(),
     };
     let link = state.create_link(link, now).await?;
     state

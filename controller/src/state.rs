@@ -390,6 +390,7 @@ impl Shared {
             allowed_gids: link.allowed_gids.clone(),
             max_flows: link.max_flows,
             rate_limit_bytes_per_sec: link.rate_limit,
+            connection: link.connection.clone(),
             relays: link.relays.iter().map(|r| name(&NodeId(r.0))).collect(),
             created_at: link.created_at,
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use comsat_controller::{Controller, InitOptions, RunOptions, init};
 use comsat_protocol::api::{
     self, AgentDesired, AuditRecord, EnrolRequest, EnrolResponse, ErrorBody, JoinToken, LinkCreate,
-    LinkInfo, NodeKind, RelayEventKind, RelayEvents, RelayHeartbeat, RelayLoad, Status,
+    LinkInfo, NodeKind, RelayEventKind, RelayEvents, RelayHeartbeat, RelayInfo, RelayLoad, Status,
     TokenCreated,
 };
 use comsat_protocol::jwt::{self, unix_now};
@@ -170,6 +170,7 @@ impl Api {
                 sign_public_key: key.public(),
                 noise_public_key: Some(noise.public()),
                 public_addr: None,
+                interactive_addr: None,
                 csr_pem: None,
             })
             .await;
@@ -184,6 +185,17 @@ impl Api {
     }
 
     async fn enrol_relay(&self, name: &str, addr: &str) -> Node {
+        let (key, resp) = self.try_enrol_relay(name, addr, None).await;
+        self.enrolled_relay(key, resp).await
+    }
+
+    /// Sends a relay's enrolment; the key it named and the answer.
+    async fn try_enrol_relay(
+        &self,
+        name: &str,
+        addr: &str,
+        interactive: Option<&str>,
+    ) -> (SigningKey, reqwest::Response) {
         let token = self.token(NodeKind::Relay, name).await;
         let key = SigningKey::generate();
         let resp = self
@@ -194,9 +206,14 @@ impl Api {
                 sign_public_key: key.public(),
                 noise_public_key: None,
                 public_addr: Some(addr.to_owned()),
+                interactive_addr: interactive.map(str::to_owned),
                 csr_pem: Some(csr()),
             })
             .await;
+        (key, resp)
+    }
+
+    async fn enrolled_relay(&self, key: SigningKey, resp: reqwest::Response) -> Node {
         assert_eq!(resp.status(), StatusCode::OK);
         let enrolled: EnrolResponse = resp.json().await.expect("json");
         assert!(
@@ -317,6 +334,7 @@ fn link(name: &str, from: &str, to: &str) -> LinkCreate {
         allowed_gids: vec![],
         max_flows: None,
         rate_limit_bytes_per_sec: None,
+        connection: None,
     }
 }
 
@@ -382,6 +400,7 @@ async fn enrol_authenticate_link_and_revoke() {
         sign_public_key: SigningKey::generate().public(),
         noise_public_key: Some(NoiseSecretKey::generate().public()),
         public_addr: None,
+        interactive_addr: None,
         csr_pem: None,
     };
     // Every refusal answers the same; the audit log has the reason.
@@ -966,7 +985,7 @@ async fn links_move_off_a_relay_that_stops_heartbeating() {
     // Reassignment keeps the link's limits.
     assert_eq!(g.limits.max_flows, Some(4));
     assert_eq!(moved.max_flows, Some(4));
-    let relays_now: Vec<api::RelayInfo> = api.admin_get(api::PATH_RELAYS).await;
+    let relays_now: Vec<RelayInfo> = api.admin_get(api::PATH_RELAYS).await;
     let dead_info = relays_now
         .iter()
         .find(|r| r.name == dead_name)
@@ -1351,4 +1370,92 @@ async fn service_account_tokens_expire_and_are_revocable() {
     assert_eq!(listed[0].tokens.len(), 2);
     let text = serde_json::to_string(&listed).expect("json");
     assert!(!text.contains(&token) && !text.contains(&short_token));
+}
+
+#[tokio::test]
+async fn links_of_their_own_connection_reach_agents_with_the_interactive_listener() {
+    let mut api = start("").await;
+    // A relay's interactive listener is on the host its certificate names,
+    // on a port of its own; anything else is refused, naming the field.
+    for (bad, says) in [
+        ("10.0.0.1:4434", "host of public_addr"),
+        ("127.0.0.1:4433", "port of its own"),
+        ("127.0.0.1", "HOST:PORT"),
+    ] {
+        let (_, resp) = api.try_enrol_relay("r0", "127.0.0.1:4433", Some(bad)).await;
+        let (code, msg) = error_of(resp).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(
+            msg.contains("interactive_addr") && msg.contains(says),
+            "{bad}: {msg}"
+        );
+    }
+    let (key, resp) = api
+        .try_enrol_relay("r1", "127.0.0.1:4433", Some("127.0.0.1:4434"))
+        .await;
+    let r1 = api.enrolled_relay(key, resp).await;
+    let r2 = api.enrol_relay("r2", "127.0.0.1:4435").await;
+    api.heartbeat(&r1).await;
+    api.heartbeat(&r2).await;
+    let relays: Vec<RelayInfo> = api.admin_get(api::PATH_RELAYS).await;
+    let lane = |name: &str| {
+        relays
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.interactive_addr.clone())
+    };
+    assert_eq!(lane("r1"), Some(Some("127.0.0.1:4434".into())));
+    assert_eq!(lane("r2"), Some(None));
+
+    let a = api.enrol_agent("a").await;
+    let b = api.enrol_agent("b").await;
+    let long = "x".repeat(api::MAX_CONNECTION_NAME_LEN + 1);
+    for bad in ["", "has space", "a/b", long.as_str()] {
+        let mut body = link("ssh", "a", "b");
+        body.connection = Some(bad.into());
+        let (code, msg) = error_of(api.create_link(&body).await).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{bad:?}");
+        assert!(msg.starts_with("connection `"), "{msg}");
+    }
+    let mut body = link("ssh", "a", "b");
+    body.connection = Some("interactive".into());
+    let resp = api.create_link(&body).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let info: LinkInfo = resp.json().await.expect("json");
+    assert_eq!(info.connection.as_deref(), Some("interactive"));
+    let shown: LinkInfo = api.admin_get(&format!("{}/ssh", api::PATH_LINKS)).await;
+    assert_eq!(shown, info);
+    let resp = api.create_link(&link("bulk", "a", "b")).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+
+    // Both agents get the link's connection and every relay's interactive
+    // address where it has one; the shared link gets none.
+    for agent in [&a, &b] {
+        let desired = api.config(agent, 0, 0).await;
+        let get = |name: &str| {
+            desired
+                .links
+                .iter()
+                .find(|l| l.name == name)
+                .cloned()
+                .expect("link")
+        };
+        let (ssh, bulk) = (get("ssh"), get("bulk"));
+        assert_eq!(ssh.connection.as_deref(), Some("interactive"));
+        assert_eq!(bulk.connection, None);
+        let mut lanes: Vec<_> = ssh
+            .relays
+            .iter()
+            .map(|r| (r.addr.as_str(), r.interactive_addr.as_deref()))
+            .collect();
+        lanes.sort();
+        assert_eq!(
+            lanes,
+            [
+                ("127.0.0.1:4433", Some("127.0.0.1:4434")),
+                ("127.0.0.1:4435", None)
+            ]
+        );
+    }
+    api.stop().await;
 }

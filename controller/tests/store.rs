@@ -72,6 +72,7 @@ fn new_node(kind: NodeKind) -> NewNode {
         sign_pub: SigningKey::generate().public(),
         noise_pub: (kind == NodeKind::Agent).then(|| NoiseSecretKey::generate().public()),
         public_addr: (kind == NodeKind::Relay).then(|| "127.0.0.1:4433".to_owned()),
+        interactive_addr: (kind == NodeKind::Relay).then(|| "127.0.0.1:4434".to_owned()),
     }
 }
 
@@ -245,6 +246,8 @@ async fn link_events_go_only_to_assigned_relays(dir: Db) {
     let r1 = enrol(&store, NodeKind::Relay, "r1").await.relay_id();
     let r2 = enrol(&store, NodeKind::Relay, "r2").await.relay_id();
     let r3 = enrol(&store, NodeKind::Relay, "r3").await.relay_id();
+    let stored = store.node(&NodeId(r1.0)).await.expect("get").expect("r1");
+    assert_eq!(stored.interactive_addr.as_deref(), Some("127.0.0.1:4434"));
     let link = LinkRecord {
         link_id: LinkId::random(),
         name: "db".into(),
@@ -260,6 +263,7 @@ async fn link_events_go_only_to_assigned_relays(dir: Db) {
         grant_not_after: unix_now() + 3600,
         max_flows: None,
         rate_limit: None,
+        connection: Some("interactive".into()),
     };
     let grant = |r: RelayId, g: &str| NewEvent {
         relay_id: r,
@@ -393,6 +397,7 @@ async fn link_limits_persist_and_update_without_touching_agents(dir: Db) {
         grant_not_after: unix_now() + 3600,
         max_flows: Some(1_000_000),
         rate_limit: Some(1 << 20),
+        connection: None,
     };
     store.create_link(&link, &[]).await.expect("create");
     assert_eq!(
@@ -552,6 +557,7 @@ async fn two_controllers_on_one_database_behave_as_one(db: Db) {
                     grant_not_after: unix_now() + 3600,
                     max_flows: None,
                     rate_limit: None,
+                    connection: None,
                 };
                 let ev = NewEvent {
                     relay_id: relay,

@@ -137,6 +137,19 @@ impl std::str::FromStr for NodeKind {
     }
 }
 
+/// Longest name of a link's `connection`.
+pub const MAX_CONNECTION_NAME_LEN: usize = 64;
+
+/// Whether `name` may name a link's `connection` (the agent's own QUIC
+/// connection and thread for interactive links): 1 to
+/// [`MAX_CONNECTION_NAME_LEN`] ASCII letters, digits, `-`, `_` or `.`.
+pub fn valid_connection_name(name: &str) -> bool {
+    (1..=MAX_CONNECTION_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// Whether `name` is a valid node or link name: 1 to [`MAX_NAME_LEN`]
 /// characters of `a-z 0-9 -`, starting with a letter or digit and not
 /// ending with `-` (a DNS label).
@@ -168,6 +181,10 @@ pub struct EnrolRequest {
     /// Relays: the `host:port` agents dial.
     #[serde(default)]
     pub public_addr: Option<String>,
+    /// Relays: the `host:port` of their interactive listener (same host as
+    /// `public_addr`), if they run one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interactive_addr: Option<String>,
     /// Relays: a PEM certificate signing request for their TLS key.
     #[serde(default)]
     pub csr_pem: Option<String>,
@@ -181,6 +198,7 @@ impl fmt::Debug for EnrolRequest {
             .field("kind", &self.kind)
             .field("sign_public_key", &self.sign_public_key)
             .field("public_addr", &self.public_addr)
+            .field("interactive_addr", &self.interactive_addr)
             .finish_non_exhaustive()
     }
 }
@@ -281,6 +299,10 @@ pub struct RelayAddr {
     pub addr: String,
     /// The name its certificate carries.
     pub server_name: String,
+    /// `host:port` of its interactive listener, if it runs one: links with
+    /// a `connection` dial it instead of `addr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interactive_addr: Option<String>,
 }
 
 /// An agent's half of one link.
@@ -310,6 +332,10 @@ pub struct AgentLink {
     pub allowed_gids: Vec<u32>,
     /// The relays that carry the link, in order of preference.
     pub relays: Vec<RelayAddr>,
+    /// The agent's own QUIC connection (and thread) the link uses, apart
+    /// from its other links: for interactive links beside bulk ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<String>,
 }
 
 /// An agent's whole desired state.
@@ -583,6 +609,9 @@ pub struct RelayInfo {
     pub relay_id: RelayId,
     /// The address agents dial.
     pub public_addr: String,
+    /// The address of its interactive listener, if it runs one.
+    #[serde(default)]
+    pub interactive_addr: Option<String>,
     /// Unix time of its last heartbeat.
     pub last_heartbeat: Option<u64>,
     /// Whether it heartbeats in time and gets links.
@@ -620,6 +649,10 @@ pub struct LinkCreate {
     /// (`None`: unlimited).
     #[serde(default)]
     pub rate_limit_bytes_per_sec: Option<u64>,
+    /// A connection of its own for the link on both agents (see
+    /// [`AgentLink::connection`]); [`valid_connection_name`].
+    #[serde(default)]
+    pub connection: Option<String>,
 }
 
 /// `PATCH PATH_LINKS/{name}`: changes the limits the relays enforce.
@@ -666,6 +699,9 @@ pub struct LinkInfo {
     /// Bytes per second per direction the relays allow (`None`: unlimited).
     #[serde(default)]
     pub rate_limit_bytes_per_sec: Option<u64>,
+    /// The agents' connection of its own for the link, if any.
+    #[serde(default)]
+    pub connection: Option<String>,
     /// Relay names, primary first (empty while no relay is healthy).
     pub relays: Vec<String>,
     /// Unix time created.
@@ -819,9 +855,50 @@ mod tests {
             sign_public_key: SignPublicKey([1; 32]),
             noise_public_key: None,
             public_addr: None,
+            interactive_addr: None,
             csr_pem: None,
         };
         assert!(!format!("{req:?}").contains(&t.secret));
+    }
+
+    #[test]
+    fn connection_names_are_short_and_plain() {
+        for good in [
+            "ssh",
+            "ctl.interactive",
+            "A-1_b",
+            &"x".repeat(MAX_CONNECTION_NAME_LEN),
+        ] {
+            assert!(valid_connection_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "lane/1",
+            "é",
+            &"x".repeat(MAX_CONNECTION_NAME_LEN + 1),
+        ] {
+            assert!(!valid_connection_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lane_fields_are_optional_both_ways() {
+        // What a controller without lanes sends still parses, and what one
+        // with lanes sends without them carries no new keys.
+        let relay: RelayAddr = serde_json::from_str(
+            r#"{"relay_id":"00000000000000000000000000000001","addr":"r:1","server_name":"r"}"#,
+        )
+        .expect("an old RelayAddr parses");
+        assert_eq!(relay.interactive_addr, None);
+        let json = serde_json::to_string(&relay).expect("encodes");
+        assert!(!json.contains("interactive_addr"), "{json}");
+        let with: RelayAddr = serde_json::from_str(&json.replace(
+            r#""server_name":"r""#,
+            r#""server_name":"r","interactive_addr":"r:2""#,
+        ))
+        .expect("parses");
+        assert_eq!(with.interactive_addr.as_deref(), Some("r:2"));
     }
 
     #[test]

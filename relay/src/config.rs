@@ -50,9 +50,13 @@
 //! (`comsat-lane`), with the same grants, limits and certificate. Point
 //! the relays of links that send little but must answer fast there, on
 //! both agents, and give those links a `connection` name (agent config):
-//! on the bench's 2-core machine a ping beside a bulk flow took p50 ~10 ms
-//! / p99 ~21 ms sharing everything, ~0.3 ms / 3.4–7 ms this way. Do not send
-//! bulk links there: one thread carries all of them.
+//! on the bench's 2-core machine a ping beside a bulk flow took p50 ~5 ms
+//! / p99 ~16–20 ms sharing everything, ~0.3 ms / 3–7 ms this way. Do not send
+//! bulk links there: one thread carries all of them. A relay enrolled with
+//! a controller runs it when enrolled with `--interactive-port PORT`
+//! (listening on that port, reported to the controller as the host of its
+//! public address and that port), and agents get the address with the
+//! links created with `--connection`.
 //!
 //! ## Reload
 //!

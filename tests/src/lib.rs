@@ -17,4 +17,4 @@ pub mod proc;
 pub mod raw;
 
 pub use oracle::Oracle;
-pub use proc::{Proc, free_udp_port, metric, scrape};
+pub use proc::{Proc, free_udp_port, metric, scrape, threads_named};

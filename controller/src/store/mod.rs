@@ -225,6 +225,8 @@ pub struct NewNode {
     pub noise_pub: Option<NoisePublicKey>,
     /// Relays: the `host:port` agents dial.
     pub public_addr: Option<String>,
+    /// Relays: the `host:port` of their interactive listener, if any.
+    pub interactive_addr: Option<String>,
 }
 
 /// An enrolled node.
@@ -242,6 +244,8 @@ pub struct NodeRecord {
     pub noise_pub: Option<NoisePublicKey>,
     /// Relays: the address agents dial.
     pub public_addr: Option<String>,
+    /// Relays: the address of their interactive listener, if any.
+    pub interactive_addr: Option<String>,
     /// Unix time enrolled.
     pub created_at: u64,
     /// Unix time of its last authenticated request.
@@ -292,6 +296,8 @@ pub struct LinkRecord {
     pub max_flows: Option<u32>,
     /// Bytes per second per direction the relays allow (`None`: unlimited).
     pub rate_limit: Option<u64>,
+    /// The agents' connection of its own for the link (`None`: shared).
+    pub connection: Option<String>,
 }
 
 /// A relay event to append.

@@ -83,7 +83,7 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
 }
 
 const NODE_COLUMNS: &str = "node_id, kind, name, sign_pub, noise_pub, public_addr, created_at, \
-     last_seen, last_heartbeat, load, config_version";
+     last_seen, last_heartbeat, load, config_version, interactive_addr";
 
 fn node_from_row(row: &AnyRow) -> Result<NodeRecord, StoreError> {
     let load: Option<String> = row.try_get("load")?;
@@ -95,6 +95,7 @@ fn node_from_row(row: &AnyRow) -> Result<NodeRecord, StoreError> {
         sign_pub: parse("nodes.sign_pub", &row.try_get::<String, _>("sign_pub")?)?,
         noise_pub: noise.map(|n| parse("nodes.noise_pub", &n)).transpose()?,
         public_addr: row.try_get("public_addr")?,
+        interactive_addr: row.try_get("interactive_addr")?,
         created_at: to_u64(row.try_get("created_at")?),
         last_seen: row.try_get::<Option<i64>, _>("last_seen")?.map(to_u64),
         last_heartbeat: row.try_get::<Option<i64>, _>("last_heartbeat")?.map(to_u64),
@@ -107,7 +108,7 @@ fn node_from_row(row: &AnyRow) -> Result<NodeRecord, StoreError> {
 }
 
 const LINK_COLUMNS: &str = "link_id, name, generation, from_node, listen, to_node, target, \
-     allowed_uids, allowed_gids, relays, created_at, grant_not_after, max_flows, rate_limit";
+     allowed_uids, allowed_gids, relays, created_at, grant_not_after, max_flows, rate_limit, connection";
 
 fn link_from_row(row: &AnyRow) -> Result<LinkRecord, StoreError> {
     let relays: Vec<String> = json("links.relays", &row.try_get::<String, _>("relays")?)?;
@@ -139,6 +140,7 @@ fn link_from_row(row: &AnyRow) -> Result<LinkRecord, StoreError> {
         rate_limit: row
             .try_get::<Option<i64>, _>("rate_limit")?
             .and_then(|n| u64::try_from(n).ok()),
+        connection: row.try_get("connection")?,
     })
 }
 
@@ -715,6 +717,7 @@ impl Store for SqlStore {
             sign_pub: node.sign_pub,
             noise_pub: node.noise_pub,
             public_addr: node.public_addr.clone(),
+            interactive_addr: node.interactive_addr.clone(),
             created_at: r.now,
             last_seen: Some(r.now),
             last_heartbeat: None,
@@ -723,8 +726,8 @@ impl Store for SqlStore {
         };
         let inserted = sqlx::query(
             "INSERT INTO nodes (node_id, kind, name, sign_pub, noise_pub, public_addr, created_at, \
-             last_seen, last_heartbeat, load, config_version) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL, $9)",
+             last_seen, last_heartbeat, load, config_version, interactive_addr) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL, $9, $10)",
         )
         .bind(record.node_id.to_string())
         .bind(record.kind.as_str())
@@ -735,6 +738,7 @@ impl Store for SqlStore {
         .bind(to_i64(r.now))
         .bind(to_i64(r.now))
         .bind(to_i64(record.config_version))
+        .bind(record.interactive_addr.as_deref())
         .execute(&mut *tx)
         .await;
         if let Err(e) = inserted {
@@ -940,7 +944,8 @@ impl Store for SqlStore {
         let inserted = sqlx::query(
             "INSERT INTO links (link_id, name, generation, from_node, listen, to_node, target, \
              allowed_uids, allowed_gids, relays, created_at, grant_not_after, max_flows, \
-             rate_limit) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+             rate_limit, connection) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(link.link_id.to_string())
         .bind(&link.name)
@@ -956,6 +961,7 @@ impl Store for SqlStore {
         .bind(to_i64(link.grant_not_after))
         .bind(link.max_flows.map(i64::from))
         .bind(link.rate_limit.map(to_i64))
+        .bind(link.connection.as_deref())
         .execute(&mut *tx)
         .await;
         if let Err(e) = inserted {
