@@ -317,7 +317,6 @@ async fn apply_one(c: &Client, item: Item) -> anyhow::Result<String> {
                 ("target", have.target == s.target),
                 ("allowedUids", have.allowed_uids == s.allowed_uids),
                 ("allowedGids", have.allowed_gids == s.allowed_gids),
-                ("connection", have.connection == s.connection),
             ];
             if let Some((field, _)) = fixed.iter().find(|(_, same)| !same) {
                 bail!(
@@ -325,12 +324,18 @@ async fn apply_one(c: &Client, item: Item) -> anyhow::Result<String> {
                      change in place (`comsat ctl link delete {name}`, then apply)"
                 );
             }
-            if have.max_flows == s.max_flows && have.rate_limit_bytes_per_sec == rate {
+            let limits_same =
+                have.max_flows == s.max_flows && have.rate_limit_bytes_per_sec == rate;
+            let connection_same = have.connection == s.connection;
+            if limits_same && connection_same {
                 return Ok(format!("link/{name} unchanged"));
             }
+            // A new connection re-creates the agents' halves (open flows
+            // reset), so it is sent only when it changes.
             let update = api::LinkUpdate {
-                max_flows: Some(s.max_flows.unwrap_or(0)),
-                rate_limit_bytes_per_sec: Some(rate.unwrap_or(0)),
+                max_flows: (!limits_same).then(|| s.max_flows.unwrap_or(0)),
+                rate_limit_bytes_per_sec: (!limits_same).then(|| rate.unwrap_or(0)),
+                connection: (!connection_same).then(|| s.connection.unwrap_or_default()),
             };
             let _: api::LinkInfo = c.patch(&path, &update, "apply").await?;
             Ok(format!("link/{name} updated"))

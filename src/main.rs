@@ -516,7 +516,7 @@ enum LinkCommand {
     },
     /// Change the limits relays enforce on a link (the others stay); open
     /// flows go on.
-    #[command(group(clap::ArgGroup::new("limits").required(true).multiple(true).args(["max_flows", "unlimited_flows", "rate_limit", "unlimited_rate"])))]
+    #[command(group(clap::ArgGroup::new("limits").required(true).multiple(true).args(["max_flows", "unlimited_flows", "rate_limit", "unlimited_rate", "connection", "shared_connection"])))]
     Update {
         /// The link's name.
         name: String,
@@ -533,6 +533,14 @@ enum LinkCommand {
         /// Remove the rate limit.
         #[arg(long)]
         unlimited_rate: bool,
+        /// Move the link onto the agents' connection NAME (see `create
+        /// --connection`); its open flows are reset.
+        #[arg(long, value_name = "NAME", conflicts_with = "shared_connection")]
+        connection: Option<String>,
+        /// Move the link back onto the agents' shared connection; its open
+        /// flows are reset.
+        #[arg(long)]
+        shared_connection: bool,
     },
     /// List links.
     List,
@@ -906,11 +914,19 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 unlimited_flows,
                 rate_limit,
                 unlimited_rate,
+                connection,
+                shared_connection,
             } => {
-                // 0 removes a limit; a field left out stays as it is.
+                // 0 removes a limit, "" the connection; a field left out
+                // stays as it is.
                 let update = api::LinkUpdate {
                     max_flows: if unlimited_flows { Some(0) } else { max_flows },
                     rate_limit_bytes_per_sec: if unlimited_rate { Some(0) } else { rate_limit },
+                    connection: if shared_connection {
+                        Some(String::new())
+                    } else {
+                        connection
+                    },
                 };
                 ctl::link_update(&c, &name, update, out).await?
             }

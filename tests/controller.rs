@@ -1853,5 +1853,22 @@ async fn a_link_created_with_a_connection_uses_the_relays_interactive_listener()
             "process {pid} has no lane thread"
         );
     }
+
+    // Moved onto the same connection, the plain link joins rpc there: it
+    // carries bytes again and the agents' shared connections go away.
+    c.ctl_ok(&["link", "update", "plain", "--connection", "interactive"])?;
+    let shown = c.ctl_ok(&["link", "show", "plain"])?;
+    ensure!(shown.contains("\nconnection: interactive "), "{shown}");
+    let listen = listen_addr(c.agent("a")?, "plain")?;
+    round_trip_eventually(listen, 1 << 20)
+        .await
+        .with_context(|| c.logs())?;
+    wait_for(CONVERGE, || {
+        let m = scrape(admin)?;
+        let open = metric(&m, "comsat_relay_connections_open");
+        ensure!(open == 2.0, "{open} relay connections open");
+        Ok(())
+    })
+    .with_context(|| c.logs())?;
     Ok(())
 }

@@ -952,17 +952,7 @@ async fn create_link(
     check_target(&req.target)?;
     let max_flows = check_max_flows(req.max_flows)?;
     let rate_limit = check_rate_limit(req.rate_limit_bytes_per_sec)?;
-    if let Some(c) = req
-        .connection
-        .as_deref()
-        .filter(|c| !api::valid_connection_name(c))
-    {
-        return Err(ApiError::bad_request(format!(
-            "connection `{}`: use 1 to {} letters, digits, `-`, `_` or `.` (or leave it out to share the agents' connection)",
-            c.escape_debug(),
-            api::MAX_CONNECTION_NAME_LEN
-        )));
-    }
+    check_connection(req.connection.as_deref())?;
     if req.allowed_uids.len() > MAX_SELECTORS || req.allowed_gids.len() > MAX_SELECTORS {
         return Err(ApiError::bad_request(format!(
             "at most {MAX_SELECTORS} allowed_uids and {MAX_SELECTORS} allowed_gids"
@@ -1026,6 +1016,18 @@ async fn create_link(
     Ok((StatusCode::CREATED, Json(Shared::link_info(&link, &names))))
 }
 
+/// A link's `connection` name, if given.
+fn check_connection(c: Option<&str>) -> Result<(), ApiError> {
+    match c {
+        Some(c) if !api::valid_connection_name(c) => Err(ApiError::bad_request(format!(
+            "connection `{}`: use 1 to {} letters, digits, `-`, `_` or `.` (or none to share the agents' connection)",
+            c.escape_debug(),
+            api::MAX_CONNECTION_NAME_LEN
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Most concurrent flows a link may be given.
 const MAX_FLOWS_LIMIT: u32 = 1_000_000;
 
@@ -1061,17 +1063,36 @@ async fn update_link(
 ) -> Result<Json<LinkInfo>, ApiError> {
     let subject = authorize(&state, &caller, "links", "update").await?;
     let req: LinkUpdate = parse_json(&body)?;
-    if req.max_flows.is_none() && req.rate_limit_bytes_per_sec.is_none() {
+    if req.max_flows.is_none() && req.rate_limit_bytes_per_sec.is_none() && req.connection.is_none()
+    {
         return Err(ApiError::bad_request(
-            "nothing to change: give max_flows and/or rate_limit_bytes_per_sec (0 removes a limit)",
+            "nothing to change: give max_flows, rate_limit_bytes_per_sec (0 removes a limit) \
+             and/or connection (\"\" for the shared one)",
         ));
     }
     check_max_flows(req.max_flows.filter(|n| *n > 0))?;
     check_rate_limit(req.rate_limit_bytes_per_sec.filter(|r| *r > 0))?;
-    let link = state
-        .update_link_limits(&name, &req, unix_now())
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no link named `{name}`")))?;
+    check_connection(req.connection.as_deref().filter(|c| !c.is_empty()))?;
+    let missing = || ApiError::not_found(format!("no link named `{name}`"));
+    let mut link = None;
+    if req.max_flows.is_some() || req.rate_limit_bytes_per_sec.is_some() {
+        link = Some(
+            state
+                .update_link_limits(&name, &req, unix_now())
+                .await?
+                .ok_or_else(missing)?,
+        );
+    }
+    if let Some(c) = &req.connection {
+        let connection = (!c.is_empty()).then(|| c.clone());
+        link = Some(
+            state
+                .set_link_connection(&name, connection)
+                .await?
+                .ok_or_else(missing)?,
+        );
+    }
+    let link = link.ok_or_else(missing)?;
     state
         .audit(
             &caller,

@@ -277,6 +277,34 @@ impl Shared {
         Ok(Some(link))
     }
 
+    /// Moves a link onto its own agents' connection `connection` (`None`:
+    /// the shared one). Its grant is unchanged; both agents hear of it and
+    /// re-create their halves (open flows reset).
+    pub(crate) async fn set_link_connection(
+        &self,
+        name: &str,
+        connection: Option<String>,
+    ) -> Result<Option<LinkRecord>, ApiError> {
+        let _guard = self.link_lock.lock().await;
+        let Some(mut link) = self.store.link_by_name(name).await? else {
+            return Ok(None);
+        };
+        if link.connection == connection {
+            return Ok(Some(link));
+        }
+        if !self
+            .store
+            .set_link_connection(&link.link_id, connection.as_deref())
+            .await?
+        {
+            return Ok(None);
+        }
+        link.connection = connection;
+        self.notify();
+        tracing::info!(link = %link.name, connection = ?link.connection, "link connection changed");
+        Ok(Some(link))
+    }
+
     /// Deletes a link and revokes it at its relays.
     pub(crate) async fn delete_link(
         &self,

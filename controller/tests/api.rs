@@ -1457,5 +1457,42 @@ async fn links_of_their_own_connection_reach_agents_with_the_interactive_listene
             ]
         );
     }
+
+    // PATCH moves a link between connections, and both agents hear of it;
+    // `""` is the shared one.
+    let before = api.config(&a, 0, 0).await.version;
+    let (code, msg) = error_of(
+        api.patch_link("bulk", &serde_json::json!({"connection": "a b"}))
+            .await,
+    )
+    .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert!(msg.starts_with("connection `a b`"), "{msg}");
+    let (code, msg) = error_of(api.patch_link("bulk", &serde_json::json!({})).await).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("connection"), "{msg}");
+    let resp = api
+        .patch_link("ssh", &serde_json::json!({"connection": ""}))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let info: LinkInfo = resp.json().await.expect("json");
+    assert_eq!(info.connection, None);
+    let resp = api
+        .patch_link("bulk", &serde_json::json!({"connection": "lane-2"}))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    for agent in [&a, &b] {
+        let desired = api.config(agent, 0, 0).await;
+        assert!(desired.version > before, "the agents' config changed");
+        let conn = |name: &str| {
+            desired
+                .links
+                .iter()
+                .find(|l| l.name == name)
+                .map(|l| l.connection.clone())
+        };
+        assert_eq!(conn("ssh"), Some(None));
+        assert_eq!(conn("bulk"), Some(Some("lane-2".into())));
+    }
     api.stop().await;
 }

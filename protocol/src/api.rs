@@ -668,6 +668,11 @@ pub struct LinkUpdate {
     /// Bytes per second per direction (`0`: unlimited).
     #[serde(default)]
     pub rate_limit_bytes_per_sec: Option<u64>,
+    /// The agents' connection of its own for the link (`""`: back to the
+    /// shared one). Unlike the limits, this re-creates both agents' halves
+    /// of the link: its open flows are reset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<String>,
 }
 
 /// A link as the operator sees it.

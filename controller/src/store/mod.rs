@@ -521,6 +521,14 @@ pub trait Store: Send + Sync {
         now: u64,
     ) -> Result<bool, StoreError>;
 
+    /// Sets the agents' connection of a link (`None`: the shared one) and
+    /// bumps both agents' config versions; `false` if the link is gone.
+    async fn set_link_connection(
+        &self,
+        link_id: &LinkId,
+        connection: Option<&str>,
+    ) -> Result<bool, StoreError>;
+
     /// A number that changes whenever nodes have something new to hear
     /// (relay events, agents' config): controllers sharing the database
     /// poll it to wake their long polls.

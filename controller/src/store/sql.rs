@@ -1108,6 +1108,33 @@ impl Store for SqlStore {
         Ok(true)
     }
 
+    async fn set_link_connection(
+        &self,
+        link_id: &LinkId,
+        connection: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let row = sqlx::query("SELECT from_node, to_node FROM links WHERE link_id = $1")
+            .bind(link_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(false);
+        };
+        sqlx::query("UPDATE links SET connection = $1 WHERE link_id = $2")
+            .bind(connection)
+            .bind(link_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let a: NodeId = parse("links.from_node", &row.try_get::<String, _>("from_node")?)?;
+        let b: NodeId = parse("links.to_node", &row.try_get::<String, _>("to_node")?)?;
+        bump_agents(&mut tx, &a, &b).await?;
+        mark_change(&mut tx, self.backend).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     async fn relay_events(
         &self,
         relay: &RelayId,
