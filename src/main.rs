@@ -83,6 +83,10 @@ struct UpArgs {
     /// The relay's QUIC (UDP) port on 127.0.0.1 (first run only).
     #[arg(long, default_value_t = 4433)]
     relay_port: u16,
+    /// The relay's interactive listener (UDP) on 127.0.0.1, for links
+    /// created with `--connection` (first run only).
+    #[arg(long, default_value_t = 4434)]
+    relay_interactive_port: u16,
     /// Where the demo link listens.
     #[arg(long, default_value = "127.0.0.1:7000")]
     demo_listen: SocketAddr,
@@ -810,6 +814,7 @@ async fn run_up(args: UpArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         controller_port: args.controller_port,
         relay_port: args.relay_port,
+        relay_interactive_port: args.relay_interactive_port,
         demo_listen: args.demo_listen,
         demo: !args.no_demo,
     };

@@ -28,6 +28,9 @@ pub struct UpOptions {
     pub controller_port: u16,
     /// The relay's QUIC port on 127.0.0.1 (first run only).
     pub relay_port: u16,
+    /// The relay's interactive listener's port on 127.0.0.1, where links
+    /// created with `--connection` go (first run only).
+    pub relay_interactive_port: u16,
     /// Where the demo link listens on agent A.
     pub demo_listen: SocketAddr,
     /// Start the demo service and link.
@@ -101,15 +104,20 @@ pub async fn up(
     if !relay_dir.join("node.toml").exists() {
         let token = new_token(&admin, NodeKind::Relay, RELAY).await?;
         let addr = format!("127.0.0.1:{}", opts.relay_port);
-        node::enrol(&token, NodeKind::Relay, &relay_dir, Some(&addr), None, &[]).await?;
+        let lane = Some(opts.relay_interactive_port);
+        node::enrol(&token, NodeKind::Relay, &relay_dir, Some(&addr), lane, &[]).await?;
     }
     let relay_state = node::NodeState::load(&relay_dir, NodeKind::Relay)?;
     let relay_config = node::relay_config(&relay_dir, &relay_state, None, None)?;
     let relay_listen = SocketAddr::from(([127, 0, 0, 1], relay_config.listen.port()));
     let mut relay_config = relay_config;
     relay_config.listen = relay_listen;
+    relay_config.interactive_listen = relay_config
+        .interactive_listen
+        .map(|a| SocketAddr::from(([127, 0, 0, 1], a.port())));
     let relay = comsat_relay::Relay::bind(relay_config).context("starting the relay")?;
     let relay_quic = relay.local_addr()?;
+    let relay_lane = relay.interactive_addr().transpose()?;
     tasks.spawn({
         let sync = node::relay_sync(relay_dir.clone(), relay_state, relay.load_probe());
         let rx = stop_rx.clone();
@@ -164,7 +172,13 @@ pub async fn up(
         wait_demo(opts.demo_listen).await?;
     }
 
-    print_banner(&dir, controller_addr, relay_quic, &context, &opts);
+    print_banner(
+        &dir,
+        controller_addr,
+        (relay_quic, relay_lane),
+        &context,
+        &opts,
+    );
     println!("comsat up ready");
 
     let status = status_loop(prometheus, stop_rx.clone());
@@ -298,7 +312,7 @@ async fn demo_service(listener: tokio::net::UnixListener, stop: watch::Receiver<
 fn print_banner(
     dir: &Path,
     controller: SocketAddr,
-    relay: SocketAddr,
+    (relay, lane): (SocketAddr, Option<SocketAddr>),
     context: &Path,
     opts: &UpOptions,
 ) {
@@ -306,7 +320,12 @@ fn print_banner(
     println!();
     println!("comsat is up — everything on loopback, state in {d}");
     println!("  controller  https://{controller}");
-    println!("  relay       {RELAY}, QUIC on {relay}");
+    match lane {
+        Some(lane) => {
+            println!("  relay       {RELAY}, QUIC on {relay}, interactive listener on {lane}")
+        }
+        None => println!("  relay       {RELAY}, QUIC on {relay}"),
+    }
     println!("  agents      {} and {}", AGENTS[0], AGENTS[1]);
     if opts.demo {
         println!(
@@ -326,6 +345,11 @@ fn print_banner(
         "  comsat ctl link create web --from {} --listen tcp://127.0.0.1:7001 --to {} --target tcp://127.0.0.1:8080",
         AGENTS[0], AGENTS[1]
     );
+    if lane.is_some() {
+        println!(
+            "    (add --connection interactive: its own QUIC connection and threads, for round trips beside bulk)"
+        );
+    }
     println!("Ctrl-C stops everything; `comsat up` again reuses {d}.");
     println!();
 }

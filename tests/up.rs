@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use comsat_tests::{Proc, free_udp_port};
+use comsat_tests::{Proc, free_udp_port, threads_named};
 
 const BIN: &str = env!("CARGO_BIN_EXE_comsat");
 
@@ -23,6 +23,7 @@ async fn up_serves_the_demo_link_stops_on_ctrl_c_and_comes_back_with_the_same_id
     let demo = format!("127.0.0.1:{}", free_tcp_port()?);
     let controller_port = free_tcp_port()?.to_string();
     let relay_port = free_udp_port()?.to_string();
+    let lane_port = free_udp_port()?.to_string();
     let args = [
         "up",
         "--data-dir",
@@ -31,6 +32,8 @@ async fn up_serves_the_demo_link_stops_on_ctrl_c_and_comes_back_with_the_same_id
         &controller_port,
         "--relay-port",
         &relay_port,
+        "--relay-interactive-port",
+        &lane_port,
         "--demo-listen",
         &demo,
     ];
@@ -72,6 +75,7 @@ async fn up_without_the_demo_starts_only_the_infrastructure() -> Result<()> {
     let data = dir.path().join("state");
     let controller_port = free_tcp_port()?.to_string();
     let relay_port = free_udp_port()?.to_string();
+    let lane_port = free_udp_port()?.to_string();
     let mut up = Proc::spawn(
         BIN,
         "up-no-demo",
@@ -84,6 +88,8 @@ async fn up_without_the_demo_starts_only_the_infrastructure() -> Result<()> {
             &controller_port,
             "--relay-port",
             &relay_port,
+            "--relay-interactive-port",
+            &lane_port,
         ],
         dir.path(),
     )?;
@@ -117,6 +123,27 @@ async fn up_without_the_demo_starts_only_the_infrastructure() -> Result<()> {
             "{node} not enrolled"
         );
     }
+    // The relay runs its interactive listener, on its own thread, and the
+    // controller knows its address (links created with --connection use it).
+    let out = std::process::Command::new(BIN)
+        .args(["ctl", "--context", context.to_str().context("path")?])
+        .args(["relay", "list", "-o", "json"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let relays: Vec<comsat_protocol::api::RelayInfo> = serde_json::from_slice(&out.stdout)?;
+    let lane = format!("127.0.0.1:{lane_port}");
+    ensure!(
+        relays.len() == 1 && relays[0].interactive_addr.as_deref() == Some(lane.as_str()),
+        "{relays:?}"
+    );
+    ensure!(
+        threads_named(up.pid(), "comsat-lane")? >= 1,
+        "no lane thread in `comsat up`"
+    );
     up.interrupt()?;
     ensure!(
         up.wait_exit(Duration::from_secs(20))? == Some(0),
