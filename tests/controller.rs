@@ -1836,13 +1836,14 @@ async fn a_link_created_with_a_connection_uses_the_relays_interactive_listener()
     }
     // Two connections per agent: the shared one and the rpc link's own.
     let admin = c.relay_admin("relay-1")?;
-    wait_for(CONVERGE, || {
-        let m = scrape(admin)?;
-        let open = metric(&m, "comsat_relay_connections_open");
-        ensure!(open == 4.0, "{open} relay connections open");
-        Ok(())
-    })
-    .with_context(|| c.logs())?;
+    let connections_become = |n: f64| {
+        wait_for(CONVERGE, || {
+            let open = metric(&scrape(admin)?, "comsat_relay_connections_open");
+            ensure!(open == n, "{open} relay connections open, not {n}");
+            Ok(())
+        })
+    };
+    connections_become(4.0).with_context(|| c.logs())?;
     let mut pids = vec![c.relay_proc("relay-1")?.pid()];
     for agent in ["a", "b"] {
         pids.push(c.agent(agent)?.pid());
@@ -1863,12 +1864,6 @@ async fn a_link_created_with_a_connection_uses_the_relays_interactive_listener()
     round_trip_eventually(listen, 1 << 20)
         .await
         .with_context(|| c.logs())?;
-    wait_for(CONVERGE, || {
-        let m = scrape(admin)?;
-        let open = metric(&m, "comsat_relay_connections_open");
-        ensure!(open == 2.0, "{open} relay connections open");
-        Ok(())
-    })
-    .with_context(|| c.logs())?;
+    connections_become(2.0).with_context(|| c.logs())?;
     Ok(())
 }

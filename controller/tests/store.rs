@@ -375,8 +375,8 @@ async fn config_versions(store: &dyn Store, ids: &[NodeId]) -> Vec<u64> {
     v
 }
 
-both!(link_limits_persist_and_update_without_touching_agents);
-async fn link_limits_persist_and_update_without_touching_agents(dir: Db) {
+both!(link_limits_leave_agents_alone_and_a_new_connection_does_not);
+async fn link_limits_leave_agents_alone_and_a_new_connection_does_not(dir: Db) {
     let store = open(&dir).await;
     let a = enrol(&store, NodeKind::Agent, "a").await;
     let b = enrol(&store, NodeKind::Agent, "b").await;
@@ -478,11 +478,46 @@ async fn link_limits_persist_and_update_without_touching_agents(dir: Db) {
     );
     link.max_flows = None;
     link.rate_limit = None;
-    assert_eq!(store.link_by_name("db").await.expect("get"), Some(link));
+    assert_eq!(
+        store.link_by_name("db").await.expect("get"),
+        Some(link.clone())
+    );
     assert_eq!(
         config_versions(&store, &[a.node_id, b.node_id]).await,
         before
     );
+    // A new connection, unlike a limit, is the agents' business: both
+    // config versions move; an unknown link changes nothing.
+    assert!(
+        store
+            .set_link_connection(&link.link_id, Some("interactive"))
+            .await
+            .expect("set")
+    );
+    link.connection = Some("interactive".into());
+    assert_eq!(
+        store.link_by_name("db").await.expect("get"),
+        Some(link.clone())
+    );
+    let after = config_versions(&store, &[a.node_id, b.node_id]).await;
+    assert!(
+        after.iter().zip(&before).all(|(n, o)| n > o),
+        "{after:?} {before:?}"
+    );
+    assert!(
+        !store
+            .set_link_connection(&LinkId::random(), None)
+            .await
+            .expect("unknown")
+    );
+    assert!(
+        store
+            .set_link_connection(&link.link_id, None)
+            .await
+            .expect("unset")
+    );
+    link.connection = None;
+    assert_eq!(store.link_by_name("db").await.expect("get"), Some(link));
 }
 
 both!(two_controllers_on_one_database_behave_as_one);

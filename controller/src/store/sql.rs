@@ -218,6 +218,20 @@ async fn bump_agents(
     Ok(())
 }
 
+/// Bumps the config versions of both agents of link `link_id`.
+async fn bump_link_agents(
+    tx: &mut Transaction<'static, Any>,
+    link_id: &LinkId,
+) -> Result<(), StoreError> {
+    let row = sqlx::query("SELECT from_node, to_node FROM links WHERE link_id = $1")
+        .bind(link_id.to_string())
+        .fetch_one(&mut **tx)
+        .await?;
+    let a: NodeId = parse("links.from_node", &row.try_get::<String, _>("from_node")?)?;
+    let b: NodeId = parse("links.to_node", &row.try_get::<String, _>("to_node")?)?;
+    bump_agents(tx, &a, &b).await
+}
+
 async fn insert_token(
     tx: &mut Transaction<'static, Any>,
     kind: PrincipalKind,
@@ -1066,13 +1080,7 @@ impl Store for SqlStore {
         }
         insert_events(&mut tx, &u.events, now).await?;
         if u.bump_agents {
-            let row = sqlx::query("SELECT from_node, to_node FROM links WHERE link_id = $1")
-                .bind(u.link_id.to_string())
-                .fetch_one(&mut *tx)
-                .await?;
-            let a: NodeId = parse("links.from_node", &row.try_get::<String, _>("from_node")?)?;
-            let b: NodeId = parse("links.to_node", &row.try_get::<String, _>("to_node")?)?;
-            bump_agents(&mut tx, &a, &b).await?;
+            bump_link_agents(&mut tx, &u.link_id).await?;
         }
         mark_change(&mut tx, self.backend).await?;
         tx.commit().await?;
@@ -1114,22 +1122,16 @@ impl Store for SqlStore {
         connection: Option<&str>,
     ) -> Result<bool, StoreError> {
         let mut tx = self.write_tx().await?;
-        let row = sqlx::query("SELECT from_node, to_node FROM links WHERE link_id = $1")
-            .bind(link_id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else {
-            tx.rollback().await?;
-            return Ok(false);
-        };
-        sqlx::query("UPDATE links SET connection = $1 WHERE link_id = $2")
+        let done = sqlx::query("UPDATE links SET connection = $1 WHERE link_id = $2")
             .bind(connection)
             .bind(link_id.to_string())
             .execute(&mut *tx)
             .await?;
-        let a: NodeId = parse("links.from_node", &row.try_get::<String, _>("from_node")?)?;
-        let b: NodeId = parse("links.to_node", &row.try_get::<String, _>("to_node")?)?;
-        bump_agents(&mut tx, &a, &b).await?;
+        if done.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        bump_link_agents(&mut tx, link_id).await?;
         mark_change(&mut tx, self.backend).await?;
         tx.commit().await?;
         Ok(true)
