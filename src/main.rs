@@ -160,6 +160,11 @@ enum RelayCommand {
         /// Admin HTTP address (/metrics, /healthz, /readyz).
         #[arg(long, requires = "data_dir")]
         admin: Option<SocketAddr>,
+        /// UDP address of the interactive listener (default: the listen
+        /// address's IP at the enrolled interactive port; for a relay
+        /// enrolled with `--interactive-port` behind a port forward).
+        #[arg(long, requires = "data_dir")]
+        interactive_listen: Option<SocketAddr>,
         /// A static relay config file (see `comsat dev init`).
         #[arg(long, env = "COMSAT_RELAY_CONFIG")]
         config: Option<PathBuf>,
@@ -1037,14 +1042,26 @@ async fn enrol(
 
 async fn run_enrolled_relay(
     dir: PathBuf,
-    listen: Option<SocketAddr>,
+    (listen, interactive_listen): (Option<SocketAddr>, Option<SocketAddr>),
     admin: Option<SocketAddr>,
     drain_grace: Option<std::time::Duration>,
 ) -> anyhow::Result<()> {
     let state = comsat::node::NodeState::load(&dir, NodeKind::Relay)
         .map_err(|e| Usage(format!("{e:#}")))?;
-    let config = comsat::node::relay_config(&dir, &state, listen, admin)
+    let mut config = comsat::node::relay_config(&dir, &state, listen, admin)
         .map_err(|e| Usage(format!("{e:#}")))?;
+    if let Some(lane) = interactive_listen {
+        if state.interactive_addr.is_none() {
+            return Err(Usage(format!(
+                "--interactive-listen {lane}: {} was enrolled without --interactive-port, so the \
+                 controller tells agents of no interactive listener here; enrol the relay anew \
+                 with --interactive-port PORT",
+                dir.display()
+            ))
+            .into());
+        }
+        config.interactive_listen = Some(lane);
+    }
     let grace = drain_grace.unwrap_or(config.drain.grace());
     let prometheus = install_metrics()?;
     let relay = comsat_relay::Relay::bind(config).map_err(|e| Usage(e.to_string()))?;
@@ -1176,9 +1193,13 @@ fn main() -> ExitCode {
                         data_dir: Some(dir),
                         listen,
                         admin,
+                        interactive_listen,
                         drain_grace,
                         ..
-                    } => run_enrolled_relay(dir, listen, admin, drain_grace).await,
+                    } => {
+                        let listen = (listen, interactive_listen);
+                        run_enrolled_relay(dir, listen, admin, drain_grace).await
+                    }
                     RelayCommand::Run {
                         config,
                         drain_grace,

@@ -1804,13 +1804,37 @@ async fn a_link_created_with_a_connection_uses_the_relays_interactive_listener()
         log.contains(&format!("interactive={lane}")),
         "the relay runs its interactive listener:\n{log}"
     );
+    // A relay enrolled without an interactive port refuses to run one:
+    // agents would never hear of it.
+    c.enrol_relay_only("relay-2")?;
+    let lane_2 = format!("127.0.0.1:{}", free_udp_port()?);
+    let dir_2 = s(&c.path("relay-2"));
+    let args = [
+        "relay",
+        "run",
+        "--data-dir",
+        &dir_2,
+        "--interactive-listen",
+        &lane_2,
+    ];
+    let (code, _, err) = comsat(&args)?;
+    ensure!(
+        code == 2 && err.contains("enrolled without --interactive-port"),
+        "{code}: {err}"
+    );
     c.enrol_agent("a")?;
     c.enrol_agent("b")?;
     c.wait_relays_healthy(1)?;
     let relays: Vec<api::RelayInfo> =
         serde_json::from_str(&c.ctl_ok(&["relay", "list", "-o", "json"])?)?;
+    let lane_of = |name: &str| {
+        relays
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.interactive_addr.clone())
+    };
     ensure!(
-        relays[0].interactive_addr.as_deref() == Some(lane.as_str()),
+        lane_of("relay-1") == Some(Some(lane.clone())) && lane_of("relay-2") == Some(None),
         "{relays:?}"
     );
     let target = hash_server().await?;
