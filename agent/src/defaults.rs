@@ -9,6 +9,11 @@ pub const RECONNECT_INITIAL: Duration = Duration::from_millis(50);
 /// jitter spreads a fleet's reconnects.
 pub const RECONNECT_MAX: Duration = Duration::from_secs(1);
 
+/// How long after its links (re)appear a relay's refusal is logged as
+/// expected (info) rather than as a failure (warn): a link the controller
+/// just created reaches the agents and the relay at about the same time.
+pub const NEW_LINK_GRACE: Duration = Duration::from_secs(10);
+
 /// Time to establish a QUIC connection and be welcomed by the relay; after
 /// it the next relay of the list is tried. QUIC resends its first packet
 /// after 1 s and 2 s, so this leaves room for a lossy path.

@@ -360,6 +360,7 @@ pub(crate) async fn relay_loop(
         return;
     }
     let mut backoff = Backoff::new();
+    let started = Instant::now();
     let mut i = 0;
     // Hops in a row without meeting a peer: each doubles the dwell.
     let mut hops = 0u32;
@@ -416,7 +417,15 @@ pub(crate) async fn relay_loop(
             }
             Err(e) => {
                 shared.metrics.connect_failures.increment(1);
-                warn!(relay = %relay.addr, error = %e, "relay connection failed");
+                if matches!(e, ConnectError::Refused(_))
+                    && started.elapsed() < defaults::NEW_LINK_GRACE
+                {
+                    // A link the controller just created races its grant
+                    // to the relay; the retry finds it there.
+                    info!(relay = %relay.addr, error = %e, "relay connection refused; a new link's grant may still be on its way to the relay: retrying");
+                } else {
+                    warn!(relay = %relay.addr, error = %e, "relay connection failed");
+                }
                 i = (i + 1) % candidates.len();
             }
         }
@@ -436,7 +445,7 @@ async fn connect_and_serve(
     ack_notify: &Notify,
     can_hop: bool,
     hops: u32,
-) -> Result<Ended, String> {
+) -> Result<Ended, ConnectError> {
     let (endpoint, conn, send, recv, decoder) = connect(shared, relay, client).await?;
     shared.metrics.connects.increment(1);
     info!("connected to relay");
@@ -474,7 +483,7 @@ async fn connect(
         quinn::RecvStream,
         FrameDecoder,
     ),
-    String,
+    ConnectError,
 > {
     let addr = tokio::net::lookup_host(relay.addr.as_str())
         .await
@@ -495,7 +504,7 @@ async fn connect(
         establish(shared, &endpoint, client, addr, &relay.server_name),
     )
     .await
-    .map_err(|_| "timed out connecting".to_owned())??;
+    .map_err(|_| ConnectError::from("timed out connecting"))??;
     Ok((endpoint, conn, send, recv, decoder))
 }
 
@@ -512,7 +521,7 @@ async fn establish(
     client: &quinn::ClientConfig,
     addr: std::net::SocketAddr,
     server_name: &str,
-) -> Result<Established, String> {
+) -> Result<Established, ConnectError> {
     let conn = endpoint
         .connect_with(client.clone(), addr, server_name)
         .map_err(|e| e.to_string())?
@@ -531,7 +540,39 @@ async fn establish(
     match read_message(&mut recv, &mut decoder).await {
         Ok(Some(RelayToAgent::Welcome)) => Ok((conn, send, recv, decoder)),
         Ok(_) => Err("relay sent something other than Welcome".into()),
-        Err(e) => Err(format!("relay refused the connection: {e}")),
+        Err(e) => Err(ConnectError::Refused(e)),
+    }
+}
+
+/// Why a relay connection was never established.
+#[derive(Debug)]
+enum ConnectError {
+    /// The relay closed it instead of welcoming us: it holds no grant
+    /// naming this agent (yet), is full, or refused for another reason it
+    /// does not tell.
+    Refused(String),
+    /// Anything else: resolving, binding, TLS, a timeout.
+    Other(String),
+}
+
+impl From<String> for ConnectError {
+    fn from(e: String) -> Self {
+        Self::Other(e)
+    }
+}
+
+impl From<&str> for ConnectError {
+    fn from(e: &str) -> Self {
+        Self::Other(e.to_owned())
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Refused(e) => write!(f, "relay refused the connection: {e}"),
+            Self::Other(e) => f.write_str(e),
+        }
     }
 }
 
