@@ -252,12 +252,22 @@ fn link_rows(v: &[api::LinkInfo]) -> String {
                     .map_or_else(|| "unlimited".into(), |n| n.to_string()),
                 l.rate_limit_bytes_per_sec
                     .map_or_else(|| "unlimited".into(), format_rate),
+                l.connection.clone().unwrap_or_else(|| "shared".into()),
                 l.generation.to_string(),
             ]
         })
         .collect::<Vec<_>>();
     table(
-        &["NAME", "FROM", "TO", "RELAYS", "MAX FLOWS", "RATE", "GEN"],
+        &[
+            "NAME",
+            "FROM",
+            "TO",
+            "RELAYS",
+            "MAX FLOWS",
+            "RATE",
+            "CONNECTION",
+            "GEN",
+        ],
         &rows,
     )
 }
@@ -746,6 +756,9 @@ mod tests {
         assert!(lines[1][col..].starts_with("8 "), "{rows}");
         assert!(lines[1].contains(" 10 MiB/s "), "{rows}");
         assert!(lines[2][col..].starts_with("unlimited "), "{rows}");
+        let conn = lines[0].find("CONNECTION").expect("column");
+        assert!(lines[1][conn..].starts_with("interactive "), "{rows}");
+        assert!(lines[2][conn..].starts_with("shared "), "{rows}");
 
         let shown = show_link(&info("db", Some(8)), Output::Table)?;
         assert!(shown.contains("\nmax flows:  8\n"), "{shown}");
