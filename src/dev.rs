@@ -282,11 +282,16 @@ pub fn init(dir: &Path, opts: &DevOptions) -> Result<DevLayout> {
     })
 }
 
-/// Writes `text` over `path` by way of a temporary file and a rename.
-fn replace_file(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replace {}", path.display()))
+/// Reads `path` as a TOML table.
+fn read_table(path: &Path) -> Result<toml::Table> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {shown}"))?;
+    toml::from_str(&text).with_context(|| format!("parse {shown}"))
+}
+
+/// Writes `doc` over `path` by way of a temporary file and a rename.
+fn replace_table(path: &Path, doc: &toml::Table) -> Result<()> {
+    crate::node::write_atomic(path, toml::to_string(doc)?.as_bytes())
 }
 
 impl DevLayout {
@@ -364,12 +369,9 @@ impl DevLayout {
         addr: SocketAddr,
     ) -> Result<()> {
         let r = self.relay(relay)?;
-        let shown = r.config.display().to_string();
-        let text = std::fs::read_to_string(&r.config).with_context(|| format!("read {shown}"))?;
-        let mut doc: toml::Table =
-            toml::from_str(&text).with_context(|| format!("parse {shown}"))?;
+        let mut doc = read_table(&r.config)?;
         doc.insert("interactive_listen".into(), addr.to_string().into());
-        replace_file(&r.config, &toml::to_string(&doc)?)?;
+        replace_table(&r.config, &doc)?;
         let main = r.listen.to_string();
         self.edit_link(name, |link, config| {
             link.insert("connection".into(), connection.into());
@@ -402,9 +404,7 @@ impl DevLayout {
     ) -> Result<()> {
         for config in [&self.agent_a.config, &self.agent_b.config] {
             let shown = config.display().to_string();
-            let text = std::fs::read_to_string(config).with_context(|| format!("read {shown}"))?;
-            let mut doc: toml::Table =
-                toml::from_str(&text).with_context(|| format!("parse {shown}"))?;
+            let mut doc = read_table(config)?;
             let Some(toml::Value::Array(links)) = doc.get_mut("links") else {
                 bail!("{shown} has no links");
             };
@@ -414,7 +414,7 @@ impl DevLayout {
                 .and_then(toml::Value::as_table_mut)
                 .with_context(|| format!("no link named `{name}` in {shown}"))?;
             edit(link, &shown)?;
-            replace_file(config, &toml::to_string(&doc)?)?;
+            replace_table(config, &doc)?;
         }
         Ok(())
     }

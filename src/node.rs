@@ -89,7 +89,7 @@ pub(crate) fn read_at_most(path: &Path, max: u64) -> anyhow::Result<String> {
 }
 
 /// Writes `bytes` to `path` atomically (a temporary file renamed over it).
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
