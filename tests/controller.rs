@@ -1870,7 +1870,16 @@ async fn a_link_created_with_a_connection_uses_the_relays_interactive_listener()
     connections_become(4.0).with_context(|| c.logs())?;
     let mut pids = vec![c.relay_proc("relay-1")?.pid()];
     for agent in ["a", "b"] {
-        pids.push(c.agent(agent)?.pid());
+        // Its rpc session reached the relay on the interactive listener.
+        let p = c.agent(agent)?;
+        let log = p.log();
+        let session = format!("relay{{addr={lane} connection=interactive}}");
+        ensure!(
+            log.lines()
+                .any(|l| l.contains(&session) && l.ends_with("connected to relay")),
+            "agent {agent}: no `{session}` connected:\n{log}"
+        );
+        pids.push(p.pid());
     }
     for pid in pids {
         ensure!(
