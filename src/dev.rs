@@ -388,6 +388,33 @@ impl DevLayout {
         })
     }
 
+    /// Gives relay `relay` an interactive listener at `addr` and every
+    /// link of the layout a lane to it (its `lane_addr` in both agents'
+    /// configs), as an enrolled relay with `--interactive-port` gives its
+    /// links: flows start on the lane and move to the main connection when
+    /// they turn bulk. The relay and agents must be (re)started to use it.
+    pub fn run_lanes(&self, relay: usize, addr: SocketAddr) -> Result<()> {
+        let r = self.relay(relay)?;
+        let mut doc = read_table(&r.config)?;
+        doc.insert("interactive_listen".into(), addr.to_string().into());
+        replace_table(&r.config, &doc)?;
+        let main = r.listen.to_string();
+        for (name, _) in &self.links {
+            self.edit_link(name, |link, _| {
+                let Some(toml::Value::Array(relays)) = link.get_mut("relays") else {
+                    return Ok(());
+                };
+                for entry in relays.iter_mut().filter_map(toml::Value::as_table_mut) {
+                    if entry.get("addr").and_then(toml::Value::as_str) == Some(&main) {
+                        entry.insert("lane_addr".into(), addr.to_string().into());
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
     /// Relay `i` of the layout (0 is the first).
     fn relay(&self, i: usize) -> Result<&DevRelay> {
         self.relays

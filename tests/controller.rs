@@ -1858,7 +1858,8 @@ async fn a_link_created_with_a_connection_uses_the_relays_interactive_listener()
             .await
             .with_context(|| c.logs())?;
     }
-    // Two connections per agent: the shared one and the rpc link's own.
+    // Three connections per agent: the shared one, its lane (the relay
+    // offers one: the plain link's flows start there) and the rpc link's.
     let admin = c.relay_admin("relay-1")?;
     let connections_become = |n: f64| {
         wait_for(CONVERGE, || {
@@ -1867,7 +1868,7 @@ async fn a_link_created_with_a_connection_uses_the_relays_interactive_listener()
             Ok(())
         })
     };
-    connections_become(4.0).with_context(|| c.logs())?;
+    connections_become(6.0).with_context(|| c.logs())?;
     let mut pids = vec![c.relay_proc("relay-1")?.pid()];
     for agent in ["a", "b"] {
         // Its rpc session reached the relay on the interactive listener.
@@ -1879,6 +1880,12 @@ async fn a_link_created_with_a_connection_uses_the_relays_interactive_listener()
                 .any(|l| l.contains(&session) && l.ends_with("connected to relay")),
             "agent {agent}: no `{session}` connected:\n{log}"
         );
+        let beside = format!("lane{{addr={lane}}}");
+        ensure!(
+            log.lines()
+                .any(|l| l.contains(&beside) && l.ends_with("lane connected")),
+            "agent {agent}: no `{beside}` connected:\n{log}"
+        );
         pids.push(p.pid());
     }
     for pid in pids {
@@ -1889,7 +1896,8 @@ async fn a_link_created_with_a_connection_uses_the_relays_interactive_listener()
     }
 
     // Moved onto the same connection, the plain link joins rpc there: it
-    // carries bytes again and the agents' shared connections go away.
+    // carries bytes again and the agents' shared connections (and their
+    // lanes) go away.
     c.ctl_ok(&["link", "update", "plain", "--connection", "interactive"])?;
     let shown = c.ctl_ok(&["link", "show", "plain"])?;
     ensure!(shown.contains("\nconnection: interactive "), "{shown}");

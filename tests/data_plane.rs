@@ -13,10 +13,10 @@ use anyhow::{Context, Result, bail};
 use common::{Options, System};
 use comsat::dev::DevLink;
 use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
-use comsat_protocol::msg::make_hello;
-use comsat_protocol::{CLOSE_REFUSED, LinkId, NodeId, RelayId, SigningKey};
+use comsat_protocol::msg::{AgentToRelay, ErrorCode, PeerFrame, RelayToAgent, make_hello};
+use comsat_protocol::{CLOSE_REFUSED, LinkId, NodeId, RelayId, Side, SigningKey};
 use comsat_tests::oracle::hash_to_end;
-use comsat_tests::raw::{HelloOutcome, RawClient, exporter, send_hello};
+use comsat_tests::raw::{Control, HelloOutcome, RawClient, exporter, send_hello};
 use comsat_tests::{Oracle, metric, scrape, threads_named};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -648,5 +648,157 @@ async fn no_named_connection_no_lane_thread() -> Result<()> {
     for pid in pids(&sys) {
         assert_eq!(threads_named(pid, "comsat-lane")?, 0, "process {pid}");
     }
+    Ok(())
+}
+
+/// With the relay's interactive listener in the layout (as `--interactive-port`
+/// gives enrolled links), plain links get a lane: a second connection per
+/// agent, on the lane thread. A 64-byte ping rides it; eight flows of
+/// 8 MiB both ways start there, turn bulk and move to the main connection
+/// mid-transfer, and every byte arrives once and in order at both ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_start_on_the_lane_and_bulk_ones_move_to_the_main_connection() -> Result<()> {
+    let echo = spawn_echo().await?;
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let target_addr = target.local_addr()?;
+    let lane: SocketAddr = format!("127.0.0.1:{}", comsat_tests::free_udp_port()?).parse()?;
+    let links = vec![
+        link("ping", "tcp://127.0.0.1:0".into(), format!("tcp://{echo}")),
+        link(
+            "bulk",
+            "tcp://127.0.0.1:0".into(),
+            format!("tcp://{target_addr}"),
+        ),
+    ];
+    let opts = Options {
+        links: links.clone(),
+        ..Options::one(links[0].clone())
+    };
+    let mut sys = System::start_prepared(opts, |layout| layout.run_lanes(0, lane))?;
+    echo_each(&mut sys, &["ping"]).await?;
+    // Main and lane connections of both agents.
+    let m = wait_metric(sys.relay_admin, "comsat_relay_connections_open", 4.0).await?;
+    assert_eq!(metric(&m, "comsat_relay_connections_open"), 4.0, "{m}");
+    for pid in pids(&sys) {
+        assert!(threads_named(pid, "comsat-lane")? >= 1, "process {pid}");
+    }
+    let m = scrape(sys.relay_admin)?;
+    assert_eq!(
+        metric(&m, "comsat_relay_lane_flows_total"),
+        1.0,
+        "the ping rode the lane:\n{m}"
+    );
+    assert_eq!(metric(&m, "comsat_relay_flows_total"), 1.0, "{m}");
+    let a = sys.agents[0].1;
+    assert_eq!(metric(&scrape(a)?, "comsat_agent_flows_moved_total"), 0.0);
+
+    let listen: SocketAddr = sys
+        .listen_addr("bulk")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+    let target = Arc::new(target);
+    eight_flows(
+        move || {
+            let target = target.clone();
+            async move { target.accept().await.map(|(s, _)| s) }
+        },
+        move || TcpStream::connect(listen),
+    )
+    .await?;
+    let agent = scrape(a)?;
+    assert_eq!(
+        metric(&agent, "comsat_agent_flows_moved_total"),
+        FLOWS as f64,
+        "every bulk flow moved:\n{agent}"
+    );
+    assert_eq!(
+        metric(&agent, "comsat_agent_flows_failed_total"),
+        0.0,
+        "{agent}"
+    );
+    let m = scrape(sys.relay_admin)?;
+    // Each bulk flow: a stream on the lane (which the agent may give up
+    // before the relay has read its header), then one on the main
+    // connection.
+    assert!(metric(&m, "comsat_relay_lane_flows_total") > 1.0, "{m}");
+    assert!(
+        metric(&m, "comsat_relay_flows_total") >= 1.0 + FLOWS as f64,
+        "{m}"
+    );
+    Ok(())
+}
+
+/// A lane is checked like an attach (the node must hold that side of the
+/// granted link at its generation), carries no peer frames, and leaves the
+/// side's own attachment alone: the link stays paired and carries bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_is_checked_like_an_attach_and_carries_only_flows() -> Result<()> {
+    let mut sys = System::start(echo_links(&["plain"], spawn_echo().await?))?;
+    echo_each(&mut sys, &["plain"]).await?;
+    let link_id = sys.layout.links[0].1;
+    let b = &sys.layout.agent_b;
+    let key = SigningKey::read_file(&b.dir.join("node.key"))?;
+    let client = RawClient::new(&sys.layout.ca_pem)?;
+    let conn = client.connect(sys.relay_quic).await?;
+    let mut ctl = Control::open(&conn, &make_hello(b.node_id, &key, &exporter(&conn)?)).await?;
+    let lane = |side, generation| AgentToRelay::AttachLane {
+        link_id,
+        generation,
+        side,
+    };
+    for (what, msg, code) in [
+        ("the other side", lane(Side::A, 1), ErrorCode::NotGranted),
+        (
+            "a newer generation",
+            lane(Side::B, 2),
+            ErrorCode::NotGranted,
+        ),
+        (
+            "an older generation",
+            lane(Side::B, 0),
+            ErrorCode::StaleGeneration,
+        ),
+    ] {
+        ctl.send(&msg).await?;
+        assert_eq!(
+            ctl.next().await?,
+            RelayToAgent::Error { link_id, code },
+            "{what}"
+        );
+    }
+    ctl.send(&lane(Side::B, 1)).await?;
+    assert_eq!(ctl.next().await?, RelayToAgent::Attached { link_id });
+    ctl.send(&AgentToRelay::Peer {
+        link_id,
+        frame: PeerFrame::Handshake(vec![1, 2, 3]),
+    })
+    .await?;
+    assert_eq!(
+        ctl.next().await?,
+        RelayToAgent::Error {
+            link_id,
+            code: ErrorCode::NotAttached
+        },
+        "a lane carries no peer frames"
+    );
+    let m = scrape(sys.relay_admin)?;
+    assert_eq!(metric(&m, "comsat_relay_links_paired"), 1.0, "{m}");
+    assert_eq!(metric(&m, "comsat_relay_connections_open"), 3.0, "{m}");
+    let m = wait_metric(
+        sys.relay_admin,
+        "comsat_relay_attach_refused_total{reason=\"not_granted\"}",
+        2.0,
+    )
+    .await?;
+    assert_eq!(
+        metric(
+            &m,
+            "comsat_relay_attach_refused_total{reason=\"stale_generation\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    // The agents' own connections were not superseded.
+    echo_each(&mut sys, &["plain"]).await?;
     Ok(())
 }

@@ -24,6 +24,8 @@
 //! server_name = "relay.example.net" # name in the relay certificate
 //! ca_file = "ca.pem"               # pin by CA ...
 //! # cert_sha256 = "ab12..."        # ... or by the certificate's SHA-256
+//! lane_addr = "relay.example.net:4434" # optional: the relay's interactive
+//!                                  # listener, for the lane (see below)
 //! [[links.relays]]                 # a backup, used while the first is down
 //! addr = "relay2.example.net:4433"
 //! server_name = "relay2.example.net"
@@ -38,6 +40,22 @@
 //! they start again from the top; when every link's peer stays away
 //! from the relay they are on (one agent cannot reach it), they try the next
 //! relays in turn until they meet.
+//!
+//! **The lane.** Where a relay entry has a `lane_addr` (the relay's
+//! `interactive_listen` address; an enrolled agent gets it for every relay
+//! enrolled with `--interactive-port`), the agent keeps a second QUIC
+//! connection beside the shared one, to that address, served by a thread
+//! of its own (`comsat-lane`) here and at the relay. Every flow starts
+//! there, so a request, a reply or a keystroke never waits behind the
+//! bytes a bulk flow keeps in flight; a flow that carries more than
+//! 1 MiB within 250 ms (either way) turns bulk and moves to the shared
+//! connection, once, without losing or repeating a byte (it resumes on a
+//! new stream there), and stays there. Nothing to configure per link. It
+//! costs a second connection per relay (~40 KiB at the relay, one more
+//! keep-alive); a lane that is down or refused costs nothing else: flows
+//! start on the shared connection. Metrics: `comsat_agent_flows_moved_total`,
+//! `comsat_agent_lane_connects_total`, the relay's
+//! `comsat_relay_lane_flows_total`.
 //!
 //! A link that sends little but must answer fast (a request/response
 //! service beside a link that moves files) belongs on a connection of its
@@ -159,6 +177,11 @@ pub struct RelayEndpoint {
     /// SHA-256 (hex) of the relay's end-entity certificate.
     #[serde(default)]
     pub cert_sha256: Option<String>,
+    /// `host:port` of the relay's interactive listener, for the lane: a
+    /// second connection on which links without a `connection` start their
+    /// flows (see the module docs). None: every flow rides `addr`.
+    #[serde(default)]
+    pub lane_addr: Option<String>,
 }
 
 /// A local socket address.
@@ -234,6 +257,12 @@ impl LinkConfig {
                     server_name: r.server_name.clone(),
                     ca_file: Some(relay_ca_file.to_owned()),
                     cert_sha256: None,
+                    // The other links start their flows there (a link
+                    // already on it has no lane beside it).
+                    lane_addr: match link.connection {
+                        Some(_) => None,
+                        None => r.interactive_addr.clone(),
+                    },
                 })
                 .collect(),
             connection: link.connection.clone(),
@@ -412,6 +441,7 @@ mod tests {
                 server_name: "localhost".into(),
                 ca_file: None,
                 cert_sha256: Some("00".into()),
+                lane_addr: None,
             }],
             connection: None,
         }
@@ -447,13 +477,21 @@ mod tests {
         // A relay without an interactive listener is reached on its main one.
         assert_eq!(addrs, ["r1.example:4434", "r2.example:4433"]);
         assert_eq!(cfg.relays[0].server_name, "r1.example");
-        // A link without a connection stays on the main listeners.
+        // It is on the lane already: no lane beside it.
+        assert!(cfg.relays.iter().all(|r| r.lane_addr.is_none()));
+        // A link without a connection stays on the main listeners, with a
+        // lane to each relay that runs an interactive listener.
         desired.connection = None;
         let cfg = LinkConfig::from_desired(&desired, ca);
         let addrs: Vec<&str> = cfg.relays.iter().map(|r| r.addr.as_str()).collect();
+        let lanes: Vec<Option<&str>> = cfg.relays.iter().map(|r| r.lane_addr.as_deref()).collect();
         assert_eq!(
-            (cfg.connection, addrs),
-            (None, vec!["r1.example:4433", "r2.example:4433"])
+            (cfg.connection, addrs, lanes),
+            (
+                None,
+                vec!["r1.example:4433", "r2.example:4433"],
+                vec![Some("r1.example:4434"), None]
+            )
         );
     }
 

@@ -94,3 +94,24 @@ pub const REATTACH_INITIAL: Duration = Duration::from_secs(1);
 
 /// Longest delay between attach retries on one connection.
 pub const REATTACH_MAX: Duration = Duration::from_secs(30);
+
+/// Longest wait between tries to bring a lane up ([`crate::lane`]): a
+/// relay that refuses it is asked again now and then.
+pub const LANE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A flow that carries more than this, either way, within
+/// [`BULK_WINDOW`] is bulk: it moves from the lane to the main connection.
+/// A 64-byte ping-pong on loopback (~10,000 round trips a second) carries
+/// ~330 KB in a window; a bulk flow at 200 MB/s reaches it in ~5 ms.
+pub const BULK_BYTES: u64 = 1024 * 1024;
+
+/// See [`BULK_BYTES`].
+pub const BULK_WINDOW: Duration = Duration::from_millis(250);
+
+/// Main-connection streams of a flow lost in a row, each within
+/// [`STREAM_SETTLED`] of opening, after which the flow opens the next at
+/// once; after more it waits for its link to be ready anew.
+pub const QUICK_RETRIES: u32 = 3;
+
+/// See [`QUICK_RETRIES`].
+pub const STREAM_SETTLED: Duration = Duration::from_secs(1);

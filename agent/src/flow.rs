@@ -16,6 +16,7 @@
 //! replay budget; a full window stops reading the local socket
 //! (backpressure, never unbounded growth).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ use comsat_protocol::record::{
     FlowHeader, RECORD_HEADER_LEN, RecordError, RecordHeader, RecordKind, decode_record,
 };
 use comsat_protocol::resume::{Reassembly, ReplayWindow, Verdict};
-use comsat_protocol::{FlowId, STREAM_FLOW_LIMIT, STREAM_PEER_SILENT};
+use comsat_protocol::{FlowId, STREAM_FLOW_LIMIT, STREAM_MOVED, STREAM_PEER_SILENT};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tracing::debug;
@@ -50,6 +51,10 @@ pub(crate) enum FlowError {
     Lost(String),
     #[error("relay connection went silent (idle timeout)")]
     Silent,
+    /// The peer finished the stream: its end of the flow is done (the flow
+    /// completes as soon as this side is), or it went on elsewhere.
+    #[error("relay stream finished")]
+    Finished,
     #[error("bad record: {0}")]
     Record(#[from] RecordError),
     #[error("record failed to decrypt: {0}")]
@@ -67,7 +72,7 @@ pub(crate) enum FlowError {
 impl FlowError {
     /// Whether a new stream can carry the flow on.
     fn resumable(&self) -> bool {
-        matches!(self, Self::Lost(_) | Self::Silent)
+        matches!(self, Self::Lost(_) | Self::Silent | Self::Finished)
     }
 }
 
@@ -93,6 +98,14 @@ struct Rx {
     fin_delivered: bool,
 }
 
+/// Bytes a flow carried, both ways, in the current [`defaults::BULK_WINDOW`].
+struct Meter {
+    since: Instant,
+    bytes: u64,
+}
+
+type Stream = (quinn::SendStream, quinn::RecvStream);
+
 /// One flow's state, shared by its tasks.
 pub(crate) struct Flow {
     pub(crate) id: FlowId,
@@ -102,9 +115,15 @@ pub(crate) struct Flow {
     tx: Mutex<Tx>,
     tx_event: Notify,
     rx: Mutex<Rx>,
-    streams_in: mpsc::Sender<(quinn::SendStream, quinn::RecvStream)>,
-    streams_out: tokio::sync::Mutex<mpsc::Receiver<(quinn::SendStream, quinn::RecvStream)>>,
+    streams_in: mpsc::Sender<Stream>,
+    streams_out: tokio::sync::Mutex<mpsc::Receiver<Stream>>,
     end: watch::Sender<End>,
+    /// The flow turned bulk: its streams ride the main connection, never
+    /// the lane (dialling side only).
+    bulk: AtomicBool,
+    meter: Mutex<Meter>,
+    /// Woken when the flow turns bulk.
+    turned_bulk: Notify,
     budget: Arc<Semaphore>,
     metrics: Metrics,
 }
@@ -130,6 +149,12 @@ impl Flow {
             streams_in,
             streams_out: tokio::sync::Mutex::new(streams_out),
             end: watch::channel(End::Running).0,
+            bulk: AtomicBool::new(false),
+            meter: Mutex::new(Meter {
+                since: Instant::now(),
+                bytes: 0,
+            }),
+            turned_bulk: Notify::new(),
             budget,
             metrics,
         })
@@ -235,6 +260,33 @@ impl Flow {
         *self.end.borrow()
     }
 
+    /// Counts `n` bytes carried (either way) toward turning bulk: more
+    /// than [`defaults::BULK_BYTES`] in one [`defaults::BULK_WINDOW`].
+    /// Only the dialling side moves a flow, so only it counts.
+    fn meter(&self, n: usize) {
+        if !self.dialer || self.bulk.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut m = lock(&self.meter);
+        let now = Instant::now();
+        if now.duration_since(m.since) > defaults::BULK_WINDOW {
+            *m = Meter {
+                since: now,
+                bytes: 0,
+            };
+        }
+        m.bytes += n as u64;
+        if m.bytes > defaults::BULK_BYTES {
+            self.bulk.store(true, Ordering::Relaxed);
+            self.turned_bulk.notify_one();
+        }
+    }
+
+    /// The next stream the peer opened for this flow (accepting side).
+    async fn offered(&self) -> Option<Stream> {
+        self.streams_out.lock().await.recv().await
+    }
+
     /// Reads the local socket into records while the window has room.
     async fn read_local(self: Arc<Self>, mut reader: LocalRead) {
         let mut quantum = Quantum::default();
@@ -266,6 +318,7 @@ impl Flow {
                         return self.reset();
                     }
                     self.metrics.sent_bytes.increment(len as u64);
+                    self.meter(len);
                     if quantum.spend(len) {
                         tokio::task::yield_now().await;
                     }
@@ -394,7 +447,7 @@ impl Flow {
                         *frame = Bytes::new();
                     }
                 }
-                Ok(None) => return Err(FlowError::Lost("stream finished".into())),
+                Ok(None) => return Err(FlowError::Finished),
                 Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::TimedOut)) => {
                     return Err(FlowError::Silent);
                 }
@@ -422,6 +475,7 @@ impl Flow {
             }
             delivery.written += n;
             self.metrics.received_bytes.increment(n as u64);
+            self.meter(n);
         }
         delivery.buf = BytesMut::new();
         delivery.written = 0;
@@ -437,39 +491,55 @@ impl Flow {
         Ok(())
     }
 
-    /// A new stream for this flow: the dialer opens one on the link each
-    /// time it becomes ready anew (`last_epoch` remembers the last try); the
-    /// other side waits for the peer's.
+    /// A new stream for this flow, and whether it rides the lane. The
+    /// dialer opens one on the link each time it becomes ready anew
+    /// (`last_epoch` remembers the last try), or at once with `now`; on the
+    /// link's lane unless the flow is bulk or `lane` is false (its last
+    /// lane stream failed). The other side waits for the peer's.
     async fn next_stream(
         &self,
         last_epoch: &mut Option<u64>,
-    ) -> Option<(quinn::SendStream, quinn::RecvStream)> {
+        now: bool,
+        lane: bool,
+    ) -> Option<(Stream, bool)> {
         if !self.dialer {
-            return self.streams_out.lock().await.recv().await;
+            return Some((self.offered().await?, false));
         }
         let mut ready = self.link.ready.subscribe();
+        let mut now = now;
         loop {
             let current = ready
                 .wait_for(|r| {
                     r.as_ref().is_some_and(|r| {
-                        Arc::ptr_eq(&r.session, &self.session) && Some(r.epoch) != *last_epoch
+                        Arc::ptr_eq(&r.session, &self.session)
+                            && (now || Some(r.epoch) != *last_epoch)
                     })
                 })
                 .await
                 .ok()?
                 .clone()?;
             *last_epoch = Some(current.epoch);
-            let Ok((mut send, recv)) = current.conn.open_bi().await else {
-                continue;
-            };
-            let mut header = Vec::new();
-            FlowHeader {
-                link_id: self.link.cfg.link_id,
-                flow_id: self.id,
-            }
-            .write_to(&mut header);
-            if send.write_all(&header).await.is_ok() {
-                return Some((send, recv));
+            now = false;
+            let on_lane = lane && !self.bulk.load(Ordering::Relaxed);
+            let conns = on_lane
+                .then(|| self.link.lane_conn())
+                .flatten()
+                .map(|c| (c, true))
+                .into_iter()
+                .chain([(current.conn, false)]);
+            for (conn, on_lane) in conns {
+                let Ok((mut send, recv)) = conn.open_bi().await else {
+                    continue;
+                };
+                let mut header = Vec::new();
+                FlowHeader {
+                    link_id: self.link.cfg.link_id,
+                    flow_id: self.id,
+                }
+                .write_to(&mut header);
+                if send.write_all(&header).await.is_ok() {
+                    return Some(((send, recv), on_lane));
+                }
             }
         }
     }
@@ -486,13 +556,21 @@ struct Delivery {
     ack: Option<u64>,
 }
 
+/// How one stream of a flow ended.
+enum StreamEnd {
+    /// The stream failed (`Some`), or the flow ended.
+    Done(Option<FlowError>),
+    /// The flow turned bulk on the lane: it moves to the main connection.
+    TurnedBulk,
+}
+
 /// Runs a flow to its end: the local reader in its own task, streams one
 /// after another here. `first` is a stream already open for it.
 pub(crate) async fn run(
     flow: Arc<Flow>,
     reader: LocalRead,
     mut writer: LocalWrite,
-    mut first: Option<(quinn::SendStream, quinn::RecvStream)>,
+    mut first: Option<Stream>,
 ) {
     let metrics = flow.metrics.clone();
     metrics.flows_open.increment(1.0);
@@ -501,33 +579,60 @@ pub(crate) async fn run(
     let mut last_epoch = None;
     let mut outage: Option<Instant> = None;
     let mut resumed = false;
+    // The dialer opens the next stream at once (not on the link's next
+    // epoch), and whether it may be on the lane.
+    let (mut now, mut lane) = (false, true);
+    // Main streams lost in a row soon after they opened, each followed by
+    // a new one at once; more wait for the link to be ready anew.
+    let mut quick = 0u32;
+    let mut opened = Instant::now();
     let mut delivery = Delivery::default();
     let result = loop {
         let stream = match first.take() {
-            Some(s) => Some(s),
+            Some(s) => Some((s, false)),
             None => {
                 let deadline = *outage.get_or_insert_with(Instant::now) + flow.link.flow_timeout;
                 tokio::select! {
-                    s = flow.next_stream(&mut last_epoch) => s,
+                    s = flow.next_stream(&mut last_epoch, now, lane) => s,
                     _ = tokio::time::sleep_until(deadline) => None,
                     _ = end.wait_for(|e| *e != End::Running) => None,
                 }
             }
         };
-        let Some((mut send, mut recv)) = stream else {
+        let Some(((mut send, mut recv), on_lane)) = stream else {
             if flow.ended() == End::Running {
                 debug!("flow timed out waiting for its link");
                 flow.reset();
             }
             break flow.ended();
         };
-        if resumed {
+        if std::mem::take(&mut resumed) {
             metrics.flows_resumed.increment(1);
         }
-        let err = tokio::select! {
-            r = flow.write_stream(&mut send) => r.err(),
-            r = flow.read_stream(&mut recv, &mut writer, &mut delivery) => r.err(),
-            _ = end.wait_for(|e| *e != End::Running) => None,
+        if opened.elapsed() > defaults::STREAM_SETTLED {
+            quick = 0;
+        }
+        opened = Instant::now();
+        let ended = tokio::select! {
+            r = flow.write_stream(&mut send) => StreamEnd::Done(r.err()),
+            r = flow.read_stream(&mut recv, &mut writer, &mut delivery) => StreamEnd::Done(r.err()),
+            _ = end.wait_for(|e| *e != End::Running) => StreamEnd::Done(None),
+            _ = flow.turned_bulk.notified(), if on_lane => StreamEnd::TurnedBulk,
+        };
+        let err = match ended {
+            StreamEnd::Done(err) => err,
+            StreamEnd::TurnedBulk => {
+                // Records on the lane stream that the peer did not get are
+                // sent again on the new one (not acknowledged yet); the
+                // peer moves when the relay passes the reset on.
+                debug!("flow turned bulk: moving it from the lane to the main connection");
+                let _ = send.reset(STREAM_MOVED.into());
+                let _ = recv.stop(STREAM_MOVED.into());
+                metrics.flows_moved.increment(1);
+                now = true;
+                outage = Some(Instant::now());
+                continue;
+            }
         };
         match (flow.ended(), err) {
             (End::Completed, _) => {
@@ -546,7 +651,21 @@ pub(crate) async fn run(
                     _ => Instant::now(),
                 };
                 outage = Some(began);
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // A lost lane stream goes on on the main connection at
+                // once; so does a lost main one, a few times in a row (it
+                // may have lost a race between the lane and the main
+                // connection, or the peer is away: then the relay holds
+                // the new stream); then it waits for the link to be ready
+                // anew. The other side just waits for the dialer's.
+                let again = !matches!(e, FlowError::Finished)
+                    && (on_lane || quick < defaults::QUICK_RETRIES);
+                if !on_lane {
+                    quick += 1;
+                }
+                (now, lane) = (again, !on_lane);
+                if flow.dialer {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
             (_, e) => {
                 // Reset here or elsewhere (local error, new session, …).

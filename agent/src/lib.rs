@@ -17,6 +17,7 @@ pub mod config;
 pub mod defaults;
 pub mod error;
 mod flow;
+mod lane;
 mod local;
 pub mod metrics;
 mod session;
@@ -355,6 +356,21 @@ impl Agent {
                 }
                 continue;
             }
+            // Unnamed links get a lane to each relay that offers one; its
+            // thread is started with the first (no lane without it).
+            let lanes = match key.connection {
+                None if key.relays.iter().any(|r| r.lane_addr.is_some()) => match self.lane() {
+                    Ok(lane) => Some(lane::Runtimes {
+                        lane,
+                        main: tokio::runtime::Handle::current(),
+                    }),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start the lane's thread; flows ride the main connection");
+                        None
+                    }
+                },
+                _ => None,
+            };
             let notify = Arc::new(Notify::new());
             let mut links = HashMap::new();
             for id in &members {
@@ -369,6 +385,7 @@ impl Agent {
                 key.connection.clone(),
                 links,
                 notify.clone(),
+                lanes,
             );
             // A named connection's lane was started when its first link
             // was applied; without one (it failed) there is no such link.

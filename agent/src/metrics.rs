@@ -10,6 +10,8 @@
 //! | `comsat_agent_flows_open` | gauge | flows open |
 //! | `comsat_agent_flows_failed_total` | counter | flows that ended in a reset |
 //! | `comsat_agent_flows_resumed_total` | counter | times a flow moved to a new stream after an outage |
+//! | `comsat_agent_flows_moved_total` | counter | flows this agent dialled that turned bulk on the lane and moved to the main connection |
+//! | `comsat_agent_lane_connects_total` | counter | lane connections established (a second connection per relay, for flows that must not queue behind bulk) |
 //! | `comsat_agent_sent_bytes_total` | counter | application bytes sent into links, counted as they move |
 //! | `comsat_agent_received_bytes_total` | counter | application bytes delivered from links |
 //! | `comsat_agent_local_refused_total{reason}` | counter | local connections refused: `peer_credentials`, `link_not_ready` |
@@ -32,6 +34,10 @@ pub const FLOWS_OPEN: &str = "comsat_agent_flows_open";
 pub const FLOWS_FAILED_TOTAL: &str = "comsat_agent_flows_failed_total";
 /// Flow resumptions.
 pub const FLOWS_RESUMED_TOTAL: &str = "comsat_agent_flows_resumed_total";
+/// Flows moved from the lane to the main connection.
+pub const FLOWS_MOVED_TOTAL: &str = "comsat_agent_flows_moved_total";
+/// Lane connections established.
+pub const LANE_CONNECTS_TOTAL: &str = "comsat_agent_lane_connects_total";
 /// Bytes sent.
 pub const SENT_BYTES_TOTAL: &str = "comsat_agent_sent_bytes_total";
 /// Bytes received.
@@ -50,6 +56,8 @@ pub(crate) struct Metrics {
     pub(crate) flows_open: Gauge,
     pub(crate) flows_failed: Counter,
     pub(crate) flows_resumed: Counter,
+    pub(crate) flows_moved: Counter,
+    pub(crate) lane_connects: Counter,
     pub(crate) sent_bytes: Counter,
     pub(crate) received_bytes: Counter,
 }
@@ -76,6 +84,11 @@ impl Metrics {
             FLOWS_RESUMED_TOTAL,
             "Times a flow moved to a new stream after an outage"
         );
+        describe_counter!(
+            FLOWS_MOVED_TOTAL,
+            "Flows that turned bulk on the lane and moved to the main connection"
+        );
+        describe_counter!(LANE_CONNECTS_TOTAL, "Lane connections established");
         describe_counter!(SENT_BYTES_TOTAL, "Application bytes sent into links");
         describe_counter!(
             RECEIVED_BYTES_TOTAL,
@@ -91,6 +104,8 @@ impl Metrics {
             flows_open: gauge!(FLOWS_OPEN),
             flows_failed: counter!(FLOWS_FAILED_TOTAL),
             flows_resumed: counter!(FLOWS_RESUMED_TOTAL),
+            flows_moved: counter!(FLOWS_MOVED_TOTAL),
+            lane_connects: counter!(LANE_CONNECTS_TOTAL),
             sent_bytes: counter!(SENT_BYTES_TOTAL),
             received_bytes: counter!(RECEIVED_BYTES_TOTAL),
         }

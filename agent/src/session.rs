@@ -25,6 +25,7 @@ use comsat_protocol::{
     FlowId, HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN, LinkId, NodeId, NoiseSecretKey, Side,
     SigningKey,
 };
+use tokio::runtime::Handle;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -32,6 +33,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::config::{LinkConfig, LocalRole, RelayEndpoint};
 use crate::defaults;
 use crate::flow::{self, Flow, STREAM_FAILED};
+use crate::lane::{Lane, Runtimes};
 use crate::local;
 use crate::lock;
 use crate::metrics::Metrics;
@@ -114,6 +116,24 @@ pub(crate) struct LinkRt {
     /// The grant generation attached with (it changes when the controller
     /// re-grants the link, e.g. on other relays; flows go on).
     generation: AtomicU64,
+    /// The lane connection the link is attached on, if any: its flows
+    /// start there ([`crate::lane`]).
+    pub(crate) lane: Mutex<Option<quinn::Connection>>,
+    /// Flows the peer opened that are being set up (their target dialled):
+    /// another stream of one of them waits for it ([`accept_flow`]).
+    opening: Mutex<std::collections::HashSet<FlowId>>,
+}
+
+/// A flow id claimed while its flow is being set up; released on drop.
+struct Opening<'a> {
+    link: &'a LinkRt,
+    id: FlowId,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        lock(&self.link.opening).remove(&self.id);
+    }
 }
 
 impl LinkRt {
@@ -137,8 +157,23 @@ impl LinkRt {
             flows: Mutex::default(),
             acks: Mutex::default(),
             ack_notify: Mutex::new(ack_notify),
+            lane: Mutex::new(None),
+            opening: Mutex::default(),
             cfg,
         }
+    }
+
+    /// The grant generation to attach with.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// The link's lane, while it is up.
+    pub(crate) fn lane_conn(&self) -> Option<quinn::Connection> {
+        lock(&self.lane)
+            .as_ref()
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
     }
 
     /// Moves the link to the relay session woken by `notify`, attaching with
@@ -297,25 +332,28 @@ fn merge_ack(acks: &mut HashMap<FlowId, u64>, flow: FlowId, upto: u64) {
 }
 
 /// Jittered exponential backoff.
-struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
+    max: Duration,
 }
 
 impl Backoff {
-    fn new() -> Self {
+    /// Starts at [`defaults::RECONNECT_INITIAL`], up to `max`.
+    pub(crate) fn new(max: Duration) -> Self {
         Self {
             next: defaults::RECONNECT_INITIAL,
+            max,
         }
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = defaults::RECONNECT_INITIAL;
     }
 
     /// A delay in [d/2, d], then doubles d up to the cap.
-    fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let d = self.next;
-        self.next = (d * 2).min(defaults::RECONNECT_MAX);
+        self.next = (d * 2).min(self.max);
         let half = d / 2;
         half + half.mul_f64(rand::random::<f64>())
     }
@@ -338,12 +376,15 @@ enum Ended {
 
 /// Keeps `links` on the first relay of `relays` that answers, forever;
 /// `connection` names their connection in logs (`default` when none).
+/// With `lanes`, each relay connection has a lane beside it where the
+/// relay offers one ([`crate::lane`]).
 pub(crate) async fn relay_loop(
     shared: Arc<Shared>,
     relays: Vec<RelayEndpoint>,
     connection: Option<String>,
     links: HashMap<LinkId, Arc<LinkRt>>,
     ack_notify: Arc<Notify>,
+    lanes: Option<Runtimes>,
 ) {
     let candidates: Vec<(RelayEndpoint, quinn::ClientConfig)> = relays
         .iter()
@@ -359,7 +400,7 @@ pub(crate) async fn relay_loop(
         tracing::error!("no usable relay for these links; they stay down");
         return;
     }
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(defaults::RECONNECT_MAX);
     let started = Instant::now();
     let mut i = 0;
     // Hops in a row without meeting a peer: each doubles the dwell.
@@ -375,9 +416,17 @@ pub(crate) async fn relay_loop(
             connection = %connection.as_deref().unwrap_or("default")
         );
         let can_hop = candidates.len() > 1;
-        let ended = connect_and_serve(&shared, relay, client, &links, &ack_notify, can_hop, hops)
-            .instrument(span)
-            .await;
+        let ended = connect_and_serve(
+            &shared,
+            relay,
+            client,
+            &links,
+            &ack_notify,
+            (can_hop, hops),
+            lanes.as_ref(),
+        )
+        .instrument(span)
+        .await;
         for link in links.values() {
             link.set_ready(None, &shared.metrics);
             *link.pending() = None;
@@ -443,12 +492,15 @@ async fn connect_and_serve(
     client: &quinn::ClientConfig,
     links: &HashMap<LinkId, Arc<LinkRt>>,
     ack_notify: &Notify,
-    can_hop: bool,
-    hops: u32,
+    (can_hop, hops): (bool, u32),
+    lanes: Option<&Runtimes>,
 ) -> Result<Ended, ConnectError> {
-    let (endpoint, conn, send, recv, decoder) = connect(shared, relay, client).await?;
+    let (endpoint, conn, send, recv, decoder) =
+        connect(shared, &relay.addr, &relay.server_name, client).await?;
     shared.metrics.connects.increment(1);
     info!("connected to relay");
+    // Ends with this connection (dropped on return).
+    let _lane = lanes.and_then(|rt| Lane::start(shared, relay, client, links, rt));
     let mut ended = serve(
         shared, &conn, send, recv, decoder, links, ack_notify, can_hop, hops,
     )
@@ -471,9 +523,11 @@ async fn connect_and_serve(
     Ok(ended)
 }
 
-async fn connect(
+/// Connects to the relay at `addr` and authenticates (`Hello`).
+pub(crate) async fn connect(
     shared: &Shared,
-    relay: &RelayEndpoint,
+    addr: &str,
+    server_name: &str,
     client: &quinn::ClientConfig,
 ) -> Result<
     (
@@ -485,11 +539,12 @@ async fn connect(
     ),
     ConnectError,
 > {
-    let addr = tokio::net::lookup_host(relay.addr.as_str())
+    let resolved = tokio::net::lookup_host(addr)
         .await
-        .map_err(|e| format!("resolve {}: {e}", relay.addr))?
+        .map_err(|e| format!("resolve {addr}: {e}"))?
         .next()
-        .ok_or_else(|| format!("resolve {}: no address", relay.addr))?;
+        .ok_or_else(|| format!("resolve {addr}: no address"))?;
+    let addr = resolved;
     let bind: std::net::SocketAddr = if addr.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
@@ -501,7 +556,7 @@ async fn connect(
         .map_err(|e| format!("bind {bind}: {e}"))?;
     let (conn, send, recv, decoder) = tokio::time::timeout(
         defaults::CONNECT_TIMEOUT,
-        establish(shared, &endpoint, client, addr, &relay.server_name),
+        establish(shared, &endpoint, client, addr, server_name),
     )
     .await
     .map_err(|_| ConnectError::from("timed out connecting"))??;
@@ -546,7 +601,7 @@ async fn establish(
 
 /// Why a relay connection was never established.
 #[derive(Debug)]
-enum ConnectError {
+pub(crate) enum ConnectError {
     /// The relay closed it instead of welcoming us: it holds no grant
     /// naming this agent (yet), is full, or refused for another reason it
     /// does not tell.
@@ -576,7 +631,7 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
-async fn read_message(
+pub(crate) async fn read_message(
     recv: &mut quinn::RecvStream,
     decoder: &mut FrameDecoder,
 ) -> Result<Option<RelayToAgent>, String> {
@@ -596,7 +651,10 @@ async fn read_message(
     }
 }
 
-async fn write_control(mut send: quinn::SendStream, mut rx: mpsc::Receiver<AgentToRelay>) {
+pub(crate) async fn write_control(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::Receiver<AgentToRelay>,
+) {
     let mut buf = Vec::new();
     while let Some(msg) = rx.recv().await {
         buf.clear();
@@ -636,7 +694,12 @@ async fn serve(
             break;
         }
     }
-    let acceptor = tokio::spawn(accept_flows(shared.clone(), conn.clone(), links.clone()));
+    let acceptor = tokio::spawn(accept_flows(
+        shared.clone(),
+        conn.clone(),
+        links.clone(),
+        Handle::current(),
+    ));
     let mut retry = tokio::time::interval(defaults::HANDSHAKE_RETRY);
     retry.tick().await;
     // Links whose peer is away on this relay, since when. When all of them
@@ -682,7 +745,7 @@ async fn serve(
                             debug!(link = %link.cfg.name, "attaching again");
                             let _ = ctl.try_send(AgentToRelay::Attach {
                                 link_id: *id,
-                                generation: link.generation.load(Ordering::Relaxed),
+                                generation: link.generation(),
                                 side: link.cfg.side,
                             });
                         }
@@ -920,16 +983,18 @@ fn handle_handshake(
     link.install_session(session, conn, &shared.metrics);
 }
 
-/// Accepts flows the peer opened (through the relay) on this connection.
-async fn accept_flows(
+/// Accepts flows the peer opened (through the relay) on this connection,
+/// running each on `flows`.
+pub(crate) async fn accept_flows(
     shared: Arc<Shared>,
     conn: quinn::Connection,
     links: HashMap<LinkId, Arc<LinkRt>>,
+    flows: Handle,
 ) {
     while let Ok((send, recv)) = conn.accept_bi().await {
         let shared = shared.clone();
         let links = links.clone();
-        tokio::spawn(async move {
+        flows.spawn(async move {
             if let Err(e) = accept_flow(&shared, &links, send, recv).await {
                 debug!(error = %e, "incoming flow refused");
             }
@@ -962,13 +1027,32 @@ async fn accept_flow(
         refuse(&mut send, &mut recv);
         return Err("flow for a link not held on this relay".into());
     };
-    // A flow that exists resumes on this stream.
-    let existing = lock(&link.flows).get(&h.flow_id).cloned();
-    if let Some(flow) = existing {
-        debug!(link = %link.cfg.name, flow = h.flow_id, "flow resumes on a new stream");
-        flow.offer_stream(send, recv);
-        return Ok(());
-    }
+    // A flow that exists resumes on this stream. One being set up from
+    // another stream (its lane and main streams can arrive in either
+    // order) gets this one once it exists: it is never opened twice.
+    let deadline = Instant::now() + defaults::FLOW_OPEN_TIMEOUT;
+    let claim = loop {
+        let existing = lock(&link.flows).get(&h.flow_id).cloned();
+        if let Some(flow) = existing {
+            debug!(link = %link.cfg.name, flow = h.flow_id, "flow resumes on a new stream");
+            flow.offer_stream(send, recv);
+            return Ok(());
+        }
+        if lock(&link.opening).insert(h.flow_id) {
+            break Opening {
+                link,
+                id: h.flow_id,
+            };
+        }
+        if Instant::now() >= deadline {
+            refuse(&mut send, &mut recv);
+            return Err(format!(
+                "link {}: flow {} was never set up",
+                link.cfg.name, h.flow_id
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     let LocalRole::Target(target) = &link.role else {
         refuse(&mut send, &mut recv);
         return Err(format!(
@@ -1031,6 +1115,7 @@ async fn accept_flow(
     );
     flow.opened_by_peer();
     lock(&link.flows).insert(h.flow_id, flow.clone());
+    drop(claim);
     shared.metrics.flows_total.increment(1);
     let (reader, writer) = local.split();
     flow::run(flow, reader, writer, Some((send, recv)))

@@ -63,3 +63,9 @@ pub const STREAM_PEER_SILENT: u32 = 3;
 /// already has the grant's `max_flows` concurrent flows open. The dialling
 /// agent resets the application's connection; it does not retry.
 pub const STREAM_FLOW_LIMIT: u32 = 4;
+
+/// Stream error code with which an agent gives up a flow's stream because
+/// it carries the flow on on another stream (a flow that turned bulk moves
+/// from the lane to the main connection); the receiving agent takes the
+/// new stream, the relay passes the code on as a refusal.
+pub const STREAM_MOVED: u32 = 5;

@@ -10,7 +10,8 @@
 //! connection with [`crate::CLOSE_REFUSED`]. Then the agent attaches links;
 //! the relay tells each side when its peer is present, and forwards
 //! [`PeerFrame`]s between the two sides of a paired link without reading
-//! them.
+//! them. A second connection of the same agent may carry a side's flows
+//! beside it ([`AgentToRelay::AttachLane`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +74,21 @@ pub enum AgentToRelay {
         link_id: LinkId,
         /// The opaque frame.
         frame: PeerFrame,
+    },
+    /// Asks to carry flows of `side` of `link` on this connection as well:
+    /// a second connection (the *lane*) beside the one the side is
+    /// attached on, for flows that must not queue behind bulk ones. The
+    /// relay checks it like [`AgentToRelay::Attach`] and answers
+    /// [`RelayToAgent::Attached`] or [`RelayToAgent::Error`]; a lane
+    /// attachment never pairs a link nor carries peer frames, and a flow
+    /// opened on it goes on to the peer's lane where the peer has one.
+    AttachLane {
+        /// The link.
+        link_id: LinkId,
+        /// The generation the agent was configured with.
+        generation: u64,
+        /// The side it holds.
+        side: Side,
     },
 }
 

@@ -9,6 +9,7 @@
 //! | `comsat_relay_links_paired` | gauge | links with both sides attached |
 //! | `comsat_relay_flows_total` | counter | flows spliced |
 //! | `comsat_relay_flows_open` | gauge | flows being spliced |
+//! | `comsat_relay_lane_flows_total` | counter | flow streams that came on a lane, counted as they arrive (an agent's second connection for flows that must not queue behind bulk; see the agent's `lane_addr`) |
 //! | `comsat_relay_flows_refused_total` | counter | flow streams refused (link not paired on this connection) |
 //! | `comsat_relay_flows_over_limit_total` | counter | new flows refused because their link had its grant's `max_flows` open (the application sees a reset) |
 //! | `comsat_relay_forwarded_bytes_total` | counter | flow bytes forwarded, counted as they move |
@@ -52,6 +53,8 @@ pub const ATTACH_REFUSED_TOTAL: &str = "comsat_relay_attach_refused_total";
 pub const LINKS_PAIRED: &str = "comsat_relay_links_paired";
 /// Flows spliced.
 pub const FLOWS_TOTAL: &str = "comsat_relay_flows_total";
+/// Flow streams that came on a lane attachment.
+pub const LANE_FLOWS_TOTAL: &str = "comsat_relay_lane_flows_total";
 /// Flows open.
 pub const FLOWS_OPEN: &str = "comsat_relay_flows_open";
 /// Flow streams refused.
@@ -81,6 +84,7 @@ pub struct Metrics {
     pub(crate) links_paired: Gauge,
     pub(crate) flows_total: Counter,
     pub(crate) flows_open: Gauge,
+    pub(crate) lane_flows: Counter,
     pub(crate) flows_refused: Counter,
     pub(crate) flows_over_limit: Counter,
     pub(crate) forwarded_bytes: Counter,
@@ -105,6 +109,7 @@ impl Metrics {
         describe_counter!(ATTACH_REFUSED_TOTAL, "Attaches refused, by reason");
         describe_gauge!(LINKS_PAIRED, "Links with both sides attached");
         describe_counter!(FLOWS_TOTAL, "Flows spliced");
+        describe_counter!(LANE_FLOWS_TOTAL, "Flow streams that came on a lane");
         describe_gauge!(FLOWS_OPEN, "Flows being spliced");
         describe_counter!(FLOWS_REFUSED_TOTAL, "Flow streams refused");
         describe_counter!(
@@ -124,6 +129,7 @@ impl Metrics {
             links_paired: gauge!(LINKS_PAIRED),
             flows_total: counter!(FLOWS_TOTAL),
             flows_open: gauge!(FLOWS_OPEN),
+            lane_flows: counter!(LANE_FLOWS_TOTAL),
             flows_refused: counter!(FLOWS_REFUSED_TOTAL),
             flows_over_limit: counter!(FLOWS_OVER_LIMIT_TOTAL),
             forwarded_bytes: counter!(FORWARDED_BYTES_TOTAL),

@@ -46,6 +46,10 @@ struct Attachment {
 struct LinkSlot {
     a: Option<Attachment>,
     b: Option<Attachment>,
+    /// A second connection of side A's (B's) agent that carries flows of
+    /// the link beside `a` (`b`): its lane ([`AgentToRelay::AttachLane`]).
+    a_lane: Option<Attachment>,
+    b_lane: Option<Attachment>,
     /// Flips to `true` when the link is revoked: its flows stop.
     revoked: watch::Sender<bool>,
     /// Bumped whenever a side attaches: parked flows look for their peer.
@@ -95,6 +99,8 @@ impl LinkSlot {
         Self {
             a: None,
             b: None,
+            a_lane: None,
+            b_lane: None,
             revoked: watch::channel(false).0,
             pair: watch::channel(0).0,
             stats,
@@ -120,6 +126,45 @@ impl LinkSlot {
             Side::A => &self.a,
             Side::B => &self.b,
         }
+    }
+
+    fn lane_mut(&mut self, side: Side) -> &mut Option<Attachment> {
+        match side {
+            Side::A => &mut self.a_lane,
+            Side::B => &mut self.b_lane,
+        }
+    }
+
+    fn lane(&self, side: Side) -> &Option<Attachment> {
+        match side {
+            Side::A => &self.a_lane,
+            Side::B => &self.b_lane,
+        }
+    }
+
+    /// Whether `side`'s lane is attached on connection `conn_id`.
+    fn lane_held_by(&self, side: Side, conn_id: u64) -> bool {
+        self.lane(side)
+            .as_ref()
+            .is_some_and(|a| a.conn_id == conn_id)
+    }
+
+    /// Where a flow of `side` goes on to: the peer's lane for a flow that
+    /// came on `side`'s lane (if the peer has one), else the peer's main
+    /// attachment. `None` while the peer is away (its main attachment is
+    /// what makes it present; a lane without it carries nothing).
+    fn peer_conn(&self, side: Side, from_lane: bool) -> Option<quinn::Connection> {
+        let peer = side.peer();
+        let main = self.side(peer).as_ref()?;
+        let to = from_lane
+            .then(|| self.lane(peer).as_ref())
+            .flatten()
+            .unwrap_or(main);
+        Some(to.conn.clone())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.a.is_none() && self.b.is_none() && self.a_lane.is_none() && self.b_lane.is_none()
     }
 }
 
@@ -635,7 +680,10 @@ fn revoke(state: &State, link_id: LinkId) {
     if slot.a.is_some() && slot.b.is_some() {
         state.metrics.links_paired.decrement(1.0);
     }
-    for att in [slot.a, slot.b].into_iter().flatten() {
+    for att in [slot.a, slot.b, slot.a_lane, slot.b_lane]
+        .into_iter()
+        .flatten()
+    {
         let _ = att.ctl.try_send(RelayToAgent::Error {
             link_id,
             code: ErrorCode::Revoked,
@@ -767,6 +815,7 @@ async fn serve_connection(
     let _ = ctl.try_send(RelayToAgent::Welcome);
     let flows = tokio::spawn(accept_flows(state.clone(), conn_id, conn.clone()));
     let mut attached: HashSet<(LinkId, Side)> = HashSet::new();
+    let mut lanes: HashSet<(LinkId, Side)> = HashSet::new();
     let mut draining = state.draining.subscribe();
     let mut told_to_go = false;
     loop {
@@ -791,7 +840,11 @@ async fn serve_connection(
                 break;
             }
         };
-        let ok = handle_control(state, conn_id, node_id, &conn, &ctl, &mut attached, msg);
+        let mut sides = Sides {
+            attached: &mut attached,
+            lanes: &mut lanes,
+        };
+        let ok = handle_control(state, conn_id, node_id, &conn, &ctl, &mut sides, msg);
         if !ok {
             conn.close(CLOSE_PROTOCOL_ERROR.into(), b"protocol error");
             break;
@@ -800,22 +853,58 @@ async fn serve_connection(
     for (link_id, side) in attached {
         detach(state, conn_id, link_id, side);
     }
+    for (link_id, side) in lanes {
+        detach_lane(state, conn_id, link_id, side);
+    }
     flows.abort();
     drop(ctl);
     let _ = writer.await;
 }
 
+/// The link sides one connection holds: attached, and as a lane.
+struct Sides<'a> {
+    attached: &'a mut HashSet<(LinkId, Side)>,
+    lanes: &'a mut HashSet<(LinkId, Side)>,
+}
+
+/// Takes the sides of `link_id` out of `set`.
+fn take_sides(set: &mut HashSet<(LinkId, Side)>, link_id: LinkId) -> Vec<Side> {
+    let sides: Vec<Side> = set
+        .iter()
+        .filter(|(l, _)| *l == link_id)
+        .map(|(_, s)| *s)
+        .collect();
+    for side in &sides {
+        set.remove(&(link_id, *side));
+    }
+    sides
+}
+
 /// Handles one control message; `false` closes the connection.
-#[allow(clippy::too_many_arguments)]
 fn handle_control(
     state: &State,
     conn_id: u64,
     node_id: NodeId,
     conn: &quinn::Connection,
     ctl: &mpsc::Sender<RelayToAgent>,
-    attached: &mut HashSet<(LinkId, Side)>,
+    sides: &mut Sides<'_>,
     msg: AgentToRelay,
 ) -> bool {
+    let here = Attachment {
+        conn_id,
+        conn: conn.clone(),
+        ctl: ctl.clone(),
+    };
+    let answer = |reply: Result<(), ErrorCode>, link_id| {
+        send_or_close(
+            ctl,
+            conn,
+            match reply {
+                Ok(()) => RelayToAgent::Attached { link_id },
+                Err(code) => RelayToAgent::Error { link_id, code },
+            },
+        );
+    };
     match msg {
         AgentToRelay::Hello { .. } => false,
         AgentToRelay::Attach {
@@ -823,39 +912,39 @@ fn handle_control(
             generation,
             side,
         } => {
-            let reply = attach(
-                state, conn_id, conn, ctl, node_id, link_id, generation, side,
-            );
+            let reply = attach(state, here, node_id, link_id, generation, side, false);
             if reply.is_ok() {
-                attached.insert((link_id, side));
+                sides.attached.insert((link_id, side));
             }
-            send_or_close(
-                ctl,
-                conn,
-                match reply {
-                    Ok(()) => RelayToAgent::Attached { link_id },
-                    Err(code) => RelayToAgent::Error { link_id, code },
-                },
-            );
+            answer(reply, link_id);
             if reply.is_ok() {
                 announce_pair(state, link_id);
             }
             true
         }
+        AgentToRelay::AttachLane {
+            link_id,
+            generation,
+            side,
+        } => {
+            let reply = attach(state, here, node_id, link_id, generation, side, true);
+            if reply.is_ok() {
+                sides.lanes.insert((link_id, side));
+            }
+            answer(reply, link_id);
+            true
+        }
         AgentToRelay::Detach { link_id } => {
-            let sides: Vec<_> = attached
-                .iter()
-                .filter(|(l, _)| *l == link_id)
-                .copied()
-                .collect();
-            for key in sides {
-                attached.remove(&key);
-                detach(state, conn_id, key.0, key.1);
+            for side in take_sides(sides.attached, link_id) {
+                detach(state, conn_id, link_id, side);
+            }
+            for side in take_sides(sides.lanes, link_id) {
+                detach_lane(state, conn_id, link_id, side);
             }
             true
         }
         AgentToRelay::Peer { link_id, frame } => {
-            let Some(&(_, side)) = attached.iter().find(|(l, _)| *l == link_id) else {
+            let Some(&(_, side)) = sides.attached.iter().find(|(l, _)| *l == link_id) else {
                 send_or_close(
                     ctl,
                     conn,
@@ -879,16 +968,16 @@ fn send_or_close(ctl: &mpsc::Sender<RelayToAgent>, conn: &quinn::Connection, msg
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Attaches `side` of `link_id` on connection `here`: as the side itself,
+/// or (`lane`) as the side's lane, which carries flows only.
 fn attach(
     state: &State,
-    conn_id: u64,
-    conn: &quinn::Connection,
-    ctl: &mpsc::Sender<RelayToAgent>,
+    here: Attachment,
     node_id: NodeId,
     link_id: LinkId,
     generation: u64,
     side: Side,
+    lane: bool,
 ) -> Result<(), ErrorCode> {
     let grants = state.grants.snapshot();
     let refused = |reason, code| {
@@ -927,12 +1016,21 @@ fn attach(
     let slot = links
         .entry(link_id)
         .or_insert_with(|| LinkSlot::new(stats.clone()));
+    let conn_id = here.conn_id;
+    if lane {
+        let old = slot.lane_mut(side).replace(here);
+        if let Some(old) = old.filter(|old| old.conn_id != conn_id) {
+            debug!(link = %link_id.fmt_short(), "lane re-attached from a new connection");
+            old.conn
+                .close(CLOSE_NORMAL.into(), b"superseded by a new connection");
+        }
+        // Parked flows of the peer may go on to this lane now.
+        slot.pair.send_modify(|n| *n += 1);
+        debug!(link = %link_id.fmt_short(), %side, "lane attached");
+        return Ok(());
+    }
     let was_paired = slot.a.is_some() && slot.b.is_some();
-    let old = slot.side_mut(side).replace(Attachment {
-        conn_id,
-        conn: conn.clone(),
-        ctl: ctl.clone(),
-    });
+    let old = slot.side_mut(side).replace(here);
     if let Some(old) = old {
         if old.conn_id != conn_id {
             // The same node attached again from a new connection: the old
@@ -980,7 +1078,7 @@ fn detach(state: &State, conn_id: u64, link_id: LinkId, side: Side) {
             state.metrics.links_paired.decrement(1.0);
         }
         let peer = slot.side(side.peer()).clone();
-        if slot.a.is_none() && slot.b.is_none() {
+        if slot.is_empty() {
             links.remove(&link_id);
         }
         peer
@@ -988,6 +1086,21 @@ fn detach(state: &State, conn_id: u64, link_id: LinkId, side: Side) {
     info!(link = %link_id.fmt_short(), %side, "detached");
     if let Some(peer) = peer {
         send_or_close(&peer.ctl, &peer.conn, RelayToAgent::PeerAbsent { link_id });
+    }
+}
+
+/// Gives up `side`'s lane of `link_id` if connection `conn_id` holds it.
+fn detach_lane(state: &State, conn_id: u64, link_id: LinkId, side: Side) {
+    let mut links = state.links();
+    let Some(slot) = links.get_mut(&link_id) else {
+        return;
+    };
+    if slot.lane_held_by(side, conn_id) {
+        *slot.lane_mut(side) = None;
+        if slot.is_empty() {
+            links.remove(&link_id);
+        }
+        debug!(link = %link_id.fmt_short(), %side, "lane detached");
     }
 }
 
@@ -1095,6 +1208,8 @@ struct Parked {
 /// Where a new flow stream goes.
 struct Route {
     side: Side,
+    /// The flow came on the side's lane.
+    lane: bool,
     peer: Option<quinn::Connection>,
     revoked: watch::Receiver<bool>,
     pair: watch::Receiver<u64>,
@@ -1113,12 +1228,17 @@ fn route(state: &State, conn_id: u64, link_id: &LinkId) -> Option<Route> {
         .map_or((0, Some(0)), |g| (g.buffer_limit, g.limits.max_flows));
     let links = state.links();
     let slot = links.get(link_id)?;
-    let side = [Side::A, Side::B]
-        .into_iter()
-        .find(|side| slot.held_by(*side, conn_id))?;
+    let (side, lane) = [Side::A, Side::B].into_iter().find_map(|side| {
+        if slot.held_by(side, conn_id) {
+            Some((side, false))
+        } else {
+            slot.lane_held_by(side, conn_id).then_some((side, true))
+        }
+    })?;
     Some(Route {
         side,
-        peer: slot.side(side.peer()).as_ref().map(|p| p.conn.clone()),
+        lane,
+        peer: slot.peer_conn(side, lane),
         revoked: slot.revoked.subscribe(),
         pair: slot.pair.subscribe(),
         stats: slot.stats.clone(),
@@ -1154,7 +1274,7 @@ async fn park(
             let links = state.links();
             links
                 .get(&link_id)
-                .and_then(|s| s.side(route.side.peer()).as_ref().map(|p| p.conn.clone()))
+                .and_then(|s| s.peer_conn(route.side, route.lane))
         };
         if let Some(peer) = peer {
             return Some((peer, parked));
@@ -1215,6 +1335,9 @@ async fn splice_flow(
         let _ = recv.stop(STREAM_FLOW_LIMIT.into());
         return;
     };
+    if route.lane {
+        state.metrics.lane_flows.increment(1);
+    }
     let span = info_span!("flow", link = %flow.link_id.fmt_short(), id = flow.flow_id);
     async {
         let (peer_conn, parked) = match route.peer.take() {

@@ -95,3 +95,53 @@ pub async fn send_hello(conn: &quinn::Connection, hello: &AgentToRelay) -> Resul
         other => HelloOutcome::Other(other.to_string()),
     })
 }
+
+/// An authenticated control stream, to send messages a real agent would
+/// not (or not in that order) and read what the relay answers.
+pub struct Control {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl Control {
+    /// Sends `hello` on a new control stream; fails unless welcomed.
+    pub async fn open(conn: &quinn::Connection, hello: &AgentToRelay) -> Result<Self> {
+        let (send, recv) = conn.open_bi().await?;
+        let mut control = Self {
+            send,
+            recv,
+            decoder: FrameDecoder::new(),
+        };
+        control.send(hello).await?;
+        match control.next().await? {
+            RelayToAgent::Welcome => Ok(control),
+            other => anyhow::bail!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, msg: &AgentToRelay) -> Result<()> {
+        let mut buf = Vec::new();
+        msg.write_to(&mut buf)?;
+        self.send.write_all(&buf).await?;
+        Ok(())
+    }
+
+    /// The next message, within 10 s.
+    pub async fn next(&mut self) -> Result<RelayToAgent> {
+        let mut chunk = [0u8; 1024];
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                if let Some(msg) = self.decoder.next_message::<RelayToAgent>()? {
+                    return Ok(msg);
+                }
+                match self.recv.read(&mut chunk).await? {
+                    Some(n) => self.decoder.extend(&chunk[..n]),
+                    None => anyhow::bail!("control stream ended"),
+                }
+            }
+        })
+        .await?
+    }
+}

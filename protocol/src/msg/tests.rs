@@ -38,6 +38,14 @@ fn hex_snapshots_agent_to_relay() {
         "0000001501abababababababababababababababab".to_owned() + "fb2c0101"
     );
     assert_eq!(
+        frame(&AgentToRelay::AttachLane {
+            link_id: link,
+            generation: 300,
+            side: Side::A
+        }),
+        "0000001504abababababababababababababababab".to_owned() + "fb2c0100"
+    );
+    assert_eq!(
         frame(&AgentToRelay::Detach { link_id: link }),
         "0000001102abababababababababababababababab"
     );
@@ -152,6 +160,13 @@ fn arb_a2r() -> impl Strategy<Value = AgentToRelay> {
             }
         }),
         arb_link().prop_map(|link_id| AgentToRelay::Detach { link_id }),
+        (arb_link(), any::<u64>(), any::<bool>()).prop_map(|(link_id, generation, a)| {
+            AgentToRelay::AttachLane {
+                link_id,
+                generation,
+                side: if a { Side::A } else { Side::B },
+            }
+        }),
         (arb_link(), arb_peer_frame())
             .prop_map(|(link_id, frame)| AgentToRelay::Peer { link_id, frame }),
     ]

@@ -1,0 +1,219 @@
+//! The lane: a second QUIC connection to the relay a group of links is on,
+//! to the relay's interactive listener, on which those links start their
+//! flows.
+//!
+//! A flow that moves little (a request, a reply, a keystroke) then never
+//! queues behind the bytes a bulk flow keeps in flight on the main
+//! connection, and the relay and this agent drive the lane's connection on
+//! a thread of its own (`comsat-lane`). A flow that turns bulk (more than
+//! [`defaults::BULK_BYTES`] within [`defaults::BULK_WINDOW`], either way)
+//! moves to the main connection: the dialling agent gives up the lane
+//! stream and resumes the flow on a new one there (the resume path: the
+//! records not yet acknowledged are sent again, the receiver drops what it
+//! already has), and it stays there.
+//!
+//! The lane attaches every link of the group with
+//! [`AgentToRelay::AttachLane`]: it carries flows only; the main connection
+//! keeps the links' attachments, peer frames and pairing. A lane that is
+//! down, refused or not offered (a relay without an interactive listener)
+//! costs nothing but this: flows start on the main connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use comsat_protocol::LinkId;
+use comsat_protocol::msg::{AgentToRelay, FrameDecoder, RelayToAgent};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info, info_span};
+
+use crate::config::RelayEndpoint;
+use crate::defaults;
+use crate::lock;
+use crate::session::{self, Backoff, LinkRt, Shared};
+
+/// Where a group's lane runs: its connection on the lane runtime, the
+/// flows it accepts on the main one (a flow that turns bulk must not keep
+/// the lane's thread busy).
+#[derive(Clone)]
+pub(crate) struct Runtimes {
+    pub(crate) lane: Handle,
+    pub(crate) main: Handle,
+}
+
+/// The lane of one relay connection, for as long as this lives: dropping
+/// it stops the lane and takes it from the links.
+pub(crate) struct Lane {
+    task: JoinHandle<()>,
+    links: HashMap<LinkId, Arc<LinkRt>>,
+}
+
+impl Lane {
+    /// Starts the lane to `relay.lane_addr` for `links`, if it has one.
+    pub(crate) fn start(
+        shared: &Arc<Shared>,
+        relay: &RelayEndpoint,
+        client: &quinn::ClientConfig,
+        links: &HashMap<LinkId, Arc<LinkRt>>,
+        rt: &Runtimes,
+    ) -> Option<Self> {
+        let addr = relay.lane_addr.clone()?;
+        let span = info_span!("lane", addr = %addr);
+        let task = rt.lane.spawn(
+            run(
+                shared.clone(),
+                addr,
+                relay.server_name.clone(),
+                client.clone(),
+                links.clone(),
+                rt.main.clone(),
+            )
+            .instrument(span),
+        );
+        Some(Self {
+            task,
+            links: links.clone(),
+        })
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        self.task.abort();
+        for link in self.links.values() {
+            if let Some(conn) = lock(&link.lane).take() {
+                conn.close(0u32.into(), b"bye");
+            }
+        }
+    }
+}
+
+/// Keeps a lane up, reconnecting with backoff (up to
+/// [`defaults::LANE_RETRY_MAX`]: a relay that refuses lanes is asked again
+/// now and then, not hammered).
+async fn run(
+    shared: Arc<Shared>,
+    addr: String,
+    server_name: String,
+    client: quinn::ClientConfig,
+    links: HashMap<LinkId, Arc<LinkRt>>,
+    main: Handle,
+) {
+    let mut backoff = Backoff::new(defaults::LANE_RETRY_MAX);
+    loop {
+        match session::connect(&shared, &addr, &server_name, &client).await {
+            Ok((endpoint, conn, send, recv, decoder)) => {
+                info!("lane connected");
+                shared.metrics.lane_connects.increment(1);
+                let attached = serve(&shared, &conn, send, recv, decoder, &links, &main).await;
+                for link in links.values() {
+                    let mut lane = lock(&link.lane);
+                    if lane
+                        .as_ref()
+                        .is_some_and(|c| c.stable_id() == conn.stable_id())
+                    {
+                        *lane = None;
+                    }
+                }
+                conn.close(0u32.into(), b"bye");
+                endpoint.close(0u32.into(), b"bye");
+                info!("lane connection ended");
+                if attached {
+                    backoff.reset();
+                }
+            }
+            Err(e) => debug!(error = %e, "lane connection failed"),
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// Attaches every link as a lane and accepts the flows the relay opens on
+/// it, until the connection ends; whether any link attached.
+async fn serve(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut decoder: FrameDecoder,
+    links: &HashMap<LinkId, Arc<LinkRt>>,
+    main: &Handle,
+) -> bool {
+    let (ctl, rx) = mpsc::channel(defaults::CONTROL_QUEUE);
+    let writer = tokio::spawn(session::write_control(send, rx));
+    for link in links.values() {
+        let attach = AgentToRelay::AttachLane {
+            link_id: link.cfg.link_id,
+            generation: link.generation(),
+            side: link.cfg.side,
+        };
+        if ctl.send(attach).await.is_err() {
+            break;
+        }
+    }
+    let acceptor = tokio::spawn(session::accept_flows(
+        shared.clone(),
+        conn.clone(),
+        links.clone(),
+        main.clone(),
+    ));
+    let mut attached = false;
+    // Links the relay refused a lane for now (the grant may still be on its
+    // way, or was renewed): when to ask again, and the delay after that.
+    let mut again: HashMap<LinkId, (Instant, Duration)> = HashMap::new();
+    let mut retry = tokio::time::interval(defaults::HANDSHAKE_RETRY);
+    loop {
+        let msg = tokio::select! {
+            m = session::read_message(&mut recv, &mut decoder) => m,
+            _ = retry.tick() => {
+                for (link_id, (due, _)) in &again {
+                    if let (true, Some(link)) = (*due <= Instant::now(), links.get(link_id)) {
+                        let _ = ctl.try_send(AgentToRelay::AttachLane {
+                            link_id: *link_id,
+                            generation: link.generation(),
+                            side: link.cfg.side,
+                        });
+                    }
+                }
+                continue;
+            }
+        };
+        match msg {
+            Ok(Some(RelayToAgent::Attached { link_id })) => {
+                if let Some(link) = links.get(&link_id) {
+                    debug!(link = %link.cfg.name, "lane attached");
+                    *lock(&link.lane) = Some(conn.clone());
+                    again.remove(&link_id);
+                    attached = true;
+                }
+            }
+            Ok(Some(RelayToAgent::Error { link_id, code })) => {
+                // Its new flows ride the main connection meanwhile.
+                if let Some(link) = links.get(&link_id) {
+                    debug!(link = %link.cfg.name, ?code, "lane refused for the link");
+                    lock(&link.lane).take();
+                    let next = again
+                        .get(&link_id)
+                        .map_or(defaults::REATTACH_INITIAL, |(_, d)| {
+                            (*d * 2).min(defaults::REATTACH_MAX)
+                        });
+                    again.insert(link_id, (Instant::now() + next, next));
+                }
+            }
+            // The main connection acts on a drain; the lane ends with it.
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => {
+                debug!(error = %e, "lane control stream ended");
+                break;
+            }
+        }
+    }
+    acceptor.abort();
+    drop(ctl);
+    let _ = writer.await;
+    attached
+}
