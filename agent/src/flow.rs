@@ -29,12 +29,13 @@ use comsat_protocol::record::{
 };
 use comsat_protocol::resume::{Reassembly, ReplayWindow, Verdict};
 use comsat_protocol::{FlowId, STREAM_FLOW_LIMIT, STREAM_MOVED, STREAM_PEER_SILENT};
+use tokio::runtime::Handle;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use crate::defaults;
-use crate::local::{LocalRead, LocalWrite};
+use crate::local::{LocalConn, LocalRead, LocalWrite};
 use crate::lock;
 use crate::metrics::Metrics;
 use crate::session::{LinkRt, LinkSession};
@@ -115,8 +116,12 @@ pub(crate) struct Flow {
     tx: Mutex<Tx>,
     tx_event: Notify,
     rx: Mutex<Rx>,
-    streams_in: mpsc::Sender<Stream>,
-    streams_out: tokio::sync::Mutex<mpsc::Receiver<Stream>>,
+    /// Streams the peer opened for the flow, and whether on the lane.
+    streams_in: mpsc::Sender<(Stream, bool)>,
+    streams_out: tokio::sync::Mutex<mpsc::Receiver<(Stream, bool)>>,
+    /// Set while the flow moves to another runtime: the local reader stops
+    /// and hands its half of the socket back.
+    handoff: watch::Sender<bool>,
     end: watch::Sender<End>,
     /// The flow turned bulk: its streams ride the main connection, never
     /// the lane (dialling side only).
@@ -148,6 +153,7 @@ impl Flow {
             rx: Mutex::default(),
             streams_in,
             streams_out: tokio::sync::Mutex::new(streams_out),
+            handoff: watch::channel(false).0,
             end: watch::channel(End::Running).0,
             bulk: AtomicBool::new(false),
             meter: Mutex::new(Meter {
@@ -160,10 +166,16 @@ impl Flow {
         })
     }
 
-    /// Hands a stream the peer opened for this flow to the flow.
-    pub(crate) fn offer_stream(&self, send: quinn::SendStream, recv: quinn::RecvStream) {
-        if let Err(mpsc::error::TrySendError::Full((mut s, mut r))) =
-            self.streams_in.try_send((send, recv))
+    /// Hands a stream the peer opened for this flow (on the lane or not)
+    /// to the flow.
+    pub(crate) fn offer_stream(
+        &self,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        on_lane: bool,
+    ) {
+        if let Err(mpsc::error::TrySendError::Full(((mut s, mut r), _))) =
+            self.streams_in.try_send(((send, recv), on_lane))
         {
             let _ = s.reset(STREAM_FAILED.into());
             let _ = r.stop(STREAM_FAILED.into());
@@ -283,28 +295,38 @@ impl Flow {
     }
 
     /// The next stream the peer opened for this flow (accepting side).
-    async fn offered(&self) -> Option<Stream> {
+    async fn offered(&self) -> Option<(Stream, bool)> {
         self.streams_out.lock().await.recv().await
     }
 
-    /// Reads the local socket into records while the window has room.
-    async fn read_local(self: Arc<Self>, mut reader: LocalRead) {
+    /// Reads the local socket into records while the window has room;
+    /// gives the reader back when the flow moves to another runtime.
+    async fn read_local(self: Arc<Self>, mut reader: LocalRead) -> Option<LocalRead> {
         let mut quantum = Quantum::default();
+        let mut handoff = self.handoff.subscribe();
         loop {
             loop {
                 let notified = self.tx_event.notified();
                 if self.ended() != End::Running {
-                    return;
+                    return None;
+                }
+                if *handoff.borrow_and_update() {
+                    return Some(reader);
                 }
                 if lock(&self.tx).window.bytes() < defaults::FLOW_WINDOW {
                     break;
                 }
-                notified.await;
+                tokio::select! {
+                    () = notified => {}
+                    _ = handoff.changed() => {}
+                }
             }
             let mut end = self.end.subscribe();
+            // Nothing is read from the socket until `read_chunk` returns.
             let read = tokio::select! {
                 r = reader.read_chunk(RECORD_PREFIX_LEN, defaults::READ_CHUNK, NOISE_TAG_LEN) => r,
-                _ = end.wait_for(|e| *e != End::Running) => return,
+                _ = end.wait_for(|e| *e != End::Running) => return None,
+                _ = handoff.wait_for(|h| *h) => return Some(reader),
             };
             match read {
                 Ok(Some(record)) => {
@@ -312,10 +334,11 @@ impl Flow {
                     let kib = u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX);
                     let permit = tokio::select! {
                         p = self.budget.clone().acquire_many_owned(kib) => p.ok(),
-                        _ = end.wait_for(|e| *e != End::Running) => return,
+                        _ = end.wait_for(|e| *e != End::Running) => return None,
                     };
                     if self.push(RecordKind::Data, record, permit).is_err() {
-                        return self.reset();
+                        self.reset();
+                        return None;
                     }
                     self.metrics.sent_bytes.increment(len as u64);
                     self.meter(len);
@@ -327,12 +350,13 @@ impl Flow {
                     if self.push_empty(RecordKind::Fin).is_err() {
                         self.reset();
                     }
-                    return;
+                    return None;
                 }
                 Err(e) => {
                     // `run` tells the peer.
                     debug!(error = %e, "local read failed");
-                    return self.reset();
+                    self.reset();
+                    return None;
                 }
             }
         }
@@ -503,7 +527,7 @@ impl Flow {
         lane: bool,
     ) -> Option<(Stream, bool)> {
         if !self.dialer {
-            return Some((self.offered().await?, false));
+            return self.offered().await;
         }
         let mut ready = self.link.ready.subscribe();
         let mut now = now;
@@ -565,135 +589,253 @@ enum StreamEnd {
 }
 
 /// Runs a flow to its end: the local reader in its own task, streams one
-/// after another here. `first` is a stream already open for it.
+/// after another here. `first` is a stream already open for it (and
+/// whether on the lane).
 pub(crate) async fn run(
     flow: Arc<Flow>,
     reader: LocalRead,
-    mut writer: LocalWrite,
-    mut first: Option<Stream>,
+    writer: LocalWrite,
+    first: Option<(Stream, bool)>,
 ) {
-    let metrics = flow.metrics.clone();
-    metrics.flows_open.increment(1.0);
+    flow.metrics.flows_open.increment(1.0);
     let reading = tokio::spawn(flow.clone().read_local(reader));
-    let mut end = flow.end.subscribe();
-    let mut last_epoch = None;
-    let mut outage: Option<Instant> = None;
-    let mut resumed = false;
-    // The dialer opens the next stream at once (not on the link's next
-    // epoch), and whether it may be on the lane.
-    let (mut now, mut lane) = (false, true);
-    // Main streams lost in a row soon after they opened, each followed by
-    // a new one at once; more wait for the link to be ready anew.
-    let mut quick = 0u32;
-    let mut opened = Instant::now();
-    let mut delivery = Delivery::default();
-    let result = loop {
-        let stream = match first.take() {
-            Some(s) => Some((s, false)),
-            None => {
-                let deadline = *outage.get_or_insert_with(Instant::now) + flow.link.flow_timeout;
-                tokio::select! {
-                    s = flow.next_stream(&mut last_epoch, now, lane) => s,
-                    _ = tokio::time::sleep_until(deadline) => None,
-                    _ = end.wait_for(|e| *e != End::Running) => None,
+    Driver {
+        flow,
+        reading,
+        writer,
+        last_epoch: None,
+        outage: None,
+        resumed: false,
+        now: false,
+        lane: true,
+        quick: 0,
+        opened: Instant::now(),
+        delivery: Delivery::default(),
+    }
+    .drive(first)
+    .await;
+}
+
+/// What carries a flow from stream to stream (see [`run`]); it moves to
+/// the runtime that drives its current stream's connection.
+struct Driver {
+    flow: Arc<Flow>,
+    /// The local reader's task; it gives the reader back for a move.
+    reading: tokio::task::JoinHandle<Option<LocalRead>>,
+    writer: LocalWrite,
+    last_epoch: Option<u64>,
+    outage: Option<Instant>,
+    resumed: bool,
+    /// The dialer opens the next stream at once (not on the link's next
+    /// epoch), and whether it may be on the lane.
+    now: bool,
+    lane: bool,
+    /// Main streams lost in a row soon after they opened, each followed by
+    /// a new one at once; more wait for the link to be ready anew.
+    quick: u32,
+    opened: Instant,
+    delivery: Delivery,
+}
+
+type Boxed = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl Driver {
+    fn drive_boxed(self, first: Option<(Stream, bool)>) -> Boxed {
+        Box::pin(self.drive(first))
+    }
+
+    async fn drive(mut self, mut first: Option<(Stream, bool)>) {
+        let flow = self.flow.clone();
+        let metrics = flow.metrics.clone();
+        let mut end = flow.end.subscribe();
+        let result = loop {
+            let stream = match first.take() {
+                Some(s) => Some(s),
+                None => {
+                    let deadline =
+                        *self.outage.get_or_insert_with(Instant::now) + flow.link.flow_timeout;
+                    tokio::select! {
+                        s = flow.next_stream(&mut self.last_epoch, self.now, self.lane) => s,
+                        _ = tokio::time::sleep_until(deadline) => None,
+                        _ = end.wait_for(|e| *e != End::Running) => None,
+                    }
+                }
+            };
+            let Some(((mut send, mut recv), on_lane)) = stream else {
+                if flow.ended() == End::Running {
+                    debug!("flow timed out waiting for its link");
+                    flow.reset();
+                }
+                break flow.ended();
+            };
+            // The flow runs where its stream's connection is driven: on
+            // the lane's thread while it rides the lane.
+            if let Some(rt) = &flow.link.runtimes {
+                let to = if on_lane { &rt.lane } else { &rt.main };
+                if Handle::current().id() != to.id() {
+                    return self.move_to(to.clone(), ((send, recv), on_lane)).await;
+                }
+            }
+            if std::mem::take(&mut self.resumed) {
+                metrics.flows_resumed.increment(1);
+            }
+            if self.opened.elapsed() > defaults::STREAM_SETTLED {
+                self.quick = 0;
+            }
+            self.opened = Instant::now();
+            let ended = tokio::select! {
+                r = flow.write_stream(&mut send) => StreamEnd::Done(r.err()),
+                r = flow.read_stream(&mut recv, &mut self.writer, &mut self.delivery) => StreamEnd::Done(r.err()),
+                _ = end.wait_for(|e| *e != End::Running) => StreamEnd::Done(None),
+                _ = flow.turned_bulk.notified(), if on_lane => StreamEnd::TurnedBulk,
+            };
+            let err = match ended {
+                StreamEnd::Done(err) => err,
+                StreamEnd::TurnedBulk => {
+                    // Records on the lane stream that the peer did not get
+                    // are sent again on the new one (not acknowledged yet);
+                    // the peer moves when the relay passes the reset on.
+                    debug!("flow turned bulk: moving it from the lane to the main connection");
+                    let _ = send.reset(STREAM_MOVED.into());
+                    let _ = recv.stop(STREAM_MOVED.into());
+                    metrics.flows_moved.increment(1);
+                    self.now = true;
+                    self.outage = Some(Instant::now());
+                    continue;
+                }
+            };
+            match (flow.ended(), err) {
+                (End::Completed, _) => {
+                    let _ = send.finish();
+                    break End::Completed;
+                }
+                (End::Running, Some(e)) if e.resumable() => {
+                    debug!(error = %e, "flow stream lost; waiting to resume");
+                    self.resumed = true;
+                    // A connection that went silent was already down for its
+                    // idle timeout: the outage began then, not now.
+                    let began = match e {
+                        FlowError::Silent => Instant::now()
+                            .checked_sub(defaults::IDLE_TIMEOUT)
+                            .unwrap_or_else(Instant::now),
+                        _ => Instant::now(),
+                    };
+                    self.outage = Some(began);
+                    // A lost lane stream goes on on the main connection at
+                    // once; so does a lost main one, a few times in a row
+                    // (it may have lost a race between the lane and the
+                    // main connection, or the peer is away: then the relay
+                    // holds the new stream); then it waits for the link to
+                    // be ready anew. The other side waits for the dialer's.
+                    self.now = !matches!(e, FlowError::Finished)
+                        && (on_lane || self.quick < defaults::QUICK_RETRIES);
+                    self.lane = !on_lane;
+                    if !on_lane {
+                        self.quick += 1;
+                    }
+                    if flow.dialer {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                (_, e) => {
+                    // Reset here or elsewhere (local error, new session, …).
+                    if let Some(FlowError::OverLimit) = &e {
+                        tracing::warn!(link = %flow.link.cfg.name, "flow refused by the relay: the link's max_flows are open");
+                    } else {
+                        debug!(error = ?e, "flow failed");
+                    }
+                    flow.reset();
+                    // Tell the peer, best effort; it also times out on its own.
+                    if !matches!(e, Some(FlowError::PeerReset)) {
+                        let _ = flow.push_empty(RecordKind::Reset);
+                        let _ = flow_tail(&flow, &mut send).await;
+                    }
+                    let _ = send.reset(STREAM_FAILED.into());
+                    let _ = recv.stop(STREAM_FAILED.into());
+                    break End::Reset;
                 }
             }
         };
-        let Some(((mut send, mut recv), on_lane)) = stream else {
-            if flow.ended() == End::Running {
-                debug!("flow timed out waiting for its link");
-                flow.reset();
-            }
-            break flow.ended();
-        };
-        if std::mem::take(&mut resumed) {
-            metrics.flows_resumed.increment(1);
+        self.reading.abort();
+        metrics.flows_open.decrement(1.0);
+        flow.link.remove_flow(flow.id);
+        if result == End::Reset {
+            metrics.flows_failed.increment(1);
+            self.writer.abort();
+        } else {
+            debug!("flow closed");
         }
-        if opened.elapsed() > defaults::STREAM_SETTLED {
-            quick = 0;
-        }
-        opened = Instant::now();
-        let ended = tokio::select! {
-            r = flow.write_stream(&mut send) => StreamEnd::Done(r.err()),
-            r = flow.read_stream(&mut recv, &mut writer, &mut delivery) => StreamEnd::Done(r.err()),
-            _ = end.wait_for(|e| *e != End::Running) => StreamEnd::Done(None),
-            _ = flow.turned_bulk.notified(), if on_lane => StreamEnd::TurnedBulk,
-        };
-        let err = match ended {
-            StreamEnd::Done(err) => err,
-            StreamEnd::TurnedBulk => {
-                // Records on the lane stream that the peer did not get are
-                // sent again on the new one (not acknowledged yet); the
-                // peer moves when the relay passes the reset on.
-                debug!("flow turned bulk: moving it from the lane to the main connection");
-                let _ = send.reset(STREAM_MOVED.into());
-                let _ = recv.stop(STREAM_MOVED.into());
-                metrics.flows_moved.increment(1);
-                now = true;
-                outage = Some(Instant::now());
-                continue;
-            }
-        };
-        match (flow.ended(), err) {
-            (End::Completed, _) => {
-                let _ = send.finish();
-                break End::Completed;
-            }
-            (End::Running, Some(e)) if e.resumable() => {
-                debug!(error = %e, "flow stream lost; waiting to resume");
-                resumed = true;
-                // A connection that went silent was already down for its
-                // idle timeout: the outage began then, not now.
-                let began = match e {
-                    FlowError::Silent => Instant::now()
-                        .checked_sub(defaults::IDLE_TIMEOUT)
-                        .unwrap_or_else(Instant::now),
-                    _ => Instant::now(),
+    }
+
+    /// Goes on on runtime `to` with `stream`: the local reader stops, the
+    /// socket is registered with `to`'s reactor, and both tasks are
+    /// started there (nothing read is lost: the reader stops only between
+    /// reads).
+    async fn move_to(self, to: Handle, stream: (Stream, bool)) {
+        let Self {
+            flow,
+            reading,
+            writer,
+            last_epoch,
+            outage,
+            resumed,
+            now,
+            lane,
+            quick,
+            opened,
+            delivery,
+        } = self;
+        flow.handoff.send_replace(true);
+        let reader = reading.await.ok().flatten();
+        flow.handoff.send_replace(false);
+        let span = tracing::Span::current();
+        to.spawn(
+            async move {
+                let (reader, writer) = match reader {
+                    Some(r) => match LocalConn::into_std(r, writer).and_then(LocalConn::from_std) {
+                        Ok(c) => {
+                            let (r, w) = c.split();
+                            (Some(r), w)
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "flow could not move its socket");
+                            flow.reset();
+                            flow.metrics.flows_open.decrement(1.0);
+                            flow.metrics.flows_failed.increment(1);
+                            flow.link.remove_flow(flow.id);
+                            return;
+                        }
+                    },
+                    // The reader had finished (end of input, or the flow
+                    // ended): the writer stays where it is.
+                    None => (None, writer),
                 };
-                outage = Some(began);
-                // A lost lane stream goes on on the main connection at
-                // once; so does a lost main one, a few times in a row (it
-                // may have lost a race between the lane and the main
-                // connection, or the peer is away: then the relay holds
-                // the new stream); then it waits for the link to be ready
-                // anew. The other side just waits for the dialer's.
-                let again = !matches!(e, FlowError::Finished)
-                    && (on_lane || quick < defaults::QUICK_RETRIES);
-                if !on_lane {
-                    quick += 1;
+                debug!(
+                    lane = stream.1,
+                    "flow moved to the runtime of its new stream"
+                );
+                let reading = match reader {
+                    Some(r) => tokio::spawn(flow.clone().read_local(r)),
+                    None => tokio::spawn(async { None }),
+                };
+                Self {
+                    flow,
+                    reading,
+                    writer,
+                    last_epoch,
+                    outage,
+                    resumed,
+                    now,
+                    lane,
+                    quick,
+                    opened,
+                    delivery,
                 }
-                (now, lane) = (again, !on_lane);
-                if flow.dialer {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                .drive_boxed(Some(stream))
+                .await;
             }
-            (_, e) => {
-                // Reset here or elsewhere (local error, new session, …).
-                if let Some(FlowError::OverLimit) = &e {
-                    tracing::warn!(link = %flow.link.cfg.name, "flow refused by the relay: the link's max_flows are open");
-                } else {
-                    debug!(error = ?e, "flow failed");
-                }
-                flow.reset();
-                // Tell the peer, best effort; it also times out on its own.
-                if !matches!(e, Some(FlowError::PeerReset)) {
-                    let _ = flow.push_empty(RecordKind::Reset);
-                    let _ = flow_tail(&flow, &mut send).await;
-                }
-                let _ = send.reset(STREAM_FAILED.into());
-                let _ = recv.stop(STREAM_FAILED.into());
-                break End::Reset;
-            }
-        }
-    };
-    reading.abort();
-    metrics.flows_open.decrement(1.0);
-    flow.link.remove_flow(flow.id);
-    if result == End::Reset {
-        metrics.flows_failed.increment(1);
-        writer.abort();
-    } else {
-        debug!("flow closed");
+            .instrument(span),
+        );
     }
 }
 

@@ -35,9 +35,9 @@ use crate::defaults;
 use crate::lock;
 use crate::session::{self, Backoff, LinkRt, Shared};
 
-/// Where a group's lane runs: its connection on the lane runtime, the
-/// flows it accepts on the main one (a flow that turns bulk must not keep
-/// the lane's thread busy).
+/// Where a link with a lane runs: the lane's connection, and its flows
+/// while they ride it, on the lane's runtime (thread `comsat-lane`); the
+/// main connection and bulk flows on the main one.
 #[derive(Clone)]
 pub(crate) struct Runtimes {
     pub(crate) lane: Handle,
@@ -69,7 +69,6 @@ impl Lane {
                 relay.server_name.clone(),
                 client.clone(),
                 links.clone(),
-                rt.main.clone(),
             )
             .instrument(span),
         );
@@ -100,7 +99,6 @@ async fn run(
     server_name: String,
     client: quinn::ClientConfig,
     links: HashMap<LinkId, Arc<LinkRt>>,
-    main: Handle,
 ) {
     let mut backoff = Backoff::new(defaults::LANE_RETRY_MAX);
     loop {
@@ -108,7 +106,7 @@ async fn run(
             Ok((endpoint, conn, send, recv, decoder)) => {
                 info!("lane connected");
                 shared.metrics.lane_connects.increment(1);
-                let attached = serve(&shared, &conn, send, recv, decoder, &links, &main).await;
+                let attached = serve(&shared, &conn, send, recv, decoder, &links).await;
                 for link in links.values() {
                     let mut lane = lock(&link.lane);
                     if lane
@@ -140,7 +138,6 @@ async fn serve(
     mut recv: quinn::RecvStream,
     mut decoder: FrameDecoder,
     links: &HashMap<LinkId, Arc<LinkRt>>,
-    main: &Handle,
 ) -> bool {
     let (ctl, rx) = mpsc::channel(defaults::CONTROL_QUEUE);
     let writer = tokio::spawn(session::write_control(send, rx));
@@ -158,7 +155,7 @@ async fn serve(
         shared.clone(),
         conn.clone(),
         links.clone(),
-        main.clone(),
+        true,
     ));
     let mut attached = false;
     // Links the relay refused a lane for now (the grant may still be on its

@@ -214,16 +214,14 @@ impl Agent {
                 held.cfg = cfg;
                 continue;
             }
-            let rt = Arc::new(LinkRt::new(
-                cfg.clone(),
-                role.clone(),
-                self.flow_timeout,
-                Arc::new(Notify::new()),
-            ));
             let mut listener = None;
             let mut bound = None;
-            let lane = match cfg.connection {
-                Some(_) => match self.lane() {
+            // A link of its own connection runs on the lane; a plain one
+            // with a lane to one of its relays starts its flows there.
+            let with_lane =
+                cfg.connection.is_none() && cfg.relays.iter().any(|r| r.lane_addr.is_some());
+            let lane = match cfg.connection.is_some() || with_lane {
+                true => match self.lane() {
                     Ok(h) => Some(h),
                     Err(source) => {
                         applied.failed.push((
@@ -236,8 +234,22 @@ impl Agent {
                         continue;
                     }
                 },
-                None => None,
+                false => None,
             };
+            let runtimes = match (&lane, with_lane) {
+                (Some(lane), true) => Some(lane::Runtimes {
+                    lane: lane.clone(),
+                    main: tokio::runtime::Handle::current(),
+                }),
+                _ => None,
+            };
+            let rt = Arc::new(LinkRt::new(
+                cfg.clone(),
+                role.clone(),
+                self.flow_timeout,
+                Arc::new(Notify::new()),
+                runtimes,
+            ));
             if let LocalRole::Listen(spec) = &role {
                 // A lane link's listener is bound and served on the lane,
                 // so its sockets are polled there too.

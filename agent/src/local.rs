@@ -131,6 +131,37 @@ impl LocalConn {
     }
 }
 
+/// A local connection taken off the runtime it was registered with, to
+/// be registered again with another ([`LocalConn::from_std`]).
+#[derive(Debug)]
+pub(crate) enum StdConn {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl LocalConn {
+    /// Joins the halves of one connection and takes it off its runtime.
+    pub(crate) fn into_std(read: LocalRead, write: LocalWrite) -> io::Result<StdConn> {
+        match (read, write) {
+            (LocalRead::Tcp(r), LocalWrite::Tcp(w)) => Ok(StdConn::Tcp(
+                r.reunite(w).map_err(io::Error::other)?.into_std()?,
+            )),
+            (LocalRead::Unix(r), LocalWrite::Unix(w)) => Ok(StdConn::Unix(
+                r.reunite(w).map_err(io::Error::other)?.into_std()?,
+            )),
+            _ => Err(io::Error::other("halves of different connections")),
+        }
+    }
+
+    /// Registers a connection with the runtime this is called on.
+    pub(crate) fn from_std(conn: StdConn) -> io::Result<Self> {
+        Ok(match conn {
+            StdConn::Tcp(s) => Self::Tcp(TcpStream::from_std(s)?),
+            StdConn::Unix(s) => Self::Unix(UnixStream::from_std(s)?),
+        })
+    }
+}
+
 impl LocalRead {
     /// Reads what is available, at most `max` bytes, after `prefix` zero
     /// bytes and with `spare` bytes of capacity left after them (room for

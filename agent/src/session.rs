@@ -25,7 +25,6 @@ use comsat_protocol::{
     FlowId, HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN, LinkId, NodeId, NoiseSecretKey, Side,
     SigningKey,
 };
-use tokio::runtime::Handle;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -119,6 +118,9 @@ pub(crate) struct LinkRt {
     /// The lane connection the link is attached on, if any: its flows
     /// start there ([`crate::lane`]).
     pub(crate) lane: Mutex<Option<quinn::Connection>>,
+    /// Where the link's flows run, if it has a lane: on the lane's thread
+    /// while their stream rides the lane, else on the main runtime.
+    pub(crate) runtimes: Option<Runtimes>,
     /// Flows the peer opened that are being set up (their target dialled):
     /// another stream of one of them waits for it ([`accept_flow`]).
     opening: Mutex<std::collections::HashSet<FlowId>>,
@@ -142,6 +144,7 @@ impl LinkRt {
         role: LocalRole,
         flow_timeout: Duration,
         ack_notify: Arc<Notify>,
+        runtimes: Option<Runtimes>,
     ) -> Self {
         Self {
             role,
@@ -159,6 +162,7 @@ impl LinkRt {
             ack_notify: Mutex::new(ack_notify),
             lane: Mutex::new(None),
             opening: Mutex::default(),
+            runtimes,
             cfg,
         }
     }
@@ -698,7 +702,7 @@ async fn serve(
         shared.clone(),
         conn.clone(),
         links.clone(),
-        Handle::current(),
+        false,
     ));
     let mut retry = tokio::time::interval(defaults::HANDSHAKE_RETRY);
     retry.tick().await;
@@ -983,19 +987,19 @@ fn handle_handshake(
     link.install_session(session, conn, &shared.metrics);
 }
 
-/// Accepts flows the peer opened (through the relay) on this connection,
-/// running each on `flows`.
+/// Accepts flows the peer opened (through the relay) on this connection
+/// (a lane or not).
 pub(crate) async fn accept_flows(
     shared: Arc<Shared>,
     conn: quinn::Connection,
     links: HashMap<LinkId, Arc<LinkRt>>,
-    flows: Handle,
+    lane: bool,
 ) {
     while let Ok((send, recv)) = conn.accept_bi().await {
         let shared = shared.clone();
         let links = links.clone();
-        flows.spawn(async move {
-            if let Err(e) = accept_flow(&shared, &links, send, recv).await {
+        tokio::spawn(async move {
+            if let Err(e) = accept_flow(&shared, &links, (send, recv), lane).await {
                 debug!(error = %e, "incoming flow refused");
             }
         });
@@ -1005,8 +1009,8 @@ pub(crate) async fn accept_flows(
 async fn accept_flow(
     shared: &Shared,
     links: &HashMap<LinkId, Arc<LinkRt>>,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
+    lane: bool,
 ) -> Result<(), String> {
     let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream| {
         let _ = send.reset(STREAM_FAILED.into());
@@ -1035,7 +1039,7 @@ async fn accept_flow(
         let existing = lock(&link.flows).get(&h.flow_id).cloned();
         if let Some(flow) = existing {
             debug!(link = %link.cfg.name, flow = h.flow_id, "flow resumes on a new stream");
-            flow.offer_stream(send, recv);
+            flow.offer_stream(send, recv, lane);
             return Ok(());
         }
         if lock(&link.opening).insert(h.flow_id) {
@@ -1118,7 +1122,7 @@ async fn accept_flow(
     drop(claim);
     shared.metrics.flows_total.increment(1);
     let (reader, writer) = local.split();
-    flow::run(flow, reader, writer, Some((send, recv)))
+    flow::run(flow, reader, writer, Some(((send, recv), lane)))
         .instrument(info_span!("flow", link = %link.cfg.name, id = h.flow_id))
         .await;
     Ok(())

@@ -548,7 +548,15 @@ async fn placements(r: &Run) -> Result<Vec<Beside>> {
     let apart = Path::start(&r.bin, vec![link("bulk", r.sink)], &[]).await?;
     let own = Path::start_interactive(&r.bin, pair(), "ping").await?;
     let split = Path::start_split(&r.bin, pair()).await?;
+    let lanes = Path::start_lanes(&r.bin, pair()).await?;
     let placed = [
+        (
+            " beside bulk, with lanes (the relay's interactive listener; no link names a connection)",
+            lanes.listen[0],
+            lanes.listen[1],
+            lanes,
+            Some("p99 round trip while another link runs bulk, with lanes; floor 5 ms"),
+        ),
         (
             " while a second comsat path (no shared process) runs bulk",
             apart.listen[0],

@@ -122,6 +122,20 @@ impl Path {
         Ok(path)
     }
 
+    /// Like [`Path::start`], with the relay's interactive listener and a
+    /// lane to it for every link (as a relay enrolled with
+    /// `--interactive-port` gives them): flows start on the lane and move
+    /// to the main connection when they turn bulk.
+    pub(crate) async fn start_lanes(bin: &str, links: Vec<DevLink>) -> Result<Self> {
+        let mut path = Self::prepare(bin, links, &[])?;
+        let addr = format!("127.0.0.1:{}", comsat_tests::free_udp_port()?).parse()?;
+        path.layout.run_lanes(0, addr)?;
+        path.start_relay("relay")?;
+        path.start_agent_b()?;
+        path.start_agent_a().await?;
+        Ok(path)
+    }
+
     /// Like [`Path::start`], with one relay per link: each link rides its
     /// own QUIC connection from the same two agents, through its own relay.
     pub(crate) async fn start_split(bin: &str, links: Vec<DevLink>) -> Result<Self> {
