@@ -19,6 +19,12 @@
 //! handshakes at concurrency 64, link setup rate), `resume`, `memory` (per
 //! idle link and agent connection, and capacity: the sizes held with RSS
 //! linear in N; `--large` asks for large sizes).
+//!
+//! The main path runs as `comsat up` does: its relay has an interactive
+//! listener, so its links have lanes (flows start on each agent's second
+//! connection and move to the main one when they turn bulk); `--no-lanes`
+//! runs it as a relay enrolled without `--interactive-port`. The latency
+//! scenario measures the other configuration beside it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -73,6 +79,11 @@ struct RunArgs {
     /// rate-limit, setup, resume, memory (also called capacity).
     #[arg(long)]
     scenario: Option<String>,
+    /// Run the main path's relay without an interactive listener, so its
+    /// links have no lane (a relay enrolled without `--interactive-port`);
+    /// by default it runs one, as `comsat up` does.
+    #[arg(long)]
+    no_lanes: bool,
     /// The comsat binary (default: `comsat` beside this executable).
     #[arg(long)]
     comsat: Option<PathBuf>,
@@ -101,6 +112,8 @@ struct Run {
     bin: String,
     quick: bool,
     large: bool,
+    /// The main path's links have lanes.
+    lanes: bool,
     reps: usize,
     sink: SocketAddr,
     echo: SocketAddr,
@@ -172,9 +185,19 @@ async fn run(args: RunArgs) -> Result<()> {
     tokio::spawn(measure::sink(sink_l));
     tokio::spawn(measure::echo(echo_l));
     eprintln!("starting relay and agents ({bin})");
-    let path = Path::start(&bin, vec![link("bulk", sink), link("ping", echo)], &[]).await?;
+    let main_links = vec![link("bulk", sink), link("ping", echo)];
+    let path = if args.no_lanes {
+        Path::start(&bin, main_links, &[]).await?
+    } else {
+        Path::start_lanes(&bin, main_links).await?
+    };
+    let mut notes = vec![if args.no_lanes {
+        "The main comsat path runs without lanes (`--no-lanes`: its relay has no interactive listener)."
+    } else {
+        "The main comsat path runs with lanes, as `comsat up` does: its relay has an interactive listener, flows start on each agent's lane and move to the main connection when they turn bulk."
+    }
+    .to_owned()];
     wait_carrying("comsat", path.listen[0], path.listen[1]).await?;
-    let mut notes = Vec::new();
     let mut chains = Vec::new();
     type Starter = fn(SocketAddr, SocketAddr) -> Result<chain::Chain>;
     let peers: [(&str, bool, Starter); 3] = [
@@ -208,6 +231,7 @@ async fn run(args: RunArgs) -> Result<()> {
         bin,
         quick: args.quick,
         large: args.large,
+        lanes: !args.no_lanes,
         reps: if args.quick { 3 } else { 5 },
         sink,
         echo,
@@ -548,14 +572,27 @@ async fn placements(r: &Run) -> Result<Vec<Beside>> {
     let apart = Path::start(&r.bin, vec![link("bulk", r.sink)], &[]).await?;
     let own = Path::start_interactive(&r.bin, pair(), "ping").await?;
     let split = Path::start_split(&r.bin, pair()).await?;
-    let lanes = Path::start_lanes(&r.bin, pair()).await?;
-    let placed = [
+    // The main path's other configuration.
+    let other = if r.lanes {
+        (
+            " beside bulk, without lanes (a relay with no interactive listener)",
+            Path::start(&r.bin, pair(), &[]).await?,
+            None,
+        )
+    } else {
         (
             " beside bulk, with lanes (the relay's interactive listener; no link names a connection)",
-            lanes.listen[0],
-            lanes.listen[1],
-            lanes,
+            Path::start_lanes(&r.bin, pair()).await?,
             Some("p99 round trip while another link runs bulk, with lanes; floor 5 ms"),
+        )
+    };
+    let placed = [
+        (
+            other.0,
+            other.1.listen[0],
+            other.1.listen[1],
+            other.1,
+            other.2,
         ),
         (
             " while a second comsat path (no shared process) runs bulk",
