@@ -58,6 +58,16 @@
 //! public address and that port), and agents get the address with the
 //! links created with `--connection`.
 //!
+//! Agents also keep a *lane* there for their other links (their
+//! `lane_addr`; enrolled agents get it for every link on a relay with an
+//! interactive listener): a second connection that attaches each link
+//! with `AttachLane` (checked like an attach; it carries flows only, no
+//! peer frames, and never pairs a link). Flows start on it and move to the
+//! main connection when they turn bulk; a flow that arrives on a lane goes
+//! on to the peer's lane where the peer has one. So each agent holds two
+//! connections per relay: count them in `limits.max_connections`.
+//! `comsat_relay_lane_flows_total` counts flow streams that came on lanes.
+//!
 //! ## Reload
 //!
 //! The relay re-reads this file on SIGHUP (`systemctl reload`) and when it
