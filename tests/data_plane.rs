@@ -125,6 +125,19 @@ where
     .context("transfer timed out")?
 }
 
+/// [`eight_flows`] from agent A's listener at `listen` to `target`.
+async fn eight_tcp_flows(target: TcpListener, listen: SocketAddr) -> Result<()> {
+    let target = Arc::new(target);
+    eight_flows(
+        move || {
+            let target = target.clone();
+            async move { target.accept().await.map(|(s, _)| s) }
+        },
+        move || TcpStream::connect(listen),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_64mib_both_ways_over_8_flows() -> Result<()> {
     let target = TcpListener::bind("127.0.0.1:0").await?;
@@ -137,15 +150,7 @@ async fn tcp_64mib_both_ways_over_8_flows() -> Result<()> {
     let listen = sys.listen_addr("bulk")?;
     let listen: SocketAddr = listen.trim_start_matches("tcp://").parse()?;
     sys.wait_ready()?;
-    let target = Arc::new(target);
-    eight_flows(
-        move || {
-            let target = target.clone();
-            async move { target.accept().await.map(|(s, _)| s) }
-        },
-        move || TcpStream::connect(listen),
-    )
-    .await?;
+    eight_tcp_flows(target, listen).await?;
     let m = scrape(sys.relay_admin)?;
     assert!(metric(&m, "comsat_relay_forwarded_bytes_total") >= (2 * FLOWS * PER_FLOW) as f64);
     assert_eq!(metric(&m, "comsat_relay_flows_total"), FLOWS as f64);
@@ -696,15 +701,7 @@ async fn flows_start_on_the_lane_and_bulk_ones_move_to_the_main_connection() -> 
         .listen_addr("bulk")?
         .trim_start_matches("tcp://")
         .parse()?;
-    let target = Arc::new(target);
-    eight_flows(
-        move || {
-            let target = target.clone();
-            async move { target.accept().await.map(|(s, _)| s) }
-        },
-        move || TcpStream::connect(listen),
-    )
-    .await?;
+    eight_tcp_flows(target, listen).await?;
     let agent = scrape(a)?;
     assert_eq!(
         metric(&agent, "comsat_agent_flows_moved_total"),

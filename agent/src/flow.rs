@@ -603,14 +603,16 @@ pub(crate) async fn run(
         flow,
         reading,
         writer,
-        last_epoch: None,
-        outage: None,
-        resumed: false,
-        now: false,
-        lane: true,
-        quick: 0,
-        opened: Instant::now(),
-        delivery: Delivery::default(),
+        st: Progress {
+            last_epoch: None,
+            outage: None,
+            resumed: false,
+            now: false,
+            lane: true,
+            quick: 0,
+            opened: Instant::now(),
+            delivery: Delivery::default(),
+        },
     }
     .drive(first)
     .await;
@@ -623,6 +625,11 @@ struct Driver {
     /// The local reader's task; it gives the reader back for a move.
     reading: tokio::task::JoinHandle<Option<LocalRead>>,
     writer: LocalWrite,
+    st: Progress,
+}
+
+/// Where a flow's [`Driver`] stands between streams.
+struct Progress {
     last_epoch: Option<u64>,
     outage: Option<Instant>,
     resumed: bool,
@@ -653,9 +660,9 @@ impl Driver {
                 Some(s) => Some(s),
                 None => {
                     let deadline =
-                        *self.outage.get_or_insert_with(Instant::now) + flow.link.flow_timeout;
+                        *self.st.outage.get_or_insert_with(Instant::now) + flow.link.flow_timeout;
                     tokio::select! {
-                        s = flow.next_stream(&mut self.last_epoch, self.now, self.lane) => s,
+                        s = flow.next_stream(&mut self.st.last_epoch, self.st.now, self.st.lane) => s,
                         _ = tokio::time::sleep_until(deadline) => None,
                         _ = end.wait_for(|e| *e != End::Running) => None,
                     }
@@ -676,16 +683,16 @@ impl Driver {
                     return self.move_to(to.clone(), ((send, recv), on_lane)).await;
                 }
             }
-            if std::mem::take(&mut self.resumed) {
+            if std::mem::take(&mut self.st.resumed) {
                 metrics.flows_resumed.increment(1);
             }
-            if self.opened.elapsed() > defaults::STREAM_SETTLED {
-                self.quick = 0;
+            if self.st.opened.elapsed() > defaults::STREAM_SETTLED {
+                self.st.quick = 0;
             }
-            self.opened = Instant::now();
+            self.st.opened = Instant::now();
             let ended = tokio::select! {
                 r = flow.write_stream(&mut send) => StreamEnd::Done(r.err()),
-                r = flow.read_stream(&mut recv, &mut self.writer, &mut self.delivery) => StreamEnd::Done(r.err()),
+                r = flow.read_stream(&mut recv, &mut self.writer, &mut self.st.delivery) => StreamEnd::Done(r.err()),
                 _ = end.wait_for(|e| *e != End::Running) => StreamEnd::Done(None),
                 _ = flow.turned_bulk.notified(), if on_lane => StreamEnd::TurnedBulk,
             };
@@ -699,8 +706,8 @@ impl Driver {
                     let _ = send.reset(STREAM_MOVED.into());
                     let _ = recv.stop(STREAM_MOVED.into());
                     metrics.flows_moved.increment(1);
-                    self.now = true;
-                    self.outage = Some(Instant::now());
+                    self.st.now = true;
+                    self.st.outage = Some(Instant::now());
                     continue;
                 }
             };
@@ -711,7 +718,7 @@ impl Driver {
                 }
                 (End::Running, Some(e)) if e.resumable() => {
                     debug!(error = %e, "flow stream lost; waiting to resume");
-                    self.resumed = true;
+                    self.st.resumed = true;
                     // A connection that went silent was already down for its
                     // idle timeout: the outage began then, not now.
                     let began = match e {
@@ -720,18 +727,18 @@ impl Driver {
                             .unwrap_or_else(Instant::now),
                         _ => Instant::now(),
                     };
-                    self.outage = Some(began);
+                    self.st.outage = Some(began);
                     // A lost lane stream goes on on the main connection at
                     // once; so does a lost main one, a few times in a row
                     // (it may have lost a race between the lane and the
                     // main connection, or the peer is away: then the relay
                     // holds the new stream); then it waits for the link to
                     // be ready anew. The other side waits for the dialer's.
-                    self.now = !matches!(e, FlowError::Finished)
-                        && (on_lane || self.quick < defaults::QUICK_RETRIES);
-                    self.lane = !on_lane;
+                    self.st.now = !matches!(e, FlowError::Finished)
+                        && (on_lane || self.st.quick < defaults::QUICK_RETRIES);
+                    self.st.lane = !on_lane;
                     if !on_lane {
-                        self.quick += 1;
+                        self.st.quick += 1;
                     }
                     if flow.dialer {
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -776,14 +783,7 @@ impl Driver {
             flow,
             reading,
             writer,
-            last_epoch,
-            outage,
-            resumed,
-            now,
-            lane,
-            quick,
-            opened,
-            delivery,
+            st,
         } = self;
         flow.handoff.send_replace(true);
         let reader = reading.await.ok().flatten();
@@ -822,14 +822,7 @@ impl Driver {
                     flow,
                     reading,
                     writer,
-                    last_epoch,
-                    outage,
-                    resumed,
-                    now,
-                    lane,
-                    quick,
-                    opened,
-                    delivery,
+                    st,
                 }
                 .drive_boxed(Some(stream))
                 .await;
