@@ -713,19 +713,17 @@ async fn flows_start_on_the_lane_and_bulk_ones_move_to_the_main_connection() -> 
         0.0,
         "{agent}"
     );
-    // At both ends they ran on the lane's thread, then moved their tasks
-    // and sockets to the main runtime with their streams.
-    for log in ["agent-a.log", "agent-b.log"] {
-        let text = std::fs::read_to_string(sys.logs().join(log))?;
-        let moved = text
-            .lines()
-            .filter(|l| l.contains("flow moved to the runtime of its new stream lane=false"))
-            .count();
-        assert!(
-            moved >= FLOWS as usize,
-            "{log}: {moved} flows moved:\n{text}"
-        );
-    }
+    // At agent A they ran on the lane's thread, then moved their tasks and
+    // sockets to the main runtime with their streams. (Agent B's do the
+    // same when their lane stream reaches it before their main one; the
+    // two race through the relay, and a flow first seen on the main
+    // connection starts there, so B's count is not fixed.)
+    let text = std::fs::read_to_string(sys.logs().join("agent-a.log"))?;
+    let moved = text
+        .lines()
+        .filter(|l| l.contains("flow moved to the runtime of its new stream lane=false"))
+        .count();
+    assert!(moved >= FLOWS as usize, "{moved} flows moved:\n{text}");
     let m = scrape(sys.relay_admin)?;
     // Each bulk flow: a stream on the lane (which the agent may give up
     // before the relay has read its header), then one on the main
