@@ -332,9 +332,14 @@ impl Flow {
                 Ok(Some(record)) => {
                     let len = record.len() - RECORD_PREFIX_LEN;
                     let kib = u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX);
+                    // A move waiting for the reader takes this record
+                    // without its share of the budget (one record over it,
+                    // at most), rather than wait for acks it may itself be
+                    // holding up.
                     let permit = tokio::select! {
                         p = self.budget.clone().acquire_many_owned(kib) => p.ok(),
                         _ = end.wait_for(|e| *e != End::Running) => return None,
+                        _ = handoff.wait_for(|h| *h) => None,
                     };
                     if self.push(RecordKind::Data, record, permit).is_err() {
                         self.reset();
