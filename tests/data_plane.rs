@@ -658,9 +658,10 @@ async fn no_named_connection_no_lane_thread() -> Result<()> {
 
 /// With the relay's interactive listener in the layout (as `--interactive-port`
 /// gives enrolled links), plain links get a lane: a second connection per
-/// agent, on the lane thread. A 64-byte ping rides it; eight flows of
-/// 8 MiB both ways start there, turn bulk and move to the main connection
-/// mid-transfer, and every byte arrives once and in order at both ends.
+/// agent, on the lane thread, up while flows run. A 64-byte ping rides it;
+/// eight flows of 8 MiB both ways start there, turn bulk and move to the
+/// main connection mid-transfer, and every byte arrives once and in order
+/// at both ends; idle again, the lanes close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flows_start_on_the_lane_and_bulk_ones_move_to_the_main_connection() -> Result<()> {
     let echo = spawn_echo().await?;
@@ -679,21 +680,43 @@ async fn flows_start_on_the_lane_and_bulk_ones_move_to_the_main_connection() -> 
         links: links.clone(),
         ..Options::one(links[0].clone())
     };
-    let mut sys = System::start_prepared(opts, |layout| layout.run_lanes(0, lane))?;
-    echo_each(&mut sys, &["ping"]).await?;
-    // Main and lane connections of both agents.
-    let m = wait_metric(sys.relay_admin, "comsat_relay_connections_open", 4.0).await?;
-    assert_eq!(metric(&m, "comsat_relay_connections_open"), 4.0, "{m}");
+    let mut sys = System::start_prepared(opts, |layout| {
+        layout.run_lanes(0, lane)?;
+        for config in [&layout.agent_a.config, &layout.agent_b.config] {
+            let text = std::fs::read_to_string(config)?;
+            std::fs::write(config, format!("lane_idle_ms = 3000\n{text}"))?;
+        }
+        Ok(())
+    })?;
+    let ping: SocketAddr = sys
+        .listen_addr("ping")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+    sys.wait_ready()?;
+    // No flow yet, no lane: one connection per agent.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = scrape(sys.relay_admin)?;
+    assert_eq!(metric(&m, "comsat_relay_connections_open"), 2.0, "{m}");
     for pid in pids(&sys) {
         assert!(threads_named(pid, "comsat-lane")? >= 1, "process {pid}");
     }
-    let m = scrape(sys.relay_admin)?;
-    assert_eq!(
-        metric(&m, "comsat_relay_lane_flows_total"),
-        1.0,
-        "the ping rode the lane:\n{m}"
-    );
-    assert_eq!(metric(&m, "comsat_relay_flows_total"), 1.0, "{m}");
+    // The first flow opens both agents' lanes.
+    echo_each(&mut sys, &["ping"]).await?;
+    let m = wait_metric(sys.relay_admin, "comsat_relay_connections_open", 4.0).await?;
+    assert_eq!(metric(&m, "comsat_relay_connections_open"), 4.0, "{m}");
+    // A flow rides the lane: from its start, or it moves there as the
+    // lane comes up, and it carries bytes there.
+    let mut c = TcpStream::connect(ping).await?;
+    for round in 0..2 {
+        c.write_all(&[round; 64]).await?;
+        let mut back = [0u8; 64];
+        tokio::time::timeout(Duration::from_secs(20), c.read_exact(&mut back)).await??;
+        assert_eq!(back, [round; 64]);
+        if round == 0 {
+            wait_metric(sys.relay_admin, "comsat_relay_lane_flows_total", 1.0).await?;
+        }
+    }
+    drop(c);
     let a = sys.agents[0].1;
     assert_eq!(metric(&scrape(a)?, "comsat_agent_flows_moved_total"), 0.0);
 
@@ -733,6 +756,18 @@ async fn flows_start_on_the_lane_and_bulk_ones_move_to_the_main_connection() -> 
         metric(&m, "comsat_relay_flows_total") >= 1.0 + FLOWS as f64,
         "{m}"
     );
+    // Without flows for `lane_idle_ms`, the lanes close again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = scrape(sys.relay_admin)?;
+        if metric(&m, "comsat_relay_connections_open") == 2.0 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the idle lanes did not close:\n{m}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
 

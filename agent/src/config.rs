@@ -6,6 +6,7 @@
 //! noise_key = "noise.key"          # X25519 key file (mode 0600)
 //! admin = "127.0.0.1:9201"         # optional: /metrics, /healthz, /readyz
 //! flow_timeout_ms = 30000          # optional: outage a flow survives
+//! lane_idle_ms = 30000             # optional: a lane without flows closes
 //!
 //! [[links]]
 //! name = "db"
@@ -50,10 +51,13 @@
 //! bytes a bulk flow keeps in flight; a flow that carries more than
 //! 1 MiB within 250 ms (either way) turns bulk and moves to the shared
 //! connection, once, without losing or repeating a byte (it resumes on a
-//! new stream there), and stays there. Nothing to configure per link. It
-//! costs a second connection per relay (~40 KiB at the relay, one more
-//! keep-alive); a lane that is down or refused costs nothing else: flows
-//! start on the shared connection. Metrics: `comsat_agent_flows_moved_total`,
+//! new stream there), and stays there. Nothing to configure per link. The
+//! lane is up only while flows run (and `lane_idle_ms`, 30 s, after): idle
+//! links cost one connection per relay, as without lanes; the first flow
+//! of a burst opens it and starts on the shared connection, and a flow
+//! that is not bulk moves to the lane once it is up. A busy lane costs a
+//! second connection per relay (~40 KiB at the relay); one that is down or
+//! refused costs nothing else: flows ride the shared connection. Metrics: `comsat_agent_flows_moved_total`,
 //! `comsat_agent_lane_connects_total`, the relay's
 //! `comsat_relay_lane_flows_total`.
 //!
@@ -122,6 +126,10 @@ pub struct AgentConfig {
     /// before its application sees a reset (default 30 s).
     #[serde(default)]
     pub flow_timeout_ms: Option<u64>,
+    /// Milliseconds a lane stays up without flows before it closes
+    /// (default 30 s; it opens again with the next flow).
+    #[serde(default)]
+    pub lane_idle_ms: Option<u64>,
     /// The links.
     #[serde(default)]
     pub links: Vec<LinkConfig>,
@@ -337,6 +345,7 @@ impl AgentConfig {
             noise_key,
             admin: None,
             flow_timeout_ms: None,
+            lane_idle_ms: None,
             links: Vec::new(),
         }
     }

@@ -35,6 +35,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug};
 
 use crate::defaults;
+use crate::lane::BusyGuard;
 use crate::local::{LocalConn, LocalRead, LocalWrite};
 use crate::lock;
 use crate::metrics::Metrics;
@@ -591,6 +592,9 @@ enum StreamEnd {
     Done(Option<FlowError>),
     /// The flow turned bulk on the lane: it moves to the main connection.
     TurnedBulk,
+    /// A lane came up while the flow (not bulk) rode the main connection:
+    /// it moves there.
+    LaneUp,
 }
 
 /// Runs a flow to its end: the local reader in its own task, streams one
@@ -605,6 +609,7 @@ pub(crate) async fn run(
     flow.metrics.flows_open.increment(1.0);
     let reading = tokio::spawn(flow.clone().read_local(reader));
     Driver {
+        busy: flow.link.busy().enter(),
         flow,
         reading,
         writer,
@@ -631,6 +636,8 @@ struct Driver {
     reading: tokio::task::JoinHandle<Option<LocalRead>>,
     writer: LocalWrite,
     st: Progress,
+    /// Counts the flow in its group's, which keeps the lane up.
+    busy: BusyGuard,
 }
 
 /// Where a flow's [`Driver`] stands between streams.
@@ -695,11 +702,27 @@ impl Driver {
                 self.st.quick = 0;
             }
             self.st.opened = Instant::now();
+            // A lane that comes up from now on (not one that was up: the
+            // flow may have left it because it failed).
+            let mut lanes = flow.link.lane.subscribe();
+            lanes.borrow_and_update();
+            let may_move = flow.dialer && !on_lane && flow.link.runtimes.is_some();
+            let lane_up = async {
+                loop {
+                    if lanes.changed().await.is_err() {
+                        return std::future::pending().await;
+                    }
+                    if !flow.bulk.load(Ordering::Relaxed) && flow.link.lane_conn().is_some() {
+                        return;
+                    }
+                }
+            };
             let ended = tokio::select! {
                 r = flow.write_stream(&mut send) => StreamEnd::Done(r.err()),
                 r = flow.read_stream(&mut recv, &mut self.writer, &mut self.st.delivery) => StreamEnd::Done(r.err()),
                 _ = end.wait_for(|e| *e != End::Running) => StreamEnd::Done(None),
                 _ = flow.turned_bulk.notified(), if on_lane => StreamEnd::TurnedBulk,
+                () = lane_up, if may_move => StreamEnd::LaneUp,
             };
             let err = match ended {
                 StreamEnd::Done(err) => err,
@@ -712,6 +735,14 @@ impl Driver {
                     let _ = recv.stop(STREAM_MOVED.into());
                     metrics.flows_moved.increment(1);
                     self.st.now = true;
+                    self.st.outage = Some(Instant::now());
+                    continue;
+                }
+                StreamEnd::LaneUp => {
+                    debug!("a lane came up: moving the flow there");
+                    let _ = send.reset(STREAM_MOVED.into());
+                    let _ = recv.stop(STREAM_MOVED.into());
+                    (self.st.now, self.st.lane) = (true, true);
                     self.st.outage = Some(Instant::now());
                     continue;
                 }
@@ -789,6 +820,7 @@ impl Driver {
             reading,
             writer,
             st,
+            busy,
         } = self;
         flow.handoff.send_replace(true);
         let reader = reading.await.ok().flatten();
@@ -828,6 +860,7 @@ impl Driver {
                     reading,
                     writer,
                     st,
+                    busy,
                 }
                 .drive_boxed(Some(stream))
                 .await;

@@ -14,25 +14,29 @@
 //!
 //! The lane attaches every link of the group with
 //! [`AgentToRelay::AttachLane`]: it carries flows only; the main connection
-//! keeps the links' attachments, peer frames and pairing. A lane that is
-//! down, refused or not offered (a relay without an interactive listener)
-//! costs nothing but this: flows start on the main connection.
+//! keeps the links' attachments, peer frames and pairing. It is up only
+//! while the group's links carry flows, and for `lane_idle_ms` after (idle
+//! links cost one connection, as before lanes): the first flow of a burst
+//! opens it and starts on the main connection; a flow that is not bulk
+//! moves to the lane when one comes up. A lane that is down, refused or not
+//! offered (a relay without an interactive listener) costs nothing but
+//! this: flows ride the main connection.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use comsat_protocol::LinkId;
 use comsat_protocol::msg::{AgentToRelay, FrameDecoder, RelayToAgent};
 use tokio::runtime::Handle;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::config::RelayEndpoint;
 use crate::defaults;
-use crate::lock;
 use crate::session::{self, Backoff, LinkRt, Shared};
 
 /// Where a link with a lane runs: the lane's connection, and its flows
@@ -42,6 +46,47 @@ use crate::session::{self, Backoff, LinkRt, Shared};
 pub(crate) struct Runtimes {
     pub(crate) lane: Handle,
     pub(crate) main: Handle,
+}
+
+/// How many flows a group's links carry.
+#[derive(Default)]
+pub(crate) struct Busy {
+    flows: AtomicUsize,
+    changed: Notify,
+}
+
+impl Busy {
+    /// Counts a flow until the guard drops.
+    pub(crate) fn enter(self: &Arc<Self>) -> BusyGuard {
+        self.flows.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_waiters();
+        BusyGuard(self.clone())
+    }
+
+    fn flows(&self) -> usize {
+        self.flows.load(Ordering::Relaxed)
+    }
+
+    /// Returns once the group carries a flow.
+    async fn wait_busy(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if self.flows() > 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// One flow counted in its group's [`Busy`].
+pub(crate) struct BusyGuard(Arc<Busy>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.flows.fetch_sub(1, Ordering::Relaxed);
+        self.0.changed.notify_waiters();
+    }
 }
 
 /// The lane of one relay connection, for as long as this lives: dropping
@@ -59,6 +104,7 @@ impl Lane {
         client: &quinn::ClientConfig,
         links: &HashMap<LinkId, Arc<LinkRt>>,
         rt: &Runtimes,
+        busy: &Arc<Busy>,
     ) -> Option<Self> {
         let addr = relay.lane_addr.clone()?;
         let span = info_span!("lane", addr = %addr);
@@ -69,6 +115,7 @@ impl Lane {
                 relay.server_name.clone(),
                 client.clone(),
                 links.clone(),
+                busy.clone(),
             )
             .instrument(span),
         );
@@ -83,38 +130,42 @@ impl Drop for Lane {
     fn drop(&mut self) {
         self.task.abort();
         for link in self.links.values() {
-            if let Some(conn) = lock(&link.lane).take() {
+            if let Some(conn) = link.lane.send_replace(None) {
                 conn.close(0u32.into(), b"bye");
             }
         }
     }
 }
 
-/// Keeps a lane up, reconnecting with backoff (up to
-/// [`defaults::LANE_RETRY_MAX`]: a relay that refuses lanes is asked again
-/// now and then, not hammered).
+/// Keeps a lane up while the group carries flows, reconnecting with
+/// backoff (up to [`defaults::LANE_RETRY_MAX`]: a relay that refuses lanes
+/// is asked again now and then, not hammered).
 async fn run(
     shared: Arc<Shared>,
     addr: String,
     server_name: String,
     client: quinn::ClientConfig,
     links: HashMap<LinkId, Arc<LinkRt>>,
+    busy: Arc<Busy>,
 ) {
     let mut backoff = Backoff::new(defaults::LANE_RETRY_MAX);
     loop {
+        busy.wait_busy().await;
         match session::connect(&shared, &addr, &server_name, &client).await {
             Ok((endpoint, conn, send, recv, decoder)) => {
                 info!("lane connected");
                 shared.metrics.lane_connects.increment(1);
-                let attached = serve(&shared, &conn, send, recv, decoder, &links).await;
+                let attached = serve(&shared, &conn, send, recv, decoder, &links, &busy).await;
                 for link in links.values() {
-                    let mut lane = lock(&link.lane);
-                    if lane
-                        .as_ref()
-                        .is_some_and(|c| c.stable_id() == conn.stable_id())
-                    {
-                        *lane = None;
-                    }
+                    link.lane.send_if_modified(|lane| {
+                        let ours = lane
+                            .as_ref()
+                            .is_some_and(|c| c.stable_id() == conn.stable_id());
+                        if ours {
+                            *lane = None;
+                        }
+                        ours
+                    });
                 }
                 conn.close(0u32.into(), b"bye");
                 endpoint.close(0u32.into(), b"bye");
@@ -130,7 +181,8 @@ async fn run(
 }
 
 /// Attaches every link as a lane and accepts the flows the relay opens on
-/// it, until the connection ends; whether any link attached.
+/// it, until the connection ends or the group has carried no flow for
+/// `lane_idle`; whether any link attached.
 async fn serve(
     shared: &Arc<Shared>,
     conn: &quinn::Connection,
@@ -138,6 +190,7 @@ async fn serve(
     mut recv: quinn::RecvStream,
     mut decoder: FrameDecoder,
     links: &HashMap<LinkId, Arc<LinkRt>>,
+    busy: &Busy,
 ) -> bool {
     let (ctl, rx) = mpsc::channel(defaults::CONTROL_QUEUE);
     let writer = tokio::spawn(session::write_control(send, rx));
@@ -162,9 +215,20 @@ async fn serve(
     // way, or was renewed): when to ask again, and the delay after that.
     let mut again: HashMap<LinkId, (Instant, Duration)> = HashMap::new();
     let mut retry = tokio::time::interval(defaults::HANDSHAKE_RETRY);
+    let mut idle_check = tokio::time::interval(shared.lane_idle.min(Duration::from_secs(1)));
+    let mut idle_since: Option<Instant> = None;
     loop {
         let msg = tokio::select! {
             m = session::read_message(&mut recv, &mut decoder) => m,
+            _ = idle_check.tick() => {
+                if busy.flows() > 0 {
+                    idle_since = None;
+                } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= shared.lane_idle {
+                    info!("lane idle: closing it until the next flow");
+                    break;
+                }
+                continue;
+            }
             _ = retry.tick() => {
                 for (link_id, (due, _)) in &again {
                     if let (true, Some(link)) = (*due <= Instant::now(), links.get(link_id)) {
@@ -182,7 +246,7 @@ async fn serve(
             Ok(Some(RelayToAgent::Attached { link_id })) => {
                 if let Some(link) = links.get(&link_id) {
                     debug!(link = %link.cfg.name, "lane attached");
-                    *lock(&link.lane) = Some(conn.clone());
+                    link.lane.send_replace(Some(conn.clone()));
                     again.remove(&link_id);
                     attached = true;
                 }
@@ -191,7 +255,7 @@ async fn serve(
                 // Its new flows ride the main connection meanwhile.
                 if let Some(link) = links.get(&link_id) {
                     debug!(link = %link.cfg.name, ?code, "lane refused for the link");
-                    lock(&link.lane).take();
+                    link.lane.send_replace(None);
                     let next = again
                         .get(&link_id)
                         .map_or(defaults::REATTACH_INITIAL, |(_, d)| {

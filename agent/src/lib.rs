@@ -108,6 +108,8 @@ struct Group {
     task: JoinHandle<()>,
     members: BTreeSet<LinkId>,
     notify: Arc<Notify>,
+    /// The flows its links carry: its lanes are up while there are some.
+    busy: Arc<lane::Busy>,
 }
 
 /// What [`Agent::apply`] did.
@@ -152,6 +154,9 @@ impl Agent {
             noise,
             metrics: metrics::Metrics::new(),
             budget: Arc::new(tokio::sync::Semaphore::new(budget_kib)),
+            lane_idle: config
+                .lane_idle_ms
+                .map_or(defaults::LANE_IDLE, Duration::from_millis),
         });
         let flow_timeout = config
             .flow_timeout_ms
@@ -363,7 +368,8 @@ impl Agent {
                 // the next attach (the relay drops the old one).
                 for id in &members {
                     if let Some(held) = self.links.get(id) {
-                        held.rt.rebind(group.notify.clone(), held.cfg.generation);
+                        held.rt
+                            .rebind(group.notify.clone(), &group.busy, held.cfg.generation);
                     }
                 }
                 continue;
@@ -384,10 +390,11 @@ impl Agent {
                 _ => None,
             };
             let notify = Arc::new(Notify::new());
+            let busy = Arc::new(lane::Busy::default());
             let mut links = HashMap::new();
             for id in &members {
                 if let Some(held) = self.links.get(id) {
-                    held.rt.rebind(notify.clone(), held.cfg.generation);
+                    held.rt.rebind(notify.clone(), &busy, held.cfg.generation);
                     links.insert(*id, held.rt.clone());
                 }
             }
@@ -397,7 +404,7 @@ impl Agent {
                 key.connection.clone(),
                 links,
                 notify.clone(),
-                lanes,
+                lanes.map(|rt| (rt, busy.clone())),
             );
             // A named connection's lane was started when its first link
             // was applied; without one (it failed) there is no such link.
@@ -415,6 +422,7 @@ impl Agent {
                     task,
                     members,
                     notify,
+                    busy,
                 },
             );
         }

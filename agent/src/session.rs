@@ -32,7 +32,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::config::{LinkConfig, LocalRole, RelayEndpoint};
 use crate::defaults;
 use crate::flow::{self, Flow, STREAM_FAILED};
-use crate::lane::{Lane, Runtimes};
+use crate::lane::{Busy, Lane, Runtimes};
 use crate::local;
 use crate::lock;
 use crate::metrics::Metrics;
@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     /// Replay budget of the whole agent, in KiB of unacknowledged records.
     pub(crate) budget: Arc<Semaphore>,
+    /// How long a lane stays up without flows.
+    pub(crate) lane_idle: Duration,
 }
 
 /// A link's end-to-end session and its link-control sequence numbers.
@@ -116,8 +118,10 @@ pub(crate) struct LinkRt {
     /// re-grants the link, e.g. on other relays; flows go on).
     generation: AtomicU64,
     /// The lane connection the link is attached on, if any: its flows
-    /// start there ([`crate::lane`]).
-    pub(crate) lane: Mutex<Option<quinn::Connection>>,
+    /// start there, and move there when it comes up ([`crate::lane`]).
+    pub(crate) lane: watch::Sender<Option<quinn::Connection>>,
+    /// The flows of the link's group (its lane is up while it has some).
+    busy: Mutex<Arc<Busy>>,
     /// Where the link's flows run, if it has a lane: on the lane's thread
     /// while their stream rides the lane, else on the main runtime.
     pub(crate) runtimes: Option<Runtimes>,
@@ -160,7 +164,8 @@ impl LinkRt {
             flows: Mutex::default(),
             acks: Mutex::default(),
             ack_notify: Mutex::new(ack_notify),
-            lane: Mutex::new(None),
+            lane: watch::channel(None).0,
+            busy: Mutex::default(),
             opening: Mutex::default(),
             runtimes,
             cfg,
@@ -174,16 +179,23 @@ impl LinkRt {
 
     /// The link's lane, while it is up.
     pub(crate) fn lane_conn(&self) -> Option<quinn::Connection> {
-        lock(&self.lane)
+        self.lane
+            .borrow()
             .as_ref()
             .filter(|c| c.close_reason().is_none())
             .cloned()
     }
 
-    /// Moves the link to the relay session woken by `notify`, attaching with
-    /// `generation` from now on.
-    pub(crate) fn rebind(&self, notify: Arc<Notify>, generation: u64) {
+    /// The flow count of the link's group.
+    pub(crate) fn busy(&self) -> Arc<Busy> {
+        lock(&self.busy).clone()
+    }
+
+    /// Moves the link to the relay session woken by `notify` (whose flows
+    /// `busy` counts), attaching with `generation` from now on.
+    pub(crate) fn rebind(&self, notify: Arc<Notify>, busy: &Arc<Busy>, generation: u64) {
         *lock(&self.ack_notify) = notify;
+        *lock(&self.busy) = busy.clone();
         self.generation.store(generation, Ordering::Relaxed);
     }
 
@@ -388,7 +400,7 @@ pub(crate) async fn relay_loop(
     connection: Option<String>,
     links: HashMap<LinkId, Arc<LinkRt>>,
     ack_notify: Arc<Notify>,
-    lanes: Option<Runtimes>,
+    lanes: Option<(Runtimes, Arc<Busy>)>,
 ) {
     let candidates: Vec<(RelayEndpoint, quinn::ClientConfig)> = relays
         .iter()
@@ -497,14 +509,14 @@ async fn connect_and_serve(
     links: &HashMap<LinkId, Arc<LinkRt>>,
     ack_notify: &Notify,
     (can_hop, hops): (bool, u32),
-    lanes: Option<&Runtimes>,
+    lanes: Option<&(Runtimes, Arc<Busy>)>,
 ) -> Result<Ended, ConnectError> {
     let (endpoint, conn, send, recv, decoder) =
         connect(shared, &relay.addr, &relay.server_name, client).await?;
     shared.metrics.connects.increment(1);
     info!("connected to relay");
     // Ends with this connection (dropped on return).
-    let _lane = lanes.and_then(|rt| Lane::start(shared, relay, client, links, rt));
+    let _lane = lanes.and_then(|(rt, busy)| Lane::start(shared, relay, client, links, rt, busy));
     let mut ended = serve(
         shared, &conn, send, recv, decoder, links, ack_notify, can_hop, hops,
     )

@@ -64,8 +64,9 @@
 //! with `AttachLane` (checked like an attach; it carries flows only, no
 //! peer frames, and never pairs a link). Flows start on it and move to the
 //! main connection when they turn bulk; a flow that arrives on a lane goes
-//! on to the peer's lane where the peer has one. So each agent holds two
-//! connections per relay: count them in `limits.max_connections`.
+//! on to the peer's lane where the peer has one. So each agent with flows
+//! running holds two connections per relay (idle ones close their lane):
+//! count them in `limits.max_connections`.
 //! `comsat_relay_lane_flows_total` counts flow streams that came on lanes.
 //!
 //! ## Reload
