@@ -218,13 +218,29 @@ async fn run(args: RunArgs) -> Result<()> {
             notes.push(missing(name));
             continue;
         }
-        eprintln!("starting {name}");
-        let chain = start(sink, echo)?;
-        match wait_carrying(name, chain.bulk, chain.ping).await {
-            Ok(()) => chains.push((name, chain)),
-            Err(e) => notes.push(format!(
-                "{name}: FAILED to start ({e:#}); its figures are absent."
-            )),
+        // A peer that did not come up on a loaded machine gets one more
+        // try (with new ports) before it is reported as failed.
+        let mut failures = Vec::new();
+        for attempt in 1..=2 {
+            eprintln!("starting {name} (try {attempt} of 2)");
+            let chain = start(sink, echo)?;
+            match wait_carrying(name, chain.bulk, chain.ping).await {
+                Ok(()) => {
+                    chains.push((name, chain));
+                    break;
+                }
+                Err(e) => failures.push(format!("{e:#}")),
+            }
+        }
+        if failures.len() == 2 {
+            notes.push(format!(
+                "{name}: FAILED to start twice ({}); its figures are absent.",
+                failures.join("; ")
+            ));
+        } else if let Some(first) = failures.first() {
+            notes.push(format!(
+                "{name}: started on its second try (the first: {first})."
+            ));
         }
     }
     let mut r = Run {
