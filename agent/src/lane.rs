@@ -278,3 +278,35 @@ async fn serve(
     let _ = writer.await;
     attached
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lane_waits_for_the_first_flow_and_counts_them_to_zero() {
+        let busy = Arc::new(Busy::default());
+        let waiting = tokio::spawn({
+            let busy = busy.clone();
+            async move { busy.wait_busy().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "no flow yet");
+        let one = busy.enter();
+        let two = busy.enter();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the first flow wakes the lane")
+            .expect("task");
+        assert_eq!(busy.flows(), 2);
+        drop(one);
+        assert_eq!(busy.flows(), 1);
+        drop(two);
+        assert_eq!(busy.flows(), 0);
+        // Busy again: returns at once.
+        let _three = busy.enter();
+        tokio::time::timeout(Duration::from_secs(5), busy.wait_busy())
+            .await
+            .expect("a busy group does not wait");
+    }
+}
