@@ -756,11 +756,14 @@ async fn flows_start_on_the_lane_and_bulk_ones_move_to_the_main_connection() -> 
         metric(&m, "comsat_relay_flows_total") >= 1.0 + FLOWS as f64,
         "{m}"
     );
+    assert_eq!(metric(&agent, "comsat_agent_lanes_open"), 1.0, "{agent}");
     // Without flows for `lane_idle_ms`, the lanes close again.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let m = scrape(sys.relay_admin)?;
-        if metric(&m, "comsat_relay_connections_open") == 2.0 {
+        if metric(&m, "comsat_relay_connections_open") == 2.0
+            && metric(&scrape(a)?, "comsat_agent_lanes_open") == 0.0
+        {
             break;
         }
         if tokio::time::Instant::now() > deadline {

@@ -137,6 +137,23 @@ impl Drop for Lane {
     }
 }
 
+/// Counts one lane in the `lanes_open` gauge while it lives (also when
+/// the lane's task is stopped from outside).
+struct Open<'a>(&'a metrics::Gauge);
+
+impl<'a> Open<'a> {
+    fn count(gauge: &'a metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
 /// Keeps a lane up while the group carries flows, reconnecting with
 /// backoff (up to [`defaults::LANE_RETRY_MAX`]: a relay that refuses lanes
 /// is asked again now and then, not hammered).
@@ -155,7 +172,9 @@ async fn run(
             Ok((endpoint, conn, send, recv, decoder)) => {
                 info!("lane connected");
                 shared.metrics.lane_connects.increment(1);
+                let open = Open::count(&shared.metrics.lanes_open);
                 let attached = serve(&shared, &conn, send, recv, decoder, &links, &busy).await;
+                drop(open);
                 for link in links.values() {
                     link.lane.send_if_modified(|lane| {
                         let ours = lane

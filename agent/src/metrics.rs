@@ -12,6 +12,7 @@
 //! | `comsat_agent_flows_resumed_total` | counter | times a flow moved to a new stream after an outage |
 //! | `comsat_agent_flows_moved_total` | counter | flows this agent dialled that turned bulk on the lane and moved to the main connection |
 //! | `comsat_agent_lane_connects_total` | counter | lane connections established (a second connection per relay, for flows that must not queue behind bulk) |
+//! | `comsat_agent_lanes_open` | gauge | lane connections up now (each closes after `lane_idle_ms` without flows) |
 //! | `comsat_agent_sent_bytes_total` | counter | application bytes sent into links, counted as they move |
 //! | `comsat_agent_received_bytes_total` | counter | application bytes delivered from links |
 //! | `comsat_agent_local_refused_total{reason}` | counter | local connections refused: `peer_credentials`, `link_not_ready` |
@@ -38,6 +39,8 @@ pub const FLOWS_RESUMED_TOTAL: &str = "comsat_agent_flows_resumed_total";
 pub const FLOWS_MOVED_TOTAL: &str = "comsat_agent_flows_moved_total";
 /// Lane connections established.
 pub const LANE_CONNECTS_TOTAL: &str = "comsat_agent_lane_connects_total";
+/// Lane connections up.
+pub const LANES_OPEN: &str = "comsat_agent_lanes_open";
 /// Bytes sent.
 pub const SENT_BYTES_TOTAL: &str = "comsat_agent_sent_bytes_total";
 /// Bytes received.
@@ -58,6 +61,7 @@ pub(crate) struct Metrics {
     pub(crate) flows_resumed: Counter,
     pub(crate) flows_moved: Counter,
     pub(crate) lane_connects: Counter,
+    pub(crate) lanes_open: Gauge,
     pub(crate) sent_bytes: Counter,
     pub(crate) received_bytes: Counter,
 }
@@ -89,6 +93,7 @@ impl Metrics {
             "Flows that turned bulk on the lane and moved to the main connection"
         );
         describe_counter!(LANE_CONNECTS_TOTAL, "Lane connections established");
+        describe_gauge!(LANES_OPEN, "Lane connections up");
         describe_counter!(SENT_BYTES_TOTAL, "Application bytes sent into links");
         describe_counter!(
             RECEIVED_BYTES_TOTAL,
@@ -106,6 +111,7 @@ impl Metrics {
             flows_resumed: counter!(FLOWS_RESUMED_TOTAL),
             flows_moved: counter!(FLOWS_MOVED_TOTAL),
             lane_connects: counter!(LANE_CONNECTS_TOTAL),
+            lanes_open: gauge!(LANES_OPEN),
             sent_bytes: counter!(SENT_BYTES_TOTAL),
             received_bytes: counter!(RECEIVED_BYTES_TOTAL),
         }
