@@ -57,9 +57,9 @@
 //! of a burst opens it and starts on the shared connection, and a flow
 //! that is not bulk moves to the lane once it is up. A busy lane costs a
 //! second connection per relay (~40 KiB at the relay); one that is down or
-//! refused costs nothing else: flows ride the shared connection. Metrics: `comsat_agent_flows_moved_total`,
-//! `comsat_agent_lane_connects_total`, `comsat_agent_lanes_open`, the relay's
-//! `comsat_relay_lane_flows_total`.
+//! refused costs nothing else: flows ride the shared connection. Metrics:
+//! `comsat_agent_flows_moved_total`, `comsat_agent_lane_connects_total`,
+//! `comsat_agent_lanes_open`, the relay's `comsat_relay_lane_flows_total`.
 //!
 //! A link that sends little but must answer fast (a request/response
 //! service beside a link that moves files) belongs on a connection of its
