@@ -905,33 +905,33 @@ fn handle_control(
             },
         );
     };
+    let lane = matches!(msg, AgentToRelay::AttachLane { .. });
     match msg {
         AgentToRelay::Hello { .. } => false,
         AgentToRelay::Attach {
             link_id,
             generation,
             side,
-        } => {
-            let reply = attach(state, here, node_id, link_id, generation, side, false);
-            if reply.is_ok() {
-                sides.attached.insert((link_id, side));
-            }
-            answer(reply, link_id);
-            if reply.is_ok() {
-                announce_pair(state, link_id);
-            }
-            true
         }
-        AgentToRelay::AttachLane {
+        | AgentToRelay::AttachLane {
             link_id,
             generation,
             side,
         } => {
-            let reply = attach(state, here, node_id, link_id, generation, side, true);
+            let reply = attach(state, here, node_id, link_id, generation, side, lane);
             if reply.is_ok() {
-                sides.lanes.insert((link_id, side));
+                let held = if lane {
+                    &mut *sides.lanes
+                } else {
+                    &mut *sides.attached
+                };
+                held.insert((link_id, side));
             }
             answer(reply, link_id);
+            // A lane never pairs a link.
+            if reply.is_ok() && !lane {
+                announce_pair(state, link_id);
+            }
             true
         }
         AgentToRelay::Detach { link_id } => {
