@@ -295,6 +295,15 @@ impl Flow {
         }
     }
 
+    /// Counts the flow's end and forgets it.
+    fn closed(&self, how: End) {
+        self.metrics.flows_open.decrement(1.0);
+        if how == End::Reset {
+            self.metrics.flows_failed.increment(1);
+        }
+        self.link.remove_flow(self.id);
+    }
+
     /// The next stream the peer opened for this flow (accepting side).
     async fn offered(&self) -> Option<(Stream, bool)> {
         self.streams_out.lock().await.recv().await
@@ -590,11 +599,10 @@ struct Delivery {
 enum StreamEnd {
     /// The stream failed (`Some`), or the flow ended.
     Done(Option<FlowError>),
-    /// The flow turned bulk on the lane: it moves to the main connection.
-    TurnedBulk,
-    /// A lane came up while the flow (not bulk) rode the main connection:
-    /// it moves there.
-    LaneUp,
+    /// The flow moves to another stream at once: it turned bulk on the
+    /// lane (`bulk`: to the main connection), or a lane came up while it
+    /// rode the main connection, not bulk (to the lane).
+    Move { bulk: bool },
 }
 
 /// Runs a flow to its end: the local reader in its own task, streams one
@@ -721,25 +729,22 @@ impl Driver {
                 r = flow.write_stream(&mut send) => StreamEnd::Done(r.err()),
                 r = flow.read_stream(&mut recv, &mut self.writer, &mut self.st.delivery) => StreamEnd::Done(r.err()),
                 _ = end.wait_for(|e| *e != End::Running) => StreamEnd::Done(None),
-                _ = flow.turned_bulk.notified(), if on_lane => StreamEnd::TurnedBulk,
-                () = lane_up, if may_move => StreamEnd::LaneUp,
+                _ = flow.turned_bulk.notified(), if on_lane => StreamEnd::Move { bulk: true },
+                () = lane_up, if may_move => StreamEnd::Move { bulk: false },
             };
             let err = match ended {
                 StreamEnd::Done(err) => err,
-                StreamEnd::TurnedBulk => {
-                    // Records on the lane stream that the peer did not get
+                StreamEnd::Move { bulk } => {
+                    // Records on the old stream that the peer did not get
                     // are sent again on the new one (not acknowledged yet);
                     // the peer moves when the relay passes the reset on.
-                    debug!("flow turned bulk: moving it from the lane to the main connection");
-                    let _ = send.reset(STREAM_MOVED.into());
-                    let _ = recv.stop(STREAM_MOVED.into());
-                    metrics.flows_moved.increment(1);
-                    self.st.now = true;
-                    self.st.outage = Some(Instant::now());
-                    continue;
-                }
-                StreamEnd::LaneUp => {
-                    debug!("a lane came up: moving the flow there");
+                    // `next_stream` keeps a bulk flow off the lane.
+                    if bulk {
+                        debug!("flow turned bulk: moving it from the lane to the main connection");
+                        metrics.flows_moved.increment(1);
+                    } else {
+                        debug!("a lane came up: moving the flow there");
+                    }
                     let _ = send.reset(STREAM_MOVED.into());
                     let _ = recv.stop(STREAM_MOVED.into());
                     (self.st.now, self.st.lane) = (true, true);
@@ -800,10 +805,8 @@ impl Driver {
             }
         };
         self.reading.abort();
-        metrics.flows_open.decrement(1.0);
-        flow.link.remove_flow(flow.id);
+        flow.closed(result);
         if result == End::Reset {
-            metrics.flows_failed.increment(1);
             self.writer.abort();
         } else {
             debug!("flow closed");
@@ -837,10 +840,7 @@ impl Driver {
                         Err(e) => {
                             debug!(error = %e, "flow could not move its socket");
                             flow.reset();
-                            flow.metrics.flows_open.decrement(1.0);
-                            flow.metrics.flows_failed.increment(1);
-                            flow.link.remove_flow(flow.id);
-                            return;
+                            return flow.closed(End::Reset);
                         }
                     },
                     // The reader had finished (end of input, or the flow

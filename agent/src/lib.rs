@@ -374,21 +374,6 @@ impl Agent {
                 }
                 continue;
             }
-            // Unnamed links get a lane to each relay that offers one; its
-            // thread is started with the first (no lane without it).
-            let lanes = match key.connection {
-                None if key.relays.iter().any(|r| r.lane_addr.is_some()) => match self.lane() {
-                    Ok(lane) => Some(lane::Runtimes {
-                        lane,
-                        main: tokio::runtime::Handle::current(),
-                    }),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot start the lane's thread; flows ride the main connection");
-                        None
-                    }
-                },
-                _ => None,
-            };
             let notify = Arc::new(Notify::new());
             let busy = Arc::new(lane::Busy::default());
             let mut links = HashMap::new();
@@ -398,6 +383,9 @@ impl Agent {
                     links.insert(*id, held.rt.clone());
                 }
             }
+            // Unnamed links with a lane to one of their relays (the same
+            // relays for the whole group) got its runtimes when applied.
+            let lanes = links.values().find_map(|l| l.runtimes.clone());
             let session = session::relay_loop(
                 self.shared.clone(),
                 key.relays.clone(),

@@ -555,12 +555,11 @@ pub(crate) async fn connect(
     ),
     ConnectError,
 > {
-    let resolved = tokio::net::lookup_host(addr)
+    let addr = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| format!("resolve {addr}: {e}"))?
         .next()
         .ok_or_else(|| format!("resolve {addr}: no address"))?;
-    let addr = resolved;
     let bind: std::net::SocketAddr = if addr.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
