@@ -46,7 +46,7 @@
 //! `interactive_listen` address; an enrolled agent gets it for every relay
 //! enrolled with `--interactive-port`), the agent keeps a second QUIC
 //! connection beside the shared one, to that address, served by a thread
-//! of its own (`comsat-lane`) here and at the relay. Every flow starts
+//! of its own (`comsat-lane`) here and at the relay. Flows start
 //! there, so a request, a reply or a keystroke never waits behind the
 //! bytes a bulk flow keeps in flight; a flow that carries more than
 //! 1 MiB within 250 ms (either way) turns bulk and moves to the shared
@@ -61,9 +61,11 @@
 //! `comsat_agent_flows_moved_total`, `comsat_agent_lane_connects_total`,
 //! `comsat_agent_lanes_open`, the relay's `comsat_relay_lane_flows_total`.
 //!
-//! A link that sends little but must answer fast (a request/response
-//! service beside a link that moves files) belongs on a connection of its
-//! own: give it a `connection` name, on both halves of the link (each
+//! A link that must never share a connection with bulk flows, not even
+//! while its own flows turn bulk or before a lane is up (a request/response
+//! service beside a link that moves files, where the relay has no
+//! interactive listener for lanes), can have a connection of its own:
+//! give it a `connection` name, on both halves of the link (each
 //! agent groups its own links). Links naming a connection ride a QUIC
 //! connection of their own per relay, and are served, with their
 //! listeners and flows, by one thread of their own (`comsat-lane`), apart

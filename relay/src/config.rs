@@ -47,12 +47,13 @@
 //! threads, where a link that moves bulk data keeps them busy; a
 //! request/response link waits behind that work. Connections that arrive
 //! at `interactive_listen` are served by one thread of their own
-//! (`comsat-lane`), with the same grants, limits and certificate. Point
-//! the relays of links that send little but must answer fast there, on
-//! both agents, and give those links a `connection` name (agent config):
-//! on the bench's 2-core machine a ping beside a bulk flow took p50 ~5 ms
-//! / p99 ~16–20 ms sharing everything, ~0.3 ms / 3–7 ms this way. Do not send
-//! bulk links there: one thread carries all of them. A relay enrolled with
+//! (`comsat-lane`), with the same grants, limits and certificate. Agents
+//! keep lanes there for all their links (below); a link can also be put
+//! there for good: its relays pointed there on both agents and a
+//! `connection` name (agent config). On the bench's 2-core machine a ping
+//! beside a bulk flow took p50 ~5 ms / p99 ~16–20 ms sharing everything,
+//! ~0.3 ms / 3–7 ms this way. Do not name a connection for bulk links:
+//! one thread carries all of them (a lane moves bulk flows off itself). A relay enrolled with
 //! a controller runs it when enrolled with `--interactive-port PORT`
 //! (listening on that port, reported to the controller as the host of its
 //! public address and that port), and agents get the address with the
