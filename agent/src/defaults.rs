@@ -98,7 +98,7 @@ pub const REATTACH_MAX: Duration = Duration::from_secs(30);
 /// How long a lane stays up without flows (`lane_idle_ms`).
 pub const LANE_IDLE: Duration = Duration::from_secs(30);
 
-/// Longest wait between tries to bring a lane up ([`crate::lane`]): a
+/// Longest wait between tries to bring a lane up (see the config docs): a
 /// relay that refuses it is asked again now and then.
 pub const LANE_RETRY_MAX: Duration = Duration::from_secs(30);
 
