@@ -237,6 +237,76 @@ async fn half_closed_flow_still_carries_the_reply() -> Result<()> {
     Ok(())
 }
 
+/// End-to-end acks: an interactive flow's records are acknowledged lazily
+/// (at most one ack message per 100 ms per agent, not one per record, so a
+/// ping-pong does not wake every process's control task each round trip),
+/// yet they are acknowledged, and the flow still ends on both agents (an
+/// end waits for its Fin's acknowledgement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatty_flow_is_acknowledged_lazily_and_still_ends_on_both_agents() -> Result<()> {
+    const ROUNDS: u32 = 400;
+    /// `comsat_agent::defaults::ACK_LAZY`.
+    const ACK_LAZY: Duration = Duration::from_millis(100);
+    let echo = spawn_echo().await?;
+    let mut sys = System::start(Options::one(link(
+        "chat",
+        "tcp://127.0.0.1:0".into(),
+        format!("tcp://{echo}"),
+    )))?;
+    let listen: SocketAddr = sys
+        .listen_addr("chat")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+    sys.wait_ready()?;
+    let admins = [sys.agents[0].1, sys.agents[1].1];
+    let acks =
+        |admin| -> Result<f64> { Ok(metric(&scrape(admin)?, "comsat_agent_ack_messages_total")) };
+    let mut c = TcpStream::connect(listen).await?;
+    c.set_nodelay(true)?;
+    let mut back = [0u8; 64];
+    // The flow is open and its first records acknowledged.
+    c.write_all(&[1u8; 64]).await?;
+    c.read_exact(&mut back).await?;
+    tokio::time::sleep(3 * ACK_LAZY).await;
+    let before = [acks(admins[0])?, acks(admins[1])?];
+    let started = std::time::Instant::now();
+    for i in 0..ROUNDS {
+        let msg = [i as u8; 64];
+        c.write_all(&msg).await?;
+        tokio::time::timeout(Duration::from_secs(20), c.read_exact(&mut back)).await??;
+        assert_eq!(back, msg, "round trip {i}");
+    }
+    let took = started.elapsed();
+    let during = [acks(admins[0])? - before[0], acks(admins[1])? - before[1]];
+    let lazy_bound = (took.as_secs_f64() / ACK_LAZY.as_secs_f64()).ceil() + 2.0;
+    for (agent, sent) in ["A", "B"].iter().zip(during) {
+        assert!(
+            sent <= lazy_bound,
+            "agent {agent} sent {sent} ack messages in {took:?} of {ROUNDS} round trips \
+             (lazy acks allow at most {lazy_bound})"
+        );
+    }
+    // ... and they do go out.
+    tokio::time::sleep(3 * ACK_LAZY).await;
+    for (i, agent) in ["A", "B"].iter().enumerate() {
+        let now = acks(admins[i])?;
+        assert!(
+            now > before[i],
+            "agent {agent}: the round trips' records were never acknowledged"
+        );
+    }
+    // The flow ends on both agents: each side's Fin is acknowledged.
+    c.shutdown().await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut rest)).await??;
+    assert!(rest.is_empty());
+    drop(c);
+    for admin in admins {
+        wait_metric_at_most(admin, "comsat_agent_flows_open", 0.0).await?;
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_never_sees_plaintext() -> Result<()> {
     const MARKER: &[u8] = b"COMSAT-PLAINTEXT-MARKER-7f3a";
@@ -351,6 +421,20 @@ fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+async fn wait_metric_at_most(admin: SocketAddr, series: &str, at_most: f64) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = scrape(admin)?;
+        if metric(&m, series) <= at_most {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{series} did not come down to {at_most}; metrics:\n{m}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn wait_metric(admin: SocketAddr, series: &str, at_least: f64) -> Result<String> {

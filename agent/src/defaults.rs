@@ -83,6 +83,17 @@ pub const REPLAY_BUDGET: usize = 256 * 1024 * 1024;
 /// message.
 pub const ACK_DELAY: Duration = Duration::from_millis(2);
 
+/// Longest wait of an acknowledgement nobody waits for: one that only lets
+/// the sender forget records it keeps for a resend. An interactive flow's
+/// acks travel a few times a second, not once per record (each ack message
+/// wakes both agents' and the relay's control tasks).
+pub const ACK_LAZY: Duration = Duration::from_millis(100);
+
+/// Bytes a flow delivers before its acknowledgement goes out
+/// [`ACK_DELAY`] after, not [`ACK_LAZY`]: a bulk flow's replay window
+/// ([`FLOW_WINDOW`]) is released long before it fills.
+pub const ACK_BYTES: usize = FLOW_WINDOW / 16;
+
 /// Control messages queued toward the relay (attaches wait for room; acks
 /// and handshakes are retried when it is full).
 pub const CONTROL_QUEUE: usize = 1024;

@@ -39,7 +39,7 @@ use crate::lane::BusyGuard;
 use crate::local::{LocalConn, LocalRead, LocalWrite};
 use crate::lock;
 use crate::metrics::Metrics;
-use crate::session::{LinkRt, LinkSession};
+use crate::session::{AckWhen, LinkRt, LinkSession};
 
 /// Stream error code sent when a flow fails.
 pub(crate) const STREAM_FAILED: u32 = 2;
@@ -98,6 +98,8 @@ struct Tx {
 struct Rx {
     reassembly: Reassembly,
     fin_delivered: bool,
+    /// Bytes delivered since the last acknowledgement sent soon.
+    unacked: usize,
 }
 
 /// Bytes a flow carried, both ways, in the current [`defaults::BULK_WINDOW`].
@@ -252,7 +254,7 @@ impl Flow {
     /// existed (accepting side).
     pub(crate) fn opened_by_peer(&self) {
         lock(&self.rx).reassembly.delivered();
-        self.link.queue_ack(self.id, 1);
+        self.link.queue_ack(self.id, 1, AckWhen::Lazy);
     }
 
     /// The peer delivered every record below `upto`.
@@ -426,7 +428,8 @@ impl Flow {
         let mut quantum = Quantum::default();
         let delivered = lock(&self.rx).reassembly.expected();
         if delivered > 0 {
-            self.link.queue_ack(self.id, delivered);
+            // The sender resends what it kept: it learns soon what to skip.
+            self.link.queue_ack(self.id, delivered, AckWhen::Soon);
         }
         loop {
             while let Some((header, _, used)) = decode_record(&pending)? {
@@ -437,7 +440,8 @@ impl Flow {
                         // Already delivered: a resend after a reconnect.
                         // Ack again, in case the first ack was lost.
                         pending.advance(used);
-                        self.link.queue_ack(self.id, reassembly.expected());
+                        self.link
+                            .queue_ack(self.id, reassembly.expected(), AckWhen::Soon);
                         continue;
                     }
                     Verdict::Gap => {
@@ -507,6 +511,7 @@ impl Flow {
         delivery: &mut Delivery,
         writer: &mut LocalWrite,
     ) -> Result<(), FlowError> {
+        let len = delivery.buf.len();
         while delivery.written < delivery.buf.len() {
             let n = writer.write(&delivery.buf[delivery.written..]).await?;
             if n == 0 {
@@ -518,13 +523,24 @@ impl Flow {
         }
         delivery.buf = BytesMut::new();
         delivery.written = 0;
-        if delivery.fin {
+        let fin = std::mem::take(&mut delivery.fin);
+        if fin {
             writer.shutdown().await?;
-            delivery.fin = false;
             lock(&self.rx).fin_delivered = true;
         }
         if let Some(upto) = delivery.ack.take() {
-            self.link.queue_ack(self.id, upto);
+            // The peer's flow ends when its Fin is acknowledged.
+            let when = {
+                let mut rx = lock(&self.rx);
+                rx.unacked += len;
+                if fin || rx.unacked >= defaults::ACK_BYTES {
+                    rx.unacked = 0;
+                    AckWhen::Soon
+                } else {
+                    AckWhen::Lazy
+                }
+            };
+            self.link.queue_ack(self.id, upto, when);
             self.complete_if_done();
         }
         Ok(())

@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use comsat_protocol::{LinkId, NoiseSecretKey, SigningKey};
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 pub use config::{AgentConfig, LinkConfig};
@@ -107,7 +106,7 @@ struct Held {
 struct Group {
     task: JoinHandle<()>,
     members: BTreeSet<LinkId>,
-    notify: Arc<Notify>,
+    notify: Arc<session::AckWake>,
     /// The flows its links carry: its lanes are up while there are some.
     busy: Arc<lane::Busy>,
 }
@@ -252,7 +251,7 @@ impl Agent {
                 cfg.clone(),
                 role.clone(),
                 self.flow_timeout,
-                Arc::new(Notify::new()),
+                Arc::new(session::AckWake::default()),
                 runtimes,
             ));
             if let LocalRole::Listen(spec) = &role {
@@ -374,7 +373,7 @@ impl Agent {
                 }
                 continue;
             }
-            let notify = Arc::new(Notify::new());
+            let notify = Arc::new(session::AckWake::default());
             let busy = Arc::new(lane::Busy::default());
             let mut links = HashMap::new();
             for id in &members {

@@ -13,6 +13,7 @@
 //! | `comsat_agent_flows_moved_total` | counter | flows this agent dialled that turned bulk on the lane and moved to the main connection |
 //! | `comsat_agent_lane_connects_total` | counter | lane connections established (a second connection per relay, for flows that must not queue behind bulk) |
 //! | `comsat_agent_lanes_open` | gauge | lane connections up now (each closes after `lane_idle_ms` without flows) |
+//! | `comsat_agent_ack_messages_total` | counter | end-to-end acknowledgement messages sent to peers (each acknowledges what the link's flows delivered since the last; an interactive flow's go out within 100 ms, a bulk flow's every 512 KiB) |
 //! | `comsat_agent_sent_bytes_total` | counter | application bytes sent into links, counted as they move |
 //! | `comsat_agent_received_bytes_total` | counter | application bytes delivered from links |
 //! | `comsat_agent_local_refused_total{reason}` | counter | local connections refused: `peer_credentials`, `link_not_ready` |
@@ -41,6 +42,8 @@ pub const FLOWS_MOVED_TOTAL: &str = "comsat_agent_flows_moved_total";
 pub const LANE_CONNECTS_TOTAL: &str = "comsat_agent_lane_connects_total";
 /// Lane connections up.
 pub const LANES_OPEN: &str = "comsat_agent_lanes_open";
+/// Acknowledgement messages sent.
+pub const ACK_MESSAGES_TOTAL: &str = "comsat_agent_ack_messages_total";
 /// Bytes sent.
 pub const SENT_BYTES_TOTAL: &str = "comsat_agent_sent_bytes_total";
 /// Bytes received.
@@ -62,6 +65,7 @@ pub(crate) struct Metrics {
     pub(crate) flows_moved: Counter,
     pub(crate) lane_connects: Counter,
     pub(crate) lanes_open: Gauge,
+    pub(crate) ack_messages: Counter,
     pub(crate) sent_bytes: Counter,
     pub(crate) received_bytes: Counter,
 }
@@ -94,6 +98,10 @@ impl Metrics {
         );
         describe_counter!(LANE_CONNECTS_TOTAL, "Lane connections established");
         describe_gauge!(LANES_OPEN, "Lane connections up");
+        describe_counter!(
+            ACK_MESSAGES_TOTAL,
+            "End-to-end acknowledgement messages sent to peers"
+        );
         describe_counter!(SENT_BYTES_TOTAL, "Application bytes sent into links");
         describe_counter!(
             RECEIVED_BYTES_TOTAL,
@@ -112,6 +120,7 @@ impl Metrics {
             flows_moved: counter!(FLOWS_MOVED_TOTAL),
             lane_connects: counter!(LANE_CONNECTS_TOTAL),
             lanes_open: gauge!(LANES_OPEN),
+            ack_messages: counter!(ACK_MESSAGES_TOTAL),
             sent_bytes: counter!(SENT_BYTES_TOTAL),
             received_bytes: counter!(RECEIVED_BYTES_TOTAL),
         }

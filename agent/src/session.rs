@@ -8,7 +8,7 @@
 //! nonce is never reused).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -107,13 +107,13 @@ pub(crate) struct LinkRt {
     resume_sent: Mutex<Option<Instant>>,
     epoch: AtomicU64,
     /// The peer confirmed the current session since it last (re)appeared.
-    peer_confirmed: std::sync::atomic::AtomicBool,
+    peer_confirmed: AtomicBool,
     next_flow: AtomicU32,
     flows: Mutex<HashMap<FlowId, Arc<Flow>>>,
     acks: Mutex<HashMap<FlowId, u64>>,
     /// Wakes the relay session that carries the link (it changes when the
     /// link moves to another relay list).
-    ack_notify: Mutex<Arc<Notify>>,
+    ack_notify: Mutex<Arc<AckWake>>,
     /// The grant generation attached with (it changes when the controller
     /// re-grants the link, e.g. on other relays; flows go on).
     generation: AtomicU64,
@@ -147,7 +147,7 @@ impl LinkRt {
         cfg: LinkConfig,
         role: LocalRole,
         flow_timeout: Duration,
-        ack_notify: Arc<Notify>,
+        ack_notify: Arc<AckWake>,
         runtimes: Option<Runtimes>,
     ) -> Self {
         Self {
@@ -158,7 +158,7 @@ impl LinkRt {
             pending: Mutex::new(None),
             resume_sent: Mutex::new(None),
             epoch: AtomicU64::new(0),
-            peer_confirmed: std::sync::atomic::AtomicBool::new(false),
+            peer_confirmed: AtomicBool::new(false),
             next_flow: AtomicU32::new(0),
             generation: AtomicU64::new(cfg.generation),
             flows: Mutex::default(),
@@ -193,14 +193,14 @@ impl LinkRt {
 
     /// Moves the link to the relay session woken by `notify` (whose flows
     /// `busy` counts), attaching with `generation` from now on.
-    pub(crate) fn rebind(&self, notify: Arc<Notify>, busy: &Arc<Busy>, generation: u64) {
+    pub(crate) fn rebind(&self, notify: Arc<AckWake>, busy: &Arc<Busy>, generation: u64) {
         *lock(&self.ack_notify) = notify;
         *lock(&self.busy) = busy.clone();
         self.generation.store(generation, Ordering::Relaxed);
     }
 
-    fn wake_acks(&self) {
-        lock(&self.ack_notify).notify_one();
+    fn wake_acks(&self, when: AckWhen) {
+        lock(&self.ack_notify).wake(when);
     }
 
     /// Marks the link down after its relay session was stopped from
@@ -236,7 +236,7 @@ impl LinkRt {
         self.ready.send_replace(value);
         if now {
             // Acks that waited for the link go out now.
-            self.wake_acks();
+            self.wake_acks(AckWhen::Soon);
         }
         match (was, now) {
             (false, true) => {
@@ -289,18 +289,19 @@ impl LinkRt {
         (id < MAX_FLOW_ID).then_some(id)
     }
 
-    /// Schedules a cumulative acknowledgement to the peer.
-    pub(crate) fn queue_ack(&self, flow: FlowId, upto: u64) {
+    /// Schedules a cumulative acknowledgement to the peer, sent `when`.
+    pub(crate) fn queue_ack(&self, flow: FlowId, upto: u64, when: AckWhen) {
         merge_ack(&mut lock(&self.acks), flow, upto);
-        self.wake_acks();
+        self.wake_acks(when);
     }
 
     pub(crate) fn remove_flow(&self, id: FlowId) {
         lock(&self.flows).remove(&id);
     }
 
-    /// Seals and sends pending acks, if the link is ready.
-    fn flush_acks(&self, ctl: &mpsc::Sender<AgentToRelay>) {
+    /// Seals and sends pending acks, if the link is ready; counts the
+    /// messages sent.
+    fn flush_acks(&self, ctl: &mpsc::Sender<AgentToRelay>, metrics: &Metrics) {
         let Some(ready) = self.ready.borrow().clone() else {
             return;
         };
@@ -312,13 +313,18 @@ impl LinkRt {
                         link_id: self.cfg.link_id,
                         frame,
                     })
-                    .is_err()
+                    .is_ok()
                 {
-                    // Put them back; the next flush retries.
+                    metrics.ack_messages.increment(1);
+                } else {
+                    // Put them back: a lazy flush retries (the queue is
+                    // full now).
                     let mut pending = lock(&self.acks);
                     for (flow, upto) in chunk {
                         merge_ack(&mut pending, *flow, *upto);
                     }
+                    drop(pending);
+                    self.wake_acks(AckWhen::Lazy);
                 }
             }
         }
@@ -342,6 +348,40 @@ impl LinkRt {
 }
 
 /// Keeps the highest acknowledged position per flow.
+/// How soon an acknowledgement must reach the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AckWhen {
+    /// The peer waits for it (its flow's end, a resend, a replay window
+    /// filling up): within [`defaults::ACK_DELAY`].
+    Soon,
+    /// It only lets the peer forget records it keeps for a resend: within
+    /// [`defaults::ACK_LAZY`], so a chatty flow costs a few control
+    /// messages a second, not one per record.
+    Lazy,
+}
+
+/// Wakes a relay session to send its links' acknowledgements.
+#[derive(Debug, Default)]
+pub(crate) struct AckWake {
+    soon: Notify,
+    lazy: Notify,
+    /// A lazy flush is due: later lazy acks join it without a wake-up.
+    lazy_armed: AtomicBool,
+}
+
+impl AckWake {
+    fn wake(&self, when: AckWhen) {
+        match when {
+            AckWhen::Soon => self.soon.notify_one(),
+            AckWhen::Lazy => {
+                if !self.lazy_armed.swap(true, Ordering::AcqRel) {
+                    self.lazy.notify_one();
+                }
+            }
+        }
+    }
+}
+
 fn merge_ack(acks: &mut HashMap<FlowId, u64>, flow: FlowId, upto: u64) {
     let e = acks.entry(flow).or_insert(upto);
     *e = (*e).max(upto);
@@ -399,7 +439,7 @@ pub(crate) async fn relay_loop(
     relays: Vec<RelayEndpoint>,
     connection: Option<String>,
     links: HashMap<LinkId, Arc<LinkRt>>,
-    ack_notify: Arc<Notify>,
+    ack_notify: Arc<AckWake>,
     lanes: Option<(Runtimes, Arc<Busy>)>,
 ) {
     let candidates: Vec<(RelayEndpoint, quinn::ClientConfig)> = relays
@@ -507,7 +547,7 @@ async fn connect_and_serve(
     relay: &RelayEndpoint,
     client: &quinn::ClientConfig,
     links: &HashMap<LinkId, Arc<LinkRt>>,
-    ack_notify: &Notify,
+    ack_notify: &AckWake,
     (can_hop, hops): (bool, u32),
     lanes: Option<&(Runtimes, Arc<Busy>)>,
 ) -> Result<Ended, ConnectError> {
@@ -691,7 +731,7 @@ async fn serve(
     mut recv: quinn::RecvStream,
     mut decoder: FrameDecoder,
     links: &HashMap<LinkId, Arc<LinkRt>>,
-    ack_notify: &Notify,
+    ack_notify: &AckWake,
     can_hop: bool,
     hops: u32,
 ) -> Ended {
@@ -732,14 +772,31 @@ async fn serve(
     // Links whose attach was refused for a reason that may pass: when to
     // send it again, and the delay after that.
     let mut reattach: HashMap<LinkId, (Instant, Duration)> = HashMap::new();
+    // When the lazy acks queued since the last flush go out.
+    let mut lazy_due: Option<Instant> = None;
     loop {
         let msg = tokio::select! {
             m = read_message(&mut recv, &mut decoder) => m,
-            () = ack_notify.notified() => {
+            () = ack_notify.soon.notified() => {
                 // Let acks of a burst of records gather into one message.
                 tokio::time::sleep(defaults::ACK_DELAY).await;
                 for link in links.values() {
-                    link.flush_acks(&ctl);
+                    link.flush_acks(&ctl, &shared.metrics);
+                }
+                continue;
+            }
+            () = ack_notify.lazy.notified(), if lazy_due.is_none() => {
+                lazy_due = Some(Instant::now() + defaults::ACK_LAZY);
+                continue;
+            }
+            () = tokio::time::sleep_until(lazy_due.unwrap_or_else(Instant::now)),
+                if lazy_due.is_some() =>
+            {
+                lazy_due = None;
+                // Disarmed first: an ack queued from here on wakes anew.
+                ack_notify.lazy_armed.store(false, Ordering::Release);
+                for link in links.values() {
+                    link.flush_acks(&ctl, &shared.metrics);
                 }
                 continue;
             }
