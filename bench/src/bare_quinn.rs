@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+
+use crate::measure::Pinger;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// A server that answers each stream: reads a length and that many bytes,
@@ -165,27 +167,18 @@ impl Server {
         Ok(rates)
     }
 
-    /// 64-byte round trips on one stream, in microseconds, sorted.
-    pub(crate) async fn latency(&self, rounds: usize) -> Result<Vec<f64>> {
+    /// A ping-pong stream through the echo, warmed up.
+    pub(crate) async fn pinger(&self) -> Result<Pinger> {
         let conn = self.connect().await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
+        let (mut send, recv) = conn.open_bi().await?;
         send.write_all(&0u64.to_be_bytes()).await?;
-        let msg = [7u8; 64];
-        let mut back = [0u8; 64];
-        for _ in 0..20 {
-            send.write_all(&msg).await?;
-            recv.read_exact(&mut back).await?;
+        Pinger::Quic {
+            _conn: conn,
+            send,
+            recv,
         }
-        let mut rtts = Vec::with_capacity(rounds);
-        for _ in 0..rounds {
-            let t = Instant::now();
-            send.write_all(&msg).await?;
-            recv.read_exact(&mut back).await?;
-            rtts.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-        rtts.sort_by(f64::total_cmp);
-        conn.close(0u32.into(), b"done");
-        Ok(rtts)
+        .warmed()
+        .await
     }
 }
 

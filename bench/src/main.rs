@@ -47,7 +47,7 @@ mod report;
 mod stunnel;
 
 use measure::{
-    cpu_during, fit, jain, latency, latency_under_bulk, median, percentile, poke, rss_kib,
+    Pinger, cpu_during, fit, jain, latency_under_bulk, median, percentile, poke, rss_kib,
     throughput, wait_carrying,
 };
 use path::{Path, link};
@@ -458,6 +458,9 @@ fn tails(rtts: &[f64]) -> [f64; 3] {
     [0.5, 0.99, 0.999].map(|p| percentile(rtts, p))
 }
 
+/// Idle round trips per path taken in one turn of the interleaving.
+const PING_BLOCK: usize = 100;
+
 async fn latency_scenario(r: &mut Run) -> Result<()> {
     let rounds = if r.quick { 2_000 } else { 20_000 };
     let busy_rounds = rounds / 4;
@@ -471,12 +474,23 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
             i + 1,
             r.reps
         );
-        let direct = tails(&latency(r.echo, rounds).await?);
+        // Idle: every path at once, in turns of a hundred round trips.
+        let mut pingers = vec![Pinger::tcp(r.echo).await?];
+        for (_, chain) in &r.chains {
+            pingers.push(Pinger::tcp(chain.ping).await?);
+        }
+        pingers.push(r.quinn.pinger().await?);
+        pingers.push(Pinger::tcp(r.ping()).await?);
+        let mut rtts = measure::interleaved(&mut pingers, rounds, PING_BLOCK).await?;
+        drop(pingers);
+        let comsat = tails(&rtts.pop().context("no comsat samples")?);
+        let quinn = tails(&rtts.pop().context("no quinn samples")?);
+        let direct = tails(&rtts[0]);
         for (k, v) in direct.iter().enumerate() {
             idle[k].add(DIRECT, *v);
         }
-        for (name, chain) in &r.chains {
-            let t = tails(&latency(chain.ping, rounds).await?);
+        for ((name, chain), t) in r.chains.iter().zip(&rtts[1..]) {
+            let t = tails(t);
             for (k, v) in t.iter().enumerate() {
                 idle[k].add(name, *v);
             }
@@ -485,15 +499,13 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
             busy.add(name, percentile(&b, 0.99));
             busy_p50.add(name, percentile(&b, 0.5));
         }
-        let t = tails(&r.quinn.latency(rounds).await?);
-        for (k, v) in t.iter().enumerate() {
+        for (k, v) in quinn.iter().enumerate() {
             idle[k].add(QUINN, *v);
         }
-        let t = tails(&latency(r.ping(), rounds).await?);
-        for (k, v) in t.iter().enumerate() {
+        for (k, v) in comsat.iter().enumerate() {
             idle[k].comsat.push(*v);
         }
-        added.comsat.push(t[1] - direct[1]);
+        added.comsat.push(comsat[1] - direct[1]);
         let b = latency_under_bulk(r.bulk(), r.ping(), busy_rounds).await?;
         busy.comsat.push(percentile(&b, 0.99));
         busy_p50.comsat.push(percentile(&b, 0.5));

@@ -73,24 +73,97 @@ pub(crate) async fn throughput(addr: SocketAddr, flows: usize, per_flow: u64) ->
     Ok(rates)
 }
 
-/// 64-byte ping-pongs; returns round-trip times in microseconds, sorted.
-pub(crate) async fn latency(addr: SocketAddr, rounds: usize) -> Result<Vec<f64>> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
-    let msg = [7u8; 64];
-    let mut back = [0u8; 64];
-    // Warm up the path.
-    for _ in 0..20 {
-        s.write_all(&msg).await?;
-        s.read_exact(&mut back).await?;
+/// One ping-pong connection (64-byte messages through an echo), kept open
+/// across blocks of round trips.
+pub(crate) enum Pinger {
+    Tcp(TcpStream),
+    /// A bare quinn stream; its connection stays open with it.
+    Quic {
+        _conn: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    },
+}
+
+const PING: [u8; 64] = [7u8; 64];
+
+impl Pinger {
+    /// Connects to the echo (or the path in front of it) and warms the
+    /// path up.
+    pub(crate) async fn tcp(addr: SocketAddr) -> Result<Self> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Self::Tcp(s).warmed().await
     }
-    let mut rtts = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
+
+    /// Round trips before any is measured, and again after a pause (in
+    /// which a comsat flow moves to its lane, which comes up with it).
+    pub(crate) async fn warmed(mut self) -> Result<Self> {
+        for _ in 0..20 {
+            self.round().await?;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..20 {
+            self.round().await?;
+        }
+        Ok(self)
+    }
+
+    /// One round trip, in microseconds.
+    pub(crate) async fn round(&mut self) -> Result<f64> {
+        let mut back = [0u8; 64];
         let t = Instant::now();
-        s.write_all(&msg).await?;
-        s.read_exact(&mut back).await?;
-        rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        match self {
+            Self::Tcp(s) => {
+                s.write_all(&PING).await?;
+                s.read_exact(&mut back).await?;
+            }
+            Self::Quic { send, recv, .. } => {
+                send.write_all(&PING).await?;
+                recv.read_exact(&mut back).await?;
+            }
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e6)
     }
+
+    async fn rounds(&mut self, n: usize, rtts: &mut Vec<f64>) -> Result<()> {
+        for _ in 0..n {
+            rtts.push(self.round().await?);
+        }
+        Ok(())
+    }
+}
+
+/// `rounds` round trips on each of `pingers`, taken in turns of `block`
+/// (A B C A B C …), so that the machine's noise, which comes and goes over
+/// seconds, falls on all of them alike. Each one's round-trip times in
+/// microseconds, sorted.
+pub(crate) async fn interleaved(
+    pingers: &mut [Pinger],
+    rounds: usize,
+    block: usize,
+) -> Result<Vec<Vec<f64>>> {
+    let mut rtts: Vec<Vec<f64>> = pingers.iter().map(|_| Vec::with_capacity(rounds)).collect();
+    let mut done = 0;
+    while done < rounds {
+        let n = block.min(rounds - done);
+        for (p, out) in pingers.iter_mut().zip(&mut rtts) {
+            p.rounds(n, out).await?;
+        }
+        done += n;
+    }
+    for r in &mut rtts {
+        r.sort_by(f64::total_cmp);
+    }
+    Ok(rtts)
+}
+
+/// 64-byte ping-pongs on a new connection; returns round-trip times in
+/// microseconds, sorted.
+pub(crate) async fn latency(addr: SocketAddr, rounds: usize) -> Result<Vec<f64>> {
+    let mut p = Pinger::tcp(addr).await?;
+    let mut rtts = Vec::with_capacity(rounds);
+    p.rounds(rounds, &mut rtts).await?;
     rtts.sort_by(f64::total_cmp);
     Ok(rtts)
 }
