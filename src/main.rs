@@ -1186,7 +1186,7 @@ fn main() -> ExitCode {
         Command::Dev {
             command: DevCommand::Init(args),
         } => dev_init(args),
-        Command::Relay { command } => runtime().and_then(|rt| {
+        Command::Relay { command } => runtime_preferring_lanes().and_then(|rt| {
             rt.block_on(async {
                 match command {
                     RelayCommand::Run {
@@ -1244,7 +1244,7 @@ fn main() -> ExitCode {
                 }
             })
         }),
-        Command::Agent { command } => runtime().and_then(|rt| {
+        Command::Agent { command } => runtime_preferring_lanes().and_then(|rt| {
             rt.block_on(async {
                 match command {
                     AgentCommand::Run {
@@ -1281,4 +1281,38 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")
+}
+
+/// The runtime of a relay or agent process (`comsat relay …`, `comsat
+/// agent …`): its worker threads carry bulk, and take the niceness the
+/// relay or agent asks for once it has a lane (`bulk_nice`), so that the
+/// kernel runs the lane's thread first when it wakes. (`comsat up` runs
+/// everything in one process and leaves priorities alone.)
+fn runtime_preferring_lanes() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .on_thread_unpark(take_bulk_nice)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+/// Raises the calling worker thread's niceness to what the relay or agent
+/// asks for, once (Linux keeps niceness per thread; raising it needs no
+/// privilege, lowering it would, so it only ever goes up).
+fn take_bulk_nice() {
+    thread_local! {
+        static TAKEN: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+    }
+    let want = comsat_relay::bulk_nice().max(comsat_agent::bulk_nice());
+    TAKEN.with(|taken| {
+        let more = want - taken.get();
+        if more <= 0 {
+            return;
+        }
+        taken.set(want);
+        // `None`: the calling thread.
+        if let Ok(now) = rustix::process::getpriority_process(None) {
+            let _ = rustix::process::setpriority_process(None, (now + more).min(19));
+        }
+    });
 }

@@ -7,6 +7,7 @@
 //! admin = "127.0.0.1:9201"         # optional: /metrics, /healthz, /readyz
 //! flow_timeout_ms = 30000          # optional: outage a flow survives
 //! lane_idle_ms = 30000             # optional: a lane without flows closes
+//! bulk_nice = 5                    # optional: 0 to 19, see "The lane"
 //!
 //! [[links]]
 //! name = "db"
@@ -60,6 +61,15 @@
 //! refused costs nothing else: flows ride the shared connection. Metrics:
 //! `comsat_agent_flows_moved_total`, `comsat_agent_lane_connects_total`,
 //! `comsat_agent_lanes_open`, the relay's `comsat_relay_lane_flows_total`.
+//!
+//! The lane's thread still waits for a CPU while the main threads hold
+//! every core with bulk. So once an agent (`comsat agent run`) has a link
+//! with a lane or a `connection`, its main threads take `bulk_nice`
+//! (default 5) more niceness than the process (no privilege needed; the
+//! lane's thread keeps the process's own) and the kernel runs the lane's
+//! thread first when it wakes. Bulk is not slowed while the CPUs have
+//! room; on a box whose CPUs are full the agent's bulk gets a smaller
+//! share against other processes too: `bulk_nice = 0` keeps it equal.
 //!
 //! A link that must never share a connection with bulk flows, not even
 //! while its own flows turn bulk or before a lane is up (a request/response
@@ -132,6 +142,10 @@ pub struct AgentConfig {
     /// (default 30 s; it opens again with the next flow).
     #[serde(default)]
     pub lane_idle_ms: Option<u64>,
+    /// Niceness the main threads take above the process's own once a link
+    /// has a lane or a connection of its own (0 to 19, default 5).
+    #[serde(default)]
+    pub bulk_nice: Option<u8>,
     /// The links.
     #[serde(default)]
     pub links: Vec<LinkConfig>,
@@ -348,6 +362,7 @@ impl AgentConfig {
             admin: None,
             flow_timeout_ms: None,
             lane_idle_ms: None,
+            bulk_nice: None,
             links: Vec::new(),
         }
     }
@@ -382,6 +397,11 @@ impl AgentConfig {
         };
         resolve(&mut config.signing_key);
         resolve(&mut config.noise_key);
+        if let Some(n) = config.bulk_nice.filter(|n| *n > 19) {
+            return Err(bad(format!(
+                "bulk_nice is {n}: niceness goes from 0 (as the process) to 19"
+            )));
+        }
         if config.links.len() > MAX_LINKS {
             return Err(bad(format!("more than {MAX_LINKS} links")));
         }
@@ -545,6 +565,23 @@ mod tests {
 
     /// Each `connection` name is one more QUIC connection per relay: a
     /// file naming more than MAX_CONNECTIONS is refused, saying so.
+    #[test]
+    fn bulk_nice_is_optional_and_at_most_19() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        let head = format!(
+            "node_id = \"{}\"\nsigning_key = \"node.key\"\nnoise_key = \"noise.key\"\n",
+            "5d".repeat(16)
+        );
+        std::fs::write(&path, &head).expect("write");
+        assert_eq!(AgentConfig::load(&path).expect("load").bulk_nice, None);
+        std::fs::write(&path, format!("{head}bulk_nice = 19\n")).expect("write");
+        assert_eq!(AgentConfig::load(&path).expect("load").bulk_nice, Some(19));
+        std::fs::write(&path, format!("{head}bulk_nice = 20\n")).expect("write");
+        let err = AgentConfig::load(&path).expect_err("too nice");
+        assert!(err.to_string().contains("bulk_nice is 20"), "{err}");
+    }
+
     #[test]
     fn at_most_max_connections_names() {
         let dir = tempfile::tempdir().expect("tempdir");

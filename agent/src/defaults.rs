@@ -129,3 +129,7 @@ pub const QUICK_RETRIES: u32 = 3;
 
 /// See [`QUICK_RETRIES`].
 pub const STREAM_SETTLED: Duration = Duration::from_secs(1);
+
+/// Niceness the main threads take above the process's own once a link has
+/// a lane (`bulk_nice` in the agent config).
+pub const BULK_NICE: u8 = 5;

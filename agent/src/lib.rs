@@ -26,6 +26,7 @@ mod udp;
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,6 +55,8 @@ pub struct Agent {
     live: Arc<Mutex<Vec<Arc<LinkRt>>>>,
     /// Serves the links that name a `connection`; started with the first.
     lane: Option<Lane>,
+    /// `bulk_nice`, taken by the main threads once the lane runs.
+    bulk_nice: u8,
 }
 
 /// The runtime of one thread (`comsat-lane`) that serves the links naming
@@ -167,6 +170,7 @@ impl Agent {
             groups: HashMap::new(),
             live: Arc::default(),
             lane: None,
+            bulk_nice: config.bulk_nice.unwrap_or(defaults::BULK_NICE),
         })
     }
 
@@ -310,6 +314,8 @@ impl Agent {
     fn lane(&mut self) -> std::io::Result<tokio::runtime::Handle> {
         if self.lane.is_none() {
             self.lane = Some(Lane::start()?);
+            // Its thread exists: from here the main threads may yield.
+            prefer_lanes(self.bulk_nice);
         }
         self.lane
             .as_ref()
@@ -475,4 +481,19 @@ fn check(cfg: &LinkConfig) -> Result<LocalRole, AgentError> {
         })?;
     }
     Ok(role)
+}
+
+static BULK_NICE: AtomicI32 = AtomicI32::new(0);
+
+/// How much nicer than the process the threads that carry bulk should be:
+/// the agent's `bulk_nice` once a link is served with a lane, 0 before.
+/// The `comsat` binary's runtime applies it to its worker threads as they
+/// next run (the lane's thread, started before, keeps the process's
+/// niceness), so the kernel runs the lane first when it wakes.
+pub fn bulk_nice() -> i32 {
+    BULK_NICE.load(Ordering::Relaxed)
+}
+
+fn prefer_lanes(nice: u8) {
+    BULK_NICE.fetch_max(i32::from(nice), Ordering::Relaxed);
 }

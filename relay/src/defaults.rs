@@ -93,3 +93,7 @@ pub const THROTTLE_BURST: Duration = Duration::from_millis(100);
 /// anyway. Above the agents' reconnect time, well under systemd's default
 /// `TimeoutStopSec` of 90 s.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
+
+/// Niceness the main threads take above the process's own while the relay
+/// has an interactive listener ([`crate::RelayConfig::bulk_nice`]).
+pub const BULK_NICE: u8 = 5;

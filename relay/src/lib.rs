@@ -23,6 +23,23 @@ pub mod tls;
 pub mod udp;
 mod wire;
 
+use std::sync::atomic::{AtomicI32, Ordering};
+
 pub use config::RelayConfig;
 pub use error::RelayError;
 pub use server::{Relay, RelayHandle, Stop};
+
+static BULK_NICE: AtomicI32 = AtomicI32::new(0);
+
+/// How much nicer than the process the threads that carry bulk should be:
+/// [`RelayConfig::bulk_nice`] once the interactive listener is bound, 0
+/// before. The `comsat` binary's runtime applies it to its worker threads
+/// as they next run (the lane's thread, started before, keeps the
+/// process's niceness), so the kernel runs a lane first when it wakes.
+pub fn bulk_nice() -> i32 {
+    BULK_NICE.load(Ordering::Relaxed)
+}
+
+fn prefer_lanes(nice: u8) {
+    BULK_NICE.fetch_max(i32::from(nice), Ordering::Relaxed);
+}

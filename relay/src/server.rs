@@ -454,11 +454,16 @@ impl Relay {
         )
         .map_err(bind_error)?;
         let lane = match config.interactive_listen {
-            Some(addr) => Some(Lane::bind(
-                &config,
-                crate::tls::server_config(&config, cert.clone())?,
-                addr,
-            )?),
+            Some(addr) => {
+                let lane = Lane::bind(
+                    &config,
+                    crate::tls::server_config(&config, cert.clone())?,
+                    addr,
+                )?;
+                // Its thread exists: from here the main threads may yield.
+                crate::prefer_lanes(config.bulk_nice);
+                Some(lane)
+            }
             None => None,
         };
         let state = Arc::new(State {

@@ -17,4 +17,4 @@ pub mod proc;
 pub mod raw;
 
 pub use oracle::Oracle;
-pub use proc::{Proc, free_udp_port, metric, scrape, threads_named};
+pub use proc::{Proc, free_udp_port, metric, scrape, thread_nices, threads_named};

@@ -171,6 +171,29 @@ pub fn threads_named(pid: u32, name: &str) -> Result<usize> {
     Ok(n)
 }
 
+/// The niceness of each thread of process `pid` named `name` (Linux
+/// `/proc`: the 19th field of a task's `stat`).
+pub fn thread_nices(pid: u32, name: &str) -> Result<Vec<i32>> {
+    let mut nices = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.join("stat"))?;
+        // The name, in parentheses, may hold spaces: count after it.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let nice = after
+            .split_whitespace()
+            .nth(16)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("no niceness in {}: {stat}", task.display()))?;
+        nices.push(nice);
+    }
+    Ok(nices)
+}
+
 /// GETs `path` from an admin address; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
