@@ -347,7 +347,6 @@ impl LinkRt {
     }
 }
 
-/// Keeps the highest acknowledged position per flow.
 /// How soon an acknowledgement must reach the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AckWhen {
@@ -382,6 +381,7 @@ impl AckWake {
     }
 }
 
+/// Keeps the highest acknowledged position per flow.
 fn merge_ack(acks: &mut HashMap<FlowId, u64>, flow: FlowId, upto: u64) {
     let e = acks.entry(flow).or_insert(upto);
     *e = (*e).max(upto);
@@ -772,8 +772,10 @@ async fn serve(
     // Links whose attach was refused for a reason that may pass: when to
     // send it again, and the delay after that.
     let mut reattach: HashMap<LinkId, (Instant, Duration)> = HashMap::new();
-    // When the lazy acks queued since the last flush go out.
+    // When the lazy acks queued since the last flush go out. One armed on
+    // an earlier connection died with it: the next lazy ack arms anew.
     let mut lazy_due: Option<Instant> = None;
+    ack_notify.lazy_armed.store(false, Ordering::Release);
     loop {
         let msg = tokio::select! {
             m = read_message(&mut recv, &mut decoder) => m,
