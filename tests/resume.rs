@@ -371,6 +371,60 @@ async fn expect_reset(mut s: TcpStream, within: Duration) -> Result<()> {
     }
 }
 
+/// A chatty flow goes on across a relay restart, and its acks with it: they
+/// stay lazy (at most one ack message per 100 ms per agent) and keep going
+/// out on the new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatty_flows_lazy_acks_go_on_after_a_relay_restart() -> Result<()> {
+    /// `comsat_agent::defaults::ACK_LAZY`.
+    const ACK_LAZY: Duration = Duration::from_millis(100);
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let target_addr = target.local_addr()?;
+    tokio::spawn(echo_server(target));
+    let mut sys = echo_system(target_addr, None)?;
+    let listen: SocketAddr = sys
+        .listen_addr("echo")?
+        .trim_start_matches("tcp://")
+        .parse()?;
+    sys.wait_ready()?;
+    let mut c = TcpStream::connect(listen).await?;
+    c.set_nodelay(true)?;
+    // Round trips right up to the kill, so lazy acks are pending then.
+    for i in 0..200u32 {
+        echo_round(&mut c, &i.to_be_bytes().repeat(16)).await?;
+    }
+    sys.relay.kill();
+    let (relay, _, admin) = common::start_relay(&sys.layout.relay_config, &sys.logs(), "relay-2")?;
+    sys.relay = relay;
+    sys.relay_admin = admin;
+    // The flow resumes on the new connection.
+    echo_round(&mut c, b"after the restart").await?;
+    tokio::time::sleep(3 * ACK_LAZY).await;
+    let admins = [sys.agents[0].1, sys.agents[1].1];
+    let acks =
+        |admin| -> Result<f64> { Ok(metric(&scrape(admin)?, "comsat_agent_ack_messages_total")) };
+    let before = [acks(admins[0])?, acks(admins[1])?];
+    let started = std::time::Instant::now();
+    for i in 0..300u32 {
+        echo_round(&mut c, &i.to_le_bytes().repeat(16)).await?;
+    }
+    let took = started.elapsed();
+    tokio::time::sleep(3 * ACK_LAZY).await;
+    let bound = ((took + 3 * ACK_LAZY).as_secs_f64() / ACK_LAZY.as_secs_f64()).ceil() + 2.0;
+    for (i, agent) in ["A", "B"].iter().enumerate() {
+        let sent = acks(admins[i])? - before[i];
+        assert!(
+            sent >= 1.0,
+            "agent {agent}: no ack message after the restart"
+        );
+        assert!(
+            sent <= bound,
+            "agent {agent}: {sent} ack messages in {took:?} (lazy allows {bound})"
+        );
+    }
+    Ok(())
+}
+
 fn echo_system(target: SocketAddr, flow_timeout_ms: Option<u64>) -> Result<System> {
     let sys = System::start_with(
         Options::one(DevLink {
