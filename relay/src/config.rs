@@ -79,7 +79,7 @@
 //! niceness than the process (raising niceness needs no privilege; the
 //! lane's thread keeps the process's own), and the kernel runs the lane's
 //! thread first when it wakes: on the bench's 2-core machine the p99 of a
-//! ping beside a bulk flow went from ~5 ms to ~1.3–4 ms. Bulk is not slowed
+//! ping beside a bulk flow went from ~5–6 ms to ~1–3 ms. Bulk is not slowed
 //! while the CPUs have room; on a machine whose CPUs are full, the main
 //! threads get a smaller share against other processes too (weight 335
 //! against 1,024 at 5): set `bulk_nice = 0` to keep them equal.
