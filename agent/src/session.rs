@@ -649,7 +649,12 @@ async fn establish(
     let mut decoder = FrameDecoder::new();
     match read_message(&mut recv, &mut decoder).await {
         Ok(Some(RelayToAgent::Welcome)) => Ok((conn, send, recv, decoder)),
-        Ok(_) => Err("relay sent something other than Welcome".into()),
+        // A refusing relay closes the connection; the end of its control
+        // stream (dropped first) can arrive before the close does.
+        Ok(None) => Err(ConnectError::Refused(
+            "it ended the control stream before its Welcome".into(),
+        )),
+        Ok(Some(_)) => Err("relay sent something other than Welcome".into()),
         Err(e) => Err(ConnectError::Refused(e)),
     }
 }
