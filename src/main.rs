@@ -165,6 +165,10 @@ enum RelayCommand {
         /// enrolled with `--interactive-port` behind a port forward).
         #[arg(long, requires = "data_dir")]
         interactive_listen: Option<SocketAddr>,
+        /// Niceness the main threads take above the process's own while
+        /// the interactive listener runs (0 to 19, default 5; 0: the same).
+        #[arg(long, requires = "data_dir", value_parser = clap::value_parser!(u8).range(0..=19))]
+        bulk_nice: Option<u8>,
         /// A static relay config file (see `comsat dev init`).
         #[arg(long, env = "COMSAT_RELAY_CONFIG")]
         config: Option<PathBuf>,
@@ -227,6 +231,10 @@ enum AgentCommand {
         /// Admin HTTP address (/metrics, /healthz, /readyz).
         #[arg(long, requires = "data_dir")]
         admin: Option<SocketAddr>,
+        /// Niceness the main threads take above the process's own once a
+        /// link has a lane (0 to 19, default 5; 0: the same).
+        #[arg(long, requires = "data_dir", value_parser = clap::value_parser!(u8).range(0..=19))]
+        bulk_nice: Option<u8>,
         /// A static agent config file (see `comsat dev init`).
         #[arg(long, env = "COMSAT_AGENT_CONFIG")]
         config: Option<PathBuf>,
@@ -1044,12 +1052,16 @@ async fn run_enrolled_relay(
     dir: PathBuf,
     (listen, interactive_listen): (Option<SocketAddr>, Option<SocketAddr>),
     admin: Option<SocketAddr>,
+    bulk_nice: Option<u8>,
     drain_grace: Option<std::time::Duration>,
 ) -> anyhow::Result<()> {
     let state = comsat::node::NodeState::load(&dir, NodeKind::Relay)
         .map_err(|e| Usage(format!("{e:#}")))?;
     let mut config = comsat::node::relay_config(&dir, &state, listen, admin)
         .map_err(|e| Usage(format!("{e:#}")))?;
+    if let Some(n) = bulk_nice {
+        config.bulk_nice = n;
+    }
     if let Some(lane) = interactive_listen {
         if state.interactive_addr.is_none() {
             return Err(Usage(format!(
@@ -1084,12 +1096,17 @@ async fn run_enrolled_relay(
     result
 }
 
-async fn run_enrolled_agent(dir: PathBuf, admin: Option<SocketAddr>) -> anyhow::Result<()> {
+async fn run_enrolled_agent(
+    dir: PathBuf,
+    admin: Option<SocketAddr>,
+    bulk_nice: Option<u8>,
+) -> anyhow::Result<()> {
     let state = comsat::node::NodeState::load(&dir, NodeKind::Agent)
         .map_err(|e| Usage(format!("{e:#}")))?;
     let prometheus = install_metrics()?;
-    let mut agent = comsat_agent::Agent::new(&comsat::node::agent_config(&dir, &state))
-        .map_err(|e| Usage(e.to_string()))?;
+    let mut config = comsat::node::agent_config(&dir, &state);
+    config.bulk_nice = bulk_nice;
+    let mut agent = comsat_agent::Agent::new(&config).map_err(|e| Usage(e.to_string()))?;
     let admin_shown = serve_admin(
         admin,
         prometheus,
@@ -1194,11 +1211,12 @@ fn main() -> ExitCode {
                         listen,
                         admin,
                         interactive_listen,
+                        bulk_nice,
                         drain_grace,
                         ..
                     } => {
                         let listen = (listen, interactive_listen);
-                        run_enrolled_relay(dir, listen, admin, drain_grace).await
+                        run_enrolled_relay(dir, listen, admin, bulk_nice, drain_grace).await
                     }
                     RelayCommand::Run {
                         config,
@@ -1250,8 +1268,9 @@ fn main() -> ExitCode {
                     AgentCommand::Run {
                         data_dir: Some(dir),
                         admin,
+                        bulk_nice,
                         ..
-                    } => run_enrolled_agent(dir, admin).await,
+                    } => run_enrolled_agent(dir, admin, bulk_nice).await,
                     AgentCommand::Run { config, .. } => match config {
                         Some(config) => run_agent(config).await,
                         None => Err(Usage("pass --data-dir DIR or --config FILE".into()).into()),

@@ -94,6 +94,14 @@ fn errors_name_what_is_wrong_and_what_to_do() -> Result<()> {
         "{code} {err}"
     );
 
+    for node in ["relay", "agent"] {
+        let (code, _, err) = run(&[node, "run", "--data-dir", missing, "--bulk-nice", "20"])?;
+        ensure!(
+            code == 2 && err.contains("--bulk-nice") && err.contains("0..=19"),
+            "{node}: {code} {err}"
+        );
+    }
+
     let (code, _, err) = run(&["agent", "enrol", "not-a-token", "--data-dir", missing])?;
     ensure!(code == 2 && err.contains("join token"), "{code} {err}");
 

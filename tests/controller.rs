@@ -21,6 +21,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_comsat");
 const START: Duration = comsat_tests::proc::START_TIMEOUT;
 /// How long a change made with `ctl` may take to reach the agents.
 const CONVERGE: Duration = Duration::from_secs(20);
+/// `--bulk-nice` of the relays and agents the tests run (not the default 5).
+const BULK_NICE: &str = "7";
 
 /// Runs `comsat ARGS` to completion: (exit code, stdout, stderr).
 fn comsat(args: &[&str]) -> Result<(i32, String, String)> {
@@ -263,6 +265,9 @@ impl Cluster {
                 &format!("127.0.0.1:{port}"),
                 "--admin",
                 "127.0.0.1:0",
+                // Not the default 5: the lane test sees the flag applied.
+                "--bulk-nice",
+                BULK_NICE,
             ],
             self.dir.path(),
         )?;
@@ -302,6 +307,8 @@ impl Cluster {
                 &s(&self.path(name)),
                 "--admin",
                 "127.0.0.1:0",
+                "--bulk-nice",
+                BULK_NICE,
             ],
             self.dir.path(),
         )?;
@@ -1893,6 +1900,8 @@ async fn a_link_created_with_a_connection_uses_the_relays_interactive_listener()
             comsat_tests::threads_named(pid, "comsat-lane")? >= 1,
             "process {pid} has no lane thread"
         );
+        // `relay run` and `agent run --bulk-nice` of enrolled nodes.
+        comsat_tests::main_threads_yield_to_the_lane(pid, BULK_NICE.parse()?)?;
     }
 
     // Moved onto the same connection, the plain link joins rpc there: it

@@ -17,7 +17,10 @@ use comsat_protocol::msg::{AgentToRelay, ErrorCode, PeerFrame, RelayToAgent, mak
 use comsat_protocol::{CLOSE_REFUSED, LinkId, NodeId, RelayId, Side, SigningKey};
 use comsat_tests::oracle::hash_to_end;
 use comsat_tests::raw::{Control, HelloOutcome, RawClient, exporter, send_hello};
-use comsat_tests::{Oracle, metric, scrape, thread_nices, threads_named};
+use comsat_tests::{
+    Oracle, main_threads_keep_the_process_niceness, main_threads_yield_to_the_lane, metric, scrape,
+    threads_named,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
@@ -737,38 +740,8 @@ async fn no_named_connection_no_lane_thread() -> Result<()> {
     for pid in pids(&sys) {
         assert_eq!(threads_named(pid, "comsat-lane")?, 0, "process {pid}");
         // Nothing to yield to: the main threads keep the process's niceness.
-        let process = thread_nices(pid, "comsat")?;
-        let workers = thread_nices(pid, "tokio-rt-worker")?;
-        assert!(!workers.is_empty() && process.len() == 1, "process {pid}");
-        assert!(
-            workers.iter().all(|n| *n == process[0]),
-            "process {pid}: {workers:?}"
-        );
+        main_threads_keep_the_process_niceness(pid)?;
     }
-    Ok(())
-}
-
-/// Where lanes run, the main threads that carry bulk take `bulk_nice` (5)
-/// more niceness than the lane's thread, which keeps the process's own:
-/// the kernel runs a lane first when it wakes.
-fn assert_main_threads_yield_to_the_lane(pid: u32) -> Result<()> {
-    let lane = thread_nices(pid, "comsat-lane")?;
-    let process = thread_nices(pid, "comsat")?;
-    assert!(!lane.is_empty() && process.len() == 1, "process {pid}");
-    assert!(
-        lane.iter().all(|n| *n == process[0]),
-        "process {pid}: lane {lane:?}"
-    );
-    let want = (process[0] + 5).min(19);
-    // The runtime's workers, one per CPU; its blocking threads share their
-    // name and may not have run since (they take nothing).
-    let cpus = std::thread::available_parallelism()?.get();
-    let threads = thread_nices(pid, "tokio-rt-worker")?;
-    let yielding = threads.iter().filter(|n| **n == want).count();
-    assert!(
-        yielding >= cpus,
-        "process {pid}: main threads {threads:?}; want {cpus} of them at {want}"
-    );
     Ok(())
 }
 
@@ -848,7 +821,8 @@ async fn flows_start_on_the_lane_and_bulk_ones_move_to_the_main_connection() -> 
         "every bulk flow moved:\n{agent}"
     );
     for pid in pids(&sys) {
-        assert_main_threads_yield_to_the_lane(pid)?;
+        // `bulk_nice`, 5 unless set.
+        main_threads_yield_to_the_lane(pid, 5)?;
     }
     assert_eq!(
         metric(&agent, "comsat_agent_flows_failed_total"),

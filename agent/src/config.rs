@@ -69,7 +69,8 @@
 //! lane's thread keeps the process's own) and the kernel runs the lane's
 //! thread first when it wakes. Bulk is not slowed while the CPUs have
 //! room; on a box whose CPUs are full the agent's bulk gets a smaller
-//! share against other processes too: `bulk_nice = 0` keeps it equal.
+//! share against other processes too: `bulk_nice = 0` keeps it equal (an
+//! enrolled agent: `comsat agent run --bulk-nice 0`).
 //!
 //! A link that must never share a connection with bulk flows, not even
 //! while its own flows turn bulk or before a lane is up (a request/response

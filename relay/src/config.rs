@@ -82,7 +82,8 @@
 //! ping beside a bulk flow went from ~5–6 ms to ~1–3 ms. Bulk is not slowed
 //! while the CPUs have room; on a machine whose CPUs are full, the main
 //! threads get a smaller share against other processes too (weight 335
-//! against 1,024 at 5): set `bulk_nice = 0` to keep them equal.
+//! against 1,024 at 5): set `bulk_nice = 0` to keep them equal (an enrolled
+//! relay: `comsat relay run --bulk-nice 0`).
 //!
 //! ## Reload
 //!

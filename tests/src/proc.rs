@@ -194,6 +194,46 @@ pub fn thread_nices(pid: u32, name: &str) -> Result<Vec<i32>> {
     Ok(nices)
 }
 
+/// The niceness of process `pid` (its main thread, named after the
+/// `comsat` binary) and of each of its threads named `name`.
+fn nices_beside_the_process(pid: u32, name: &str) -> Result<(i32, Vec<i32>)> {
+    let process = thread_nices(pid, "comsat")?;
+    let [process] = process[..] else {
+        bail!("process {pid}: {} main threads named comsat", process.len());
+    };
+    Ok((process, thread_nices(pid, name)?))
+}
+
+/// Checks that the threads of process `pid`'s main runtime keep the
+/// process's niceness (nothing to yield to).
+pub fn main_threads_keep_the_process_niceness(pid: u32) -> Result<()> {
+    let (process, workers) = nices_beside_the_process(pid, "tokio-rt-worker")?;
+    if workers.is_empty() || workers.iter().any(|n| *n != process) {
+        bail!("process {pid} at {process}: main threads {workers:?}");
+    }
+    Ok(())
+}
+
+/// Checks that where lanes run, the main threads that carry bulk are `by`
+/// nicer than the lane's thread, which keeps the process's own: the kernel
+/// runs a lane first when it wakes.
+pub fn main_threads_yield_to_the_lane(pid: u32, by: i32) -> Result<()> {
+    let (process, lane) = nices_beside_the_process(pid, "comsat-lane")?;
+    if lane.is_empty() || lane.iter().any(|n| *n != process) {
+        bail!("process {pid} at {process}: lane threads {lane:?}");
+    }
+    let want = (process + by).min(19);
+    // The runtime's workers, one per CPU; its blocking threads share their
+    // name and may not have run since (they take nothing).
+    let cpus = std::thread::available_parallelism()?.get();
+    let (_, threads) = nices_beside_the_process(pid, "tokio-rt-worker")?;
+    let yielding = threads.iter().filter(|n| **n == want).count();
+    if yielding < cpus {
+        bail!("process {pid}: main threads {threads:?}; want {cpus} of them at {want}");
+    }
+    Ok(())
+}
+
 /// GETs `path` from an admin address; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
