@@ -215,10 +215,7 @@ async fn half_closed_flow_still_carries_the_reply() -> Result<()> {
         relay_extra: String::new(),
         extra_relays: 0,
     })?;
-    let listen: SocketAddr = sys
-        .listen_addr("half")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("half")?;
     sys.wait_ready()?;
     // The server reads the whole request to EOF, and only then answers.
     let server = tokio::spawn(async move {
@@ -256,10 +253,7 @@ async fn a_chatty_flow_is_acknowledged_lazily_and_still_ends_on_both_agents() ->
         "tcp://127.0.0.1:0".into(),
         format!("tcp://{echo}"),
     )))?;
-    let listen: SocketAddr = sys
-        .listen_addr("chat")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("chat")?;
     sys.wait_ready()?;
     let admins = [sys.agents[0].1, sys.agents[1].1];
     let acks =
@@ -326,10 +320,7 @@ async fn relay_never_sees_plaintext() -> Result<()> {
         relay_extra: String::new(),
         extra_relays: 0,
     })?;
-    let listen: SocketAddr = sys
-        .listen_addr("tap")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("tap")?;
     sys.wait_ready()?;
     let payload: Vec<u8> = MARKER.repeat(4096); // ~112 KiB
     let server = tokio::spawn(async move {
@@ -651,10 +642,7 @@ fn echo_links(names: &[&str], echo: SocketAddr) -> Options {
 async fn echo_each(sys: &mut System, names: &[&str]) -> Result<()> {
     let mut listen = Vec::new();
     for name in names {
-        let addr: SocketAddr = sys
-            .listen_addr(name)?
-            .trim_start_matches("tcp://")
-            .parse()?;
+        let addr: SocketAddr = sys.tcp_listen_addr(name)?;
         listen.push(addr);
     }
     sys.wait_ready()?;
@@ -777,10 +765,7 @@ async fn flows_start_on_the_lane_and_bulk_ones_move_to_the_main_connection() -> 
         }
         Ok(())
     })?;
-    let ping: SocketAddr = sys
-        .listen_addr("ping")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let ping: SocketAddr = sys.tcp_listen_addr("ping")?;
     sys.wait_ready()?;
     // No flow yet, no lane: one connection per agent.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -809,10 +794,7 @@ async fn flows_start_on_the_lane_and_bulk_ones_move_to_the_main_connection() -> 
     let a = sys.agents[0].1;
     assert_eq!(metric(&scrape(a)?, "comsat_agent_flows_moved_total"), 0.0);
 
-    let listen: SocketAddr = sys
-        .listen_addr("bulk")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("bulk")?;
     eight_tcp_flows(target, listen).await?;
     let agent = scrape(a)?;
     assert_eq!(

@@ -48,10 +48,7 @@ async fn echo_system() -> Result<(System, SocketAddr)> {
         allowed_uids: vec![],
     }))?;
     tokio::spawn(echo_server(target));
-    let listen: SocketAddr = sys
-        .listen_addr("echo")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("echo")?;
     sys.wait_ready()?;
     Ok((sys, listen))
 }
@@ -268,14 +265,8 @@ async fn a_relay_at_its_link_cap_refuses_the_next_link_and_serves_the_first() ->
         relay_extra: "\n[limits]\nmax_links = 1\n".into(),
         extra_relays: 0,
     })?;
-    let one: SocketAddr = sys
-        .listen_addr("one")?
-        .trim_start_matches("tcp://")
-        .parse()?;
-    let two: SocketAddr = sys
-        .listen_addr("two")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let one: SocketAddr = sys.tcp_listen_addr("one")?;
+    let two: SocketAddr = sys.tcp_listen_addr("two")?;
     tokio::spawn(echo_server(target));
     let admin = sys.relay_admin;
     wait_for("an attach refused for relay_full", || {

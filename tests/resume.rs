@@ -156,10 +156,7 @@ fn assert_no_application_failures(sys: &System) -> Result<()> {
 async fn relay_killed_and_restarted_mid_transfer_loses_nothing() -> Result<()> {
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let mut sys = bulk_system(target.local_addr()?, 0)?;
-    let listen: SocketAddr = sys
-        .listen_addr("bulk")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("bulk")?;
     sys.wait_ready()?;
     let bulk = Bulk::start(listen, target);
 
@@ -191,10 +188,7 @@ async fn relay_killed_and_restarted_mid_transfer_loses_nothing() -> Result<()> {
 async fn relay_failover_to_the_next_relay_loses_nothing() -> Result<()> {
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let mut sys = bulk_system(target.local_addr()?, 1)?;
-    let listen: SocketAddr = sys
-        .listen_addr("bulk")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("bulk")?;
     sys.wait_ready()?;
     // Both agents are on the first relay.
     assert_eq!(
@@ -243,10 +237,7 @@ async fn draining_two_relays_in_turn_under_traffic_loses_nothing() -> Result<()>
     const GRACE: Duration = Duration::from_secs(30);
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let mut sys = bulk_system(target.local_addr()?, 1)?;
-    let listen: SocketAddr = sys
-        .listen_addr("bulk")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("bulk")?;
     sys.wait_ready()?;
     assert_eq!(
         metric(&scrape(sys.relay_admin)?, "comsat_relay_links_paired"),
@@ -382,10 +373,7 @@ async fn a_chatty_flows_lazy_acks_go_on_after_a_relay_restart() -> Result<()> {
     let target_addr = target.local_addr()?;
     tokio::spawn(echo_server(target));
     let mut sys = echo_system(target_addr, None)?;
-    let listen: SocketAddr = sys
-        .listen_addr("echo")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("echo")?;
     sys.wait_ready()?;
     let mut c = TcpStream::connect(listen).await?;
     c.set_nodelay(true)?;
@@ -450,10 +438,7 @@ async fn restarted_peer_agent_resets_old_flows_and_serves_new_ones() -> Result<(
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let mut sys = echo_system(target.local_addr()?, None)?;
     tokio::spawn(echo_server(target));
-    let listen: SocketAddr = sys
-        .listen_addr("echo")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("echo")?;
     sys.wait_ready()?;
     let data: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     let mut old = TcpStream::connect(listen).await?;
@@ -481,10 +466,7 @@ async fn outage_longer_than_flow_timeout_resets_both_ends() -> Result<()> {
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let target_addr = target.local_addr()?;
     let mut sys = echo_system(target_addr, Some(1500))?;
-    let listen: SocketAddr = sys
-        .listen_addr("echo")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("echo")?;
     sys.wait_ready()?;
     let mut client = TcpStream::connect(listen).await?;
     let (mut server, _) = tokio::time::timeout(Duration::from_secs(10), async {
@@ -519,10 +501,7 @@ async fn superseded_grant_tears_the_link_down_and_old_generation_is_refused() ->
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let mut sys = echo_system(target.local_addr()?, None)?;
     tokio::spawn(echo_server(target));
-    let listen: SocketAddr = sys
-        .listen_addr("echo")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("echo")?;
     sys.wait_ready()?;
     let mut flow = TcpStream::connect(listen).await?;
     echo_round(&mut flow, b"before revocation").await?;
@@ -621,10 +600,7 @@ async fn relay_stores_and_forwards_while_the_peer_is_away() -> Result<()> {
         relay_extra: "[limits]\nidle_timeout_ms = 2000\n".into(),
         extra_relays: 0,
     })?;
-    let listen: SocketAddr = sys
-        .listen_addr("sf")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("sf")?;
     sys.wait_ready()?;
 
     // Agent B goes away (frozen: it keeps its session) and the relay
@@ -746,7 +722,7 @@ async fn short_partition_and_loss_are_invisible_to_the_application() -> Result<(
     use comsat_tests::fault::Fault;
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let (mut sys, proxy) = partitioned_system(target.local_addr()?, 30_000)?;
-    let listen: SocketAddr = sys.listen_addr("p")?.trim_start_matches("tcp://").parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("p")?;
     sys.wait_ready()?;
     let bulk = Bulk::start(listen, target);
     bulk.reach(Bulk::TOTAL / 4).await?;
@@ -770,7 +746,7 @@ async fn long_partition_fails_both_ends_and_frees_the_relay() -> Result<()> {
     use comsat_tests::fault::Fault;
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let (mut sys, proxy) = partitioned_system(target.local_addr()?, 3_000)?;
-    let listen: SocketAddr = sys.listen_addr("p")?.trim_start_matches("tcp://").parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("p")?;
     sys.wait_ready()?;
     let mut client = TcpStream::connect(listen).await?;
     client.write_all(b"hello").await?;
@@ -813,14 +789,8 @@ async fn slow_receiver_blocks_its_sender_and_not_other_links() -> Result<()> {
         allowed_uids: vec![],
     });
     let mut sys = System::start(options)?;
-    let slow: SocketAddr = sys
-        .listen_addr("slow")?
-        .trim_start_matches("tcp://")
-        .parse()?;
-    let fast: SocketAddr = sys
-        .listen_addr("fast")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let slow: SocketAddr = sys.tcp_listen_addr("slow")?;
+    let fast: SocketAddr = sys.tcp_listen_addr("fast")?;
     sys.wait_ready()?;
 
     // A consumer that accepts and never reads.
@@ -941,10 +911,7 @@ async fn agents_meet_on_a_relay_both_can_reach() -> Result<()> {
         .context("no first relay in agent B's config")?;
     let proxy = FaultProxy::start_on(front, upstream)?;
     proxy.set(Fault::Blackhole);
-    let listen: SocketAddr = sys
-        .listen_addr("meet")?
-        .trim_start_matches("tcp://")
-        .parse()?;
+    let listen: SocketAddr = sys.tcp_listen_addr("meet")?;
 
     // Within a few dwell periods A moves to the second relay, where B is.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);

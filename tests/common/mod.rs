@@ -152,6 +152,15 @@ impl System {
         Ok(line.rsplit(' ').next().context("listen line")?.to_owned())
     }
 
+    /// The TCP address agent A printed for link `name` (a `tcp://` listener).
+    pub fn tcp_listen_addr(&mut self, name: &str) -> Result<SocketAddr> {
+        let addr = self.listen_addr(name)?;
+        let addr = addr
+            .strip_prefix("tcp://")
+            .with_context(|| format!("link {name} listens on {addr}, not tcp://"))?;
+        Ok(addr.parse()?)
+    }
+
     /// Waits until both agents report every link ready.
     pub fn wait_ready(&self) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
