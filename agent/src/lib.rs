@@ -53,15 +53,17 @@ pub struct Agent {
     links: HashMap<LinkId, Held>,
     groups: HashMap<GroupKey, Group>,
     live: Arc<Mutex<Vec<Arc<LinkRt>>>>,
-    /// Serves the links that name a `connection`; started with the first.
+    /// Serves the links that name a `connection` and the flows that ride
+    /// lanes; started with the first such link.
     lane: Option<Lane>,
     /// `bulk_nice`, taken by the main threads once the lane runs.
     bulk_nice: u8,
 }
 
 /// The runtime of one thread (`comsat-lane`) that serves the links naming
-/// a `connection`: their relay sessions, listeners and flows, apart from
-/// the main threads that a bulk link keeps busy.
+/// a `connection` (their relay sessions, listeners and flows) and the lanes
+/// of the others (their connections, listeners, and flows while they ride
+/// a lane), apart from the main threads that bulk keeps busy.
 struct Lane(Option<tokio::runtime::Runtime>);
 
 impl Lane {

@@ -22,8 +22,10 @@
 //!
 //! The main path runs as `comsat up` does: its relay has an interactive
 //! listener, so its links have lanes (flows start on each agent's second
-//! connection and move to the main one when they turn bulk); `--no-lanes`
-//! runs it as a relay enrolled without `--interactive-port`. The latency
+//! connection and move to the main one when they turn bulk), and its
+//! processes (`comsat relay run`, `comsat agent run`) have their main
+//! threads yield to the lane's (`bulk_nice`); `--no-lanes` runs it as a
+//! relay enrolled without `--interactive-port`. The latency
 //! scenario measures the other configuration beside it.
 
 use std::net::SocketAddr;
