@@ -49,8 +49,8 @@ mod report;
 mod stunnel;
 
 use measure::{
-    Pinger, cpu_during, fit, jain, latency_under_bulk, median, percentile, poke, rss_kib,
-    throughput, wait_carrying,
+    Pinger, fit, jain, latency_under_bulk, median, percentile, poke, rss_kib, throughput,
+    usage_during, wait_carrying,
 };
 use path::{Path, link};
 use report::{Bar, Figure, Report, Samples, figure};
@@ -336,7 +336,7 @@ fn relay_udp(path: &Path) -> Result<(f64, f64)> {
 /// wire per payload byte per hop.
 async fn throughput_1(r: &mut Run) -> Result<()> {
     let n: u64 = if r.quick { 256 << 20 } else { 2 << 30 };
-    let (mut s, mut cpu) = (Samples::default(), Samples::default());
+    let (mut s, mut cpu, mut faults): (Samples, Samples, Samples) = Default::default();
     let (mut share, mut wire, mut udp_only) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..r.reps {
         eprintln!("throughput-1: run {}/{}", i + 1, r.reps);
@@ -351,18 +351,25 @@ async fn throughput_1(r: &mut Run) -> Result<()> {
             }
         }
         for (name, chain) in &r.chains {
-            let (rate, c) = cpu_during(&chain.pids(), throughput(chain.bulk, 1, n)).await?;
+            let (rate, u) = usage_during(&chain.pids(), throughput(chain.bulk, 1, n)).await?;
             s.add(name, rate[0]);
-            cpu.add(name, c.iter().sum::<f64>() / (n as f64 / GB));
+            cpu.add(name, u.iter().map(|u| u.cpu).sum::<f64>() / (n as f64 / GB));
+            faults.add(
+                name,
+                u.iter().map(|u| u.faults).sum::<f64>() / (n as f64 / GB),
+            );
         }
         s.add(QUINN, r.quinn.throughput(1, n).await?[0]);
         let before = relay_udp(&r.path)?;
-        let (rate, c) = cpu_during(&r.path.pids(), throughput(r.bulk(), 1, n)).await?;
+        let (rate, u) = usage_during(&r.path.pids(), throughput(r.bulk(), 1, n)).await?;
         let after = relay_udp(&r.path)?;
         s.comsat.push(rate[0]);
-        let total: f64 = c.iter().sum();
+        let total: f64 = u.iter().map(|u| u.cpu).sum();
         cpu.comsat.push(total / (n as f64 / GB));
-        share.push(c[0] / total);
+        faults
+            .comsat
+            .push(u.iter().map(|u| u.faults).sum::<f64>() / (n as f64 / GB));
+        share.push(u[0].cpu / total);
         // Two hops: agent A -> relay and relay -> agent B.
         let payload = 2.0 * n as f64;
         udp_only.push((after.0 - before.0) / payload);
@@ -382,6 +389,12 @@ async fn throughput_1(r: &mut Run) -> Result<()> {
         r.reps,
     ));
     cpu.figures("efficiency", metric, "s", &mut r.figures);
+    faults.figures(
+        "efficiency",
+        "minor page faults per GB (memory handed back to the kernel and touched again; same processes)",
+        "",
+        &mut r.figures,
+    );
     let share = median(share);
     r.figures.push(figure(
         "efficiency",

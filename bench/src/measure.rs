@@ -283,42 +283,79 @@ pub(crate) fn rss_kib(pid: u32) -> Result<f64> {
         .parse()?)
 }
 
-/// CPU time of a process so far, all threads, user and system, in seconds
-/// (`utime` and `stime` of /proc/PID/stat, in USER_HZ = 100 ticks a second
-/// on every Linux architecture we run on).
-pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("/proc/{pid}/stat"))?;
-    // The command name is in parentheses and may hold spaces: count fields
-    // after the last `)`; utime and stime are fields 14 and 15 of the line.
-    let rest = text.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<f64> {
-        Ok(fields.get(i).context("short stat")?.parse::<u64>()? as f64)
-    };
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
+/// What a process has used so far, all threads.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Usage {
+    /// CPU time, user and system, seconds.
+    pub(crate) cpu: f64,
+    /// Minor page faults: pages the kernel had to hand the process (zeroed)
+    /// when it touched memory it had not mapped, e.g. after its allocator
+    /// gave freed memory back.
+    pub(crate) faults: f64,
 }
 
-/// CPU seconds of each of `pids` spent while `work` runs.
-pub(crate) async fn cpu_during<T>(
+impl std::ops::Sub for Usage {
+    type Output = Self;
+    fn sub(self, before: Self) -> Self {
+        Self {
+            cpu: self.cpu - before.cpu,
+            faults: self.faults - before.faults,
+        }
+    }
+}
+
+/// A process's [`Usage`] so far (`minflt`, `utime` and `stime` of
+/// /proc/PID/stat; times in USER_HZ = 100 ticks a second on every Linux
+/// architecture we run on).
+pub(crate) fn usage(pid: u32) -> Result<Usage> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("/proc/{pid}/stat"))?;
+    parse_stat(&text).with_context(|| format!("/proc/{pid}/stat"))
+}
+
+fn parse_stat(text: &str) -> Result<Usage> {
+    // The command name is in parentheses and may hold spaces: count fields
+    // after the last `)`; minflt, utime and stime are fields 10, 14 and 15
+    // of the line (indexes 7, 11 and 12 after the name).
+    let rest = text.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> Result<f64> {
+        Ok(fields.get(i).context("short stat")?.parse::<u64>()? as f64)
+    };
+    Ok(Usage {
+        cpu: (field(11)? + field(12)?) / 100.0,
+        faults: field(7)?,
+    })
+}
+
+/// The [`Usage`] of each of `pids` while `work` runs.
+pub(crate) async fn usage_during<T>(
     pids: &[u32],
     work: impl Future<Output = Result<T>>,
-) -> Result<(T, Vec<f64>)> {
-    let before: Vec<f64> = pids
-        .iter()
-        .map(|p| cpu_seconds(*p))
-        .collect::<Result<_>>()?;
+) -> Result<(T, Vec<Usage>)> {
+    let before: Vec<Usage> = pids.iter().map(|p| usage(*p)).collect::<Result<_>>()?;
     let out = work.await?;
-    let after: Vec<f64> = pids
-        .iter()
-        .map(|p| cpu_seconds(*p))
-        .collect::<Result<_>>()?;
-    Ok((out, after.iter().zip(&before).map(|(a, b)| a - b).collect()))
+    let after: Vec<Usage> = pids.iter().map(|p| usage(*p)).collect::<Result<_>>()?;
+    Ok((
+        out,
+        after.iter().zip(&before).map(|(a, b)| *a - *b).collect(),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_after_the_command_name() {
+        // pid (comm with ") spaces") state ppid pgrp session tty tpgid flags
+        // minflt cminflt majflt cmajflt utime stime ...
+        let line = "42 (a) b (c) S 1 42 42 0 -1 4194560 1234 0 7 0 250 50 0 0 20 0 3";
+        let u = parse_stat(line).expect("parse");
+        assert_eq!(u.faults, 1234.0);
+        assert!((u.cpu - 3.0).abs() < 1e-9, "{}", u.cpu);
+        assert!(parse_stat("42 (x) S 1 2").is_err());
+    }
 
     #[test]
     fn a_line_fits_itself() {

@@ -171,6 +171,20 @@ pub fn threads_named(pid: u32, name: &str) -> Result<usize> {
     Ok(n)
 }
 
+/// Minor page faults of process `pid` so far, all threads (Linux `/proc`:
+/// the 10th field of its `stat`): pages the kernel handed it, zeroed, when
+/// it touched memory it had not mapped.
+pub fn minor_faults(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The name, in parentheses, may hold spaces: count after it.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    after
+        .split_whitespace()
+        .nth(7)
+        .and_then(|f| f.parse().ok())
+        .with_context(|| format!("no minflt in /proc/{pid}/stat: {stat}"))
+}
+
 /// The niceness of each thread of process `pid` named `name` (Linux
 /// `/proc`: the 19th field of a task's `stat`).
 pub fn thread_nices(pid: u32, name: &str) -> Result<Vec<i32>> {
