@@ -398,7 +398,22 @@ impl DevLayout {
         let mut doc = read_table(&r.config)?;
         doc.insert("interactive_listen".into(), addr.to_string().into());
         replace_table(&r.config, &doc)?;
-        let main = r.listen.to_string();
+        self.give_lanes(relay, &addr.to_string())
+    }
+
+    /// Gives every link of the layout a lane to relay `relay`'s main
+    /// listener (its `lane_addr` is the relay's `addr`), as the controller
+    /// gives links of a relay enrolled without `--interactive-port`: the
+    /// relay serves the lanes at its main listener, from its main threads.
+    /// The agents must be (re)started to use it.
+    pub fn run_lanes_on_main(&self, relay: usize) -> Result<()> {
+        let main = self.relay(relay)?.listen.to_string();
+        self.give_lanes(relay, &main)
+    }
+
+    /// Sets `lane_addr` to `lane` in every link's entry for relay `relay`.
+    fn give_lanes(&self, relay: usize, lane: &str) -> Result<()> {
+        let main = self.relay(relay)?.listen.to_string();
         for (name, _) in &self.links {
             self.edit_link(name, |link, _| {
                 let Some(toml::Value::Array(relays)) = link.get_mut("relays") else {
@@ -406,7 +421,7 @@ impl DevLayout {
                 };
                 for entry in relays.iter_mut().filter_map(toml::Value::as_table_mut) {
                     if entry.get("addr").and_then(toml::Value::as_str) == Some(&main) {
-                        entry.insert("lane_addr".into(), addr.to_string().into());
+                        entry.insert("lane_addr".into(), lane.into());
                     }
                 }
                 Ok(())

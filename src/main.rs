@@ -208,8 +208,9 @@ enum RelayCommand {
         #[arg(long)]
         public_addr: String,
         /// Also run an interactive listener on this UDP port (same host):
-        /// links created with `--connection` reach it over a QUIC
-        /// connection and a relay thread of their own. Open the port too.
+        /// agents' lanes, and links created with `--connection`, reach it
+        /// over a QUIC connection and a relay thread of their own (without
+        /// it, lanes go to the main port). Open the port too.
         #[arg(long, value_name = "PORT")]
         interactive_port: Option<u16>,
     },

@@ -814,6 +814,25 @@ async fn no_named_connection_no_lane_thread() -> Result<()> {
 /// at both ends; idle again, the lanes close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flows_start_on_the_lane_and_bulk_ones_move_to_the_main_connection() -> Result<()> {
+    lanes_carry_flows(Lanes::Interactive).await
+}
+
+/// A relay without an interactive listener (enrolled without
+/// `--interactive-port`) serves lanes at its main listener: the same as
+/// above, with the relay's side of the lanes on its main threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_without_an_interactive_listener_serves_lanes_at_its_main_one() -> Result<()> {
+    lanes_carry_flows(Lanes::MainListener).await
+}
+
+/// Where the relay serves the agents' lanes.
+#[derive(Clone, Copy, PartialEq)]
+enum Lanes {
+    Interactive,
+    MainListener,
+}
+
+async fn lanes_carry_flows(at: Lanes) -> Result<()> {
     let echo = spawn_echo().await?;
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let target_addr = target.local_addr()?;
@@ -831,7 +850,10 @@ async fn flows_start_on_the_lane_and_bulk_ones_move_to_the_main_connection() -> 
         ..Options::one(links[0].clone())
     };
     let mut sys = System::start_prepared(opts, |layout| {
-        layout.run_lanes(0, lane)?;
+        match at {
+            Lanes::Interactive => layout.run_lanes(0, lane)?,
+            Lanes::MainListener => layout.run_lanes_on_main(0)?,
+        }
         for config in [&layout.agent_a.config, &layout.agent_b.config] {
             let text = std::fs::read_to_string(config)?;
             std::fs::write(config, format!("lane_idle_ms = 3000\n{text}"))?;
@@ -844,8 +866,14 @@ async fn flows_start_on_the_lane_and_bulk_ones_move_to_the_main_connection() -> 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let m = scrape(sys.relay_admin)?;
     assert_eq!(metric(&m, "comsat_relay_connections_open"), 2.0, "{m}");
-    for pid in pids(&sys) {
-        assert!(threads_named(pid, "comsat-lane")? >= 1, "process {pid}");
+    let [relay, agents @ ..] = pids(&sys);
+    for pid in agents {
+        assert!(threads_named(pid, "comsat-lane")? >= 1, "agent {pid}");
+    }
+    let relay_lane_threads = threads_named(relay, "comsat-lane")?;
+    match at {
+        Lanes::Interactive => assert!(relay_lane_threads >= 1),
+        Lanes::MainListener => assert_eq!(relay_lane_threads, 0),
     }
     // The first flow opens both agents' lanes.
     echo_each(&mut sys, &["ping"]).await?;
@@ -875,9 +903,14 @@ async fn flows_start_on_the_lane_and_bulk_ones_move_to_the_main_connection() -> 
         FLOWS as f64,
         "every bulk flow moved:\n{agent}"
     );
-    for pid in pids(&sys) {
+    for pid in agents {
         // `bulk_nice`, 5 unless set.
         main_threads_yield_to_the_lane(pid, 5)?;
+    }
+    match at {
+        Lanes::Interactive => main_threads_yield_to_the_lane(relay, 5)?,
+        // No lane thread to yield to.
+        Lanes::MainListener => main_threads_keep_the_process_niceness(relay)?,
     }
     assert_eq!(
         metric(&agent, "comsat_agent_flows_failed_total"),

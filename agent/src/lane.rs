@@ -1,11 +1,12 @@
 //! The lane: a second QUIC connection to the relay a group of links is on,
-//! to the relay's interactive listener, on which those links start their
-//! flows.
+//! to the relay's interactive listener (or, where it runs none, to its
+//! main one), on which those links start their flows.
 //!
 //! A flow that moves little (a request, a reply, a keystroke) then never
 //! queues behind the bytes a bulk flow keeps in flight on the main
-//! connection, and the relay and this agent drive the lane's connection on
-//! a thread of its own (`comsat-lane`). A flow that turns bulk (more than
+//! connection: this agent drives the lane's connection, from a UDP socket
+//! of its own, on a thread of its own (`comsat-lane`), and so does the
+//! relay at its interactive listener. A flow that turns bulk (more than
 //! [`defaults::BULK_BYTES`] within [`defaults::BULK_WINDOW`], either way)
 //! moves to the main connection: the dialling agent gives up the lane
 //! stream and resumes the flow on a new one there (the resume path: the
@@ -19,8 +20,7 @@
 //! links cost one connection, as before lanes): the first flow of a burst
 //! opens it and starts on the main connection; a flow that is not bulk
 //! moves to the lane when one comes up. A lane that is down, refused or not
-//! offered (a relay without an interactive listener) costs nothing but
-//! this: flows ride the main connection.
+//! configured costs nothing but this: flows ride the main connection.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -24,9 +24,11 @@
 //! listener, so its links have lanes (flows start on each agent's second
 //! connection and move to the main one when they turn bulk), and its
 //! processes (`comsat relay run`, `comsat agent run`) have their main
-//! threads yield to the lane's (`bulk_nice`); `--no-lanes` runs it as a
-//! relay enrolled without `--interactive-port`. The latency
-//! scenario measures the other configuration beside it.
+//! threads yield to the lane's (`bulk_nice`); `--no-lanes` runs it without
+//! lanes (no interactive listener, no `lane_addr` in the agents: every flow
+//! shares the agents' one connection). The latency scenario measures the
+//! other configuration beside it, and lanes at the relay's main listener
+//! (what a relay enrolled without `--interactive-port` gives).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -81,9 +83,10 @@ struct RunArgs {
     /// rate-limit, setup, resume, memory (also called capacity).
     #[arg(long)]
     scenario: Option<String>,
-    /// Run the main path's relay without an interactive listener, so its
-    /// links have no lane (a relay enrolled without `--interactive-port`);
-    /// by default it runs one, as `comsat up` does.
+    /// Run the main path without lanes: its relay has no interactive
+    /// listener and its agents no `lane_addr`, so every flow shares the
+    /// agents' one connection; by default it runs lanes to an interactive
+    /// listener, as `comsat up` does.
     #[arg(long)]
     no_lanes: bool,
     /// The comsat binary (default: `comsat` beside this executable).
@@ -194,7 +197,7 @@ async fn run(args: RunArgs) -> Result<()> {
         Path::start_lanes(&bin, main_links).await?
     };
     let mut notes = vec![if args.no_lanes {
-        "The main comsat path runs without lanes (`--no-lanes`: its relay has no interactive listener)."
+        "The main comsat path runs without lanes (`--no-lanes`: no interactive listener at its relay, no `lane_addr` in its agents)."
     } else {
         "The main comsat path runs with lanes, as `comsat up` does: its relay has an interactive listener, flows start on each agent's lane and move to the main connection when they turn bulk."
     }
@@ -605,8 +608,10 @@ struct Beside {
     floor: Option<&'static str>,
 }
 
-/// The placements, started: a second path that shares no process with
-/// the main one (what the machine itself costs a round trip beside bulk);
+/// The placements, started: lanes at the relay's main listener (what a
+/// relay enrolled without an interactive listener gives); a second path
+/// that shares no process with the main one (what the machine itself
+/// costs a round trip beside bulk);
 /// the ping on the relay's interactive listener (its own connection and
 /// threads: what an operator can set); and the ping on a connection of
 /// its own through a second relay (what sharing one connection costs).
@@ -615,10 +620,11 @@ async fn placements(r: &Run) -> Result<Vec<Beside>> {
     let apart = Path::start(&r.bin, vec![link("bulk", r.sink)], &[]).await?;
     let own = Path::start_interactive(&r.bin, pair(), "ping").await?;
     let split = Path::start_split(&r.bin, pair()).await?;
+    let on_main = Path::start_lanes_on_main(&r.bin, pair()).await?;
     // The main path's other configuration.
     let other = if r.lanes {
         (
-            " beside bulk, without lanes (a relay with no interactive listener)",
+            " beside bulk, without lanes (every flow on the agents' one connection)",
             Path::start(&r.bin, pair(), &[]).await?,
             None,
         )
@@ -636,6 +642,15 @@ async fn placements(r: &Run) -> Result<Vec<Beside>> {
             other.1.listen[1],
             other.1,
             other.2,
+        ),
+        (
+            " beside bulk, lanes at the relay's main listener (a relay enrolled without --interactive-port)",
+            on_main.listen[0],
+            on_main.listen[1],
+            on_main,
+            Some(
+                "p99 round trip while another link runs bulk, lanes at the relay's main listener; floor 5 ms",
+            ),
         ),
         (
             " while a second comsat path (no shared process) runs bulk",

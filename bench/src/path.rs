@@ -136,6 +136,18 @@ impl Path {
         Ok(path)
     }
 
+    /// Like [`Path::start`], with a lane for every link to the relay's main
+    /// listener, as the controller gives links of a relay enrolled without
+    /// `--interactive-port` (the relay has no interactive listener).
+    pub(crate) async fn start_lanes_on_main(bin: &str, links: Vec<DevLink>) -> Result<Self> {
+        let mut path = Self::prepare(bin, links, &[])?;
+        path.layout.run_lanes_on_main(0)?;
+        path.start_relay("relay")?;
+        path.start_agent_b()?;
+        path.start_agent_a().await?;
+        Ok(path)
+    }
+
     /// Like [`Path::start`], with one relay per link: each link rides its
     /// own QUIC connection from the same two agents, through its own relay.
     pub(crate) async fn start_split(bin: &str, links: Vec<DevLink>) -> Result<Self> {
