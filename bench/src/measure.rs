@@ -314,17 +314,14 @@ pub(crate) fn usage(pid: u32) -> Result<Usage> {
 }
 
 fn parse_stat(text: &str) -> Result<Usage> {
-    // The command name is in parentheses and may hold spaces: count fields
-    // after the last `)`; minflt, utime and stime are fields 10, 14 and 15
-    // of the line (indexes 7, 11 and 12 after the name).
-    let rest = text.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| -> Result<f64> {
-        Ok(fields.get(i).context("short stat")?.parse::<u64>()? as f64)
+    // minflt, utime and stime (proc(5)).
+    let field = |n: usize| -> Result<f64> {
+        let f = comsat_tests::stat_field(text, n).context("short or malformed stat")?;
+        Ok(f.parse::<u64>()? as f64)
     };
     Ok(Usage {
-        cpu: (field(11)? + field(12)?) / 100.0,
-        faults: field(7)?,
+        cpu: (field(14)? + field(15)?) / 100.0,
+        faults: field(10)?,
     })
 }
 

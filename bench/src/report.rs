@@ -17,8 +17,9 @@ pub(crate) struct Figure {
     pub(crate) comsat: f64,
     pub(crate) baseline_name: String,
     pub(crate) baseline: f64,
-    /// comsat ÷ baseline.
-    pub(crate) ratio: f64,
+    /// comsat ÷ baseline; none where the baseline is zero (a peer that,
+    /// say, faulted no page while it ran).
+    pub(crate) ratio: Option<f64>,
     pub(crate) samples: usize,
 }
 
@@ -38,7 +39,7 @@ pub(crate) fn figure(
         comsat,
         baseline_name: baseline_name.into(),
         baseline,
-        ratio: comsat / baseline,
+        ratio: (baseline != 0.0).then(|| comsat / baseline),
         samples,
     }
 }
@@ -182,7 +183,7 @@ pub(crate) fn markdown(report: &Report) -> String {
     for f in &report.figures {
         let _ = writeln!(
             out,
-            "| {} | {} | {} {} | {} {} ({}) | {:.3} |",
+            "| {} | {} | {} {} | {} {} ({}) | {} |",
             f.scenario,
             f.metric,
             num(f.comsat),
@@ -190,7 +191,7 @@ pub(crate) fn markdown(report: &Report) -> String {
             num(f.baseline),
             f.unit,
             f.baseline_name,
-            f.ratio
+            f.ratio.map_or("—".to_owned(), |r| format!("{r:.3}"))
         );
     }
     for n in &report.notes {
@@ -302,5 +303,11 @@ mod tests {
         assert!(chart.contains("comsat &lt;A &amp; B&gt;"), "{chart}");
         assert!(chart.contains("width=\"190.0\""), "half bar: {chart}");
         assert!(chart.contains("width=\"380.0\""), "full bar: {chart}");
+    }
+
+    #[test]
+    fn a_zero_baseline_has_no_ratio() {
+        assert_eq!(figure("s", "m", "", 6.0, "b", 3.0, 1).ratio, Some(2.0));
+        assert_eq!(figure("s", "m", "", 6.0, "b", 0.0, 1).ratio, None);
     }
 }

@@ -19,5 +19,5 @@ pub mod raw;
 pub use oracle::Oracle;
 pub use proc::{
     Proc, free_udp_port, main_threads_keep_the_process_niceness, main_threads_yield_to_the_lane,
-    metric, minor_faults, scrape, thread_nices, threads_named,
+    metric, minor_faults, scrape, stat_field, thread_nices, threads_named,
 };

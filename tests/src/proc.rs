@@ -171,22 +171,26 @@ pub fn threads_named(pid: u32, name: &str) -> Result<usize> {
     Ok(n)
 }
 
+/// Field `n` (1-based, as proc(5) numbers them: 1 is the pid, 2 the name)
+/// of a `/proc/…/stat` line. The name, in parentheses, may hold spaces and
+/// parentheses: fields are counted after its last `)`.
+pub fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(n.checked_sub(3)?)
+}
+
 /// Minor page faults of process `pid` so far, all threads (Linux `/proc`:
-/// the 10th field of its `stat`): pages the kernel handed it, zeroed, when
-/// it touched memory it had not mapped.
+/// field 10 of its `stat`): pages the kernel handed it, zeroed, when it
+/// touched memory it had not mapped.
 pub fn minor_faults(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The name, in parentheses, may hold spaces: count after it.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    after
-        .split_whitespace()
-        .nth(7)
+    stat_field(&stat, 10)
         .and_then(|f| f.parse().ok())
         .with_context(|| format!("no minflt in /proc/{pid}/stat: {stat}"))
 }
 
 /// The niceness of each thread of process `pid` named `name` (Linux
-/// `/proc`: the 19th field of a task's `stat`).
+/// `/proc`: field 19 of a task's `stat`).
 pub fn thread_nices(pid: u32, name: &str) -> Result<Vec<i32>> {
     let mut nices = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
@@ -196,11 +200,7 @@ pub fn thread_nices(pid: u32, name: &str) -> Result<Vec<i32>> {
             continue;
         }
         let stat = std::fs::read_to_string(task.join("stat"))?;
-        // The name, in parentheses, may hold spaces: count after it.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let nice = after
-            .split_whitespace()
-            .nth(16)
+        let nice = stat_field(&stat, 19)
             .and_then(|f| f.parse().ok())
             .with_context(|| format!("no niceness in {}: {stat}", task.display()))?;
         nices.push(nice);
