@@ -141,8 +141,10 @@ async fn eight_tcp_flows(target: TcpListener, listen: SocketAddr) -> Result<()> 
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_64mib_both_ways_over_8_flows() -> Result<()> {
+/// A ready system with one link, `bulk`, from a TCP listener at agent A
+/// to a target listener of ours; returns the system, the target and agent
+/// A's listen address.
+async fn one_tcp_link() -> Result<(System, TcpListener, SocketAddr)> {
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let target_addr = target.local_addr()?;
     let mut sys = System::start(Options::one(link(
@@ -150,9 +152,14 @@ async fn tcp_64mib_both_ways_over_8_flows() -> Result<()> {
         "tcp://127.0.0.1:0".into(),
         format!("tcp://{target_addr}"),
     )))?;
-    let listen = sys.listen_addr("bulk")?;
-    let listen: SocketAddr = listen.trim_start_matches("tcp://").parse()?;
+    let listen = sys.tcp_listen_addr("bulk")?;
     sys.wait_ready()?;
+    Ok((sys, target, listen))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_64mib_both_ways_over_8_flows() -> Result<()> {
+    let (sys, target, listen) = one_tcp_link().await?;
     eight_tcp_flows(target, listen).await?;
     let m = scrape(sys.relay_admin)?;
     assert!(metric(&m, "comsat_relay_forwarded_bytes_total") >= (2 * FLOWS * PER_FLOW) as f64);
@@ -316,15 +323,7 @@ async fn a_bulk_flow_does_not_fault_freed_memory_back_in() -> Result<()> {
     const MEASURED: usize = 128 * MIB;
     /// Faults allowed per MiB measured, all three processes together.
     const PER_MIB: usize = 16;
-    let target = TcpListener::bind("127.0.0.1:0").await?;
-    let target_addr = target.local_addr()?;
-    let mut sys = System::start(Options::one(link(
-        "bulk",
-        "tcp://127.0.0.1:0".into(),
-        format!("tcp://{target_addr}"),
-    )))?;
-    let listen = sys.tcp_listen_addr("bulk")?;
-    sys.wait_ready()?;
+    let (sys, target, listen) = one_tcp_link().await?;
     let pids = pids(&sys);
     let faults = || -> Result<u64> { pids.iter().map(|p| minor_faults(*p)).sum() };
     let (warm_tx, warm_rx) = tokio::sync::oneshot::channel();
