@@ -51,8 +51,8 @@
 //! thread of its own too; a relay without one serves lanes at its main
 //! listener (`lane_addr` = `addr`), which still keeps them out of the
 //! shared connection's queues (on the bench's 2-core machine a ping beside
-//! a bulk flow: p50 ~0.3 ms / p99 ~4 ms that way, ~6.5 / ~23 ms without a
-//! lane). An enrolled agent gets a lane for every relay from its
+//! a bulk flow: p50 ~0.3–0.6 ms / p99 ~4–6.5 ms that way, ~5–8 / ~15–25 ms
+//! without a lane). An enrolled agent gets a lane for every relay from its
 //! controller: the interactive listener of a relay enrolled with
 //! `--interactive-port`, else the relay's main listener. Flows start
 //! there, so a request, a reply or a keystroke never waits behind the
