@@ -29,6 +29,10 @@
 //! shares the agents' one connection). The latency scenario measures the
 //! other configuration beside it, and lanes at the relay's main listener
 //! (what a relay enrolled without `--interactive-port` gives).
+//!
+//! `comsat-bench hold [--seconds N]` starts the main path alone, prints its
+//! listen addresses and PIDs, and holds it: for `perf` against the real
+//! processes under a load of your own.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -51,8 +55,8 @@ mod report;
 mod stunnel;
 
 use measure::{
-    Pinger, fit, jain, latency_under_bulk, median, percentile, poke, rss_kib, throughput,
-    usage_during, wait_carrying,
+    Pinger, cpu_ns_of, fit, jain, latency_under_bulk, median, percentile, poke, rss_kib,
+    throughput, usage_during, wait_carrying,
 };
 use path::{Path, link};
 use report::{Bar, Figure, Report, Samples, figure};
@@ -68,6 +72,22 @@ struct Cli {
 enum Command {
     /// Run the scenarios.
     Run(RunArgs),
+    /// Start the main path (relay, two agents, the sink and the echo) and
+    /// hold it, for profiling its processes under a load of your own.
+    Hold(HoldArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct HoldArgs {
+    /// How long to hold the path, at most an hour.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// As `run --no-lanes`.
+    #[arg(long)]
+    no_lanes: bool,
+    /// As `run --comsat`.
+    #[arg(long)]
+    comsat: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -161,8 +181,9 @@ impl Run {
     }
 }
 
-async fn run(args: RunArgs) -> Result<()> {
-    let bin = match &args.comsat {
+/// The comsat binary: `--comsat`, or `comsat` beside this executable.
+fn comsat_bin(arg: Option<&PathBuf>) -> Result<String> {
+    let bin = match arg {
         Some(p) => p.clone(),
         None => std::env::current_exe()?
             .parent()
@@ -175,15 +196,14 @@ async fn run(args: RunArgs) -> Result<()> {
             bin.display()
         );
     }
-    let bin = bin.display().to_string();
+    Ok(bin.display().to_string())
+}
+
+/// The sink and the echo (in this process), and the main path with its
+/// links `bulk` and `ping` to them, carrying.
+async fn start_main(bin: &str, no_lanes: bool) -> Result<(Path, SocketAddr, SocketAddr)> {
     // Debug logging would weigh on the figures.
     comsat_tests::proc::set_log_filter("info");
-    let wanted = |name: &str| {
-        args.scenario
-            .as_deref()
-            .is_none_or(|s| s == name || (s == "capacity" && name == "memory"))
-    };
-
     let sink_l = TcpListener::bind("127.0.0.1:0").await?;
     let echo_l = TcpListener::bind("127.0.0.1:0").await?;
     let (sink, echo) = (sink_l.local_addr()?, echo_l.local_addr()?);
@@ -191,18 +211,50 @@ async fn run(args: RunArgs) -> Result<()> {
     tokio::spawn(measure::echo(echo_l));
     eprintln!("starting relay and agents ({bin})");
     let main_links = vec![link("bulk", sink), link("ping", echo)];
-    let path = if args.no_lanes {
-        Path::start(&bin, main_links, &[]).await?
+    let path = if no_lanes {
+        Path::start(bin, main_links, &[]).await?
     } else {
-        Path::start_lanes(&bin, main_links).await?
+        Path::start_lanes(bin, main_links).await?
     };
+    wait_carrying("comsat", path.listen[0], path.listen[1]).await?;
+    Ok((path, sink, echo))
+}
+
+/// `comsat-bench hold`.
+async fn hold(args: HoldArgs) -> Result<()> {
+    let bin = comsat_bin(args.comsat.as_ref())?;
+    let (path, _, _) = start_main(&bin, args.no_lanes).await?;
+    let pids = path.pids();
+    println!(
+        "bulk (send an 8-byte big-endian length, then that many bytes; the sink answers once it has them): {}",
+        path.listen[0]
+    );
+    println!("ping (an echo): {}", path.listen[1]);
+    println!(
+        "PIDs: relay {}, agent A {}, agent B {}",
+        pids[0], pids[1], pids[2]
+    );
+    let seconds = args.seconds.min(3600);
+    println!("holding for {seconds} s");
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let bin = comsat_bin(args.comsat.as_ref())?;
+    let wanted = |name: &str| {
+        args.scenario
+            .as_deref()
+            .is_none_or(|s| s == name || (s == "capacity" && name == "memory"))
+    };
+
+    let (path, sink, echo) = start_main(&bin, args.no_lanes).await?;
     let mut notes = vec![if args.no_lanes {
         "The main comsat path runs without lanes (`--no-lanes`: no interactive listener at its relay, no `lane_addr` in its agents)."
     } else {
         "The main comsat path runs with lanes, as `comsat up` does: its relay has an interactive listener, flows start on each agent's lane and move to the main connection when they turn bulk."
     }
     .to_owned()];
-    wait_carrying("comsat", path.listen[0], path.listen[1]).await?;
     let mut chains = Vec::new();
     type Starter = fn(SocketAddr, SocketAddr) -> Result<chain::Chain>;
     let peers: [(&str, bool, Starter); 3] = [
@@ -485,6 +537,7 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
     let mut idle: [Samples; 3] = Default::default();
     let (mut added, mut busy, mut busy_p50) =
         (Samples::default(), Samples::default(), Samples::default());
+    let mut cpu_per_round = Samples::default();
     let mut beside = placements(r).await?;
     for i in 0..r.reps {
         eprintln!(
@@ -499,8 +552,27 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
         }
         pingers.push(r.quinn.pinger().await?);
         pingers.push(Pinger::tcp(r.ping()).await?);
+        // CPU of each path's processes (the peers', then comsat's) while
+        // all ping in turns: each works only in its own turns.
+        let groups: Vec<Vec<u32>> = r
+            .chains
+            .iter()
+            .map(|(_, c)| c.pids())
+            .chain([r.path.pids()])
+            .collect();
+        let cpu = || -> Result<Vec<u64>> { groups.iter().map(|g| cpu_ns_of(g)).collect() };
+        let before = cpu()?;
         let mut rtts = measure::interleaved(&mut pingers, rounds, PING_BLOCK).await?;
+        let used: Vec<f64> = cpu()?
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a.saturating_sub(*b) as f64 / 1e3 / rounds as f64)
+            .collect();
         drop(pingers);
+        for ((name, _), us) in r.chains.iter().zip(&used) {
+            cpu_per_round.add(name, *us);
+        }
+        cpu_per_round.comsat.extend(used.last());
         let comsat = tails(&rtts.pop().context("no comsat samples")?);
         let quinn = tails(&rtts.pop().context("no quinn samples")?);
         let direct = tails(&rtts[0]);
@@ -549,6 +621,12 @@ async fn latency_scenario(r: &mut Run) -> Result<()> {
         );
     }
     r.chart("64 B round trip p99, idle", "µs", &idle[1]);
+    cpu_per_round.figures(
+        "latency",
+        "CPU per idle round trip (relay and both agents; peers: all their processes)",
+        "µs",
+        &mut r.figures,
+    );
     added.figures(
         "latency",
         "added p99 over direct TCP (floor vs rathole Noise: 2.5)",
@@ -1063,5 +1141,6 @@ fn main() -> Result<()> {
         .build()?;
     match cli.command {
         Command::Run(args) => rt.block_on(run(args)),
+        Command::Hold(args) => rt.block_on(hold(args)),
     }
 }
