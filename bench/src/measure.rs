@@ -328,15 +328,20 @@ fn parse_stat(text: &str) -> Result<Usage> {
 /// CPU time of every thread of process `pid` so far, in nanoseconds
 /// (the first field of each /proc/PID/task/TID/schedstat: time run, to the
 /// nanosecond, where `stat`'s utime and stime count 10 ms ticks). A thread
-/// that ends while it is read is left out.
+/// that ends while it is read is left out; a kernel without schedstat
+/// (`CONFIG_SCHED_INFO`) is an error, not zero.
 pub(crate) fn cpu_ns(pid: u32) -> Result<u64> {
     let tasks = format!("/proc/{pid}/task");
-    let mut ns = 0;
+    let (mut ns, mut read) = (0, 0);
     for task in std::fs::read_dir(&tasks).with_context(|| tasks.clone())? {
         let path = task?.path().join("schedstat");
         if let Ok(text) = std::fs::read_to_string(&path) {
             ns += parse_schedstat(&text).with_context(|| path.display().to_string())?;
+            read += 1;
         }
+    }
+    if read == 0 {
+        bail!("no schedstat under {tasks} (a kernel without CONFIG_SCHED_INFO?)");
     }
     Ok(ns)
 }
