@@ -15,10 +15,11 @@
 //! Results go to `bench/results/latest.json`, `latest.md` and `latest.svg`.
 //! Scenarios (`--scenario NAME`, default all): `throughput-1` (with CPU
 //! seconds per GB and wire bytes per payload byte), `throughput-8`,
-//! `latency` (idle and beside a bulk flow), `rate-limit`, `setup` (agent
-//! handshakes at concurrency 64, link setup rate), `resume`, `memory` (per
-//! idle link and agent connection, and capacity: the sizes held with RSS
-//! linear in N; `--large` asks for large sizes).
+//! `latency` (idle, with CPU per round trip, and beside a bulk flow),
+//! `rate-limit`, `setup` (agent handshakes at concurrency 64, link setup
+//! rate), `resume`, `memory` (per idle link and agent connection, and
+//! capacity: the sizes held with RSS linear in N; `--large` asks for large
+//! sizes).
 //!
 //! The main path runs as `comsat up` does: its relay has an interactive
 //! listener, so its links have lanes (flows start on each agent's second
@@ -224,16 +225,20 @@ async fn start_main(bin: &str, no_lanes: bool) -> Result<(Path, SocketAddr, Sock
 async fn hold(args: HoldArgs) -> Result<()> {
     let bin = comsat_bin(args.comsat.as_ref())?;
     let (path, _, _) = start_main(&bin, args.no_lanes).await?;
-    let pids = path.pids();
     println!(
         "bulk (send an 8-byte big-endian length, then that many bytes; the sink answers once it has them): {}",
         path.listen[0]
     );
     println!("ping (an echo): {}", path.listen[1]);
-    println!(
-        "PIDs: relay {}, agent A {}, agent B {}",
-        pids[0], pids[1], pids[2]
-    );
+    for (name, p) in [
+        ("the relay", &path.relay),
+        ("agent A", &path.agent_a),
+        ("agent B", &path.agent_b),
+    ] {
+        if let Some(p) = p {
+            println!("PID of {name}: {}", p.pid());
+        }
+    }
     let seconds = args.seconds.min(3600);
     println!("holding for {seconds} s");
     tokio::time::sleep(Duration::from_secs(seconds)).await;
