@@ -1346,7 +1346,7 @@ const MAX_TRANSMIT_DATAGRAMS: usize = 45;
 /// memory allocations when calling `poll_transmit()`. Benchmarks have shown
 /// that numbers around 10 are a good compromise.
 ///
-/// comsat: Linux's limit (`UDP_MAX_SEGMENTS`), further bounded by
+/// comsat: the most quinn-udp offers on Linux (64), further bounded by
 /// `MAX_UDP_SEND` (upstream: 10, with which the kernel's UDP send took a
 /// sixth of a bulk flow's CPU); see vendor/quinn/COMSAT.md.
 const MAX_TRANSMIT_SEGMENTS: usize = 64;
