@@ -17,6 +17,7 @@
 //! | `comsat_agent_sent_bytes_total` | counter | application bytes sent into links, counted as they move |
 //! | `comsat_agent_received_bytes_total` | counter | application bytes delivered from links |
 //! | `comsat_agent_local_refused_total{reason}` | counter | local connections refused: `peer_credentials`, `link_not_ready` |
+//! | `comsat_agent_peer_refused_total{reason}` | counter | what arrived through a relay and was refused because the relay (or whoever holds its keys) replayed or forged it: `replayed_flow` (a flow the session already opened) |
 
 use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
 
@@ -50,6 +51,8 @@ pub const SENT_BYTES_TOTAL: &str = "comsat_agent_sent_bytes_total";
 pub const RECEIVED_BYTES_TOTAL: &str = "comsat_agent_received_bytes_total";
 /// Local connections refused.
 pub const LOCAL_REFUSED_TOTAL: &str = "comsat_agent_local_refused_total";
+/// Replays and forgeries from a relay, refused.
+pub const PEER_REFUSED_TOTAL: &str = "comsat_agent_peer_refused_total";
 
 /// Metric handles, resolved once.
 #[derive(Clone)]
@@ -108,6 +111,10 @@ impl Metrics {
             "Application bytes delivered from links"
         );
         describe_counter!(LOCAL_REFUSED_TOTAL, "Local connections refused, by reason");
+        describe_counter!(
+            PEER_REFUSED_TOTAL,
+            "Replayed or forged flows and handshakes from a relay, refused, by reason"
+        );
         Self {
             connects: counter!(RELAY_CONNECTS_TOTAL),
             connect_failures: counter!(RELAY_CONNECT_FAILURES_TOTAL),
@@ -128,5 +135,9 @@ impl Metrics {
 
     pub(crate) fn local_refused(&self, reason: &'static str) {
         counter!(LOCAL_REFUSED_TOTAL, "reason" => reason).increment(1);
+    }
+
+    pub(crate) fn peer_refused(&self, reason: &'static str) {
+        counter!(PEER_REFUSED_TOTAL, "reason" => reason).increment(1);
     }
 }

@@ -21,6 +21,7 @@ use comsat_protocol::noise::{self, ExpectResponse, Session};
 use comsat_protocol::record::{
     FLOW_HEADER_LEN, FlowHeader, RECORD_HEADER_LEN, RecordHeader, RecordKind,
 };
+use comsat_protocol::replay::SeenFlows;
 use comsat_protocol::{
     FlowId, HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN, LinkId, NodeId, NoiseSecretKey, Side,
     SigningKey,
@@ -49,11 +50,16 @@ pub(crate) struct Shared {
     pub(crate) lane_idle: Duration,
 }
 
-/// A link's end-to-end session and its link-control sequence numbers.
+/// A link's end-to-end session, its link-control sequence numbers and the
+/// flows the peer opened in it.
 pub(crate) struct LinkSession {
     pub(crate) noise: Session,
     send_seq: AtomicU64,
     recv_last: Mutex<Option<u64>>,
+    /// Flow ids the peer opened in this session: each is accepted once, so
+    /// a recorded flow written again by a relay never dials the target a
+    /// second time nor makes this side seal under a nonce it used.
+    seen: Mutex<SeenFlows>,
 }
 
 impl LinkSession {
@@ -62,6 +68,7 @@ impl LinkSession {
             noise,
             send_seq: AtomicU64::new(0),
             recv_last: Mutex::new(None),
+            seen: Mutex::default(),
         })
     }
 
@@ -1166,6 +1173,15 @@ async fn accept_flow(
             "link {}: stream for unknown flow {} did not start with Open",
             link.cfg.name, h.flow_id
         ));
+    }
+    // An authentic Open of a flow this session already took is a recording
+    // written again (only a relay can do that): refused before anything is
+    // dialled or sealed.
+    if let Err(e) = lock(&session.seen).accept(h.flow_id) {
+        refuse(&mut send, &mut recv);
+        shared.metrics.peer_refused("replayed_flow");
+        warn!(link = %link.cfg.name, error = %e, "replayed flow refused: the relay wrote a flow again that this session already carried");
+        return Ok(());
     }
     let local = match local::dial(target, defaults::TARGET_DIAL_TIMEOUT).await {
         Ok(c) => c,

@@ -26,6 +26,7 @@ pub mod msg;
 pub mod noise;
 pub mod quantum;
 pub mod record;
+pub mod replay;
 pub mod resume;
 
 pub use grant::{Grant, GrantError, GrantSide, LinkLimits, SignedGrant};

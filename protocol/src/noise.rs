@@ -21,8 +21,9 @@
 //! nonces for the cipher in use, so records of many flows can be sealed
 //! concurrently from one shared [`Session`], and a record can be sent again
 //! after a reconnect. The receiver must accept each `(flow_id, seq)` at most
-//! once (the flow code enforces strictly increasing `seq`), and the sender
-//! must never reuse a flow id within a session. Records are sealed and
+//! once (the flow code enforces strictly increasing `seq`, and the side that
+//! accepts flows takes each flow id once per session: [`crate::replay`]),
+//! and the sender must never reuse a flow id within a session. Records are sealed and
 //! opened in place ([`Session::seal_record_in_place`],
 //! [`Session::open_record_in_place`]): the bytes read from a socket are
 //! encrypted where they lie.

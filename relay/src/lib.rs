@@ -12,6 +12,7 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod admin;
+pub mod adversary;
 pub mod config;
 pub mod defaults;
 pub mod error;

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -26,6 +26,7 @@ use comsat_protocol::{
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::adversary::{Adversary, Tamper, Tampered};
 use crate::config::{Limits, RelayConfig};
 use crate::defaults;
 use crate::error::RelayError;
@@ -221,6 +222,8 @@ struct State {
     throttled_ns: AtomicU64,
     /// UDP traffic of authenticated connections.
     wire: crate::wire::WireStats,
+    /// A test's hostile relay ([`crate::adversary`]); never set otherwise.
+    adversary: OnceLock<Arc<dyn Adversary>>,
 }
 
 impl State {
@@ -398,6 +401,33 @@ impl RelayHandle {
         Ok(())
     }
 
+    /// The connection on which `side` of `link` is attached now, if any:
+    /// a test's adversary opens streams of its own on it
+    /// ([`crate::adversary`]).
+    pub fn side_connection(&self, link: LinkId, side: Side) -> Option<quinn::Connection> {
+        let links = self.state.links();
+        Some(links.get(&link)?.side(side).as_ref()?.conn.clone())
+    }
+
+    /// Sends `frame` to `side` of `link` as if its peer had sent it: a
+    /// test's adversary forges or replays messages with it
+    /// ([`crate::adversary`]). `false` if the side is not attached or its
+    /// queue is full.
+    pub fn send_peer_frame(&self, link: LinkId, side: Side, frame: PeerFrame) -> bool {
+        let ctl = {
+            let links = self.state.links();
+            let Some(att) = links.get(&link).and_then(|s| s.side(side).clone()) else {
+                return false;
+            };
+            att.ctl
+        };
+        ctl.try_send(RelayToAgent::Peer {
+            link_id: link,
+            frame,
+        })
+        .is_ok()
+    }
+
     /// Reloads the certificate and key files now, if they changed.
     pub fn reload_certificate(&self) {
         self.state.cert.reload_if_changed();
@@ -482,6 +512,7 @@ impl Relay {
             draining: watch::channel(false).0,
             throttled_ns: AtomicU64::new(0),
             wire: crate::wire::WireStats::default(),
+            adversary: OnceLock::new(),
         });
         state.table.sync(&state.grants.snapshot());
         Ok(Self {
@@ -490,6 +521,13 @@ impl Relay {
             state,
             source,
         })
+    }
+
+    /// Makes this relay attack its agents as `adversary` says: for tests
+    /// of the end-to-end layer only ([`crate::adversary`]). Set once; a
+    /// second call is ignored.
+    pub fn set_adversary(&self, adversary: Arc<dyn Adversary>) {
+        let _ = self.state.adversary.set(adversary);
     }
 
     /// The bound UDP address.
@@ -1128,14 +1166,21 @@ fn forward_peer_frame(state: &State, conn_id: u64, link_id: LinkId, side: Side, 
         PeerFrame::Handshake(b) => state.tap(b),
         PeerFrame::Sealed { ciphertext, .. } => state.tap(ciphertext),
     }
-    // A full queue here is the sender's doing (it floods its peer), so the
-    // frame is dropped rather than the peer disconnected; senders retry.
-    if peer
-        .ctl
-        .try_send(RelayToAgent::Peer { link_id, frame })
-        .is_err()
-    {
-        debug!(link = %link_id.fmt_short(), "peer frame dropped: peer's control queue is full");
+    let frames = match state.adversary.get() {
+        Some(adversary) => adversary.peer_frame(link_id, side, frame),
+        None => vec![frame],
+    };
+    for frame in frames {
+        // A full queue here is the sender's doing (it floods its peer), so
+        // the frame is dropped rather than the peer disconnected; senders
+        // retry.
+        if peer
+            .ctl
+            .try_send(RelayToAgent::Peer { link_id, frame })
+            .is_err()
+        {
+            debug!(link = %link_id.fmt_short(), "peer frame dropped: peer's control queue is full");
+        }
     }
 }
 
@@ -1358,17 +1403,33 @@ async fn splice_flow(
         if peer_send.write_all(&header).await.is_err() {
             return refuse_stream(&mut send, &mut recv);
         }
+        let (mut forward_tamper, backward_tamper) = state
+            .adversary
+            .get()
+            .and_then(|a| a.flow(flow.link_id, flow.flow_id, route.side))
+            .unzip();
         let mut finished = false;
         if let Some(parked) = parked {
             debug!(bytes = parked.held.bytes, "delivering parked flow");
             for chunk in parked.chunks.iter().cloned() {
                 state.metrics.forwarded_bytes.increment(chunk.len() as u64);
                 route.stats.add_bytes(route.side, chunk.len() as u64);
-                if peer_send.write_chunk(chunk).await.is_err() {
+                let (chunks, then) = tampered(forward_tamper.as_mut(), chunk);
+                if then == Then::Reset {
                     return refuse_stream(&mut send, &mut recv);
                 }
+                for chunk in chunks {
+                    if peer_send.write_chunk(chunk).await.is_err() {
+                        return refuse_stream(&mut send, &mut recv);
+                    }
+                }
+                if then == Then::Finish {
+                    let _ = recv.stop(STREAM_REFUSED.into());
+                    finished = true;
+                    break;
+                }
             }
-            finished = parked.finished;
+            finished |= parked.finished;
         }
         state.metrics.flows_total.increment(1);
         state.metrics.flows_open.increment(1.0);
@@ -1376,13 +1437,24 @@ async fn splice_flow(
         let (side, stats) = (route.side, route.stats.clone());
         let forward = async {
             if finished {
+                if let Some(t) = forward_tamper.as_mut() {
+                    for chunk in t.finish() {
+                        let _ = peer_send.write_chunk(chunk).await;
+                    }
+                }
                 let _ = peer_send.finish();
                 let _ = peer_send.stopped().await;
             } else {
-                pump(&state, &stats, side, recv, peer_send).await;
+                pump(&state, &stats, side, (recv, peer_send), forward_tamper).await;
             }
         };
-        let backward = pump(&state, &stats, side.peer(), peer_recv, send);
+        let backward = pump(
+            &state,
+            &stats,
+            side.peer(),
+            (peer_recv, send),
+            backward_tamper,
+        );
         tokio::select! {
             _ = async { tokio::join!(forward, backward) } => {}
             _ = route.revoked.wait_for(|r| *r) => debug!("flow stopped: link revoked"),
@@ -1398,12 +1470,13 @@ async fn splice_flow(
 /// chunk, without copying bytes: QUIC flow control bounds what is buffered
 /// on either side. A rate-limited link waits before forwarding each chunk;
 /// meanwhile nothing more is read, so the sender is slowed, never dropped.
+/// A test's adversary (`tamper`) sees each chunk first.
 async fn pump(
     state: &State,
     stats: &LinkStats,
     from_side: Side,
-    mut from: quinn::RecvStream,
-    mut to: quinn::SendStream,
+    (mut from, mut to): (quinn::RecvStream, quinn::SendStream),
+    mut tamper: Option<Box<dyn Tamper>>,
 ) {
     let throttle: &Throttle = stats.throttle(from_side);
     let mut frames: Vec<Bytes> = Vec::new();
@@ -1423,12 +1496,26 @@ async fn pump(
                 state.metrics.forwarded_bytes.increment(n as u64);
                 stats.add_bytes(from_side, n as u64);
                 state.tap(&chunk);
-                if let Err(e) = to.write_chunk(chunk).await {
-                    let lost = match &e {
-                        quinn::WriteError::ConnectionLost(c) => Some(c),
-                        _ => None,
-                    };
-                    let _ = from.stop(end_code(lost));
+                let (chunks, then) = tampered(tamper.as_mut(), chunk);
+                if then == Then::Reset {
+                    let _ = to.reset(STREAM_REFUSED.into());
+                    let _ = from.stop(STREAM_REFUSED.into());
+                    return;
+                }
+                for chunk in chunks {
+                    if let Err(e) = to.write_chunk(chunk).await {
+                        let lost = match &e {
+                            quinn::WriteError::ConnectionLost(c) => Some(c),
+                            _ => None,
+                        };
+                        let _ = from.stop(end_code(lost));
+                        return;
+                    }
+                }
+                if then == Then::Finish {
+                    let _ = from.stop(STREAM_REFUSED.into());
+                    let _ = to.finish();
+                    let _ = to.stopped().await;
                     return;
                 }
                 if quantum.spend(n) {
@@ -1436,6 +1523,9 @@ async fn pump(
                 }
             }
             Ok(None) => {
+                for chunk in tamper.as_mut().map(|t| t.finish()).unwrap_or_default() {
+                    let _ = to.write_chunk(chunk).await;
+                }
                 let _ = to.finish();
                 // Wait until the peer has the data or went away, so the
                 // stream is not torn down under it.
@@ -1451,6 +1541,24 @@ async fn pump(
                 return;
             }
         }
+    }
+}
+
+/// What a spliced stream does after a test's adversary saw a chunk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Then {
+    Go,
+    Finish,
+    Reset,
+}
+
+/// The chunks to forward instead of `chunk`, and what then.
+fn tampered(tamper: Option<&mut Box<dyn Tamper>>, chunk: Bytes) -> (Vec<Bytes>, Then) {
+    match tamper.map(|t| t.chunk(chunk.clone())) {
+        None => (vec![chunk], Then::Go),
+        Some(Tampered::Forward(chunks)) => (chunks, Then::Go),
+        Some(Tampered::Finish(chunks)) => (chunks, Then::Finish),
+        Some(Tampered::Reset) => (Vec::new(), Then::Reset),
     }
 }
 

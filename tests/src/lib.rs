@@ -12,11 +12,17 @@
 #![forbid(unsafe_code)]
 
 pub mod fault;
+pub mod hostile;
 pub mod oracle;
 pub mod proc;
 pub mod raw;
 
 pub use oracle::Oracle;
+
+/// Locks `m`, taking the value of a poisoned lock as it is.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 pub use proc::{
     Proc, free_udp_port, main_threads_keep_the_process_niceness, main_threads_yield_to_the_lane,
     metric, minor_faults, scrape, stat_field, thread_nices, threads_named,

@@ -1,0 +1,231 @@
+//! Which flows of a session the peer has already opened.
+//!
+//! A flow id names one flow for the whole life of a Noise session: its
+//! records are sealed under the nonces `(flow_id << 40) | seq`. If an agent
+//! accepted a flow id twice in one session, a relay that recorded a
+//! finished flow could write the same bytes again on a new stream: the
+//! target would be dialled again, the recorded request delivered again, and
+//! the accepting agent's answer sealed under nonces it already used (which,
+//! under AES-GCM, gives away the authentication key). [`SeenFlows`] is the
+//! accepting side's memory of the ids it took: an id is fresh at most once.
+//!
+//! Each agent allocates its flow ids in increasing order, so the ids a peer
+//! opens arrive nearly in order (streams of concurrent flows may overtake
+//! each other). The memory is a sliding window of [`SEEN_WINDOW`] ids below
+//! the highest one seen, as in IPsec's anti-replay window (RFC 4303 §3.4.3):
+//! an id inside it is fresh if its bit is clear, an id below it is refused
+//! as too old. Memory stays fixed at `SEEN_WINDOW / 8` bytes per session,
+//! whatever the peer or the relay sends.
+
+use crate::ids::FlowId;
+
+/// How many flow ids below the highest one seen are still remembered: a
+/// flow whose `Open` arrives after this many newer ids were opened (by a
+/// peer allocating every second id, half as many flows) is refused.
+pub const SEEN_WINDOW: u32 = 1 << 16;
+
+const WORDS: usize = (SEEN_WINDOW / 64) as usize;
+
+/// Why a flow id is not fresh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotFresh {
+    /// The session already accepted this id.
+    #[error("flow {0} was already opened in this session (a replay)")]
+    Seen(FlowId),
+    /// The id is so far below the highest one seen that it is no longer
+    /// remembered, so it is refused as a possible replay.
+    #[error("flow {id} is more than {SEEN_WINDOW} ids below the newest flow {highest}")]
+    TooOld {
+        /// The refused id.
+        id: FlowId,
+        /// The highest id accepted so far.
+        highest: FlowId,
+    },
+}
+
+/// The flow ids a session has accepted from its peer (see the module docs).
+#[derive(Clone)]
+pub struct SeenFlows {
+    highest: Option<FlowId>,
+    /// Bit `id % SEEN_WINDOW` is set when `id` (within the window) was seen.
+    bits: Box<[u64; WORDS]>,
+}
+
+impl std::fmt::Debug for SeenFlows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeenFlows")
+            .field("highest", &self.highest)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for SeenFlows {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SeenFlows {
+    /// Nothing seen yet.
+    pub fn new() -> Self {
+        Self {
+            highest: None,
+            bits: Box::new([0; WORDS]),
+        }
+    }
+
+    /// Whether `id` may still be accepted, without accepting it.
+    pub fn check(&self, id: FlowId) -> Result<(), NotFresh> {
+        let Some(highest) = self.highest else {
+            return Ok(());
+        };
+        if id > highest {
+            return Ok(());
+        }
+        if highest - id >= SEEN_WINDOW {
+            return Err(NotFresh::TooOld { id, highest });
+        }
+        if self.bit(id) {
+            return Err(NotFresh::Seen(id));
+        }
+        Ok(())
+    }
+
+    /// Accepts `id` if it is fresh; from then on it never is again.
+    pub fn accept(&mut self, id: FlowId) -> Result<(), NotFresh> {
+        self.check(id)?;
+        match self.highest {
+            Some(highest) if id <= highest => {}
+            Some(highest) => {
+                // Slide the window up: ids that fall out of it are
+                // forgotten, so their bits serve the new ids.
+                let gap = id - highest;
+                if gap >= SEEN_WINDOW {
+                    self.bits.fill(0);
+                } else {
+                    for forgotten in highest + 1..=id {
+                        self.set(forgotten, false);
+                    }
+                }
+                self.highest = Some(id);
+            }
+            None => self.highest = Some(id),
+        }
+        self.set(id, true);
+        Ok(())
+    }
+
+    /// The highest id accepted so far.
+    pub fn highest(&self) -> Option<FlowId> {
+        self.highest
+    }
+
+    fn bit(&self, id: FlowId) -> bool {
+        let i = (id % SEEN_WINDOW) as usize;
+        self.bits[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    fn set(&mut self, id: FlowId, on: bool) {
+        let i = (id % SEEN_WINDOW) as usize;
+        if on {
+            self.bits[i / 64] |= 1 << (i % 64);
+        } else {
+            self.bits[i / 64] &= !(1 << (i % 64));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn an_id_is_fresh_once() {
+        let mut seen = SeenFlows::new();
+        assert_eq!(seen.accept(3), Ok(()));
+        assert_eq!(seen.accept(3), Err(NotFresh::Seen(3)));
+        assert_eq!(seen.check(3), Err(NotFresh::Seen(3)));
+        assert_eq!(seen.accept(7), Ok(()));
+        // Overtaken by a newer flow, an older one is still fresh once.
+        assert_eq!(seen.accept(5), Ok(()));
+        assert_eq!(seen.accept(5), Err(NotFresh::Seen(5)));
+        assert_eq!(seen.highest(), Some(7));
+    }
+
+    #[test]
+    fn ids_below_the_window_are_refused() {
+        let mut seen = SeenFlows::new();
+        seen.accept(1).expect("fresh");
+        let far = 1 + SEEN_WINDOW + 10;
+        seen.accept(far).expect("fresh");
+        // Never seen, but no longer remembered either.
+        assert_eq!(
+            seen.accept(5),
+            Err(NotFresh::TooOld {
+                id: 5,
+                highest: far
+            })
+        );
+        assert_eq!(seen.accept(far - SEEN_WINDOW + 1), Ok(()));
+        assert_eq!(
+            seen.accept(1),
+            Err(NotFresh::TooOld {
+                id: 1,
+                highest: far
+            })
+        );
+    }
+
+    #[test]
+    fn a_window_slid_by_one_forgets_only_what_left_it() {
+        let mut seen = SeenFlows::new();
+        for id in 1..=SEEN_WINDOW {
+            seen.accept(id).expect("fresh");
+        }
+        seen.accept(SEEN_WINDOW + 1).expect("fresh");
+        // Bit of id 1 now serves id SEEN_WINDOW + 1: id 1 is too old, and
+        // id 2 is still remembered.
+        assert!(matches!(seen.check(1), Err(NotFresh::TooOld { .. })));
+        assert_eq!(seen.check(2), Err(NotFresh::Seen(2)));
+        assert_eq!(
+            seen.check(SEEN_WINDOW + 1),
+            Err(NotFresh::Seen(SEEN_WINDOW + 1))
+        );
+    }
+
+    proptest! {
+        /// Against a model that remembers every id: an id is accepted
+        /// only if never accepted before, and is refused only if it was
+        /// accepted before or lies a whole window below the highest.
+        #[test]
+        fn matches_a_model_that_remembers_everything(
+            ids in proptest::collection::vec(
+                prop_oneof![0u32..64, 0u32..(3 * SEEN_WINDOW), Just(u32::MAX - 1)],
+                1..400,
+            )
+        ) {
+            let mut seen = SeenFlows::new();
+            let mut model: HashSet<u32> = HashSet::new();
+            let mut highest: Option<u32> = None;
+            for id in ids {
+                let got = seen.accept(id);
+                let old = highest.is_some_and(|h| id < h && h - id >= SEEN_WINDOW);
+                if model.contains(&id) {
+                    prop_assert!(got.is_err(), "id {} accepted twice", id);
+                } else if old {
+                    prop_assert_eq!(got, Err(NotFresh::TooOld { id, highest: highest.unwrap_or(0) }));
+                } else {
+                    prop_assert_eq!(got, Ok(()));
+                }
+                if got.is_ok() {
+                    model.insert(id);
+                    highest = Some(highest.map_or(id, |h| h.max(id)));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! A hostile relay: the real relay, run in the test's process, with an
+//! [`Adversary`] that records every flow stream and handshake passing
+//! through, keeps a ledger of the nonces each agent sealed under, and
+//! attacks records and frames as the test tells it.
+//!
+//! The ledger is the relay's own view: a record's nonce is
+//! `(flow_id << 40) | seq`, both in clear on the wire, and its sealer is the
+//! agent whose stream carried it. Within one run of two agents a flow id
+//! names one flow of one session (ids keep growing across sessions), so two
+//! different ciphertexts under one `(sealer, flow, seq)` mean a nonce was
+//! reused; a record sent again after a reconnect is byte-identical and
+//! counts once. [`Hostile::forget_sealer`] starts a side's ledger anew
+//! after that agent restarts (its flow ids start again, under new keys).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use comsat_protocol::msg::PeerFrame;
+use comsat_protocol::record::{FlowHeader, decode_record};
+use comsat_protocol::{FlowId, LinkId, Side};
+use comsat_relay::adversary::{Adversary, Tamper, Tampered};
+use sha2::{Digest, Sha256};
+
+/// What the relay does to the records of the next flow stream it splices,
+/// in the direction of the agent that opened it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordAttack {
+    /// Forward every record unchanged.
+    None,
+    /// Flip one bit in the ciphertext of record `n` of each stream.
+    FlipBit(u64),
+    /// Send record `n` of each stream twice.
+    Duplicate(u64),
+    /// Leave out record `n` of each stream.
+    Drop(u64),
+    /// Send record `n + 1` of each stream before record `n`.
+    Swap(u64),
+    /// Cut record `n` short: its header and half its ciphertext, then the
+    /// stream ends.
+    Truncate(u64),
+}
+
+/// What the relay does to handshake and sealed messages from now on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameAttack {
+    /// Forward every frame unchanged.
+    None,
+    /// Deliver every frame twice.
+    Duplicate,
+    /// Deliver no frame at all.
+    Drop,
+}
+
+/// One direction of one flow stream, as the relay forwarded it.
+#[derive(Clone, Debug)]
+pub struct Recording {
+    /// The link.
+    pub link: LinkId,
+    /// The flow.
+    pub flow: FlowId,
+    /// The agent that sealed (sent) these bytes.
+    pub sealer: Side,
+    /// Whether this is the direction of the stream's opener.
+    pub opener: bool,
+    /// The records as they arrived from the sealer.
+    pub bytes: Arc<Mutex<Vec<u8>>>,
+    /// The sealer finished the stream.
+    pub finished: Arc<AtomicBool>,
+}
+
+impl Recording {
+    /// The stream as a relay would open it anew: flow header, then the
+    /// records (only the opener's direction starts with a header).
+    pub fn replay_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if self.opener {
+            FlowHeader {
+                link_id: self.link,
+                flow_id: self.flow,
+            }
+            .write_to(&mut out);
+        }
+        out.extend_from_slice(&crate::lock(&self.bytes));
+        out
+    }
+}
+
+type LedgerKey = (LinkId, Side, FlowId, u64);
+
+/// The nonces each agent sealed under, as the relay saw them.
+#[derive(Default)]
+struct Ledger {
+    seen: Mutex<HashMap<LedgerKey, [u8; 32]>>,
+    reused: Mutex<Vec<String>>,
+    records: std::sync::atomic::AtomicU64,
+}
+
+impl Ledger {
+    fn note(&self, key: LedgerKey, ciphertext: &[u8]) {
+        self.records.fetch_add(1, Ordering::Relaxed);
+        let digest: [u8; 32] = Sha256::digest(ciphertext).into();
+        let mut seen = crate::lock(&self.seen);
+        if let Some(before) = seen.insert(key, digest) {
+            if before != digest {
+                let (link, side, flow, seq) = key;
+                crate::lock(&self.reused).push(format!(
+                    "link {} side {side:?} flow {flow} seq {seq}: two ciphertexts",
+                    link.fmt_short()
+                ));
+            }
+        }
+    }
+}
+
+/// The hostile relay's adversary (see the module docs).
+#[derive(Default)]
+pub struct Hostile {
+    records: Mutex<Vec<Recording>>,
+    frames: Mutex<Vec<(LinkId, Side, PeerFrame)>>,
+    ledger: Arc<Ledger>,
+    record_attack: Mutex<Option<RecordAttack>>,
+    frame_attack: Mutex<Option<FrameAttack>>,
+}
+
+impl Hostile {
+    /// A relay adversary that forwards everything, recording it.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Attacks the records of the next stream spliced (once).
+    pub fn set_record_attack(&self, attack: RecordAttack) {
+        *crate::lock(&self.record_attack) = Some(attack);
+    }
+
+    /// Attacks the handshake and sealed messages forwarded from now on.
+    pub fn set_frame_attack(&self, attack: FrameAttack) {
+        *crate::lock(&self.frame_attack) = Some(attack);
+    }
+
+    /// Every flow stream direction recorded so far.
+    pub fn recordings(&self) -> Vec<Recording> {
+        crate::lock(&self.records).clone()
+    }
+
+    /// The first recording of flow `flow`'s direction sealed by `sealer`.
+    pub fn recording(&self, flow: FlowId, sealer: Side) -> Option<Recording> {
+        self.recordings()
+            .into_iter()
+            .find(|r| r.flow == flow && r.sealer == sealer)
+    }
+
+    /// Every handshake and sealed message forwarded so far, with its link
+    /// and the side that sent it.
+    pub fn frames(&self) -> Vec<(LinkId, Side, PeerFrame)> {
+        crate::lock(&self.frames).clone()
+    }
+
+    /// Records seen so far, all streams together.
+    pub fn records_seen(&self) -> u64 {
+        self.ledger.records.load(Ordering::Relaxed)
+    }
+
+    /// Distinct `(sealer, flow, seq)` nonces in the ledger.
+    pub fn nonces_seen(&self) -> usize {
+        crate::lock(&self.ledger.seen).len()
+    }
+
+    /// Each nonce seen under two different ciphertexts.
+    pub fn reused_nonces(&self) -> Vec<String> {
+        crate::lock(&self.ledger.reused).clone()
+    }
+
+    /// Forgets what `sealer` sealed: that agent restarted (new keys).
+    pub fn forget_sealer(&self, sealer: Side) {
+        crate::lock(&self.ledger.seen).retain(|(_, s, _, _), _| *s != sealer);
+    }
+}
+
+impl Adversary for Hostile {
+    fn peer_frame(&self, link: LinkId, from: Side, frame: PeerFrame) -> Vec<PeerFrame> {
+        crate::lock(&self.frames).push((link, from, frame.clone()));
+        match (*crate::lock(&self.frame_attack)).unwrap_or(FrameAttack::None) {
+            FrameAttack::None => vec![frame],
+            FrameAttack::Duplicate => vec![frame.clone(), frame],
+            FrameAttack::Drop => Vec::new(),
+        }
+    }
+
+    fn flow(
+        &self,
+        link: LinkId,
+        flow: FlowId,
+        from: Side,
+    ) -> Option<(Box<dyn Tamper>, Box<dyn Tamper>)> {
+        let attack = crate::lock(&self.record_attack)
+            .take()
+            .unwrap_or(RecordAttack::None);
+        let make = |sealer: Side, opener: bool, attack: RecordAttack| -> Box<dyn Tamper> {
+            let recording = Recording {
+                link,
+                flow,
+                sealer,
+                opener,
+                bytes: Arc::default(),
+                finished: Arc::default(),
+            };
+            crate::lock(&self.records).push(recording.clone());
+            Box::new(Records {
+                ledger: self.ledger.clone(),
+                recording,
+                attack,
+                buf: Vec::new(),
+                n: 0,
+                held: None,
+            })
+        };
+        let forward = make(from, true, attack);
+        Some((forward, make(from.peer(), false, RecordAttack::None)))
+    }
+}
+
+/// One direction of a stream: cut into whole records, noted in the
+/// ledger, attacked, forwarded.
+struct Records {
+    ledger: Arc<Ledger>,
+    recording: Recording,
+    attack: RecordAttack,
+    buf: Vec<u8>,
+    /// Records of this direction so far.
+    n: u64,
+    /// A record held back to be sent after the next one.
+    held: Option<Bytes>,
+}
+
+impl Tamper for Records {
+    fn chunk(&mut self, chunk: Bytes) -> Tampered {
+        crate::lock(&self.recording.bytes).extend_from_slice(&chunk);
+        self.buf.extend_from_slice(&chunk);
+        let mut out = Vec::new();
+        loop {
+            let (seq, ct_len, used) = match decode_record(&self.buf) {
+                Ok(Some((h, ct, used))) => (h.seq, ct.len(), used),
+                Ok(None) => break,
+                Err(_) => {
+                    // Not records (any more): pass the rest on as it is.
+                    out.push(Bytes::from(std::mem::take(&mut self.buf)));
+                    break;
+                }
+            };
+            let record: Vec<u8> = self.buf.drain(..used).collect();
+            let r = &self.recording;
+            self.ledger
+                .note((r.link, r.sealer, r.flow, seq), &record[used - ct_len..]);
+            let n = self.n;
+            self.n += 1;
+            let record = Bytes::from(record);
+            match self.attack {
+                RecordAttack::FlipBit(k) if k == n => {
+                    let mut flipped = record.to_vec();
+                    let last = flipped.len() - 1;
+                    flipped[last] ^= 0x01;
+                    out.push(Bytes::from(flipped));
+                }
+                RecordAttack::Duplicate(k) if k == n => {
+                    out.push(record.clone());
+                    out.push(record);
+                }
+                RecordAttack::Drop(k) if k == n => {}
+                RecordAttack::Swap(k) if k == n => self.held = Some(record),
+                RecordAttack::Truncate(k) if k == n => {
+                    out.push(record.slice(..record.len() - ct_len / 2));
+                    return Tampered::Finish(out);
+                }
+                _ => {
+                    out.push(record);
+                    if let Some(held) = self.held.take() {
+                        out.push(held);
+                    }
+                }
+            }
+        }
+        Tampered::Forward(out)
+    }
+
+    fn finish(&mut self) -> Vec<Bytes> {
+        self.recording.finished.store(true, Ordering::Relaxed);
+        self.held.take().into_iter().collect()
+    }
+}
