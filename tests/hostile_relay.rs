@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use comsat::dev::{DevLayout, DevLink, DevOptions};
+use comsat_protocol::msg::PeerFrame;
 use comsat_protocol::{LinkId, Side};
 use comsat_relay::{Relay, RelayConfig, RelayHandle, Stop};
 use comsat_tests::hostile::{Hostile, Recording};
@@ -413,6 +414,129 @@ async fn a_flow_replayed_after_the_agent_restarted_is_refused() -> Result<()> {
         2,
         "an old session's flow dialled the target"
     );
+    sys.assert_no_nonce_reused();
+    Ok(())
+}
+
+/// Serves an echo on `listener`: every byte comes back, until the end.
+fn echo(listener: TcpListener) {
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+}
+
+/// Writes `bytes` on `s` and reads as many back.
+async fn echoed(s: &mut TcpStream, bytes: &[u8]) -> Result<()> {
+    s.write_all(bytes).await?;
+    let mut back = vec![0u8; bytes.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut back))
+        .await
+        .context("no echo")??;
+    assert_eq!(back, bytes, "the echo differs from what was sent");
+    Ok(())
+}
+
+/// The handshake messages side `from` sent on the link so far.
+fn handshakes(sys: &Setup, from: Side) -> Vec<PeerFrame> {
+    sys.hostile
+        .frames()
+        .into_iter()
+        .filter(|(l, s, f)| *l == sys.link && *s == from && matches!(f, PeerFrame::Handshake(_)))
+        .map(|(_, _, f)| f)
+        .collect()
+}
+
+/// Attack: replay side A's first handshake message to side B (and B's
+/// answer to A) while a flow is open on the session it set up. Checks: side
+/// B answers but takes a new session only once side A seals under it
+/// (protocol.md, "Sessions"), so the working session and its open flow go
+/// on untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_handshake_does_not_tear_down_a_working_session() -> Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let target_addr = listener.local_addr()?;
+    echo(listener);
+    let sys = Setup::start(format!("tcp://{target_addr}")).await?;
+    let mut flow = TcpStream::connect(sys.listen).await?;
+    echoed(&mut flow, b"before the replay").await?;
+
+    let from_a = handshakes(&sys, Side::A);
+    let from_b = handshakes(&sys, Side::B);
+    assert!(
+        !from_a.is_empty() && !from_b.is_empty(),
+        "no handshake seen"
+    );
+    for _ in 0..3 {
+        for m in &from_a {
+            assert!(sys.relay.send_peer_frame(sys.link, Side::B, m.clone()));
+        }
+        for m in &from_b {
+            assert!(sys.relay.send_peer_frame(sys.link, Side::A, m.clone()));
+        }
+    }
+    // Side B answered each replay (it cannot tell them from a new
+    // handshake), and side A refused the unexpected answers.
+    let deadline = Instant::now() + WAIT;
+    while handshakes(&sys, Side::B).len() < from_b.len() + 3 {
+        if Instant::now() > deadline {
+            bail!("side B did not answer the replayed handshakes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    echoed(&mut flow, b"after the replay: the same flow").await?;
+    flow.shutdown().await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, flow.read_to_end(&mut rest)).await??;
+    assert!(rest.is_empty());
+    for side in [Side::A, Side::B] {
+        assert!(
+            !sys.log(side).contains("resetting the old session's flows"),
+            "{side:?} replaced its session:\n{}",
+            sys.log(side)
+        );
+        assert_eq!(sys.metric(side, "comsat_agent_flows_failed_total")?, 0.0);
+    }
+    sys.assert_no_nonce_reused();
+    Ok(())
+}
+
+/// Attack: replay side A's handshake message from before agent A restarted
+/// to side B, which holds the session the restarted agent set up since.
+/// Checks: the old message is answered, never confirmed (protocol.md,
+/// "Sessions"): B keeps the new session and its flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_replayed_after_an_agent_restart_changes_nothing() -> Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let target_addr = listener.local_addr()?;
+    echo(listener);
+    let mut sys = Setup::start(format!("tcp://{target_addr}")).await?;
+    let old = handshakes(&sys, Side::A);
+    sys.restart(Side::A)?;
+    let mut flow = TcpStream::connect(sys.listen).await?;
+    echoed(&mut flow, b"new session").await?;
+    let answers = handshakes(&sys, Side::B).len();
+
+    for m in &old {
+        assert!(sys.relay.send_peer_frame(sys.link, Side::B, m.clone()));
+    }
+    let deadline = Instant::now() + WAIT;
+    while handshakes(&sys, Side::B).len() < answers + old.len() {
+        if Instant::now() > deadline {
+            bail!("side B did not answer the replayed handshake");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    echoed(&mut flow, b"still the new session").await?;
+    assert_eq!(sys.metric(Side::B, "comsat_agent_flows_failed_total")?, 0.0);
     sys.assert_no_nonce_reused();
     Ok(())
 }

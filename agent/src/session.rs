@@ -5,9 +5,11 @@
 //! reconnect side A asks side B (sealed, so only B can answer) whether it
 //! still holds the session; if so the link's flows resume on it, otherwise
 //! a new handshake starts a new session and the old flows are reset (a
-//! nonce is never reused).
+//! nonce is never reused). Side B takes the session of a handshake it
+//! answered only once side A seals something under it, so a handshake
+//! message replayed by a relay never replaces a working session.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,6 +39,10 @@ use crate::lane::{Busy, Lane, Runtimes};
 use crate::local;
 use crate::lock;
 use crate::metrics::Metrics;
+
+/// Handshakes side B answered and keeps until side A confirms one: a few,
+/// so a retried or duplicated handshake still finds its answer.
+const CANDIDATES: usize = 4;
 
 /// What the agent's tasks share.
 pub(crate) struct Shared {
@@ -110,6 +116,13 @@ pub(crate) struct LinkRt {
     pub(crate) flow_timeout: Duration,
     pub(crate) ready: watch::Sender<Option<Ready>>,
     session: Mutex<Option<Arc<LinkSession>>>,
+    /// Side B: the sessions of the last handshakes it answered (at most
+    /// [`CANDIDATES`]), each until side A proves it holds it too (a sealed
+    /// message or a flow's `Open` under it). Only then does one replace
+    /// `session`: a handshake message replayed by a relay is answered,
+    /// never confirmed, and tears nothing down. With the connection each
+    /// arrived on.
+    candidates: Mutex<VecDeque<(Arc<LinkSession>, quinn::Connection)>>,
     pending: Mutex<Option<ExpectResponse>>,
     resume_sent: Mutex<Option<Instant>>,
     epoch: AtomicU64,
@@ -162,6 +175,7 @@ impl LinkRt {
             flow_timeout,
             ready: watch::channel(None).0,
             session: Mutex::new(None),
+            candidates: Mutex::default(),
             pending: Mutex::new(None),
             resume_sent: Mutex::new(None),
             epoch: AtomicU64::new(0),
@@ -259,8 +273,13 @@ impl LinkRt {
     }
 
     /// Installs a new session: every flow of the old one is reset.
-    fn install_session(&self, session: Session, conn: &quinn::Connection, metrics: &Metrics) {
-        let old = lock(&self.session).replace(LinkSession::new(session));
+    fn install_session(
+        &self,
+        session: Arc<LinkSession>,
+        conn: &quinn::Connection,
+        metrics: &Metrics,
+    ) {
+        let old = lock(&self.session).replace(session);
         if old.is_some() {
             let flows: Vec<_> = lock(&self.flows).drain().map(|(_, f)| f).collect();
             if !flows.is_empty() {
@@ -276,9 +295,60 @@ impl LinkRt {
         self.set_ready(Some(conn), metrics);
     }
 
+    /// Side B: holds the session of a handshake it answered until side A
+    /// confirms it ([`Self::confirm`]). The oldest of [`CANDIDATES`] never
+    /// confirmed is dropped: a replayed handshake, or one side A gave up.
+    fn propose_session(&self, session: Session, conn: &quinn::Connection, metrics: &Metrics) {
+        let mut candidates = lock(&self.candidates);
+        if candidates.len() >= CANDIDATES {
+            candidates.pop_front();
+            metrics.peer_refused("unconfirmed_handshake");
+            debug!(link = %self.cfg.name, "an answered handshake was never confirmed by the peer");
+        }
+        candidates.push_back((LinkSession::new(session), conn.clone()));
+    }
+
+    /// Side B: side A proved it holds `candidate` (it sealed something
+    /// under it): it becomes the link's session, and every other answered
+    /// handshake is forgotten.
+    fn confirm(&self, candidate: &Arc<LinkSession>, metrics: &Metrics) {
+        let mut candidates = lock(&self.candidates);
+        let Some(at) = candidates
+            .iter()
+            .position(|(c, _)| Arc::ptr_eq(c, candidate))
+        else {
+            return;
+        };
+        let confirmed = candidates.remove(at);
+        let unconfirmed = candidates.len();
+        candidates.clear();
+        drop(candidates);
+        if unconfirmed > 0 {
+            metrics.peer_refused("unconfirmed_handshake");
+        }
+        if let Some((session, conn)) = confirmed {
+            self.install_session(session, &conn, metrics);
+            info!(link = %self.cfg.name, "new end-to-end session confirmed by the peer");
+        }
+    }
+
+    /// The sessions a message from the peer may be sealed under: the
+    /// current one, then (side B) those of the handshakes it answered
+    /// since, newest first.
+    fn sessions(&self) -> (Option<Arc<LinkSession>>, Vec<Arc<LinkSession>>) {
+        let current = lock(&self.session).clone();
+        let candidates = lock(&self.candidates)
+            .iter()
+            .rev()
+            .map(|(c, _)| c.clone())
+            .collect();
+        (current, candidates)
+    }
+
     /// Drops the session and resets its flows (revocation).
     fn drop_session(&self, metrics: &Metrics) {
         lock(&self.session).take();
+        lock(&self.candidates).clear();
         for (_, f) in lock(&self.flows).drain() {
             f.reset();
         }
@@ -970,13 +1040,22 @@ fn handle_sealed(
     seq: u64,
     ciphertext: &[u8],
 ) {
-    let Some(session) = lock(&link.session).clone() else {
-        debug!(link = %link.cfg.name, "sealed message without a session ignored");
-        return;
-    };
-    let Some(msg) = session.open(seq, ciphertext) else {
-        debug!(link = %link.cfg.name, "sealed message refused (other session or replay)");
-        return;
+    let (current, candidates) = link.sessions();
+    let msg = match current.and_then(|s| s.open(seq, ciphertext)) {
+        Some(msg) => msg,
+        None => {
+            // Side A seals under the session of its last handshake at once:
+            // the proof side B waits for before it takes that session.
+            let Some(msg) = candidates.into_iter().find_map(|c| {
+                let msg = c.open(seq, ciphertext)?;
+                link.confirm(&c, &shared.metrics);
+                Some(msg)
+            }) else {
+                debug!(link = %link.cfg.name, "sealed message refused (other session or replay)");
+                return;
+            };
+            msg
+        }
     };
     match msg {
         LinkControl::Resume => {
@@ -1031,42 +1110,50 @@ fn handle_handshake(
     ctl: &mpsc::Sender<AgentToRelay>,
     msg: &[u8],
 ) {
-    let session = match link.cfg.side {
+    match link.cfg.side {
         Side::B => {
-            match noise::respond(
+            let (session, reply) = match noise::respond(
                 &shared.noise,
                 &link.cfg.peer_noise_public_key,
                 &link.cfg.link_id,
                 msg,
             ) {
-                Ok((session, reply)) => {
-                    let _ = ctl.try_send(AgentToRelay::Peer {
-                        link_id: link.cfg.link_id,
-                        frame: PeerFrame::Handshake(reply),
-                    });
-                    session
-                }
+                Ok(answered) => answered,
                 Err(e) => {
                     warn!(link = %link.cfg.name, error = %e, "Noise handshake from peer refused");
                     return;
                 }
-            }
+            };
+            let _ = ctl.try_send(AgentToRelay::Peer {
+                link_id: link.cfg.link_id,
+                frame: PeerFrame::Handshake(reply),
+            });
+            // Anyone who recorded side A's message can have it answered
+            // again: the session counts once side A proves it holds it.
+            link.propose_session(session, conn, &shared.metrics);
         }
         Side::A => {
             let Some(pending) = link.pending().take() else {
                 debug!(link = %link.cfg.name, "unexpected handshake answer ignored");
                 return;
             };
-            match pending.handle_response(msg) {
+            let session = match pending.handle_response(msg) {
                 Ok(session) => session,
                 Err(e) => {
                     warn!(link = %link.cfg.name, error = %e, "Noise handshake answer refused");
                     return;
                 }
-            }
+            };
+            // The answer proves side B holds the session; the first message
+            // sealed under it proves the same to side B.
+            link.install_session(LinkSession::new(session), conn, &shared.metrics);
+            // Until side B answers it, the session is not confirmed: without
+            // an answer the retry starts another handshake.
+            link.peer_confirmed.store(false, Ordering::Relaxed);
+            *lock(&link.resume_sent) = Some(Instant::now());
+            link.send_sealed(&LinkControl::Resume, ctl);
         }
-    };
-    link.install_session(session, conn, &shared.metrics);
+    }
 }
 
 /// Accepts flows the peer opened (through the relay) on this connection
@@ -1146,34 +1233,41 @@ async fn accept_flow(
             link.cfg.name
         ));
     };
-    let Some(session) = lock(&link.session).clone() else {
+    let (current, candidates) = link.sessions();
+    if current.is_none() && candidates.is_empty() {
         refuse(&mut send, &mut recv);
         return Err(format!("link {}: no session yet", link.cfg.name));
-    };
+    }
     // A new flow must start with an authentic Open record (seq 0): only
     // then is the target dialled, so neither the relay nor anyone else can
-    // make us dial.
+    // make us dial. Side A may open flows under the session of its last
+    // handshake before side B saw any other proof of it.
     let opened = tokio::time::timeout(defaults::FLOW_OPEN_TIMEOUT, async {
         let mut rh = [0u8; RECORD_HEADER_LEN];
         recv.read_exact(&mut rh).await.ok()?;
         let header = RecordHeader::decode(&rh).ok().flatten()?;
         let mut ct = vec![0u8; header.len];
         recv.read_exact(&mut ct).await.ok()?;
-        let mut plain = Vec::new();
-        let kind = session
-            .noise
-            .open_record(h.flow_id, header.seq, &ct, &mut plain)
-            .ok()?;
-        (header.seq == 0 && kind == RecordKind::Open).then_some(())
+        let opens = |s: &LinkSession| {
+            let mut plain = Vec::new();
+            let kind = s.noise.open_record(h.flow_id, header.seq, &ct, &mut plain);
+            header.seq == 0 && matches!(kind, Ok(RecordKind::Open))
+        };
+        if let Some(s) = current.as_ref().filter(|s| opens(s)) {
+            return Some(s.clone());
+        }
+        let c = candidates.into_iter().find(|c| opens(c))?;
+        link.confirm(&c, &shared.metrics);
+        Some(c)
     })
     .await;
-    if !matches!(opened, Ok(Some(()))) {
+    let Ok(Some(session)) = opened else {
         refuse(&mut send, &mut recv);
         return Err(format!(
             "link {}: stream for unknown flow {} did not start with Open",
             link.cfg.name, h.flow_id
         ));
-    }
+    };
     // An authentic Open of a flow this session already took is a recording
     // written again (only a relay can do that): refused before anything is
     // dialled or sealed.
