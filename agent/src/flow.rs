@@ -791,7 +791,10 @@ impl Driver {
                     // main connection, or the peer is away: then the relay
                     // holds the new stream); then it waits for the link to
                     // be ready anew. The other side waits for the dialer's.
-                    self.st.now = !matches!(e, FlowError::Finished)
+                    // A stream that ended before the peer's Fin did not
+                    // end because the peer is done: the relay ended it.
+                    let peer_done = lock(&flow.rx).fin_delivered;
+                    self.st.now = (!matches!(e, FlowError::Finished) || !peer_done)
                         && (on_lane || self.st.quick < defaults::QUICK_RETRIES);
                     self.st.lane = !on_lane;
                     if !on_lane {

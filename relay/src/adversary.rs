@@ -19,6 +19,8 @@
 //! [`RelayHandle::side_connection`]: crate::RelayHandle::side_connection
 //! [`RelayHandle::send_peer_frame`]: crate::RelayHandle::send_peer_frame
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use comsat_protocol::msg::PeerFrame;
 use comsat_protocol::{FlowId, LinkId, Side};
@@ -69,6 +71,9 @@ pub enum Tampered {
     /// Write these chunks, then finish the stream on the receiving side
     /// and stop reading the sender's.
     Finish(Vec<Bytes>),
+    /// Wait this long (reading nothing meanwhile), then write these chunks
+    /// and go on.
+    Delay(Duration, Vec<Bytes>),
     /// Reset both directions of the stream.
     Reset,
 }

@@ -1415,8 +1415,10 @@ async fn splice_flow(
                 state.metrics.forwarded_bytes.increment(chunk.len() as u64);
                 route.stats.add_bytes(route.side, chunk.len() as u64);
                 let (chunks, then) = tampered(forward_tamper.as_mut(), chunk);
-                if then == Then::Reset {
-                    return refuse_stream(&mut send, &mut recv);
+                match then {
+                    Then::Reset => return refuse_stream(&mut send, &mut recv),
+                    Then::Wait(wait) => tokio::time::sleep(wait).await,
+                    Then::Go | Then::Finish => {}
                 }
                 for chunk in chunks {
                     if peer_send.write_chunk(chunk).await.is_err() {
@@ -1497,10 +1499,14 @@ async fn pump(
                 stats.add_bytes(from_side, n as u64);
                 state.tap(&chunk);
                 let (chunks, then) = tampered(tamper.as_mut(), chunk);
-                if then == Then::Reset {
-                    let _ = to.reset(STREAM_REFUSED.into());
-                    let _ = from.stop(STREAM_REFUSED.into());
-                    return;
+                match then {
+                    Then::Reset => {
+                        let _ = to.reset(STREAM_REFUSED.into());
+                        let _ = from.stop(STREAM_REFUSED.into());
+                        return;
+                    }
+                    Then::Wait(wait) => tokio::time::sleep(wait).await,
+                    Then::Go | Then::Finish => {}
                 }
                 for chunk in chunks {
                     if let Err(e) = to.write_chunk(chunk).await {
@@ -1548,6 +1554,7 @@ async fn pump(
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Then {
     Go,
+    Wait(Duration),
     Finish,
     Reset,
 }
@@ -1558,6 +1565,7 @@ fn tampered(tamper: Option<&mut Box<dyn Tamper>>, chunk: Bytes) -> (Vec<Bytes>, 
         None => (vec![chunk], Then::Go),
         Some(Tampered::Forward(chunks)) => (chunks, Then::Go),
         Some(Tampered::Finish(chunks)) => (chunks, Then::Finish),
+        Some(Tampered::Delay(wait, chunks)) => (chunks, Then::Wait(wait)),
         Some(Tampered::Reset) => (Vec::new(), Then::Reset),
     }
 }

@@ -40,6 +40,10 @@ pub enum RecordAttack {
     /// Cut record `n` short: its header and half its ciphertext, then the
     /// stream ends.
     Truncate(u64),
+    /// Reset the stream (both directions) at record `n`.
+    Reset(u64),
+    /// Hold record `n` back for this many milliseconds.
+    Delay(u64, u64),
 }
 
 /// What the relay does to handshake and sealed messages from now on.
@@ -95,6 +99,8 @@ struct Ledger {
     seen: Mutex<HashMap<LedgerKey, [u8; 32]>>,
     reused: Mutex<Vec<String>>,
     records: std::sync::atomic::AtomicU64,
+    /// Record attacks carried out.
+    attacks: std::sync::atomic::AtomicU64,
 }
 
 impl Ledger {
@@ -161,6 +167,11 @@ impl Hostile {
     /// Records seen so far, all streams together.
     pub fn records_seen(&self) -> u64 {
         self.ledger.records.load(Ordering::Relaxed)
+    }
+
+    /// Record attacks carried out so far.
+    pub fn attacks_done(&self) -> u64 {
+        self.ledger.attacks.load(Ordering::Relaxed)
     }
 
     /// Distinct `(sealer, flow, seq)` nonces in the ledger.
@@ -240,6 +251,7 @@ impl Tamper for Records {
         crate::lock(&self.recording.bytes).extend_from_slice(&chunk);
         self.buf.extend_from_slice(&chunk);
         let mut out = Vec::new();
+        let mut delay = None;
         loop {
             let (seq, ct_len, used) = match decode_record(&self.buf) {
                 Ok(Some((h, ct, used))) => (h.seq, ct.len(), used),
@@ -257,6 +269,19 @@ impl Tamper for Records {
             let n = self.n;
             self.n += 1;
             let record = Bytes::from(record);
+            let hit = match self.attack {
+                RecordAttack::None => false,
+                RecordAttack::FlipBit(k)
+                | RecordAttack::Duplicate(k)
+                | RecordAttack::Drop(k)
+                | RecordAttack::Swap(k)
+                | RecordAttack::Truncate(k)
+                | RecordAttack::Reset(k)
+                | RecordAttack::Delay(k, _) => k == n,
+            };
+            if hit {
+                self.ledger.attacks.fetch_add(1, Ordering::Relaxed);
+            }
             match self.attack {
                 RecordAttack::FlipBit(k) if k == n => {
                     let mut flipped = record.to_vec();
@@ -274,6 +299,11 @@ impl Tamper for Records {
                     out.push(record.slice(..record.len() - ct_len / 2));
                     return Tampered::Finish(out);
                 }
+                RecordAttack::Reset(k) if k == n => return Tampered::Reset,
+                RecordAttack::Delay(k, ms) if k == n => {
+                    out.push(record);
+                    delay = Some(std::time::Duration::from_millis(ms));
+                }
                 _ => {
                     out.push(record);
                     if let Some(held) = self.held.take() {
@@ -282,7 +312,10 @@ impl Tamper for Records {
                 }
             }
         }
-        Tampered::Forward(out)
+        match delay {
+            Some(wait) => Tampered::Delay(wait, out),
+            None => Tampered::Forward(out),
+        }
     }
 
     fn finish(&mut self) -> Vec<Bytes> {
