@@ -16,8 +16,8 @@
 //! # Server certificate chain and private key (PEM). The key file must be
 //! # mode 0600. A new certificate written over tls_cert (renewal) is
 //! # served to new connections within a second, without a restart. The QUIC stateless-reset and connection-id keys derive from
-//! # it, so a relay restarted with the same key makes its agents notice the
-//! # restart at once.
+//! # it (each listener its own), so a relay restarted with the same key
+//! # makes its agents notice the restart at once.
 //! tls_cert = "relay.crt"
 //! tls_key = "relay.key"
 //! # The authority's ed25519 public key (64 hex digits); grants must be

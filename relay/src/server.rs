@@ -286,7 +286,7 @@ impl Lane {
             let rt = quinn::default_runtime()
                 .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
             quinn::Endpoint::new(
-                crate::tls::endpoint_config(config)?,
+                crate::tls::endpoint_config(config, crate::tls::Endpoint::Interactive)?,
                 Some(server),
                 socket,
                 rt,
@@ -477,7 +477,7 @@ impl Relay {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
         let endpoint = quinn::Endpoint::new(
-            crate::tls::endpoint_config(&config)?,
+            crate::tls::endpoint_config(&config, crate::tls::Endpoint::Main)?,
             Some(server),
             socket,
             runtime,

@@ -197,34 +197,62 @@ const RESET_KEY_LABEL: &[u8] = b"comsat relay stateless reset v1\0";
 /// Label of the connection-id key derivation, version 1.
 const CID_KEY_LABEL: &[u8] = b"comsat relay connection id v1\0";
 
-fn derive(label: &[u8], secret: &[u8]) -> ring::digest::Digest {
+fn derive(label: &[u8], endpoint: Endpoint, secret: &[u8]) -> ring::digest::Digest {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(label);
+    ctx.update(endpoint.label());
     ctx.update(secret);
     ctx.finish()
 }
 
-/// The QUIC endpoint configuration, with the stateless-reset key and the
-/// connection-id key derived from the relay's TLS private key: a relay
-/// restarted with the same key recognizes the connection ids of its
+/// Which of a relay's QUIC endpoints a configuration is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// The main listener (`listen`).
+    Main,
+    /// The interactive listener (`interactive_listen`).
+    Interactive,
+}
+
+impl Endpoint {
+    fn label(self) -> &'static [u8] {
+        match self {
+            // The main endpoint's keys are those of relays that had one
+            // endpoint: a relay upgraded in place still resets its old
+            // connections.
+            Self::Main => b"",
+            Self::Interactive => b"interactive\0",
+        }
+    }
+}
+
+/// The QUIC endpoint configuration of `endpoint`, with the stateless-reset
+/// key and the connection-id key derived from the relay's TLS private key:
+/// a relay restarted with the same key recognizes the connection ids of its
 /// previous run and resets those connections as soon as their packets
 /// arrive, so agents notice a restart in one round trip instead of an idle
-/// timeout.
-pub fn endpoint_config(config: &RelayConfig) -> Result<quinn::EndpointConfig, RelayError> {
+/// timeout. Each endpoint derives its own keys (RFC 9000 §10.3.2: a reset
+/// token must not be computable for another endpoint's connections): a
+/// connection id of the main endpoint is not even valid at the interactive
+/// one, which drops the packet instead of answering with a reset.
+pub fn endpoint_config(
+    config: &RelayConfig,
+    endpoint: Endpoint,
+) -> Result<quinn::EndpointConfig, RelayError> {
     let text = comsat_protocol::keys::read_secret_file(&config.tls_key)?;
-    let reset = derive(RESET_KEY_LABEL, text.as_bytes());
-    let cid = derive(CID_KEY_LABEL, text.as_bytes());
+    let reset = derive(RESET_KEY_LABEL, endpoint, text.as_bytes());
+    let cid = derive(CID_KEY_LABEL, endpoint, text.as_bytes());
     let mut cid_key = [0u8; 8];
     cid_key.copy_from_slice(&cid.as_ref()[..8]);
     let cid_key = u64::from_le_bytes(cid_key);
-    let mut endpoint = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+    let mut quic = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
         ring::hmac::HMAC_SHA256,
         reset.as_ref(),
     )));
-    endpoint.cid_generator(move || {
+    quic.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    Ok(endpoint)
+    Ok(quic)
 }
 
 #[cfg(test)]
