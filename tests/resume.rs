@@ -327,6 +327,98 @@ async fn echo_server(listener: TcpListener) {
     }
 }
 
+/// A link's grant expires while nothing can renew it (no controller here:
+/// the relay's grant directory is all it has). The relay ends the link at
+/// `not_after` by itself: the open flow works until then and is reset
+/// right after, and a new local connection is refused with the reason in
+/// the agent's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_ends_when_its_grant_expires_without_a_controller() -> Result<()> {
+    use comsat_protocol::SigningKey;
+    use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let mut sys = echo_system(target.local_addr()?, None)?;
+    tokio::spawn(echo_server(target));
+    let listen: SocketAddr = sys.tcp_listen_addr("echo")?;
+    sys.wait_ready()?;
+
+    // The same grant (generation 1), now valid for 4 more seconds.
+    let unix = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+    };
+    let not_after = unix().as_secs() + 4;
+    let authority = SigningKey::read_file(&sys.layout.authority_key)?;
+    let (name, link_id) = sys.layout.links[0].clone();
+    let grant = Grant {
+        link_id,
+        generation: 1,
+        relays: vec![sys.layout.relay_id],
+        side_a: GrantSide {
+            node_id: sys.layout.agent_a.node_id,
+            sign_pub: sys.layout.agent_a.sign_pub,
+        },
+        side_b: GrantSide {
+            node_id: sys.layout.agent_b.node_id,
+            sign_pub: sys.layout.agent_b.sign_pub,
+        },
+        not_after,
+        buffer_limit: 1 << 20,
+        limits: LinkLimits::default(),
+    };
+    let path = sys.layout.grants_dir.join(format!("{name}.grant"));
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, grant.sign(&authority)?.encode()?)?;
+    std::fs::rename(&tmp, &path)?;
+
+    let mut flow = TcpStream::connect(listen).await?;
+    echo_round(&mut flow, b"while the grant lasts").await?;
+    expect_reset(flow, Duration::from_secs(30)).await?;
+    let at = unix();
+    let expiry = Duration::from_secs(not_after);
+    assert!(
+        at >= expiry,
+        "the flow was reset {:?} before the grant expired",
+        expiry - at
+    );
+    // Within a second of expiry on a calm machine; the bound here is loose
+    // so a slow one does not fail the test.
+    let late = at - expiry;
+    eprintln!("flow reset {late:?} after the grant expired");
+    assert!(
+        late < Duration::from_secs(6),
+        "the link outlived its grant by {late:?}"
+    );
+    let m = scrape(sys.relay_admin)?;
+    assert_eq!(metric(&m, "comsat_relay_grants_expired_total"), 1.0, "{m}");
+    assert_eq!(metric(&m, "comsat_relay_links_paired"), 0.0, "{m}");
+
+    let mut refused = TcpStream::connect(listen).await?;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), refused.read(&mut buf)).await;
+    assert!(
+        matches!(n, Ok(Ok(0) | Err(_))),
+        "a local connection was served"
+    );
+    let log = sys.agents[0].0.log();
+    assert!(
+        log.contains("local connection refused: the link's grant expired"),
+        "agent A's log gives no reason:\n{log}"
+    );
+    let a = scrape(sys.agents[0].1)?;
+    assert_eq!(
+        metric(
+            &a,
+            "comsat_agent_local_refused_total{reason=\"grant_expired\"}"
+        ),
+        1.0
+    );
+    Ok(())
+}
+
 /// Writes `data` and reads the same number of bytes back.
 async fn echo_round(s: &mut TcpStream, data: &[u8]) -> Result<()> {
     s.write_all(data).await?;

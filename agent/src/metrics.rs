@@ -16,7 +16,7 @@
 //! | `comsat_agent_ack_messages_total` | counter | end-to-end acknowledgement messages sent to peers (each acknowledges what the link's flows delivered since the last; an interactive flow's go out within 100 ms, a bulk flow's every 512 KiB) |
 //! | `comsat_agent_sent_bytes_total` | counter | application bytes sent into links, counted as they move |
 //! | `comsat_agent_received_bytes_total` | counter | application bytes delivered from links |
-//! | `comsat_agent_local_refused_total{reason}` | counter | local connections refused: `peer_credentials`, `link_not_ready` |
+//! | `comsat_agent_local_refused_total{reason}` | counter | local connections refused: `peer_credentials`, `link_not_ready`, `grant_expired` (the relay ended the link at its grant's `not_after` and no renewed grant came) |
 //! | `comsat_agent_peer_refused_total{reason}` | counter | what arrived through a relay and was refused because the relay (or whoever holds its keys) replayed or forged it: `replayed_flow` (a flow the session already opened), `unconfirmed_handshake` (a handshake this agent answered that the peer never confirmed by sealing under it: a replay, or a handshake the peer gave up) |
 
 use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};

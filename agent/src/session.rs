@@ -128,6 +128,9 @@ pub(crate) struct LinkRt {
     epoch: AtomicU64,
     /// The peer confirmed the current session since it last (re)appeared.
     peer_confirmed: AtomicBool,
+    /// The relay ended the link because its grant expired, and it was not
+    /// attached since: local connections are refused at once.
+    expired: AtomicBool,
     next_flow: AtomicU32,
     flows: Mutex<HashMap<FlowId, Arc<Flow>>>,
     acks: Mutex<HashMap<FlowId, u64>>,
@@ -180,6 +183,7 @@ impl LinkRt {
             resume_sent: Mutex::new(None),
             epoch: AtomicU64::new(0),
             peer_confirmed: AtomicBool::new(false),
+            expired: AtomicBool::new(false),
             next_flow: AtomicU32::new(0),
             generation: AtomicU64::new(cfg.generation),
             flows: Mutex::default(),
@@ -254,6 +258,9 @@ impl LinkRt {
         };
         let was = self.ready.borrow().is_some();
         let now = value.is_some();
+        if now {
+            self.expired.store(false, Ordering::Relaxed);
+        }
         self.ready.send_replace(value);
         if now {
             // Acks that waited for the link go out now.
@@ -994,16 +1001,22 @@ async fn serve(
                 }
             }
             RelayToAgent::Error { link_id, code } => {
+                use comsat_protocol::msg::ErrorCode;
                 let name = links.get(&link_id).map_or("?", |l| l.cfg.name.as_str());
-                warn!(link = %name, ?code, "relay refused the link");
+                if code == ErrorCode::Expired {
+                    warn!(link = %name, "the link's grant expired: the relay ended it; its flows are reset and new connections refused until the controller renews the grant");
+                } else {
+                    warn!(link = %name, ?code, "relay refused the link");
+                }
                 // A relay that will not carry the link counts as one where
                 // its peer is away.
                 absent_since.entry(link_id).or_insert_with(Instant::now);
                 if let Some(link) = links.get(&link_id) {
                     attached.remove(&link_id);
-                    use comsat_protocol::msg::ErrorCode;
-                    if code == ErrorCode::Revoked {
+                    if matches!(code, ErrorCode::Revoked | ErrorCode::Expired) {
                         link.drop_session(&shared.metrics);
+                        link.expired
+                            .store(code == ErrorCode::Expired, Ordering::Relaxed);
                     } else {
                         link.set_ready(None, &shared.metrics);
                     }
@@ -1012,7 +1025,10 @@ async fn serve(
                     // room again later: ask again, less and less often.
                     if matches!(
                         code,
-                        ErrorCode::NotGranted | ErrorCode::StaleGeneration | ErrorCode::RelayFull
+                        ErrorCode::NotGranted
+                            | ErrorCode::StaleGeneration
+                            | ErrorCode::RelayFull
+                            | ErrorCode::Expired
                     ) {
                         let next = reattach
                             .get(&link_id)
@@ -1344,6 +1360,11 @@ pub(crate) async fn serve_listener(
 }
 
 async fn dial_flow(shared: &Shared, link: &Arc<LinkRt>, conn: local::LocalConn) {
+    if link.expired.load(Ordering::Relaxed) && link.ready.borrow().is_none() {
+        shared.metrics.local_refused("grant_expired");
+        warn!(link = %link.cfg.name, "local connection refused: the link's grant expired and the controller has not renewed it");
+        return;
+    }
     let mut ready = link.ready.subscribe();
     let current =
         match tokio::time::timeout(defaults::FLOW_OPEN_TIMEOUT, ready.wait_for(|r| r.is_some()))

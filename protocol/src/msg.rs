@@ -111,6 +111,10 @@ pub enum ErrorCode {
     Draining,
     /// The relay holds as many links as its operator allows.
     RelayFull,
+    /// The link's grant expired (`not_after` passed) and the relay holds no
+    /// newer one: the link is torn down until the controller grants it
+    /// anew.
+    Expired,
 }
 
 /// Messages from a relay to an agent.

@@ -45,6 +45,11 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Interval of QUIC keep-alive pings, so NAT bindings stay open.
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How often the relay looks for grants whose `not_after` has come: a
+/// link ends within this much of its expiry (grants expire at whole
+/// seconds).
+pub const EXPIRY_CHECK: Duration = Duration::from_millis(100);
+
 /// How often the grant directory is checked for changes.
 pub const GRANT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 

@@ -27,6 +27,8 @@ pub const MAX_GRANT_FILES: usize = 100_000;
 pub struct GrantSet {
     links: HashMap<LinkId, Arc<Grant>>,
     nodes: HashMap<NodeId, SignPublicKey>,
+    /// The earliest `not_after` of the set's grants.
+    earliest_expiry: Option<u64>,
 }
 
 impl GrantSet {
@@ -48,6 +50,26 @@ impl GrantSet {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.links.is_empty()
+    }
+
+    /// The earliest `not_after` of the set's grants (Unix seconds).
+    pub fn earliest_expiry(&self) -> Option<u64> {
+        self.earliest_expiry
+    }
+
+    /// The set of `links`, with their nodes and earliest expiry.
+    fn of(links: HashMap<LinkId, Arc<Grant>>) -> Self {
+        let mut nodes = HashMap::new();
+        for grant in links.values() {
+            nodes.insert(grant.side_a.node_id, grant.side_a.sign_pub);
+            nodes.insert(grant.side_b.node_id, grant.side_b.sign_pub);
+        }
+        let earliest_expiry = links.values().map(|g| g.not_after).min();
+        Self {
+            links,
+            nodes,
+            earliest_expiry,
+        }
     }
 }
 
@@ -94,7 +116,7 @@ impl GrantStore {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let mut set = GrantSet::default();
+        let mut links: HashMap<LinkId, Arc<Grant>> = HashMap::new();
         for (origin, signed) in grants {
             let known = signed
                 .verify_signature(&self.authority)
@@ -102,16 +124,12 @@ impl GrantStore {
                 .and_then(|g| generations.get(&g.link_id).copied());
             match signed.verify(&self.authority, &self.relay_id, now, known) {
                 Ok(grant) => {
-                    if let Some(prev) = set.links.get(&grant.link_id) {
+                    if let Some(prev) = links.get(&grant.link_id) {
                         if prev.generation >= grant.generation {
                             continue;
                         }
                     }
-                    set.nodes
-                        .insert(grant.side_a.node_id, grant.side_a.sign_pub);
-                    set.nodes
-                        .insert(grant.side_b.node_id, grant.side_b.sign_pub);
-                    set.links.insert(grant.link_id, Arc::new(grant));
+                    links.insert(grant.link_id, Arc::new(grant));
                 }
                 Err(e) => {
                     tracing::warn!(grant = %origin, error = %e, "grant refused");
@@ -119,6 +137,7 @@ impl GrantStore {
                 }
             }
         }
+        let set = GrantSet::of(links);
         for (link, grant) in &set.links {
             let g = generations.entry(*link).or_insert(grant.generation);
             *g = (*g).max(grant.generation);
@@ -140,6 +159,37 @@ impl GrantStore {
             Err(p) => *p.into_inner() = Arc::new(set),
         }
         changed
+    }
+}
+
+impl GrantStore {
+    /// Drops the grants whose `not_after` has come (`now`, Unix seconds),
+    /// as they expire: without a new grant from the controller, their
+    /// links end at that instant. Returns the links dropped.
+    pub fn expire(&self, now: u64, metrics: &Metrics) -> Vec<LinkId> {
+        let old = self.snapshot();
+        if old.earliest_expiry.is_none_or(|t| t > now) {
+            return Vec::new();
+        }
+        let (expired, kept): (Vec<_>, HashMap<_, _>) = {
+            let (gone, kept): (Vec<_>, Vec<_>) = old
+                .links
+                .iter()
+                .map(|(id, g)| (*id, g.clone()))
+                .partition(|(_, g)| g.not_after <= now);
+            (
+                gone.into_iter().map(|(id, _)| id).collect(),
+                kept.into_iter().collect(),
+            )
+        };
+        let set = GrantSet::of(kept);
+        metrics.grants_loaded(set.len());
+        metrics.grants_expired(expired.len());
+        match self.current.write() {
+            Ok(mut c) => *c = Arc::new(set),
+            Err(p) => *p.into_inner() = Arc::new(set),
+        }
+        expired
     }
 }
 

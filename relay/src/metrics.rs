@@ -17,6 +17,7 @@
 //! | `comsat_relay_flows_parked_total` | counter | flows held because their peer was away |
 //! | `comsat_relay_grants_loaded` | gauge | valid grants held |
 //! | `comsat_relay_grants_rejected_total{reason}` | counter | grant files refused: `malformed`, `bad_signature`, `other_relay`, `expired`, `stale_generation`, `unreadable` |
+//! | `comsat_relay_grants_expired_total` | counter | grants dropped at their `not_after` (their links torn down at that instant, with or without the controller) |
 //! | `comsat_relay_draining` | gauge | 1 while the relay drains (SIGTERM), else 0 |
 //! | `comsat_relay_config_reloads_total{result}` | counter | config reloads (SIGHUP or file change): `applied`, `refused` (the old one stays; the log says why) |
 //! | `comsat_relay_throttled_seconds_total` | counter | time flows waited for their link's rate limit, all links |
@@ -71,6 +72,8 @@ pub const FLOWS_PARKED_TOTAL: &str = "comsat_relay_flows_parked_total";
 pub const GRANTS_LOADED: &str = "comsat_relay_grants_loaded";
 /// Grants refused by reason.
 pub const GRANTS_REJECTED_TOTAL: &str = "comsat_relay_grants_rejected_total";
+/// Grants dropped at their expiry.
+pub const GRANTS_EXPIRED_TOTAL: &str = "comsat_relay_grants_expired_total";
 /// 1 while draining.
 pub const DRAINING: &str = "comsat_relay_draining";
 /// Config reloads by result.
@@ -91,6 +94,7 @@ pub struct Metrics {
     pub(crate) buffered_bytes: Gauge,
     pub(crate) flows_parked: Counter,
     grants_loaded: Gauge,
+    grants_expired: Counter,
     pub(crate) draining: Gauge,
 }
 
@@ -121,6 +125,10 @@ impl Metrics {
         describe_counter!(FLOWS_PARKED_TOTAL, "Flows held because their peer was away");
         describe_gauge!(GRANTS_LOADED, "Valid grants held");
         describe_counter!(GRANTS_REJECTED_TOTAL, "Grant files refused, by reason");
+        describe_counter!(
+            GRANTS_EXPIRED_TOTAL,
+            "Grants dropped at their not_after, their links torn down"
+        );
         describe_gauge!(DRAINING, "1 while the relay drains");
         describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads, by result");
         Self {
@@ -136,6 +144,7 @@ impl Metrics {
             buffered_bytes: gauge!(BUFFERED_BYTES),
             flows_parked: counter!(FLOWS_PARKED_TOTAL),
             grants_loaded: gauge!(GRANTS_LOADED),
+            grants_expired: counter!(GRANTS_EXPIRED_TOTAL),
             draining: gauge!(DRAINING),
         }
     }
@@ -158,6 +167,11 @@ impl Metrics {
     /// Counts a refused grant.
     pub fn grant_rejected(&self, reason: &'static str) {
         counter!(GRANTS_REJECTED_TOTAL, "reason" => reason).increment(1);
+    }
+
+    /// Counts grants dropped at their expiry.
+    pub fn grants_expired(&self, n: usize) {
+        self.grants_expired.increment(n as u64);
     }
 
     /// Sets the number of grants held.

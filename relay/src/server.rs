@@ -272,31 +272,37 @@ impl Lane {
         addr: SocketAddr,
     ) -> Result<Self, RelayError> {
         let bind_error = |source| RelayError::Bind { addr, source };
+        // The socket first: a port in use is an error to report, and a
+        // runtime must not be dropped inside another one (as `bind` runs).
+        let socket = crate::udp::bind(addr).map_err(bind_error)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("comsat-lane")
             .enable_all()
             .build()
             .map_err(bind_error)?;
-        let socket = crate::udp::bind(addr).map_err(bind_error)?;
         // quinn spawns the endpoint's and its connections' drivers on the
         // runtime it is created in.
         let endpoint = {
             let _lane = runtime.enter();
-            let rt = quinn::default_runtime()
-                .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
-            quinn::Endpoint::new(
-                crate::tls::endpoint_config(config, crate::tls::Endpoint::Interactive)?,
-                Some(server),
-                socket,
-                rt,
-            )
-            .map_err(bind_error)?
+            quinn::default_runtime()
+                .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))
+                .and_then(|rt| {
+                    let quic =
+                        crate::tls::endpoint_config(config, crate::tls::Endpoint::Interactive)?;
+                    quinn::Endpoint::new(quic, Some(server), socket, rt).map_err(bind_error)
+                })
         };
-        Ok(Self {
-            endpoint,
-            runtime: Some(runtime),
-        })
+        match endpoint {
+            Ok(endpoint) => Ok(Self {
+                endpoint,
+                runtime: Some(runtime),
+            }),
+            Err(e) => {
+                runtime.shutdown_background();
+                Err(e)
+            }
+        }
     }
 }
 
@@ -690,35 +696,60 @@ async fn drain(state: &State, grace: Duration, stop: &mut mpsc::Receiver<Stop>) 
     }
 }
 
+/// Polls the grant source, and ends each link at its grant's `not_after`
+/// (the two in one task, so neither overwrites the other's grant set).
 async fn watch_grants(state: Arc<State>, mut source: Box<dyn GrantSource>) {
     let mut tick = tokio::time::interval(defaults::GRANT_POLL_INTERVAL);
+    let mut expiry = tokio::time::interval(defaults::EXPIRY_CHECK);
     loop {
-        tick.tick().await;
-        state.cert.reload_if_changed();
-        let files = match source.poll(&state.metrics) {
-            Ok(Some(files)) => files,
-            Ok(None) => continue,
-            Err(e) => {
-                warn!(source = %source.describe(), error = %e, "cannot read grants; keeping the current ones");
-                continue;
-            }
-        };
-        let changed = state.grants.replace(files, &state.metrics);
-        let snapshot = state.grants.snapshot();
-        state.table.sync(&snapshot);
-        info!(grants = snapshot.len(), "grants reloaded");
-        for link in changed {
-            revoke(&state, link);
+        tokio::select! {
+            _ = tick.tick() => reload_grants(&state, &mut *source),
+            _ = expiry.tick() => expire_grants(&state),
         }
+    }
+}
+
+fn reload_grants(state: &State, source: &mut dyn GrantSource) {
+    state.cert.reload_if_changed();
+    let files = match source.poll(&state.metrics) {
+        Ok(Some(files)) => files,
+        Ok(None) => return,
+        Err(e) => {
+            warn!(source = %source.describe(), error = %e, "cannot read grants; keeping the current ones");
+            return;
+        }
+    };
+    let changed = state.grants.replace(files, &state.metrics);
+    let snapshot = state.grants.snapshot();
+    state.table.sync(&snapshot);
+    info!(grants = snapshot.len(), "grants reloaded");
+    for link in changed {
+        end_link(state, link, ErrorCode::Revoked);
+    }
+}
+
+/// Tears down the links whose grant expired: the relay enforces
+/// `not_after` itself, whether or not the controller can reach it.
+fn expire_grants(state: &State) {
+    let expired = state.grants.expire(unix_now(), &state.metrics);
+    if expired.is_empty() {
+        return;
+    }
+    state.table.sync(&state.grants.snapshot());
+    for link in expired {
+        info!(link = %link.fmt_short(), "grant expired: link torn down");
+        end_link(state, link, ErrorCode::Expired);
     }
 }
 
 /// Tears down a link whose grant went away or changed: both sides are told,
 /// its flows stop.
-fn revoke(state: &State, link_id: LinkId) {
+/// Ends a link at once: its flows stop, its buffers go, and each side is
+/// told why (`code`: revoked or expired).
+fn end_link(state: &State, link_id: LinkId, code: ErrorCode) {
     let slot = state.links().remove(&link_id);
     let Some(slot) = slot else { return };
-    info!(link = %link_id.fmt_short(), "link revoked");
+    info!(link = %link_id.fmt_short(), ?code, "link ended");
     let _ = slot.revoked.send(true);
     if slot.a.is_some() && slot.b.is_some() {
         state.metrics.links_paired.decrement(1.0);
@@ -727,10 +758,7 @@ fn revoke(state: &State, link_id: LinkId) {
         .into_iter()
         .flatten()
     {
-        let _ = att.ctl.try_send(RelayToAgent::Error {
-            link_id,
-            code: ErrorCode::Revoked,
-        });
+        let _ = att.ctl.try_send(RelayToAgent::Error { link_id, code });
     }
 }
 
@@ -1046,7 +1074,7 @@ fn attach(
         return refused("not_granted", ErrorCode::NotGranted);
     }
     if unix_now() >= grant.not_after {
-        return refused("expired", ErrorCode::NotGranted);
+        return refused("expired", ErrorCode::Expired);
     }
     if state.is_draining() {
         return refused("draining", ErrorCode::Draining);

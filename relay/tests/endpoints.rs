@@ -1,4 +1,5 @@
-//! A relay's two QUIC endpoints keep their stateless resets apart (RFC 9000
+//! A relay's two QUIC endpoints: each reports a port in use as an error,
+//! and they keep their stateless resets apart (RFC 9000
 //! §10.3 and §21.11): a connection id the main endpoint issued, sent to the
 //! interactive endpoint, draws no valid stateless reset. If it did, anyone
 //! who saw a connection's id on the path could make the other endpoint
@@ -146,7 +147,7 @@ async fn a_main_endpoint_connection_id_draws_no_valid_reset_at_the_interactive_o
 
     // The same relay restarted: its main endpoint answers a packet for the
     // old connection with a stateless reset carrying the valid token.
-    let relay = Relay::bind(config).expect("bind again");
+    let relay = bind_soon(&config).await;
     let (stop, stopped) = mpsc::channel(1);
     let running = tokio::spawn(relay.run_until(stopped));
     let packet = packet_for(&cid);
@@ -167,6 +168,34 @@ async fn a_main_endpoint_connection_id_draws_no_valid_reset_at_the_interactive_o
     }
     stop.send(Stop::Now).await.expect("stop");
     running.await.expect("join").expect("run");
+}
+
+/// Binds `config`'s relay, waiting for a previous run's sockets to close.
+async fn bind_soon(config: &RelayConfig) -> Relay {
+    for _ in 0..100 {
+        match Relay::bind(config.clone()) {
+            Ok(relay) => return relay,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    Relay::bind(config.clone()).expect("bind again")
+}
+
+/// A port in use, at either listener, is an error naming it (bound from
+/// inside an async runtime, as the `comsat` binary binds, without a panic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_port_in_use_is_an_error() {
+    let dir = tempfile::tempdir().expect("dir");
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let taken_addr = taken.local_addr().expect("addr");
+    for (main, interactive) in [(taken_addr, free_udp()), (free_udp(), taken_addr)] {
+        let config = config(dir.path(), main, interactive);
+        let err = Relay::bind(config).expect_err("bound a port in use");
+        assert!(
+            err.to_string().contains(&taken_addr.to_string()),
+            "the error does not name the port: {err}"
+        );
+    }
 }
 
 /// The certificates in a PEM file.
