@@ -111,6 +111,12 @@ impl Setup {
     /// A link per `(name, target)`, each from agent A's listener to the
     /// target at agent B.
     async fn start_links(links: &[(&str, String)]) -> Result<Self> {
+        Self::start_tuned(links, "").await
+    }
+
+    /// Like [`Self::start_links`], with `agent_settings` (top-level lines)
+    /// added to both agents' configs.
+    async fn start_tuned(links: &[(&str, String)], agent_settings: &str) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let any: SocketAddr = "127.0.0.1:0".parse()?;
         let layout = comsat::dev::init(
@@ -132,6 +138,14 @@ impl Setup {
                 extra_relays: vec![],
             },
         )?;
+        for config in [&layout.agent_a.config, &layout.agent_b.config] {
+            let text = std::fs::read_to_string(config)?;
+            let key = "noise_key = \"noise.key\"\n";
+            std::fs::write(
+                config,
+                text.replacen(key, &format!("{key}{agent_settings}"), 1),
+            )?;
+        }
         let config = RelayConfig::load(&layout.relay_config)?;
         let relay = Relay::bind(config)?;
         let hostile = Hostile::new();
@@ -201,7 +215,6 @@ impl Setup {
     fn restart(&mut self, side: Side) -> Result<()> {
         let i = usize::from(side == Side::B);
         self.agents[i].0.kill();
-        self.hostile.forget_sealer(side);
         let config = if side == Side::A {
             &self.layout.agent_a.config
         } else {
@@ -934,6 +947,112 @@ async fn duplicated_and_replayed_link_control_changes_nothing() -> Result<()> {
     let answer = send_through(sys.listen, &next).await?;
     assert!(exact_or_reset(&next, &target.delivered(1).await?, &answer));
     assert_eq!(answer, b"got 1048576 bytes");
+    sys.assert_no_nonce_reused();
+    Ok(())
+}
+
+/// Records one key seals in the rekey tests (`rekey_records_log2 = 4`).
+const SMALL_KEY: u64 = 16;
+
+/// With the rekey limit lowered to 16 records, eight flows open throughout
+/// carry 4 MiB each, both ways (some 64 records per flow and direction,
+/// over 30 times the limit in all). Checks: a flow moves to its next key
+/// every 16 records without a word on the wire and without a reset
+/// (protocol.md, "Keys and nonces"); every byte arrives; each flow went
+/// through at least 3 key epochs; no key sealed two records under one
+/// nonce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_carries_many_times_the_rekey_limit_with_eight_flows_open() -> Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let target_addr = listener.local_addr()?;
+    echo(listener);
+    let sys = Setup::start_tuned(
+        &[("l", format!("tcp://{target_addr}"))],
+        "rekey_records_log2 = 4\n",
+    )
+    .await?;
+    const PER_FLOW: usize = 4 << 20;
+    let mut flows = Vec::new();
+    for seed in 0..8u64 {
+        let listen = sys.listen;
+        flows.push(tokio::spawn(async move {
+            let s = TcpStream::connect(listen).await?;
+            let (mut r, mut w) = s.into_split();
+            let sent = payload(seed, PER_FLOW);
+            let expect = sent.clone();
+            let writer = tokio::spawn(async move {
+                w.write_all(&sent).await?;
+                w.shutdown().await?;
+                anyhow::Ok(())
+            });
+            let mut back = Vec::with_capacity(PER_FLOW);
+            tokio::time::timeout(Duration::from_secs(120), r.read_to_end(&mut back))
+                .await
+                .context("flow timed out")??;
+            writer.await??;
+            anyhow::ensure!(back == expect, "flow {seed}: the echo differs");
+            anyhow::Ok(())
+        }));
+    }
+    for f in flows {
+        f.await??;
+    }
+    for side in [Side::A, Side::B] {
+        assert_eq!(sys.metric(side, "comsat_agent_flows_failed_total")?, 0.0);
+        let rekeys = sys.metric(side, "comsat_agent_rekeys_total{kind=\"records\"}")?;
+        assert!(rekeys >= 16.0, "{side:?} moved to a new key {rekeys} times");
+    }
+    // The relay's view: each flow, each way, reached its third key.
+    let highest = sys.hostile.highest_seqs();
+    assert_eq!(highest.len(), 16, "{highest:?}");
+    for ((side, flow, _), seq) in &highest {
+        let epochs = seq / SMALL_KEY + 1;
+        assert!(epochs >= 3, "{side:?} flow {flow}: {epochs} key epochs");
+    }
+    sys.assert_no_nonce_reused();
+    Ok(())
+}
+
+/// With generations of 3 flow ids per side (`flow_ids_log2 = 2`), 20 flows
+/// one after another take each id again, in 7 generations. Checks: flow ids
+/// past the id space continue in a new generation under new keys
+/// (protocol.md, "Flow ids"): every flow works, none is refused as a
+/// replay, and the relay saw the same ids under different keys, never
+/// one key twice on a nonce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_ids_past_a_generation_continue_in_a_new_one() -> Result<()> {
+    let (addr, target) = target().await?;
+    let sys = Setup::start_tuned(&[("l", addr)], "flow_ids_log2 = 2\n").await?;
+    for i in 0..20u64 {
+        let sent = payload(i, 5000 + i as usize);
+        let answer = send_through(sys.listen, &sent).await?;
+        let got = target.delivered(i as usize).await?;
+        assert!(exact_or_reset(&sent, &got, &answer), "flow {i} was reset");
+    }
+    assert_eq!(target.dials(), 20);
+    // On the wire a flow id carries its generation's low 8 bits: the 20
+    // flows are 20 wire ids over 3 ids.
+    let wire: std::collections::HashSet<_> = sys
+        .hostile
+        .recordings()
+        .into_iter()
+        .filter(|r| r.opener)
+        .map(|r| r.flow)
+        .collect();
+    let ids: std::collections::HashSet<_> = wire
+        .iter()
+        .map(|w| comsat_protocol::record::split_flow_id(*w).1)
+        .collect();
+    assert_eq!((wire.len(), ids.len()), (20, 3), "ids used: {wire:?}");
+    assert_eq!(sys.hostile.flow_instances(), 20);
+    assert!(sys.metric(Side::A, "comsat_agent_rekeys_total{kind=\"flow_ids\"}")? >= 6.0);
+    assert_eq!(
+        sys.metric(
+            Side::B,
+            "comsat_agent_peer_refused_total{reason=\"replayed_flow\"}"
+        )?,
+        0.0
+    );
     sys.assert_no_nonce_reused();
     Ok(())
 }

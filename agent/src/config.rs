@@ -8,6 +8,12 @@
 //! flow_timeout_ms = 30000          # optional: outage a flow survives
 //! lane_idle_ms = 30000             # optional: a lane without flows closes
 //! bulk_nice = 5                    # optional: 0 to 19, see "The lane"
+//! # Optional, for tests of rekeying only: a record key seals at most
+//! # 2^rekey_records_log2 records (2 to 20, default 20), and a generation
+//! # of flow ids holds 2^flow_ids_log2 - 1 flows (2 to 22, default 22).
+//! # Both agents of a link use the lower of their values.
+//! # rekey_records_log2 = 20
+//! # flow_ids_log2 = 22
 //!
 //! [[links]]
 //! name = "db"
@@ -107,6 +113,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use comsat_protocol::noise;
 use comsat_protocol::{LinkId, NodeId, NoisePublicKey, Side};
 use serde::Deserialize;
 
@@ -154,6 +161,14 @@ pub struct AgentConfig {
     /// has a lane or a connection of its own (0 to 19, default 5).
     #[serde(default)]
     pub bulk_nice: Option<u8>,
+    /// A record key seals at most `2^rekey_records_log2` records (default
+    /// and most 20): lower only to test rekeying.
+    #[serde(default)]
+    pub rekey_records_log2: Option<u8>,
+    /// A generation of flow ids holds `2^flow_ids_log2 - 1` flows (default
+    /// and most 22): lower only to test new generations.
+    #[serde(default)]
+    pub flow_ids_log2: Option<u8>,
     /// The links.
     #[serde(default)]
     pub links: Vec<LinkConfig>,
@@ -363,6 +378,18 @@ impl LinkConfig {
 }
 
 impl AgentConfig {
+    /// What this agent states in its Noise handshakes.
+    pub fn noise_params(&self) -> noise::Params {
+        let defaults = noise::Params::default();
+        noise::Params {
+            records_per_key_log2: self
+                .rekey_records_log2
+                .unwrap_or(defaults.records_per_key_log2),
+            flow_ids_log2: self.flow_ids_log2.unwrap_or(defaults.flow_ids_log2),
+            ..defaults
+        }
+    }
+
     /// A config with no links, for an agent whose links come from the
     /// controller ([`crate::Agent::apply`]).
     pub fn for_node(node_id: NodeId, signing_key: PathBuf, noise_key: PathBuf) -> Self {
@@ -374,6 +401,8 @@ impl AgentConfig {
             flow_timeout_ms: None,
             lane_idle_ms: None,
             bulk_nice: None,
+            rekey_records_log2: None,
+            flow_ids_log2: None,
             links: Vec::new(),
         }
     }
@@ -411,6 +440,14 @@ impl AgentConfig {
         if let Some(n) = config.bulk_nice.filter(|n| *n > 19) {
             return Err(bad(format!(
                 "bulk_nice is {n}: niceness goes from 0 (as the process) to 19"
+            )));
+        }
+        if let Err(e) = config.noise_params().check() {
+            return Err(bad(format!(
+                "rekey_records_log2 / flow_ids_log2: {e}: rekey_records_log2 goes from {min} to {}, flow_ids_log2 from {min} to {}",
+                noise::DEFAULT_RECORDS_PER_KEY_LOG2,
+                noise::DEFAULT_FLOW_IDS_LOG2,
+                min = noise::MIN_LOG2,
             )));
         }
         if config.links.len() > MAX_LINKS {

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use comsat_protocol::limits::NOISE_TAG_LEN;
-use comsat_protocol::noise::{NoiseError, RECORD_PREFIX_LEN};
+use comsat_protocol::noise::{NoiseError, Opener, RECORD_PREFIX_LEN, Sealer};
 use comsat_protocol::quantum::Quantum;
 use comsat_protocol::record::{
     FlowHeader, RECORD_HEADER_LEN, RecordError, RecordHeader, RecordKind, decode_record,
@@ -86,16 +86,18 @@ pub(crate) enum End {
     Reset,
 }
 
-#[derive(Default)]
 struct Tx {
     /// Sealed records until the peer acknowledges them, each holding its
     /// share of the agent's replay budget.
     window: ReplayWindow<Option<OwnedSemaphorePermit>>,
     fin_seq: Option<u64>,
+    /// The flow's keys for what this side sends.
+    sealer: Sealer,
 }
 
-#[derive(Default)]
 struct Rx {
+    /// The flow's keys for what this side receives.
+    opener: Opener,
     reassembly: Reassembly,
     fin_delivered: bool,
     /// Bytes delivered since the last acknowledgement sent soon.
@@ -137,8 +139,10 @@ pub(crate) struct Flow {
 }
 
 impl Flow {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         id: FlowId,
+        generation: u32,
         session: Arc<LinkSession>,
         link: Arc<LinkRt>,
         dialer: bool,
@@ -146,14 +150,26 @@ impl Flow {
         metrics: Metrics,
     ) -> Arc<Self> {
         let (streams_in, streams_out) = mpsc::channel(2);
+        let (sealer, opener) = session
+            .noise
+            .flow(generation, comsat_protocol::record::split_flow_id(id).1);
         Arc::new(Self {
             id,
             session,
             link,
             dialer,
-            tx: Mutex::default(),
+            tx: Mutex::new(Tx {
+                window: ReplayWindow::default(),
+                fin_seq: None,
+                sealer,
+            }),
             tx_event: Notify::new(),
-            rx: Mutex::default(),
+            rx: Mutex::new(Rx {
+                opener,
+                reassembly: Reassembly::default(),
+                fin_delivered: false,
+                unacked: 0,
+            }),
             streams_in,
             streams_out: tokio::sync::Mutex::new(streams_out),
             handoff: watch::channel(false).0,
@@ -226,9 +242,11 @@ impl Flow {
     ) -> Result<(), FlowError> {
         let mut tx = lock(&self.tx);
         let seq = tx.window.next_seq();
-        self.session
-            .noise
-            .seal_record_in_place(self.id, seq, kind, &mut record)?;
+        tx.sealer.seal_record_in_place(seq, kind, &mut record)?;
+        if seq > 0 && seq % self.session.noise.params().records_per_key() == 0 {
+            // The flow moved to the next key of its own.
+            self.metrics.rekeyed("records");
+        }
         if kind == RecordKind::Fin {
             tx.fin_seq = Some(seq);
         }
@@ -453,11 +471,9 @@ impl Flow {
                 }
                 // Decrypted where it lies; the plaintext is handed on as is.
                 let mut record = pending.split_to(used);
-                let (kind, payload) = self.session.noise.open_record_in_place(
-                    self.id,
-                    header.seq,
-                    &mut record[RECORD_HEADER_LEN..],
-                )?;
+                let (kind, payload) = lock(&self.rx)
+                    .opener
+                    .open_record_in_place(header.seq, &mut record[RECORD_HEADER_LEN..])?;
                 record.advance(RECORD_HEADER_LEN + payload.start);
                 record.truncate(payload.len());
                 delivery.buf = record;

@@ -161,6 +161,7 @@ impl Agent {
             lane_idle: config
                 .lane_idle_ms
                 .map_or(defaults::LANE_IDLE, Duration::from_millis),
+            noise_params: config.noise_params(),
         });
         let flow_timeout = config
             .flow_timeout_ms

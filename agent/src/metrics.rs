@@ -17,6 +17,7 @@
 //! | `comsat_agent_sent_bytes_total` | counter | application bytes sent into links, counted as they move |
 //! | `comsat_agent_received_bytes_total` | counter | application bytes delivered from links |
 //! | `comsat_agent_local_refused_total{reason}` | counter | local connections refused: `peer_credentials`, `link_not_ready`, `grant_expired` (the relay ended the link at its grant's `not_after` and no renewed grant came) |
+//! | `comsat_agent_rekeys_total{kind}` | counter | end-to-end keys replaced: `records` (a flow sealed as many records as one key may, and moved to its next key), `flow_ids` (this agent used a generation of flow ids and started the next, under new keys) |
 //! | `comsat_agent_peer_refused_total{reason}` | counter | what arrived through a relay and was refused because the relay (or whoever holds its keys) replayed or forged it: `replayed_flow` (a flow the session already opened), `unconfirmed_handshake` (a handshake this agent answered that the peer never confirmed by sealing under it: a replay, or a handshake the peer gave up) |
 
 use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
@@ -51,6 +52,8 @@ pub const SENT_BYTES_TOTAL: &str = "comsat_agent_sent_bytes_total";
 pub const RECEIVED_BYTES_TOTAL: &str = "comsat_agent_received_bytes_total";
 /// Local connections refused.
 pub const LOCAL_REFUSED_TOTAL: &str = "comsat_agent_local_refused_total";
+/// End-to-end keys replaced, by kind.
+pub const REKEYS_TOTAL: &str = "comsat_agent_rekeys_total";
 /// Replays and forgeries from a relay, refused.
 pub const PEER_REFUSED_TOTAL: &str = "comsat_agent_peer_refused_total";
 
@@ -111,6 +114,7 @@ impl Metrics {
             "Application bytes delivered from links"
         );
         describe_counter!(LOCAL_REFUSED_TOTAL, "Local connections refused, by reason");
+        describe_counter!(REKEYS_TOTAL, "End-to-end keys replaced, by kind");
         describe_counter!(
             PEER_REFUSED_TOTAL,
             "Replayed or forged flows and handshakes from a relay, refused, by reason"
@@ -135,6 +139,10 @@ impl Metrics {
 
     pub(crate) fn local_refused(&self, reason: &'static str) {
         counter!(LOCAL_REFUSED_TOTAL, "reason" => reason).increment(1);
+    }
+
+    pub(crate) fn rekeyed(&self, kind: &'static str) {
+        counter!(REKEYS_TOTAL, "kind" => kind).increment(1);
     }
 
     pub(crate) fn peer_refused(&self, reason: &'static str) {

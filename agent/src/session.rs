@@ -10,7 +10,7 @@
 //! message replayed by a relay never replaces a working session.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,11 +19,12 @@ use comsat_protocol::link::{LinkControl, MAX_ACKS_PER_MESSAGE};
 use comsat_protocol::msg::{
     AgentToRelay, ControlMessage, FrameDecoder, PeerFrame, RelayToAgent, make_hello,
 };
-use comsat_protocol::noise::{self, ExpectResponse, Session};
+use comsat_protocol::noise::{self, ExpectResponse, Opener, Sealer, Session};
 use comsat_protocol::record::{
     FLOW_HEADER_LEN, FlowHeader, RECORD_HEADER_LEN, RecordHeader, RecordKind,
 };
-use comsat_protocol::replay::SeenFlows;
+use comsat_protocol::record::{split_flow_id, wire_flow_id};
+use comsat_protocol::replay::PeerFlows;
 use comsat_protocol::{
     FlowId, HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN, LinkId, NodeId, NoiseSecretKey, Side,
     SigningKey,
@@ -54,34 +55,43 @@ pub(crate) struct Shared {
     pub(crate) budget: Arc<Semaphore>,
     /// How long a lane stays up without flows.
     pub(crate) lane_idle: Duration,
+    /// What this agent states in its Noise handshakes.
+    pub(crate) noise_params: noise::Params,
 }
 
-/// A link's end-to-end session, its link-control sequence numbers and the
-/// flows the peer opened in it.
+/// A link's end-to-end session, its link-control keys and sequence
+/// numbers, and the flows the peer opened in it.
 pub(crate) struct LinkSession {
     pub(crate) noise: Session,
+    control: Mutex<(Sealer, Opener)>,
     send_seq: AtomicU64,
     recv_last: Mutex<Option<u64>>,
-    /// Flow ids the peer opened in this session: each is accepted once, so
-    /// a recorded flow written again by a relay never dials the target a
-    /// second time nor makes this side seal under a nonce it used.
-    seen: Mutex<SeenFlows>,
+    /// Flow ids the peer opened in this session, by generation: each is
+    /// accepted once, so a recorded flow written again by a relay never
+    /// dials the target a second time nor makes this side seal under a
+    /// nonce it used.
+    seen: Mutex<PeerFlows>,
+    /// The link's flow counter when the session began: this side's flows
+    /// count their generations from there.
+    flow_base: u64,
 }
 
 impl LinkSession {
-    fn new(noise: Session) -> Arc<Self> {
+    fn new(noise: Session, flow_base: u64) -> Arc<Self> {
         Arc::new(Self {
+            control: Mutex::new(noise.control()),
             noise,
             send_seq: AtomicU64::new(0),
             recv_last: Mutex::new(None),
             seen: Mutex::default(),
+            flow_base,
         })
     }
 
     fn seal(&self, msg: &LinkControl) -> Option<PeerFrame> {
         let seq = self.send_seq.fetch_add(1, Ordering::Relaxed);
         let plain = msg.encode().ok()?;
-        let ciphertext = self.noise.seal_control(seq, &plain).ok()?;
+        let ciphertext = lock(&self.control).0.seal_control(seq, &plain).ok()?;
         Some(PeerFrame::Sealed { seq, ciphertext })
     }
 
@@ -91,7 +101,7 @@ impl LinkSession {
         if last.is_some_and(|l| seq <= l) {
             return None;
         }
-        let plain = self.noise.open_control(seq, ciphertext).ok()?;
+        let plain = lock(&self.control).1.open_control(seq, ciphertext).ok()?;
         let msg = LinkControl::decode(&plain).ok()?;
         *last = Some(seq);
         Some(msg)
@@ -131,7 +141,8 @@ pub(crate) struct LinkRt {
     /// The relay ended the link because its grant expired, and it was not
     /// attached since: local connections are refused at once.
     expired: AtomicBool,
-    next_flow: AtomicU32,
+    /// Flows this side opened on the link, all sessions together.
+    next_flow: AtomicU64,
     flows: Mutex<HashMap<FlowId, Arc<Flow>>>,
     acks: Mutex<HashMap<FlowId, u64>>,
     /// Wakes the relay session that carries the link (it changes when the
@@ -184,7 +195,7 @@ impl LinkRt {
             epoch: AtomicU64::new(0),
             peer_confirmed: AtomicBool::new(false),
             expired: AtomicBool::new(false),
-            next_flow: AtomicU32::new(0),
+            next_flow: AtomicU64::new(0),
             generation: AtomicU64::new(cfg.generation),
             flows: Mutex::default(),
             acks: Mutex::default(),
@@ -312,7 +323,8 @@ impl LinkRt {
             metrics.peer_refused("unconfirmed_handshake");
             debug!(link = %self.cfg.name, "an answered handshake was never confirmed by the peer");
         }
-        candidates.push_back((LinkSession::new(session), conn.clone()));
+        let flow_base = self.next_flow.load(Ordering::Relaxed);
+        candidates.push_back((LinkSession::new(session, flow_base), conn.clone()));
     }
 
     /// Side B: side A proved it holds `candidate` (it sealed something
@@ -362,15 +374,30 @@ impl LinkRt {
         self.set_ready(None, metrics);
     }
 
-    /// A flow id never used before by this agent for this link: side A
-    /// uses odd ids, side B even ones, so both may open flows.
-    fn alloc_flow_id(&self) -> Option<FlowId> {
+    /// A flow (generation, id) never used before in `session` by this
+    /// side, with the id as stream headers carry it: side A uses odd ids,
+    /// side B even ones, so both may open flows; when a generation's ids
+    /// are used, the next generation takes them again under new keys. Ids
+    /// go on counting across sessions, so a stream of an earlier session
+    /// never meets a flow of this one.
+    fn alloc_flow_id(&self, session: &LinkSession, metrics: &Metrics) -> Option<(u32, FlowId)> {
         let n = self.next_flow.fetch_add(1, Ordering::Relaxed);
-        let id = n.checked_mul(2)?.checked_add(match self.cfg.side {
+        let per_generation = session.noise.params().flow_ids_per_generation();
+        let generation =
+            u32::try_from(n.saturating_sub(session.flow_base) / per_generation).ok()?;
+        let k = u32::try_from(n % per_generation).ok()?;
+        let id = k.checked_mul(2)?.checked_add(match self.cfg.side {
             Side::A => 1,
             Side::B => 2,
         })?;
-        (id < MAX_FLOW_ID).then_some(id)
+        if id >= MAX_FLOW_ID {
+            return None;
+        }
+        if n.saturating_sub(session.flow_base) % per_generation == 0 && generation > 0 {
+            metrics.rekeyed("flow_ids");
+            info!(link = %self.cfg.name, generation, "flow ids of the last generation used: a new generation starts, under new keys");
+        }
+        Some((generation, wire_flow_id(generation, id)))
     }
 
     /// Schedules a cumulative acknowledgement to the peer, sent `when`.
@@ -1103,10 +1130,11 @@ fn handle_sealed(
 
 fn initiate(shared: &Shared, link: &LinkRt, ctl: &mpsc::Sender<AgentToRelay>) {
     *lock(&link.resume_sent) = None;
-    match noise::initiate(
+    match noise::initiate_with_params(
         &shared.noise,
         &link.cfg.peer_noise_public_key,
         &link.cfg.link_id,
+        shared.noise_params,
     ) {
         Ok((pending, msg)) => {
             *link.pending() = Some(pending);
@@ -1128,11 +1156,12 @@ fn handle_handshake(
 ) {
     match link.cfg.side {
         Side::B => {
-            let (session, reply) = match noise::respond(
+            let (session, reply) = match noise::respond_with_params(
                 &shared.noise,
                 &link.cfg.peer_noise_public_key,
                 &link.cfg.link_id,
                 msg,
+                shared.noise_params,
             ) {
                 Ok(answered) => answered,
                 Err(e) => {
@@ -1162,7 +1191,8 @@ fn handle_handshake(
             };
             // The answer proves side B holds the session; the first message
             // sealed under it proves the same to side B.
-            link.install_session(LinkSession::new(session), conn, &shared.metrics);
+            let flow_base = link.next_flow.load(Ordering::Relaxed);
+            link.install_session(LinkSession::new(session, flow_base), conn, &shared.metrics);
             // Until side B answers it, the session is not confirmed: without
             // an answer the retry starts another handshake.
             link.peer_confirmed.store(false, Ordering::Relaxed);
@@ -1264,20 +1294,33 @@ async fn accept_flow(
         let header = RecordHeader::decode(&rh).ok().flatten()?;
         let mut ct = vec![0u8; header.len];
         recv.read_exact(&mut ct).await.ok()?;
-        let opens = |s: &LinkSession| {
-            let mut plain = Vec::new();
-            let kind = s.noise.open_record(h.flow_id, header.seq, &ct, &mut plain);
-            header.seq == 0 && matches!(kind, Ok(RecordKind::Open))
-        };
-        if let Some(s) = current.as_ref().filter(|s| opens(s)) {
-            return Some(s.clone());
+        if header.seq != 0 {
+            return None;
         }
-        let c = candidates.into_iter().find(|c| opens(c))?;
+        // The generation of flow ids it belongs to: the peer's current
+        // one, its next or the one before (keys differ for each).
+        let (tag, id) = split_flow_id(h.flow_id);
+        let opens = |s: &LinkSession| {
+            let generations = lock(&s.seen).candidates();
+            generations
+                .into_iter()
+                .filter(|g| *g as u8 == tag)
+                .find(|g| {
+                    let mut plain = Vec::new();
+                    let (_, mut opener) = s.noise.flow(*g, id);
+                    let kind = opener.open_record(0, &ct, &mut plain);
+                    matches!(kind, Ok(RecordKind::Open))
+                })
+        };
+        if let Some(found) = current.and_then(|s| Some((opens(&s)?, s))) {
+            return Some(found);
+        }
+        let (g, c) = candidates.into_iter().find_map(|c| Some((opens(&c)?, c)))?;
         link.confirm(&c, &shared.metrics);
-        Some(c)
+        Some((g, c))
     })
     .await;
-    let Ok(Some(session)) = opened else {
+    let Ok(Some((generation, session))) = opened else {
         refuse(&mut send, &mut recv);
         return Err(format!(
             "link {}: stream for unknown flow {} did not start with Open",
@@ -1287,11 +1330,15 @@ async fn accept_flow(
     // An authentic Open of a flow this session already took is a recording
     // written again (only a relay can do that): refused before anything is
     // dialled or sealed.
-    if let Err(e) = lock(&session.seen).accept(h.flow_id) {
+    let before = lock(&session.seen).generation();
+    if let Err(e) = lock(&session.seen).accept(generation, split_flow_id(h.flow_id).1) {
         refuse(&mut send, &mut recv);
         shared.metrics.peer_refused("replayed_flow");
         warn!(link = %link.cfg.name, error = %e, "replayed flow refused: the relay wrote a flow again that this session already carried");
         return Ok(());
+    }
+    if generation > before {
+        debug!(link = %link.cfg.name, generation, "the peer started a new generation of flow ids");
     }
     let local = match local::dial(target, defaults::TARGET_DIAL_TIMEOUT).await {
         Ok(c) => c,
@@ -1300,7 +1347,9 @@ async fn accept_flow(
             let mut out = Vec::new();
             if session
                 .noise
-                .seal_record(h.flow_id, 0, RecordKind::Reset, &[], &mut out)
+                .flow(generation, split_flow_id(h.flow_id).1)
+                .0
+                .seal_record(0, RecordKind::Reset, &[], &mut out)
                 .is_ok()
                 && send.write_all(&out).await.is_ok()
             {
@@ -1312,6 +1361,7 @@ async fn accept_flow(
     };
     let flow = Flow::new(
         h.flow_id,
+        generation,
         session,
         link.clone(),
         false,
@@ -1378,12 +1428,13 @@ async fn dial_flow(shared: &Shared, link: &Arc<LinkRt>, conn: local::LocalConn) 
         warn!(link = %link.cfg.name, "link not ready; local connection closed");
         return;
     };
-    let Some(flow_id) = link.alloc_flow_id() else {
-        warn!(link = %link.cfg.name, "flow ids exhausted for this agent run");
+    let Some((generation, flow_id)) = link.alloc_flow_id(&current.session, &shared.metrics) else {
+        warn!(link = %link.cfg.name, "flow ids exhausted for this session");
         return;
     };
     let flow = Flow::new(
         flow_id,
+        generation,
         current.session,
         link.clone(),
         true,

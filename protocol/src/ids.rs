@@ -122,8 +122,11 @@ id_type!(
 /// The id of one flow (one accepted local connection) within a link session.
 ///
 /// Flow ids are the high 24 bits of every record nonce, so they are below
-/// [`crate::limits::MAX_FLOW_ID`] and never reused within one Noise session.
-/// Id 0 is reserved for the link's own sealed control records.
+/// [`crate::limits::MAX_FLOW_ID`], and never reused within one generation of
+/// a Noise session (a new generation takes them again under other keys; a
+/// stream header carries the generation's low 8 bits above the id:
+/// [`crate::record::wire_flow_id`]). Id 0 is reserved for the link's own
+/// sealed control records.
 pub type FlowId = u32;
 
 /// Which half of a link a node holds.

@@ -37,7 +37,8 @@ pub enum RecordError {
     /// Unknown flow header version.
     #[error("unknown flow header version {0}")]
     Version(u8),
-    /// A flow id out of range (0 is reserved, the maximum is 2^24 - 1).
+    /// A flow id out of range (its low 24 bits must not be 0, and a nonce
+    /// takes only those).
     #[error("flow id {0} is out of range")]
     FlowId(u32),
     /// A record length out of range.
@@ -61,8 +62,23 @@ pub enum RecordError {
 pub struct FlowHeader {
     /// The link the flow belongs to.
     pub link_id: LinkId,
-    /// The flow, unique within the link's Noise session.
+    /// The flow as it travels: its id in the low 24 bits, the low 8 bits
+    /// of its generation above ([`wire_flow_id`]).
     pub flow_id: FlowId,
+}
+
+/// The flow id a stream header carries for flow `id` (below 2^24, not 0)
+/// of `generation`: the generation's low 8 bits tell the flows of
+/// neighbouring generations apart, which reuse the same ids under other
+/// keys.
+pub fn wire_flow_id(generation: u32, id: FlowId) -> FlowId {
+    ((generation & 0xff) << 24) | (id & (MAX_FLOW_ID - 1))
+}
+
+/// The generation tag (low 8 bits of the generation) and the id of a flow
+/// id as a stream header carries it.
+pub fn split_flow_id(wire: FlowId) -> (u8, FlowId) {
+    ((wire >> 24) as u8, wire & (MAX_FLOW_ID - 1))
 }
 
 impl FlowHeader {
@@ -92,7 +108,7 @@ impl FlowHeader {
         let mut link = [0u8; 16];
         link.copy_from_slice(&bytes[1..17]);
         let flow_id = u32::from_be_bytes([bytes[17], bytes[18], bytes[19], bytes[20]]);
-        if flow_id == 0 || flow_id >= MAX_FLOW_ID {
+        if split_flow_id(flow_id).1 == 0 {
             return Err(RecordError::FlowId(flow_id));
         }
         Ok(Some((
@@ -267,6 +283,18 @@ mod tests {
         }
         .write_to(&mut zero_flow);
         assert_eq!(FlowHeader::decode(&zero_flow), Err(RecordError::FlowId(0)));
+        let mut tagged_zero = Vec::new();
+        FlowHeader {
+            link_id: LinkId([1; 16]),
+            flow_id: 3 << 24,
+        }
+        .write_to(&mut tagged_zero);
+        assert_eq!(
+            FlowHeader::decode(&tagged_zero),
+            Err(RecordError::FlowId(3 << 24))
+        );
+        assert_eq!(wire_flow_id(0x1_05, 7), (5 << 24) | 7);
+        assert_eq!(split_flow_id((5 << 24) | 7), (5, 7));
         assert_eq!(nonce(MAX_FLOW_ID, 0), Err(RecordError::FlowId(MAX_FLOW_ID)));
         assert_eq!(nonce(1, MAX_SEQ), Err(RecordError::Seq(MAX_SEQ)));
         assert_eq!(nonce(3, 7), Ok((3 << 40) | 7));

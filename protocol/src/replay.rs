@@ -14,8 +14,14 @@
 //! each other). The memory is a sliding window of [`SEEN_WINDOW`] ids below
 //! the highest one seen, as in IPsec's anti-replay window (RFC 4303 §3.4.3):
 //! an id inside it is fresh if its bit is clear, an id below it is refused
-//! as too old. Memory stays fixed at `SEEN_WINDOW / 8` bytes per session,
-//! whatever the peer or the relay sends.
+//! as too old. Memory stays fixed at `SEEN_WINDOW / 8` bytes per
+//! generation, whatever the peer or the relay sends.
+//!
+//! A peer that used every id of a generation starts the next one, whose
+//! flows are sealed under other keys ([`crate::noise::Session::flow`]).
+//! [`PeerFlows`] keeps the window of the peer's current generation and of
+//! the one before it (whose last `Open`s may still be on their way), and
+//! refuses anything older.
 
 use crate::ids::FlowId;
 
@@ -32,6 +38,18 @@ pub enum NotFresh {
     /// The session already accepted this id.
     #[error("flow {0} was already opened in this session (a replay)")]
     Seen(FlowId),
+    /// The flow's generation is older than the two remembered.
+    #[error(
+        "flow {id} of generation {generation} is older than generation {current} and the one before"
+    )]
+    Generation {
+        /// The refused id.
+        id: FlowId,
+        /// Its generation.
+        generation: u32,
+        /// The peer's newest generation.
+        current: u32,
+    },
     /// The id is so far below the highest one seen that it is no longer
     /// remembered, so it is refused as a possible replay.
     #[error("flow {id} is more than {SEEN_WINDOW} ids below the newest flow {highest}")]
@@ -135,6 +153,61 @@ impl SeenFlows {
     }
 }
 
+/// The flows a peer opened in one session, across generations of flow
+/// ids (see the module docs).
+#[derive(Clone, Debug, Default)]
+pub struct PeerFlows {
+    generation: u32,
+    current: SeenFlows,
+    previous: Option<SeenFlows>,
+}
+
+impl PeerFlows {
+    /// The generations a new flow's `Open` may belong to, most likely
+    /// first: the peer's current one, the next, the one before.
+    pub fn candidates(&self) -> Vec<u32> {
+        let g = self.generation;
+        let mut out = vec![g];
+        out.extend(g.checked_add(1));
+        if self.previous.is_some() {
+            out.extend(g.checked_sub(1));
+        }
+        out
+    }
+
+    /// The peer's newest generation.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Accepts flow `id` of `generation` if it is fresh; from then on it
+    /// never is again. The next generation becomes the current one (the
+    /// current one stays remembered as the one before).
+    pub fn accept(&mut self, generation: u32, id: FlowId) -> Result<(), NotFresh> {
+        let current = self.generation;
+        if generation == current {
+            self.current.accept(id)
+        } else if Some(generation) == current.checked_add(1) {
+            let mut next = SeenFlows::new();
+            next.accept(id)?;
+            self.previous = Some(std::mem::replace(&mut self.current, next));
+            self.generation = generation;
+            Ok(())
+        } else if Some(generation) == current.checked_sub(1) && self.previous.is_some() {
+            match &mut self.previous {
+                Some(previous) => previous.accept(id),
+                None => unreachable!("checked above"),
+            }
+        } else {
+            Err(NotFresh::Generation {
+                id,
+                generation,
+                current,
+            })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -195,6 +268,38 @@ mod tests {
             seen.check(SEEN_WINDOW + 1),
             Err(NotFresh::Seen(SEEN_WINDOW + 1))
         );
+    }
+
+    #[test]
+    fn generations_take_the_same_ids_once_each() {
+        let mut peer = PeerFlows::default();
+        assert_eq!(peer.candidates(), vec![0, 1]);
+        peer.accept(0, 1).expect("fresh");
+        peer.accept(0, 3).expect("fresh");
+        assert_eq!(peer.accept(0, 3), Err(NotFresh::Seen(3)));
+        // The next generation starts with the same ids, fresh again.
+        peer.accept(1, 1).expect("fresh in generation 1");
+        assert_eq!(peer.generation(), 1);
+        assert_eq!(peer.candidates(), vec![1, 2, 0]);
+        assert_eq!(peer.accept(1, 1), Err(NotFresh::Seen(1)));
+        // A late Open of the generation before is still taken, once.
+        peer.accept(0, 5).expect("late, fresh");
+        assert_eq!(peer.accept(0, 1), Err(NotFresh::Seen(1)));
+        peer.accept(2, 1).expect("fresh in generation 2");
+        // Generation 0 is forgotten: refused, never taken again.
+        assert_eq!(
+            peer.accept(0, 7),
+            Err(NotFresh::Generation {
+                id: 7,
+                generation: 0,
+                current: 2
+            })
+        );
+        // A generation far ahead is refused too.
+        assert!(matches!(
+            peer.accept(9, 1),
+            Err(NotFresh::Generation { .. })
+        ));
     }
 
     proptest! {

@@ -5,12 +5,15 @@
 //!
 //! The ledger is the relay's own view: a record's nonce is
 //! `(flow_id << 40) | seq`, both in clear on the wire, and its sealer is the
-//! agent whose stream carried it. Within one run of two agents a flow id
-//! names one flow of one session (ids keep growing across sessions), so two
-//! different ciphertexts under one `(sealer, flow, seq)` mean a nonce was
-//! reused; a record sent again after a reconnect is byte-identical and
-//! counts once. [`Hostile::forget_sealer`] starts a side's ledger anew
-//! after that agent restarts (its flow ids start again, under new keys).
+//! agent whose stream carried it. A record sent again after a reconnect is
+//! byte-identical and counts once. The same flow id can come back under
+//! other keys (a new generation of flow ids, a new session, an agent
+//! restart); the relay tells such a new instance of a flow id from its
+//! first record: every flow starts with an `Open` at seq 0 whose plaintext
+//! is always the same, so under the same key and nonce it would be the same
+//! ciphertext, and a different one proves a different key. Records are
+//! noted per `(sealer, flow, instance, seq)`: two different ciphertexts
+//! there mean one key sealed two records under one nonce.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,12 +94,18 @@ impl Recording {
     }
 }
 
-type LedgerKey = (LinkId, Side, FlowId, u64);
+/// `(link, sealer, flow, instance, seq)`.
+type LedgerKey = (LinkId, Side, FlowId, u64, u64);
+
+/// Per `(link, opener, flow)`: the instance of the flow id now, and the
+/// ciphertext digest of its `Open`.
+type Instances = HashMap<(LinkId, Side, FlowId), (u64, [u8; 32])>;
 
 /// The nonces each agent sealed under, as the relay saw them.
 #[derive(Default)]
 struct Ledger {
     seen: Mutex<HashMap<LedgerKey, [u8; 32]>>,
+    instances: Mutex<Instances>,
     reused: Mutex<Vec<String>>,
     records: std::sync::atomic::AtomicU64,
     /// Record attacks carried out.
@@ -104,15 +113,37 @@ struct Ledger {
 }
 
 impl Ledger {
-    fn note(&self, key: LedgerKey, ciphertext: &[u8]) {
+    /// Notes record `seq` of `flow` sealed by `sealer` (the flow's opener if
+    /// `opener`).
+    fn note(
+        &self,
+        (link, sealer, flow): (LinkId, Side, FlowId),
+        opener: bool,
+        seq: u64,
+        ciphertext: &[u8],
+    ) {
         self.records.fetch_add(1, Ordering::Relaxed);
         let digest: [u8; 32] = Sha256::digest(ciphertext).into();
+        let opener_side = if opener { sealer } else { sealer.peer() };
+        let instance = {
+            let mut instances = crate::lock(&self.instances);
+            let entry = instances.entry((link, opener_side, flow));
+            if opener && seq == 0 {
+                let slot = entry.or_insert((0, digest));
+                if slot.1 != digest {
+                    *slot = (slot.0 + 1, digest);
+                }
+                slot.0
+            } else {
+                entry.or_insert((0, [0; 32])).0
+            }
+        };
+        let key = (link, sealer, flow, instance, seq);
         let mut seen = crate::lock(&self.seen);
         if let Some(before) = seen.insert(key, digest) {
             if before != digest {
-                let (link, side, flow, seq) = key;
                 crate::lock(&self.reused).push(format!(
-                    "link {} side {side:?} flow {flow} seq {seq}: two ciphertexts",
+                    "link {} side {sealer:?} flow {flow} (instance {instance}) seq {seq}: two ciphertexts",
                     link.fmt_short()
                 ));
             }
@@ -184,9 +215,23 @@ impl Hostile {
         crate::lock(&self.ledger.reused).clone()
     }
 
-    /// Forgets what `sealer` sealed: that agent restarted (new keys).
-    pub fn forget_sealer(&self, sealer: Side) {
-        crate::lock(&self.ledger.seen).retain(|(_, s, _, _), _| *s != sealer);
+    /// The highest seq each `(sealer, flow, instance)` sealed so far.
+    pub fn highest_seqs(&self) -> HashMap<(Side, FlowId, u64), u64> {
+        let mut out: HashMap<(Side, FlowId, u64), u64> = HashMap::new();
+        for (_, side, flow, instance, seq) in crate::lock(&self.ledger.seen).keys() {
+            let e = out.entry((*side, *flow, *instance)).or_default();
+            *e = (*e).max(*seq);
+        }
+        out
+    }
+
+    /// How many instances of flow ids were told apart so far (see the
+    /// module docs): flows opened, new generations and sessions included.
+    pub fn flow_instances(&self) -> usize {
+        crate::lock(&self.ledger.instances)
+            .values()
+            .map(|(i, _)| *i as usize + 1)
+            .sum()
     }
 }
 
@@ -264,8 +309,12 @@ impl Tamper for Records {
             };
             let record: Vec<u8> = self.buf.drain(..used).collect();
             let r = &self.recording;
-            self.ledger
-                .note((r.link, r.sealer, r.flow, seq), &record[used - ct_len..]);
+            self.ledger.note(
+                (r.link, r.sealer, r.flow),
+                r.opener,
+                seq,
+                &record[used - ct_len..],
+            );
             let n = self.n;
             self.n += 1;
             let record = Bytes::from(record);
