@@ -1056,3 +1056,243 @@ async fn flow_ids_past_a_generation_continue_in_a_new_one() -> Result<()> {
     sys.assert_no_nonce_reused();
     Ok(())
 }
+
+/// A relay run in this process on a runtime of its own, so it can be
+/// killed: its runtime is shut down without a word to its agents, as a
+/// killed process would go.
+struct KillableRelay {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl KillableRelay {
+    /// Binds `config`'s relay (waiting for a killed one's port) with
+    /// `hostile` inside, and runs it.
+    async fn start(config: &RelayConfig, hostile: &Arc<Hostile>) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let deadline = Instant::now() + WAIT;
+        let relay = loop {
+            let bound = {
+                let _in = runtime.enter();
+                Relay::bind(config.clone())
+            };
+            match bound {
+                Ok(relay) => break relay,
+                Err(e) if Instant::now() > deadline => return Err(e.into()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        relay.set_adversary(hostile.clone());
+        let (stop, stopped) = mpsc::channel(1);
+        runtime.spawn(async move {
+            let _stop = stop;
+            relay.run_until(stopped).await
+        });
+        Ok(Self {
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Kills the relay: every task and socket goes at once.
+    fn kill(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for KillableRelay {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Echo flows of `len` bytes each, `count` at once; each must come back
+/// exact or be reset. Returns the bytes that came back.
+async fn bulk(listen: SocketAddr, count: u64, len: usize, seed: u64) -> Result<u64> {
+    let mut flows = Vec::new();
+    for i in 0..count {
+        flows.push(tokio::spawn(async move {
+            let s = TcpStream::connect(listen).await?;
+            let (mut r, mut w) = s.into_split();
+            let sent = payload(seed + i, len);
+            let expect = sent.clone();
+            let writer = tokio::spawn(async move {
+                w.write_all(&sent).await?;
+                w.shutdown().await
+            });
+            let mut back = Vec::with_capacity(len);
+            let read = tokio::time::timeout(Duration::from_secs(240), r.read_to_end(&mut back))
+                .await
+                .context("bulk flow timed out")?;
+            // A reset is reported once, to whichever call meets it first:
+            // the flow ended cleanly only if neither half saw one.
+            let wrote = matches!(writer.await, Ok(Ok(())));
+            anyhow::ensure!(
+                expect.starts_with(&back),
+                "bulk flow {}: the echo is not a prefix of what was sent",
+                seed + i
+            );
+            anyhow::ensure!(
+                !(read.is_ok() && wrote) || back.len() == len,
+                "bulk flow {}: a clean end after {} of {len} bytes",
+                seed + i,
+                back.len()
+            );
+            anyhow::Ok(back.len() as u64)
+        }));
+    }
+    let mut total = 0;
+    for f in flows {
+        total += f.await??;
+    }
+    Ok(total)
+}
+
+/// `count` short echo flows, `workers` at a time; each comes back exact or
+/// is reset (relays and agents are killed meanwhile). Returns how many
+/// came back whole.
+async fn short_flows(listen: SocketAddr, count: u64, workers: u64) -> Result<u64> {
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        tasks.push(tokio::spawn(async move {
+            let mut whole = 0u64;
+            for i in (w..count).step_by(workers as usize) {
+                let sent = payload(i, 200 + (i % 700) as usize);
+                let Ok(Ok(mut s)) =
+                    tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(listen)).await
+                else {
+                    continue;
+                };
+                let mut back = Vec::new();
+                let done = tokio::time::timeout(Duration::from_secs(30), async {
+                    s.write_all(&sent).await?;
+                    s.shutdown().await?;
+                    s.read_to_end(&mut back).await
+                })
+                .await;
+                anyhow::ensure!(sent.starts_with(&back), "flow {i}: not a prefix");
+                if matches!(done, Ok(Ok(_))) && back.len() == sent.len() {
+                    whole += 1;
+                }
+            }
+            anyhow::Ok(whole)
+        }));
+    }
+    let mut whole = 0;
+    for t in tasks {
+        whole += t.await??;
+    }
+    Ok(whole)
+}
+
+/// The ledger over a long, eventful run: more than 1 GiB sealed and more
+/// than 10,000 flows, while the first relay is killed and restarted twice,
+/// then killed for good (the link fails over to the second relay), then
+/// agent B restarts. Checks: no agent sealed two records under one key and
+/// nonce, across flows, resumes, relay restarts, the failover and the agent
+/// restart (protocol.md, "Keys and nonces", "The nonce ledger"); every
+/// application saw exact bytes or a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nonces_never_repeat_over_a_gigabyte_ten_thousand_flows_kills_and_a_failover() -> Result<()>
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let target_addr = listener.local_addr()?;
+    echo(listener);
+    let dir = tempfile::tempdir()?;
+    let any: SocketAddr = "127.0.0.1:0".parse()?;
+    let layout = comsat::dev::init(
+        &dir.path().join("setup"),
+        &DevOptions {
+            relay_listen: format!("127.0.0.1:{}", free_udp_port()?).parse()?,
+            relay_admin: None,
+            agent_admin: [Some(any), Some(any)],
+            links: vec![DevLink {
+                name: "l".into(),
+                listen: "tcp://127.0.0.1:0".into(),
+                target: format!("tcp://{target_addr}"),
+                allowed_uids: vec![],
+            }],
+            pin_sha256: false,
+            extra_relays: vec![(format!("127.0.0.1:{}", free_udp_port()?).parse()?, None)],
+        },
+    )?;
+    let hostile = Hostile::new();
+    let first = RelayConfig::load(&layout.relays[0].config)?;
+    let second = RelayConfig::load(&layout.relays[1].config)?;
+    let mut relay1 = KillableRelay::start(&first, &hostile).await?;
+    let _relay2 = KillableRelay::start(&second, &hostile).await?;
+    let logs = dir.path().to_owned();
+    let mut a = common::start_agent(&layout.agent_a.config, &logs, "agent-a")?;
+    let mut b = common::start_agent(&layout.agent_b.config, &logs, "agent-b")?;
+    let listen = comsat_tests::proc::listen_addr(&mut a.0, "l")?;
+    const MIB: usize = 1 << 20;
+
+    // Phase 1, on the first relay: killed and restarted twice meanwhile.
+    let phase = tokio::spawn(async move {
+        let (bytes, whole) = tokio::join!(
+            bulk(listen, 4, 128 * MIB, 1000),
+            short_flows(listen, 5000, 16)
+        );
+        anyhow::Ok((bytes?, whole?))
+    });
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        relay1.kill();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        relay1 = KillableRelay::start(&first, &hostile).await?;
+    }
+    let (bytes1, whole1) = phase.await??;
+
+    // Phase 2: the first relay dies for good; the link fails over.
+    relay1.kill();
+    let (bytes2, whole2) = tokio::join!(
+        bulk(listen, 2, 64 * MIB, 2000),
+        short_flows(listen, 2500, 16)
+    );
+    let (bytes2, whole2) = (bytes2?, whole2?);
+
+    // Phase 3: agent B restarts (a new session, flow ids from the start).
+    b.0.kill();
+    b = common::start_agent(&layout.agent_b.config, &logs, "agent-b-again")?;
+    // Short flows at once (some meet the old session), bulk ones once the
+    // new session stands.
+    let shorts = tokio::spawn(short_flows(listen, 2500, 16));
+    let deadline = Instant::now() + WAIT;
+    while !b.0.log().contains("new end-to-end session confirmed") {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no new session after agent B restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bytes3 = bulk(listen, 2, 64 * MIB, 3000).await?;
+    let whole3 = shorts.await??;
+
+    let echoed = bytes1 + bytes2 + bytes3;
+    let whole = whole1 + whole2 + whole3;
+    eprintln!(
+        "echoed {} MiB, {whole} of 10,000 short flows whole, {} records, {} flow instances",
+        echoed >> 20,
+        hostile.records_seen(),
+        hostile.flow_instances()
+    );
+    // Echoed bytes crossed the relay twice, sealed once each way.
+    assert!(
+        2 * echoed >= 1 << 30,
+        "only {} MiB sealed",
+        (2 * echoed) >> 20
+    );
+    assert!(
+        hostile.flow_instances() >= 10_000,
+        "{} flows",
+        hostile.flow_instances()
+    );
+    assert!(whole >= 9_000, "only {whole} short flows came back whole");
+    let reused = hostile.reused_nonces();
+    assert!(reused.is_empty(), "nonces sealed twice: {reused:?}");
+    drop((a, b));
+    Ok(())
+}

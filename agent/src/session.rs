@@ -1409,11 +1409,19 @@ pub(crate) async fn serve_listener(
     }
 }
 
+/// Ends a local connection no flow carries with a reset, so the
+/// application never takes it for a clean, empty answer.
+fn refuse_local(conn: local::LocalConn) {
+    let (reader, writer) = conn.split();
+    writer.abort();
+    drop(reader);
+}
+
 async fn dial_flow(shared: &Shared, link: &Arc<LinkRt>, conn: local::LocalConn) {
     if link.expired.load(Ordering::Relaxed) && link.ready.borrow().is_none() {
         shared.metrics.local_refused("grant_expired");
         warn!(link = %link.cfg.name, "local connection refused: the link's grant expired and the controller has not renewed it");
-        return;
+        return refuse_local(conn);
     }
     let mut ready = link.ready.subscribe();
     let current =
@@ -1425,12 +1433,12 @@ async fn dial_flow(shared: &Shared, link: &Arc<LinkRt>, conn: local::LocalConn) 
         };
     let Some(current) = current else {
         shared.metrics.local_refused("link_not_ready");
-        warn!(link = %link.cfg.name, "link not ready; local connection closed");
-        return;
+        warn!(link = %link.cfg.name, "link not ready; local connection reset");
+        return refuse_local(conn);
     };
     let Some((generation, flow_id)) = link.alloc_flow_id(&current.session, &shared.metrics) else {
         warn!(link = %link.cfg.name, "flow ids exhausted for this session");
-        return;
+        return refuse_local(conn);
     };
     let flow = Flow::new(
         flow_id,
@@ -1442,7 +1450,7 @@ async fn dial_flow(shared: &Shared, link: &Arc<LinkRt>, conn: local::LocalConn) 
         shared.metrics.clone(),
     );
     if flow.open().is_err() {
-        return;
+        return refuse_local(conn);
     }
     lock(&link.flows).insert(flow_id, flow.clone());
     shared.metrics.flows_total.increment(1);
