@@ -216,8 +216,8 @@ pub fn init(dir: &Path, opts: &DevOptions) -> Result<DevLayout> {
                 "ca_file = \"../ca.pem\"\n".to_owned()
             };
             format!(
-                "[[links.relays]]\naddr = \"{}\"\nserver_name = \"localhost\"\n{pin}",
-                r.listen
+                "[[links.relays]]\naddr = \"{}\"\nserver_name = \"localhost\"\nrelay_id = \"{}\"\n{pin}",
+                r.listen, r.id
             )
         })
         .collect();
@@ -510,9 +510,15 @@ fn create_relay(
 ) -> Result<DevRelay> {
     let grants_dir = relay_dir.join("grants");
     std::fs::create_dir_all(&grants_dir)?;
+    let id = RelayId::random();
     let relay_key = rcgen::KeyPair::generate()?;
     let names = vec!["localhost".to_owned(), listen.ip().to_string()];
     let mut relay_params = rcgen::CertificateParams::new(names)?;
+    relay_params
+        .subject_alt_names
+        .push(rcgen::SanType::URI(rcgen::string::Ia5String::try_from(
+            comsat_protocol::ids::relay_cert_uri(&id),
+        )?));
     relay_params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "comsat dev relay");
@@ -526,7 +532,6 @@ fn create_relay(
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(relay_cert.der()))
     };
-    let id = RelayId::random();
     let mut relay_toml = format!(
         "# comsat relay config, written by `comsat dev init`.\n\
          relay_id = \"{id}\"\nlisten = \"{listen}\"\n"

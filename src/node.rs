@@ -405,7 +405,7 @@ pub async fn relay_sync(
     tokio::join!(
         hb,
         relay_events(&client, &dir, &state),
-        renew_cert(&client, &dir)
+        renew_cert(&client, &dir, RelayId(state.node_id.0))
     );
 }
 
@@ -504,29 +504,54 @@ fn check_grant(
 }
 
 /// Seconds of validity left in the certificate file, and its lifetime.
-fn cert_life(path: &Path) -> Option<(i64, i64)> {
+/// The seconds left of the certificate at `path`, its whole lifetime, and
+/// whether it names `relay` (agents refuse a relay certificate that does
+/// not; those from before relay certificates named their relay do not).
+fn cert_life(path: &Path, relay: &RelayId) -> Option<(i64, i64, bool)> {
     let pem = std::fs::read(path).ok()?;
     let der = client::read_ca_pem(std::str::from_utf8(&pem).ok()?).ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(der.first()?.as_ref()).ok()?;
+    let uri = comsat_protocol::ids::relay_cert_uri(relay);
+    let names_relay = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|san| {
+            san.value
+                .general_names
+                .iter()
+                .any(|n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == uri))
+        });
     let v = cert.validity();
     let now = comsat_protocol::jwt::unix_now() as i64;
     Some((
         v.not_after.timestamp() - now,
         v.not_after.timestamp() - v.not_before.timestamp(),
+        names_relay,
     ))
 }
 
-async fn renew_cert(client: &Client, dir: &Path) {
+async fn renew_cert(client: &Client, dir: &Path, relay: RelayId) {
     let cert = dir.join("tls.crt");
     let mut retry = Retry::new();
+    // A certificate that does not name this relay is renewed at once, once
+    // (a controller of an older version issues such certificates still).
+    let mut unnamed_renewed = false;
     loop {
         // Renew when a third of the lifetime is left.
-        let wait = match cert_life(&cert) {
-            Some((left, life)) => (left - life / 3).max(0) as u64,
+        let due = |left: i64, life: i64, named: bool| {
+            if named || unnamed_renewed {
+                (left - life / 3).max(0) as u64
+            } else {
+                0
+            }
+        };
+        let wait = match cert_life(&cert, &relay) {
+            Some((left, life, named)) => due(left, life, named),
             None => 0,
         };
         tokio::time::sleep(Duration::from_secs(wait.min(3600))).await;
-        if cert_life(&cert).is_some_and(|(left, life)| left > life / 3) {
+        if cert_life(&cert, &relay).is_some_and(|(left, life, named)| due(left, life, named) > 0) {
             continue;
         }
         match request_cert(client, dir)
@@ -535,6 +560,9 @@ async fn renew_cert(client: &Client, dir: &Path) {
         {
             Ok(pem) => {
                 retry.reset();
+                if cert_life(&cert, &relay).is_some_and(|(_, _, named)| !named) {
+                    unnamed_renewed = true;
+                }
                 match write_atomic(&cert, pem.as_bytes()) {
                     Ok(()) => tracing::info!("relay certificate renewed"),
                     Err(e) => tracing::error!(error = %e, "cannot write the renewed certificate"),

@@ -1296,3 +1296,56 @@ async fn nonces_never_repeat_over_a_gigabyte_ten_thousand_flows_kills_and_a_fail
     drop((a, b));
     Ok(())
 }
+
+/// Attack: a relay stands in for another. Both relays hold certificates
+/// from the fleet's CA for the same name; agent A is sent to the second
+/// relay's address for the first relay of its link (a hijacked name, a
+/// misrouted address). Checks: relay certificates name their relay, and an
+/// agent takes only the relay its grant names (protocol.md, "Around the
+/// end-to-end layer"): agent A refuses the stand-in and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_cannot_stand_in_for_another_of_the_same_ca() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let any: SocketAddr = "127.0.0.1:0".parse()?;
+    let layout = comsat::dev::init(
+        &dir.path().join("setup"),
+        &DevOptions {
+            relay_listen: format!("127.0.0.1:{}", free_udp_port()?).parse()?,
+            relay_admin: None,
+            agent_admin: [Some(any), Some(any)],
+            links: vec![DevLink {
+                name: "l".into(),
+                listen: "tcp://127.0.0.1:0".into(),
+                target: "tcp://127.0.0.1:9".into(),
+                allowed_uids: vec![],
+            }],
+            pin_sha256: false,
+            extra_relays: vec![(format!("127.0.0.1:{}", free_udp_port()?).parse()?, None)],
+        },
+    )?;
+    let (first, second) = (&layout.relays[0], &layout.relays[1]);
+    let text = std::fs::read_to_string(&layout.agent_a.config)?;
+    let hijacked = text.replacen(
+        &format!("addr = \"{}\"", first.listen),
+        &format!("addr = \"{}\"", second.listen),
+        1,
+    );
+    anyhow::ensure!(hijacked != text, "no relay address to hijack");
+    std::fs::write(&layout.agent_a.config, hijacked)?;
+    let hostile = Hostile::new();
+    let _r1 = KillableRelay::start(&RelayConfig::load(&first.config)?, &hostile).await?;
+    let _r2 = KillableRelay::start(&RelayConfig::load(&second.config)?, &hostile).await?;
+    let a = common::start_agent(&layout.agent_a.config, dir.path(), "agent-a")?;
+    let want = format!("does not name relay {}", first.id);
+    let deadline = Instant::now() + WAIT;
+    while !a.0.log().contains(&want) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "agent A took the stand-in:\n{}",
+            a.0.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(metric(&scrape(a.1)?, "comsat_agent_relay_connect_failures_total") >= 1.0);
+    Ok(())
+}

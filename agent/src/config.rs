@@ -32,6 +32,9 @@
 //! server_name = "relay.example.net" # name in the relay certificate
 //! ca_file = "ca.pem"               # pin by CA ...
 //! # cert_sha256 = "ab12..."        # ... or by the certificate's SHA-256
+//! relay_id = "8c1f..."             # optional: with ca_file, the relay
+//!                                  # certificate must name this relay (as
+//!                                  # the controller's and `comsat dev`'s do)
 //! lane_addr = "relay.example.net:4434" # optional: the lane's address, the
 //!                                  # relay's interactive listener or its
 //!                                  # `addr` (see below)
@@ -114,7 +117,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use comsat_protocol::noise;
-use comsat_protocol::{LinkId, NodeId, NoisePublicKey, Side};
+use comsat_protocol::{LinkId, NodeId, NoisePublicKey, RelayId, Side};
 use serde::Deserialize;
 
 use crate::error::AgentError;
@@ -224,6 +227,12 @@ pub struct RelayEndpoint {
     /// SHA-256 (hex) of the relay's end-entity certificate.
     #[serde(default)]
     pub cert_sha256: Option<String>,
+    /// The relay's id, as the link's grant names it: with `ca_file`, the
+    /// relay certificate must name it too (the controller's and `comsat
+    /// dev`'s relay certificates do), so a relay holding a certificate
+    /// from the same CA cannot stand in for another.
+    #[serde(default)]
+    pub relay_id: Option<RelayId>,
     /// `host:port` of the lane: a second connection on which links without
     /// a `connection` start their flows (see the module docs), to the
     /// relay's interactive listener or to `addr`. None: every flow rides
@@ -305,6 +314,7 @@ impl LinkConfig {
                     server_name: r.server_name.clone(),
                     ca_file: Some(relay_ca_file.to_owned()),
                     cert_sha256: None,
+                    relay_id: Some(r.relay_id),
                     // The other links start their flows there, or, where
                     // the relay runs no interactive listener, on a lane
                     // to its main one (a link already on a connection of
@@ -520,6 +530,7 @@ mod tests {
                 server_name: "localhost".into(),
                 ca_file: None,
                 cert_sha256: Some("00".into()),
+                relay_id: None,
                 lane_addr: None,
             }],
             connection: None,

@@ -1,10 +1,15 @@
 //! TLS towards relays: the relay certificate must chain to a pinned CA or
-//! match a pinned SHA-256.
+//! match a pinned SHA-256. With a CA and the relay's id (as an enrolled
+//! agent's links always have), the certificate must also name that relay
+//! ([`comsat_protocol::ids::relay_cert_uri`]): every relay of a fleet holds
+//! a certificate from the same CA, and one must not stand in for another
+//! that a link's grant names.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use comsat_protocol::ALPN;
+use comsat_protocol::ids::relay_cert_uri;
+use comsat_protocol::{ALPN, RelayId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -37,7 +42,21 @@ pub fn client_config(relay: &RelayEndpoint) -> Result<quinn::ClientConfig, Strin
                     ca.display()
                 ));
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            match relay.relay_id {
+                Some(relay_id) => {
+                    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                        Arc::new(roots),
+                        provider.clone(),
+                    )
+                    .build()
+                    .map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
+                    builder
+                        .dangerous()
+                        .with_custom_certificate_verifier(Arc::new(NamedRelay { inner, relay_id }))
+                        .with_no_client_auth()
+                }
+                None => builder.with_root_certificates(roots).with_no_client_auth(),
+            }
         }
         (None, Some(pin)) => {
             let mut want = [0u8; 32];
@@ -68,6 +87,89 @@ pub fn client_config(relay: &RelayEndpoint) -> Result<quinn::ClientConfig, Strin
     t.ack_frequency_config(Some(ack));
     config.transport_config(Arc::new(t));
     Ok(config)
+}
+
+/// A certificate that chains to the CA and names the server, as `inner`
+/// checks, and also names relay `relay_id`.
+#[derive(Debug)]
+struct NamedRelay {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    relay_id: RelayId,
+}
+
+/// The relay certificate names another relay, or none.
+#[derive(Debug)]
+struct OtherRelay(String);
+
+impl std::fmt::Display for OtherRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for OtherRelay {}
+
+/// Whether `cert` (DER) names `relay` by its URI.
+fn names_relay(cert: &CertificateDer<'_>, relay: &RelayId) -> bool {
+    let want = relay_cert_uri(relay);
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return false;
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return false;
+    };
+    san.value
+        .general_names
+        .iter()
+        .any(|name| matches!(name, x509_parser::extensions::GeneralName::URI(uri) if *uri == want))
+}
+
+impl ServerCertVerifier for NamedRelay {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        if names_relay(end_entity, &self.relay_id) {
+            Ok(verified)
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(OtherRelay(format!(
+                    "the certificate does not name relay {}, the relay the link's grant names: \
+                     another relay holds a certificate from the same CA",
+                    self.relay_id
+                ))))),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// Accepts exactly one end-entity certificate, by SHA-256, and still checks
@@ -126,5 +228,69 @@ impl ServerCertVerifier for PinnedCert {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA, and a certificate for `localhost` it issued naming `relay`
+    /// (or no relay).
+    fn ca_and_leaf(relay: Option<RelayId>) -> (CertificateDer<'static>, CertificateDer<'static>) {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("ca");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("p");
+        if let Some(relay) = relay {
+            params.subject_alt_names.push(rcgen::SanType::URI(
+                rcgen::string::Ia5String::try_from(relay_cert_uri(&relay)).expect("uri"),
+            ));
+        }
+        let leaf = params.signed_by(&key, &ca).expect("leaf");
+        (ca.der().clone(), leaf.der().clone())
+    }
+
+    fn verifier(ca: CertificateDer<'static>, relay_id: RelayId) -> NamedRelay {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).expect("root");
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .expect("verifier");
+        NamedRelay { inner, relay_id }
+    }
+
+    fn check(
+        v: &NamedRelay,
+        leaf: &CertificateDer<'_>,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let name = ServerName::try_from("localhost").expect("name");
+        v.verify_server_cert(leaf, &[], &name, &[], UnixTime::now())
+    }
+
+    #[test]
+    fn a_relay_certificate_must_name_the_relay_the_grant_names() {
+        let (x, y) = (RelayId([1; 16]), RelayId([2; 16]));
+        let (ca, leaf_x) = ca_and_leaf(Some(x));
+        assert!(check(&verifier(ca.clone(), x), &leaf_x).is_ok());
+        // Relay X's certificate, from the same CA, presented for relay Y.
+        let err = check(&verifier(ca, y), &leaf_x).expect_err("another relay's certificate");
+        assert!(
+            err.to_string()
+                .contains(&format!("does not name relay {y}")),
+            "{err}"
+        );
+        // A certificate that names no relay at all.
+        let (ca, plain) = ca_and_leaf(None);
+        assert!(check(&verifier(ca, x), &plain).is_err());
+        // The CA still decides first: a certificate from another CA fails
+        // however it names the relay.
+        let (other_ca, _) = ca_and_leaf(None);
+        assert!(check(&verifier(other_ca, x), &leaf_x).is_err());
     }
 }

@@ -489,6 +489,7 @@ async fn enrol(
     }
     let req: EnrolRequest = parse_json(&body)?;
     let now = unix_now();
+    let node_id = NodeId::random();
     let mut cert_pem = None;
     match req.kind {
         NodeKind::Agent => {
@@ -512,6 +513,7 @@ async fn enrol(
                 .issue_for_csr(
                     csr,
                     host,
+                    &RelayId(node_id.0),
                     now,
                     Duration::from_secs(state.config.relay_cert_ttl_secs),
                 )
@@ -540,7 +542,7 @@ async fn enrol(
         now,
     };
     let node = NewNode {
-        node_id: NodeId::random(),
+        node_id,
         sign_pub: req.sign_public_key,
         noise_pub: match req.kind {
             NodeKind::Agent => req.noise_public_key,
@@ -708,6 +710,7 @@ async fn relay_cert(
         .issue_for_csr(
             &req.csr_pem,
             host,
+            &RelayId(relay.node_id.0),
             unix_now(),
             Duration::from_secs(state.config.relay_cert_ttl_secs),
         )

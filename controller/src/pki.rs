@@ -4,9 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use comsat_protocol::RelayId;
+use comsat_protocol::ids::relay_cert_uri;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -181,17 +183,22 @@ impl CaIssuer {
     }
 
     /// A relay certificate for the public key of `csr_pem` (whose signature
-    /// must verify), naming only `host`, valid for `ttl` from `now`. What
-    /// the CSR asks for beyond its key is ignored.
+    /// must verify), naming only `host` and the relay (its
+    /// [`relay_cert_uri`]), valid for `ttl` from `now`. What the CSR asks
+    /// for beyond its key is ignored.
     pub fn issue_for_csr(
         &self,
         csr_pem: &str,
         host: &str,
+        relay: &RelayId,
         now: u64,
         ttl: Duration,
     ) -> Result<String, PkiError> {
         let mut csr = parse_csr(csr_pem)?;
         csr.params = leaf_params(vec![host.to_owned()], "comsat relay", now, ttl)?;
+        let uri = rcgen::string::Ia5String::try_from(relay_cert_uri(relay))
+            .map_err(rc("the relay's certificate URI"))?;
+        csr.params.subject_alt_names.push(SanType::URI(uri));
         let cert = csr
             .signed_by(&self.issuer)
             .map_err(rc("signing the relay certificate"))?;
@@ -337,7 +344,7 @@ mod tests {
     }
 
     #[test]
-    fn relay_certificate_names_only_the_host_and_keeps_the_key() {
+    fn relay_certificate_names_only_the_host_and_the_relay_and_keeps_the_key() {
         let ca = generate_ca("test relay CA").expect("ca");
         let issuer = CaIssuer::from_pem(&ca.cert_pem, &ca.key_pem).expect("issuer");
         let key = KeyPair::generate().expect("key");
@@ -348,7 +355,13 @@ mod tests {
             .pem()
             .expect("pem");
         let pem = issuer
-            .issue_for_csr(&csr, "10.1.2.3", 1_800_000_000, Duration::from_secs(3600))
+            .issue_for_csr(
+                &csr,
+                "10.1.2.3",
+                &RelayId([7; 16]),
+                1_800_000_000,
+                Duration::from_secs(3600),
+            )
             .expect("issue");
         let der = certs_from_pem(pem.as_bytes()).expect("parse").remove(0);
         let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).expect("x509");
@@ -359,8 +372,12 @@ mod tests {
             .value
             .general_names
             .clone();
-        assert_eq!(san.len(), 1);
+        assert_eq!(san.len(), 2);
         assert!(format!("{:?}", san[0]).contains("[10, 1, 2, 3]"), "{san:?}");
+        assert_eq!(
+            format!("{:?}", san[1]),
+            "URI(\"urn:comsat:relay:07070707070707070707070707070707\")"
+        );
         assert!(!cert.is_ca());
         assert_eq!(
             cert.public_key().raw,
@@ -369,7 +386,7 @@ mod tests {
         assert_eq!(cert.validity().not_after.timestamp(), 1_800_000_000 + 3600);
         assert!(
             issuer
-                .issue_for_csr("garbage", "x", 0, Duration::from_secs(1))
+                .issue_for_csr("garbage", "x", &RelayId([1; 16]), 0, Duration::from_secs(1))
                 .is_err()
         );
     }

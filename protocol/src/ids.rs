@@ -114,6 +114,12 @@ id_type!(
     /// The id of a link between two agents.
     LinkId
 );
+
+/// The URI a relay certificate names its relay by (a subjectAltName), so
+/// an agent can check that the relay it reached is the one its grant names.
+pub fn relay_cert_uri(relay: &RelayId) -> String {
+    format!("urn:comsat:relay:{relay}")
+}
 id_type!(
     /// The id of a relay, as named in grants.
     RelayId
