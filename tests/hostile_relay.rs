@@ -323,10 +323,8 @@ fn count(haystack: &str, needle: &str) -> usize {
 /// nonce).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_flow_replayed_on_a_new_stream_is_refused() -> Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let target_addr = listener.local_addr()?;
-    let target = Target::serve(listener);
-    let sys = Setup::start(format!("tcp://{target_addr}")).await?;
+    let (addr, target) = target().await?;
+    let sys = Setup::start(addr).await?;
 
     let request = b"POST /transfer amount=100";
     let answer = sys.request(request).await?;
@@ -418,10 +416,8 @@ async fn a_replayed_open_of_an_unreachable_target_is_refused() -> Result<()> {
 /// delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flow_reflected_or_its_answers_replayed_is_refused() -> Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let target_addr = listener.local_addr()?;
-    let target = Target::serve(listener);
-    let sys = Setup::start(format!("tcp://{target_addr}")).await?;
+    let (addr, target) = target().await?;
+    let sys = Setup::start(addr).await?;
     assert_eq!(sys.request(b"ping").await?, b"got 4 bytes");
     let recording = sys.finished_flow_of_a().await?;
     sys.wait_flows_closed(Side::B).await?;
@@ -455,10 +451,8 @@ async fn a_flow_reflected_or_its_answers_replayed_is_refused() -> Result<()> {
 /// keys the recorded `Open` does not authenticate: nothing is dialled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flow_replayed_after_the_agent_restarted_is_refused() -> Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let target_addr = listener.local_addr()?;
-    let target = Target::serve(listener);
-    let mut sys = Setup::start(format!("tcp://{target_addr}")).await?;
+    let (addr, target) = target().await?;
+    let mut sys = Setup::start(addr).await?;
     assert_eq!(sys.request(b"before").await?, b"got 6 bytes");
     let recording = sys.finished_flow_of_a().await?;
     sys.restart(Side::B)?;
@@ -490,6 +484,26 @@ fn echo(listener: TcpListener) {
     });
 }
 
+/// An echo target on a new loopback port: its `tcp://` address.
+async fn echo_target() -> Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    echo(listener);
+    Ok(format!("tcp://{addr}"))
+}
+
+/// Writes `bytes` on an echoed flow and reads as many back, if the flow
+/// still stands: what comes back must be what was sent (a flow may have
+/// been reset by an attack, never altered).
+async fn echoed_or_reset(s: &mut TcpStream, bytes: &[u8]) {
+    let written = s.write_all(bytes).await;
+    let mut back = vec![0u8; bytes.len()];
+    let read = tokio::time::timeout(WAIT, s.read_exact(&mut back)).await;
+    if written.is_ok() && matches!(read, Ok(Ok(_))) {
+        assert_eq!(back, bytes, "the echo differs from what was sent");
+    }
+}
+
 /// Writes `bytes` on `s` and reads as many back.
 async fn echoed(s: &mut TcpStream, bytes: &[u8]) -> Result<()> {
     s.write_all(bytes).await?;
@@ -518,10 +532,7 @@ fn handshakes(sys: &Setup, from: Side) -> Vec<PeerFrame> {
 /// on untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_handshake_does_not_tear_down_a_working_session() -> Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let target_addr = listener.local_addr()?;
-    echo(listener);
-    let sys = Setup::start(format!("tcp://{target_addr}")).await?;
+    let sys = Setup::start(echo_target().await?).await?;
     let mut flow = TcpStream::connect(sys.listen).await?;
     echoed(&mut flow, b"before the replay").await?;
 
@@ -573,10 +584,7 @@ async fn a_replayed_handshake_does_not_tear_down_a_working_session() -> Result<(
 /// "Sessions"): B keeps the new session and its flows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_replayed_after_an_agent_restart_changes_nothing() -> Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let target_addr = listener.local_addr()?;
-    echo(listener);
-    let mut sys = Setup::start(format!("tcp://{target_addr}")).await?;
+    let mut sys = Setup::start(echo_target().await?).await?;
     let old = handshakes(&sys, Side::A);
     sys.restart(Side::A)?;
     let mut flow = TcpStream::connect(sys.listen).await?;
@@ -766,10 +774,7 @@ async fn streams_injected_by_the_relay_open_nothing() -> Result<()> {
 /// application sees its own bytes or a reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_moved_to_another_flow_are_refused() -> Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let target_addr = listener.local_addr()?;
-    echo(listener);
-    let sys = Setup::start(format!("tcp://{target_addr}")).await?;
+    let sys = Setup::start(echo_target().await?).await?;
     let mut first = TcpStream::connect(sys.listen).await?;
     echoed(&mut first, b"a finished flow").await?;
     first.shutdown().await?;
@@ -804,12 +809,7 @@ async fn records_moved_to_another_flow_are_refused() -> Result<()> {
     // The open flow carries on with its own bytes, or was reset: never
     // the other flow's.
     let more = b"more of the open flow";
-    let written = open.write_all(more).await;
-    let mut back = vec![0u8; more.len()];
-    let read = tokio::time::timeout(WAIT, open.read_exact(&mut back)).await;
-    if written.is_ok() && matches!(read, Ok(Ok(_))) {
-        assert_eq!(&back, more);
-    }
+    echoed_or_reset(&mut open, more).await;
     sys.assert_no_nonce_reused();
     Ok(())
 }
@@ -849,10 +849,7 @@ async fn a_flow_spliced_onto_another_link_is_refused() -> Result<()> {
 /// what it sealed; the application sees its own bytes or a reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flows_directions_swapped_are_refused() -> Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let target_addr = listener.local_addr()?;
-    echo(listener);
-    let sys = Setup::start(format!("tcp://{target_addr}")).await?;
+    let sys = Setup::start(echo_target().await?).await?;
     let mut open = TcpStream::connect(sys.listen).await?;
     echoed(&mut open, b"both ways").await?;
     let flow = sys
@@ -871,12 +868,7 @@ async fn a_flows_directions_swapped_are_refused() -> Result<()> {
         assert!(back.is_empty(), "{side:?} took its own records");
     }
     let more = b"and on";
-    let written = open.write_all(more).await;
-    let mut back = vec![0u8; more.len()];
-    let read = tokio::time::timeout(WAIT, open.read_exact(&mut back)).await;
-    if written.is_ok() && matches!(read, Ok(Ok(_))) {
-        assert_eq!(&back, more);
-    }
+    echoed_or_reset(&mut open, more).await;
     sys.assert_no_nonce_reused();
     Ok(())
 }
@@ -887,10 +879,7 @@ async fn a_flows_directions_swapped_are_refused() -> Result<()> {
 /// nothing is delivered twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_flows_records_written_again_are_delivered_once() -> Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let target_addr = listener.local_addr()?;
-    echo(listener);
-    let sys = Setup::start(format!("tcp://{target_addr}")).await?;
+    let sys = Setup::start(echo_target().await?).await?;
     let mut open = TcpStream::connect(sys.listen).await?;
     let mut sent = Vec::new();
     for i in 0..4u64 {
@@ -910,12 +899,7 @@ async fn an_open_flows_records_written_again_are_delivered_once() -> Result<()> 
     // after it (or the flow was reset): the replayed records were not
     // delivered again (the echo would repeat them).
     let after = payload(99, 20_000);
-    let written = open.write_all(&after).await;
-    let mut back = vec![0u8; after.len()];
-    let read = tokio::time::timeout(WAIT, open.read_exact(&mut back)).await;
-    if written.is_ok() && matches!(read, Ok(Ok(_))) {
-        assert_eq!(back, after, "the echo repeated replayed records");
-    }
+    echoed_or_reset(&mut open, &after).await;
     sys.assert_no_nonce_reused();
     Ok(())
 }
@@ -963,14 +947,8 @@ const SMALL_KEY: u64 = 16;
 /// nonce.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_carries_many_times_the_rekey_limit_with_eight_flows_open() -> Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let target_addr = listener.local_addr()?;
-    echo(listener);
-    let sys = Setup::start_tuned(
-        &[("l", format!("tcp://{target_addr}"))],
-        "rekey_records_log2 = 4\n",
-    )
-    .await?;
+    let sys =
+        Setup::start_tuned(&[("l", echo_target().await?)], "rekey_records_log2 = 4\n").await?;
     const PER_FLOW: usize = 4 << 20;
     let mut flows = Vec::new();
     for seed in 0..8u64 {
@@ -1055,6 +1033,28 @@ async fn flow_ids_past_a_generation_continue_in_a_new_one() -> Result<()> {
     );
     sys.assert_no_nonce_reused();
     Ok(())
+}
+
+/// A `comsat dev` layout in `dir` with two relays and one link `l` from
+/// agent A's listener to `target` at agent B, on both relays in order.
+fn two_relays(dir: &std::path::Path, target: String) -> Result<DevLayout> {
+    let any: SocketAddr = "127.0.0.1:0".parse()?;
+    comsat::dev::init(
+        &dir.join("setup"),
+        &DevOptions {
+            relay_listen: format!("127.0.0.1:{}", free_udp_port()?).parse()?,
+            relay_admin: None,
+            agent_admin: [Some(any), Some(any)],
+            links: vec![DevLink {
+                name: "l".into(),
+                listen: "tcp://127.0.0.1:0".into(),
+                target,
+                allowed_uids: vec![],
+            }],
+            pin_sha256: false,
+            extra_relays: vec![(format!("127.0.0.1:{}", free_udp_port()?).parse()?, None)],
+        },
+    )
 }
 
 /// A relay run in this process on a runtime of its own, so it can be
@@ -1198,27 +1198,8 @@ async fn short_flows(listen: SocketAddr, count: u64, workers: u64) -> Result<u64
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nonces_never_repeat_over_a_gigabyte_ten_thousand_flows_kills_and_a_failover() -> Result<()>
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let target_addr = listener.local_addr()?;
-    echo(listener);
     let dir = tempfile::tempdir()?;
-    let any: SocketAddr = "127.0.0.1:0".parse()?;
-    let layout = comsat::dev::init(
-        &dir.path().join("setup"),
-        &DevOptions {
-            relay_listen: format!("127.0.0.1:{}", free_udp_port()?).parse()?,
-            relay_admin: None,
-            agent_admin: [Some(any), Some(any)],
-            links: vec![DevLink {
-                name: "l".into(),
-                listen: "tcp://127.0.0.1:0".into(),
-                target: format!("tcp://{target_addr}"),
-                allowed_uids: vec![],
-            }],
-            pin_sha256: false,
-            extra_relays: vec![(format!("127.0.0.1:{}", free_udp_port()?).parse()?, None)],
-        },
-    )?;
+    let layout = two_relays(dir.path(), echo_target().await?)?;
     let hostile = Hostile::new();
     let first = RelayConfig::load(&layout.relays[0].config)?;
     let second = RelayConfig::load(&layout.relays[1].config)?;
@@ -1306,23 +1287,7 @@ async fn nonces_never_repeat_over_a_gigabyte_ten_thousand_flows_kills_and_a_fail
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_cannot_stand_in_for_another_of_the_same_ca() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let any: SocketAddr = "127.0.0.1:0".parse()?;
-    let layout = comsat::dev::init(
-        &dir.path().join("setup"),
-        &DevOptions {
-            relay_listen: format!("127.0.0.1:{}", free_udp_port()?).parse()?,
-            relay_admin: None,
-            agent_admin: [Some(any), Some(any)],
-            links: vec![DevLink {
-                name: "l".into(),
-                listen: "tcp://127.0.0.1:0".into(),
-                target: "tcp://127.0.0.1:9".into(),
-                allowed_uids: vec![],
-            }],
-            pin_sha256: false,
-            extra_relays: vec![(format!("127.0.0.1:{}", free_udp_port()?).parse()?, None)],
-        },
-    )?;
+    let layout = two_relays(dir.path(), "tcp://127.0.0.1:9".into())?;
     let (first, second) = (&layout.relays[0], &layout.relays[1]);
     let text = std::fs::read_to_string(&layout.agent_a.config)?;
     let hijacked = text.replacen(

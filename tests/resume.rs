@@ -334,8 +334,6 @@ async fn echo_server(listener: TcpListener) {
 /// the agent's log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_ends_when_its_grant_expires_without_a_controller() -> Result<()> {
-    use comsat_protocol::SigningKey;
-    use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
     use std::time::{SystemTime, UNIX_EPOCH};
 
     let target = TcpListener::bind("127.0.0.1:0").await?;
@@ -351,28 +349,7 @@ async fn a_link_ends_when_its_grant_expires_without_a_controller() -> Result<()>
             .unwrap_or_default()
     };
     let not_after = unix().as_secs() + 4;
-    let authority = SigningKey::read_file(&sys.layout.authority_key)?;
-    let (name, link_id) = sys.layout.links[0].clone();
-    let grant = Grant {
-        link_id,
-        generation: 1,
-        relays: vec![sys.layout.relay_id],
-        side_a: GrantSide {
-            node_id: sys.layout.agent_a.node_id,
-            sign_pub: sys.layout.agent_a.sign_pub,
-        },
-        side_b: GrantSide {
-            node_id: sys.layout.agent_b.node_id,
-            sign_pub: sys.layout.agent_b.sign_pub,
-        },
-        not_after,
-        buffer_limit: 1 << 20,
-        limits: LinkLimits::default(),
-    };
-    let path = sys.layout.grants_dir.join(format!("{name}.grant"));
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, grant.sign(&authority)?.encode()?)?;
-    std::fs::rename(&tmp, &path)?;
+    regrant(&sys, 1, not_after)?;
 
     let mut flow = TcpStream::connect(listen).await?;
     echo_round(&mut flow, b"while the grant lasts").await?;
@@ -424,6 +401,37 @@ async fn a_link_ends_when_its_grant_expires_without_a_controller() -> Result<()>
         ),
         1.0
     );
+    Ok(())
+}
+
+/// Signs a new grant for the system's first link (`generation`, valid
+/// until `not_after`) and puts it in place of the relay's.
+fn regrant(sys: &System, generation: u64, not_after: u64) -> Result<()> {
+    use comsat_protocol::SigningKey;
+    use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
+
+    let authority = SigningKey::read_file(&sys.layout.authority_key)?;
+    let (name, link_id) = sys.layout.links[0].clone();
+    let grant = Grant {
+        link_id,
+        generation,
+        relays: vec![sys.layout.relay_id],
+        side_a: GrantSide {
+            node_id: sys.layout.agent_a.node_id,
+            sign_pub: sys.layout.agent_a.sign_pub,
+        },
+        side_b: GrantSide {
+            node_id: sys.layout.agent_b.node_id,
+            sign_pub: sys.layout.agent_b.sign_pub,
+        },
+        not_after,
+        buffer_limit: 1 << 20,
+        limits: LinkLimits::default(),
+    };
+    let path = sys.layout.grants_dir.join(format!("{name}.grant"));
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, grant.sign(&authority)?.encode()?)?;
+    std::fs::rename(&tmp, &path)?;
     Ok(())
 }
 
@@ -595,9 +603,6 @@ async fn outage_longer_than_flow_timeout_resets_both_ends() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn superseded_grant_tears_the_link_down_and_old_generation_is_refused() -> Result<()> {
-    use comsat_protocol::SigningKey;
-    use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
-
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let mut sys = echo_system(target.local_addr()?, None)?;
     tokio::spawn(echo_server(target));
@@ -607,26 +612,7 @@ async fn superseded_grant_tears_the_link_down_and_old_generation_is_refused() ->
     echo_round(&mut flow, b"before revocation").await?;
 
     // The authority supersedes the link with generation 2.
-    let authority = SigningKey::read_file(&sys.layout.authority_key)?;
-    let (name, link_id) = sys.layout.links[0].clone();
-    let grant = Grant {
-        link_id,
-        generation: 2,
-        relays: vec![sys.layout.relay_id],
-        side_a: GrantSide {
-            node_id: sys.layout.agent_a.node_id,
-            sign_pub: sys.layout.agent_a.sign_pub,
-        },
-        side_b: GrantSide {
-            node_id: sys.layout.agent_b.node_id,
-            sign_pub: sys.layout.agent_b.sign_pub,
-        },
-        not_after: u64::MAX / 2,
-        buffer_limit: 1 << 20,
-        limits: LinkLimits::default(),
-    };
-    let path = sys.layout.grants_dir.join(format!("{name}.grant"));
-    std::fs::write(&path, grant.sign(&authority)?.encode()?)?;
+    regrant(&sys, 2, u64::MAX / 2)?;
 
     // The flow stops: the application sees a reset.
     expect_reset(flow, Duration::from_secs(15)).await?;
