@@ -1314,3 +1314,59 @@ async fn a_relay_cannot_stand_in_for_another_of_the_same_ca() -> Result<()> {
     assert!(metric(&scrape(a.1)?, "comsat_agent_relay_connect_failures_total") >= 1.0);
     Ok(())
 }
+
+/// Attack: send forged `Open`s (to agent B) and forged link-control
+/// messages (to agent A), aiming at keys that will not open them. Checks:
+/// each is refused, and a session that meets `max_forgeries` of them (8
+/// here, 65,536 by default) is replaced by a new handshake, long before the
+/// AEADs' integrity limits (protocol.md, "Keys and nonces"): the link then
+/// works under new keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_meets_too_many_forgeries_is_replaced() -> Result<()> {
+    let (addr, target) = target().await?;
+    let sys = Setup::start_tuned(&[("l", addr)], "max_forgeries = 8\n").await?;
+    let sessions = |side| count(&sys.log(side), "new end-to-end session confirmed");
+    let confirmed = sessions(Side::B);
+    let forgeries = "comsat_agent_peer_refused_total{reason=\"forgeries\"}";
+    for n in 0..8u32 {
+        let mut forged = Vec::new();
+        comsat_protocol::record::FlowHeader {
+            link_id: sys.link,
+            flow_id: 2001 + 2 * n,
+        }
+        .write_to(&mut forged);
+        comsat_protocol::record::RecordHeader { len: 17, seq: 0 }.write_to(&mut forged);
+        forged.extend_from_slice(&payload(u64::from(n), 17));
+        assert!(sys.inject(Side::B, &forged).await?.is_empty());
+    }
+    for n in 0..8u64 {
+        let frame = PeerFrame::Sealed {
+            seq: 1_000_000 + n,
+            ciphertext: payload(n, 40),
+        };
+        assert!(sys.relay.send_peer_frame(sys.link, Side::A, frame));
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let renewed = sys.metric(Side::A, forgeries)? == 1.0
+            && sys.metric(Side::B, forgeries)? == 1.0
+            && sessions(Side::B) > confirmed;
+        if renewed {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no new session after the forgeries:\nA:\n{}\nB:\n{}",
+            sys.log(Side::A),
+            sys.log(Side::B)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(target.dials(), 0, "a forged Open dialled the target");
+    let sent = payload(11, 3000);
+    let answer = send_through(sys.listen, &sent).await?;
+    assert!(exact_or_reset(&sent, &target.delivered(0).await?, &answer));
+    assert_eq!(answer, b"got 3000 bytes");
+    sys.assert_no_nonce_reused();
+    Ok(())
+}

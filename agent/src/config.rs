@@ -14,6 +14,9 @@
 //! # Both agents of a link use the lower of their values.
 //! # rekey_records_log2 = 20
 //! # flow_ids_log2 = 22
+//! # Also for tests only: messages that fail to decrypt under one session
+//! # before it is replaced (1 to 65536, default 65536).
+//! # max_forgeries = 65536
 //!
 //! [[links]]
 //! name = "db"
@@ -172,6 +175,11 @@ pub struct AgentConfig {
     /// and most 22): lower only to test new generations.
     #[serde(default)]
     pub flow_ids_log2: Option<u8>,
+    /// Messages that fail to decrypt under one session (forged `Open`s,
+    /// forged link control) before the session is replaced (default and
+    /// most 65,536): lower only to test it.
+    #[serde(default)]
+    pub max_forgeries: Option<u64>,
     /// The links.
     #[serde(default)]
     pub links: Vec<LinkConfig>,
@@ -413,6 +421,7 @@ impl AgentConfig {
             bulk_nice: None,
             rekey_records_log2: None,
             flow_ids_log2: None,
+            max_forgeries: None,
             links: Vec::new(),
         }
     }
@@ -458,6 +467,15 @@ impl AgentConfig {
                 noise::DEFAULT_RECORDS_PER_KEY_LOG2,
                 noise::DEFAULT_FLOW_IDS_LOG2,
                 min = noise::MIN_LOG2,
+            )));
+        }
+        if let Some(n) = config
+            .max_forgeries
+            .filter(|n| !(1..=crate::defaults::MAX_FORGERIES).contains(n))
+        {
+            return Err(bad(format!(
+                "max_forgeries is {n}: it goes from 1 to {}",
+                crate::defaults::MAX_FORGERIES
             )));
         }
         if config.links.len() > MAX_LINKS {

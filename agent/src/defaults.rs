@@ -36,6 +36,13 @@ pub const TARGET_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval at which side A retries a Noise handshake that got no answer.
 pub const HANDSHAKE_RETRY: Duration = Duration::from_secs(2);
 
+/// Messages that fail to decrypt under one session (forged `Open`s of
+/// flows, forged link control: only a relay can send them) before the
+/// session is replaced by a new handshake. Far below the AEADs' integrity
+/// limits (2^36 forgery attempts for ChaCha20-Poly1305, 2^52 for AES-GCM),
+/// far above the few stale messages a session change leaves behind.
+pub const MAX_FORGERIES: u64 = 1 << 16;
+
 /// Largest local read sealed into one record: a whole Noise message, so bulk
 /// transfers pay the per-record costs (AEAD setup, header, ack) once per
 /// 64 KiB. Small writes still go out at once as small records; the buffer is

@@ -162,6 +162,7 @@ impl Agent {
                 .lane_idle_ms
                 .map_or(defaults::LANE_IDLE, Duration::from_millis),
             noise_params: config.noise_params(),
+            max_forgeries: config.max_forgeries.unwrap_or(defaults::MAX_FORGERIES),
         });
         let flow_timeout = config
             .flow_timeout_ms

@@ -18,7 +18,7 @@
 //! | `comsat_agent_received_bytes_total` | counter | application bytes delivered from links |
 //! | `comsat_agent_local_refused_total{reason}` | counter | local connections refused: `peer_credentials`, `link_not_ready`, `grant_expired` (the relay ended the link at its grant's `not_after` and no renewed grant came) |
 //! | `comsat_agent_rekeys_total{kind}` | counter | end-to-end keys replaced: `records` (a flow sealed as many records as one key may, and moved to its next key), `flow_ids` (this agent used a generation of flow ids and started the next, under new keys) |
-//! | `comsat_agent_peer_refused_total{reason}` | counter | what arrived through a relay and was refused because the relay (or whoever holds its keys) replayed or forged it: `replayed_flow` (a flow the session already opened), `unconfirmed_handshake` (a handshake this agent answered that the peer never confirmed by sealing under it: a replay, or a handshake the peer gave up) |
+//! | `comsat_agent_peer_refused_total{reason}` | counter | what arrived through a relay and was refused because the relay (or whoever holds its keys) replayed or forged it: `replayed_flow` (a flow the session already opened), `unconfirmed_handshake` (a handshake this agent answered that the peer never confirmed by sealing under it: a replay, or a handshake the peer gave up), `forgeries` (a session met 65,536 messages that failed to decrypt and is replaced) |
 
 use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
 

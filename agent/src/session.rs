@@ -57,6 +57,9 @@ pub(crate) struct Shared {
     pub(crate) lane_idle: Duration,
     /// What this agent states in its Noise handshakes.
     pub(crate) noise_params: noise::Params,
+    /// Messages that fail to decrypt under one session before it is
+    /// replaced ([`defaults::MAX_FORGERIES`]).
+    pub(crate) max_forgeries: u64,
 }
 
 /// A link's end-to-end session, its link-control keys and sequence
@@ -74,6 +77,8 @@ pub(crate) struct LinkSession {
     /// The link's flow counter when the session began: this side's flows
     /// count their generations from there.
     flow_base: u64,
+    /// Messages that failed to decrypt under this session.
+    forgeries: AtomicU64,
 }
 
 impl LinkSession {
@@ -85,6 +90,7 @@ impl LinkSession {
             recv_last: Mutex::new(None),
             seen: Mutex::default(),
             flow_base,
+            forgeries: AtomicU64::new(0),
         })
     }
 
@@ -141,6 +147,9 @@ pub(crate) struct LinkRt {
     /// The relay ended the link because its grant expired, and it was not
     /// attached since: local connections are refused at once.
     expired: AtomicBool,
+    /// The session met too many forgeries: side A starts a new handshake,
+    /// side B asks side A to, at the next handshake retry.
+    renew: AtomicBool,
     /// Flows this side opened on the link, all sessions together.
     next_flow: AtomicU64,
     flows: Mutex<HashMap<FlowId, Arc<Flow>>>,
@@ -195,6 +204,7 @@ impl LinkRt {
             epoch: AtomicU64::new(0),
             peer_confirmed: AtomicBool::new(false),
             expired: AtomicBool::new(false),
+            renew: AtomicBool::new(false),
             next_flow: AtomicU64::new(0),
             generation: AtomicU64::new(cfg.generation),
             flows: Mutex::default(),
@@ -362,6 +372,20 @@ impl LinkRt {
             .map(|(c, _)| c.clone())
             .collect();
         (current, candidates)
+    }
+
+    /// Counts a message that failed to decrypt under the current session;
+    /// at `max` of them, the session is to be replaced.
+    fn forged(&self, max: u64, metrics: &Metrics) {
+        let Some(session) = lock(&self.session).clone() else {
+            return;
+        };
+        let n = session.forgeries.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == max {
+            metrics.peer_refused("forgeries");
+            warn!(link = %self.cfg.name, forgeries = n, "messages that fail to decrypt keep coming through the relay: replacing the end-to-end session");
+            self.renew.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Drops the session and resets its flows (revocation).
@@ -929,6 +953,14 @@ async fn serve(
                 continue;
             }
             _ = retry.tick() => {
+                for link in links.values() {
+                    if link.renew.swap(false, Ordering::Relaxed) {
+                        match link.cfg.side {
+                            Side::A => initiate(shared, link, &ctl),
+                            Side::B => link.send_sealed(&LinkControl::Renew, &ctl),
+                        }
+                    }
+                }
                 for (id, (due, _)) in &reattach {
                     if *due <= Instant::now() {
                         if let Some(link) = links.get(id) {
@@ -1095,6 +1127,7 @@ fn handle_sealed(
                 Some(msg)
             }) else {
                 debug!(link = %link.cfg.name, "sealed message refused (other session or replay)");
+                link.forged(shared.max_forgeries, &shared.metrics);
                 return;
             };
             msg
@@ -1115,6 +1148,12 @@ fn handle_sealed(
                 info!(link = %link.cfg.name, "session resumed");
                 link.peer_confirmed.store(true, Ordering::Relaxed);
                 link.set_ready(Some(conn), &shared.metrics);
+            }
+        }
+        LinkControl::Renew => {
+            if link.cfg.side == Side::A {
+                info!(link = %link.cfg.name, "the peer asks for a new session");
+                initiate(shared, link, ctl);
             }
         }
         LinkControl::Acks(acks) => {
@@ -1321,6 +1360,9 @@ async fn accept_flow(
     })
     .await;
     let Ok(Some((generation, session))) = opened else {
+        if matches!(opened, Ok(None)) {
+            link.forged(shared.max_forgeries, &shared.metrics);
+        }
         refuse(&mut send, &mut recv);
         return Err(format!(
             "link {}: stream for unknown flow {} did not start with Open",

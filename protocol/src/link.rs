@@ -27,6 +27,10 @@ pub enum LinkControl {
     /// Cumulative acknowledgements: for each flow, every record with a
     /// sequence number below the value was delivered to the application.
     Acks(Vec<(FlowId, u64)>),
+    /// Side B asks side A for a new handshake: it met so many messages
+    /// that failed to decrypt under this session (forgeries, from the
+    /// relay) that the session's keys must not meet more.
+    Renew,
 }
 
 impl LinkControl {
@@ -61,6 +65,7 @@ mod tests {
         let hex = |m: &LinkControl| hex::encode(m.encode().expect("encode"));
         assert_eq!(hex(&LinkControl::Resume), "00");
         assert_eq!(hex(&LinkControl::ResumeOk), "01");
+        assert_eq!(hex(&LinkControl::Renew), "03");
         assert_eq!(
             hex(&LinkControl::Acks(vec![(1, 2), (300, 70_000)])),
             "020201".to_owned() + "02" + "fb2c01" + "fc70110100"
