@@ -362,7 +362,8 @@ async fn a_finished_flow_replayed_on_a_new_stream_is_refused() -> Result<()> {
 
 /// Attack: record the `Open` of a flow whose target cannot be reached (the
 /// accepting agent answered with a sealed `Reset` at seq 0) and write it
-/// again on a new stream. Checks: the id was taken before dialling
+/// again on a new stream; then write that `Reset` as a flow of its own to
+/// both agents. Checks: the id was taken before dialling
 /// (protocol.md, "Flow ids"), so the replay is refused without a second
 /// dial and without a second `Reset` sealed at the same nonce.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,21 +380,25 @@ async fn a_replayed_open_of_an_unreachable_target_is_refused() -> Result<()> {
         read.is_err() || buf.is_empty(),
         "an unreachable target answered"
     );
-    let recording = sys.finished_flow_of_a().await.or_else(|_| {
-        sys.hostile
+    // A's flow (its Open), and B's answer: a sealed Reset.
+    let deadline = Instant::now() + WAIT;
+    let (recording, resets) = loop {
+        let a = sys
+            .hostile
             .recordings()
             .into_iter()
-            .find(|r| r.sealer == Side::A && r.opener)
-            .context("no flow recorded")
-    })?;
-    let resets = sys
-        .hostile
-        .recording(recording.flow, Side::B)
-        .context("B's answer not recorded")?;
-    assert!(
-        !resets.bytes.lock().expect("lock").is_empty(),
-        "B sealed no Reset"
-    );
+            .find(|r| r.sealer == Side::A && r.opener);
+        let b = a
+            .as_ref()
+            .and_then(|a| sys.hostile.recording(a.flow, Side::B));
+        if let (Some(a), Some(b)) = (a, b) {
+            if !b.bytes.lock().expect("lock").is_empty() {
+                break (a, b);
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "B sealed no Reset");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(count(&sys.log(Side::B), "cannot reach target"), 1);
 
     let back = sys.inject(Side::B, &recording.replay_bytes()).await?;
@@ -405,6 +410,18 @@ async fn a_replayed_open_of_an_unreachable_target_is_refused() -> Result<()> {
         "the replayed Open dialled the target again"
     );
     assert!(sys.log(Side::B).contains("replayed flow refused"));
+    // B's sealed Reset, written again as a flow to either agent, opens
+    // nothing either.
+    let reset_as_flow = Recording {
+        opener: true,
+        ..resets
+    }
+    .replay_bytes();
+    for side in [Side::A, Side::B] {
+        let back = sys.inject(side, &reset_as_flow).await?;
+        assert!(back.is_empty(), "{side:?} answered a replayed Reset");
+    }
+    assert_eq!(count(&sys.log(Side::B), "cannot reach target"), 1);
     sys.assert_no_nonce_reused();
     Ok(())
 }
