@@ -101,16 +101,23 @@ impl LinkSession {
         Some(PeerFrame::Sealed { seq, ciphertext })
     }
 
-    /// Opens a sealed message; refuses a `seq` not above the last one.
-    fn open(&self, seq: u64, ciphertext: &[u8]) -> Option<LinkControl> {
+    /// Opens a sealed message; refuses a `seq` not above the last one
+    /// (`Ok(None)`: nothing was decrypted) and one that fails to decrypt
+    /// (`Err`).
+    fn open(&self, seq: u64, ciphertext: &[u8]) -> Result<Option<LinkControl>, ()> {
         let mut last = lock(&self.recv_last);
         if last.is_some_and(|l| seq <= l) {
-            return None;
+            return Ok(None);
         }
-        let plain = lock(&self.control).1.open_control(seq, ciphertext).ok()?;
-        let msg = LinkControl::decode(&plain).ok()?;
+        let plain = lock(&self.control)
+            .1
+            .open_control(seq, ciphertext)
+            .map_err(|_| ())?;
+        let Ok(msg) = LinkControl::decode(&plain) else {
+            return Ok(None);
+        };
         *last = Some(seq);
-        Some(msg)
+        Ok(Some(msg))
     }
 }
 
@@ -1116,18 +1123,24 @@ fn handle_sealed(
     ciphertext: &[u8],
 ) {
     let (current, candidates) = link.sessions();
-    let msg = match current.and_then(|s| s.open(seq, ciphertext)) {
-        Some(msg) => msg,
-        None => {
-            // Side A seals under the session of its last handshake at once:
-            // the proof side B waits for before it takes that session.
+    let opened = current.map(|s| s.open(seq, ciphertext));
+    let msg = match opened {
+        Some(Ok(Some(msg))) => msg,
+        _ => {
+            // Side A seals under the session of its last handshake at once
+            // (numbering from 0 again): the proof side B waits for before
+            // it takes that session.
             let Some(msg) = candidates.into_iter().find_map(|c| {
-                let msg = c.open(seq, ciphertext)?;
+                let msg = c.open(seq, ciphertext).ok().flatten()?;
                 link.confirm(&c, &shared.metrics);
                 Some(msg)
             }) else {
-                debug!(link = %link.cfg.name, "sealed message refused (other session or replay)");
-                link.forged(shared.max_forgeries, &shared.metrics);
+                debug!(link = %link.cfg.name, "sealed message refused (a replay, another session, or forged)");
+                // Only what failed to decrypt counts (a replayed number is
+                // refused before any decryption).
+                if matches!(opened, Some(Err(()))) {
+                    link.forged(shared.max_forgeries, &shared.metrics);
+                }
                 return;
             };
             msg
