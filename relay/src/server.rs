@@ -1587,15 +1587,22 @@ enum Then {
     Reset,
 }
 
-/// The chunks to forward instead of `chunk`, and what then.
-fn tampered(tamper: Option<&mut Box<dyn Tamper>>, chunk: Bytes) -> (Vec<Bytes>, Then) {
-    match tamper.map(|t| t.chunk(chunk.clone())) {
-        None => (vec![chunk], Then::Go),
-        Some(Tampered::Forward(chunks)) => (chunks, Then::Go),
-        Some(Tampered::Finish(chunks)) => (chunks, Then::Finish),
-        Some(Tampered::Delay(wait, chunks)) => (chunks, Then::Wait(wait)),
-        Some(Tampered::Reset) => (Vec::new(), Then::Reset),
-    }
+/// The chunks to forward instead of `chunk`, and what then. Without an
+/// adversary (always, outside tests): `chunk` itself, allocating nothing.
+fn tampered(
+    tamper: Option<&mut Box<dyn Tamper>>,
+    chunk: Bytes,
+) -> (impl Iterator<Item = Bytes>, Then) {
+    let (one, many, then) = match tamper {
+        None => (Some(chunk), Vec::new(), Then::Go),
+        Some(t) => match t.chunk(chunk) {
+            Tampered::Forward(chunks) => (None, chunks, Then::Go),
+            Tampered::Finish(chunks) => (None, chunks, Then::Finish),
+            Tampered::Delay(wait, chunks) => (None, chunks, Then::Wait(wait)),
+            Tampered::Reset => (None, Vec::new(), Then::Reset),
+        },
+    };
+    (one.into_iter().chain(many), then)
 }
 
 /// Reads what a stream has for us: waits for at least one chunk, then
