@@ -967,6 +967,45 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever payload an initiator states, side B answers with a
+        /// session on the lower limits, or refuses it; it never panics.
+        #[test]
+        fn any_handshake_payload_is_answered_or_refused(
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..6)
+        ) {
+            let (a, b) = keys();
+            let link = LinkId([5; 16]);
+            let mut hs = builder(&a, &b.public(), &prologue(&link))
+                .expect("builder")
+                .build_initiator()
+                .expect("initiator");
+            let mut m1 = vec![0u8; MAX_HANDSHAKE_LEN];
+            let n = hs.write_message(&payload, &mut m1).expect("write");
+            m1.truncate(n);
+            match respond(&b, &a.public(), &link, &m1) {
+                Ok((session, _)) => {
+                    proptest::prop_assert_eq!(payload.len(), 3);
+                    let p = session.params();
+                    proptest::prop_assert_eq!(p.records_per_key_log2, payload[1]);
+                    proptest::prop_assert_eq!(p.flow_ids_log2, payload[2]);
+                }
+                Err(NoiseError::HandshakePayload(n)) => proptest::prop_assert_ne!(n, 3),
+                Err(NoiseError::Params(r, i)) => {
+                    let stated = Params {
+                        records_per_key_log2: r,
+                        flow_ids_log2: i,
+                        ..Params::default()
+                    };
+                    proptest::prop_assert!(stated.check().is_err());
+                }
+                Err(e) => proptest::prop_assert!(false, "unexpected error {e}"),
+            }
+        }
+    }
+
     fn pair_with(a: Params, b: Params) -> (Session, Session) {
         let (ka, kb) = keys();
         let link = LinkId([5; 16]);

@@ -71,6 +71,23 @@ proptest! {
     }
 
     #[test]
+    fn tagged_flow_ids_round_trip(
+        link in any::<[u8; 16]>(),
+        generation in any::<u32>(),
+        id in 1u32..(1 << 24),
+    ) {
+        let wire = comsat_protocol::record::wire_flow_id(generation, id);
+        prop_assert_eq!(
+            comsat_protocol::record::split_flow_id(wire),
+            ((generation & 0xff) as u8, id)
+        );
+        let h = FlowHeader { link_id: LinkId(link), flow_id: wire };
+        let mut out = Vec::new();
+        h.write_to(&mut out);
+        prop_assert_eq!(FlowHeader::decode(&out), Ok(Some((h, out.len()))));
+    }
+
+    #[test]
     fn record_round_trip(len in 17usize..2000, seq in 0u64..(1 << 40)) {
         let mut out = Vec::new();
         RecordHeader { len, seq }.write_to(&mut out);
