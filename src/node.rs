@@ -510,18 +510,9 @@ fn check_grant(
 fn cert_life(path: &Path, relay: &RelayId) -> Option<(i64, i64, bool)> {
     let pem = std::fs::read(path).ok()?;
     let der = client::read_ca_pem(std::str::from_utf8(&pem).ok()?).ok()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(der.first()?.as_ref()).ok()?;
-    let uri = comsat_protocol::ids::relay_cert_uri(relay);
-    let names_relay = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .is_some_and(|san| {
-            san.value
-                .general_names
-                .iter()
-                .any(|n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == uri))
-        });
+    let first = der.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(first.as_ref()).ok()?;
+    let names_relay = comsat_agent::tls::names_relay(first, relay);
     let v = cert.validity();
     let now = comsat_protocol::jwt::unix_now() as i64;
     Some((

@@ -461,9 +461,12 @@ impl AgentConfig {
                 "bulk_nice is {n}: niceness goes from 0 (as the process) to 19"
             )));
         }
-        if let Err(e) = config.noise_params().check() {
+        if config.noise_params().check().is_err() {
+            let p = config.noise_params();
             return Err(bad(format!(
-                "rekey_records_log2 / flow_ids_log2: {e}: rekey_records_log2 goes from {min} to {}, flow_ids_log2 from {min} to {}",
+                "rekey_records_log2 is {} and flow_ids_log2 {}: the first goes from {min} to {}, the second from {min} to {}",
+                p.records_per_key_log2,
+                p.flow_ids_log2,
                 noise::DEFAULT_RECORDS_PER_KEY_LOG2,
                 noise::DEFAULT_FLOW_IDS_LOG2,
                 min = noise::MIN_LOG2,

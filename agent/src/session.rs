@@ -1340,14 +1340,19 @@ async fn accept_flow(
     // then is the target dialled, so neither the relay nor anyone else can
     // make us dial. Side A may open flows under the session of its last
     // handshake before side B saw any other proof of it.
+    // `Ok(None)`: no record that could be an `Open`; `Err`: one that
+    // decrypted under no key it could be sealed with (a forgery).
     let opened = tokio::time::timeout(defaults::FLOW_OPEN_TIMEOUT, async {
         let mut rh = [0u8; RECORD_HEADER_LEN];
-        recv.read_exact(&mut rh).await.ok()?;
-        let header = RecordHeader::decode(&rh).ok().flatten()?;
+        let Ok(()) = recv.read_exact(&mut rh).await else {
+            return Ok(None);
+        };
+        let Ok(Some(header)) = RecordHeader::decode(&rh) else {
+            return Ok(None);
+        };
         let mut ct = vec![0u8; header.len];
-        recv.read_exact(&mut ct).await.ok()?;
-        if header.seq != 0 {
-            return None;
+        if recv.read_exact(&mut ct).await.is_err() || header.seq != 0 {
+            return Ok(None);
         }
         // The generation of flow ids it belongs to: the peer's current
         // one, its next or the one before (keys differ for each).
@@ -1365,15 +1370,17 @@ async fn accept_flow(
                 })
         };
         if let Some(found) = current.and_then(|s| Some((opens(&s)?, s))) {
-            return Some(found);
+            return Ok(Some(found));
         }
-        let (g, c) = candidates.into_iter().find_map(|c| Some((opens(&c)?, c)))?;
+        let Some((g, c)) = candidates.into_iter().find_map(|c| Some((opens(&c)?, c))) else {
+            return Err(());
+        };
         link.confirm(&c, &shared.metrics);
-        Some((g, c))
+        Ok(Some((g, c)))
     })
     .await;
-    let Ok(Some((generation, session))) = opened else {
-        if matches!(opened, Ok(None)) {
+    let Ok(Ok(Some((generation, session)))) = opened else {
+        if matches!(opened, Ok(Err(()))) {
             link.forged(shared.max_forgeries, &shared.metrics);
         }
         refuse(&mut send, &mut recv);
@@ -1385,14 +1392,22 @@ async fn accept_flow(
     // An authentic Open of a flow this session already took is a recording
     // written again (only a relay can do that): refused before anything is
     // dialled or sealed.
-    let before = lock(&session.seen).generation();
-    if let Err(e) = lock(&session.seen).accept(generation, split_flow_id(h.flow_id).1) {
-        refuse(&mut send, &mut recv);
-        shared.metrics.peer_refused("replayed_flow");
-        warn!(link = %link.cfg.name, error = %e, "replayed flow refused: the relay wrote a flow again that this session already carried");
-        return Ok(());
-    }
-    if generation > before {
+    let accepted = {
+        let mut seen = lock(&session.seen);
+        let before = seen.generation();
+        seen.accept(generation, split_flow_id(h.flow_id).1)
+            .map(|()| generation > before)
+    };
+    let new_generation = match accepted {
+        Ok(new_generation) => new_generation,
+        Err(e) => {
+            refuse(&mut send, &mut recv);
+            shared.metrics.peer_refused("replayed_flow");
+            warn!(link = %link.cfg.name, error = %e, "replayed flow refused: the relay wrote a flow again that this session already carried");
+            return Ok(());
+        }
+    };
+    if new_generation {
         debug!(link = %link.cfg.name, generation, "the peer started a new generation of flow ids");
     }
     let local = match local::dial(target, defaults::TARGET_DIAL_TIMEOUT).await {

@@ -109,8 +109,9 @@ impl std::fmt::Display for OtherRelay {
 
 impl std::error::Error for OtherRelay {}
 
-/// Whether `cert` (DER) names `relay` by its URI.
-fn names_relay(cert: &CertificateDer<'_>, relay: &RelayId) -> bool {
+/// Whether `cert` (DER) names `relay` by its URI
+/// ([`relay_cert_uri`]).
+pub fn names_relay(cert: &CertificateDer<'_>, relay: &RelayId) -> bool {
     let want = relay_cert_uri(relay);
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
         return false;

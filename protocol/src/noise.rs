@@ -42,7 +42,6 @@
 
 use std::fmt;
 use std::ops::Range;
-
 use std::sync::Arc;
 
 use ring::aead::{self, AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, UnboundKey};
