@@ -153,16 +153,10 @@ impl GrantStore {
             })
             .map(|(id, _)| *id)
             .collect();
-        metrics.grants_loaded(set.len());
-        match self.current.write() {
-            Ok(mut c) => *c = Arc::new(set),
-            Err(p) => *p.into_inner() = Arc::new(set),
-        }
+        self.install(set, metrics);
         changed
     }
-}
 
-impl GrantStore {
     /// Drops the grants whose `not_after` has come (`now`, Unix seconds),
     /// as they expire: without a new grant from the controller, their
     /// links end at that instant. Returns the links dropped.
@@ -171,25 +165,25 @@ impl GrantStore {
         if old.earliest_expiry.is_none_or(|t| t > now) {
             return Vec::new();
         }
-        let (expired, kept): (Vec<_>, HashMap<_, _>) = {
-            let (gone, kept): (Vec<_>, Vec<_>) = old
-                .links
-                .iter()
-                .map(|(id, g)| (*id, g.clone()))
-                .partition(|(_, g)| g.not_after <= now);
-            (
-                gone.into_iter().map(|(id, _)| id).collect(),
-                kept.into_iter().collect(),
-            )
-        };
-        let set = GrantSet::of(kept);
-        metrics.grants_loaded(set.len());
+        let mut kept = old.links.clone();
+        kept.retain(|_, g| g.not_after > now);
+        let expired: Vec<LinkId> = old
+            .links
+            .keys()
+            .filter(|id| !kept.contains_key(id))
+            .copied()
+            .collect();
         metrics.grants_expired(expired.len());
+        self.install(GrantSet::of(kept), metrics);
+        expired
+    }
+
+    fn install(&self, set: GrantSet, metrics: &Metrics) {
+        metrics.grants_loaded(set.len());
         match self.current.write() {
             Ok(mut c) => *c = Arc::new(set),
             Err(p) => *p.into_inner() = Arc::new(set),
         }
-        expired
     }
 }
 
@@ -297,4 +291,62 @@ pub fn read_grant_files(stamp: &DirStamp, metrics: &Metrics) -> Vec<(String, Sig
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use comsat_protocol::grant::{GrantSide, LinkLimits};
+    use comsat_protocol::{NodeId, SigningKey};
+
+    use super::*;
+
+    fn signed(authority: &SigningKey, relay: RelayId, not_after: u64) -> (String, SignedGrant) {
+        let side = |n: u8| GrantSide {
+            node_id: NodeId([n; 16]),
+            sign_pub: SigningKey::generate().public(),
+        };
+        let grant = Grant {
+            link_id: LinkId::random(),
+            generation: 1,
+            relays: vec![relay],
+            side_a: side(1),
+            side_b: side(2),
+            not_after,
+            buffer_limit: 1 << 20,
+            limits: LinkLimits::default(),
+        };
+        ("g".into(), grant.sign(authority).expect("sign"))
+    }
+
+    #[test]
+    fn grants_leave_the_set_at_their_not_after_and_no_earlier() {
+        let authority = SigningKey::generate();
+        let relay = RelayId([9; 16]);
+        let store = GrantStore::new(relay, authority.public());
+        let metrics = Metrics::new();
+        let now = unix_now();
+        let soon = signed(&authority, relay, now + 100);
+        let later = signed(&authority, relay, now + 200);
+        let (soon_id, later_id) = (
+            soon.1
+                .verify_signature(&authority.public())
+                .expect("sig")
+                .link_id,
+            later
+                .1
+                .verify_signature(&authority.public())
+                .expect("sig")
+                .link_id,
+        );
+        store.replace(vec![soon, later], &metrics);
+        assert_eq!(store.snapshot().earliest_expiry(), Some(now + 100));
+        assert!(store.expire(now + 99, &metrics).is_empty());
+        assert_eq!(store.expire(now + 100, &metrics), vec![soon_id]);
+        let left = store.snapshot();
+        assert!(left.link(&soon_id).is_none() && left.link(&later_id).is_some());
+        assert_eq!(left.earliest_expiry(), Some(now + 200));
+        assert_eq!(store.expire(now + 1000, &metrics), vec![later_id]);
+        assert!(store.snapshot().is_empty());
+        assert_eq!(store.snapshot().earliest_expiry(), None);
+    }
 }
