@@ -15,30 +15,32 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::client::Client;
-use crate::{ctl, node};
+use comsat_node::client::Client;
+use comsat_node::{NodeState, ctl};
+
+use crate::nodes;
 
 /// What `comsat up` runs.
 #[derive(Debug, Clone)]
-pub struct UpOptions {
+pub(crate) struct UpOptions {
     /// Where everything lives (`./.comsat` by default).
-    pub data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// The controller's HTTPS port on 127.0.0.1 (first run only: it goes
     /// into the controller's URL).
-    pub controller_port: u16,
+    pub(crate) controller_port: u16,
     /// The relay's QUIC port on 127.0.0.1 (first run only).
-    pub relay_port: u16,
+    pub(crate) relay_port: u16,
     /// The relay's interactive listener's port on 127.0.0.1, where links
     /// created with `--connection` go (first run only).
-    pub relay_interactive_port: u16,
+    pub(crate) relay_interactive_port: u16,
     /// Where the demo link listens on agent A.
-    pub demo_listen: SocketAddr,
+    pub(crate) demo_listen: SocketAddr,
     /// Start the demo service and link.
-    pub demo: bool,
+    pub(crate) demo: bool,
 }
 
 /// The reply of the demo service.
-pub const DEMO_REPLY: &str = "hello from the demo service behind agent-b, through comsat\n";
+pub(crate) const DEMO_REPLY: &str = "hello from the demo service behind agent-b, through comsat\n";
 
 const RELAY: &str = "relay-1";
 const AGENTS: [&str; 2] = ["agent-a", "agent-b"];
@@ -50,7 +52,7 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 }
 
 /// Runs until `shutdown` completes, then stops everything.
-pub async fn up(
+pub(crate) async fn up(
     opts: UpOptions,
     prometheus: PrometheusHandle,
     shutdown: impl Future<Output = ()>,
@@ -63,103 +65,12 @@ pub async fn up(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
-    // The controller.
-    let ctl_dir = dir.join("controller");
-    if !ctl_dir.join("controller.toml").exists() {
-        eprintln!(
-            "comsat up: initialising a controller in {}",
-            ctl_dir.display()
-        );
-        comsat_controller::init(&comsat_controller::InitOptions {
-            data_dir: ctl_dir.clone(),
-            public_url: Some(format!("https://127.0.0.1:{}", opts.controller_port)),
-            ..Default::default()
-        })?;
-    }
-    let controller = comsat_controller::Controller::bind(comsat_controller::RunOptions {
-        data_dir: ctl_dir.clone(),
-        listen: None,
-        database: None,
-    })
-    .await
-    .context("starting the controller")?;
-    let controller_addr = controller.local_addr();
-    tasks.spawn({
-        let rx = stop_rx.clone();
-        async move {
-            if let Err(e) = controller.run(stopped(rx)).await {
-                tracing::error!(error = %e, "controller stopped");
-            }
-        }
-    });
-    let context = ctl_dir.join("context.toml");
-    let admin = ctl::Target {
-        context: Some(context.clone()),
-        ..Default::default()
-    }
-    .client()?;
+    let (controller_addr, context, admin) =
+        start_controller(&dir, &opts, &stop_rx, &mut tasks).await?;
 
-    // The relay.
-    let relay_dir = dir.join(RELAY);
-    if !relay_dir.join("node.toml").exists() {
-        let token = new_token(&admin, NodeKind::Relay, RELAY).await?;
-        let addr = format!("127.0.0.1:{}", opts.relay_port);
-        let lane = Some(opts.relay_interactive_port);
-        node::enrol(&token, NodeKind::Relay, &relay_dir, Some(&addr), lane, &[]).await?;
-    }
-    let relay_state = node::NodeState::load(&relay_dir, NodeKind::Relay)?;
-    let relay_config = node::relay_config(&relay_dir, &relay_state, None, None)?;
-    let relay_listen = SocketAddr::from(([127, 0, 0, 1], relay_config.listen.port()));
-    let mut relay_config = relay_config;
-    relay_config.listen = relay_listen;
-    relay_config.interactive_listen = relay_config
-        .interactive_listen
-        .map(|a| SocketAddr::from(([127, 0, 0, 1], a.port())));
-    let relay = comsat_relay::Relay::bind(relay_config).context("starting the relay")?;
-    let relay_quic = relay.local_addr()?;
-    let relay_lane = relay.interactive_addr().transpose()?;
-    tasks.spawn({
-        let sync = node::relay_sync(relay_dir.clone(), relay_state, relay.load_probe());
-        let rx = stop_rx.clone();
-        async move {
-            tokio::select! {
-                () = sync => {}
-                () = stopped(rx) => {}
-            }
-        }
-    });
-    tasks.spawn({
-        let rx = stop_rx.clone();
-        async move {
-            if let Err(e) = relay.run(stopped(rx)).await {
-                tracing::error!(error = %e, "relay stopped");
-            }
-        }
-    });
+    let (relay_quic, relay_lane) = start_relay(&dir, &opts, &admin, &stop_rx, &mut tasks).await?;
 
-    // The agents.
-    for name in AGENTS {
-        let agent_dir = dir.join(name);
-        if !agent_dir.join("node.toml").exists() {
-            let token = new_token(&admin, NodeKind::Agent, name).await?;
-            node::enrol(&token, NodeKind::Agent, &agent_dir, None, None, &[]).await?;
-        }
-        let state = node::NodeState::load(&agent_dir, NodeKind::Agent)?;
-        let mut agent = comsat_agent::Agent::new(&node::agent_config(&agent_dir, &state))?;
-        let mut version = 0;
-        if let Some(cached) = node::cached_desired(&agent_dir) {
-            node::apply_desired(&mut agent, &agent_dir, &cached).await;
-            version = cached.version;
-        }
-        let rx = stop_rx.clone();
-        tasks.spawn(async move {
-            tokio::select! {
-                () = node::agent_sync(agent_dir, state, &mut agent, version) => {}
-                () = stopped(rx) => {}
-            }
-            agent.stop().await;
-        });
-    }
+    start_agents(&dir, &admin, &stop_rx, &mut tasks).await?;
 
     // The demo service and link.
     if opts.demo {
@@ -201,6 +112,132 @@ pub async fn up(
         let _ = std::fs::remove_file(dir.join("demo.sock"));
     }
     println!("comsat up stopped");
+    Ok(())
+}
+
+/// Starts the controller (initialised in `dir/controller` on the first
+/// run): its address, its admin context file and a client with it.
+async fn start_controller(
+    dir: &Path,
+    opts: &UpOptions,
+    stop_rx: &watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<(SocketAddr, PathBuf, Client)> {
+    let ctl_dir = dir.join("controller");
+    if !ctl_dir.join("controller.toml").exists() {
+        eprintln!(
+            "comsat up: initialising a controller in {}",
+            ctl_dir.display()
+        );
+        comsat_controller::init(&comsat_controller::InitOptions {
+            data_dir: ctl_dir.clone(),
+            public_url: Some(format!("https://127.0.0.1:{}", opts.controller_port)),
+            ..Default::default()
+        })?;
+    }
+    let controller = comsat_controller::Controller::bind(comsat_controller::RunOptions {
+        data_dir: ctl_dir.clone(),
+        listen: None,
+        database: None,
+    })
+    .await
+    .context("starting the controller")?;
+    let controller_addr = controller.local_addr();
+    tasks.spawn({
+        let rx = stop_rx.clone();
+        async move {
+            if let Err(e) = controller.run(stopped(rx)).await {
+                tracing::error!(error = %e, "controller stopped");
+            }
+        }
+    });
+    let context = ctl_dir.join("context.toml");
+    let admin = ctl::Target {
+        context: Some(context.clone()),
+        ..Default::default()
+    }
+    .client()?;
+    Ok((controller_addr, context, admin))
+}
+
+/// Starts the relay (enrolled in `dir/relay-1` on the first run) with its
+/// grant sync: its QUIC address and its interactive listener's.
+async fn start_relay(
+    dir: &Path,
+    opts: &UpOptions,
+    admin: &Client,
+    stop_rx: &watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<(SocketAddr, Option<SocketAddr>)> {
+    let relay_dir = dir.join(RELAY);
+    if !relay_dir.join("node.toml").exists() {
+        let token = new_token(admin, NodeKind::Relay, RELAY).await?;
+        let addr = format!("127.0.0.1:{}", opts.relay_port);
+        let lane = Some(opts.relay_interactive_port);
+        comsat_node::enrol(&token, NodeKind::Relay, &relay_dir, Some(&addr), lane, &[]).await?;
+    }
+    let relay_state = NodeState::load(&relay_dir, NodeKind::Relay)?;
+    let relay_config = nodes::relay_config(&relay_dir, &relay_state, None, None)?;
+    let relay_listen = SocketAddr::from(([127, 0, 0, 1], relay_config.listen.port()));
+    let mut relay_config = relay_config;
+    relay_config.listen = relay_listen;
+    relay_config.interactive_listen = relay_config
+        .interactive_listen
+        .map(|a| SocketAddr::from(([127, 0, 0, 1], a.port())));
+    let relay = comsat_relay::Relay::bind_fed(relay_config).context("starting the relay")?;
+    let relay_quic = relay.local_addr()?;
+    let relay_lane = relay.interactive_addr().transpose()?;
+    tasks.spawn({
+        let sync = comsat_node::relay::RelaySync::start(
+            relay_dir.clone(),
+            relay_state,
+            nodes::FedRelay::new(&relay),
+        )
+        .run();
+        let rx = stop_rx.clone();
+        async move {
+            tokio::select! {
+                () = sync => {}
+                () = stopped(rx) => {}
+            }
+        }
+    });
+    tasks.spawn({
+        let rx = stop_rx.clone();
+        async move {
+            if let Err(e) = relay.run(stopped(rx)).await {
+                tracing::error!(error = %e, "relay stopped");
+            }
+        }
+    });
+    Ok((relay_quic, relay_lane))
+}
+
+/// Starts both agents (enrolled on the first run), each with its sync.
+async fn start_agents(
+    dir: &Path,
+    admin: &Client,
+    stop_rx: &watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<()> {
+    for name in AGENTS {
+        let agent_dir = dir.join(name);
+        if !agent_dir.join("node.toml").exists() {
+            let token = new_token(admin, NodeKind::Agent, name).await?;
+            comsat_node::enrol(&token, NodeKind::Agent, &agent_dir, None, None, &[]).await?;
+        }
+        let state = NodeState::load(&agent_dir, NodeKind::Agent)?;
+        let mut agent = comsat_agent::Agent::new(&nodes::agent_config(&agent_dir, &state))?;
+        let version = nodes::apply_cached(&mut agent, &agent_dir).await;
+        let rx = stop_rx.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = comsat_node::agent::agent_sync(agent_dir, state, nodes::FedAgent(&mut agent), version) => {}
+                () = stopped(rx) => {}
+            }
+            agent.stop().await;
+        });
+    }
     Ok(())
 }
 
@@ -268,7 +305,7 @@ async fn wait_demo(listen: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// Sends `req`, half-closes, reads the whole reply.
-pub async fn ask(addr: SocketAddr, req: &[u8]) -> std::io::Result<String> {
+pub(crate) async fn ask(addr: SocketAddr, req: &[u8]) -> std::io::Result<String> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(req).await?;
     s.shutdown().await?;

@@ -1,7 +1,10 @@
 //! End-to-end tests of resume: flows survive the relay dying under them.
 
 mod common;
+#[path = "common/transfer.rs"]
+mod transfer;
 
+use comsat_keys::KeyFile;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,125 +12,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use common::{Options, System};
-use comsat::dev::DevLink;
-use comsat_tests::oracle::{Received, hash_counting};
+use comsat_controller::dev::DevLink;
 use comsat_tests::{Oracle, metric, scrape};
 use rand::{Rng, SeedableRng};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-const FLOWS: u64 = 4;
-/// 4 flows x 32 MiB x 2 directions = 256 MiB.
-const PER_FLOW: u64 = 32 * 1024 * 1024;
-const REPLY_XOR: u64 = 0x0bad_cafe;
-
-/// Sends `seed` + its stream and hashes what comes back, counting progress.
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    s: S,
-    send_seed: u64,
-    header: Option<u64>,
-    progress: &AtomicU64,
-) -> Result<Received> {
-    let (mut r, mut w) = tokio::io::split(s);
-    let send = async {
-        if let Some(h) = header {
-            w.write_u64(h).await?;
-        }
-        Oracle::write_to(send_seed, PER_FLOW, &mut w).await?;
-        w.shutdown().await
-    };
-    let (sent, received) = tokio::join!(send, hash_counting(&mut r, progress));
-    sent.context("sending")?;
-    received.context("receiving (a reset here is an application-visible failure)")
-}
-
-/// A running bulk transfer: 4 flows, 32 MiB each way each.
-struct Bulk {
-    progress: Arc<AtomicU64>,
-    done: tokio::task::JoinHandle<Result<()>>,
-}
-
-impl Bulk {
-    const TOTAL: u64 = 2 * FLOWS * PER_FLOW;
-
-    fn start(listen: SocketAddr, target: TcpListener) -> Self {
-        let progress = Arc::new(AtomicU64::new(0));
-        let server = {
-            let progress = progress.clone();
-            tokio::spawn(async move {
-                let mut flows = Vec::new();
-                for _ in 0..FLOWS {
-                    let (mut s, _) = target.accept().await?;
-                    let progress = progress.clone();
-                    flows.push(tokio::spawn(async move {
-                        let seed = s.read_u64().await?;
-                        let got = exchange(s, seed ^ REPLY_XOR, None, &progress).await?;
-                        anyhow::Ok((seed, got))
-                    }));
-                }
-                anyhow::Ok(flows)
-            })
-        };
-        let clients: Vec<_> = (1..=FLOWS)
-            .map(|seed| {
-                let progress = progress.clone();
-                tokio::spawn(async move {
-                    let s = TcpStream::connect(listen).await?;
-                    let got = exchange(s, seed, Some(seed), &progress).await?;
-                    anyhow::Ok((seed, got))
-                })
-            })
-            .collect();
-        let done = tokio::spawn(async move {
-            let mut worst = Duration::ZERO;
-            for c in clients {
-                let (seed, got) = c.await??;
-                // The client received the server's reply stream.
-                if let Some(wrong) = got.verdict(seed ^ REPLY_XOR, PER_FLOW) {
-                    bail!("flow {seed}, at the client: {wrong}");
-                }
-                worst = worst.max(got.longest_stall);
-            }
-            let mut seeds = Vec::new();
-            for s in server.await?? {
-                let (seed, got) = s.await??;
-                if let Some(wrong) = got.verdict(seed, PER_FLOW) {
-                    bail!("flow {seed}, at the server: {wrong}");
-                }
-                worst = worst.max(got.longest_stall);
-                seeds.push(seed);
-            }
-            seeds.sort();
-            assert_eq!(seeds, (1..=FLOWS).collect::<Vec<_>>());
-            eprintln!(
-                "0 bytes lost, 0 duplicated, 0 resets; longest pause (resume time) {worst:?}"
-            );
-            Ok(())
-        });
-        Self { progress, done }
-    }
-
-    /// Waits until `at` bytes have arrived, in either direction.
-    async fn reach(&self, at: u64) -> Result<u64> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            let now = self.progress.load(Ordering::Relaxed);
-            if now >= at {
-                return Ok(now);
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("transfer stalled at {now} of {} bytes", Self::TOTAL);
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn finish(self) -> Result<()> {
-        tokio::time::timeout(Duration::from_secs(240), self.done)
-            .await
-            .context("transfer did not finish")??
-    }
-}
+use transfer::*;
 
 fn bulk_system(target: SocketAddr, extra_relays: usize) -> Result<System> {
     System::start(Options {
@@ -142,14 +32,6 @@ fn bulk_system(target: SocketAddr, extra_relays: usize) -> Result<System> {
         relay_extra: String::new(),
         extra_relays,
     })
-}
-
-fn assert_no_application_failures(sys: &System) -> Result<()> {
-    for (_, admin) in &sys.agents {
-        let m = scrape(*admin)?;
-        assert_eq!(metric(&m, "comsat_agent_flows_failed_total"), 0.0, "{m}");
-    }
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,17 +198,6 @@ async fn draining_two_relays_in_turn_under_traffic_loses_nothing() -> Result<()>
     Ok(())
 }
 
-/// Echoes every connection's bytes back until it ends.
-async fn echo_server(listener: TcpListener) {
-    while let Ok((s, _)) = listener.accept().await {
-        tokio::spawn(async move {
-            let (mut r, mut w) = s.into_split();
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-            let _ = w.shutdown().await;
-        });
-    }
-}
-
 /// A link's grant expires while nothing can renew it (no controller here:
 /// the relay's grant directory is all it has). The relay ends the link at
 /// `not_after` by itself: the open flow works until then and is reset
@@ -433,41 +304,6 @@ fn regrant(sys: &System, generation: u64, not_after: u64) -> Result<()> {
     std::fs::write(&tmp, grant.sign(&authority)?.encode()?)?;
     std::fs::rename(&tmp, &path)?;
     Ok(())
-}
-
-/// Writes `data` and reads the same number of bytes back.
-async fn echo_round(s: &mut TcpStream, data: &[u8]) -> Result<()> {
-    s.write_all(data).await?;
-    let mut back = vec![0u8; data.len()];
-    tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut back)).await??;
-    if back != data {
-        bail!("echo differs");
-    }
-    Ok(())
-}
-
-/// Keeps a flow busy until it ends; `Ok(())` if the application saw a
-/// reset (an error), an error if it saw a clean end of stream.
-async fn expect_reset(mut s: TcpStream, within: Duration) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if tokio::time::Instant::now() > deadline {
-            bail!("no reset within {within:?}");
-        }
-        if let Err(e) = s.write_all(b"still here").await {
-            eprintln!("write failed: {e}");
-            return Ok(());
-        }
-        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
-            Ok(Ok(0)) => bail!("the application saw a clean end of stream, not a reset"),
-            Ok(Ok(_)) | Err(_) => {}
-            Ok(Err(e)) => {
-                eprintln!("read failed: {e}");
-                return Ok(());
-            }
-        }
-    }
 }
 
 /// A chatty flow goes on across a relay restart, and its acks with it: they
@@ -643,31 +479,6 @@ async fn superseded_grant_tears_the_link_down_and_old_generation_is_refused() ->
     Ok(())
 }
 
-fn signal(pid: u32, sig: &str) -> Result<()> {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()?;
-    if !status.success() {
-        bail!("kill -{sig} {pid} failed");
-    }
-    Ok(())
-}
-
-async fn wait_metric(admin: SocketAddr, series: &str, pred: impl Fn(f64) -> bool) -> Result<f64> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let m = scrape(admin)?;
-        let v = metric(&m, series);
-        if pred(v) {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("{series} = {v} never met the condition; metrics:\n{m}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_stores_and_forwards_while_the_peer_is_away() -> Result<()> {
     const LEN: u64 = 8 * 1024 * 1024;
@@ -734,18 +545,6 @@ async fn relay_stores_and_forwards_while_the_peer_is_away() -> Result<()> {
     assert!(rest.is_empty());
     wait_metric(sys.relay_admin, "comsat_relay_buffered_bytes", |v| v == 0.0).await?;
     Ok(())
-}
-
-/// Sends SIGCONT to `pid` when dropped, so a failed test never leaves a
-/// stopped process behind.
-fn scopeguard(pid: u32) -> impl Drop {
-    struct Cont(u32);
-    impl Drop for Cont {
-        fn drop(&mut self) {
-            let _ = signal(self.0, "CONT");
-        }
-    }
-    Cont(pid)
 }
 
 /// Points an agent config's first relay at `front` (a fault proxy), noting

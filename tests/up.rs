@@ -41,9 +41,9 @@ async fn up_serves_the_demo_link_stops_on_ctrl_c_and_comes_back_with_the_same_id
     for run in 0..2 {
         let mut up = Proc::spawn(BIN, &format!("up-{run}"), &args, dir.path())?;
         up.wait_line("comsat up ready", Duration::from_secs(120))?;
-        let reply = comsat::up::ask(demo.parse()?, b"GET / HTTP/1.0\r\n\r\n").await?;
+        let reply = ask(demo.parse()?, b"GET / HTTP/1.0\r\n\r\n").await?;
         ensure!(
-            reply.starts_with("HTTP/1.0 200") && reply.ends_with(comsat::up::DEMO_REPLY),
+            reply.starts_with("HTTP/1.0 200") && reply.ends_with(DEMO_REPLY),
             "run {run}: unexpected reply through the demo link: {reply:?}"
         );
         // The new demo link races its grant to the relay; the agents'
@@ -158,4 +158,18 @@ async fn up_without_the_demo_starts_only_the_infrastructure() -> Result<()> {
         up.log_tail()
     );
     Ok(())
+}
+
+/// What `comsat up`'s demo service answers, as its banner documents.
+const DEMO_REPLY: &str = "hello from the demo service behind agent-b, through comsat\n";
+
+/// Sends `req` to `addr`, half-closes, and reads the whole reply.
+async fn ask(addr: std::net::SocketAddr, req: &[u8]) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(req).await?;
+    s.shutdown().await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
 }

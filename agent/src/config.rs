@@ -119,8 +119,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub use comsat_protocol::half::{LinkError, LinkHalf, LocalRole};
 use comsat_protocol::noise;
-use comsat_protocol::{LinkId, NodeId, NoisePublicKey, RelayId, Side};
+use comsat_protocol::{NodeId, RelayId};
 use serde::Deserialize;
 
 use crate::error::AgentError;
@@ -185,40 +186,9 @@ pub struct AgentConfig {
     pub links: Vec<LinkConfig>,
 }
 
-/// One link half.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-#[non_exhaustive]
-pub struct LinkConfig {
-    /// A name for logs and metrics.
-    pub name: String,
-    /// The link id.
-    pub link_id: LinkId,
-    /// The generation the grant carries.
-    pub generation: u64,
-    /// The side this agent holds.
-    pub side: Side,
-    /// The peer's Noise static public key.
-    pub peer_noise_public_key: NoisePublicKey,
-    /// Local listener (`tcp://127.0.0.1:PORT` or `unix:///path`).
-    #[serde(default)]
-    pub listen: Option<String>,
-    /// Local target dialled per flow (`tcp://host:port` or `unix:///path`).
-    #[serde(default)]
-    pub target: Option<String>,
-    /// Unix listeners: peer uids allowed (empty: any, unless gids are set).
-    #[serde(default)]
-    pub allowed_uids: Vec<u32>,
-    /// Unix listeners: peer gids allowed.
-    #[serde(default)]
-    pub allowed_gids: Vec<u32>,
-    /// The relays that carry the link, in order of preference.
-    pub relays: Vec<RelayEndpoint>,
-    /// Links naming the same connection share a QUIC connection per relay
-    /// apart from the links that name none (see the module docs).
-    #[serde(default)]
-    pub connection: Option<String>,
-}
+/// One link half, with its relays' TLS settings: the protocol's one link
+/// model ([`comsat_protocol::half::LinkHalf`]).
+pub type LinkConfig = LinkHalf<RelayEndpoint>;
 
 /// How to reach and authenticate a relay.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
@@ -249,150 +219,32 @@ pub struct RelayEndpoint {
     pub lane_addr: Option<String>,
 }
 
-/// A local socket address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LocalSpec {
-    /// A TCP address.
-    Tcp(String),
-    /// A Unix socket path.
-    Unix(PathBuf),
-}
+/// A local socket address: `tcp://HOST:PORT` or `unix:///PATH`, parsed
+/// by the one grammar every party uses.
+pub use comsat_protocol::endpoint::Endpoint as LocalSpec;
 
-impl LocalSpec {
-    /// Parses `tcp://host:port` or `unix:///path`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        if let Some(rest) = s.strip_prefix("tcp://") {
-            if rest.is_empty() || !rest.contains(':') {
-                return Err(format!("`{s}`: expected tcp://HOST:PORT"));
-            }
-            Ok(Self::Tcp(rest.to_owned()))
-        } else if let Some(rest) = s.strip_prefix("unix://") {
-            if !rest.starts_with('/') {
-                return Err(format!("`{s}`: expected unix:///ABSOLUTE/PATH"));
-            }
-            Ok(Self::Unix(PathBuf::from(rest)))
-        } else {
-            Err(format!("`{s}`: expected tcp://HOST:PORT or unix:///PATH"))
-        }
-    }
-}
-
-impl std::fmt::Display for LocalSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Tcp(a) => write!(f, "tcp://{a}"),
-            Self::Unix(p) => write!(f, "unix://{}", p.display()),
-        }
-    }
-}
-
-/// What a link does locally.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LocalRole {
-    /// Accept local connections; each becomes a flow.
-    Listen(LocalSpec),
-    /// Dial this target for each flow the peer opens.
-    Target(LocalSpec),
-}
-
-impl LinkConfig {
-    /// This agent's half of a link as the controller sends it; relay
-    /// certificates must chain to `relay_ca_file`.
-    pub fn from_desired(link: &comsat_protocol::api::AgentLink, relay_ca_file: &Path) -> Self {
-        Self {
-            name: link.name.clone(),
-            link_id: link.link_id,
-            generation: link.generation,
-            side: link.side,
-            peer_noise_public_key: link.peer_noise_public_key,
-            listen: link.listen.clone(),
-            target: link.target.clone(),
-            allowed_uids: link.allowed_uids.clone(),
-            allowed_gids: link.allowed_gids.clone(),
-            relays: link
-                .relays
-                .iter()
-                .map(|r| RelayEndpoint {
-                    // A link of its own connection dials the relay's
-                    // interactive listener where it runs one.
-                    addr: match (&link.connection, &r.interactive_addr) {
-                        (Some(_), Some(lane)) => lane.clone(),
-                        _ => r.addr.clone(),
-                    },
-                    server_name: r.server_name.clone(),
-                    ca_file: Some(relay_ca_file.to_owned()),
-                    cert_sha256: None,
-                    relay_id: Some(r.relay_id),
-                    // The other links start their flows there, or, where
-                    // the relay runs no interactive listener, on a lane
-                    // to its main one (a link already on a connection of
-                    // its own has no lane beside it).
-                    lane_addr: match link.connection {
-                        Some(_) => None,
-                        None => Some(r.interactive_addr.clone().unwrap_or_else(|| r.addr.clone())),
-                    },
-                })
-                .collect(),
-            connection: link.connection.clone(),
-        }
-    }
-
-    /// Whether `other` is the same link half except for its generation and
-    /// relays: then its session and flows carry over. A changed
-    /// `connection` is another half: its listener and flows run on another
-    /// runtime (the lane or the main one).
-    pub(crate) fn same_half(&self, other: &Self) -> bool {
-        self.link_id == other.link_id
-            && self.connection == other.connection
-            && self.side == other.side
-            && self.peer_noise_public_key == other.peer_noise_public_key
-            && self.listen == other.listen
-            && self.target == other.target
-            && self.allowed_uids == other.allowed_uids
-            && self.allowed_gids == other.allowed_gids
-            && self.name == other.name
-    }
-
-    /// Checks the `connection` name: 1 to [`MAX_CONNECTION_NAME_LEN`]
-    /// ASCII letters, digits, `-`, `_` or `.`.
-    pub fn check_connection(&self) -> Result<(), String> {
-        let Some(name) = &self.connection else {
-            return Ok(());
-        };
-        if comsat_protocol::api::valid_connection_name(name) {
-            Ok(())
-        } else {
-            Err(format!(
-                "connection `{}`: use 1 to {MAX_CONNECTION_NAME_LEN} letters, digits, `-`, `_` or `.`",
-                name.escape_debug()
-            ))
-        }
-    }
-
-    /// The parsed local role.
-    pub fn role(&self) -> Result<LocalRole, String> {
-        match (&self.listen, &self.target) {
-            (Some(l), None) => {
-                let spec = LocalSpec::parse(l)?;
-                if let LocalSpec::Tcp(addr) = &spec {
-                    let sa: SocketAddr = addr.parse().map_err(|_| {
-                        format!(
-                            "listen `{l}`: expected a loopback IP:PORT such as tcp://127.0.0.1:7000"
-                        )
-                    })?;
-                    if !sa.ip().is_loopback() {
-                        return Err(format!(
-                            "listen `{l}`: agents listen on loopback or Unix sockets only \
-                             (they never accept connections from the network)"
-                        ));
-                    }
-                }
-                Ok(LocalRole::Listen(spec))
-            }
-            (None, Some(t)) => Ok(LocalRole::Target(LocalSpec::parse(t)?)),
-            _ => Err("set exactly one of `listen` or `target`".into()),
-        }
-    }
+/// This agent's half of a link as the controller sends it; relay
+/// certificates must chain to `relay_ca_file`.
+pub fn from_desired(link: &comsat_protocol::api::AgentLink, relay_ca_file: &Path) -> LinkConfig {
+    link.map_relays(|r| RelayEndpoint {
+        // A link of its own connection dials the relay's interactive
+        // listener where it runs one.
+        addr: match (&link.connection, &r.interactive_addr) {
+            (Some(_), Some(lane)) => lane.clone(),
+            _ => r.addr.clone(),
+        },
+        server_name: r.server_name.clone(),
+        ca_file: Some(relay_ca_file.to_owned()),
+        cert_sha256: None,
+        relay_id: Some(r.relay_id),
+        // The other links start their flows there, or, where the relay
+        // runs no interactive listener, on a lane to its main one (a link
+        // already on a connection of its own has no lane beside it).
+        lane_addr: match link.connection {
+            Some(_) => None,
+            None => Some(r.interactive_addr.clone().unwrap_or_else(|| r.addr.clone())),
+        },
+    })
 }
 
 impl AgentConfig {
@@ -447,7 +299,16 @@ impl AgentConfig {
         if text.len() as u64 > MAX_CONFIG_LEN {
             return Err(bad(format!("file is larger than {MAX_CONFIG_LEN} bytes")));
         }
-        let mut config: Self = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        // Every key must mean something: a misspelt one is refused, not
+        // ignored (the link model also reads the controller's answers,
+        // which may carry fields an older agent does not know).
+        let mut unknown = Vec::new();
+        let de = toml::Deserializer::parse(&text).map_err(|e| bad(e.to_string()))?;
+        let mut config: Self = serde_ignored::deserialize(de, |key| unknown.push(key.to_string()))
+            .map_err(|e| bad(e.to_string()))?;
+        if let Some(key) = unknown.first() {
+            return Err(bad(format!("unknown key `{key}`")));
+        }
         let base = path.parent().unwrap_or(Path::new(".")).to_owned();
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -534,6 +395,7 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use comsat_protocol::{LinkId, NoisePublicKey, Side};
 
     fn link(listen: Option<&str>, target: Option<&str>) -> LinkConfig {
         LinkConfig {
@@ -582,7 +444,7 @@ mod tests {
             connection: Some("interactive".into()),
         };
         let ca = Path::new("/ca.pem");
-        let cfg = LinkConfig::from_desired(&desired, ca);
+        let cfg = from_desired(&desired, ca);
         assert_eq!(cfg.connection.as_deref(), Some("interactive"));
         let addrs: Vec<&str> = cfg.relays.iter().map(|r| r.addr.as_str()).collect();
         // A relay without an interactive listener is reached on its main one.
@@ -594,7 +456,7 @@ mod tests {
         // lane to each relay's interactive listener, or to its main one
         // where it runs none.
         desired.connection = None;
-        let cfg = LinkConfig::from_desired(&desired, ca);
+        let cfg = from_desired(&desired, ca);
         let addrs: Vec<&str> = cfg.relays.iter().map(|r| r.addr.as_str()).collect();
         let lanes: Vec<Option<&str>> = cfg.relays.iter().map(|r| r.lane_addr.as_deref()).collect();
         assert_eq!(
@@ -640,7 +502,7 @@ mod tests {
         ] {
             l.connection = Some(bad.into());
             let err = l.check_connection().expect_err(bad);
-            assert!(err.contains("letters, digits"), "{err}");
+            assert!(err.to_string().contains("letters, digits"), "{err}");
         }
     }
 
@@ -700,13 +562,33 @@ mod tests {
     }
 
     #[test]
+    fn a_misspelt_key_in_a_link_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        let text = format!(
+            "node_id = \"{}\"\nsigning_key = \"k\"\nnoise_key = \"n\"\n\
+             [[links]]\nname = \"l\"\nlink_id = \"{}\"\ngeneration = 1\nside = \"a\"\n\
+             peer_noise_public_key = \"{}\"\nlisten = \"tcp://127.0.0.1:7000\"\nallowed_uid = [1]\n\
+             [[links.relays]]\naddr = \"127.0.0.1:1\"\nserver_name = \"localhost\"\ncert_sha256 = \"00\"\n",
+            NodeId([1; 16]),
+            LinkId([2; 16]),
+            NoisePublicKey([3; 32]),
+        );
+        std::fs::write(&path, &text).expect("write");
+        let err = AgentConfig::load(&path).expect_err("misspelt key");
+        assert!(err.to_string().contains("links.0.allowed_uid"), "{err}");
+        std::fs::write(&path, text.replace("allowed_uid =", "allowed_uids =")).expect("write");
+        AgentConfig::load(&path).expect("the right key loads");
+    }
+
+    #[test]
     fn listen_must_be_loopback() {
         assert!(link(Some("tcp://127.0.0.1:7000"), None).role().is_ok());
         assert!(link(Some("tcp://[::1]:7000"), None).role().is_ok());
         let err = link(Some("tcp://0.0.0.0:7000"), None)
             .role()
             .expect_err("not loopback");
-        assert!(err.contains("loopback"), "{err}");
+        assert!(err.to_string().contains("loopback"), "{err}");
         assert!(link(Some("unix:///tmp/x.sock"), None).role().is_ok());
         assert!(link(Some("unix://rel.sock"), None).role().is_err());
     }

@@ -15,34 +15,39 @@
 //! unacknowledged records, and all flows of the agent together at most its
 //! replay budget; a full window stops reading the local socket
 //! (backpressure, never unbounded growth).
+//!
+//! What a flow decides lives in [`crate::core::flow`] (sans IO); this is
+//! its driver: the QUIC streams, the local socket, the runtimes and the
+//! timers, calling the core with the current time.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use comsat_protocol::limits::NOISE_TAG_LEN;
-use comsat_protocol::noise::{NoiseError, Opener, RECORD_PREFIX_LEN, Sealer};
+use comsat_protocol::noise::{NoiseError, RECORD_PREFIX_LEN};
 use comsat_protocol::quantum::Quantum;
 use comsat_protocol::record::{
     FlowHeader, RECORD_HEADER_LEN, RecordError, RecordHeader, RecordKind, decode_record,
 };
-use comsat_protocol::resume::{Reassembly, ReplayWindow, Verdict};
-use comsat_protocol::{FlowId, STREAM_FLOW_LIMIT, STREAM_MOVED, STREAM_PEER_SILENT};
+use comsat_protocol::{FlowId, StreamCode};
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, debug};
 
+use crate::core::ack::AckWhen;
+use crate::core::flow::{
+    BulkMeter, Delivery, End, FlowLimits, Lost, Received, RecvCore, RecvError, Resume,
+    ResumeLimits, SendCore, StreamEnded, Then, completed,
+};
 use crate::defaults;
-use crate::lane::BusyGuard;
+use crate::group::BusyGuard;
+use crate::link::{LinkFlow, LinkRt, LinkSession};
 use crate::local::{LocalConn, LocalRead, LocalWrite};
-use crate::lock;
 use crate::metrics::Metrics;
-use crate::session::{AckWhen, LinkRt, LinkSession};
-
-/// Stream error code sent when a flow fails.
-pub(crate) const STREAM_FAILED: u32 = 2;
+use crate::sync::lock;
 
 /// Why a stream or a flow ended.
 #[derive(Debug, thiserror::Error)]
@@ -59,55 +64,61 @@ pub(crate) enum FlowError {
     Finished,
     #[error("bad record: {0}")]
     Record(#[from] RecordError),
-    #[error("record failed to decrypt: {0}")]
+    #[error("record failed to seal: {0}")]
     Noise(#[from] NoiseError),
-    #[error("record {got} out of order (expected {want})")]
-    Sequence { want: u64, got: u64 },
-    #[error("unexpected {0:?} record")]
-    Unexpected(RecordKind),
-    #[error("peer reset the flow")]
-    PeerReset,
+    #[error(transparent)]
+    Recv(#[from] RecvError),
     #[error("the relay refused the flow: its link has the most concurrent flows its grant allows")]
     OverLimit,
 }
 
 impl FlowError {
-    /// Whether a new stream can carry the flow on.
-    fn resumable(&self) -> bool {
-        matches!(self, Self::Lost(_) | Self::Silent | Self::Finished)
+    /// How the stream was lost, if a new stream can carry the flow on.
+    fn lost(&self) -> Option<Lost> {
+        match self {
+            Self::Lost(_) => Some(Lost::Failed),
+            Self::Silent => Some(Lost::Silent),
+            Self::Finished => Some(Lost::Finished),
+            _ => None,
+        }
+    }
+
+    fn peer_reset(&self) -> bool {
+        matches!(self, Self::Recv(RecvError::PeerReset))
     }
 }
 
-/// How a flow ended, once it has.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum End {
-    Running,
-    Completed,
-    Reset,
+/// The driver's time, for the cores.
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
 }
 
-struct Tx {
-    /// Sealed records until the peer acknowledges them, each holding its
-    /// share of the agent's replay budget.
-    window: ReplayWindow<Option<OwnedSemaphorePermit>>,
-    fin_seq: Option<u64>,
-    /// The flow's keys for what this side sends.
-    sealer: Sealer,
+/// How a write on a flow's stream failed.
+fn write_error(e: quinn::WriteError) -> FlowError {
+    match e {
+        quinn::WriteError::ConnectionLost(quinn::ConnectionError::TimedOut) => FlowError::Silent,
+        quinn::WriteError::Stopped(code) if code == StreamCode::PeerSilent.code().into() => {
+            FlowError::Silent
+        }
+        quinn::WriteError::Stopped(code) if code == StreamCode::FlowLimit.code().into() => {
+            FlowError::OverLimit
+        }
+        e => FlowError::Lost(e.to_string()),
+    }
 }
 
-struct Rx {
-    /// The flow's keys for what this side receives.
-    opener: Opener,
-    reassembly: Reassembly,
-    fin_delivered: bool,
-    /// Bytes delivered since the last acknowledgement sent soon.
-    unacked: usize,
-}
-
-/// Bytes a flow carried, both ways, in the current [`defaults::BULK_WINDOW`].
-struct Meter {
-    since: Instant,
-    bytes: u64,
+/// How a read on a flow's stream failed.
+fn read_error(e: quinn::ReadError) -> FlowError {
+    match e {
+        quinn::ReadError::ConnectionLost(quinn::ConnectionError::TimedOut) => FlowError::Silent,
+        quinn::ReadError::Reset(code) if code == StreamCode::PeerSilent.code().into() => {
+            FlowError::Silent
+        }
+        quinn::ReadError::Reset(code) if code == StreamCode::FlowLimit.code().into() => {
+            FlowError::OverLimit
+        }
+        e => FlowError::Lost(e.to_string()),
+    }
 }
 
 type Stream = (quinn::SendStream, quinn::RecvStream);
@@ -118,9 +129,11 @@ pub(crate) struct Flow {
     pub(crate) session: Arc<LinkSession>,
     link: Arc<LinkRt>,
     dialer: bool,
-    tx: Mutex<Tx>,
+    /// Sealed records until the peer acknowledges them, each holding its
+    /// share of the agent's replay budget.
+    tx: Mutex<SendCore<Option<OwnedSemaphorePermit>>>,
     tx_event: Notify,
-    rx: Mutex<Rx>,
+    rx: Mutex<RecvCore>,
     /// Streams the peer opened for the flow, and whether on the lane.
     streams_in: mpsc::Sender<(Stream, bool)>,
     streams_out: tokio::sync::Mutex<mpsc::Receiver<(Stream, bool)>>,
@@ -131,7 +144,7 @@ pub(crate) struct Flow {
     /// The flow turned bulk: its streams ride the main connection, never
     /// the lane (dialling side only).
     bulk: AtomicBool,
-    meter: Mutex<Meter>,
+    meter: Mutex<BulkMeter>,
     /// Woken when the flow turns bulk.
     turned_bulk: Notify,
     budget: Arc<Semaphore>,
@@ -153,32 +166,29 @@ impl Flow {
         let (sealer, opener) = session
             .noise
             .flow(generation, comsat_protocol::record::split_flow_id(id).1);
+        let limits = FlowLimits {
+            window: defaults::FLOW_WINDOW,
+            ack_bytes: defaults::ACK_BYTES,
+            records_per_key: session.noise.params().records_per_key(),
+        };
         Arc::new(Self {
             id,
             session,
             link,
             dialer,
-            tx: Mutex::new(Tx {
-                window: ReplayWindow::default(),
-                fin_seq: None,
-                sealer,
-            }),
+            tx: Mutex::new(SendCore::new(sealer, limits)),
             tx_event: Notify::new(),
-            rx: Mutex::new(Rx {
-                opener,
-                reassembly: Reassembly::default(),
-                fin_delivered: false,
-                unacked: 0,
-            }),
+            rx: Mutex::new(RecvCore::new(opener, limits)),
             streams_in,
             streams_out: tokio::sync::Mutex::new(streams_out),
             handoff: watch::channel(false).0,
             end: watch::channel(End::Running).0,
             bulk: AtomicBool::new(false),
-            meter: Mutex::new(Meter {
-                since: Instant::now(),
-                bytes: 0,
-            }),
+            meter: Mutex::new(BulkMeter::new(
+                defaults::BULK_BYTES,
+                defaults::BULK_WINDOW,
+                now(),
+            )),
             turned_bulk: Notify::new(),
             budget,
             metrics,
@@ -196,8 +206,8 @@ impl Flow {
         if let Err(mpsc::error::TrySendError::Full(((mut s, mut r), _))) =
             self.streams_in.try_send(((send, recv), on_lane))
         {
-            let _ = s.reset(STREAM_FAILED.into());
-            let _ = r.stop(STREAM_FAILED.into());
+            let _ = s.reset(StreamCode::Failed.code().into());
+            let _ = r.stop(StreamCode::Failed.code().into());
         }
     }
 
@@ -215,12 +225,12 @@ impl Flow {
     }
 
     fn complete_if_done(&self) {
-        let ours = {
+        let done = {
             let tx = lock(&self.tx);
-            tx.fin_seq.is_some_and(|f| tx.window.acked() > f)
+            let rx = lock(&self.rx);
+            completed(&tx, &rx)
         };
-        let theirs = lock(&self.rx).fin_delivered;
-        if ours && theirs {
+        if done {
             self.end.send_if_modified(|e| {
                 if *e == End::Running {
                     *e = End::Completed;
@@ -237,21 +247,14 @@ impl Flow {
     fn push(
         &self,
         kind: RecordKind,
-        mut record: Vec<u8>,
+        record: Vec<u8>,
         budget: Option<OwnedSemaphorePermit>,
     ) -> Result<(), FlowError> {
-        let mut tx = lock(&self.tx);
-        let seq = tx.window.next_seq();
-        tx.sealer.seal_record_in_place(seq, kind, &mut record)?;
-        if seq > 0 && seq % self.session.noise.params().records_per_key() == 0 {
+        let pushed = lock(&self.tx).push(kind, record, budget)?;
+        if pushed.rekeyed {
             // The flow moved to the next key of its own.
             self.metrics.rekeyed("records");
         }
-        if kind == RecordKind::Fin {
-            tx.fin_seq = Some(seq);
-        }
-        tx.window.push(Bytes::from(record), budget);
-        drop(tx);
         self.tx_event.notify_waiters();
         Ok(())
     }
@@ -271,13 +274,13 @@ impl Flow {
     /// Records that the `Open` record (seq 0) was received before the flow
     /// existed (accepting side).
     pub(crate) fn opened_by_peer(&self) {
-        lock(&self.rx).reassembly.delivered();
-        self.link.queue_ack(self.id, 1, AckWhen::Lazy);
+        let (upto, when) = lock(&self.rx).opened_by_peer();
+        self.link.queue_ack(self.id, upto, when);
     }
 
     /// The peer delivered every record below `upto`.
     pub(crate) fn on_ack(&self, upto: u64) {
-        match lock(&self.tx).window.ack(upto) {
+        match lock(&self.tx).on_ack(upto) {
             Ok(0) => return,
             Ok(_) => {}
             Err(e) => {
@@ -300,16 +303,7 @@ impl Flow {
         if !self.dialer || self.bulk.load(Ordering::Relaxed) {
             return;
         }
-        let mut m = lock(&self.meter);
-        let now = Instant::now();
-        if now.duration_since(m.since) > defaults::BULK_WINDOW {
-            *m = Meter {
-                since: now,
-                bytes: 0,
-            };
-        }
-        m.bytes += n as u64;
-        if m.bytes > defaults::BULK_BYTES {
+        if lock(&self.meter).count(n, now()) {
             self.bulk.store(true, Ordering::Relaxed);
             self.turned_bulk.notify_one();
         }
@@ -343,7 +337,7 @@ impl Flow {
                 if *handoff.borrow_and_update() {
                     return Some(reader);
                 }
-                if lock(&self.tx).window.bytes() < defaults::FLOW_WINDOW {
+                if lock(&self.tx).has_room() {
                     break;
                 }
                 tokio::select! {
@@ -399,34 +393,18 @@ impl Flow {
 
     /// Writes every queued record from the oldest unacknowledged one on.
     async fn write_stream(&self, send: &mut quinn::SendStream) -> Result<(), FlowError> {
-        let mut next = lock(&self.tx).window.acked();
+        let mut cursor = lock(&self.tx).cursor();
         loop {
             let notified = self.tx_event.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let batch: Vec<Bytes> = {
-                let tx = lock(&self.tx);
-                next = next.max(tx.window.acked());
-                tx.window.from(next).map(|(_, r)| r.clone()).collect()
-            };
+            let batch = lock(&self.tx).poll_transmit(&mut cursor);
             if batch.is_empty() {
                 notified.await;
                 continue;
             }
             for bytes in batch {
-                send.write_chunk(bytes).await.map_err(|e| match e {
-                    quinn::WriteError::ConnectionLost(quinn::ConnectionError::TimedOut) => {
-                        FlowError::Silent
-                    }
-                    quinn::WriteError::Stopped(code) if code == STREAM_PEER_SILENT.into() => {
-                        FlowError::Silent
-                    }
-                    quinn::WriteError::Stopped(code) if code == STREAM_FLOW_LIMIT.into() => {
-                        FlowError::OverLimit
-                    }
-                    e => FlowError::Lost(e.to_string()),
-                })?;
-                next += 1;
+                send.write_chunk(bytes).await.map_err(write_error)?;
             }
         }
     }
@@ -444,54 +422,32 @@ impl Flow {
         let mut pending = BytesMut::new();
         let mut frames: [Bytes; defaults::READ_FRAMES] = Default::default();
         let mut quantum = Quantum::default();
-        let delivered = lock(&self.rx).reassembly.expected();
-        if delivered > 0 {
+        let resend = lock(&self.rx).on_stream();
+        if let Some(delivered) = resend {
             // The sender resends what it kept: it learns soon what to skip.
             self.link.queue_ack(self.id, delivered, AckWhen::Soon);
         }
         loop {
             while let Some((header, _, used)) = decode_record(&pending)? {
-                let reassembly = lock(&self.rx).reassembly;
-                match reassembly.check(header.seq) {
-                    Verdict::Deliver => {}
-                    Verdict::Duplicate => {
+                // Decrypted where it lies; the plaintext is handed on as is.
+                let record = pending.split_to(used);
+                let received = lock(&self.rx).handle_record(header.seq, record)?;
+                match received {
+                    Received::Duplicate { ack } => {
                         // Already delivered: a resend after a reconnect.
                         // Ack again, in case the first ack was lost.
-                        pending.advance(used);
-                        self.link
-                            .queue_ack(self.id, reassembly.expected(), AckWhen::Soon);
-                        continue;
+                        self.link.queue_ack(self.id, ack, AckWhen::Soon);
                     }
-                    Verdict::Gap => {
-                        return Err(FlowError::Sequence {
-                            want: reassembly.expected(),
-                            got: header.seq,
-                        });
+                    Received::Deliver { payload, fin, ack } => {
+                        // The record is ours from here: if this stream dies
+                        // while it is being written, the next one finishes
+                        // the write; it is never delivered twice.
+                        delivery.set(payload, fin, ack);
+                        self.finish_delivery(delivery, writer).await?;
+                        if quantum.spend(used) {
+                            tokio::task::yield_now().await;
+                        }
                     }
-                }
-                // Decrypted where it lies; the plaintext is handed on as is.
-                let mut record = pending.split_to(used);
-                let (kind, payload) = lock(&self.rx)
-                    .opener
-                    .open_record_in_place(header.seq, &mut record[RECORD_HEADER_LEN..])?;
-                record.advance(RECORD_HEADER_LEN + payload.start);
-                record.truncate(payload.len());
-                delivery.buf = record;
-                match kind {
-                    RecordKind::Open if header.seq == 0 => {}
-                    RecordKind::Data => {}
-                    RecordKind::Fin => delivery.fin = true,
-                    RecordKind::Reset => return Err(FlowError::PeerReset),
-                    other => return Err(FlowError::Unexpected(other)),
-                }
-                // The record is ours from here: if this stream dies while it
-                // is being written, the next one finishes the write; it is
-                // never delivered twice.
-                lock(&self.rx).reassembly.delivered();
-                delivery.ack = Some(header.seq + 1);
-                self.finish_delivery(delivery, writer).await?;
-                if quantum.spend(used) {
-                    tokio::task::yield_now().await;
                 }
             }
             // Room for the whole record in one allocation, so a 64 KiB
@@ -507,16 +463,7 @@ impl Flow {
                     }
                 }
                 Ok(None) => return Err(FlowError::Finished),
-                Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::TimedOut)) => {
-                    return Err(FlowError::Silent);
-                }
-                Err(quinn::ReadError::Reset(code)) if code == STREAM_PEER_SILENT.into() => {
-                    return Err(FlowError::Silent);
-                }
-                Err(quinn::ReadError::Reset(code)) if code == STREAM_FLOW_LIMIT.into() => {
-                    return Err(FlowError::OverLimit);
-                }
-                Err(e) => return Err(FlowError::Lost(e.to_string())),
+                Err(e) => return Err(read_error(e)),
             }
         }
     }
@@ -527,35 +474,22 @@ impl Flow {
         delivery: &mut Delivery,
         writer: &mut LocalWrite,
     ) -> Result<(), FlowError> {
-        let len = delivery.buf.len();
-        while delivery.written < delivery.buf.len() {
-            let n = writer.write(&delivery.buf[delivery.written..]).await?;
+        while !delivery.unwritten().is_empty() {
+            let n = writer.write(delivery.unwritten()).await?;
             if n == 0 {
                 return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
             }
-            delivery.written += n;
+            delivery.wrote(n);
             self.metrics.received_bytes.increment(n as u64);
             self.meter(n);
         }
-        delivery.buf = BytesMut::new();
-        delivery.written = 0;
-        let fin = std::mem::take(&mut delivery.fin);
-        if fin {
+        if delivery.fin() {
             writer.shutdown().await?;
-            lock(&self.rx).fin_delivered = true;
         }
-        if let Some(upto) = delivery.ack.take() {
+        let done = delivery.complete();
+        let ack = lock(&self.rx).on_delivered(done);
+        if let Some((upto, when)) = ack {
             // The peer's flow ends when its Fin is acknowledged.
-            let when = {
-                let mut rx = lock(&self.rx);
-                rx.unacked += len;
-                if fin || rx.unacked >= defaults::ACK_BYTES {
-                    rx.unacked = 0;
-                    AckWhen::Soon
-                } else {
-                    AckWhen::Lazy
-                }
-            };
             self.link.queue_ack(self.id, upto, when);
             self.complete_if_done();
         }
@@ -616,15 +550,18 @@ impl Flow {
     }
 }
 
-/// What the receiving side accepted from the peer but has not finished
-/// handing to the application. It outlives streams: a write cut short by a
-/// stream failure resumes on the next stream instead of starting over.
-#[derive(Default)]
-struct Delivery {
-    buf: BytesMut,
-    written: usize,
-    fin: bool,
-    ack: Option<u64>,
+impl LinkFlow for Flow {
+    fn reset(&self) {
+        Self::reset(self);
+    }
+
+    fn on_ack(&self, upto: u64) {
+        Self::on_ack(self, upto);
+    }
+
+    fn offer_stream(&self, send: quinn::SendStream, recv: quinn::RecvStream, on_lane: bool) {
+        Self::offer_stream(self, send, recv, on_lane);
+    }
 }
 
 /// How one stream of a flow ended.
@@ -648,6 +585,12 @@ pub(crate) async fn run(
 ) {
     flow.metrics.flows_open.increment(1.0);
     let reading = tokio::spawn(flow.clone().read_local(reader));
+    let limits = ResumeLimits {
+        flow_timeout: flow.link.flow_timeout,
+        idle_timeout: defaults::IDLE_TIMEOUT,
+        quick_retries: defaults::QUICK_RETRIES,
+        settled: defaults::STREAM_SETTLED,
+    };
     Driver {
         busy: flow.link.busy().enter(),
         flow,
@@ -655,12 +598,7 @@ pub(crate) async fn run(
         writer,
         st: Progress {
             last_epoch: None,
-            outage: None,
-            resumed: false,
-            now: false,
-            lane: true,
-            quick: 0,
-            opened: Instant::now(),
+            resume: Resume::new(limits, now()),
             delivery: Delivery::default(),
         },
     }
@@ -682,21 +620,21 @@ struct Driver {
 
 /// Where a flow's [`Driver`] stands between streams.
 struct Progress {
+    /// The link's epoch the dialer last opened a stream in.
     last_epoch: Option<u64>,
-    outage: Option<Instant>,
-    resumed: bool,
-    /// The dialer opens the next stream at once (not on the link's next
-    /// epoch), and whether it may be on the lane.
-    now: bool,
-    lane: bool,
-    /// Main streams lost in a row soon after they opened, each followed by
-    /// a new one at once; more wait for the link to be ready anew.
-    quick: u32,
-    opened: Instant,
+    resume: Resume,
     delivery: Delivery,
 }
 
 type Boxed = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What the driver does after a stream ended.
+enum After {
+    /// Waits for (or opens) the next stream.
+    Next,
+    /// The flow ended so.
+    Ended(End),
+}
 
 impl Driver {
     fn drive_boxed(self, first: Option<(Stream, bool)>) -> Boxed {
@@ -705,22 +643,12 @@ impl Driver {
 
     async fn drive(mut self, mut first: Option<(Stream, bool)>) {
         let flow = self.flow.clone();
-        let metrics = flow.metrics.clone();
-        let mut end = flow.end.subscribe();
         let result = loop {
             let stream = match first.take() {
                 Some(s) => Some(s),
-                None => {
-                    let deadline =
-                        *self.st.outage.get_or_insert_with(Instant::now) + flow.link.flow_timeout;
-                    tokio::select! {
-                        s = flow.next_stream(&mut self.st.last_epoch, self.st.now, self.st.lane) => s,
-                        _ = tokio::time::sleep_until(deadline) => None,
-                        _ = end.wait_for(|e| *e != End::Running) => None,
-                    }
-                }
+                None => self.wait_stream().await,
             };
-            let Some(((mut send, mut recv), on_lane)) = stream else {
+            let Some(((send, recv), on_lane)) = stream else {
                 if flow.ended() == End::Running {
                     debug!("flow timed out waiting for its link");
                     flow.reset();
@@ -735,108 +663,9 @@ impl Driver {
                     return self.move_to(to.clone(), ((send, recv), on_lane)).await;
                 }
             }
-            if std::mem::take(&mut self.st.resumed) {
-                metrics.flows_resumed.increment(1);
-            }
-            if self.st.opened.elapsed() > defaults::STREAM_SETTLED {
-                self.st.quick = 0;
-            }
-            self.st.opened = Instant::now();
-            // A lane that comes up from now on (not one that was up: the
-            // flow may have left it because it failed).
-            let mut lanes = flow.link.lane.subscribe();
-            lanes.borrow_and_update();
-            let may_move = flow.dialer && !on_lane && flow.link.runtimes.is_some();
-            let lane_up = async {
-                loop {
-                    if lanes.changed().await.is_err() {
-                        return std::future::pending().await;
-                    }
-                    if !flow.bulk.load(Ordering::Relaxed) && flow.link.lane_conn().is_some() {
-                        return;
-                    }
-                }
-            };
-            let ended = tokio::select! {
-                r = flow.write_stream(&mut send) => StreamEnd::Done(r.err()),
-                r = flow.read_stream(&mut recv, &mut self.writer, &mut self.st.delivery) => StreamEnd::Done(r.err()),
-                _ = end.wait_for(|e| *e != End::Running) => StreamEnd::Done(None),
-                _ = flow.turned_bulk.notified(), if on_lane => StreamEnd::Move { bulk: true },
-                () = lane_up, if may_move => StreamEnd::Move { bulk: false },
-            };
-            let err = match ended {
-                StreamEnd::Done(err) => err,
-                StreamEnd::Move { bulk } => {
-                    // Records on the old stream that the peer did not get
-                    // are sent again on the new one (not acknowledged yet);
-                    // the peer moves when the relay passes the reset on.
-                    // `next_stream` keeps a bulk flow off the lane.
-                    if bulk {
-                        debug!("flow turned bulk: moving it from the lane to the main connection");
-                        metrics.flows_moved.increment(1);
-                    } else {
-                        debug!("a lane came up: moving the flow there");
-                    }
-                    let _ = send.reset(STREAM_MOVED.into());
-                    let _ = recv.stop(STREAM_MOVED.into());
-                    (self.st.now, self.st.lane) = (true, true);
-                    self.st.outage = Some(Instant::now());
-                    continue;
-                }
-            };
-            match (flow.ended(), err) {
-                (End::Completed, _) => {
-                    let _ = send.finish();
-                    break End::Completed;
-                }
-                (End::Running, Some(e)) if e.resumable() => {
-                    debug!(error = %e, "flow stream lost; waiting to resume");
-                    self.st.resumed = true;
-                    // A connection that went silent was already down for its
-                    // idle timeout: the outage began then, not now.
-                    let began = match e {
-                        FlowError::Silent => Instant::now()
-                            .checked_sub(defaults::IDLE_TIMEOUT)
-                            .unwrap_or_else(Instant::now),
-                        _ => Instant::now(),
-                    };
-                    self.st.outage = Some(began);
-                    // A lost lane stream goes on on the main connection at
-                    // once; so does a lost main one, a few times in a row
-                    // (it may have lost a race between the lane and the
-                    // main connection, or the peer is away: then the relay
-                    // holds the new stream); then it waits for the link to
-                    // be ready anew. The other side waits for the dialer's.
-                    // A stream that ended before the peer's Fin did not
-                    // end because the peer is done: the relay ended it.
-                    let peer_done = lock(&flow.rx).fin_delivered;
-                    self.st.now = (!matches!(e, FlowError::Finished) || !peer_done)
-                        && (on_lane || self.st.quick < defaults::QUICK_RETRIES);
-                    self.st.lane = !on_lane;
-                    if !on_lane {
-                        self.st.quick += 1;
-                    }
-                    if flow.dialer {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-                (_, e) => {
-                    // Reset here or elsewhere (local error, new session, …).
-                    if let Some(FlowError::OverLimit) = &e {
-                        tracing::warn!(link = %flow.link.cfg.name, "flow refused by the relay: the link's max_flows are open");
-                    } else {
-                        debug!(error = ?e, "flow failed");
-                    }
-                    flow.reset();
-                    // Tell the peer, best effort; it also times out on its own.
-                    if !matches!(e, Some(FlowError::PeerReset)) {
-                        let _ = flow.push_empty(RecordKind::Reset);
-                        let _ = flow_tail(&flow, &mut send).await;
-                    }
-                    let _ = send.reset(STREAM_FAILED.into());
-                    let _ = recv.stop(STREAM_FAILED.into());
-                    break End::Reset;
-                }
+            match self.carry((send, recv), on_lane).await {
+                After::Next => {}
+                After::Ended(end) => break end,
             }
         };
         self.reading.abort();
@@ -845,6 +674,116 @@ impl Driver {
             self.writer.abort();
         } else {
             debug!("flow closed");
+        }
+    }
+
+    /// The next stream, or `None` if the flow ended or timed out first.
+    async fn wait_stream(&mut self) -> Option<(Stream, bool)> {
+        let flow = &self.flow;
+        let mut end = flow.end.subscribe();
+        let deadline = Instant::from_std(self.st.resume.deadline(now()));
+        let next = self.st.resume.next();
+        tokio::select! {
+            s = flow.next_stream(&mut self.st.last_epoch, next.now, next.lane) => s,
+            _ = tokio::time::sleep_until(deadline) => None,
+            _ = end.wait_for(|e| *e != End::Running) => None,
+        }
+    }
+
+    /// Carries the flow on one stream until it ends, then decides what
+    /// comes next.
+    async fn carry(&mut self, (mut send, mut recv): Stream, on_lane: bool) -> After {
+        let flow = self.flow.clone();
+        let metrics = &flow.metrics;
+        if self.st.resume.on_stream(now()) {
+            metrics.flows_resumed.increment(1);
+        }
+        let mut end = flow.end.subscribe();
+        // A lane that comes up from now on (not one that was up: the
+        // flow may have left it because it failed).
+        let mut lanes = flow.link.lane.subscribe();
+        lanes.borrow_and_update();
+        let may_move = flow.dialer && !on_lane && flow.link.runtimes.is_some();
+        let lane_up = async {
+            loop {
+                if lanes.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if !flow.bulk.load(Ordering::Relaxed) && flow.link.lane_conn().is_some() {
+                    return;
+                }
+            }
+        };
+        let ended = tokio::select! {
+            r = flow.write_stream(&mut send) => StreamEnd::Done(r.err()),
+            r = flow.read_stream(&mut recv, &mut self.writer, &mut self.st.delivery) => StreamEnd::Done(r.err()),
+            _ = end.wait_for(|e| *e != End::Running) => StreamEnd::Done(None),
+            _ = flow.turned_bulk.notified(), if on_lane => StreamEnd::Move { bulk: true },
+            () = lane_up, if may_move => StreamEnd::Move { bulk: false },
+        };
+        let err = match ended {
+            StreamEnd::Done(err) => err,
+            StreamEnd::Move { bulk } => {
+                // Records on the old stream that the peer did not get
+                // are sent again on the new one (not acknowledged yet);
+                // the peer moves when the relay passes the reset on.
+                // `next_stream` keeps a bulk flow off the lane.
+                if bulk {
+                    debug!("flow turned bulk: moving it from the lane to the main connection");
+                    metrics.flows_moved.increment(1);
+                } else {
+                    debug!("a lane came up: moving the flow there");
+                }
+                let _ = send.reset(StreamCode::Moved.code().into());
+                let _ = recv.stop(StreamCode::Moved.code().into());
+                self.st.resume.on_move(now());
+                return After::Next;
+            }
+        };
+        let how = match &err {
+            Some(e) if e.peer_reset() => StreamEnded::PeerReset,
+            Some(e) => e.lost().map_or(StreamEnded::Failed, StreamEnded::Lost),
+            None => StreamEnded::Failed,
+        };
+        // A stream that ended before the peer's Fin did not end because the
+        // peer is done: the relay ended it. The other side waits for the
+        // dialer's.
+        let peer_done = lock(&flow.rx).fin_delivered();
+        match self
+            .st
+            .resume
+            .on_stream_end(flow.ended(), how, on_lane, peer_done, now())
+        {
+            Then::Finish => {
+                let _ = send.finish();
+                After::Ended(End::Completed)
+            }
+            Then::Next => {
+                if let Some(e) = &err {
+                    debug!(error = %e, "flow stream lost; waiting to resume");
+                }
+                if flow.dialer {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                After::Next
+            }
+            Then::Reset { tell_peer } => {
+                // Reset here or elsewhere (local error, new session, …).
+                if let Some(FlowError::OverLimit) = &err {
+                    tracing::warn!(link = %flow.link.cfg.name, "flow refused by the relay: the link's max_flows are open");
+                } else {
+                    debug!(error = ?err, "flow failed");
+                }
+                flow.reset();
+                // Tell the peer, best effort; it also times out on its own.
+                if tell_peer {
+                    let _ = flow.push_empty(RecordKind::Reset);
+                    let _ = flow_tail(&flow, &mut send).await;
+                }
+                let _ = send.reset(StreamCode::Failed.code().into());
+                let _ = recv.stop(StreamCode::Failed.code().into());
+                After::Ended(End::Reset)
+            }
         }
     }
 
@@ -907,7 +846,7 @@ impl Driver {
 
 /// Writes the newest queued record (a reset) within a short time.
 async fn flow_tail(flow: &Flow, send: &mut quinn::SendStream) -> Result<(), FlowError> {
-    let last = lock(&flow.tx).window.last().cloned();
+    let last = lock(&flow.tx).last().cloned();
     if let Some(bytes) = last {
         tokio::time::timeout(Duration::from_millis(200), send.write_chunk(bytes))
             .await

@@ -14,13 +14,17 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod config;
+mod core;
 pub mod defaults;
 pub mod error;
 mod flow;
-mod lane;
+mod group;
+mod link;
 mod local;
 pub mod metrics;
 mod session;
+mod shared;
+mod sync;
 pub mod tls;
 mod udp;
 
@@ -30,20 +34,18 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use comsat_keys::KeyFile;
 use comsat_protocol::{LinkId, NoiseSecretKey, SigningKey};
 use tokio::task::JoinHandle;
 
 pub use config::{AgentConfig, LinkConfig};
 
-/// Locks `m`, going on with the data of a task that panicked holding it
-/// (every critical section here leaves the data consistent).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 pub use error::AgentError;
 
 use crate::config::{LocalRole, RelayEndpoint};
-use crate::session::{LinkRt, Shared};
+use crate::link::{AckWake, LinkRt};
+use crate::shared::Shared;
+use crate::sync::lock;
 
 /// A started agent: listeners bound, relay sessions running. Its links can
 /// be replaced while it runs ([`Agent::apply`]).
@@ -111,9 +113,9 @@ struct Held {
 struct Group {
     task: JoinHandle<()>,
     members: BTreeSet<LinkId>,
-    notify: Arc<session::AckWake>,
+    notify: Arc<AckWake>,
     /// The flows its links carry: its lanes are up while there are some.
-    busy: Arc<lane::Busy>,
+    busy: Arc<group::Busy>,
 }
 
 /// What [`Agent::apply`] did.
@@ -195,32 +197,7 @@ impl Agent {
                 Err(e) => applied.failed.push((cfg.name.clone(), e)),
             }
         }
-        // Links gone, or changed in what their session and flows depend on.
-        let gone: Vec<LinkId> = self
-            .links
-            .iter()
-            .filter(|(id, held)| {
-                desired
-                    .get(*id)
-                    .is_none_or(|(cfg, _)| !cfg.same_half(&held.cfg))
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in gone {
-            if let Some(held) = self.links.remove(&id) {
-                self.stop_groups_of(&[id]).await;
-                if let Some(task) = held.listener {
-                    task.abort();
-                    let _ = task.await;
-                }
-                held.rt.shut(&self.shared.metrics);
-                if let LocalRole::Listen(spec) = &held.rt.role {
-                    local::cleanup(spec);
-                }
-                tracing::info!(link = %held.cfg.name, "link removed");
-                applied.removed.push(held.cfg.name);
-            }
-        }
+        self.remove_gone(&desired, &mut applied).await;
         for (id, (cfg, role)) in desired {
             if let Some(held) = self.links.get_mut(&id) {
                 held.cfg = cfg;
@@ -249,7 +226,7 @@ impl Agent {
                 false => None,
             };
             let runtimes = match (&lane, with_lane) {
-                (Some(lane), true) => Some(lane::Runtimes {
+                (Some(lane), true) => Some(group::Runtimes {
                     lane: lane.clone(),
                     main: tokio::runtime::Handle::current(),
                 }),
@@ -259,7 +236,7 @@ impl Agent {
                 cfg.clone(),
                 role.clone(),
                 self.flow_timeout,
-                Arc::new(session::AckWake::default()),
+                Arc::new(AckWake::default()),
                 runtimes,
             ));
             if let LocalRole::Listen(spec) = &role {
@@ -312,6 +289,40 @@ impl Agent {
         self.regroup().await;
         *lock(&self.live) = self.links.values().map(|h| h.rt.clone()).collect();
         applied
+    }
+
+    /// Removes the links that are gone from `desired`, or changed in what
+    /// their session and flows depend on.
+    async fn remove_gone(
+        &mut self,
+        desired: &HashMap<LinkId, (LinkConfig, LocalRole)>,
+        applied: &mut Applied,
+    ) {
+        let gone: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(id, held)| {
+                desired
+                    .get(*id)
+                    .is_none_or(|(cfg, _)| !cfg.same_half(&held.cfg))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some(held) = self.links.remove(&id) {
+                self.stop_groups_of(&[id]).await;
+                if let Some(task) = held.listener {
+                    task.abort();
+                    let _ = task.await;
+                }
+                held.rt.shut(&self.shared.metrics);
+                if let LocalRole::Listen(spec) = &held.rt.role {
+                    local::cleanup(spec);
+                }
+                tracing::info!(link = %held.cfg.name, "link removed");
+                applied.removed.push(held.cfg.name);
+            }
+        }
     }
 
     /// The lane's runtime, started on first use.
@@ -383,8 +394,8 @@ impl Agent {
                 }
                 continue;
             }
-            let notify = Arc::new(session::AckWake::default());
-            let busy = Arc::new(lane::Busy::default());
+            let notify = Arc::new(AckWake::default());
+            let busy = Arc::new(group::Busy::default());
             let mut links = HashMap::new();
             for id in &members {
                 if let Some(held) = self.links.get(id) {
@@ -472,7 +483,7 @@ impl Drop for Agent {
 
 /// Checks a link's local role and relay TLS settings.
 fn check(cfg: &LinkConfig) -> Result<LocalRole, AgentError> {
-    let bad = |reason: String| AgentError::Config {
+    let bad = |reason: config::LinkError| AgentError::Config {
         path: "agent config".into(),
         reason: format!("link `{}`: {reason}", cfg.name),
     };

@@ -8,7 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use comsat_protocol::ids::relay_cert_uri;
+use comsat_protocol::ids::cert_names_relay;
+use comsat_protocol::limits::MAX_PEM_FILE_LEN;
 use comsat_protocol::{ALPN, RelayId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -20,27 +21,60 @@ use sha2::{Digest, Sha256};
 use crate::config::RelayEndpoint;
 use crate::defaults;
 
+/// Why a relay's TLS settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayTlsError {
+    /// The CA file cannot be read or holds no usable certificate.
+    #[error("ca_file {path}: {reason}")]
+    CaFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The pinned certificate hash is not 64 hex digits.
+    #[error("cert_sha256 `{0}`: expected 64 hex digits")]
+    Pin(String),
+    /// Both or neither of `ca_file` and `cert_sha256`.
+    #[error("set exactly one of relay.ca_file or relay.cert_sha256")]
+    Trust,
+    /// rustls or quinn refused the configuration.
+    #[error("{0}")]
+    Tls(String),
+}
+
 /// Builds the QUIC client configuration for `relay`.
-pub fn client_config(relay: &RelayEndpoint) -> Result<quinn::ClientConfig, String> {
+pub fn client_config(relay: &RelayEndpoint) -> Result<quinn::ClientConfig, RelayTlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| RelayTlsError::Tls(e.to_string()))?;
     let mut tls = match (&relay.ca_file, &relay.cert_sha256) {
         (Some(ca), None) => {
-            let bytes = std::fs::read(ca).map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
+            let ca_err = |reason: String| RelayTlsError::CaFile {
+                path: ca.clone(),
+                reason,
+            };
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(
+                    std::fs::File::open(ca).map_err(|e| ca_err(e.to_string()))?,
+                    MAX_PEM_FILE_LEN + 1,
+                ),
+                &mut bytes,
+            )
+            .map_err(|e| ca_err(e.to_string()))?;
+            if bytes.len() as u64 > MAX_PEM_FILE_LEN {
+                return Err(ca_err(format!("larger than {MAX_PEM_FILE_LEN} bytes")));
+            }
             let mut roots = rustls::RootCertStore::empty();
             for cert in CertificateDer::pem_slice_iter(&bytes) {
-                let cert = cert.map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
+                let cert = cert.map_err(|e| ca_err(e.to_string()))?;
+                roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
             }
             if roots.is_empty() {
-                return Err(format!(
-                    "ca_file {}: no PEM certificate in it",
-                    ca.display()
-                ));
+                return Err(ca_err("no PEM certificate in it".into()));
             }
             match relay.relay_id {
                 Some(relay_id) => {
@@ -49,7 +83,7 @@ pub fn client_config(relay: &RelayEndpoint) -> Result<quinn::ClientConfig, Strin
                         provider.clone(),
                     )
                     .build()
-                    .map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
+                    .map_err(|e| ca_err(e.to_string()))?;
                     builder
                         .dangerous()
                         .with_custom_certificate_verifier(Arc::new(NamedRelay { inner, relay_id }))
@@ -61,18 +95,18 @@ pub fn client_config(relay: &RelayEndpoint) -> Result<quinn::ClientConfig, Strin
         (None, Some(pin)) => {
             let mut want = [0u8; 32];
             hex::decode_to_slice(pin.trim(), &mut want)
-                .map_err(|_| format!("cert_sha256 `{pin}`: expected 64 hex digits"))?;
+                .map_err(|_| RelayTlsError::Pin(pin.clone()))?;
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(PinnedCert { want, provider }))
                 .with_no_client_auth()
         }
-        _ => return Err("set exactly one of relay.ca_file or relay.cert_sha256".into()),
+        _ => return Err(RelayTlsError::Trust),
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.enable_early_data = false;
-    let crypto =
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| RelayTlsError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(defaults::MAX_INCOMING_FLOWS.into())
@@ -109,22 +143,6 @@ impl std::fmt::Display for OtherRelay {
 
 impl std::error::Error for OtherRelay {}
 
-/// Whether `cert` (DER) names `relay` by its URI
-/// ([`relay_cert_uri`]).
-pub fn names_relay(cert: &CertificateDer<'_>, relay: &RelayId) -> bool {
-    let want = relay_cert_uri(relay);
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-        return false;
-    };
-    let Ok(Some(san)) = parsed.subject_alternative_name() else {
-        return false;
-    };
-    san.value
-        .general_names
-        .iter()
-        .any(|name| matches!(name, x509_parser::extensions::GeneralName::URI(uri) if *uri == want))
-}
-
 impl ServerCertVerifier for NamedRelay {
     fn verify_server_cert(
         &self,
@@ -137,7 +155,7 @@ impl ServerCertVerifier for NamedRelay {
         let verified =
             self.inner
                 .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
-        if names_relay(end_entity, &self.relay_id) {
+        if cert_names_relay(end_entity, &self.relay_id) {
             Ok(verified)
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -236,6 +254,26 @@ impl ServerCertVerifier for PinnedCert {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_ca_file_larger_than_the_limit_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("relay-ca.pem");
+        std::fs::write(&ca, vec![b'A'; MAX_PEM_FILE_LEN as usize + 1]).expect("write");
+        let relay = RelayEndpoint {
+            addr: "127.0.0.1:1".into(),
+            server_name: "localhost".into(),
+            ca_file: Some(ca),
+            cert_sha256: None,
+            relay_id: None,
+            lane_addr: None,
+        };
+        let err = client_config(&relay).expect_err("too large");
+        assert!(
+            err.to_string().contains("relay-ca.pem: larger than"),
+            "{err}"
+        );
+    }
+
     /// A CA, and a certificate for `localhost` it issued naming `relay`
     /// (or no relay).
     fn ca_and_leaf(relay: Option<RelayId>) -> (CertificateDer<'static>, CertificateDer<'static>) {
@@ -247,7 +285,8 @@ mod tests {
         let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("p");
         if let Some(relay) = relay {
             params.subject_alt_names.push(rcgen::SanType::URI(
-                rcgen::string::Ia5String::try_from(relay_cert_uri(&relay)).expect("uri"),
+                rcgen::string::Ia5String::try_from(comsat_protocol::ids::relay_cert_uri(&relay))
+                    .expect("uri"),
             ));
         }
         let leaf = params.signed_by(&key, &ca).expect("leaf");

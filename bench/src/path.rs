@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use comsat::dev::{DevLayout, DevLink, DevOptions};
+use comsat_controller::dev::{DevLayout, DevLink, DevOptions};
 use comsat_protocol::grant::LinkLimits;
 use comsat_tests::proc::{self, Proc};
 
@@ -64,7 +64,7 @@ impl Path {
                 Ok((format!("127.0.0.1:{port}").parse()?, Some(any)))
             })
             .collect::<Result<Vec<_>>>()?;
-        let layout = comsat::dev::init(
+        let layout = comsat_controller::dev::init(
             &dir.path().join("setup"),
             &DevOptions {
                 relay_listen: format!("127.0.0.1:{}", comsat_tests::free_udp_port()?).parse()?,

@@ -183,12 +183,60 @@ impl Default for ControllerConfig {
     }
 }
 
+/// A `public_url` that [`parse_public_url`] refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublicUrlError {
+    /// Another scheme than `https://`.
+    #[error("`{url}` must start with https://")]
+    NotHttps {
+        /// The URL given.
+        url: String,
+    },
+    /// A path, user, query, fragment or blank in the URL, or no host.
+    #[error("`{url}` must be https://HOST[:PORT] with no path, user or query")]
+    NotBare {
+        /// The URL given.
+        url: String,
+    },
+    /// `[` without `]`.
+    #[error("`{url}`: unclosed [ in the host")]
+    UnclosedBracket {
+        /// The URL given.
+        url: String,
+    },
+    /// Something in `[]` that is not an IPv6 address.
+    #[error("`{url}`: `{host}` is not an IPv6 address")]
+    NotIpv6 {
+        /// The URL given.
+        url: String,
+        /// What stood in the brackets.
+        host: String,
+    },
+    /// A port that is not 1 to 65535.
+    #[error("`{url}`: the port must be 1 to 65535")]
+    BadPort {
+        /// The URL given.
+        url: String,
+    },
+    /// A host that is neither a DNS name nor an IP address.
+    #[error("`{url}`: `{host}` is not a valid host name or IP address")]
+    BadHost {
+        /// The URL given.
+        url: String,
+        /// The host.
+        host: String,
+    },
+}
+
 /// The host and port of an `https://host[:port][/]` URL (host without
 /// IPv6 brackets; port 443 if absent).
-pub fn parse_public_url(url: &str) -> Result<(String, u16), String> {
+pub fn parse_public_url(url: &str) -> Result<(String, u16), PublicUrlError> {
     let rest = url
         .strip_prefix("https://")
-        .ok_or_else(|| format!("`{url}` must start with https://"))?;
+        .ok_or_else(|| PublicUrlError::NotHttps {
+            url: url.to_owned(),
+        })?;
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.is_empty()
         || authority.bytes().any(|c| {
@@ -197,16 +245,21 @@ pub fn parse_public_url(url: &str) -> Result<(String, u16), String> {
                 || c.is_ascii_control()
         })
     {
-        return Err(format!(
-            "`{url}` must be https://HOST[:PORT] with no path, user or query"
-        ));
+        return Err(PublicUrlError::NotBare {
+            url: url.to_owned(),
+        });
     }
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (host, after) = v6
             .split_once(']')
-            .ok_or_else(|| format!("`{url}`: unclosed [ in the host"))?;
+            .ok_or_else(|| PublicUrlError::UnclosedBracket {
+                url: url.to_owned(),
+            })?;
         if host.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(format!("`{url}`: `{host}` is not an IPv6 address"));
+            return Err(PublicUrlError::NotIpv6 {
+                url: url.to_owned(),
+                host: host.to_owned(),
+            });
         }
         (host, after.strip_prefix(':'))
     } else {
@@ -215,20 +268,58 @@ pub fn parse_public_url(url: &str) -> Result<(String, u16), String> {
             None => (authority, None),
         }
     };
-    let port = match port {
-        None => 443,
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("`{url}`: the port must be 1 to 65535"))?,
-    };
+    let port =
+        match port {
+            None => 443,
+            Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                PublicUrlError::BadPort {
+                    url: url.to_owned(),
+                }
+            })?,
+        };
     if !crate::pki::valid_host(host) {
-        return Err(format!(
-            "`{url}`: `{host}` is not a valid host name or IP address"
-        ));
+        return Err(PublicUrlError::BadHost {
+            url: url.to_owned(),
+            host: host.to_owned(),
+        });
     }
     Ok((host.to_owned(), port))
+}
+
+/// A value of `controller.toml` out of range: [`ControllerConfig::check`]
+/// names the key, what it must be, and where to change it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `public_url` does not parse.
+    #[error("public_url: {0}")]
+    PublicUrl(#[from] PublicUrlError),
+    /// `jwt_leeway_secs` above 300.
+    #[error("jwt_leeway_secs must be at most 300")]
+    JwtLeeway,
+    /// `heartbeat_interval_secs` of 0.
+    #[error("heartbeat_interval_secs must be at least 1")]
+    HeartbeatInterval,
+    /// `heartbeat_timeout_secs` not above `heartbeat_interval_secs`.
+    #[error("heartbeat_timeout_secs ({timeout}) must exceed heartbeat_interval_secs ({interval})")]
+    HeartbeatTimeout {
+        /// `heartbeat_timeout_secs`.
+        timeout: u64,
+        /// `heartbeat_interval_secs`.
+        interval: u64,
+    },
+    /// `relays_per_link` out of range.
+    #[error("relays_per_link must be 1 to {MAX_GRANT_RELAYS}")]
+    RelaysPerLink,
+    /// `relay_cert_ttl_secs` below 300.
+    #[error("relay_cert_ttl_secs must be at least 300")]
+    RelayCertTtl,
+    /// `grant_ttl_secs` out of range.
+    #[error("grant_ttl_secs must be 60 to 315360000 (ten years)")]
+    GrantTtl,
+    /// `link_buffer_limit` of 0.
+    #[error("link_buffer_limit must be at least 1")]
+    LinkBufferLimit,
 }
 
 /// Whether `host` is `localhost` or a loopback IP.
@@ -266,9 +357,9 @@ impl ControllerConfig {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        config.check().map_err(|message| ControllerError::Config {
+        config.check().map_err(|e| ControllerError::Config {
             path: path.clone(),
-            message,
+            message: e.to_string(),
         })?;
         for p in [
             &mut config.tls_cert,
@@ -287,31 +378,31 @@ impl ControllerConfig {
     }
 
     /// Checks values; the error names the key and the allowed range.
-    pub fn check(&self) -> Result<(), String> {
-        parse_public_url(&self.public_url).map_err(|e| format!("public_url: {e}"))?;
+    pub fn check(&self) -> Result<(), ConfigError> {
+        parse_public_url(&self.public_url)?;
         if self.jwt_leeway_secs > 300 {
-            return Err("jwt_leeway_secs must be at most 300".into());
+            return Err(ConfigError::JwtLeeway);
         }
         if self.heartbeat_interval_secs == 0 {
-            return Err("heartbeat_interval_secs must be at least 1".into());
+            return Err(ConfigError::HeartbeatInterval);
         }
         if self.heartbeat_timeout_secs <= self.heartbeat_interval_secs {
-            return Err(format!(
-                "heartbeat_timeout_secs ({}) must exceed heartbeat_interval_secs ({})",
-                self.heartbeat_timeout_secs, self.heartbeat_interval_secs
-            ));
+            return Err(ConfigError::HeartbeatTimeout {
+                timeout: self.heartbeat_timeout_secs,
+                interval: self.heartbeat_interval_secs,
+            });
         }
         if !(1..=MAX_GRANT_RELAYS).contains(&self.relays_per_link) {
-            return Err(format!("relays_per_link must be 1 to {MAX_GRANT_RELAYS}"));
+            return Err(ConfigError::RelaysPerLink);
         }
         if self.relay_cert_ttl_secs < 300 {
-            return Err("relay_cert_ttl_secs must be at least 300".into());
+            return Err(ConfigError::RelayCertTtl);
         }
         if !(60..=10 * 365 * 86_400).contains(&self.grant_ttl_secs) {
-            return Err("grant_ttl_secs must be 60 to 315360000 (ten years)".into());
+            return Err(ConfigError::GrantTtl);
         }
         if self.link_buffer_limit == 0 {
-            return Err("link_buffer_limit must be at least 1".into());
+            return Err(ConfigError::LinkBufferLimit);
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use comsat_protocol::KeyFileError;
+use comsat_keys::KeyFileError;
 
 use crate::pki::PkiError;
 use crate::store::StoreError;

@@ -16,15 +16,16 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use comsat_keys::write_secret_file;
+use comsat_keys::{Generate, KeyFile};
 use comsat_protocol::SigningKey;
-use comsat_protocol::jwt::unix_now;
-use comsat_protocol::keys::write_secret_file;
 use sha2::{Digest, Sha256};
 
 use crate::config::{CONFIG_FILE, DEFAULT_PUBLIC_URL, parse_public_url};
 use crate::error::ControllerError;
 use crate::pki::{self, CaIssuer};
 use crate::store::{DatabaseUrl, NewApiToken, SqlStore, Store};
+use crate::unix_now;
 
 /// Prefix of admin API tokens.
 pub const ADMIN_TOKEN_PREFIX: &str = "comsat-admin-v1";
@@ -97,63 +98,20 @@ fn toml_str(s: &str) -> String {
 /// one. Never prints or returns the admin token: it is in `admin.token`.
 pub fn init(opts: &InitOptions) -> Result<InitReport, ControllerError> {
     let dir = &opts.data_dir;
-    for marker in [CONFIG_FILE, "authority.key", "controller.db"] {
-        let marker = dir.join(marker);
-        if marker.exists() {
-            return Err(ControllerError::AlreadyInitialised {
-                dir: dir.clone(),
-                marker,
-            });
-        }
-    }
+    refuse_initialised(dir)?;
     if let Some(url) = &opts.database {
-        on_own_runtime(database_label(url), {
-            let url = url.clone();
-            async move {
-                let store = SqlStore::connect_postgres(url.expose())
-                    .await
-                    .map_err(|source| store_error(&url, source))?;
-                let used = store.holds_a_controller().await;
-                store.close().await;
-                if used.map_err(|source| store_error(&url, source))? {
-                    return Err(ControllerError::DatabaseInUse {
-                        url: url.redacted(),
-                    });
-                }
-                Ok(())
-            }
-        })?;
+        refuse_used_database(url)?;
     }
     let public_url = opts
         .public_url
         .clone()
         .unwrap_or_else(|| DEFAULT_PUBLIC_URL.to_owned());
     let public_url = public_url.trim_end_matches('/').to_owned();
-    let (host, _port) =
-        parse_public_url(&public_url).map_err(|message| ControllerError::Option {
-            option: "--public-url",
-            message,
-        })?;
-    let operator_tls = match (&opts.tls_cert, &opts.tls_key) {
-        (Some(c), Some(k)) => Some((c, k)),
-        (None, None) => {
-            if opts.tls_ca.is_some() {
-                return Err(ControllerError::Option {
-                    option: "--tls-ca",
-                    message: "given without --tls-cert and --tls-key: pass all three, \
-                              or none to have the controller generate its CA"
-                        .into(),
-                });
-            }
-            None
-        }
-        _ => {
-            return Err(ControllerError::Option {
-                option: "--tls-cert/--tls-key",
-                message: "pass both (the certificate chain and its key), or neither".into(),
-            });
-        }
-    };
+    let (host, _port) = parse_public_url(&public_url).map_err(|e| ControllerError::Option {
+        option: "--public-url",
+        message: e.to_string(),
+    })?;
+    let operator_tls = operator_tls(opts)?;
 
     std::fs::create_dir_all(dir).map_err(ControllerError::io(dir))?;
     {
@@ -167,52 +125,9 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, ControllerError> {
 
     // The controller's HTTPS certificate and the CA nodes pin.
     let ca_path = dir.join("ca.pem");
-    let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
-    let ca_pem = if let Some((cert, key)) = operator_tls {
-        let cert_pem = read_file(cert, "--tls-cert")?;
-        let key_pem = read_file(key, "--tls-key")?;
-        // Refuse now what the server would refuse at start.
-        pki::server_tls_config(&cert_pem, &key_pem).map_err(|e| ControllerError::Option {
-            option: "--tls-cert/--tls-key",
-            message: e.to_string(),
-        })?;
-        let ca_pem = match &opts.tls_ca {
-            Some(ca) => {
-                let pem = read_file(ca, "--tls-ca")?;
-                pki::certs_from_pem(&pem).map_err(|e| ControllerError::Option {
-                    option: "--tls-ca",
-                    message: e.to_string(),
-                })?;
-                pem
-            }
-            None => pki::last_cert_pem(&cert_pem)
-                .map_err(|e| ControllerError::Option {
-                    option: "--tls-cert",
-                    message: e.to_string(),
-                })?
-                .into_bytes(),
-        };
-        write_public(&cert_path, &cert_pem)?;
-        write_secret_file(&key_path, &key_pem)?;
-        ca_pem
-    } else {
-        let ca =
-            pki::generate_ca("comsat controller CA").map_err(ControllerError::pki(&ca_path))?;
-        write_secret_file(&dir.join("ca.key"), ca.key_pem.as_bytes())?;
-        let issuer = CaIssuer::from_pem(&ca.cert_pem, &ca.key_pem)
-            .map_err(ControllerError::pki(&ca_path))?;
-        let mut names = vec![host.clone()];
-        for extra in ["localhost", "127.0.0.1"] {
-            if !names.iter().any(|n| n == extra) {
-                names.push(extra.to_owned());
-            }
-        }
-        let (cert_pem, key_pem) = issuer
-            .issue_server(names, now, SERVER_CERT_TTL)
-            .map_err(ControllerError::pki(&cert_path))?;
-        write_public(&cert_path, cert_pem.as_bytes())?;
-        write_secret_file(&key_path, key_pem.as_bytes())?;
-        ca.cert_pem.into_bytes()
+    let ca_pem = match operator_tls {
+        Some((cert, key)) => install_operator_tls(dir, cert, key, opts.tls_ca.as_deref())?,
+        None => generate_tls(dir, &host, now)?,
     };
     write_public(&ca_path, &ca_pem)?;
     let ca_sha256 =
@@ -239,20 +154,150 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, ControllerError> {
     )?;
 
     let context_file = dir.join(CONTEXT_FILE);
+    write_context(&context_file, &public_url)?;
+    // Written last: its presence means a complete data dir.
+    write_config(&dir.join(CONFIG_FILE), &public_url)?;
+
+    Ok(InitReport {
+        data_dir: dir.clone(),
+        public_url,
+        ca_sha256,
+        context_file,
+    })
+}
+
+/// Refuses a directory that holds a controller (or part of one).
+fn refuse_initialised(dir: &Path) -> Result<(), ControllerError> {
+    for marker in [CONFIG_FILE, "authority.key", "controller.db"] {
+        let marker = dir.join(marker);
+        if marker.exists() {
+            return Err(ControllerError::AlreadyInitialised {
+                dir: dir.to_owned(),
+                marker,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a PostgreSQL database that already holds a controller's state.
+fn refuse_used_database(url: &DatabaseUrl) -> Result<(), ControllerError> {
+    let url = url.clone();
+    on_own_runtime(database_label(&url), async move {
+        let store = SqlStore::connect_postgres(url.expose())
+            .await
+            .map_err(|source| store_error(&url, source))?;
+        let used = store.holds_a_controller().await;
+        store.close().await;
+        if used.map_err(|source| store_error(&url, source))? {
+            return Err(ControllerError::DatabaseInUse {
+                url: url.redacted(),
+            });
+        }
+        Ok(())
+    })
+}
+
+/// The operator's HTTPS certificate chain and key, if given (both or
+/// neither; a CA only with them).
+fn operator_tls(opts: &InitOptions) -> Result<Option<(&Path, &Path)>, ControllerError> {
+    match (&opts.tls_cert, &opts.tls_key) {
+        (Some(c), Some(k)) => Ok(Some((c, k))),
+        (None, None) => {
+            if opts.tls_ca.is_some() {
+                return Err(ControllerError::Option {
+                    option: "--tls-ca",
+                    message: "given without --tls-cert and --tls-key: pass all three, \
+                              or none to have the controller generate its CA"
+                        .into(),
+                });
+            }
+            Ok(None)
+        }
+        _ => Err(ControllerError::Option {
+            option: "--tls-cert/--tls-key",
+            message: "pass both (the certificate chain and its key), or neither".into(),
+        }),
+    }
+}
+
+/// Checks and copies the operator's HTTPS certificate chain and key into
+/// `dir`; returns the CA nodes pin: `tls_ca`, or the chain's last
+/// certificate.
+fn install_operator_tls(
+    dir: &Path,
+    cert: &Path,
+    key: &Path,
+    tls_ca: Option<&Path>,
+) -> Result<Vec<u8>, ControllerError> {
+    let option = |option: &'static str| {
+        move |e: pki::PkiError| ControllerError::Option {
+            option,
+            message: e.to_string(),
+        }
+    };
+    let cert_pem = read_file(cert, "--tls-cert")?;
+    let key_pem = read_file(key, "--tls-key")?;
+    // Refuse now what the server would refuse at start.
+    pki::server_tls_config(&cert_pem, &key_pem).map_err(option("--tls-cert/--tls-key"))?;
+    let ca_pem = match tls_ca {
+        Some(ca) => {
+            let pem = read_file(ca, "--tls-ca")?;
+            pki::certs_from_pem(&pem).map_err(option("--tls-ca"))?;
+            pem
+        }
+        None => pki::last_cert_pem(&cert_pem)
+            .map_err(option("--tls-cert"))?
+            .into_bytes(),
+    };
+    write_public(&dir.join("tls.crt"), &cert_pem)?;
+    write_secret_file(&dir.join("tls.key"), &key_pem)?;
+    Ok(ca_pem)
+}
+
+/// Generates the controller's CA (key in `ca.key`) and an HTTPS
+/// certificate from it for `host`, `localhost` and `127.0.0.1`; returns
+/// the CA certificate, which nodes pin.
+fn generate_tls(dir: &Path, host: &str, now: u64) -> Result<Vec<u8>, ControllerError> {
+    let ca_path = dir.join("ca.pem");
+    let cert_path = dir.join("tls.crt");
+    let ca = pki::generate_ca("comsat controller CA").map_err(ControllerError::pki(&ca_path))?;
+    write_secret_file(&dir.join("ca.key"), ca.key_pem.as_bytes())?;
+    let issuer =
+        CaIssuer::from_pem(&ca.cert_pem, &ca.key_pem).map_err(ControllerError::pki(&ca_path))?;
+    let mut names = vec![host.to_owned()];
+    for extra in ["localhost", "127.0.0.1"] {
+        if !names.iter().any(|n| n == extra) {
+            names.push(extra.to_owned());
+        }
+    }
+    let (cert_pem, key_pem) = issuer
+        .issue_server(names, now, SERVER_CERT_TTL)
+        .map_err(ControllerError::pki(&cert_path))?;
+    write_public(&cert_path, cert_pem.as_bytes())?;
+    write_secret_file(&dir.join("tls.key"), key_pem.as_bytes())?;
+    Ok(ca.cert_pem.into_bytes())
+}
+
+/// Writes what `comsat ctl` needs to reach the controller.
+fn write_context(path: &Path, public_url: &str) -> Result<(), ControllerError> {
     write_public(
-        &context_file,
+        path,
         format!(
             "# comsat ctl context, written by `comsat controller init`.\n\
              # Paths are relative to this file's directory.\n\
              controller = {}\ntoken_file = \"{ADMIN_TOKEN_FILE}\"\nca = \"ca.pem\"\n",
-            toml_str(&public_url)
+            toml_str(public_url)
         )
         .as_bytes(),
-    )?;
+    )
+}
 
-    // Written last: its presence means a complete data dir.
+/// Writes `controller.toml`: `public_url`, and every other key commented
+/// out at its default.
+fn write_config(path: &Path, public_url: &str) -> Result<(), ControllerError> {
     write_public(
-        &dir.join(CONFIG_FILE),
+        path,
         format!(
             "# comsat controller configuration, written by `comsat controller init`.\n\
              # Every key is optional; defaults are shown commented out.\n\
@@ -266,17 +311,10 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, ControllerError> {
              # grant_ttl_secs = 604800\n\
              # link_buffer_limit = 67108864\n\
              # audit_retention_days = 90\n",
-            toml_str(&public_url)
+            toml_str(public_url)
         )
         .as_bytes(),
-    )?;
-
-    Ok(InitReport {
-        data_dir: dir.clone(),
-        public_url,
-        ca_sha256,
-        context_file,
-    })
+    )
 }
 
 fn database_label(url: &DatabaseUrl) -> PathBuf {

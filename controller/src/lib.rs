@@ -23,6 +23,7 @@
 pub mod assign;
 mod audit;
 pub mod config;
+pub mod dev;
 mod error;
 mod http;
 mod init;
@@ -38,3 +39,10 @@ pub use init::{
     ADMIN_TOKEN_FILE, ADMIN_TOKEN_PREFIX, CONTEXT_FILE, InitOptions, InitReport, init, token_hash,
 };
 pub use server::{Controller, RunOptions};
+
+/// Unix time now, in seconds.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use comsat_protocol::RelayId;
+use comsat_protocol::endpoint::split_host_port;
+pub use comsat_protocol::endpoint::valid_host;
 use comsat_protocol::ids::relay_cert_uri;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
@@ -33,6 +35,40 @@ pub enum PkiError {
     /// rustls refused the certificate or key.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// A certificate chain and a private key that do not belong together.
+    #[error(
+        "the key does not match the certificate: {0} \
+         (install the key the certificate was issued for)"
+    )]
+    KeyMismatch(rustls::Error),
+    /// A certificate chain with no certificate in it.
+    #[error("no certificate")]
+    NoCertificate,
+    /// The CA that nodes pin cannot anchor a chain.
+    #[error("the pinned CA is unusable: {0}")]
+    PinnedCaUnusable(rustls::Error),
+    /// No verifier could be built on the pinned CA.
+    #[error("the pinned CA is unusable: {0}")]
+    Verifier(#[from] rustls::client::VerifierBuilderError),
+    /// The controller's host is not a name a certificate can be checked for.
+    #[error("{host}: {source} (fix the host of public_url)")]
+    InvalidHost {
+        /// The host of `public_url`.
+        host: String,
+        /// Why it is not a server name.
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
+    /// The certificate does not chain to the CA nodes pin for the host.
+    #[error(
+        "it does not verify for {host} against the CA nodes pin (ca.pem): {source} \
+         (issue it from that CA, include its intermediates, and name {host})"
+    )]
+    Untrusted {
+        /// The host of `public_url`.
+        host: String,
+        /// Why verification failed.
+        source: rustls::Error,
+    },
 }
 
 fn rc(what: &'static str) -> impl FnOnce(rcgen::Error) -> PkiError {
@@ -87,38 +123,10 @@ impl std::fmt::Debug for CaIssuer {
     }
 }
 
-/// The host part of a `host:port` (brackets of an IPv6 literal removed).
+/// The host part of a `host:port` (brackets of an IPv6 literal removed),
+/// if it is one ([`split_host_port`]).
 pub fn host_of(addr: &str) -> Option<&str> {
-    let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
-        let (host, after) = rest.split_once(']')?;
-        (host, after.strip_prefix(':')?)
-    } else {
-        addr.rsplit_once(':')?
-    };
-    port.parse::<u16>().ok()?;
-    if host.is_empty() || host.contains(':') && !addr.starts_with('[') {
-        return None;
-    }
-    Some(host)
-}
-
-/// Whether `host` is a name a certificate can carry: an IP address or a
-/// DNS name of letters, digits, `-` and `.`.
-pub fn valid_host(host: &str) -> bool {
-    if host.parse::<std::net::IpAddr>().is_ok() {
-        return true;
-    }
-    !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || c == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
+    split_host_port(addr).ok().map(|(host, _)| host)
 }
 
 fn validity(now: u64, ttl: Duration) -> Result<(OffsetDateTime, OffsetDateTime), PkiError> {
@@ -265,43 +273,46 @@ fn der_to_pem(der: &[u8]) -> String {
     out
 }
 
-/// The rustls server configuration (ring, TLS 1.2 and 1.3, HTTP/1.1).
 /// Checks a new HTTPS certificate before it replaces the served one: the
 /// key must match it, and it must chain to the CA nodes pin (`ca_pem`) for
 /// `host`; otherwise every node would stop trusting the controller.
+/// Returns the server configuration to serve it with.
 pub fn check_rotated_certificate(
     cert_pem: &[u8],
     key_pem: &[u8],
     ca_pem: &[u8],
     host: &str,
-) -> Result<rustls::ServerConfig, String> {
-    let certs = certs_from_pem(cert_pem).map_err(|e| e.to_string())?;
-    let key = key_from_pem(key_pem).map_err(|e| e.to_string())?;
+) -> Result<rustls::ServerConfig, PkiError> {
+    use rustls::client::danger::ServerCertVerifier;
+    let certs = certs_from_pem(cert_pem)?;
+    let key = key_from_pem(key_pem)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     rustls::sign::CertifiedKey::from_der(certs.clone(), key.clone_key(), &provider)
-        .map_err(|e| format!("the key does not match the certificate: {e}"))?;
+        .map_err(PkiError::KeyMismatch)?;
     let mut roots = rustls::RootCertStore::empty();
-    for ca in certs_from_pem(ca_pem).map_err(|e| e.to_string())? {
-        roots
-            .add(ca)
-            .map_err(|e| format!("the pinned CA is unusable: {e}"))?;
+    for ca in certs_from_pem(ca_pem)? {
+        roots.add(ca).map_err(PkiError::PinnedCaUnusable)?;
     }
     let verifier =
         rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-            .build()
-            .map_err(|e| e.to_string())?;
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|e| format!("{host}: {e}"))?;
-    use rustls::client::danger::ServerCertVerifier;
-    let (leaf, rest) = certs.split_first().ok_or("no certificate")?;
+            .build()?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|source| {
+        PkiError::InvalidHost {
+            host: host.to_owned(),
+            source,
+        }
+    })?;
+    let (leaf, rest) = certs.split_first().ok_or(PkiError::NoCertificate)?;
     verifier
         .verify_server_cert(leaf, rest, &name, &[], rustls::pki_types::UnixTime::now())
-        .map_err(|e| {
-            format!("it does not verify for {host} against the CA nodes pin (ca.pem): {e}")
+        .map_err(|source| PkiError::Untrusted {
+            host: host.to_owned(),
+            source,
         })?;
-    server_tls_config(cert_pem, key_pem).map_err(|e| e.to_string())
+    server_tls_config(cert_pem, key_pem)
 }
 
+/// The rustls server configuration (ring, TLS 1.2 and 1.3, HTTP/1.1).
 pub fn server_tls_config(
     cert_pem: &[u8],
     key_pem: &[u8],
@@ -416,24 +427,19 @@ mod tests {
         let (cert, key) = issuer
             .issue_server(vec!["ctl.example".into()], now, ttl)
             .expect("leaf");
-        let ok = check_rotated_certificate(
-            cert.as_bytes(),
-            key.as_bytes(),
-            ca.cert_pem.as_bytes(),
-            "ctl.example",
-        );
+        let pinned = ca.cert_pem.as_bytes();
+        let rotate = |cert: &str, key: &str, host: &str| {
+            check_rotated_certificate(cert.as_bytes(), key.as_bytes(), pinned, host)
+        };
+        let ok = rotate(&cert, &key, "ctl.example");
         assert!(ok.is_ok(), "{:?}", ok.err());
 
         let (_, other_key) = issuer
             .issue_server(vec!["ctl.example".into()], now, ttl)
             .expect("leaf");
-        let err = check_rotated_certificate(
-            cert.as_bytes(),
-            other_key.as_bytes(),
-            ca.cert_pem.as_bytes(),
-            "ctl.example",
-        )
-        .expect_err("mismatched key");
+        let err = rotate(&cert, &other_key, "ctl.example")
+            .expect_err("mismatched key")
+            .to_string();
         assert!(err.contains("does not match"), "{err}");
 
         let stranger = generate_ca("another").expect("ca");
@@ -441,27 +447,16 @@ mod tests {
         let (cert2, key2) = stranger
             .issue_server(vec!["ctl.example".into()], now, ttl)
             .expect("leaf");
-        let err = check_rotated_certificate(
-            cert2.as_bytes(),
-            key2.as_bytes(),
-            ca.cert_pem.as_bytes(),
-            "ctl.example",
-        )
-        .expect_err("other CA");
+        let err = rotate(&cert2, &key2, "ctl.example")
+            .expect_err("other CA")
+            .to_string();
         assert!(err.contains("ca.pem"), "{err}");
 
-        let err = check_rotated_certificate(
-            cert.as_bytes(),
-            key.as_bytes(),
-            ca.cert_pem.as_bytes(),
-            "other.example",
-        )
-        .expect_err("other host");
+        let err = rotate(&cert, &key, "other.example")
+            .expect_err("other host")
+            .to_string();
         assert!(err.contains("other.example"), "{err}");
-        assert!(
-            check_rotated_certificate(b"junk", key.as_bytes(), ca.cert_pem.as_bytes(), "x")
-                .is_err()
-        );
+        assert!(rotate("junk", &key, "x").is_err());
     }
 
     #[test]

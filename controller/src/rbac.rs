@@ -87,20 +87,71 @@ pub fn allows(rules: &[Rule], resource: &str, verb: &str) -> bool {
     })
 }
 
+/// A role, binding or account that [`check_rules`] or [`check_name`]
+/// refused: the message names the rule or name and what is allowed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RbacError {
+    /// No rule, or more than [`MAX_RULES`].
+    #[error("a role has 1 to {MAX_RULES} rules")]
+    RuleCount,
+    /// A rule without a resource or without a verb.
+    #[error("rule {rule}: name at least one resource and one verb")]
+    EmptyRule {
+        /// The rule's position, from 1.
+        rule: usize,
+    },
+    /// A rule with more than [`MAX_RULES`] resources or verbs.
+    #[error("rule {rule}: too many entries")]
+    LongRule {
+        /// The rule's position, from 1.
+        rule: usize,
+    },
+    /// A resource that is not in [`RESOURCES`].
+    #[error(
+        "rule {rule}: unknown resource `{resource}` (use {}, tokens/agent, tokens/relay or *)",
+        RESOURCES.join(", ")
+    )]
+    UnknownResource {
+        /// The rule's position, from 1.
+        rule: usize,
+        /// The resource named.
+        resource: String,
+    },
+    /// A verb that is not in [`VERBS`].
+    #[error("rule {rule}: unknown verb `{verb}` (use {} or *)", VERBS.join(", "))]
+    UnknownVerb {
+        /// The rule's position, from 1.
+        rule: usize,
+        /// The verb named.
+        verb: String,
+    },
+    /// A name that [`valid_name`] refuses.
+    #[error(
+        "{what} name `{name}`: 1 to {} characters of a-z, 0-9 and -, not starting or ending \
+         with -",
+        comsat_protocol::api::MAX_NAME_LEN
+    )]
+    InvalidName {
+        /// What is named: `role`, `role binding`, `user`, …
+        what: String,
+        /// The name given.
+        name: String,
+    },
+}
+
 /// Checks a role's rules, naming what is wrong.
-pub fn check_rules(rules: &[Rule]) -> Result<(), String> {
+pub fn check_rules(rules: &[Rule]) -> Result<(), RbacError> {
     if rules.is_empty() || rules.len() > MAX_RULES {
-        return Err(format!("a role has 1 to {MAX_RULES} rules"));
+        return Err(RbacError::RuleCount);
     }
     for (i, r) in rules.iter().enumerate() {
+        let rule = i + 1;
         if r.resources.is_empty() || r.verbs.is_empty() {
-            return Err(format!(
-                "rule {}: name at least one resource and one verb",
-                i + 1
-            ));
+            return Err(RbacError::EmptyRule { rule });
         }
         if r.resources.len() > MAX_RULES || r.verbs.len() > MAX_RULES {
-            return Err(format!("rule {}: too many entries", i + 1));
+            return Err(RbacError::LongRule { rule });
         }
         for x in &r.resources {
             let base = x.split('/').next().unwrap_or_default();
@@ -110,20 +161,18 @@ pub fn check_rules(rules: &[Rule]) -> Result<(), String> {
                 Some(_) => false,
             };
             if x != "*" && (!RESOURCES.contains(&base) || !sub_ok) {
-                return Err(format!(
-                    "rule {}: unknown resource `{x}` (use {}, tokens/agent, tokens/relay or *)",
-                    i + 1,
-                    RESOURCES.join(", ")
-                ));
+                return Err(RbacError::UnknownResource {
+                    rule,
+                    resource: x.clone(),
+                });
             }
         }
         for v in &r.verbs {
             if v != "*" && !VERBS.contains(&v.as_str()) {
-                return Err(format!(
-                    "rule {}: unknown verb `{v}` (use {} or *)",
-                    i + 1,
-                    VERBS.join(", ")
-                ));
+                return Err(RbacError::UnknownVerb {
+                    rule,
+                    verb: v.clone(),
+                });
             }
         }
     }
@@ -131,15 +180,14 @@ pub fn check_rules(rules: &[Rule]) -> Result<(), String> {
 }
 
 /// Checks a role, binding or account name.
-pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+pub fn check_name(what: &str, name: &str) -> Result<(), RbacError> {
     if valid_name(name) {
         Ok(())
     } else {
-        Err(format!(
-            "{what} name `{name}`: 1 to {} characters of a-z, 0-9 and -, not starting or ending \
-             with -",
-            comsat_protocol::api::MAX_NAME_LEN
-        ))
+        Err(RbacError::InvalidName {
+            what: what.to_owned(),
+            name: name.to_owned(),
+        })
     }
 }
 
@@ -171,11 +219,17 @@ mod tests {
     #[test]
     fn bad_rules_are_named() {
         assert!(check_rules(&[]).is_err());
-        let e = check_rules(&[rule(&["lnks"], &["get"])]).expect_err("resource");
+        let e = check_rules(&[rule(&["lnks"], &["get"])])
+            .expect_err("resource")
+            .to_string();
         assert!(e.contains("`lnks`"), "{e}");
-        let e = check_rules(&[rule(&["links"], &["read"])]).expect_err("verb");
+        let e = check_rules(&[rule(&["links"], &["read"])])
+            .expect_err("verb")
+            .to_string();
         assert!(e.contains("`read`"), "{e}");
-        let e = check_rules(&[rule(&["tokens/other"], &["get"])]).expect_err("sub");
+        let e = check_rules(&[rule(&["tokens/other"], &["get"])])
+            .expect_err("sub")
+            .to_string();
         assert!(e.contains("tokens/other"), "{e}");
         assert!(check_rules(&[rule(&["tokens/relay", "links"], &["get", "list"])]).is_ok());
         for (_, rules) in builtin_roles() {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use comsat_keys::KeyFile;
 use comsat_protocol::SigningKey;
-use comsat_protocol::jwt::unix_now;
 use tokio::sync::{Mutex, watch};
 
 use crate::config::ControllerConfig;
@@ -16,6 +16,7 @@ use crate::error::ControllerError;
 use crate::pki::{self, CaIssuer};
 use crate::state::Shared;
 use crate::store::{CHANGES_CHANNEL, DatabaseUrl, SqlStore};
+use crate::unix_now;
 
 /// How often links are checked for reassignment and grant renewal.
 const ASSIGN_INTERVAL: Duration = Duration::from_secs(1);
@@ -82,7 +83,7 @@ fn read_secret(path: &Path, dir: &Path) -> Result<String, ControllerError> {
             path: path.to_owned(),
         });
     }
-    Ok(comsat_protocol::keys::read_secret_file(path)?.to_string())
+    Ok(comsat_keys::read_secret_file(path)?.to_string())
 }
 
 impl Controller {
@@ -321,13 +322,7 @@ async fn watch_tls_files(shared: Arc<Shared>, served: axum_server::tls_rustls::R
             continue;
         }
         last = now;
-        let loaded = std::fs::read(&cert)
-            .map_err(|e| format!("{}: {e}", cert.display()))
-            .and_then(|c| {
-                let k = comsat_protocol::keys::read_secret_file(&key).map_err(|e| e.to_string())?;
-                pki::check_rotated_certificate(&c, k.as_bytes(), shared.ca_pem.as_bytes(), &host)
-            });
-        match loaded {
+        match load_rotated(&cert, &key, &shared.ca_pem, &host) {
             Ok(config) => {
                 served.reload_from_config(Arc::new(config));
                 tracing::info!(cert = %cert.display(), "HTTPS certificate reloaded; new connections get it");
@@ -339,6 +334,20 @@ async fn watch_tls_files(shared: Arc<Shared>, served: axum_server::tls_rustls::R
             ),
         }
     }
+}
+
+/// Reads a renewed HTTPS certificate and key and checks them against the
+/// CA nodes pin ([`pki::check_rotated_certificate`]).
+fn load_rotated(
+    cert: &Path,
+    key: &Path,
+    ca_pem: &str,
+    host: &str,
+) -> Result<rustls::ServerConfig, ControllerError> {
+    let cert_pem = std::fs::read(cert).map_err(ControllerError::io(cert))?;
+    let key_pem = comsat_keys::read_secret_file(key)?;
+    pki::check_rotated_certificate(&cert_pem, key_pem.as_bytes(), ca_pem.as_bytes(), host)
+        .map_err(ControllerError::pki(cert))
 }
 
 /// Waits for a notification; `false` if the listener failed. Never

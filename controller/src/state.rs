@@ -73,6 +73,12 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::rbac::RbacError> for ApiError {
+    fn from(e: crate::rbac::RbacError) -> Self {
+        Self::bad_request(e.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (

@@ -9,13 +9,20 @@ use comsat_controller::store::{
     LinkGrantUpdate, LinkRecord, NewEvent, NewJoinToken, NewNode, NodeRecord, Redemption, SqlStore,
     Store, StoreError,
 };
+use comsat_keys::{Generate, RandomId};
 use comsat_protocol::api::NodeKind;
-use comsat_protocol::jwt::unix_now;
 use comsat_protocol::{LinkId, NodeId, NoiseSecretKey, RelayId, SigningKey};
 
 mod common;
 
 use common::Db;
+
+/// Unix time now, in seconds.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 async fn open(db: &Db) -> SqlStore {
     db.open().await
@@ -339,6 +346,15 @@ async fn link_events_go_only_to_assigned_relays(dir: Db) {
     assert_eq!(r2_events.len(), 1);
     assert_eq!(r2_events[0].grant_hex, None);
 
+    deleting_the_link_revokes_it_at_its_relays_only(&store, [r1, r2, r3]).await;
+    let a_now = store.node(&a.node_id).await.expect("node").expect("some");
+    assert_eq!(a_now.config_version, a.config_version + 3);
+}
+
+/// Deleting link `db` (on `r1` and `r3`) revokes it at those two relays
+/// only, and a second delete finds nothing.
+async fn deleting_the_link_revokes_it_at_its_relays_only(store: &dyn Store, relays: [RelayId; 3]) {
+    let [r1, r2, r3] = relays;
     let max_before = store.max_event_seq().await.expect("max");
     let deleted = store.delete_link("db", unix_now()).await.expect("delete");
     assert_eq!(deleted.map(|l| l.relays), Some(vec![r1, r3]));
@@ -362,8 +378,6 @@ async fn link_events_go_only_to_assigned_relays(dir: Db) {
             .expect("again")
             .is_none()
     );
-    let a_now = store.node(&a.node_id).await.expect("node").expect("some");
-    assert_eq!(a_now.config_version, a.config_version + 3);
 }
 
 async fn config_versions(store: &dyn Store, ids: &[NodeId]) -> Vec<u64> {
@@ -486,8 +500,23 @@ async fn link_limits_leave_agents_alone_and_a_new_connection_does_not(dir: Db) {
         config_versions(&store, &[a.node_id, b.node_id]).await,
         before
     );
-    // A new connection, unlike a limit, is the agents' business: both
-    // config versions move; an unknown link changes nothing.
+    a_new_connection_moves_both_agents_config_versions(
+        &store,
+        link,
+        &[a.node_id, b.node_id],
+        &before,
+    )
+    .await;
+}
+
+/// A new connection, unlike a limit, is the agents' business: both
+/// config versions move; an unknown link changes nothing.
+async fn a_new_connection_moves_both_agents_config_versions(
+    store: &dyn Store,
+    mut link: LinkRecord,
+    agents: &[NodeId],
+    before: &[u64],
+) {
     assert!(
         store
             .set_link_connection(&link.link_id, Some("interactive"))
@@ -499,9 +528,9 @@ async fn link_limits_leave_agents_alone_and_a_new_connection_does_not(dir: Db) {
         store.link_by_name("db").await.expect("get"),
         Some(link.clone())
     );
-    let after = config_versions(&store, &[a.node_id, b.node_id]).await;
+    let after = config_versions(store, agents).await;
     assert!(
-        after.iter().zip(&before).all(|(n, o)| n > o),
+        after.iter().zip(before).all(|(n, o)| n > o),
         "{after:?} {before:?}"
     );
     assert!(

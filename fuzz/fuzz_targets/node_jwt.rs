@@ -14,5 +14,15 @@ fuzz_target!(|data: &[u8]| {
     let node = claimed_node(s).unwrap_or(NodeId([0; 16]));
     let key = SigningKey::from_seed(&[9; 32]);
     // The fuzzer cannot forge an ed25519 signature by this key.
-    assert!(verify(s, &node, &key.public(), "comsat-controller:fuzz", 1_800_000_000, 60).is_err());
+    assert!(
+        verify(
+            s,
+            &node,
+            &key.public(),
+            "comsat-controller:fuzz",
+            1_800_000_000,
+            60
+        )
+        .is_err()
+    );
 });

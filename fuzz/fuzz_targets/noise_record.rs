@@ -12,6 +12,16 @@ use comsat_protocol::noise::{self, Cipher, RECORD_PREFIX_LEN, Session};
 use comsat_protocol::record::{RECORD_HEADER_LEN, RecordKind, decode_record};
 use libfuzzer_sys::fuzz_target;
 
+/// A fixed random source: the same ephemeral keys every run, so a crash
+/// replays exactly.
+struct Fixed(u8);
+
+impl noise::NoiseRng for Fixed {
+    fn fill(&mut self, out: &mut [u8]) {
+        out.fill(self.0);
+    }
+}
+
 /// The initiator (side A) and responder (side B) of one fixed session per
 /// transport cipher.
 fn sessions() -> &'static [(Session, Session); 2] {
@@ -22,9 +32,11 @@ fn sessions() -> &'static [(Session, Session); 2] {
             let b = NoiseSecretKey::from_bytes([2; 32]);
             let link = LinkId([5; 16]);
             let (pending, m1) =
-                noise::initiate_preferring(&a, &b.public(), &link, cipher).expect("initiate");
-            let (sb, m2) = noise::respond_preferring(&b, &a.public(), &link, &m1, cipher)
-                .expect("respond");
+                noise::initiate_preferring(&a, &b.public(), &link, cipher, Box::new(Fixed(3)))
+                    .expect("initiate");
+            let (sb, m2) =
+                noise::respond_preferring(&b, &a.public(), &link, &m1, cipher, Box::new(Fixed(4)))
+                    .expect("respond");
             let sa = pending.handle_response(&m2).expect("finish");
             (sa, sb)
         })

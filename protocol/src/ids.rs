@@ -74,11 +74,6 @@ macro_rules! id_type {
         pub struct $name(#[serde(with = "hex_bytes")] pub [u8; 16]);
 
         impl $name {
-            /// A fresh random id.
-            pub fn random() -> Self {
-                Self(rand::random())
-            }
-
             /// The first 8 hex digits, for logs.
             pub fn fmt_short(&self) -> String {
                 hex::encode(&self.0[..4])
@@ -119,6 +114,23 @@ id_type!(
 /// an agent can check that the relay it reached is the one its grant names.
 pub fn relay_cert_uri(relay: &RelayId) -> String {
     format!("urn:comsat:relay:{relay}")
+}
+
+/// Whether the certificate `der` names `relay` by its URI
+/// ([`relay_cert_uri`]) among its subjectAltNames. `false` for anything
+/// that does not parse.
+pub fn cert_names_relay(der: &[u8], relay: &RelayId) -> bool {
+    let want = relay_cert_uri(relay);
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return false;
+    };
+    san.value
+        .general_names
+        .iter()
+        .any(|name| matches!(name, x509_parser::extensions::GeneralName::URI(uri) if *uri == want))
 }
 id_type!(
     /// The id of a relay, as named in grants.
@@ -170,7 +182,7 @@ mod tests {
 
     #[test]
     fn id_parses_its_display() {
-        let id = LinkId::random();
+        let id = LinkId([0x5a; 16]);
         assert_eq!(id.to_string().parse::<LinkId>(), Ok(id));
     }
 

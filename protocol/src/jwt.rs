@@ -9,8 +9,6 @@
 //! The verifier fixes the algorithm: a token whose header names any other
 //! `alg` (`none`, `HS256`, …) is refused before any key is used.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -68,20 +66,16 @@ pub enum JwtError {
     BadLifetime,
 }
 
-/// Unix time now, in seconds.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Signs a JWT for `node` with `key`, valid from `now` for `lifetime` seconds.
+/// Signs a JWT for `node` with `key`, valid from `now` (Unix seconds) for
+/// `lifetime` seconds, with the unique id `jti` (random: the controller
+/// refuses a `jti` it has seen).
 pub fn mint(
     key: &SigningKey,
     node: &NodeId,
     audience: &str,
     now: u64,
     lifetime: u64,
+    jti: [u8; 16],
 ) -> Result<String, JwtError> {
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(node.to_string());
@@ -90,7 +84,7 @@ pub fn mint(
         aud: audience.to_owned(),
         iat: now,
         exp: now.saturating_add(lifetime),
-        jti: hex::encode(rand::random::<[u8; 16]>()),
+        jti: hex::encode(jti),
     };
     let der = key.to_pkcs8_der();
     jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ed_der(&der))
@@ -180,13 +174,13 @@ mod tests {
 
     #[test]
     fn a_minted_jwt_verifies_once_per_key_and_audience() {
-        let key = SigningKey::generate();
-        let node = NodeId::random();
+        let key = SigningKey::from_seed(&[1; 32]);
+        let node = NodeId([1; 16]);
         let now = 1_800_000_000;
-        let t = mint(&key, &node, AUD, now, 30).expect("mints");
+        let t = mint(&key, &node, AUD, now, 30, [1; 16]).expect("mints");
         let c = verify(&t, &node, &key.public(), AUD, now + 5, 0).expect("verifies");
         assert_eq!((c.iat, c.exp, c.aud.as_str()), (now, now + 30, AUD));
-        let other = SigningKey::generate();
+        let other = SigningKey::from_seed(&[2; 32]);
         assert_eq!(
             verify(&t, &node, &other.public(), AUD, now, 0),
             Err(JwtError::BadSignature(node.to_string()))
@@ -196,28 +190,28 @@ mod tests {
             Err(JwtError::WrongAudience)
         );
         assert_eq!(
-            verify(&t, &NodeId::random(), &key.public(), AUD, now, 0),
+            verify(&t, &NodeId([2; 16]), &key.public(), AUD, now, 0),
             Err(JwtError::NoNode)
         );
     }
 
     #[test]
     fn expiry_lifetime_and_skew_are_enforced() {
-        let key = SigningKey::generate();
-        let node = NodeId::random();
+        let key = SigningKey::from_seed(&[1; 32]);
+        let node = NodeId([1; 16]);
         let now = 1_800_000_000;
-        let t = mint(&key, &node, AUD, now, 30).expect("mints");
+        let t = mint(&key, &node, AUD, now, 30, [1; 16]).expect("mints");
         assert_eq!(
             verify(&t, &node, &key.public(), AUD, now + 31, 0),
             Err(JwtError::Expired)
         );
         assert!(verify(&t, &node, &key.public(), AUD, now + 31, 5).is_ok());
-        let long = mint(&key, &node, AUD, now, MAX_LIFETIME_SECS + 1).expect("mints");
+        let long = mint(&key, &node, AUD, now, MAX_LIFETIME_SECS + 1, [1; 16]).expect("mints");
         assert_eq!(
             verify(&long, &node, &key.public(), AUD, now, 0),
             Err(JwtError::BadLifetime)
         );
-        let future = mint(&key, &node, AUD, now + 100, 30).expect("mints");
+        let future = mint(&key, &node, AUD, now + 100, 30, [1; 16]).expect("mints");
         assert_eq!(
             verify(&future, &node, &key.public(), AUD, now, 10),
             Err(JwtError::BadLifetime)
@@ -226,8 +220,8 @@ mod tests {
 
     #[test]
     fn other_algorithms_are_refused_before_any_key_is_used() {
-        let node = NodeId::random();
-        let key = SigningKey::generate();
+        let node = NodeId([1; 16]);
+        let key = SigningKey::from_seed(&[1; 32]);
         let claims = format!(r#"{{"sub":"{node}","aud":"{AUD}","iat":1,"exp":30,"jti":"x"}}"#);
         for alg in ["none", "HS256", "RS256", "ES256", "eddsa"] {
             let header = format!(r#"{{"alg":"{alg}","kid":"{node}","typ":"JWT"}}"#);

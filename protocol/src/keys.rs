@@ -1,73 +1,62 @@
-//! Key types and key files.
+//! Key types and the text of key files.
 //!
-//! Private keys are generated on the node that uses them, zeroised on drop,
-//! never printed (their `Debug` is redacted) and written to files with mode
-//! 0600 atomically (temporary file, fsync, rename). Loading a key file that
-//! group or others can read is refused.
+//! Private keys are zeroised on drop and never printed (their `Debug` is
+//! redacted). This crate makes them from bytes and reads and writes their
+//! text; generating them from the OS random source and the files themselves
+//! (mode 0600, written atomically) are `comsat-keys`'.
 
 use std::fmt;
-use std::fs;
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 
 use ed25519_dalek::{Signer, Verifier};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::ids::{ParseHexError, hex_bytes, parse_hex};
-use crate::limits::MAX_KEY_FILE_LEN;
 
 pub use ed25519_dalek::Signature;
 
 const SIGNING_KEY_HEADER: &str = "comsat ed25519 signing key v1";
 const NOISE_KEY_HEADER: &str = "comsat x25519 noise key v1";
 
-/// A key file could not be read or written.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum KeyFileError {
-    /// Reading or writing failed.
-    #[error("key file {path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The file can be read by group or others.
-    #[error(
-        "key file {path} has mode {mode:04o}, readable by group or others; \
-         a private key must be private: run `chmod 600 {path}`"
-    )]
-    Permissions {
-        /// The file.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
-    /// The file is not a key file of the expected kind.
-    #[error("key file {path} is not a {expected}: {reason}")]
-    Format {
-        /// The file.
-        path: PathBuf,
-        /// What kind of key was expected.
-        expected: &'static str,
-        /// What was wrong.
-        reason: String,
-    },
+/// `Display` and `FromStr` in hex, and a `Debug` of the first 4 bytes, for
+/// a 32-byte public key.
+macro_rules! public_key_text {
+    ($name:ident) => {
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&hex::encode(self.0))
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), hex::encode(&self.0[..4]))
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = ParseHexError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                parse_hex::<32>(s).map(Self)
+            }
+        }
+    };
+}
+
+/// The text of a key file is not a key of the expected kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a {expected}: {reason}")]
+pub struct KeyTextError {
+    /// What kind of key was expected.
+    pub expected: &'static str,
+    /// What was wrong.
+    pub reason: String,
 }
 
 /// An ed25519 private signing key (a node key or the authority key).
 pub struct SigningKey(ed25519_dalek::SigningKey);
 
 impl SigningKey {
-    /// Generates a new key from the OS random source.
-    pub fn generate() -> Self {
-        let seed = Zeroizing::new(rand::random::<[u8; 32]>());
-        Self(ed25519_dalek::SigningKey::from_bytes(&seed))
-    }
-
     /// Builds a key from its 32-byte seed.
     pub fn from_seed(seed: &[u8; 32]) -> Self {
         Self(ed25519_dalek::SigningKey::from_bytes(seed))
@@ -98,18 +87,17 @@ impl SigningKey {
             .unwrap_or_default()
     }
 
-    /// Writes the key to `path` (mode 0600, atomically).
-    pub fn write_file(&self, path: &Path) -> Result<(), KeyFileError> {
-        let text = Zeroizing::new(format!(
+    /// The text of the key's file: a header line and the seed in hex.
+    pub fn to_text(&self) -> Zeroizing<String> {
+        Zeroizing::new(format!(
             "{SIGNING_KEY_HEADER}\n{}\n",
             hex::encode(self.0.to_bytes())
-        ));
-        write_secret_file(path, text.as_bytes())
+        ))
     }
 
-    /// Reads a key written by [`Self::write_file`].
-    pub fn read_file(path: &Path) -> Result<Self, KeyFileError> {
-        let seed = read_key_file(path, SIGNING_KEY_HEADER, "comsat ed25519 signing key")?;
+    /// Reads the text written by [`Self::to_text`].
+    pub fn from_text(text: &str) -> Result<Self, KeyTextError> {
+        let seed = parse_key_text(text, SIGNING_KEY_HEADER, "comsat ed25519 signing key")?;
         Ok(Self::from_seed(&seed))
     }
 }
@@ -138,34 +126,12 @@ impl SignPublicKey {
     }
 }
 
-impl fmt::Display for SignPublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
-
-impl fmt::Debug for SignPublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SignPublicKey({})", hex::encode(&self.0[..4]))
-    }
-}
-
-impl std::str::FromStr for SignPublicKey {
-    type Err = ParseHexError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_hex::<32>(s).map(Self)
-    }
-}
+public_key_text!(SignPublicKey);
 
 /// An X25519 Noise static private key.
 pub struct NoiseSecretKey(Zeroizing<[u8; 32]>);
 
 impl NoiseSecretKey {
-    /// Generates a new key from the OS random source.
-    pub fn generate() -> Self {
-        Self(Zeroizing::new(rand::random()))
-    }
-
     /// Builds a key from its raw bytes.
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(Zeroizing::new(bytes))
@@ -182,15 +148,14 @@ impl NoiseSecretKey {
         NoisePublicKey(x25519_dalek::PublicKey::from(&secret).to_bytes())
     }
 
-    /// Writes the key to `path` (mode 0600, atomically).
-    pub fn write_file(&self, path: &Path) -> Result<(), KeyFileError> {
-        let text = Zeroizing::new(format!("{NOISE_KEY_HEADER}\n{}\n", hex::encode(*self.0)));
-        write_secret_file(path, text.as_bytes())
+    /// The text of the key's file: a header line and the key in hex.
+    pub fn to_text(&self) -> Zeroizing<String> {
+        Zeroizing::new(format!("{NOISE_KEY_HEADER}\n{}\n", hex::encode(*self.0)))
     }
 
-    /// Reads a key written by [`Self::write_file`].
-    pub fn read_file(path: &Path) -> Result<Self, KeyFileError> {
-        let bytes = read_key_file(path, NOISE_KEY_HEADER, "comsat x25519 noise key")?;
+    /// Reads the text written by [`Self::to_text`].
+    pub fn from_text(text: &str) -> Result<Self, KeyTextError> {
+        let bytes = parse_key_text(text, NOISE_KEY_HEADER, "comsat x25519 noise key")?;
         Ok(Self(bytes))
     }
 }
@@ -209,98 +174,14 @@ impl fmt::Debug for NoiseSecretKey {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct NoisePublicKey(#[serde(with = "hex_bytes")] pub [u8; 32]);
 
-impl fmt::Display for NoisePublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
+public_key_text!(NoisePublicKey);
 
-impl fmt::Debug for NoisePublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "NoisePublicKey({})", hex::encode(&self.0[..4]))
-    }
-}
-
-impl std::str::FromStr for NoisePublicKey {
-    type Err = ParseHexError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_hex::<32>(s).map(Self)
-    }
-}
-
-/// Writes `contents` to `path` with mode 0600: to a new temporary file in
-/// the same directory first, flushed to disk, then renamed over `path`, so a
-/// crash never leaves a half-written key.
-pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), KeyFileError> {
-    let io = |source| KeyFileError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io(std::io::Error::other("path has no file name")))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{:016x}",
-        name.to_string_lossy(),
-        rand::random::<u64>()
-    ));
-    let result = (|| {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(io)
-}
-
-/// Reads a secret file, refusing one that group or others can read and one
-/// larger than [`MAX_KEY_FILE_LEN`].
-pub fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, KeyFileError> {
-    let io = |source| KeyFileError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let file = fs::File::open(path).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(KeyFileError::Permissions {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    let mut text = Zeroizing::new(String::new());
-    file.take(MAX_KEY_FILE_LEN + 1)
-        .read_to_string(&mut text)
-        .map_err(io)?;
-    if text.len() as u64 > MAX_KEY_FILE_LEN {
-        return Err(io(std::io::Error::other(format!(
-            "larger than {MAX_KEY_FILE_LEN} bytes"
-        ))));
-    }
-    Ok(text)
-}
-
-fn read_key_file(
-    path: &Path,
+fn parse_key_text(
+    text: &str,
     header: &str,
     expected: &'static str,
-) -> Result<Zeroizing<[u8; 32]>, KeyFileError> {
-    let text = read_secret_file(path)?;
-    let format = |reason: &str| KeyFileError::Format {
-        path: path.to_owned(),
+) -> Result<Zeroizing<[u8; 32]>, KeyTextError> {
+    let format = |reason: &str| KeyTextError {
         expected,
         reason: reason.to_owned(),
     };
@@ -325,37 +206,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn signing_key_file_round_trip_and_mode() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("node.key");
-        let key = SigningKey::generate();
-        key.write_file(&path).expect("write");
-        let mode = fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        let back = SigningKey::read_file(&path).expect("read");
+    fn key_text_round_trips_and_names_what_is_wrong() {
+        let key = SigningKey::from_seed(&[7; 32]);
+        let back = SigningKey::from_text(&key.to_text()).expect("parses");
         assert_eq!(back.public(), key.public());
-        // No temporary file is left behind.
-        assert_eq!(fs::read_dir(dir.path()).expect("ls").count(), 1);
-    }
-
-    #[test]
-    fn world_readable_key_is_refused_with_advice() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("noise.key");
-        NoiseSecretKey::generate().write_file(&path).expect("write");
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
-        let err = NoiseSecretKey::read_file(&path).expect_err("must refuse");
-        assert!(matches!(err, KeyFileError::Permissions { mode: 0o644, .. }));
-        assert!(err.to_string().contains("chmod 600"), "{err}");
-    }
-
-    #[test]
-    fn wrong_kind_of_key_file_is_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("k");
-        SigningKey::generate().write_file(&path).expect("write");
-        let err = NoiseSecretKey::read_file(&path).expect_err("wrong kind");
-        assert!(matches!(err, KeyFileError::Format { .. }), "{err}");
+        let noise = NoiseSecretKey::from_bytes([9; 32]);
+        let back = NoiseSecretKey::from_text(&noise.to_text()).expect("parses");
+        assert_eq!(back.public(), noise.public());
+        let err = NoiseSecretKey::from_text(&key.to_text()).expect_err("wrong kind");
+        assert!(err.reason.contains("first line"), "{err}");
+        let err = SigningKey::from_text(&format!("{SIGNING_KEY_HEADER}\nzz\n")).expect_err("hex");
+        assert!(err.reason.contains("64 hex digits"), "{err}");
+        let err = SigningKey::from_text(SIGNING_KEY_HEADER).expect_err("no key");
+        assert!(err.reason.contains("missing key line"), "{err}");
     }
 
     #[test]
@@ -370,7 +233,7 @@ mod tests {
 
     #[test]
     fn signatures_are_domain_separated() {
-        let key = SigningKey::generate();
+        let key = SigningKey::from_seed(&[3; 32]);
         let sig = key.sign(b"domain-one", b"msg");
         assert!(key.public().verify(b"domain-one", b"msg", &sig));
         assert!(!key.public().verify(b"domain-two", b"msg", &sig));

@@ -16,7 +16,9 @@
 
 pub mod api;
 pub mod codec;
+pub mod endpoint;
 pub mod grant;
+pub mod half;
 pub mod ids;
 pub mod jwt;
 pub mod keys;
@@ -31,7 +33,7 @@ pub mod resume;
 
 pub use grant::{Grant, GrantError, GrantSide, LinkLimits, SignedGrant};
 pub use ids::{FlowId, LinkId, NodeId, RelayId, Side};
-pub use keys::{KeyFileError, NoisePublicKey, NoiseSecretKey, SignPublicKey, SigningKey};
+pub use keys::{KeyTextError, NoisePublicKey, NoiseSecretKey, SignPublicKey, SigningKey};
 
 /// The ALPN protocol id spoken between agents and relays.
 pub const ALPN: &[u8] = b"comsat/1";
@@ -55,18 +57,70 @@ pub const CLOSE_NORMAL: u32 = 0x00;
 /// Close code for a peer that broke the protocol after authenticating.
 pub const CLOSE_PROTOCOL_ERROR: u32 = 0x11;
 
-/// Stream error code with which a relay resets (or stops) one side of a
-/// flow because the other side's connection went silent (idle timeout): the
-/// outage began an idle timeout ago, not now.
-pub const STREAM_PEER_SILENT: u32 = 3;
+/// The error codes with which relays and agents reset or stop a flow's
+/// QUIC stream: the one list of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+#[non_exhaustive]
+pub enum StreamCode {
+    /// A relay refused the flow, or its link went away.
+    Refused = 1,
+    /// An agent's flow failed (its local socket, or the records it got).
+    Failed = 2,
+    /// A relay resets (or stops) one side of a flow because the other
+    /// side's connection went silent (idle timeout): the outage began an
+    /// idle timeout ago, not now.
+    PeerSilent = 3,
+    /// A relay refuses a new flow because its link already has the
+    /// grant's `max_flows` concurrent flows open. The dialling agent resets
+    /// the application's connection; it does not retry.
+    FlowLimit = 4,
+    /// An agent gives up a flow's stream because it carries the flow on on
+    /// another stream (a flow that turned bulk moves from the lane to the
+    /// main connection); the receiving agent takes the new stream, the
+    /// relay passes the code on as a refusal.
+    Moved = 5,
+}
 
-/// Stream error code with which a relay refuses a new flow because its link
-/// already has the grant's `max_flows` concurrent flows open. The dialling
-/// agent resets the application's connection; it does not retry.
-pub const STREAM_FLOW_LIMIT: u32 = 4;
+impl StreamCode {
+    /// The code on the wire.
+    pub const fn code(self) -> u32 {
+        self as u32
+    }
 
-/// Stream error code with which an agent gives up a flow's stream because
-/// it carries the flow on on another stream (a flow that turned bulk moves
-/// from the lane to the main connection); the receiving agent takes the
-/// new stream, the relay passes the code on as a refusal.
-pub const STREAM_MOVED: u32 = 5;
+    /// The code `code` names, if any.
+    pub const fn from_code(code: u64) -> Option<Self> {
+        Some(match code {
+            1 => Self::Refused,
+            2 => Self::Failed,
+            3 => Self::PeerSilent,
+            4 => Self::FlowLimit,
+            5 => Self::Moved,
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StreamCode;
+
+    #[test]
+    fn every_stream_code_reads_back_and_no_other_does() {
+        let all = [
+            StreamCode::Refused,
+            StreamCode::Failed,
+            StreamCode::PeerSilent,
+            StreamCode::FlowLimit,
+            StreamCode::Moved,
+        ];
+        for code in all {
+            assert_eq!(StreamCode::from_code(code.code().into()), Some(code));
+        }
+        let mut codes: Vec<u32> = all.iter().map(|c| c.code()).collect();
+        codes.dedup();
+        assert_eq!(codes.len(), all.len(), "codes are distinct");
+        assert_eq!(StreamCode::from_code(0), None);
+        assert_eq!(StreamCode::from_code(6), None);
+    }
+}

@@ -39,3 +39,7 @@ pub const MAX_GRANT_RELAYS: usize = 16;
 
 /// Largest key file we read.
 pub const MAX_KEY_FILE_LEN: u64 = 4 * 1024;
+
+/// Largest PEM file of certificates read (a CA bundle, a certificate
+/// chain): far above any real one.
+pub const MAX_PEM_FILE_LEN: u64 = 1024 * 1024;

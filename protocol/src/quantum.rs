@@ -5,7 +5,7 @@
 //! share), so without a limit it keeps a worker thread for milliseconds
 //! while a small flow's bytes wait behind it. [`Quantum`] counts the bytes
 //! a task has handled since it last yielded and says when to yield again;
-//! the task yields to its runtime (`tokio::task::yield_now`) when told.
+//! the task yields to its async runtime when told.
 
 /// Bytes a data task handles between yields: one whole 64 KiB record, some
 /// tens of microseconds of work. Beside a bulk flow on the same agents and

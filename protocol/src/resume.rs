@@ -181,6 +181,7 @@ mod tests {
     use super::*;
     use crate::LinkId;
     use crate::keys::NoiseSecretKey;
+    use crate::noise::tests::seeded;
     use crate::noise::{self, Session};
     use crate::record::{RecordKind, decode_record};
 
@@ -207,8 +208,8 @@ mod tests {
         let a = NoiseSecretKey::from_bytes([1; 32]);
         let b = NoiseSecretKey::from_bytes([2; 32]);
         let link = LinkId([3; 16]);
-        let (pending, m1) = noise::initiate(&a, &b.public(), &link).expect("initiate");
-        let (sb, m2) = noise::respond(&b, &a.public(), &link, &m1).expect("respond");
+        let (pending, m1) = noise::initiate(&a, &b.public(), &link, seeded(1)).expect("initiate");
+        let (sb, m2) = noise::respond(&b, &a.public(), &link, &m1, seeded(2)).expect("respond");
         (pending.handle_response(&m2).expect("finish"), sb)
     }
 

@@ -3,6 +3,7 @@
 
 use std::sync::OnceLock;
 
+use comsat_protocol::endpoint::{Endpoint, split_host_port};
 use comsat_protocol::grant::{Grant, GrantSide, LinkLimits, SignedGrant};
 use comsat_protocol::ids::{LinkId, NodeId, RelayId};
 use comsat_protocol::keys::{NoiseSecretKey, SigningKey};
@@ -11,6 +12,21 @@ use comsat_protocol::record::{
     FlowHeader, RECORD_HEADER_LEN, RecordHeader, RecordKind, decode_record,
 };
 use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+
+/// A seeded random source for the handshakes: the same sessions every run.
+struct Seeded(StdRng);
+
+impl noise::NoiseRng for Seeded {
+    fn fill(&mut self, out: &mut [u8]) {
+        self.0.fill_bytes(out);
+    }
+}
+
+fn seeded(seed: u64) -> Box<dyn noise::NoiseRng> {
+    Box::new(Seeded(StdRng::seed_from_u64(seed)))
+}
 
 /// One session per transport cipher: (side A, side B).
 fn sessions() -> &'static [(Session, Session); 2] {
@@ -21,15 +37,36 @@ fn sessions() -> &'static [(Session, Session); 2] {
             let b = NoiseSecretKey::from_bytes([2; 32]);
             let link = LinkId([5; 16]);
             let (pending, m1) =
-                noise::initiate_preferring(&a, &b.public(), &link, cipher).expect("initiate");
+                noise::initiate_preferring(&a, &b.public(), &link, cipher, seeded(1))
+                    .expect("initiate");
             let (sb, m2) =
-                noise::respond_preferring(&b, &a.public(), &link, &m1, cipher).expect("respond");
+                noise::respond_preferring(&b, &a.public(), &link, &m1, cipher, seeded(2))
+                    .expect("respond");
             (pending.handle_response(&m2).expect("finish"), sb)
         })
     })
 }
 
 proptest! {
+    /// Any text given as an endpoint is parsed or refused with a reason,
+    /// never a panic; what parses prints back to an equal endpoint.
+    #[test]
+    fn endpoints_parse_or_are_refused_and_round_trip(s in "(tcp|unix|udp)?(://)?[\\[\\]a-z0-9.:/\\-]{0,40}") {
+        let _ = split_host_port(&s);
+        if let Ok(e) = Endpoint::parse(&s) {
+            prop_assert_eq!(Endpoint::parse(&e.to_string()), Ok(e));
+        }
+    }
+
+    /// Every loopback address and port makes a listener; it prints back.
+    #[test]
+    fn loopback_listeners_parse(port in any::<u16>(), v6 in any::<bool>()) {
+        let s = if v6 { format!("tcp://[::1]:{port}") } else { format!("tcp://127.0.0.1:{port}") };
+        let e = Endpoint::parse_listen(&s).expect("a loopback listener");
+        prop_assert_eq!(e.tcp_port(), Some(port));
+        prop_assert_eq!(e.to_string(), s);
+    }
+
     /// A record sealed in place is the record the copying sealer makes;
     /// the peer opens it in place to the same kind and payload, and any
     /// flipped bit is refused.

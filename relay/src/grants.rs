@@ -240,6 +240,21 @@ impl GrantSource for DirGrantSource {
     }
 }
 
+/// No grants of its own: those of a relay whose node's controller sync
+/// hands them over in process ([`crate::Relay::bind_fed`]).
+#[derive(Debug)]
+pub struct FedGrantSource;
+
+impl GrantSource for FedGrantSource {
+    fn poll(&mut self, _: &Metrics) -> std::io::Result<Option<Vec<(String, SignedGrant)>>> {
+        Ok(None)
+    }
+
+    fn describe(&self) -> String {
+        "grants handed over in process".into()
+    }
+}
+
 /// A fingerprint of a directory's grant files, to notice changes cheaply.
 pub type DirStamp = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
@@ -295,6 +310,7 @@ pub fn read_grant_files(stamp: &DirStamp, metrics: &Metrics) -> Vec<(String, Sig
 
 #[cfg(test)]
 mod tests {
+    use comsat_keys::{Generate, RandomId};
     use comsat_protocol::grant::{GrantSide, LinkLimits};
     use comsat_protocol::{NodeId, SigningKey};
 

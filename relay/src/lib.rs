@@ -19,7 +19,9 @@ pub mod error;
 pub mod grants;
 mod links;
 pub mod metrics;
+pub mod ops;
 pub mod server;
+mod table;
 pub mod tls;
 pub mod udp;
 mod wire;
@@ -28,7 +30,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 pub use config::RelayConfig;
 pub use error::RelayError;
-pub use server::{Relay, RelayHandle, Stop};
+pub use server::{Relay, RelayHandle, ReloadError, Stop};
 
 static BULK_NICE: AtomicI32 = AtomicI32::new(0);
 

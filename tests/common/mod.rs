@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use comsat::dev::{DevLayout, DevLink, DevOptions};
+use comsat_controller::dev::{DevLayout, DevLink, DevOptions};
 use comsat_tests::{Proc, free_udp_port};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_comsat");
 pub const START_TIMEOUT: Duration = comsat_tests::proc::START_TIMEOUT;
 /// The per-link relay buffer that `comsat dev init` grants.
-pub const BUFFER_LIMIT: u64 = comsat::dev::BUFFER_LIMIT;
+pub const BUFFER_LIMIT: u64 = comsat_controller::dev::BUFFER_LIMIT;
 
 pub struct System {
     pub dir: tempfile::TempDir,
@@ -91,7 +91,7 @@ impl System {
     ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let any: SocketAddr = "127.0.0.1:0".parse()?;
-        let layout = comsat::dev::init(
+        let layout = comsat_controller::dev::init(
             &dir.path().join("setup"),
             &DevOptions {
                 relay_listen: format!("127.0.0.1:{}", free_udp_port()?).parse()?,

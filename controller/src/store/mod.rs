@@ -64,16 +64,39 @@ use comsat_protocol::{LinkId, NodeId, NoisePublicKey, RelayId, SignPublicKey};
 #[derive(Clone, PartialEq, Eq)]
 pub struct DatabaseUrl(String);
 
+/// Longest database URL accepted.
+const MAX_DATABASE_URL_LEN: usize = 4096;
+
+/// A database URL that [`DatabaseUrl::parse`] refused. The message never
+/// repeats the URL: it may hold a password.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DatabaseUrlError {
+    /// Not a PostgreSQL URL.
+    #[error(
+        "expected postgres://USER:PASSWORD@HOST:PORT/DATABASE (SQLite needs no URL: \
+         it is the file controller.db in the data dir)"
+    )]
+    NotPostgres,
+    /// Longer than 4096 bytes.
+    #[error(
+        "the database URL is {len} bytes long; at most {MAX_DATABASE_URL_LEN} are accepted \
+         (expected postgres://USER:PASSWORD@HOST:PORT/DATABASE)"
+    )]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+}
+
 impl DatabaseUrl {
     /// Checks that `s` is a `postgres://` or `postgresql://` URL.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let ok = s.starts_with("postgres://") || s.starts_with("postgresql://");
-        if !ok || s.len() > 4096 {
-            return Err(
-                "expected postgres://USER:PASSWORD@HOST:PORT/DATABASE (SQLite needs no URL: \
-                 it is the file controller.db in the data dir)"
-                    .into(),
-            );
+    pub fn parse(s: &str) -> Result<Self, DatabaseUrlError> {
+        if !(s.starts_with("postgres://") || s.starts_with("postgresql://")) {
+            return Err(DatabaseUrlError::NotPostgres);
+        }
+        if s.len() > MAX_DATABASE_URL_LEN {
+            return Err(DatabaseUrlError::TooLong { len: s.len() });
         }
         Ok(Self(s.to_owned()))
     }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod api;
+
 use comsat_controller::store::SqlStore;
 use comsat_controller::store::testing::{fresh_database, postgres_server};
 

@@ -1,0 +1,186 @@
+//! One relay connection: connecting and authenticating (`Hello`), and
+//! reading and writing its control stream.
+
+use comsat_protocol::codec::CodecError;
+use comsat_protocol::msg::{
+    AgentToRelay, ControlMessage, FrameDecoder, FrameError, RelayToAgent, make_hello,
+};
+use comsat_protocol::{HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN};
+use tokio::sync::mpsc;
+
+use crate::defaults;
+use crate::shared::Shared;
+
+/// Connects to the relay at `addr` and authenticates (`Hello`).
+pub(crate) async fn connect(
+    shared: &Shared,
+    addr: &str,
+    server_name: &str,
+    client: &quinn::ClientConfig,
+) -> Result<
+    (
+        quinn::Endpoint,
+        quinn::Connection,
+        quinn::SendStream,
+        quinn::RecvStream,
+        FrameDecoder,
+    ),
+    ConnectError,
+> {
+    let resolved = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|source| ConnectError::Resolve {
+            addr: addr.to_owned(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| ConnectError::NoAddress {
+            addr: addr.to_owned(),
+        })?;
+    let addr = resolved;
+    let bind: std::net::SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let socket =
+        crate::udp::bind(bind).map_err(|source| ConnectError::Bind { addr: bind, source })?;
+    let runtime = quinn::default_runtime().ok_or(ConnectError::NoRuntime)?;
+    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+        .map_err(|source| ConnectError::Bind { addr: bind, source })?;
+    let (conn, send, recv, decoder) = tokio::time::timeout(
+        defaults::CONNECT_TIMEOUT,
+        establish(shared, &endpoint, client, addr, server_name),
+    )
+    .await
+    .map_err(|_| ConnectError::Timeout)??;
+    Ok((endpoint, conn, send, recv, decoder))
+}
+
+type Established = (
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+    FrameDecoder,
+);
+
+async fn establish(
+    shared: &Shared,
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+    server_name: &str,
+) -> Result<Established, ConnectError> {
+    let conn = endpoint
+        .connect_with(client.clone(), addr, server_name)?
+        .await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut exporter = [0u8; HELLO_EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, HELLO_EXPORTER_LABEL, b"")
+        .map_err(|_| ConnectError::Exporter)?;
+    let mut buf = Vec::new();
+    make_hello(shared.node_id, &shared.signing, &exporter).write_to(&mut buf)?;
+    send.write_all(&buf).await?;
+    let mut decoder = FrameDecoder::new();
+    match read_message(&mut recv, &mut decoder).await {
+        Ok(Some(RelayToAgent::Welcome)) => Ok((conn, send, recv, decoder)),
+        // A refusing relay closes the connection; the end of its control
+        // stream (dropped first) can arrive before the close does.
+        Ok(None) => Err(ConnectError::Refused(Refusal::NoWelcome)),
+        Ok(Some(_)) => Err(ConnectError::NotWelcome),
+        Err(e) => Err(ConnectError::Refused(Refusal::Control(e))),
+    }
+}
+
+/// Why a relay connection was never established.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    /// The relay closed it instead of welcoming us: it holds no grant
+    /// naming this agent (yet), is full, or refused for another reason it
+    /// does not tell.
+    #[error("relay refused the connection: {0}")]
+    Refused(Refusal),
+    #[error("resolve {addr}: {source}")]
+    Resolve {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("resolve {addr}: no address")]
+    NoAddress { addr: String },
+    #[error("bind {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("no async runtime")]
+    NoRuntime,
+    #[error("timed out connecting")]
+    Timeout,
+    #[error(transparent)]
+    Connect(#[from] quinn::ConnectError),
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("TLS exporter unavailable")]
+    Exporter,
+    #[error(transparent)]
+    Hello(#[from] CodecError),
+    #[error(transparent)]
+    Write(#[from] quinn::WriteError),
+    #[error("relay sent something other than Welcome")]
+    NotWelcome,
+}
+
+/// How a relay refused a connection.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Refusal {
+    #[error("it ended the control stream before its Welcome")]
+    NoWelcome,
+    #[error(transparent)]
+    Control(ControlError),
+}
+
+/// Why the relay's control stream could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ControlError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Read(#[from] quinn::ReadError),
+    #[error("stream ended inside a frame")]
+    Truncated,
+}
+
+/// The next message on the relay's control stream; `None` at its end.
+pub(crate) async fn read_message(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+) -> Result<Option<RelayToAgent>, ControlError> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(msg) = decoder.next_message::<RelayToAgent>()? {
+            return Ok(Some(msg));
+        }
+        match recv.read(&mut buf).await? {
+            Some(n) => decoder.extend(&buf[..n]),
+            None if decoder.has_partial() => return Err(ControlError::Truncated),
+            None => return Ok(None),
+        }
+    }
+}
+
+pub(crate) async fn write_control(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::Receiver<AgentToRelay>,
+) {
+    let mut buf = Vec::new();
+    while let Some(msg) = rx.recv().await {
+        buf.clear();
+        let _ = msg.write_to(&mut buf);
+        while let Ok(more) = rx.try_recv() {
+            let _ = more.write_to(&mut buf);
+        }
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Keeping a relay group's links on the first relay of their list that
+//! answers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use comsat_protocol::LinkId;
+use tokio::time::Instant;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::RelayEndpoint;
+use crate::core::relay::{Backoff, Outcome, RelayList};
+use crate::defaults;
+use crate::group::{Busy, Runtimes};
+use crate::link::{AckWake, LinkRt};
+use crate::shared::Shared;
+
+use super::conn::{ConnectError, connect};
+use super::control::Ended;
+use super::lane::Lane;
+
+/// Keeps `links` on the first relay of `relays` that answers, forever;
+/// `connection` names their connection in logs (`default` when none).
+/// With `lanes`, each relay connection has a lane beside it where the
+/// relay offers one ([`super::lane`]).
+pub(crate) async fn relay_loop(
+    shared: Arc<Shared>,
+    relays: Vec<RelayEndpoint>,
+    connection: Option<String>,
+    links: HashMap<LinkId, Arc<LinkRt>>,
+    ack_notify: Arc<AckWake>,
+    lanes: Option<(Runtimes, Arc<Busy>)>,
+) {
+    let candidates: Vec<(RelayEndpoint, quinn::ClientConfig)> = relays
+        .iter()
+        .filter_map(|r| match crate::tls::client_config(r) {
+            Ok(c) => Some((r.clone(), c)),
+            Err(e) => {
+                tracing::error!(relay = %r.addr, error = %e, "cannot configure TLS for relay; skipping it");
+                None
+            }
+        })
+        .collect();
+    if candidates.is_empty() {
+        tracing::error!("no usable relay for these links; they stay down");
+        return;
+    }
+    let mut backoff = Backoff::new(defaults::RECONNECT_INITIAL, defaults::RECONNECT_MAX);
+    let started = Instant::now();
+    let mut list = RelayList::new(candidates.len());
+    loop {
+        let (relay, client) = &candidates[list.current()];
+        let span = info_span!(
+            "relay",
+            addr = %relay.addr,
+            connection = %connection.as_deref().unwrap_or("default")
+        );
+        let ended = connect_and_serve(
+            &shared,
+            relay,
+            client,
+            &links,
+            &ack_notify,
+            (list.can_hop(), list.hops()),
+            lanes.as_ref(),
+        )
+        .instrument(span)
+        .await;
+        for link in links.values() {
+            link.set_ready(None, &shared.metrics);
+            *link.pending() = None;
+        }
+        let how = match &ended {
+            Ok(Ended::Closed) => Outcome::Closed,
+            Ok(Ended::Silent) => Outcome::Silent,
+            Ok(Ended::Hop) => Outcome::Hop,
+            Ok(Ended::Drained) => Outcome::Drained,
+            Err(_) => Outcome::Failed,
+        };
+        let next = list.on_ended(how);
+        let to = &candidates[next.relay].0.addr;
+        match (how, ended) {
+            (Outcome::Drained, _) => {
+                shared.metrics.relay_drains.increment(1);
+                info!(from = %relay.addr, to = %to, "relay is draining; moving to the next relay");
+            }
+            (Outcome::Hop, _) => {
+                info!(from = %relay.addr, to = %to, "peers absent here; trying the next relay");
+            }
+            (Outcome::Silent, _) if list.can_hop() => {
+                info!(from = %relay.addr, to = %to, "relay went silent; trying the next relay first");
+            }
+            (_, Err(e)) => {
+                shared.metrics.connect_failures.increment(1);
+                if matches!(e, ConnectError::Refused(_))
+                    && started.elapsed() < defaults::NEW_LINK_GRACE
+                {
+                    // A link the controller just created races its grant
+                    // to the relay; the retry finds it there.
+                    info!(relay = %relay.addr, error = %e, "relay connection refused; a new link's grant may still be on its way to the relay: retrying");
+                } else {
+                    warn!(relay = %relay.addr, error = %e, "relay connection failed");
+                }
+            }
+            _ => {}
+        }
+        if next.reset_backoff {
+            backoff.reset();
+        }
+        if next.wait {
+            tokio::time::sleep(backoff.next_delay(rand::random::<f64>())).await;
+        }
+    }
+}
+
+/// Connects, authenticates and serves until the connection ends. `Err` if
+/// it was never established.
+async fn connect_and_serve(
+    shared: &Arc<Shared>,
+    relay: &RelayEndpoint,
+    client: &quinn::ClientConfig,
+    links: &HashMap<LinkId, Arc<LinkRt>>,
+    ack_notify: &AckWake,
+    (can_hop, hops): (bool, u32),
+    lanes: Option<&(Runtimes, Arc<Busy>)>,
+) -> Result<Ended, ConnectError> {
+    let (endpoint, conn, send, recv, decoder) =
+        connect(shared, &relay.addr, &relay.server_name, client).await?;
+    shared.metrics.connects.increment(1);
+    info!("connected to relay");
+    // Ends with this connection (dropped on return).
+    let _lane = lanes.and_then(|(rt, busy)| Lane::start(shared, relay, client, links, rt, busy));
+    let mut ended = super::control::serve(
+        shared, &conn, send, recv, decoder, links, ack_notify, can_hop, hops,
+    )
+    .await;
+    if matches!(ended, Ended::Closed)
+        && matches!(conn.close_reason(), Some(quinn::ConnectionError::TimedOut))
+    {
+        ended = Ended::Silent;
+    }
+    let stats = conn.stats();
+    info!(
+        sent_packets = stats.path.sent_packets,
+        lost_packets = stats.path.lost_packets,
+        congestion_events = stats.path.congestion_events,
+        rtt_us = stats.path.rtt.as_micros() as u64,
+        "relay connection ended"
+    );
+    conn.close(0u32.into(), b"bye");
+    endpoint.close(0u32.into(), b"bye");
+    Ok(ended)
+}

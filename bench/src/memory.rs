@@ -1,0 +1,163 @@
+//! Memory: per idle link and agent connection, and the capacity held.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::measure::{fit, rss_kib};
+use crate::path::{Path, link};
+use crate::report::figure;
+use crate::setup::fleet_relay;
+use crate::{FLOOR, Run};
+
+/// The sizes held and the line fitted over them.
+struct Capacity {
+    points: Vec<(f64, f64)>,
+    failed: Option<String>,
+}
+
+impl Capacity {
+    fn report(
+        &self,
+        what: &str,
+        asked: usize,
+        floor: f64,
+        agent: Option<&[(f64, f64)]>,
+        r: &mut Run,
+    ) {
+        let (slope, r2) = fit(&self.points);
+        let held = self.points.last().map_or(0.0, |p| p.0);
+        r.figures.push(figure(
+            "memory",
+            &format!("relay RSS per idle {what} (floor: {floor} KiB)"),
+            "KiB",
+            slope,
+            FLOOR,
+            floor,
+            self.points.len(),
+        ));
+        if let Some(agent) = agent {
+            r.figures.push(figure(
+                "memory",
+                "agent RSS per idle link (side A)",
+                "KiB",
+                fit(agent).0,
+                "the relay's floor, for scale",
+                floor,
+                agent.len(),
+            ));
+        }
+        r.figures.push(figure(
+            "capacity",
+            &format!("{what}s one relay held, RSS linear in N (R² {r2:.4})"),
+            "",
+            held,
+            "asked",
+            asked as f64,
+            self.points.len(),
+        ));
+        r.notes.push(format!(
+            "memory: relay RSS (KiB) by {what}s held: {}{}",
+            self.points
+                .iter()
+                .map(|p| format!("{:.0} → {:.0}", p.0, p.1))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.failed
+                .as_ref()
+                .map(|e| format!("; the next size FAILED: {e}"))
+                .unwrap_or_default()
+        ));
+    }
+}
+
+/// What the relay counted as refused connections, by reason (why a
+/// capacity size failed, in the relay's own words).
+fn refusals(relay: &Path) -> String {
+    match relay.relay_metrics() {
+        Ok(m) => {
+            let lines: Vec<&str> = m
+                .lines()
+                .filter(|l| l.starts_with("comsat_relay_auth_failures_total{"))
+                .collect();
+            if lines.is_empty() {
+                "the relay counted no refused connection".into()
+            } else {
+                format!("the relay counted {}", lines.join(", "))
+            }
+        }
+        Err(e) => format!("the relay's /metrics: {e:#}"),
+    }
+}
+
+/// Relay and agent memory per idle paired link and per idle agent
+/// connection, a line fitted over several N; the largest N held is the
+/// capacity shown.
+pub(crate) async fn memory(r: &mut Run) -> Result<()> {
+    let (link_sizes, conn_sizes): (&[usize], &[usize]) = match (r.large, r.quick) {
+        (true, _) => (&[1_000, 5_000, 10_000], &[10_000, 25_000, 50_000]),
+        (false, true) => (&[10, 200, 400], &[100, 500, 1_000]),
+        (false, false) => (&[10, 500, 1_000], &[1_000, 3_000, 5_000]),
+    };
+    let mut links = Capacity {
+        points: Vec::new(),
+        failed: None,
+    };
+    let mut agent = Vec::new();
+    for &n in link_sizes {
+        eprintln!("memory: {n} idle paired links");
+        let held = async {
+            let l = (0..n).map(|i| link(&format!("l{i}"), r.sink)).collect();
+            let path = Path::start(&r.bin, l, &[]).await?;
+            // Let allocations settle (handshakes done, buffers returned).
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let pids = path.pids();
+            anyhow::Ok((rss_kib(pids[0])?, rss_kib(pids[1])?))
+        };
+        match held.await {
+            Ok((relay, a)) => {
+                links.points.push((n as f64, relay));
+                agent.push((n as f64, a));
+            }
+            Err(e) => {
+                links.failed = Some(format!("{n}: {e:#}"));
+                break;
+            }
+        }
+    }
+    let max_links = *link_sizes.last().unwrap_or(&0);
+    links.report("paired link", max_links, 16.0, Some(&agent), r);
+
+    let max = *conn_sizes.last().unwrap_or(&0);
+    eprintln!("memory: up to {max} idle agent connections");
+    let (relay, fleet) = fleet_relay(&r.bin, max)?;
+    let mut conns = Capacity {
+        points: Vec::new(),
+        failed: None,
+    };
+    let mut held = Vec::new();
+    for &n in conn_sizes {
+        match fleet.connect_many(held.len()..n, 64).await {
+            Ok((more, _)) => held.extend(more),
+            Err(e) => {
+                conns.failed = Some(format!("{n}: {e:#}; {}", refusals(&relay)));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let alive = held
+            .iter()
+            .filter(|c| c.conn.close_reason().is_none())
+            .count();
+        if alive < n {
+            conns.failed = Some(format!(
+                "{n}: only {alive} connections stayed open; {}",
+                refusals(&relay)
+            ));
+            break;
+        }
+        conns.points.push((n as f64, rss_kib(relay.relay_pid()?)?));
+    }
+    conns.report("agent connection", max, 64.0, None, r);
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! Who is calling: API tokens of users and service accounts, with the
+//! role check of each admin call, and node JWTs. Every refusal is audited
+//! with its real reason; the caller only hears "unauthorized".
+
+use crate::unix_now;
+use axum::http::{HeaderMap, StatusCode, header};
+use comsat_protocol::NodeId;
+use comsat_protocol::api::{NodeKind, PrincipalKind, Rule};
+use comsat_protocol::jwt;
+
+use crate::audit::{Caller, Outcome, Verdict};
+use crate::init::token_hash;
+use crate::rbac;
+use crate::state::{ApiError, Shared};
+use crate::store::NodeRecord;
+
+fn bearer(headers: &HeaderMap) -> Result<&str, &'static str> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or("no `Authorization: Bearer …` header")?;
+    let value = value
+        .to_str()
+        .map_err(|_| "Authorization header is not ASCII")?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(token.trim()),
+        _ => Err("Authorization header is not `Bearer <token>`"),
+    }
+}
+
+/// What every refused authentication answers: the real reason goes to the
+/// audit log only.
+const UNAUTHORIZED: &str = "unauthorized (the controller's audit log has the reason)";
+
+/// Refuses a caller whose source has failed too often, before looking at
+/// its credentials.
+fn check_not_limited(state: &Shared, caller: &Caller) -> Result<(), ApiError> {
+    if state.auth_limit.exhausted(caller.ip()) {
+        return Err(ApiError::too_many());
+    }
+    Ok(())
+}
+
+/// Records a refused authentication (and the source running out of
+/// attempts, once) and answers the uniform 401.
+async fn refuse_auth(state: &Shared, caller: &Caller, subject: &str, reason: &str) -> ApiError {
+    tracing::warn!(source = ?caller.source(), subject, reason, path = %caller.path, "refused an authentication");
+    state
+        .audit(
+            caller,
+            subject,
+            "authenticate",
+            &caller.path,
+            Outcome::Denied,
+            Some(reason),
+        )
+        .await;
+    if state.auth_limit.take(caller.ip()) == (Verdict::Limited { first: true }) {
+        state
+            .audit(
+                caller,
+                subject,
+                "authenticate",
+                &caller.path,
+                Outcome::Denied,
+                Some("rate limited: too many failed authentications from this address"),
+            )
+            .await;
+    }
+    ApiError::unauthorized(UNAUTHORIZED)
+}
+
+/// The user or service account an API token stands for.
+pub(super) struct Principal {
+    kind: PrincipalKind,
+    name: String,
+}
+
+impl Principal {
+    fn subject(&self) -> String {
+        format!("{}:{}", self.kind, self.name)
+    }
+}
+
+/// Authenticates an API token: known, not revoked, not expired.
+pub(super) async fn authenticate_api(
+    state: &Shared,
+    caller: &Caller,
+) -> Result<Principal, ApiError> {
+    check_not_limited(state, caller)?;
+    let token = match bearer(&caller.headers) {
+        Ok(t) => t,
+        Err(reason) => return Err(refuse_auth(state, caller, "anonymous", reason).await),
+    };
+    let Some(rec) = state.store.api_token(&token_hash(token)).await? else {
+        return Err(refuse_auth(state, caller, "anonymous", "unknown API token").await);
+    };
+    let subject = format!("{}:{}", rec.kind, rec.name);
+    if rec.revoked_at.is_some() {
+        let reason = format!("API token {} was revoked", rec.id);
+        return Err(refuse_auth(state, caller, &subject, &reason).await);
+    }
+    if rec.expires_at.is_some_and(|t| t <= unix_now()) {
+        let reason = format!("API token {} expired", rec.id);
+        return Err(refuse_auth(state, caller, &subject, &reason).await);
+    }
+    Ok(Principal {
+        kind: rec.kind,
+        name: rec.name,
+    })
+}
+
+/// The rules of every role bound to `p` (a binding to a role that does not
+/// exist gives nothing).
+async fn rules_of(state: &Shared, p: &Principal) -> Result<Vec<Rule>, ApiError> {
+    let mut rules = Vec::new();
+    for role in state.store.roles_of(p.kind, &p.name).await? {
+        if let Some(r) = rbac::builtin(&role) {
+            rules.extend(r);
+        } else if let Some(json) = state.store.role(&role).await? {
+            match serde_json::from_str::<Vec<Rule>>(&json) {
+                Ok(r) => rules.extend(r),
+                Err(e) => {
+                    tracing::error!(role, error = %e, "a stored role does not parse; it grants nothing")
+                }
+            }
+        }
+    }
+    Ok(rules)
+}
+
+/// Checks that `p` may `verb` on `resource`; a refusal is audited and
+/// names the missing permission. Returns the subject.
+pub(super) async fn check_permission(
+    state: &Shared,
+    caller: &Caller,
+    p: &Principal,
+    resource: &str,
+    verb: &str,
+) -> Result<String, ApiError> {
+    let subject = p.subject();
+    if rbac::allows(&rules_of(state, p).await?, resource, verb) {
+        return Ok(subject);
+    }
+    let missing = format!("`{verb}` on `{resource}`");
+    state
+        .audit(
+            caller,
+            &subject,
+            &format!("{resource}.{verb}"),
+            &caller.path,
+            Outcome::Denied,
+            Some(&format!("no role bound to {subject} allows {missing}")),
+        )
+        .await;
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!("forbidden: {subject} lacks the permission {missing}; bind it a role that has it"),
+    ))
+}
+
+/// Checks a node JWT: its node exists and is of `kind`, the signature and
+/// claims verify, and its `jti` was never seen (recorded in the database,
+/// so this holds across restarts).
+pub(super) async fn auth_node(
+    state: &Shared,
+    caller: &Caller,
+    kind: NodeKind,
+) -> Result<NodeRecord, ApiError> {
+    check_not_limited(state, caller)?;
+    let refuse = async |node: Option<&NodeId>, reason: String| {
+        let subject = node.map_or_else(|| "anonymous".to_owned(), |n| format!("node:{n}"));
+        refuse_auth(state, caller, &subject, &reason).await
+    };
+    let token = match bearer(&caller.headers) {
+        Ok(t) => t,
+        Err(reason) => return Err(refuse(None, reason.to_owned()).await),
+    };
+    let claimed = match jwt::claimed_node(token) {
+        Ok(c) => c,
+        Err(e) => return Err(refuse(None, e.to_string()).await),
+    };
+    let node = match state.store.node(&claimed).await? {
+        Some(n) if n.kind == kind => n,
+        Some(n) => {
+            return Err(refuse(
+                Some(&claimed),
+                format!(
+                    "node {claimed} is a {}; this endpoint is for {kind}s",
+                    n.kind
+                ),
+            )
+            .await);
+        }
+        None => {
+            return Err(refuse(
+                Some(&claimed),
+                format!("JWT names node {claimed}, which is not enrolled here"),
+            )
+            .await);
+        }
+    };
+    let now = unix_now();
+    let leeway = state.config.jwt_leeway_secs;
+    let claims = match jwt::verify(
+        token,
+        &node.node_id,
+        &node.sign_pub,
+        &state.audience,
+        now,
+        leeway,
+    ) {
+        Ok(c) => c,
+        Err(e) => return Err(refuse(Some(&claimed), e.to_string()).await),
+    };
+    let fresh = state
+        .store
+        .record_jti(
+            &claims.jti,
+            &node.node_id,
+            claims.exp.saturating_add(leeway),
+        )
+        .await?;
+    if !fresh {
+        return Err(refuse(
+            Some(&claimed),
+            "JWT replayed: its jti was already used".into(),
+        )
+        .await);
+    }
+    state.store.touch_node(&node.node_id, now).await?;
+    Ok(node)
+}

@@ -1,0 +1,298 @@
+//! The CA, join tokens and enrolment: how nodes join.
+
+use std::time::Duration;
+
+use crate::unix_now;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use comsat_keys::RandomId;
+use comsat_protocol::api::{
+    self, EnrolRequest, EnrolResponse, JoinToken, NodeKind, TokenCreate, TokenCreated,
+};
+use comsat_protocol::{NodeId, RelayId};
+use sha2::{Digest, Sha256};
+
+use super::access::{Audited, Policy, Routes};
+use super::{AppState, parse_json};
+use crate::audit::{Caller, Outcome, Verdict};
+use crate::pki;
+use crate::state::{ApiError, Shared};
+use crate::store::{NewJoinToken, NewNode, Redemption, StoreError};
+
+/// Default join token lifetime.
+const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
+
+/// Longest join token lifetime.
+const MAX_TOKEN_TTL_SECS: u64 = 30 * 86_400;
+
+/// The CA, join token and enrolment routes.
+pub(super) fn routes(r: Routes) -> Routes {
+    r.add(api::PATH_CA, Policy::public(), get(get_ca))
+        .add(
+            api::PATH_TOKENS,
+            Policy::api_on_body(token_resource, "create").audited("token.create"),
+            post(create_token),
+        )
+        .add(
+            api::PATH_OPEN_TOKENS,
+            Policy::api("tokens", "list"),
+            get(list_open_tokens),
+        )
+        .add(
+            api::PATH_ENROL,
+            Policy::public().audited("enrol"),
+            post(enrol),
+        )
+}
+
+async fn get_ca(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        state.ca_pem.clone(),
+    )
+        .into_response()
+}
+
+fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// What creating a join token needs a permission on: `tokens/agent` or
+/// `tokens/relay`, after the kind of node it enrols.
+fn token_resource(body: &[u8]) -> Result<String, ApiError> {
+    let req: TokenCreate = parse_json(body)?;
+    Ok(format!("tokens/{}", req.kind))
+}
+
+async fn create_token(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<(Audited, Json<TokenCreated>), ApiError> {
+    let req: TokenCreate = parse_json(&body)?;
+    let ttl = req.ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
+    if ttl == 0 || ttl > MAX_TOKEN_TTL_SECS {
+        return Err(ApiError::bad_request(format!(
+            "ttl_secs must be 1 to {MAX_TOKEN_TTL_SECS} (30 days)"
+        )));
+    }
+    if let Some(name) = &req.name {
+        if !api::valid_name(name) {
+            return Err(ApiError::bad_request(format!(
+                "name `{name}` is not valid: 1 to {} characters of a-z, 0-9 and -, \
+                 not starting or ending with -",
+                api::MAX_NAME_LEN
+            )));
+        }
+        if state.store.node_by_name(req.kind, name).await?.is_some() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("a {} named `{name}` is already enrolled", req.kind),
+            ));
+        }
+    }
+    let now = unix_now();
+    let token = JoinToken {
+        id: hex::encode(rand::random::<[u8; 8]>()),
+        secret: hex::encode(rand::random::<[u8; 32]>()),
+        ca_sha256: state.ca_sha256,
+        url: state.config.public_url.clone(),
+    };
+    let expires_at = now.saturating_add(ttl);
+    state
+        .store
+        .create_join_token(&NewJoinToken {
+            id: token.id.clone(),
+            secret_hash: hex::encode(Sha256::digest(token.secret.as_bytes())),
+            kind: req.kind,
+            name: req.name.clone(),
+            expires_at,
+            created_at: now,
+        })
+        .await?;
+    tracing::info!(token_id = %token.id, kind = %req.kind, name = ?req.name, expires_at, "join token created");
+    Ok((
+        Audited::on(format!("token/{}", token.id)),
+        Json(TokenCreated {
+            token: token.encode(),
+            expires_at,
+        }),
+    ))
+}
+
+/// Join tokens neither used nor expired (never their secrets).
+async fn list_open_tokens(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<api::JoinTokenInfo>>, ApiError> {
+    Ok(Json(state.store.open_join_tokens(unix_now()).await?))
+}
+
+/// The host of a relay's `public_addr`, checked.
+pub(super) fn relay_host(public_addr: &str) -> Result<&str, ApiError> {
+    pki::host_of(public_addr)
+        .filter(|h| pki::valid_host(h))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "public_addr `{public_addr}` must be HOST:PORT (a DNS name or IP; IPv6 in [])"
+            ))
+        })
+}
+
+/// A relay's `interactive_addr`: `HOST:PORT` on the host of its
+/// `public_addr` (its certificate names that host) and another port.
+fn check_interactive_addr(public_addr: &str, host: &str, lane: &str) -> Result<(), ApiError> {
+    let port = |a: &str| a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+    if pki::host_of(lane) != Some(host) || port(lane).is_none() {
+        return Err(ApiError::bad_request(format!(
+            "interactive_addr `{lane}` must be HOST:PORT with the host of public_addr `{public_addr}` \
+             (the relay's certificate names that host)"
+        )));
+    }
+    if port(lane) == port(public_addr) {
+        return Err(ApiError::bad_request(format!(
+            "interactive_addr `{lane}` is public_addr: the interactive listener needs a port of its own"
+        )));
+    }
+    Ok(())
+}
+
+/// What a refused enrolment answers, whatever the reason (the audit log
+/// has it).
+const ENROL_REFUSED: &str = "join token refused (unknown, used, expired or for another kind of node: \
+     the controller's audit log says which)";
+
+/// Records a refused enrolment (the caller only hears [`ENROL_REFUSED`]
+/// or 429).
+async fn deny_enrolment(state: &Shared, caller: &Caller, resource: &str, reason: &str) {
+    state
+        .audit(
+            caller,
+            "anonymous",
+            "enrol",
+            resource,
+            Outcome::Denied,
+            Some(reason),
+        )
+        .await;
+}
+
+/// Checks what a node of the kind it enrols as must send; a relay's
+/// certificate is issued here, to be handed out only if the token redeems.
+fn check_enrolling(
+    state: &Shared,
+    req: &EnrolRequest,
+    node_id: &NodeId,
+    now: u64,
+) -> Result<Option<String>, ApiError> {
+    match req.kind {
+        NodeKind::Agent => {
+            if req.noise_public_key.is_none() {
+                return Err(ApiError::bad_request("an agent must send noise_public_key"));
+            }
+            Ok(None)
+        }
+        NodeKind::Relay => {
+            let (Some(addr), Some(csr)) = (&req.public_addr, &req.csr_pem) else {
+                return Err(ApiError::bad_request(
+                    "a relay must send public_addr (HOST:PORT agents dial) and csr_pem",
+                ));
+            };
+            let host = relay_host(addr)?;
+            if let Some(lane) = &req.interactive_addr {
+                check_interactive_addr(addr, host, lane)?;
+            }
+            let cert = state
+                .relay_ca
+                .issue_for_csr(
+                    csr,
+                    host,
+                    &RelayId(node_id.0),
+                    now,
+                    Duration::from_secs(state.config.relay_cert_ttl_secs),
+                )
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Ok(Some(cert))
+        }
+    }
+}
+
+/// The node an enrolment registers: an agent with its Noise key, a relay
+/// with its addresses.
+fn new_node(req: &EnrolRequest, node_id: NodeId) -> NewNode {
+    let relay = req.kind == NodeKind::Relay;
+    NewNode {
+        node_id,
+        sign_pub: req.sign_public_key,
+        noise_pub: if relay { None } else { req.noise_public_key },
+        public_addr: if relay { req.public_addr.clone() } else { None },
+        interactive_addr: if relay {
+            req.interactive_addr.clone()
+        } else {
+            None
+        },
+    }
+}
+
+async fn enrol(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(Audited, Json<EnrolResponse>), ApiError> {
+    if let Verdict::Limited { first } = state.enrol_limit.take(caller.ip()) {
+        if first {
+            let reason = "rate limited: too many enrolment attempts from this address";
+            deny_enrolment(&state, &caller, &caller.path, reason).await;
+        }
+        return Err(ApiError::too_many());
+    }
+    let req: EnrolRequest = parse_json(&body)?;
+    let now = unix_now();
+    let node_id = NodeId::random();
+    let cert_pem = check_enrolling(&state, &req, &node_id, now)?;
+    if !is_lower_hex(&req.token_id, 16) || !is_lower_hex(&req.secret, 64) {
+        deny_enrolment(&state, &caller, "token/?", "malformed join token").await;
+        return Err(ApiError::unauthorized(ENROL_REFUSED));
+    }
+    let resource = format!("token/{}", req.token_id);
+    let redemption = Redemption {
+        token_id: req.token_id.clone(),
+        secret_hash: hex::encode(Sha256::digest(req.secret.as_bytes())),
+        kind: req.kind,
+        now,
+    };
+    let node = new_node(&req, node_id);
+    let record = match state.store.redeem_join_token(&redemption, &node).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(token_id = %req.token_id, kind = %req.kind, reason = %e, "enrolment refused");
+            let refused = matches!(
+                e,
+                StoreError::UnknownToken
+                    | StoreError::TokenUsed
+                    | StoreError::TokenExpired
+                    | StoreError::WrongKind { .. }
+            );
+            if !refused {
+                return Err(e.into());
+            }
+            let reason = format!("{e} (a {} tried it)", req.kind);
+            deny_enrolment(&state, &caller, &resource, &reason).await;
+            return Err(ApiError::unauthorized(ENROL_REFUSED));
+        }
+    };
+    tracing::info!(kind = %record.kind, name = %record.name, node_id = %record.node_id, "node enrolled");
+    Ok((
+        Audited::on(resource).by(format!("{}:{}", record.kind, record.name)),
+        Json(EnrolResponse {
+            node_id: record.node_id,
+            name: record.name,
+            authority_public_key: state.authority.public(),
+            audience: state.audience.clone(),
+            relay_ca_pem: state.relay_ca.cert_pem().to_owned(),
+            cert_pem,
+        }),
+    ))
+}

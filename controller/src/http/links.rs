@@ -1,0 +1,299 @@
+//! Links: their checks, creation, changes and deletion.
+
+use crate::unix_now;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get, patch, post};
+use comsat_keys::RandomId;
+use comsat_protocol::LinkId;
+use comsat_protocol::api::{self, Empty, LinkCreate, LinkInfo, LinkUpdate, NodeKind};
+use comsat_protocol::endpoint::{Endpoint, EndpointError};
+
+use super::access::{Audited, Policy, Routes};
+use super::{AppState, parse_json};
+use crate::state::{ApiError, Shared};
+use crate::store::LinkRecord;
+
+/// Most uids or gids on one link.
+const MAX_SELECTORS: usize = 64;
+
+/// The link routes: path, who may call it, what its success records, and
+/// the handler (a table: one route a line).
+#[rustfmt::skip]
+pub(super) fn routes(r: Routes) -> Routes {
+    let (all, one) = (api::PATH_LINKS, &format!("{}/{{name}}", api::PATH_LINKS));
+    r.add(all, Policy::api("links", "list"), get(list_links))
+        .add(all, Policy::api("links", "create").audited("link.create"), post(create_link))
+        .add(one, Policy::api("links", "get"), get(get_link))
+        .add(one, Policy::api("links", "update").audited("link.update"), patch(update_link))
+        .add(one, Policy::api("links", "delete").audited("link.delete"), delete(delete_link))
+}
+
+fn check_link_name(name: &str) -> Result<(), ApiError> {
+    if api::valid_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "link name `{name}` is not valid: 1 to {} characters of a-z, 0-9 and -, \
+             not starting or ending with -",
+            api::MAX_NAME_LEN
+        )))
+    }
+}
+
+/// A link's ends, in the one grammar of [`Endpoint`]: the listener on
+/// loopback or a Unix socket, and neither on port 0 (a link's ends are
+/// fixed; an agent's own configuration may ask for any free port).
+fn check_ends(listen: &str, target: &str) -> Result<(Endpoint, Endpoint), ApiError> {
+    let fixed = |field: &str, e: Endpoint| match e.tcp_port() {
+        Some(0) => Err(ApiError::bad_request(format!(
+            "{field} `{e}`: port 0 is not a fixed port"
+        ))),
+        _ => Ok(e),
+    };
+    let bad =
+        |field: &'static str| move |e: EndpointError| ApiError::bad_request(format!("{field} {e}"));
+    let listen = fixed(
+        "listen",
+        Endpoint::parse_listen(listen).map_err(bad("listen"))?,
+    )?;
+    let target = fixed("target", Endpoint::parse(target).map_err(bad("target"))?)?;
+    Ok((listen, target))
+}
+
+/// The answer about a link just changed: audited even if reading the
+/// node names for it fails, since the change is made.
+type Changed<T> = Result<(Audited, Result<T, ApiError>), ApiError>;
+
+async fn create_link(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Changed<(StatusCode, Json<LinkInfo>)> {
+    let req: LinkCreate = parse_json(&body)?;
+    check_link_name(&req.name)?;
+    let (listen, _) = check_ends(&req.listen, &req.target)?;
+    let max_flows = check_max_flows(req.max_flows)?;
+    let rate_limit = check_rate_limit(req.rate_limit_bytes_per_sec)?;
+    check_connection(req.connection.as_deref())?;
+    if req.allowed_uids.len() > MAX_SELECTORS || req.allowed_gids.len() > MAX_SELECTORS {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_SELECTORS} allowed_uids and {MAX_SELECTORS} allowed_gids"
+        )));
+    }
+    if (!req.allowed_uids.is_empty() || !req.allowed_gids.is_empty())
+        && listen.unix_path().is_none()
+    {
+        return Err(ApiError::bad_request(
+            "allowed_uids and allowed_gids apply only to unix:// listeners",
+        ));
+    }
+    if req.from == req.to {
+        return Err(ApiError::bad_request(format!(
+            "from and to are both `{}`: a link joins two different agents",
+            req.from
+        )));
+    }
+    let mut agents = Vec::new();
+    for name in [&req.from, &req.to] {
+        match state.store.node_by_name(NodeKind::Agent, name).await? {
+            Some(a) => agents.push(a),
+            None => {
+                return Err(ApiError::not_found(format!(
+                    "no agent named `{name}` is enrolled (see `comsat ctl agents`)"
+                )));
+            }
+        }
+    }
+    let (a, b) = (&agents[0], &agents[1]);
+    let now = unix_now();
+    let link = LinkRecord {
+        link_id: LinkId::random(),
+        name: req.name.clone(),
+        generation: 1,
+        from_node: a.node_id,
+        listen: req.listen.clone(),
+        to_node: b.node_id,
+        target: req.target.clone(),
+        allowed_uids: req.allowed_uids.clone(),
+        allowed_gids: req.allowed_gids.clone(),
+        relays: Vec::new(),
+        created_at: now,
+        grant_not_after: 0,
+        max_flows,
+        rate_limit,
+        connection: req.connection.clone(),
+    };
+    let link = state.create_link(link, now).await?;
+    let answer = state
+        .node_names()
+        .await
+        .map(|names| (StatusCode::CREATED, Json(Shared::link_info(&link, &names))));
+    Ok((
+        Audited::on(format!("link/{}", link.name)),
+        answer.map_err(Into::into),
+    ))
+}
+
+/// A link's `connection` name, if given.
+fn check_connection(c: Option<&str>) -> Result<(), ApiError> {
+    match c {
+        Some(c) if !api::valid_connection_name(c) => Err(ApiError::bad_request(format!(
+            "connection `{}`: use 1 to {} letters, digits, `-`, `_` or `.` (or none to share the agents' connection)",
+            c.escape_debug(),
+            api::MAX_CONNECTION_NAME_LEN
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Most concurrent flows a link may be given.
+const MAX_FLOWS_LIMIT: u32 = 1_000_000;
+
+/// Lowest rate limit, bytes per second: below it a link could not even
+/// carry its own handshakes and acknowledgements in good time.
+const MIN_RATE_LIMIT: u64 = 1024;
+
+fn check_rate_limit(r: Option<u64>) -> Result<Option<u64>, ApiError> {
+    match r {
+        Some(r) if r < MIN_RATE_LIMIT || r > i64::MAX as u64 => {
+            Err(ApiError::bad_request(format!(
+                "rate_limit_bytes_per_sec {r}: use at least {MIN_RATE_LIMIT}, or leave it out for no limit"
+            )))
+        }
+        r => Ok(r),
+    }
+}
+
+fn check_max_flows(n: Option<u32>) -> Result<Option<u32>, ApiError> {
+    match n {
+        Some(n) if n == 0 || n > MAX_FLOWS_LIMIT => Err(ApiError::bad_request(format!(
+            "max_flows {n}: use 1 to {MAX_FLOWS_LIMIT}, or leave it out for no limit"
+        ))),
+        n => Ok(n),
+    }
+}
+
+async fn update_link(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Changed<Json<LinkInfo>> {
+    let req: LinkUpdate = parse_json(&body)?;
+    if req.max_flows.is_none() && req.rate_limit_bytes_per_sec.is_none() && req.connection.is_none()
+    {
+        return Err(ApiError::bad_request(
+            "nothing to change: give max_flows, rate_limit_bytes_per_sec (0 removes a limit) \
+             and/or connection (\"\" for the shared one)",
+        ));
+    }
+    check_max_flows(req.max_flows.filter(|n| *n > 0))?;
+    check_rate_limit(req.rate_limit_bytes_per_sec.filter(|r| *r > 0))?;
+    check_connection(req.connection.as_deref().filter(|c| !c.is_empty()))?;
+    let missing = || ApiError::not_found(format!("no link named `{name}`"));
+    let mut link = None;
+    if req.max_flows.is_some() || req.rate_limit_bytes_per_sec.is_some() {
+        link = Some(
+            state
+                .update_link_limits(&name, &req, unix_now())
+                .await?
+                .ok_or_else(missing)?,
+        );
+    }
+    if let Some(c) = &req.connection {
+        let connection = (!c.is_empty()).then(|| c.clone());
+        link = Some(
+            state
+                .set_link_connection(&name, connection)
+                .await?
+                .ok_or_else(missing)?,
+        );
+    }
+    let link = link.ok_or_else(missing)?;
+    let answer = state
+        .node_names()
+        .await
+        .map(|names| Json(Shared::link_info(&link, &names)));
+    Ok((
+        Audited::on(format!("link/{}", link.name)),
+        answer.map_err(Into::into),
+    ))
+}
+
+async fn list_links(State(state): State<AppState>) -> Result<Json<Vec<LinkInfo>>, ApiError> {
+    let names = state.node_names().await?;
+    let links = state.store.links().await?;
+    Ok(Json(
+        links.iter().map(|l| Shared::link_info(l, &names)).collect(),
+    ))
+}
+
+async fn get_link(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<LinkInfo>, ApiError> {
+    let link = state
+        .store
+        .link_by_name(&name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no link named `{name}`")))?;
+    let names = state.node_names().await?;
+    Ok(Json(Shared::link_info(&link, &names)))
+}
+
+async fn delete_link(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<(Audited, Json<Empty>), ApiError> {
+    match state.delete_link(&name, unix_now()).await? {
+        Some(link) => Ok((Audited::on(format!("link/{}", link.name)), Json(Empty {}))),
+        None => Err(ApiError::not_found(format!("no link named `{name}`"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_and_target_specs() {
+        for ok in [
+            "tcp://127.0.0.1:7000",
+            "tcp://[::1]:7000",
+            "unix:///run/x.sock",
+        ] {
+            assert!(check_ends(ok, "tcp://db:1").is_ok(), "{ok}");
+        }
+        for bad in [
+            "tcp://0.0.0.0:7000",
+            "tcp://10.0.0.1:7000",
+            "tcp://127.0.0.1:0",
+            "tcp://localhost:7000",
+            "unix://relative",
+            "unix:///",
+            "udp://127.0.0.1:1",
+            "",
+        ] {
+            assert!(check_ends(bad, "tcp://db:1").is_err(), "{bad}");
+        }
+        for ok in [
+            "tcp://db.internal:5432",
+            "tcp://10.0.0.1:80",
+            "tcp://[fe80::1]:80",
+            "unix:///s",
+        ] {
+            assert!(check_ends("tcp://127.0.0.1:1", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "tcp://db",
+            "tcp://:80",
+            "tcp://db:0",
+            "tcp://a b:1",
+            "unix://x",
+            "http://x:1",
+        ] {
+            assert!(check_ends("tcp://127.0.0.1:1", bad).is_err(), "{bad}");
+        }
+    }
+}

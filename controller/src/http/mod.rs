@@ -1,0 +1,62 @@
+//! The HTTPS API ([`comsat_protocol::api`]): the router and what every
+//! handler shares. Handlers live by resource:
+//!
+//! - [`access`] declares who may call each route and what it records,
+//!   and applies it;
+//! - [`auth`] knows who calls: API tokens and their role checks, node
+//!   JWTs, refused authentications;
+//! - [`enrol`] serves the CA, join tokens and enrolment;
+//! - [`nodes`] answers relays and agents, and shows enrolled nodes to
+//!   operators;
+//! - [`links`] creates, changes and deletes links;
+//! - [`rbac`] keeps users, service accounts, their tokens, roles and
+//!   bindings;
+//! - [`audit`] reads the audit log.
+
+mod access;
+mod audit;
+mod auth;
+mod enrol;
+mod links;
+mod nodes;
+mod rbac;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Query};
+use comsat_protocol::api;
+use serde::de::DeserializeOwned;
+
+use crate::state::{ApiError, Shared};
+
+pub(super) type AppState = Arc<Shared>;
+
+/// The API's routes. Each module lists its own, each route with its
+/// [`access::Policy`]: who may call it and what its success records.
+pub(crate) fn router(state: AppState) -> Router {
+    let routes = access::Routes::new(&state);
+    let routes = enrol::routes(routes);
+    let routes = nodes::routes(routes);
+    let routes = links::routes(routes);
+    let routes = rbac::routes(routes);
+    let routes = audit::routes(routes);
+    routes
+        .into_router()
+        .fallback(|| async { ApiError::not_found("no such API path") })
+        .layer(DefaultBodyLimit::max(api::MAX_BODY_LEN))
+        .with_state(state)
+}
+
+/// Parses a JSON body read as bytes (after the caller was authenticated:
+/// a stranger learns nothing from the parser's messages).
+pub(super) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+pub(super) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))
+}

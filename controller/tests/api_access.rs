@@ -1,0 +1,538 @@
+//! The HTTPS API in process: built-in roles, service account tokens, and
+//! the audit log.
+
+mod common;
+
+use std::time::Duration;
+
+use common::api::*;
+use comsat_protocol::api::{self, AuditRecord, LinkInfo};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_builtin_role_is_allowed_exactly_what_it_says() {
+    use comsat_controller::rbac;
+    let api = start("").await;
+    let mut n = 0u32;
+    let mut refused = 0usize;
+    for (role, rules) in rbac::builtin_roles() {
+        // A service account bound to the role.
+        let token = bind_a_service_account(&api, role).await;
+
+        // Every (resource, verb) the API has, with a call that shows it.
+        let mut cases = agent_relay_and_link_calls();
+        cases.extend(token_role_and_binding_calls(&mut n));
+        cases.extend(account_user_audit_and_status_calls(&mut n));
+        for (resource, verb, method, path, body) in cases {
+            let (status, text) = call(&api, &token, method.clone(), &path, body).await;
+            let want = rbac::allows(&rules, resource, verb);
+            assert_ne!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{role} {method} {path}: {text}"
+            );
+            assert_eq!(
+                status != StatusCode::FORBIDDEN,
+                want,
+                "role {role}, {verb} on {resource} ({method} {path}): {status} {text}"
+            );
+            if !want {
+                refused += 1;
+                assert!(
+                    text.contains(&format!("`{verb}` on `{resource}`")),
+                    "the refusal names the missing permission: {text}"
+                );
+            }
+        }
+    }
+    // Every refusal is in the audit log with its subject and reason.
+    let audit: Vec<AuditRecord> = api.admin_get(api::PATH_AUDIT).await;
+    let denied = audit
+        .iter()
+        .filter(|r| {
+            r.result == "denied"
+                && r.subject.starts_with("serviceaccount:sa-")
+                && r.reason.as_deref().is_some_and(|x| x.contains("allows `"))
+        })
+        .count();
+    assert!(refused > 20, "the matrix refused only {refused} calls");
+    assert_eq!(denied, refused, "one audit record per refused call");
+    assert!(audit.iter().any(|r| {
+        r.subject == "serviceaccount:sa-viewer"
+            && r.result == "denied"
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.contains("`create` on `links`"))
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_account_tokens_expire_and_are_revocable() {
+    let api = start("").await;
+    let (status, text) = call(
+        &api,
+        &api.admin,
+        Method::POST,
+        api::PATH_SERVICE_ACCOUNTS,
+        Some(json!({ "name": "ci" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let first: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let token = first["token"].as_str().expect("token").to_owned();
+    // No role yet: authenticated, and denied.
+    let (status, _) = call(&api, &token, Method::GET, api::PATH_LINKS, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, text) = call(
+        &api,
+        &api.admin,
+        Method::POST,
+        api::PATH_ROLE_BINDINGS,
+        Some(json!({ "name": "ci-view", "role": "viewer", "subject_kind": "serviceaccount", "subject_name": "ci" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let (status, _) = call(&api, &token, Method::GET, api::PATH_LINKS, None).await;
+    assert_eq!(status, StatusCode::OK);
+    // A second token, 1 s of life.
+    let (status, text) = call(
+        &api,
+        &api.admin,
+        Method::POST,
+        &format!("{}/ci/tokens", api::PATH_SERVICE_ACCOUNTS),
+        Some(json!({ "ttl_secs": 1 })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let short: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let short_token = short["token"].as_str().expect("token").to_owned();
+    let (status, _) = call(&api, &short_token, Method::GET, api::PATH_LINKS, None).await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, _) = call(&api, &short_token, Method::GET, api::PATH_LINKS, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "expired");
+    // Revoking the first.
+    let id = first["token_id"].as_str().expect("id");
+    let (status, text) = call(
+        &api,
+        &api.admin,
+        Method::DELETE,
+        &format!("{}/ci/tokens/{id}", api::PATH_SERVICE_ACCOUNTS),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let (status, _) = call(&api, &token, Method::GET, api::PATH_LINKS, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "revoked");
+    let audit: Vec<AuditRecord> = api.admin_get(api::PATH_AUDIT).await;
+    for reason in ["expired", "was revoked"] {
+        assert!(
+            audit.iter().any(|r| r.subject == "serviceaccount:ci"
+                && r.reason.as_deref().is_some_and(|x| x.contains(reason))),
+            "{reason}: {audit:#?}"
+        );
+    }
+    let listed: Vec<api::PrincipalInfo> = api.admin_get(api::PATH_SERVICE_ACCOUNTS).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].tokens.len(), 2);
+    let text = serde_json::to_string(&listed).expect("json");
+    assert!(!text.contains(&token) && !text.contains(&short_token));
+}
+
+/// Makes one change of each kind the API audits, and a few reads and node
+/// calls that change nothing; returns the id of the API token it added
+/// (and revoked).
+async fn change_everything_once(api: &Api) -> String {
+    let a1 = api.enrol_agent("a1").await;
+    api.enrol_agent("a2").await;
+    let r1 = api.enrol_relay("r1", "10.0.0.1:4433").await;
+    let resp = api
+        .client
+        .post(api.url(api::PATH_RELAY_CERT))
+        .bearer_auth(r1.jwt())
+        .json(&json!({ "csr_pem": csr() }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        api.create_link(&link("l1", "a1", "a2")).await.status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.patch_link("l1", &json!({ "max_flows": 5 }))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    let sa = api::PATH_SERVICE_ACCOUNTS;
+    let calls = [
+        (
+            Method::POST,
+            api::PATH_ROLES.to_owned(),
+            Some(json!({ "name": "r1", "rules": [{ "resources": ["links"], "verbs": ["get"] }] })),
+        ),
+        (Method::POST, sa.to_owned(), Some(json!({ "name": "sa1" }))),
+        (
+            Method::POST,
+            api::PATH_USERS.to_owned(),
+            Some(json!({ "name": "u1" })),
+        ),
+        (
+            Method::POST,
+            api::PATH_ROLE_BINDINGS.to_owned(),
+            Some(
+                json!({ "name": "b1", "role": "r1", "subject_kind": "serviceaccount", "subject_name": "sa1" }),
+            ),
+        ),
+    ];
+    for (method, path, body) in calls {
+        let (status, text) = call(api, &api.admin, method, &path, body).await;
+        assert_eq!(status, StatusCode::CREATED, "{path}: {text}");
+    }
+    let (status, text) = call(
+        api,
+        &api.admin,
+        Method::POST,
+        &format!("{sa}/sa1/tokens"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let token_id = serde_json::from_str::<serde_json::Value>(&text).expect("json")["token_id"]
+        .as_str()
+        .expect("token_id")
+        .to_owned();
+    for path in [
+        format!("{sa}/sa1/tokens/{token_id}"),
+        format!("{}/b1", api::PATH_ROLE_BINDINGS),
+        format!("{}/r1", api::PATH_ROLES),
+        format!("{sa}/sa1"),
+        format!("{}/l1", api::PATH_LINKS),
+        format!("{}/a2", api::PATH_AGENTS),
+    ] {
+        let (status, text) = call(api, &api.admin, Method::DELETE, &path, None).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {text}");
+    }
+    // Reads and node calls that change nothing are not recorded.
+    let _: Vec<LinkInfo> = api.admin_get(api::PATH_LINKS).await;
+    api.heartbeat(&r1).await;
+    api.config(&a1, 0, 0).await;
+
+    token_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_is_audited_once_with_its_action_subject_and_resource() {
+    let api = start("").await;
+    let admin = "user:admin";
+    let token_id = change_everything_once(&api).await;
+    let audit: Vec<AuditRecord> = api.admin_get(api::PATH_AUDIT).await;
+    let ok: Vec<_> = audit.iter().filter(|r| r.result == "ok").collect();
+    let token_resource = |r: &&&AuditRecord| r.resource.starts_with("token/");
+    let expected = [
+        ("agent:a1", "enrol", None),
+        ("agent:a2", "enrol", None),
+        ("relay:r1", "enrol", None),
+        ("relay:r1", "relay.cert", Some("relay/r1")),
+        (admin, "link.create", Some("link/l1")),
+        (admin, "link.update", Some("link/l1")),
+        (admin, "roles.create", Some("role/r1")),
+        (admin, "serviceaccounts.create", Some("serviceaccount:sa1")),
+        (admin, "users.create", Some("user:u1")),
+        (admin, "rolebindings.create", Some("rolebinding/b1")),
+        (
+            admin,
+            "serviceaccounts.token.create",
+            Some(&*format!("serviceaccount:sa1/token/{token_id}")),
+        ),
+        (
+            admin,
+            "serviceaccounts.token.revoke",
+            Some(&*format!("serviceaccount:sa1/token/{token_id}")),
+        ),
+        (admin, "rolebindings.delete", Some("rolebinding/b1")),
+        (admin, "roles.delete", Some("role/r1")),
+        (admin, "serviceaccounts.delete", Some("serviceaccount:sa1")),
+        (admin, "link.delete", Some("link/l1")),
+        (admin, "agents.delete", Some("agent/a2")),
+    ];
+    for (subject, action, resource) in expected {
+        let n = ok
+            .iter()
+            .filter(|r| r.subject == subject && r.action == action)
+            .filter(|r| resource.map_or_else(|| token_resource(r), |res| r.resource == res))
+            .count();
+        assert_eq!(n, 1, "{subject} {action} {resource:?}: {audit:#?}");
+    }
+    let join_tokens = ok
+        .iter()
+        .filter(|r| r.subject == admin && r.action == "token.create" && token_resource(r))
+        .count();
+    assert_eq!(join_tokens, 3, "{audit:#?}");
+    assert_eq!(ok.len(), expected.len() + join_tokens, "{audit:#?}");
+    let binding = ok
+        .iter()
+        .find(|r| r.action == "rolebindings.create")
+        .expect("binding record");
+    assert_eq!(
+        binding.reason.as_deref(),
+        Some("r1 to serviceaccount:sa1"),
+        "{binding:?}"
+    );
+}
+
+/// A service account `sa-{role}` bound to `role` (binding `b-{role}`);
+/// returns its token.
+async fn bind_a_service_account(api: &Api, role: &str) -> String {
+    let (status, text) = call(
+        api,
+        &api.admin,
+        Method::POST,
+        api::PATH_SERVICE_ACCOUNTS,
+        Some(json!({ "name": format!("sa-{role}") })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let created: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let token = created["token"].as_str().expect("token").to_owned();
+    let (status, text) = call(
+        api,
+        &api.admin,
+        Method::POST,
+        api::PATH_ROLE_BINDINGS,
+        Some(json!({
+            "name": format!("b-{role}"),
+            "role": role,
+            "subject_kind": "serviceaccount",
+            "subject_name": format!("sa-{role}"),
+        })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    token
+}
+
+/// A call the RBAC matrix makes: resource, verb, method, path, body.
+type Case = (
+    &'static str,
+    &'static str,
+    Method,
+    String,
+    Option<serde_json::Value>,
+);
+
+/// Calls on agents, relays and links.
+fn agent_relay_and_link_calls() -> Vec<Case> {
+    vec![
+        ("agents", "list", Method::GET, api::PATH_AGENTS.into(), None),
+        (
+            "agents",
+            "get",
+            Method::GET,
+            format!("{}/nope", api::PATH_AGENTS),
+            None,
+        ),
+        (
+            "agents",
+            "delete",
+            Method::DELETE,
+            format!("{}/nope", api::PATH_AGENTS),
+            None,
+        ),
+        ("relays", "list", Method::GET, api::PATH_RELAYS.into(), None),
+        (
+            "relays",
+            "get",
+            Method::GET,
+            format!("{}/nope", api::PATH_RELAYS),
+            None,
+        ),
+        (
+            "relays",
+            "delete",
+            Method::DELETE,
+            format!("{}/nope", api::PATH_RELAYS),
+            None,
+        ),
+        ("links", "list", Method::GET, api::PATH_LINKS.into(), None),
+        (
+            "links",
+            "get",
+            Method::GET,
+            format!("{}/nope", api::PATH_LINKS),
+            None,
+        ),
+        (
+            "links",
+            "create",
+            Method::POST,
+            api::PATH_LINKS.into(),
+            Some(serde_json::to_value(link("l1", "nobody", "noone")).expect("json")),
+        ),
+        (
+            "links",
+            "update",
+            Method::PATCH,
+            format!("{}/nope", api::PATH_LINKS),
+            Some(json!({ "max_flows": 3 })),
+        ),
+        (
+            "links",
+            "delete",
+            Method::DELETE,
+            format!("{}/nope", api::PATH_LINKS),
+            None,
+        ),
+    ]
+}
+
+/// Calls on join tokens, roles and role bindings; `n` numbers the
+/// names they create.
+fn token_role_and_binding_calls(n: &mut u32) -> Vec<Case> {
+    let mut unique = || {
+        *n += 1;
+        format!("x{n}")
+    };
+    vec![
+        (
+            "tokens/agent",
+            "create",
+            Method::POST,
+            api::PATH_TOKENS.into(),
+            Some(json!({ "kind": "agent" })),
+        ),
+        (
+            "tokens/relay",
+            "create",
+            Method::POST,
+            api::PATH_TOKENS.into(),
+            Some(json!({ "kind": "relay" })),
+        ),
+        (
+            "tokens",
+            "list",
+            Method::GET,
+            api::PATH_OPEN_TOKENS.into(),
+            None,
+        ),
+        ("roles", "list", Method::GET, api::PATH_ROLES.into(), None),
+        (
+            "roles",
+            "get",
+            Method::GET,
+            format!("{}/viewer", api::PATH_ROLES),
+            None,
+        ),
+        (
+            "roles",
+            "create",
+            Method::POST,
+            api::PATH_ROLES.into(),
+            Some(
+                json!({ "name": unique(), "rules": [{ "resources": ["links"], "verbs": ["get"] }] }),
+            ),
+        ),
+        (
+            "roles",
+            "delete",
+            Method::DELETE,
+            format!("{}/nope", api::PATH_ROLES),
+            None,
+        ),
+        (
+            "rolebindings",
+            "list",
+            Method::GET,
+            api::PATH_ROLE_BINDINGS.into(),
+            None,
+        ),
+        (
+            "rolebindings",
+            "get",
+            Method::GET,
+            format!("{}/nope", api::PATH_ROLE_BINDINGS),
+            None,
+        ),
+        (
+            "rolebindings",
+            "create",
+            Method::POST,
+            api::PATH_ROLE_BINDINGS.into(),
+            Some(
+                json!({ "name": unique(), "role": "nope", "subject_kind": "user", "subject_name": "nobody" }),
+            ),
+        ),
+        (
+            "rolebindings",
+            "delete",
+            Method::DELETE,
+            format!("{}/nope", api::PATH_ROLE_BINDINGS),
+            None,
+        ),
+    ]
+}
+
+/// Calls on service accounts, users, the audit log and the status; `n`
+/// numbers the names they create.
+fn account_user_audit_and_status_calls(n: &mut u32) -> Vec<Case> {
+    let mut unique = || {
+        *n += 1;
+        format!("x{n}")
+    };
+    vec![
+        (
+            "serviceaccounts",
+            "list",
+            Method::GET,
+            api::PATH_SERVICE_ACCOUNTS.into(),
+            None,
+        ),
+        (
+            "serviceaccounts",
+            "create",
+            Method::POST,
+            api::PATH_SERVICE_ACCOUNTS.into(),
+            Some(json!({ "name": unique() })),
+        ),
+        (
+            "serviceaccounts",
+            "update",
+            Method::POST,
+            format!("{}/nope/tokens", api::PATH_SERVICE_ACCOUNTS),
+            Some(json!({})),
+        ),
+        (
+            "serviceaccounts",
+            "delete",
+            Method::DELETE,
+            format!("{}/nope", api::PATH_SERVICE_ACCOUNTS),
+            None,
+        ),
+        ("users", "list", Method::GET, api::PATH_USERS.into(), None),
+        (
+            "users",
+            "create",
+            Method::POST,
+            api::PATH_USERS.into(),
+            Some(json!({ "name": unique() })),
+        ),
+        (
+            "users",
+            "update",
+            Method::DELETE,
+            format!("{}/nope/tokens/0011223344556677", api::PATH_USERS),
+            None,
+        ),
+        (
+            "users",
+            "delete",
+            Method::DELETE,
+            format!("{}/nope", api::PATH_USERS),
+            None,
+        ),
+        ("audit", "list", Method::GET, api::PATH_AUDIT.into(), None),
+        ("status", "get", Method::GET, api::PATH_STATUS.into(), None),
+    ]
+}

@@ -1,0 +1,459 @@
+//! The HTTPS API in process: links' limits, their relays and their
+//! connections.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::api::*;
+use comsat_protocol::api::{self, LinkInfo, RelayEventKind, RelayInfo};
+use reqwest::StatusCode;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_max_flows_is_granted_and_updated_without_a_new_generation() {
+    let mut api = start("grant_ttl_secs = 60\n").await;
+    let a = api.enrol_agent("a").await;
+    let b = api.enrol_agent("b").await;
+    let r1 = api.enrol_relay("r1", "127.0.0.1:4431").await;
+    let r2 = api.enrol_relay("r2", "127.0.0.1:4432").await;
+    api.heartbeat(&r1).await;
+    api.heartbeat(&r2).await;
+
+    out_of_range_max_flows_create_nothing(&api).await;
+
+    // Created with a limit: shown everywhere, and in every relay's grant.
+    let mut body = link("db", "a", "b");
+    body.max_flows = Some(8);
+    let resp = api.create_link(&body).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let info: LinkInfo = resp.json().await.expect("json");
+    assert_eq!((info.max_flows, info.generation), (Some(8), 1));
+    assert_eq!(info.relays.len(), 2);
+    let one: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
+    assert_eq!(one, info);
+    let listed: Vec<LinkInfo> = api.admin_get(api::PATH_LINKS).await;
+    assert_eq!(listed, vec![info.clone()]);
+    // A link created without one is unlimited.
+    let resp = api.create_link(&link("free", "b", "a")).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let free: LinkInfo = resp.json().await.expect("json");
+    assert_eq!(free.max_flows, None);
+
+    let mut cursors = both_grants_carry_their_limits(&api, [&r1, &r2], &info, &free).await;
+    let a_version = api.config(&a, 0, 0).await.version;
+    let b_version = api.config(&b, 0, 0).await.version;
+
+    // PATCH: same generation, new limit, one new grant per assigned relay;
+    // the agents' desired state does not change.
+    let resp = api.patch_link("db", &json!({ "max_flows": 3 })).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let patched: LinkInfo = resp.json().await.expect("json");
+    assert_eq!(
+        patched,
+        LinkInfo {
+            max_flows: Some(3),
+            ..info.clone()
+        }
+    );
+    let one: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
+    assert_eq!(one, patched);
+    for (r, cursor) in [&r1, &r2].into_iter().zip(cursors.iter_mut()) {
+        let (g, next) = one_grant(&api, r, *cursor).await;
+        assert_eq!(g.link_id, info.link_id);
+        assert_eq!(g.generation, 1);
+        assert_eq!(g.limits.max_flows, Some(3));
+        *cursor = next;
+    }
+    let started = Instant::now();
+    let a_now = api.config(&a, a_version, 300).await;
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(a_now.version, a_version);
+    assert_eq!(api.config(&b, 0, 0).await.version, b_version);
+
+    grant_renewal_keeps_the_limit(&api, [&r1, &r2], &info, &mut cursors).await;
+
+    // A rate limit: the flow limit stays, the generation too.
+    let resp = api
+        .patch_link("db", &json!({ "rate_limit_bytes_per_sec": 1_048_576 }))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let patched: LinkInfo = resp.json().await.expect("json");
+    assert_eq!(
+        (
+            patched.max_flows,
+            patched.rate_limit_bytes_per_sec,
+            patched.generation
+        ),
+        (Some(3), Some(1_048_576), 1)
+    );
+    for (r, cursor) in [&r1, &r2].into_iter().zip(cursors.iter_mut()) {
+        let (g, next) = one_grant(&api, r, *cursor).await;
+        assert_eq!(g.generation, 1);
+        assert_eq!(g.limits.max_flows, Some(3));
+        assert_eq!(g.limits.rate_bytes_per_sec, Some(1_048_576));
+        *cursor = next;
+    }
+
+    // Back to unlimited flows (0); the rate limit stays.
+    let resp = api.patch_link("db", &json!({ "max_flows": 0 })).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let patched: LinkInfo = resp.json().await.expect("json");
+    assert_eq!((patched.max_flows, patched.generation), (None, 1));
+    assert_eq!(patched.rate_limit_bytes_per_sec, Some(1_048_576));
+    for (r, cursor) in [&r1, &r2].into_iter().zip(cursors.iter_mut()) {
+        let (g, next) = one_grant(&api, r, *cursor).await;
+        assert_eq!((g.generation, g.limits.max_flows), (1, None));
+        assert_eq!(g.limits.rate_bytes_per_sec, Some(1_048_576));
+        *cursor = next;
+    }
+
+    bad_patches_push_nothing(&api, [&r1, &r2], &cursors).await;
+    let one: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
+    assert_eq!(one.max_flows, None);
+    assert_eq!(api.config(&a, 0, 0).await.version, a_version);
+
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_move_off_a_relay_that_stops_heartbeating() {
+    let mut api = start("heartbeat_interval_secs = 1\nheartbeat_timeout_secs = 2\n").await;
+    let _a = api.enrol_agent("a").await;
+    let _b = api.enrol_agent("b").await;
+    let relays = vec![
+        api.enrol_relay("r1", "127.0.0.1:4431").await,
+        api.enrol_relay("r2", "127.0.0.1:4432").await,
+        api.enrol_relay("r3", "127.0.0.1:4433").await,
+    ];
+    for r in &relays {
+        api.heartbeat(r).await;
+    }
+    let mut body = link("db", "a", "b");
+    body.max_flows = Some(4);
+    let resp = api.create_link(&body).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let info: LinkInfo = resp.json().await.expect("json");
+    assert_eq!(info.relays.len(), 2);
+    let dead_name = info.relays[0].clone();
+    let dead = relays
+        .iter()
+        .find(|r| r.enrolled.name == dead_name)
+        .expect("dead relay");
+    let dead_cursor = api.events(dead, 0, 0).await.next;
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let moved = loop {
+        assert!(
+            Instant::now() < deadline,
+            "link never moved off {dead_name}"
+        );
+        for r in relays.iter().filter(|r| r.enrolled.name != dead_name) {
+            api.heartbeat(r).await;
+        }
+        let now: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
+        if !now.relays.contains(&dead_name) {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(moved.generation, 2);
+    assert_eq!(moved.relays.len(), 2);
+    // The surviving relay keeps its place as primary.
+    assert_eq!(moved.relays[0], info.relays[1]);
+    let ev = api.events(dead, dead_cursor, 0).await;
+    assert_eq!(ev.events.len(), 1);
+    assert_eq!(ev.events[0].kind, RelayEventKind::Revoke);
+    let newcomer = relays
+        .iter()
+        .find(|r| r.enrolled.name == moved.relays[1])
+        .expect("newcomer");
+    let ev = api.events(newcomer, 0, 0).await;
+    let RelayEventKind::Grant { grant } = &ev.events.last().expect("grant").kind else {
+        panic!("expected a grant");
+    };
+    let g = verify_grant(
+        grant,
+        &newcomer.enrolled.authority_public_key,
+        &newcomer.relay_id(),
+    );
+    assert_eq!(g.generation, 2);
+    // Reassignment keeps the link's limits.
+    assert_eq!(g.limits.max_flows, Some(4));
+    assert_eq!(moved.max_flows, Some(4));
+    let relays_now: Vec<RelayInfo> = api.admin_get(api::PATH_RELAYS).await;
+    let dead_info = relays_now
+        .iter()
+        .find(|r| r.name == dead_name)
+        .expect("listed");
+    assert!(!dead_info.healthy);
+    assert_eq!(dead_info.links, 0);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn links_of_their_own_connection_reach_agents_with_the_interactive_listener() {
+    let mut api = start("").await;
+    // A relay's interactive listener is on the host its certificate names,
+    // on a port of its own; anything else is refused, naming the field.
+    for (bad, says) in [
+        ("10.0.0.1:4434", "host of public_addr"),
+        ("127.0.0.1:4433", "port of its own"),
+        ("127.0.0.1", "HOST:PORT"),
+    ] {
+        let (_, resp) = api.try_enrol_relay("r0", "127.0.0.1:4433", Some(bad)).await;
+        let (code, msg) = error_of(resp).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(
+            msg.contains("interactive_addr") && msg.contains(says),
+            "{bad}: {msg}"
+        );
+    }
+    let (key, resp) = api
+        .try_enrol_relay("r1", "127.0.0.1:4433", Some("127.0.0.1:4434"))
+        .await;
+    let r1 = api.enrolled_relay(key, resp).await;
+    let r2 = api.enrol_relay("r2", "127.0.0.1:4435").await;
+    api.heartbeat(&r1).await;
+    api.heartbeat(&r2).await;
+    let relays: Vec<RelayInfo> = api.admin_get(api::PATH_RELAYS).await;
+    let lane = |name: &str| {
+        relays
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.interactive_addr.clone())
+    };
+    assert_eq!(lane("r1"), Some(Some("127.0.0.1:4434".into())));
+    assert_eq!(lane("r2"), Some(None));
+
+    let a = api.enrol_agent("a").await;
+    let b = api.enrol_agent("b").await;
+    let long = "x".repeat(api::MAX_CONNECTION_NAME_LEN + 1);
+    for bad in ["", "has space", "a/b", long.as_str()] {
+        let mut body = link("ssh", "a", "b");
+        body.connection = Some(bad.into());
+        let (code, msg) = error_of(api.create_link(&body).await).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{bad:?}");
+        assert!(msg.starts_with("connection `"), "{msg}");
+    }
+    let mut body = link("ssh", "a", "b");
+    body.connection = Some("interactive".into());
+    let resp = api.create_link(&body).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let info: LinkInfo = resp.json().await.expect("json");
+    assert_eq!(info.connection.as_deref(), Some("interactive"));
+    let shown: LinkInfo = api.admin_get(&format!("{}/ssh", api::PATH_LINKS)).await;
+    assert_eq!(shown, info);
+    let resp = api.create_link(&link("bulk", "a", "b")).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+
+    // Both agents get the link's connection and every relay's interactive
+    // address where it has one; the shared link gets none.
+    for agent in [&a, &b] {
+        let desired = api.config(agent, 0, 0).await;
+        let get = |name: &str| {
+            desired
+                .links
+                .iter()
+                .find(|l| l.name == name)
+                .cloned()
+                .expect("link")
+        };
+        let (ssh, bulk) = (get("ssh"), get("bulk"));
+        assert_eq!(ssh.connection.as_deref(), Some("interactive"));
+        assert_eq!(bulk.connection, None);
+        let mut lanes: Vec<_> = ssh
+            .relays
+            .iter()
+            .map(|r| (r.addr.as_str(), r.interactive_addr.as_deref()))
+            .collect();
+        lanes.sort();
+        assert_eq!(
+            lanes,
+            [
+                ("127.0.0.1:4433", Some("127.0.0.1:4434")),
+                ("127.0.0.1:4435", None)
+            ]
+        );
+    }
+
+    // PATCH moves a link between connections, and both agents hear of it;
+    // `""` is the shared one.
+    let before = api.config(&a, 0, 0).await.version;
+    let (code, msg) = error_of(
+        api.patch_link("bulk", &serde_json::json!({"connection": "a b"}))
+            .await,
+    )
+    .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert!(msg.starts_with("connection `a b`"), "{msg}");
+    let (code, msg) = error_of(api.patch_link("bulk", &serde_json::json!({})).await).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("connection"), "{msg}");
+    let resp = api
+        .patch_link("ssh", &serde_json::json!({"connection": ""}))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let info: LinkInfo = resp.json().await.expect("json");
+    assert_eq!(info.connection, None);
+    let resp = api
+        .patch_link("bulk", &serde_json::json!({"connection": "lane-2"}))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    for agent in [&a, &b] {
+        let desired = api.config(agent, 0, 0).await;
+        assert!(desired.version > before, "the agents' config changed");
+        let conn = |name: &str| {
+            desired
+                .links
+                .iter()
+                .find(|l| l.name == name)
+                .map(|l| l.connection.clone())
+        };
+        assert_eq!(conn("ssh"), Some(None));
+        assert_eq!(conn("bulk"), Some(Some("lane-2".into())));
+    }
+    api.stop().await;
+}
+
+/// Out of range: 400 with a message naming the field, nothing created;
+/// checked before the agents are looked up.
+async fn out_of_range_max_flows_create_nothing(api: &Api) {
+    for bad in [0, 1_000_001, u32::MAX] {
+        let mut body = link("db", "a", "b");
+        body.max_flows = Some(bad);
+        let (code, msg) = error_of(api.create_link(&body).await).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(
+            msg.contains("max_flows") && msg.contains("1000000"),
+            "{msg}"
+        );
+    }
+    // Checked before the agents are looked up.
+    let mut body = link("db", "a", "nobody");
+    body.max_flows = Some(0);
+    let (code, _) = error_of(api.create_link(&body).await).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    let listed: Vec<LinkInfo> = api.admin_get(api::PATH_LINKS).await;
+    assert!(listed.is_empty());
+}
+
+/// Every relay got the grants of `info` (max 8 flows) and `free` (no
+/// limit), generation 1, no rate limit. Returns each relay's cursor.
+async fn both_grants_carry_their_limits(
+    api: &Api,
+    relays: [&Node; 2],
+    info: &LinkInfo,
+    free: &LinkInfo,
+) -> Vec<u64> {
+    let mut cursors = Vec::new();
+    for r in relays {
+        let ev = api.events(r, 0, 0).await;
+        assert_eq!(ev.events.len(), 2);
+        let mut seen = 0;
+        for e in &ev.events {
+            let RelayEventKind::Grant { grant } = &e.kind else {
+                panic!("expected a grant");
+            };
+            let g = verify_grant(grant, &r.enrolled.authority_public_key, &r.relay_id());
+            let want = if g.link_id == info.link_id {
+                Some(8)
+            } else {
+                assert_eq!(g.link_id, free.link_id);
+                None
+            };
+            assert_eq!(g.limits.max_flows, want);
+            assert_eq!(g.limits.rate_bytes_per_sec, None);
+            assert_eq!(g.generation, 1);
+            seen += 1;
+        }
+        assert_eq!(seen, 2);
+        cursors.push(ev.next);
+    }
+    cursors
+}
+
+/// Grant renewal keeps the limit (and the generation): make the stored
+/// grant nearly expired behind the controller's back.
+async fn grant_renewal_keeps_the_limit(
+    api: &Api,
+    relays: [&Node; 2],
+    info: &LinkInfo,
+    cursors: &mut [u64],
+) {
+    use comsat_controller::store::{LinkGrantUpdate, SqliteStore, Store};
+    let store = SqliteStore::open(&api.data.join("controller.db"))
+        .await
+        .expect("open store");
+    let record = store.link_by_name("db").await.expect("link").expect("some");
+    assert_eq!(record.max_flows, Some(3));
+    let soon = unix_now() + 5;
+    assert!(
+        store
+            .update_link_grant(
+                &LinkGrantUpdate {
+                    link_id: record.link_id,
+                    expected_generation: record.generation,
+                    generation: record.generation,
+                    relays: record.relays.clone(),
+                    grant_not_after: soon,
+                    events: vec![],
+                    bump_agents: false,
+                },
+                unix_now(),
+            )
+            .await
+            .expect("update")
+    );
+    store.close().await;
+    for (r, cursor) in relays.into_iter().zip(cursors.iter_mut()) {
+        let (g, next) = one_grant(api, r, *cursor).await;
+        assert_eq!(g.link_id, info.link_id);
+        assert!(g.not_after > soon, "renewed");
+        assert_eq!(g.generation, 1);
+        assert_eq!(g.limits.max_flows, Some(3));
+        *cursor = next;
+    }
+}
+
+/// Errors: unknown link, out of range, bad JSON, no admin token. None of
+/// them pushes anything to the relays (after `cursors`).
+async fn bad_patches_push_nothing(api: &Api, relays: [&Node; 2], cursors: &[u64]) {
+    let (code, msg) = error_of(api.patch_link("nope", &json!({ "max_flows": 3 })).await).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert!(msg.contains("`nope`"), "{msg}");
+    for bad in [
+        json!({ "max_flows": 1_000_001 }),
+        json!({ "max_flows": -1 }),
+        json!({ "max_flows": "3" }),
+        json!({ "max_flow": 3 }),
+        json!({ "rate_limit_bytes_per_sec": 10 }),
+        json!({ "rate_limit_bytes_per_sec": -1 }),
+        json!({}),
+        json!({ "max_flows": null }),
+    ] {
+        let (code, msg) = error_of(api.patch_link("db", &bad).await).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}: {msg}");
+    }
+    let (code, msg) = error_of(api.patch_link("db", &json!({})).await).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("nothing to change"), "{msg}");
+    let (code, msg) = error_of(
+        api.patch_link("db", &json!({ "rate_limit_bytes_per_sec": 10 }))
+            .await,
+    )
+    .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("rate_limit_bytes_per_sec 10"), "{msg}");
+    let resp = api
+        .client
+        .patch(api.url(&format!("{}/db", api::PATH_LINKS)))
+        .json(&json!({ "max_flows": 3 }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    for (r, cursor) in relays.into_iter().zip(cursors) {
+        assert!(api.events(r, *cursor, 0).await.events.is_empty());
+    }
+}

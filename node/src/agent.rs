@@ -1,0 +1,87 @@
+//! An enrolled agent kept in step with its controller: the desired state
+//! (its links), applied to the agent in process and cached on disk.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use comsat_protocol::api;
+
+use crate::retry::{Retry, long_poll};
+use crate::state::{NodeState, read_at_most, write_atomic};
+
+/// Largest `desired.json` read.
+const MAX_DESIRED_FILE: u64 = 8 * 1024 * 1024;
+
+/// What an enrolled agent's controller sync feeds: the agent itself, in
+/// the same process.
+pub trait AgentSink: Send {
+    /// Applies `desired` (the relays of its links chain to the CA in the
+    /// file `relay_ca`).
+    fn apply(
+        &mut self,
+        desired: &api::AgentDesired,
+        relay_ca: &Path,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// The last desired state this agent applied, if any.
+pub fn cached_desired(dir: &Path) -> Option<api::AgentDesired> {
+    let text = read_at_most(&dir.join("desired.json"), MAX_DESIRED_FILE).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Follows the controller's desired state for this agent, forever.
+pub async fn agent_sync(
+    dir: PathBuf,
+    state: NodeState,
+    mut agent: impl AgentSink,
+    mut version: u64,
+) {
+    let client = match state.client(&dir) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot talk to the controller; keeping the cached links");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    let mut retry = Retry::new();
+    loop {
+        let asked = tokio::time::Instant::now();
+        let desired: api::AgentDesired = long_poll(
+            &client,
+            &mut retry,
+            (api::PATH_AGENT_CONFIG, "this agent's links"),
+            version,
+            "keeping the current ones",
+        )
+        .await;
+        if desired.version == version {
+            // A controller that answers at once with nothing new is not
+            // long-polling: do not spin on it.
+            if asked.elapsed() < Duration::from_secs(1) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            continue;
+        }
+        if let Err(e) = write_atomic(&dir.join("relay-ca.pem"), desired.relay_ca_pem.as_bytes()) {
+            tracing::error!(error = %e, "cannot save the relay CA");
+        }
+        agent.apply(&desired, &dir.join("relay-ca.pem")).await;
+        match serde_json::to_vec(&desired) {
+            Ok(bytes) => {
+                if let Err(e) = write_atomic(&dir.join("desired.json"), &bytes) {
+                    tracing::error!(error = %e, "cannot cache the desired state");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode the desired state"),
+        }
+        tracing::info!(
+            version = desired.version,
+            links = desired.links.len(),
+            "desired state applied"
+        );
+        version = desired.version;
+    }
+}

@@ -1,0 +1,811 @@
+//! `comsat ctl`: the operator's client of the controller API.
+//!
+//! Where the controller is and how to authenticate, first found wins:
+//! `--controller URL --token-file F --ca F` (or `COMSAT_CONTROLLER`,
+//! `COMSAT_TOKEN_FILE`, `COMSAT_CA`), then the context file given with
+//! `--context F` / `COMSAT_CONTEXT`, then `./.comsat/context.toml`.
+//! `comsat controller init` writes the context file into its data dir:
+//!
+//! ```toml
+//! controller = "https://127.0.0.1:8443"
+//! token_file = "admin.token"   # relative to this file
+//! ca = "ca.pem"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
+use comsat_keys::read_secret_file;
+use comsat_protocol::api::{self, NodeKind};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::client::{self, Auth, Client};
+
+/// The default context file, relative to the working directory.
+pub const DEFAULT_CONTEXT: &str = ".comsat/context.toml";
+
+/// A context file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CtlContext {
+    /// The controller's base URL.
+    pub controller: String,
+    /// The admin token file.
+    pub token_file: PathBuf,
+    /// The controller CA.
+    pub ca: PathBuf,
+}
+
+/// Where `ctl` finds its controller, as given on the command line.
+#[derive(Debug, Default, Clone)]
+pub struct Target {
+    /// `--controller`.
+    pub controller: Option<String>,
+    /// `--token-file`.
+    pub token_file: Option<PathBuf>,
+    /// `--ca`.
+    pub ca: Option<PathBuf>,
+    /// `--context`.
+    pub context: Option<PathBuf>,
+}
+
+impl Target {
+    /// Resolves the target into a client.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let ctx_path = self
+            .context
+            .clone()
+            .or_else(|| Some(PathBuf::from(DEFAULT_CONTEXT)).filter(|p| p.exists()));
+        let ctx = match &ctx_path {
+            Some(p) => Some(load_context(p)?),
+            None => None,
+        };
+        let controller = self
+            .controller
+            .clone()
+            .or_else(|| ctx.as_ref().map(|c| c.controller.clone()));
+        let token_file = self
+            .token_file
+            .clone()
+            .or_else(|| ctx.as_ref().map(|c| c.token_file.clone()));
+        let ca = self
+            .ca
+            .clone()
+            .or_else(|| ctx.as_ref().map(|c| c.ca.clone()));
+        let (Some(controller), Some(token_file), Some(ca)) = (controller, token_file, ca) else {
+            bail!(
+                "which controller? pass --controller URL --token-file FILE --ca FILE, or \
+                 --context DIR/context.toml as written by `comsat controller init` \
+                 (or set COMSAT_CONTROLLER, COMSAT_TOKEN_FILE, COMSAT_CA / COMSAT_CONTEXT)"
+            );
+        };
+        let token = read_secret_file(&token_file)
+            .with_context(|| format!("reading the admin token file {}", token_file.display()))?;
+        let token = Zeroizing::new(token.trim().to_owned());
+        let ca = client::read_ca(&ca)?;
+        Client::new(&controller, &ca, Auth::Admin(token))
+    }
+}
+
+fn load_context(path: &Path) -> anyhow::Result<CtlContext> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the ctl context {}", path.display()))?;
+    let mut ctx: CtlContext = toml::from_str(&text)
+        .with_context(|| format!("{} is not a valid ctl context file", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in [&mut ctx.token_file, &mut ctx.ca] {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+    Ok(ctx)
+}
+
+/// Writes a context file (used by `controller init`).
+pub fn write_context(path: &Path, ctx: &CtlContext) -> anyhow::Result<()> {
+    std::fs::write(path, toml::to_string(ctx)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Aligned columns.
+    Table,
+    /// JSON, for scripts.
+    Json,
+}
+
+/// Prints `rows` under `header` as aligned columns.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        s.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.iter().map(|h| (*h).to_owned()).collect());
+    for r in rows {
+        out.push_str(&line(r.clone()));
+    }
+    out
+}
+
+fn ago(t: Option<u64>) -> String {
+    match t {
+        None => "never".into(),
+        Some(t) => {
+            let now = crate::unix_now();
+            format!("{}s ago", now.saturating_sub(t))
+        }
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(v)? + "\n")
+}
+
+/// `token create`: prints only the token.
+pub async fn token_create(
+    c: &Client,
+    kind: NodeKind,
+    name: Option<String>,
+    ttl: Option<std::time::Duration>,
+) -> anyhow::Result<String> {
+    if let Some(n) = &name {
+        if !api::valid_name(n) {
+            bail!(
+                "--name `{n}`: use 1 to {} lowercase letters, digits and `-`",
+                api::MAX_NAME_LEN
+            );
+        }
+    }
+    let body = api::TokenCreate {
+        kind,
+        name,
+        ttl_secs: ttl.map(|d| d.as_secs().max(1)),
+    };
+    let t: api::TokenCreated = c.post(api::PATH_TOKENS, &body, "token create").await?;
+    Ok(t.token + "\n")
+}
+
+/// `agent list`.
+pub async fn agent_list(c: &Client, out: Output) -> anyhow::Result<String> {
+    let v: Vec<api::AgentInfo> = c.get(api::PATH_AGENTS, &[], "agent list").await?;
+    listed(&v, out, &["NAME", "ID", "LINKS", "LAST SEEN"], |a| {
+        vec![
+            a.name.clone(),
+            a.node_id.to_string(),
+            a.links.to_string(),
+            ago(a.last_seen),
+        ]
+    })
+}
+
+/// `items` as JSON, or as a table of `header` and a row per item.
+fn listed<T: Serialize>(
+    items: &[T],
+    out: Output,
+    header: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<String> {
+    if out == Output::Json {
+        return json(&items);
+    }
+    let rows = items.iter().map(row).collect::<Vec<_>>();
+    Ok(table(header, &rows))
+}
+
+/// `relay list`.
+pub async fn relay_list(c: &Client, out: Output) -> anyhow::Result<String> {
+    let v: Vec<api::RelayInfo> = c.get(api::PATH_RELAYS, &[], "relay list").await?;
+    let header = [
+        "NAME",
+        "ADDRESS",
+        "INTERACTIVE",
+        "STATE",
+        "LINKS",
+        "CONNECTIONS",
+        "HEARTBEAT",
+    ];
+    listed(&v, out, &header, |r| {
+        vec![
+            r.name.clone(),
+            r.public_addr.clone(),
+            r.interactive_addr.clone().unwrap_or_else(|| "-".into()),
+            if r.healthy { "healthy" } else { "unhealthy" }.into(),
+            r.links.to_string(),
+            r.load.connections.to_string(),
+            ago(r.last_heartbeat),
+        ]
+    })
+}
+
+fn link_rows(v: &[api::LinkInfo]) -> String {
+    let rows = v
+        .iter()
+        .map(|l| {
+            vec![
+                l.name.clone(),
+                format!("{} {}", l.from, l.listen),
+                format!("{} {}", l.to, l.target),
+                if l.relays.is_empty() {
+                    "(none healthy)".into()
+                } else {
+                    l.relays.join(",")
+                },
+                l.max_flows
+                    .map_or_else(|| "unlimited".into(), |n| n.to_string()),
+                l.rate_limit_bytes_per_sec
+                    .map_or_else(|| "unlimited".into(), format_rate),
+                l.connection.clone().unwrap_or_else(|| "shared".into()),
+                l.generation.to_string(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(
+        &[
+            "NAME",
+            "FROM",
+            "TO",
+            "RELAYS",
+            "MAX FLOWS",
+            "RATE",
+            "CONNECTION",
+            "GEN",
+        ],
+        &rows,
+    )
+}
+
+fn checked_name<'a>(what: &str, name: &'a str) -> anyhow::Result<&'a str> {
+    if api::valid_name(name) {
+        Ok(name)
+    } else {
+        bail!(
+            "{what} name `{name}`: use 1 to {} lowercase letters, digits and `-`",
+            api::MAX_NAME_LEN
+        )
+    }
+}
+
+/// `DELETE PATH/NAME`.
+pub async fn delete(c: &Client, path: &str, name: &str, what: &str) -> anyhow::Result<String> {
+    let name = checked_name(what.split(' ').next().unwrap_or("object"), name)?;
+    c.delete(&format!("{path}/{name}"), what).await?;
+    Ok(String::new())
+}
+
+/// `serviceaccount|user create`: prints only the token.
+pub async fn principal_create(
+    c: &Client,
+    kind: api::PrincipalKind,
+    name: String,
+    ttl: Option<std::time::Duration>,
+) -> anyhow::Result<String> {
+    checked_name(kind.as_str(), &name)?;
+    let body = api::PrincipalCreate {
+        name,
+        ttl_secs: ttl.map(|d| d.as_secs().max(1)),
+    };
+    let created: api::PrincipalCreated = c
+        .post(kind.path(), &body, &format!("{kind} create"))
+        .await?;
+    Ok(format!("{}\n", created.token))
+}
+
+/// `serviceaccount|user token NAME`: prints only the new token.
+pub async fn principal_token(
+    c: &Client,
+    kind: api::PrincipalKind,
+    name: &str,
+    ttl: Option<std::time::Duration>,
+) -> anyhow::Result<String> {
+    let name = checked_name(kind.as_str(), name)?;
+    let body = api::PrincipalCreate {
+        name: String::new(),
+        ttl_secs: ttl.map(|d| d.as_secs().max(1)),
+    };
+    let created: api::PrincipalCreated = c
+        .post(
+            &format!("{}/{name}/tokens", kind.path()),
+            &body,
+            &format!("{kind} token"),
+        )
+        .await?;
+    Ok(format!("{}\n", created.token))
+}
+
+/// `serviceaccount|user revoke NAME --token-id ID`.
+pub async fn principal_revoke(
+    c: &Client,
+    kind: api::PrincipalKind,
+    name: &str,
+    id: &str,
+) -> anyhow::Result<String> {
+    let name = checked_name(kind.as_str(), name)?;
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("token id `{id}`: expected the hex id `{kind} list` shows");
+    }
+    c.delete(
+        &format!("{}/{name}/tokens/{id}", kind.path()),
+        &format!("{kind} revoke"),
+    )
+    .await?;
+    Ok(format!("revoked token {id} of {kind} {name}\n"))
+}
+
+/// `serviceaccount|user list`.
+pub async fn principal_list(
+    c: &Client,
+    kind: api::PrincipalKind,
+    out: Output,
+) -> anyhow::Result<String> {
+    let v: Vec<api::PrincipalInfo> = c.get(kind.path(), &[], &format!("{kind} list")).await?;
+    if out == Output::Json {
+        return json(&v);
+    }
+    let now = crate::unix_now();
+    let rows = v
+        .iter()
+        .map(|p| {
+            let tokens = p
+                .tokens
+                .iter()
+                .map(|t| {
+                    let state = if t.revoked_at.is_some() {
+                        " (revoked)"
+                    } else if t.expires_at.is_some_and(|e| e <= now) {
+                        " (expired)"
+                    } else {
+                        ""
+                    };
+                    format!("{}{state}", t.id)
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![p.name.clone(), tokens]
+        })
+        .collect::<Vec<_>>();
+    Ok(table(&["NAME", "TOKENS"], &rows))
+}
+
+/// Parses `RESOURCES:VERBS`.
+pub fn parse_rule(s: &str) -> anyhow::Result<api::Rule> {
+    let (resources, verbs) = s.split_once(':').ok_or_else(|| {
+        anyhow!("rule `{s}`: expected RESOURCES:VERBS, e.g. links,tokens:get,list,create")
+    })?;
+    let list = |x: &str| {
+        x.split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    Ok(api::Rule {
+        resources: list(resources),
+        verbs: list(verbs),
+    })
+}
+
+fn role_rows(v: &[api::RoleInfo]) -> String {
+    let rows = v
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                if r.builtin { "built-in" } else { "" }.to_owned(),
+                r.rules
+                    .iter()
+                    .map(|x| format!("{}:{}", x.resources.join(","), x.verbs.join(",")))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(&["NAME", "KIND", "RULES"], &rows)
+}
+
+/// `role create`.
+pub async fn role_create(
+    c: &Client,
+    name: String,
+    rules: &[String],
+    out: Output,
+) -> anyhow::Result<String> {
+    checked_name("role", &name)?;
+    let rules = rules
+        .iter()
+        .map(|r| parse_rule(r))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let r: api::RoleInfo = c
+        .post(
+            api::PATH_ROLES,
+            &api::RoleCreate { name, rules },
+            "role create",
+        )
+        .await?;
+    if out == Output::Json {
+        return json(&r);
+    }
+    Ok(role_rows(&[r]))
+}
+
+/// `role list`.
+pub async fn role_list(c: &Client, out: Output) -> anyhow::Result<String> {
+    let v: Vec<api::RoleInfo> = c.get(api::PATH_ROLES, &[], "role list").await?;
+    if out == Output::Json {
+        return json(&v);
+    }
+    Ok(role_rows(&v))
+}
+
+/// `role show`.
+pub async fn role_show(c: &Client, name: &str, out: Output) -> anyhow::Result<String> {
+    let name = checked_name("role", name)?;
+    let r: api::RoleInfo = c
+        .get(&format!("{}/{name}", api::PATH_ROLES), &[], "role show")
+        .await?;
+    if out == Output::Json {
+        return json(&r);
+    }
+    Ok(role_rows(&[r]))
+}
+
+fn binding_rows(v: &[api::RoleBindingInfo]) -> String {
+    let rows = v
+        .iter()
+        .map(|b| {
+            vec![
+                b.name.clone(),
+                b.role.clone(),
+                format!("{}:{}", b.subject_kind, b.subject_name),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(&["NAME", "ROLE", "SUBJECT"], &rows)
+}
+
+/// `rolebinding create`.
+pub async fn binding_create(
+    c: &Client,
+    body: api::RoleBindingCreate,
+    out: Output,
+) -> anyhow::Result<String> {
+    checked_name("role binding", &body.name)?;
+    let b: api::RoleBindingInfo = c
+        .post(api::PATH_ROLE_BINDINGS, &body, "rolebinding create")
+        .await?;
+    if out == Output::Json {
+        return json(&b);
+    }
+    Ok(binding_rows(&[b]))
+}
+
+/// `rolebinding list`.
+pub async fn binding_list(c: &Client, out: Output) -> anyhow::Result<String> {
+    let v: Vec<api::RoleBindingInfo> = c
+        .get(api::PATH_ROLE_BINDINGS, &[], "rolebinding list")
+        .await?;
+    if out == Output::Json {
+        return json(&v);
+    }
+    Ok(binding_rows(&v))
+}
+
+/// `audit list`.
+pub async fn audit_list(
+    c: &Client,
+    since: Option<std::time::Duration>,
+    subject: Option<String>,
+    limit: usize,
+    out: Output,
+) -> anyhow::Result<String> {
+    let mut query = vec![("limit", limit.to_string())];
+    if let Some(d) = since {
+        let from = std::time::SystemTime::now()
+            .checked_sub(d)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        query.push(("since", from.to_string()));
+    }
+    if let Some(s) = subject {
+        query.push(("subject", s));
+    }
+    let v: Vec<api::AuditRecord> = c.get(api::PATH_AUDIT, &query, "audit list").await?;
+    if out == Output::Json {
+        return json(&v);
+    }
+    let rows = v
+        .iter()
+        .map(|r| {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.at_ms);
+            vec![
+                humantime::format_rfc3339_seconds(at).to_string(),
+                r.subject.clone(),
+                r.action.clone(),
+                r.resource.clone(),
+                r.result.clone(),
+                r.reason.clone().unwrap_or_default(),
+                r.source.clone().unwrap_or_default(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    Ok(table(
+        &[
+            "TIME", "SUBJECT", "ACTION", "RESOURCE", "RESULT", "REASON", "SOURCE",
+        ],
+        &rows,
+    ))
+}
+
+/// A rate that does not parse, and how to write one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RateError {
+    /// No number first.
+    #[error("`{0}`: expected a number and a unit, like 10MiB/s or 100Mbit/s")]
+    Number(String),
+    /// A unit not known.
+    #[error(
+        "`{0}`: unknown unit `{1}` (use B, KB, KiB, MB, MiB, GB, GiB, kbit, Mbit or Gbit, per second)"
+    )]
+    Unit(String, String),
+    /// Below 1 B/s or above 10^18 B/s.
+    #[error("`{0}`: out of range")]
+    Range(String),
+}
+
+/// Parses a rate as operators write it: `10MiB/s`, `1.5MB/s`, `100Mbit/s`,
+/// `512KiB`, or plain bytes per second (`65536`). Returns bytes per second.
+pub fn parse_rate(s: &str) -> Result<u64, RateError> {
+    let t = s.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| RateError::Number(s.to_owned()))?;
+    let factor: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "K" | "KB" | "kB" => 1e3,
+        "KiB" => 1024.0,
+        "M" | "MB" => 1e6,
+        "MiB" => 1024.0 * 1024.0,
+        "G" | "GB" => 1e9,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "kbit" | "Kbit" => 1e3 / 8.0,
+        "Mbit" => 1e6 / 8.0,
+        "Gbit" => 1e9 / 8.0,
+        other => return Err(RateError::Unit(s.to_owned(), other.to_owned())),
+    };
+    let bytes = value * factor;
+    if !(1.0..=1e18).contains(&bytes) {
+        return Err(RateError::Range(s.to_owned()));
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// Formats bytes per second in binary units (`10 MiB/s`).
+pub fn format_rate(r: u64) -> String {
+    const UNITS: [&str; 4] = ["B/s", "KiB/s", "MiB/s", "GiB/s"];
+    let mut v = r as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if (v - v.round()).abs() < 0.005 {
+        format!("{} {}", v.round(), UNITS[unit])
+    } else {
+        format!("{v:.2} {}", UNITS[unit])
+    }
+}
+
+/// `link create`.
+pub async fn link_create(c: &Client, body: api::LinkCreate, out: Output) -> anyhow::Result<String> {
+    if !api::valid_name(&body.name) {
+        bail!(
+            "link name `{}`: use 1 to {} lowercase letters, digits and `-`",
+            body.name,
+            api::MAX_NAME_LEN
+        );
+    }
+    let l: api::LinkInfo = c.post(api::PATH_LINKS, &body, "link create").await?;
+    if out == Output::Json {
+        return json(&l);
+    }
+    Ok(link_rows(&[l]))
+}
+
+/// `link list`.
+pub async fn link_list(c: &Client, out: Output) -> anyhow::Result<String> {
+    let v: Vec<api::LinkInfo> = c.get(api::PATH_LINKS, &[], "link list").await?;
+    if out == Output::Json {
+        return json(&v);
+    }
+    Ok(link_rows(&v))
+}
+
+fn link_path(name: &str) -> anyhow::Result<String> {
+    if !api::valid_name(name) {
+        return Err(anyhow!(
+            "link name `{name}`: use 1 to {} lowercase letters, digits and `-`",
+            api::MAX_NAME_LEN
+        ));
+    }
+    Ok(format!("{}/{name}", api::PATH_LINKS))
+}
+
+/// `link show`.
+pub async fn link_show(c: &Client, name: &str, out: Output) -> anyhow::Result<String> {
+    let l: api::LinkInfo = c.get(&link_path(name)?, &[], "link show").await?;
+    show_link(&l, out)
+}
+
+/// `link update`: changes the limits relays enforce; open flows go on.
+pub async fn link_update(
+    c: &Client,
+    name: &str,
+    update: api::LinkUpdate,
+    out: Output,
+) -> anyhow::Result<String> {
+    let body = update;
+    let l: api::LinkInfo = c.patch(&link_path(name)?, &body, "link update").await?;
+    show_link(&l, out)
+}
+
+fn show_link(l: &api::LinkInfo, out: Output) -> anyhow::Result<String> {
+    if out == Output::Json {
+        return json(l);
+    }
+    Ok(format!(
+        "name:       {}\nid:         {}\ngeneration: {}\nfrom:       {} listening on {}\nto:         {} dialling {}\nmax flows:  {}\nrate limit: {}\nconnection: {}\nrelays:     {}\n",
+        l.name,
+        l.link_id,
+        l.generation,
+        l.from,
+        l.listen,
+        l.to,
+        l.target,
+        l.max_flows
+            .map_or_else(|| "unlimited".into(), |n| n.to_string()),
+        l.rate_limit_bytes_per_sec.map_or_else(
+            || "unlimited".into(),
+            |r| format!("{} per direction", format_rate(r))
+        ),
+        l.connection.as_deref().map_or_else(
+            || "shared with the agents' other links".into(),
+            |c| format!("{c} (its own QUIC connection and thread on both agents)")
+        ),
+        if l.relays.is_empty() {
+            "(none healthy yet)".into()
+        } else {
+            l.relays.join(", ")
+        }
+    ))
+}
+
+/// `link delete`.
+pub async fn link_delete(c: &Client, name: &str) -> anyhow::Result<String> {
+    c.delete(&link_path(name)?, "link delete").await?;
+    Ok(format!("link {name} deleted\n"))
+}
+
+/// `status`.
+pub async fn status(c: &Client, out: Output) -> anyhow::Result<String> {
+    let s: api::Status = c.get(api::PATH_STATUS, &[], "status").await?;
+    if out == Output::Json {
+        return json(&s);
+    }
+    Ok(format!(
+        "controller: {}\nagents:     {}\nrelays:     {} ({} healthy)\nlinks:      {} ({} without a healthy relay)\n",
+        c.base(),
+        s.agents,
+        s.relays,
+        s.healthy_relays,
+        s.links,
+        s.unassigned_links
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(
+            &["NAME", "ID"],
+            &[
+                vec!["a".into(), "1".into()],
+                vec!["long-name".into(), "2".into()],
+            ],
+        );
+        assert_eq!(t, "NAME       ID\na          1\nlong-name  2\n");
+    }
+
+    fn info(name: &str, max_flows: Option<u32>) -> api::LinkInfo {
+        api::LinkInfo {
+            name: name.into(),
+            link_id: comsat_protocol::LinkId([7; 16]),
+            generation: 2,
+            from: "a".into(),
+            listen: "tcp://127.0.0.1:7000".into(),
+            to: "b".into(),
+            target: "tcp://127.0.0.1:5432".into(),
+            allowed_uids: vec![],
+            allowed_gids: vec![],
+            max_flows,
+            rate_limit_bytes_per_sec: max_flows.map(|_| 10 << 20),
+            connection: max_flows.map(|_| "interactive".into()),
+            relays: vec!["r1".into()],
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn links_show_their_flow_limit() -> anyhow::Result<()> {
+        let rows = link_rows(&[info("db", Some(8)), info("free", None)]);
+        let lines: Vec<&str> = rows.lines().collect();
+        let col = lines[0].find("MAX FLOWS").expect("column");
+        assert!(lines[0][col..].starts_with("MAX FLOWS  RATE"), "{rows}");
+        assert!(lines[1][col..].starts_with("8 "), "{rows}");
+        assert!(lines[1].contains(" 10 MiB/s "), "{rows}");
+        assert!(lines[2][col..].starts_with("unlimited "), "{rows}");
+        let conn = lines[0].find("CONNECTION").expect("column");
+        assert!(lines[1][conn..].starts_with("interactive "), "{rows}");
+        assert!(lines[2][conn..].starts_with("shared "), "{rows}");
+
+        let shown = show_link(&info("db", Some(8)), Output::Table)?;
+        assert!(shown.contains("\nmax flows:  8\n"), "{shown}");
+        assert!(
+            shown.contains("\nrate limit: 10 MiB/s per direction\n"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("\nconnection: interactive (its own QUIC connection"),
+            "{shown}"
+        );
+        let shown = show_link(&info("db", None), Output::Table)?;
+        assert!(shown.contains("\nmax flows:  unlimited\n"), "{shown}");
+        assert!(
+            shown.contains("\nconnection: shared with the agents' other links\n"),
+            "{shown}"
+        );
+        let json = show_link(&info("db", Some(8)), Output::Json)?;
+        assert!(json.contains("\"max_flows\": 8"), "{json}");
+        assert!(
+            json.contains("\"rate_limit_bytes_per_sec\": 10485760"),
+            "{json}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn rates_parse_as_operators_write_them() {
+        assert_eq!(parse_rate("10MiB/s"), Ok(10 * 1024 * 1024));
+        assert_eq!(parse_rate("1.5MB/s"), Ok(1_500_000));
+        assert_eq!(parse_rate("100Mbit/s"), Ok(12_500_000));
+        assert_eq!(parse_rate("512KiB"), Ok(512 * 1024));
+        assert_eq!(parse_rate("65536"), Ok(65536));
+        for bad in ["", "fast", "10 parsecs/s", "-1MB/s", "0", "1e30"] {
+            assert!(parse_rate(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(format_rate(10 * 1024 * 1024), "10 MiB/s");
+        assert_eq!(format_rate(1_500_000), "1.43 MiB/s");
+        assert_eq!(format_rate(512), "512 B/s");
+    }
+}

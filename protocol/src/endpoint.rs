@@ -1,0 +1,232 @@
+//! Addresses, with one grammar for every party: `HOST:PORT` (relays, the
+//! controller) and the local ends of a link, `tcp://HOST:PORT` or
+//! `unix:///ABSOLUTE/PATH`.
+//!
+//! A `HOST` is an IP address (IPv6 in brackets) or a DNS name of letters,
+//! digits, `-` and `.`, as a certificate can carry it; a `PORT` is 0 to
+//! 65535 (0: any free port, where a listener allows it). An agent listens on loopback or a Unix socket only: it never
+//! accepts connections from the network ([`Endpoint::parse_listen`]).
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+/// Longest endpoint accepted.
+pub const MAX_ENDPOINT_LEN: usize = 512;
+
+/// Why an address or endpoint was refused: what was wrong, and the form
+/// expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EndpointError {
+    /// Longer than [`MAX_ENDPOINT_LEN`].
+    #[error("longer than {MAX_ENDPOINT_LEN} bytes")]
+    TooLong,
+    /// Not `HOST:PORT`.
+    #[error("`{0}`: expected HOST:PORT (a name or an IP address, IPv6 in [], and a port)")]
+    HostPort(String),
+    /// Neither `tcp://` nor `unix://`.
+    #[error("`{0}`: expected tcp://HOST:PORT or unix:///PATH")]
+    Scheme(String),
+    /// A `unix://` endpoint whose path is not absolute.
+    #[error("`{0}`: a unix socket must be unix:///ABSOLUTE/PATH")]
+    UnixPath(String),
+    /// A listener off loopback.
+    #[error(
+        "`{0}`: agents listen on loopback or Unix sockets only (they never accept \
+         connections from the network): use tcp://127.0.0.1:PORT, tcp://[::1]:PORT or unix:///PATH"
+    )]
+    NotLoopback(String),
+}
+
+/// Splits `HOST:PORT` into its host (brackets of an IPv6 address removed)
+/// and port, checking both.
+pub fn split_host_port(addr: &str) -> Result<(&str, u16), EndpointError> {
+    let bad = || EndpointError::HostPort(addr.to_owned());
+    if addr.len() > MAX_ENDPOINT_LEN {
+        return Err(EndpointError::TooLong);
+    }
+    let (host, port) = match addr.strip_prefix('[') {
+        Some(rest) => {
+            let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+            let port = after.strip_prefix(':').ok_or_else(bad)?;
+            host.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
+            (host, port)
+        }
+        None => addr.rsplit_once(':').ok_or_else(bad)?,
+    };
+    let port = port.parse::<u16>().map_err(|_| bad())?;
+    if !valid_host(host) || host.contains(':') && !addr.starts_with('[') {
+        return Err(bad());
+    }
+    Ok((host, port))
+}
+
+/// Whether `host` is a name a certificate can carry: an IP address or a
+/// DNS name of letters, digits, `-` and `.`.
+pub fn valid_host(host: &str) -> bool {
+    if host.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// A local end of a link: where an agent listens, or the target it dials.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `tcp://HOST:PORT`: the `HOST:PORT`, as written.
+    Tcp(String),
+    /// `unix:///PATH`: the absolute path.
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    /// Parses `tcp://HOST:PORT` or `unix:///ABSOLUTE/PATH`.
+    pub fn parse(s: &str) -> Result<Self, EndpointError> {
+        if s.len() > MAX_ENDPOINT_LEN {
+            return Err(EndpointError::TooLong);
+        }
+        if let Some(addr) = s.strip_prefix("tcp://") {
+            split_host_port(addr).map_err(|_| EndpointError::HostPort(s.to_owned()))?;
+            return Ok(Self::Tcp(addr.to_owned()));
+        }
+        if let Some(path) = s.strip_prefix("unix://") {
+            if !path.starts_with('/') || path.len() < 2 || path.contains('\0') {
+                return Err(EndpointError::UnixPath(s.to_owned()));
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        Err(EndpointError::Scheme(s.to_owned()))
+    }
+
+    /// Parses an endpoint an agent listens on: [`Self::parse`], and a TCP
+    /// one must be a loopback IP address.
+    pub fn parse_listen(s: &str) -> Result<Self, EndpointError> {
+        let endpoint = Self::parse(s)?;
+        if let Self::Tcp(addr) = &endpoint {
+            let loopback = addr
+                .parse::<SocketAddr>()
+                .is_ok_and(|a| a.ip().is_loopback());
+            if !loopback {
+                return Err(EndpointError::NotLoopback(s.to_owned()));
+            }
+        }
+        Ok(endpoint)
+    }
+
+    /// The TCP port, if this is a TCP endpoint.
+    pub fn tcp_port(&self) -> Option<u16> {
+        match self {
+            Self::Tcp(addr) => split_host_port(addr).ok().map(|(_, port)| port),
+            Self::Unix(_) => None,
+        }
+    }
+
+    /// The Unix socket path, if this is one.
+    pub fn unix_path(&self) -> Option<&Path> {
+        match self {
+            Self::Unix(p) => Some(p),
+            Self::Tcp(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp://{a}"),
+            Self::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = EndpointError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_takes_names_and_addresses_and_refuses_the_rest() {
+        assert_eq!(
+            split_host_port("relay.example:4433"),
+            Ok(("relay.example", 4433))
+        );
+        assert_eq!(split_host_port("10.0.0.1:4433"), Ok(("10.0.0.1", 4433)));
+        assert_eq!(split_host_port("[::1]:4433"), Ok(("::1", 4433)));
+        assert_eq!(split_host_port("relay:0"), Ok(("relay", 0)));
+        for bad in [
+            "",
+            "relay",
+            ":4433",
+            "relay:",
+            "relay:65536",
+            "::1:4433",
+            "[::1]4433",
+            "[nothost]:1",
+            "bad host:1",
+            "-x.example:1",
+        ] {
+            assert!(split_host_port(bad).is_err(), "{bad}");
+        }
+        assert!(valid_host("relay-1.example.com"));
+        assert!(valid_host("::1"));
+        assert!(!valid_host("bad host"));
+        assert!(!valid_host("-x.example"));
+    }
+
+    #[test]
+    fn endpoints_round_trip_and_listeners_stay_on_loopback() {
+        for s in [
+            "tcp://127.0.0.1:7000",
+            "tcp://[::1]:7000",
+            "tcp://db.internal:5432",
+            "unix:///run/x.sock",
+        ] {
+            let e = Endpoint::parse(s).expect(s);
+            assert_eq!(e.to_string(), s);
+        }
+        assert!(Endpoint::parse_listen("tcp://127.0.0.1:7000").is_ok());
+        assert!(Endpoint::parse_listen("tcp://[::1]:7000").is_ok());
+        assert!(Endpoint::parse_listen("unix:///run/x.sock").is_ok());
+        for off in [
+            "tcp://0.0.0.0:7000",
+            "tcp://10.0.0.1:7000",
+            "tcp://localhost:7000",
+        ] {
+            assert_eq!(
+                Endpoint::parse_listen(off),
+                Err(EndpointError::NotLoopback(off.into()))
+            );
+        }
+        for bad in [
+            "127.0.0.1:7000",
+            "udp://127.0.0.1:7000",
+            "tcp://127.0.0.1",
+            "unix://relative/path",
+            "unix:///",
+            "unix:///a\0b",
+        ] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad:?}");
+        }
+        let any = Endpoint::parse_listen("tcp://127.0.0.1:0").expect("any port");
+        assert_eq!(any.tcp_port(), Some(0));
+        let long = format!("unix:///{}", "a".repeat(MAX_ENDPOINT_LEN));
+        assert_eq!(Endpoint::parse(&long), Err(EndpointError::TooLong));
+    }
+}

@@ -1,0 +1,135 @@
+//! Accepting connections: the unauthenticated limit, the QUIC handshake,
+//! the agent's signed `Hello` and the connection limit.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use comsat_protocol::msg::{AgentToRelay, ControlMessage, FrameDecoder, FrameError, verify_hello};
+use comsat_protocol::{CLOSE_REFUSED, HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN, NodeId};
+use tracing::{Instrument, debug, info, info_span};
+
+use super::control::serve_connection;
+use super::{Place, State};
+
+pub(super) async fn accept_loop(state: Arc<State>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        state.metrics.connections_total.increment(1);
+        let max = state.limits().max_unauthenticated;
+        match state.unauthenticated.try_enter(max) {
+            Some(place) => {
+                tokio::spawn(handle_incoming(state.clone(), incoming, place));
+            }
+            None => {
+                state.metrics.auth_failure("too_many_unauthenticated");
+                incoming.refuse();
+            }
+        }
+    }
+}
+
+fn refuse(state: &State, conn: &quinn::Connection, reason: &'static str) {
+    state.metrics.auth_failure(reason);
+    debug!(reason, "connection refused");
+    conn.close(CLOSE_REFUSED.into(), b"refused");
+}
+
+/// Authenticates a new connection, then serves it. `unauthenticated` is
+/// this connection's place among the unauthenticated ones, given back as
+/// soon as it has authenticated (or failed to).
+async fn handle_incoming(state: Arc<State>, incoming: quinn::Incoming, unauthenticated: Place) {
+    let deadline = tokio::time::Instant::now() + state.limits().auth_timeout();
+    let conn = match tokio::time::timeout_at(deadline, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            debug!(error = %e, "handshake failed");
+            state.metrics.auth_failure("handshake");
+            return;
+        }
+        Err(_) => {
+            state.metrics.auth_failure("timeout");
+            return;
+        }
+    };
+    let authed = tokio::time::timeout_at(deadline, authenticate(&state, &conn)).await;
+    drop(unauthenticated);
+    let (node_id, send, decoder, recv) = match authed {
+        Ok(Ok(ok)) => ok,
+        Ok(Err(reason)) => return refuse(&state, &conn, reason),
+        Err(_) => return refuse(&state, &conn, "timeout"),
+    };
+    let Some(permit) = state.connections.try_enter(state.limits().max_connections) else {
+        return refuse(&state, &conn, "too_many_connections");
+    };
+    let conn_id = state.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("conn", id = conn_id, node = %node_id.fmt_short());
+    async move {
+        info!("agent connected");
+        state.metrics.connections_open.increment(1.0);
+        state.wire.open(conn_id, &conn);
+        serve_connection(&state, conn_id, node_id, conn, send, recv, decoder).await;
+        state.wire.close(conn_id);
+        state.metrics.connections_open.decrement(1.0);
+        drop(permit);
+        info!("agent disconnected");
+    }
+    .instrument(span)
+    .await;
+}
+
+type Authenticated = (NodeId, quinn::SendStream, FrameDecoder, quinn::RecvStream);
+
+async fn authenticate(
+    state: &State,
+    conn: &quinn::Connection,
+) -> Result<Authenticated, &'static str> {
+    let (send, mut recv) = conn.accept_bi().await.map_err(|_| "protocol")?;
+    let mut decoder = FrameDecoder::new();
+    let hello = read_message::<AgentToRelay>(&mut recv, &mut decoder)
+        .await
+        .map_err(|_| "protocol")?
+        .ok_or("protocol")?;
+    let AgentToRelay::Hello { node_id, signature } = hello else {
+        return Err("protocol");
+    };
+    let grants = state.grants.snapshot();
+    let key = grants.node_key(&node_id).ok_or("unknown_node")?;
+    let mut exporter = [0u8; HELLO_EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, HELLO_EXPORTER_LABEL, b"")
+        .map_err(|_| "protocol")?;
+    if !verify_hello(&node_id, &signature, key, &exporter) {
+        return Err("bad_signature");
+    }
+    Ok((node_id, send, decoder, recv))
+}
+
+/// Why a control stream could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ReadError {
+    /// The agent sent bytes that are no control message.
+    #[error("undecodable control message: {0}")]
+    Decode(#[from] FrameError),
+    /// The stream failed (reset, or its connection was lost).
+    #[error("control stream failed: {0}")]
+    Stream(#[from] quinn::ReadError),
+    /// The agent finished the stream half way through a message.
+    #[error("stream ended inside a frame")]
+    Truncated,
+}
+
+/// Reads the next control message: `Ok(None)` at a clean end of stream.
+pub(super) async fn read_message<M: ControlMessage>(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+) -> Result<Option<M>, ReadError> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(msg) = decoder.next_message::<M>()? {
+            return Ok(Some(msg));
+        }
+        match recv.read(&mut buf).await? {
+            Some(n) => decoder.extend(&buf[..n]),
+            None if decoder.has_partial() => return Err(ReadError::Truncated),
+            None => return Ok(None),
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! Enrolled relays and agents in this process: their configs from a data
+//! dir, and the relay and the agent fed by their controller sync
+//! (`comsat_node`) through its narrow traits.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use comsat_node::NodeState;
+use comsat_node::agent::AgentSink;
+use comsat_node::relay::RelaySink;
+use comsat_protocol::RelayId;
+use comsat_protocol::api;
+use comsat_protocol::grant::SignedGrant;
+
+/// The relay config of an enrolled relay's data dir.
+pub(crate) fn relay_config(
+    dir: &Path,
+    state: &NodeState,
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+) -> anyhow::Result<comsat_relay::RelayConfig> {
+    let (listen, lane) = state.relay_listen(listen)?;
+    let mut cfg = comsat_relay::RelayConfig::new(
+        RelayId(state.node_id.0),
+        listen,
+        dir.join("tls.crt"),
+        dir.join("tls.key"),
+        state.authority_public_key,
+        dir.join("grants"),
+    );
+    cfg.admin = admin;
+    cfg.interactive_listen = lane;
+    Ok(cfg)
+}
+
+/// A relay in this process, as its controller sync sees it.
+pub(crate) struct FedRelay {
+    handle: comsat_relay::RelayHandle,
+    load: Box<dyn Fn() -> api::RelayLoad + Send + Sync>,
+}
+
+impl FedRelay {
+    /// `relay` (bound with [`comsat_relay::Relay::bind_fed`]).
+    pub(crate) fn new(relay: &comsat_relay::Relay) -> Arc<Self> {
+        Arc::new(Self {
+            handle: relay.handle(),
+            load: Box::new(relay.load_probe()),
+        })
+    }
+}
+
+impl RelaySink for FedRelay {
+    fn grants(&self, grants: Vec<(String, SignedGrant)>) {
+        self.handle.set_grants(grants);
+    }
+
+    fn certificate_renewed(&self) {
+        self.handle.reload_certificate();
+    }
+
+    fn load(&self) -> api::RelayLoad {
+        (self.load)()
+    }
+}
+
+/// An agent in this process, as its controller sync sees it.
+pub(crate) struct FedAgent<'a>(pub &'a mut comsat_agent::Agent);
+
+impl AgentSink for FedAgent<'_> {
+    async fn apply(&mut self, desired: &api::AgentDesired, relay_ca: &Path) {
+        let links = desired
+            .links
+            .iter()
+            .map(|l| comsat_agent::config::from_desired(l, relay_ca))
+            .collect();
+        let applied = self.0.apply(links).await;
+        // Machine-readable lines the tests and scripts read.
+        for (name, addr) in &applied.listening {
+            println!("comsat agent link {name} listening {addr}");
+        }
+        for name in &applied.removed {
+            println!("comsat agent link {name} removed");
+        }
+        for (name, e) in &applied.failed {
+            tracing::error!(link = %name, error = %e, "link cannot be set up");
+            println!("comsat agent link {name} failed");
+        }
+    }
+}
+
+/// An enrolled agent's data dir as an agent config (no links yet: they
+/// come from the controller, or its cache).
+pub(crate) fn agent_config(dir: &Path, state: &NodeState) -> comsat_agent::AgentConfig {
+    comsat_agent::AgentConfig::for_node(state.node_id, dir.join("node.key"), dir.join("noise.key"))
+}
+
+/// Applies the desired state cached in `dir`, if any; its version.
+pub(crate) async fn apply_cached(agent: &mut comsat_agent::Agent, dir: &Path) -> u64 {
+    match comsat_node::agent::cached_desired(dir) {
+        Some(cached) => {
+            FedAgent(agent)
+                .apply(&cached, &dir.join("relay-ca.pem"))
+                .await;
+            cached.version
+        }
+        None => 0,
+    }
+}
