@@ -165,6 +165,14 @@ async fn refuse_bad_jwts(c: &Fleet) -> Result<(String, Vec<String>)> {
     );
     let (code, body) = raw_get(c, api::PATH_AGENT_CONFIG, &none).await?;
     ensure!(code == 401, "alg none JWT: {code} {body}");
+    // A header holding ESC and a newline, which the refusal's reason quotes.
+    let escape = format!(
+        "{}.{}.",
+        b64(r#"{"alg":"\u001b[2J\nforged","kid":"x"}"#.as_bytes()),
+        b64(claims.as_bytes())
+    );
+    let (code, body) = raw_get(c, api::PATH_AGENT_CONFIG, &escape).await?;
+    ensure!(code == 401, "JWT with control characters: {code} {body}");
 
     // An agent's JWT does not open relay endpoints.
     let agent_jwt = jwt::mint(
@@ -227,8 +235,37 @@ fn audit_every_reason_and_no_secret(
         table.starts_with("TIME") && table.contains("agent:a") && table.contains("enrol"),
         "{table}"
     );
+    // The JWT header's ESC and newline are stored and printed escaped: no
+    // record holds them raw, and the table shows the refusal on one row.
+    let escaped = r"\u{1b}[2J\nforged";
+    ensure!(
+        audit
+            .iter()
+            .any(|r| r.result == "denied"
+                && r.reason.as_deref().is_some_and(|x| x.contains(escaped))),
+        "no record of the JWT with control characters: {audit:#?}"
+    );
+    let raw = |t: &str| t.contains(['\u{1b}', '\n']);
+    ensure!(
+        !audit
+            .iter()
+            .any(|r| raw(&r.subject) || raw(&r.resource) || r.reason.as_deref().is_some_and(raw)),
+        "a record holds a raw ESC or newline: {audit:#?}"
+    );
+    let table = c.ctl_ok(&["audit", "list"])?;
+    ensure!(!table.contains('\u{1b}'), "raw ESC in the table: {table:?}");
+    ensure!(
+        table
+            .lines()
+            .any(|l| l.contains(escaped) && l.contains("denied") && l.contains("127.0.0.1:")),
+        "the refusal is not one whole row: {table}"
+    );
     let audit_text = serde_json::to_string(&audit)?;
     let controller_log = std::fs::read_to_string(c.path("controller.log"))?;
+    ensure!(
+        !controller_log.contains('\u{1b}') && controller_log.contains(escaped),
+        "the controller's log holds a raw ESC or not the escaped refusal"
+    );
     let admin = std::fs::read_to_string(c.path("controller/admin.token"))?;
     let mut secrets = vec![admin.trim().to_owned()];
     secrets.extend(jwts);

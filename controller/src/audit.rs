@@ -4,7 +4,8 @@
 //! an audit record ([`comsat_protocol::api::AuditRecord`]) with the real
 //! reason; the caller of a refused request only ever hears "unauthorized"
 //! (or "join token refused"), so a prober learns nothing from the answer.
-//! Records name tokens by id and never hold a secret.
+//! Records name tokens by id and never hold a secret, and hold text from
+//! the network with its control characters escaped.
 //!
 //! Hostile callers are slowed per source address: enrolment attempts and
 //! failed authentications each draw from a token bucket per address (the
@@ -21,6 +22,7 @@ use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use comsat_protocol::api::AuditRecord;
+use comsat_protocol::text::printable;
 
 use crate::state::Shared;
 
@@ -93,13 +95,16 @@ impl Shared {
         outcome: Outcome,
         reason: Option<&str>,
     ) {
+        // What a peer sent (a JWT header, a name) may hold control
+        // characters: stored escaped, so no reader of the log sees them raw.
+        let clean = |s: &str| printable(s).into_owned();
         let record = AuditRecord {
             at_ms: now_ms(),
-            subject: subject.to_owned(),
-            action: action.to_owned(),
-            resource: resource.to_owned(),
+            subject: clean(subject),
+            action: clean(action),
+            resource: clean(resource),
             result: outcome.as_str().to_owned(),
-            reason: reason.map(str::to_owned),
+            reason: reason.map(clean),
             source: caller.source(),
         };
         if let Err(e) = self.store.append_audit(&record).await {

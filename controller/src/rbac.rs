@@ -11,6 +11,12 @@
 //! | `operator` | links and join tokens (all verbs); reading agents, relays and the status |
 //! | `viewer` | `get` and `list` on everything |
 //! | `relay-operator` | relays (all verbs), relay join tokens; reading the status |
+//!
+//! No escalation, as Kubernetes does it: a caller may create a role only
+//! with permissions it holds itself, and bind a role only if it holds every
+//! permission the role grants, unless it holds `escalate` (creating) or
+//! `bind` (binding) on `roles`. Minting a token for an account needs every
+//! permission that account holds. [`first_uncovered`] is that check.
 
 use comsat_protocol::api::{Rule, valid_name};
 
@@ -28,8 +34,11 @@ pub const RESOURCES: &[&str] = &[
     "status",
 ];
 
-/// Every verb.
-pub const VERBS: &[&str] = &["get", "list", "create", "update", "delete"];
+/// Every verb. `escalate` and `bind` mean something on `roles` only: the
+/// holder may create, or bind, roles that grant more than it holds itself.
+pub const VERBS: &[&str] = &[
+    "get", "list", "create", "update", "delete", "escalate", "bind",
+];
 
 /// Most rules in a role, and resources or verbs in a rule.
 pub const MAX_RULES: usize = 64;
@@ -84,6 +93,22 @@ pub fn allows(rules: &[Rule], resource: &str, verb: &str) -> bool {
         });
         let verb_ok = r.verbs.iter().any(|v| v == "*" || v == verb);
         resource_ok && verb_ok
+    })
+}
+
+/// The first permission (resource, verb) that `wanted` grants and `held`
+/// does not, or `None` when `held` covers all of `wanted`. A wildcard is
+/// covered only by a wildcard: `*` on `links` needs `*` on `links` (or on
+/// `*`), not each verb one by one, so a role made today cannot grow with
+/// verbs or resources added later.
+pub fn first_uncovered<'a>(held: &[Rule], wanted: &'a [Rule]) -> Option<(&'a str, &'a str)> {
+    wanted.iter().find_map(|r| {
+        r.resources.iter().find_map(|resource| {
+            r.verbs
+                .iter()
+                .find(|verb| !allows(held, resource, verb))
+                .map(|verb| (resource.as_str(), verb.as_str()))
+        })
     })
 }
 
@@ -214,6 +239,48 @@ mod tests {
         // A prefix is not a parent.
         assert!(!allows(&[rule(&["token"], &["*"])], "tokens", "create"));
         assert!(!allows(&[], "links", "get"), "deny by default");
+    }
+
+    #[test]
+    fn only_what_is_held_is_covered() {
+        let admin = builtin("admin").expect("admin");
+        let operator = builtin("operator").expect("operator");
+        let viewer = builtin("viewer").expect("viewer");
+        for (_, rules) in builtin_roles() {
+            assert_eq!(first_uncovered(&admin, &rules), None, "admin holds all");
+        }
+        assert_eq!(first_uncovered(&operator, &operator), None);
+        assert_eq!(
+            first_uncovered(&operator, &admin),
+            Some(("*", "*")),
+            "a wildcard needs a wildcard"
+        );
+        assert_eq!(first_uncovered(&viewer, &operator), Some(("links", "*")));
+        // `*` verbs on links are held, but `*` on `*` is not.
+        let links_all = [rule(&["links"], &["*"])];
+        assert_eq!(
+            first_uncovered(&links_all, &[rule(&["links"], &["delete"])]),
+            None
+        );
+        assert_eq!(
+            first_uncovered(&links_all, &[rule(&["links", "relays"], &["get"])]),
+            Some(("relays", "get"))
+        );
+        // Every verb of a resource one by one is not `*` on it.
+        let each: Vec<&str> = VERBS.to_vec();
+        assert_eq!(
+            first_uncovered(&[rule(&["links"], &each)], &links_all),
+            Some(("links", "*"))
+        );
+        // A token kind is covered by `tokens`, not the other way round.
+        let tokens = [rule(&["tokens"], &["create"])];
+        let relay_tokens = [rule(&["tokens/relay"], &["create"])];
+        assert_eq!(first_uncovered(&tokens, &relay_tokens), None);
+        assert_eq!(
+            first_uncovered(&relay_tokens, &tokens),
+            Some(("tokens", "create"))
+        );
+        assert_eq!(first_uncovered(&[], &[]), None);
     }
 
     #[test]

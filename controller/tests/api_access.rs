@@ -536,3 +536,250 @@ fn account_user_audit_and_status_calls(n: &mut u32) -> Vec<Case> {
         ("status", "get", Method::GET, api::PATH_STATUS.into(), None),
     ]
 }
+
+/// Creates role `name` with `rules` as the admin.
+async fn create_role(api: &Api, name: &str, rules: serde_json::Value) {
+    let body = json!({ "name": name, "rules": rules });
+    let (status, text) = call(api, &api.admin, Method::POST, api::PATH_ROLES, Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+}
+
+/// `token` binds `role` to service account `subject` (binding `name`).
+async fn try_bind(
+    api: &Api,
+    token: &str,
+    name: &str,
+    role: &str,
+    subject: &str,
+) -> (StatusCode, String) {
+    let body = json!({
+        "name": name,
+        "role": role,
+        "subject_kind": "serviceaccount",
+        "subject_name": subject,
+    });
+    call(
+        api,
+        token,
+        Method::POST,
+        api::PATH_ROLE_BINDINGS,
+        Some(body),
+    )
+    .await
+}
+
+/// Audit records of `subject` refused `action` for a reason holding `rule`.
+fn denied(audit: &[AuditRecord], subject: &str, action: &str, rule: &str) -> usize {
+    audit
+        .iter()
+        .filter(|r| r.result == "denied" && r.subject == subject && r.action == action)
+        .filter(|r| r.reason.as_deref().is_some_and(|x| x.contains(rule)))
+        .count()
+}
+
+/// A service account `victim` with no role, made by the admin.
+async fn victim(api: &Api) {
+    let body = json!({ "name": "victim" });
+    let (status, text) = call(
+        api,
+        &api.admin,
+        Method::POST,
+        api::PATH_SERVICE_ACCOUNTS,
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_allowed_to_create_bindings_cannot_bind_more_than_it_holds() {
+    let api = start("").await;
+    create_role(
+        &api,
+        "binder",
+        json!([{ "resources": ["rolebindings"], "verbs": ["create"] }]),
+    )
+    .await;
+    create_role(
+        &api,
+        "sa-keeper",
+        json!([{ "resources": ["serviceaccounts"], "verbs": ["update"] }]),
+    )
+    .await;
+    let both = json!([{ "resources": ["rolebindings"], "verbs": ["create"] }, { "resources": ["roles"], "verbs": ["bind"] }]);
+    create_role(&api, "binder-plus", both).await;
+    let binder = bind_a_service_account(&api, "binder").await;
+    let binder_plus = bind_a_service_account(&api, "binder-plus").await;
+    victim(&api).await;
+
+    // It cannot bind admin to itself or to anyone.
+    for (i, subject) in ["sa-binder", "victim"].into_iter().enumerate() {
+        let (status, text) = try_bind(&api, &binder, &format!("esc-{i}"), "admin", subject).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
+        assert!(
+            text.contains(&format!(
+                "cannot bind role `admin` to serviceaccount:{subject}"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("`*` on `*`") && text.contains("`bind` on `roles`"),
+            "the refusal names the rule: {text}"
+        );
+    }
+    // Nor a role granting one thing more than it holds; what it holds, it may.
+    let (status, text) = try_bind(&api, &binder, "esc-2", "sa-keeper", "victim").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
+    assert!(text.contains("`update` on `serviceaccounts`"), "{text}");
+    let (status, text) = try_bind(&api, &binder, "ok-1", "binder", "victim").await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    // `bind` on `roles` lifts the rule, as the rule says.
+    let (status, text) = try_bind(&api, &binder_plus, "ok-2", "admin", "victim").await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+
+    let bindings: Vec<api::RoleBindingInfo> = api.admin_get(api::PATH_ROLE_BINDINGS).await;
+    assert!(
+        !bindings.iter().any(|b| b.name.starts_with("esc-")),
+        "{bindings:?}"
+    );
+    let audit: Vec<AuditRecord> = api.admin_get(api::PATH_AUDIT).await;
+    let n = denied(
+        &audit,
+        "serviceaccount:sa-binder",
+        "rolebindings.create",
+        "`bind` on `roles`",
+    );
+    assert_eq!(n, 3, "each refusal audited with its rule: {audit:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_allowed_to_update_accounts_cannot_mint_a_token_for_a_stronger_one() {
+    let api = start("").await;
+    create_role(
+        &api,
+        "sa-keeper",
+        json!([{ "resources": ["serviceaccounts"], "verbs": ["update"] }]),
+    )
+    .await;
+    let keeper = bind_a_service_account(&api, "sa-keeper").await;
+    let _admin = bind_a_service_account(&api, "admin").await;
+    victim(&api).await;
+
+    let mint = |who: &'static str| format!("{}/{who}/tokens", api::PATH_SERVICE_ACCOUNTS);
+    let (status, text) = call(
+        &api,
+        &keeper,
+        Method::POST,
+        &mint("sa-admin"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
+    assert!(
+        text.contains("cannot mint a token for serviceaccount:sa-admin")
+            && text.contains("every permission of that account"),
+        "{text}"
+    );
+    // For itself, or an account with no more, it may.
+    for who in ["sa-sa-keeper", "victim"] {
+        let (status, text) = call(&api, &keeper, Method::POST, &mint(who), Some(json!({}))).await;
+        assert_eq!(status, StatusCode::CREATED, "{who}: {text}");
+    }
+    let audit: Vec<AuditRecord> = api.admin_get(api::PATH_AUDIT).await;
+    let n = denied(
+        &audit,
+        "serviceaccount:sa-sa-keeper",
+        "serviceaccounts.token.create",
+        "every permission of that account",
+    );
+    assert_eq!(n, 1, "{audit:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_allowed_to_create_roles_cannot_create_one_granting_more_than_it_holds() {
+    let api = start("").await;
+    create_role(
+        &api,
+        "role-maker",
+        json!([{ "resources": ["roles"], "verbs": ["create"] }]),
+    )
+    .await;
+    create_role(
+        &api,
+        "maker-plus",
+        json!([{ "resources": ["roles"], "verbs": ["create", "escalate"] }]),
+    )
+    .await;
+    let maker = bind_a_service_account(&api, "role-maker").await;
+    let maker_plus = bind_a_service_account(&api, "maker-plus").await;
+
+    let wide =
+        json!({ "name": "wide", "rules": [{ "resources": ["links"], "verbs": ["delete"] }] });
+    let (status, text) = call(
+        &api,
+        &maker,
+        Method::POST,
+        api::PATH_ROLES,
+        Some(wide.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
+    assert!(
+        text.contains("cannot create role `wide`")
+            && text.contains("`delete` on `links`")
+            && text.contains("`escalate` on `roles`"),
+        "{text}"
+    );
+    let narrow =
+        json!({ "name": "narrow", "rules": [{ "resources": ["roles"], "verbs": ["create"] }] });
+    let (status, text) = call(&api, &maker, Method::POST, api::PATH_ROLES, Some(narrow)).await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    // `escalate` on `roles` lifts the rule.
+    let (status, text) = call(&api, &maker_plus, Method::POST, api::PATH_ROLES, Some(wide)).await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let audit: Vec<AuditRecord> = api.admin_get(api::PATH_AUDIT).await;
+    let n = denied(
+        &audit,
+        "serviceaccount:sa-role-maker",
+        "roles.create",
+        "`escalate` on `roles`",
+    );
+    assert_eq!(n, 1, "{audit:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_join_tokens_are_audited_as_sensitive_and_may_name_one_relay() {
+    let api = start("").await;
+    let body = json!({ "kind": "relay", "name": "edge-7" });
+    let (status, text) = call(&api, &api.admin, Method::POST, api::PATH_TOKENS, Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let body = json!({ "kind": "relay" });
+    let (status, text) = call(&api, &api.admin, Method::POST, api::PATH_TOKENS, Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let audit: Vec<AuditRecord> = api.admin_get(api::PATH_AUDIT).await;
+    let reasons: Vec<&str> = audit
+        .iter()
+        .filter(|r| r.action == "token.create" && r.result == "ok")
+        .filter_map(|r| r.reason.as_deref())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("relay join token for `edge-7` only") && r.contains("data paths")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("relay join token for any name")),
+        "{reasons:?}"
+    );
+    // The token is listed with the one name its relay will get.
+    let tokens: Vec<api::JoinTokenInfo> = api.admin_get(api::PATH_OPEN_TOKENS).await;
+    assert!(
+        tokens
+            .iter()
+            .any(|t| t.kind == api::NodeKind::Relay && t.name.as_deref() == Some("edge-7")),
+        "{tokens:?}"
+    );
+}

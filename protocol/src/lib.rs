@@ -30,6 +30,7 @@ pub mod quantum;
 pub mod record;
 pub mod replay;
 pub mod resume;
+pub mod text;
 
 pub use grant::{Grant, GrantError, GrantSide, LinkLimits, SignedGrant};
 pub use ids::{FlowId, LinkId, NodeId, RelayId, Side};

@@ -10,8 +10,8 @@
 //!    ([`Audited`]): every success, and a change whose answer could not be
 //!    read back.
 //!
-//! Handlers get the caller's [`Subject`], and a node route its
-//! [`CallingNode`], as extractors.
+//! Handlers get the caller's [`Subject`], an admin route the rules the
+//! caller [`Held`], and a node route its [`CallingNode`], as extractors.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -24,7 +24,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, IntoResponseParts, Response, ResponseParts};
 use axum::routing::MethodRouter;
 use axum::{RequestExt, Router};
-use comsat_protocol::api::NodeKind;
+use comsat_protocol::api::{NodeKind, Rule};
 
 use super::AppState;
 use super::auth::{auth_node, authenticate_api, check_permission};
@@ -164,16 +164,34 @@ pub(super) struct Subject(pub(super) String);
 #[derive(Clone, Debug)]
 pub(super) struct CallingNode(pub(super) NodeRecord);
 
+/// The rules a user or service account holds (every role bound to it),
+/// for the handlers that must not give away more than that.
+#[derive(Clone, Debug)]
+pub(super) struct Held(pub(super) Vec<Rule>);
+
 impl<S: Send + Sync> FromRequestParts<S> for Subject {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        parts
-            .extensions
-            .get::<Self>()
-            .cloned()
-            .ok_or_else(|| unguarded("Subject"))
+        guarded(parts, "Subject")
     }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Held {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        guarded(parts, "Held")
+    }
+}
+
+/// What the route's guard put in the request for its handler.
+fn guarded<T: Clone + Send + Sync + 'static>(parts: &Parts, what: &str) -> Result<T, ApiError> {
+    parts
+        .extensions
+        .get::<T>()
+        .cloned()
+        .ok_or_else(|| unguarded(what))
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for CallingNode {
@@ -304,9 +322,11 @@ async fn admit(
                     Cow::Owned(name(&body).map_err(refusal)?)
                 }
             };
-            check_permission(state, caller, &principal, &resource, verb)
+            let (subject, held) = check_permission(state, caller, &principal, &resource, verb)
                 .await
-                .map_err(refusal)?
+                .map_err(refusal)?;
+            request.extensions_mut().insert(Held(held));
+            subject
         }
     };
     request.extensions_mut().insert(Subject(subject.clone()));

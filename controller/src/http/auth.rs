@@ -7,6 +7,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use comsat_protocol::NodeId;
 use comsat_protocol::api::{NodeKind, PrincipalKind, Rule};
 use comsat_protocol::jwt;
+use comsat_protocol::text::printable;
 
 use crate::audit::{Caller, Outcome, Verdict};
 use crate::init::token_hash;
@@ -43,7 +44,7 @@ fn check_not_limited(state: &Shared, caller: &Caller) -> Result<(), ApiError> {
 /// Records a refused authentication (and the source running out of
 /// attempts, once) and answers the uniform 401.
 async fn refuse_auth(state: &Shared, caller: &Caller, subject: &str, reason: &str) -> ApiError {
-    tracing::warn!(source = ?caller.source(), subject, reason, path = %caller.path, "refused an authentication");
+    tracing::warn!(source = ?caller.source(), subject = %printable(subject), reason = %printable(reason), path = %caller.path, "refused an authentication");
     state
         .audit(
             caller,
@@ -109,37 +110,49 @@ pub(super) async fn authenticate_api(
     })
 }
 
-/// The rules of every role bound to `p` (a binding to a role that does not
-/// exist gives nothing).
-async fn rules_of(state: &Shared, p: &Principal) -> Result<Vec<Rule>, ApiError> {
+/// The rules of role `role`, built in or stored; `None` if there is no such
+/// role (a stored role that does not parse grants nothing).
+pub(super) async fn role_rules(state: &Shared, role: &str) -> Result<Option<Vec<Rule>>, ApiError> {
+    if let Some(r) = rbac::builtin(role) {
+        return Ok(Some(r));
+    }
+    let Some(json) = state.store.role(role).await? else {
+        return Ok(None);
+    };
+    Ok(Some(serde_json::from_str(&json).unwrap_or_else(|e| {
+        tracing::error!(role, error = %e, "a stored role does not parse; it grants nothing");
+        Vec::new()
+    })))
+}
+
+/// The rules of every role bound to the user or service account `name`
+/// (a binding to a role that does not exist gives nothing).
+pub(super) async fn rules_of(
+    state: &Shared,
+    kind: PrincipalKind,
+    name: &str,
+) -> Result<Vec<Rule>, ApiError> {
     let mut rules = Vec::new();
-    for role in state.store.roles_of(p.kind, &p.name).await? {
-        if let Some(r) = rbac::builtin(&role) {
-            rules.extend(r);
-        } else if let Some(json) = state.store.role(&role).await? {
-            match serde_json::from_str::<Vec<Rule>>(&json) {
-                Ok(r) => rules.extend(r),
-                Err(e) => {
-                    tracing::error!(role, error = %e, "a stored role does not parse; it grants nothing")
-                }
-            }
-        }
+    for role in state.store.roles_of(kind, name).await? {
+        rules.extend(role_rules(state, &role).await?.unwrap_or_default());
     }
     Ok(rules)
 }
 
 /// Checks that `p` may `verb` on `resource`; a refusal is audited and
-/// names the missing permission. Returns the subject.
+/// names the missing permission. Returns the subject and the rules it
+/// holds.
 pub(super) async fn check_permission(
     state: &Shared,
     caller: &Caller,
     p: &Principal,
     resource: &str,
     verb: &str,
-) -> Result<String, ApiError> {
+) -> Result<(String, Vec<Rule>), ApiError> {
     let subject = p.subject();
-    if rbac::allows(&rules_of(state, p).await?, resource, verb) {
-        return Ok(subject);
+    let held = rules_of(state, p.kind, &p.name).await?;
+    if rbac::allows(&held, resource, verb) {
+        return Ok((subject, held));
     }
     let missing = format!("`{verb}` on `{resource}`");
     state
@@ -155,6 +168,89 @@ pub(super) async fn check_permission(
     Err(ApiError::new(
         StatusCode::FORBIDDEN,
         format!("forbidden: {subject} lacks the permission {missing}; bind it a role that has it"),
+    ))
+}
+
+/// What a caller may give away: a role it creates, a role it binds, or a
+/// token it mints for an account.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Grant {
+    /// Creating a role (`escalate` on `roles` lifts the rule).
+    Role,
+    /// Binding a role (`bind` on `roles` lifts the rule).
+    Binding,
+    /// Minting a token for an account (nothing lifts the rule).
+    Token,
+}
+
+impl Grant {
+    /// The verb on `roles` that lets its holder give more than it holds.
+    fn bypass(self) -> Option<&'static str> {
+        match self {
+            Self::Role => Some("escalate"),
+            Self::Binding => Some("bind"),
+            Self::Token => None,
+        }
+    }
+
+    /// The rule a refusal names.
+    fn rule(self) -> &'static str {
+        match self {
+            Self::Role => {
+                "a role may grant only what its creator holds, unless the creator has \
+                 `escalate` on `roles`"
+            }
+            Self::Binding => {
+                "a role may be bound only by a caller holding every permission it grants, \
+                 or `bind` on `roles`"
+            }
+            Self::Token => {
+                "a token for an account may be minted only by a caller holding every \
+                 permission of that account"
+            }
+        }
+    }
+}
+
+/// Refuses, with an audit record naming the rule, a `grant` of `wanted`
+/// (`what`: "bind role `admin` to user:bob") by `subject`, holding `held`,
+/// if `wanted` gives a permission that `held` lacks: no escalation.
+pub(super) async fn check_no_escalation(
+    state: &Shared,
+    caller: &Caller,
+    (subject, held): (&str, &[Rule]),
+    grant: Grant,
+    wanted: &[Rule],
+    (action, what): (&str, &str),
+) -> Result<(), ApiError> {
+    if grant
+        .bypass()
+        .is_some_and(|v| rbac::allows(held, "roles", v))
+    {
+        return Ok(());
+    }
+    let Some((resource, verb)) = rbac::first_uncovered(held, wanted) else {
+        return Ok(());
+    };
+    let reason = format!(
+        "{subject} cannot {what}: that grants `{verb}` on `{resource}`, which {subject} does \
+         not hold ({})",
+        grant.rule()
+    );
+    tracing::warn!(subject, action, reason, "refused an escalation");
+    state
+        .audit(
+            caller,
+            subject,
+            action,
+            &caller.path,
+            Outcome::Denied,
+            Some(&reason),
+        )
+        .await;
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!("forbidden: {reason}"),
     ))
 }
 

@@ -113,9 +113,26 @@ async fn create_token(
             created_at: now,
         })
         .await?;
-    tracing::info!(token_id = %token.id, kind = %req.kind, name = ?req.name, expires_at, "join token created");
+    // A relay join token puts a new relay into data paths: its record says
+    // so, and whether it is bound to one name.
+    let named = req
+        .name
+        .as_ref()
+        .map_or_else(|| "any name".to_owned(), |n| format!("`{n}` only"));
+    let detail = match req.kind {
+        NodeKind::Relay => {
+            tracing::warn!(token_id = %token.id, name = ?req.name, expires_at, "relay join token created: it can put a relay into data paths");
+            format!(
+                "relay join token for {named}, expires {expires_at}: enrols a relay into data paths"
+            )
+        }
+        NodeKind::Agent => {
+            tracing::info!(token_id = %token.id, name = ?req.name, expires_at, "agent join token created");
+            format!("agent join token for {named}, expires {expires_at}")
+        }
+    };
     Ok((
-        Audited::on(format!("token/{}", token.id)),
+        Audited::on(format!("token/{}", token.id)).detail(detail),
         Json(TokenCreated {
             token: token.encode(),
             expires_at,

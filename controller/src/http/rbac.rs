@@ -12,8 +12,10 @@ use comsat_protocol::api::{
     RoleBindingCreate, RoleBindingInfo, RoleCreate, RoleInfo,
 };
 
-use super::access::{Audited, Policy, Routes, Subject};
+use super::access::{Audited, Held, Policy, Routes, Subject};
+use super::auth::{Grant, check_no_escalation, role_rules, rules_of};
 use super::{AppState, parse_json};
+use crate::audit::Caller;
 use crate::init::token_hash;
 use crate::rbac;
 use crate::state::{ApiError, Shared};
@@ -55,7 +57,9 @@ fn principal_routes(r: Routes, kind: PrincipalKind) -> Routes {
     let create = move |st: State<AppState>, b: Bytes| create_principal(st, kind, b);
     let remove =
         move |st: State<AppState>, s: Subject, n: Path<String>| delete_principal(st, s, kind, n);
-    let add = move |st: State<AppState>, n: Path<String>, b: Bytes| add_token(st, kind, n, b);
+    let add = move |st: State<AppState>, c: Caller, s: Subject, h: Held, n: Path<String>, b: Bytes| {
+        add_token(st, (c, s, h), kind, n, b)
+    };
     let revoke = move |st: State<AppState>, p: Path<(String, String)>| revoke_token(st, kind, p);
     r.add(all, Policy::api(res, "list"), get(list))
         .add(all, audited("create", "create"), post(create))
@@ -158,13 +162,29 @@ async fn delete_principal(
     Ok((Audited::on(target), Json(Empty {})))
 }
 
+/// Who calls a handler that may give away permissions: its record, its
+/// subject and the rules it holds.
+type Granter = (Caller, Subject, Held);
+
 async fn add_token(
     State(state): State<AppState>,
+    (caller, Subject(subject), Held(held)): Granter,
     kind: PrincipalKind,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<(Audited, (StatusCode, Json<PrincipalCreated>)), ApiError> {
     let req: PrincipalCreate = parse_json(&body)?;
+    let account = rules_of(&state, kind, &name).await?;
+    let what = format!("mint a token for {kind}:{name}");
+    check_no_escalation(
+        &state,
+        &caller,
+        (&subject, &held),
+        Grant::Token,
+        &account,
+        (&format!("{}.token.create", kind.resource()), &what),
+    )
+    .await?;
     let (token, record) = new_api_token(kind, req.ttl_secs)?;
     if !state
         .store
@@ -247,6 +267,9 @@ async fn get_role(
 
 async fn create_role(
     State(state): State<AppState>,
+    caller: Caller,
+    Subject(subject): Subject,
+    Held(held): Held,
     body: Bytes,
 ) -> Result<(Audited, (StatusCode, Json<RoleInfo>)), ApiError> {
     let req: RoleCreate = parse_json(&body)?;
@@ -258,6 +281,16 @@ async fn create_role(
             format!("`{}` is a built-in role", req.name),
         ));
     }
+    let what = format!("create role `{}`", req.name);
+    check_no_escalation(
+        &state,
+        &caller,
+        (&subject, &held),
+        Grant::Role,
+        &req.rules,
+        ("roles.create", &what),
+    )
+    .await?;
     let json =
         serde_json::to_string(&req.rules).map_err(|e| ApiError::internal("encoding rules", e))?;
     state
@@ -309,18 +342,34 @@ async fn get_binding(
 
 async fn create_binding(
     State(state): State<AppState>,
+    caller: Caller,
+    Subject(subject): Subject,
+    Held(held): Held,
     body: Bytes,
 ) -> Result<(Audited, (StatusCode, Json<RoleBindingInfo>)), ApiError> {
     let req: RoleBindingCreate = parse_json(&body)?;
     rbac::check_name("role binding", &req.name)?;
     rbac::check_name("role", &req.role)?;
     rbac::check_name(req.subject_kind.as_str(), &req.subject_name)?;
-    if rbac::builtin(&req.role).is_none() && state.store.role(&req.role).await?.is_none() {
+    let Some(granted) = role_rules(&state, &req.role).await? else {
         return Err(ApiError::not_found(format!(
             "no role named `{}` (see `comsat ctl role list`)",
             req.role
         )));
-    }
+    };
+    let what = format!(
+        "bind role `{}` to {}:{}",
+        req.role, req.subject_kind, req.subject_name
+    );
+    check_no_escalation(
+        &state,
+        &caller,
+        (&subject, &held),
+        Grant::Binding,
+        &granted,
+        ("rolebindings.create", &what),
+    )
+    .await?;
     let exists = state
         .store
         .principals(req.subject_kind)
