@@ -502,9 +502,8 @@ async fn run_enrolled_agent(
     let state =
         comsat_node::NodeState::load(&dir, NodeKind::Agent).map_err(|e| Usage(format!("{e:#}")))?;
     let prometheus = install_metrics()?;
-    let mut config = nodes::agent_config(&dir, &state);
-    config.bulk_nice = bulk_nice;
-    let mut agent = comsat_agent::Agent::new(&config).map_err(|e| Usage(e.to_string()))?;
+    let mut agent =
+        nodes::enrolled_agent(&dir, &state, bulk_nice).map_err(|e| Usage(e.to_string()))?;
     let admin_shown = serve_admin(
         admin,
         prometheus,

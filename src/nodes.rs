@@ -68,7 +68,11 @@ impl RelaySink for FedRelay {
 pub(crate) struct FedAgent<'a>(pub &'a mut comsat_agent::Agent);
 
 impl AgentSink for FedAgent<'_> {
-    async fn apply(&mut self, desired: &api::AgentDesired, relay_ca: &Path) {
+    async fn apply(
+        &mut self,
+        desired: &api::AgentDesired,
+        relay_ca: &Path,
+    ) -> Vec<api::LinkRefusal> {
         let links = desired
             .links
             .iter()
@@ -86,19 +90,41 @@ impl AgentSink for FedAgent<'_> {
             tracing::error!(link = %name, error = %e, "link cannot be set up");
             println!("comsat agent link {name} failed");
         }
+        applied
+            .refused
+            .into_iter()
+            .map(|(link, reason)| {
+                println!("comsat agent link {link} refused");
+                api::LinkRefusal { link, reason }
+            })
+            .collect()
     }
 }
 
-/// An enrolled agent's data dir as an agent config (no links yet: they
-/// come from the controller, or its cache).
-pub(crate) fn agent_config(dir: &Path, state: &NodeState) -> comsat_agent::AgentConfig {
-    comsat_agent::AgentConfig::for_node(state.node_id, dir.join("node.key"), dir.join("noise.key"))
+/// The agent of an enrolled data dir, holding no link yet (they come from
+/// the controller, or its cache), and taking only those within its owner's
+/// consent (the dir's `consent.toml`, or the default).
+pub(crate) fn enrolled_agent(
+    dir: &Path,
+    state: &NodeState,
+    bulk_nice: Option<u8>,
+) -> Result<comsat_agent::Agent, comsat_agent::AgentError> {
+    let mut config = comsat_agent::AgentConfig::for_node(
+        state.node_id,
+        dir.join("node.key"),
+        dir.join("noise.key"),
+    );
+    config.bulk_nice = bulk_nice;
+    let mut agent = comsat_agent::Agent::new(&config)?;
+    agent.require_consent(comsat_agent::consent::Consent::load(dir)?);
+    Ok(agent)
 }
 
 /// Applies the desired state cached in `dir`, if any; its version.
 pub(crate) async fn apply_cached(agent: &mut comsat_agent::Agent, dir: &Path) -> u64 {
     match comsat_node::agent::cached_desired(dir) {
         Some(cached) => {
+            // What it refuses is told the controller at its first answer.
             FedAgent(agent)
                 .apply(&cached, &dir.join("relay-ca.pem"))
                 .await;

@@ -213,6 +213,27 @@ async fn start_relay(
     Ok((relay_quic, relay_lane))
 }
 
+/// Lets the agent of `agent_dir` dial the demo service at `sock` as well as
+/// the default loopback targets (its consent file, written once: an owner's
+/// edit stays).
+fn consent_to_demo(agent_dir: &Path, sock: &Path) -> anyhow::Result<()> {
+    let path = agent_dir.join(comsat_agent::consent::CONSENT_FILE);
+    if path.exists() {
+        return Ok(());
+    }
+    let mut targets: Vec<String> = comsat_agent::consent::DEFAULT
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    targets.push(format!("unix://{}", sock.display()));
+    let text = format!(
+        "# What this agent will dial for links the controller assigns (see\n\
+         # docs/configuration.md, \"Consent at the edge\"). Written by `comsat up`.\n{}",
+        comsat_agent::consent::targets_text(&targets)
+    );
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+}
+
 /// Starts both agents (enrolled on the first run), each with its sync.
 async fn start_agents(
     dir: &Path,
@@ -227,7 +248,10 @@ async fn start_agents(
             comsat_node::enrol(&token, NodeKind::Agent, &agent_dir, None, None, &[]).await?;
         }
         let state = NodeState::load(&agent_dir, NodeKind::Agent)?;
-        let mut agent = comsat_agent::Agent::new(&nodes::agent_config(&agent_dir, &state))?;
+        if name == AGENTS[1] {
+            consent_to_demo(&agent_dir, &dir.join("demo.sock"))?;
+        }
+        let mut agent = nodes::enrolled_agent(&agent_dir, &state, None)?;
         let version = nodes::apply_cached(&mut agent, &agent_dir).await;
         let rx = stop_rx.clone();
         tasks.spawn(async move {

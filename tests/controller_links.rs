@@ -386,3 +386,111 @@ async fn a_link_created_with_a_connection_uses_the_relays_interactive_listener()
     connections_become(2.0).with_context(|| c.logs())?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_outside_an_agents_consent_is_refused_there_and_nothing_is_dialled_or_bound()
+-> Result<()> {
+    let mut c = Fleet::builder().relays(1).agents(&["a", "b"]).start()?;
+    // Each edge box's owner consents to little: agent a listens on one
+    // loopback port only, agent b dials port 1 only.
+    let allowed_listen = free_tcp_port()?;
+    std::fs::write(
+        c.path("a").join("consent.toml"),
+        format!("listen = [\"tcp://127.0.0.1:{allowed_listen}\"]\n"),
+    )?;
+    std::fs::write(
+        c.path("b").join("consent.toml"),
+        "# only the echo port\ntargets = [\"tcp://127.0.0.1:1\"]\n",
+    )?;
+    for agent in ["a", "b"] {
+        c.agent(agent)?.kill();
+        c.run_agent(agent)?;
+    }
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let target_addr = target.local_addr()?;
+
+    // A target outside b's consent: b refuses its half, a serves its own.
+    let listen = format!("tcp://127.0.0.1:{allowed_listen}");
+    let far_target = format!("tcp://{target_addr}");
+    c.ctl_ok(&[
+        "link",
+        "create",
+        "far",
+        "--from",
+        "a",
+        "--listen",
+        &listen,
+        "--to",
+        "b",
+        "--target",
+        &far_target,
+    ])?;
+    c.agent("b")?
+        .wait_line("comsat agent link far refused", CONVERGE)
+        .with_context(|| c.logs())?;
+    let listening = listen_addr(c.agent("a")?, "far")?;
+    // A flow opened at a goes nowhere: b dials nothing.
+    if let Ok(mut s) = tokio::net::TcpStream::connect(listening).await {
+        let _ = s.write_all(b"hello").await;
+    }
+    let dialled = tokio::time::timeout(Duration::from_secs(3), target.accept()).await;
+    ensure!(
+        dialled.is_err(),
+        "agent b dialled a target outside its consent"
+    );
+
+    // A Unix socket outside a's consent: a refuses, binds nothing.
+    let sockets = tempfile::tempdir()?;
+    let sock = sockets.path().join("app.sock");
+    let unix = format!("unix://{}", sock.display());
+    c.ctl_ok(&[
+        "link",
+        "create",
+        "bind",
+        "--from",
+        "a",
+        "--listen",
+        &unix,
+        "--to",
+        "b",
+        "--target",
+        "tcp://127.0.0.1:1",
+    ])?;
+    c.agent("a")?
+        .wait_line("comsat agent link bind refused", CONVERGE)
+        .with_context(|| c.logs())?;
+    ensure!(!sock.exists(), "agent a bound a socket outside its consent");
+
+    // The operator sees each refusal, who made it and why, with the link
+    // and in the audit log.
+    wait_for(CONVERGE, || {
+        let far = c.ctl_ok(&["link", "show", "far"])?;
+        ensure!(
+            far.contains(&format!(
+                "refused:    by b: target {far_target} is outside this agent's consent"
+            )) && far.contains("targets allowed: tcp://127.0.0.1:1;"),
+            "{far}"
+        );
+        let bind = c.ctl_ok(&["link", "show", "bind"])?;
+        ensure!(
+            bind.contains(&format!(
+                "refused:    by a: listen address {unix} is outside this agent's consent"
+            )),
+            "{bind}"
+        );
+        Ok(())
+    })
+    .with_context(|| c.logs())?;
+    let audit: Vec<api::AuditRecord> =
+        serde_json::from_str(&c.ctl_ok(&["audit", "list", "-o", "json"])?)?;
+    for (agent, link) in [("agent:b", "link/far"), ("agent:a", "link/bind")] {
+        ensure!(
+            audit.iter().any(|r| r.action == "link.refuse"
+                && r.subject == agent
+                && r.resource == link
+                && r.result == "denied"),
+            "no refusal by {agent} of {link}: {audit:#?}"
+        );
+    }
+    Ok(())
+}

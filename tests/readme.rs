@@ -825,6 +825,9 @@ fn every_configuration_example_loads() -> Result<()> {
                 "agent.toml" => {
                     comsat_agent::AgentConfig::load(&path).with_context(|| at.clone())?;
                 }
+                "consent.toml" => {
+                    comsat_agent::consent::Consent::load(dir.path()).with_context(|| at.clone())?;
+                }
                 "controller.toml" => {
                     comsat_controller::ControllerConfig::load(dir.path())
                         .with_context(|| at.clone())?;
@@ -836,7 +839,13 @@ fn every_configuration_example_loads() -> Result<()> {
     }
     loaded.sort();
     ensure!(
-        loaded == ["agent.toml", "controller.toml", "relay.toml"],
+        loaded
+            == [
+                "agent.toml",
+                "consent.toml",
+                "controller.toml",
+                "relay.toml"
+            ],
         "examples loaded: {loaded:?}"
     );
     Ok(())

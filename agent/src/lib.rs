@@ -14,6 +14,7 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod config;
+pub mod consent;
 mod core;
 pub mod defaults;
 pub mod error;
@@ -60,6 +61,9 @@ pub struct Agent {
     lane: Option<Lane>,
     /// `bulk_nice`, taken by the main threads once the lane runs.
     bulk_nice: u8,
+    /// What the owner lets links from a controller do ([`Agent::require_consent`]);
+    /// `None`: the links come from the owner's own config.
+    consent: Option<consent::Consent>,
 }
 
 /// The runtime of one thread (`comsat-lane`) that serves the links naming
@@ -128,6 +132,9 @@ pub struct Applied {
     pub removed: Vec<String>,
     /// Links that could not be set up, with why; they are not held.
     pub failed: Vec<(String, AgentError)>,
+    /// Links outside the agent's [consent](consent::Consent), with why:
+    /// nothing was dialled or bound for them.
+    pub refused: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -177,7 +184,14 @@ impl Agent {
             live: Arc::default(),
             lane: None,
             bulk_nice: config.bulk_nice.unwrap_or(defaults::BULK_NICE),
+            consent: None,
         })
+    }
+
+    /// From now on, takes only links within `consent` (those an owner's
+    /// config lists are its own consent; those a controller sends are not).
+    pub fn require_consent(&mut self, consent: consent::Consent) {
+        self.consent = Some(consent);
     }
 
     /// Makes `links` the agent's links. Only what changed is touched: a
@@ -191,9 +205,15 @@ impl Agent {
         let mut desired = HashMap::new();
         for cfg in links {
             match check(&cfg) {
-                Ok(role) => {
-                    desired.insert(cfg.link_id, (cfg, role));
-                }
+                Ok(role) => match self.consent.as_ref().map(|c| c.check(&role)) {
+                    Some(Err(reason)) => {
+                        tracing::warn!(link = %cfg.name, reason, "refused a link outside this agent's consent");
+                        applied.refused.push((cfg.name.clone(), reason));
+                    }
+                    _ => {
+                        desired.insert(cfg.link_id, (cfg, role));
+                    }
+                },
                 Err(e) => applied.failed.push((cfg.name.clone(), e)),
             }
         }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use comsat_protocol::api::{ErrorBody, LinkInfo, NodeKind};
+use comsat_protocol::api::{ErrorBody, LinkInfo, LinkRefused, NodeKind};
 use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
 use comsat_protocol::{LinkId, NodeId, RelayId, SigningKey};
 use tokio::sync::{Mutex, watch};
@@ -14,7 +14,9 @@ use tokio::sync::{Mutex, watch};
 use crate::assign::{self, Candidate};
 use crate::config::ControllerConfig;
 use crate::pki::CaIssuer;
-use crate::store::{LinkGrantUpdate, LinkRecord, NewEvent, NodeRecord, Store, StoreError};
+use crate::store::{
+    LinkGrantUpdate, LinkRecord, NewEvent, NodeRecord, RefusalRecord, Store, StoreError,
+};
 
 /// An API failure: a status and a message for [`ErrorBody`].
 #[derive(Debug)]
@@ -409,9 +411,44 @@ impl Shared {
         Ok(changed)
     }
 
+    /// Links as the operator sees them: nodes by name, with their agents'
+    /// refusals.
+    pub(crate) async fn link_infos(
+        &self,
+        links: &[LinkRecord],
+    ) -> Result<Vec<LinkInfo>, StoreError> {
+        let names = self.node_names().await?;
+        let refusals = self.store.refusals().await?;
+        Ok(links
+            .iter()
+            .map(|l| Self::link_info(l, &names, &refusals))
+            .collect())
+    }
+
+    /// One link as the operator sees it.
+    pub(crate) async fn link_info_of(&self, link: &LinkRecord) -> Result<LinkInfo, StoreError> {
+        let names = self.node_names().await?;
+        let refusals = self.store.refusals().await?;
+        Ok(Self::link_info(link, &names, &refusals))
+    }
+
     /// A link as the operator sees it.
-    pub(crate) fn link_info(link: &LinkRecord, names: &HashMap<NodeId, String>) -> LinkInfo {
+    fn link_info(
+        link: &LinkRecord,
+        names: &HashMap<NodeId, String>,
+        refusals: &[RefusalRecord],
+    ) -> LinkInfo {
         let name = |id: &NodeId| names.get(id).cloned().unwrap_or_else(|| id.to_string());
+        let refused = refusals
+            .iter()
+            .filter(|r| r.link_id == link.link_id)
+            .filter(|r| r.agent == link.from_node || r.agent == link.to_node)
+            .map(|r| LinkRefused {
+                agent: name(&r.agent),
+                reason: r.reason.clone(),
+                at: r.at,
+            })
+            .collect();
         LinkInfo {
             name: link.name.clone(),
             link_id: link.link_id,
@@ -427,6 +464,7 @@ impl Shared {
             connection: link.connection.clone(),
             relays: link.relays.iter().map(|r| name(&NodeId(r.0))).collect(),
             created_at: link.created_at,
+            refused,
         }
     }
 

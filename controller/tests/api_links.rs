@@ -457,3 +457,80 @@ async fn bad_patches_push_nothing(api: &Api, relays: [&Node; 2], cursors: &[u64]
         assert!(api.events(r, *cursor, 0).await.events.is_empty());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_refusals_show_with_the_link_and_in_the_audit_log() {
+    let api = start("").await;
+    let a = api.enrol_agent("a").await;
+    let b = api.enrol_agent("b").await;
+    let c = api.enrol_agent("c").await;
+    let r1 = api.enrol_relay("r1", "127.0.0.1:4431").await;
+    api.heartbeat(&r1).await;
+    let resp = api.create_link(&link("db", "a", "b")).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let refuse = async |agent: &Node, body: serde_json::Value| {
+        let resp = api
+            .client
+            .post(api.url(api::PATH_AGENT_REFUSALS))
+            .bearer_auth(agent.jwt())
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        (resp.status(), resp.text().await.unwrap_or_default())
+    };
+    let reason = "target tcp://169.254.169.254:80 is outside this agent's consent\n";
+    let body = json!({ "version": 1, "refused": [{ "link": "db", "reason": reason }] });
+    assert_eq!(refuse(&b, body.clone()).await.0, StatusCode::OK);
+    // Said again: nothing new to audit.
+    assert_eq!(refuse(&b, body).await.0, StatusCode::OK);
+    // An agent that does not hold the link cannot mark it refused.
+    let body = json!({ "version": 1, "refused": [{ "link": "db", "reason": "not mine" }] });
+    assert_eq!(refuse(&c, body).await.0, StatusCode::OK);
+    // Hostile bodies are refused whole.
+    let long = json!({ "version": 1, "refused": [{ "link": "db", "reason": "x".repeat(api::MAX_REFUSAL_REASON_LEN + 1) }] });
+    assert_eq!(refuse(&a, long).await.0, StatusCode::BAD_REQUEST);
+    let many: Vec<_> = (0..=api::MAX_REFUSALS)
+        .map(|_| json!({ "link": "db", "reason": "r" }))
+        .collect();
+    let many = json!({ "version": 1, "refused": many });
+    assert_eq!(refuse(&a, many).await.0, StatusCode::BAD_REQUEST);
+    let extra = json!({ "version": 1, "refused": [], "admin": true });
+    assert_eq!(refuse(&a, extra).await.0, StatusCode::BAD_REQUEST);
+
+    let info: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
+    assert_eq!(info.refused.len(), 1, "{info:?}");
+    assert_eq!(info.refused[0].agent, "b");
+    assert_eq!(
+        info.refused[0].reason,
+        "target tcp://169.254.169.254:80 is outside this agent's consent\\n",
+        "stored with its control characters escaped"
+    );
+    let listed: Vec<LinkInfo> = api.admin_get(api::PATH_LINKS).await;
+    assert_eq!(listed[0].refused, info.refused);
+    let audit: Vec<api::AuditRecord> = api.admin_get(api::PATH_AUDIT).await;
+    let refusals: Vec<_> = audit.iter().filter(|r| r.action == "link.refuse").collect();
+    assert_eq!(refusals.len(), 1, "audited once: {audit:#?}");
+    assert_eq!(
+        (
+            &*refusals[0].subject,
+            &*refusals[0].resource,
+            &*refusals[0].result
+        ),
+        ("agent:b", "link/db", "denied")
+    );
+    assert!(
+        refusals[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("169.254.169.254"))
+    );
+
+    // Once the agent takes the link (its owner consented), the refusal goes.
+    assert_eq!(
+        refuse(&b, json!({ "version": 2, "refused": [] })).await.0,
+        StatusCode::OK
+    );
+    let info: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
+    assert!(info.refused.is_empty(), "{info:?}");
+}

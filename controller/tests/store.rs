@@ -714,3 +714,54 @@ async fn the_audit_log_filters_by_time_and_subject_and_forgets_by_retention(db: 
     assert_eq!(store.purge_audit(2_500).await.expect("purge"), 2);
     assert_eq!(store.audit(0, None, 100).await.expect("rest").len(), 2);
 }
+
+both!(an_agents_refusals_replace_what_it_said_before);
+async fn an_agents_refusals_replace_what_it_said_before(dir: Db) {
+    let store = open(&dir).await;
+    let (a, b) = (NodeId::random(), NodeId::random());
+    let (l1, l2) = (LinkId::random(), LinkId::random());
+    let said = |v: &[(LinkId, &str)]| -> Vec<(LinkId, String)> {
+        v.iter().map(|(l, r)| (*l, (*r).to_owned())).collect()
+    };
+    let new = store
+        .set_refusals(&a, &said(&[(l1, "outside"), (l2, "outside too")]), 100)
+        .await
+        .expect("set");
+    assert_eq!(new.len(), 2);
+    store
+        .set_refusals(&b, &said(&[(l1, "b's own")]), 100)
+        .await
+        .expect("set");
+    // Said again, one unchanged and one with a new reason: only that one is new,
+    // and the unchanged one keeps its time.
+    let new = store
+        .set_refusals(&a, &said(&[(l1, "outside"), (l2, "another reason")]), 200)
+        .await
+        .expect("set");
+    assert_eq!(new, said(&[(l2, "another reason")]));
+    let mut all = store.refusals().await.expect("all");
+    all.sort_by_key(|r| (r.at, r.reason.clone()));
+    let seen: Vec<(NodeId, LinkId, &str, u64)> = all
+        .iter()
+        .map(|r| (r.agent, r.link_id, r.reason.as_str(), r.at))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (b, l1, "b's own", 100),
+            (a, l1, "outside", 100),
+            (a, l2, "another reason", 200)
+        ]
+    );
+    // An empty list clears that agent's refusals only.
+    assert!(
+        store
+            .set_refusals(&a, &[], 300)
+            .await
+            .expect("clear")
+            .is_empty()
+    );
+    let all = store.refusals().await.expect("all");
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].agent, b);
+}

@@ -17,12 +17,12 @@ const MAX_DESIRED_FILE: u64 = 8 * 1024 * 1024;
 /// the same process.
 pub trait AgentSink: Send {
     /// Applies `desired` (the relays of its links chain to the CA in the
-    /// file `relay_ca`).
+    /// file `relay_ca`); returns the links the agent refused, and why.
     fn apply(
         &mut self,
         desired: &api::AgentDesired,
         relay_ca: &Path,
-    ) -> impl Future<Output = ()> + Send;
+    ) -> impl Future<Output = Vec<api::LinkRefusal>> + Send;
 }
 
 /// The last desired state this agent applied, if any.
@@ -47,6 +47,9 @@ pub async fn agent_sync(
         }
     };
     let mut retry = Retry::new();
+    // Refusals the controller has not taken yet: sent again after its next
+    // answer.
+    let mut unsent: Option<api::AgentRefusals> = None;
     loop {
         let asked = tokio::time::Instant::now();
         let desired: api::AgentDesired = long_poll(
@@ -57,6 +60,9 @@ pub async fn agent_sync(
             "keeping the current ones",
         )
         .await;
+        if let Some(refusals) = unsent.take() {
+            unsent = report_refusals(&client, refusals).await;
+        }
         if desired.version == version {
             // A controller that answers at once with nothing new is not
             // long-polling: do not spin on it.
@@ -68,7 +74,12 @@ pub async fn agent_sync(
         if let Err(e) = write_atomic(&dir.join("relay-ca.pem"), desired.relay_ca_pem.as_bytes()) {
             tracing::error!(error = %e, "cannot save the relay CA");
         }
-        agent.apply(&desired, &dir.join("relay-ca.pem")).await;
+        let refused = agent.apply(&desired, &dir.join("relay-ca.pem")).await;
+        let refusals = api::AgentRefusals {
+            version: desired.version,
+            refused,
+        };
+        unsent = report_refusals(&client, refusals).await;
         match serde_json::to_vec(&desired) {
             Ok(bytes) => {
                 if let Err(e) = write_atomic(&dir.join("desired.json"), &bytes) {
@@ -83,5 +94,24 @@ pub async fn agent_sync(
             "desired state applied"
         );
         version = desired.version;
+    }
+}
+
+/// Tells the controller which links this agent refused (every time, so an
+/// empty list clears what it said before); gives them back if it could
+/// not.
+async fn report_refusals(
+    client: &crate::client::Client,
+    refusals: api::AgentRefusals,
+) -> Option<api::AgentRefusals> {
+    let sent: anyhow::Result<api::Empty> = client
+        .post(api::PATH_AGENT_REFUSALS, &refusals, "refused links")
+        .await;
+    match sent {
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell the controller which links this agent refused; trying again after its next answer");
+            Some(refusals)
+        }
     }
 }

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, anyhow, bail};
 use comsat_keys::read_secret_file;
 use comsat_protocol::api::{self, NodeKind};
+use comsat_protocol::text::printable;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -117,8 +118,15 @@ pub enum Output {
     Json,
 }
 
-/// Prints `rows` under `header` as aligned columns.
+/// Prints `rows` under `header` as aligned columns, with control
+/// characters in the cells escaped (a cell cannot start a row of its own or
+/// drive the terminal).
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c).into_owned()).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -671,31 +679,41 @@ fn show_link(l: &api::LinkInfo, out: Output) -> anyhow::Result<String> {
     if out == Output::Json {
         return json(l);
     }
-    Ok(format!(
-        "name:       {}\nid:         {}\ngeneration: {}\nfrom:       {} listening on {}\nto:         {} dialling {}\nmax flows:  {}\nrate limit: {}\nconnection: {}\nrelays:     {}\n",
-        l.name,
-        l.link_id,
-        l.generation,
-        l.from,
-        l.listen,
-        l.to,
-        l.target,
-        l.max_flows
-            .map_or_else(|| "unlimited".into(), |n| n.to_string()),
-        l.rate_limit_bytes_per_sec.map_or_else(
-            || "unlimited".into(),
-            |r| format!("{} per direction", format_rate(r))
-        ),
-        l.connection.as_deref().map_or_else(
-            || "shared with the agents' other links".into(),
-            |c| format!("{c} (its own QUIC connection and thread on both agents)")
-        ),
-        if l.relays.is_empty() {
-            "(none healthy yet)".into()
-        } else {
-            l.relays.join(", ")
-        }
-    ))
+    let mut refused = String::new();
+    for r in &l.refused {
+        // The reason is the agent's words: printed escaped.
+        refused.push_str(&format!(
+            "refused:    by {}: {}\n",
+            r.agent,
+            printable(&r.reason)
+        ));
+    }
+    Ok(refused
+        + &format!(
+            "name:       {}\nid:         {}\ngeneration: {}\nfrom:       {} listening on {}\nto:         {} dialling {}\nmax flows:  {}\nrate limit: {}\nconnection: {}\nrelays:     {}\n",
+            l.name,
+            l.link_id,
+            l.generation,
+            l.from,
+            l.listen,
+            l.to,
+            l.target,
+            l.max_flows
+                .map_or_else(|| "unlimited".into(), |n| n.to_string()),
+            l.rate_limit_bytes_per_sec.map_or_else(
+                || "unlimited".into(),
+                |r| format!("{} per direction", format_rate(r))
+            ),
+            l.connection.as_deref().map_or_else(
+                || "shared with the agents' other links".into(),
+                |c| format!("{c} (its own QUIC connection and thread on both agents)")
+            ),
+            if l.relays.is_empty() {
+                "(none healthy yet)".into()
+            } else {
+                l.relays.join(", ")
+            }
+        ))
 }
 
 /// `link delete`.
@@ -737,6 +755,15 @@ mod tests {
         assert_eq!(t, "NAME       ID\na          1\nlong-name  2\n");
     }
 
+    #[test]
+    fn a_cell_cannot_add_a_row_or_drive_the_terminal() {
+        let t = table(
+            &["SUBJECT", "REASON"],
+            &[vec!["x".into(), "\u{1b}[2Jgone\nfake  row".into()]],
+        );
+        assert_eq!(t, "SUBJECT  REASON\nx        \\u{1b}[2Jgone\\nfake  row\n");
+    }
+
     fn info(name: &str, max_flows: Option<u32>) -> api::LinkInfo {
         api::LinkInfo {
             name: name.into(),
@@ -753,7 +780,25 @@ mod tests {
             connection: max_flows.map(|_| "interactive".into()),
             relays: vec!["r1".into()],
             created_at: 0,
+            refused: vec![],
         }
+    }
+
+    #[test]
+    fn a_refused_link_shows_who_refused_it_and_why() -> anyhow::Result<()> {
+        let mut l = info("db", None);
+        l.refused = vec![api::LinkRefused {
+            agent: "b".into(),
+            reason: "target tcp://10.0.0.1:5432 is outside this agent's consent\n\u{1b}[2J".into(),
+            at: 1,
+        }];
+        let shown = show_link(&l, Output::Table)?;
+        assert!(
+            shown.starts_with("refused:    by b: target tcp://10.0.0.1:5432 is outside this agent's consent\\n\\u{1b}[2J\nname:"),
+            "{shown}"
+        );
+        assert!(!show_link(&info("db", None), Output::Table)?.contains("refused"));
+        Ok(())
     }
 
     #[test]

@@ -8,12 +8,16 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get, patch, post};
 use comsat_keys::RandomId;
 use comsat_protocol::LinkId;
-use comsat_protocol::api::{self, Empty, LinkCreate, LinkInfo, LinkUpdate, NodeKind};
+use comsat_protocol::api::{
+    self, AgentRefusals, Empty, LinkCreate, LinkInfo, LinkUpdate, NodeKind,
+};
 use comsat_protocol::endpoint::{Endpoint, EndpointError};
+use comsat_protocol::text::printable;
 
-use super::access::{Audited, Policy, Routes};
+use super::access::{Audited, CallingNode, Policy, Routes};
 use super::{AppState, parse_json};
-use crate::state::{ApiError, Shared};
+use crate::audit::{Caller, Outcome};
+use crate::state::ApiError;
 use crate::store::LinkRecord;
 
 /// Most uids or gids on one link.
@@ -29,6 +33,66 @@ pub(super) fn routes(r: Routes) -> Routes {
         .add(one, Policy::api("links", "get"), get(get_link))
         .add(one, Policy::api("links", "update").audited("link.update"), patch(update_link))
         .add(one, Policy::api("links", "delete").audited("link.delete"), delete(delete_link))
+        .add(api::PATH_AGENT_REFUSALS, Policy::node(NodeKind::Agent), post(agent_refusals))
+}
+
+/// The links an agent refused (outside its owner's consent), replacing
+/// what it said before: shown with the link, and each new refusal audited.
+async fn agent_refusals(
+    State(state): State<AppState>,
+    caller: Caller,
+    CallingNode(node): CallingNode,
+    body: Bytes,
+) -> Result<Json<Empty>, ApiError> {
+    let req: AgentRefusals = parse_json(&body)?;
+    if req.refused.len() > api::MAX_REFUSALS {
+        return Err(ApiError::bad_request(format!(
+            "more than {} refusals",
+            api::MAX_REFUSALS
+        )));
+    }
+    let links = state.store.links_of_agent(&node.node_id).await?;
+    let mut refused: Vec<(LinkId, String)> = Vec::new();
+    for r in &req.refused {
+        if r.reason.len() > api::MAX_REFUSAL_REASON_LEN {
+            return Err(ApiError::bad_request(format!(
+                "the reason for link `{}` is longer than {} bytes",
+                printable(&r.link),
+                api::MAX_REFUSAL_REASON_LEN
+            )));
+        }
+        // A link the agent no longer holds has gone meanwhile.
+        let Some(link) = links.iter().find(|l| l.name == r.link) else {
+            continue;
+        };
+        if !refused.iter().any(|(id, _)| *id == link.link_id) {
+            refused.push((link.link_id, printable(&r.reason).into_owned()));
+        }
+    }
+    let new = state
+        .store
+        .set_refusals(&node.node_id, &refused, unix_now())
+        .await?;
+    let subject = format!("agent:{}", node.name);
+    for (link_id, reason) in new {
+        let name = links
+            .iter()
+            .find(|l| l.link_id == link_id)
+            .map_or("?", |l| l.name.as_str());
+        tracing::warn!(agent = %node.name, link = name, reason, "an agent refused a link");
+        let resource = format!("link/{name}");
+        state
+            .audit(
+                &caller,
+                &subject,
+                "link.refuse",
+                &resource,
+                Outcome::Denied,
+                Some(&reason),
+            )
+            .await;
+    }
+    Ok(Json(Empty {}))
 }
 
 fn check_link_name(name: &str) -> Result<(), ApiError> {
@@ -127,9 +191,9 @@ async fn create_link(
     };
     let link = state.create_link(link, now).await?;
     let answer = state
-        .node_names()
+        .link_info_of(&link)
         .await
-        .map(|names| (StatusCode::CREATED, Json(Shared::link_info(&link, &names))));
+        .map(|info| (StatusCode::CREATED, Json(info)));
     Ok((
         Audited::on(format!("link/{}", link.name)),
         answer.map_err(Into::into),
@@ -211,10 +275,7 @@ async fn update_link(
         );
     }
     let link = link.ok_or_else(missing)?;
-    let answer = state
-        .node_names()
-        .await
-        .map(|names| Json(Shared::link_info(&link, &names)));
+    let answer = state.link_info_of(&link).await.map(Json);
     Ok((
         Audited::on(format!("link/{}", link.name)),
         answer.map_err(Into::into),
@@ -222,11 +283,8 @@ async fn update_link(
 }
 
 async fn list_links(State(state): State<AppState>) -> Result<Json<Vec<LinkInfo>>, ApiError> {
-    let names = state.node_names().await?;
     let links = state.store.links().await?;
-    Ok(Json(
-        links.iter().map(|l| Shared::link_info(l, &names)).collect(),
-    ))
+    Ok(Json(state.link_infos(&links).await?))
 }
 
 async fn get_link(
@@ -238,8 +296,7 @@ async fn get_link(
         .link_by_name(&name)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no link named `{name}`")))?;
-    let names = state.node_names().await?;
-    Ok(Json(Shared::link_info(&link, &names)))
+    Ok(Json(state.link_info_of(&link).await?))
 }
 
 async fn delete_link(

@@ -568,8 +568,34 @@ pub trait Store: Send + Sync {
     /// The highest event seq of all relays (0 if none).
     async fn max_event_seq(&self) -> Result<u64, StoreError>;
 
+    /// Makes `refused` (link, reason) the link halves `agent` refuses, in
+    /// place of what it refused before; returns those new or with a new
+    /// reason.
+    async fn set_refusals(
+        &self,
+        agent: &NodeId,
+        refused: &[(LinkId, String)],
+        now: u64,
+    ) -> Result<Vec<(LinkId, String)>, StoreError>;
+
+    /// Every link half refused by its agent.
+    async fn refusals(&self) -> Result<Vec<RefusalRecord>, StoreError>;
+
     /// Closes the connections (the store is unusable afterwards).
     async fn close(&self);
+}
+
+/// A link half its agent refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusalRecord {
+    /// The link.
+    pub link_id: LinkId,
+    /// The agent that refused it.
+    pub agent: NodeId,
+    /// Why.
+    pub reason: String,
+    /// Unix time it said so.
+    pub at: u64,
 }
 
 #[cfg(test)]

@@ -50,6 +50,8 @@ pub const PATH_RELAY_HEARTBEAT: &str = "/v1/relay/heartbeat";
 pub const PATH_RELAY_CERT: &str = "/v1/relay/cert";
 /// An agent's desired state (long poll).
 pub const PATH_AGENT_CONFIG: &str = "/v1/agent/config";
+/// `POST`: the links an agent refused, and why ([`AgentRefusals`]).
+pub const PATH_AGENT_REFUSALS: &str = "/v1/agent/refusals";
 /// Join tokens (admin).
 pub const PATH_TOKENS: &str = "/v1/tokens";
 /// `GET`: join tokens neither used nor expired ([`JoinTokenInfo`]).
@@ -321,6 +323,44 @@ pub struct AgentDesired {
     pub relay_ca_pem: String,
 }
 
+/// Most links in one [`AgentRefusals`].
+pub const MAX_REFUSALS: usize = 1024;
+
+/// Longest reason in a [`LinkRefusal`], in bytes.
+pub const MAX_REFUSAL_REASON_LEN: usize = 1024;
+
+/// `POST PATH_AGENT_REFUSALS`: every link of its desired state `version`
+/// an agent refused (it holds the others). Replaces what it sent before.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRefusals {
+    /// The desired state version the agent applied.
+    pub version: u64,
+    /// The links it refused (at most [`MAX_REFUSALS`]).
+    pub refused: Vec<LinkRefusal>,
+}
+
+/// A link an agent refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkRefusal {
+    /// The link's name.
+    pub link: String,
+    /// Why, for the operator (at most [`MAX_REFUSAL_REASON_LEN`] bytes).
+    pub reason: String,
+}
+
+/// A link's half that its agent refused, as the operator sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkRefused {
+    /// The agent that refused.
+    pub agent: String,
+    /// Why.
+    pub reason: String,
+    /// Unix time it said so.
+    pub at: u64,
+}
+
 /// `POST PATH_TOKENS`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -492,6 +532,9 @@ pub struct LinkInfo {
     pub relays: Vec<String>,
     /// Unix time created.
     pub created_at: u64,
+    /// Its agents' refusals: a half refused is not served.
+    #[serde(default)]
+    pub refused: Vec<LinkRefused>,
 }
 
 /// `GET PATH_STATUS`.

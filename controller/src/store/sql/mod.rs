@@ -16,6 +16,7 @@
 //! Queries use `$1`-style parameters, which both databases take.
 
 mod connect;
+mod refusals;
 mod rows;
 mod tx;
 
@@ -36,7 +37,7 @@ use self::tx::{
 };
 use super::{
     ApiTokenRecord, EventRecord, LinkGrantUpdate, LinkRecord, NewApiToken, NewEvent, NewJoinToken,
-    NewNode, NodeRecord, Redemption, Store, StoreError,
+    NewNode, NodeRecord, Redemption, RefusalRecord, Store, StoreError,
 };
 
 /// Which database a [`SqlStore`] talks to.
@@ -834,6 +835,19 @@ impl Store for SqlStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(to_u64(row.try_get("seq")?).wrapping_add(to_u64(row.try_get("changes")?)))
+    }
+
+    async fn set_refusals(
+        &self,
+        agent: &NodeId,
+        refused: &[(LinkId, String)],
+        now: u64,
+    ) -> Result<Vec<(LinkId, String)>, StoreError> {
+        self.replace_refusals(agent, refused, now).await
+    }
+
+    async fn refusals(&self) -> Result<Vec<RefusalRecord>, StoreError> {
+        self.all_refusals().await
     }
 
     async fn close(&self) {
