@@ -313,11 +313,10 @@ async fn wait_demo(listen: SocketAddr) -> anyhow::Result<()> {
             ask(listen, b"GET / HTTP/1.0\r\n\r\n"),
         )
         .await
+            && reply.ends_with(DEMO_REPLY)
         {
-            if reply.ends_with(DEMO_REPLY) {
-                eprintln!(" ok");
-                return Ok(());
-            }
+            eprintln!(" ok");
+            return Ok(());
         }
         eprint!(".");
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -224,10 +224,10 @@ async fn a_bulk_flow_does_not_fault_freed_memory_back_in() -> Result<()> {
                 return anyhow::Ok(got);
             }
             got += n;
-            if got >= WARM {
-                if let Some(tx) = warm_tx.take() {
-                    let _ = tx.send(());
-                }
+            if got >= WARM
+                && let Some(tx) = warm_tx.take()
+            {
+                let _ = tx.send(());
             }
         }
     });

@@ -97,10 +97,10 @@ async fn a_replayed_open_of_an_unreachable_target_is_refused() -> Result<()> {
         let b = a
             .as_ref()
             .and_then(|a| sys.hostile.recording(a.flow, Side::B));
-        if let (Some(a), Some(b)) = (a, b) {
-            if !b.bytes.lock().expect("lock").is_empty() {
-                break (a, b);
-            }
+        if let (Some(a), Some(b)) = (a, b)
+            && !b.bytes.lock().expect("lock").is_empty()
+        {
+            break (a, b);
         }
         anyhow::ensure!(Instant::now() < deadline, "B sealed no Reset");
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -589,10 +589,10 @@ impl Scenario {
         let link = cmd.starts_with("comsat ctl link create");
         if link {
             // The link's target: a service to reach through it.
-            if let Some(target) = flag(&cmd, "--target").and_then(|t| t.strip_prefix("tcp://")) {
-                if self.services.insert(target.to_owned()) {
-                    hash_service(target).await?;
-                }
+            if let Some(target) = flag(&cmd, "--target").and_then(|t| t.strip_prefix("tcp://"))
+                && self.services.insert(target.to_owned())
+            {
+                hash_service(target).await?;
             }
         }
         let (dir, env, path, c) = (

@@ -221,10 +221,10 @@ impl SourceLimiter {
             let t = b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_sec;
             t < full
         });
-        if buckets.len() >= MAX_SOURCES {
-            if let Some(oldest) = buckets.iter().min_by_key(|(_, b)| b.at).map(|(ip, _)| *ip) {
-                buckets.remove(&oldest);
-            }
+        if buckets.len() >= MAX_SOURCES
+            && let Some(oldest) = buckets.iter().min_by_key(|(_, b)| b.at).map(|(ip, _)| *ip)
+        {
+            buckets.remove(&oldest);
         }
     }
 }

@@ -236,10 +236,10 @@ fn check(doc: Document) -> Result<Item, DocumentError> {
             if let Some(r) = &s.rate_limit {
                 crate::ctl::parse_rate(r).map_err(DocumentError::Rate)?;
             }
-            if let Some(c) = s.connection.as_deref() {
-                if !api::valid_connection_name(c) {
-                    return Err(DocumentError::Connection(c.escape_debug().to_string()));
-                }
+            if let Some(c) = s.connection.as_deref()
+                && !api::valid_connection_name(c)
+            {
+                return Err(DocumentError::Connection(c.escape_debug().to_string()));
             }
             Item::Link(name, s)
         }

@@ -172,13 +172,13 @@ pub async fn token_create(
     name: Option<String>,
     ttl: Option<std::time::Duration>,
 ) -> anyhow::Result<String> {
-    if let Some(n) = &name {
-        if !api::valid_name(n) {
-            bail!(
-                "--name `{n}`: use 1 to {} lowercase letters, digits and `-`",
-                api::MAX_NAME_LEN
-            );
-        }
+    if let Some(n) = &name
+        && !api::valid_name(n)
+    {
+        bail!(
+            "--name `{n}`: use 1 to {} lowercase letters, digits and `-`",
+            api::MAX_NAME_LEN
+        );
     }
     let body = api::TokenCreate {
         kind,

@@ -186,14 +186,14 @@ impl SignedGrant {
                 now,
             });
         }
-        if let Some(known) = known_generation {
-            if grant.generation < known {
-                return Err(GrantError::StaleGeneration {
-                    link: grant.link_id,
-                    known,
-                    got: grant.generation,
-                });
-            }
+        if let Some(known) = known_generation
+            && grant.generation < known
+        {
+            return Err(GrantError::StaleGeneration {
+                link: grant.link_id,
+                known,
+                got: grant.generation,
+            });
         }
         Ok(grant)
     }

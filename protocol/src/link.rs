@@ -42,13 +42,13 @@ impl LinkControl {
     /// Decodes a message, refusing more than [`MAX_ACKS_PER_MESSAGE`] acks.
     pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
         let msg = codec::decode::<Self, MAX_CONTROL_FRAME_LEN>(bytes)?;
-        if let Self::Acks(acks) = &msg {
-            if acks.len() > MAX_ACKS_PER_MESSAGE {
-                return Err(CodecError::Malformed(format!(
-                    "{} acks in one message, more than {MAX_ACKS_PER_MESSAGE}",
-                    acks.len()
-                )));
-            }
+        if let Self::Acks(acks) = &msg
+            && acks.len() > MAX_ACKS_PER_MESSAGE
+        {
+            return Err(CodecError::Malformed(format!(
+                "{} acks in one message, more than {MAX_ACKS_PER_MESSAGE}",
+                acks.len()
+            )));
         }
         Ok(msg)
     }

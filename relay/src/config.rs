@@ -278,10 +278,10 @@ impl RelayConfig {
                 *p = base.join(&*p);
             }
         }
-        if let Some(tap) = &mut config.dangerous_tap_file {
-            if tap.is_relative() {
-                *tap = base.join(&*tap);
-            }
+        if let Some(tap) = &mut config.dangerous_tap_file
+            && tap.is_relative()
+        {
+            *tap = base.join(&*tap);
         }
         if config.interactive_listen == Some(config.listen) {
             return Err(RelayError::Config {

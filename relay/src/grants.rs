@@ -124,10 +124,10 @@ impl GrantStore {
                 .and_then(|g| generations.get(&g.link_id).copied());
             match signed.verify(&self.authority, &self.relay_id, now, known) {
                 Ok(grant) => {
-                    if let Some(prev) = links.get(&grant.link_id) {
-                        if prev.generation >= grant.generation {
-                            continue;
-                        }
+                    if let Some(prev) = links.get(&grant.link_id)
+                        && prev.generation >= grant.generation
+                    {
+                        continue;
                     }
                     links.insert(grant.link_id, Arc::new(grant));
                 }

@@ -345,12 +345,12 @@ impl<L> Table<L> {
     /// limits by what it read: [`Self::room`] is asked before each read).
     /// Returns what the relay holds in all; unchanged if the park is gone.
     pub(crate) fn hold(&mut self, park: ParkId, n: u64) -> u64 {
-        if let Some(p) = self.parks.get_mut(&park) {
-            if let Some(entry) = self.links.get_mut(&p.link) {
-                p.bytes += n;
-                entry.buffered += n;
-                self.buffered += n;
-            }
+        if let Some(p) = self.parks.get_mut(&park)
+            && let Some(entry) = self.links.get_mut(&p.link)
+        {
+            p.bytes += n;
+            entry.buffered += n;
+            self.buffered += n;
         }
         self.buffered
     }

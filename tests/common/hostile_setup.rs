@@ -278,10 +278,10 @@ impl Setup {
                 .recordings()
                 .into_iter()
                 .find(|r| r.sealer == Side::A && r.opener);
-            if let Some(r) = found {
-                if r.finished.load(Ordering::Relaxed) {
-                    return Ok(r);
-                }
+            if let Some(r) = found
+                && r.finished.load(Ordering::Relaxed)
+            {
+                return Ok(r);
             }
             if Instant::now() > deadline {
                 bail!("no finished flow from agent A recorded");

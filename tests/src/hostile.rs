@@ -140,13 +140,13 @@ impl Ledger {
         };
         let key = (link, sealer, flow, instance, seq);
         let mut seen = crate::lock(&self.seen);
-        if let Some(before) = seen.insert(key, digest) {
-            if before != digest {
-                crate::lock(&self.reused).push(format!(
+        if let Some(before) = seen.insert(key, digest)
+            && before != digest
+        {
+            crate::lock(&self.reused).push(format!(
                     "link {} side {sealer:?} flow {flow} (instance {instance}) seq {seq}: two ciphertexts",
                     link.fmt_short()
                 ));
-            }
         }
     }
 }

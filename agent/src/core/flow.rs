@@ -107,7 +107,7 @@ impl<P> SendCore<P> {
     ) -> Result<Pushed, NoiseError> {
         let seq = self.window.next_seq();
         self.sealer.seal_record_in_place(seq, kind, &mut record)?;
-        let rekeyed = seq > 0 && seq % self.limits.records_per_key == 0;
+        let rekeyed = seq > 0 && seq.is_multiple_of(self.limits.records_per_key);
         if kind == RecordKind::Fin {
             self.fin_seq = Some(seq);
         }

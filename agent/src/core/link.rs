@@ -42,7 +42,7 @@ pub(crate) fn flow_id(n: u64, flow_base: u64, per_generation: u64, side: Side) -
     Some(NewFlow {
         generation,
         id: wire_flow_id(generation, id),
-        new_generation: in_session % per_generation == 0 && generation > 0,
+        new_generation: in_session.is_multiple_of(per_generation) && generation > 0,
     })
 }
 

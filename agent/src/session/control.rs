@@ -196,10 +196,10 @@ impl Control<'_> {
             }
         }
         for id in self.presence.present() {
-            if let Some(link) = self.links.get(&id) {
-                if lock(&link.state).needs_handshake(now()) {
-                    initiate(self.shared, link, &self.ctl);
-                }
+            if let Some(link) = self.links.get(&id)
+                && lock(&link.state).needs_handshake(now())
+            {
+                initiate(self.shared, link, &self.ctl);
             }
         }
     }

@@ -691,15 +691,15 @@ fn streams_lost_at_random_points_deliver_both_ways_exactly_once_and_complete() {
             carry(&a, &mut b, rng.random_range(0..8));
             carry(&b, &mut a, rng.random_range(0..8));
             // Acks ride the control channel: some are lost.
-            if rng.random_bool(0.7) {
-                if let Some(upto) = b.last_ack() {
-                    a.tx.on_ack(upto).expect("never beyond what was sent");
-                }
+            if rng.random_bool(0.7)
+                && let Some(upto) = b.last_ack()
+            {
+                a.tx.on_ack(upto).expect("never beyond what was sent");
             }
-            if rng.random_bool(0.7) {
-                if let Some(upto) = a.last_ack() {
-                    b.tx.on_ack(upto).expect("never beyond what was sent");
-                }
+            if rng.random_bool(0.7)
+                && let Some(upto) = a.last_ack()
+            {
+                b.tx.on_ack(upto).expect("never beyond what was sent");
             }
         }
         assert_eq!(b.app, a_sent, "seed {seed}: a to b");
