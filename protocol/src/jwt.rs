@@ -15,6 +15,81 @@ use serde::{Deserialize, Serialize};
 use crate::ids::NodeId;
 use crate::keys::{SignPublicKey, SigningKey};
 
+/// jsonwebtoken's cryptography for the one algorithm node JWTs use, EdDSA
+/// (ed25519), done with ed25519-dalek as the rest of the protocol does.
+/// Every other algorithm is refused here too, not only by the verifier's
+/// [`Validation`].
+mod eddsa {
+    use ed25519_dalek::pkcs8::DecodePrivateKey;
+    use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
+    use jsonwebtoken::crypto::{CryptoProvider, JwtSigner, JwtVerifier, KeyUtils};
+    use jsonwebtoken::errors::{Error, ErrorKind};
+    use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+
+    struct Signer(SigningKey);
+
+    impl signature::Signer<Vec<u8>> for Signer {
+        fn try_sign(&self, msg: &[u8]) -> Result<Vec<u8>, signature::Error> {
+            Ok(ed25519_dalek::Signer::sign(&self.0, msg).to_bytes().to_vec())
+        }
+    }
+
+    impl JwtSigner for Signer {
+        fn algorithm(&self) -> Algorithm {
+            Algorithm::EdDSA
+        }
+    }
+
+    struct Verifier(VerifyingKey);
+
+    impl signature::Verifier<Vec<u8>> for Verifier {
+        fn verify(&self, msg: &[u8], sig: &Vec<u8>) -> Result<(), signature::Error> {
+            let sig = Signature::from_slice(sig).map_err(|_| signature::Error::new())?;
+            self.0
+                .verify_strict(msg, &sig)
+                .map_err(|_| signature::Error::new())
+        }
+    }
+
+    impl JwtVerifier for Verifier {
+        fn algorithm(&self) -> Algorithm {
+            Algorithm::EdDSA
+        }
+    }
+
+    fn signer(alg: &Algorithm, key: &EncodingKey) -> Result<Box<dyn JwtSigner>, Error> {
+        if *alg != Algorithm::EdDSA {
+            return Err(ErrorKind::InvalidAlgorithm.into());
+        }
+        let key = SigningKey::from_pkcs8_der(key.as_bytes()).map_err(|_| ErrorKind::InvalidEddsaKey)?;
+        Ok(Box::new(Signer(key)))
+    }
+
+    fn verifier(alg: &Algorithm, key: &DecodingKey) -> Result<Box<dyn JwtVerifier>, Error> {
+        if *alg != Algorithm::EdDSA {
+            return Err(ErrorKind::InvalidAlgorithm.into());
+        }
+        let bytes: &[u8; 32] = key
+            .try_get_as_bytes()?
+            .try_into()
+            .map_err(|_| ErrorKind::InvalidEddsaKey)?;
+        let key = VerifyingKey::from_bytes(bytes).map_err(|_| ErrorKind::InvalidEddsaKey)?;
+        Ok(Box::new(Verifier(key)))
+    }
+
+    static PROVIDER: CryptoProvider = CryptoProvider {
+        signer_factory: signer,
+        verifier_factory: verifier,
+        key_utils: KeyUtils::new_unimplemented(),
+    };
+
+    /// Makes this jsonwebtoken's provider for the process, if none is yet.
+    pub(super) fn install() {
+        // Another provider already installed stays (none is, in comsat).
+        let _ = PROVIDER.install_default();
+    }
+}
+
 /// Longest lifetime (`exp - iat`) of a node JWT.
 pub const MAX_LIFETIME_SECS: u64 = 60;
 
@@ -86,6 +161,7 @@ pub fn mint(
         exp: now.saturating_add(lifetime),
         jti: hex::encode(jti),
     };
+    eddsa::install();
     let der = key.to_pkcs8_der();
     jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ed_der(&der))
         .map_err(|e| JwtError::Malformed(e.to_string()))
@@ -129,6 +205,7 @@ pub fn verify(
     if claimed_node(token)? != *node {
         return Err(JwtError::NoNode);
     }
+    eddsa::install();
     let mut v = Validation::new(Algorithm::EdDSA);
     v.set_audience(&[audience]);
     v.set_required_spec_claims(&["exp", "aud", "sub"]);
