@@ -30,7 +30,9 @@ mod eddsa {
 
     impl signature::Signer<Vec<u8>> for Signer {
         fn try_sign(&self, msg: &[u8]) -> Result<Vec<u8>, signature::Error> {
-            Ok(ed25519_dalek::Signer::sign(&self.0, msg).to_bytes().to_vec())
+            Ok(ed25519_dalek::Signer::sign(&self.0, msg)
+                .to_bytes()
+                .to_vec())
         }
     }
 
@@ -61,7 +63,8 @@ mod eddsa {
         if *alg != Algorithm::EdDSA {
             return Err(ErrorKind::InvalidAlgorithm.into());
         }
-        let key = SigningKey::from_pkcs8_der(key.as_bytes()).map_err(|_| ErrorKind::InvalidEddsaKey)?;
+        let key =
+            SigningKey::from_pkcs8_der(key.as_bytes()).map_err(|_| ErrorKind::InvalidEddsaKey)?;
         Ok(Box::new(Signer(key)))
     }
 
