@@ -7,9 +7,10 @@
 //! Records name tokens by id and never hold a secret, and hold text from
 //! the network with its control characters escaped.
 //!
-//! Hostile callers are slowed per source address: enrolment attempts and
-//! failed authentications each draw from a token bucket per address (the
-//! table of addresses is bounded); an empty bucket answers 429, and is
+//! Hostile callers are slowed per source (an IPv4 address, or an IPv6 /64,
+//! which one machine usually holds whole): enrolment attempts and failed
+//! authentications each draw from a token bucket per source (the table of
+//! sources is bounded); an empty bucket answers 429, and is
 //! recorded once each time it runs dry, so a flood cannot flood the log.
 
 use std::collections::HashMap;
@@ -173,7 +174,7 @@ impl SourceLimiter {
     }
 
     fn take_at(&self, ip: Option<IpAddr>, now: Instant) -> Verdict {
-        let Some(ip) = ip else {
+        let Some(ip) = ip.map(crate::admit::source_of) else {
             return Verdict::Allowed;
         };
         let mut buckets = self
@@ -200,7 +201,9 @@ impl SourceLimiter {
 
     /// Whether `ip` has attempts left, without taking one.
     pub(crate) fn exhausted(&self, ip: Option<IpAddr>) -> bool {
-        let Some(ip) = ip else { return false };
+        let Some(ip) = ip.map(crate::admit::source_of) else {
+            return false;
+        };
         let mut buckets = self
             .buckets
             .lock()
@@ -267,6 +270,21 @@ mod tests {
         assert_eq!(l.take_at(ip, t1), Verdict::Allowed);
         assert_eq!(l.take_at(ip, t1), Verdict::Limited { first: true });
         assert_eq!(l.take_at(None, t1), Verdict::Allowed);
+    }
+
+    #[test]
+    fn an_ipv6_64_is_one_source() {
+        let l = SourceLimiter::new(2, 0.001);
+        let t0 = Instant::now();
+        let ip = |s: &str| Some(s.parse::<IpAddr>().expect("ip"));
+        assert_eq!(l.take_at(ip("2001:db8:0:1::1"), t0), Verdict::Allowed);
+        assert_eq!(l.take_at(ip("2001:db8:0:1::2"), t0), Verdict::Allowed);
+        assert_eq!(
+            l.take_at(ip("2001:db8:0:1:ffff::3"), t0),
+            Verdict::Limited { first: true },
+            "every address of the /64 draws from one bucket"
+        );
+        assert_eq!(l.take_at(ip("2001:db8:0:2::1"), t0), Verdict::Allowed);
     }
 
     #[test]

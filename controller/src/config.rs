@@ -16,6 +16,9 @@
 //! | `grant_ttl_secs` | 604800 (7 days) | lifetime of grants; they are re-signed before half of it is gone (at least 60) |
 //! | `link_buffer_limit` | 67108864 (64 MiB) | bytes a relay may hold per link while one side is away |
 //! | `audit_retention_days` | 90 | audit records older than this are removed (hourly); 0 keeps them forever |
+//! | `max_connections` | 768 | HTTPS connections open at once (keep it below the process's open-file limit); one more is closed at once |
+//! | `max_connections_per_source` | 256 | of those, from one IPv4 address or IPv6 /64 (at most `max_connections`) |
+//! | `http_idle_timeout_secs` | 20 | a connection that completes no TLS handshake or request head for this long (a slow one, or one idle between requests) is closed; a request in flight is not idle (1 to 300) |
 //! | `tls_cert` | `tls.crt` | the HTTPS server certificate chain (PEM) |
 //! | `tls_key` | `tls.key` | its private key (PEM, mode 0600) |
 //! | `ca` | `ca.pem` | the CA nodes pin (its SHA-256 goes into join tokens; served at `/v1/ca`) |
@@ -76,6 +79,15 @@ fn default_buffer_limit() -> u64 {
 fn default_audit_retention() -> u64 {
     90
 }
+fn default_max_connections() -> usize {
+    768
+}
+fn default_max_connections_per_source() -> usize {
+    256
+}
+fn default_http_idle_timeout() -> u64 {
+    20
+}
 fn path_default(s: &str) -> PathBuf {
     PathBuf::from(s)
 }
@@ -114,6 +126,16 @@ pub struct ControllerConfig {
     /// Days audit records are kept (0: forever).
     #[serde(default = "default_audit_retention")]
     pub audit_retention_days: u64,
+    /// HTTPS connections open at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// HTTPS connections open at once from one IPv4 address or IPv6 /64.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
+    /// Seconds a connection may take to complete a TLS handshake or a
+    /// request head.
+    #[serde(default = "default_http_idle_timeout")]
+    pub http_idle_timeout_secs: u64,
     /// HTTPS certificate chain (PEM).
     #[serde(default = "tls_cert_default")]
     pub tls_cert: PathBuf,
@@ -172,6 +194,9 @@ impl Default for ControllerConfig {
             grant_ttl_secs: default_grant_ttl(),
             link_buffer_limit: default_buffer_limit(),
             audit_retention_days: default_audit_retention(),
+            max_connections: default_max_connections(),
+            max_connections_per_source: default_max_connections_per_source(),
+            http_idle_timeout_secs: default_http_idle_timeout(),
             tls_cert: tls_cert_default(),
             tls_key: tls_key_default(),
             ca: ca_default(),
@@ -320,6 +345,20 @@ pub enum ConfigError {
     /// `link_buffer_limit` of 0.
     #[error("link_buffer_limit must be at least 1")]
     LinkBufferLimit,
+    /// `max_connections` or `max_connections_per_source` out of range.
+    #[error(
+        "max_connections must be 1 to 1000000 and max_connections_per_source 1 to max_connections \
+         (got {max} and {per_source})"
+    )]
+    Connections {
+        /// `max_connections`.
+        max: usize,
+        /// `max_connections_per_source`.
+        per_source: usize,
+    },
+    /// `http_idle_timeout_secs` out of range.
+    #[error("http_idle_timeout_secs must be 1 to 300")]
+    IdleTimeout,
 }
 
 /// Whether `host` is `localhost` or a loopback IP.
@@ -403,6 +442,13 @@ impl ControllerConfig {
         }
         if self.link_buffer_limit == 0 {
             return Err(ConfigError::LinkBufferLimit);
+        }
+        let (max, per_source) = (self.max_connections, self.max_connections_per_source);
+        if !(1..=1_000_000).contains(&max) || !(1..=max).contains(&per_source) {
+            return Err(ConfigError::Connections { max, per_source });
+        }
+        if !(1..=300).contains(&self.http_idle_timeout_secs) {
+            return Err(ConfigError::IdleTimeout);
         }
         Ok(())
     }

@@ -20,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+mod admit;
 pub mod assign;
 mod audit;
 pub mod config;

@@ -30,6 +30,9 @@ const TLS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long open requests (long polls end at once) get to finish.
 const GRACE: Duration = Duration::from_secs(5);
 
+/// Longest TLS handshake (shorter still if `http_idle_timeout_secs` is).
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
 /// How to run a controller.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -190,9 +193,24 @@ impl Controller {
         } = self;
         let handle = axum_server::Handle::<SocketAddr>::new();
         let rustls_config = axum_server::tls_rustls::RustlsConfig::from_config(tls);
-        let server = axum_server::from_tcp_rustls(listener, rustls_config.clone())
+        let config = &shared.config;
+        let slots =
+            crate::admit::Slots::new(config.max_connections, config.max_connections_per_source);
+        let idle = Duration::from_secs(config.http_idle_timeout_secs);
+        let mut server = axum_server::from_tcp_rustls(listener, rustls_config.clone())
             .map_err(ControllerError::Serve)?
+            .map(|tls| {
+                crate::admit::Admit::new(tls.handshake_timeout(idle.min(TLS_HANDSHAKE)), slots)
+            })
             .handle(handle.clone());
+        // A connection that sends no complete request head for `idle` (a
+        // slow one, or one idle between requests) is closed; a request in
+        // flight (a long poll) is not idle.
+        server
+            .http_builder()
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(idle);
         let app = crate::http::router(shared.clone());
         let tasks = [
             tokio::spawn(assign_loop(shared.clone())),

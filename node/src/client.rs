@@ -22,6 +22,9 @@ use zeroize::Zeroizing;
 
 /// Time to connect to the controller.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an idle connection to the controller is kept for the next
+/// request.
+const POOL_IDLE: Duration = Duration::from_secs(5);
 /// Time one ordinary request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Long polls ask the controller to wait this long.
@@ -95,6 +98,10 @@ fn http_client(tls: rustls::ClientConfig, timeout: Duration) -> anyhow::Result<r
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .connect_timeout(CONNECT_TIMEOUT)
+        // Let go of an idle connection before the controller closes it
+        // (after `http_idle_timeout_secs`, at least 1 s and 20 s by
+        // default), so a request never goes out on one being closed.
+        .pool_idle_timeout(POOL_IDLE)
         .timeout(timeout)
         .https_only(true)
         .build()

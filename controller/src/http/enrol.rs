@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::unix_now;
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -45,7 +45,8 @@ pub(super) fn routes(r: Routes) -> Routes {
         .add(
             api::PATH_ENROL,
             Policy::public().audited("enrol"),
-            post(enrol),
+            // A stranger's body: small (a request is a few KiB with a CSR).
+            post(enrol).layer(DefaultBodyLimit::max(api::MAX_ENROL_BODY_LEN)),
         )
 }
 
@@ -253,6 +254,31 @@ fn new_node(req: &EnrolRequest, node_id: NodeId) -> NewNode {
     }
 }
 
+/// The answer to a join token the store refused (audited with the real
+/// reason), or to a store failure.
+async fn refuse_token(
+    state: &Shared,
+    caller: &Caller,
+    req: &EnrolRequest,
+    resource: &str,
+    e: StoreError,
+) -> ApiError {
+    tracing::warn!(token_id = %req.token_id, kind = %req.kind, reason = %e, "enrolment refused");
+    let refused = matches!(
+        e,
+        StoreError::UnknownToken
+            | StoreError::TokenUsed
+            | StoreError::TokenExpired
+            | StoreError::WrongKind { .. }
+    );
+    if !refused {
+        return e.into();
+    }
+    let reason = format!("{e} (a {} tried it)", req.kind);
+    deny_enrolment(state, caller, resource, &reason).await;
+    ApiError::unauthorized(ENROL_REFUSED)
+}
+
 async fn enrol(
     State(state): State<AppState>,
     caller: Caller,
@@ -267,8 +293,6 @@ async fn enrol(
     }
     let req: EnrolRequest = parse_json(&body)?;
     let now = unix_now();
-    let node_id = NodeId::random();
-    let cert_pem = check_enrolling(&state, &req, &node_id, now)?;
     if !is_lower_hex(&req.token_id, 16) || !is_lower_hex(&req.secret, 64) {
         deny_enrolment(&state, &caller, "token/?", "malformed join token").await;
         return Err(ApiError::unauthorized(ENROL_REFUSED));
@@ -280,25 +304,17 @@ async fn enrol(
         kind: req.kind,
         now,
     };
+    // The token first: a caller without one never reaches the CSR parser
+    // or the CA. Its redemption below still decides a race.
+    if let Err(e) = state.store.check_join_token(&redemption).await {
+        return Err(refuse_token(&state, &caller, &req, &resource, e).await);
+    }
+    let node_id = NodeId::random();
+    let cert_pem = check_enrolling(&state, &req, &node_id, now)?;
     let node = new_node(&req, node_id);
     let record = match state.store.redeem_join_token(&redemption, &node).await {
         Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(token_id = %req.token_id, kind = %req.kind, reason = %e, "enrolment refused");
-            let refused = matches!(
-                e,
-                StoreError::UnknownToken
-                    | StoreError::TokenUsed
-                    | StoreError::TokenExpired
-                    | StoreError::WrongKind { .. }
-            );
-            if !refused {
-                return Err(e.into());
-            }
-            let reason = format!("{e} (a {} tried it)", req.kind);
-            deny_enrolment(&state, &caller, &resource, &reason).await;
-            return Err(ApiError::unauthorized(ENROL_REFUSED));
-        }
+        Err(e) => return Err(refuse_token(&state, &caller, &req, &resource, e).await),
     };
     tracing::info!(kind = %record.kind, name = %record.name, node_id = %record.node_id, "node enrolled");
     Ok((

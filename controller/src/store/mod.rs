@@ -568,6 +568,10 @@ pub trait Store: Send + Sync {
     /// The highest event seq of all relays (0 if none).
     async fn max_event_seq(&self) -> Result<u64, StoreError>;
 
+    /// Whether `r` would redeem its join token now, changing nothing (the
+    /// errors of [`Store::redeem_join_token`]).
+    async fn check_join_token(&self, r: &Redemption) -> Result<(), StoreError>;
+
     /// Makes `refused` (link, reason) the link halves `agent` refuses, in
     /// place of what it refused before; returns those new or with a new
     /// reason.

@@ -63,20 +63,22 @@ impl Node {
     }
 }
 
-pub fn client(ca_pem: &[u8]) -> reqwest::Client {
+/// A TLS client config that trusts the CA in `ca_pem`.
+pub fn tls_config(ca_pem: &[u8]) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
         roots.add(cert.expect("ca pem")).expect("add root");
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+pub fn client(ca_pem: &[u8]) -> reqwest::Client {
     reqwest::Client::builder()
-        .tls_backend_preconfigured(config)
+        .tls_backend_preconfigured(tls_config(ca_pem))
         .build()
         .expect("client")
 }

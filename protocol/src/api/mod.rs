@@ -86,6 +86,9 @@ pub const MAX_WAIT_MS: u64 = 30_000;
 pub const MAX_EVENTS_PER_POLL: usize = 1000;
 /// Largest JSON body either side reads.
 pub const MAX_BODY_LEN: usize = 4 * 1024 * 1024;
+/// Longest enrolment body (`POST PATH_ENROL`): the one a caller sends
+/// before it has proved anything.
+pub const MAX_ENROL_BODY_LEN: usize = 64 * 1024;
 /// Longest node, link or token name.
 pub const MAX_NAME_LEN: usize = 63;
 

@@ -18,6 +18,7 @@
 mod connect;
 mod refusals;
 mod rows;
+mod tokens;
 mod tx;
 
 use async_trait::async_trait;
@@ -835,6 +836,10 @@ impl Store for SqlStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(to_u64(row.try_get("seq")?).wrapping_add(to_u64(row.try_get("changes")?)))
+    }
+
+    async fn check_join_token(&self, r: &Redemption) -> Result<(), StoreError> {
+        self.peek_join_token(r).await
     }
 
     async fn set_refusals(
