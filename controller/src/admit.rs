@@ -15,20 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use axum_server::accept::Accept;
+use comsat_protocol::endpoint::source_of;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-
-/// The source a cap counts: an IPv4 address (an IPv4-mapped IPv6 one as
-/// IPv4), or the /64 of an IPv6 address.
-pub(crate) fn source_of(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(bits.into())
-        }
-        v4 => v4,
-    }
-}
 
 /// The open connections, in all and by source.
 #[derive(Debug)]
@@ -191,22 +180,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Admitted<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sources_are_addresses_and_ipv6_64s() {
-        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
-        assert_eq!(source_of(ip("192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(source_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(source_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
-        assert_eq!(
-            source_of(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
-            source_of(ip("2001:db8:1:2::9"))
-        );
-        assert_ne!(
-            source_of(ip("2001:db8:1:3::1")),
-            source_of(ip("2001:db8:1:2::1"))
-        );
-    }
 
     #[test]
     fn caps_hold_per_source_and_in_all_and_slots_come_back() {

@@ -174,7 +174,7 @@ impl SourceLimiter {
     }
 
     fn take_at(&self, ip: Option<IpAddr>, now: Instant) -> Verdict {
-        let Some(ip) = ip.map(crate::admit::source_of) else {
+        let Some(ip) = ip.map(comsat_protocol::endpoint::source_of) else {
             return Verdict::Allowed;
         };
         let mut buckets = self
@@ -201,7 +201,7 @@ impl SourceLimiter {
 
     /// Whether `ip` has attempts left, without taking one.
     pub(crate) fn exhausted(&self, ip: Option<IpAddr>) -> bool {
-        let Some(ip) = ip.map(crate::admit::source_of) else {
+        let Some(ip) = ip.map(comsat_protocol::endpoint::source_of) else {
             return false;
         };
         let mut buckets = self

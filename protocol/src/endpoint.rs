@@ -81,6 +81,20 @@ pub fn valid_host(host: &str) -> bool {
         })
 }
 
+/// The source a per-source limit counts: an IPv4 address (an IPv4-mapped
+/// IPv6 one as IPv4), or the /64 of an IPv6 address, which one machine
+/// usually holds whole (counting its addresses one by one would give it
+/// 2^64 shares).
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// A local end of a link: where an agent listens, or the target it dials.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Endpoint {
@@ -160,6 +174,22 @@ impl std::str::FromStr for Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_are_addresses_and_ipv6_64s() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(source_of(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source_of(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            source_of(ip("2001:db8:1:2::9"))
+        );
+        assert_ne!(
+            source_of(ip("2001:db8:1:3::1")),
+            source_of(ip("2001:db8:1:2::1"))
+        );
+    }
 
     #[test]
     fn host_port_takes_names_and_addresses_and_refuses_the_rest() {

@@ -27,8 +27,11 @@
 //! grants_dir = "grants"
 //!
 //! [limits]              # all optional
-//! auth_timeout_ms = 5000
+//! auth_timeout_ms = 5000      # first packet to Hello, at most
+//! hello_timeout_ms = 2000     # end of the QUIC handshake to Hello
 //! max_unauthenticated = 256
+//! max_unauthenticated_per_source = 32   # per IPv4 address or IPv6 /64
+//! retry_above = 64            # unauthenticated connections at which new ones must pass a QUIC Retry (0: always)
 //! max_connections = 10000
 //! connection_receive_window = 16777216
 //! stream_receive_window = 2097152
@@ -163,8 +166,16 @@ pub struct RelayConfig {
 pub struct Limits {
     /// Milliseconds an agent has to authenticate.
     pub auth_timeout_ms: u64,
+    /// Milliseconds from the end of the QUIC handshake to a verified
+    /// `Hello`.
+    pub hello_timeout_ms: u64,
     /// Unauthenticated connections at once.
     pub max_unauthenticated: usize,
+    /// Unauthenticated connections from one IPv4 address or IPv6 /64.
+    pub max_unauthenticated_per_source: usize,
+    /// Unauthenticated connections at which new ones must prove their
+    /// address with a QUIC Retry (0: always).
+    pub retry_above: usize,
     /// Authenticated connections at once.
     pub max_connections: usize,
     /// QUIC connection receive window, bytes.
@@ -214,7 +225,10 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             auth_timeout_ms: defaults::AUTH_TIMEOUT.as_millis() as u64,
+            hello_timeout_ms: defaults::HELLO_TIMEOUT.as_millis() as u64,
             max_unauthenticated: defaults::MAX_UNAUTHENTICATED,
+            max_unauthenticated_per_source: defaults::MAX_UNAUTHENTICATED_PER_SOURCE,
+            retry_above: defaults::RETRY_ABOVE,
             max_connections: defaults::MAX_CONNECTIONS,
             connection_receive_window: defaults::CONNECTION_RECEIVE_WINDOW,
             stream_receive_window: defaults::STREAM_RECEIVE_WINDOW,
@@ -231,6 +245,11 @@ impl Limits {
     /// The authentication deadline.
     pub fn auth_timeout(&self) -> Duration {
         Duration::from_millis(self.auth_timeout_ms)
+    }
+
+    /// The `Hello` deadline after the QUIC handshake.
+    pub fn hello_timeout(&self) -> Duration {
+        Duration::from_millis(self.hello_timeout_ms)
     }
 }
 
@@ -302,12 +321,15 @@ impl RelayConfig {
             });
         }
         if config.limits.max_unauthenticated == 0
+            || config.limits.max_unauthenticated_per_source == 0
+            || config.limits.hello_timeout_ms == 0
             || config.limits.max_connections == 0
             || config.limits.max_links == 0
         {
             return Err(RelayError::Config {
                 path: path.to_owned(),
-                reason: "limits.max_unauthenticated, limits.max_connections and limits.max_links \
+                reason: "limits.max_unauthenticated, limits.max_unauthenticated_per_source, \
+                         limits.hello_timeout_ms, limits.max_connections and limits.max_links \
                          must be at least 1"
                     .into(),
             });

@@ -8,6 +8,27 @@ use std::time::Duration;
 /// connections do not pile up.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Time from the end of the QUIC handshake to a verified `Hello`: an agent
+/// sends it at once, so a peer silent this long gives back its place.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Unauthenticated connections from one source (an IPv4 address or an
+/// IPv6 /64) at once: one source cannot take all of
+/// [`MAX_UNAUTHENTICATED`].
+pub const MAX_UNAUTHENTICATED_PER_SOURCE: usize = 32;
+
+/// Unauthenticated connections at which a new connection must first prove
+/// its source address with a QUIC Retry (one round trip): a flood of
+/// Initials from spoofed addresses then costs the relay one stateless
+/// packet each, and no connection state.
+pub const RETRY_ABOVE: usize = 64;
+
+/// QUIC connection receive window until a connection's `Hello` is
+/// verified, and the one stream it may open (its control stream): what a
+/// stranger can make the relay buffer. Raised to the configured windows
+/// and stream credit once the agent is known.
+pub const PRE_HELLO_WINDOW: u32 = 64 * 1024;
+
 /// Connections that have not yet authenticated, at once. Each costs a QUIC
 /// connection state (a few KiB) plus its receive windows until it is
 /// refused; beyond this, new connections are refused outright.

@@ -4,7 +4,8 @@
 //! |---|---|---|
 //! | `comsat_relay_connections_total` | counter | QUIC connections accepted |
 //! | `comsat_relay_connections_open` | gauge | authenticated agent connections |
-//! | `comsat_relay_auth_failures_total{reason}` | counter | connections refused, by reason: `unknown_node`, `bad_signature`, `timeout`, `protocol`, `too_many_unauthenticated`, `too_many_connections`, `handshake` |
+//! | `comsat_relay_retries_total` | counter | new connections sent a QUIC Retry to prove their address (while `limits.retry_above` connections are unauthenticated) |
+//! | `comsat_relay_auth_failures_total{reason}` | counter | connections refused, by reason: `unknown_node`, `bad_signature`, `timeout`, `protocol`, `too_many_unauthenticated`, `too_many_from_source`, `too_many_connections`, `handshake` |
 //! | `comsat_relay_attach_refused_total{reason}` | counter | attaches refused: `not_granted`, `stale_generation`, `expired`, `draining`, `relay_full` (`limits.max_links` reached) |
 //! | `comsat_relay_links_paired` | gauge | links with both sides attached |
 //! | `comsat_relay_flows_total` | counter | flows spliced |
@@ -46,6 +47,8 @@ use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
 pub const CONNECTIONS_TOTAL: &str = "comsat_relay_connections_total";
 /// Authenticated connections open.
 pub const CONNECTIONS_OPEN: &str = "comsat_relay_connections_open";
+/// New connections sent a QUIC Retry (to prove their address) under load.
+pub const RETRIES_TOTAL: &str = "comsat_relay_retries_total";
 /// Refused connections by reason.
 pub const AUTH_FAILURES_TOTAL: &str = "comsat_relay_auth_failures_total";
 /// Refused attaches by reason.
@@ -83,6 +86,7 @@ pub const CONFIG_RELOADS_TOTAL: &str = "comsat_relay_config_reloads_total";
 #[derive(Clone)]
 pub struct Metrics {
     pub(crate) connections_total: Counter,
+    pub(crate) retries: Counter,
     pub(crate) connections_open: Gauge,
     pub(crate) links_paired: Gauge,
     pub(crate) flows_total: Counter,
@@ -108,6 +112,10 @@ impl Metrics {
     /// Describes the metrics and resolves the handles.
     pub fn new() -> Self {
         describe_counter!(CONNECTIONS_TOTAL, "QUIC connections accepted");
+        describe_counter!(
+            RETRIES_TOTAL,
+            "New connections sent a QUIC Retry to prove their address"
+        );
         describe_gauge!(CONNECTIONS_OPEN, "Authenticated agent connections");
         describe_counter!(AUTH_FAILURES_TOTAL, "Connections refused, by reason");
         describe_counter!(ATTACH_REFUSED_TOTAL, "Attaches refused, by reason");
@@ -133,6 +141,7 @@ impl Metrics {
         describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads, by result");
         Self {
             connections_total: counter!(CONNECTIONS_TOTAL),
+            retries: counter!(RETRIES_TOTAL),
             connections_open: gauge!(CONNECTIONS_OPEN),
             links_paired: gauge!(LINKS_PAIRED),
             flows_total: counter!(FLOWS_TOTAL),

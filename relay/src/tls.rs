@@ -139,13 +139,16 @@ pub fn server_config(
 fn transport_config(config: &RelayConfig) -> quinn::TransportConfig {
     let l = &config.limits;
     let mut t = quinn::TransportConfig::default();
-    // The control stream, and the first flows; more as they are used.
-    let initial = l
-        .max_streams_per_connection
-        .min(defaults::INITIAL_STREAMS_PER_CONNECTION);
-    t.max_concurrent_bidi_streams(initial.saturating_add(1).into())
+    // What a stranger gets: its control stream, for the Hello, and a small
+    // window. A verified agent gets the configured window and its first
+    // flow streams, more as they are used (server::accept).
+    t.max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into())
-        .receive_window(l.connection_receive_window.into())
+        .receive_window(
+            l.connection_receive_window
+                .min(defaults::PRE_HELLO_WINDOW)
+                .into(),
+        )
         .stream_receive_window(l.stream_receive_window.into())
         .send_window(defaults::SEND_WINDOW)
         .keep_alive_interval(Some(defaults::KEEP_ALIVE_INTERVAL))

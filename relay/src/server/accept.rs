@@ -9,15 +9,43 @@ use comsat_protocol::{CLOSE_REFUSED, HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN, N
 use tracing::{Instrument, debug, info, info_span};
 
 use super::control::serve_connection;
-use super::{Place, State};
+use super::{Place, SourcePlace, State};
+use crate::defaults;
 
 pub(super) async fn accept_loop(state: Arc<State>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
         state.metrics.connections_total.increment(1);
-        let max = state.limits().max_unauthenticated;
-        match state.unauthenticated.try_enter(max) {
+        let limits = state.limits();
+        // Under load a new connection first proves its source address (a
+        // QUIC Retry, stateless here): spoofed Initials then cost one
+        // packet each, and no place among the unauthenticated.
+        let incoming = if state.unauthenticated.current() >= limits.retry_above
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            match incoming.retry() {
+                Ok(()) => {
+                    state.metrics.retries.increment(1);
+                    continue;
+                }
+                Err(e) => e.into_incoming(),
+            }
+        } else {
+            incoming
+        };
+        let ip = incoming.remote_address().ip();
+        let Some(from_source) = state
+            .unauthenticated_by_source
+            .try_enter(ip, limits.max_unauthenticated_per_source)
+        else {
+            state.metrics.auth_failure("too_many_from_source");
+            incoming.refuse();
+            continue;
+        };
+        match state.unauthenticated.try_enter(limits.max_unauthenticated) {
             Some(place) => {
-                tokio::spawn(handle_incoming(state.clone(), incoming, place));
+                let places = (place, from_source);
+                tokio::spawn(handle_incoming(state.clone(), incoming, places));
             }
             None => {
                 state.metrics.auth_failure("too_many_unauthenticated");
@@ -34,10 +62,20 @@ fn refuse(state: &State, conn: &quinn::Connection, reason: &'static str) {
 }
 
 /// Authenticates a new connection, then serves it. `unauthenticated` is
-/// this connection's place among the unauthenticated ones, given back as
-/// soon as it has authenticated (or failed to).
-async fn handle_incoming(state: Arc<State>, incoming: quinn::Incoming, unauthenticated: Place) {
-    let deadline = tokio::time::Instant::now() + state.limits().auth_timeout();
+/// this connection's place among the unauthenticated ones (in all, and of
+/// its source), given back as soon as it has authenticated (or failed to).
+///
+/// Until its `Hello` is verified a connection may open one stream (its
+/// control stream) and make the relay buffer at most
+/// [`defaults::PRE_HELLO_WINDOW`] bytes; then it gets the configured
+/// windows and stream credit.
+async fn handle_incoming(
+    state: Arc<State>,
+    incoming: quinn::Incoming,
+    unauthenticated: (Place, SourcePlace),
+) {
+    let limits = state.limits();
+    let deadline = tokio::time::Instant::now() + limits.auth_timeout();
     let conn = match tokio::time::timeout_at(deadline, incoming).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
@@ -50,6 +88,8 @@ async fn handle_incoming(state: Arc<State>, incoming: quinn::Incoming, unauthent
             return;
         }
     };
+    // An agent sends its Hello as soon as the handshake is done.
+    let deadline = deadline.min(tokio::time::Instant::now() + limits.hello_timeout());
     let authed = tokio::time::timeout_at(deadline, authenticate(&state, &conn)).await;
     drop(unauthenticated);
     let (node_id, send, decoder, recv) = match authed {
@@ -57,9 +97,15 @@ async fn handle_incoming(state: Arc<State>, incoming: quinn::Incoming, unauthent
         Ok(Err(reason)) => return refuse(&state, &conn, reason),
         Err(_) => return refuse(&state, &conn, "timeout"),
     };
-    let Some(permit) = state.connections.try_enter(state.limits().max_connections) else {
+    let Some(permit) = state.connections.try_enter(limits.max_connections) else {
         return refuse(&state, &conn, "too_many_connections");
     };
+    // Known now: the windows and the first flow-stream credit.
+    conn.set_receive_window(limits.connection_receive_window.into());
+    let credit = limits
+        .max_streams_per_connection
+        .min(defaults::INITIAL_STREAMS_PER_CONNECTION);
+    conn.set_max_concurrent_bi_streams(credit.saturating_add(1).into());
     let conn_id = state.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("conn", id = conn_id, node = %node_id.fmt_short());
     async move {

@@ -25,7 +25,7 @@ pub use handle::{RelayHandle, ReloadError};
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
@@ -114,6 +114,51 @@ impl Drop for Place {
     }
 }
 
+/// How many of something each source (an IPv4 address or IPv6 /64) holds
+/// at once.
+#[derive(Default)]
+struct BySource(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One source's place in a [`BySource`], given back on drop.
+struct SourcePlace {
+    held: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    source: IpAddr,
+}
+
+impl BySource {
+    fn try_enter(&self, ip: IpAddr, max: usize) -> Option<SourcePlace> {
+        let source = comsat_protocol::endpoint::source_of(ip);
+        let mut held = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = held.entry(source).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourcePlace {
+            held: self.0.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for SourcePlace {
+    fn drop(&mut self) {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.source);
+            }
+        }
+    }
+}
+
 struct State {
     /// The configuration as loaded at start (the restart-only settings).
     config: RelayConfig,
@@ -125,6 +170,7 @@ struct State {
     stats: LinkTable,
     metrics: Metrics,
     unauthenticated: Occupancy,
+    unauthenticated_by_source: BySource,
     connections: Occupancy,
     next_conn_id: AtomicU64,
     tap: Option<Mutex<std::fs::File>>,
@@ -332,6 +378,7 @@ impl Relay {
         let state = Arc::new(State {
             limits: RwLock::new(Arc::new(config.limits.clone())),
             unauthenticated: Occupancy::default(),
+            unauthenticated_by_source: BySource::default(),
             connections: Occupancy::default(),
             config,
             grants,
