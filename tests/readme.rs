@@ -67,7 +67,7 @@ const SECRETS: Section = Section("docs/security.md", "Keys and secrets");
 const NOT_RUN: &[(&str, &str)] = &[("cargo test --workspace", "it is what runs this test")];
 
 /// The PostgreSQL URL of docs/operations.md, replaced by a fresh database.
-const DOC_DATABASE_URL: &str = "postgres://comsat:PASSWORD@db.example:5432/comsat";
+const DOC_DATABASE_URL: &str = "postgres://comsat:PASSWORD@db.example:5432/comsat?sslmode=verify-full&sslrootcert=/etc/comsat/db-ca.pem";
 
 /// Where a port number follows in a command or file, to be mapped.
 const PORT_MARKERS: &[&str] = &[

@@ -765,3 +765,34 @@ async fn an_agents_refusals_replace_what_it_said_before(dir: Db) {
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].agent, b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_server_whose_certificate_does_not_name_the_host_is_refused() {
+    use comsat_controller::store::testing::{fresh_database, postgres_server};
+    let Some(server) = postgres_server() else {
+        return;
+    };
+    if !server.contains("sslmode=verify-full") || !server.contains("@localhost:") {
+        eprintln!("skipped: the test server's URL is not sslmode=verify-full to localhost");
+        return;
+    }
+    // By the name its certificate holds: served over TLS.
+    let url = fresh_database(&server).await.expect("database");
+    let store = SqlStore::connect_postgres(&url)
+        .await
+        .expect("verify-full by its name");
+    store.close().await;
+    // By an address the certificate does not name: refused, saying why.
+    let wrong = url.replace("@localhost:", "@127.0.0.1:");
+    let Err(err) = SqlStore::connect_postgres(&wrong).await else {
+        panic!("connected to a server whose certificate does not name 127.0.0.1");
+    };
+    assert!(matches!(err, StoreError::DbTls(_)), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("TLS was refused")
+            && text.contains("sslrootcert")
+            && text.contains("127.0.0.1"),
+        "{text}"
+    );
+}

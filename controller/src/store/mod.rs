@@ -141,6 +141,13 @@ pub enum StoreError {
     /// The database failed or could not be reached.
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// The PostgreSQL server's TLS certificate was refused (or TLS
+    /// failed), under the URL's `sslmode`.
+    #[error(
+        "the database server's TLS was refused: {0} (with sslmode=verify-full its certificate \
+         must chain to the sslrootcert file of the URL and name the URL's host)"
+    )]
+    DbTls(String),
     /// Applying the schema migrations failed.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -47,13 +47,22 @@ impl SqlStore {
     /// Connects to a PostgreSQL database (`postgres://user:pass@host/db`)
     /// and applies the embedded migrations (several controllers may start
     /// at once: the migrator takes a lock).
+    ///
+    /// Over TLS as the URL's `sslmode` says: with `verify-full` the
+    /// server's certificate must chain to `sslrootcert` (or the system's
+    /// roots) and name the URL's host, or the connection is refused with
+    /// [`StoreError::DbTls`].
     pub async fn connect_postgres(url: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let pool = AnyPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
             .connect(url)
-            .await?;
+            .await
+            .map_err(|e| match tls_refusal(&e) {
+                Some(why) => StoreError::DbTls(why),
+                None => StoreError::Db(e),
+            })?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         Ok(Self {
             pool,
@@ -75,4 +84,29 @@ impl SqlStore {
             Backend::Postgres => self.pool.begin().await?,
         })
     }
+}
+
+/// Why TLS to the database failed, if that is what `e` is (sqlx reports a
+/// refused certificate as an I/O error holding rustls's).
+fn tls_refusal(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Tls(e) => Some(error_chain(&**e)),
+        sqlx::Error::Io(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .map(ToString::to_string),
+        _ => None,
+    }
+}
+
+/// An error and its sources, joined by ": ".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
