@@ -33,6 +33,7 @@
 //! max_unauthenticated_per_source = 32   # per IPv4 address or IPv6 /64
 //! retry_above = 64            # unauthenticated connections at which new ones must pass a QUIC Retry (0: always)
 //! max_connections = 10000
+//! max_connections_per_node = 16   # authenticated connections of one node key
 //! connection_receive_window = 16777216
 //! stream_receive_window = 2097152
 //! max_streams_per_connection = 1024
@@ -178,6 +179,8 @@ pub struct Limits {
     pub retry_above: usize,
     /// Authenticated connections at once.
     pub max_connections: usize,
+    /// Authenticated connections of one node key at once.
+    pub max_connections_per_node: usize,
     /// QUIC connection receive window, bytes.
     pub connection_receive_window: u32,
     /// QUIC stream receive window, bytes.
@@ -230,6 +233,7 @@ impl Default for Limits {
             max_unauthenticated_per_source: defaults::MAX_UNAUTHENTICATED_PER_SOURCE,
             retry_above: defaults::RETRY_ABOVE,
             max_connections: defaults::MAX_CONNECTIONS,
+            max_connections_per_node: defaults::MAX_CONNECTIONS_PER_NODE,
             connection_receive_window: defaults::CONNECTION_RECEIVE_WINDOW,
             stream_receive_window: defaults::STREAM_RECEIVE_WINDOW,
             max_streams_per_connection: defaults::MAX_STREAMS_PER_CONNECTION,
@@ -324,12 +328,14 @@ impl RelayConfig {
             || config.limits.max_unauthenticated_per_source == 0
             || config.limits.hello_timeout_ms == 0
             || config.limits.max_connections == 0
+            || config.limits.max_connections_per_node == 0
             || config.limits.max_links == 0
         {
             return Err(RelayError::Config {
                 path: path.to_owned(),
                 reason: "limits.max_unauthenticated, limits.max_unauthenticated_per_source, \
-                         limits.hello_timeout_ms, limits.max_connections and limits.max_links \
+                         limits.hello_timeout_ms, limits.max_connections, \
+                         limits.max_connections_per_node and limits.max_links \
                          must be at least 1"
                     .into(),
             });

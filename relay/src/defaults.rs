@@ -34,6 +34,10 @@ pub const PRE_HELLO_WINDOW: u32 = 64 * 1024;
 /// refused; beyond this, new connections are refused outright.
 pub const MAX_UNAUTHENTICATED: usize = 256;
 
+/// Authenticated connections of one node key at once: an agent holds one
+/// per relay, its lane, and one per named connection.
+pub const MAX_CONNECTIONS_PER_NODE: usize = 16;
+
 /// Authenticated agent connections at once.
 pub const MAX_CONNECTIONS: usize = 10_000;
 

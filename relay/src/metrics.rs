@@ -4,8 +4,9 @@
 //! |---|---|---|
 //! | `comsat_relay_connections_total` | counter | QUIC connections accepted |
 //! | `comsat_relay_connections_open` | gauge | authenticated agent connections |
+//! | `comsat_relay_node_clones_total` | counter | authenticated connections of a node key while another connection of the same key was held from another source (IPv4 address or IPv6 /64): a copied key, or an agent that moved networks (logged with both sources) |
 //! | `comsat_relay_retries_total` | counter | new connections sent a QUIC Retry to prove their address (while `limits.retry_above` connections are unauthenticated) |
-//! | `comsat_relay_auth_failures_total{reason}` | counter | connections refused, by reason: `unknown_node`, `bad_signature`, `timeout`, `protocol`, `too_many_unauthenticated`, `too_many_from_source`, `too_many_connections`, `handshake` |
+//! | `comsat_relay_auth_failures_total{reason}` | counter | connections refused, by reason: `unknown_node`, `bad_signature`, `timeout`, `protocol`, `too_many_unauthenticated`, `too_many_from_source`, `too_many_connections`, `too_many_for_node`, `handshake` |
 //! | `comsat_relay_attach_refused_total{reason}` | counter | attaches refused: `not_granted`, `stale_generation`, `expired`, `draining`, `relay_full` (`limits.max_links` reached) |
 //! | `comsat_relay_links_paired` | gauge | links with both sides attached |
 //! | `comsat_relay_flows_total` | counter | flows spliced |
@@ -47,6 +48,9 @@ use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
 pub const CONNECTIONS_TOTAL: &str = "comsat_relay_connections_total";
 /// Authenticated connections open.
 pub const CONNECTIONS_OPEN: &str = "comsat_relay_connections_open";
+/// Authenticated connections of a node key while another of the same key
+/// was held from another source.
+pub const NODE_CLONES_TOTAL: &str = "comsat_relay_node_clones_total";
 /// New connections sent a QUIC Retry (to prove their address) under load.
 pub const RETRIES_TOTAL: &str = "comsat_relay_retries_total";
 /// Refused connections by reason.
@@ -87,6 +91,7 @@ pub const CONFIG_RELOADS_TOTAL: &str = "comsat_relay_config_reloads_total";
 pub struct Metrics {
     pub(crate) connections_total: Counter,
     pub(crate) retries: Counter,
+    pub(crate) node_clones: Counter,
     pub(crate) connections_open: Gauge,
     pub(crate) links_paired: Gauge,
     pub(crate) flows_total: Counter,
@@ -112,6 +117,10 @@ impl Metrics {
     /// Describes the metrics and resolves the handles.
     pub fn new() -> Self {
         describe_counter!(CONNECTIONS_TOTAL, "QUIC connections accepted");
+        describe_counter!(
+            NODE_CLONES_TOTAL,
+            "Connections of a node key while it was connected from another source"
+        );
         describe_counter!(
             RETRIES_TOTAL,
             "New connections sent a QUIC Retry to prove their address"
@@ -142,6 +151,7 @@ impl Metrics {
         Self {
             connections_total: counter!(CONNECTIONS_TOTAL),
             retries: counter!(RETRIES_TOTAL),
+            node_clones: counter!(NODE_CLONES_TOTAL),
             connections_open: gauge!(CONNECTIONS_OPEN),
             links_paired: gauge!(LINKS_PAIRED),
             flows_total: counter!(FLOWS_TOTAL),

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use comsat_protocol::msg::{AgentToRelay, ControlMessage, FrameDecoder, FrameError, verify_hello};
 use comsat_protocol::{CLOSE_REFUSED, HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN, NodeId};
-use tracing::{Instrument, debug, info, info_span};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::control::serve_connection;
 use super::{Place, SourcePlace, State};
@@ -107,6 +107,22 @@ async fn handle_incoming(
         .min(defaults::INITIAL_STREAMS_PER_CONNECTION);
     conn.set_max_concurrent_bi_streams(credit.saturating_add(1).into());
     let conn_id = state.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let ip = conn.remote_address().ip();
+    let Some((node_place, elsewhere)) =
+        state
+            .by_node
+            .try_enter(node_id, conn_id, ip, limits.max_connections_per_node)
+    else {
+        return refuse(&state, &conn, "too_many_for_node");
+    };
+    if let Some(other) = elsewhere {
+        // Policy: both are served, and each link side goes to its newest
+        // attachment (the one it replaces is closed), so a copied key and
+        // its original keep taking links from each other; an agent that
+        // moved networks is simply back, its old path closing.
+        state.metrics.node_clones.increment(1);
+        warn!(node = %node_id, %ip, other_source = %other, "one node key is connected from two sources at once: a copied key, or an agent that moved networks");
+    }
     let span = info_span!("conn", id = conn_id, node = %node_id.fmt_short());
     async move {
         info!("agent connected");
@@ -116,6 +132,7 @@ async fn handle_incoming(
         state.wire.close(conn_id);
         state.metrics.connections_open.decrement(1.0);
         drop(permit);
+        drop(node_place);
         info!("agent disconnected");
     }
     .instrument(span)

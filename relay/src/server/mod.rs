@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use comsat_protocol::msg::RelayToAgent;
-use comsat_protocol::{CLOSE_NORMAL, SignedGrant};
+use comsat_protocol::{CLOSE_NORMAL, NodeId, SignedGrant};
 use tokio::sync::{mpsc, watch};
 use tracing::info;
 
@@ -144,6 +144,66 @@ impl BySource {
     }
 }
 
+/// Each node key's authenticated connections: (connection, source).
+type NodeConns = Arc<Mutex<HashMap<NodeId, Vec<(u64, IpAddr)>>>>;
+
+/// The authenticated connections of each node key.
+#[derive(Default)]
+struct ByNode(NodeConns);
+
+/// One connection's place among its node's, given back on drop.
+struct NodePlace {
+    held: NodeConns,
+    node: NodeId,
+    conn: u64,
+}
+
+impl ByNode {
+    /// A place for connection `conn` of `node` from `ip`, and the source
+    /// of another connection of the same key held from elsewhere, if any;
+    /// `None` when the node holds `max` connections already.
+    fn try_enter(
+        &self,
+        node: NodeId,
+        conn: u64,
+        ip: IpAddr,
+        max: usize,
+    ) -> Option<(NodePlace, Option<IpAddr>)> {
+        let source = comsat_protocol::endpoint::source_of(ip);
+        let mut held = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let conns = held.entry(node).or_default();
+        if conns.len() >= max {
+            return None;
+        }
+        let elsewhere = conns.iter().map(|c| c.1).find(|s| *s != source);
+        conns.push((conn, source));
+        let place = NodePlace {
+            held: self.0.clone(),
+            node,
+            conn,
+        };
+        Some((place, elsewhere))
+    }
+}
+
+impl Drop for NodePlace {
+    fn drop(&mut self) {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(conns) = held.get_mut(&self.node) {
+            conns.retain(|c| c.0 != self.conn);
+            if conns.is_empty() {
+                held.remove(&self.node);
+            }
+        }
+    }
+}
+
 impl Drop for SourcePlace {
     fn drop(&mut self) {
         let mut held = self
@@ -172,6 +232,7 @@ struct State {
     unauthenticated: Occupancy,
     unauthenticated_by_source: BySource,
     connections: Occupancy,
+    by_node: ByNode,
     next_conn_id: AtomicU64,
     tap: Option<Mutex<std::fs::File>>,
     /// The served certificate, reloaded when its file changes.
@@ -379,6 +440,7 @@ impl Relay {
             limits: RwLock::new(Arc::new(config.limits.clone())),
             unauthenticated: Occupancy::default(),
             unauthenticated_by_source: BySource::default(),
+            by_node: ByNode::default(),
             connections: Occupancy::default(),
             config,
             grants,
@@ -513,5 +575,56 @@ impl Relay {
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn a_node_key_holds_at_most_its_connections_and_another_source_is_seen() {
+        let nodes = ByNode::default();
+        let (a, b) = (NodeId([1; 16]), NodeId([2; 16]));
+        let (first, elsewhere) = nodes.try_enter(a, 1, ip("192.0.2.1"), 3).expect("first");
+        assert_eq!(elsewhere, None);
+        // Its lane, from the same address: no alarm.
+        let (_lane, elsewhere) = nodes.try_enter(a, 2, ip("192.0.2.1"), 3).expect("lane");
+        assert_eq!(elsewhere, None);
+        // The same key from another address: allowed, and seen.
+        let (_clone, elsewhere) = nodes.try_enter(a, 3, ip("198.51.100.7"), 3).expect("clone");
+        assert_eq!(elsewhere, Some(ip("192.0.2.1")));
+        assert!(
+            nodes.try_enter(a, 4, ip("192.0.2.1"), 3).is_none(),
+            "over the key's cap"
+        );
+        // Another key is counted apart; a place given back is free again.
+        assert!(nodes.try_enter(b, 5, ip("192.0.2.1"), 3).is_some());
+        drop(first);
+        assert!(nodes.try_enter(a, 6, ip("192.0.2.1"), 3).is_some());
+    }
+
+    #[test]
+    fn addresses_of_one_ipv6_64_are_one_source() {
+        let nodes = ByNode::default();
+        let a = NodeId([1; 16]);
+        let _first = nodes
+            .try_enter(a, 1, ip("2001:db8:0:1::10"), 4)
+            .expect("first");
+        let (_second, elsewhere) = nodes
+            .try_enter(a, 2, ip("2001:db8:0:1::99"), 4)
+            .expect("second");
+        assert_eq!(
+            elsewhere, None,
+            "a privacy address of the same /64 is no clone"
+        );
+        let (_third, elsewhere) = nodes
+            .try_enter(a, 3, ip("2001:db8:0:2::1"), 4)
+            .expect("third");
+        assert_eq!(elsewhere, Some(ip("2001:db8:0:1::")));
     }
 }
