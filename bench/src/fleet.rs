@@ -95,6 +95,65 @@ impl Fleet {
 
     /// Connects nodes `range`, `concurrency` at a time: every connection
     /// (held open) and each one's time to `Welcome` in milliseconds, sorted.
+    /// A stranger's flood: `n` connections that never send a `Hello`,
+    /// each trying to open `streams` streams and write `bytes` on each,
+    /// until `until`. Returns how many connections the relay let in and
+    /// how many bytes it took in all (what flow control let through).
+    pub(crate) async fn flood_without_hello(
+        &self,
+        n: usize,
+        streams: usize,
+        bytes: usize,
+        until: Instant,
+    ) -> (usize, u64) {
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let endpoint = self.endpoints[i % self.endpoints.len()].clone();
+            let (client, relay, written) = (self.client.clone(), self.relay, written.clone());
+            tasks.push(tokio::spawn(async move {
+                let connecting = endpoint.connect_with(client, relay, "localhost").ok()?;
+                let conn = tokio::time::timeout_at(until.into(), connecting)
+                    .await
+                    .ok()?
+                    .ok()?;
+                let mut writers = Vec::new();
+                for _ in 0..streams {
+                    let (conn, written) = (conn.clone(), written.clone());
+                    writers.push(tokio::spawn(async move {
+                        let payload = vec![0x5a; 64 * 1024];
+                        let write = async {
+                            let (mut send, _recv) = conn.open_bi().await.ok()?;
+                            let mut left = bytes;
+                            while left > 0 {
+                                let n =
+                                    send.write(&payload[..left.min(payload.len())]).await.ok()?;
+                                written.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                                left -= n;
+                            }
+                            Some(())
+                        };
+                        let _ = tokio::time::timeout_at(until.into(), write).await;
+                    }));
+                }
+                for w in writers {
+                    let _ = w.await;
+                }
+                Some(conn)
+            }));
+        }
+        let mut admitted = Vec::new();
+        for t in tasks {
+            if let Ok(Some(conn)) = t.await {
+                admitted.push(conn);
+            }
+        }
+        (
+            admitted.len(),
+            written.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     pub(crate) async fn connect_many(
         self: &Arc<Self>,
         range: std::ops::Range<usize>,

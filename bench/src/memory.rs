@@ -159,5 +159,56 @@ pub(crate) async fn memory(r: &mut Run) -> Result<()> {
         conns.points.push((n as f64, rss_kib(relay.relay_pid()?)?));
     }
     conns.report("agent connection", max, 64.0, None, r);
+    pre_hello_flood(r).await
+}
+
+/// Connections, streams each and bytes on each stream of the pre-`Hello`
+/// flood (as a stranger would try them).
+const FLOOD: (usize, usize, usize) = (256, 32, 512 * 1024);
+
+/// Goal for the relay's RSS growth under [`FLOOD`], KiB.
+const FLOOD_GOAL_KIB: f64 = 64.0 * 1024.0;
+
+/// A stranger's flood before any `Hello`: [`FLOOD`] connections, streams
+/// and bytes tried at once against a fresh relay; the most its RSS grew
+/// while they were open (it is sampled every 100 ms for 3 s).
+async fn pre_hello_flood(r: &mut Run) -> Result<()> {
+    let (n, streams, bytes) = FLOOD;
+    eprintln!("memory: {n} connections without a Hello, {streams} streams × {bytes} B each");
+    let (relay, fleet) = fleet_relay(&r.bin, 1)?;
+    let pid = relay.relay_pid()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = rss_kib(pid)?;
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    let flood = {
+        let fleet = fleet.clone();
+        tokio::spawn(async move { fleet.flood_without_hello(n, streams, bytes, until).await })
+    };
+    let mut peak = before;
+    while std::time::Instant::now() < until {
+        peak = peak.max(rss_kib(pid)?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (admitted, taken) = flood.await?;
+    peak = peak.max(rss_kib(pid)?);
+    r.figures.push(figure(
+        "memory",
+        &format!(
+            "relay RSS growth under a pre-Hello flood ({n} connections × {streams} streams × {} KiB tried)",
+            bytes / 1024
+        ),
+        "KiB",
+        peak - before,
+        "goal",
+        FLOOD_GOAL_KIB,
+        1,
+    ));
+    r.notes.push(format!(
+        "memory: pre-Hello flood: {admitted} of {n} connections let in, {} KiB taken in all \
+         (of {} MiB tried), relay RSS {before:.0} → peak {peak:.0} KiB; {}",
+        taken / 1024,
+        n * streams * bytes / (1024 * 1024),
+        refusals(&relay)
+    ));
     Ok(())
 }
