@@ -513,11 +513,11 @@ async fn run_enrolled_agent(
     )
     .await?;
     println!("comsat agent admin {admin_shown}");
-    let version = nodes::apply_cached(&mut agent, &dir).await;
+    let applied = nodes::apply_cached(&mut agent, &dir).await;
     println!("comsat agent started");
     tracing::info!(name = %state.name, "agent started");
     tokio::select! {
-        () = comsat_node::agent::agent_sync(dir, state, nodes::FedAgent(&mut agent), version) => {}
+        () = comsat_node::agent::agent_sync(dir, state, nodes::FedAgent(&mut agent), applied) => {}
         () = shutdown_signal() => {}
     }
     tracing::info!("agent shutting down");

@@ -120,16 +120,22 @@ pub(crate) fn enrolled_agent(
     Ok(agent)
 }
 
-/// Applies the desired state cached in `dir`, if any; its version.
-pub(crate) async fn apply_cached(agent: &mut comsat_agent::Agent, dir: &Path) -> u64 {
+/// Applies the desired state cached in `dir`, if any: its version and
+/// the links refused (for the controller, once it is reached).
+pub(crate) async fn apply_cached(
+    agent: &mut comsat_agent::Agent,
+    dir: &Path,
+) -> comsat_node::agent::Applied {
     match comsat_node::agent::cached_desired(dir) {
         Some(cached) => {
-            // What it refuses is told the controller at its first answer.
-            FedAgent(agent)
+            let refused = FedAgent(agent)
                 .apply(&cached, &dir.join("relay-ca.pem"))
                 .await;
-            cached.version
+            comsat_node::agent::Applied {
+                version: cached.version,
+                refused: Some(refused),
+            }
         }
-        None => 0,
+        None => comsat_node::agent::Applied::default(),
     }
 }

@@ -252,11 +252,11 @@ async fn start_agents(
             consent_to_demo(&agent_dir, &dir.join("demo.sock"))?;
         }
         let mut agent = nodes::enrolled_agent(&agent_dir, &state, None)?;
-        let version = nodes::apply_cached(&mut agent, &agent_dir).await;
+        let applied = nodes::apply_cached(&mut agent, &agent_dir).await;
         let rx = stop_rx.clone();
         tasks.spawn(async move {
             tokio::select! {
-                () = comsat_node::agent::agent_sync(agent_dir, state, nodes::FedAgent(&mut agent), version) => {}
+                () = comsat_node::agent::agent_sync(agent_dir, state, nodes::FedAgent(&mut agent), applied) => {}
                 () = stopped(rx) => {}
             }
             agent.stop().await;

@@ -492,5 +492,26 @@ async fn a_link_outside_an_agents_consent_is_refused_there_and_nothing_is_dialle
             "no refusal by {agent} of {link}: {audit:#?}"
         );
     }
+
+    // b's owner consents to the target and restarts it: b serves the link
+    // from its cache (the controller has nothing new for it) and tells the
+    // controller, whose refusal of b goes.
+    std::fs::write(
+        c.path("b").join("consent.toml"),
+        format!("targets = [\"{far_target}\", \"tcp://127.0.0.1:1\"]\n"),
+    )?;
+    c.agent("b")?.kill();
+    c.run_agent("b")?;
+    wait_for(CONVERGE, || {
+        let far = c.ctl_ok(&["link", "show", "far"])?;
+        ensure!(!far.contains("refused:"), "{far}");
+        Ok(())
+    })
+    .with_context(|| c.logs())?;
+    let bind = c.ctl_ok(&["link", "show", "bind"])?;
+    ensure!(
+        bind.contains("refused:    by a:"),
+        "a still refuses: {bind}"
+    );
     Ok(())
 }

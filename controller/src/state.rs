@@ -427,9 +427,11 @@ impl Shared {
 
     /// One link as the operator sees it.
     pub(crate) async fn link_info_of(&self, link: &LinkRecord) -> Result<LinkInfo, StoreError> {
-        let names = self.node_names().await?;
-        let refusals = self.store.refusals().await?;
-        Ok(Self::link_info(link, &names, &refusals))
+        let infos = self.link_infos(std::slice::from_ref(link)).await?;
+        infos
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Corrupt("a link vanished while it was shown".into()))
     }
 
     /// A link as the operator sees it.

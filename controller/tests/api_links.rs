@@ -480,22 +480,22 @@ async fn an_agents_refusals_show_with_the_link_and_in_the_audit_log() {
         (resp.status(), resp.text().await.unwrap_or_default())
     };
     let reason = "target tcp://169.254.169.254:80 is outside this agent's consent\n";
-    let body = json!({ "version": 1, "refused": [{ "link": "db", "reason": reason }] });
+    let body = json!({ "refused": [{ "link": "db", "reason": reason }] });
     assert_eq!(refuse(&b, body.clone()).await.0, StatusCode::OK);
     // Said again: nothing new to audit.
     assert_eq!(refuse(&b, body).await.0, StatusCode::OK);
     // An agent that does not hold the link cannot mark it refused.
-    let body = json!({ "version": 1, "refused": [{ "link": "db", "reason": "not mine" }] });
+    let body = json!({ "refused": [{ "link": "db", "reason": "not mine" }] });
     assert_eq!(refuse(&c, body).await.0, StatusCode::OK);
     // Hostile bodies are refused whole.
-    let long = json!({ "version": 1, "refused": [{ "link": "db", "reason": "x".repeat(api::MAX_REFUSAL_REASON_LEN + 1) }] });
+    let long = json!({ "refused": [{ "link": "db", "reason": "x".repeat(api::MAX_REFUSAL_REASON_LEN + 1) }] });
     assert_eq!(refuse(&a, long).await.0, StatusCode::BAD_REQUEST);
     let many: Vec<_> = (0..=api::MAX_REFUSALS)
         .map(|_| json!({ "link": "db", "reason": "r" }))
         .collect();
-    let many = json!({ "version": 1, "refused": many });
+    let many = json!({ "refused": many });
     assert_eq!(refuse(&a, many).await.0, StatusCode::BAD_REQUEST);
-    let extra = json!({ "version": 1, "refused": [], "admin": true });
+    let extra = json!({ "refused": [], "admin": true });
     assert_eq!(refuse(&a, extra).await.0, StatusCode::BAD_REQUEST);
 
     let info: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
@@ -527,10 +527,7 @@ async fn an_agents_refusals_show_with_the_link_and_in_the_audit_log() {
     );
 
     // Once the agent takes the link (its owner consented), the refusal goes.
-    assert_eq!(
-        refuse(&b, json!({ "version": 2, "refused": [] })).await.0,
-        StatusCode::OK
-    );
+    assert_eq!(refuse(&b, json!({ "refused": [] })).await.0, StatusCode::OK);
     let info: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
     assert!(info.refused.is_empty(), "{info:?}");
 }

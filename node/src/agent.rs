@@ -31,13 +31,26 @@ pub fn cached_desired(dir: &Path) -> Option<api::AgentDesired> {
     serde_json::from_str(&text).ok()
 }
 
-/// Follows the controller's desired state for this agent, forever.
+/// What an agent applied before its sync started (its cached desired
+/// state), if anything.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The version applied (0: none).
+    pub version: u64,
+    /// The links it refused, to tell the controller; `None` if nothing was
+    /// applied.
+    pub refused: Option<Vec<api::LinkRefusal>>,
+}
+
+/// Follows the controller's desired state for this agent, forever,
+/// starting from what it `applied` already.
 pub async fn agent_sync(
     dir: PathBuf,
     state: NodeState,
     mut agent: impl AgentSink,
-    mut version: u64,
+    applied: Applied,
 ) {
+    let mut version = applied.version;
     let client = match state.client(&dir) {
         Ok(c) => c,
         Err(e) => {
@@ -47,10 +60,16 @@ pub async fn agent_sync(
         }
     };
     let mut retry = Retry::new();
-    // Refusals the controller has not taken yet: sent again after its next
-    // answer.
-    let mut unsent: Option<api::AgentRefusals> = None;
+    // Refusals the controller has not taken yet: sent before each poll
+    // (every time the agent applies a desired state, so an empty list clears
+    // what it said before), again after an answer if the controller was away.
+    let mut unsent = applied
+        .refused
+        .map(|refused| api::AgentRefusals { refused });
     loop {
+        if let Some(refusals) = unsent.take() {
+            unsent = report_refusals(&client, refusals).await;
+        }
         let asked = tokio::time::Instant::now();
         let desired: api::AgentDesired = long_poll(
             &client,
@@ -60,9 +79,6 @@ pub async fn agent_sync(
             "keeping the current ones",
         )
         .await;
-        if let Some(refusals) = unsent.take() {
-            unsent = report_refusals(&client, refusals).await;
-        }
         if desired.version == version {
             // A controller that answers at once with nothing new is not
             // long-polling: do not spin on it.
@@ -75,11 +91,7 @@ pub async fn agent_sync(
             tracing::error!(error = %e, "cannot save the relay CA");
         }
         let refused = agent.apply(&desired, &dir.join("relay-ca.pem")).await;
-        let refusals = api::AgentRefusals {
-            version: desired.version,
-            refused,
-        };
-        unsent = report_refusals(&client, refusals).await;
+        unsent = Some(api::AgentRefusals { refused });
         match serde_json::to_vec(&desired) {
             Ok(bytes) => {
                 if let Err(e) = write_atomic(&dir.join("desired.json"), &bytes) {

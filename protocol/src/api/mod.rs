@@ -332,13 +332,11 @@ pub const MAX_REFUSALS: usize = 1024;
 /// Longest reason in a [`LinkRefusal`], in bytes.
 pub const MAX_REFUSAL_REASON_LEN: usize = 1024;
 
-/// `POST PATH_AGENT_REFUSALS`: every link of its desired state `version`
-/// an agent refused (it holds the others). Replaces what it sent before.
+/// `POST PATH_AGENT_REFUSALS`: every link of its desired state an agent
+/// refused (it holds the others). Replaces what it sent before.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentRefusals {
-    /// The desired state version the agent applied.
-    pub version: u64,
     /// The links it refused (at most [`MAX_REFUSALS`]).
     pub refused: Vec<LinkRefusal>,
 }
