@@ -2,12 +2,17 @@
 
 use std::time::Duration;
 
-/// First reconnect delay after a relay connection fails.
+/// First reconnect delay after a relay connection ended (a relay that
+/// restarted resets its old connections at their next keep-alive, so a
+/// fleet's first tries are spread over that interval already).
 pub const RECONNECT_INITIAL: Duration = Duration::from_millis(50);
 
-/// Longest reconnect delay: low, so recovery after an outage is quick; the
-/// jitter spreads a fleet's reconnects.
-pub const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// Longest reconnect delay. Each delay is drawn at random below a bound
+/// that doubles up to this (full jitter): a fleet that keeps failing at a
+/// relay spreads its tries over 10 s instead of coming back in waves, and
+/// an agent is back at most 10 s after an outage of any length (5 s on
+/// average).
+pub const RECONNECT_MAX: Duration = Duration::from_secs(10);
 
 /// How long after its links (re)appear a relay's refusal is logged as
 /// expected (info) rather than as a failure (warn): a link the controller

@@ -17,7 +17,9 @@
 //! seconds per GB and wire bytes per payload byte), `throughput-8`,
 //! `latency` (idle, with CPU per round trip, and beside a bulk flow),
 //! `rate-limit`, `setup` (agent handshakes at concurrency 64, link setup
-//! rate), `resume`, `memory` (per idle link and agent connection, and
+//! rate), `resume`, `restart` (an agent killed and started again, until
+//! its link carries bytes; alone, then under a stranger's flood of the
+//! relay), `memory` (per idle link and agent connection, and
 //! capacity: the sizes held with RSS linear in N; `--large` asks for large
 //! sizes).
 //!
@@ -47,6 +49,7 @@ use tokio::net::TcpListener;
 mod bare_quinn;
 mod chain;
 mod fleet;
+mod flood;
 mod iperf;
 mod latency;
 mod measure;
@@ -54,6 +57,7 @@ mod memory;
 mod path;
 mod rathole;
 mod report;
+mod restart;
 mod setup;
 mod stunnel;
 mod throughput;
@@ -101,7 +105,7 @@ struct RunArgs {
     #[arg(long)]
     large: bool,
     /// Only this scenario: throughput-1, throughput-8, latency,
-    /// rate-limit, setup, resume, memory (also called capacity).
+    /// rate-limit, setup, resume, restart, memory (also called capacity).
     #[arg(long)]
     scenario: Option<String>,
     /// Run the main path without lanes: its relay has no interactive
@@ -284,13 +288,14 @@ async fn run(args: RunArgs) -> Result<()> {
     // A scenario that fails is reported, and the others still run.
     type Scenario =
         for<'a> fn(&'a mut Run) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
-    let scenarios: [(&str, Scenario); 7] = [
+    let scenarios: [(&str, Scenario); 8] = [
         ("throughput-1", |r| Box::pin(throughput::throughput_1(r))),
         ("throughput-8", |r| Box::pin(throughput::throughput_8(r))),
         ("latency", |r| Box::pin(latency::latency_scenario(r))),
         ("rate-limit", |r| Box::pin(throughput::rate_limit(r))),
         ("setup", |r| Box::pin(setup::setup(r))),
         ("resume", |r| Box::pin(setup::resume(r))),
+        ("restart", |r| Box::pin(restart::restart(r))),
         ("memory", |r| Box::pin(memory::memory(r))),
     ];
     let mut ran = false;
@@ -306,7 +311,7 @@ async fn run(args: RunArgs) -> Result<()> {
     if !ran {
         bail!(
             "no scenario named {:?}: choose throughput-1, throughput-8, latency, rate-limit, \
-             setup, resume, memory or capacity",
+             setup, resume, restart, memory or capacity",
             args.scenario.unwrap_or_default()
         );
     }

@@ -34,7 +34,7 @@ pub(crate) struct Path {
     pub(crate) more_relays: Vec<Proc>,
     /// Agent A's listen address of each link, in the order given.
     pub(crate) listen: Vec<SocketAddr>,
-    bin: String,
+    pub(crate) bin: String,
 }
 
 impl Path {

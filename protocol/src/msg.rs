@@ -40,6 +40,13 @@ pub enum PeerFrame {
         /// The ciphertext.
         ciphertext: Vec<u8>,
     },
+    /// From side B: it holds no session for the link (it started afresh)
+    /// and could not open a sealed message, so side A should start a
+    /// handshake now rather than after its retry interval. Not
+    /// authenticated: a relay can forge it, and gains nothing it could
+    /// not by dropping a `Resume`; side A takes it once each time its peer
+    /// (re)appears.
+    NoSession,
 }
 
 /// Messages from an agent to a relay.

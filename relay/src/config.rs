@@ -38,7 +38,7 @@
 //! stream_receive_window = 2097152
 //! max_streams_per_connection = 1024
 //! idle_timeout_ms = 30000
-//! buffer_budget = 268435456    # bytes held for absent peers, all links
+//! buffer_budget = 268435456    # bytes held for absent peers and agents' control queues, all links
 //! max_links = 100000           # links with a side attached, at once
 //! metrics_max_links = 100      # links with /metrics series of their own
 //!
@@ -190,7 +190,8 @@ pub struct Limits {
     pub max_streams_per_connection: u32,
     /// Idle timeout, milliseconds.
     pub idle_timeout_ms: u64,
-    /// Bytes held for parked flows (peer away), all links together.
+    /// Bytes held for parked flows (peer away) and queued on agents'
+    /// control streams, all links and agents together.
     pub buffer_budget: u64,
     /// Links with at least one side attached, at once; an attach beyond is
     /// refused (`relay_full`) and the agent tries the next relay.

@@ -85,6 +85,16 @@ pub const GRANT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// can attach in one burst to a few thousand.
 pub const CONTROL_QUEUE: usize = 8192;
 
+/// Bytes queued for one agent's control stream before it is deemed stuck
+/// (see [`CONTROL_QUEUE`]); what all agents' queues hold counts against
+/// `limits.buffer_budget` as well. 1 MiB holds a burst of 8,192 small
+/// messages, or 64 of the largest.
+pub const CONTROL_QUEUE_BYTES: u64 = 1024 * 1024;
+
+/// Bytes a queued control message is counted beyond its encoding (its
+/// place in the queue and its allocation).
+pub const CONTROL_MESSAGE_OVERHEAD: u64 = 64;
+
 /// Time a new flow stream has to deliver its header.
 pub const FLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 

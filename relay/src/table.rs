@@ -45,6 +45,10 @@ pub(crate) enum Refusal {
 pub(crate) struct Attached {
     /// The connection that held the same place before, now stale: close it.
     pub(crate) superseded: Option<ConnId>,
+    /// After a main attach: the side's lane from before it, now stale (an
+    /// agent opens its lane only once its main connection is welcomed, and
+    /// closes it with that connection): close it too.
+    pub(crate) stale_lane: Option<ConnId>,
     /// The link became paired by this attach (count it).
     pub(crate) newly_paired: bool,
     /// Both sides' connections (A, B) if the link is paired after a main
@@ -202,6 +206,13 @@ impl<L> Table<L> {
             .slot(side, role)
             .replace(conn)
             .filter(|old| *old != conn);
+        // Connection ids grow: a lane with a lower id than the new main
+        // connection was opened before it, by an earlier one.
+        let lane = entry.slot(side, Role::Lane);
+        let stale_lane = match (role, *lane) {
+            (Role::Main, Some(l)) if l < conn => lane.take(),
+            _ => None,
+        };
         let paired = entry.is_paired();
         let present = match (role, entry.main) {
             (Role::Main, [Some(a), Some(b)]) => Some((a, b)),
@@ -209,6 +220,7 @@ impl<L> Table<L> {
         };
         Ok(Attached {
             superseded,
+            stale_lane,
             newly_paired: !was_paired && paired,
             present,
         })
@@ -547,6 +559,26 @@ mod tests {
         assert_eq!(t.len(), 1);
         t.detach(link(1), Side::A, Role::Lane, 13).expect("held");
         assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn a_side_attached_from_a_new_connection_drops_its_lane_from_before() {
+        let mut t = table();
+        attach(&mut t, link(1), Side::A, Role::Main, 1);
+        attach(&mut t, link(1), Side::B, Role::Main, 2);
+        attach(&mut t, link(1), Side::B, Role::Lane, 3);
+        // Side B restarted: its new main connection (4) comes before any
+        // lane of its own; the old lane (3) would swallow A's lane flows.
+        let back = attach(&mut t, link(1), Side::B, Role::Main, 4);
+        assert_eq!((back.superseded, back.stale_lane), (Some(2), Some(3)));
+        assert_eq!(t.peer(link(1), Side::A, Role::Lane), Some(4));
+        assert_eq!(t.route(link(1), 3), None, "the old lane holds nothing");
+        // Its new lane is kept when the side attaches again on the same
+        // main connection (a retried attach).
+        attach(&mut t, link(1), Side::B, Role::Lane, 5);
+        let again = attach(&mut t, link(1), Side::B, Role::Main, 4);
+        assert_eq!((again.superseded, again.stale_lane), (None, None));
+        assert_eq!(t.peer(link(1), Side::A, Role::Lane), Some(5));
     }
 
     #[test]

@@ -162,6 +162,9 @@ pub(crate) struct SessionState {
     /// The session met too many forgeries: to be replaced at the next
     /// retry.
     renew: bool,
+    /// Side A: since the peer last (re)appeared, it took the peer's word
+    /// that it holds no session ([`SessionState::on_no_session`]).
+    took_no_session: bool,
 }
 
 impl SessionState {
@@ -172,6 +175,7 @@ impl SessionState {
             peer_confirmed: false,
             resume_sent: None,
             renew: false,
+            took_no_session: false,
         }
     }
 
@@ -185,6 +189,7 @@ impl SessionState {
     /// without one; side B waits.
     pub(crate) fn on_peer_present(&mut self, has_session: bool, now: Instant) -> Option<Establish> {
         self.peer_confirmed = false;
+        self.took_no_session = false;
         match (self.side, has_session) {
             (Side::A, true) => {
                 self.resume_sent = Some(now);
@@ -232,6 +237,20 @@ impl SessionState {
             self.peer_confirmed = true;
         }
         ours
+    }
+
+    /// Side B says it holds no session (it restarted) while side A waits
+    /// for the answer to its `Resume`: whether side A starts a handshake
+    /// now instead of at the end of its retry interval. Once each time the
+    /// peer (re)appears: the word is not authenticated, and a relay that
+    /// repeats it must not make side A handshake again and again.
+    pub(crate) fn on_no_session(&mut self) -> bool {
+        let take = self.side == Side::A
+            && !self.peer_confirmed
+            && self.resume_sent.is_some()
+            && !self.took_no_session;
+        self.took_no_session |= take;
+        take
     }
 
     /// The session met its last tolerated forgery.

@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-/// Jittered exponential backoff.
+/// Exponential backoff with full jitter: each delay is drawn anywhere
+/// below a bound that doubles up to the cap, which spreads a fleet's
+/// retries better than a jitter around the bound (the tries of agents that
+/// failed together do not stay together).
 #[derive(Debug)]
 pub(crate) struct Backoff {
     initial: Duration,
@@ -25,13 +28,12 @@ impl Backoff {
         self.next = self.initial;
     }
 
-    /// A delay in [d/2, d] (`jitter` in [0, 1] picks where), then doubles
+    /// A delay in [0, d] (`jitter` in [0, 1] picks where), then doubles
     /// d up to the cap.
     pub(crate) fn next_delay(&mut self, jitter: f64) -> Duration {
         let d = self.next;
         self.next = (d * 2).min(self.max);
-        let half = d / 2;
-        half + half.mul_f64(jitter)
+        d.mul_f64(jitter.clamp(0.0, 1.0))
     }
 }
 

@@ -228,6 +228,12 @@ impl Control<'_> {
                         PeerFrame::Handshake(msg) => {
                             handle_handshake(self.shared, link, self.conn, &self.ctl, &msg);
                         }
+                        PeerFrame::NoSession => {
+                            if lock(&link.state).on_no_session() {
+                                debug!(link = %link.cfg.name, "the peer holds no session: a handshake now");
+                                initiate(self.shared, link, &self.ctl);
+                            }
+                        }
                         PeerFrame::Sealed { seq, ciphertext } => {
                             handle_sealed(
                                 self.shared,

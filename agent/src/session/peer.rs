@@ -22,6 +22,7 @@ pub(super) fn handle_sealed(
     ciphertext: &[u8],
 ) {
     let (current, candidates) = link.sessions();
+    let none_held = current.is_none() && candidates.is_empty();
     let opened = current.map(|s| s.open(seq, ciphertext));
     let msg = match opened {
         Some(Ok(Some(msg))) => msg,
@@ -35,6 +36,14 @@ pub(super) fn handle_sealed(
                 Some(msg)
             }) else {
                 debug!(link = %link.cfg.name, "sealed message refused (a replay, another session, or forged)");
+                if none_held && link.cfg.side == Side::B {
+                    // Side A seals under a session this side never had (it
+                    // restarted): it may start a handshake at once.
+                    let _ = ctl.try_send(AgentToRelay::Peer {
+                        link_id: link.cfg.link_id,
+                        frame: PeerFrame::NoSession,
+                    });
+                }
                 // Only what failed to decrypt counts (a replayed number is
                 // refused before any decryption).
                 if matches!(opened, Some(Err(()))) {

@@ -143,6 +143,7 @@ fn arb_peer_frame() -> impl Strategy<Value = PeerFrame> {
         proptest::collection::vec(any::<u8>(), 0..200).prop_map(PeerFrame::Handshake),
         (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..200))
             .prop_map(|(seq, ciphertext)| PeerFrame::Sealed { seq, ciphertext }),
+        Just(PeerFrame::NoSession),
     ]
 }
 

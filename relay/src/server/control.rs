@@ -9,24 +9,23 @@ use comsat_protocol::msg::{
     AgentToRelay, ControlMessage, ErrorCode, FrameDecoder, PeerFrame, RelayToAgent,
 };
 use comsat_protocol::{CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, LinkId, NodeId, Side};
-use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::accept::read_message;
+use super::ctl::CtlRx;
 use super::splice::accept_flows;
 use super::{Attachment, LinkState, State};
-use crate::defaults;
 use crate::grants::unix_now;
 use crate::table::{ConnId, Refusal, Role};
 
-async fn write_control(mut send: quinn::SendStream, mut rx: mpsc::Receiver<RelayToAgent>) {
+async fn write_control(mut send: quinn::SendStream, mut rx: CtlRx) {
     let mut buf = Vec::new();
     while let Some(msg) = rx.recv().await {
         buf.clear();
         if msg.write_to(&mut buf).is_err() {
             continue;
         }
-        while let Ok(more) = rx.try_recv() {
+        while let Some(more) = rx.try_recv() {
             let _ = more.write_to(&mut buf);
         }
         if send.write_all(&buf).await.is_err() {
@@ -45,16 +44,14 @@ pub(super) async fn serve_connection(
     mut recv: quinn::RecvStream,
     mut decoder: FrameDecoder,
 ) {
-    let (ctl, rx) = mpsc::channel(defaults::CONTROL_QUEUE);
+    let (ctl, rx) = super::ctl::channel(state.control_bytes.clone());
     let writer = tokio::spawn(write_control(send, rx));
-    let _ = ctl.try_send(RelayToAgent::Welcome);
-    state.links().conns.insert(
-        conn_id,
-        Attachment {
-            conn: conn.clone(),
-            ctl: ctl.clone(),
-        },
-    );
+    let att = Attachment {
+        conn: conn.clone(),
+        ctl,
+    };
+    state.send_or_close(&att, RelayToAgent::Welcome);
+    state.links().conns.insert(conn_id, att.clone());
     let flows = tokio::spawn(accept_flows(state.clone(), conn_id, conn.clone()));
     let mut held: Held = HashSet::new();
     let mut draining = state.draining.subscribe();
@@ -68,7 +65,7 @@ pub(super) async fn serve_connection(
                 // agent closes the connection when it has left.
                 told_to_go = true;
                 debug!("draining: agent told to go away");
-                send_or_close(&ctl, &conn, RelayToAgent::GoAway);
+                state.send_or_close(&att, RelayToAgent::GoAway);
                 continue;
             }
         };
@@ -81,7 +78,7 @@ pub(super) async fn serve_connection(
                 break;
             }
         };
-        let ok = handle_control(state, conn_id, node_id, &conn, &ctl, &mut held, msg);
+        let ok = handle_control(state, conn_id, node_id, &att, &mut held, msg);
         if !ok {
             conn.close(CLOSE_PROTOCOL_ERROR.into(), b"protocol error");
             break;
@@ -92,7 +89,7 @@ pub(super) async fn serve_connection(
     }
     state.links().conns.remove(&conn_id);
     flows.abort();
-    drop(ctl);
+    drop(att);
     let _ = writer.await;
 }
 
@@ -104,8 +101,7 @@ fn handle_control(
     state: &State,
     conn_id: ConnId,
     node_id: NodeId,
-    conn: &quinn::Connection,
-    ctl: &mpsc::Sender<RelayToAgent>,
+    att: &Attachment,
     held: &mut Held,
     msg: AgentToRelay,
 ) -> bool {
@@ -129,9 +125,8 @@ fn handle_control(
             if reply.is_ok() {
                 held.insert((link_id, side, role));
             }
-            send_or_close(
-                ctl,
-                conn,
+            state.send_or_close(
+                att,
                 match reply {
                     Ok(()) => RelayToAgent::Attached { link_id },
                     Err(code) => RelayToAgent::Error { link_id, code },
@@ -157,9 +152,8 @@ fn handle_control(
                 .find(|(l, _, r)| *l == link_id && *r == Role::Main)
                 .map(|h| h.1);
             let Some(side) = side else {
-                send_or_close(
-                    ctl,
-                    conn,
+                state.send_or_close(
+                    att,
                     RelayToAgent::Error {
                         link_id,
                         code: ErrorCode::NotAttached,
@@ -170,13 +164,6 @@ fn handle_control(
             forward_peer_frame(state, conn_id, link_id, side, frame);
             true
         }
-    }
-}
-
-fn send_or_close(ctl: &mpsc::Sender<RelayToAgent>, conn: &quinn::Connection, msg: RelayToAgent) {
-    if ctl.try_send(msg).is_err() {
-        warn!("agent is not reading its control stream; closing");
-        conn.close(CLOSE_PROTOCOL_ERROR.into(), b"control stream stalled");
     }
 }
 
@@ -240,12 +227,14 @@ fn attach(
         if let Some(link) = links.table.data(link_id) {
             link.pair.send_modify(|n| *n += 1);
         }
-        let superseded = links.conn(attached.superseded).map(|a| a.conn.clone());
+        let superseded = [attached.superseded, attached.stale_lane]
+            .map(|c| links.conn(c).map(|a| a.conn.clone()));
         (attached, superseded)
     };
-    if let Some(old) = superseded {
+    for old in superseded.into_iter().flatten() {
         // The same node attached again from a new connection: the old
-        // one is stale (a reconnect the old path has not noticed yet).
+        // one (and the lane that went with it) is stale, a reconnect or a
+        // restart the old path has not noticed yet.
         debug!(link = %link_id.fmt_short(), ?role, "re-attached from a new connection");
         old.close(CLOSE_NORMAL.into(), b"superseded by a new connection");
     }
@@ -271,7 +260,7 @@ fn announce_pair(state: &State, link_id: LinkId) {
     };
     if let Some((a, b)) = pair {
         for att in [a, b] {
-            send_or_close(&att.ctl, &att.conn, RelayToAgent::PeerPresent { link_id });
+            state.send_or_close(&att, RelayToAgent::PeerPresent { link_id });
         }
     }
 }
@@ -296,7 +285,7 @@ fn detach(state: &State, conn_id: ConnId, link_id: LinkId, side: Side, role: Rol
     }
     info!(link = %link_id.fmt_short(), %side, "detached");
     if let Some(peer) = peer {
-        send_or_close(&peer.ctl, &peer.conn, RelayToAgent::PeerAbsent { link_id });
+        state.send_or_close(&peer, RelayToAgent::PeerAbsent { link_id });
     }
 }
 
@@ -323,6 +312,7 @@ fn forward_peer_frame(
     match &frame {
         PeerFrame::Handshake(b) => state.tap(b),
         PeerFrame::Sealed { ciphertext, .. } => state.tap(ciphertext),
+        PeerFrame::NoSession => {}
     }
     let frames = match state.adversary.get() {
         Some(adversary) => adversary.peer_frame(link_id, side, frame),
@@ -334,7 +324,7 @@ fn forward_peer_frame(
         // retry.
         if peer
             .ctl
-            .try_send(RelayToAgent::Peer { link_id, frame })
+            .try_send(RelayToAgent::Peer { link_id, frame }, state.control_room())
             .is_err()
         {
             debug!(link = %link_id.fmt_short(), "peer frame dropped: peer's control queue is full");

@@ -97,9 +97,11 @@ fn end_link(state: &State, link_id: LinkId, code: ErrorCode) {
         state.metrics.links_paired.decrement(1.0);
     }
     if ended.released > 0 {
-        state.metrics.buffered_bytes.set(buffered as f64);
+        state.set_parked(buffered);
     }
     for att in told {
-        let _ = att.ctl.try_send(RelayToAgent::Error { link_id, code });
+        let _ = att
+            .ctl
+            .try_send(RelayToAgent::Error { link_id, code }, state.control_room());
     }
 }

@@ -121,10 +121,13 @@ impl RelayHandle {
             };
             att.ctl.clone()
         };
-        ctl.try_send(RelayToAgent::Peer {
-            link_id: link,
-            frame,
-        })
+        ctl.try_send(
+            RelayToAgent::Peer {
+                link_id: link,
+                frame,
+            },
+            self.state.control_room(),
+        )
         .is_ok()
     }
 

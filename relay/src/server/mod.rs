@@ -14,6 +14,7 @@
 
 mod accept;
 mod control;
+mod ctl;
 mod drain;
 mod expiry;
 mod handle;
@@ -47,7 +48,7 @@ use crate::table::{ConnId, Table};
 #[derive(Clone)]
 struct Attachment {
     conn: quinn::Connection,
-    ctl: mpsc::Sender<RelayToAgent>,
+    ctl: ctl::Ctl,
 }
 
 /// What the server keeps for each link in the [`Table`].
@@ -241,6 +242,11 @@ struct State {
     draining: watch::Sender<bool>,
     /// Nanoseconds flows waited for their link's rate limit, all links.
     throttled_ns: AtomicU64,
+    /// Bytes held for parked flows, all links (as the [`Table`] counts
+    /// them): with `control_bytes`, what counts against the budget.
+    parked_bytes: AtomicU64,
+    /// Bytes queued on every agent's control stream ([`ctl`]).
+    control_bytes: Arc<AtomicU64>,
     /// UDP traffic of authenticated connections.
     wire: crate::wire::WireStats,
     /// A test's hostile relay ([`crate::adversary`]); never set otherwise.
@@ -261,6 +267,40 @@ impl State {
         match self.limits.read() {
             Ok(l) => l.clone(),
             Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The parked flows now hold `total` bytes.
+    fn set_parked(&self, total: u64) {
+        self.parked_bytes.store(total, Ordering::Relaxed);
+        self.metrics.buffered_bytes.set(total as f64);
+    }
+
+    /// Room left in the buffer budget for control queues: the budget less
+    /// the parked flows' bytes.
+    fn control_room(&self) -> u64 {
+        self.limits()
+            .buffer_budget
+            .saturating_sub(self.parked_bytes.load(Ordering::Relaxed))
+    }
+
+    /// Room left in the buffer budget for parked flows: the budget less
+    /// what the control queues hold.
+    fn park_budget(&self) -> u64 {
+        self.limits()
+            .buffer_budget
+            .saturating_sub(self.control_bytes.load(Ordering::Relaxed))
+    }
+
+    /// Queues `msg` for the agent of `att`; an agent that does not read
+    /// its control stream fast enough is disconnected.
+    fn send_or_close(&self, att: &Attachment, msg: RelayToAgent) {
+        if att.ctl.try_send(msg, self.control_room()).is_err() {
+            tracing::warn!("agent is not reading its control stream; closing");
+            att.conn.close(
+                comsat_protocol::CLOSE_PROTOCOL_ERROR.into(),
+                b"control stream stalled",
+            );
         }
     }
 
@@ -452,6 +492,8 @@ impl Relay {
             cert,
             draining: watch::channel(false).0,
             throttled_ns: AtomicU64::new(0),
+            parked_bytes: AtomicU64::new(0),
+            control_bytes: Arc::default(),
             wire: crate::wire::WireStats::default(),
             adversary: OnceLock::new(),
             fed: fed_tx,

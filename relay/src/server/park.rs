@@ -29,7 +29,7 @@ impl Hold {
         self.bytes += n;
         self.link.buffered.fetch_add(n, Ordering::Relaxed);
         let total = self.state.links().table.hold(self.park, n);
-        self.state.metrics.buffered_bytes.set(total as f64);
+        self.state.set_parked(total);
     }
 }
 
@@ -37,7 +37,7 @@ impl Drop for Hold {
     fn drop(&mut self) {
         self.link.buffered.fetch_sub(self.bytes, Ordering::Relaxed);
         let (_, total) = self.state.links().table.unpark(self.park);
-        self.state.metrics.buffered_bytes.set(total as f64);
+        self.state.set_parked(total);
     }
 }
 
@@ -109,7 +109,7 @@ pub(super) async fn park(
     debug!("flow parked: peer away");
     let mut frames = Vec::new();
     loop {
-        let budget = state.limits().buffer_budget;
+        let budget = state.park_budget();
         let (peer, room) = {
             let links = state.links();
             let peer = links.table.peer(link_id, route.side, route.role);

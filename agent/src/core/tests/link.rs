@@ -162,6 +162,38 @@ fn an_unanswered_resume_turns_into_a_handshake_after_the_retry_interval() {
 }
 
 #[test]
+fn side_a_handshakes_at_once_when_the_returning_peer_holds_no_session() {
+    let clock = Clock::new();
+    let mut s = SessionState::new(Side::A, RETRY);
+    s.on_installed();
+    assert!(!s.on_no_session(), "no resume pending: the word is ignored");
+    s.on_peer_present(true, clock.now());
+    assert!(!s.needs_handshake(clock.now()), "the retry is 2 s away");
+    assert!(s.on_no_session(), "the peer restarted: a handshake now");
+    s.on_initiate();
+    s.on_answered(clock.now());
+    assert!(
+        !s.on_no_session(),
+        "once per appearance: a relay repeating it gets no more handshakes"
+    );
+    s.on_peer_present(true, clock.now());
+    assert!(s.on_no_session(), "the peer appeared again");
+}
+
+#[test]
+fn side_a_ignores_no_session_once_the_peer_confirmed_and_side_b_always() {
+    let clock = Clock::new();
+    let mut a = SessionState::new(Side::A, RETRY);
+    a.on_installed();
+    a.on_peer_present(true, clock.now());
+    assert!(a.on_resumed(true));
+    assert!(!a.on_no_session(), "the session is confirmed: a forgery");
+    let mut b = SessionState::new(Side::B, RETRY);
+    b.on_peer_present(true, clock.now());
+    assert!(!b.on_no_session(), "side B never initiates");
+}
+
+#[test]
 fn a_resume_ok_confirms_the_session_on_side_a_only() {
     let clock = Clock::new();
     let mut a = SessionState::new(Side::A, RETRY);

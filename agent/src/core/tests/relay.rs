@@ -90,11 +90,12 @@ fn another_outcome_between_drains_restarts_their_count() {
 }
 
 #[test]
-fn the_backoff_doubles_up_to_its_cap_and_jitters_down_to_half() {
+fn the_backoff_doubles_up_to_its_cap_with_full_jitter() {
     let mut b = Backoff::new(Duration::from_millis(50), Duration::from_millis(300));
     let full: Vec<u128> = (0..5).map(|_| b.next_delay(1.0).as_millis()).collect();
     assert_eq!(full, [50, 100, 200, 300, 300]);
     b.reset();
-    assert_eq!(b.next_delay(0.0), Duration::from_millis(25));
-    assert_eq!(b.next_delay(0.5), Duration::from_millis(75));
+    assert_eq!(b.next_delay(0.0), Duration::ZERO, "anywhere down to none");
+    assert_eq!(b.next_delay(0.5), Duration::from_millis(50));
+    assert_eq!(b.next_delay(2.0), Duration::from_millis(200), "clamped");
 }
