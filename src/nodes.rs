@@ -62,6 +62,10 @@ impl RelaySink for FedRelay {
     fn load(&self) -> api::RelayLoad {
         (self.load)()
     }
+
+    fn clone_alarms(&self, max: usize) -> (Vec<api::NodeClone>, u64) {
+        self.handle.take_clone_alarms(max)
+    }
 }
 
 /// An agent in this process, as its controller sync sees it.

@@ -12,8 +12,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use comsat_keys::Generate;
 use comsat_protocol::api;
+use comsat_protocol::msg::make_hello;
 use comsat_protocol::{SigningKey, jwt};
 use comsat_tests::proc::{metric, scrape};
+use comsat_tests::raw::{HelloOutcome, RawClient, exporter, send_hello};
 use fleet::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -617,5 +619,65 @@ async fn apply_is_idempotent_and_refuses_a_bad_file_whole() -> Result<()> {
         audit.contains("agents.delete") && audit.contains("not enrolled"),
         "{audit}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_key_connected_from_two_sources_at_once_is_audited_as_a_clone() -> Result<()> {
+    let mut c = Fleet::builder().relays(1).agents(&["a", "b"]).start()?;
+    // A link puts agent a's key in the relay's grants.
+    let listen = c.create_link("cloned", "127.0.0.1:9".parse()?, &[])?;
+    let (state, key) = node_key(&c, "a")?;
+    let relay = c.relays[0].2;
+    let ca = c.path("a").join("relay-ca.pem");
+    // Agent a's key, copied to two machines (127.0.0.2 and 127.0.0.3).
+    let mut held = Vec::new();
+    for source in ["127.0.0.2", "127.0.0.3"] {
+        let client = RawClient::from_source(&ca, source.parse()?)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            // Until the grant reached the relay, the key is unknown there.
+            let conn = client.connect_to(relay, "127.0.0.1").await?;
+            let hello = make_hello(state.node_id, &key, &exporter(&conn)?);
+            let outcome = send_hello(&conn, &hello).await?;
+            if outcome == HelloOutcome::Welcome {
+                held.push((conn, listen));
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "{source}: {outcome:?}\n{}",
+                c.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // The relay's next heartbeat carries the alarm to the audit log.
+    let mut table = String::new();
+    wait_for(Duration::from_secs(30), || {
+        table = c.ctl_ok(&["audit", "list", "--since", "1h"])?;
+        ensure!(
+            table
+                .lines()
+                .any(|l| l.contains("node.clone") && l.contains("from 127.0.0.3")),
+            "no clone alarm for 127.0.0.3 yet"
+        );
+        Ok(())
+    })
+    .with_context(|| format!("{table}\n{}", c.logs()))?;
+    // The real agent (127.0.0.1) holds the key too: each copy's alarm
+    // names a source it met.
+    let line = table
+        .lines()
+        .find(|l| l.contains("node.clone") && l.contains("from 127.0.0.3"))
+        .context("the alarm")?;
+    for want in [
+        "relay/relay-1",
+        "agent/a",
+        "alarm",
+        "while connected from 127.0.0.",
+    ] {
+        ensure!(line.contains(want), "{want} missing from {line:?}");
+    }
     Ok(())
 }

@@ -73,6 +73,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 pub(crate) enum Outcome {
     Ok,
     Denied,
+    /// Something a node reported that an operator should look at.
+    Alarm,
 }
 
 impl Outcome {
@@ -80,6 +82,7 @@ impl Outcome {
         match self {
             Self::Ok => "ok",
             Self::Denied => "denied",
+            Self::Alarm => "alarm",
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The HTTPS API against hostile clients, over real TLS connections on
 //! loopback: slow and idle connections are closed, a source cannot hold
-//! more than its share of connections, and a stranger's enrolment is
-//! refused on its token before anything else is read or parsed.
+//! more than its share of connections, a stranger's enrolment is refused
+//! on its token before anything else is read or parsed, and a relay's
+//! clone alarms are audited within their bounds.
 
 mod common;
 
@@ -202,5 +203,69 @@ async fn a_strangers_enrolment_is_refused_on_its_token_before_its_csr_is_read() 
             && r.result == "denied"
             && r.reason.as_deref().is_some_and(|x| x.contains("unknown"))),
         "{audit:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relays_clone_alarms_are_audited_within_their_bounds() {
+    let api = start("").await;
+    let relay = api.enrol_relay("r1", "127.0.0.1:7000").await;
+    let agent = api.enrol_agent("a1").await;
+    let alarm = |source: &str| api::NodeClone {
+        node_id: agent.enrolled.node_id,
+        source: source.into(),
+        other_source: "192.0.2.1".into(),
+        at: 1,
+    };
+    let send = |hb: api::RelayHeartbeat| {
+        api.client
+            .post(api.url(api::PATH_RELAY_HEARTBEAT))
+            .bearer_auth(relay.jwt())
+            .json(&hb)
+            .send()
+    };
+    // Beyond the bounds (too many alarms, an address too long): refused
+    // whole, nothing recorded.
+    let too_many = api::RelayHeartbeat {
+        clones: vec![alarm("192.0.2.2"); api::MAX_CLONES_PER_HEARTBEAT + 1],
+        ..api::RelayHeartbeat::default()
+    };
+    let long = api::RelayHeartbeat {
+        clones: vec![alarm(&"9".repeat(api::MAX_CLONE_SOURCE_LEN + 1))],
+        ..api::RelayHeartbeat::default()
+    };
+    for hb in [too_many, long] {
+        let resp = send(hb).await.expect("send");
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    }
+    let audit: Vec<AuditRecord> = api.admin_get(api::PATH_AUDIT).await;
+    assert!(!audit.iter().any(|r| r.action == "node.clone"), "{audit:?}");
+    // Within them: each alarm is one record naming the node, and what the
+    // relay had to drop is said too.
+    let hb = api::RelayHeartbeat {
+        clones: vec![alarm("192.0.2.2\u{1b}[31m")],
+        clones_dropped: 7,
+        ..api::RelayHeartbeat::default()
+    };
+    assert_eq!(send(hb).await.expect("send").status(), StatusCode::OK);
+    let audit: Vec<AuditRecord> = api.admin_get(api::PATH_AUDIT).await;
+    let clones: Vec<&AuditRecord> = audit.iter().filter(|r| r.action == "node.clone").collect();
+    assert_eq!(clones.len(), 2, "{clones:?}");
+    let one = clones
+        .iter()
+        .find(|r| r.resource == "agent/a1")
+        .expect("the alarm");
+    assert_eq!(
+        (one.subject.as_str(), one.result.as_str()),
+        ("relay/r1", "alarm")
+    );
+    let reason = one.reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("192.0.2.1"), "{reason}");
+    assert!(!reason.contains('\u{1b}'), "escaped: {reason}");
+    assert!(
+        clones
+            .iter()
+            .any(|r| r.reason.as_deref().unwrap_or_default().contains("7 more")),
+        "{clones:?}"
     );
 }

@@ -35,6 +35,9 @@ pub trait RelaySink: Send + Sync + 'static {
     fn certificate_renewed(&self);
     /// The relay's load now, for heartbeats.
     fn load(&self) -> api::RelayLoad;
+    /// Clone alarms for the controller's audit log, oldest first, at most
+    /// `max`, and how many the relay dropped since the last call.
+    fn clone_alarms(&self, max: usize) -> (Vec<api::NodeClone>, u64);
 }
 
 /// An enrolled relay's grants: verified ones from the controller, kept in
@@ -90,14 +93,24 @@ impl<S: RelaySink> RelaySync<S> {
             let sink = self.sink.clone();
             async move {
                 let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+                // Alarms a failed heartbeat carried go with the next one.
+                let mut body = api::RelayHeartbeat::default();
                 loop {
                     tick.tick().await;
-                    let body = api::RelayHeartbeat { load: sink.load() };
-                    if let Err(e) = client
+                    body.load = sink.load();
+                    let room = api::MAX_CLONES_PER_HEARTBEAT.saturating_sub(body.clones.len());
+                    let (clones, dropped) = sink.clone_alarms(room);
+                    body.clones.extend(clones);
+                    body.clones_dropped += dropped;
+                    match client
                         .post::<_, api::Empty>(api::PATH_RELAY_HEARTBEAT, &body, "heartbeat")
                         .await
                     {
-                        tracing::warn!(error = %e, "heartbeat failed");
+                        Ok(_) => {
+                            body.clones.clear();
+                            body.clones_dropped = 0;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                     }
                 }
             }

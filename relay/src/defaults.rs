@@ -91,6 +91,10 @@ pub const CONTROL_QUEUE: usize = 8192;
 /// messages, or 64 of the largest.
 pub const CONTROL_QUEUE_BYTES: u64 = 1024 * 1024;
 
+/// Clone alarms kept for the controller between heartbeats; more are
+/// counted as dropped (the metric and the log still have every one).
+pub const MAX_CLONE_ALARMS: usize = 256;
+
 /// Bytes a queued control message is counted beyond its encoding (its
 /// place in the queue and its allocation).
 pub const CONTROL_MESSAGE_OVERHEAD: u64 = 64;

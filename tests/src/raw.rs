@@ -31,6 +31,12 @@ pub struct RawClient {
 impl RawClient {
     /// A client trusting the PEM CA at `ca_pem`.
     pub fn new(ca_pem: &Path) -> Result<Self> {
+        Self::from_source(ca_pem, std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// A client trusting the PEM CA at `ca_pem` whose connections come
+    /// from the loopback address `source`.
+    pub fn from_source(ca_pem: &Path, source: std::net::IpAddr) -> Result<Self> {
         let bytes = std::fs::read(ca_pem)?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(&bytes) {
@@ -44,15 +50,20 @@ impl RawClient {
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
         let config = quinn::ClientConfig::new(Arc::new(crypto));
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        let endpoint = quinn::Endpoint::client(SocketAddr::new(source, 0))?;
         Ok(Self { endpoint, config })
     }
 
     /// Connects to the relay at `addr` (certificate name `localhost`).
     pub async fn connect(&self, addr: SocketAddr) -> Result<quinn::Connection> {
+        self.connect_to(addr, "localhost").await
+    }
+
+    /// Connects to the relay at `addr` whose certificate names `name`.
+    pub async fn connect_to(&self, addr: SocketAddr, name: &str) -> Result<quinn::Connection> {
         Ok(self
             .endpoint
-            .connect_with(self.config.clone(), addr, "localhost")?
+            .connect_with(self.config.clone(), addr, name)?
             .await?)
     }
 }

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use super::access::{Audited, CallingNode, Policy, Routes};
 use super::enrol::relay_host;
 use super::{AppState, parse_json, query};
+use crate::audit::{Caller, Outcome};
 use crate::pki;
 use crate::state::{ApiError, Shared};
 use crate::store::NodeRecord;
@@ -136,14 +137,77 @@ async fn relay_events(
 async fn relay_heartbeat(
     State(state): State<AppState>,
     CallingNode(relay): CallingNode,
+    caller: Caller,
     body: Bytes,
 ) -> Result<Json<Empty>, ApiError> {
     let hb: RelayHeartbeat = parse_json(&body)?;
+    if hb.clones.len() > api::MAX_CLONES_PER_HEARTBEAT
+        || hb.clones.iter().any(|c| {
+            c.source.len() > api::MAX_CLONE_SOURCE_LEN
+                || c.other_source.len() > api::MAX_CLONE_SOURCE_LEN
+        })
+    {
+        return Err(ApiError::bad_request(format!(
+            "a heartbeat carries at most {} clone alarms, each source at most {} bytes",
+            api::MAX_CLONES_PER_HEARTBEAT,
+            api::MAX_CLONE_SOURCE_LEN
+        )));
+    }
     state
         .store
         .heartbeat(&relay.node_id, &hb.load, unix_now())
         .await?;
+    audit_clones(&state, &caller, &relay, &hb).await?;
     Ok(Json(Empty {}))
+}
+
+/// Records a relay's clone alarms (one node key connected from two sources
+/// at once) in the audit log, naming the node as the controller knows it.
+async fn audit_clones(
+    state: &Shared,
+    caller: &Caller,
+    relay: &NodeRecord,
+    hb: &RelayHeartbeat,
+) -> Result<(), ApiError> {
+    let by = format!("relay/{}", relay.name);
+    for c in &hb.clones {
+        let node = match state.store.node(&c.node_id).await? {
+            Some(n) => format!("{}/{}", n.kind, n.name),
+            None => format!("node/{}", c.node_id),
+        };
+        tracing::warn!(relay = %relay.name, %node, source = %c.source, other_source = %c.other_source, "a relay saw one node key connected from two sources at once");
+        let reason = format!(
+            "connected from {} while connected from {} (at unix time {}): a copied key, or an agent that moved networks",
+            c.source, c.other_source, c.at
+        );
+        state
+            .audit(
+                caller,
+                &by,
+                "node.clone",
+                &node,
+                Outcome::Alarm,
+                Some(&reason),
+            )
+            .await;
+    }
+    if hb.clones_dropped > 0 {
+        let reason = format!(
+            "{} more clone alarms the relay could not keep",
+            hb.clones_dropped
+        );
+        state
+            .audit(
+                caller,
+                &by,
+                "node.clone",
+                "node/*",
+                Outcome::Alarm,
+                Some(&reason),
+            )
+            .await;
+    }
+    Ok(())
 }
 
 async fn relay_cert(

@@ -247,6 +247,7 @@ impl Api {
             .bearer_auth(relay.jwt())
             .json(&RelayHeartbeat {
                 load: RelayLoad::default(),
+                ..RelayHeartbeat::default()
             })
             .send()
             .await

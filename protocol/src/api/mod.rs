@@ -273,11 +273,41 @@ pub struct RelayLoad {
     pub buffered_bytes: u64,
 }
 
+/// Most clone alarms one heartbeat carries (a relay keeps the rest for
+/// the next ones, up to a bound, and counts what it had to drop).
+pub const MAX_CLONES_PER_HEARTBEAT: usize = 64;
+
+/// Longest source address in a clone alarm (an IPv6 address is at most 45
+/// characters).
+pub const MAX_CLONE_SOURCE_LEN: usize = 64;
+
+/// A relay's alarm: one node key connected from two sources at once (a
+/// copied key, or an agent that moved networks).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeClone {
+    /// The node.
+    pub node_id: NodeId,
+    /// The address of the new connection.
+    pub source: String,
+    /// The address of a connection of the same key still open.
+    pub other_source: String,
+    /// Unix time the relay saw it.
+    pub at: u64,
+}
+
 /// A relay's heartbeat.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayHeartbeat {
     /// Its load.
     pub load: RelayLoad,
+    /// Clone alarms since the last heartbeat, oldest first, at most
+    /// [`MAX_CLONES_PER_HEARTBEAT`].
+    #[serde(default)]
+    pub clones: Vec<NodeClone>,
+    /// Clone alarms the relay dropped since the last heartbeat (it saw more
+    /// than it keeps).
+    #[serde(default)]
+    pub clones_dropped: u64,
 }
 
 /// A relay's certificate renewal request.

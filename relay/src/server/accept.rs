@@ -121,6 +121,12 @@ async fn handle_incoming(
         // its original keep taking links from each other; an agent that
         // moved networks is simply back, its old path closing.
         state.metrics.node_clones.increment(1);
+        crate::links::lock(&state.clones).push(comsat_protocol::api::NodeClone {
+            node_id,
+            source: ip.to_string(),
+            other_source: other.to_string(),
+            at: crate::grants::unix_now(),
+        });
         warn!(node = %node_id, %ip, other_source = %other, "one node key is connected from two sources at once: a copied key, or an agent that moved networks");
     }
     let span = info_span!("conn", id = conn_id, node = %node_id.fmt_short());

@@ -56,6 +56,14 @@ impl std::fmt::Debug for RelayHandle {
 }
 
 impl RelayHandle {
+    /// Clone alarms (one node key connected from two sources at once) for
+    /// the controller's audit log, oldest first, at most `max`, and how
+    /// many the relay dropped since the last call (it keeps
+    /// [`crate::defaults::MAX_CLONE_ALARMS`]).
+    pub fn take_clone_alarms(&self, max: usize) -> (Vec<comsat_protocol::api::NodeClone>, u64) {
+        crate::links::lock(&self.state.clones).take(max)
+    }
+
     /// Reads the config file at `path` (the one the relay started from) and
     /// applies it: the certificate pair, the limits and the QUIC transport
     /// settings. Refused as a whole, with the reason, if the file does not

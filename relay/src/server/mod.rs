@@ -247,6 +247,8 @@ struct State {
     parked_bytes: AtomicU64,
     /// Bytes queued on every agent's control stream ([`ctl`]).
     control_bytes: Arc<AtomicU64>,
+    /// Clone alarms not yet reported to the controller.
+    clones: Mutex<CloneAlarms>,
     /// UDP traffic of authenticated connections.
     wire: crate::wire::WireStats,
     /// A test's hostile relay ([`crate::adversary`]); never set otherwise.
@@ -312,6 +314,35 @@ impl State {
         if let Some(tap) = &self.tap {
             let _ = lock(tap).write_all(bytes);
         }
+    }
+}
+
+/// Clone alarms (one node key connected from two sources at once) kept
+/// for the controller's audit log until a heartbeat takes them: at most
+/// [`crate::defaults::MAX_CLONE_ALARMS`], then counted as dropped.
+#[derive(Default)]
+struct CloneAlarms {
+    kept: std::collections::VecDeque<comsat_protocol::api::NodeClone>,
+    dropped: u64,
+}
+
+impl CloneAlarms {
+    fn push(&mut self, alarm: comsat_protocol::api::NodeClone) {
+        if self.kept.len() >= crate::defaults::MAX_CLONE_ALARMS {
+            self.dropped += 1;
+        } else {
+            self.kept.push_back(alarm);
+        }
+    }
+
+    /// The oldest `max` alarms, and how many were dropped since the last
+    /// take.
+    fn take(&mut self, max: usize) -> (Vec<comsat_protocol::api::NodeClone>, u64) {
+        let n = self.kept.len().min(max);
+        (
+            self.kept.drain(..n).collect(),
+            std::mem::take(&mut self.dropped),
+        )
     }
 }
 
@@ -494,6 +525,7 @@ impl Relay {
             throttled_ns: AtomicU64::new(0),
             parked_bytes: AtomicU64::new(0),
             control_bytes: Arc::default(),
+            clones: Mutex::default(),
             wire: crate::wire::WireStats::default(),
             adversary: OnceLock::new(),
             fed: fed_tx,
