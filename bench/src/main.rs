@@ -19,7 +19,8 @@
 //! `rate-limit`, `setup` (agent handshakes at concurrency 64, link setup
 //! rate), `resume`, `restart` (an agent killed and started again, until
 //! its link carries bytes; alone, then under a stranger's flood of the
-//! relay), `memory` (per idle link and agent connection, and
+//! relay), `siege` (a controller under slowloris connections and
+//! trickled unauthenticated POSTs, with `ctl status` latency), `memory` (per idle link and agent connection, and
 //! capacity: the sizes held with RSS linear in N; `--large` asks for large
 //! sizes).
 //!
@@ -59,6 +60,7 @@ mod rathole;
 mod report;
 mod restart;
 mod setup;
+mod siege;
 mod stunnel;
 mod throughput;
 
@@ -105,7 +107,8 @@ struct RunArgs {
     #[arg(long)]
     large: bool,
     /// Only this scenario: throughput-1, throughput-8, latency,
-    /// rate-limit, setup, resume, restart, memory (also called capacity).
+    /// rate-limit, setup, resume, restart, siege, memory (also called
+    /// capacity).
     #[arg(long)]
     scenario: Option<String>,
     /// Run the main path without lanes: its relay has no interactive
@@ -288,7 +291,7 @@ async fn run(args: RunArgs) -> Result<()> {
     // A scenario that fails is reported, and the others still run.
     type Scenario =
         for<'a> fn(&'a mut Run) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
-    let scenarios: [(&str, Scenario); 8] = [
+    let scenarios: [(&str, Scenario); 9] = [
         ("throughput-1", |r| Box::pin(throughput::throughput_1(r))),
         ("throughput-8", |r| Box::pin(throughput::throughput_8(r))),
         ("latency", |r| Box::pin(latency::latency_scenario(r))),
@@ -296,6 +299,7 @@ async fn run(args: RunArgs) -> Result<()> {
         ("setup", |r| Box::pin(setup::setup(r))),
         ("resume", |r| Box::pin(setup::resume(r))),
         ("restart", |r| Box::pin(restart::restart(r))),
+        ("siege", |r| Box::pin(siege::siege(r))),
         ("memory", |r| Box::pin(memory::memory(r))),
     ];
     let mut ran = false;
@@ -311,7 +315,7 @@ async fn run(args: RunArgs) -> Result<()> {
     if !ran {
         bail!(
             "no scenario named {:?}: choose throughput-1, throughput-8, latency, rate-limit, \
-             setup, resume, restart, memory or capacity",
+             setup, resume, restart, siege, memory or capacity",
             args.scenario.unwrap_or_default()
         );
     }

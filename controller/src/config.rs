@@ -16,7 +16,7 @@
 //! | `grant_ttl_secs` | 604800 (7 days) | lifetime of grants; they are re-signed before half of it is gone (at least 60) |
 //! | `link_buffer_limit` | 67108864 (64 MiB) | bytes a relay may hold per link while one side is away |
 //! | `audit_retention_days` | 90 | audit records older than this are removed (hourly); 0 keeps them forever |
-//! | `max_connections` | 768 | HTTPS connections open at once (keep it below the process's open-file limit); one more is closed at once |
+//! | `max_connections` | 768 | HTTPS connections open at once (keep it below the process's open-file limit); when all are taken, the one waiting longest for a request head (slow, or idle after its answer) is closed to make room, and a newcomer is closed at once only when every connection holds a request in flight |
 //! | `max_connections_per_source` | 256 | of those, from one IPv4 address or IPv6 /64 (at most `max_connections`) |
 //! | `http_idle_timeout_secs` | 20 | a connection that completes no TLS handshake or request head for this long (a slow one, or one idle between requests) is closed; a request in flight is not idle (1 to 300) |
 //! | `tls_cert` | `tls.crt` | the HTTPS server certificate chain (PEM) |

@@ -117,7 +117,7 @@ async fn slow_and_idle_connections_are_closed_and_requests_in_flight_are_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_source_holds_at_most_its_share_of_connections() {
+async fn one_source_holds_its_share_and_a_full_house_makes_room_for_a_quick_client() {
     let api = start("max_connections = 8\nmax_connections_per_source = 3\n").await;
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -128,15 +128,17 @@ async fn one_source_holds_at_most_its_share_of_connections() {
         connect(&api, "127.0.0.2").await.is_err(),
         "over the source's cap"
     );
-    // Another source is served meanwhile.
-    let status = api
-        .client
+    // Another source is served meanwhile (by a client of its own, whose
+    // connection closes with it).
+    let other = client(api.ca_pem.as_bytes());
+    let status = other
         .get(api.url(api::PATH_STATUS))
         .bearer_auth(&api.admin)
         .send()
         .await
         .expect("another source");
     assert_eq!(status.status(), StatusCode::OK);
+    drop((status, other));
     // A slot comes back when its connection closes.
     drop(held.pop());
     let mut again = None;
@@ -148,14 +150,33 @@ async fn one_source_holds_at_most_its_share_of_connections() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(again.is_some(), "the freed slot was not given back");
-    // The cap in all holds across sources.
-    for source in ["127.0.0.3", "127.0.0.3", "127.0.0.3", "127.0.0.4"] {
+    // Every place taken by slow connections from several sources: a quick
+    // client still gets its answer, and the connection that waited
+    // longest for a request head is closed to make room.
+    held.extend(again);
+    for source in [
+        "127.0.0.3",
+        "127.0.0.3",
+        "127.0.0.3",
+        "127.0.0.4",
+        "127.0.0.4",
+    ] {
         held.push(connect(&api, source).await.expect("within the cap in all"));
     }
-    assert!(
-        connect(&api, "127.0.0.5").await.is_err(),
-        "over the cap in all"
-    );
+    let mut quick = connect(&api, "127.0.0.5").await.expect("a place is made");
+    quick
+        .write_all(b"GET /v1/ca HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut head = [0u8; 12];
+    quick.read_exact(&mut head).await.expect("answer");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let oldest = closed_within(&mut held[0], &[], Duration::from_secs(5)).await;
+    assert!(oldest.is_some(), "the longest waiting was not closed");
+    for (i, conn) in held.iter_mut().enumerate().skip(1) {
+        let closed = closed_within(conn, &[], Duration::from_millis(300)).await;
+        assert!(closed.is_none(), "connection {i} was closed as well");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
