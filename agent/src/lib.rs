@@ -43,6 +43,10 @@ pub use config::{AgentConfig, LinkConfig};
 
 pub use error::AgentError;
 
+/// The agent's reconnect backoff (exponential, full jitter), for tools that
+/// play agents and must reconnect as they do.
+pub use crate::core::relay::Backoff;
+
 use crate::config::{LocalRole, RelayEndpoint};
 use crate::link::{AckWake, LinkRt};
 use crate::shared::Shared;

@@ -20,7 +20,9 @@
 //! rate), `resume`, `restart` (an agent killed and started again, until
 //! its link carries bytes; alone, then under a stranger's flood of the
 //! relay), `siege` (a controller under slowloris connections and
-//! trickled unauthenticated POSTs, with `ctl status` latency), `memory` (per idle link and agent connection, and
+//! trickled unauthenticated POSTs, with `ctl status` latency), `storm` (a
+//! relay restarted under 1,000 agent connections, 3,000 in a full run,
+//! 10,000 with `--large`), `memory` (per idle link and agent connection, and
 //! capacity: the sizes held with RSS linear in N; `--large` asks for large
 //! sizes).
 //!
@@ -61,6 +63,7 @@ mod report;
 mod restart;
 mod setup;
 mod siege;
+mod storm;
 mod stunnel;
 mod throughput;
 
@@ -107,8 +110,8 @@ struct RunArgs {
     #[arg(long)]
     large: bool,
     /// Only this scenario: throughput-1, throughput-8, latency,
-    /// rate-limit, setup, resume, restart, siege, memory (also called
-    /// capacity).
+    /// rate-limit, setup, resume, restart, siege, storm, memory (also
+    /// called capacity).
     #[arg(long)]
     scenario: Option<String>,
     /// Run the main path without lanes: its relay has no interactive
@@ -291,7 +294,7 @@ async fn run(args: RunArgs) -> Result<()> {
     // A scenario that fails is reported, and the others still run.
     type Scenario =
         for<'a> fn(&'a mut Run) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
-    let scenarios: [(&str, Scenario); 9] = [
+    let scenarios: [(&str, Scenario); 10] = [
         ("throughput-1", |r| Box::pin(throughput::throughput_1(r))),
         ("throughput-8", |r| Box::pin(throughput::throughput_8(r))),
         ("latency", |r| Box::pin(latency::latency_scenario(r))),
@@ -300,6 +303,7 @@ async fn run(args: RunArgs) -> Result<()> {
         ("resume", |r| Box::pin(setup::resume(r))),
         ("restart", |r| Box::pin(restart::restart(r))),
         ("siege", |r| Box::pin(siege::siege(r))),
+        ("storm", |r| Box::pin(storm::storm(r))),
         ("memory", |r| Box::pin(memory::memory(r))),
     ];
     let mut ran = false;
@@ -315,7 +319,7 @@ async fn run(args: RunArgs) -> Result<()> {
     if !ran {
         bail!(
             "no scenario named {:?}: choose throughput-1, throughput-8, latency, rate-limit, \
-             setup, resume, restart, siege, memory or capacity",
+             setup, resume, restart, siege, storm, memory or capacity",
             args.scenario.unwrap_or_default()
         );
     }

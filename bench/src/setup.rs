@@ -42,7 +42,7 @@ async fn all_carry(listen: &[SocketAddr]) -> Result<Instant> {
 /// Adds `[limits]` to a relay config so it admits `connections` agents,
 /// all of which the bench plays from one address (127.0.0.1): the cap on
 /// unauthenticated connections per source, meant for strangers, is lifted.
-fn admit(config: &std::path::Path, connections: usize) -> Result<()> {
+pub(crate) fn admit(config: &std::path::Path, connections: usize) -> Result<()> {
     let mut text = std::fs::read_to_string(config)?;
     text.push_str(&format!(
         "\n[limits]\nmax_connections = {}\nmax_unauthenticated_per_source = {}\n",

@@ -91,6 +91,15 @@ pub const CONTROL_QUEUE: usize = 8192;
 /// messages, or 64 of the largest.
 pub const CONTROL_QUEUE_BYTES: u64 = 1024 * 1024;
 
+/// Shortest interval between two stateless resets (quinn's default is
+/// 20 ms: 50 a second). A restarted relay resets its previous connections
+/// as their keep-alives arrive, and a fleet sends thousands a second then:
+/// at 50 a second most agents would wait for their idle timeout instead. A
+/// reset is always smaller than the packet that caused it, so a faster
+/// rate amplifies nothing; it stays bounded (20,000 a second) against
+/// reflection loops with other UDP services.
+pub const MIN_RESET_INTERVAL: Duration = Duration::from_micros(50);
+
 /// Clone alarms kept for the controller between heartbeats; more are
 /// counted as dropped (the metric and the log still have every one).
 pub const MAX_CLONE_ALARMS: usize = 256;

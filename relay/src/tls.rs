@@ -255,6 +255,7 @@ pub fn endpoint_config(
     quic.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
+    quic.min_reset_interval(defaults::MIN_RESET_INTERVAL);
     Ok(quic)
 }
 

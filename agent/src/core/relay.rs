@@ -8,7 +8,7 @@ use std::time::Duration;
 /// retries better than a jitter around the bound (the tries of agents that
 /// failed together do not stay together).
 #[derive(Debug)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     initial: Duration,
     next: Duration,
     max: Duration,
@@ -16,7 +16,7 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     /// Starts at `initial`, up to `max`.
-    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
+    pub fn new(initial: Duration, max: Duration) -> Self {
         Self {
             initial,
             next: initial,
@@ -24,13 +24,14 @@ impl Backoff {
         }
     }
 
-    pub(crate) fn reset(&mut self) {
+    /// Starts over at the initial delay (the connection had worked).
+    pub fn reset(&mut self) {
         self.next = self.initial;
     }
 
     /// A delay in [0, d] (`jitter` in [0, 1] picks where), then doubles
     /// d up to the cap.
-    pub(crate) fn next_delay(&mut self, jitter: f64) -> Duration {
+    pub fn next_delay(&mut self, jitter: f64) -> Duration {
         let d = self.next;
         self.next = (d * 2).min(self.max);
         d.mul_f64(jitter.clamp(0.0, 1.0))
