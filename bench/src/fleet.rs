@@ -13,8 +13,9 @@ use comsat_agent::config::RelayEndpoint;
 use comsat_protocol::msg::{ControlMessage, FrameDecoder, RelayToAgent, make_hello};
 use comsat_protocol::{HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN, NodeId, SigningKey};
 
-/// Client sockets the connections share (a real fleet has one per agent;
-/// the relay serves each connection alike either way).
+/// Client sockets the connections share, each on its own loopback
+/// address (a real fleet has one per agent; the relay serves each
+/// connection alike either way).
 pub(crate) const SOCKETS: usize = 16;
 
 /// One connected agent: the connection and its control stream (dropping
@@ -44,8 +45,14 @@ impl Fleet {
             "ca_file": ca,
         }))?;
         let client = comsat_agent::tls::client_config(&endpoint).map_err(anyhow::Error::msg)?;
-        let endpoints = (0..SOCKETS)
-            .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("address")))
+        // Each socket on an address of its own (127.0.5.1 and up), as a
+        // fleet comes from many: a relay's caps per source apply to them as
+        // to a real fleet's.
+        let endpoints = (1..=SOCKETS)
+            .map(|i| {
+                let ip = std::net::Ipv4Addr::new(127, 0, 5, u8::try_from(i).unwrap_or(1));
+                quinn::Endpoint::client(SocketAddr::from((ip, 0)))
+            })
             .collect::<Result<_, _>>()?;
         Ok(Self {
             endpoints,

@@ -40,8 +40,9 @@ async fn all_carry(listen: &[SocketAddr]) -> Result<Instant> {
 }
 
 /// Adds `[limits]` to a relay config so it admits `connections` agents,
-/// all of which the bench plays from one address (127.0.0.1): the cap on
-/// unauthenticated connections per source, meant for strangers, is lifted.
+/// which the bench plays from 16 addresses (each standing for the many of
+/// a real fleet): the cap on unauthenticated connections per source, meant
+/// for strangers, is lifted to the relay's cap in all.
 pub(crate) fn admit(config: &std::path::Path, connections: usize) -> Result<()> {
     let mut text = std::fs::read_to_string(config)?;
     text.push_str(&format!(

@@ -75,6 +75,15 @@ fn total(metrics: &str, name: &str) -> f64 {
         .fold(0.0, |a, b| a + b)
 }
 
+/// The relay's refusals by reason, as `/metrics` shows them.
+fn refusals(metrics: &str) -> String {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("comsat_relay_auth_failures_total{"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Waits until `n` agents are up, and `welcomed` connections were
 /// welcomed in all; when.
 async fn all_up(counts: &Counts, n: u64, welcomed: u64, limit: Duration) -> Result<Instant> {
@@ -211,7 +220,8 @@ pub(crate) async fn storm(r: &mut Run) -> Result<()> {
     r.notes.push(format!(
         "storm: after the restart the agents tried {attempts} connections ({failures} got no \
          Welcome); the relay accepted {accepted:.0} (of which {retried:.0} were answered with a \
-         Retry first) and refused {refused:.0}."
+         Retry first) and refused {refused:.0} ({}).",
+        refusals(&metrics)
     ));
     Ok(())
 }

@@ -100,6 +100,16 @@ pub const CONTROL_QUEUE_BYTES: u64 = 1024 * 1024;
 /// reflection loops with other UDP services.
 pub const MIN_RESET_INTERVAL: Duration = Duration::from_micros(50);
 
+/// Longest a new connection waits for a place among the unauthenticated
+/// ones (all [`MAX_UNAUTHENTICATED`] taken) before it is refused: below an
+/// agent's connect timeout (4 s), so a fleet reconnecting at once is let in
+/// as places free up instead of being refused and coming back.
+pub const ACCEPT_WAIT: Duration = Duration::from_secs(3);
+
+/// New connections that wait for such a place at most; more are refused
+/// at once. Each waits as its first packet (about 1.2 KiB).
+pub const MAX_WAITING: usize = 16_384;
+
 /// Clone alarms kept for the controller between heartbeats; more are
 /// counted as dropped (the metric and the log still have every one).
 pub const MAX_CLONE_ALARMS: usize = 256;

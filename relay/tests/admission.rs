@@ -208,3 +208,30 @@ async fn under_load_a_new_connection_passes_a_retry_first() {
     s.write_all(&[0]).await.expect("write");
     r.stop.send(Stop::Now).await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_unauthenticated_place_taken_a_new_connection_waits_for_one() {
+    let r = start(|l| {
+        l.max_unauthenticated = 2;
+        l.hello_timeout_ms = 1_000;
+        l.retry_above = 100;
+    })
+    .await;
+    // Two silent connections hold both places until their Hello deadline.
+    let mut silent = Vec::new();
+    for source in ["127.0.0.2", "127.0.0.3"] {
+        silent.push(connect(&r, source, r.addr).await.expect("a place"));
+    }
+    // A third is not refused: it waits, and is let in when one is freed
+    // (a fleet reconnecting at once gets in as places free up).
+    let third = connect(&r, "127.0.0.4", r.addr).await;
+    assert!(third.is_ok(), "refused instead of waiting: {third:?}");
+    // The places it waited for were the silent ones', closed at their
+    // deadline.
+    for conn in &silent {
+        tokio::time::timeout(Duration::from_secs(5), conn.closed())
+            .await
+            .expect("a silent connection outlived its Hello deadline");
+    }
+    r.stop.send(Stop::Now).await.expect("stop");
+}

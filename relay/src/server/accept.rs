@@ -1,58 +1,124 @@
 //! Accepting connections: the unauthenticated limit, the QUIC handshake,
 //! the agent's signed `Hello` and the connection limit.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use comsat_protocol::msg::{AgentToRelay, ControlMessage, FrameDecoder, FrameError, verify_hello};
 use comsat_protocol::{CLOSE_REFUSED, HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN, NodeId};
+use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::control::serve_connection;
 use super::{Place, SourcePlace, State};
 use crate::defaults;
 
+/// New connections waiting for a place among the unauthenticated ones,
+/// oldest first (see [`accept_loop`]).
+type Waiting = VecDeque<(quinn::Incoming, Instant)>;
+
 pub(super) async fn accept_loop(state: Arc<State>, endpoint: quinn::Endpoint) {
-    while let Some(incoming) = endpoint.accept().await {
-        state.metrics.connections_total.increment(1);
-        let limits = state.limits();
-        // Under load a new connection first proves its source address (a
-        // QUIC Retry, stateless here): spoofed Initials then cost one
-        // packet each, and no place among the unauthenticated.
-        let incoming = if state.unauthenticated.current() >= limits.retry_above
-            && !incoming.remote_address_validated()
-            && incoming.may_retry()
-        {
-            match incoming.retry() {
-                Ok(()) => {
-                    state.metrics.retries.increment(1);
-                    continue;
+    // When every unauthenticated place is taken (a fleet reconnecting at
+    // once after a restart), a new connection waits for one, up to
+    // `defaults::ACCEPT_WAIT` and `defaults::MAX_WAITING` of them, rather
+    // than being refused at once: its agent would only come back later,
+    // and a refused storm keeps refusing. Each waits as its Initial packet
+    // (the client resends it meanwhile); strangers' spoofed Initials never
+    // get here under load, they get a Retry first.
+    let mut waiting = Waiting::new();
+    loop {
+        admit_waiting(&state, &mut waiting);
+        let oldest = waiting.front().map(|(_, at)| *at + defaults::ACCEPT_WAIT);
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                if let Some(incoming) = new_incoming(&state, incoming)
+                    && let Some(incoming) = admit(&state, incoming)
+                {
+                    if waiting.len() < defaults::MAX_WAITING {
+                        waiting.push_back((incoming, Instant::now()));
+                    } else {
+                        state.metrics.auth_failure("too_many_unauthenticated");
+                        incoming.refuse();
+                    }
                 }
-                Err(e) => e.into_incoming(),
             }
-        } else {
-            incoming
-        };
-        let ip = incoming.remote_address().ip();
-        let Some(from_source) = state
-            .unauthenticated_by_source
-            .try_enter(ip, limits.max_unauthenticated_per_source)
-        else {
-            state.metrics.auth_failure("too_many_from_source");
-            incoming.refuse();
-            continue;
-        };
-        match state.unauthenticated.try_enter(limits.max_unauthenticated) {
-            Some(place) => {
-                let places = (place, from_source);
-                tokio::spawn(handle_incoming(state.clone(), incoming, places));
-            }
-            None => {
-                state.metrics.auth_failure("too_many_unauthenticated");
-                incoming.refuse();
-            }
+            () = state.unauthenticated.freed(), if !waiting.is_empty() => {}
+            () = sleep_until(oldest), if oldest.is_some() => {}
         }
     }
+    for (incoming, _) in waiting {
+        incoming.refuse();
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+/// Counts a new connection and, under load, answers it with a Retry
+/// (stateless: spoofed Initials then cost one packet each, and no place
+/// among the unauthenticated); `None` once it is dealt with.
+fn new_incoming(state: &State, incoming: quinn::Incoming) -> Option<quinn::Incoming> {
+    state.metrics.connections_total.increment(1);
+    let limits = state.limits();
+    if state.unauthenticated.current() >= limits.retry_above
+        && !incoming.remote_address_validated()
+        && incoming.may_retry()
+    {
+        match incoming.retry() {
+            Ok(()) => {
+                state.metrics.retries.increment(1);
+                return None;
+            }
+            Err(e) => return Some(e.into_incoming()),
+        }
+    }
+    Some(incoming)
+}
+
+/// Gives the connections waiting the places freed since, oldest first;
+/// refuses those that waited too long.
+fn admit_waiting(state: &Arc<State>, waiting: &mut Waiting) {
+    while let Some((incoming, at)) = waiting.pop_front() {
+        if at.elapsed() >= defaults::ACCEPT_WAIT {
+            state.metrics.auth_failure("too_many_unauthenticated");
+            incoming.refuse();
+            continue;
+        }
+        if let Some(incoming) = admit(state, incoming) {
+            waiting.push_front((incoming, at));
+            return;
+        }
+    }
+}
+
+/// Starts authenticating `incoming` if its source and the relay have an
+/// unauthenticated place for it (over its source's share it is refused);
+/// gives it back when every place is taken.
+fn admit(state: &Arc<State>, incoming: quinn::Incoming) -> Option<quinn::Incoming> {
+    let limits = state.limits();
+    let ip = incoming.remote_address().ip();
+    let Some(from_source) = state
+        .unauthenticated_by_source
+        .try_enter(ip, limits.max_unauthenticated_per_source)
+    else {
+        state.metrics.auth_failure("too_many_from_source");
+        incoming.refuse();
+        return None;
+    };
+    let Some(place) = state.unauthenticated.try_enter(limits.max_unauthenticated) else {
+        return Some(incoming);
+    };
+    tokio::spawn(handle_incoming(
+        state.clone(),
+        incoming,
+        (place, from_source),
+    ));
+    None
 }
 
 fn refuse(state: &State, conn: &quinn::Connection, reason: &'static str) {
@@ -75,7 +141,7 @@ async fn handle_incoming(
     unauthenticated: (Place, SourcePlace),
 ) {
     let limits = state.limits();
-    let deadline = tokio::time::Instant::now() + limits.auth_timeout();
+    let deadline = Instant::now() + limits.auth_timeout();
     let conn = match tokio::time::timeout_at(deadline, incoming).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
@@ -89,7 +155,7 @@ async fn handle_incoming(
         }
     };
     // An agent sends its Hello as soon as the handshake is done.
-    let deadline = deadline.min(tokio::time::Instant::now() + limits.hello_timeout());
+    let deadline = deadline.min(Instant::now() + limits.hello_timeout());
     let authed = tokio::time::timeout_at(deadline, authenticate(&state, &conn)).await;
     drop(unauthenticated);
     let (node_id, send, decoder, recv) = match authed {

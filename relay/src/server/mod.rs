@@ -89,14 +89,22 @@ impl Links {
 /// How many of something are held at once, against a limit that a
 /// config reload may change.
 #[derive(Default)]
-struct Occupancy(Arc<AtomicUsize>);
+struct Occupancy(Arc<Count>);
+
+#[derive(Default)]
+struct Count {
+    n: AtomicUsize,
+    /// Woken (one waiter, or the next to wait) when a place is given back.
+    freed: tokio::sync::Notify,
+}
 
 /// One place in an [`Occupancy`], given back on drop.
-struct Place(Arc<AtomicUsize>);
+struct Place(Arc<Count>);
 
 impl Occupancy {
     fn try_enter(&self, max: usize) -> Option<Place> {
         self.0
+            .n
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
@@ -105,13 +113,19 @@ impl Occupancy {
     }
 
     fn current(&self) -> usize {
-        self.0.load(Ordering::Acquire)
+        self.0.n.load(Ordering::Acquire)
+    }
+
+    /// Returns once a place was given back (perhaps before this call).
+    async fn freed(&self) {
+        self.0.freed.notified().await;
     }
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.n.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
     }
 }
 
