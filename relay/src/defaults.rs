@@ -107,8 +107,16 @@ pub const MIN_RESET_INTERVAL: Duration = Duration::from_micros(50);
 pub const ACCEPT_WAIT: Duration = Duration::from_secs(3);
 
 /// New connections that wait for such a place at most; more are refused
-/// at once. Each waits as its first packet (about 1.2 KiB).
-pub const MAX_WAITING: usize = 16_384;
+/// at once. Each waits as its first packet and quinn's state for it (a few
+/// KiB: 4,096 hold about 12 MiB).
+pub const MAX_WAITING: usize = 4_096;
+
+/// Bytes quinn buffers for one new connection not yet taken (what arrives
+/// beyond its first packet while it waits: a client's resent Initials).
+pub const INCOMING_BUFFER: u64 = 16 * 1024;
+
+/// Bytes quinn buffers for all new connections not yet taken together.
+pub const INCOMING_BUFFER_TOTAL: u64 = 4 * 1024 * 1024;
 
 /// Clone alarms kept for the controller between heartbeats; more are
 /// counted as dropped (the metric and the log still have every one).

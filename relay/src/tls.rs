@@ -133,6 +133,13 @@ pub fn server_config(
         .map_err(|e| RelayError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport_config(config)));
+    // New connections not yet taken or refused (those waiting for an
+    // unauthenticated place among them), and what quinn buffers for them:
+    // a client's first flight, not what a stranger sends to fill memory.
+    server
+        .max_incoming(defaults::MAX_WAITING + defaults::MAX_UNAUTHENTICATED)
+        .incoming_buffer_size(defaults::INCOMING_BUFFER)
+        .incoming_buffer_size_total(defaults::INCOMING_BUFFER_TOTAL);
     Ok(server)
 }
 
