@@ -5,9 +5,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use comsat_protocol::msg::{
-    AgentToRelay, ControlMessage, ErrorCode, FrameDecoder, PeerFrame, RelayToAgent,
-};
+use comsat_protocol::msg::{AgentToRelay, ErrorCode, FrameDecoder, PeerFrame, RelayToAgent};
 use comsat_protocol::{CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, LinkId, NodeId, Side};
 use tracing::{debug, info};
 
@@ -19,14 +17,10 @@ use crate::grants::unix_now;
 use crate::table::{ConnId, Refusal, Role};
 
 async fn write_control(mut send: quinn::SendStream, mut rx: CtlRx) {
-    let mut buf = Vec::new();
-    while let Some(msg) = rx.recv().await {
-        buf.clear();
-        if msg.write_to(&mut buf).is_err() {
-            continue;
-        }
+    while let Some(mut buf) = rx.recv().await {
+        // What else is queued goes in the same write.
         while let Some(more) = rx.try_recv() {
-            let _ = more.write_to(&mut buf);
+            buf.extend_from_slice(&more);
         }
         if send.write_all(&buf).await.is_err() {
             return;

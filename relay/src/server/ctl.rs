@@ -15,15 +15,17 @@ use tokio::sync::mpsc;
 use crate::defaults;
 
 /// The sending half: cloned wherever the relay tells the agent something.
+/// Messages are queued encoded (as frames), so what is counted is what is
+/// held, and each is encoded once.
 #[derive(Clone, Debug)]
 pub(super) struct Ctl {
-    tx: mpsc::Sender<(RelayToAgent, u64)>,
+    tx: mpsc::Sender<(Vec<u8>, u64)>,
     counts: Counts,
 }
 
 /// The writer's half.
 pub(super) struct CtlRx {
-    rx: mpsc::Receiver<(RelayToAgent, u64)>,
+    rx: mpsc::Receiver<(Vec<u8>, u64)>,
     counts: Counts,
 }
 
@@ -69,10 +71,14 @@ impl Ctl {
     /// takes one message, so a budget that others filled never cuts an
     /// agent off that reads its stream.
     pub(super) fn try_send(&self, msg: RelayToAgent, room: u64) -> Result<(), Full> {
-        let size = msg
-            .encoded_len()
-            .map_or(u64::MAX, |n| n as u64)
-            .saturating_add(defaults::CONTROL_MESSAGE_OVERHEAD);
+        let mut frame = Vec::new();
+        if let Err(e) = msg.write_to(&mut frame) {
+            // Never for what the relay sends (peer frames it forwards were
+            // decoded within the same bound): dropped, as the writer would.
+            tracing::debug!(error = %e, "control message not encoded; dropped");
+            return Ok(());
+        }
+        let size = (frame.len() as u64).saturating_add(defaults::CONTROL_MESSAGE_OVERHEAD);
         let mine = self.counts.mine.load(Ordering::Relaxed);
         if mine.saturating_add(size) > defaults::CONTROL_QUEUE_BYTES {
             return Err(Full);
@@ -82,7 +88,7 @@ impl Ctl {
         }
         self.counts.mine.fetch_add(size, Ordering::Relaxed);
         self.counts.all.fetch_add(size, Ordering::Relaxed);
-        self.tx.try_send((msg, size)).map_err(|_| {
+        self.tx.try_send((frame, size)).map_err(|_| {
             self.counts.release(size);
             Full
         })
@@ -90,18 +96,19 @@ impl Ctl {
 }
 
 impl CtlRx {
-    /// The next message, waiting for one; `None` once every sender is gone.
-    pub(super) async fn recv(&mut self) -> Option<RelayToAgent> {
-        let (msg, size) = self.rx.recv().await?;
+    /// The next message's frame, waiting for one; `None` once every
+    /// sender is gone.
+    pub(super) async fn recv(&mut self) -> Option<Vec<u8>> {
+        let (frame, size) = self.rx.recv().await?;
         self.counts.release(size);
-        Some(msg)
+        Some(frame)
     }
 
-    /// The next message if one is queued.
-    pub(super) fn try_recv(&mut self) -> Option<RelayToAgent> {
-        let (msg, size) = self.rx.try_recv().ok()?;
+    /// The next message's frame if one is queued.
+    pub(super) fn try_recv(&mut self) -> Option<Vec<u8>> {
+        let (frame, size) = self.rx.try_recv().ok()?;
         self.counts.release(size);
-        Some(msg)
+        Some(frame)
     }
 }
 

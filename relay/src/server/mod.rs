@@ -143,15 +143,12 @@ struct SourcePlace {
 impl BySource {
     fn try_enter(&self, ip: IpAddr, max: usize) -> Option<SourcePlace> {
         let source = comsat_protocol::endpoint::source_of(ip);
-        let mut held = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = held.entry(source).or_insert(0);
-        if *n >= max {
+        let mut held = lock(&self.0);
+        // A source refused is not remembered: spoofed ones leave nothing.
+        if held.get(&source).copied().unwrap_or(0) >= max {
             return None;
         }
-        *n += 1;
+        *held.entry(source).or_insert(0) += 1;
         Some(SourcePlace {
             held: self.0.clone(),
             source,
@@ -185,10 +182,7 @@ impl ByNode {
         max: usize,
     ) -> Option<(NodePlace, Option<IpAddr>)> {
         let source = comsat_protocol::endpoint::source_of(ip);
-        let mut held = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = lock(&self.0);
         let conns = held.entry(node).or_default();
         if conns.len() >= max {
             return None;
@@ -206,10 +200,7 @@ impl ByNode {
 
 impl Drop for NodePlace {
     fn drop(&mut self) {
-        let mut held = self
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = lock(&self.held);
         if let Some(conns) = held.get_mut(&self.node) {
             conns.retain(|c| c.0 != self.conn);
             if conns.is_empty() {
@@ -221,10 +212,7 @@ impl Drop for NodePlace {
 
 impl Drop for SourcePlace {
     fn drop(&mut self) {
-        let mut held = self
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = lock(&self.held);
         if let Some(n) = held.get_mut(&self.source) {
             *n -= 1;
             if *n == 0 {
