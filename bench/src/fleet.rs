@@ -25,6 +25,17 @@ pub(crate) struct Connected {
     _control: (quinn::SendStream, quinn::RecvStream),
 }
 
+/// The QUIC client configuration of an agent of the relay at `relay`,
+/// whose certificate `ca` signed (made as an agent's config names it).
+pub(crate) fn client_config(relay: SocketAddr, ca: &Path) -> Result<quinn::ClientConfig> {
+    let endpoint: RelayEndpoint = serde_json::from_value(serde_json::json!({
+        "addr": relay.to_string(),
+        "server_name": "localhost",
+        "ca_file": ca,
+    }))?;
+    comsat_agent::tls::client_config(&endpoint).map_err(anyhow::Error::msg)
+}
+
 pub(crate) struct Fleet {
     endpoints: Vec<quinn::Endpoint>,
     client: quinn::ClientConfig,
@@ -38,13 +49,7 @@ impl Fleet {
         ca: &Path,
         nodes: Vec<(NodeId, SigningKey)>,
     ) -> Result<Self> {
-        // As an agent's config names it.
-        let endpoint: RelayEndpoint = serde_json::from_value(serde_json::json!({
-            "addr": relay.to_string(),
-            "server_name": "localhost",
-            "ca_file": ca,
-        }))?;
-        let client = comsat_agent::tls::client_config(&endpoint).map_err(anyhow::Error::msg)?;
+        let client = client_config(relay, ca)?;
         // Each socket on an address of its own (127.0.5.1 and up), as a
         // fleet comes from many: a relay's caps per source apply to them as
         // to a real fleet's.

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use comsat_agent::config::RelayEndpoint;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -47,12 +46,7 @@ impl Flood {
     /// Starts flooding the relay at `relay`, whose certificate `ca`
     /// signed (the strangers complete TLS: it is public).
     pub(crate) async fn start(relay: SocketAddr, ca: &Path, quick: bool) -> Result<Self> {
-        let endpoint: RelayEndpoint = serde_json::from_value(serde_json::json!({
-            "addr": relay.to_string(),
-            "server_name": "localhost",
-            "ca_file": ca,
-        }))?;
-        let client = comsat_agent::tls::client_config(&endpoint).map_err(anyhow::Error::msg)?;
+        let client = crate::fleet::client_config(relay, ca)?;
         let pool = if quick { 5_000 } else { 20_000 };
         let initials = tokio::task::spawn_blocking({
             let client = client.clone();

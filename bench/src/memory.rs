@@ -75,18 +75,21 @@ impl Capacity {
 /// capacity size failed, in the relay's own words).
 fn refusals(relay: &Path) -> String {
     match relay.relay_metrics() {
-        Ok(m) => {
-            let lines: Vec<&str> = m
-                .lines()
-                .filter(|l| l.starts_with("comsat_relay_auth_failures_total{"))
-                .collect();
-            if lines.is_empty() {
-                "the relay counted no refused connection".into()
-            } else {
-                format!("the relay counted {}", lines.join(", "))
-            }
-        }
+        Ok(m) => refusals_in(&m),
         Err(e) => format!("the relay's /metrics: {e:#}"),
+    }
+}
+
+/// The refused connections a relay's `/metrics` text counts, by reason.
+pub(crate) fn refusals_in(metrics: &str) -> String {
+    let lines: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("comsat_relay_auth_failures_total{"))
+        .collect();
+    if lines.is_empty() {
+        "the relay counted no refused connection".into()
+    } else {
+        format!("the relay counted {}", lines.join(", "))
     }
 }
 

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::fleet::Fleet;
 use crate::measure::poke;
+use crate::memory::refusals_in;
 use crate::path::{Path, link};
 use crate::report::figure;
 use crate::setup::admit;
@@ -73,15 +74,6 @@ fn total(metrics: &str, name: &str) -> f64 {
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .fold(0.0, |a, b| a + b)
-}
-
-/// The relay's refusals by reason, as `/metrics` shows them.
-fn refusals(metrics: &str) -> String {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("comsat_relay_auth_failures_total{"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Waits until `n` agents are up, and `welcomed` connections were
@@ -221,7 +213,7 @@ pub(crate) async fn storm(r: &mut Run) -> Result<()> {
         "storm: after the restart the agents tried {attempts} connections ({failures} got no \
          Welcome); the relay accepted {accepted:.0} (of which {retried:.0} were answered with a \
          Retry first) and refused {refused:.0} ({}).",
-        refusals(&metrics)
+        refusals_in(&metrics)
     ));
     Ok(())
 }

@@ -197,6 +197,16 @@ impl Slot {
         }
     }
 
+    /// Passes on what a write did, noting an answer written.
+    fn wrote(&mut self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            self.on_written();
+        }
+        polled
+    }
+
     /// The server answered: the connection waits for its next request.
     fn on_written(&mut self) {
         if self.conn.state.load(Ordering::Relaxed) != WAITING {
@@ -308,13 +318,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Admitted<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled
-            && n > 0
-        {
-            this.slot.on_written();
-        }
-        polled
+        this.slot
+            .wrote(Pin::new(&mut this.stream).poll_write(cx, buf))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -331,13 +336,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Admitted<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = polled
-            && n > 0
-        {
-            this.slot.on_written();
-        }
-        polled
+        this.slot
+            .wrote(Pin::new(&mut this.stream).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
