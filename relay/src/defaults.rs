@@ -31,7 +31,8 @@ pub const PRE_HELLO_WINDOW: u32 = 64 * 1024;
 
 /// Connections that have not yet authenticated, at once. Each costs a QUIC
 /// connection state (a few KiB) plus its receive windows until it is
-/// refused; beyond this, new connections are refused outright.
+/// refused; beyond this, new connections wait for a place
+/// ([`ACCEPT_WAIT`], [`MAX_WAITING`]), then are refused.
 pub const MAX_UNAUTHENTICATED: usize = 256;
 
 /// Authenticated connections of one node key at once: an agent holds one
