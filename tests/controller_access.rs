@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use comsat_keys::Generate;
+use comsat_node::keys::Generate;
 use comsat_protocol::api;
 use comsat_protocol::msg::make_hello;
 use comsat_protocol::{SigningKey, jwt};
@@ -109,7 +109,7 @@ async fn refuse_bad_jwts(c: &Fleet) -> Result<(String, Vec<String>)> {
         &state.audience,
         now,
         30,
-        comsat_keys::random_jti(),
+        comsat_node::keys::random_jti(),
     )?;
     let (code, body) = raw_get(c, api::PATH_AGENT_CONFIG, &good).await?;
     ensure!(code == 200, "{code} {body}");
@@ -124,7 +124,7 @@ async fn refuse_bad_jwts(c: &Fleet) -> Result<(String, Vec<String>)> {
         &state.audience,
         now,
         30,
-        comsat_keys::random_jti(),
+        comsat_node::keys::random_jti(),
     )?;
     let (code, body) = raw_get(c, api::PATH_AGENT_CONFIG, &forged).await?;
     ensure!(
@@ -138,7 +138,7 @@ async fn refuse_bad_jwts(c: &Fleet) -> Result<(String, Vec<String>)> {
         &state.audience,
         now - 600,
         30,
-        comsat_keys::random_jti(),
+        comsat_node::keys::random_jti(),
     )?;
     let (code, body) = raw_get(c, api::PATH_AGENT_CONFIG, &old).await?;
     ensure!(unauthorized(code, &body), "expired JWT: {code} {body}");
@@ -183,7 +183,7 @@ async fn refuse_bad_jwts(c: &Fleet) -> Result<(String, Vec<String>)> {
         &state.audience,
         now,
         30,
-        comsat_keys::random_jti(),
+        comsat_node::keys::random_jti(),
     )?;
     let (code, body) = raw_get(c, api::PATH_RELAY_EVENTS, &agent_jwt).await?;
     ensure!(
@@ -408,7 +408,7 @@ async fn a_service_account_gets_only_what_its_role_allows() -> Result<()> {
         "{token}"
     );
     let token_file = c.path("deployer.token");
-    comsat_keys::write_secret_file(&token_file, token.as_bytes())?;
+    comsat_node::keys::write_secret_file(&token_file, token.as_bytes())?;
     c.ctl_ok(&[
         "rolebinding",
         "create",

@@ -123,7 +123,7 @@ async fn a_controller_with_the_operators_own_certificate_enrols_nodes() -> Resul
                 ("op.key", key.serialize_pem()),
             ];
             for (name, text) in &files {
-                comsat_keys::write_secret_file(&dir.join(name), text.as_bytes())?;
+                comsat_node::keys::write_secret_file(&dir.join(name), text.as_bytes())?;
             }
             Ok(vec![
                 "--tls-cert".into(),
@@ -327,7 +327,7 @@ async fn rotating_the_controller_certificate_drops_no_agent() -> Result<()> {
         comsat_node::unix_now(),
         Duration::from_secs(3600),
     )?;
-    comsat_keys::write_secret_file(&dir.join("tls.key"), key.as_bytes())?;
+    comsat_node::keys::write_secret_file(&dir.join("tls.key"), key.as_bytes())?;
     write_then_rename(&dir.join("tls.crt"), cert.as_bytes())?;
     let want = comsat_controller::pki::certs_from_pem(cert.as_bytes())?[0]
         .as_ref()

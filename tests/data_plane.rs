@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use common::{Options, System};
-use comsat_keys::{Generate, KeyFile, RandomId};
+use comsat_node::keys::{Generate, KeyFile, RandomId};
 use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
 use comsat_protocol::msg::make_hello;
 use comsat_protocol::{CLOSE_REFUSED, LinkId, NodeId, RelayId, SigningKey};

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use common::{Options, System};
 use comsat_controller::dev::DevLink;
-use comsat_keys::KeyFile;
+use comsat_node::keys::KeyFile;
 use comsat_protocol::msg::{AgentToRelay, ErrorCode, PeerFrame, RelayToAgent, make_hello};
 use comsat_protocol::{Side, SigningKey};
 use comsat_tests::raw::{Control, RawClient, exporter};

@@ -111,7 +111,7 @@ fn issue_relay_cert(sys: &System, name: &str) -> Result<()> {
     let cert = params.signed_by(&key, &issuer)?;
     let dir = sys.layout.relay_config.parent().context("relay dir")?;
     std::fs::write(dir.join(format!("{name}.crt")), cert.pem())?;
-    comsat_keys::write_secret_file(
+    comsat_node::keys::write_secret_file(
         &dir.join(format!("{name}.key")),
         key.serialize_pem().as_bytes(),
     )?;

@@ -4,7 +4,7 @@ mod common;
 #[path = "common/transfer.rs"]
 mod transfer;
 
-use comsat_keys::KeyFile;
+use comsat_node::keys::KeyFile;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -24,7 +24,7 @@ pub enum AgentError {
     },
     /// A key file problem.
     #[error(transparent)]
-    KeyFile(#[from] comsat_keys::KeyFileError),
+    KeyFile(#[from] comsat_node::keys::KeyFileError),
     /// TLS setup failed.
     #[error("relay TLS for link {link}: {reason}")]
     Tls {

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use comsat_keys::KeyFile;
+use comsat_node::keys::KeyFile;
 use comsat_protocol::{LinkId, NoiseSecretKey, SigningKey};
 use tokio::task::JoinHandle;
 

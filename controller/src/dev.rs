@@ -20,8 +20,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use comsat_keys::{Generate, KeyFile, RandomId};
-use comsat_keys::{KeyFileError, write_secret_file};
+use comsat_node::keys::{Generate, KeyFile, RandomId};
+use comsat_node::keys::{KeyFileError, write_secret_file};
 use comsat_protocol::codec::CodecError;
 use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
 use comsat_protocol::{LinkId, NodeId, NoisePublicKey, NoiseSecretKey, RelayId, SigningKey};

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use comsat_keys::KeyFileError;
+use comsat_node::keys::KeyFileError;
 
 use crate::pki::PkiError;
 use crate::store::StoreError;

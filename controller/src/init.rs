@@ -16,8 +16,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use comsat_keys::write_secret_file;
-use comsat_keys::{Generate, KeyFile};
+use comsat_node::keys::write_secret_file;
+use comsat_node::keys::{Generate, KeyFile};
 use comsat_protocol::SigningKey;
 use sha2::{Digest, Sha256};
 

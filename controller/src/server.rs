@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use comsat_keys::KeyFile;
+use comsat_node::keys::KeyFile;
 use comsat_protocol::SigningKey;
 use tokio::sync::{Mutex, watch};
 
@@ -86,7 +86,7 @@ fn read_secret(path: &Path, dir: &Path) -> Result<String, ControllerError> {
             path: path.to_owned(),
         });
     }
-    Ok(comsat_keys::read_secret_file(path)?.to_string())
+    Ok(comsat_node::keys::read_secret_file(path)?.to_string())
 }
 
 impl Controller {
@@ -363,7 +363,7 @@ fn load_rotated(
     host: &str,
 ) -> Result<rustls::ServerConfig, ControllerError> {
     let cert_pem = std::fs::read(cert).map_err(ControllerError::io(cert))?;
-    let key_pem = comsat_keys::read_secret_file(key)?;
+    let key_pem = comsat_node::keys::read_secret_file(key)?;
     pki::check_rotated_certificate(&cert_pem, key_pem.as_bytes(), ca_pem.as_bytes(), host)
         .map_err(ControllerError::pki(cert))
 }

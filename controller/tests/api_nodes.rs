@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::api::*;
 use comsat_controller::{InitOptions, init};
-use comsat_keys::Generate;
+use comsat_node::keys::Generate;
 use comsat_protocol::api::{
     self, AgentDesired, AuditRecord, EnrolRequest, JoinToken, LinkInfo, NodeKind, RelayEventKind,
     Status,
@@ -261,7 +261,7 @@ async fn node_jwts_are_good_once(api: &Api, a: &Node, r1: &Node) -> [String; 3] 
         &a.enrolled.audience,
         now,
         30,
-        comsat_keys::random_jti(),
+        comsat_node::keys::random_jti(),
     )
     .expect("mint");
     unauthorized(error_of(get_config(forged.clone()).await.expect("send")).await);
@@ -271,7 +271,7 @@ async fn node_jwts_are_good_once(api: &Api, a: &Node, r1: &Node) -> [String; 3] 
         "comsat-controller:other",
         now,
         30,
-        comsat_keys::random_jti(),
+        comsat_node::keys::random_jti(),
     )
     .expect("mint");
     let (status, _) = error_of(get_config(wrong_aud).await.expect("send")).await;

@@ -9,7 +9,7 @@ use comsat_controller::store::{
     LinkGrantUpdate, LinkRecord, NewEvent, NewJoinToken, NewNode, NodeRecord, Redemption, SqlStore,
     Store, StoreError,
 };
-use comsat_keys::{Generate, RandomId};
+use comsat_node::keys::{Generate, RandomId};
 use comsat_protocol::api::NodeKind;
 use comsat_protocol::{LinkId, NodeId, NoiseSecretKey, RelayId, SigningKey};
 

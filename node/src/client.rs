@@ -170,7 +170,7 @@ impl Client {
                     audience,
                     crate::unix_now(),
                     jwt::DEFAULT_LIFETIME_SECS,
-                    comsat_keys::random_jti(),
+                    crate::keys::random_jti(),
                 )
                 .map_err(|e| anyhow!("cannot sign a JWT: {e}"))?,
             )),

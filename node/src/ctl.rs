@@ -14,8 +14,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::keys::read_secret_file;
 use anyhow::{Context, anyhow, bail};
-use comsat_keys::read_secret_file;
 use comsat_protocol::api::{self, NodeKind};
 use comsat_protocol::text::printable;
 use serde::{Deserialize, Serialize};

@@ -1,7 +1,9 @@
-//! comsat's control-plane client: how relays, agents and operators talk to
-//! the controller.
+//! comsat on this machine: its keys, and the control-plane client through
+//! which relays, agents and operators talk to the controller.
 //!
-//! [`client`] is the controller API client (a pinned CA, node JWTs or API
+//! [`keys`] makes fresh keys and ids from the OS random source and keeps
+//! private key files (0600, written atomically): the half of the protocol's
+//! key types that touches the machine, used by every component. [`client`] is the controller API client (a pinned CA, node JWTs or API
 //! tokens, fallback controllers). [`state`] enrols a node and keeps its data
 //! dir; [`relay`] and [`agent`] keep an enrolled relay or agent in step with
 //! the controller, feeding it in process through a narrow trait
@@ -19,6 +21,7 @@ pub mod agent;
 pub mod apply;
 pub mod client;
 pub mod ctl;
+pub mod keys;
 pub mod relay;
 mod retry;
 pub mod state;

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::keys::read_secret_file;
 use anyhow::{Context, anyhow, bail};
-use comsat_keys::read_secret_file;
 use comsat_protocol::api::{self, NodeKind};
 use comsat_protocol::grant::SignedGrant;
 use comsat_protocol::limits::{MAX_PEM_FILE_LEN, MAX_SIGNED_GRANT_LEN};
@@ -369,8 +369,8 @@ async fn request_cert(client: &Client, dir: &Path) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use comsat_keys::Generate;
-    use comsat_keys::write_secret_file;
+    use crate::keys::Generate;
+    use crate::keys::write_secret_file;
     use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
     use comsat_protocol::{NodeId, SigningKey};
 

@@ -20,9 +20,9 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use crate::keys::write_secret_file;
+use crate::keys::{Generate, KeyFile};
 use anyhow::{Context, anyhow, bail};
-use comsat_keys::write_secret_file;
-use comsat_keys::{Generate, KeyFile};
 use comsat_protocol::api::{self, JoinToken, NodeKind};
 use comsat_protocol::{NodeId, NoiseSecretKey, SignPublicKey, SigningKey};
 use serde::{Deserialize, Serialize};
@@ -335,7 +335,7 @@ pub(crate) fn csr(key: &rcgen::KeyPair, host: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use comsat_keys::Generate;
+    use crate::keys::Generate;
 
     #[test]
     fn an_interactive_port_is_on_the_public_host_and_the_relay_listens_there() {

@@ -3,7 +3,7 @@
 //! Private keys are zeroised on drop and never printed (their `Debug` is
 //! redacted). This crate makes them from bytes and reads and writes their
 //! text; generating them from the OS random source and the files themselves
-//! (mode 0600, written atomically) are `comsat-keys`'.
+//! (mode 0600, written atomically) are `comsat-node`'.
 
 use std::fmt;
 

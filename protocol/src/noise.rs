@@ -40,7 +40,7 @@
 //! side B [`respond`]s and sends its answer back; side A hands it to
 //! [`ExpectResponse::handle_response`]. Both then hold a [`Session`]. Each
 //! side draws its ephemeral key from the [`NoiseRng`] it passes in: this
-//! crate never reads the OS random source (`comsat-keys` provides it).
+//! crate never reads the OS random source (`comsat-node` provides it).
 
 use crate::limits::{MAX_HANDSHAKE_LEN, MAX_RECORD_PAYLOAD_LEN};
 use crate::record::{RECORD_HEADER_LEN, RecordError};

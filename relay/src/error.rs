@@ -36,5 +36,5 @@ pub enum RelayError {
     },
     /// A key file problem.
     #[error(transparent)]
-    KeyFile(#[from] comsat_keys::KeyFileError),
+    KeyFile(#[from] comsat_node::keys::KeyFileError),
 }

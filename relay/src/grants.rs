@@ -310,7 +310,7 @@ pub fn read_grant_files(stamp: &DirStamp, metrics: &Metrics) -> Vec<(String, Sig
 
 #[cfg(test)]
 mod tests {
-    use comsat_keys::{Generate, RandomId};
+    use comsat_node::keys::{Generate, RandomId};
     use comsat_protocol::grant::{GrantSide, LinkLimits};
     use comsat_protocol::{NodeId, SigningKey};
 

@@ -192,7 +192,7 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, RelayError> {
 }
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, RelayError> {
-    let text = comsat_keys::read_secret_file(path)?;
+    let text = comsat_node::keys::read_secret_file(path)?;
     PrivateKeyDer::from_pem_slice(text.as_bytes()).map_err(|e| {
         RelayError::Tls(format!(
             "{}: not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
@@ -249,7 +249,7 @@ pub fn endpoint_config(
     config: &RelayConfig,
     endpoint: Endpoint,
 ) -> Result<quinn::EndpointConfig, RelayError> {
-    let text = comsat_keys::read_secret_file(&config.tls_key)?;
+    let text = comsat_node::keys::read_secret_file(&config.tls_key)?;
     let reset = derive(RESET_KEY_LABEL, endpoint, text.as_bytes());
     let cid = derive(CID_KEY_LABEL, endpoint, text.as_bytes());
     let mut cid_key = [0u8; 8];
@@ -280,7 +280,7 @@ mod tests {
         let tmp = dir.join("tls.crt.tmp");
         std::fs::write(&tmp, cert.pem()).expect("write");
         std::fs::rename(&tmp, &c).expect("rename");
-        comsat_keys::write_secret_file(&k, key.serialize_pem().as_bytes()).expect("key file");
+        comsat_node::keys::write_secret_file(&k, key.serialize_pem().as_bytes()).expect("key file");
         (c, k)
     }
 

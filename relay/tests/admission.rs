@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use comsat_keys::{Generate, RandomId};
+use comsat_node::keys::{Generate, RandomId};
 use comsat_protocol::{CLOSE_REFUSED, RelayId, SigningKey};
 use comsat_relay::{Relay, RelayConfig, Stop};
 use rustls::pki_types::CertificateDer;
@@ -36,7 +36,7 @@ async fn start(edit: impl FnOnce(&mut comsat_relay::config::Limits)) -> Running 
         .expect("cert");
     let (c, k) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     std::fs::write(&c, cert.pem()).expect("cert file");
-    comsat_keys::write_secret_file(&k, key.serialize_pem().as_bytes()).expect("key");
+    comsat_node::keys::write_secret_file(&k, key.serialize_pem().as_bytes()).expect("key");
     let grants = dir.path().join("grants");
     std::fs::create_dir_all(&grants).expect("grants dir");
     let listen = "127.0.0.1:0".parse().expect("addr");

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use comsat_keys::{Generate, RandomId};
+use comsat_node::keys::{Generate, RandomId};
 use comsat_protocol::{RelayId, SigningKey};
 use comsat_relay::{Relay, RelayConfig, Stop};
 use rustls::pki_types::CertificateDer;
@@ -33,7 +33,7 @@ fn config(dir: &Path, listen: SocketAddr, interactive: SocketAddr) -> RelayConfi
         .expect("cert");
     let (c, k) = (dir.join("tls.crt"), dir.join("tls.key"));
     std::fs::write(&c, cert.pem()).expect("cert file");
-    comsat_keys::write_secret_file(&k, key.serialize_pem().as_bytes()).expect("key");
+    comsat_node::keys::write_secret_file(&k, key.serialize_pem().as_bytes()).expect("key");
     let grants = dir.join("grants");
     std::fs::create_dir_all(&grants).expect("grants dir");
     let authority = SigningKey::generate().public();

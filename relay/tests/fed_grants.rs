@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use comsat_keys::{Generate, RandomId};
+use comsat_node::keys::{Generate, RandomId};
 use comsat_protocol::grant::{Grant, GrantSide, LinkLimits, SignedGrant};
 use comsat_protocol::{LinkId, NodeId, RelayId, SigningKey};
 use comsat_relay::{Relay, RelayConfig};
@@ -20,7 +20,7 @@ fn config(dir: &Path, relay: RelayId, authority: &SigningKey) -> RelayConfig {
         .expect("cert");
     let (c, k) = (dir.join("tls.crt"), dir.join("tls.key"));
     std::fs::write(&c, cert.pem()).expect("cert file");
-    comsat_keys::write_secret_file(&k, key.serialize_pem().as_bytes()).expect("key");
+    comsat_node::keys::write_secret_file(&k, key.serialize_pem().as_bytes()).expect("key");
     let grants = dir.join("grants");
     std::fs::create_dir_all(&grants).expect("grants dir");
     let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");

@@ -12,8 +12,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use comsat_keys::KeyFile;
 use comsat_node::NodeState;
+use comsat_node::keys::KeyFile;
 use comsat_protocol::api::{self, NodeKind};
 use comsat_protocol::{SigningKey, jwt};
 use comsat_tests::{Proc, free_udp_port};
@@ -457,7 +457,7 @@ impl Fleet {
             &state.audience,
             now,
             lifetime,
-            comsat_keys::random_jti(),
+            comsat_node::keys::random_jti(),
         )?)
     }
 }

@@ -89,7 +89,7 @@ pub(super) fn initiate(shared: &Shared, link: &LinkRt, ctl: &mpsc::Sender<AgentT
         &link.cfg.peer_noise_public_key,
         &link.cfg.link_id,
         shared.noise_params,
-        comsat_keys::os_rng(),
+        comsat_node::keys::os_rng(),
     ) {
         Ok((pending, msg)) => {
             *link.pending() = Some(pending);
@@ -117,7 +117,7 @@ pub(super) fn handle_handshake(
                 &link.cfg.link_id,
                 msg,
                 shared.noise_params,
-                comsat_keys::os_rng(),
+                comsat_node::keys::os_rng(),
             ) {
                 Ok(answered) => answered,
                 Err(e) => {

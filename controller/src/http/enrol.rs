@@ -9,7 +9,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use comsat_keys::RandomId;
+use comsat_node::keys::RandomId;
 use comsat_protocol::api::{
     self, EnrolRequest, EnrolResponse, JoinToken, NodeKind, TokenCreate, TokenCreated,
 };

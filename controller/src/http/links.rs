@@ -6,7 +6,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, patch, post};
-use comsat_keys::RandomId;
+use comsat_node::keys::RandomId;
 use comsat_protocol::LinkId;
 use comsat_protocol::api::{
     self, AgentRefusals, Empty, LinkCreate, LinkInfo, LinkUpdate, NodeKind,

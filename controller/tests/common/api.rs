@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use comsat_controller::{Controller, InitOptions, RunOptions, init};
-use comsat_keys::Generate;
+use comsat_node::keys::Generate;
 use comsat_protocol::api::{
     self, AgentDesired, EnrolRequest, EnrolResponse, ErrorBody, JoinToken, LinkCreate, NodeKind,
     RelayEventKind, RelayEvents, RelayHeartbeat, RelayLoad, TokenCreated,
@@ -53,7 +53,7 @@ impl Node {
             &self.enrolled.audience,
             unix_now(),
             30,
-            comsat_keys::random_jti(),
+            comsat_node::keys::random_jti(),
         )
         .expect("mint")
     }

@@ -1,7 +1,7 @@
 //! The random source of a handshake: the caller's, never the OS's.
 //!
 //! A handshake draws its ephemeral key from the [`NoiseRng`] its caller
-//! passes in (the OS random source from `comsat-keys` on an agent, a
+//! passes in (the OS random source from `comsat-node` on an agent, a
 //! seeded one in tests). snow's own resolvers lend their Diffie-Hellman,
 //! hashes and ciphers only: their random source is the OS's, which this
 //! crate leaves to its callers.

@@ -17,9 +17,9 @@ fn sessions() -> (Session, Session) {
     let b = NoiseSecretKey::from_bytes([2; 32]);
     let link = LinkId([3; 16]);
     let (pending, m1) =
-        noise::initiate(&a, &b.public(), &link, comsat_keys::os_rng()).expect("initiate");
+        noise::initiate(&a, &b.public(), &link, comsat_node::keys::os_rng()).expect("initiate");
     let (sb, m2) =
-        noise::respond(&b, &a.public(), &link, &m1, comsat_keys::os_rng()).expect("respond");
+        noise::respond(&b, &a.public(), &link, &m1, comsat_node::keys::os_rng()).expect("respond");
     (pending.handle_response(&m2).expect("finish"), sb)
 }
 
