@@ -280,8 +280,8 @@ async fn ensure_demo_link(admin: &Client, listen: &SocketAddr, sock: &Path) -> a
     let want_listen = format!("tcp://{listen}");
     let want_target = format!("unix://{}", sock.display());
     let links: Vec<api::LinkInfo> = admin.get(api::PATH_LINKS, &[], "link list").await?;
-    if let Some(l) = links.iter().find(|l| l.name == DEMO_LINK) {
-        if l.listen == want_listen && l.target == want_target {
+    if let Some(l) = links.iter().find(|l| l.spec.name == DEMO_LINK) {
+        if l.spec.listen == want_listen && l.spec.target == want_target {
             return Ok(());
         }
         admin

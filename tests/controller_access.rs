@@ -554,7 +554,7 @@ async fn apply_is_idempotent_and_refuses_a_bad_file_whole() -> Result<()> {
     );
     let links: Vec<api::LinkInfo> =
         serde_json::from_str(&c.ctl_ok(&["link", "list", "-o", "json"])?)?;
-    ensure!(links.len() == 1 && links[0].max_flows == Some(10) && links[0].generation == 1);
+    ensure!(links.len() == 1 && links[0].spec.max_flows == Some(10) && links[0].generation == 1);
 
     // What `get` prints, `apply` takes back unchanged.
     for (kind, name) in [
@@ -580,7 +580,7 @@ async fn apply_is_idempotent_and_refuses_a_bad_file_whole() -> Result<()> {
     ensure!(third.contains("link/db updated"), "{third}");
     let links: Vec<api::LinkInfo> =
         serde_json::from_str(&c.ctl_ok(&["link", "list", "-o", "json"])?)?;
-    ensure!(links[0].max_flows == Some(20) && links[0].generation == 1);
+    ensure!(links[0].spec.max_flows == Some(20) && links[0].generation == 1);
 
     // A bad document: refused with the file, document and field named, and
     // nothing of the file applied.

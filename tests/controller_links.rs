@@ -155,7 +155,7 @@ async fn the_relay_enforces_max_flows_and_an_update_applies_without_touching_ope
     let link: api::LinkInfo =
         serde_json::from_str(&c.ctl_ok(&["link", "show", "demo", "-o", "json"])?)?;
     ensure!(
-        link.max_flows == Some(3) && link.generation == 1,
+        link.spec.max_flows == Some(3) && link.generation == 1,
         "{link:?}"
     );
     Ok(())
@@ -170,7 +170,7 @@ async fn a_rate_limit_set_with_ctl_throttles_the_link_and_an_update_lifts_it_for
     let link: api::LinkInfo =
         serde_json::from_str(&c.ctl_ok(&["link", "show", "demo", "-o", "json"])?)?;
     ensure!(
-        link.rate_limit_bytes_per_sec == Some(128 * 1024),
+        link.spec.rate_limit_bytes_per_sec == Some(128 * 1024),
         "{link:?}"
     );
     let id = hex::encode(link.link_id.0);
@@ -217,7 +217,7 @@ async fn a_rate_limit_set_with_ctl_throttles_the_link_and_an_update_lifts_it_for
     let link: api::LinkInfo =
         serde_json::from_str(&c.ctl_ok(&["link", "show", "demo", "-o", "json"])?)?;
     ensure!(
-        link.rate_limit_bytes_per_sec.is_none() && link.generation == 1,
+        link.spec.rate_limit_bytes_per_sec.is_none() && link.generation == 1,
         "{link:?}"
     );
     Ok(())

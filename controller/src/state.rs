@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use comsat_protocol::api::{ErrorBody, LinkInfo, LinkRefused, NodeKind};
+use comsat_protocol::api::{ErrorBody, LinkInfo, LinkRefused, LinkSpec, NodeKind};
 use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
 use comsat_protocol::{LinkId, NodeId, RelayId, SigningKey};
 use tokio::sync::{Mutex, watch};
@@ -452,18 +452,20 @@ impl Shared {
             })
             .collect();
         LinkInfo {
-            name: link.name.clone(),
+            spec: LinkSpec {
+                name: link.name.clone(),
+                from: name(&link.from_node),
+                listen: link.listen.clone(),
+                to: name(&link.to_node),
+                target: link.target.clone(),
+                allowed_uids: link.allowed_uids.clone(),
+                allowed_gids: link.allowed_gids.clone(),
+                max_flows: link.max_flows,
+                rate_limit_bytes_per_sec: link.rate_limit,
+                connection: link.connection.clone(),
+            },
             link_id: link.link_id,
             generation: link.generation,
-            from: name(&link.from_node),
-            listen: link.listen.clone(),
-            to: name(&link.to_node),
-            target: link.target.clone(),
-            allowed_uids: link.allowed_uids.clone(),
-            allowed_gids: link.allowed_gids.clone(),
-            max_flows: link.max_flows,
-            rate_limit_bytes_per_sec: link.rate_limit,
-            connection: link.connection.clone(),
             relays: link.relays.iter().map(|r| name(&NodeId(r.0))).collect(),
             created_at: link.created_at,
             refused,

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::api::*;
-use comsat_protocol::api::{self, LinkInfo, RelayEventKind, RelayInfo};
+use comsat_protocol::api::{self, LinkInfo, LinkSpec, RelayEventKind, RelayInfo};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -28,7 +28,7 @@ async fn link_max_flows_is_granted_and_updated_without_a_new_generation() {
     let resp = api.create_link(&body).await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let info: LinkInfo = resp.json().await.expect("json");
-    assert_eq!((info.max_flows, info.generation), (Some(8), 1));
+    assert_eq!((info.spec.max_flows, info.generation), (Some(8), 1));
     assert_eq!(info.relays.len(), 2);
     let one: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
     assert_eq!(one, info);
@@ -38,7 +38,7 @@ async fn link_max_flows_is_granted_and_updated_without_a_new_generation() {
     let resp = api.create_link(&link("free", "b", "a")).await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let free: LinkInfo = resp.json().await.expect("json");
-    assert_eq!(free.max_flows, None);
+    assert_eq!(free.spec.max_flows, None);
 
     let mut cursors = both_grants_carry_their_limits(&api, [&r1, &r2], &info, &free).await;
     let a_version = api.config(&a, 0, 0).await.version;
@@ -52,7 +52,10 @@ async fn link_max_flows_is_granted_and_updated_without_a_new_generation() {
     assert_eq!(
         patched,
         LinkInfo {
-            max_flows: Some(3),
+            spec: LinkSpec {
+                max_flows: Some(3),
+                ..info.spec.clone()
+            },
             ..info.clone()
         }
     );
@@ -81,8 +84,8 @@ async fn link_max_flows_is_granted_and_updated_without_a_new_generation() {
     let patched: LinkInfo = resp.json().await.expect("json");
     assert_eq!(
         (
-            patched.max_flows,
-            patched.rate_limit_bytes_per_sec,
+            patched.spec.max_flows,
+            patched.spec.rate_limit_bytes_per_sec,
             patched.generation
         ),
         (Some(3), Some(1_048_576), 1)
@@ -99,8 +102,8 @@ async fn link_max_flows_is_granted_and_updated_without_a_new_generation() {
     let resp = api.patch_link("db", &json!({ "max_flows": 0 })).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let patched: LinkInfo = resp.json().await.expect("json");
-    assert_eq!((patched.max_flows, patched.generation), (None, 1));
-    assert_eq!(patched.rate_limit_bytes_per_sec, Some(1_048_576));
+    assert_eq!((patched.spec.max_flows, patched.generation), (None, 1));
+    assert_eq!(patched.spec.rate_limit_bytes_per_sec, Some(1_048_576));
     for (r, cursor) in [&r1, &r2].into_iter().zip(cursors.iter_mut()) {
         let (g, next) = one_grant(&api, r, *cursor).await;
         assert_eq!((g.generation, g.limits.max_flows), (1, None));
@@ -110,7 +113,7 @@ async fn link_max_flows_is_granted_and_updated_without_a_new_generation() {
 
     bad_patches_push_nothing(&api, [&r1, &r2], &cursors).await;
     let one: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
-    assert_eq!(one.max_flows, None);
+    assert_eq!(one.spec.max_flows, None);
     assert_eq!(api.config(&a, 0, 0).await.version, a_version);
 
     api.stop().await;
@@ -180,7 +183,7 @@ async fn links_move_off_a_relay_that_stops_heartbeating() {
     assert_eq!(g.generation, 2);
     // Reassignment keeps the link's limits.
     assert_eq!(g.limits.max_flows, Some(4));
-    assert_eq!(moved.max_flows, Some(4));
+    assert_eq!(moved.spec.max_flows, Some(4));
     let relays_now: Vec<RelayInfo> = api.admin_get(api::PATH_RELAYS).await;
     let dead_info = relays_now
         .iter()
@@ -241,7 +244,7 @@ async fn links_of_their_own_connection_reach_agents_with_the_interactive_listene
     let resp = api.create_link(&body).await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let info: LinkInfo = resp.json().await.expect("json");
-    assert_eq!(info.connection.as_deref(), Some("interactive"));
+    assert_eq!(info.spec.connection.as_deref(), Some("interactive"));
     let shown: LinkInfo = api.admin_get(&format!("{}/ssh", api::PATH_LINKS)).await;
     assert_eq!(shown, info);
     let resp = api.create_link(&link("bulk", "a", "b")).await;
@@ -295,7 +298,7 @@ async fn links_of_their_own_connection_reach_agents_with_the_interactive_listene
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let info: LinkInfo = resp.json().await.expect("json");
-    assert_eq!(info.connection, None);
+    assert_eq!(info.spec.connection, None);
     let resp = api
         .patch_link("bulk", &serde_json::json!({"connection": "lane-2"}))
         .await;

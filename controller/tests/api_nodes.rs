@@ -70,7 +70,11 @@ async fn enrol_authenticate_link_and_revoke() {
     names.sort();
     assert_eq!(names, ["r1", "r2"]);
     assert_eq!(
-        (info.from.as_str(), info.to.as_str(), info.generation),
+        (
+            info.spec.from.as_str(),
+            info.spec.to.as_str(),
+            info.generation
+        ),
         ("a", "b", 1)
     );
     let (code, _) = error_of(api.create_link(&link("db", "a", "b")).await).await;

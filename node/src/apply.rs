@@ -346,12 +346,12 @@ async fn apply_link(c: &Client, name: String, s: LinkSpec) -> anyhow::Result<Str
         return Ok(format!("link/{name} created"));
     };
     let fixed = [
-        ("from", have.from == s.from),
-        ("listen", have.listen == s.listen),
-        ("to", have.to == s.to),
-        ("target", have.target == s.target),
-        ("allowedUids", have.allowed_uids == s.allowed_uids),
-        ("allowedGids", have.allowed_gids == s.allowed_gids),
+        ("from", have.spec.from == s.from),
+        ("listen", have.spec.listen == s.listen),
+        ("to", have.spec.to == s.to),
+        ("target", have.spec.target == s.target),
+        ("allowedUids", have.spec.allowed_uids == s.allowed_uids),
+        ("allowedGids", have.spec.allowed_gids == s.allowed_gids),
     ];
     if let Some((field, _)) = fixed.iter().find(|(_, same)| !same) {
         bail!(
@@ -359,8 +359,9 @@ async fn apply_link(c: &Client, name: String, s: LinkSpec) -> anyhow::Result<Str
              change in place (`comsat ctl link delete {name}`, then apply)"
         );
     }
-    let limits_same = have.max_flows == s.max_flows && have.rate_limit_bytes_per_sec == rate;
-    let connection_same = have.connection == s.connection;
+    let limits_same =
+        have.spec.max_flows == s.max_flows && have.spec.rate_limit_bytes_per_sec == rate;
+    let connection_same = have.spec.connection == s.connection;
     if limits_same && connection_same {
         return Ok(format!("link/{name} unchanged"));
     }
@@ -523,15 +524,15 @@ pub async fn get(c: &Client, kind: &str, name: &str, json: bool) -> anyhow::Resu
                 Kind::Link,
                 name,
                 LinkSpec {
-                    from: l.from,
-                    listen: l.listen,
-                    to: l.to,
-                    target: l.target,
-                    allowed_uids: l.allowed_uids,
-                    allowed_gids: l.allowed_gids,
-                    max_flows: l.max_flows,
-                    rate_limit: l.rate_limit_bytes_per_sec.map(|r| r.to_string()),
-                    connection: l.connection,
+                    from: l.spec.from,
+                    listen: l.spec.listen,
+                    to: l.spec.to,
+                    target: l.spec.target,
+                    allowed_uids: l.spec.allowed_uids,
+                    allowed_gids: l.spec.allowed_gids,
+                    max_flows: l.spec.max_flows,
+                    rate_limit: l.spec.rate_limit_bytes_per_sec.map(|r| r.to_string()),
+                    connection: l.spec.connection,
                 },
             )?
         }

@@ -246,19 +246,21 @@ fn link_rows(v: &[api::LinkInfo]) -> String {
         .iter()
         .map(|l| {
             vec![
-                l.name.clone(),
-                format!("{} {}", l.from, l.listen),
-                format!("{} {}", l.to, l.target),
+                l.spec.name.clone(),
+                format!("{} {}", l.spec.from, l.spec.listen),
+                format!("{} {}", l.spec.to, l.spec.target),
                 if l.relays.is_empty() {
                     "(none healthy)".into()
                 } else {
                     l.relays.join(",")
                 },
-                l.max_flows
+                l.spec
+                    .max_flows
                     .map_or_else(|| "unlimited".into(), |n| n.to_string()),
-                l.rate_limit_bytes_per_sec
+                l.spec
+                    .rate_limit_bytes_per_sec
                     .map_or_else(|| "unlimited".into(), format_rate),
-                l.connection.clone().unwrap_or_else(|| "shared".into()),
+                l.spec.connection.clone().unwrap_or_else(|| "shared".into()),
                 l.generation.to_string(),
             ]
         })
@@ -691,20 +693,21 @@ fn show_link(l: &api::LinkInfo, out: Output) -> anyhow::Result<String> {
     Ok(refused
         + &format!(
             "name:       {}\nid:         {}\ngeneration: {}\nfrom:       {} listening on {}\nto:         {} dialling {}\nmax flows:  {}\nrate limit: {}\nconnection: {}\nrelays:     {}\n",
-            l.name,
+            l.spec.name,
             l.link_id,
             l.generation,
-            l.from,
-            l.listen,
-            l.to,
-            l.target,
-            l.max_flows
+            l.spec.from,
+            l.spec.listen,
+            l.spec.to,
+            l.spec.target,
+            l.spec
+                .max_flows
                 .map_or_else(|| "unlimited".into(), |n| n.to_string()),
-            l.rate_limit_bytes_per_sec.map_or_else(
+            l.spec.rate_limit_bytes_per_sec.map_or_else(
                 || "unlimited".into(),
                 |r| format!("{} per direction", format_rate(r))
             ),
-            l.connection.as_deref().map_or_else(
+            l.spec.connection.as_deref().map_or_else(
                 || "shared with the agents' other links".into(),
                 |c| format!("{c} (its own QUIC connection and thread on both agents)")
             ),
@@ -766,18 +769,20 @@ mod tests {
 
     fn info(name: &str, max_flows: Option<u32>) -> api::LinkInfo {
         api::LinkInfo {
-            name: name.into(),
+            spec: api::LinkSpec {
+                name: name.into(),
+                from: "a".into(),
+                listen: "tcp://127.0.0.1:7000".into(),
+                to: "b".into(),
+                target: "tcp://127.0.0.1:5432".into(),
+                allowed_uids: vec![],
+                allowed_gids: vec![],
+                max_flows,
+                rate_limit_bytes_per_sec: max_flows.map(|_| 10 << 20),
+                connection: max_flows.map(|_| "interactive".into()),
+            },
             link_id: comsat_protocol::LinkId([7; 16]),
             generation: 2,
-            from: "a".into(),
-            listen: "tcp://127.0.0.1:7000".into(),
-            to: "b".into(),
-            target: "tcp://127.0.0.1:5432".into(),
-            allowed_uids: vec![],
-            allowed_gids: vec![],
-            max_flows,
-            rate_limit_bytes_per_sec: max_flows.map(|_| 10 << 20),
-            connection: max_flows.map(|_| "interactive".into()),
             relays: vec!["r1".into()],
             created_at: 0,
             refused: vec![],

@@ -474,10 +474,11 @@ pub struct RelayInfo {
     pub links: u64,
 }
 
-/// `POST PATH_LINKS`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// What a link is, as the operator writes it: the body of
+/// `POST PATH_LINKS`, and the first fields of [`LinkInfo`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LinkCreate {
+pub struct LinkSpec {
     /// The link's name.
     pub name: String,
     /// The agent that listens (side A).
@@ -527,38 +528,20 @@ pub struct LinkUpdate {
     pub connection: Option<String>,
 }
 
-/// A link as the operator sees it.
+/// `POST PATH_LINKS`.
+pub type LinkCreate = LinkSpec;
+
+/// A link as the operator sees it: its [`LinkSpec`] (flattened: the same
+/// JSON fields side by side) and what the controller made of it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkInfo {
-    /// Its name.
-    pub name: String,
+    /// What the operator asked for.
+    #[serde(flatten)]
+    pub spec: LinkSpec,
     /// Its id.
     pub link_id: LinkId,
     /// Grant generation.
     pub generation: u64,
-    /// Listening agent.
-    pub from: String,
-    /// Listen spec.
-    pub listen: String,
-    /// Dialling agent.
-    pub to: String,
-    /// Target spec.
-    pub target: String,
-    /// Unix listeners: allowed peer uids.
-    #[serde(default)]
-    pub allowed_uids: Vec<u32>,
-    /// Unix listeners: allowed peer gids.
-    #[serde(default)]
-    pub allowed_gids: Vec<u32>,
-    /// Concurrent flows the relays allow (`None`: unlimited).
-    #[serde(default)]
-    pub max_flows: Option<u32>,
-    /// Bytes per second per direction the relays allow (`None`: unlimited).
-    #[serde(default)]
-    pub rate_limit_bytes_per_sec: Option<u64>,
-    /// The agents' connection of its own for the link, if any.
-    #[serde(default)]
-    pub connection: Option<String>,
     /// Relay names, primary first (empty while no relay is healthy).
     pub relays: Vec<String>,
     /// Unix time created.
@@ -624,6 +607,32 @@ mod tests {
             csr_pem: None,
         };
         assert!(!format!("{req:?}").contains(&t.secret));
+    }
+
+    #[test]
+    fn a_link_spec_is_written_flat_inside_link_info() {
+        // LinkInfo's JSON holds the spec's fields beside its own, as it did
+        // before the spec had a type: clients reading either keep working.
+        let text = r#"{"name":"db","from":"a","listen":"tcp://127.0.0.1:1","to":"b",
+            "target":"tcp://127.0.0.1:2","max_flows":4,"link_id":"00000000000000000000000000000009",
+            "generation":3,"relays":["r1"],"created_at":7}"#;
+        let info: LinkInfo = serde_json::from_str(text).expect("a flat LinkInfo parses");
+        assert_eq!(info.spec.name, "db");
+        assert_eq!(info.spec.max_flows, Some(4));
+        assert!(info.spec.allowed_uids.is_empty() && info.refused.is_empty());
+        assert_eq!(info.generation, 3);
+        let value = serde_json::to_value(&info).expect("serialises");
+        assert_eq!(value["target"], "tcp://127.0.0.1:2");
+        assert_eq!(value["generation"], 3);
+        assert!(value.get("spec").is_none(), "{value}");
+        let back: LinkInfo = serde_json::from_value(value).expect("round trip");
+        assert_eq!(back, info);
+        // The create body still refuses a field it does not know.
+        let spec = serde_json::to_value(&info.spec).expect("serialises");
+        let mut bad = spec.clone();
+        bad["generation"] = 3.into();
+        assert!(serde_json::from_value::<LinkCreate>(bad).is_err());
+        assert!(serde_json::from_value::<LinkCreate>(spec).is_ok());
     }
 
     #[test]
