@@ -37,7 +37,9 @@ impl SqlStore {
             })
             .connect(url.as_str())
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        super::migrations::migrator(Backend::Sqlite)
+            .run(&pool)
+            .await?;
         Ok(Self {
             pool,
             backend: Backend::Sqlite,
@@ -63,7 +65,9 @@ impl SqlStore {
                 Some(why) => StoreError::DbTls(why),
                 None => StoreError::Db(e),
             })?;
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        super::migrations::migrator(Backend::Postgres)
+            .run(&pool)
+            .await?;
         Ok(Self {
             pool,
             backend: Backend::Postgres,

@@ -16,6 +16,7 @@
 //! Queries use `$1`-style parameters, which both databases take.
 
 mod connect;
+mod migrations;
 mod refusals;
 mod rows;
 mod tokens;

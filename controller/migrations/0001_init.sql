@@ -1,7 +1,11 @@
--- comsat controller schema, version 1 (SQLite).
---
--- Times are Unix seconds. Ids and keys are lowercase hex. The PostgreSQL
--- schema mirrors this one in its own migration directory.
+--sqlite: -- comsat controller schema, version 1 (SQLite).
+--sqlite: --
+--sqlite: -- Times are Unix seconds. Ids and keys are lowercase hex. The PostgreSQL
+--sqlite: -- schema mirrors this one in its own migration directory.
+--postgres: -- comsat controller schema, version 1 (PostgreSQL). Mirrors
+--postgres: -- ../sqlite/0001_init.sql: times are Unix seconds, ids and keys lowercase
+--postgres: -- hex. Only portable SQL (no sequences, advisory locks or extensions), so
+--postgres: -- it also runs on CockroachDB and YugabyteDB.
 
 CREATE TABLE join_tokens (
     id          TEXT PRIMARY KEY NOT NULL,
@@ -53,7 +57,8 @@ CREATE INDEX links_from_node ON links (from_node);
 CREATE INDEX links_to_node ON links (to_node);
 
 CREATE TABLE relay_events (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+--sqlite:     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+--postgres:     seq        BIGINT PRIMARY KEY NOT NULL,
     relay_id   TEXT NOT NULL,
     link_id    TEXT NOT NULL,
     kind       TEXT NOT NULL,
