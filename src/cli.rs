@@ -130,35 +130,43 @@ pub(crate) enum ControllerCommand {
     },
 }
 
+/// What `relay run` and `agent run` take for an enrolled data dir.
+#[derive(Args, Debug)]
+pub(crate) struct NodeRunArgs {
+    /// The data dir `comsat relay enrol` or `comsat agent enrol` wrote.
+    #[arg(
+        long,
+        env = "COMSAT_DATA_DIR",
+        conflicts_with = "config",
+        required_unless_present = "config"
+    )]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// Admin HTTP address (/metrics, /healthz, /readyz).
+    #[arg(long, requires = "data_dir")]
+    pub(crate) admin: Option<SocketAddr>,
+    /// Niceness the main threads take above the process's own while bulk
+    /// and interactive work are apart: a relay's interactive listener
+    /// runs, an agent's link has a lane (0 to 19, default 5; 0: the same).
+    #[arg(long, requires = "data_dir", value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub(crate) bulk_nice: Option<u8>,
+}
+
 #[derive(Subcommand, Debug)]
 pub(crate) enum RelayCommand {
     /// Serve agents: from an enrolled data dir (grants pushed by the
     /// controller), or as configured in a relay.toml.
     Run {
-        /// The data dir `comsat relay enrol` wrote.
-        #[arg(
-            long,
-            env = "COMSAT_DATA_DIR",
-            conflicts_with = "config",
-            required_unless_present = "config"
-        )]
-        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        node: NodeRunArgs,
         /// UDP address to serve QUIC on (default: all addresses, at the
         /// enrolled public address's port).
         #[arg(long, requires = "data_dir")]
         listen: Option<SocketAddr>,
-        /// Admin HTTP address (/metrics, /healthz, /readyz).
-        #[arg(long, requires = "data_dir")]
-        admin: Option<SocketAddr>,
         /// UDP address of the interactive listener (default: the listen
         /// address's IP at the enrolled interactive port; for a relay
         /// enrolled with `--interactive-port` behind a port forward).
         #[arg(long, requires = "data_dir")]
         interactive_listen: Option<SocketAddr>,
-        /// Niceness the main threads take above the process's own while
-        /// the interactive listener runs (0 to 19, default 5; 0: the same).
-        #[arg(long, requires = "data_dir", value_parser = clap::value_parser!(u8).range(0..=19))]
-        bulk_nice: Option<u8>,
         /// A static relay config file (see `comsat dev init`).
         #[arg(long, env = "COMSAT_RELAY_CONFIG")]
         config: Option<PathBuf>,
@@ -211,21 +219,8 @@ pub(crate) enum AgentCommand {
     /// Join links: those the controller assigns to an enrolled data dir,
     /// or those configured in an agent.toml.
     Run {
-        /// The data dir `comsat agent enrol` wrote.
-        #[arg(
-            long,
-            env = "COMSAT_DATA_DIR",
-            conflicts_with = "config",
-            required_unless_present = "config"
-        )]
-        data_dir: Option<PathBuf>,
-        /// Admin HTTP address (/metrics, /healthz, /readyz).
-        #[arg(long, requires = "data_dir")]
-        admin: Option<SocketAddr>,
-        /// Niceness the main threads take above the process's own once a
-        /// link has a lane (0 to 19, default 5; 0: the same).
-        #[arg(long, requires = "data_dir", value_parser = clap::value_parser!(u8).range(0..=19))]
-        bulk_nice: Option<u8>,
+        #[command(flatten)]
+        node: NodeRunArgs,
         /// A static agent config file (see `comsat dev init`).
         #[arg(long, env = "COMSAT_AGENT_CONFIG")]
         config: Option<PathBuf>,
@@ -485,43 +480,7 @@ pub(crate) enum ListCommand {
 #[derive(Subcommand, Debug)]
 pub(crate) enum LinkCommand {
     /// Create a link: FROM listens locally, TO dials the target.
-    Create {
-        /// The link's name (lowercase letters, digits, `-`).
-        name: String,
-        /// The agent that listens.
-        #[arg(long)]
-        from: String,
-        /// Where it listens: tcp://127.0.0.1:PORT or unix:///PATH.
-        #[arg(long)]
-        listen: String,
-        /// The agent that dials the target.
-        #[arg(long)]
-        to: String,
-        /// What it dials: tcp://HOST:PORT or unix:///PATH.
-        #[arg(long)]
-        target: String,
-        /// Unix listeners: a peer uid allowed to connect (repeatable).
-        #[arg(long = "allow-uid")]
-        allow_uids: Vec<u32>,
-        /// Unix listeners: a peer gid allowed to connect (repeatable).
-        #[arg(long = "allow-gid")]
-        allow_gids: Vec<u32>,
-        /// Concurrent flows the relays allow the link (default: no limit);
-        /// one more is reset and counted.
-        #[arg(long)]
-        max_flows: Option<u32>,
-        /// Bytes per second the relays let the link carry in each
-        /// direction, like 10MiB/s or 100Mbit/s (default: no limit); the
-        /// sender is slowed, nothing is dropped.
-        #[arg(long, value_parser = comsat_node::ctl::parse_rate)]
-        rate_limit: Option<u64>,
-        /// Give the link a QUIC connection and a thread of its own on both
-        /// agents (and the relays' interactive listener where they run
-        /// one), so its round trips do not wait behind bulk links. Links
-        /// naming the same connection share it.
-        #[arg(long, value_name = "NAME")]
-        connection: Option<String>,
-    },
+    Create(LinkCreateArgs),
     /// Change the limits relays enforce on a link (the others stay); open
     /// flows go on.
     #[command(group(clap::ArgGroup::new("limits").required(true).multiple(true).args(["max_flows", "unlimited_flows", "rate_limit", "unlimited_rate", "connection", "shared_connection"])))]
@@ -632,4 +591,61 @@ fn parse_link(s: &str) -> Result<comsat_controller::dev::DevLink, String> {
         target: target.into(),
         allowed_uids: vec![],
     })
+}
+
+/// `comsat ctl link create`.
+#[derive(Args, Debug)]
+pub(crate) struct LinkCreateArgs {
+    /// The link's name (lowercase letters, digits, `-`).
+    name: String,
+    /// The agent that listens.
+    #[arg(long)]
+    from: String,
+    /// Where it listens: tcp://127.0.0.1:PORT or unix:///PATH.
+    #[arg(long)]
+    listen: String,
+    /// The agent that dials the target.
+    #[arg(long)]
+    to: String,
+    /// What it dials: tcp://HOST:PORT or unix:///PATH.
+    #[arg(long)]
+    target: String,
+    /// Unix listeners: a peer uid allowed to connect (repeatable).
+    #[arg(long = "allow-uid")]
+    allow_uids: Vec<u32>,
+    /// Unix listeners: a peer gid allowed to connect (repeatable).
+    #[arg(long = "allow-gid")]
+    allow_gids: Vec<u32>,
+    /// Concurrent flows the relays allow the link (default: no limit);
+    /// one more is reset and counted.
+    #[arg(long)]
+    max_flows: Option<u32>,
+    /// Bytes per second the relays let the link carry in each
+    /// direction, like 10MiB/s or 100Mbit/s (default: no limit); the
+    /// sender is slowed, nothing is dropped.
+    #[arg(long, value_parser = comsat_node::ctl::parse_rate)]
+    rate_limit: Option<u64>,
+    /// Give the link a QUIC connection and a thread of its own on both
+    /// agents (and the relays' interactive listener where they run
+    /// one), so its round trips do not wait behind bulk links. Links
+    /// naming the same connection share it.
+    #[arg(long, value_name = "NAME")]
+    connection: Option<String>,
+}
+
+impl From<LinkCreateArgs> for comsat_protocol::api::LinkCreate {
+    fn from(a: LinkCreateArgs) -> Self {
+        Self {
+            name: a.name,
+            from: a.from,
+            listen: a.listen,
+            to: a.to,
+            target: a.target,
+            allowed_uids: a.allow_uids,
+            allowed_gids: a.allow_gids,
+            max_flows: a.max_flows,
+            rate_limit_bytes_per_sec: a.rate_limit,
+            connection: a.connection,
+        }
+    }
 }

@@ -21,8 +21,8 @@ mod up;
 
 use cli::{
     AgentCommand, AuditCommand, Cli, Command, ControllerCommand, CtlArgs, CtlCommand, DevCommand,
-    DevInit, LinkCommand, ListCommand, LogFormat, OutputFormat, PrincipalCommand, RelayCommand,
-    RoleBindingCommand, RoleCommand, TokenArgs, TokenCommand, UpArgs,
+    DevInit, LinkCommand, ListCommand, LogFormat, NodeRunArgs, OutputFormat, PrincipalCommand,
+    RelayCommand, RoleBindingCommand, RoleCommand, TokenArgs, TokenCommand, UpArgs,
 };
 
 fn init_tracing(format: LogFormat, default: &str) {
@@ -323,32 +323,7 @@ async fn link(
 ) -> anyhow::Result<String> {
     use comsat_node::ctl;
     Ok(match command {
-        LinkCommand::Create {
-            name,
-            from,
-            listen,
-            to,
-            target,
-            allow_uids,
-            allow_gids,
-            max_flows,
-            rate_limit,
-            connection,
-        } => {
-            let body = api::LinkCreate {
-                name,
-                from,
-                listen,
-                to,
-                target,
-                allowed_uids: allow_uids,
-                allowed_gids: allow_gids,
-                max_flows,
-                rate_limit_bytes_per_sec: rate_limit,
-                connection,
-            };
-            ctl::link_create(c, body, out).await?
-        }
+        LinkCommand::Create(args) => ctl::link_create(c, args.into(), out).await?,
         LinkCommand::Update {
             name,
             max_flows,
@@ -626,11 +601,14 @@ fn controller(command: ControllerCommand) -> anyhow::Result<()> {
 async fn relay(command: RelayCommand) -> anyhow::Result<()> {
     match command {
         RelayCommand::Run {
-            data_dir: Some(dir),
+            node:
+                NodeRunArgs {
+                    data_dir: Some(dir),
+                    admin,
+                    bulk_nice,
+                },
             listen,
-            admin,
             interactive_listen,
-            bulk_nice,
             drain_grace,
             ..
         } => {
@@ -685,9 +663,12 @@ async fn relay(command: RelayCommand) -> anyhow::Result<()> {
 async fn agent(command: AgentCommand) -> anyhow::Result<()> {
     match command {
         AgentCommand::Run {
-            data_dir: Some(dir),
-            admin,
-            bulk_nice,
+            node:
+                NodeRunArgs {
+                    data_dir: Some(dir),
+                    admin,
+                    bulk_nice,
+                },
             ..
         } => run_enrolled_agent(dir, admin, bulk_nice).await,
         AgentCommand::Run { config, .. } => match config {

@@ -4,12 +4,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::measure::Pinger;
+use crate::measure::{self, Pinger};
 
 /// A server that answers each stream: reads a length and that many bytes,
 /// then writes one byte (throughput), or echoes (latency, length 0).
@@ -141,30 +141,12 @@ impl Server {
             let conn = conn.clone();
             tasks.push(tokio::spawn(async move {
                 let (mut send, mut recv) = conn.open_bi().await?;
-                let buf = bytes_of(256 * 1024);
-                let start = Instant::now();
-                send.write_all(&per_flow.to_be_bytes()).await?;
-                let mut left = per_flow;
-                while left > 0 {
-                    let n = left.min(buf.len() as u64) as usize;
-                    send.write_all(&buf[..n]).await?;
-                    left -= n as u64;
-                }
-                let mut done = [0u8; 1];
-                recv.read_exact(&mut done).await?;
-                anyhow::Ok(per_flow as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64())
+                measure::upload(&mut send, &mut recv, &bytes_of(256 * 1024), per_flow).await
             }));
         }
-        let mut rates = Vec::new();
-        for t in tasks {
-            rates.push(
-                tokio::time::timeout(Duration::from_secs(300), t)
-                    .await
-                    .context("bare quinn flow timed out")???,
-            );
-        }
+        let rates = measure::flow_rates(tasks).await;
         conn.close(0u32.into(), b"done");
-        Ok(rates)
+        rates
     }
 
     /// A ping-pong stream through the echo, warmed up.

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Accepts connections; each announces a length, sends that many bytes, and
@@ -48,20 +48,38 @@ pub(crate) async fn throughput(addr: SocketAddr, flows: usize, per_flow: u64) ->
     for _ in 0..flows {
         tasks.push(tokio::spawn(async move {
             let mut s = TcpStream::connect(addr).await?;
-            let buf = vec![0x5au8; 256 * 1024];
-            let start = Instant::now();
-            s.write_u64(per_flow).await?;
-            let mut left = per_flow;
-            while left > 0 {
-                let n = left.min(buf.len() as u64) as usize;
-                s.write_all(&buf[..n]).await?;
-                left -= n as u64;
-            }
-            let mut done = [0u8; 1];
-            s.read_exact(&mut done).await?;
-            anyhow::Ok(per_flow as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64())
+            let (mut recv, mut send) = s.split();
+            upload(&mut send, &mut recv, &vec![0x5au8; 256 * 1024], per_flow).await
         }));
     }
+    flow_rates(tasks).await
+}
+
+/// Sends `per_flow` (its count first, then the bytes, `buf` at a time) to
+/// a [`sink`] and waits for its answer; returns the flow's MiB/s.
+pub(crate) async fn upload(
+    send: &mut (impl AsyncWrite + Unpin),
+    recv: &mut (impl AsyncRead + Unpin),
+    buf: &[u8],
+    per_flow: u64,
+) -> Result<f64> {
+    let start = Instant::now();
+    send.write_u64(per_flow).await?;
+    let mut left = per_flow;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        send.write_all(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    let mut done = [0u8; 1];
+    recv.read_exact(&mut done).await?;
+    Ok(per_flow as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64())
+}
+
+/// Each flow's MiB/s, waiting at most 300 s for each.
+pub(crate) async fn flow_rates(
+    tasks: Vec<tokio::task::JoinHandle<Result<f64>>>,
+) -> Result<Vec<f64>> {
     let mut rates = Vec::new();
     for t in tasks {
         rates.push(

@@ -1,12 +1,19 @@
 //! One relay connection: connecting and authenticating (`Hello`), and
 //! reading and writing its control stream.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use comsat_protocol::LinkId;
 use comsat_protocol::codec::CodecError;
 use comsat_protocol::msg::{
     AgentToRelay, ControlMessage, FrameDecoder, FrameError, RelayToAgent, make_hello,
 };
 use comsat_protocol::{HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN};
 use tokio::sync::mpsc;
+
+use super::accept::accept_flows;
+use crate::link::LinkRt;
 
 use crate::defaults;
 use crate::shared::Shared;
@@ -151,20 +158,23 @@ pub(crate) enum ControlError {
 }
 
 /// The next message on the relay's control stream; `None` at its end.
+/// Reads whatever chunk quinn has (up to 4 KiB) straight into the decoder.
 pub(crate) async fn read_message(
     recv: &mut quinn::RecvStream,
     decoder: &mut FrameDecoder,
 ) -> Result<Option<RelayToAgent>, ControlError> {
-    let mut buf = [0u8; 4096];
     loop {
         if let Some(msg) = decoder.next_message::<RelayToAgent>()? {
             return Ok(Some(msg));
         }
-        match recv.read(&mut buf).await? {
-            Some(n) => decoder.extend(&buf[..n]),
-            None if decoder.has_partial() => return Err(ControlError::Truncated),
-            None => return Ok(None),
-        }
+        let Some(chunk) = recv.read_chunk(4096, true).await? else {
+            return if decoder.has_partial() {
+                Err(ControlError::Truncated)
+            } else {
+                Ok(None)
+            };
+        };
+        decoder.extend(&chunk.bytes);
     }
 }
 
@@ -182,5 +192,68 @@ pub(crate) async fn write_control(
         if send.write_all(&buf).await.is_err() {
             return;
         }
+    }
+}
+
+/// What runs beside a control stream's loop: the writer of its messages
+/// and the acceptor of the flow streams the relay opens on its connection.
+pub(super) struct ControlTasks {
+    /// Messages for the relay, in order.
+    pub(super) ctl: mpsc::Sender<AgentToRelay>,
+    writer: tokio::task::JoinHandle<()>,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl ControlTasks {
+    /// Starts both and attaches every link: on the main connection with
+    /// `Attach`, on a lane with `AttachLane`. With more links than the
+    /// queue holds it waits for the writer rather than drop an attach.
+    pub(super) async fn start(
+        shared: &Arc<Shared>,
+        conn: &quinn::Connection,
+        send: quinn::SendStream,
+        links: &HashMap<LinkId, Arc<LinkRt>>,
+        lane: bool,
+    ) -> Self {
+        let (ctl, rx) = mpsc::channel(defaults::CONTROL_QUEUE);
+        let writer = tokio::spawn(write_control(send, rx));
+        for link in links.values() {
+            let (link_id, generation, side) = (link.cfg.link_id, link.generation(), link.cfg.side);
+            let attach = if lane {
+                AgentToRelay::AttachLane {
+                    link_id,
+                    generation,
+                    side,
+                }
+            } else {
+                AgentToRelay::Attach {
+                    link_id,
+                    generation,
+                    side,
+                }
+            };
+            if ctl.send(attach).await.is_err() {
+                break;
+            }
+        }
+        let acceptor = tokio::spawn(accept_flows(
+            shared.clone(),
+            conn.clone(),
+            links.clone(),
+            lane,
+        ));
+        Self {
+            ctl,
+            writer,
+            acceptor,
+        }
+    }
+
+    /// Stops accepting flows and waits for what was queued to be written
+    /// (every other sender of `ctl` must be gone for the writer to end).
+    pub(super) async fn finish(self) {
+        self.acceptor.abort();
+        drop(self.ctl);
+        let _ = self.writer.await;
     }
 }

@@ -20,8 +20,7 @@ use crate::link::{AckWake, LinkRt};
 use crate::shared::Shared;
 use crate::sync::lock;
 
-use super::accept::accept_flows;
-use super::conn::{read_message, write_control};
+use super::conn::{ControlTasks, read_message};
 use super::peer::{handle_handshake, handle_sealed, initiate};
 
 /// The driver's time, for the cores.
@@ -79,26 +78,7 @@ pub(super) async fn serve(
     can_hop: bool,
     hops: u32,
 ) -> Ended {
-    let (ctl, rx) = mpsc::channel(defaults::CONTROL_QUEUE);
-    let writer = tokio::spawn(write_control(send, rx));
-    // Every link attaches; with more links than the queue holds, wait for
-    // the writer rather than drop an attach.
-    for link in links.values() {
-        let attach = AgentToRelay::Attach {
-            link_id: link.cfg.link_id,
-            generation: link.generation(),
-            side: link.cfg.side,
-        };
-        if ctl.send(attach).await.is_err() {
-            break;
-        }
-    }
-    let acceptor = tokio::spawn(accept_flows(
-        shared.clone(),
-        conn.clone(),
-        links.clone(),
-        false,
-    ));
+    let tasks = ControlTasks::start(shared, conn, send, links, false).await;
     let mut retry = tokio::time::interval(defaults::HANDSHAKE_RETRY);
     retry.tick().await;
     let mut hop_check = tokio::time::interval(Duration::from_millis(500));
@@ -106,7 +86,7 @@ pub(super) async fn serve(
         shared,
         conn,
         links,
-        ctl,
+        ctl: tasks.ctl.clone(),
         presence: Presence::new(defaults::PEER_DWELL, rand::random::<f64>(), hops),
         reattach: Reattach::new(defaults::REATTACH_INITIAL, defaults::REATTACH_MAX),
     };
@@ -160,9 +140,8 @@ pub(super) async fn serve(
             break ended;
         }
     };
-    acceptor.abort();
     drop(st);
-    let _ = writer.await;
+    tasks.finish().await;
     ended
 }
 

@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use comsat_protocol::LinkId;
 use comsat_protocol::msg::{AgentToRelay, FrameDecoder, RelayToAgent};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, info_span};
 
@@ -40,8 +39,7 @@ use crate::group::{Busy, Runtimes};
 use crate::link::LinkRt;
 use crate::shared::Shared;
 
-use super::accept::accept_flows;
-use super::conn::{connect, read_message, write_control};
+use super::conn::{ControlTasks, connect, read_message};
 
 /// The lane of one relay connection, for as long as this lives: dropping
 /// it stops the lane and takes it from the links.
@@ -170,24 +168,8 @@ async fn serve(
     links: &HashMap<LinkId, Arc<LinkRt>>,
     busy: &Busy,
 ) -> bool {
-    let (ctl, rx) = mpsc::channel(defaults::CONTROL_QUEUE);
-    let writer = tokio::spawn(write_control(send, rx));
-    for link in links.values() {
-        let attach = AgentToRelay::AttachLane {
-            link_id: link.cfg.link_id,
-            generation: link.generation(),
-            side: link.cfg.side,
-        };
-        if ctl.send(attach).await.is_err() {
-            break;
-        }
-    }
-    let acceptor = tokio::spawn(accept_flows(
-        shared.clone(),
-        conn.clone(),
-        links.clone(),
-        true,
-    ));
+    let tasks = ControlTasks::start(shared, conn, send, links, true).await;
+    let ctl = &tasks.ctl;
     let mut attached = false;
     // Links the relay refused a lane for now (the grant may still be on its
     // way, or was renewed): when to ask again, and the delay after that.
@@ -244,8 +226,6 @@ async fn serve(
             }
         }
     }
-    acceptor.abort();
-    drop(ctl);
-    let _ = writer.await;
+    tasks.finish().await;
     attached
 }
