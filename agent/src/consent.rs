@@ -339,6 +339,18 @@ mod tests {
         LocalRole::Listen(Endpoint::parse_listen(s).expect("endpoint"))
     }
 
+    /// Asserts `c` allows every target in `allowed` and refuses every one
+    /// in `refused`, each refusal naming the address and the file.
+    fn assert_targets(c: &Consent, allowed: &[&str], refused: &[&str]) {
+        for ok in allowed {
+            assert_eq!(c.check(&target(ok)), Ok(()), "{ok}");
+        }
+        for no in refused {
+            let e = c.check(&target(no)).expect_err(no);
+            assert!(e.contains(no) && e.contains("consent.toml"), "{e}");
+        }
+    }
+
     fn consent(targets: &[&str]) -> Consent {
         let t: Vec<String> = targets.iter().map(|s| (*s).to_owned()).collect();
         Consent::new(&t, &[]).expect("consent")
@@ -347,27 +359,23 @@ mod tests {
     #[test]
     fn the_default_is_loopback_tcp_only() {
         let c = Consent::default();
-        for ok in [
+        let allowed = [
             "tcp://127.0.0.1:5432",
             "tcp://127.9.9.9:1",
             "tcp://[::1]:80",
             "tcp://localhost:9000",
             "tcp://LOCALHOST:9000",
             "tcp://[::ffff:127.0.0.1]:22",
-        ] {
-            assert_eq!(c.check(&target(ok)), Ok(()), "{ok}");
-        }
-        for refused in [
+        ];
+        let refused = [
             "tcp://169.254.169.254:80",
             "tcp://[::ffff:169.254.169.254]:80",
             "tcp://10.0.0.1:5432",
             "tcp://db.internal:5432",
             "tcp://localhost.evil.example:80",
             "unix:///var/run/docker.sock",
-        ] {
-            let e = c.check(&target(refused)).expect_err(refused);
-            assert!(e.contains(refused) && e.contains("consent.toml"), "{e}");
-        }
+        ];
+        assert_targets(&c, &allowed, &refused);
         assert_eq!(c.check(&listen("tcp://127.0.0.1:7000")), Ok(()));
         assert!(c.check(&listen("unix:///run/x.sock")).is_err());
     }
@@ -382,7 +390,7 @@ mod tests {
             "unix:///run/app/*",
             "unix:///run/one.sock",
         ]);
-        for ok in [
+        let allowed = [
             "tcp://10.1.2.3:5432",
             "tcp://[fd12::1]:8050",
             "tcp://api.internal:443",
@@ -392,10 +400,8 @@ mod tests {
             "unix:///run/app/sub/s.sock",
             "unix:///run/app/./s.sock",
             "unix:///run/one.sock",
-        ] {
-            assert_eq!(c.check(&target(ok)), Ok(()), "{ok}");
-        }
-        for refused in [
+        ];
+        let refused = [
             "tcp://10.1.2.3:5433",
             "tcp://11.0.0.1:5432",
             "tcp://[fd12::1]:8100",
@@ -407,9 +413,8 @@ mod tests {
             "unix:///run/app/../docker.sock",
             "unix:///run/one.sock2",
             "unix:///run/other.sock",
-        ] {
-            assert!(c.check(&target(refused)).is_err(), "{refused}");
-        }
+        ];
+        assert_targets(&c, &allowed, &refused);
         // An address is not matched by a name, nor a name by a network.
         assert!(
             consent(&["tcp://localhost:*"])

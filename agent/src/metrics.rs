@@ -50,11 +50,14 @@ pub const ACK_MESSAGES_TOTAL: &str = "comsat_agent_ack_messages_total";
 pub const SENT_BYTES_TOTAL: &str = "comsat_agent_sent_bytes_total";
 /// Bytes received.
 pub const RECEIVED_BYTES_TOTAL: &str = "comsat_agent_received_bytes_total";
-/// Local connections refused.
+/// Local connections refused, by `reason`: `peer_credentials`,
+/// `link_not_ready`, `grant_expired`.
 pub const LOCAL_REFUSED_TOTAL: &str = "comsat_agent_local_refused_total";
-/// End-to-end keys replaced, by kind.
+/// End-to-end keys replaced, by `kind`: `records` (a key sealed the most
+/// records it may), `flow_ids` (a generation of flow ids ran out).
 pub const REKEYS_TOTAL: &str = "comsat_agent_rekeys_total";
-/// Replays and forgeries from a relay, refused.
+/// Replays and forgeries from a relay, refused, by `reason` (see the
+/// module's table).
 pub const PEER_REFUSED_TOTAL: &str = "comsat_agent_peer_refused_total";
 
 /// Metric handles, resolved once.
