@@ -6,7 +6,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use comsat_node::NodeState;
 use comsat_node::keys::KeyFile;
 use comsat_protocol::api::{self, NodeKind};
 use comsat_protocol::{SigningKey, jwt};
+use comsat_tests::netns::{NatTopology, PUBLIC_ADDR};
 use comsat_tests::{Proc, free_udp_port};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,7 +30,17 @@ pub const BULK_NICE: &str = "7";
 
 /// Runs `comsat ARGS` to completion: (exit code, stdout, stderr).
 pub fn comsat(args: &[&str]) -> Result<(i32, String, String)> {
-    let out = Command::new(BIN)
+    comsat_in(None, args)
+}
+
+/// `comsat` as a command, inside network namespace `ns` if given.
+fn command_in(ns: Option<&str>) -> Command {
+    ns.map_or_else(|| Command::new(BIN), |ns| NatTopology::command(ns, BIN))
+}
+
+/// [`comsat`] inside network namespace `ns` if given.
+pub fn comsat_in(ns: Option<&str>, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = command_in(ns)
         .args(args)
         .env("COMSAT_LOG", "warn")
         .env_remove("COMSAT_CONTEXT")
@@ -44,7 +55,12 @@ pub fn comsat(args: &[&str]) -> Result<(i32, String, String)> {
 
 /// Like [`comsat`], failing unless it exits 0; returns stdout.
 pub fn ok(args: &[&str]) -> Result<String> {
-    let (code, out, err) = comsat(args)?;
+    ok_in(None, args)
+}
+
+/// [`ok`] inside network namespace `ns` if given.
+pub fn ok_in(ns: Option<&str>, args: &[&str]) -> Result<String> {
+    let (code, out, err) = comsat_in(ns, args)?;
     ensure!(code == 0, "comsat {args:?} exited {code}:\n{out}\n{err}");
     Ok(out)
 }
@@ -58,6 +74,53 @@ pub fn free_tcp_port() -> Result<u16> {
 pub fn s(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// Where a fleet runs: all on loopback, or its controller and relays in
+/// the public namespace of a [`NatTopology`] and each agent behind a NAT
+/// of its own.
+#[derive(Clone, Debug)]
+pub struct Net {
+    /// The namespace of the controller and the relays (`None`: this one).
+    pub public: Option<String>,
+    /// The address they listen on.
+    pub host: Ipv4Addr,
+    /// Agents' namespaces, by agent name.
+    pub edges: Vec<(String, String)>,
+}
+
+impl Default for Net {
+    fn default() -> Self {
+        Self {
+            public: None,
+            host: Ipv4Addr::LOCALHOST,
+            edges: Vec::new(),
+        }
+    }
+}
+
+impl Net {
+    /// Agents `names` behind `topology`'s edges, in order.
+    pub fn nat(topology: &NatTopology, names: &[&str]) -> Self {
+        Self {
+            public: Some(topology.public().to_owned()),
+            host: PUBLIC_ADDR,
+            edges: names
+                .iter()
+                .zip(topology.edges())
+                .map(|(n, e)| ((*n).to_owned(), e.ns.clone()))
+                .collect(),
+        }
+    }
+
+    /// The namespace of agent `name` (`None`: this one).
+    pub fn agent_ns(&self, name: &str) -> Option<&str> {
+        self.edges
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, ns)| ns.as_str())
+    }
+}
+
 pub struct Fleet {
     pub dir: tempfile::TempDir,
     /// A PostgreSQL database instead of the SQLite file.
@@ -67,6 +130,7 @@ pub struct Fleet {
     pub controller: Option<Proc>,
     pub relays: Vec<(String, Proc, SocketAddr, SocketAddr)>,
     pub agents: Vec<(String, Proc, SocketAddr)>,
+    pub net: Net,
 }
 
 impl Fleet {
@@ -91,6 +155,16 @@ impl Fleet {
         edit: impl FnOnce(String) -> String,
         init_args: impl FnOnce(&Path) -> Result<Vec<String>>,
     ) -> Result<Self> {
+        Self::start_in(Net::default(), database, edit, init_args)
+    }
+
+    /// Like [`Self::start_on`], placed as `net` says.
+    pub fn start_in(
+        net: Net,
+        database: Option<String>,
+        edit: impl FnOnce(String) -> String,
+        init_args: impl FnOnce(&Path) -> Result<Vec<String>>,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = free_tcp_port()?;
         let ctl_dir = dir.path().join("controller");
@@ -104,10 +178,13 @@ impl Fleet {
             "--data-dir".to_owned(),
             s(&ctl_dir),
             "--public-url".to_owned(),
-            format!("https://127.0.0.1:{port}"),
+            format!("https://{}:{port}", net.host),
         ];
         args.extend(extra);
-        ok(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        ok_in(
+            net.public.as_deref(),
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )?;
         let toml = ctl_dir.join("controller.toml");
         let text = std::fs::read_to_string(&toml)?;
         std::fs::write(&toml, edit(text))?;
@@ -118,6 +195,7 @@ impl Fleet {
             controller: None,
             relays: Vec::new(),
             agents: Vec::new(),
+            net,
         };
         c.run_controller()?;
         Ok(c)
@@ -125,6 +203,18 @@ impl Fleet {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Starts `comsat ARGS` as process `name`, in namespace `ns` if given.
+    fn spawn_in(&self, ns: Option<&str>, name: &str, args: &[&str]) -> Result<Proc> {
+        match ns {
+            None => Proc::spawn(BIN, name, args, self.dir.path()),
+            Some(ns) => {
+                let mut all = vec!["netns", "exec", ns, BIN];
+                all.extend_from_slice(args);
+                Proc::spawn("ip", name, &all, self.dir.path())
+            }
+        }
     }
 
     pub fn run_controller(&mut self) -> Result<()> {
@@ -137,14 +227,14 @@ impl Fleet {
     pub fn spawn_controller(&self, dir: &str, name: &str, listen: Option<u16>) -> Result<Proc> {
         let data_dir = s(&self.path(dir));
         let mut args = vec!["controller", "run", "--data-dir", &data_dir];
-        let listen = listen.map(|p| format!("127.0.0.1:{p}"));
+        let listen = listen.map(|p| format!("{}:{p}", self.net.host));
         if let Some(l) = &listen {
             args.extend(["--listen", l]);
         }
         if let Some(url) = &self.database {
             args.extend(["--database", url]);
         }
-        let mut p = Proc::spawn(BIN, name, &args, self.dir.path())?;
+        let mut p = self.spawn_in(self.net.public.as_deref(), name, &args)?;
         p.wait_line("comsat controller listening", START)?;
         Ok(p)
     }
@@ -178,7 +268,7 @@ impl Fleet {
             &ca,
         ];
         all.extend_from_slice(args);
-        let (code, out, err) = comsat(&all)?;
+        let (code, out, err) = comsat_in(self.net.public.as_deref(), &all)?;
         ensure!(
             code == 0,
             "ctl {args:?} at {url} exited {code}:\n{out}\n{err}"
@@ -190,7 +280,7 @@ impl Fleet {
         let ctx = s(&self.path("controller/context.toml"));
         let mut all = vec!["ctl", "--context", &ctx];
         all.extend_from_slice(args);
-        comsat(&all)
+        comsat_in(self.net.public.as_deref(), &all)
     }
 
     pub fn ctl_ok(&self, args: &[&str]) -> Result<String> {
@@ -227,7 +317,7 @@ impl Fleet {
         let token = self.token("relay", name, &[])?;
         let port = free_udp_port()?;
         let dir = self.path(name);
-        let (token, dir, addr) = (s(&token), s(&dir), format!("127.0.0.1:{port}"));
+        let (token, dir, addr) = (s(&token), s(&dir), format!("{}:{port}", self.net.host));
         let mut args = vec![
             "relay",
             "enrol",
@@ -242,7 +332,7 @@ impl Fleet {
             args.extend(["--fallback-controller", f]);
         }
         args.extend_from_slice(extra);
-        ok(&args)?;
+        ok_in(self.net.public.as_deref(), &args)?;
         Ok(())
     }
 
@@ -255,8 +345,8 @@ impl Fleet {
             .context("port")?
             .1
             .to_owned();
-        let mut p = Proc::spawn(
-            BIN,
+        let mut p = self.spawn_in(
+            self.net.public.as_deref(),
             name,
             &[
                 "relay",
@@ -264,14 +354,13 @@ impl Fleet {
                 "--data-dir",
                 &s(&dir),
                 "--listen",
-                &format!("127.0.0.1:{port}"),
+                &format!("{}:{port}", self.net.host),
                 "--admin",
                 "127.0.0.1:0",
                 // Not the default 5: the lane test sees the flag applied.
                 "--bulk-nice",
                 BULK_NICE,
             ],
-            self.dir.path(),
         )?;
         let line = p.wait_line("comsat relay listening", START)?;
         let field = |k: &str| -> Result<SocketAddr> {
@@ -294,13 +383,13 @@ impl Fleet {
         if let Some(f) = &self.fallback {
             args.extend(["--fallback-controller", f]);
         }
-        ok(&args)?;
+        ok_in(self.net.agent_ns(name), &args)?;
         self.run_agent(name)
     }
 
     pub fn run_agent(&mut self, name: &str) -> Result<()> {
-        let mut p = Proc::spawn(
-            BIN,
+        let mut p = self.spawn_in(
+            self.net.agent_ns(name),
             name,
             &[
                 "agent",
@@ -312,7 +401,6 @@ impl Fleet {
                 "--bulk-nice",
                 BULK_NICE,
             ],
-            self.dir.path(),
         )?;
         let line = p.wait_line("comsat agent admin", START)?;
         p.wait_line("comsat agent started", START)?;
@@ -381,6 +469,7 @@ pub struct FleetBuilder {
     edit: Box<dyn FnOnce(String) -> String>,
     relays: usize,
     agents: Vec<String>,
+    net: Net,
 }
 
 impl FleetBuilder {
@@ -402,8 +491,23 @@ impl FleetBuilder {
         self
     }
 
+    /// Runs the controller and relays in `topology`'s public namespace
+    /// and each agent (named with [`Self::agents`] first) behind one of its
+    /// NATs, in order.
+    pub fn behind_nats(mut self, topology: &NatTopology) -> Self {
+        let names: Vec<&str> = self.agents.iter().map(String::as_str).collect();
+        self.net = Net::nat(topology, &names);
+        self
+    }
+
     pub fn start(self) -> Result<Fleet> {
-        let mut c = Fleet::start(self.edit)?;
+        ensure!(
+            self.net.public.is_none() || self.net.edges.len() == self.agents.len(),
+            "{} agents for {} edges (name the agents before `behind_nats`)",
+            self.agents.len(),
+            self.net.edges.len()
+        );
+        let mut c = Fleet::start_in(self.net, None, self.edit, |_| Ok(Vec::new()))?;
         for i in 1..=self.relays {
             c.enrol_relay(&format!("relay-{i}"))?;
         }
@@ -424,6 +528,7 @@ impl Fleet {
             edit: Box::new(|t| t),
             relays: 0,
             agents: Vec::new(),
+            net: Net::default(),
         }
     }
 

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,6 +54,16 @@ impl Bulk {
     pub const TOTAL: u64 = 2 * FLOWS * PER_FLOW;
 
     pub fn start(listen: SocketAddr, target: TcpListener) -> Self {
+        Self::start_with(move || TcpStream::connect(listen), target)
+    }
+
+    /// Like [`Self::start`], each client flow from a connection `connect`
+    /// makes.
+    pub fn start_with<C, CF>(connect: C, target: TcpListener) -> Self
+    where
+        C: Fn() -> CF,
+        CF: Future<Output = std::io::Result<TcpStream>> + Send + 'static,
+    {
         let progress = Arc::new(AtomicU64::new(0));
         let server = {
             let progress = progress.clone();
@@ -73,8 +84,9 @@ impl Bulk {
         let clients: Vec<_> = (1..=FLOWS)
             .map(|seed| {
                 let progress = progress.clone();
+                let connecting = connect();
                 tokio::spawn(async move {
-                    let s = TcpStream::connect(listen).await?;
+                    let s = connecting.await?;
                     let got = exchange(s, seed, Some(seed), &progress).await?;
                     anyhow::Ok((seed, got))
                 })

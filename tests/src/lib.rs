@@ -3,8 +3,9 @@
 //! It starts the real `comsat` binary as processes on loopback ([`Proc`]),
 //! reads their `/metrics` ([`scrape`], [`metric`]), generates deterministic
 //! pseudo-random streams and hashes what arrives ([`Oracle`]), and speaks
-//! the relay protocol directly for negative tests ([`raw`]). Every process
-//! it starts is killed, by PID, when its handle drops.
+//! the relay protocol directly for negative tests ([`raw`]), and puts edges
+//! behind real NATs in network namespaces ([`netns`]). Every process it
+//! starts is killed, by PID, when its handle drops.
 //!
 //! The scenario tests live in the root package's `tests/*.rs`, where Cargo
 //! gives them the binary's path as `env!("CARGO_BIN_EXE_comsat")`.
@@ -13,6 +14,7 @@
 
 pub mod fault;
 pub mod hostile;
+pub mod netns;
 pub mod oracle;
 pub mod proc;
 pub mod raw;
