@@ -221,6 +221,12 @@ pub(crate) enum AgentCommand {
     Run {
         #[command(flatten)]
         node: NodeRunArgs,
+        /// How long an open flow waits for its link to come back after an
+        /// outage (the relay gone, the uplink down) before its application
+        /// sees a reset: 1s to 1h, default 30s. A static config sets
+        /// `flow_timeout_ms` instead.
+        #[arg(long, requires = "data_dir", value_parser = parse_flow_timeout)]
+        flow_timeout: Option<std::time::Duration>,
         /// A static agent config file (see `comsat dev init`).
         #[arg(long, env = "COMSAT_AGENT_CONFIG")]
         config: Option<PathBuf>,
@@ -648,4 +654,13 @@ impl From<LinkCreateArgs> for comsat_protocol::api::LinkCreate {
             connection: a.connection,
         }
     }
+}
+
+/// `--flow-timeout`: a duration from 1 s to 1 h.
+fn parse_flow_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if !(std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600)).contains(&d) {
+        return Err(format!("{text} is outside 1s to 1h"));
+    }
+    Ok(d)
 }

@@ -112,6 +112,7 @@ pub(crate) fn enrolled_agent(
     dir: &Path,
     state: &NodeState,
     bulk_nice: Option<u8>,
+    flow_timeout: Option<std::time::Duration>,
 ) -> Result<comsat_agent::Agent, comsat_agent::AgentError> {
     let mut config = comsat_agent::AgentConfig::for_node(
         state.node_id,
@@ -119,6 +120,7 @@ pub(crate) fn enrolled_agent(
         dir.join("noise.key"),
     );
     config.bulk_nice = bulk_nice;
+    config.flow_timeout_ms = flow_timeout.map(|d| d.as_millis() as u64);
     let mut agent = comsat_agent::Agent::new(&config)?;
     agent.require_consent(comsat_agent::consent::Consent::load(dir)?);
     Ok(agent)

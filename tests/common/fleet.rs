@@ -86,6 +86,8 @@ pub struct Net {
     pub host: Ipv4Addr,
     /// Agents' namespaces, by agent name.
     pub edges: Vec<(String, String)>,
+    /// More `agent run` arguments.
+    pub agent_args: Vec<String>,
 }
 
 impl Default for Net {
@@ -94,6 +96,7 @@ impl Default for Net {
             public: None,
             host: Ipv4Addr::LOCALHOST,
             edges: Vec::new(),
+            agent_args: Vec::new(),
         }
     }
 }
@@ -109,6 +112,7 @@ impl Net {
                 .zip(topology.edges())
                 .map(|(n, e)| ((*n).to_owned(), e.ns.clone()))
                 .collect(),
+            agent_args: Vec::new(),
         }
     }
 
@@ -388,20 +392,19 @@ impl Fleet {
     }
 
     pub fn run_agent(&mut self, name: &str) -> Result<()> {
-        let mut p = self.spawn_in(
-            self.net.agent_ns(name),
-            name,
-            &[
-                "agent",
-                "run",
-                "--data-dir",
-                &s(&self.path(name)),
-                "--admin",
-                "127.0.0.1:0",
-                "--bulk-nice",
-                BULK_NICE,
-            ],
-        )?;
+        let dir = s(&self.path(name));
+        let mut args = vec![
+            "agent",
+            "run",
+            "--data-dir",
+            &dir,
+            "--admin",
+            "127.0.0.1:0",
+            "--bulk-nice",
+            BULK_NICE,
+        ];
+        args.extend(self.net.agent_args.iter().map(String::as_str));
+        let mut p = self.spawn_in(self.net.agent_ns(name), name, &args)?;
         let line = p.wait_line("comsat agent admin", START)?;
         p.wait_line("comsat agent started", START)?;
         let admin = line.rsplit(' ').next().context("admin")?.parse()?;
@@ -496,7 +499,15 @@ impl FleetBuilder {
     /// NATs, in order.
     pub fn behind_nats(mut self, topology: &NatTopology) -> Self {
         let names: Vec<&str> = self.agents.iter().map(String::as_str).collect();
+        let args = std::mem::take(&mut self.net.agent_args);
         self.net = Net::nat(topology, &names);
+        self.net.agent_args = args;
+        self
+    }
+
+    /// More arguments for every `agent run`.
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.net.agent_args = args.iter().map(|&a| a.to_owned()).collect();
         self
     }
 

@@ -333,6 +333,24 @@ impl NatTopology {
         Ok(())
     }
 
+    /// Cuts edge `i` off: its router drops everything it would forward, as
+    /// when an uplink fails. Mappings it holds stay.
+    pub fn cut(&self, i: usize) -> Result<()> {
+        let e = self.edge(i)?;
+        run_in_ns(&e.router, "nft", &["-f", "-"], Some(CUT_RULES))
+    }
+
+    /// Ends [`Self::cut`].
+    pub fn heal(&self, i: usize) -> Result<()> {
+        let e = self.edge(i)?;
+        run_in_ns(
+            &e.router,
+            "nft",
+            &["delete", "table", "inet", "comsat_cut"],
+            None,
+        )
+    }
+
     /// The UDP mappings edge `i`'s router holds now: for each, the edge's
     /// source address and what the public side sees instead.
     pub fn udp_mappings(&self, i: usize) -> Result<Vec<(SocketAddrV4, SocketAddrV4)>> {
@@ -434,6 +452,15 @@ fn flush_conntrack(ns: &str) -> Result<()> {
     // cannot run.
     run_in_ns(ns, "conntrack", &["-F"], None)
 }
+
+/// A cut uplink: nothing forwarded, before the NAT's own rules see it.
+const CUT_RULES: &str = "
+table inet comsat_cut {
+    chain forward {
+        type filter hook forward priority -10; policy drop;
+    }
+}
+";
 
 /// Runs `ip ARGS`, failing with its error output.
 fn ip(args: &[&str]) -> Result<()> {
