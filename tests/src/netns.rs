@@ -351,6 +351,81 @@ impl NatTopology {
         )
     }
 
+    /// Random loss on edge `i`'s uplink: its router drops `per_mille` of
+    /// every thousand UDP datagrams it forwards, each way, each on its
+    /// own (0: none). The edge's and the public side's interfaces hand the
+    /// router single datagrams (`gso_max_segs 1`), so a drop takes one
+    /// datagram, not a whole segmentation batch.
+    pub fn set_loss(&self, i: usize, per_mille: u16) -> Result<()> {
+        ensure!(per_mille <= 1000, "loss is per mille");
+        let e = self.edge(i)?;
+        ip(&[
+            "-n",
+            &e.ns,
+            "link",
+            "set",
+            "dev",
+            "eth0",
+            "gso_max_segs",
+            "1",
+        ])?;
+        let up = format!("edge{}", i + 1);
+        ip(&[
+            "-n",
+            &self.public,
+            "link",
+            "set",
+            "dev",
+            &up,
+            "gso_max_segs",
+            "1",
+        ])?;
+        let rules = format!(
+            "table inet comsat_loss {{\n\
+             \x20   chain forward {{\n\
+             \x20       type filter hook forward priority -20; policy accept;\n\
+             \x20       meta l4proto udp numgen random mod 1000 < {per_mille} counter drop\n\
+             \x20   }}\n\
+             }}\n"
+        );
+        let _ = run_in_ns(
+            &e.router,
+            "nft",
+            &["delete", "table", "inet", "comsat_loss"],
+            None,
+        );
+        if per_mille > 0 {
+            run_in_ns(&e.router, "nft", &["-f", "-"], Some(&rules))?;
+        }
+        Ok(())
+    }
+
+    /// Datagrams [`Self::set_loss`] has dropped on edge `i` so far.
+    pub fn dropped(&self, i: usize) -> Result<u64> {
+        let e = self.edge(i)?;
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &e.router,
+                "nft",
+                "list",
+                "table",
+                "inet",
+                "comsat_loss",
+            ])
+            .stderr(Stdio::null())
+            .output()
+            .context("running nft list")?;
+        ensure!(out.status.success(), "no loss set on edge {i}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .context("no drop counter")
+    }
+
     /// The UDP mappings edge `i`'s router holds now: for each, the edge's
     /// source address and what the public side sees instead.
     pub fn udp_mappings(&self, i: usize) -> Result<Vec<(SocketAddrV4, SocketAddrV4)>> {
