@@ -119,6 +119,12 @@ pub fn client_config(relay: &RelayEndpoint) -> Result<quinn::ClientConfig, Relay
     ack.ack_eliciting_threshold(10u32.into())
         .max_ack_delay(Some(Duration::from_millis(5)));
     t.ack_frequency_config(Some(ack));
+    // BBR: random loss (a lossy radio link) is not read as congestion. The
+    // bench's `loss` scenario measured one flow keeping ~0.95 of its
+    // loss-free throughput at 1 % and 5 % loss where Cubic kept 0.27 and
+    // 0.05, with the same loss-free throughput and lower latency beside a
+    // bulk flow.
+    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     config.transport_config(Arc::new(t));
     Ok(config)
 }

@@ -2,7 +2,7 @@
 //! process, carrying links from agent A's listeners to targets beside
 //! agent B.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -45,7 +45,13 @@ impl Path {
         links: Vec<DevLink>,
         limits: &[(&str, LinkLimits)],
     ) -> Result<Self> {
-        Self::prepare_relays(bin, links, limits, 0)
+        Self::prepare_relays(bin, links, limits, 0, Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// Like [`Path::prepare`], with the relay listening on `relay_ip` (its
+    /// own network's address, where it runs in a namespace).
+    pub(crate) fn prepare_on(bin: &str, links: Vec<DevLink>, relay_ip: IpAddr) -> Result<Self> {
+        Self::prepare_relays(bin, links, &[], 0, relay_ip)
     }
 
     fn prepare_relays(
@@ -53,6 +59,7 @@ impl Path {
         links: Vec<DevLink>,
         limits: &[(&str, LinkLimits)],
         extra_relays: usize,
+        relay_ip: IpAddr,
     ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let any: SocketAddr = "127.0.0.1:0".parse()?;
@@ -67,7 +74,7 @@ impl Path {
         let layout = comsat_controller::dev::init(
             &dir.path().join("setup"),
             &DevOptions {
-                relay_listen: format!("127.0.0.1:{}", comsat_tests::free_udp_port()?).parse()?,
+                relay_listen: SocketAddr::new(relay_ip, comsat_tests::free_udp_port()?),
                 relay_admin: Some(any),
                 agent_admin: [Some(any), Some(any)],
                 links,
@@ -153,7 +160,7 @@ impl Path {
     pub(crate) async fn start_split(bin: &str, links: Vec<DevLink>) -> Result<Self> {
         let names: Vec<String> = links.iter().map(|l| l.name.clone()).collect();
         let extra = names.len().saturating_sub(1);
-        let mut path = Self::prepare_relays(bin, links, &[], extra)?;
+        let mut path = Self::prepare_relays(bin, links, &[], extra, Ipv4Addr::LOCALHOST.into())?;
         for (i, name) in names.iter().enumerate() {
             path.layout.keep_link_on_relay(name, i)?;
         }

@@ -166,6 +166,9 @@ fn transport_config(config: &RelayConfig) -> quinn::TransportConfig {
         .max_ack_delay(Some(Duration::from_millis(5)));
     t.ack_frequency_config(Some(ack));
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
+    // BBR, as the agents: random loss on an agent's uplink is not read as
+    // congestion (see the bench's `loss` scenario).
+    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     t
 }
 
