@@ -221,13 +221,14 @@ fn nat_fleet(
     Ok((fleet, target, listen))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_behind_two_nats_enrol_link_and_carry_64_mib_each_way() -> Result<()> {
-    let Some(t) = topology(2)? else {
-        return Ok(());
-    };
-    let a_ns = t.edges()[0].ns.clone();
-    let (fleet, target, listen) = nat_fleet(&t, &[], "nat")?;
+/// 64 MiB each way in eight flows from A's edge through the link to
+/// `target`, every byte checked at both ends.
+async fn eight_flows_through(
+    fleet: &Fleet,
+    target: tokio::net::TcpListener,
+    a_ns: String,
+    listen: SocketAddr,
+) -> Result<()> {
     let target = std::sync::Arc::new(target);
     flows::eight_flows(
         move || {
@@ -237,7 +238,17 @@ async fn agents_behind_two_nats_enrol_link_and_carry_64_mib_each_way() -> Result
         move || connect_in(a_ns.clone(), listen),
     )
     .await
-    .with_context(|| fleet.logs())?;
+    .with_context(|| fleet.logs())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_behind_two_nats_enrol_link_and_carry_64_mib_each_way() -> Result<()> {
+    let Some(t) = topology(2)? else {
+        return Ok(());
+    };
+    let a_ns = t.edges()[0].ns.clone();
+    let (fleet, target, listen) = nat_fleet(&t, &[], "nat")?;
+    eight_flows_through(&fleet, target, a_ns, listen).await?;
     Ok(())
 }
 
@@ -467,16 +478,7 @@ async fn five_percent_loss_on_an_uplink_leaves_64_mib_each_way_intact() -> Resul
     let (fleet, target, listen) = nat_fleet(&t, &[], "lossy")?;
     t.set_loss(0, 50)?;
     let started = Instant::now();
-    let target = std::sync::Arc::new(target);
-    flows::eight_flows(
-        move || {
-            let target = target.clone();
-            async move { target.accept().await.map(|(s, _)| s) }
-        },
-        move || connect_in(a_ns.clone(), listen),
-    )
-    .await
-    .with_context(|| fleet.logs())?;
+    eight_flows_through(&fleet, target, a_ns, listen).await?;
     let dropped = t.dropped(0)?;
     ensure!(dropped > 0, "the router dropped nothing");
     eprintln!(

@@ -254,39 +254,14 @@ impl NatTopology {
         let e = self.edge(i)?.clone();
         let n = i + 1;
         let new = Ipv4Addr::new(198, 18, n as u8, last);
-        ip(&[
-            "-n",
-            &e.router,
-            "addr",
-            "add",
-            &format!("{new}/24"),
-            "dev",
-            "wan",
-        ])?;
-        ip(&[
-            "-n",
-            &e.router,
-            "addr",
-            "del",
-            &format!("{}/24", e.wan),
-            "dev",
-            "wan",
-        ])?;
-        ip(&[
-            "-n",
-            &e.router,
-            "route",
-            "replace",
-            "default",
-            "via",
-            &format!("198.18.{n}.1"),
-        ])?;
+        readdress(&e.router, "wan", e.wan, new, &format!("198.18.{n}.1"))?;
+        let edges = format!("198.19.{n}.0/24");
         ip(&[
             "-n",
             &self.public,
             "route",
             "replace",
-            &format!("198.19.{n}.0/24"),
+            &edges,
             "via",
             &new.to_string(),
         ])?;
@@ -302,33 +277,7 @@ impl NatTopology {
         let e = self.edge(i)?.clone();
         let n = i + 1;
         let new = Ipv4Addr::new(198, 19, n as u8, last);
-        ip(&[
-            "-n",
-            &e.ns,
-            "addr",
-            "add",
-            &format!("{new}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n",
-            &e.ns,
-            "addr",
-            "del",
-            &format!("{}/24", e.addr),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n",
-            &e.ns,
-            "route",
-            "replace",
-            "default",
-            "via",
-            &format!("198.19.{n}.1"),
-        ])?;
+        readdress(&e.ns, "eth0", e.addr, new, &format!("198.19.{n}.1"))?;
         self.edges[i].addr = new;
         Ok(())
     }
@@ -518,6 +467,14 @@ fn parse_mapping(line: &str) -> Option<(SocketAddrV4, SocketAddrV4)> {
         addr(field("src=", 0), field("sport=", 0))?,
         addr(field("dst=", 1), field("dport=", 1))?,
     ))
+}
+
+/// Moves interface `dev` in `ns` from address `old` to `new` (both /24),
+/// keeping its default route through `gateway`.
+fn readdress(ns: &str, dev: &str, old: Ipv4Addr, new: Ipv4Addr, gateway: &str) -> Result<()> {
+    ip(&["-n", ns, "addr", "add", &format!("{new}/24"), "dev", dev])?;
+    ip(&["-n", ns, "addr", "del", &format!("{old}/24"), "dev", dev])?;
+    ip(&["-n", ns, "route", "replace", "default", "via", gateway])
 }
 
 /// Forgets every connection the router in `ns` tracks (and with them its
