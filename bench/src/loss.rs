@@ -97,6 +97,10 @@ async fn run_path(t: &NatTopology, bin: &str, quick: bool) -> Result<Runs> {
         }
         anyhow::Ok(v)
     };
+    // One flow first, not counted: the path's connections and their
+    // congestion control warm up as they would before any measured run.
+    t.set_loss(0, 0)?;
+    measure::throughput(listen, 1, bytes).await?;
     let clean = rates(0).await?;
     let mut lossy = Vec::new();
     for per_mille in LOSS {
