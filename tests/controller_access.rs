@@ -15,7 +15,7 @@ use comsat_protocol::api;
 use comsat_protocol::msg::make_hello;
 use comsat_protocol::{SigningKey, jwt};
 use comsat_tests::proc::{metric, scrape};
-use comsat_tests::raw::{HelloOutcome, RawClient, exporter, send_hello};
+use comsat_tests::raw::{Control, RawClient, exporter};
 use fleet::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -626,11 +626,14 @@ async fn apply_is_idempotent_and_refuses_a_bad_file_whole() -> Result<()> {
 async fn a_node_key_connected_from_two_sources_at_once_is_audited_as_a_clone() -> Result<()> {
     let mut c = Fleet::builder().relays(1).agents(&["a", "b"]).start()?;
     // A link puts agent a's key in the relay's grants.
-    let listen = c.create_link("cloned", "127.0.0.1:9".parse()?, &[])?;
+    c.create_link("cloned", "127.0.0.1:9".parse()?, &[])?;
     let (state, key) = node_key(&c, "a")?;
     let relay = c.relays[0].2;
     let ca = c.path("a").join("relay-ca.pem");
-    // Agent a's key, copied to two machines (127.0.0.2 and 127.0.0.3).
+    let mut held_clients = Vec::new();
+    // Agent a's key, copied to two machines (127.0.0.2 and 127.0.0.3),
+    // each connection held open with its control stream (a connection
+    // whose control stream ends is closed by the relay).
     let mut held = Vec::new();
     for source in ["127.0.0.2", "127.0.0.3"] {
         let client = RawClient::from_source(&ca, source.parse()?)?;
@@ -639,18 +642,20 @@ async fn a_node_key_connected_from_two_sources_at_once_is_audited_as_a_clone() -
             // Until the grant reached the relay, the key is unknown there.
             let conn = client.connect_to(relay, "127.0.0.1").await?;
             let hello = make_hello(state.node_id, &key, &exporter(&conn)?);
-            let outcome = send_hello(&conn, &hello).await?;
-            if outcome == HelloOutcome::Welcome {
-                held.push((conn, listen));
-                break;
+            match Control::open(&conn, &hello).await {
+                Ok(control) => {
+                    held.push((conn, control));
+                    break;
+                }
+                Err(e) => ensure!(
+                    std::time::Instant::now() < deadline,
+                    "{source}: {e:#}\n{}",
+                    c.logs()
+                ),
             }
-            ensure!(
-                std::time::Instant::now() < deadline,
-                "{source}: {outcome:?}\n{}",
-                c.logs()
-            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        held_clients.push(client);
     }
     // The relay's next heartbeat carries the alarm to the audit log.
     let mut table = String::new();

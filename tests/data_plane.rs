@@ -16,7 +16,7 @@ use comsat_node::keys::{Generate, KeyFile, RandomId};
 use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
 use comsat_protocol::msg::make_hello;
 use comsat_protocol::{CLOSE_REFUSED, LinkId, NodeId, RelayId, SigningKey};
-use comsat_tests::raw::{HelloOutcome, RawClient, exporter, send_hello};
+use comsat_tests::raw::{Control, HelloOutcome, RawClient, exporter, send_hello};
 use comsat_tests::{metric, minor_faults, scrape};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -555,12 +555,14 @@ async fn authenticated_connections_leave_the_unauthenticated_cap() -> Result<()>
     let refused_before = metric(&scrape(sys.relay_admin)?, REFUSED);
     let key = SigningKey::read_file(&sys.layout.agent_a.dir.join("node.key"))?;
     let client = RawClient::new(&sys.layout.ca_pem)?;
+    // Each stays open, its control stream with it (the relay closes a
+    // connection whose control stream ends).
     let mut open = Vec::new();
     for _ in 0..3 {
         let conn = client.connect(sys.relay_quic).await?;
         let hello = make_hello(sys.layout.agent_a.node_id, &key, &exporter(&conn)?);
-        assert_eq!(send_hello(&conn, &hello).await?, HelloOutcome::Welcome);
-        open.push(conn);
+        let control = Control::open(&conn, &hello).await?;
+        open.push((conn, control));
     }
     let m = scrape(sys.relay_admin)?;
     assert_eq!(metric(&m, REFUSED), refused_before, "{m}");

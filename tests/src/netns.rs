@@ -64,8 +64,9 @@ pub struct NatTopology {
     made: Vec<String>,
 }
 
-/// Why the topology cannot be made on this machine (not root, or no `ip` or
-/// `nft`), or `None` where it can. Tests that need it say so and skip.
+/// Why the topology cannot be made on this machine (not root, or no `ip`,
+/// `nft` or `conntrack`), or `None` where it can. Tests that need it say
+/// so and skip.
 pub fn unavailable() -> Option<String> {
     if !rustix::process::geteuid().is_root() {
         return Some("network namespaces need root (CI runs the tests as root)".into());
