@@ -639,7 +639,7 @@ pub(crate) struct LinkCreateArgs {
     connection: Option<String>,
 }
 
-impl From<LinkCreateArgs> for comsat_protocol::api::LinkCreate {
+impl From<LinkCreateArgs> for comsat_protocol::api::LinkSpec {
     fn from(a: LinkCreateArgs) -> Self {
         Self {
             name: a.name,

@@ -288,7 +288,7 @@ async fn ensure_demo_link(admin: &Client, listen: &SocketAddr, sock: &Path) -> a
             .delete(&format!("{}/{DEMO_LINK}", api::PATH_LINKS), "link delete")
             .await?;
     }
-    let body = api::LinkCreate {
+    let body = api::LinkSpec {
         name: DEMO_LINK.into(),
         from: AGENTS[0].into(),
         listen: want_listen,

@@ -330,7 +330,7 @@ async fn apply_link(c: &Client, name: String, s: LinkSpec) -> anyhow::Result<Str
         .transpose()
         .map_err(|e| anyhow!(e))?;
     let Some(have) = get_opt::<api::LinkInfo>(c, &path, "apply").await? else {
-        let body = api::LinkCreate {
+        let body = api::LinkSpec {
             name: name.clone(),
             from: s.from,
             listen: s.listen,

@@ -625,7 +625,7 @@ pub fn format_rate(r: u64) -> String {
 }
 
 /// `link create`.
-pub async fn link_create(c: &Client, body: api::LinkCreate, out: Output) -> anyhow::Result<String> {
+pub async fn link_create(c: &Client, body: api::LinkSpec, out: Output) -> anyhow::Result<String> {
     if !api::valid_name(&body.name) {
         bail!(
             "link name `{}`: use 1 to {} lowercase letters, digits and `-`",

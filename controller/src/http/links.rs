@@ -8,9 +8,7 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get, patch, post};
 use comsat_node::keys::RandomId;
 use comsat_protocol::LinkId;
-use comsat_protocol::api::{
-    self, AgentRefusals, Empty, LinkCreate, LinkInfo, LinkUpdate, NodeKind,
-};
+use comsat_protocol::api::{self, AgentRefusals, Empty, LinkInfo, LinkSpec, LinkUpdate, NodeKind};
 use comsat_protocol::endpoint::{Endpoint, EndpointError};
 use comsat_protocol::text::printable;
 
@@ -135,7 +133,7 @@ async fn create_link(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Changed<(StatusCode, Json<LinkInfo>)> {
-    let req: LinkCreate = parse_json(&body)?;
+    let req: LinkSpec = parse_json(&body)?;
     check_link_name(&req.name)?;
     let (listen, _) = check_ends(&req.listen, &req.target)?;
     let max_flows = check_max_flows(req.max_flows)?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use comsat_controller::{Controller, InitOptions, RunOptions, init};
 use comsat_node::keys::Generate;
 use comsat_protocol::api::{
-    self, AgentDesired, EnrolRequest, EnrolResponse, ErrorBody, JoinToken, LinkCreate, NodeKind,
+    self, AgentDesired, EnrolRequest, EnrolResponse, ErrorBody, JoinToken, LinkSpec, NodeKind,
     RelayEventKind, RelayEvents, RelayHeartbeat, RelayLoad, TokenCreated,
 };
 use comsat_protocol::jwt;
@@ -293,7 +293,7 @@ impl Api {
         resp.json().await.expect("json")
     }
 
-    pub async fn create_link(&self, body: &LinkCreate) -> reqwest::Response {
+    pub async fn create_link(&self, body: &LinkSpec) -> reqwest::Response {
         self.client
             .post(self.url(api::PATH_LINKS))
             .bearer_auth(&self.admin)
@@ -335,8 +335,8 @@ pub fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-pub fn link(name: &str, from: &str, to: &str) -> LinkCreate {
-    LinkCreate {
+pub fn link(name: &str, from: &str, to: &str) -> LinkSpec {
+    LinkSpec {
         name: name.into(),
         from: from.into(),
         listen: "tcp://127.0.0.1:7000".into(),

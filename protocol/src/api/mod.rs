@@ -21,7 +21,7 @@
 //! | [`PATH_OPEN_TOKENS`] | GET | `tokens` list | → `Vec<`[`JoinTokenInfo`]`>` |
 //! | [`PATH_AGENTS`], [`PATH_RELAYS`] | GET | `agents`/`relays` list | → `Vec<`[`AgentInfo`]`>`, `Vec<`[`RelayInfo`]`>` |
 //! | `PATH_AGENTS/{name}`, `PATH_RELAYS/{name}` | GET / DELETE | get / delete | → node; → [`Empty`] (decommission) |
-//! | [`PATH_LINKS`] | GET / POST | `links` list / create | [`LinkCreate`] → [`LinkInfo`]; list → `Vec<LinkInfo>` |
+//! | [`PATH_LINKS`] | GET / POST | `links` list / create | [`LinkSpec`] → [`LinkInfo`]; list → `Vec<LinkInfo>` |
 //! | `PATH_LINKS/{name}` | GET / PATCH / DELETE | `links` get / update / delete | → [`LinkInfo`]; [`LinkUpdate`] → [`LinkInfo`]; → [`Empty`] |
 //! | [`PATH_SERVICE_ACCOUNTS`], [`PATH_USERS`] | GET / POST | list / create | → `Vec<`[`PrincipalInfo`]`>`; [`PrincipalCreate`] → [`PrincipalCreated`] |
 //! | `…/{name}`, `…/{name}/tokens`, `…/{name}/tokens/{id}` | DELETE, POST, DELETE | delete, update, update | → [`Empty`]; [`PrincipalCreate`] → [`PrincipalCreated`]; → [`Empty`] |
@@ -528,9 +528,6 @@ pub struct LinkUpdate {
     pub connection: Option<String>,
 }
 
-/// `POST PATH_LINKS`.
-pub type LinkCreate = LinkSpec;
-
 /// A link as the operator sees it: its [`LinkSpec`] (flattened: the same
 /// JSON fields side by side) and what the controller made of it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -631,8 +628,8 @@ mod tests {
         let spec = serde_json::to_value(&info.spec).expect("serialises");
         let mut bad = spec.clone();
         bad["generation"] = 3.into();
-        assert!(serde_json::from_value::<LinkCreate>(bad).is_err());
-        assert!(serde_json::from_value::<LinkCreate>(spec).is_ok());
+        assert!(serde_json::from_value::<LinkSpec>(bad).is_err());
+        assert!(serde_json::from_value::<LinkSpec>(spec).is_ok());
     }
 
     #[test]
