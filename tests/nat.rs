@@ -350,7 +350,9 @@ async fn a_3_s_partition_of_an_edge_is_a_pause() -> Result<()> {
     let connects = relay_connects(&fleet, "a")?;
     t.cut(0)?;
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let cut_off = t.cut_dropped(0)?;
     t.heal(0)?;
+    ensure!(cut_off > 0, "the cut dropped nothing");
     // Every byte arrives and no flow is reset: the application sees a
     // pause. (Under load QUIC's probe backoff can outlast the connection's
     // idle timeout, and the link then resumes on a new connection; said,

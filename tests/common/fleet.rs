@@ -86,8 +86,6 @@ pub struct Net {
     pub host: Ipv4Addr,
     /// Agents' namespaces, by agent name.
     pub edges: Vec<(String, String)>,
-    /// More `agent run` arguments.
-    pub agent_args: Vec<String>,
 }
 
 impl Default for Net {
@@ -96,7 +94,6 @@ impl Default for Net {
             public: None,
             host: Ipv4Addr::LOCALHOST,
             edges: Vec::new(),
-            agent_args: Vec::new(),
         }
     }
 }
@@ -112,7 +109,6 @@ impl Net {
                 .zip(topology.edges())
                 .map(|(n, e)| ((*n).to_owned(), e.ns.clone()))
                 .collect(),
-            agent_args: Vec::new(),
         }
     }
 
@@ -135,6 +131,8 @@ pub struct Fleet {
     pub relays: Vec<(String, Proc, SocketAddr, SocketAddr)>,
     pub agents: Vec<(String, Proc, SocketAddr)>,
     pub net: Net,
+    /// More `agent run` arguments.
+    pub agent_args: Vec<String>,
 }
 
 impl Fleet {
@@ -200,6 +198,7 @@ impl Fleet {
             relays: Vec::new(),
             agents: Vec::new(),
             net,
+            agent_args: Vec::new(),
         };
         c.run_controller()?;
         Ok(c)
@@ -403,7 +402,7 @@ impl Fleet {
             "--bulk-nice",
             BULK_NICE,
         ];
-        args.extend(self.net.agent_args.iter().map(String::as_str));
+        args.extend(self.agent_args.iter().map(String::as_str));
         let mut p = self.spawn_in(self.net.agent_ns(name), name, &args)?;
         let line = p.wait_line("comsat agent admin", START)?;
         p.wait_line("comsat agent started", START)?;
@@ -473,6 +472,7 @@ pub struct FleetBuilder {
     relays: usize,
     agents: Vec<String>,
     net: Net,
+    agent_args: Vec<String>,
 }
 
 impl FleetBuilder {
@@ -499,15 +499,13 @@ impl FleetBuilder {
     /// NATs, in order.
     pub fn behind_nats(mut self, topology: &NatTopology) -> Self {
         let names: Vec<&str> = self.agents.iter().map(String::as_str).collect();
-        let args = std::mem::take(&mut self.net.agent_args);
         self.net = Net::nat(topology, &names);
-        self.net.agent_args = args;
         self
     }
 
     /// More arguments for every `agent run`.
     pub fn agent_args(mut self, args: &[&str]) -> Self {
-        self.net.agent_args = args.iter().map(|&a| a.to_owned()).collect();
+        self.agent_args = args.iter().map(|&a| a.to_owned()).collect();
         self
     }
 
@@ -519,6 +517,7 @@ impl FleetBuilder {
             self.net.edges.len()
         );
         let mut c = Fleet::start_in(self.net, None, self.edit, |_| Ok(Vec::new()))?;
+        c.agent_args = self.agent_args;
         for i in 1..=self.relays {
             c.enrol_relay(&format!("relay-{i}"))?;
         }
@@ -540,6 +539,7 @@ impl Fleet {
             relays: 0,
             agents: Vec::new(),
             net: Net::default(),
+            agent_args: Vec::new(),
         }
     }
 

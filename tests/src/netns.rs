@@ -352,22 +352,25 @@ impl NatTopology {
 
     /// Datagrams [`Self::set_loss`] has dropped on edge `i` so far.
     pub fn dropped(&self, i: usize) -> Result<u64> {
+        self.drop_counter(i, "comsat_loss")
+    }
+
+    /// Packets the current [`Self::cut`] of edge `i` has dropped so far.
+    pub fn cut_dropped(&self, i: usize) -> Result<u64> {
+        self.drop_counter(i, "comsat_cut")
+    }
+
+    /// The drop counter of nftables table `table` on edge `i`'s router.
+    fn drop_counter(&self, i: usize, table: &str) -> Result<u64> {
         let e = self.edge(i)?;
         let out = Command::new("ip")
             .args([
-                "netns",
-                "exec",
-                &e.router,
-                "nft",
-                "list",
-                "table",
-                "inet",
-                "comsat_loss",
+                "netns", "exec", &e.router, "nft", "list", "table", "inet", table,
             ])
             .stderr(Stdio::null())
             .output()
             .context("running nft list")?;
-        ensure!(out.status.success(), "no loss set on edge {i}");
+        ensure!(out.status.success(), "no table {table} on edge {i}");
         let text = String::from_utf8_lossy(&out.stdout);
         text.split_whitespace()
             .skip_while(|w| *w != "packets")
@@ -490,7 +493,8 @@ fn flush_conntrack(ns: &str) -> Result<()> {
 const CUT_RULES: &str = "
 table inet comsat_cut {
     chain forward {
-        type filter hook forward priority -10; policy drop;
+        type filter hook forward priority -10; policy accept;
+        counter drop
     }
 }
 ";
