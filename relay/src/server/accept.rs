@@ -218,6 +218,10 @@ async fn authenticate(
     conn: &quinn::Connection,
 ) -> Result<Authenticated, &'static str> {
     let (send, mut recv) = conn.accept_bi().await.map_err(|_| "protocol")?;
+    // Until the Hello verifies, the stream is reset rather than finished if
+    // it is dropped (a refusal, or the Hello timeout), so the agent never
+    // reads a clean end where the refusal code belongs.
+    let send = ResetOnDrop(Some(send));
     let mut decoder = FrameDecoder::new();
     let hello = read_message::<AgentToRelay>(&mut recv, &mut decoder)
         .await
@@ -234,7 +238,27 @@ async fn authenticate(
     if !verify_hello(&node_id, &signature, key, &exporter) {
         return Err("bad_signature");
     }
-    Ok((node_id, send, decoder, recv))
+    Ok((node_id, send.take(), decoder, recv))
+}
+
+/// A control stream not yet authenticated: reset on drop, with the refusal
+/// code, unless [`ResetOnDrop::take`]n. quinn finishes a dropped stream, and
+/// that end could reach the agent before the connection's close.
+struct ResetOnDrop(Option<quinn::SendStream>);
+
+impl ResetOnDrop {
+    fn take(mut self) -> quinn::SendStream {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut send) = self.0.take() {
+            // Already closed or reset: nothing more to say on it.
+            let _ = send.reset(CLOSE_REFUSED.into());
+        }
+    }
 }
 
 /// Why a control stream could not be read.
