@@ -221,12 +221,8 @@ pub(crate) enum AgentCommand {
     Run {
         #[command(flatten)]
         node: NodeRunArgs,
-        /// How long an open flow waits for its link to come back after an
-        /// outage (the relay gone, the uplink down) before its application
-        /// sees a reset: 1s to 1h, default 30s. A static config sets
-        /// `flow_timeout_ms` instead.
-        #[arg(long, requires = "data_dir", value_parser = parse_flow_timeout)]
-        flow_timeout: Option<std::time::Duration>,
+        #[command(flatten)]
+        tuning: AgentTuning,
         /// A static agent config file (see `comsat dev init`).
         #[arg(long, env = "COMSAT_AGENT_CONFIG")]
         config: Option<PathBuf>,
@@ -656,11 +652,43 @@ impl From<LinkCreateArgs> for comsat_protocol::api::LinkSpec {
     }
 }
 
-/// `--flow-timeout`: a duration from 1 s to 1 h.
-fn parse_flow_timeout(text: &str) -> Result<std::time::Duration, String> {
+/// How an enrolled agent's links behave (a static config sets the same in
+/// its file).
+#[derive(Args, Debug, Default)]
+pub(crate) struct AgentTuning {
+    /// How long an open flow waits for its link to come back after an
+    /// outage (the relay gone, the uplink down) before its application
+    /// sees a reset: 1s to 1h, default 30s. A static config sets
+    /// `flow_timeout_ms` instead.
+    #[arg(long, requires = "data_dir", value_parser = parse_flow_timeout)]
+    pub(crate) flow_timeout: Option<std::time::Duration>,
+    /// How often an idle relay connection sends a keep-alive: shorter than
+    /// the NAT in front of this machine keeps an idle UDP binding, 1s to
+    /// 5m, default 25s. A static config sets `keep_alive_ms` instead.
+    #[arg(long, requires = "data_dir", value_parser = parse_keep_alive)]
+    pub(crate) keep_alive: Option<std::time::Duration>,
+}
+
+/// A duration of `text` within `range`, said as `what` if not.
+fn parse_duration_within(
+    text: &str,
+    range: std::ops::RangeInclusive<std::time::Duration>,
+    what: &str,
+) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-    if !(std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600)).contains(&d) {
-        return Err(format!("{text} is outside 1s to 1h"));
+    if !range.contains(&d) {
+        return Err(format!("{text} is outside {what}"));
     }
     Ok(d)
+}
+
+/// `--flow-timeout`: a duration from 1 s to 1 h.
+fn parse_flow_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let secs = std::time::Duration::from_secs;
+    parse_duration_within(text, secs(1)..=secs(3600), "1s to 1h")
+}
+
+/// `--keep-alive`: a duration from 1 s to 5 min.
+fn parse_keep_alive(text: &str) -> Result<std::time::Duration, String> {
+    parse_duration_within(text, comsat_agent::defaults::KEEP_ALIVE_RANGE, "1s to 5m")
 }

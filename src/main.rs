@@ -473,13 +473,13 @@ async fn run_enrolled_agent(
     dir: PathBuf,
     admin: Option<SocketAddr>,
     bulk_nice: Option<u8>,
-    flow_timeout: Option<std::time::Duration>,
+    tuning: &cli::AgentTuning,
 ) -> anyhow::Result<()> {
     let state =
         comsat_node::NodeState::load(&dir, NodeKind::Agent).map_err(|e| Usage(format!("{e:#}")))?;
     let prometheus = install_metrics()?;
-    let mut agent = nodes::enrolled_agent(&dir, &state, bulk_nice, flow_timeout)
-        .map_err(|e| Usage(e.to_string()))?;
+    let mut agent =
+        nodes::enrolled_agent(&dir, &state, bulk_nice, tuning).map_err(|e| Usage(e.to_string()))?;
     let admin_shown = serve_admin(
         admin,
         prometheus,
@@ -670,9 +670,9 @@ async fn agent(command: AgentCommand) -> anyhow::Result<()> {
                     admin,
                     bulk_nice,
                 },
-            flow_timeout,
+            tuning,
             ..
-        } => run_enrolled_agent(dir, admin, bulk_nice, flow_timeout).await,
+        } => run_enrolled_agent(dir, admin, bulk_nice, &tuning).await,
         AgentCommand::Run { config, .. } => match config {
             Some(config) => run_agent(config).await,
             None => Err(Usage("pass --data-dir DIR or --config FILE".into()).into()),

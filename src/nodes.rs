@@ -9,9 +9,9 @@ use std::sync::Arc;
 use comsat_node::NodeState;
 use comsat_node::agent::AgentSink;
 use comsat_node::relay::RelaySink;
-use comsat_protocol::RelayId;
 use comsat_protocol::api;
 use comsat_protocol::grant::SignedGrant;
+use comsat_protocol::{LinkId, RelayId};
 
 /// The relay config of an enrolled relay's data dir.
 pub(crate) fn relay_config(
@@ -103,6 +103,14 @@ impl AgentSink for FedAgent<'_> {
             })
             .collect()
     }
+
+    fn silent_relays(&mut self) -> Option<tokio::sync::mpsc::Receiver<RelayId>> {
+        self.0.silent_relays()
+    }
+
+    fn peer_moved(&mut self, link: LinkId, relay: RelayId) {
+        self.0.peer_moved(link, relay);
+    }
 }
 
 /// The agent of an enrolled data dir, holding no link yet (they come from
@@ -112,7 +120,7 @@ pub(crate) fn enrolled_agent(
     dir: &Path,
     state: &NodeState,
     bulk_nice: Option<u8>,
-    flow_timeout: Option<std::time::Duration>,
+    tuning: &crate::cli::AgentTuning,
 ) -> Result<comsat_agent::Agent, comsat_agent::AgentError> {
     let mut config = comsat_agent::AgentConfig::for_node(
         state.node_id,
@@ -120,7 +128,9 @@ pub(crate) fn enrolled_agent(
         dir.join("noise.key"),
     );
     config.bulk_nice = bulk_nice;
-    config.flow_timeout_ms = flow_timeout.map(|d| d.as_millis() as u64);
+    let ms = |d: std::time::Duration| d.as_millis() as u64;
+    config.flow_timeout_ms = tuning.flow_timeout.map(ms);
+    config.keep_alive_ms = tuning.keep_alive.map(ms);
     let mut agent = comsat_agent::Agent::new(&config)?;
     agent.require_consent(comsat_agent::consent::Consent::load(dir)?);
     Ok(agent)

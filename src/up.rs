@@ -251,7 +251,7 @@ async fn start_agents(
         if name == AGENTS[1] {
             consent_to_demo(&agent_dir, &dir.join("demo.sock"))?;
         }
-        let mut agent = nodes::enrolled_agent(&agent_dir, &state, None, None)?;
+        let mut agent = nodes::enrolled_agent(&agent_dir, &state, None, &Default::default())?;
         let applied = nodes::apply_cached(&mut agent, &agent_dir).await;
         let rx = stop_rx.clone();
         tasks.spawn(async move {

@@ -370,6 +370,28 @@ async fn nodes_learn_only_their_part() -> Result<()> {
         ensure!(desired.links.len() == 1);
         let l = &desired.links[0];
         ensure!(l.relays.len() == 1 && l.relays[0].addr.starts_with("127.0.0.1:"));
+        // A poll that finds nothing new answers small: the version only.
+        // (A node's JWT is good for one request.)
+        let t = c.jwt(me, comsat_node::unix_now(), 30)?;
+        let (code, unchanged) = raw_get(
+            &c,
+            &format!(
+                "{}?since={}&wait_ms=0",
+                api::PATH_AGENT_CONFIG,
+                desired.version
+            ),
+            &t,
+        )
+        .await?;
+        ensure!(code == 200, "{code} {unchanged}");
+        let same: api::AgentDesired = serde_json::from_str(&unchanged)?;
+        ensure!(
+            same.version == desired.version
+                && same.links.is_empty()
+                && same.relay_ca_pem.is_empty(),
+            "an unchanged poll answered {unchanged}"
+        );
+        ensure!(unchanged.len() < 100, "{unchanged}");
     }
 
     // The assigned relay stops heartbeating: the link moves to the other

@@ -358,3 +358,54 @@ async fn rotating_the_controller_certificate_drops_no_agent() -> Result<()> {
     }
     Ok(())
 }
+
+/// A relay's host vanishes under a link whose agent B is idle. Agent A,
+/// which sends, notices the silence (its watchdog) and moves to the next
+/// relay; the controller hears of it and tells B, which follows at once
+/// instead of noticing at its next keep-alive. The flow A opened
+/// meanwhile carries its bytes once both are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_peer_follows_its_peer_off_a_vanished_relay() -> Result<()> {
+    use comsat_tests::{metric, scrape};
+    let mut c = Fleet::builder().relays(2).agents(&["a", "b"]).start()?;
+    let target = hash_server().await?;
+    let listen = c.create_link("follow", target, &[])?;
+    round_trip_eventually(listen, 1 << 20)
+        .await
+        .with_context(|| c.logs())?;
+    // The relay both agents are on vanishes: frozen, it answers nothing
+    // (it is killed, by PID, with the fleet).
+    let mut on = None;
+    for (name, p, _, admin) in &c.relays {
+        if metric(&scrape(*admin)?, "comsat_relay_links_paired") == 1.0 {
+            on = Some((name.clone(), p.pid()));
+        }
+    }
+    let (name, pid) = on.context("no relay pairs the link")?;
+    let stopped = Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()?;
+    ensure!(stopped.success(), "kill -STOP {pid}");
+    eprintln!("froze {name}");
+    // B is idle; A opens a flow and sends.
+    round_trip(listen, 1 << 20, 7)
+        .await
+        .with_context(|| c.logs())?;
+    let agent = |n: &str| -> Result<String> {
+        let admin = c.agents.iter().find(|a| a.0 == n).context("agent")?.2;
+        scrape(admin)
+    };
+    let (a, b) = (agent("a")?, agent("b")?);
+    ensure!(
+        metric(&a, "comsat_agent_relay_silences_total") >= 1.0,
+        "A did not notice the silence itself:\n{a}\n{}",
+        c.logs()
+    );
+    ensure!(
+        metric(&b, "comsat_agent_peer_moves_total") >= 1.0
+            && metric(&b, "comsat_agent_relay_silences_total") == 0.0,
+        "B did not follow A on the controller's word:\n{b}\n{}",
+        c.logs()
+    );
+    Ok(())
+}

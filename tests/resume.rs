@@ -79,10 +79,21 @@ async fn relay_failover_to_the_next_relay_loses_nothing() -> Result<()> {
     );
     let bulk = Bulk::start(listen, target);
     let at = bulk.reach(Bulk::TOTAL / 3).await?;
-    sys.relay.kill(); // and it stays dead
-    eprintln!("killed the first relay at {at} bytes");
+    // Its host vanishes: frozen, it answers nothing, not even with an
+    // ICMP error or a QUIC reset (it is killed, by PID, with `sys`).
+    signal(sys.relay.pid(), "STOP")?;
+    eprintln!("froze the first relay at {at} bytes");
     bulk.finish().await?;
     assert_no_application_failures(&sys)?;
+    // Both agents gave up on it for its silence under their data (the
+    // watchdog), not for the idle timeout.
+    for (_, admin) in &sys.agents {
+        let m = scrape(*admin)?;
+        assert!(
+            metric(&m, "comsat_agent_relay_silences_total") >= 1.0,
+            "{m}"
+        );
+    }
     let backup = scrape(sys.backups[0].1)?;
     assert_eq!(
         metric(&backup, "comsat_relay_links_paired"),
@@ -484,19 +495,23 @@ async fn relay_stores_and_forwards_while_the_peer_is_away() -> Result<()> {
     const LEN: u64 = 8 * 1024 * 1024;
     const SEED: u64 = 77;
     let target = TcpListener::bind("127.0.0.1:0").await?;
-    let mut sys = System::start(Options {
-        links: vec![DevLink {
-            name: "sf".into(),
-            listen: "tcp://127.0.0.1:0".into(),
-            target: format!("tcp://{}", target.local_addr()?),
-            allowed_uids: vec![],
-        }],
-        tap: false,
-        pin_sha256: false,
-        // Notice a vanished agent quickly.
-        relay_extra: "[limits]\nidle_timeout_ms = 2000\n".into(),
-        extra_relays: 0,
-    })?;
+    let mut sys = System::start_with(
+        Options {
+            links: vec![DevLink {
+                name: "sf".into(),
+                listen: "tcp://127.0.0.1:0".into(),
+                target: format!("tcp://{}", target.local_addr()?),
+                allowed_uids: vec![],
+            }],
+            tap: false,
+            pin_sha256: false,
+            // Notice a vanished agent quickly...
+            relay_extra: "[limits]\nidle_timeout_ms = 3000\n".into(),
+            extra_relays: 0,
+        },
+        // ...and keep the live one's idle connection alive within that.
+        |_, text| text.replacen("[[links]]", "keep_alive_ms = 1000\n\n[[links]]", 1),
+    )?;
     let listen: SocketAddr = sys.tcp_listen_addr("sf")?;
     sys.wait_ready()?;
 
@@ -642,9 +657,12 @@ async fn long_partition_fails_both_ends_and_frees_the_relay() -> Result<()> {
     client.read_exact(&mut hello).await?;
 
     proxy.set(Fault::Blackhole);
+    // The flow is idle: A notices the silence at its next keep-alive (25 s,
+    // then 3 s unanswered), and its flow times out. B's, after the relay
+    // notices A gone (its idle timeout, 60 s) and B's flow timeout.
     let (c, s) = tokio::join!(
-        expect_reset(client, Duration::from_secs(30)),
-        expect_reset(server, Duration::from_secs(30)),
+        expect_reset(client, Duration::from_secs(60)),
+        expect_reset(server, Duration::from_secs(90)),
     );
     c.context("client side")?;
     s.context("server side")?;

@@ -7,6 +7,7 @@
 //! admin = "127.0.0.1:9201"         # optional: /metrics, /healthz, /readyz
 //! flow_timeout_ms = 30000          # optional: outage a flow survives
 //! lane_idle_ms = 30000             # optional: a lane without flows closes
+//! keep_alive_ms = 25000            # optional: 1 s to 300 s, see defaults
 //! bulk_nice = 5                    # optional: 0 to 19, see "The lane"
 //! # Optional, for tests of rekeying only: a record key seals at most
 //! # 2^rekey_records_log2 records (2 to 20, default 20), and a generation
@@ -118,12 +119,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub use comsat_protocol::half::{LinkError, LinkHalf, LocalRole};
 use comsat_protocol::noise;
 use comsat_protocol::{NodeId, RelayId};
 use serde::Deserialize;
 
+use crate::defaults;
 use crate::error::AgentError;
 
 /// Largest config file read: room for [`MAX_LINKS`] links of two relays
@@ -160,6 +163,12 @@ pub struct AgentConfig {
     /// before its application sees a reset (default 30 s).
     #[serde(default)]
     pub flow_timeout_ms: Option<u64>,
+    /// Milliseconds between keep-alives of an idle relay connection
+    /// (default 25 s, 1 s to 300 s): shorter than the NAT in front of the
+    /// agent keeps an idle UDP binding, and well under the relay's idle
+    /// timeout (60 s by default).
+    #[serde(default)]
+    pub keep_alive_ms: Option<u64>,
     /// Milliseconds a lane stays up without flows before it closes
     /// (default 30 s; it opens again with the next flow).
     #[serde(default)]
@@ -271,6 +280,7 @@ impl AgentConfig {
             flow_timeout_ms: None,
             lane_idle_ms: None,
             bulk_nice: None,
+            keep_alive_ms: None,
             rekey_records_log2: None,
             flow_ids_log2: None,
             max_forgeries: None,
@@ -322,6 +332,13 @@ impl AgentConfig {
                 "bulk_nice is {n}: niceness goes from 0 (as the process) to 19"
             )));
         }
+        if let Some(ms) = config.keep_alive_ms
+            && !defaults::KEEP_ALIVE_RANGE.contains(&Duration::from_millis(ms))
+        {
+            return Err(bad(format!(
+                "keep_alive_ms is {ms}: it goes from 1000 to 300000 (1 s to 5 min; 25000 unless set)"
+            )));
+        }
         if config.noise_params().check().is_err() {
             let p = config.noise_params();
             return Err(bad(format!(
@@ -335,11 +352,11 @@ impl AgentConfig {
         }
         if let Some(n) = config
             .max_forgeries
-            .filter(|n| !(1..=crate::defaults::MAX_FORGERIES).contains(n))
+            .filter(|n| !(1..=defaults::MAX_FORGERIES).contains(n))
         {
             return Err(bad(format!(
                 "max_forgeries is {n}: it goes from 1 to {}",
-                crate::defaults::MAX_FORGERIES
+                defaults::MAX_FORGERIES
             )));
         }
         if config.links.len() > MAX_LINKS {
@@ -523,6 +540,31 @@ mod tests {
         std::fs::write(&path, format!("{head}bulk_nice = 20\n")).expect("write");
         let err = AgentConfig::load(&path).expect_err("too nice");
         assert!(err.to_string().contains("bulk_nice is 20"), "{err}");
+    }
+
+    #[test]
+    fn keep_alive_is_optional_and_within_its_range() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        let head = format!(
+            "node_id = \"{}\"\nsigning_key = \"node.key\"\nnoise_key = \"noise.key\"\n",
+            "5d".repeat(16)
+        );
+        std::fs::write(&path, &head).expect("write");
+        assert_eq!(AgentConfig::load(&path).expect("load").keep_alive_ms, None);
+        std::fs::write(&path, format!("{head}keep_alive_ms = 300000\n")).expect("write");
+        assert_eq!(
+            AgentConfig::load(&path).expect("load").keep_alive_ms,
+            Some(300_000)
+        );
+        for bad in [0, 999, 300_001] {
+            std::fs::write(&path, format!("{head}keep_alive_ms = {bad}\n")).expect("write");
+            let err = AgentConfig::load(&path).expect_err("out of range");
+            assert!(
+                err.to_string().contains(&format!("keep_alive_ms is {bad}")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -69,14 +69,48 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
 /// Concurrent flow streams the relay may open to this agent.
 pub const MAX_INCOMING_FLOWS: u32 = 1024;
 
-/// Idle timeout of the relay connection: how fast a dead relay (crashed,
-/// unreachable) is noticed, so flows move on and resume quickly.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// QUIC keep-alive interval (`--keep-alive`, `keep_alive_ms`): an idle
+/// relay connection sends one small packet this often (and the relay
+/// acknowledges it), which keeps the agent's NAT binding open. 25 s stays
+/// inside the shortest UDP binding timeouts common NATs keep (30 s for a
+/// new mapping on many home routers and carrier-grade NATs; Linux
+/// conntrack keeps a replied one 120 s), as WireGuard's persistent
+/// keep-alive does. About 0.4 MB a day on the wire.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(25);
 
-/// QUIC keep-alive interval: keeps NAT bindings open and the idle timeout
-/// from firing on a healthy idle connection; costs one small packet per
-/// interval.
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(1500);
+/// Shortest and longest keep-alive an agent may be given.
+pub const KEEP_ALIVE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(300);
+
+/// Idle timeout of a relay connection kept alive every `keep_alive`: two
+/// keep-alives in a row may be lost before it fires (60 s at the default).
+/// A dead relay is noticed long before, by the watchdog
+/// ([`SILENCE_DATA`], [`SILENCE_PING`]); the relay's own idle timeout
+/// (60 s by default) bounds this too.
+pub fn idle_timeout(keep_alive: Duration) -> Duration {
+    keep_alive * 2 + Duration::from_secs(10)
+}
+
+/// The watchdog of a relay connection: data (or anything the relay must
+/// acknowledge) left unanswered this long, and [`SILENCE_RTTS`] round
+/// trips, means the relay is gone or cut off; the links move to the next
+/// relay of their list. About a second, where the idle timeout was the
+/// only detector before; a live relay answers within a round trip or two.
+pub const SILENCE_DATA: Duration = Duration::from_secs(1);
+
+/// The same for a keep-alive left unanswered: longer, so a relay busy for
+/// a moment does not send every idle agent reconnecting at once.
+pub const SILENCE_PING: Duration = Duration::from_secs(3);
+
+/// Round trips the relay has to answer in, at least.
+pub const SILENCE_RTTS: u32 = 8;
+
+/// Relays left for silence, queued for the controller to hear of (more
+/// are dropped: the peers notice by themselves).
+pub const SILENT_QUEUE: usize = 64;
+
+/// How often the watchdog reads the connection's counters.
+pub const SILENCE_TICK: Duration = Duration::from_millis(100);
 
 /// How long a flow waits for its link to come back after an outage before
 /// it fails: shorter outages are invisible to the application (a pause);

@@ -587,7 +587,7 @@ pub(crate) async fn run(
     let reading = tokio::spawn(flow.clone().read_local(reader));
     let limits = ResumeLimits {
         flow_timeout: flow.link.flow_timeout,
-        idle_timeout: defaults::IDLE_TIMEOUT,
+        idle_timeout: defaults::SILENCE_DATA,
         quick_retries: defaults::QUICK_RETRIES,
         settled: defaults::STREAM_SETTLED,
     };

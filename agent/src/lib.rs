@@ -68,6 +68,8 @@ pub struct Agent {
     /// What the owner lets links from a controller do ([`Agent::require_consent`]);
     /// `None`: the links come from the owner's own config.
     consent: Option<consent::Consent>,
+    /// Until taken ([`Agent::silent_relays`]).
+    silent: Option<tokio::sync::mpsc::Receiver<comsat_protocol::RelayId>>,
 }
 
 /// The runtime of one thread (`comsat-lane`) that serves the links naming
@@ -121,6 +123,8 @@ struct Held {
 struct Group {
     task: JoinHandle<()>,
     members: BTreeSet<LinkId>,
+    /// A relay its links' peers left ([`Agent::peer_moved`]).
+    leave: tokio::sync::watch::Sender<Option<comsat_protocol::RelayId>>,
     notify: Arc<AckWake>,
     /// The flows its links carry: its lanes are up while there are some.
     busy: Arc<group::Busy>,
@@ -165,6 +169,7 @@ impl Agent {
         let signing = SigningKey::read_file(&config.signing_key)?;
         let noise = NoiseSecretKey::read_file(&config.noise_key)?;
         let budget_kib = defaults::REPLAY_BUDGET / 1024;
+        let (silent, silent_rx) = tokio::sync::mpsc::channel(defaults::SILENT_QUEUE);
         let shared = Arc::new(Shared {
             node_id: config.node_id,
             signing,
@@ -176,6 +181,10 @@ impl Agent {
                 .map_or(defaults::LANE_IDLE, Duration::from_millis),
             noise_params: config.noise_params(),
             max_forgeries: config.max_forgeries.unwrap_or(defaults::MAX_FORGERIES),
+            keep_alive: config
+                .keep_alive_ms
+                .map_or(defaults::KEEP_ALIVE_INTERVAL, Duration::from_millis),
+            silent,
         });
         let flow_timeout = config
             .flow_timeout_ms
@@ -189,7 +198,30 @@ impl Agent {
             lane: None,
             bulk_nice: config.bulk_nice.unwrap_or(defaults::BULK_NICE),
             consent: None,
+            silent: Some(silent_rx),
         })
+    }
+
+    /// The relays this agent leaves because they stopped answering (their
+    /// ids, as links name them), as it leaves them: for a controller to
+    /// tell the peers ([`Agent::peer_moved`]). Taken once.
+    pub fn silent_relays(
+        &mut self,
+    ) -> Option<tokio::sync::mpsc::Receiver<comsat_protocol::RelayId>> {
+        self.silent.take()
+    }
+
+    /// The peer of `link` left `relay`, which stopped answering it: if the
+    /// link is on that relay now, it moves to the next one of its list at
+    /// once, to meet the peer there (without waiting to notice the silence
+    /// itself, which an idle link does only at its next keep-alive).
+    /// Whether the link is held here.
+    pub fn peer_moved(&self, link: LinkId, relay: comsat_protocol::RelayId) -> bool {
+        let Some(group) = self.groups.values().find(|g| g.members.contains(&link)) else {
+            return false;
+        };
+        group.leave.send_replace(Some(relay));
+        true
     }
 
     /// From now on, takes only links within `consent` (those an owner's
@@ -430,9 +462,10 @@ impl Agent {
             // Unnamed links with a lane to one of their relays (the same
             // relays for the whole group) got its runtimes when applied.
             let lanes = links.values().find_map(|l| l.runtimes.clone());
+            let (leave, left) = tokio::sync::watch::channel(None);
             let session = session::relay_loop(
                 self.shared.clone(),
-                key.relays.clone(),
+                (key.relays.clone(), left),
                 key.connection.clone(),
                 links,
                 notify.clone(),
@@ -453,6 +486,7 @@ impl Agent {
                 Group {
                     task,
                     members,
+                    leave,
                     notify,
                     busy,
                 },
@@ -514,9 +548,11 @@ fn check(cfg: &LinkConfig) -> Result<LocalRole, AgentError> {
     let role = cfg.role().map_err(bad)?;
     cfg.check_connection().map_err(bad)?;
     for relay in &cfg.relays {
-        tls::client_config(relay).map_err(|reason| AgentError::Tls {
-            link: cfg.name.clone(),
-            reason: format!("relay {}: {reason}", relay.addr),
+        tls::client_config(relay, defaults::KEEP_ALIVE_INTERVAL).map_err(|reason| {
+            AgentError::Tls {
+                link: cfg.name.clone(),
+                reason: format!("relay {}: {reason}", relay.addr),
+            }
         })?;
     }
     Ok(role)

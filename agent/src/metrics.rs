@@ -5,6 +5,8 @@
 //! | `comsat_agent_relay_connects_total` | counter | relay connections established |
 //! | `comsat_agent_relay_connect_failures_total` | counter | failed connection attempts |
 //! | `comsat_agent_relay_drains_total` | counter | times a draining relay told the agent to move its links to the next relay |
+//! | `comsat_agent_relay_silences_total` | counter | relay connections given up because the relay left data (or a keep-alive) unanswered past the watchdog's bound: a relay host gone or cut off |
+//! | `comsat_agent_peer_moves_total` | counter | relay connections left because the controller said the links' peers left that relay, which stopped answering them |
 //! | `comsat_agent_links_ready` | gauge | links attached to a relay with an end-to-end session |
 //! | `comsat_agent_flows_total` | counter | flows opened (both directions of dialling) |
 //! | `comsat_agent_flows_open` | gauge | flows open |
@@ -28,6 +30,10 @@ pub const RELAY_CONNECTS_TOTAL: &str = "comsat_agent_relay_connects_total";
 pub const RELAY_CONNECT_FAILURES_TOTAL: &str = "comsat_agent_relay_connect_failures_total";
 /// Moves away from a draining relay.
 pub const RELAY_DRAINS_TOTAL: &str = "comsat_agent_relay_drains_total";
+/// Relay connections given up on for silence.
+pub const RELAY_SILENCES_TOTAL: &str = "comsat_agent_relay_silences_total";
+/// Relay connections left to follow the peers.
+pub const PEER_MOVES_TOTAL: &str = "comsat_agent_peer_moves_total";
 /// Links attached with a session.
 pub const LINKS_READY: &str = "comsat_agent_links_ready";
 /// Flows opened.
@@ -66,6 +72,8 @@ pub(crate) struct Metrics {
     pub(crate) connects: Counter,
     pub(crate) connect_failures: Counter,
     pub(crate) relay_drains: Counter,
+    pub(crate) relay_silences: Counter,
+    pub(crate) peer_moves: Counter,
     pub(crate) links_ready: Gauge,
     pub(crate) flows_total: Counter,
     pub(crate) flows_open: Gauge,
@@ -89,6 +97,14 @@ impl Metrics {
         describe_counter!(
             RELAY_DRAINS_TOTAL,
             "Times a draining relay told the agent to move its links"
+        );
+        describe_counter!(
+            RELAY_SILENCES_TOTAL,
+            "Relay connections given up because the relay left sends unanswered"
+        );
+        describe_counter!(
+            PEER_MOVES_TOTAL,
+            "Relay connections left to follow the peers off a relay that stopped answering them"
         );
         describe_gauge!(
             LINKS_READY,
@@ -126,6 +142,8 @@ impl Metrics {
             connects: counter!(RELAY_CONNECTS_TOTAL),
             connect_failures: counter!(RELAY_CONNECT_FAILURES_TOTAL),
             relay_drains: counter!(RELAY_DRAINS_TOTAL),
+            relay_silences: counter!(RELAY_SILENCES_TOTAL),
+            peer_moves: counter!(PEER_MOVES_TOTAL),
             links_ready: gauge!(LINKS_READY),
             flows_total: counter!(FLOWS_TOTAL),
             flows_open: gauge!(FLOWS_OPEN),

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use comsat_protocol::noise;
-use comsat_protocol::{NodeId, NoiseSecretKey, SigningKey};
-use tokio::sync::Semaphore;
+use comsat_protocol::{NodeId, NoiseSecretKey, RelayId, SigningKey};
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::metrics::Metrics;
 
@@ -24,4 +24,10 @@ pub(crate) struct Shared {
     /// Messages that fail to decrypt under one session before it is
     /// replaced ([`crate::defaults::MAX_FORGERIES`]).
     pub(crate) max_forgeries: u64,
+    /// How often an idle relay connection sends a keep-alive.
+    pub(crate) keep_alive: Duration,
+    /// Relays this agent left because they stopped answering, for whoever
+    /// tells the peers ([`crate::Agent::silent_relays`]); dropped when
+    /// nobody takes them.
+    pub(crate) silent: mpsc::Sender<RelayId>,
 }

@@ -44,8 +44,12 @@ pub enum RelayTlsError {
     Tls(String),
 }
 
-/// Builds the QUIC client configuration for `relay`.
-pub fn client_config(relay: &RelayEndpoint) -> Result<quinn::ClientConfig, RelayTlsError> {
+/// Builds the QUIC client configuration for `relay`, kept alive every
+/// `keep_alive` ([`defaults::KEEP_ALIVE_INTERVAL`] unless configured).
+pub fn client_config(
+    relay: &RelayEndpoint,
+    keep_alive: Duration,
+) -> Result<quinn::ClientConfig, RelayTlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -113,8 +117,8 @@ pub fn client_config(relay: &RelayEndpoint) -> Result<quinn::ClientConfig, Relay
         .max_concurrent_uni_streams(0u32.into())
         .receive_window(defaults::CONNECTION_RECEIVE_WINDOW.into())
         .stream_receive_window(defaults::STREAM_RECEIVE_WINDOW.into())
-        .keep_alive_interval(Some(defaults::KEEP_ALIVE_INTERVAL))
-        .max_idle_timeout(quinn::IdleTimeout::try_from(defaults::IDLE_TIMEOUT).ok());
+        .keep_alive_interval(Some(keep_alive))
+        .max_idle_timeout(quinn::IdleTimeout::try_from(defaults::idle_timeout(keep_alive)).ok());
     let mut ack = quinn::AckFrequencyConfig::default();
     ack.ack_eliciting_threshold(10u32.into())
         .max_ack_delay(Some(Duration::from_millis(5)));
@@ -273,7 +277,7 @@ mod tests {
             relay_id: None,
             lane_addr: None,
         };
-        let err = client_config(&relay).expect_err("too large");
+        let err = client_config(&relay, defaults::KEEP_ALIVE_INTERVAL).expect_err("too large");
         assert!(
             err.to_string().contains("relay-ca.pem: larger than"),
             "{err}"

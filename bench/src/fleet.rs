@@ -33,7 +33,8 @@ pub(crate) fn client_config(relay: SocketAddr, ca: &Path) -> Result<quinn::Clien
         "server_name": "localhost",
         "ca_file": ca,
     }))?;
-    comsat_agent::tls::client_config(&endpoint).map_err(anyhow::Error::msg)
+    comsat_agent::tls::client_config(&endpoint, comsat_agent::defaults::KEEP_ALIVE_INTERVAL)
+        .map_err(anyhow::Error::msg)
 }
 
 pub(crate) struct Fleet {

@@ -19,14 +19,17 @@
 //! `rate-limit`, `setup` (agent handshakes at concurrency 64, link setup
 //! rate), `resume`, `restart` (an agent killed and started again, until
 //! its link carries bytes; alone, then under a stranger's flood of the
-//! relay), `siege` (a controller under slowloris connections and
+//! relay), `failover` (a ping-pong's longest pause when its relay's host
+//! vanishes, frozen with SIGSTOP, a second relay present), `siege` (a controller under slowloris connections and
 //! trickled unauthenticated POSTs, with `ctl status` latency), `storm` (a
 //! relay restarted under 1,000 agent connections, 3,000 in a full run,
 //! 10,000 with `--large`), `memory` (per idle link and agent connection, and
 //! capacity: the sizes held with RSS linear in N; `--large` asks for large
 //! sizes), `loss` (one flow from an agent behind a NAT whose uplink drops
 //! 1 % and 5 % of datagrams at random, beside the same path without loss;
-//! needs root for its network namespaces, and says so where it is skipped).
+//! needs root for its network namespaces, and says so where it is skipped),
+//! `idle` (every IP byte an idle agent with two links sends and receives
+//! through its NAT in a day, relay and controller together; root too).
 //!
 //! The main path runs as `comsat up` does: its relay has an interactive
 //! listener, so its links have lanes (flows start on each agent's second
@@ -53,8 +56,10 @@ use tokio::net::TcpListener;
 
 mod bare_quinn;
 mod chain;
+mod failover;
 mod fleet;
 mod flood;
+mod idle;
 mod iperf;
 mod latency;
 mod loss;
@@ -113,8 +118,8 @@ struct RunArgs {
     #[arg(long)]
     large: bool,
     /// Only this scenario: throughput-1, throughput-8, latency,
-    /// rate-limit, setup, resume, restart, siege, storm, memory (also
-    /// called capacity).
+    /// rate-limit, setup, resume, restart, failover, siege, storm, memory
+    /// (also called capacity), loss, idle.
     #[arg(long)]
     scenario: Option<String>,
     /// Run the main path without lanes: its relay has no interactive
@@ -297,7 +302,7 @@ async fn run(args: RunArgs) -> Result<()> {
     // A scenario that fails is reported, and the others still run.
     type Scenario =
         for<'a> fn(&'a mut Run) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
-    let scenarios: [(&str, Scenario); 11] = [
+    let scenarios: [(&str, Scenario); 13] = [
         ("throughput-1", |r| Box::pin(throughput::throughput_1(r))),
         ("throughput-8", |r| Box::pin(throughput::throughput_8(r))),
         ("latency", |r| Box::pin(latency::latency_scenario(r))),
@@ -305,10 +310,12 @@ async fn run(args: RunArgs) -> Result<()> {
         ("setup", |r| Box::pin(setup::setup(r))),
         ("resume", |r| Box::pin(setup::resume(r))),
         ("restart", |r| Box::pin(restart::restart(r))),
+        ("failover", |r| Box::pin(failover::failover(r))),
         ("siege", |r| Box::pin(siege::siege(r))),
         ("storm", |r| Box::pin(storm::storm(r))),
         ("memory", |r| Box::pin(memory::memory(r))),
         ("loss", |r| Box::pin(loss::loss(r))),
+        ("idle", |r| Box::pin(idle::idle(r))),
     ];
     let mut ran = false;
     for (name, scenario) in scenarios {
@@ -323,7 +330,7 @@ async fn run(args: RunArgs) -> Result<()> {
     if !ran {
         bail!(
             "no scenario named {:?}: choose throughput-1, throughput-8, latency, rate-limit, \
-             setup, resume, restart, siege, storm, memory, loss or capacity",
+             setup, resume, restart, failover, siege, storm, memory, loss, idle or capacity",
             args.scenario.unwrap_or_default()
         );
     }

@@ -48,6 +48,19 @@ impl Path {
         Self::prepare_relays(bin, links, limits, 0, Ipv4Addr::LOCALHOST.into())
     }
 
+    /// Starts a path whose links list a second relay after the first (as
+    /// a link the controller placed on two relays): both relays run.
+    pub(crate) async fn start_with_backup(bin: &str, links: Vec<DevLink>) -> Result<Self> {
+        let mut path = Self::prepare_relays(bin, links, &[], 1, Ipv4Addr::LOCALHOST.into())?;
+        path.start_relay("relay")?;
+        let backup = &path.layout.relays[1].config;
+        let (relay, _, _) = proc::start_relay(&path.bin, backup, path.dir.path(), "relay-2")?;
+        path.more_relays.push(relay);
+        path.start_agent_b()?;
+        path.start_agent_a().await?;
+        Ok(path)
+    }
+
     /// Like [`Path::prepare`], with the relay listening on `relay_ip` (its
     /// own network's address, where it runs in a namespace).
     pub(crate) fn prepare_on(bin: &str, links: Vec<DevLink>, relay_ip: IpAddr) -> Result<Self> {

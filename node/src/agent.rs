@@ -5,7 +5,10 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::collections::HashSet;
+
 use comsat_protocol::api;
+use comsat_protocol::{LinkId, RelayId};
 
 use crate::retry::{Retry, long_poll};
 use crate::state::{NodeState, read_at_most, write_atomic};
@@ -23,6 +26,14 @@ pub trait AgentSink: Send {
         desired: &api::AgentDesired,
         relay_ca: &Path,
     ) -> impl Future<Output = Vec<api::LinkRefusal>> + Send;
+
+    /// The relays the agent leaves because they stopped answering, as it
+    /// leaves them (taken once): the controller tells the peers.
+    fn silent_relays(&mut self) -> Option<tokio::sync::mpsc::Receiver<RelayId>>;
+
+    /// The peer of `link` left `relay`, which stopped answering it: a link
+    /// still there follows it to its next relay.
+    fn peer_moved(&mut self, link: LinkId, relay: RelayId);
 }
 
 /// The last desired state this agent applied, if any.
@@ -59,6 +70,10 @@ pub async fn agent_sync(
             return;
         }
     };
+    if let Some(silent) = agent.silent_relays() {
+        tokio::spawn(report_silent(client.clone(), silent));
+    }
+    let mut moves = Moves::default();
     let mut retry = Retry::new();
     // Refusals the controller has not taken yet: sent before each poll
     // (every time the agent applies a desired state, so an empty list clears
@@ -92,6 +107,10 @@ pub async fn agent_sync(
         }
         let refused = agent.apply(&desired, &dir.join("relay-ca.pem")).await;
         unsent = Some(api::AgentRefusals { refused });
+        for m in moves.unseen(&desired.peer_moves) {
+            tracing::info!(link = %m.link_id, relay = %m.relay_id, "the controller says a link's peer left a relay that stopped answering it");
+            agent.peer_moved(m.link_id, m.relay_id);
+        }
         match serde_json::to_vec(&desired) {
             Ok(bytes) => {
                 if let Err(e) = write_atomic(&dir.join("desired.json"), &bytes) {
@@ -106,6 +125,42 @@ pub async fn agent_sync(
             "desired state applied"
         );
         version = desired.version;
+    }
+}
+
+/// The peer moves already acted on (each is named in every desired state
+/// for a while, [`api::PEER_MOVE_TTL_SECS`]).
+#[derive(Default)]
+struct Moves(HashSet<(LinkId, RelayId, u64)>);
+
+impl Moves {
+    /// Those of `named` not acted on before; forgets those no longer named.
+    fn unseen<'a>(&mut self, named: &'a [api::PeerMove]) -> Vec<&'a api::PeerMove> {
+        let key = |m: &api::PeerMove| (m.link_id, m.relay_id, m.at);
+        let fresh = named.iter().filter(|m| !self.0.contains(&key(m))).collect();
+        self.0 = named.iter().map(key).collect();
+        fresh
+    }
+}
+
+/// Tells the controller of each relay this agent left because it stopped
+/// answering, so it tells the peers. One that cannot be told is let go:
+/// the peers notice by themselves.
+async fn report_silent(
+    client: crate::client::Client,
+    mut silent: tokio::sync::mpsc::Receiver<RelayId>,
+) {
+    while let Some(relay_id) = silent.recv().await {
+        let sent: anyhow::Result<api::Empty> = client
+            .post(
+                api::PATH_AGENT_RELAY_SILENT,
+                &api::RelaySilent { relay_id },
+                "a relay left for silence",
+            )
+            .await;
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, relay = %relay_id, "cannot tell the controller this agent left a silent relay; its peers notice by themselves");
+        }
     }
 }
 
@@ -125,5 +180,32 @@ async fn report_refusals(
             tracing::warn!(error = %e, "cannot tell the controller which links this agent refused; trying again after its next answer");
             Some(refusals)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn moved(link: LinkId, at: u64) -> api::PeerMove {
+        api::PeerMove {
+            link_id: link,
+            relay_id: RelayId([7; 16]),
+            at,
+        }
+    }
+
+    #[test]
+    fn a_peer_move_is_acted_on_once() {
+        let (l1, l2) = (LinkId([1; 16]), LinkId([2; 16]));
+        let mut moves = Moves::default();
+        let first = [moved(l1, 10)];
+        assert_eq!(moves.unseen(&first), vec![&first[0]]);
+        // Named again in the next desired state: nothing new.
+        assert!(moves.unseen(&first).is_empty());
+        // A later move of the same link, and another link's.
+        let next = [moved(l1, 10), moved(l1, 70), moved(l2, 70)];
+        assert_eq!(moves.unseen(&next), vec![&next[1], &next[2]]);
+        assert!(moves.unseen(&next).is_empty());
     }
 }

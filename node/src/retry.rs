@@ -39,7 +39,7 @@ pub(crate) async fn long_poll<T: DeserializeOwned>(
     loop {
         let wait = LONG_POLL.as_millis().to_string();
         let query = [("since", since.to_string()), ("wait_ms", wait)];
-        match client.get(path, &query, what).await {
+        match client.poll(path, &query, LONG_POLL, what).await {
             Ok(answer) => {
                 retry.reset();
                 return answer;

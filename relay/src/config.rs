@@ -37,7 +37,7 @@
 //! connection_receive_window = 16777216
 //! stream_receive_window = 2097152
 //! max_streams_per_connection = 1024
-//! idle_timeout_ms = 30000
+//! idle_timeout_ms = 60000
 //! buffer_budget = 268435456    # bytes held for absent peers and agents' control queues, all links
 //! max_links = 100000           # links with a side attached, at once
 //! metrics_max_links = 100      # links with /metrics series of their own
@@ -340,6 +340,18 @@ impl RelayConfig {
                          must be at least 1"
                     .into(),
             });
+        }
+        if config.limits.idle_timeout_ms == 0 {
+            return Err(RelayError::Config {
+                path: path.to_owned(),
+                reason: "limits.idle_timeout_ms must be at least 1 (60000 unless set)".into(),
+            });
+        }
+        if Duration::from_millis(config.limits.idle_timeout_ms) < defaults::WARN_IDLE_TIMEOUT {
+            tracing::warn!(
+                idle_timeout_ms = config.limits.idle_timeout_ms,
+                "limits.idle_timeout_ms is under 30000: idle agents that keep alive every 25 s (their default) are cut off between keep-alives; give them a shorter --keep-alive or raise it"
+            );
         }
         Ok(config)
     }

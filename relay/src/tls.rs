@@ -158,7 +158,8 @@ fn transport_config(config: &RelayConfig) -> quinn::TransportConfig {
         )
         .stream_receive_window(l.stream_receive_window.into())
         .send_window(defaults::SEND_WINDOW)
-        .keep_alive_interval(Some(defaults::KEEP_ALIVE_INTERVAL))
+        // The agents keep alive (see `defaults::IDLE_TIMEOUT`).
+        .keep_alive_interval(None)
         .datagram_receive_buffer_size(None);
     let idle = Duration::from_millis(l.idle_timeout_ms);
     let mut ack = quinn::AckFrequencyConfig::default();

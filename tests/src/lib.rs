@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fault;
+pub mod fleet;
 pub mod hostile;
 pub mod netns;
 pub mod oracle;

@@ -87,6 +87,14 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
+/// What a NAT router forwarded: (packets, IP bytes) of each kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forwarded {
+    pub udp: (u64, u64),
+    pub tcp: (u64, u64),
+    pub other: (u64, u64),
+}
+
 impl NatTopology {
     /// Makes a public namespace and `edges` edges behind NATs (at most
     /// 200).
@@ -348,6 +356,66 @@ impl NatTopology {
             run_in_ns(&e.router, "nft", &["-f", "-"], Some(&rules))?;
         }
         Ok(())
+    }
+
+    /// Starts counting what edge `i`'s router forwards, each way, from
+    /// zero: see [`Self::forwarded`].
+    pub fn count_forwarded(&self, i: usize) -> Result<()> {
+        let e = self.edge(i)?;
+        let rules = "table inet comsat_count {\n\
+             \x20   chain forward {\n\
+             \x20       type filter hook forward priority -30; policy accept;\n\
+             \x20       meta l4proto udp counter\n\
+             \x20       meta l4proto tcp counter\n\
+             \x20       meta l4proto != { udp, tcp } counter\n\
+             \x20   }\n\
+             }\n";
+        let _ = run_in_ns(
+            &e.router,
+            "nft",
+            &["delete", "table", "inet", "comsat_count"],
+            None,
+        );
+        run_in_ns(&e.router, "nft", &["-f", "-"], Some(rules))
+    }
+
+    /// IP bytes (headers included) edge `i`'s router forwarded, both ways
+    /// together, since [`Self::count_forwarded`]: UDP, TCP and anything
+    /// else.
+    pub fn forwarded(&self, i: usize) -> Result<Forwarded> {
+        let e = self.edge(i)?;
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &e.router,
+                "nft",
+                "list",
+                "table",
+                "inet",
+                "comsat_count",
+            ])
+            .stderr(Stdio::null())
+            .output()
+            .context("running nft list")?;
+        ensure!(out.status.success(), "edge {i} counts nothing");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let counts: Vec<(u64, u64)> = text
+            .lines()
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                let at = |k: &str| {
+                    w.iter()
+                        .position(|x| *x == k)
+                        .and_then(|p| w.get(p + 1)?.parse().ok())
+                };
+                Some((at("packets")?, at("bytes")?))
+            })
+            .collect();
+        let [udp, tcp, other] = counts[..] else {
+            bail!("unexpected counters on edge {i}: {text}");
+        };
+        Ok(Forwarded { udp, tcp, other })
     }
 
     /// Datagrams [`Self::set_loss`] has dropped on edge `i` so far.

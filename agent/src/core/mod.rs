@@ -8,6 +8,7 @@ pub(crate) mod ack;
 pub(crate) mod flow;
 pub(crate) mod link;
 pub(crate) mod relay;
+pub(crate) mod silence;
 
 #[cfg(test)]
 mod tests;

@@ -13,6 +13,7 @@ use comsat_protocol::{HELLO_EXPORTER_LABEL, HELLO_EXPORTER_LEN};
 use tokio::sync::mpsc;
 
 use super::accept::accept_flows;
+use crate::core::silence::{Bounds, Sample, Silence};
 use crate::link::LinkRt;
 
 use crate::defaults;
@@ -192,6 +193,72 @@ pub(crate) async fn write_control(
         if send.write_all(&buf).await.is_err() {
             return;
         }
+    }
+}
+
+/// How long the relay may leave sends unanswered.
+const BOUNDS: Bounds = Bounds {
+    data: defaults::SILENCE_DATA,
+    ping: defaults::SILENCE_PING,
+    rtts: defaults::SILENCE_RTTS,
+};
+
+/// The counters of `conn` the watchdog reads.
+fn sample(conn: &quinn::Connection) -> Sample {
+    let s = conn.stats();
+    let f = &s.frame_tx;
+    Sample {
+        received: s.udp_rx.datagrams,
+        sent: f.stream
+            + f.datagram
+            + f.reset_stream
+            + f.stop_sending
+            + f.max_data
+            + f.max_stream_data
+            + f.max_streams_bidi
+            + f.path_challenge
+            + f.path_response,
+        pings: f.ping,
+        rtt: s.path.rtt,
+    }
+}
+
+/// The watchdog of one relay connection ([`crate::core::silence`]): reads
+/// its counters every [`defaults::SILENCE_TICK`].
+pub(super) struct Watchdog {
+    tick: tokio::time::Interval,
+    silence: Silence,
+}
+
+impl Watchdog {
+    pub(super) fn new(conn: &quinn::Connection) -> Self {
+        let mut tick = tokio::time::interval(defaults::SILENCE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            tick,
+            silence: Silence::new(BOUNDS, sample(conn)),
+        }
+    }
+
+    /// The next tick.
+    pub(super) async fn tick(&mut self) {
+        self.tick.tick().await;
+    }
+
+    /// Whether the relay left what this agent sent on `conn` unanswered
+    /// for too long (gone, or cut off): logged and counted.
+    pub(super) fn silent(&mut self, shared: &Shared, conn: &quinn::Connection) -> bool {
+        let now = tokio::time::Instant::now().into_std();
+        let Some(silent) = self.silence.on_sample(now, sample(conn)) else {
+            return false;
+        };
+        shared.metrics.relay_silences.increment(1);
+        tracing::warn!(
+            silent_ms = silent.as_millis() as u64,
+            rtt_us = conn.rtt().as_micros() as u64,
+            "the relay stopped answering: giving up on this connection"
+        );
+        true
     }
 }
 

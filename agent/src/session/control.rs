@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use comsat_protocol::LinkId;
 use comsat_protocol::link::LinkControl;
 use comsat_protocol::msg::{AgentToRelay, ErrorCode, FrameDecoder, PeerFrame, RelayToAgent};
-use tokio::sync::mpsc;
+use comsat_protocol::{LinkId, RelayId};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -20,7 +20,7 @@ use crate::link::{AckWake, LinkRt};
 use crate::shared::Shared;
 use crate::sync::lock;
 
-use super::conn::{ControlTasks, read_message};
+use super::conn::{ControlTasks, Watchdog, read_message};
 use super::peer::{handle_handshake, handle_sealed, initiate};
 
 /// The driver's time, for the cores.
@@ -46,6 +46,9 @@ pub(super) enum Ended {
     Silent,
     /// Every link's peer stayed away: try the next relay of the list.
     Hop,
+    /// The peers left this relay, which stopped answering them (the
+    /// controller said): follow them to the next relay of the list.
+    PeerMoved,
     /// The relay is draining and told us to go: move every link to the
     /// next relay of the list at once (the peers were told the same).
     Drained,
@@ -63,25 +66,34 @@ struct Control<'a> {
     reattach: Reattach,
 }
 
+/// What else ends a relay connection: the peers leaving the relay (the
+/// controller said), and its lane finding it silent.
+pub(super) struct Moves<'a> {
+    /// Relays the peers left.
+    pub(super) left: &'a mut watch::Receiver<Option<RelayId>>,
+    /// This relay's id, where known.
+    pub(super) here: Option<RelayId>,
+    /// Notified when the lane to this relay found it silent.
+    pub(super) lane_silent: &'a Notify,
+}
+
 /// Serves the relay connection `conn` (its control stream `send`/`recv`)
 /// for `links` until it ends; `can_hop`: the group may try the next relay
 /// of its list after `hops` in a row without meeting a peer.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn serve(
     shared: &Arc<Shared>,
     conn: &quinn::Connection,
-    send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    mut decoder: FrameDecoder,
+    (send, mut recv, mut decoder): (quinn::SendStream, quinn::RecvStream, FrameDecoder),
     links: &HashMap<LinkId, Arc<LinkRt>>,
     ack_notify: &AckWake,
-    can_hop: bool,
-    hops: u32,
+    (can_hop, hops): (bool, u32),
+    moves: Moves<'_>,
 ) -> Ended {
     let tasks = ControlTasks::start(shared, conn, send, links, false).await;
     let mut retry = tokio::time::interval(defaults::HANDSHAKE_RETRY);
     retry.tick().await;
     let mut hop_check = tokio::time::interval(Duration::from_millis(500));
+    let mut watchdog = Watchdog::new(conn);
     let mut st = Control {
         shared,
         conn,
@@ -125,6 +137,19 @@ pub(super) async fn serve(
             }
             _ = retry.tick() => {
                 st.on_retry();
+                continue;
+            }
+            _ = watchdog.tick() => {
+                if watchdog.silent(shared, conn) {
+                    break Ended::Silent;
+                }
+                continue;
+            }
+            () = moves.lane_silent.notified() => break Ended::Silent,
+            Ok(()) = moves.left.changed() => {
+                if moves.here.is_some() && *moves.left.borrow_and_update() == moves.here {
+                    break Ended::PeerMoved;
+                }
                 continue;
             }
         };

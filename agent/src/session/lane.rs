@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use comsat_protocol::LinkId;
 use comsat_protocol::msg::{AgentToRelay, FrameDecoder, RelayToAgent};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, info_span};
 
@@ -39,7 +40,7 @@ use crate::group::{Busy, Runtimes};
 use crate::link::LinkRt;
 use crate::shared::Shared;
 
-use super::conn::{ControlTasks, connect, read_message};
+use super::conn::{ControlTasks, Watchdog, connect, read_message};
 
 /// The lane of one relay connection, for as long as this lives: dropping
 /// it stops the lane and takes it from the links.
@@ -49,14 +50,16 @@ pub(crate) struct Lane {
 }
 
 impl Lane {
-    /// Starts the lane to `relay.lane_addr` for `links`, if it has one.
+    /// Starts the lane to `relay.lane_addr` for `links`, if it has one;
+    /// `silent` is notified when the relay stops answering on it (its
+    /// main connection then gives up on the relay too).
     pub(crate) fn start(
         shared: &Arc<Shared>,
         relay: &RelayEndpoint,
         client: &quinn::ClientConfig,
         links: &HashMap<LinkId, Arc<LinkRt>>,
-        rt: &Runtimes,
-        busy: &Arc<Busy>,
+        (rt, busy): (&Runtimes, &Arc<Busy>),
+        silent: Arc<Notify>,
     ) -> Option<Self> {
         let addr = relay.lane_addr.clone()?;
         let span = info_span!("lane", addr = %addr);
@@ -67,7 +70,7 @@ impl Lane {
                 relay.server_name.clone(),
                 client.clone(),
                 links.clone(),
-                busy.clone(),
+                (busy.clone(), silent),
             )
             .instrument(span),
         );
@@ -120,7 +123,7 @@ async fn run(
     server_name: String,
     client: quinn::ClientConfig,
     links: HashMap<LinkId, Arc<LinkRt>>,
-    busy: Arc<Busy>,
+    (busy, silent): (Arc<Busy>, Arc<Notify>),
 ) {
     let mut backoff = Backoff::new(defaults::RECONNECT_INITIAL, defaults::LANE_RETRY_MAX);
     loop {
@@ -130,7 +133,11 @@ async fn run(
                 info!("lane connected");
                 shared.metrics.lane_connects.increment(1);
                 let open = Open::count(&shared.metrics.lanes_open);
-                let attached = serve(&shared, &conn, send, recv, decoder, &links, &busy).await;
+                let (attached, relay_silent) =
+                    serve(&shared, &conn, (send, recv, decoder), &links, &busy).await;
+                if relay_silent {
+                    silent.notify_one();
+                }
                 drop(open);
                 for link in links.values() {
                     link.lane.send_if_modified(|lane| {
@@ -157,17 +164,17 @@ async fn run(
 }
 
 /// Attaches every link as a lane and accepts the flows the relay opens on
-/// it, until the connection ends or the group has carried no flow for
-/// `lane_idle`; whether any link attached.
+/// it, until the connection ends, the relay leaves what it is sent
+/// unanswered for too long (the watchdog), or the group has carried no
+/// flow for `lane_idle`; whether any link attached, and whether the relay
+/// went silent.
 async fn serve(
     shared: &Arc<Shared>,
     conn: &quinn::Connection,
-    send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    mut decoder: FrameDecoder,
+    (send, mut recv, mut decoder): (quinn::SendStream, quinn::RecvStream, FrameDecoder),
     links: &HashMap<LinkId, Arc<LinkRt>>,
     busy: &Busy,
-) -> bool {
+) -> (bool, bool) {
     let tasks = ControlTasks::start(shared, conn, send, links, true).await;
     let ctl = &tasks.ctl;
     let mut attached = false;
@@ -177,9 +184,18 @@ async fn serve(
     let mut retry = tokio::time::interval(defaults::HANDSHAKE_RETRY);
     let mut idle_check = tokio::time::interval(shared.lane_idle.min(Duration::from_secs(1)));
     let mut idle = Idle::new(shared.lane_idle);
+    let mut watchdog = Watchdog::new(conn);
+    let mut silent = false;
     loop {
         let msg = tokio::select! {
             m = read_message(&mut recv, &mut decoder) => m,
+            () = watchdog.tick() => {
+                if watchdog.silent(shared, conn) {
+                    silent = true;
+                    break;
+                }
+                continue;
+            }
             _ = idle_check.tick() => {
                 if idle.check(busy.flows() > 0, now()) {
                     info!("lane idle: closing it until the next flow");
@@ -227,5 +243,5 @@ async fn serve(
         }
     }
     tasks.finish().await;
-    attached
+    (attached, silent)
 }

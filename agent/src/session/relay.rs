@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use comsat_protocol::LinkId;
+use comsat_protocol::{LinkId, RelayId};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -16,16 +17,17 @@ use crate::link::{AckWake, LinkRt};
 use crate::shared::Shared;
 
 use super::conn::{ConnectError, connect};
-use super::control::Ended;
+use super::control::{Ended, Moves};
 use super::lane::Lane;
 
 /// Keeps `links` on the first relay of `relays` that answers, forever;
-/// `connection` names their connection in logs (`default` when none).
-/// With `lanes`, each relay connection has a lane beside it where the
-/// relay offers one ([`super::lane`]).
+/// `left` names a relay their peers left (the group moves off it if it is
+/// on it); `connection` names their connection in logs (`default` when
+/// none). With `lanes`, each relay connection has a lane beside it where
+/// the relay offers one ([`super::lane`]).
 pub(crate) async fn relay_loop(
     shared: Arc<Shared>,
-    relays: Vec<RelayEndpoint>,
+    (relays, mut left): (Vec<RelayEndpoint>, watch::Receiver<Option<RelayId>>),
     connection: Option<String>,
     links: HashMap<LinkId, Arc<LinkRt>>,
     ack_notify: Arc<AckWake>,
@@ -33,7 +35,7 @@ pub(crate) async fn relay_loop(
 ) {
     let candidates: Vec<(RelayEndpoint, quinn::ClientConfig)> = relays
         .iter()
-        .filter_map(|r| match crate::tls::client_config(r) {
+        .filter_map(|r| match crate::tls::client_config(r, shared.keep_alive) {
             Ok(c) => Some((r.clone(), c)),
             Err(e) => {
                 tracing::error!(relay = %r.addr, error = %e, "cannot configure TLS for relay; skipping it");
@@ -57,12 +59,12 @@ pub(crate) async fn relay_loop(
         );
         let ended = connect_and_serve(
             &shared,
-            relay,
-            client,
+            (relay, client),
             &links,
             &ack_notify,
             (list.can_hop(), list.hops()),
             lanes.as_ref(),
+            &mut left,
         )
         .instrument(span)
         .await;
@@ -72,7 +74,7 @@ pub(crate) async fn relay_loop(
         }
         let how = match &ended {
             Ok(Ended::Closed) => Outcome::Closed,
-            Ok(Ended::Silent) => Outcome::Silent,
+            Ok(Ended::Silent | Ended::PeerMoved) => Outcome::Silent,
             Ok(Ended::Hop) => Outcome::Hop,
             Ok(Ended::Drained) => Outcome::Drained,
             Err(_) => Outcome::Failed,
@@ -87,8 +89,17 @@ pub(crate) async fn relay_loop(
             (Outcome::Hop, _) => {
                 info!(from = %relay.addr, to = %to, "peers absent here; trying the next relay");
             }
+            (_, Ok(Ended::PeerMoved)) => {
+                shared.metrics.peer_moves.increment(1);
+                info!(from = %relay.addr, to = %to, "the peers left this relay, which stopped answering them: following them to the next relay");
+            }
             (Outcome::Silent, _) if list.can_hop() => {
+                tell_silent(&shared, relay);
                 info!(from = %relay.addr, to = %to, "relay went silent; trying the next relay first");
+            }
+            (Outcome::Silent, _) => {
+                tell_silent(&shared, relay);
+                info!(relay = %relay.addr, "relay went silent; connecting again");
             }
             (_, Err(e)) => {
                 shared.metrics.connect_failures.increment(1);
@@ -113,25 +124,56 @@ pub(crate) async fn relay_loop(
     }
 }
 
+/// Queues `relay`, which stopped answering, for the controller to tell the
+/// peers (dropped if the queue is full or nobody reads it).
+fn tell_silent(shared: &Shared, relay: &RelayEndpoint) {
+    if let Some(id) = relay.relay_id {
+        let _ = shared.silent.try_send(id);
+    }
+}
+
 /// Connects, authenticates and serves until the connection ends. `Err` if
 /// it was never established.
 async fn connect_and_serve(
     shared: &Arc<Shared>,
-    relay: &RelayEndpoint,
-    client: &quinn::ClientConfig,
+    (relay, client): (&RelayEndpoint, &quinn::ClientConfig),
     links: &HashMap<LinkId, Arc<LinkRt>>,
     ack_notify: &AckWake,
     (can_hop, hops): (bool, u32),
     lanes: Option<&(Runtimes, Arc<Busy>)>,
+    left: &mut watch::Receiver<Option<RelayId>>,
 ) -> Result<Ended, ConnectError> {
     let (endpoint, conn, send, recv, decoder) =
         connect(shared, &relay.addr, &relay.server_name, client).await?;
     shared.metrics.connects.increment(1);
     info!("connected to relay");
-    // Ends with this connection (dropped on return).
-    let _lane = lanes.and_then(|(rt, busy)| Lane::start(shared, relay, client, links, rt, busy));
+    // Ends with this connection (dropped on return); tells it when the
+    // relay went silent on the lane.
+    let lane_silent = Arc::new(Notify::new());
+    let _lane = lanes.and_then(|(rt, busy)| {
+        Lane::start(
+            shared,
+            relay,
+            client,
+            links,
+            (rt, busy),
+            lane_silent.clone(),
+        )
+    });
+    // A move the peers made before this connection is not about it.
+    left.borrow_and_update();
     let mut ended = super::control::serve(
-        shared, &conn, send, recv, decoder, links, ack_notify, can_hop, hops,
+        shared,
+        &conn,
+        (send, recv, decoder),
+        links,
+        ack_notify,
+        (can_hop, hops),
+        Moves {
+            left,
+            here: relay.relay_id,
+            lane_silent: &lane_silent,
+        },
     )
     .await;
     if matches!(ended, Ended::Closed)

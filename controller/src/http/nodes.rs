@@ -13,10 +13,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use comsat_protocol::api::{
-    self, AgentDesired, AgentInfo, AgentLink, CertRequest, CertResponse, Empty, NodeKind,
-    RelayAddr, RelayEvent, RelayEventKind, RelayEvents, RelayHeartbeat, RelayInfo, Status,
+    self, AgentDesired, AgentInfo, AgentLink, CertRequest, CertResponse, Empty, NodeKind, PeerMove,
+    RelayAddr, RelayEvent, RelayEventKind, RelayEvents, RelayHeartbeat, RelayInfo, RelaySilent,
+    Status,
 };
-use comsat_protocol::{RelayId, Side};
+use comsat_protocol::{LinkId, RelayId, Side};
 use serde::Deserialize;
 use tokio::time::Instant;
 
@@ -43,6 +44,7 @@ pub(super) fn routes(r: Routes) -> Routes {
         .add(api::PATH_RELAY_HEARTBEAT, relay(), post(relay_heartbeat))
         .add(api::PATH_RELAY_CERT, relay().audited("relay.cert"), post(relay_cert))
         .add(api::PATH_AGENT_CONFIG, Policy::node(NodeKind::Agent), get(agent_config))
+        .add(api::PATH_AGENT_RELAY_SILENT, Policy::node(NodeKind::Agent), post(relay_silent))
         .add(api::PATH_AGENTS, Policy::api("agents", "list"), get(list_agents))
         .add(api::PATH_RELAYS, Policy::api("relays", "list"), get(list_relays))
         .add(api::PATH_STATUS, Policy::api("status", "get"), get(status));
@@ -296,11 +298,54 @@ async fn desired(state: &Shared, agent: &NodeRecord) -> Result<AgentDesired, Api
             connection: link.connection.clone(),
         });
     }
+    let since = unix_now().saturating_sub(api::PEER_MOVE_TTL_SECS);
+    let peer_moves = state
+        .store
+        .peer_moves(&agent.node_id, since)
+        .await?
+        .into_iter()
+        .map(|(link_id, relay_id, at)| PeerMove {
+            link_id,
+            relay_id,
+            at,
+        })
+        .collect();
     Ok(AgentDesired {
         version: agent.config_version,
         links,
         relay_ca_pem: state.relay_ca.cert_pem().to_owned(),
+        peer_moves,
     })
+}
+
+/// An agent left a relay that stopped answering: the peers of its links
+/// there are told to leave it too (their desired state names the move),
+/// so both meet on the next relay without the idle one waiting to notice
+/// the silence itself. An agent moves only links it is a party to, and
+/// only off relays they are placed on.
+async fn relay_silent(
+    State(state): State<AppState>,
+    CallingNode(agent): CallingNode,
+    body: Bytes,
+) -> Result<Json<Empty>, ApiError> {
+    let req: RelaySilent = parse_json(&body)?;
+    let links: Vec<LinkId> = state
+        .store
+        .links_of_agent(&agent.node_id)
+        .await?
+        .into_iter()
+        .filter(|l| l.relays.contains(&req.relay_id))
+        .map(|l| l.link_id)
+        .collect();
+    if !links.is_empty() {
+        tracing::info!(agent = %agent.name, relay = %req.relay_id, links = links.len(), "an agent left a relay that stopped answering; telling its peers");
+        state
+            .store
+            .record_peer_moves(&agent.node_id, &req.relay_id, &links, unix_now())
+            .await?;
+        state.notify();
+    }
+    Ok(Json(Empty {}))
 }
 
 async fn agent_config(
@@ -320,6 +365,13 @@ async fn agent_config(
         if agent.config_version > q.since
             || !wait_change(&mut changes, &mut shutdown, deadline).await
         {
+            if agent.config_version == q.since {
+                // Nothing new: the agent keeps what it has.
+                return Ok(Json(AgentDesired {
+                    version: q.since,
+                    ..AgentDesired::default()
+                }));
+            }
             return Ok(Json(desired(&state, &agent).await?));
         }
     }

@@ -592,6 +592,26 @@ pub trait Store: Send + Sync {
     /// Every link half refused by its agent.
     async fn refusals(&self) -> Result<Vec<RefusalRecord>, StoreError>;
 
+    /// `agent` left `relay` (it stopped answering) at `now`, on `links`
+    /// (its links placed there): records it for each, in place of what
+    /// the agent said before of that link, and bumps the config version of
+    /// each link's other agent.
+    async fn record_peer_moves(
+        &self,
+        agent: &NodeId,
+        relay: &RelayId,
+        links: &[LinkId],
+        now: u64,
+    ) -> Result<(), StoreError>;
+
+    /// What the peers of `agent`'s links said they left at `since` or
+    /// later: (link, relay, at).
+    async fn peer_moves(
+        &self,
+        agent: &NodeId,
+        since: u64,
+    ) -> Result<Vec<(LinkId, RelayId, u64)>, StoreError>;
+
     /// Closes the connections (the store is unusable afterwards).
     async fn close(&self);
 }

@@ -17,6 +17,8 @@
 //! | [`PATH_RELAY_HEARTBEAT`] | POST | relay | [`RelayHeartbeat`] → [`Empty`] |
 //! | [`PATH_RELAY_CERT`] | POST | relay | [`CertRequest`] → [`CertResponse`] |
 //! | [`PATH_AGENT_CONFIG`] | GET `?since=V&wait_ms=W` | agent | → [`AgentDesired`] |
+//! | [`PATH_AGENT_REFUSALS`] | POST | agent | [`AgentRefusals`] → [`Empty`] |
+//! | [`PATH_AGENT_RELAY_SILENT`] | POST | agent | [`RelaySilent`] → [`Empty`] |
 //! | [`PATH_TOKENS`] | POST | `tokens/KIND` create | [`TokenCreate`] → [`TokenCreated`] |
 //! | [`PATH_OPEN_TOKENS`] | GET | `tokens` list | → `Vec<`[`JoinTokenInfo`]`>` |
 //! | [`PATH_AGENTS`], [`PATH_RELAYS`] | GET | `agents`/`relays` list | → `Vec<`[`AgentInfo`]`>`, `Vec<`[`RelayInfo`]`>` |
@@ -52,6 +54,9 @@ pub const PATH_RELAY_CERT: &str = "/v1/relay/cert";
 pub const PATH_AGENT_CONFIG: &str = "/v1/agent/config";
 /// `POST`: the links an agent refused, and why ([`AgentRefusals`]).
 pub const PATH_AGENT_REFUSALS: &str = "/v1/agent/refusals";
+/// `POST`: the agent left a relay that stopped answering ([`RelaySilent`]);
+/// the peers of its links there are told to leave it too.
+pub const PATH_AGENT_RELAY_SILENT: &str = "/v1/agent/relay-silent";
 /// Join tokens (admin).
 pub const PATH_TOKENS: &str = "/v1/tokens";
 /// `GET`: join tokens neither used nor expired ([`JoinTokenInfo`]).
@@ -80,8 +85,8 @@ pub const PATH_ROLE_BINDINGS: &str = "/v1/rolebindings";
 /// Most audit records one request returns.
 pub const MAX_AUDIT_RECORDS: usize = 1000;
 
-/// Longest long poll a client may ask for (`wait_ms`).
-pub const MAX_WAIT_MS: u64 = 30_000;
+/// Longest long poll a client may ask for (`wait_ms`): ten minutes.
+pub const MAX_WAIT_MS: u64 = 600_000;
 /// Most events in one [`RelayEvents`] answer.
 pub const MAX_EVENTS_PER_POLL: usize = 1000;
 /// Largest JSON body either side reads.
@@ -345,7 +350,9 @@ pub use crate::half::LinkHalf;
 /// An agent's half of one link, as the controller sends it.
 pub type AgentLink = LinkHalf<RelayAddr>;
 
-/// An agent's whole desired state.
+/// An agent's whole desired state. A long poll that ends with nothing
+/// new (`version` equal to the poll's `since`) carries no links and no CA:
+/// the agent keeps what it has (an idle agent's poll answer stays small).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentDesired {
     /// Increases with every change; poll with `since` = this.
@@ -354,6 +361,35 @@ pub struct AgentDesired {
     pub links: Vec<AgentLink>,
     /// The CA relay certificates chain to (PEM).
     pub relay_ca_pem: String,
+    /// Relays the peers of its links left lately because they stopped
+    /// answering: a link still on one of them moves to its next relay, to
+    /// meet its peer there, without waiting to notice the silence itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_moves: Vec<PeerMove>,
+}
+
+/// How long a peer's move stays in [`AgentDesired::peer_moves`], seconds.
+pub const PEER_MOVE_TTL_SECS: u64 = 120;
+
+/// A link's peer left a relay that stopped answering.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerMove {
+    /// The link.
+    pub link_id: LinkId,
+    /// The relay its peer left.
+    pub relay_id: RelayId,
+    /// When the peer said so (Unix seconds): a move is acted on once.
+    pub at: u64,
+}
+
+/// `POST PATH_AGENT_RELAY_SILENT`: the agent left this relay because it
+/// stopped answering.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySilent {
+    /// The relay.
+    pub relay_id: RelayId,
 }
 
 /// Most links in one [`AgentRefusals`].

@@ -8,6 +8,7 @@ mod flow;
 mod link;
 mod relay;
 mod resume;
+mod silence;
 
 /// A hand-driven clock.
 struct Clock(Instant);

@@ -19,7 +19,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use super::Backend;
 
 /// Each migration: its version, its description and its template.
-const MIGRATIONS: [(i64, &str, &str); 8] = [
+const MIGRATIONS: [(i64, &str, &str); 9] = [
     (1, "init", include_str!("../../../migrations/0001_init.sql")),
     (
         2,
@@ -51,6 +51,11 @@ const MIGRATIONS: [(i64, &str, &str); 8] = [
         8,
         "link refusals",
         include_str!("../../../migrations/0008_link_refusals.sql"),
+    ),
+    (
+        9,
+        "peer moves",
+        include_str!("../../../migrations/0009_peer_moves.sql"),
     ),
 ];
 
@@ -91,7 +96,7 @@ mod tests {
 
     /// SHA-384 of each released migration as each database has it, in
     /// order: what databases made by earlier releases hold.
-    const RELEASED: [(&str, &str); 8] = [
+    const RELEASED: [(&str, &str); 9] = [
         (
             "8a5ed74d7edaa043f65cba738a33406e9aadf28d5e25b5466d514952facfe8d7c42bf469371eba9797bec815b7cad112",
             "04b07fec1a7d34a6af53470ec77b693a09bbcc12e80489802d7e505689b88030048162c19e7c6ee2b930a5f76538c07c",
@@ -123,6 +128,10 @@ mod tests {
         (
             "80981625fd846fb1cab50ced6f7ccdc1c4577c5a221bc59d5989dbb62d357ab6332de2477f96eba8438cc35b92e1eb1c",
             "80981625fd846fb1cab50ced6f7ccdc1c4577c5a221bc59d5989dbb62d357ab6332de2477f96eba8438cc35b92e1eb1c",
+        ),
+        (
+            "304312fdc4a92755f888093d6a8b6857ea56ec0c3159bf92b7855d7fc3437e93793f7db4cf69419e6f25d427d5c7b383",
+            "304312fdc4a92755f888093d6a8b6857ea56ec0c3159bf92b7855d7fc3437e93793f7db4cf69419e6f25d427d5c7b383",
         ),
     ];
 

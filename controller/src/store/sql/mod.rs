@@ -17,6 +17,7 @@
 
 mod connect;
 mod migrations;
+mod moves;
 mod refusals;
 mod rows;
 mod tokens;
@@ -700,10 +701,14 @@ impl Store for SqlStore {
             return Ok(None);
         };
         let link = link_from_row(&row)?;
-        sqlx::query("DELETE FROM links WHERE link_id = $1")
+        for table in ["links", "peer_moves"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE link_id = $1"
+            )))
             .bind(link.link_id.to_string())
             .execute(&mut *tx)
             .await?;
+        }
         let revokes: Vec<NewEvent> = link
             .relays
             .iter()
@@ -854,6 +859,24 @@ impl Store for SqlStore {
 
     async fn refusals(&self) -> Result<Vec<RefusalRecord>, StoreError> {
         self.all_refusals().await
+    }
+
+    async fn record_peer_moves(
+        &self,
+        agent: &NodeId,
+        relay: &RelayId,
+        links: &[LinkId],
+        now: u64,
+    ) -> Result<(), StoreError> {
+        self.write_peer_moves(agent, relay, links, now).await
+    }
+
+    async fn peer_moves(
+        &self,
+        agent: &NodeId,
+        since: u64,
+    ) -> Result<Vec<(LinkId, RelayId, u64)>, StoreError> {
+        self.read_peer_moves(agent, since).await
     }
 
     async fn close(&self) {
