@@ -214,6 +214,16 @@ impl SessionState {
         self.resume_sent = Some(now);
     }
 
+    /// Side A: an answer to its handshake did not complete it (the answer
+    /// to an earlier handshake it since replaced, which used up the
+    /// pending one, or a forgery): nothing is confirmed, and the next
+    /// retry starts another handshake rather than wait for an answer that
+    /// can no longer be taken.
+    pub(crate) fn on_answer_refused(&mut self) {
+        self.peer_confirmed = false;
+        self.resume_sent = None;
+    }
+
     /// A new session was installed (side B: confirmed by side A). A
     /// renewal still pending was for the session it replaces: asking side
     /// A for another would only reset the flows opened since.

@@ -142,6 +142,7 @@ pub(super) fn handle_handshake(
                 Ok(session) => session,
                 Err(e) => {
                     warn!(link = %link.cfg.name, error = %e, "Noise handshake answer refused");
+                    lock(&link.state).on_answer_refused();
                     return;
                 }
             };

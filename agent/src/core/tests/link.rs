@@ -147,6 +147,25 @@ fn side_b_waits_for_side_a_when_the_peer_appears() {
 }
 
 #[test]
+fn a_renewal_whose_answer_is_refused_is_tried_again_at_the_next_retry() {
+    let clock = Clock::new();
+    let mut s = SessionState::new(Side::A, RETRY);
+    // A confirmed session meets too many forgeries: side A replaces it.
+    s.on_installed();
+    s.on_forgeries();
+    assert_eq!(s.take_renew(), Some(Establish::Handshake));
+    s.on_initiate();
+    assert!(
+        !s.needs_handshake(clock.now()),
+        "the old session still counts as confirmed while the new one is on its way"
+    );
+    // The answer that comes does not complete it (it answered an earlier
+    // handshake): the next retry starts another, not a wait forever.
+    s.on_answer_refused();
+    assert!(s.needs_handshake(clock.now()));
+}
+
+#[test]
 fn an_unanswered_resume_turns_into_a_handshake_after_the_retry_interval() {
     let mut clock = Clock::new();
     let mut s = SessionState::new(Side::A, RETRY);
