@@ -505,12 +505,13 @@ impl Agent {
         out
     }
 
-    /// A function telling whether every link is attached to a relay with an
-    /// end-to-end session (what `/readyz` reports; a link's peer may be away,
-    /// the relay then holds what is sent for it).
+    /// A function telling whether every link is up: attached to a relay
+    /// with an end-to-end session, its peer attached there too (what
+    /// `/readyz` reports). A link whose peer is away still takes flows (the
+    /// relay holds them until it is back), but is not ready.
     pub fn readiness(&self) -> impl Fn() -> bool + Send + Sync + 'static {
         let live = self.live.clone();
-        move || lock(&live).iter().all(|l| l.ready.borrow().is_some())
+        move || lock(&live).iter().all(|l| l.up())
     }
 
     /// Runs until `shutdown` completes.

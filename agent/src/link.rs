@@ -130,6 +130,10 @@ pub(crate) struct LinkRt {
     /// The relay ended the link because its grant expired, and it was not
     /// attached since: local connections are refused at once.
     pub(crate) expired: AtomicBool,
+    /// The peer is attached to the relay this link is on now: with
+    /// [`LinkRt::ready`], the link is up (what `/readyz`, the
+    /// `links_ready` gauge and the "link ready" line say).
+    pub(crate) peer: AtomicBool,
     /// Flows this side opened on the link, all sessions together.
     pub(crate) next_flow: AtomicU64,
     pub(crate) flows: Mutex<HashMap<FlowId, Arc<dyn LinkFlow>>>,
@@ -183,6 +187,7 @@ impl LinkRt {
             epoch: AtomicU64::new(0),
             state: Mutex::new(SessionState::new(cfg.side, defaults::HANDSHAKE_RETRY)),
             expired: AtomicBool::new(false),
+            peer: AtomicBool::new(false),
             next_flow: AtomicU64::new(0),
             generation: AtomicU64::new(cfg.generation),
             flows: Mutex::default(),
@@ -255,7 +260,7 @@ impl LinkRt {
             }),
             _ => None,
         };
-        let was = self.ready.borrow().is_some();
+        let (was, was_up) = (self.ready.borrow().is_some(), self.up());
         let now = value.is_some();
         if now {
             self.expired.store(false, Ordering::Relaxed);
@@ -265,10 +270,30 @@ impl LinkRt {
             // Acks that waited for the link go out now.
             self.wake_acks(AckWhen::Soon);
         }
-        match (was, now) {
+        if now && !was && !self.peer.load(Ordering::Relaxed) {
+            info!(link = %self.cfg.name, "link attached, end-to-end session up; its peer is away: the relay holds new flows until it is back");
+        }
+        self.report(was_up, metrics);
+    }
+
+    /// Whether the link is up: ready to carry flows, its peer there.
+    pub(crate) fn up(&self) -> bool {
+        self.ready.borrow().is_some() && self.peer.load(Ordering::Relaxed)
+    }
+
+    /// Whether the peer is attached to the relay this link is on now.
+    pub(crate) fn set_peer(&self, present: bool, metrics: &Metrics) {
+        let was_up = self.up();
+        self.peer.store(present, Ordering::Relaxed);
+        self.report(was_up, metrics);
+    }
+
+    /// Says so where the link went up or down.
+    fn report(&self, was_up: bool, metrics: &Metrics) {
+        match (was_up, self.up()) {
             (false, true) => {
                 metrics.links_ready.increment(1.0);
-                info!(link = %self.cfg.name, "link ready: attached, end-to-end session up");
+                info!(link = %self.cfg.name, "link ready: attached, end-to-end session up, peer present");
             }
             (true, false) => {
                 metrics.links_ready.decrement(1.0);

@@ -7,7 +7,7 @@
 //! | `comsat_agent_relay_drains_total` | counter | times a draining relay told the agent to move its links to the next relay |
 //! | `comsat_agent_relay_silences_total` | counter | relay connections given up because the relay left data (or a keep-alive) unanswered past the watchdog's bound: a relay host gone or cut off |
 //! | `comsat_agent_peer_moves_total` | counter | relay connections left because the controller said the links' peers left that relay, which stopped answering them |
-//! | `comsat_agent_links_ready` | gauge | links attached to a relay with an end-to-end session |
+//! | `comsat_agent_links_ready` | gauge | links up: attached to a relay with an end-to-end session, the peer attached there too |
 //! | `comsat_agent_flows_total` | counter | flows opened (both directions of dialling) |
 //! | `comsat_agent_flows_open` | gauge | flows open |
 //! | `comsat_agent_flows_failed_total` | counter | flows that ended in a reset |

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::measure::{fit, rss_kib};
+use crate::measure::{cpu_ns, fit, rss_kib};
 use crate::path::{Path, link};
 use crate::report::figure;
 use crate::setup::fleet_relay;
@@ -161,9 +161,45 @@ pub(crate) async fn memory(r: &mut Run) -> Result<()> {
         }
         conns.points.push((n as f64, rss_kib(relay.relay_pid()?)?));
     }
+    if let Some(&(n, _)) = conns.points.last() {
+        idle_cpu(r, &relay, n).await?;
+    }
     conns.report("agent connection", max, 64.0, None, r);
     pre_hello_flood(r).await
 }
+
+/// The relay's CPU while the `n` agent connections it holds sit idle
+/// (their keep-alives, 25 s apart, and whatever else it does), over one
+/// keep-alive interval (a quick run: 10 s), per 1,000 connections; after
+/// [`IDLE_SETTLE`], in which what follows a handshake (path MTU probes,
+/// new connection ids) is done.
+async fn idle_cpu(r: &mut Run, relay: &Path, n: f64) -> Result<()> {
+    tokio::time::sleep(IDLE_SETTLE).await;
+    let window = if r.quick {
+        Duration::from_secs(10)
+    } else {
+        comsat_agent::defaults::KEEP_ALIVE_INTERVAL
+    };
+    let pid = relay.relay_pid()?;
+    let before = cpu_ns(pid)?;
+    tokio::time::sleep(window).await;
+    let cores = cpu_ns(pid)?.saturating_sub(before) as f64 / 1e9 / window.as_secs_f64();
+    r.figures.push(figure(
+        "capacity",
+        &format!(
+            "relay CPU while {n:.0} agent connections sit idle, per 1,000 (% of one core; goal 1 %)"
+        ),
+        "%",
+        cores * 100.0 / (n / 1000.0),
+        "goal",
+        1.0,
+        1,
+    ));
+    Ok(())
+}
+
+/// How long connections sit before their idle CPU is measured.
+const IDLE_SETTLE: Duration = Duration::from_secs(10);
 
 /// Connections, streams each and bytes on each stream of the pre-`Hello`
 /// flood (as a stranger would try them).

@@ -265,6 +265,7 @@ impl Control<'_> {
         };
         self.presence.on_present(link_id);
         debug!(link = %link.cfg.name, "peer present");
+        link.set_peer(true, &self.shared.metrics);
         let has_session = lock(&link.session).is_some();
         let establish = lock(&link.state).on_peer_present(has_session, now());
         match establish {
@@ -280,6 +281,7 @@ impl Control<'_> {
             return;
         };
         let attached = self.presence.on_absent(link_id, now());
+        link.set_peer(false, &self.shared.metrics);
         *link.pending() = None;
         // Flows whose streams died with the peer's connection open new
         // ones (a new epoch), which the relay holds for it.
@@ -305,6 +307,7 @@ impl Control<'_> {
         let Some(link) = self.links.get(&link_id) else {
             return;
         };
+        link.set_peer(false, &self.shared.metrics);
         if matches!(code, ErrorCode::Revoked | ErrorCode::Expired) {
             link.drop_session(&self.shared.metrics);
             link.expired

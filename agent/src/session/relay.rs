@@ -70,6 +70,7 @@ pub(crate) async fn relay_loop(
         .await;
         for link in links.values() {
             link.set_ready(None, &shared.metrics);
+            link.set_peer(false, &shared.metrics);
             *link.pending() = None;
         }
         let how = match &ended {
