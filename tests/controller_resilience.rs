@@ -382,10 +382,7 @@ async fn an_idle_peer_follows_its_peer_off_a_vanished_relay() -> Result<()> {
         }
     }
     let (name, pid) = on.context("no relay pairs the link")?;
-    let stopped = Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status()?;
-    ensure!(stopped.success(), "kill -STOP {pid}");
+    comsat_tests::proc::signal(pid, "STOP")?;
     eprintln!("froze {name}");
     // B is idle; A opens a flow and sends.
     round_trip(listen, 1 << 20, 7)

@@ -525,41 +525,40 @@ mod tests {
 
     /// Each `connection` name is one more QUIC connection per relay: a
     /// file naming more than MAX_CONNECTIONS is refused, saying so.
-    #[test]
-    fn bulk_nice_is_optional_and_at_most_19() {
+    /// An agent config of the required keys and `extra`, loaded.
+    fn load_with(extra: &str) -> Result<AgentConfig, AgentError> {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("agent.toml");
-        let head = format!(
-            "node_id = \"{}\"\nsigning_key = \"node.key\"\nnoise_key = \"noise.key\"\n",
+        let text = format!(
+            "node_id = \"{}\"\nsigning_key = \"node.key\"\nnoise_key = \"noise.key\"\n{extra}",
             "5d".repeat(16)
         );
-        std::fs::write(&path, &head).expect("write");
-        assert_eq!(AgentConfig::load(&path).expect("load").bulk_nice, None);
-        std::fs::write(&path, format!("{head}bulk_nice = 19\n")).expect("write");
-        assert_eq!(AgentConfig::load(&path).expect("load").bulk_nice, Some(19));
-        std::fs::write(&path, format!("{head}bulk_nice = 20\n")).expect("write");
-        let err = AgentConfig::load(&path).expect_err("too nice");
+        std::fs::write(&path, text).expect("write");
+        AgentConfig::load(&path)
+    }
+
+    #[test]
+    fn bulk_nice_is_optional_and_at_most_19() {
+        assert_eq!(load_with("").expect("load").bulk_nice, None);
+        assert_eq!(
+            load_with("bulk_nice = 19\n").expect("load").bulk_nice,
+            Some(19)
+        );
+        let err = load_with("bulk_nice = 20\n").expect_err("too nice");
         assert!(err.to_string().contains("bulk_nice is 20"), "{err}");
     }
 
     #[test]
     fn keep_alive_is_optional_and_within_its_range() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("agent.toml");
-        let head = format!(
-            "node_id = \"{}\"\nsigning_key = \"node.key\"\nnoise_key = \"noise.key\"\n",
-            "5d".repeat(16)
-        );
-        std::fs::write(&path, &head).expect("write");
-        assert_eq!(AgentConfig::load(&path).expect("load").keep_alive_ms, None);
-        std::fs::write(&path, format!("{head}keep_alive_ms = 300000\n")).expect("write");
+        assert_eq!(load_with("").expect("load").keep_alive_ms, None);
         assert_eq!(
-            AgentConfig::load(&path).expect("load").keep_alive_ms,
+            load_with("keep_alive_ms = 300000\n")
+                .expect("load")
+                .keep_alive_ms,
             Some(300_000)
         );
         for bad in [0, 999, 300_001] {
-            std::fs::write(&path, format!("{head}keep_alive_ms = {bad}\n")).expect("write");
-            let err = AgentConfig::load(&path).expect_err("out of range");
+            let err = load_with(&format!("keep_alive_ms = {bad}\n")).expect_err("out of range");
             assert!(
                 err.to_string().contains(&format!("keep_alive_ms is {bad}")),
                 "{err}"

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::measure::{Pinger, median};
 use crate::path::{Path, link};
@@ -47,7 +47,7 @@ async fn once(r: &Run) -> Result<f64> {
     let mut path = Path::start_with_backup(&r.bin, vec![link("failover", r.echo)]).await?;
     let mut pinger = Pinger::tcp(path.listen[0]).await?;
     let relay = path.relay_pid()?;
-    signal(relay, "STOP")?;
+    comsat_tests::proc::signal(relay, "STOP")?;
     let frozen = Instant::now();
     let mut longest: f64 = 0.0;
     while frozen.elapsed() < AFTER {
@@ -61,15 +61,4 @@ async fn once(r: &Run) -> Result<f64> {
         relay.kill();
     }
     Ok(longest)
-}
-
-/// Sends `SIG<name>` to `pid` (a process of ours).
-fn signal(pid: u32, name: &str) -> Result<()> {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()?;
-    if !status.success() {
-        bail!("kill -{name} {pid} failed");
-    }
-    Ok(())
 }

@@ -197,15 +197,7 @@ pub async fn expect_reset(mut s: TcpStream, within: Duration) -> Result<()> {
     }
 }
 
-pub fn signal(pid: u32, sig: &str) -> Result<()> {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()?;
-    if !status.success() {
-        bail!("kill -{sig} {pid} failed");
-    }
-    Ok(())
-}
+pub use comsat_tests::proc::signal;
 
 pub async fn wait_metric(
     admin: SocketAddr,

@@ -157,6 +157,17 @@ impl Drop for Proc {
 }
 
 /// A UDP port on 127.0.0.1 that was free a moment ago.
+/// Sends `SIG<sig>` to `pid` (a process the caller started).
+pub fn signal(pid: u32, sig: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()?;
+    if !status.success() {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
 pub fn free_udp_port() -> Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
