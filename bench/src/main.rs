@@ -50,7 +50,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail, ensure};
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
@@ -200,22 +200,22 @@ impl Run {
     }
 }
 
-/// The comsat binary: `--comsat`, or `comsat` beside this executable.
+/// The comsat binary: `--comsat`, or `comsat` beside this executable
+/// ([`comsat_tests::fleet::bin`], which the fleet scenarios run too).
 fn comsat_bin(arg: Option<&PathBuf>) -> Result<String> {
-    let bin = match arg {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("executable has no directory")?
-            .join("comsat"),
-    };
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first with `cargo build --release`, or pass --comsat PATH",
-            bin.display()
+    if let Some(p) = arg {
+        ensure!(
+            comsat_tests::fleet::use_bin(p),
+            "the comsat binary was chosen before --comsat was read"
         );
     }
-    Ok(bin.display().to_string())
+    let bin = comsat_tests::fleet::bin();
+    if !std::path::Path::new(bin).exists() {
+        bail!(
+            "{bin} not found: build it first with `cargo build --release`, or pass --comsat PATH"
+        );
+    }
+    Ok(bin.to_owned())
 }
 
 /// The sink and the echo (in this process), and the main path with its

@@ -766,6 +766,88 @@ async fn an_agents_refusals_replace_what_it_said_before(dir: Db) {
     assert_eq!(all[0].agent, b);
 }
 
+both!(a_peer_move_tells_the_peer_once_per_spacing);
+/// An agent that left a relay tells the peer of each link placed there
+/// (its config version moves, the move is listed for it and not for the
+/// agent itself); the same link again within the spacing changes nothing,
+/// after it the move is replaced.
+async fn a_peer_move_tells_the_peer_once_per_spacing(dir: Db) {
+    let store = open(&dir).await;
+    let a = enrol(&store, NodeKind::Agent, "a").await;
+    let b = enrol(&store, NodeKind::Agent, "b").await;
+    let r1 = enrol(&store, NodeKind::Relay, "r1").await.relay_id();
+    let r2 = enrol(&store, NodeKind::Relay, "r2").await.relay_id();
+    let link = LinkRecord {
+        link_id: LinkId::random(),
+        name: "db".into(),
+        generation: 1,
+        from_node: a.node_id,
+        listen: "tcp://127.0.0.1:7000".into(),
+        to_node: b.node_id,
+        target: "tcp://127.0.0.1:5432".into(),
+        allowed_uids: vec![],
+        allowed_gids: vec![],
+        relays: vec![r1, r2],
+        created_at: 1000,
+        grant_not_after: unix_now() + 3600,
+        max_flows: None,
+        rate_limit: None,
+        connection: None,
+    };
+    store.create_link(&link, &[]).await.expect("create");
+    let ids = [a.node_id, b.node_id];
+    let v0 = config_versions(&store, &ids).await;
+    let moved = |relay: RelayId, now: u64| {
+        let store = &store;
+        let links = [link.link_id, LinkId::random()];
+        async move {
+            store
+                .record_peer_moves(&a.node_id, &relay, &links, now)
+                .await
+                .expect("record")
+        }
+    };
+    // The unknown link is passed over.
+    assert_eq!(moved(r1, 2000).await, 1);
+    let v1 = config_versions(&store, &ids).await;
+    assert_eq!((v1[0], v1[1] > v0[1]), (v0[0], true), "{v0:?} {v1:?}");
+    assert_eq!(
+        store.peer_moves(&b.node_id, 0).await.expect("moves"),
+        vec![(link.link_id, r1, 2000)]
+    );
+    assert!(
+        store
+            .peer_moves(&a.node_id, 0)
+            .await
+            .expect("own")
+            .is_empty()
+    );
+    assert!(
+        store
+            .peer_moves(&b.node_id, 2001)
+            .await
+            .expect("old")
+            .is_empty()
+    );
+    // Within the spacing, to either relay: nothing changes.
+    let spacing = comsat_controller::store::PEER_MOVE_SPACING_SECS;
+    for relay in [r1, r2] {
+        assert_eq!(moved(relay, 2000 + spacing - 1).await, 0);
+    }
+    assert_eq!(config_versions(&store, &ids).await, v1);
+    assert_eq!(
+        store.peer_moves(&b.node_id, 0).await.expect("moves"),
+        vec![(link.link_id, r1, 2000)]
+    );
+    // After it, the new move replaces the old.
+    assert_eq!(moved(r2, 2000 + spacing).await, 1);
+    assert!(config_versions(&store, &ids).await[1] > v1[1]);
+    assert_eq!(
+        store.peer_moves(&b.node_id, 0).await.expect("moves"),
+        vec![(link.link_id, r2, 2000 + spacing)]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_server_whose_certificate_does_not_name_the_host_is_refused() {
     use comsat_controller::store::testing::{fresh_database, postgres_server};

@@ -24,11 +24,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const START: Duration = crate::proc::START_TIMEOUT;
 
-/// The `comsat` binary of this build: `COMSAT_BIN` if set, else `comsat`
-/// in the directory of the running executable (a bench's), or in the one
-/// above (an integration test's, in `deps/`).
+static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The `comsat` binary of this build: the one [`use_bin`] chose, else
+/// `COMSAT_BIN` if set, else `comsat` in the directory of the running
+/// executable (a bench's), or in the one above (an integration test's, in
+/// `deps/`).
 pub fn bin() -> &'static str {
-    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
         if let Ok(b) = std::env::var("COMSAT_BIN") {
             return b;
@@ -40,6 +42,12 @@ pub fn bin() -> &'static str {
         }
         dir.join("comsat").to_string_lossy().into_owned()
     })
+}
+
+/// Makes `path` the binary [`bin`] names, before anything has asked for
+/// it (the bench's `--comsat PATH`); false if it was too late.
+pub fn use_bin(path: &Path) -> bool {
+    BIN.set(path.to_string_lossy().into_owned()).is_ok()
 }
 /// How long a change made with `ctl` may take to reach the agents.
 pub const CONVERGE: Duration = Duration::from_secs(20);

@@ -337,12 +337,15 @@ async fn relay_silent(
         .filter(|l| l.relays.contains(&req.relay_id))
         .map(|l| l.link_id)
         .collect();
-    if !links.is_empty() {
-        tracing::info!(agent = %agent.name, relay = %req.relay_id, links = links.len(), "an agent left a relay that stopped answering; telling its peers");
-        state
-            .store
-            .record_peer_moves(&agent.node_id, &req.relay_id, &links, unix_now())
-            .await?;
+    if links.is_empty() {
+        return Ok(Json(Empty {}));
+    }
+    let moved = state
+        .store
+        .record_peer_moves(&agent.node_id, &req.relay_id, &links, unix_now())
+        .await?;
+    if moved > 0 {
+        tracing::info!(agent = %agent.name, relay = %req.relay_id, links = moved, "an agent left a relay that stopped answering; telling its peers");
         state.notify();
     }
     Ok(Json(Empty {}))

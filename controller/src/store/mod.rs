@@ -374,6 +374,10 @@ pub struct LinkGrantUpdate {
     pub bump_agents: bool,
 }
 
+/// Seconds an agent's report that it left a relay stands before the same
+/// agent may move the same link again ([`Store::record_peer_moves`]).
+pub const PEER_MOVE_SPACING_SECS: u64 = 5;
+
 /// Every database operation of the controller.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -595,14 +599,17 @@ pub trait Store: Send + Sync {
     /// `agent` left `relay` (it stopped answering) at `now`, on `links`
     /// (its links placed there): records it for each, in place of what
     /// the agent said before of that link, and bumps the config version of
-    /// each link's other agent.
+    /// each link's other agent. A link the agent moved less than
+    /// [`PEER_MOVE_SPACING_SECS`] ago is left as it is, so that an agent
+    /// cannot make its peers hop (or load the database) faster than that.
+    /// Returns how many links it recorded.
     async fn record_peer_moves(
         &self,
         agent: &NodeId,
         relay: &RelayId,
         links: &[LinkId],
         now: u64,
-    ) -> Result<(), StoreError>;
+    ) -> Result<usize, StoreError>;
 
     /// What the peers of `agent`'s links said they left at `since` or
     /// later: (link, relay, at).

@@ -867,7 +867,7 @@ impl Store for SqlStore {
         relay: &RelayId,
         links: &[LinkId],
         now: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         self.write_peer_moves(agent, relay, links, now).await
     }
 

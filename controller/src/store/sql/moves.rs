@@ -6,7 +6,7 @@ use sqlx::Row;
 use super::SqlStore;
 use super::rows::{parse, to_i64, to_u64};
 use super::tx::mark_change;
-use crate::store::StoreError;
+use crate::store::{PEER_MOVE_SPACING_SECS, StoreError};
 
 impl SqlStore {
     pub(super) async fn write_peer_moves(
@@ -15,9 +15,10 @@ impl SqlStore {
         relay: &RelayId,
         links: &[LinkId],
         now: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         let agent = agent.to_string();
         let mut tx = self.write_tx().await?;
+        let mut moved = 0;
         for link in links {
             let link = link.to_string();
             let Some(row) = sqlx::query("SELECT from_node, to_node FROM links WHERE link_id = $1")
@@ -29,28 +30,36 @@ impl SqlStore {
             };
             let (from, to): (String, String) = (row.try_get("from_node")?, row.try_get("to_node")?);
             let peer = if from == agent { to } else { from };
-            sqlx::query("DELETE FROM peer_moves WHERE link_id = $1 AND agent_id = $2")
-                .bind(&link)
-                .bind(&agent)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(
-                "INSERT INTO peer_moves (link_id, agent_id, relay_id, at) VALUES ($1, $2, $3, $4)",
+            // In place of what the agent said before of this link, unless
+            // that is younger than the spacing.
+            let written = sqlx::query(
+                "INSERT INTO peer_moves (link_id, agent_id, relay_id, at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (link_id, agent_id) DO UPDATE \
+                 SET relay_id = excluded.relay_id, at = excluded.at \
+                 WHERE peer_moves.at <= $5",
             )
             .bind(&link)
             .bind(&agent)
             .bind(relay.to_string())
             .bind(to_i64(now))
+            .bind(to_i64(now.saturating_sub(PEER_MOVE_SPACING_SECS)))
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+            if written == 0 {
+                continue;
+            }
             sqlx::query("UPDATE nodes SET config_version = config_version + 1 WHERE node_id = $1")
                 .bind(&peer)
                 .execute(&mut *tx)
                 .await?;
+            moved += 1;
         }
-        mark_change(&mut tx, self.backend).await?;
+        if moved > 0 {
+            mark_change(&mut tx, self.backend).await?;
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(moved)
     }
 
     pub(super) async fn read_peer_moves(
