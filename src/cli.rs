@@ -669,6 +669,15 @@ pub(crate) struct AgentTuning {
     pub(crate) keep_alive: Option<std::time::Duration>,
 }
 
+impl AgentTuning {
+    /// Sets what was given on `config`.
+    pub(crate) fn apply(&self, config: &mut comsat_agent::AgentConfig) {
+        let ms = |d: std::time::Duration| d.as_millis() as u64;
+        config.flow_timeout_ms = self.flow_timeout.map(ms);
+        config.keep_alive_ms = self.keep_alive.map(ms);
+    }
+}
+
 /// A duration of `text` within `range`, said as `what` if not.
 fn parse_duration_within(
     text: &str,

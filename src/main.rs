@@ -11,12 +11,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use comsat_agent::enrolled::FedAgent;
 use comsat_protocol::api::{self, NodeKind};
 use comsat_relay::ops as relay_ops;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 mod cli;
-mod nodes;
 mod up;
 
 use cli::{
@@ -432,8 +432,8 @@ async fn run_enrolled_relay(
 ) -> anyhow::Result<()> {
     let state =
         comsat_node::NodeState::load(&dir, NodeKind::Relay).map_err(|e| Usage(format!("{e:#}")))?;
-    let mut config =
-        nodes::relay_config(&dir, &state, listen, admin).map_err(|e| Usage(format!("{e:#}")))?;
+    let mut config = comsat_relay::RelayConfig::enrolled(&dir, &state, listen, admin)
+        .map_err(|e| Usage(e.to_string()))?;
     if let Some(n) = bulk_nice {
         config.bulk_nice = n;
     }
@@ -453,8 +453,11 @@ async fn run_enrolled_relay(
     let prometheus = install_metrics()?;
     let relay = comsat_relay::Relay::bind_fed(config).map_err(|e| Usage(e.to_string()))?;
     tracing::info!(name = %state.name, "relay starting");
-    let sync =
-        comsat_node::relay::RelaySync::start(dir.clone(), state, nodes::FedRelay::new(&relay));
+    let sync = comsat_node::relay::RelaySync::start(
+        dir.clone(),
+        state,
+        comsat_relay::enrolled::FedRelay::new(&relay),
+    );
     let sync = tokio::spawn(sync.run());
     let result = serve_relay(
         relay,
@@ -478,8 +481,11 @@ async fn run_enrolled_agent(
     let state =
         comsat_node::NodeState::load(&dir, NodeKind::Agent).map_err(|e| Usage(format!("{e:#}")))?;
     let prometheus = install_metrics()?;
-    let mut agent =
-        nodes::enrolled_agent(&dir, &state, bulk_nice, tuning).map_err(|e| Usage(e.to_string()))?;
+    let mut agent = comsat_agent::enrolled::agent(&dir, &state, |c| {
+        c.bulk_nice = bulk_nice;
+        tuning.apply(c);
+    })
+    .map_err(|e| Usage(e.to_string()))?;
     let admin_shown = serve_admin(
         admin,
         prometheus,
@@ -489,16 +495,37 @@ async fn run_enrolled_agent(
     )
     .await?;
     println!("comsat agent admin {admin_shown}");
-    let applied = nodes::apply_cached(&mut agent, &dir).await;
+    let mut fed = FedAgent {
+        agent: &mut agent,
+        announce,
+    };
+    let applied = fed.apply_cached(&dir).await;
     println!("comsat agent started");
     tracing::info!(name = %state.name, "agent started");
     tokio::select! {
-        () = comsat_node::agent::agent_sync(dir, state, nodes::FedAgent(&mut agent), applied) => {}
+        () = comsat_node::agent::agent_sync(dir, state, fed, applied) => {}
         () = shutdown_signal() => {}
     }
     tracing::info!("agent shutting down");
     agent.stop().await;
     Ok(())
+}
+
+/// Prints what applying a desired state did, in the machine-readable
+/// lines the tests and scripts read.
+pub(crate) fn announce(applied: &comsat_agent::Applied) {
+    for (name, addr) in &applied.listening {
+        println!("comsat agent link {name} listening {addr}");
+    }
+    for name in &applied.removed {
+        println!("comsat agent link {name} removed");
+    }
+    for (name, _) in &applied.failed {
+        println!("comsat agent link {name} failed");
+    }
+    for (name, _) in &applied.refused {
+        println!("comsat agent link {name} refused");
+    }
 }
 
 async fn serve_admin(

@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use comsat_node::client::Client;
 use comsat_node::{NodeState, ctl};
 
-use crate::nodes;
+use comsat_agent::enrolled::FedAgent;
 
 /// What `comsat up` runs.
 #[derive(Debug, Clone)]
@@ -177,7 +177,7 @@ async fn start_relay(
         comsat_node::enrol(&token, NodeKind::Relay, &relay_dir, Some(&addr), lane, &[]).await?;
     }
     let relay_state = NodeState::load(&relay_dir, NodeKind::Relay)?;
-    let relay_config = nodes::relay_config(&relay_dir, &relay_state, None, None)?;
+    let relay_config = comsat_relay::RelayConfig::enrolled(&relay_dir, &relay_state, None, None)?;
     let relay_listen = SocketAddr::from(([127, 0, 0, 1], relay_config.listen.port()));
     let mut relay_config = relay_config;
     relay_config.listen = relay_listen;
@@ -191,7 +191,7 @@ async fn start_relay(
         let sync = comsat_node::relay::RelaySync::start(
             relay_dir.clone(),
             relay_state,
-            nodes::FedRelay::new(&relay),
+            comsat_relay::enrolled::FedRelay::new(&relay),
         )
         .run();
         let rx = stop_rx.clone();
@@ -251,12 +251,16 @@ async fn start_agents(
         if name == AGENTS[1] {
             consent_to_demo(&agent_dir, &dir.join("demo.sock"))?;
         }
-        let mut agent = nodes::enrolled_agent(&agent_dir, &state, None, &Default::default())?;
-        let applied = nodes::apply_cached(&mut agent, &agent_dir).await;
+        let mut agent = comsat_agent::enrolled::agent(&agent_dir, &state, |_| {})?;
         let rx = stop_rx.clone();
         tasks.spawn(async move {
+            let mut fed = FedAgent {
+                agent: &mut agent,
+                announce: crate::announce,
+            };
+            let applied = fed.apply_cached(&agent_dir).await;
             tokio::select! {
-                () = comsat_node::agent::agent_sync(agent_dir, state, nodes::FedAgent(&mut agent), applied) => {}
+                () = comsat_node::agent::agent_sync(agent_dir, state, fed, applied) => {}
                 () = stopped(rx) => {}
             }
             agent.stop().await;

@@ -17,6 +17,7 @@ pub mod config;
 pub mod consent;
 mod core;
 pub mod defaults;
+pub mod enrolled;
 pub mod error;
 mod flow;
 mod group;

@@ -15,6 +15,7 @@ pub mod admin;
 pub mod adversary;
 pub mod config;
 pub mod defaults;
+pub mod enrolled;
 pub mod error;
 pub mod grants;
 mod links;
