@@ -157,38 +157,30 @@ pub struct AgentConfig {
     /// X25519 Noise key file.
     pub noise_key: PathBuf,
     /// Admin HTTP address.
-    #[serde(default)]
     pub admin: Option<SocketAddr>,
     /// Milliseconds a flow waits for its link to come back after an outage
     /// before its application sees a reset (default 30 s).
-    #[serde(default)]
     pub flow_timeout_ms: Option<u64>,
     /// Milliseconds between keep-alives of an idle relay connection
     /// (default 25 s, 1 s to 300 s): shorter than the NAT in front of the
     /// agent keeps an idle UDP binding, and well under the relay's idle
     /// timeout (60 s by default).
-    #[serde(default)]
     pub keep_alive_ms: Option<u64>,
     /// Milliseconds a lane stays up without flows before it closes
     /// (default 30 s; it opens again with the next flow).
-    #[serde(default)]
     pub lane_idle_ms: Option<u64>,
     /// Niceness the main threads take above the process's own once a link
     /// has a lane or a connection of its own (0 to 19, default 5).
-    #[serde(default)]
     pub bulk_nice: Option<u8>,
     /// A record key seals at most `2^rekey_records_log2` records (default
     /// and most 20): lower only to test rekeying.
-    #[serde(default)]
     pub rekey_records_log2: Option<u8>,
     /// A generation of flow ids holds `2^flow_ids_log2 - 1` flows (default
     /// and most 22): lower only to test new generations.
-    #[serde(default)]
     pub flow_ids_log2: Option<u8>,
     /// Messages that fail to decrypt under one session (forged `Open`s,
     /// forged link control) before the session is replaced (default and
     /// most 65,536): lower only to test it.
-    #[serde(default)]
     pub max_forgeries: Option<u64>,
     /// The links.
     #[serde(default)]
@@ -209,22 +201,18 @@ pub struct RelayEndpoint {
     /// The name the relay certificate is checked against.
     pub server_name: String,
     /// PEM CA certificate(s) the relay certificate must chain to.
-    #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// SHA-256 (hex) of the relay's end-entity certificate.
-    #[serde(default)]
     pub cert_sha256: Option<String>,
     /// The relay's id, as the link's grant names it: with `ca_file`, the
     /// relay certificate must name it too (the controller's and `comsat
     /// dev`'s relay certificates do), so a relay holding a certificate
     /// from the same CA cannot stand in for another.
-    #[serde(default)]
     pub relay_id: Option<RelayId>,
     /// `host:port` of the lane: a second connection on which links without
     /// a `connection` start their flows (see the module docs), to the
     /// relay's interactive listener or to `addr`. None: every flow rides
     /// the shared connection.
-    #[serde(default)]
     pub lane_addr: Option<String>,
 }
 

@@ -100,7 +100,6 @@ pub struct ControllerConfig {
     #[serde(default = "default_public_url")]
     pub public_url: String,
     /// The HTTPS listen address.
-    #[serde(default)]
     pub listen: Option<SocketAddr>,
     /// Clock skew tolerated on node JWTs, seconds.
     #[serde(default = "default_leeway")]

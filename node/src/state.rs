@@ -54,7 +54,6 @@ pub struct NodeState {
     /// The key that signs grants.
     pub authority_public_key: SignPublicKey,
     /// Relays: the `host:port` agents dial.
-    #[serde(default)]
     pub public_addr: Option<String>,
     /// Relays: the `host:port` of their interactive listener (the host of
     /// `public_addr`), if they run one.

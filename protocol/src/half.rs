@@ -23,10 +23,8 @@ pub struct LinkHalf<R> {
     /// The peer's Noise static public key (never its address).
     pub peer_noise_public_key: NoisePublicKey,
     /// Local listener (`tcp://…` or `unix://…`), side A.
-    #[serde(default)]
     pub listen: Option<String>,
     /// Local target dialled per flow, side B.
-    #[serde(default)]
     pub target: Option<String>,
     /// Unix listeners: allowed peer uids.
     #[serde(default)]

@@ -130,14 +130,12 @@ pub struct RelayConfig {
     pub listen: SocketAddr,
     /// A second UDP address for interactive links, served by a thread of
     /// its own (see the module docs).
-    #[serde(default)]
     pub interactive_listen: Option<SocketAddr>,
     /// Niceness the main threads take above the process's own while the
     /// interactive listener runs (0 to 19; see the module docs).
     #[serde(default = "default_bulk_nice")]
     pub bulk_nice: u8,
     /// Admin HTTP address (`/metrics`, `/healthz`, `/readyz`).
-    #[serde(default)]
     pub admin: Option<SocketAddr>,
     /// PEM certificate chain.
     pub tls_cert: PathBuf,
@@ -156,7 +154,6 @@ pub struct RelayConfig {
     /// For tests only: append every byte the relay forwards between agents
     /// to this file. It only ever sees ciphertext; the end-to-end tests use
     /// it to prove so.
-    #[serde(default)]
     pub dangerous_tap_file: Option<PathBuf>,
 }
 

@@ -186,17 +186,14 @@ pub struct EnrolRequest {
     /// The node's ed25519 public key.
     pub sign_public_key: SignPublicKey,
     /// Agents: their X25519 Noise static public key.
-    #[serde(default)]
     pub noise_public_key: Option<NoisePublicKey>,
     /// Relays: the `host:port` agents dial.
-    #[serde(default)]
     pub public_addr: Option<String>,
     /// Relays: the `host:port` of their interactive listener (same host as
     /// `public_addr`), if they run one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interactive_addr: Option<String>,
     /// Relays: a PEM certificate signing request for their TLS key.
-    #[serde(default)]
     pub csr_pem: Option<String>,
 }
 
@@ -227,7 +224,6 @@ pub struct EnrolResponse {
     /// The CA relay certificates chain to (PEM).
     pub relay_ca_pem: String,
     /// Relays: their certificate chain (PEM).
-    #[serde(default)]
     pub cert_pem: Option<String>,
 }
 
@@ -435,10 +431,8 @@ pub struct TokenCreate {
     /// What the token enrols.
     pub kind: NodeKind,
     /// The name the node gets; the controller picks one if absent.
-    #[serde(default)]
     pub name: Option<String>,
     /// Lifetime in seconds (default one hour).
-    #[serde(default)]
     pub ttl_secs: Option<u64>,
 }
 
@@ -498,7 +492,6 @@ pub struct RelayInfo {
     /// The address agents dial.
     pub public_addr: String,
     /// The address of its interactive listener, if it runs one.
-    #[serde(default)]
     pub interactive_addr: Option<String>,
     /// Unix time of its last heartbeat.
     pub last_heartbeat: Option<u64>,
@@ -532,15 +525,12 @@ pub struct LinkSpec {
     #[serde(default)]
     pub allowed_gids: Vec<u32>,
     /// Concurrent flows the relay lets the link have (`None`: unlimited).
-    #[serde(default)]
     pub max_flows: Option<u32>,
     /// Bytes per second the relay lets the link carry in each direction
     /// (`None`: unlimited).
-    #[serde(default)]
     pub rate_limit_bytes_per_sec: Option<u64>,
     /// A connection of its own for the link on both agents (see
     /// [`LinkHalf::connection`]); [`valid_connection_name`].
-    #[serde(default)]
     pub connection: Option<String>,
 }
 
@@ -552,10 +542,8 @@ pub struct LinkSpec {
 #[serde(deny_unknown_fields)]
 pub struct LinkUpdate {
     /// Concurrent flows (`0`: unlimited).
-    #[serde(default)]
     pub max_flows: Option<u32>,
     /// Bytes per second per direction (`0`: unlimited).
-    #[serde(default)]
     pub rate_limit_bytes_per_sec: Option<u64>,
     /// The agents' connection of its own for the link (`""`: back to the
     /// shared one). Unlike the limits, this re-creates both agents' halves

@@ -74,7 +74,6 @@ pub struct PrincipalCreate {
     #[serde(default)]
     pub name: String,
     /// Lifetime of the token, seconds (default: no expiry).
-    #[serde(default)]
     pub ttl_secs: Option<u64>,
 }
 
@@ -194,9 +193,7 @@ pub struct AuditRecord {
     pub result: String,
     /// Why it was denied or failed (the real reason, which the caller
     /// is not told).
-    #[serde(default)]
     pub reason: Option<String>,
     /// The caller's address.
-    #[serde(default)]
     pub source: Option<String>,
 }
