@@ -22,142 +22,115 @@
 //! | `comsat_agent_rekeys_total{kind}` | counter | end-to-end keys replaced: `records` (a flow sealed as many records as one key may, and moved to its next key), `flow_ids` (this agent used a generation of flow ids and started the next, under new keys) |
 //! | `comsat_agent_peer_refused_total{reason}` | counter | what arrived through a relay and was refused because the relay (or whoever holds its keys) replayed or forged it: `replayed_flow` (a flow the session already opened), `unconfirmed_handshake` (a handshake this agent answered that the peer never confirmed by sealing under it: a replay, or a handshake the peer gave up), `forgeries` (a session met 65,536 messages that failed to decrypt and is replaced) |
 
-use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
+use metrics::counter;
 
-/// Relay connections established.
-pub const RELAY_CONNECTS_TOTAL: &str = "comsat_agent_relay_connects_total";
-/// Failed relay connection attempts.
-pub const RELAY_CONNECT_FAILURES_TOTAL: &str = "comsat_agent_relay_connect_failures_total";
-/// Moves away from a draining relay.
-pub const RELAY_DRAINS_TOTAL: &str = "comsat_agent_relay_drains_total";
-/// Relay connections given up on for silence.
-pub const RELAY_SILENCES_TOTAL: &str = "comsat_agent_relay_silences_total";
-/// Relay connections left to follow the peers.
-pub const PEER_MOVES_TOTAL: &str = "comsat_agent_peer_moves_total";
-/// Links attached with a session.
-pub const LINKS_READY: &str = "comsat_agent_links_ready";
-/// Flows opened.
-pub const FLOWS_TOTAL: &str = "comsat_agent_flows_total";
-/// Flows open.
-pub const FLOWS_OPEN: &str = "comsat_agent_flows_open";
-/// Flows reset.
-pub const FLOWS_FAILED_TOTAL: &str = "comsat_agent_flows_failed_total";
-/// Flow resumptions.
-pub const FLOWS_RESUMED_TOTAL: &str = "comsat_agent_flows_resumed_total";
-/// Flows moved from the lane to the main connection.
-pub const FLOWS_MOVED_TOTAL: &str = "comsat_agent_flows_moved_total";
-/// Lane connections established.
-pub const LANE_CONNECTS_TOTAL: &str = "comsat_agent_lane_connects_total";
-/// Lane connections up.
-pub const LANES_OPEN: &str = "comsat_agent_lanes_open";
-/// Acknowledgement messages sent.
-pub const ACK_MESSAGES_TOTAL: &str = "comsat_agent_ack_messages_total";
-/// Bytes sent.
-pub const SENT_BYTES_TOTAL: &str = "comsat_agent_sent_bytes_total";
-/// Bytes received.
-pub const RECEIVED_BYTES_TOTAL: &str = "comsat_agent_received_bytes_total";
-/// Local connections refused, by `reason`: `peer_credentials`,
-/// `link_not_ready`, `grant_expired`.
-pub const LOCAL_REFUSED_TOTAL: &str = "comsat_agent_local_refused_total";
-/// End-to-end keys replaced, by `kind`: `records` (a key sealed the most
-/// records it may), `flow_ids` (a generation of flow ids ran out).
-pub const REKEYS_TOTAL: &str = "comsat_agent_rekeys_total";
-/// Replays and forgeries from a relay, refused, by `reason` (see the
-/// module's table).
-pub const PEER_REFUSED_TOTAL: &str = "comsat_agent_peer_refused_total";
-
-/// Metric handles, resolved once.
-#[derive(Clone)]
-pub(crate) struct Metrics {
-    pub(crate) connects: Counter,
-    pub(crate) connect_failures: Counter,
-    pub(crate) relay_drains: Counter,
-    pub(crate) relay_silences: Counter,
-    pub(crate) peer_moves: Counter,
-    pub(crate) links_ready: Gauge,
-    pub(crate) flows_total: Counter,
-    pub(crate) flows_open: Gauge,
-    pub(crate) flows_failed: Counter,
-    pub(crate) flows_resumed: Counter,
-    pub(crate) flows_moved: Counter,
-    pub(crate) lane_connects: Counter,
-    pub(crate) lanes_open: Gauge,
-    pub(crate) ack_messages: Counter,
-    pub(crate) sent_bytes: Counter,
-    pub(crate) received_bytes: Counter,
+comsat_node::metric_set! {
+    /// Metric handles, resolved once.
+    pub(crate) struct Metrics {
+        /// Relay connections established.
+        pub(crate) connects: Counter = RELAY_CONNECTS_TOTAL(
+            "comsat_agent_relay_connects_total",
+            "Relay connections established"
+        ),
+        /// Failed relay connection attempts.
+        pub(crate) connect_failures: Counter = RELAY_CONNECT_FAILURES_TOTAL(
+            "comsat_agent_relay_connect_failures_total",
+            "Failed relay connection attempts"
+        ),
+        /// Moves away from a draining relay.
+        pub(crate) relay_drains: Counter = RELAY_DRAINS_TOTAL(
+            "comsat_agent_relay_drains_total",
+            "Times a draining relay told the agent to move its links"
+        ),
+        /// Relay connections given up on for silence.
+        pub(crate) relay_silences: Counter = RELAY_SILENCES_TOTAL(
+            "comsat_agent_relay_silences_total",
+            "Relay connections given up because the relay left sends unanswered"
+        ),
+        /// Relay connections left to follow the peers.
+        pub(crate) peer_moves: Counter = PEER_MOVES_TOTAL(
+            "comsat_agent_peer_moves_total",
+            "Relay connections left to follow the peers off a relay that stopped answering them"
+        ),
+        /// Links attached with a session.
+        pub(crate) links_ready: Gauge = LINKS_READY(
+            "comsat_agent_links_ready",
+            "Links attached to a relay with an end-to-end session"
+        ),
+        /// Flows opened.
+        pub(crate) flows_total: Counter = FLOWS_TOTAL(
+            "comsat_agent_flows_total",
+            "Flows opened"
+        ),
+        /// Flows open.
+        pub(crate) flows_open: Gauge = FLOWS_OPEN(
+            "comsat_agent_flows_open",
+            "Flows open"
+        ),
+        /// Flows reset.
+        pub(crate) flows_failed: Counter = FLOWS_FAILED_TOTAL(
+            "comsat_agent_flows_failed_total",
+            "Flows that ended in a reset"
+        ),
+        /// Flow resumptions.
+        pub(crate) flows_resumed: Counter = FLOWS_RESUMED_TOTAL(
+            "comsat_agent_flows_resumed_total",
+            "Times a flow moved to a new stream after an outage"
+        ),
+        /// Flows moved from the lane to the main connection.
+        pub(crate) flows_moved: Counter = FLOWS_MOVED_TOTAL(
+            "comsat_agent_flows_moved_total",
+            "Flows that turned bulk on the lane and moved to the main connection"
+        ),
+        /// Lane connections established.
+        pub(crate) lane_connects: Counter = LANE_CONNECTS_TOTAL(
+            "comsat_agent_lane_connects_total",
+            "Lane connections established"
+        ),
+        /// Lane connections up.
+        pub(crate) lanes_open: Gauge = LANES_OPEN(
+            "comsat_agent_lanes_open",
+            "Lane connections up"
+        ),
+        /// Acknowledgement messages sent.
+        pub(crate) ack_messages: Counter = ACK_MESSAGES_TOTAL(
+            "comsat_agent_ack_messages_total",
+            "End-to-end acknowledgement messages sent to peers"
+        ),
+        /// Bytes sent.
+        pub(crate) sent_bytes: Counter = SENT_BYTES_TOTAL(
+            "comsat_agent_sent_bytes_total",
+            "Application bytes sent into links"
+        ),
+        /// Bytes received.
+        pub(crate) received_bytes: Counter = RECEIVED_BYTES_TOTAL(
+            "comsat_agent_received_bytes_total",
+            "Application bytes delivered from links"
+        ),
+    }
+    labelled {
+        /// Local connections refused, by `reason`: `peer_credentials`,
+        /// `link_not_ready`, `grant_expired`.
+        Counter LOCAL_REFUSED_TOTAL(
+            "comsat_agent_local_refused_total",
+            "Local connections refused, by reason"
+        ),
+        /// End-to-end keys replaced, by `kind`: `records` (a key sealed the most
+        /// records it may), `flow_ids` (a generation of flow ids ran out).
+        Counter REKEYS_TOTAL(
+            "comsat_agent_rekeys_total",
+            "End-to-end keys replaced, by kind"
+        ),
+        /// Replays and forgeries from a relay, refused, by `reason` (see the
+        /// module's table).
+        Counter PEER_REFUSED_TOTAL(
+            "comsat_agent_peer_refused_total",
+            "Replayed or forged flows and handshakes from a relay, refused, by reason"
+        ),
+    }
 }
 
 impl Metrics {
-    pub(crate) fn new() -> Self {
-        describe_counter!(RELAY_CONNECTS_TOTAL, "Relay connections established");
-        describe_counter!(
-            RELAY_CONNECT_FAILURES_TOTAL,
-            "Failed relay connection attempts"
-        );
-        describe_counter!(
-            RELAY_DRAINS_TOTAL,
-            "Times a draining relay told the agent to move its links"
-        );
-        describe_counter!(
-            RELAY_SILENCES_TOTAL,
-            "Relay connections given up because the relay left sends unanswered"
-        );
-        describe_counter!(
-            PEER_MOVES_TOTAL,
-            "Relay connections left to follow the peers off a relay that stopped answering them"
-        );
-        describe_gauge!(
-            LINKS_READY,
-            "Links attached to a relay with an end-to-end session"
-        );
-        describe_counter!(FLOWS_TOTAL, "Flows opened");
-        describe_gauge!(FLOWS_OPEN, "Flows open");
-        describe_counter!(FLOWS_FAILED_TOTAL, "Flows that ended in a reset");
-        describe_counter!(
-            FLOWS_RESUMED_TOTAL,
-            "Times a flow moved to a new stream after an outage"
-        );
-        describe_counter!(
-            FLOWS_MOVED_TOTAL,
-            "Flows that turned bulk on the lane and moved to the main connection"
-        );
-        describe_counter!(LANE_CONNECTS_TOTAL, "Lane connections established");
-        describe_gauge!(LANES_OPEN, "Lane connections up");
-        describe_counter!(
-            ACK_MESSAGES_TOTAL,
-            "End-to-end acknowledgement messages sent to peers"
-        );
-        describe_counter!(SENT_BYTES_TOTAL, "Application bytes sent into links");
-        describe_counter!(
-            RECEIVED_BYTES_TOTAL,
-            "Application bytes delivered from links"
-        );
-        describe_counter!(LOCAL_REFUSED_TOTAL, "Local connections refused, by reason");
-        describe_counter!(REKEYS_TOTAL, "End-to-end keys replaced, by kind");
-        describe_counter!(
-            PEER_REFUSED_TOTAL,
-            "Replayed or forged flows and handshakes from a relay, refused, by reason"
-        );
-        Self {
-            connects: counter!(RELAY_CONNECTS_TOTAL),
-            connect_failures: counter!(RELAY_CONNECT_FAILURES_TOTAL),
-            relay_drains: counter!(RELAY_DRAINS_TOTAL),
-            relay_silences: counter!(RELAY_SILENCES_TOTAL),
-            peer_moves: counter!(PEER_MOVES_TOTAL),
-            links_ready: gauge!(LINKS_READY),
-            flows_total: counter!(FLOWS_TOTAL),
-            flows_open: gauge!(FLOWS_OPEN),
-            flows_failed: counter!(FLOWS_FAILED_TOTAL),
-            flows_resumed: counter!(FLOWS_RESUMED_TOTAL),
-            flows_moved: counter!(FLOWS_MOVED_TOTAL),
-            lane_connects: counter!(LANE_CONNECTS_TOTAL),
-            lanes_open: gauge!(LANES_OPEN),
-            ack_messages: counter!(ACK_MESSAGES_TOTAL),
-            sent_bytes: counter!(SENT_BYTES_TOTAL),
-            received_bytes: counter!(RECEIVED_BYTES_TOTAL),
-        }
-    }
-
     pub(crate) fn local_refused(&self, reason: &'static str) {
         counter!(LOCAL_REFUSED_TOTAL, "reason" => reason).increment(1);
     }

@@ -22,6 +22,7 @@ pub mod apply;
 pub mod client;
 pub mod ctl;
 pub mod keys;
+mod metric_set;
 pub mod relay;
 mod retry;
 pub mod state;

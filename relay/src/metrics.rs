@@ -42,132 +42,118 @@
 //! | `comsat_relay_link_rate_limit_bytes_per_second{link}` | gauge | the grant's rate limit in force, per direction (0: none) |
 //! | `comsat_relay_link_refused_total{link,reason}` | counter | `max_flows`: new flows refused over the limit; `attach`: refused attaches (wrong generation, draining, relay full) |
 
-use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
+use metrics::counter;
 
-/// Accepted QUIC connections.
-pub const CONNECTIONS_TOTAL: &str = "comsat_relay_connections_total";
-/// Authenticated connections open.
-pub const CONNECTIONS_OPEN: &str = "comsat_relay_connections_open";
-/// Authenticated connections of a node key while another of the same key
-/// was held from another source.
-pub const NODE_CLONES_TOTAL: &str = "comsat_relay_node_clones_total";
-/// New connections sent a QUIC Retry (to prove their address) under load.
-pub const RETRIES_TOTAL: &str = "comsat_relay_retries_total";
-/// Refused connections by reason.
-pub const AUTH_FAILURES_TOTAL: &str = "comsat_relay_auth_failures_total";
-/// Refused attaches by reason.
-pub const ATTACH_REFUSED_TOTAL: &str = "comsat_relay_attach_refused_total";
-/// Paired links.
-pub const LINKS_PAIRED: &str = "comsat_relay_links_paired";
-/// Flows spliced.
-pub const FLOWS_TOTAL: &str = "comsat_relay_flows_total";
-/// Flow streams that came on a lane attachment.
-pub const LANE_FLOWS_TOTAL: &str = "comsat_relay_lane_flows_total";
-/// Flows open.
-pub const FLOWS_OPEN: &str = "comsat_relay_flows_open";
-/// Flow streams refused.
-pub const FLOWS_REFUSED_TOTAL: &str = "comsat_relay_flows_refused_total";
-/// New flows refused over their link's `max_flows`.
-pub const FLOWS_OVER_LIMIT_TOTAL: &str = "comsat_relay_flows_over_limit_total";
-/// Bytes forwarded.
-pub const FORWARDED_BYTES_TOTAL: &str = "comsat_relay_forwarded_bytes_total";
-/// Bytes held for parked flows.
-pub const BUFFERED_BYTES: &str = "comsat_relay_buffered_bytes";
-/// Flows parked.
-pub const FLOWS_PARKED_TOTAL: &str = "comsat_relay_flows_parked_total";
-/// Grants held.
-pub const GRANTS_LOADED: &str = "comsat_relay_grants_loaded";
-/// Grants refused by reason.
-pub const GRANTS_REJECTED_TOTAL: &str = "comsat_relay_grants_rejected_total";
-/// Grants dropped at their expiry.
-pub const GRANTS_EXPIRED_TOTAL: &str = "comsat_relay_grants_expired_total";
-/// 1 while draining.
-pub const DRAINING: &str = "comsat_relay_draining";
-/// Config reloads by result.
-pub const CONFIG_RELOADS_TOTAL: &str = "comsat_relay_config_reloads_total";
-
-/// Metric handles, resolved once.
-#[derive(Clone)]
-pub struct Metrics {
-    pub(crate) connections_total: Counter,
-    pub(crate) retries: Counter,
-    pub(crate) node_clones: Counter,
-    pub(crate) connections_open: Gauge,
-    pub(crate) links_paired: Gauge,
-    pub(crate) flows_total: Counter,
-    pub(crate) flows_open: Gauge,
-    pub(crate) lane_flows: Counter,
-    pub(crate) flows_refused: Counter,
-    pub(crate) flows_over_limit: Counter,
-    pub(crate) forwarded_bytes: Counter,
-    pub(crate) buffered_bytes: Gauge,
-    pub(crate) flows_parked: Counter,
-    grants_loaded: Gauge,
-    grants_expired: Counter,
-    pub(crate) draining: Gauge,
-}
-
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Metrics")
+comsat_node::metric_set! {
+    /// Metric handles, resolved once.
+    pub struct Metrics {
+        /// Accepted QUIC connections.
+        pub(crate) connections_total: Counter = CONNECTIONS_TOTAL(
+            "comsat_relay_connections_total",
+            "QUIC connections accepted"
+        ),
+        /// Authenticated connections open.
+        pub(crate) connections_open: Gauge = CONNECTIONS_OPEN(
+            "comsat_relay_connections_open",
+            "Authenticated agent connections"
+        ),
+        /// Authenticated connections of a node key while another of the same key
+        /// was held from another source.
+        pub(crate) node_clones: Counter = NODE_CLONES_TOTAL(
+            "comsat_relay_node_clones_total",
+            "Connections of a node key while it was connected from another source"
+        ),
+        /// New connections sent a QUIC Retry (to prove their address) under load.
+        pub(crate) retries: Counter = RETRIES_TOTAL(
+            "comsat_relay_retries_total",
+            "New connections sent a QUIC Retry to prove their address"
+        ),
+        /// Paired links.
+        pub(crate) links_paired: Gauge = LINKS_PAIRED(
+            "comsat_relay_links_paired",
+            "Links with both sides attached"
+        ),
+        /// Flows spliced.
+        pub(crate) flows_total: Counter = FLOWS_TOTAL(
+            "comsat_relay_flows_total",
+            "Flows spliced"
+        ),
+        /// Flow streams that came on a lane attachment.
+        pub(crate) lane_flows: Counter = LANE_FLOWS_TOTAL(
+            "comsat_relay_lane_flows_total",
+            "Flow streams that came on a lane"
+        ),
+        /// Flows open.
+        pub(crate) flows_open: Gauge = FLOWS_OPEN(
+            "comsat_relay_flows_open",
+            "Flows being spliced"
+        ),
+        /// Flow streams refused.
+        pub(crate) flows_refused: Counter = FLOWS_REFUSED_TOTAL(
+            "comsat_relay_flows_refused_total",
+            "Flow streams refused"
+        ),
+        /// New flows refused over their link's `max_flows`.
+        pub(crate) flows_over_limit: Counter = FLOWS_OVER_LIMIT_TOTAL(
+            "comsat_relay_flows_over_limit_total",
+            "New flows refused because their link had max_flows open"
+        ),
+        /// Bytes forwarded.
+        pub(crate) forwarded_bytes: Counter = FORWARDED_BYTES_TOTAL(
+            "comsat_relay_forwarded_bytes_total",
+            "Flow bytes forwarded"
+        ),
+        /// Bytes held for parked flows.
+        pub(crate) buffered_bytes: Gauge = BUFFERED_BYTES(
+            "comsat_relay_buffered_bytes",
+            "Bytes held for flows whose peer is away"
+        ),
+        /// Flows parked.
+        pub(crate) flows_parked: Counter = FLOWS_PARKED_TOTAL(
+            "comsat_relay_flows_parked_total",
+            "Flows held because their peer was away"
+        ),
+        /// Grants held.
+        grants_loaded: Gauge = GRANTS_LOADED(
+            "comsat_relay_grants_loaded",
+            "Valid grants held"
+        ),
+        /// Grants dropped at their expiry.
+        grants_expired: Counter = GRANTS_EXPIRED_TOTAL(
+            "comsat_relay_grants_expired_total",
+            "Grants dropped at their not_after, their links torn down"
+        ),
+        /// 1 while draining.
+        pub(crate) draining: Gauge = DRAINING(
+            "comsat_relay_draining",
+            "1 while the relay drains"
+        ),
+    }
+    labelled {
+        /// Refused connections by reason.
+        Counter AUTH_FAILURES_TOTAL(
+            "comsat_relay_auth_failures_total",
+            "Connections refused, by reason"
+        ),
+        /// Refused attaches by reason.
+        Counter ATTACH_REFUSED_TOTAL(
+            "comsat_relay_attach_refused_total",
+            "Attaches refused, by reason"
+        ),
+        /// Grants refused by reason.
+        Counter GRANTS_REJECTED_TOTAL(
+            "comsat_relay_grants_rejected_total",
+            "Grant files refused, by reason"
+        ),
+        /// Config reloads by result.
+        Counter CONFIG_RELOADS_TOTAL(
+            "comsat_relay_config_reloads_total",
+            "Config reloads, by result"
+        ),
     }
 }
 
 impl Metrics {
-    /// Describes the metrics and resolves the handles.
-    pub fn new() -> Self {
-        describe_counter!(CONNECTIONS_TOTAL, "QUIC connections accepted");
-        describe_counter!(
-            NODE_CLONES_TOTAL,
-            "Connections of a node key while it was connected from another source"
-        );
-        describe_counter!(
-            RETRIES_TOTAL,
-            "New connections sent a QUIC Retry to prove their address"
-        );
-        describe_gauge!(CONNECTIONS_OPEN, "Authenticated agent connections");
-        describe_counter!(AUTH_FAILURES_TOTAL, "Connections refused, by reason");
-        describe_counter!(ATTACH_REFUSED_TOTAL, "Attaches refused, by reason");
-        describe_gauge!(LINKS_PAIRED, "Links with both sides attached");
-        describe_counter!(FLOWS_TOTAL, "Flows spliced");
-        describe_counter!(LANE_FLOWS_TOTAL, "Flow streams that came on a lane");
-        describe_gauge!(FLOWS_OPEN, "Flows being spliced");
-        describe_counter!(FLOWS_REFUSED_TOTAL, "Flow streams refused");
-        describe_counter!(
-            FLOWS_OVER_LIMIT_TOTAL,
-            "New flows refused because their link had max_flows open"
-        );
-        describe_counter!(FORWARDED_BYTES_TOTAL, "Flow bytes forwarded");
-        describe_gauge!(BUFFERED_BYTES, "Bytes held for flows whose peer is away");
-        describe_counter!(FLOWS_PARKED_TOTAL, "Flows held because their peer was away");
-        describe_gauge!(GRANTS_LOADED, "Valid grants held");
-        describe_counter!(GRANTS_REJECTED_TOTAL, "Grant files refused, by reason");
-        describe_counter!(
-            GRANTS_EXPIRED_TOTAL,
-            "Grants dropped at their not_after, their links torn down"
-        );
-        describe_gauge!(DRAINING, "1 while the relay drains");
-        describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads, by result");
-        Self {
-            connections_total: counter!(CONNECTIONS_TOTAL),
-            retries: counter!(RETRIES_TOTAL),
-            node_clones: counter!(NODE_CLONES_TOTAL),
-            connections_open: gauge!(CONNECTIONS_OPEN),
-            links_paired: gauge!(LINKS_PAIRED),
-            flows_total: counter!(FLOWS_TOTAL),
-            flows_open: gauge!(FLOWS_OPEN),
-            lane_flows: counter!(LANE_FLOWS_TOTAL),
-            flows_refused: counter!(FLOWS_REFUSED_TOTAL),
-            flows_over_limit: counter!(FLOWS_OVER_LIMIT_TOTAL),
-            forwarded_bytes: counter!(FORWARDED_BYTES_TOTAL),
-            buffered_bytes: gauge!(BUFFERED_BYTES),
-            flows_parked: counter!(FLOWS_PARKED_TOTAL),
-            grants_loaded: gauge!(GRANTS_LOADED),
-            grants_expired: counter!(GRANTS_EXPIRED_TOTAL),
-            draining: gauge!(DRAINING),
-        }
-    }
-
     /// Counts a refused connection.
     pub fn auth_failure(&self, reason: &'static str) {
         counter!(AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
