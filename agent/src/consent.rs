@@ -68,6 +68,9 @@ pub enum ConsentError {
         /// `targets` or `listen`.
         list: &'static str,
     },
+    /// The file is no TOML of the consent keys.
+    #[error("not a consent file (it holds `targets = [...]` and `listen = [...]` only): {0}")]
+    File(String),
 }
 
 /// One allowed host set.
@@ -269,14 +272,14 @@ impl Consent {
 
     /// Parses a consent file's text: `targets = [...]` and `listen =
     /// [...]`; a list left out keeps its default.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let file: ConsentFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Self, ConsentError> {
+        let file: ConsentFile =
+            toml::from_str(text).map_err(|e| ConsentError::File(e.to_string()))?;
         let default: Vec<String> = DEFAULT.iter().map(|s| (*s).to_owned()).collect();
         Self::new(
             file.targets.as_deref().unwrap_or(&default),
             file.listen.as_deref().unwrap_or(&default),
         )
-        .map_err(|e| e.to_string())
     }
 
     /// Reads [`CONSENT_FILE`] in `dir`, or the default if there is none.
@@ -303,7 +306,7 @@ impl Consent {
         if text.len() as u64 > MAX_CONSENT_FILE {
             return Err(bad(format!("larger than {MAX_CONSENT_FILE} bytes")));
         }
-        Self::parse(&text).map_err(bad)
+        Self::parse(&text).map_err(|e| bad(e.to_string()))
     }
 
     /// Whether this agent may take on a link half in `role`: `Err` names
@@ -454,7 +457,9 @@ mod tests {
         }
         let many = vec!["tcp://*:*".to_owned(); MAX_ENTRIES + 1];
         assert!(Consent::new(&many, &[]).is_err());
-        let e = Consent::parse("target = []").expect_err("misspelt key");
+        let e = Consent::parse("target = []")
+            .expect_err("misspelt key")
+            .to_string();
         assert!(e.contains("target"), "{e}");
         let text = targets_text(&["unix:///run/app/*".to_owned()]);
         let c = Consent::parse(&text).expect("file");
