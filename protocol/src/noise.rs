@@ -36,6 +36,10 @@
 //! [`Opener::open_record_in_place`]): the bytes read from a socket are
 //! encrypted where they lie.
 //!
+//! A link's UDP flows travel as datagrams, each sealed on its own under
+//! keys of their own and taken at most once by a sliding window of their
+//! numbers ([`Session::datagrams`]; see the `datagram` module).
+//!
 //! Call order: side A [`initiate`]s and sends the message through the relay;
 //! side B [`respond`]s and sends its answer back; side A hands it to
 //! [`ExpectResponse::handle_response`]. Both then hold a [`Session`]. Each
@@ -74,6 +78,7 @@ pub const DEFAULT_FLOW_IDS_LOG2: u8 = 22;
 /// The smallest values an agent may state (for tests of rekeying).
 pub const MIN_LOG2: u8 = 2;
 
+mod datagram;
 mod handshake;
 mod params;
 mod rng;
@@ -81,6 +86,10 @@ mod session;
 #[cfg(test)]
 pub(crate) mod tests;
 
+pub use datagram::{
+    DATAGRAM_HEADER_LEN, DATAGRAM_OVERHEAD, DATAGRAM_WINDOW, DatagramError, DatagramOpener,
+    DatagramSealer, MAX_DATAGRAM_LEN, UdpFlowId,
+};
 pub use handshake::{
     ExpectResponse, initiate, initiate_preferring, initiate_with_params, respond,
     respond_preferring, respond_with_params,

@@ -30,8 +30,6 @@ use crate::ids::FlowId;
 /// peer allocating every second id, half as many flows) is refused.
 pub const SEEN_WINDOW: u32 = 1 << 16;
 
-const WORDS: usize = (SEEN_WINDOW / 64) as usize;
-
 /// Why a flow id is not fresh.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NotFresh {
@@ -61,94 +59,155 @@ pub enum NotFresh {
     },
 }
 
-/// The flow ids a session has accepted from its peer (see the module docs).
+/// A sliding window of the numbers accepted from a sender that numbers
+/// what it sends in increasing order (flow ids, datagram sequence
+/// numbers): a number is accepted at most once, and one `BITS` or more
+/// below the highest accepted is refused as too old, in fixed memory
+/// (`BITS / 8` bytes), as in IPsec's anti-replay window (RFC 4303 §3.4.3).
 #[derive(Clone)]
-pub struct SeenFlows {
-    highest: Option<FlowId>,
-    /// Bit `id % SEEN_WINDOW` is set when `id` (within the window) was seen.
-    bits: Box<[u64; WORDS]>,
+pub struct Window<const BITS: u64> {
+    highest: Option<u64>,
+    /// Bit `n % BITS` is set when `n` (within the window) was accepted.
+    bits: Box<[u64]>,
 }
 
-impl std::fmt::Debug for SeenFlows {
+/// Why a number is not accepted by a [`Window`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stale {
+    /// It was accepted before.
+    Seen,
+    /// It lies a whole window or more below `highest`, the highest one
+    /// accepted.
+    TooOld {
+        /// The highest number accepted.
+        highest: u64,
+    },
+}
+
+impl<const BITS: u64> std::fmt::Debug for Window<BITS> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SeenFlows")
+        f.debug_struct("Window")
             .field("highest", &self.highest)
             .finish_non_exhaustive()
     }
 }
 
-impl Default for SeenFlows {
+impl<const BITS: u64> Default for Window<BITS> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl SeenFlows {
-    /// Nothing seen yet.
+impl<const BITS: u64> Window<BITS> {
+    const WORDS: usize = {
+        assert!(
+            BITS >= 64 && BITS.is_multiple_of(64),
+            "a window is whole 64-bit words"
+        );
+        (BITS / 64) as usize
+    };
+
+    /// Nothing accepted yet.
     pub fn new() -> Self {
         Self {
             highest: None,
-            bits: Box::new([0; WORDS]),
+            bits: vec![0; Self::WORDS].into_boxed_slice(),
         }
     }
 
-    /// Whether `id` may still be accepted, without accepting it.
-    pub fn check(&self, id: FlowId) -> Result<(), NotFresh> {
+    /// Whether `n` may still be accepted, without accepting it.
+    pub fn check(&self, n: u64) -> Result<(), Stale> {
         let Some(highest) = self.highest else {
             return Ok(());
         };
-        if id > highest {
+        if n > highest {
             return Ok(());
         }
-        if highest - id >= SEEN_WINDOW {
-            return Err(NotFresh::TooOld { id, highest });
+        if highest - n >= BITS {
+            return Err(Stale::TooOld { highest });
         }
-        if self.bit(id) {
-            return Err(NotFresh::Seen(id));
+        if self.bit(n) {
+            return Err(Stale::Seen);
         }
         Ok(())
     }
 
-    /// Accepts `id` if it is fresh; from then on it never is again.
-    pub fn accept(&mut self, id: FlowId) -> Result<(), NotFresh> {
-        self.check(id)?;
+    /// Accepts `n` if it may be; from then on it never may again.
+    pub fn accept(&mut self, n: u64) -> Result<(), Stale> {
+        self.check(n)?;
         match self.highest {
-            Some(highest) if id <= highest => {}
+            Some(highest) if n <= highest => {}
             Some(highest) => {
-                // Slide the window up: ids that fall out of it are
-                // forgotten, so their bits serve the new ids.
-                let gap = id - highest;
-                if gap >= SEEN_WINDOW {
+                // Slide the window up: numbers that fall out of it are
+                // forgotten, so their bits serve the new ones.
+                if n - highest >= BITS {
                     self.bits.fill(0);
                 } else {
-                    for forgotten in highest + 1..=id {
+                    for forgotten in highest + 1..=n {
                         self.set(forgotten, false);
                     }
                 }
-                self.highest = Some(id);
+                self.highest = Some(n);
             }
-            None => self.highest = Some(id),
+            None => self.highest = Some(n),
         }
-        self.set(id, true);
+        self.set(n, true);
         Ok(())
     }
 
-    /// The highest id accepted so far.
-    pub fn highest(&self) -> Option<FlowId> {
+    /// The highest number accepted so far.
+    pub fn highest(&self) -> Option<u64> {
         self.highest
     }
 
-    fn bit(&self, id: FlowId) -> bool {
-        let i = (id % SEEN_WINDOW) as usize;
+    fn bit(&self, n: u64) -> bool {
+        let i = (n % BITS) as usize;
         self.bits[i / 64] & (1 << (i % 64)) != 0
     }
 
-    fn set(&mut self, id: FlowId, on: bool) {
-        let i = (id % SEEN_WINDOW) as usize;
+    fn set(&mut self, n: u64, on: bool) {
+        let i = (n % BITS) as usize;
         if on {
             self.bits[i / 64] |= 1 << (i % 64);
         } else {
             self.bits[i / 64] &= !(1 << (i % 64));
+        }
+    }
+}
+
+/// The flow ids a session has accepted from its peer (see the module docs).
+#[derive(Clone, Debug, Default)]
+pub struct SeenFlows(Window<{ SEEN_WINDOW as u64 }>);
+
+impl SeenFlows {
+    /// Nothing seen yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether `id` may still be accepted, without accepting it.
+    pub fn check(&self, id: FlowId) -> Result<(), NotFresh> {
+        self.0.check(id.into()).map_err(|e| Self::not_fresh(id, e))
+    }
+
+    /// Accepts `id` if it is fresh; from then on it never is again.
+    pub fn accept(&mut self, id: FlowId) -> Result<(), NotFresh> {
+        self.0.accept(id.into()).map_err(|e| Self::not_fresh(id, e))
+    }
+
+    /// The highest id accepted so far.
+    pub fn highest(&self) -> Option<FlowId> {
+        // Only flow ids are accepted.
+        self.0.highest().map(|h| h as FlowId)
+    }
+
+    fn not_fresh(id: FlowId, why: Stale) -> NotFresh {
+        match why {
+            Stale::Seen => NotFresh::Seen(id),
+            Stale::TooOld { highest } => NotFresh::TooOld {
+                id,
+                highest: highest as FlowId,
+            },
         }
     }
 }

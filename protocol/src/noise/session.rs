@@ -9,6 +9,7 @@ use ring::aead::{self, Aad, LessSafeKey, UnboundKey};
 use ring::hkdf;
 use zeroize::Zeroizing;
 
+use super::datagram::{DatagramKeys, DatagramOpener, DatagramSealer};
 use super::{Cipher, KEY_LABEL, NoiseError, Params, RECORD_PREFIX_LEN};
 use crate::ids::FlowId;
 use crate::limits::{MAX_RECORD_CIPHERTEXT_LEN, MAX_RECORD_PAYLOAD_LEN, NOISE_TAG_LEN};
@@ -26,7 +27,7 @@ use crate::record::{self, RECORD_HEADER_LEN, RecordError, RecordHeader, RecordKi
 /// direction keys are zeroised with the session.
 pub struct Session {
     params: Params,
-    send: Arc<Zeroizing<[u8; 32]>>,
+    pub(super) send: Arc<Zeroizing<[u8; 32]>>,
     pub(super) recv: Arc<Zeroizing<[u8; 32]>>,
     handshake_hash: [u8; 32],
 }
@@ -99,6 +100,18 @@ impl Session {
             current: None,
         };
         (Sealer(keys(&self.send)), Opener(keys(&self.recv)))
+    }
+
+    /// The keys of the session's datagrams: a [`DatagramSealer`] for what
+    /// this side sends and a [`DatagramOpener`] for what it receives.
+    /// Make each once per session: a second sealer would number its
+    /// datagrams from 0 again, under the same keys.
+    pub fn datagrams(&self) -> (DatagramSealer, DatagramOpener) {
+        let keys = |k: &Arc<Zeroizing<[u8; 32]>>| DatagramKeys::new(k.clone(), self.params);
+        (
+            DatagramSealer::new(keys(&self.send)),
+            DatagramOpener::new(keys(&self.recv)),
+        )
     }
 
     /// The keys of link control (flow 0 of generation 0).
@@ -201,12 +214,23 @@ pub(super) fn derive(
     flow_id: FlowId,
     epoch: u64,
 ) -> LessSafeKey {
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, KEY_LABEL).extract(direction);
     let mut info = [0u8; 16];
     info[..4].copy_from_slice(&generation.to_be_bytes());
     info[4..8].copy_from_slice(&flow_id.to_be_bytes());
     info[8..].copy_from_slice(&epoch.to_be_bytes());
-    let info = [&info[..]];
+    derive_labelled(KEY_LABEL, direction, cipher, &info)
+}
+
+/// HKDF-SHA256 of a direction's key under `label` (one key space per
+/// label) over `info`.
+pub(super) fn derive_labelled(
+    label: &[u8],
+    direction: &[u8; 32],
+    cipher: Cipher,
+    info: &[u8],
+) -> LessSafeKey {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, label).extract(direction);
+    let info = [info];
     let okm = prk
         .expand(&info, cipher.algorithm())
         // Only an output longer than 255 hash lengths is refused.

@@ -38,7 +38,7 @@ fn keys() -> (NoiseSecretKey, NoiseSecretKey) {
     )
 }
 
-fn pair_preferring(a_pref: Cipher, b_pref: Cipher) -> (Session, Session) {
+pub(crate) fn pair_preferring(a_pref: Cipher, b_pref: Cipher) -> (Session, Session) {
     let (a, b) = keys();
     let link = LinkId([5; 16]);
     let (pending, m1) =
@@ -261,7 +261,7 @@ proptest::proptest! {
     }
 }
 
-fn pair_with(a: Params, b: Params) -> (Session, Session) {
+pub(crate) fn pair_with(a: Params, b: Params) -> (Session, Session) {
     let (ka, kb) = keys();
     let link = LinkId([5; 16]);
     let (pending, m1) =
