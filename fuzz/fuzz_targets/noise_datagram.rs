@@ -1,4 +1,5 @@
-//! Datagrams from the network opened with a real Noise session (either
+//! Datagrams from the network split as the relay reads them (their link)
+//! and opened with a real Noise session (either
 //! transport cipher): opening arbitrary bytes never panics and never
 //! accepts a number without an authentic datagram, and what one side
 //! seals the other opens once, to the same flow and payload.
@@ -47,6 +48,12 @@ fuzz_target!(|data: &[u8]| {
     let (sa, sb) = &sessions()[usize::from(head[0] & 1)];
     // A sealer and an opener numbering from 0, as at a session's start.
     let ((mut seal, _), (_, mut open)) = (sa.datagrams(), sb.datagrams());
+
+    // What the relay reads of a datagram: a link id, if there are 16
+    // bytes, and the rest as it came.
+    if let Some((link, sealed)) = comsat_protocol::datagram::split(data) {
+        assert_eq!((&link.0[..], sealed), data.split_at(16));
+    }
 
     // Arbitrary bytes as datagrams from the network: refused, and no
     // number taken.

@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod codec;
+pub mod datagram;
 pub mod endpoint;
 pub mod grant;
 pub mod half;

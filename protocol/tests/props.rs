@@ -67,6 +67,21 @@ proptest! {
         prop_assert_eq!(e.to_string(), s);
     }
 
+    /// A relayed datagram names its link in its first 16 bytes, whatever
+    /// follows; anything shorter names none.
+    #[test]
+    fn relayed_datagrams_split_into_link_and_rest(
+        link in any::<[u8; 16]>(),
+        rest in proptest::collection::vec(any::<u8>(), 0..100),
+        cut in 0usize..16,
+    ) {
+        let mut d = Vec::new();
+        comsat_protocol::datagram::tag(LinkId(link), &mut d);
+        d.extend_from_slice(&rest);
+        prop_assert_eq!(comsat_protocol::datagram::split(&d), Some((LinkId(link), rest.as_slice())));
+        prop_assert_eq!(comsat_protocol::datagram::split(&d[..cut]), None);
+    }
+
     /// A hostile relay between two agents drops, duplicates, delays,
     /// reorders and alters datagrams as it likes: the receiver delivers
     /// each sent datagram at most once, exactly as sent (flow and

@@ -29,6 +29,12 @@ pub const RETRY_ABOVE: usize = 64;
 /// and stream credit once the agent is known.
 pub const PRE_HELLO_WINDOW: u32 = 64 * 1024;
 
+/// Bytes of datagrams a connection holds each way, received and not yet
+/// forwarded, or waiting to be sent (beyond, the oldest are dropped): a
+/// few milliseconds of a busy UDP flow, and all a stranger's datagrams
+/// can take before its `Hello` (nothing reads them until then).
+pub const DATAGRAM_BUFFER: usize = 64 * 1024;
+
 /// Connections that have not yet authenticated, at once. Each costs a QUIC
 /// connection state (a few KiB) plus its receive windows until it is
 /// refused; beyond this, new connections wait for a place

@@ -64,6 +64,22 @@ impl Throttle {
         }
     }
 
+    /// Whether `n` bytes read at `now` may go on at once (and are then
+    /// counted against the rate): what cannot wait, a datagram, is
+    /// dropped instead, without using up the rate.
+    pub(crate) fn admit(&self, n: usize, now: Instant) -> bool {
+        let Some(rate) = self.rate() else {
+            return true;
+        };
+        let mut tat = lock(&self.tat);
+        let start = tat.map_or(now, |t| t.max(now));
+        if start > now + defaults::THROTTLE_BURST {
+            return false;
+        }
+        *tat = Some(start + Duration::from_secs_f64(n as f64 / rate as f64));
+        true
+    }
+
     /// How long to wait before forwarding `n` bytes read at `now`. A link
     /// that was idle may send `THROTTLE_BURST` worth of its rate at once.
     pub(crate) fn delay(&self, n: usize, now: Instant) -> Duration {
@@ -382,6 +398,24 @@ mod tests {
             last + slack >= expected && last <= expected,
             "last wait {last:?}, expected about {expected:?}"
         );
+    }
+
+    #[test]
+    fn datagrams_pass_within_the_rate_and_burst_and_drops_cost_nothing() {
+        let t = Throttle::default();
+        let now = Instant::now();
+        assert!((0..1000).all(|_| t.admit(1200, now)), "unlimited");
+        t.set_rate(Some(10_000));
+        // The burst (100 ms at 10,000 B/s: 1,000 B) and one more go at
+        // once; then nothing until the rate has paid for them.
+        let passed = (0..100).filter(|_| t.admit(100, now)).count();
+        assert_eq!(passed, 11);
+        // Refused datagrams used none of the rate: 10 ms later, one more.
+        assert!(t.admit(100, now + Duration::from_millis(10)));
+        assert!(!t.admit(100, now + Duration::from_millis(10)));
+        // Datagrams and stream chunks share the rate.
+        let d = t.delay(1000, now + Duration::from_millis(10));
+        assert!(d > Duration::ZERO, "{d:?}");
     }
 
     #[test]

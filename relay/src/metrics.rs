@@ -15,6 +15,8 @@
 //! | `comsat_relay_flows_refused_total` | counter | flow streams refused (link not paired on this connection) |
 //! | `comsat_relay_flows_over_limit_total` | counter | new flows refused because their link had its grant's `max_flows` open (the application sees a reset) |
 //! | `comsat_relay_forwarded_bytes_total` | counter | flow bytes forwarded, counted as they move |
+//! | `comsat_relay_datagrams_forwarded_total` | counter | datagrams of links' UDP flows forwarded to the other side |
+//! | `comsat_relay_datagrams_dropped_total{reason}` | counter | datagrams dropped: `malformed` (shorter than a link id), `not_attached` (the connection holds no side of the link named), `peer_away`, `rate_limit` (over the link's rate), `too_large` (more than the peer's connection takes at once) |
 //! | `comsat_relay_buffered_bytes` | gauge | bytes held for flows whose peer is away |
 //! | `comsat_relay_flows_parked_total` | counter | flows held because their peer was away |
 //! | `comsat_relay_grants_loaded` | gauge | valid grants held |
@@ -128,8 +130,18 @@ comsat_node::metric_set! {
             "comsat_relay_draining",
             "1 while the relay drains"
         ),
+        /// Datagrams forwarded.
+        pub(crate) datagrams_forwarded: Counter = DATAGRAMS_FORWARDED_TOTAL(
+            "comsat_relay_datagrams_forwarded_total",
+            "Datagrams of UDP flows forwarded between a link's sides"
+        ),
     }
     labelled {
+        /// Datagrams dropped, by reason.
+        Counter DATAGRAMS_DROPPED_TOTAL(
+            "comsat_relay_datagrams_dropped_total",
+            "Datagrams of UDP flows dropped, by reason"
+        ),
         /// Refused connections by reason.
         Counter AUTH_FAILURES_TOTAL(
             "comsat_relay_auth_failures_total",
@@ -157,6 +169,11 @@ impl Metrics {
     /// Counts a refused connection.
     pub fn auth_failure(&self, reason: &'static str) {
         counter!(AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
+    }
+
+    /// Counts a dropped datagram.
+    pub(crate) fn datagram_dropped(&self, reason: &'static str) {
+        counter!(DATAGRAMS_DROPPED_TOTAL, "reason" => reason).increment(1);
     }
 
     /// Counts a refused attach.

@@ -160,7 +160,11 @@ fn transport_config(config: &RelayConfig) -> quinn::TransportConfig {
         .send_window(defaults::SEND_WINDOW)
         // The agents keep alive (see `defaults::IDLE_TIMEOUT`).
         .keep_alive_interval(None)
-        .datagram_receive_buffer_size(None);
+        // The links' UDP flows: what a connection sent and the relay has
+        // not yet forwarded, and what waits to go out to a connection;
+        // beyond either, the oldest datagrams are dropped.
+        .datagram_receive_buffer_size(Some(defaults::DATAGRAM_BUFFER))
+        .datagram_send_buffer_size(defaults::DATAGRAM_BUFFER);
     let idle = Duration::from_millis(l.idle_timeout_ms);
     let mut ack = quinn::AckFrequencyConfig::default();
     ack.ack_eliciting_threshold(10u32.into())

@@ -11,6 +11,7 @@ use tracing::{debug, info};
 
 use super::accept::read_message;
 use super::ctl::CtlRx;
+use super::datagrams::forward_datagrams;
 use super::splice::accept_flows;
 use super::{Attachment, LinkState, State};
 use crate::grants::unix_now;
@@ -47,6 +48,7 @@ pub(super) async fn serve_connection(
     state.send_or_close(&att, RelayToAgent::Welcome);
     state.links().conns.insert(conn_id, att.clone());
     let flows = tokio::spawn(accept_flows(state.clone(), conn_id, conn.clone()));
+    let datagrams = tokio::spawn(forward_datagrams(state.clone(), conn_id, conn.clone()));
     let mut held: Held = HashSet::new();
     let mut draining = state.draining.subscribe();
     let mut told_to_go = false;
@@ -83,6 +85,7 @@ pub(super) async fn serve_connection(
     }
     state.links().conns.remove(&conn_id);
     flows.abort();
+    datagrams.abort();
     drop(att);
     let _ = writer.await;
 }

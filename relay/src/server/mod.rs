@@ -15,6 +15,7 @@
 mod accept;
 mod control;
 mod ctl;
+mod datagrams;
 mod drain;
 mod expiry;
 mod handle;
