@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{LinkConfig, LocalRole};
 use crate::core::ack::{AckQueue, AckWhen};
-use crate::core::link::{Candidates, ControlReplay, Forgeries, SessionState, flow_id};
+use crate::core::link::{Candidates, ControlReplay, Forgeries, Pending, SessionState, flow_id};
 use crate::defaults;
 use crate::group::{Busy, Runtimes};
 use crate::metrics::Metrics;
@@ -122,7 +122,8 @@ pub(crate) struct LinkRt {
     /// never confirmed, and tears nothing down. With the connection each
     /// arrived on.
     pub(crate) candidates: Mutex<Candidates<(Arc<LinkSession>, quinn::Connection)>>,
-    pub(crate) pending: Mutex<Option<ExpectResponse>>,
+    /// Side A: the handshakes it started and that are still unanswered.
+    pub(crate) pending: Mutex<Pending<ExpectResponse>>,
     pub(crate) epoch: AtomicU64,
     /// Whether the peer confirmed the current session, whether it is to be
     /// replaced (too many forgeries), and side A's pending `Resume`.
@@ -183,7 +184,7 @@ impl LinkRt {
             ready: watch::channel(None).0,
             session: Mutex::new(None),
             candidates: Mutex::new(Candidates::new(CANDIDATES)),
-            pending: Mutex::new(None),
+            pending: Mutex::new(Pending::new(CANDIDATES)),
             epoch: AtomicU64::new(0),
             state: Mutex::new(SessionState::new(cfg.side, defaults::HANDSHAKE_RETRY)),
             expired: AtomicBool::new(false),
@@ -239,7 +240,7 @@ impl LinkRt {
             ready.conn.close(0u32.into(), b"reconfigured");
         }
         self.set_ready(None, metrics);
-        *self.pending() = None;
+        self.pending().clear();
     }
 
     /// Ends the link for good (it was deleted): every flow is reset.
@@ -470,7 +471,7 @@ impl LinkRt {
         }
     }
 
-    pub(crate) fn pending(&self) -> std::sync::MutexGuard<'_, Option<ExpectResponse>> {
+    pub(crate) fn pending(&self) -> std::sync::MutexGuard<'_, Pending<ExpectResponse>> {
         lock(&self.pending)
     }
 }

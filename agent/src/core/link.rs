@@ -165,7 +165,16 @@ pub(crate) struct SessionState {
     /// Side A: since the peer last (re)appeared, it took the peer's word
     /// that it holds no session ([`SessionState::on_no_session`]).
     took_no_session: bool,
+    /// Side A: when it started its last handshake still unanswered, and
+    /// how many it started since the peer last (re)appeared or answered.
+    initiated: Option<(Instant, u32)>,
 }
+
+/// Doublings of the retry interval between unanswered handshakes: side A
+/// tries again after 2 s, 4 s, 8 s, 16 s, then every 32 s, so that a peer
+/// or relay too busy to answer within the interval (thousands of links
+/// at once) is not sent a new handshake for each one it has yet to answer.
+const MAX_DOUBLINGS: u32 = 4;
 
 impl SessionState {
     pub(crate) fn new(side: Side, retry: Duration) -> Self {
@@ -176,6 +185,7 @@ impl SessionState {
             resume_sent: None,
             renew: false,
             took_no_session: false,
+            initiated: None,
         }
     }
 
@@ -190,6 +200,7 @@ impl SessionState {
     pub(crate) fn on_peer_present(&mut self, has_session: bool, now: Instant) -> Option<Establish> {
         self.peer_confirmed = false;
         self.took_no_session = false;
+        self.initiated = None;
         match (self.side, has_session) {
             (Side::A, true) => {
                 self.resume_sent = Some(now);
@@ -200,11 +211,14 @@ impl SessionState {
         }
     }
 
-    /// Side A starts a handshake: the pending resume is moot, and so is a
-    /// pending renewal (this handshake replaces the session it was for).
-    pub(crate) fn on_initiate(&mut self) {
+    /// Side A starts a handshake at `now`: the pending resume is moot,
+    /// and so is a pending renewal (this handshake replaces the session it
+    /// was for).
+    pub(crate) fn on_initiate(&mut self, now: Instant) {
         self.resume_sent = None;
         self.renew = false;
+        let started = self.initiated.map_or(0, |(_, n)| n);
+        self.initiated = Some((now, started.saturating_add(1)));
     }
 
     /// Side A took side B's answer: the session is installed but not
@@ -212,6 +226,7 @@ impl SessionState {
     pub(crate) fn on_answered(&mut self, now: Instant) {
         self.peer_confirmed = false;
         self.resume_sent = Some(now);
+        self.initiated = None;
     }
 
     /// Side A: an answer to its handshake did not complete it (the answer
@@ -280,12 +295,19 @@ impl SessionState {
     /// At a retry with the peer present: side A starts a handshake when
     /// the peer has not confirmed the session and no resume is pending, or
     /// the pending one got no answer within the retry interval.
+    /// A handshake still unanswered is started anew only after the retry
+    /// interval doubled for each one started before it (up to
+    /// [`MAX_DOUBLINGS`]).
     pub(crate) fn needs_handshake(&self, now: Instant) -> bool {
         self.side == Side::A
             && !self.peer_confirmed
             && self
                 .resume_sent
                 .is_none_or(|t| now.saturating_duration_since(t) >= self.retry)
+            && self.initiated.is_none_or(|(t, n)| {
+                now.saturating_duration_since(t)
+                    >= self.retry * 2u32.pow(n.saturating_sub(1).min(MAX_DOUBLINGS))
+            })
     }
 }
 
@@ -435,5 +457,61 @@ impl Presence {
                 .get(id)
                 .is_some_and(|t| now.saturating_duration_since(*t) >= self.dwell)
         })
+    }
+}
+
+/// Side A's handshakes started and still unanswered, oldest first, at
+/// most a few: so the late answer to a handshake it since retried (a busy
+/// peer or relay answers after the retry interval) still completes one.
+#[derive(Debug)]
+pub(crate) struct Pending<H> {
+    started: VecDeque<H>,
+    cap: usize,
+}
+
+impl<H> Pending<H> {
+    pub(crate) fn new(cap: usize) -> Self {
+        Self {
+            started: VecDeque::new(),
+            cap,
+        }
+    }
+
+    /// Keeps `handshake` until it is answered, forgetting the oldest
+    /// beyond the cap.
+    pub(crate) fn start(&mut self, handshake: H) {
+        if self.started.len() >= self.cap {
+            self.started.pop_front();
+        }
+        self.started.push_back(handshake);
+    }
+
+    /// Offers an answer to each handshake, oldest first (`complete` uses
+    /// one up, as Noise does), until one takes it: that one's result. The
+    /// ones before it are forgotten (their answers came first, or never
+    /// will), the later ones kept. `Err` with the last refusal when none
+    /// takes it; `Ok(None)` when none was pending.
+    pub(crate) fn complete<S, E>(
+        &mut self,
+        mut complete: impl FnMut(H) -> Result<S, E>,
+    ) -> Result<Option<S>, E> {
+        let mut refused = None;
+        while let Some(started) = self.started.pop_front() {
+            match complete(started) {
+                Ok(session) => return Ok(Some(session)),
+                Err(e) => refused = Some(e),
+            }
+        }
+        refused.map_or(Ok(None), Err)
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.started.clear();
+    }
+
+    /// How many are pending.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.started.len()
     }
 }

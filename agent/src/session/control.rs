@@ -282,7 +282,7 @@ impl Control<'_> {
         };
         let attached = self.presence.on_absent(link_id, now());
         link.set_peer(false, &self.shared.metrics);
-        *link.pending() = None;
+        link.pending().clear();
         // Flows whose streams died with the peer's connection open new
         // ones (a new epoch), which the relay holds for it.
         if attached {

@@ -83,7 +83,7 @@ pub(super) fn handle_sealed(
 }
 
 pub(super) fn initiate(shared: &Shared, link: &LinkRt, ctl: &mpsc::Sender<AgentToRelay>) {
-    lock(&link.state).on_initiate();
+    lock(&link.state).on_initiate(Instant::now().into_std());
     match noise::initiate_with_params(
         &shared.noise,
         &link.cfg.peer_noise_public_key,
@@ -92,7 +92,7 @@ pub(super) fn initiate(shared: &Shared, link: &LinkRt, ctl: &mpsc::Sender<AgentT
         comsat_node::keys::os_rng(),
     ) {
         Ok((pending, msg)) => {
-            *link.pending() = Some(pending);
+            link.pending().start(pending);
             let _ = ctl.try_send(AgentToRelay::Peer {
                 link_id: link.cfg.link_id,
                 frame: PeerFrame::Handshake(msg),
@@ -134,12 +134,13 @@ pub(super) fn handle_handshake(
             link.propose_session(session, conn, &shared.metrics);
         }
         Side::A => {
-            let Some(pending) = link.pending().take() else {
-                debug!(link = %link.cfg.name, "unexpected handshake answer ignored");
-                return;
-            };
-            let session = match pending.handle_response(msg) {
-                Ok(session) => session,
+            let answered = link.pending().complete(|p| p.handle_response(msg));
+            let session = match answered {
+                Ok(Some(session)) => session,
+                Ok(None) => {
+                    debug!(link = %link.cfg.name, "unexpected handshake answer ignored");
+                    return;
+                }
                 Err(e) => {
                     warn!(link = %link.cfg.name, error = %e, "Noise handshake answer refused");
                     lock(&link.state).on_answer_refused();

@@ -71,7 +71,7 @@ pub(crate) async fn relay_loop(
         for link in links.values() {
             link.set_ready(None, &shared.metrics);
             link.set_peer(false, &shared.metrics);
-            *link.pending() = None;
+            link.pending().clear();
         }
         let how = match &ended {
             Ok(Ended::Closed) => Outcome::Closed,

@@ -9,7 +9,7 @@ use comsat_protocol::{LinkId, Side};
 
 use super::Clock;
 use crate::core::link::{
-    Candidates, ControlReplay, Establish, Forgeries, Idle, NewFlow, Presence, Reattach,
+    Candidates, ControlReplay, Establish, Forgeries, Idle, NewFlow, Pending, Presence, Reattach,
     SessionState, flow_id,
 };
 
@@ -154,15 +154,16 @@ fn a_renewal_whose_answer_is_refused_is_tried_again_at_the_next_retry() {
     s.on_installed();
     s.on_forgeries();
     assert_eq!(s.take_renew(), Some(Establish::Handshake));
-    s.on_initiate();
+    s.on_initiate(clock.now());
     assert!(
         !s.needs_handshake(clock.now()),
         "the old session still counts as confirmed while the new one is on its way"
     );
-    // The answer that comes does not complete it (it answered an earlier
-    // handshake): the next retry starts another, not a wait forever.
+    // The answer that comes completes none of the handshakes pending (a
+    // forgery): a retry starts another, not a wait forever.
     s.on_answer_refused();
-    assert!(s.needs_handshake(clock.now()));
+    assert!(!s.needs_handshake(clock.now()), "one retry interval first");
+    assert!(s.needs_handshake(clock.now() + RETRY));
 }
 
 #[test]
@@ -173,11 +174,47 @@ fn an_unanswered_resume_turns_into_a_handshake_after_the_retry_interval() {
     s.on_peer_present(true, clock.now());
     assert!(!s.needs_handshake(clock.advance(Duration::from_millis(1999))));
     assert!(s.needs_handshake(clock.advance(Duration::from_millis(1))));
-    s.on_initiate();
+    s.on_initiate(clock.now());
     assert!(
-        s.needs_handshake(clock.now()),
-        "until answered, each retry starts one"
+        s.needs_handshake(clock.advance(RETRY)),
+        "until answered, a retry starts another"
     );
+}
+
+#[test]
+fn unanswered_handshakes_are_retried_less_and_less_often_until_an_answer() {
+    let mut clock = Clock::new();
+    let mut s = SessionState::new(Side::A, RETRY);
+    assert_eq!(
+        s.on_peer_present(false, clock.now()),
+        Some(Establish::Handshake)
+    );
+    // Each wait doubles, up to 16 retry intervals (2 s: 2, 4, 8, 16, 32,
+    // 32 s), so a busy peer is not sent a handshake for each it has yet to
+    // answer.
+    for wait in [1, 2, 4, 8, 16, 16] {
+        s.on_initiate(clock.now());
+        let due = RETRY * wait;
+        assert!(!s.needs_handshake(clock.advance(due - Duration::from_millis(1))));
+        assert!(
+            s.needs_handshake(clock.advance(Duration::from_millis(1))),
+            "after {due:?}"
+        );
+    }
+    // An answer starts the count anew: a later unanswered handshake is
+    // retried after one interval.
+    s.on_initiate(clock.now());
+    s.on_answered(clock.now());
+    s.on_answer_refused();
+    s.on_initiate(clock.now());
+    assert!(s.needs_handshake(clock.advance(RETRY)));
+    // So does the peer's return.
+    for _ in 0..5 {
+        s.on_initiate(clock.now());
+    }
+    s.on_peer_present(false, clock.now());
+    s.on_initiate(clock.now());
+    assert!(s.needs_handshake(clock.advance(RETRY)));
 }
 
 #[test]
@@ -189,7 +226,7 @@ fn side_a_handshakes_at_once_when_the_returning_peer_holds_no_session() {
     s.on_peer_present(true, clock.now());
     assert!(!s.needs_handshake(clock.now()), "the retry is 2 s away");
     assert!(s.on_no_session(), "the peer restarted: a handshake now");
-    s.on_initiate();
+    s.on_initiate(clock.now());
     s.on_answered(clock.now());
     assert!(
         !s.on_no_session(),
@@ -231,7 +268,7 @@ fn a_resume_ok_confirms_the_session_on_side_a_only() {
 fn an_answered_handshake_is_unconfirmed_until_side_b_answers_its_resume() {
     let mut clock = Clock::new();
     let mut s = SessionState::new(Side::A, RETRY);
-    s.on_initiate();
+    s.on_initiate(clock.now());
     s.on_installed();
     s.on_answered(clock.now());
     assert!(!s.peer_confirmed());
@@ -256,9 +293,10 @@ fn too_many_forgeries_renew_the_session_at_the_next_retry_once() {
 fn a_renewal_pending_for_a_session_already_replaced_is_dropped() {
     // Side A met forgeries, but a handshake (side B's request, say) came
     // first: the next retry starts no second one.
+    let clock = Clock::new();
     let mut a = SessionState::new(Side::A, RETRY);
     a.on_forgeries();
-    a.on_initiate();
+    a.on_initiate(clock.now());
     assert_eq!(a.take_renew(), None);
     // Side B met forgeries, then side A's new session was installed: side
     // B asks for no other.
@@ -372,4 +410,34 @@ fn a_flow_restarts_the_lane_idle_time() {
     assert!(!idle.check(false, clock.advance(Duration::from_secs(1))));
     assert!(!idle.check(false, clock.advance(Duration::from_secs(29))));
     assert!(idle.check(false, clock.advance(Duration::from_secs(1))));
+}
+
+#[test]
+fn a_late_answer_completes_its_own_handshake_and_keeps_the_later_ones() {
+    // Handshakes stand for themselves (an answer names the one it takes).
+    let mut p = Pending::new(4);
+    for h in 1..=3u32 {
+        p.start(h);
+    }
+    let take = |want: u32| move |h: u32| if h == want { Ok(h) } else { Err(h) };
+    // The answer to the first, arriving after two retries: it completes.
+    assert_eq!(p.complete(take(1)), Ok(Some(1)));
+    assert_eq!(p.len(), 2, "the retries are kept");
+    // The answer to the third: the second, older, is forgotten.
+    assert_eq!(p.complete(take(3)), Ok(Some(3)));
+    assert_eq!(p.len(), 0);
+    assert_eq!(p.complete(take(2)), Ok(None), "nothing pending");
+    // A forgery takes none: each pending one is used up by the try.
+    p.start(4);
+    p.start(5);
+    assert_eq!(p.complete(take(9)), Err(5));
+    assert_eq!(p.len(), 0);
+    // Beyond the cap, the oldest is forgotten.
+    for h in 10..=14u32 {
+        p.start(h);
+    }
+    assert_eq!(p.complete(take(10)), Err(14), "10 was forgotten");
+    p.start(20);
+    p.clear();
+    assert_eq!(p.len(), 0);
 }
