@@ -221,6 +221,15 @@ impl SessionState {
         self.initiated = Some((now, started.saturating_add(1)));
     }
 
+    /// Side A could not send the handshake it started (its control queue
+    /// was full): it starts one at the next retry, without waiting longer
+    /// for it.
+    pub(crate) fn on_initiate_deferred(&mut self) {
+        if self.side == Side::A {
+            self.renew = true;
+        }
+    }
+
     /// Side A took side B's answer: the session is installed but not
     /// confirmed until side B answers the `Resume` sent under it at `now`.
     pub(crate) fn on_answered(&mut self, now: Instant) {

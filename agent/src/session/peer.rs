@@ -83,7 +83,6 @@ pub(super) fn handle_sealed(
 }
 
 pub(super) fn initiate(shared: &Shared, link: &LinkRt, ctl: &mpsc::Sender<AgentToRelay>) {
-    lock(&link.state).on_initiate(Instant::now().into_std());
     match noise::initiate_with_params(
         &shared.noise,
         &link.cfg.peer_noise_public_key,
@@ -92,11 +91,19 @@ pub(super) fn initiate(shared: &Shared, link: &LinkRt, ctl: &mpsc::Sender<AgentT
         comsat_node::keys::os_rng(),
     ) {
         Ok((pending, msg)) => {
-            link.pending().start(pending);
-            let _ = ctl.try_send(AgentToRelay::Peer {
+            let queued = ctl.try_send(AgentToRelay::Peer {
                 link_id: link.cfg.link_id,
                 frame: PeerFrame::Handshake(msg),
             });
+            if queued.is_ok() {
+                link.pending().start(pending);
+                lock(&link.state).on_initiate(Instant::now().into_std());
+            } else {
+                // The control queue is full (thousands of links at once):
+                // nothing was sent, so nothing waits for an answer.
+                debug!(link = %link.cfg.name, "control queue full: handshake at the next retry");
+                lock(&link.state).on_initiate_deferred();
+            }
         }
         Err(e) => warn!(link = %link.cfg.name, error = %e, "cannot start Noise handshake"),
     }

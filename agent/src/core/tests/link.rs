@@ -441,3 +441,20 @@ fn a_late_answer_completes_its_own_handshake_and_keeps_the_later_ones() {
     p.clear();
     assert_eq!(p.len(), 0);
 }
+
+#[test]
+fn a_handshake_that_could_not_be_sent_is_started_at_the_next_retry() {
+    let clock = Clock::new();
+    let mut a = SessionState::new(Side::A, RETRY);
+    a.on_installed();
+    a.on_forgeries();
+    assert_eq!(a.take_renew(), Some(Establish::Handshake));
+    // The control queue was full: the renewal stays due, once.
+    a.on_initiate_deferred();
+    assert_eq!(a.take_renew(), Some(Establish::Handshake));
+    a.on_initiate(clock.now());
+    assert_eq!(a.take_renew(), None);
+    let mut b = SessionState::new(Side::B, RETRY);
+    b.on_initiate_deferred();
+    assert_eq!(b.take_renew(), None, "side B never initiates");
+}
