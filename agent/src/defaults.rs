@@ -140,9 +140,16 @@ pub const ACK_LAZY: Duration = Duration::from_millis(100);
 /// ([`FLOW_WINDOW`]) is released long before it fills.
 pub const ACK_BYTES: usize = FLOW_WINDOW / 16;
 
-/// Control messages queued toward the relay (attaches wait for room; acks
-/// and handshakes are retried when it is full).
+/// Control messages queued toward the relay, at least (attaches wait for
+/// room; acks and handshakes are retried when it is full).
 pub const CONTROL_QUEUE: usize = 1024;
+
+/// Control messages queued toward the relay per link the connection
+/// carries, beyond [`CONTROL_QUEUE`]: a connection coming up with
+/// thousands of links sends each an attach, a handshake or its answer,
+/// and a `Resume` or its answer at once, and none of them waits for a
+/// retry because the queue was full.
+pub const CONTROL_QUEUE_PER_LINK: usize = 4;
 
 /// First delay before an attach the relay refused for a reason that may
 /// pass (grant not there yet, relay full) is sent again on the same

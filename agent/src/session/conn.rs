@@ -282,7 +282,8 @@ impl ControlTasks {
         links: &HashMap<LinkId, Arc<LinkRt>>,
         lane: bool,
     ) -> Self {
-        let (ctl, rx) = mpsc::channel(defaults::CONTROL_QUEUE);
+        let queue = defaults::CONTROL_QUEUE.max(links.len() * defaults::CONTROL_QUEUE_PER_LINK);
+        let (ctl, rx) = mpsc::channel(queue);
         let writer = tokio::spawn(write_control(send, rx));
         for link in links.values() {
             let (link_id, generation, side) = (link.cfg.link_id, link.generation(), link.cfg.side);
