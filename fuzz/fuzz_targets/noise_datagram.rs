@@ -1,51 +1,18 @@
 //! Datagrams from the network split as the relay reads them (their link)
-//! and opened with a real Noise session (either
-//! transport cipher): opening arbitrary bytes never panics and never
-//! accepts a number without an authentic datagram, and what one side
-//! seals the other opens once, to the same flow and payload.
+//! and opened with a real Noise session (either transport cipher): opening
+//! arbitrary bytes never panics and never accepts a number without an
+//! authentic datagram, and what one side seals the other opens once, to
+//! the same flow and payload.
 #![no_main]
 
-use std::sync::OnceLock;
-
-use comsat_protocol::LinkId;
-use comsat_protocol::keys::NoiseSecretKey;
-use comsat_protocol::noise::{self, Cipher, DATAGRAM_OVERHEAD, DatagramError, Session};
+use comsat_protocol::noise::{DATAGRAM_OVERHEAD, DatagramError};
 use libfuzzer_sys::fuzz_target;
-
-/// A fixed random source: the same ephemeral keys every run, so a crash
-/// replays exactly.
-struct Fixed(u8);
-
-impl noise::NoiseRng for Fixed {
-    fn fill(&mut self, out: &mut [u8]) {
-        out.fill(self.0);
-    }
-}
-
-/// Side A and side B of one fixed session per transport cipher.
-fn sessions() -> &'static [(Session, Session); 2] {
-    static PAIRS: OnceLock<[(Session, Session); 2]> = OnceLock::new();
-    PAIRS.get_or_init(|| {
-        [Cipher::ChaChaPoly, Cipher::AesGcm].map(|cipher| {
-            let a = NoiseSecretKey::from_bytes([1; 32]);
-            let b = NoiseSecretKey::from_bytes([2; 32]);
-            let link = LinkId([5; 16]);
-            let (pending, m1) =
-                noise::initiate_preferring(&a, &b.public(), &link, cipher, Box::new(Fixed(3)))
-                    .expect("initiate");
-            let (sb, m2) =
-                noise::respond_preferring(&b, &a.public(), &link, &m1, cipher, Box::new(Fixed(4)))
-                    .expect("respond");
-            (pending.handle_response(&m2).expect("finish"), sb)
-        })
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some((head, rest)) = data.split_first_chunk::<4>() else {
         return;
     };
-    let (sa, sb) = &sessions()[usize::from(head[0] & 1)];
+    let (sa, sb) = &comsat_fuzz::sessions()[usize::from(head[0] & 1)];
     // A sealer and an opener numbering from 0, as at a session's start.
     let ((mut seal, _), (_, mut open)) = (sa.datagrams(), sb.datagrams());
 

@@ -4,50 +4,15 @@
 //! payload.
 #![no_main]
 
-use std::sync::OnceLock;
-
-use comsat_protocol::LinkId;
-use comsat_protocol::keys::NoiseSecretKey;
-use comsat_protocol::noise::{self, Cipher, RECORD_PREFIX_LEN, Session};
+use comsat_protocol::noise::RECORD_PREFIX_LEN;
 use comsat_protocol::record::{RECORD_HEADER_LEN, RecordKind, decode_record};
 use libfuzzer_sys::fuzz_target;
-
-/// A fixed random source: the same ephemeral keys every run, so a crash
-/// replays exactly.
-struct Fixed(u8);
-
-impl noise::NoiseRng for Fixed {
-    fn fill(&mut self, out: &mut [u8]) {
-        out.fill(self.0);
-    }
-}
-
-/// The initiator (side A) and responder (side B) of one fixed session per
-/// transport cipher.
-fn sessions() -> &'static [(Session, Session); 2] {
-    static PAIRS: OnceLock<[(Session, Session); 2]> = OnceLock::new();
-    PAIRS.get_or_init(|| {
-        [Cipher::ChaChaPoly, Cipher::AesGcm].map(|cipher| {
-            let a = NoiseSecretKey::from_bytes([1; 32]);
-            let b = NoiseSecretKey::from_bytes([2; 32]);
-            let link = LinkId([5; 16]);
-            let (pending, m1) =
-                noise::initiate_preferring(&a, &b.public(), &link, cipher, Box::new(Fixed(3)))
-                    .expect("initiate");
-            let (sb, m2) =
-                noise::respond_preferring(&b, &a.public(), &link, &m1, cipher, Box::new(Fixed(4)))
-                    .expect("respond");
-            let sa = pending.handle_response(&m2).expect("finish");
-            (sa, sb)
-        })
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some((head, rest)) = data.split_first_chunk::<4>() else {
         return;
     };
-    let (sa, sb) = &sessions()[usize::from(head[1] & 1)];
+    let (sa, sb) = &comsat_fuzz::sessions()[usize::from(head[1] & 1)];
     // Any u32 flow id, valid or not; the top byte also picks a kind below.
     let flow = u32::from_be_bytes(*head);
 
