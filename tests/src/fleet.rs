@@ -49,6 +49,7 @@ pub fn bin() -> &'static str {
 pub fn use_bin(path: &Path) -> bool {
     BIN.set(path.to_string_lossy().into_owned()).is_ok()
 }
+
 /// How long a change made with `ctl` may take to reach the agents.
 pub const CONVERGE: Duration = Duration::from_secs(20);
 /// `--bulk-nice` of the relays and agents the tests run (not the default 5).

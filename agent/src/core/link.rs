@@ -238,11 +238,10 @@ impl SessionState {
         self.initiated = None;
     }
 
-    /// Side A: an answer to its handshake did not complete it (the answer
-    /// to an earlier handshake it since replaced, which used up the
-    /// pending one, or a forgery): nothing is confirmed, and the next
-    /// retry starts another handshake rather than wait for an answer that
-    /// can no longer be taken.
+    /// Side A: an answer completed none of its pending handshakes (a
+    /// forgery, or the answer to one it forgot), and used them up:
+    /// nothing is confirmed, and a retry starts another handshake rather
+    /// than wait for an answer that can no longer be taken.
     pub(crate) fn on_answer_refused(&mut self) {
         self.peer_confirmed = false;
         self.resume_sent = None;
@@ -512,6 +511,11 @@ impl<H> Pending<H> {
             }
         }
         refused.map_or(Ok(None), Err)
+    }
+
+    /// Forgets the newest (it was never sent).
+    pub(crate) fn cancel_newest(&mut self) {
+        self.started.pop_back();
     }
 
     pub(crate) fn clear(&mut self) {

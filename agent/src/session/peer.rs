@@ -91,16 +91,18 @@ pub(super) fn initiate(shared: &Shared, link: &LinkRt, ctl: &mpsc::Sender<AgentT
         comsat_node::keys::os_rng(),
     ) {
         Ok((pending, msg)) => {
+            // Pending before it is sent: its answer finds it, however soon.
+            link.pending().start(pending);
             let queued = ctl.try_send(AgentToRelay::Peer {
                 link_id: link.cfg.link_id,
                 frame: PeerFrame::Handshake(msg),
             });
             if queued.is_ok() {
-                link.pending().start(pending);
                 lock(&link.state).on_initiate(Instant::now().into_std());
             } else {
                 // The control queue is full (thousands of links at once):
                 // nothing was sent, so nothing waits for an answer.
+                link.pending().cancel_newest();
                 debug!(link = %link.cfg.name, "control queue full: handshake at the next retry");
                 lock(&link.state).on_initiate_deferred();
             }

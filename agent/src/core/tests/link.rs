@@ -437,6 +437,11 @@ fn a_late_answer_completes_its_own_handshake_and_keeps_the_later_ones() {
         p.start(h);
     }
     assert_eq!(p.complete(take(10)), Err(14), "10 was forgotten");
+    // One never sent is taken back; the rest stay.
+    p.start(20);
+    p.start(21);
+    p.cancel_newest();
+    assert_eq!(p.complete(take(21)), Err(20), "21 was taken back");
     p.start(20);
     p.clear();
     assert_eq!(p.len(), 0);
