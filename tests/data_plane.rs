@@ -10,7 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use common::{Options, System};
 use comsat_node::keys::{Generate, KeyFile, RandomId};
 use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
@@ -389,17 +389,8 @@ fn now() -> u64 {
 }
 
 async fn wait_metric_at_most(admin: SocketAddr, series: &str, at_most: f64) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let m = scrape(admin)?;
-        if metric(&m, series) <= at_most {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("{series} did not come down to {at_most}; metrics:\n{m}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    comsat_tests::wait_for_metric(admin, series, Duration::from_secs(15), |v| v <= at_most).await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use comsat_controller::dev::{DevLink, DevOptions};
+use comsat_controller::dev::DevLink;
 use comsat_node::keys::{KeyFile, RandomId};
 use comsat_protocol::msg::{AgentToRelay, RelayToAgent, make_hello};
 use comsat_protocol::{LinkId, Side, SigningKey, datagram};
+use comsat_tests::metric;
 use comsat_tests::raw::{Control, RawClient, exporter};
-use comsat_tests::{free_udp_port, metric, scrape};
 
 /// One side of the link, attached from a raw connection.
 async fn attach(
@@ -61,38 +61,21 @@ async fn next_datagram(conn: &quinn::Connection) -> Result<Bytes> {
 
 /// Waits (at most 10 s) until `series` on the relay's admin reads `want`.
 async fn relay_counts(admin: SocketAddr, series: &str, want: f64) -> Result<String> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = scrape(admin)?;
-        if metric(&m, series) == want {
-            return Ok(m);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("{series} is not {want}:\n{m}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    comsat_tests::wait_for_metric(admin, series, Duration::from_secs(10), |v| v == want).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_forwards_a_links_datagrams_unchanged_and_drops_what_it_must_not() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let any: SocketAddr = "127.0.0.1:0".parse()?;
-    let layout = comsat_controller::dev::init(
-        &dir.path().join("setup"),
-        &DevOptions {
-            relay_listen: format!("127.0.0.1:{}", free_udp_port()?).parse()?,
-            relay_admin: Some(any),
-            agent_admin: [None, None],
-            links: vec![DevLink {
-                name: "dns".into(),
-                listen: "tcp://127.0.0.1:0".into(),
-                target: "tcp://127.0.0.1:9".into(),
-                allowed_uids: vec![],
-            }],
-            pin_sha256: false,
-            extra_relays: vec![],
-        },
+    let layout = common::dev_layout(
+        dir.path(),
+        &common::Options::one(DevLink {
+            name: "dns".into(),
+            listen: "tcp://127.0.0.1:0".into(),
+            target: "tcp://127.0.0.1:9".into(),
+            allowed_uids: vec![],
+        }),
+        false,
     )?;
     let (_relay, quic, admin) = common::start_relay(&layout.relay_config, dir.path(), "relay")?;
     let link = layout.links[0].1;

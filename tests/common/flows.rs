@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use comsat_controller::dev::DevLink;
+use comsat_tests::Oracle;
 use comsat_tests::oracle::hash_to_end;
-use comsat_tests::{Oracle, metric, scrape};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -132,18 +132,9 @@ pub async fn eight_tcp_flows(target: TcpListener, listen: SocketAddr) -> Result<
     .await
 }
 
+/// Waits (at most 15 s) until `series` reaches `at_least`; returns the scrape.
 pub async fn wait_metric(admin: SocketAddr, series: &str, at_least: f64) -> Result<String> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let m = scrape(admin)?;
-        if metric(&m, series) >= at_least {
-            return Ok(m);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("{series} did not reach {at_least}; metrics:\n{m}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    comsat_tests::wait_for_metric(admin, series, Duration::from_secs(15), |v| v >= at_least).await
 }
 
 /// An echo server on loopback for as long as the test runs.

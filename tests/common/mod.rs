@@ -50,6 +50,32 @@ pub fn start_agent(config: &Path, logs: &Path, name: &str) -> Result<(Proc, Sock
     comsat_tests::proc::start_agent(BIN, config, logs, name)
 }
 
+/// A `comsat dev init` layout under `dir/setup` for `opts` (its links,
+/// pinning and backup relays), every node on loopback with an admin
+/// endpoint (the agents' only when `agent_admin`).
+pub fn dev_layout(dir: &Path, opts: &Options, agent_admin: bool) -> Result<DevLayout> {
+    let any: SocketAddr = "127.0.0.1:0".parse()?;
+    let agent = agent_admin.then_some(any);
+    Ok(comsat_controller::dev::init(
+        &dir.join("setup"),
+        &DevOptions {
+            relay_listen: format!("127.0.0.1:{}", free_udp_port()?).parse()?,
+            relay_admin: Some(any),
+            agent_admin: [agent, agent],
+            links: opts.links.clone(),
+            pin_sha256: opts.pin_sha256,
+            extra_relays: (0..opts.extra_relays)
+                .map(|_| {
+                    Ok((
+                        format!("127.0.0.1:{}", free_udp_port()?).parse()?,
+                        Some(any),
+                    ))
+                })
+                .collect::<Result<_>>()?,
+        },
+    )?)
+}
+
 impl Options {
     /// One link, no tap, CA pinning, one relay.
     pub fn one(link: DevLink) -> Self {
@@ -90,25 +116,7 @@ impl System {
         prepare: impl FnOnce(&DevLayout) -> Result<()>,
     ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let any: SocketAddr = "127.0.0.1:0".parse()?;
-        let layout = comsat_controller::dev::init(
-            &dir.path().join("setup"),
-            &DevOptions {
-                relay_listen: format!("127.0.0.1:{}", free_udp_port()?).parse()?,
-                relay_admin: Some(any),
-                agent_admin: [Some(any), Some(any)],
-                links: opts.links,
-                pin_sha256: opts.pin_sha256,
-                extra_relays: (0..opts.extra_relays)
-                    .map(|_| {
-                        Ok((
-                            format!("127.0.0.1:{}", free_udp_port()?).parse()?,
-                            Some(any),
-                        ))
-                    })
-                    .collect::<Result<_>>()?,
-            },
-        )?;
+        let layout = dev_layout(dir.path(), &opts, true)?;
         let mut relay_text = std::fs::read_to_string(&layout.relay_config)?;
         if opts.tap {
             relay_text.push_str("dangerous_tap_file = \"tap.bin\"\n");

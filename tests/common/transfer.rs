@@ -199,23 +199,14 @@ pub async fn expect_reset(mut s: TcpStream, within: Duration) -> Result<()> {
 
 pub use comsat_tests::proc::signal;
 
+/// Waits (at most 30 s) until `series` meets `pred`; returns its value.
 pub async fn wait_metric(
     admin: SocketAddr,
     series: &str,
     pred: impl Fn(f64) -> bool,
 ) -> Result<f64> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let m = scrape(admin)?;
-        let v = metric(&m, series);
-        if pred(v) {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("{series} = {v} never met the condition; metrics:\n{m}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let m = comsat_tests::wait_for_metric(admin, series, Duration::from_secs(30), pred).await?;
+    Ok(metric(&m, series))
 }
 
 /// Sends SIGCONT to `pid` when dropped, so a failed test never leaves a

@@ -28,5 +28,5 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 pub use proc::{
     Proc, free_udp_port, main_threads_keep_the_process_niceness, main_threads_yield_to_the_lane,
-    metric, minor_faults, scrape, stat_field, thread_nices, threads_named,
+    metric, minor_faults, scrape, stat_field, thread_nices, threads_named, wait_for_metric,
 };

@@ -300,6 +300,29 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Polls `admin`'s `/metrics` until the sample `series` satisfies `pred`,
+/// for at most `within`; returns the scrape that satisfied it, or an error
+/// carrying the last scrape.
+pub async fn wait_for_metric(
+    admin: SocketAddr,
+    series: &str,
+    within: Duration,
+    pred: impl Fn(f64) -> bool,
+) -> Result<String> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let m = scrape(admin)?;
+        let v = metric(&m, series);
+        if pred(v) {
+            return Ok(m);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{series} = {v} did not meet the condition within {within:?}; metrics:\n{m}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// How long a started process has to print its ready line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -361,5 +384,6 @@ pub fn listen_addr(agent: &mut Proc, name: &str) -> Result<SocketAddr> {
         .next()
         .context("listen line")?
         .trim_start_matches("tcp://")
+        .trim_start_matches("udp://")
         .parse()?)
 }
