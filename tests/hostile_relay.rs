@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use comsat_protocol::Side;
 use comsat_protocol::msg::PeerFrame;
-use comsat_tests::hostile::{FrameAttack, RecordAttack, Recording};
+use comsat_tests::hostile::{DatagramAttack, FrameAttack, RecordAttack, Recording};
 use hostile_setup::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 /// Attack: record a whole finished flow (header, `Open`, data, `Fin`) and
 /// write it again on a new stream to the accepting agent, in the same
@@ -566,5 +566,60 @@ async fn duplicated_and_replayed_link_control_changes_nothing() -> Result<()> {
     assert!(exact_or_reset(&next, &target.delivered(1).await?, &answer));
     assert_eq!(answer, b"got 1048576 bytes");
     sys.assert_no_nonce_reused();
+    Ok(())
+}
+
+/// A relay that sends every datagram of a UDP flow twice, and later sends
+/// all of them again, gets each delivered once: the receiving agent's
+/// replay window refuses every copy, and counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_a_relay_repeats_or_replays_are_delivered_once() -> Result<()> {
+    const N: usize = 100;
+    let sink = UdpSocket::bind("127.0.0.1:0").await?;
+    let setup = Setup::start(format!("udp://{}", sink.local_addr()?)).await?;
+    setup.hostile.set_datagram_attack(DatagramAttack::Duplicate);
+    let client = UdpSocket::bind("127.0.0.1:0").await?;
+    client.connect(setup.listen).await?;
+    let mut buf = vec![0u8; 2048];
+    let replayed = "comsat_agent_udp_datagrams_dropped_total{link=\"l\",reason=\"replayed\"}";
+    for i in 0..N {
+        let sent = format!("datagram {i}");
+        client.send(sent.as_bytes()).await?;
+        let n = tokio::time::timeout(Duration::from_secs(5), sink.recv(&mut buf))
+            .await
+            .context("datagram not delivered")??;
+        assert_eq!(&buf[..n], sent.as_bytes());
+    }
+    comsat_tests::wait_for_metric(setup.agent(Side::B).1, replayed, WAIT, |v| v >= N as f64)
+        .await?;
+
+    // Every datagram side A sent, again, straight to side B's connection.
+    let conn = setup
+        .relay
+        .side_connection(setup.link, Side::B)
+        .context("side B is not attached")?;
+    let recorded: Vec<_> = setup
+        .hostile
+        .datagrams()
+        .into_iter()
+        .filter(|(_, from, _)| *from == Side::A)
+        .map(|(_, _, d)| d)
+        .collect();
+    assert_eq!(recorded.len(), N);
+    for d in recorded {
+        conn.send_datagram(d)?;
+    }
+    let m = comsat_tests::wait_for_metric(setup.agent(Side::B).1, replayed, WAIT, |v| {
+        v >= 2.0 * N as f64
+    })
+    .await?;
+    let again = tokio::time::timeout(Duration::from_secs(1), sink.recv(&mut buf)).await;
+    assert!(again.is_err(), "a replayed datagram was delivered again");
+    assert_eq!(comsat_tests::metric(&m, replayed), 2.0 * N as f64, "{m}");
+    assert_eq!(
+        comsat_tests::metric(&m, "comsat_agent_udp_datagrams_received_total{link=\"l\"}"),
+        N as f64,
+        "{m}"
+    );
     Ok(())
 }

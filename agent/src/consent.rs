@@ -10,7 +10,8 @@
 //! controller); a link outside it is refused at the agent, which tells the
 //! controller why, and nothing is dialled or bound.
 //!
-//! Each entry is `tcp://HOSTS:PORTS` or `unix:///PATH`:
+//! Each entry is `tcp://HOSTS:PORTS`, `udp://HOSTS:PORTS` or
+//! `unix:///PATH`:
 //!
 //! - `HOSTS`: an IP address, a network (`10.0.0.0/8`, `[fd00::/8]`), a DNS
 //!   name (`db.internal`), names under a domain (`*.internal`), or `*`. An
@@ -22,7 +23,7 @@
 //!   under an allowed directory is the owner's to avoid).
 //!
 //! The default, where the owner wrote nothing: dial and listen on loopback
-//! TCP only (`127.0.0.0/8`, `::1`, `localhost`), no Unix socket.
+//! TCP and UDP only (`127.0.0.0/8`, `::1`, `localhost`), no Unix socket.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -44,7 +45,14 @@ pub const MAX_CONSENT_FILE: u64 = 64 * 1024;
 pub const CONSENT_FILE: &str = "consent.toml";
 
 /// The targets and listen addresses allowed where the owner wrote nothing.
-pub const DEFAULT: &[&str] = &["tcp://127.0.0.0/8:*", "tcp://[::1]:*", "tcp://localhost:*"];
+pub const DEFAULT: &[&str] = &[
+    "tcp://127.0.0.0/8:*",
+    "tcp://[::1]:*",
+    "tcp://localhost:*",
+    "udp://127.0.0.0/8:*",
+    "udp://[::1]:*",
+    "udp://localhost:*",
+];
 
 /// An entry that does not parse, and the forms that do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,9 +60,9 @@ pub const DEFAULT: &[&str] = &["tcp://127.0.0.0/8:*", "tcp://[::1]:*", "tcp://lo
 pub enum ConsentError {
     /// Not one of the forms.
     #[error(
-        "`{entry}`: {why}; write tcp://HOSTS:PORTS (HOSTS: an address, a network like \
-         10.0.0.0/8, a name, *.domain or *; PORTS: a port, FROM-TO or *) or unix:///PATH \
-         (PATH/* for every socket under a directory)"
+        "`{entry}`: {why}; write tcp://HOSTS:PORTS or udp://HOSTS:PORTS (HOSTS: an address, \
+         a network like 10.0.0.0/8, a name, *.domain or *; PORTS: a port, FROM-TO or *) or \
+         unix:///PATH (PATH/* for every socket under a directory)"
     )]
     Entry {
         /// The entry, as written.
@@ -86,7 +94,12 @@ enum Hosts {
 /// One entry of a list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
-    Tcp { hosts: Hosts, ports: (u16, u16) },
+    /// `tcp://` (`udp` false) or `udp://` (`udp` true) hosts and ports.
+    Ip {
+        udp: bool,
+        hosts: Hosts,
+        ports: (u16, u16),
+    },
     Socket(PathBuf),
     SocketsUnder(PathBuf),
 }
@@ -115,9 +128,11 @@ impl Entry {
                 Self::Socket(path)
             });
         }
-        let rest = s
-            .strip_prefix("tcp://")
-            .ok_or_else(|| bad("neither tcp:// nor unix://"))?;
+        let (udp, rest) = match (s.strip_prefix("tcp://"), s.strip_prefix("udp://")) {
+            (Some(rest), _) => (false, rest),
+            (None, Some(rest)) => (true, rest),
+            (None, None) => return Err(bad("neither tcp://, udp:// nor unix://")),
+        };
         let (hosts, ports) = rest.rsplit_once(':').ok_or_else(|| bad("no :PORTS"))?;
         let ports = match ports {
             "*" => (0, u16::MAX),
@@ -155,12 +170,15 @@ impl Entry {
         } else {
             return Err(bad("bad host"));
         };
-        Ok(Self::Tcp { hosts, ports })
+        Ok(Self::Ip { udp, hosts, ports })
     }
 
     fn allows(&self, endpoint: &Endpoint) -> bool {
         match (self, endpoint) {
-            (Self::Tcp { hosts, ports }, Endpoint::Tcp(addr)) => {
+            (Self::Ip { udp, hosts, ports }, Endpoint::Tcp(addr) | Endpoint::Udp(addr)) => {
+                if *udp != endpoint.is_datagram() {
+                    return false;
+                }
                 let Ok((host, port)) = split_host_port(addr) else {
                     return false;
                 };
@@ -360,7 +378,7 @@ mod tests {
     }
 
     #[test]
-    fn the_default_is_loopback_tcp_only() {
+    fn the_default_is_loopback_tcp_and_udp_only() {
         let c = Consent::default();
         let allowed = [
             "tcp://127.0.0.1:5432",
@@ -369,8 +387,13 @@ mod tests {
             "tcp://localhost:9000",
             "tcp://LOCALHOST:9000",
             "tcp://[::ffff:127.0.0.1]:22",
+            "udp://127.0.0.1:53",
+            "udp://[::1]:5683",
+            "udp://localhost:514",
         ];
         let refused = [
+            "udp://10.0.0.1:53",
+            "udp://169.254.169.254:53",
             "tcp://169.254.169.254:80",
             "tcp://[::ffff:169.254.169.254]:80",
             "tcp://10.0.0.1:5432",
@@ -380,7 +403,29 @@ mod tests {
         ];
         assert_targets(&c, &allowed, &refused);
         assert_eq!(c.check(&listen("tcp://127.0.0.1:7000")), Ok(()));
+        assert_eq!(c.check(&listen("udp://127.0.0.1:5353")), Ok(()));
         assert!(c.check(&listen("unix:///run/x.sock")).is_err());
+    }
+
+    #[test]
+    fn tcp_and_udp_entries_allow_their_own_protocol_only() {
+        let c = consent(&[
+            "tcp://10.0.0.0/8:5432",
+            "udp://10.0.0.53:53",
+            "udp://*.lan:5683",
+        ]);
+        let allowed = [
+            "tcp://10.1.2.3:5432",
+            "udp://10.0.0.53:53",
+            "udp://coap.lan:5683",
+        ];
+        let refused = [
+            "udp://10.1.2.3:5432",
+            "tcp://10.0.0.53:53",
+            "udp://10.0.0.54:53",
+            "tcp://coap.lan:5683",
+        ];
+        assert_targets(&c, &allowed, &refused);
     }
 
     #[test]
@@ -441,6 +486,9 @@ mod tests {
         for bad in [
             "http://x:1",
             "tcp://x",
+            "udp://x",
+            "sctp://x:1",
+            "udp://x:70000",
             "tcp://x:70000",
             "tcp://x:9-1",
             "tcp://10.0.0.0/33:1",

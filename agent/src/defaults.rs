@@ -186,3 +186,24 @@ pub const STREAM_SETTLED: Duration = Duration::from_secs(1);
 /// Niceness the main threads take above the process's own once a link has
 /// a lane (`bulk_nice` in the agent config).
 pub const BULK_NICE: u8 = 5;
+
+/// Most UDP flows (local source addresses) one `udp://` link carries at
+/// once; a datagram that would start another is dropped and counted.
+pub const MAX_UDP_FLOWS: usize = 1024;
+
+/// A UDP flow only one side has spoken on is forgotten after this long
+/// without a datagram (conntrack's `nf_conntrack_udp_timeout`).
+pub const UDP_IDLE_UNREPLIED: Duration = Duration::from_secs(30);
+
+/// A UDP flow both sides have spoken on is forgotten after this long
+/// without a datagram (conntrack's `nf_conntrack_udp_timeout_stream`).
+pub const UDP_IDLE_REPLIED: Duration = Duration::from_secs(120);
+
+/// How often idle UDP flows are looked for.
+pub const UDP_SWEEP: Duration = Duration::from_secs(1);
+
+/// How often side B resolves a `udp://` target given by name again.
+pub const UDP_RESOLVE_EVERY: Duration = Duration::from_secs(30);
+
+/// How soon side B tries again a target name that did not resolve.
+pub const UDP_RESOLVE_RETRY: Duration = Duration::from_secs(5);

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod consent;
 mod core;
+mod datagrams;
 pub mod defaults;
 pub mod enrolled;
 pub mod error;
@@ -48,7 +49,7 @@ pub use error::AgentError;
 /// play agents and must reconnect as they do.
 pub use crate::core::relay::Backoff;
 
-use crate::config::{LocalRole, RelayEndpoint};
+use crate::config::{LocalRole, LocalSpec, RelayEndpoint};
 use crate::link::{AckWake, LinkRt};
 use crate::shared::Shared;
 use crate::sync::lock;
@@ -115,6 +116,8 @@ struct GroupKey {
 struct Held {
     cfg: LinkConfig,
     rt: Arc<LinkRt>,
+    /// The task serving its listener (or, for a `udp://` target, its
+    /// flows).
     listener: Option<JoinHandle<()>>,
     /// The listener's bound address.
     bound: Option<String>,
@@ -332,6 +335,9 @@ impl Agent {
                         continue;
                     }
                 }
+            }
+            if let LocalRole::Target(LocalSpec::Udp(_)) = &role {
+                listener = Some(tokio::spawn(datagrams::serve_target(rt.clone())));
             }
             self.links.insert(
                 id,

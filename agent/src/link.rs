@@ -10,7 +10,9 @@ use std::time::Duration;
 use comsat_protocol::FlowId;
 use comsat_protocol::link::{LinkControl, MAX_ACKS_PER_MESSAGE};
 use comsat_protocol::msg::{AgentToRelay, PeerFrame};
-use comsat_protocol::noise::{ExpectResponse, Opener, Sealer, Session};
+use comsat_protocol::noise::{
+    DatagramOpener, DatagramSealer, ExpectResponse, Opener, Sealer, Session,
+};
 use comsat_protocol::replay::PeerFlows;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, info, warn};
@@ -18,6 +20,7 @@ use tracing::{debug, info, warn};
 use crate::config::{LinkConfig, LocalRole};
 use crate::core::ack::{AckQueue, AckWhen};
 use crate::core::link::{Candidates, ControlReplay, Forgeries, Pending, SessionState, flow_id};
+use crate::datagrams::UdpLink;
 use crate::defaults;
 use crate::group::{Busy, Runtimes};
 use crate::metrics::Metrics;
@@ -55,11 +58,19 @@ pub(crate) struct LinkSession {
     pub(crate) flow_base: u64,
     /// Messages that failed to decrypt under this session.
     pub(crate) forgeries: Mutex<Forgeries>,
+    /// The keys and numbers of the datagrams of the link's UDP flows
+    /// ([`crate::datagrams`]): one sealer per session, so no number is
+    /// sealed twice under its key.
+    pub(crate) datagram_sealer: Mutex<DatagramSealer>,
+    pub(crate) datagram_opener: Mutex<DatagramOpener>,
 }
 
 impl LinkSession {
     pub(crate) fn new(noise: Session, flow_base: u64) -> Arc<Self> {
+        let (datagram_sealer, datagram_opener) = noise.datagrams();
         Arc::new(Self {
+            datagram_sealer: Mutex::new(datagram_sealer),
+            datagram_opener: Mutex::new(datagram_opener),
             control: Mutex::new(noise.control()),
             noise,
             send_seq: AtomicU64::new(0),
@@ -156,6 +167,8 @@ pub(crate) struct LinkRt {
     /// Flows the peer opened that are being set up (their target dialled):
     /// another stream of one of them waits for it (see the session's `accept_flow`).
     pub(crate) opening: Mutex<std::collections::HashSet<FlowId>>,
+    /// The link's UDP flows, if its local end is `udp://`.
+    pub(crate) udp: Option<UdpLink>,
 }
 
 /// A flow id claimed while its flow is being set up; released on drop.
@@ -179,6 +192,7 @@ impl LinkRt {
         runtimes: Option<Runtimes>,
     ) -> Self {
         Self {
+            udp: UdpLink::new(&cfg.name, cfg.link_id, &role),
             role,
             flow_timeout,
             ready: watch::channel(None).0,
@@ -248,6 +262,9 @@ impl LinkRt {
         let flows: Vec<_> = lock(&self.flows).drain().map(|(_, f)| f).collect();
         for f in flows {
             f.reset();
+        }
+        if let Some(udp) = &self.udp {
+            udp.clear();
         }
         self.detach(metrics);
     }

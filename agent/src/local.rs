@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::BufMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream, tcp, unix};
+use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixListener, UnixStream, tcp, unix};
 
 use crate::config::LocalSpec;
 
@@ -16,6 +16,9 @@ use crate::config::LocalSpec;
 pub(crate) enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener),
+    /// A `udp://` link's socket: each source address is a flow
+    /// ([`crate::datagrams`]).
+    Udp(UdpSocket),
 }
 
 /// An accepted or dialled local connection.
@@ -45,6 +48,7 @@ impl Listener {
     pub(crate) async fn bind(spec: &LocalSpec) -> io::Result<Self> {
         match spec {
             LocalSpec::Tcp(addr) => Ok(Self::Tcp(TcpListener::bind(addr).await?)),
+            LocalSpec::Udp(addr) => Ok(Self::Udp(UdpSocket::bind(addr).await?)),
             LocalSpec::Unix(path) => {
                 if let Ok(meta) = std::fs::symlink_metadata(path) {
                     // The path comes from the controller: never remove
@@ -79,6 +83,9 @@ impl Listener {
                 .ok()
                 .and_then(|a| a.as_pathname().map(|p| format!("unix://{}", p.display())))
                 .unwrap_or_else(|| "unix://?".into()),
+            Self::Udp(s) => s
+                .local_addr()
+                .map_or_else(|_| "udp://?".into(), |a| format!("udp://{a}")),
         }
     }
 
@@ -95,6 +102,10 @@ impl Listener {
                 let cred = s.peer_cred()?;
                 Ok((LocalConn::Unix(s), Some((cred.uid(), cred.gid()))))
             }
+            Self::Udp(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a UDP listener has flows, not connections",
+            )),
         }
     }
 }
@@ -109,6 +120,10 @@ pub(crate) async fn dial(spec: &LocalSpec, timeout: Duration) -> io::Result<Loca
                 Ok(LocalConn::Tcp(s))
             }
             LocalSpec::Unix(path) => Ok(LocalConn::Unix(UnixStream::connect(path).await?)),
+            LocalSpec::Udp(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a udp:// target carries datagrams, not streams",
+            )),
         }
     };
     tokio::time::timeout(timeout, fut)

@@ -20,9 +20,16 @@
 //! | `comsat_agent_received_bytes_total` | counter | application bytes delivered from links |
 //! | `comsat_agent_local_refused_total{reason}` | counter | local connections refused: `peer_credentials`, `link_not_ready`, `grant_expired` (the relay ended the link at its grant's `not_after` and no renewed grant came) |
 //! | `comsat_agent_rekeys_total{kind}` | counter | end-to-end keys replaced: `records` (a flow sealed as many records as one key may, and moved to its next key), `flow_ids` (this agent used a generation of flow ids and started the next, under new keys) |
+//! | `comsat_agent_udp_datagrams_sent_total{link}` | counter | datagrams of a `udp://` link's flows sealed and sent to the peer |
+//! | `comsat_agent_udp_datagrams_received_total{link}` | counter | datagrams from the peer delivered to the link's local flows |
+//! | `comsat_agent_udp_datagrams_dropped_total{link,reason}` | counter | datagrams dropped, either way: `not_ready` (no session or relay connection), `peer_away`, `too_large` (beyond what the path takes in one datagram: never fragmented), `congested` (the connection's datagram buffer is full), `flows_full` (the link holds 1,024 UDP flows), `unknown_flow` (an answer for a flow forgotten after its idle timeout), `replayed` (a number delivered before: a replay), `too_old` (overtaken by more than the 4,096-datagram window), `forged` (failed to decrypt), `local_send` (the local socket would not take it), `no_target` (side B: the target does not resolve or no socket toward it could be made) |
+//! | `comsat_agent_udp_datagrams_overflow_total` | counter | datagrams from relays dropped for room before the agent read them (it read them slower than they came); their links are unknown |
+//! | `comsat_agent_udp_flows_open{link}` | gauge | UDP flows alive (one per local source address; forgotten after 30 s unanswered, 120 s once answered) |
 //! | `comsat_agent_peer_refused_total{reason}` | counter | what arrived through a relay and was refused because the relay (or whoever holds its keys) replayed or forged it: `replayed_flow` (a flow the session already opened), `unconfirmed_handshake` (a handshake this agent answered that the peer never confirmed by sealing under it: a replay, or a handshake the peer gave up), `forgeries` (a session met 65,536 messages that failed to decrypt and is replaced) |
 
-use metrics::counter;
+use metrics::{Counter, Gauge, counter, gauge};
+
+use crate::datagrams::Dropped;
 
 comsat_node::metric_set! {
     /// Metric handles, resolved once.
@@ -107,6 +114,11 @@ comsat_node::metric_set! {
             "comsat_agent_received_bytes_total",
             "Application bytes delivered from links"
         ),
+        /// Datagrams from relays dropped for room before they were read.
+        pub(crate) udp_overflow: Counter = UDP_OVERFLOW_TOTAL(
+            "comsat_agent_udp_datagrams_overflow_total",
+            "Datagrams from relays dropped for room before the agent read them"
+        ),
     }
     labelled {
         /// Local connections refused, by `reason`: `peer_credentials`,
@@ -127,6 +139,26 @@ comsat_node::metric_set! {
             "comsat_agent_peer_refused_total",
             "Replayed or forged flows and handshakes from a relay, refused, by reason"
         ),
+        /// Datagrams of a UDP link sent to the peer, by `link`.
+        Counter UDP_SENT_TOTAL(
+            "comsat_agent_udp_datagrams_sent_total",
+            "Datagrams of a udp:// link's flows sealed and sent to the peer, by link"
+        ),
+        /// Datagrams from the peer delivered, by `link`.
+        Counter UDP_RECEIVED_TOTAL(
+            "comsat_agent_udp_datagrams_received_total",
+            "Datagrams from the peer delivered to a udp:// link's flows, by link"
+        ),
+        /// Datagrams dropped, by `link` and `reason` (see the table).
+        Counter UDP_DROPPED_TOTAL(
+            "comsat_agent_udp_datagrams_dropped_total",
+            "Datagrams of a udp:// link dropped, either way, by link and reason"
+        ),
+        /// UDP flows alive, by `link`.
+        Gauge UDP_FLOWS_OPEN(
+            "comsat_agent_udp_flows_open",
+            "UDP flows alive, by link"
+        ),
     }
 }
 
@@ -141,5 +173,42 @@ impl Metrics {
 
     pub(crate) fn peer_refused(&self, reason: &'static str) {
         counter!(PEER_REFUSED_TOTAL, "reason" => reason).increment(1);
+    }
+}
+
+/// The counters of one `udp://` link, labelled with its name.
+pub(crate) struct UdpMetrics {
+    pub(crate) sent: Counter,
+    pub(crate) received: Counter,
+    pub(crate) flows_open: Gauge,
+    dropped: [Counter; Dropped::ALL.len()],
+}
+
+impl UdpMetrics {
+    pub(crate) fn new(link: &str) -> Self {
+        let name = || link.to_owned();
+        Self {
+            sent: counter!(UDP_SENT_TOTAL, "link" => name()),
+            received: counter!(UDP_RECEIVED_TOTAL, "link" => name()),
+            flows_open: gauge!(UDP_FLOWS_OPEN, "link" => name()),
+            dropped: Dropped::ALL
+                .map(|why| counter!(UDP_DROPPED_TOTAL, "link" => name(), "reason" => why.label())),
+        }
+    }
+
+    pub(crate) fn dropped(&self, why: Dropped) {
+        self.dropped[why as usize].increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Dropped;
+
+    #[test]
+    fn every_drop_reason_has_its_own_counter() {
+        for (i, why) in Dropped::ALL.into_iter().enumerate() {
+            assert_eq!(why as usize, i, "{why:?}");
+        }
     }
 }

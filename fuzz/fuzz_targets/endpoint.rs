@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(e) = Endpoint::parse(s) {
         assert_eq!(Endpoint::parse(&e.to_string()), Ok(e));
     }
-    if let Ok(Endpoint::Tcp(addr)) = Endpoint::parse_listen(s) {
+    if let Ok(Endpoint::Tcp(addr) | Endpoint::Udp(addr)) = Endpoint::parse_listen(s) {
         let ip = addr.parse::<std::net::SocketAddr>().map(|a| a.ip());
         assert!(ip.is_ok_and(|ip| ip.is_loopback()), "{addr}");
     }

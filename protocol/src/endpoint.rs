@@ -1,6 +1,7 @@
 //! Addresses, with one grammar for every party: `HOST:PORT` (relays, the
-//! controller) and the local ends of a link, `tcp://HOST:PORT` or
-//! `unix:///ABSOLUTE/PATH`.
+//! controller) and the local ends of a link, `tcp://HOST:PORT`,
+//! `unix:///ABSOLUTE/PATH` (streams) or `udp://HOST:PORT` (datagrams; a
+//! link's two ends are both streams or both datagrams).
 //!
 //! A `HOST` is an IP address (IPv6 in brackets) or a DNS name of letters,
 //! digits, `-` and `.`, as a certificate can carry it; a `PORT` is 0 to
@@ -25,8 +26,8 @@ pub enum EndpointError {
     /// Not `HOST:PORT`.
     #[error("`{0}`: expected HOST:PORT (a name or an IP address, IPv6 in [], and a port)")]
     HostPort(String),
-    /// Neither `tcp://` nor `unix://`.
-    #[error("`{0}`: expected tcp://HOST:PORT or unix:///PATH")]
+    /// Neither `tcp://`, `udp://` nor `unix://`.
+    #[error("`{0}`: expected tcp://HOST:PORT, udp://HOST:PORT or unix:///PATH")]
     Scheme(String),
     /// A `unix://` endpoint whose path is not absolute.
     #[error("`{0}`: a unix socket must be unix:///ABSOLUTE/PATH")]
@@ -34,7 +35,8 @@ pub enum EndpointError {
     /// A listener off loopback.
     #[error(
         "`{0}`: agents listen on loopback or Unix sockets only (they never accept \
-         connections from the network): use tcp://127.0.0.1:PORT, tcp://[::1]:PORT or unix:///PATH"
+         connections from the network): use tcp://127.0.0.1:PORT, tcp://[::1]:PORT, \
+         udp://127.0.0.1:PORT, udp://[::1]:PORT or unix:///PATH"
     )]
     NotLoopback(String),
 }
@@ -102,17 +104,26 @@ pub enum Endpoint {
     Tcp(String),
     /// `unix:///PATH`: the absolute path.
     Unix(PathBuf),
+    /// `udp://HOST:PORT`: the `HOST:PORT`, as written. Each local source
+    /// address is a flow of datagrams.
+    Udp(String),
 }
 
 impl Endpoint {
-    /// Parses `tcp://HOST:PORT` or `unix:///ABSOLUTE/PATH`.
+    /// Parses `tcp://HOST:PORT`, `udp://HOST:PORT` or
+    /// `unix:///ABSOLUTE/PATH`.
     pub fn parse(s: &str) -> Result<Self, EndpointError> {
         if s.len() > MAX_ENDPOINT_LEN {
             return Err(EndpointError::TooLong);
         }
-        if let Some(addr) = s.strip_prefix("tcp://") {
-            split_host_port(addr).map_err(|_| EndpointError::HostPort(s.to_owned()))?;
-            return Ok(Self::Tcp(addr.to_owned()));
+        for (scheme, make) in [
+            ("tcp://", Self::Tcp as fn(String) -> Self),
+            ("udp://", Self::Udp),
+        ] {
+            if let Some(addr) = s.strip_prefix(scheme) {
+                split_host_port(addr).map_err(|_| EndpointError::HostPort(s.to_owned()))?;
+                return Ok(make(addr.to_owned()));
+            }
         }
         if let Some(path) = s.strip_prefix("unix://") {
             if !path.starts_with('/') || path.len() < 2 || path.contains('\0') {
@@ -124,10 +135,10 @@ impl Endpoint {
     }
 
     /// Parses an endpoint an agent listens on: [`Self::parse`], and a TCP
-    /// one must be a loopback IP address.
+    /// or UDP one must be a loopback IP address.
     pub fn parse_listen(s: &str) -> Result<Self, EndpointError> {
         let endpoint = Self::parse(s)?;
-        if let Self::Tcp(addr) = &endpoint {
+        if let Self::Tcp(addr) | Self::Udp(addr) = &endpoint {
             let loopback = addr
                 .parse::<SocketAddr>()
                 .is_ok_and(|a| a.ip().is_loopback());
@@ -138,10 +149,10 @@ impl Endpoint {
         Ok(endpoint)
     }
 
-    /// The TCP port, if this is a TCP endpoint.
-    pub fn tcp_port(&self) -> Option<u16> {
+    /// The port of a TCP or UDP endpoint.
+    pub fn port(&self) -> Option<u16> {
         match self {
-            Self::Tcp(addr) => split_host_port(addr).ok().map(|(_, port)| port),
+            Self::Tcp(addr) | Self::Udp(addr) => split_host_port(addr).ok().map(|(_, port)| port),
             Self::Unix(_) => None,
         }
     }
@@ -150,8 +161,13 @@ impl Endpoint {
     pub fn unix_path(&self) -> Option<&Path> {
         match self {
             Self::Unix(p) => Some(p),
-            Self::Tcp(_) => None,
+            Self::Tcp(_) | Self::Udp(_) => None,
         }
+    }
+
+    /// Whether this end carries datagrams (`udp://`) rather than streams.
+    pub fn is_datagram(&self) -> bool {
+        matches!(self, Self::Udp(_))
     }
 }
 
@@ -160,6 +176,7 @@ impl fmt::Display for Endpoint {
         match self {
             Self::Tcp(a) => write!(f, "tcp://{a}"),
             Self::Unix(p) => write!(f, "unix://{}", p.display()),
+            Self::Udp(a) => write!(f, "udp://{a}"),
         }
     }
 }
@@ -227,6 +244,9 @@ mod tests {
             "tcp://[::1]:7000",
             "tcp://db.internal:5432",
             "unix:///run/x.sock",
+            "udp://127.0.0.1:53",
+            "udp://[::1]:5683",
+            "udp://syslog.internal:514",
         ] {
             let e = Endpoint::parse(s).expect(s);
             assert_eq!(e.to_string(), s);
@@ -234,7 +254,20 @@ mod tests {
         assert!(Endpoint::parse_listen("tcp://127.0.0.1:7000").is_ok());
         assert!(Endpoint::parse_listen("tcp://[::1]:7000").is_ok());
         assert!(Endpoint::parse_listen("unix:///run/x.sock").is_ok());
+        assert!(Endpoint::parse_listen("udp://127.0.0.1:5353").is_ok());
+        assert!(
+            Endpoint::parse("udp://127.0.0.1:53")
+                .expect("udp")
+                .is_datagram()
+        );
+        assert!(
+            !Endpoint::parse("tcp://127.0.0.1:53")
+                .expect("tcp")
+                .is_datagram()
+        );
         for off in [
+            "udp://0.0.0.0:53",
+            "udp://localhost:53",
             "tcp://0.0.0.0:7000",
             "tcp://10.0.0.1:7000",
             "tcp://localhost:7000",
@@ -246,7 +279,8 @@ mod tests {
         }
         for bad in [
             "127.0.0.1:7000",
-            "udp://127.0.0.1:7000",
+            "sctp://127.0.0.1:7000",
+            "udp://127.0.0.1",
             "tcp://127.0.0.1",
             "unix://relative/path",
             "unix:///",
@@ -255,7 +289,7 @@ mod tests {
             assert!(Endpoint::parse(bad).is_err(), "{bad:?}");
         }
         let any = Endpoint::parse_listen("tcp://127.0.0.1:0").expect("any port");
-        assert_eq!(any.tcp_port(), Some(0));
+        assert_eq!(any.port(), Some(0));
         let long = format!("unix:///{}", "a".repeat(MAX_ENDPOINT_LEN));
         assert_eq!(Endpoint::parse(&long), Err(EndpointError::TooLong));
     }

@@ -60,10 +60,11 @@ proptest! {
 
     /// Every loopback address and port makes a listener; it prints back.
     #[test]
-    fn loopback_listeners_parse(port in any::<u16>(), v6 in any::<bool>()) {
-        let s = if v6 { format!("tcp://[::1]:{port}") } else { format!("tcp://127.0.0.1:{port}") };
+    fn loopback_listeners_parse(port in any::<u16>(), v6 in any::<bool>(), udp in any::<bool>()) {
+        let scheme = if udp { "udp" } else { "tcp" };
+        let s = if v6 { format!("{scheme}://[::1]:{port}") } else { format!("{scheme}://127.0.0.1:{port}") };
         let e = Endpoint::parse_listen(&s).expect("a loopback listener");
-        prop_assert_eq!(e.tcp_port(), Some(port));
+        prop_assert_eq!(e.port(), Some(port));
         prop_assert_eq!(e.to_string(), s);
     }
 

@@ -47,6 +47,14 @@ pub trait Adversary: Send + Sync + 'static {
         let _ = (link, flow, from);
         None
     }
+
+    /// A datagram of a UDP flow from side `from` of `link` (link id in
+    /// front), on its way to the other side: the datagrams to send
+    /// instead, in order.
+    fn datagram(&self, link: LinkId, from: Side, datagram: Bytes) -> Vec<Bytes> {
+        let _ = (link, from);
+        vec![datagram]
+    }
 }
 
 /// One direction of one spliced flow stream, in the adversary's hands.

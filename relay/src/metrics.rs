@@ -16,7 +16,7 @@
 //! | `comsat_relay_flows_over_limit_total` | counter | new flows refused because their link had its grant's `max_flows` open (the application sees a reset) |
 //! | `comsat_relay_forwarded_bytes_total` | counter | flow bytes forwarded, counted as they move |
 //! | `comsat_relay_datagrams_forwarded_total` | counter | datagrams of links' UDP flows forwarded to the other side |
-//! | `comsat_relay_datagrams_dropped_total{reason}` | counter | datagrams dropped: `malformed` (shorter than a link id), `not_attached` (the connection holds no side of the link named), `peer_away`, `rate_limit` (over the link's rate), `too_large` (more than the peer's connection takes at once) |
+//! | `comsat_relay_datagrams_dropped_total{reason}` | counter | datagrams dropped: `malformed` (shorter than a link id), `not_attached` (the connection holds no side of the link named), `peer_away`, `rate_limit` (over the link's rate), `too_large` (more than the peer's connection takes at once), `congested` (the peer's connection holds as many unsent datagrams as it may), `overflow` (received, but dropped for room before the relay read them) |
 //! | `comsat_relay_buffered_bytes` | gauge | bytes held for flows whose peer is away |
 //! | `comsat_relay_flows_parked_total` | counter | flows held because their peer was away |
 //! | `comsat_relay_grants_loaded` | gauge | valid grants held |
@@ -172,8 +172,8 @@ impl Metrics {
     }
 
     /// Counts a dropped datagram.
-    pub(crate) fn datagram_dropped(&self, reason: &'static str) {
-        counter!(DATAGRAMS_DROPPED_TOTAL, "reason" => reason).increment(1);
+    pub(crate) fn datagram_dropped(&self, reason: &'static str, n: u64) {
+        counter!(DATAGRAMS_DROPPED_TOTAL, "reason" => reason).increment(n);
     }
 
     /// Counts a refused attach.

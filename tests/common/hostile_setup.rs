@@ -105,7 +105,7 @@ impl Setup {
     }
 
     /// A link per `(name, target)`, each from agent A's listener to the
-    /// target at agent B.
+    /// target at agent B (a `udp://` listener for a `udp://` target).
     pub async fn start_links(links: &[(&str, String)]) -> Result<Self> {
         Self::start_tuned(links, "").await
     }
@@ -125,7 +125,10 @@ impl Setup {
                     .iter()
                     .map(|(name, target)| DevLink {
                         name: (*name).into(),
-                        listen: "tcp://127.0.0.1:0".into(),
+                        listen: match target.starts_with("udp://") {
+                            true => "udp://127.0.0.1:0".into(),
+                            false => "tcp://127.0.0.1:0".into(),
+                        },
                         target: target.clone(),
                         allowed_uids: vec![],
                     })

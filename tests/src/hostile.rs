@@ -60,6 +60,15 @@ pub enum FrameAttack {
     Drop,
 }
 
+/// What the relay does to the datagrams of UDP flows from now on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatagramAttack {
+    /// Forward every datagram unchanged.
+    None,
+    /// Send every datagram twice.
+    Duplicate,
+}
+
 /// One direction of one flow stream, as the relay forwarded it.
 #[derive(Clone, Debug)]
 pub struct Recording {
@@ -159,6 +168,8 @@ pub struct Hostile {
     ledger: Arc<Ledger>,
     record_attack: Mutex<Option<RecordAttack>>,
     frame_attack: Mutex<Option<FrameAttack>>,
+    datagrams: Mutex<Vec<(LinkId, Side, Bytes)>>,
+    datagram_attack: Mutex<Option<DatagramAttack>>,
 }
 
 impl Hostile {
@@ -175,6 +186,17 @@ impl Hostile {
     /// Attacks the handshake and sealed messages forwarded from now on.
     pub fn set_frame_attack(&self, attack: FrameAttack) {
         *crate::lock(&self.frame_attack) = Some(attack);
+    }
+
+    /// Attacks the datagrams of UDP flows forwarded from now on.
+    pub fn set_datagram_attack(&self, attack: DatagramAttack) {
+        *crate::lock(&self.datagram_attack) = Some(attack);
+    }
+
+    /// Every datagram forwarded so far (link id in front), with its link
+    /// and the side that sent it.
+    pub fn datagrams(&self) -> Vec<(LinkId, Side, Bytes)> {
+        crate::lock(&self.datagrams).clone()
     }
 
     /// Every flow stream direction recorded so far.
@@ -242,6 +264,14 @@ impl Adversary for Hostile {
             FrameAttack::None => vec![frame],
             FrameAttack::Duplicate => vec![frame.clone(), frame],
             FrameAttack::Drop => Vec::new(),
+        }
+    }
+
+    fn datagram(&self, link: LinkId, from: Side, datagram: Bytes) -> Vec<Bytes> {
+        crate::lock(&self.datagrams).push((link, from, datagram.clone()));
+        match (*crate::lock(&self.datagram_attack)).unwrap_or(DatagramAttack::None) {
+            DatagramAttack::None => vec![datagram],
+            DatagramAttack::Duplicate => vec![datagram.clone(), datagram],
         }
     }
 

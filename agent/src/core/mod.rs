@@ -9,6 +9,7 @@ pub(crate) mod flow;
 pub(crate) mod link;
 pub(crate) mod relay;
 pub(crate) mod silence;
+pub(crate) mod udp;
 
 #[cfg(test)]
 mod tests;

@@ -314,6 +314,12 @@ pub(crate) async fn serve_listener(
     link: Arc<LinkRt>,
     listener: local::Listener,
 ) {
+    let listener = match listener {
+        local::Listener::Udp(socket) => {
+            return crate::datagrams::serve_listener(link, socket).await;
+        }
+        stream => stream,
+    };
     loop {
         let (conn, cred) = match listener.accept().await {
             Ok(c) => c,

@@ -269,6 +269,9 @@ pub(super) struct ControlTasks {
     pub(super) ctl: mpsc::Sender<AgentToRelay>,
     writer: tokio::task::JoinHandle<()>,
     acceptor: tokio::task::JoinHandle<()>,
+    /// Reads the datagrams of the links' UDP flows (main connections of
+    /// links with any).
+    datagrams: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ControlTasks {
@@ -310,10 +313,19 @@ impl ControlTasks {
             links.clone(),
             lane,
         ));
+        // The relay forwards datagrams on main connections only.
+        let datagrams = (!lane && links.values().any(|l| l.udp.is_some())).then(|| {
+            tokio::spawn(crate::datagrams::read_datagrams(
+                shared.clone(),
+                conn.clone(),
+                links.clone(),
+            ))
+        });
         Self {
             ctl,
             writer,
             acceptor,
+            datagrams,
         }
     }
 
@@ -321,6 +333,9 @@ impl ControlTasks {
     /// (every other sender of `ctl` must be gone for the writer to end).
     pub(super) async fn finish(self) {
         self.acceptor.abort();
+        if let Some(datagrams) = self.datagrams {
+            datagrams.abort();
+        }
         drop(self.ctl);
         let _ = self.writer.await;
     }

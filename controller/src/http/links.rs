@@ -106,10 +106,11 @@ fn check_link_name(name: &str) -> Result<(), ApiError> {
 }
 
 /// A link's ends, in the one grammar of [`Endpoint`]: the listener on
-/// loopback or a Unix socket, and neither on port 0 (a link's ends are
-/// fixed; an agent's own configuration may ask for any free port).
+/// loopback or a Unix socket, neither on port 0 (a link's ends are fixed;
+/// an agent's own configuration may ask for any free port), and both
+/// streams (`tcp://`, `unix://`) or both datagrams (`udp://`).
 fn check_ends(listen: &str, target: &str) -> Result<(Endpoint, Endpoint), ApiError> {
-    let fixed = |field: &str, e: Endpoint| match e.tcp_port() {
+    let fixed = |field: &str, e: Endpoint| match e.port() {
         Some(0) => Err(ApiError::bad_request(format!(
             "{field} `{e}`: port 0 is not a fixed port"
         ))),
@@ -122,6 +123,12 @@ fn check_ends(listen: &str, target: &str) -> Result<(Endpoint, Endpoint), ApiErr
         Endpoint::parse_listen(listen).map_err(bad("listen"))?,
     )?;
     let target = fixed("target", Endpoint::parse(target).map_err(bad("target"))?)?;
+    if listen.is_datagram() != target.is_datagram() {
+        return Err(ApiError::bad_request(format!(
+            "listen `{listen}` and target `{target}`: a link carries streams (tcp://, unix://) \
+             or datagrams (udp://) end to end; make both ends udp:// or neither"
+        )));
+    }
     Ok((listen, target))
 }
 
@@ -327,7 +334,7 @@ mod tests {
             "tcp://localhost:7000",
             "unix://relative",
             "unix:///",
-            "udp://127.0.0.1:1",
+            "udp://0.0.0.0:1",
             "",
         ] {
             assert!(check_ends(bad, "tcp://db:1").is_err(), "{bad}");
@@ -350,5 +357,23 @@ mod tests {
         ] {
             assert!(check_ends("tcp://127.0.0.1:1", bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_link_carries_streams_or_datagrams_at_both_ends() {
+        assert!(check_ends("udp://127.0.0.1:5353", "udp://10.0.0.53:53").is_ok());
+        assert!(check_ends("udp://[::1]:5353", "udp://dns.internal:53").is_ok());
+        for (listen, target) in [
+            ("udp://127.0.0.1:5353", "tcp://10.0.0.53:53"),
+            ("tcp://127.0.0.1:5353", "udp://10.0.0.53:53"),
+            ("unix:///run/dns.sock", "udp://10.0.0.53:53"),
+            ("udp://127.0.0.1:0", "udp://10.0.0.53:53"),
+            ("udp://0.0.0.0:5353", "udp://10.0.0.53:53"),
+            ("udp://127.0.0.1:5353", "udp://10.0.0.53:0"),
+        ] {
+            assert!(check_ends(listen, target).is_err(), "{listen} -> {target}");
+        }
+        let e = check_ends("udp://127.0.0.1:5353", "tcp://10.0.0.53:53").expect_err("mixed");
+        assert!(e.message.contains("both ends udp://"), "{}", e.message);
     }
 }

@@ -465,6 +465,32 @@ impl Connection {
         }
     }
 
+    /// comsat: like [`send_datagram()`], but never discards a queued
+    /// datagram to make room: with no room in the send buffer for `data`
+    /// it fails with [`SendDatagramError::Blocked`], so the caller can
+    /// count what it drops.
+    ///
+    /// [`send_datagram()`]: Connection::send_datagram
+    pub fn try_send_datagram(&self, data: Bytes) -> Result<(), SendDatagramError> {
+        let conn = &mut *self.0.state.lock("try_send_datagram");
+        if let Some(ref x) = conn.error {
+            return Err(SendDatagramError::ConnectionLost(x.clone()));
+        }
+        use proto::SendDatagramError::*;
+        match conn.inner.datagrams().send(data, false) {
+            Ok(()) => {
+                conn.wake();
+                Ok(())
+            }
+            Err(e) => Err(match e {
+                Blocked(..) => SendDatagramError::Blocked,
+                UnsupportedByPeer => SendDatagramError::UnsupportedByPeer,
+                Disabled => SendDatagramError::Disabled,
+                TooLarge => SendDatagramError::TooLarge,
+            }),
+        }
+    }
+
     /// Transmit `data` as an unreliable, unordered application datagram
     ///
     /// Unlike [`send_datagram()`], this method will wait for buffer space during congestion
@@ -499,6 +525,14 @@ impl Connection {
             .inner
             .datagrams()
             .max_size()
+    }
+
+    /// comsat: received datagrams dropped because the receive buffer
+    /// (`datagram_receive_buffer_size`) was full, the oldest first: those
+    /// the application did not read in time. Exact as of the last time
+    /// [`read_datagram()`](Self::read_datagram) found the buffer empty.
+    pub fn datagrams_dropped(&self) -> u64 {
+        self.0.state.lock("datagrams_dropped").datagrams_dropped
     }
 
     /// Bytes available in the outgoing datagram buffer
@@ -824,8 +858,14 @@ impl Future for ReadDatagram<'_> {
         // Check for buffered datagrams before checking `state.error` so that already-received
         // datagrams, which are necessarily finite, can be drained from a closed connection.
         if let Some(x) = state.inner.datagrams().recv() {
+            state.datagrams_read += 1;
             return Poll::Ready(Ok(x));
-        } else if let Some(ref e) = state.error {
+        }
+        // comsat: the buffer is empty, so every datagram received was
+        // read or dropped to make room for a newer one.
+        let received = state.inner.stats().frame_rx.datagram;
+        state.datagrams_dropped = received.saturating_sub(state.datagrams_read);
+        if let Some(ref e) = state.error {
             return Poll::Ready(Err(e.clone()));
         }
         loop {
@@ -926,6 +966,8 @@ impl ConnectionRef {
                 runtime,
                 send_buffer: Vec::new(),
                 buffered_transmit: None,
+                datagrams_read: 0,
+                datagrams_dropped: 0,
             }),
             shared: Shared::default(),
         }))
@@ -1010,6 +1052,11 @@ pub(crate) struct State {
     send_buffer: Vec<u8>,
     /// We buffer a transmit when the underlying I/O would block
     buffered_transmit: Option<proto::Transmit>,
+    /// comsat: datagrams the application read
+    datagrams_read: u64,
+    /// comsat: received datagrams dropped for room, as of the last time
+    /// the receive buffer was found empty
+    datagrams_dropped: u64,
 }
 
 impl State {
@@ -1330,6 +1377,10 @@ pub enum SendDatagramError {
     /// The connection was lost
     #[error("connection lost")]
     ConnectionLost(#[from] ConnectionError),
+    /// comsat: the send buffer has no room (from
+    /// [`Connection::try_send_datagram`] only)
+    #[error("datagram send buffer full")]
+    Blocked,
 }
 
 /// The maximum amount of datagrams which will be produced in a single `drive_transmit` call

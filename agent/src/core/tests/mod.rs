@@ -9,6 +9,7 @@ mod link;
 mod relay;
 mod resume;
 mod silence;
+mod udp;
 
 /// A hand-driven clock.
 struct Clock(Instant);
