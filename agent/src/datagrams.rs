@@ -36,8 +36,14 @@ use crate::link::{LinkRt, LinkSession};
 use crate::metrics::{Metrics, UdpMetrics};
 use crate::sync::lock;
 
-/// Largest UDP payload read from a local socket.
+/// Largest UDP payload read from a link's listening socket.
 const MAX_UDP_PAYLOAD: usize = 65_535;
+
+/// What side B reads from a flow's socket at once: more than any QUIC
+/// datagram carries (jumbo frames included), so a larger answer, cut
+/// short here, is still dropped as too large, never sent cut; and a
+/// link's 1,024 flows hold at most 9 MiB of buffers.
+const TARGET_READ: usize = 9 * 1024 + 1;
 
 /// Why a datagram was dropped (the `reason` label of
 /// `comsat_agent_udp_datagrams_dropped_total`).
@@ -353,7 +359,7 @@ fn connect(to: SocketAddr) -> io::Result<UdpSocket> {
 /// Side B: carries what the target answers on flow `flow`'s socket back
 /// to the peer, until the flow is forgotten (which aborts it).
 async fn read_target(link: Weak<LinkRt>, flow: UdpFlowId, socket: Arc<UdpSocket>) {
-    let mut buf = vec![0u8; MAX_UDP_PAYLOAD];
+    let mut buf = vec![0u8; TARGET_READ];
     loop {
         let n = match socket.recv(&mut buf).await {
             Ok(n) => n,

@@ -29,7 +29,10 @@
 //! 1 % and 5 % of datagrams at random, beside the same path without loss;
 //! needs root for its network namespaces, and says so where it is skipped),
 //! `idle` (every IP byte an idle agent with two links sends and receives
-//! through its NAT in a day, relay and controller together; root too).
+//! through its NAT in a day, relay and controller together; root too),
+//! `udp` (a 64-byte UDP ping-pong through a `udp://` link, and a burst of
+//! datagrams sent as fast as one client can: the rate delivered and the
+//! share lost, each beside direct loopback UDP).
 //!
 //! The main path runs as `comsat up` does: its relay has an interactive
 //! listener, so its links have lanes (flows start on each agent's second
@@ -74,6 +77,7 @@ mod siege;
 mod storm;
 mod stunnel;
 mod throughput;
+mod udp;
 
 use measure::{median, wait_carrying};
 use path::{Path, link};
@@ -119,7 +123,7 @@ struct RunArgs {
     large: bool,
     /// Only this scenario: throughput-1, throughput-8, latency,
     /// rate-limit, setup, resume, restart, failover, siege, storm, memory
-    /// (also called capacity), loss, idle.
+    /// (also called capacity), loss, idle, udp.
     #[arg(long)]
     scenario: Option<String>,
     /// Run the main path without lanes: its relay has no interactive
@@ -302,7 +306,7 @@ async fn run(args: RunArgs) -> Result<()> {
     // A scenario that fails is reported, and the others still run.
     type Scenario =
         for<'a> fn(&'a mut Run) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
-    let scenarios: [(&str, Scenario); 13] = [
+    let scenarios: [(&str, Scenario); 14] = [
         ("throughput-1", |r| Box::pin(throughput::throughput_1(r))),
         ("throughput-8", |r| Box::pin(throughput::throughput_8(r))),
         ("latency", |r| Box::pin(latency::latency_scenario(r))),
@@ -316,6 +320,7 @@ async fn run(args: RunArgs) -> Result<()> {
         ("memory", |r| Box::pin(memory::memory(r))),
         ("loss", |r| Box::pin(loss::loss(r))),
         ("idle", |r| Box::pin(idle::idle(r))),
+        ("udp", |r| Box::pin(udp::udp(r))),
     ];
     let mut ran = false;
     for (name, scenario) in scenarios {
@@ -330,7 +335,7 @@ async fn run(args: RunArgs) -> Result<()> {
     if !ran {
         bail!(
             "no scenario named {:?}: choose throughput-1, throughput-8, latency, rate-limit, \
-             setup, resume, restart, failover, siege, storm, memory, loss, idle or capacity",
+             setup, resume, restart, failover, siege, storm, memory, loss, idle, udp or capacity",
             args.scenario.unwrap_or_default()
         );
     }
