@@ -232,7 +232,8 @@ async fn agents_behind_two_nats_enrol_link_and_carry_64_mib_each_way() -> Result
 
 /// Agent `name`'s relay connections so far, main and lane (read inside
 /// its namespace, where its admin listener is).
-fn relay_connects(fleet: &Fleet, name: &str) -> Result<f64> {
+/// Agent `name`'s `/metrics`, read from inside its namespace.
+fn agent_metrics(fleet: &Fleet, name: &str) -> Result<String> {
     let admin = fleet
         .agents
         .iter()
@@ -240,7 +241,11 @@ fn relay_connects(fleet: &Fleet, name: &str) -> Result<f64> {
         .map(|a| a.2)
         .context("no such agent")?;
     let ns = fleet.net.agent_ns(name).context("agent not behind a NAT")?;
-    let text = NatTopology::within(ns, || comsat_tests::scrape(admin))??;
+    NatTopology::within(ns, || comsat_tests::scrape(admin))?
+}
+
+fn relay_connects(fleet: &Fleet, name: &str) -> Result<f64> {
+    let text = agent_metrics(fleet, name)?;
     Ok(
         comsat_tests::metric(&text, "comsat_agent_relay_connects_total")
             + comsat_tests::metric(&text, "comsat_agent_lane_connects_total"),
@@ -312,6 +317,12 @@ async fn a_256_mib_echo_survives_nat_rebinding_and_renumbering() -> Result<()> {
         after == connects,
         "agent A made {} new relay connections (a new handshake) across {seen:?}",
         after - connects
+    );
+    // A's own move was its doing: it moved its connection to a new socket.
+    let m = agent_metrics(&fleet, "a")?;
+    ensure!(
+        comsat_tests::metric(&m, "comsat_agent_relay_rebinds_total") >= 1.0,
+        "agent A never rebound its socket when its address changed:\n{m}"
     );
     Ok(())
 }

@@ -187,6 +187,11 @@ pub const STREAM_SETTLED: Duration = Duration::from_secs(1);
 /// a lane (`bulk_nice` in the agent config).
 pub const BULK_NICE: u8 = 5;
 
+/// How often an agent looks whether its address toward a relay changed
+/// (a new uplink), to move the connection to a new socket at once. No
+/// packet goes on the wire for it.
+pub const LOCAL_ADDRESS_CHECK: Duration = Duration::from_secs(1);
+
 /// Most UDP flows (local source addresses) one `udp://` link carries at
 /// once; a datagram that would start another is dropped and counted.
 pub const MAX_UDP_FLOWS: usize = 1024;

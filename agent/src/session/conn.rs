@@ -2,6 +2,7 @@
 //! reading and writing its control stream.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use comsat_protocol::LinkId;
@@ -46,11 +47,7 @@ pub(crate) async fn connect(
             addr: addr.to_owned(),
         })?;
     let addr = resolved;
-    let bind: std::net::SocketAddr = if addr.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
+    let bind = unspecified(addr);
     let socket =
         crate::udp::bind(bind).map_err(|source| ConnectError::Bind { addr: bind, source })?;
     let runtime = quinn::default_runtime().ok_or(ConnectError::NoRuntime)?;
@@ -76,7 +73,7 @@ async fn establish(
     shared: &Shared,
     endpoint: &quinn::Endpoint,
     client: &quinn::ClientConfig,
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     server_name: &str,
 ) -> Result<Established, ConnectError> {
     let conn = endpoint
@@ -117,7 +114,7 @@ pub(crate) enum ConnectError {
     NoAddress { addr: String },
     #[error("bind {addr}: {source}")]
     Bind {
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
         source: std::io::Error,
     },
     #[error("no async runtime")]
@@ -260,6 +257,73 @@ impl Watchdog {
         );
         true
     }
+}
+
+/// Moves a relay connection to a new socket when this machine's address
+/// toward the relay changes (a new uplink: Wi-Fi to cellular, a renumbered
+/// interface). The socket is bound to the unspecified address, so the
+/// kernel would send from the new address anyway and the relay would
+/// follow (QUIC path migration); rebinding makes the move at once and from
+/// a fresh port, so the connection never leans on a NAT mapping of the old
+/// uplink. Looks every [`defaults::LOCAL_ADDRESS_CHECK`], without a packet
+/// on the wire. Stops when dropped.
+pub(super) struct Roaming(tokio::task::JoinHandle<()>);
+
+impl Drop for Roaming {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Roaming {
+    pub(super) fn start(
+        shared: &Arc<Shared>,
+        endpoint: &quinn::Endpoint,
+        remote: SocketAddr,
+    ) -> Self {
+        let (shared, endpoint) = (shared.clone(), endpoint.clone());
+        Self(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(defaults::LOCAL_ADDRESS_CHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut was = local_ip_toward(remote);
+            loop {
+                tick.tick().await;
+                let Some(now) = local_ip_toward(remote) else {
+                    continue;
+                };
+                if was == Some(now) {
+                    continue;
+                }
+                match crate::udp::bind(unspecified(remote)).and_then(|s| endpoint.rebind(s)) {
+                    Ok(()) => {
+                        shared.metrics.rebinds.increment(1);
+                        tracing::info!(from = ?was, to = %now, "the local address toward the relay changed: the connection moved to a new socket");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the local address toward the relay changed, and no new socket could be bound")
+                    }
+                }
+                was = Some(now);
+            }
+        }))
+    }
+}
+
+/// The unspecified address of `remote`'s family, any port.
+fn unspecified(remote: SocketAddr) -> SocketAddr {
+    if remote.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    }
+}
+
+/// The address this machine sends from toward `remote` now (a connected
+/// UDP socket sends nothing: the kernel only picks the route).
+fn local_ip_toward(remote: SocketAddr) -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind(unspecified(remote)).ok()?;
+    socket.connect(remote).ok()?;
+    Some(socket.local_addr().ok()?.ip())
 }
 
 /// What runs beside a control stream's loop: the writer of its messages

@@ -131,6 +131,8 @@ async fn run(
         match connect(&shared, &addr, &server_name, &client).await {
             Ok((endpoint, conn, send, recv, decoder)) => {
                 info!("lane connected");
+                let _roaming =
+                    super::conn::Roaming::start(&shared, &endpoint, conn.remote_address());
                 shared.metrics.lane_connects.increment(1);
                 let open = Open::count(&shared.metrics.lanes_open);
                 let (attached, relay_silent) =

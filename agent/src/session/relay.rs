@@ -148,6 +148,7 @@ async fn connect_and_serve(
         connect(shared, &relay.addr, &relay.server_name, client).await?;
     shared.metrics.connects.increment(1);
     info!("connected to relay");
+    let _roaming = super::conn::Roaming::start(shared, &endpoint, conn.remote_address());
     // Ends with this connection (dropped on return); tells it when the
     // relay went silent on the lane.
     let lane_silent = Arc::new(Notify::new());
