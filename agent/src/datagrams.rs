@@ -237,10 +237,11 @@ fn open(link: &LinkRt, sealed: &[u8], metrics: &Metrics) -> Result<(UdpFlowId, V
         Some(session) => open_with(session, &mut buf),
         None => Err(Dropped::NotReady),
     };
-    match first {
-        Err(Dropped::Forged | Dropped::NotReady) => {}
-        other => return other,
+    if first.is_ok() {
+        return first;
     }
+    // A datagram of a session side A started since (its numbers start
+    // again from 0, so they may look replayed under the current one).
     for candidate in link.sessions().1 {
         let mut again = sealed.to_vec();
         if let Ok(opened) = open_with(&candidate, &mut again) {

@@ -105,6 +105,12 @@ pub const SILENCE_PING: Duration = Duration::from_secs(3);
 /// Round trips the relay has to answer in, at least.
 pub const SILENCE_RTTS: u32 = 8;
 
+/// The longest those round trips may stretch the watchdog's bound. A
+/// relay's queues under bulk can swell the smoothed round-trip time to
+/// seconds; eight of those would outlast the idle timeout, and a side
+/// whose relay vanished would wait for that.
+pub const SILENCE_MOST: Duration = Duration::from_secs(8);
+
 /// Relays left for silence, queued for the controller to hear of (more
 /// are dropped: the peers notice by themselves).
 pub const SILENT_QUEUE: usize = 64;

@@ -38,6 +38,10 @@ pub(crate) struct Bounds {
     pub(crate) ping: Duration,
     /// And at least this many round trips, either way.
     pub(crate) rtts: u32,
+    /// And at most this long, however long the round trips grew: a
+    /// smoothed round-trip time swollen by queues before the relay
+    /// vanished must not stretch the wait to the idle timeout.
+    pub(crate) most: Duration,
 }
 
 /// What is waiting for the relay to answer, and since when.
@@ -92,7 +96,8 @@ impl Silence {
         } else {
             self.bounds.ping
         };
-        let bound = floor.max(s.rtt.saturating_mul(self.bounds.rtts));
+        let stretched = s.rtt.saturating_mul(self.bounds.rtts).min(self.bounds.most);
+        let bound = floor.max(stretched);
         let silent = now.saturating_duration_since(w.since);
         (silent > bound).then_some(silent)
     }

@@ -198,6 +198,7 @@ const BOUNDS: Bounds = Bounds {
     data: defaults::SILENCE_DATA,
     ping: defaults::SILENCE_PING,
     rtts: defaults::SILENCE_RTTS,
+    most: defaults::SILENCE_MOST,
 };
 
 /// The counters of `conn` the watchdog reads.

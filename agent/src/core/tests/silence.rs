@@ -10,6 +10,7 @@ const BOUNDS: Bounds = Bounds {
     data: Duration::from_secs(1),
     ping: Duration::from_secs(3),
     rtts: 8,
+    most: Duration::from_secs(8),
 };
 const TICK: Duration = Duration::from_millis(100);
 const RTT: Duration = Duration::from_millis(10);
@@ -166,4 +167,28 @@ fn a_long_round_trip_stretches_the_bound() {
     // Eight round trips of 400 ms, not the one-second floor.
     assert!(took > Duration::from_millis(3200), "{took:?}");
     assert!(took <= Duration::from_millis(3400), "{took:?}");
+}
+
+#[test]
+fn a_swollen_round_trip_stretches_the_bound_only_so_far() {
+    let mut clock = Clock::new();
+    // Queues under bulk swelled the smoothed round trip to 5 s: eight of
+    // them would be 40 s, near the idle timeout.
+    let swollen = Sample {
+        rtt: Duration::from_secs(5),
+        ..sample(5, 5, 7)
+    };
+    let mut w = Silence::new(BOUNDS, swollen);
+    let took = ticks_until_silent(
+        &mut w,
+        &mut clock,
+        Sample {
+            pings: 8,
+            ..swollen
+        },
+        Duration::from_secs(60),
+    )
+    .expect("fires");
+    assert!(took > Duration::from_secs(8), "{took:?}");
+    assert!(took <= Duration::from_millis(8200), "{took:?}");
 }
