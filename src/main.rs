@@ -38,10 +38,17 @@ fn init_tracing(format: LogFormat, default: &str) {
     }
 }
 
+/// Installs the process's Prometheus recorder, with `comsat_build_info`.
 fn install_metrics() -> anyhow::Result<PrometheusHandle> {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0])
+        .context("histogram buckets")?
+        .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+    metrics::describe_gauge!("comsat_build_info", "1, labelled with the build");
+    let (version, commit) = (env!("CARGO_PKG_VERSION"), env!("COMSAT_COMMIT"));
+    metrics::gauge!("comsat_build_info", "version" => version, "commit" => commit).set(1.0);
     Ok(handle)
 }
 
@@ -216,7 +223,10 @@ async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     up::up(opts, prometheus, shutdown_signal()).await
 }
 
-async fn run_controller(opts: comsat_controller::RunOptions) -> anyhow::Result<()> {
+async fn run_controller(mut opts: comsat_controller::RunOptions) -> anyhow::Result<()> {
+    let prometheus = install_metrics()?;
+    let render = std::sync::Arc::new(move || prometheus.render());
+    opts.metrics = Some(comsat_controller::MetricsText(render));
     let controller = comsat_controller::Controller::bind(opts)
         .await
         .map_err(|e| Usage(e.to_string()))?;
@@ -620,6 +630,7 @@ fn controller(command: ControllerCommand) -> anyhow::Result<()> {
                 data_dir,
                 listen,
                 database,
+                metrics: None,
             }))
         }),
     }

@@ -66,7 +66,7 @@ pub(crate) async fn up(
     let mut tasks = JoinSet::new();
 
     let (controller_addr, context, admin) =
-        start_controller(&dir, &opts, &stop_rx, &mut tasks).await?;
+        start_controller(&dir, &opts, &stop_rx, &mut tasks, &prometheus).await?;
 
     let (relay_quic, relay_lane) = start_relay(&dir, &opts, &admin, &stop_rx, &mut tasks).await?;
 
@@ -122,6 +122,7 @@ async fn start_controller(
     opts: &UpOptions,
     stop_rx: &watch::Receiver<bool>,
     tasks: &mut JoinSet<()>,
+    prometheus: &PrometheusHandle,
 ) -> anyhow::Result<(SocketAddr, PathBuf, Client)> {
     let ctl_dir = dir.join("controller");
     if !ctl_dir.join("controller.toml").exists() {
@@ -135,10 +136,14 @@ async fn start_controller(
             ..Default::default()
         })?;
     }
+    let render = prometheus.clone();
     let controller = comsat_controller::Controller::bind(comsat_controller::RunOptions {
         data_dir: ctl_dir.clone(),
         listen: None,
         database: None,
+        metrics: Some(comsat_controller::MetricsText(std::sync::Arc::new(
+            move || render.render(),
+        ))),
     })
     .await
     .context("starting the controller")?;

@@ -39,7 +39,7 @@ pub use error::ControllerError;
 pub use init::{
     ADMIN_TOKEN_FILE, ADMIN_TOKEN_PREFIX, CONTEXT_FILE, InitOptions, InitReport, init, token_hash,
 };
-pub use server::{Controller, RunOptions};
+pub use server::{Controller, MetricsText, RunOptions};
 
 /// Unix time now, in seconds.
 pub(crate) fn unix_now() -> u64 {

@@ -32,6 +32,7 @@ pub const RESOURCES: &[&str] = &[
     "users",
     "audit",
     "status",
+    "metrics",
 ];
 
 /// Every verb. `escalate` and `bind` mean something on `roles` only: the

@@ -43,6 +43,20 @@ pub struct RunOptions {
     /// A PostgreSQL database (shared with other controllers) instead of
     /// the SQLite file in the data dir.
     pub database: Option<DatabaseUrl>,
+    /// Renders the process's metrics for `/metrics` (its Prometheus
+    /// recorder); `None`: the process records none, and `/metrics`
+    /// answers 503.
+    pub metrics: Option<MetricsText>,
+}
+
+/// Renders a process's metrics as Prometheus text.
+#[derive(Clone)]
+pub struct MetricsText(pub Arc<dyn Fn() -> String + Send + Sync>);
+
+impl std::fmt::Debug for MetricsText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsText")
+    }
 }
 
 /// A controller bound to its listen address, ready to [`run`](Self::run).
@@ -158,6 +172,7 @@ impl Controller {
             started_at: unix_now(),
             enrol_limit: crate::audit::enrol_limiter(),
             auth_limit: crate::audit::auth_failure_limiter(),
+            metrics: opts.metrics.clone(),
         });
         Ok(Self {
             shared,

@@ -114,6 +114,8 @@ pub(crate) struct Shared {
     pub(crate) enrol_limit: crate::audit::SourceLimiter,
     /// Failed authentications per source address.
     pub(crate) auth_limit: crate::audit::SourceLimiter,
+    /// Renders this process's metrics, where it records them.
+    pub(crate) metrics: Option<crate::MetricsText>,
 }
 
 impl Shared {
@@ -208,6 +210,29 @@ impl Shared {
         })
     }
 
+    /// Refuses (409) a link whose listening agent already listens at the
+    /// same address for another link: the second could never bind there.
+    async fn check_listen_free(&self, link: &LinkRecord) -> Result<(), ApiError> {
+        let key = listen_key(&link.listen);
+        let taken = self
+            .store
+            .links_of_agent(&link.from_node)
+            .await?
+            .into_iter()
+            .find(|l| l.from_node == link.from_node && listen_key(&l.listen) == key);
+        match taken {
+            Some(other) => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "listen `{}`: this agent already listens there for link `{}`; choose another \
+                     listen address, or delete that link first (`comsat ctl link delete {}`)",
+                    link.listen, other.name, other.name
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Creates a link (already validated), assigning relays if any is
     /// healthy, and pushes its grants.
     pub(crate) async fn create_link(
@@ -216,6 +241,7 @@ impl Shared {
         now: u64,
     ) -> Result<LinkRecord, ApiError> {
         let _guard = self.link_lock.lock().await;
+        self.check_listen_free(&link).await?;
         let (_, healthy) = self.relays(now).await?;
         link.relays = assign::rendezvous(&link.link_id, &healthy, self.config.relays_per_link);
         link.grant_not_after = if link.relays.is_empty() {
@@ -481,5 +507,51 @@ impl Shared {
             }
         }
         Ok(names)
+    }
+}
+
+/// What two listen addresses of one agent clash on: the protocol and the
+/// socket address (`tcp://127.0.0.1:7000` and `tcp://127.0.0.1:07000` are
+/// one), or the socket path; a listen that does not parse is its text.
+fn listen_key(listen: &str) -> String {
+    use comsat_protocol::endpoint::Endpoint;
+    match Endpoint::parse_listen(listen) {
+        Ok(Endpoint::Tcp(a)) => a
+            .parse::<std::net::SocketAddr>()
+            .map_or(listen.into(), |a| format!("tcp {a}")),
+        Ok(Endpoint::Udp(a)) => a
+            .parse::<std::net::SocketAddr>()
+            .map_or(listen.into(), |a| format!("udp {a}")),
+        Ok(Endpoint::Unix(p)) => format!(
+            "unix {}",
+            p.components().collect::<std::path::PathBuf>().display()
+        ),
+        _ => listen.into(),
+    }
+}
+
+#[cfg(test)]
+mod listen_tests {
+    use super::listen_key;
+
+    #[test]
+    fn listen_addresses_clash_by_protocol_and_socket_address() {
+        assert_eq!(
+            listen_key("tcp://127.0.0.1:7000"),
+            listen_key("tcp://127.0.0.1:07000")
+        );
+        assert_eq!(
+            listen_key("unix:///run/a.sock"),
+            listen_key("unix:///run//a.sock")
+        );
+        for (a, b) in [
+            ("tcp://127.0.0.1:7000", "udp://127.0.0.1:7000"),
+            ("tcp://127.0.0.1:7000", "tcp://127.0.0.2:7000"),
+            ("tcp://127.0.0.1:7000", "tcp://[::1]:7000"),
+            ("tcp://127.0.0.1:7000", "tcp://127.0.0.1:7001"),
+            ("unix:///run/a.sock", "unix:///run/b.sock"),
+        ] {
+            assert_ne!(listen_key(a), listen_key(b), "{a} {b}");
+        }
     }
 }

@@ -247,7 +247,9 @@ async fn links_of_their_own_connection_reach_agents_with_the_interactive_listene
     assert_eq!(info.spec.connection.as_deref(), Some("interactive"));
     let shown: LinkInfo = api.admin_get(&format!("{}/ssh", api::PATH_LINKS)).await;
     assert_eq!(shown, info);
-    let resp = api.create_link(&link("bulk", "a", "b")).await;
+    let mut bulk = link("bulk", "a", "b");
+    bulk.listen = "tcp://127.0.0.1:7001".into();
+    let resp = api.create_link(&bulk).await;
     assert_eq!(resp.status(), StatusCode::CREATED);
 
     // Both agents get the link's connection and every relay's interactive
@@ -533,4 +535,50 @@ async fn an_agents_refusals_show_with_the_link_and_in_the_audit_log() {
     assert_eq!(refuse(&b, json!({ "refused": [] })).await.0, StatusCode::OK);
     let info: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
     assert!(info.refused.is_empty(), "{info:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_link_at_one_agents_listen_address_is_refused_naming_the_first() {
+    let api = start("").await;
+    api.enrol_agent("a").await;
+    api.enrol_agent("b").await;
+    let r1 = api.enrol_relay("r1", "127.0.0.1:4431").await;
+    api.heartbeat(&r1).await;
+    let resp = api.create_link(&link("db", "a", "b")).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+
+    // The same address of agent a, however it is written: refused, naming
+    // the link that holds it and a command that frees it.
+    let mut again = link("db2", "a", "b");
+    again.listen = "tcp://127.0.0.1:07000".into();
+    let (code, msg) = error_of(api.create_link(&again).await).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{msg}");
+    assert!(
+        msg.contains("link `db`") && msg.contains("`comsat ctl link delete db`"),
+        "{msg}"
+    );
+    let listed: Vec<LinkInfo> = api.admin_get(api::PATH_LINKS).await;
+    assert_eq!(listed.len(), 1, "nothing was created: {listed:?}");
+
+    // Another protocol at that port, another agent at that address: free.
+    let mut udp = link("dns", "a", "b");
+    (udp.listen, udp.target) = ("udp://127.0.0.1:7000".into(), "udp://127.0.0.1:53".into());
+    assert_eq!(api.create_link(&udp).await.status(), StatusCode::CREATED);
+    let reverse = link("back", "b", "a");
+    assert_eq!(
+        api.create_link(&reverse).await.status(),
+        StatusCode::CREATED
+    );
+
+    // Once the first link is deleted, its address is free again.
+    let (code, msg) = call(
+        &api,
+        &api.admin,
+        reqwest::Method::DELETE,
+        &format!("{}/db", api::PATH_LINKS),
+        None,
+    )
+    .await;
+    assert!(code.is_success(), "{code} {msg}");
+    assert_eq!(api.create_link(&again).await.status(), StatusCode::CREATED);
 }

@@ -170,7 +170,7 @@ async fn create_link(
             Some(a) => agents.push(a),
             None => {
                 return Err(ApiError::not_found(format!(
-                    "no agent named `{name}` is enrolled (see `comsat ctl agents`)"
+                    "no agent named `{name}` is enrolled (see `comsat ctl agent list`)"
                 )));
             }
         }

@@ -11,12 +11,15 @@
 //! - [`links`] creates, changes and deletes links;
 //! - [`rbac`] keeps users, service accounts, their tokens, roles and
 //!   bindings;
-//! - [`audit`] reads the audit log.
+//! - [`audit`] reads the audit log;
+//! - [`health`] says whether the controller serves and is ready, and
+//!   shows its metrics (every request counted by route and code).
 
 mod access;
 mod audit;
 mod auth;
 mod enrol;
+mod health;
 mod links;
 mod nodes;
 mod rbac;
@@ -42,9 +45,11 @@ pub(crate) fn router(state: AppState) -> Router {
     let routes = links::routes(routes);
     let routes = rbac::routes(routes);
     let routes = audit::routes(routes);
+    let routes = health::routes(routes);
     routes
         .into_router()
         .fallback(|| async { ApiError::not_found("no such API path") })
+        .layer(axum::middleware::from_fn(health::count_request))
         .layer(DefaultBodyLimit::max(api::MAX_BODY_LEN))
         .with_state(state)
 }

@@ -619,6 +619,9 @@ pub trait Store: Send + Sync {
         since: u64,
     ) -> Result<Vec<(LinkId, RelayId, u64)>, StoreError>;
 
+    /// Answers if the database does (a trivial query).
+    async fn ping(&self) -> Result<(), StoreError>;
+
     /// Closes the connections (the store is unusable afterwards).
     async fn close(&self);
 }

@@ -101,6 +101,7 @@ pub async fn start(extra_config: &str) -> Api {
         data_dir: data.clone(),
         listen: Some("127.0.0.1:0".parse().expect("addr")),
         database: None,
+        metrics: None,
     })
     .await
     .expect("bind");

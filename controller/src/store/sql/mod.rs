@@ -879,6 +879,11 @@ impl Store for SqlStore {
         self.read_peer_moves(agent, since).await
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }

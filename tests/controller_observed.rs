@@ -1,0 +1,75 @@
+//! The controller observed, as a real process: `/healthz` and `/readyz`
+//! answer anyone, `/metrics` only a token whose roles allow it, and it
+//! counts every request by route template and code (never by the path as
+//! sent), beside the build it runs.
+
+#[path = "common/fleet.rs"]
+mod fleet;
+
+use anyhow::{Result, ensure};
+use comsat_protocol::api;
+use fleet::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_answers_health_readiness_and_metrics() -> Result<()> {
+    let c = Fleet::start(|t| t)?;
+    let admin = std::fs::read_to_string(c.path("controller/admin.token"))?;
+    let admin = admin.trim();
+
+    let (code, body) = raw_get(&c, "/healthz", "").await?;
+    ensure!(code == 200 && body == "ok\n", "{code} {body}");
+    let (code, body) = raw_get(&c, "/readyz", "").await?;
+    ensure!(code == 200 && body == "ready\n", "{code} {body}");
+
+    // Metrics are not for strangers.
+    let (code, body) = raw_get(&c, "/metrics", "").await?;
+    ensure!(code == 401, "/metrics without a token: {code} {body}");
+
+    // Requests to count: a listing, a link that is not there, and paths
+    // that match no route (counted under one label, whatever they are).
+    let (code, _) = raw_get(&c, api::PATH_LINKS, admin).await?;
+    ensure!(code == 200);
+    let (code, _) = raw_get(&c, &format!("{}/nope", api::PATH_LINKS), admin).await?;
+    ensure!(code == 404);
+    for junk in ["/a", "/b/c", "/v1/zzz"] {
+        raw_get(&c, junk, admin).await?;
+    }
+
+    let (code, m) = raw_get(&c, "/metrics", admin).await?;
+    ensure!(code == 200, "{code} {m}");
+    let count = |route: &str, code: u16| {
+        comsat_tests::metric(
+            &m,
+            &format!(
+                "comsat_controller_requests_total{{route=\"{route}\",method=\"GET\",code=\"{code}\"}}"
+            ),
+        )
+    };
+    ensure!(count(api::PATH_LINKS, 200) == 1.0, "{m}");
+    ensure!(
+        count(&format!("{}/{{name}}", api::PATH_LINKS), 404) == 1.0,
+        "{m}"
+    );
+    ensure!(count("unmatched", 404) == 3.0, "{m}");
+    ensure!(!m.contains("/v1/zzz") && !m.contains("/b/c"), "{m}");
+    ensure!(count("/readyz", 200) == 1.0, "{m}");
+    ensure!(
+        comsat_tests::metric(&m, "comsat_controller_ready") == 1.0,
+        "{m}"
+    );
+    ensure!(
+        m.contains("comsat_controller_request_duration_seconds_bucket{route=\"/v1/links\""),
+        "a histogram, with buckets: {m}"
+    );
+    let build = m
+        .lines()
+        .find(|l| l.starts_with("comsat_build_info{"))
+        .unwrap_or_default();
+    ensure!(
+        build.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")))
+            && build.contains("commit=\"")
+            && build.ends_with(" 1"),
+        "{m}"
+    );
+    Ok(())
+}
