@@ -85,15 +85,22 @@ async fn relay_failover_to_the_next_relay_loses_nothing() -> Result<()> {
     eprintln!("froze the first relay at {at} bytes");
     bulk.finish().await?;
     assert_no_application_failures(&sys)?;
-    // Both agents gave up on it for its silence under their data (the
-    // watchdog), not for the idle timeout.
-    for (_, admin) in &sys.agents {
-        let m = scrape(*admin)?;
-        assert!(
-            metric(&m, "comsat_agent_relay_silences_total") >= 1.0,
-            "{m}"
-        );
-    }
+    // The agents gave up on it for its silence under their data (the
+    // watchdog), not for the idle timeout: at least one of them. A side
+    // with nothing waiting for the relay at that moment (its sends all
+    // acknowledged, its flows waiting for the peer's acknowledgements)
+    // has only its keep-alive to find out, and may follow by that.
+    let silences: f64 = sys
+        .agents
+        .iter()
+        .map(|(_, admin)| {
+            Ok(metric(
+                &scrape(*admin)?,
+                "comsat_agent_relay_silences_total",
+            ))
+        })
+        .sum::<Result<f64>>()?;
+    assert!(silences >= 1.0, "no agent's watchdog noticed the silence");
     let backup = scrape(sys.backups[0].1)?;
     assert_eq!(
         metric(&backup, "comsat_relay_links_paired"),
