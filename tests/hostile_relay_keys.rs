@@ -37,6 +37,7 @@ const SMALL_KEY: u64 = 16;
 /// nonce.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_carries_many_times_the_rekey_limit_with_eight_flows_open() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     let sys =
         Setup::start_tuned(&[("l", echo_target().await?)], "rekey_records_log2 = 4\n").await?;
     const PER_FLOW: usize = 4 << 20;
@@ -89,6 +90,7 @@ async fn a_link_carries_many_times_the_rekey_limit_with_eight_flows_open() -> Re
 /// one key twice on a nonce.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flow_ids_past_a_generation_continue_in_a_new_one() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     let (addr, target) = target().await?;
     let sys = Setup::start_tuned(&[("l", addr)], "flow_ids_log2 = 2\n").await?;
     for i in 0..20u64 {
@@ -288,6 +290,7 @@ async fn short_flows(listen: SocketAddr, count: u64, workers: u64) -> Result<u64
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nonces_never_repeat_over_a_gigabyte_ten_thousand_flows_kills_and_a_failover() -> Result<()>
 {
+    let _heavy = common::one_at_a_time().await;
     let dir = tempfile::tempdir()?;
     let layout = two_relays(dir.path(), echo_target().await?)?;
     let hostile = Hostile::new();
@@ -376,6 +379,7 @@ async fn nonces_never_repeat_over_a_gigabyte_ten_thousand_flows_kills_and_a_fail
 /// end-to-end layer"): agent A refuses the stand-in and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_cannot_stand_in_for_another_of_the_same_ca() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     let dir = tempfile::tempdir()?;
     let layout = two_relays(dir.path(), "tcp://127.0.0.1:9".into())?;
     let (first, second) = (&layout.relays[0], &layout.relays[1]);
@@ -413,6 +417,7 @@ async fn a_relay_cannot_stand_in_for_another_of_the_same_ca() -> Result<()> {
 /// works under new keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_meets_too_many_forgeries_is_replaced() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     let (addr, target) = target().await?;
     let sys = Setup::start_tuned(&[("l", addr)], "max_forgeries = 8\n").await?;
     let sessions = |side| count(&sys.log(side), "new end-to-end session confirmed");

@@ -36,6 +36,7 @@ fn bulk_system(target: SocketAddr, extra_relays: usize) -> Result<System> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_killed_and_restarted_mid_transfer_loses_nothing() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let mut sys = bulk_system(target.local_addr()?, 0)?;
     let listen: SocketAddr = sys.tcp_listen_addr("bulk")?;
@@ -68,6 +69,7 @@ async fn relay_killed_and_restarted_mid_transfer_loses_nothing() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_failover_to_the_next_relay_loses_nothing() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let mut sys = bulk_system(target.local_addr()?, 1)?;
     let listen: SocketAddr = sys.tcp_listen_addr("bulk")?;
@@ -133,6 +135,7 @@ async fn exited(p: &mut comsat_tests::Proc, within: Duration) -> Result<(Option<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_two_relays_in_turn_under_traffic_loses_nothing() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     // The relays' default grace.
     const GRACE: Duration = Duration::from_secs(30);
     let target = TcpListener::bind("127.0.0.1:0").await?;
@@ -223,6 +226,7 @@ async fn draining_two_relays_in_turn_under_traffic_loses_nothing() -> Result<()>
 /// the agent's log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_ends_when_its_grant_expires_without_a_controller() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     use std::time::{SystemTime, UNIX_EPOCH};
 
     let target = TcpListener::bind("127.0.0.1:0").await?;
@@ -329,6 +333,7 @@ fn regrant(sys: &System, generation: u64, not_after: u64) -> Result<()> {
 /// out on the new connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chatty_flows_lazy_acks_go_on_after_a_relay_restart() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     /// `comsat_agent::defaults::ACK_LAZY`.
     const ACK_LAZY: Duration = Duration::from_millis(100);
     let target = TcpListener::bind("127.0.0.1:0").await?;
@@ -397,6 +402,7 @@ fn echo_system(target: SocketAddr, flow_timeout_ms: Option<u64>) -> Result<Syste
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_peer_agent_resets_old_flows_and_serves_new_ones() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let mut sys = echo_system(target.local_addr()?, None)?;
     tokio::spawn(echo_server(target));
@@ -425,6 +431,7 @@ async fn restarted_peer_agent_resets_old_flows_and_serves_new_ones() -> Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_longer_than_flow_timeout_resets_both_ends() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let target_addr = target.local_addr()?;
     let mut sys = echo_system(target_addr, Some(1500))?;
@@ -457,6 +464,7 @@ async fn outage_longer_than_flow_timeout_resets_both_ends() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn superseded_grant_tears_the_link_down_and_old_generation_is_refused() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let mut sys = echo_system(target.local_addr()?, None)?;
     tokio::spawn(echo_server(target));
@@ -499,6 +507,7 @@ async fn superseded_grant_tears_the_link_down_and_old_generation_is_refused() ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_stores_and_forwards_while_the_peer_is_away() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     const LEN: u64 = 8 * 1024 * 1024;
     const SEED: u64 = 77;
     let target = TcpListener::bind("127.0.0.1:0").await?;
@@ -626,6 +635,7 @@ fn partitioned_system(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_partition_and_loss_are_invisible_to_the_application() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     use comsat_tests::fault::Fault;
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let (mut sys, proxy) = partitioned_system(target.local_addr()?, 30_000)?;
@@ -650,6 +660,7 @@ async fn short_partition_and_loss_are_invisible_to_the_application() -> Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_partition_fails_both_ends_and_frees_the_relay() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     use comsat_tests::fault::Fault;
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let (mut sys, proxy) = partitioned_system(target.local_addr()?, 3_000)?;
@@ -682,6 +693,7 @@ async fn long_partition_fails_both_ends_and_frees_the_relay() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_receiver_blocks_its_sender_and_not_other_links() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     const SLOW_TOTAL: u64 = 128 * 1024 * 1024;
     const FAST_LEN: u64 = 16 * 1024 * 1024;
     let slow_target = TcpListener::bind("127.0.0.1:0").await?;
@@ -793,6 +805,7 @@ async fn slow_receiver_blocks_its_sender_and_not_other_links() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_meet_on_a_relay_both_can_reach() -> Result<()> {
+    let _heavy = common::one_at_a_time().await;
     use comsat_tests::fault::{Fault, FaultProxy};
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let target_addr = target.local_addr()?;

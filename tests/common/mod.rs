@@ -16,6 +16,15 @@ pub const START_TIMEOUT: Duration = comsat_tests::proc::START_TIMEOUT;
 /// The per-link relay buffer that `comsat dev init` grants.
 pub const BUFFER_LIMIT: u64 = comsat_controller::dev::BUFFER_LIMIT;
 
+/// Held by a test that moves a lot through its own processes, so the
+/// heavy tests of one test binary run one at a time: on a 2-core machine a
+/// dozen of them at once (three processes each) starve each other for
+/// seconds, and the tests time what the code does, not the machine.
+pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}
+
 pub struct System {
     pub dir: tempfile::TempDir,
     pub layout: DevLayout,
