@@ -346,12 +346,7 @@ fn start_target_flow(
 
 /// A non-blocking UDP socket on an ephemeral port, connected to `to`.
 fn connect(to: SocketAddr) -> io::Result<UdpSocket> {
-    let any: SocketAddr = if to.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = std::net::UdpSocket::bind(any)?;
+    let socket = std::net::UdpSocket::bind(crate::udp::unspecified(to))?;
     socket.connect(to)?;
     socket.set_nonblocking(true)?;
     UdpSocket::from_std(socket)

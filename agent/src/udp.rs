@@ -9,6 +9,16 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// overflow a small receive buffer are dropped and read as congestion.
 pub(crate) const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
+/// The unspecified address of `remote`'s family, any port: where a socket
+/// toward `remote` binds.
+pub(crate) fn unspecified(remote: SocketAddr) -> SocketAddr {
+    if remote.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    }
+}
+
 /// A UDP socket bound to `addr` with large kernel buffers.
 pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use super::accept::accept_flows;
 use crate::core::silence::{Bounds, Sample, Silence};
 use crate::link::LinkRt;
+use crate::udp::unspecified;
 
 use crate::defaults;
 use crate::shared::Shared;
@@ -307,15 +308,6 @@ impl Roaming {
                 was = Some(now);
             }
         }))
-    }
-}
-
-/// The unspecified address of `remote`'s family, any port.
-fn unspecified(remote: SocketAddr) -> SocketAddr {
-    if remote.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     }
 }
 
