@@ -6,7 +6,7 @@
 #[path = "common/fleet.rs"]
 mod fleet;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use comsat_protocol::api;
 use fleet::*;
 
@@ -71,5 +71,62 @@ async fn the_controller_answers_health_readiness_and_metrics() -> Result<()> {
             && build.ends_with(" 1"),
         "{m}"
     );
+    Ok(())
+}
+
+/// Runs `promtool check metrics` (Prometheus's own linter) on `text`, the
+/// scrape of `what`.
+fn promtool_check(promtool: &str, what: &str, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("promtool's stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "promtool finds fault with the metrics of {what}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Every component's `/metrics`, scraped while a link carries bytes, passes
+/// `promtool check metrics`. Runs where `COMSAT_TEST_PROMTOOL` names the
+/// tool (CI installs Debian's `prometheus` package for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_components_metrics_pass_promtool() -> Result<()> {
+    let Some(promtool) = std::env::var("COMSAT_TEST_PROMTOOL")
+        .ok()
+        .filter(|p| !p.is_empty())
+    else {
+        eprintln!("COMSAT_TEST_PROMTOOL is not set: promtool's check does not run");
+        return Ok(());
+    };
+    let (c, listen, _) = demo().await?;
+    round_trip_eventually(listen, 1 << 20)
+        .await
+        .with_context(|| c.logs())?;
+    let admin = std::fs::read_to_string(c.path("controller/admin.token"))?;
+    let (code, m) = raw_get(&c, "/metrics", admin.trim()).await?;
+    ensure!(code == 200, "{code} {m}");
+    ensure!(m.contains("comsat_controller_requests_total"), "{m}");
+    promtool_check(&promtool, "the controller", &m)?;
+    let m = comsat_tests::proc::scrape(c.relay_admin("relay-1")?)?;
+    ensure!(m.contains("comsat_relay_"), "{m}");
+    promtool_check(&promtool, "relay-1", &m)?;
+    for (name, _, admin) in &c.agents {
+        let m = comsat_tests::proc::scrape(*admin)?;
+        ensure!(m.contains("comsat_agent_"), "{m}");
+        promtool_check(&promtool, &format!("agent {name}"), &m)?;
+    }
     Ok(())
 }

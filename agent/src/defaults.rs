@@ -193,6 +193,10 @@ pub const STREAM_SETTLED: Duration = Duration::from_secs(1);
 /// a lane (`bulk_nice` in the agent config).
 pub const BULK_NICE: u8 = 5;
 
+/// How often a listener that cannot bind (its address is taken) is tried
+/// again.
+pub const BIND_RETRY: Duration = Duration::from_secs(1);
+
 /// How often an agent looks whether its address toward a relay changed
 /// (a new uplink), to move the connection to a new socket at once. No
 /// packet goes on the wire for it.

@@ -86,4 +86,8 @@ impl AgentSink for FedAgent<'_> {
     fn peer_moved(&mut self, link: LinkId, relay: RelayId) {
         self.agent.peer_moved(link, relay);
     }
+
+    fn status_source(&self) -> comsat_node::agent::StatusSource {
+        Box::new(self.agent.status_source())
+    }
 }

@@ -27,6 +27,7 @@ mod local;
 pub mod metrics;
 mod session;
 mod shared;
+mod status;
 mod sync;
 pub mod tls;
 mod udp;
@@ -119,8 +120,6 @@ struct Held {
     /// The task serving its listener (or, for a `udp://` target, its
     /// flows).
     listener: Option<JoinHandle<()>>,
-    /// The listener's bound address.
-    bound: Option<String>,
 }
 
 /// Links with the same relay list, sharing one relay session.
@@ -264,7 +263,6 @@ impl Agent {
                 continue;
             }
             let mut listener = None;
-            let mut bound = None;
             // A link of its own connection runs on the lane; a plain one
             // with a lane to one of its relays starts its flows there.
             let with_lane =
@@ -311,19 +309,23 @@ impl Agent {
                     }
                     None => local::Listener::bind(spec).await,
                 };
-                match bind {
+                // A listener that cannot bind is tried again until it can
+                // (the link is held meanwhile, and reported failed).
+                let serve: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match bind {
                     Ok(l) => {
                         let addr = l.describe();
                         tracing::info!(link = %cfg.name, listen = %addr, "listening");
                         applied.listening.push((cfg.name.clone(), addr.clone()));
-                        bound = Some(addr);
-                        let serve = session::serve_listener(self.shared.clone(), rt.clone(), l);
-                        listener = Some(match &lane {
-                            Some(h) => h.spawn(serve),
-                            None => tokio::spawn(serve),
-                        });
+                        rt.set_local(status::LocalEnd::Bound(addr));
+                        Box::pin(session::serve_listener(self.shared.clone(), rt.clone(), l))
                     }
                     Err(source) => {
+                        let retry = status::listen_retrying(
+                            self.shared.clone(),
+                            rt.clone(),
+                            spec.clone(),
+                            std::io::Error::new(source.kind(), source.to_string()),
+                        );
                         applied.failed.push((
                             cfg.name.clone(),
                             AgentError::Listen {
@@ -332,22 +334,18 @@ impl Agent {
                                 source,
                             },
                         ));
-                        continue;
+                        Box::pin(retry)
                     }
-                }
+                };
+                listener = Some(match &lane {
+                    Some(h) => h.spawn(serve),
+                    None => tokio::spawn(serve),
+                });
             }
             if let LocalRole::Target(LocalSpec::Udp(_)) = &role {
                 listener = Some(tokio::spawn(datagrams::serve_target(rt.clone())));
             }
-            self.links.insert(
-                id,
-                Held {
-                    cfg,
-                    rt,
-                    listener,
-                    bound,
-                },
-            );
+            self.links.insert(id, Held { cfg, rt, listener });
         }
         self.regroup().await;
         *lock(&self.live) = self.links.values().map(|h| h.rt.clone()).collect();
@@ -506,19 +504,29 @@ impl Agent {
         let mut out: Vec<_> = self
             .links
             .values()
-            .filter_map(|h| Some((h.cfg.name.clone(), h.bound.clone()?)))
+            .filter_map(|h| Some((h.cfg.name.clone(), h.rt.bound()?)))
             .collect();
         out.sort();
         out
     }
 
-    /// A function telling whether every link is up: attached to a relay
-    /// with an end-to-end session, its peer attached there too (what
+    /// A function telling the state of every link half held, for the
+    /// controller ([`comsat_node::agent::AgentSink::status_source`]).
+    pub fn status_source(
+        &self,
+    ) -> impl Fn() -> Vec<comsat_protocol::api::HalfReport> + Send + Sync + 'static {
+        let live = self.live.clone();
+        move || lock(&live).iter().map(|l| l.half_report()).collect()
+    }
+
+    /// A function telling whether every link is up: its listener bound,
+    /// attached to a relay with an end-to-end session, its peer attached
+    /// there too (what
     /// `/readyz` reports). A link whose peer is away still takes flows (the
     /// relay holds them until it is back), but is not ready.
     pub fn readiness(&self) -> impl Fn() -> bool + Send + Sync + 'static {
         let live = self.live.clone();
-        move || lock(&live).iter().all(|l| l.up())
+        move || lock(&live).iter().all(|l| l.up() && l.local_ok())
     }
 
     /// Runs until `shutdown` completes.

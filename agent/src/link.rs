@@ -24,6 +24,7 @@ use crate::datagrams::UdpLink;
 use crate::defaults;
 use crate::group::{Busy, Runtimes};
 use crate::metrics::Metrics;
+use crate::status::{LocalEnd, RelayAt};
 use crate::sync::lock;
 
 /// What a link needs of the flows it carries (the flow driver implements
@@ -169,6 +170,12 @@ pub(crate) struct LinkRt {
     pub(crate) opening: Mutex<std::collections::HashSet<FlowId>>,
     /// The link's UDP flows, if its local end is `udp://`.
     pub(crate) udp: Option<UdpLink>,
+    /// Its listener: bound, or why it cannot be.
+    pub(crate) local: Mutex<LocalEnd>,
+    /// The relay it is connected to, or the last error connecting.
+    pub(crate) relay_at: Mutex<RelayAt>,
+    /// When it went down, if it was up before and is not now.
+    pub(crate) down_since: Mutex<Option<std::time::Instant>>,
 }
 
 /// A flow id claimed while its flow is being set up; released on drop.
@@ -211,6 +218,9 @@ impl LinkRt {
             lane: watch::channel(None).0,
             busy: Mutex::default(),
             opening: Mutex::default(),
+            local: Mutex::default(),
+            relay_at: Mutex::default(),
+            down_since: Mutex::default(),
             runtimes,
             cfg,
         }
@@ -310,10 +320,14 @@ impl LinkRt {
     fn report(&self, was_up: bool, metrics: &Metrics) {
         match (was_up, self.up()) {
             (false, true) => {
+                if let Some(down) = lock(&self.down_since).take() {
+                    metrics.resume_pause.record(down.elapsed().as_secs_f64());
+                }
                 metrics.links_ready.increment(1.0);
                 info!(link = %self.cfg.name, "link ready: attached, end-to-end session up, peer present");
             }
             (true, false) => {
+                *lock(&self.down_since) = Some(std::time::Instant::now());
                 metrics.links_ready.decrement(1.0);
                 info!(link = %self.cfg.name, "link down");
             }

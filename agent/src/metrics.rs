@@ -26,9 +26,12 @@
 //! | `comsat_agent_udp_datagrams_dropped_total{link,reason}` | counter | datagrams dropped, either way: `not_ready` (no session or relay connection), `peer_away`, `too_large` (beyond what the path takes in one datagram: never fragmented), `congested` (the connection's datagram buffer is full), `flows_full` (the link holds 1,024 UDP flows), `unknown_flow` (an answer for a flow forgotten after its idle timeout), `replayed` (a number delivered before: a replay), `too_old` (overtaken by more than the 4,096-datagram window), `forged` (failed to decrypt), `local_send` (the local socket would not take it), `no_target` (side B: the target does not resolve or no socket toward it could be made) |
 //! | `comsat_agent_udp_datagrams_overflow_total` | counter | datagrams from relays dropped for room before the agent read them (it read them slower than they came); their links are unknown |
 //! | `comsat_agent_udp_flows_open{link}` | gauge | UDP flows alive (one per local source address; forgotten after 30 s unanswered, 120 s once answered) |
+//! | `comsat_agent_relay_handshake_seconds` | histogram | time to connect to a relay: name lookup, QUIC and TLS handshakes, the agent's authentication |
+//! | `comsat_agent_flow_setup_seconds{side}` | histogram | time to set up a flow: `listen` (a local connection accepted until its flow is opened to the peer, waiting for the link if it is down), `dial` (the peer's flow received until its target answered) |
+//! | `comsat_agent_resume_pause_seconds` | histogram | how long a link was down (relay lost, peer away) before it was up again: the pause its open flows saw |
 //! | `comsat_agent_peer_refused_total{reason}` | counter | what arrived through a relay and was refused because the relay (or whoever holds its keys) replayed or forged it: `replayed_flow` (a flow the session already opened), `unconfirmed_handshake` (a handshake this agent answered that the peer never confirmed by sealing under it: a replay, or a handshake the peer gave up), `forgeries` (a session met 65,536 messages that failed to decrypt and is replaced) |
 
-use metrics::{Counter, Gauge, counter, gauge};
+use metrics::{Counter, Gauge, counter, gauge, histogram};
 
 use crate::datagrams::Dropped;
 
@@ -125,6 +128,16 @@ comsat_node::metric_set! {
             "comsat_agent_udp_datagrams_overflow_total",
             "Datagrams from relays dropped for room before the agent read them"
         ),
+        /// Time to connect to a relay.
+        pub(crate) relay_handshake: Histogram = RELAY_HANDSHAKE_SECONDS(
+            "comsat_agent_relay_handshake_seconds",
+            "Time to connect to a relay: name lookup, QUIC and TLS handshakes, and the agent's authentication"
+        ),
+        /// How long links were down before they were up again.
+        pub(crate) resume_pause: Histogram = RESUME_PAUSE_SECONDS(
+            "comsat_agent_resume_pause_seconds",
+            "How long a link was down (relay lost, peer away) before it was up again and its flows went on"
+        ),
     }
     labelled {
         /// Local connections refused, by `reason`: `peer_credentials`,
@@ -160,6 +173,11 @@ comsat_node::metric_set! {
             "comsat_agent_udp_datagrams_dropped_total",
             "Datagrams of a udp:// link dropped, either way, by link and reason"
         ),
+        /// Time to set up a flow, by `side`.
+        Histogram FLOW_SETUP_SECONDS(
+            "comsat_agent_flow_setup_seconds",
+            "Time to set up a flow, by side: listen (a local connection accepted until its flow is opened to the peer, waiting for the link if it is down), dial (the peer's flow received until its target answered)"
+        ),
         /// UDP flows alive, by `link`.
         Gauge UDP_FLOWS_OPEN(
             "comsat_agent_udp_flows_open",
@@ -169,6 +187,11 @@ comsat_node::metric_set! {
 }
 
 impl Metrics {
+    /// A flow set up on `side` (`listen` or `dial`) in `took`.
+    pub(crate) fn flow_setup(&self, side: &'static str, took: std::time::Duration) {
+        histogram!(FLOW_SETUP_SECONDS, "side" => side).record(took.as_secs_f64());
+    }
+
     pub(crate) fn local_refused(&self, reason: &'static str) {
         counter!(LOCAL_REFUSED_TOTAL, "reason" => reason).increment(1);
     }

@@ -28,6 +28,7 @@ pub mod dev;
 mod error;
 mod http;
 mod init;
+mod link_view;
 pub mod pki;
 pub mod rbac;
 mod server;

@@ -1,12 +1,11 @@
 //! The controller's shared state and the logic behind the API: link
 //! creation and deletion, relay assignment, grant signing and renewal.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use comsat_protocol::api::{ErrorBody, LinkInfo, LinkRefused, LinkSpec, NodeKind};
+use comsat_protocol::api::{ErrorBody, NodeKind};
 use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
 use comsat_protocol::{LinkId, NodeId, RelayId, SigningKey};
 use tokio::sync::{Mutex, watch};
@@ -14,9 +13,7 @@ use tokio::sync::{Mutex, watch};
 use crate::assign::{self, Candidate};
 use crate::config::ControllerConfig;
 use crate::pki::CaIssuer;
-use crate::store::{
-    LinkGrantUpdate, LinkRecord, NewEvent, NodeRecord, RefusalRecord, Store, StoreError,
-};
+use crate::store::{LinkGrantUpdate, LinkRecord, NewEvent, NodeRecord, Store, StoreError};
 
 /// An API failure: a status and a message for [`ErrorBody`].
 #[derive(Debug)]
@@ -435,78 +432,6 @@ impl Shared {
             self.notify();
         }
         Ok(changed)
-    }
-
-    /// Links as the operator sees them: nodes by name, with their agents'
-    /// refusals.
-    pub(crate) async fn link_infos(
-        &self,
-        links: &[LinkRecord],
-    ) -> Result<Vec<LinkInfo>, StoreError> {
-        let names = self.node_names().await?;
-        let refusals = self.store.refusals().await?;
-        Ok(links
-            .iter()
-            .map(|l| Self::link_info(l, &names, &refusals))
-            .collect())
-    }
-
-    /// One link as the operator sees it.
-    pub(crate) async fn link_info_of(&self, link: &LinkRecord) -> Result<LinkInfo, StoreError> {
-        let infos = self.link_infos(std::slice::from_ref(link)).await?;
-        infos
-            .into_iter()
-            .next()
-            .ok_or_else(|| StoreError::Corrupt("a link vanished while it was shown".into()))
-    }
-
-    /// A link as the operator sees it.
-    fn link_info(
-        link: &LinkRecord,
-        names: &HashMap<NodeId, String>,
-        refusals: &[RefusalRecord],
-    ) -> LinkInfo {
-        let name = |id: &NodeId| names.get(id).cloned().unwrap_or_else(|| id.to_string());
-        let refused = refusals
-            .iter()
-            .filter(|r| r.link_id == link.link_id)
-            .filter(|r| r.agent == link.from_node || r.agent == link.to_node)
-            .map(|r| LinkRefused {
-                agent: name(&r.agent),
-                reason: r.reason.clone(),
-                at: r.at,
-            })
-            .collect();
-        LinkInfo {
-            spec: LinkSpec {
-                name: link.name.clone(),
-                from: name(&link.from_node),
-                listen: link.listen.clone(),
-                to: name(&link.to_node),
-                target: link.target.clone(),
-                allowed_uids: link.allowed_uids.clone(),
-                allowed_gids: link.allowed_gids.clone(),
-                max_flows: link.max_flows,
-                rate_limit_bytes_per_sec: link.rate_limit,
-                connection: link.connection.clone(),
-            },
-            link_id: link.link_id,
-            generation: link.generation,
-            relays: link.relays.iter().map(|r| name(&NodeId(r.0))).collect(),
-            created_at: link.created_at,
-            refused,
-        }
-    }
-
-    /// Names of every node by id.
-    pub(crate) async fn node_names(&self) -> Result<HashMap<NodeId, String>, StoreError> {
-        let mut names = HashMap::new();
-        for kind in [NodeKind::Agent, NodeKind::Relay] {
-            for n in self.store.nodes(kind).await? {
-                names.insert(n.node_id, n.name);
-            }
-        }
-        Ok(names)
     }
 }
 

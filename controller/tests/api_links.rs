@@ -582,3 +582,110 @@ async fn a_second_link_at_one_agents_listen_address_is_refused_naming_the_first(
     assert!(code.is_success(), "{code} {msg}");
     assert_eq!(api.create_link(&again).await.status(), StatusCode::CREATED);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_shows_what_its_agents_report_worst_first() {
+    let api = start("").await;
+    let a = api.enrol_agent("a").await;
+    let b = api.enrol_agent("b").await;
+    let c = api.enrol_agent("c").await;
+    let r1 = api.enrol_relay("r1", "127.0.0.1:4431").await;
+    api.heartbeat(&r1).await;
+    let resp = api.create_link(&link("db", "a", "b")).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let created: LinkInfo = resp.json().await.expect("json");
+    let id = created.link_id.to_string();
+    let relay = r1.relay_id().to_string();
+    assert_eq!(created.status.state, api::LinkState::Unknown);
+    let report = async |agent: &Node, body: serde_json::Value| {
+        api.client
+            .post(api.url(api::PATH_AGENT_LINK_STATUS))
+            .bearer_auth(agent.jwt())
+            .json(&body)
+            .send()
+            .await
+            .expect("send")
+            .status()
+    };
+    let show = async || -> api::LinkStatus {
+        let info: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
+        info.status
+    };
+
+    // The listening half cannot bind; the other waits on r1.
+    let taken = "cannot listen on tcp://127.0.0.1:7000: Address already in use (os error 98)\n";
+    let body = json!({ "links": [{ "link_id": id, "state": "failed", "reason": taken }] });
+    assert_eq!(report(&a, body).await, StatusCode::OK);
+    let body = json!({ "links": [{ "link_id": id, "state": "waiting", "relay_id": relay }] });
+    assert_eq!(report(&b, body).await, StatusCode::OK);
+    let s = show().await;
+    assert_eq!(s.state, api::LinkState::Failed, "{s:?}");
+    assert_eq!(
+        s.reason.as_deref(),
+        Some("a: cannot listen on tcp://127.0.0.1:7000: Address already in use (os error 98)\\n"),
+        "named by its agent, its control characters escaped"
+    );
+    let failed_since = s.since.expect("since when");
+    assert_eq!(s.halves.len(), 2);
+    assert_eq!(
+        (&*s.halves[1].side, s.halves[1].state),
+        ("to", api::LinkState::Waiting)
+    );
+    assert_eq!(
+        s.halves[1].relay.as_deref(),
+        Some("r1"),
+        "the relay by its name"
+    );
+
+    // Both ready: ready. Said again: it keeps its time.
+    for agent in [&a, &b] {
+        let body = json!({ "links": [{ "link_id": id, "state": "ready", "relay_id": relay }] });
+        assert_eq!(report(agent, body).await, StatusCode::OK);
+    }
+    let s = show().await;
+    assert_eq!(
+        (s.state, s.reason.as_deref()),
+        (api::LinkState::Ready, None),
+        "{s:?}"
+    );
+    assert!(s.since.is_some_and(|t| t >= failed_since));
+    let listed: Vec<LinkInfo> = api.admin_get(api::PATH_LINKS).await;
+    assert_eq!(listed[0].status, s);
+
+    // An agent that does not hold the link cannot change its status; one
+    // that reports nothing of it any more leaves it unknown.
+    let body = json!({ "links": [{ "link_id": id, "state": "failed", "reason": "not mine" }] });
+    assert_eq!(report(&c, body).await, StatusCode::OK);
+    assert_eq!(show().await.state, api::LinkState::Ready);
+    assert_eq!(report(&b, json!({ "links": [] })).await, StatusCode::OK);
+    let s = show().await;
+    assert_eq!(s.state, api::LinkState::Unknown, "{s:?}");
+    assert_eq!(s.reason.as_deref(), Some("b: has not reported this link"));
+
+    // Hostile bodies are refused whole.
+    let long = json!({ "links": [{ "link_id": id, "state": "failed", "reason": "x".repeat(api::MAX_STATUS_REASON_LEN + 1) }] });
+    assert_eq!(report(&a, long).await, StatusCode::BAD_REQUEST);
+    let many: Vec<_> = (0..=api::MAX_STATUS_LINKS)
+        .map(|_| json!({ "link_id": id, "state": "ready" }))
+        .collect();
+    assert_eq!(
+        report(&a, json!({ "links": many })).await,
+        StatusCode::BAD_REQUEST
+    );
+    for bad in [
+        json!({ "links": [{ "link_id": id, "state": "refused" }] }),
+        json!({ "links": [{ "link_id": "zz", "state": "ready" }] }),
+        json!({ "links": [], "admin": true }),
+    ] {
+        assert_eq!(report(&a, bad).await, StatusCode::BAD_REQUEST);
+    }
+    // Without a node's token: refused.
+    let resp = api
+        .client
+        .post(api.url(api::PATH_AGENT_LINK_STATUS))
+        .json(&json!({ "links": [] }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}

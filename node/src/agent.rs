@@ -34,7 +34,21 @@ pub trait AgentSink: Send {
     /// The peer of `link` left `relay`, which stopped answering it: a link
     /// still there follows it to its next relay.
     fn peer_moved(&mut self, link: LinkId, relay: RelayId);
+
+    /// A function telling the state of every link half the agent holds
+    /// now, for the controller.
+    fn status_source(&self) -> StatusSource;
 }
+
+/// What [`AgentSink::status_source`] gives.
+pub type StatusSource = Box<dyn Fn() -> Vec<api::HalfReport> + Send + Sync>;
+
+/// How often the agent's link halves are looked at, to tell the controller
+/// what changed.
+const STATUS_CHECK: Duration = Duration::from_millis(500);
+
+/// The longest wait between two tries to tell the controller.
+const STATUS_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// The last desired state this agent applied, if any.
 pub fn cached_desired(dir: &Path) -> Option<api::AgentDesired> {
@@ -73,6 +87,10 @@ pub async fn agent_sync(
     if let Some(silent) = agent.silent_relays() {
         tokio::spawn(report_silent(client.clone(), silent));
     }
+    let _status = AbortOnDrop(tokio::spawn(report_status(
+        client.clone(),
+        agent.status_source(),
+    )));
     let mut moves = Moves::default();
     let mut retry = Retry::new();
     // Refusals the controller has not taken yet: sent before each poll
@@ -160,6 +178,59 @@ async fn report_silent(
             .await;
         if let Err(e) = sent {
             tracing::warn!(error = %e, relay = %relay_id, "cannot tell the controller this agent left a silent relay; its peers notice by themselves");
+        }
+    }
+}
+
+/// Ends a task when dropped (the sync it serves stopped).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Tells the controller the state of this agent's link halves: whenever it
+/// changes (looked at every [`STATUS_CHECK`]), and every
+/// [`api::STATUS_REFRESH_SECS`] regardless, so that the controller can tell
+/// a silent agent from a quiet one. A report the controller did not take
+/// is sent again, less often while it keeps failing.
+async fn report_status(client: crate::client::Client, source: StatusSource) {
+    let refresh = Duration::from_secs(api::STATUS_REFRESH_SECS);
+    let mut told: Option<(Vec<api::HalfReport>, tokio::time::Instant)> = None;
+    let mut retry = STATUS_CHECK;
+    let mut failing = false;
+    loop {
+        let now = source();
+        let due = told
+            .as_ref()
+            .is_none_or(|(last, at)| *last != now || at.elapsed() >= refresh);
+        if !due {
+            tokio::time::sleep(STATUS_CHECK).await;
+            continue;
+        }
+        let body = api::AgentLinkStatus { links: now.clone() };
+        let sent: anyhow::Result<api::Empty> = client
+            .post(api::PATH_AGENT_LINK_STATUS, &body, "link status")
+            .await;
+        match sent {
+            Ok(_) => {
+                if failing {
+                    tracing::info!("the controller takes this agent's link status again");
+                }
+                (failing, retry) = (false, STATUS_CHECK);
+                told = Some((now, tokio::time::Instant::now()));
+                tokio::time::sleep(STATUS_CHECK).await;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot tell the controller the state of this agent's links; trying again");
+                }
+                failing = true;
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(STATUS_RETRY_MAX);
+            }
         }
     }
 }

@@ -247,6 +247,7 @@ fn link_rows(v: &[api::LinkInfo]) -> String {
         .map(|l| {
             vec![
                 l.spec.name.clone(),
+                l.status.state.to_string(),
                 format!("{} {}", l.spec.from, l.spec.listen),
                 format!("{} {}", l.spec.to, l.spec.target),
                 if l.relays.is_empty() {
@@ -268,6 +269,7 @@ fn link_rows(v: &[api::LinkInfo]) -> String {
     table(
         &[
             "NAME",
+            "STATUS",
             "FROM",
             "TO",
             "RELAYS",
@@ -691,6 +693,7 @@ fn show_link(l: &api::LinkInfo, out: Output) -> anyhow::Result<String> {
         ));
     }
     Ok(refused
+        + &link_status(&l.status)
         + &format!(
             "name:       {}\nid:         {}\ngeneration: {}\nfrom:       {} listening on {}\nto:         {} dialling {}\nmax flows:  {}\nrate limit: {}\nconnection: {}\nrelays:     {}\n",
             l.spec.name,
@@ -717,6 +720,37 @@ fn show_link(l: &api::LinkInfo, out: Output) -> anyhow::Result<String> {
                 l.relays.join(", ")
             }
         ))
+}
+
+/// A link's status and each half's, as `link show` prints them (the
+/// reasons are the agents' words: printed escaped).
+fn link_status(s: &api::LinkStatus) -> String {
+    let since = |t: Option<u64>| {
+        t.map(|t| format!(" since {}", ago(Some(t))))
+            .unwrap_or_default()
+    };
+    let mut out = format!("status:     {}{}", s.state, since(s.since));
+    if let Some(reason) = &s.reason {
+        out.push_str(&format!(": {}", printable(reason)));
+    }
+    out.push('\n');
+    for h in &s.halves {
+        out.push_str(&format!(
+            "  {:<4}      {} {}{}",
+            h.side,
+            printable(&h.agent),
+            h.state,
+            since(h.since)
+        ));
+        if let Some(relay) = &h.relay {
+            out.push_str(&format!(" on {}", printable(relay)));
+        }
+        if let Some(reason) = &h.reason {
+            out.push_str(&format!(": {}", printable(reason)));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// `link delete`.
@@ -786,7 +820,57 @@ mod tests {
             relays: vec!["r1".into()],
             created_at: 0,
             refused: vec![],
+            status: api::LinkStatus::default(),
         }
+    }
+
+    #[test]
+    fn a_link_shows_its_status_and_each_half_with_why() -> anyhow::Result<()> {
+        let mut l = info("db", None);
+        let half = |side: &str, agent: &str, state, reason: Option<&str>| api::HalfStatus {
+            agent: agent.into(),
+            side: side.into(),
+            state,
+            reason: reason.map(Into::into),
+            relay: Some("r1".into()),
+            since: None,
+        };
+        l.status = api::LinkStatus::combine(
+            vec![
+                half(
+                    "from",
+                    "a",
+                    api::LinkState::Failed,
+                    Some(
+                        "cannot listen on tcp://127.0.0.1:7000: Address already in use (os error 98)\n\u{1b}[2J",
+                    ),
+                ),
+                half(
+                    "to",
+                    "b",
+                    api::LinkState::Waiting,
+                    Some("its peer is not attached to the relay"),
+                ),
+            ],
+            true,
+        );
+        let shown = show_link(&l, Output::Table)?;
+        assert!(
+            shown.starts_with("status:     failed: a: cannot listen on tcp://127.0.0.1:7000: Address already in use (os error 98)\\n\\u{1b}[2J\n  from      a failed on r1: cannot listen"),
+            "{shown}"
+        );
+        assert!(
+            shown
+                .contains("\n  to        b waiting on r1: its peer is not attached to the relay\n"),
+            "{shown}"
+        );
+        let listed = link_rows(&[l]);
+        assert!(listed.starts_with("NAME  STATUS  FROM"), "{listed}");
+        assert!(
+            listed.contains("\ndb    failed  a tcp://127.0.0.1:7000"),
+            "{listed}"
+        );
+        Ok(())
     }
 
     #[test]
@@ -799,7 +883,7 @@ mod tests {
         }];
         let shown = show_link(&l, Output::Table)?;
         assert!(
-            shown.starts_with("refused:    by b: target tcp://10.0.0.1:5432 is outside this agent's consent\\n\\u{1b}[2J\nname:"),
+            shown.starts_with("refused:    by b: target tcp://10.0.0.1:5432 is outside this agent's consent\\n\\u{1b}[2J\nstatus:     unknown\n"),
             "{shown}"
         );
         assert!(!show_link(&info("db", None), Output::Table)?.contains("refused"));

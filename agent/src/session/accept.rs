@@ -148,6 +148,7 @@ async fn accept_flow(
     (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
     lane: bool,
 ) -> Result<(), AcceptError> {
+    let asked = std::time::Instant::now();
     let started = open_flow(shared, links, &mut recv).await;
     let NewFlow {
         link,
@@ -173,7 +174,10 @@ async fn accept_flow(
         }
     };
     let local = match local::dial(target, defaults::TARGET_DIAL_TIMEOUT).await {
-        Ok(c) => c,
+        Ok(c) => {
+            shared.metrics.flow_setup("dial", asked.elapsed());
+            c
+        }
         Err(e) => {
             warn!(link = %link.cfg.name, target = %target, error = %e, "cannot reach target");
             let mut out = Vec::new();
@@ -338,8 +342,9 @@ pub(crate) async fn serve_listener(
         }
         let shared = shared.clone();
         let link = link.clone();
+        let accepted = std::time::Instant::now();
         tokio::spawn(async move {
-            dial_flow(&shared, &link, conn).await;
+            dial_flow(&shared, &link, conn, accepted).await;
         });
     }
 }
@@ -352,7 +357,12 @@ fn refuse_local(conn: local::LocalConn) {
     drop(reader);
 }
 
-async fn dial_flow(shared: &Shared, link: &Arc<LinkRt>, conn: local::LocalConn) {
+async fn dial_flow(
+    shared: &Shared,
+    link: &Arc<LinkRt>,
+    conn: local::LocalConn,
+    accepted: std::time::Instant,
+) {
     if link.expired.load(Ordering::Relaxed) && link.ready.borrow().is_none() {
         shared.metrics.local_refused("grant_expired");
         warn!(link = %link.cfg.name, "local connection refused: the link's grant expired and the controller has not renewed it");
@@ -387,6 +397,7 @@ async fn dial_flow(shared: &Shared, link: &Arc<LinkRt>, conn: local::LocalConn) 
     if flow.open().is_err() {
         return refuse_local(conn);
     }
+    shared.metrics.flow_setup("listen", accepted.elapsed());
     lock(&link.flows).insert(flow_id, flow.clone());
     shared.metrics.flows_total.increment(1);
     let (reader, writer) = conn.split();

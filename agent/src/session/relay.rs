@@ -68,10 +68,12 @@ pub(crate) async fn relay_loop(
         )
         .instrument(span)
         .await;
+        let error = ended.as_ref().err().map(|e| format!("{}: {e}", relay.addr));
         for link in links.values() {
             link.set_ready(None, &shared.metrics);
             link.set_peer(false, &shared.metrics);
             link.pending().clear();
+            link.set_relay(None, error.clone());
         }
         let how = match &ended {
             Ok(Ended::Closed) => Outcome::Closed,
@@ -144,10 +146,18 @@ async fn connect_and_serve(
     lanes: Option<&(Runtimes, Arc<Busy>)>,
     left: &mut watch::Receiver<Option<RelayId>>,
 ) -> Result<Ended, ConnectError> {
+    let dialled = std::time::Instant::now();
     let (endpoint, conn, send, recv, decoder) =
         connect(shared, &relay.addr, &relay.server_name, client).await?;
+    shared
+        .metrics
+        .relay_handshake
+        .record(dialled.elapsed().as_secs_f64());
     shared.metrics.connects.increment(1);
     info!("connected to relay");
+    for link in links.values() {
+        link.set_relay(relay.relay_id, None);
+    }
     let _roaming = super::conn::Roaming::start(shared, &endpoint, conn.remote_address());
     // Ends with this connection (dropped on return); tells it when the
     // relay went silent on the lane.

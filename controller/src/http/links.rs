@@ -8,7 +8,9 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get, patch, post};
 use comsat_node::keys::RandomId;
 use comsat_protocol::LinkId;
-use comsat_protocol::api::{self, AgentRefusals, Empty, LinkInfo, LinkSpec, LinkUpdate, NodeKind};
+use comsat_protocol::api::{
+    self, AgentLinkStatus, AgentRefusals, Empty, LinkInfo, LinkSpec, LinkUpdate, NodeKind,
+};
 use comsat_protocol::endpoint::{Endpoint, EndpointError};
 use comsat_protocol::text::printable;
 
@@ -32,6 +34,58 @@ pub(super) fn routes(r: Routes) -> Routes {
         .add(one, Policy::api("links", "update").audited("link.update"), patch(update_link))
         .add(one, Policy::api("links", "delete").audited("link.delete"), delete(delete_link))
         .add(api::PATH_AGENT_REFUSALS, Policy::node(NodeKind::Agent), post(agent_refusals))
+        .add(api::PATH_AGENT_LINK_STATUS, Policy::node(NodeKind::Agent), post(agent_link_status))
+}
+
+/// What an agent reports of the link halves it holds, in place of what it
+/// said before (halves of links it no longer holds are left out): each
+/// half that changed state is logged, one that failed as a warning.
+async fn agent_link_status(
+    State(state): State<AppState>,
+    CallingNode(node): CallingNode,
+    body: Bytes,
+) -> Result<Json<Empty>, ApiError> {
+    let req: AgentLinkStatus = parse_json(&body)?;
+    if req.links.len() > api::MAX_STATUS_LINKS {
+        return Err(ApiError::bad_request(format!(
+            "more than {} link halves",
+            api::MAX_STATUS_LINKS
+        )));
+    }
+    let links = state.store.links_of_agent(&node.node_id).await?;
+    let mut halves = Vec::with_capacity(req.links.len());
+    for mut h in req.links {
+        if let Some(reason) = &mut h.reason {
+            if reason.len() > api::MAX_STATUS_REASON_LEN {
+                return Err(ApiError::bad_request(format!(
+                    "the reason for link {} is longer than {} bytes",
+                    h.link_id,
+                    api::MAX_STATUS_REASON_LEN
+                )));
+            }
+            *reason = printable(reason).into_owned();
+        }
+        if links.iter().any(|l| l.link_id == h.link_id) {
+            halves.push(h);
+        }
+    }
+    let changed = state
+        .store
+        .set_link_status(&node.node_id, &halves, unix_now())
+        .await?;
+    for c in changed {
+        let name = links
+            .iter()
+            .find(|l| l.link_id == c.link_id)
+            .map_or("?", |l| l.name.as_str());
+        let reason = c.reason.as_deref().unwrap_or("");
+        if c.state == api::HalfState::Failed {
+            tracing::warn!(agent = %node.name, link = name, reason, "a link half failed at its agent");
+        } else {
+            tracing::info!(agent = %node.name, link = name, state = c.state.as_str(), reason, "a link half changed state");
+        }
+    }
+    Ok(Json(Empty {}))
 }
 
 /// The links an agent refused (outside its owner's consent), replacing

@@ -54,8 +54,8 @@ pub mod testing {
 
 use async_trait::async_trait;
 use comsat_protocol::api::{
-    AuditRecord, JoinTokenInfo, NodeKind, PrincipalInfo, PrincipalKind, RelayLoad,
-    RoleBindingCreate,
+    AuditRecord, HalfReport, HalfState, JoinTokenInfo, NodeKind, PrincipalInfo, PrincipalKind,
+    RelayLoad, RoleBindingCreate,
 };
 use comsat_protocol::{LinkId, NodeId, NoisePublicKey, RelayId, SignPublicKey};
 
@@ -596,6 +596,20 @@ pub trait Store: Send + Sync {
     /// Every link half refused by its agent.
     async fn refusals(&self) -> Result<Vec<RefusalRecord>, StoreError>;
 
+    /// Makes `halves` what `agent` reports of the link halves it holds, in
+    /// place of what it reported before. A half keeps the time it entered
+    /// its state while its state stays the same. Returns the halves whose
+    /// state changed (or that are new).
+    async fn set_link_status(
+        &self,
+        agent: &NodeId,
+        halves: &[HalfReport],
+        now: u64,
+    ) -> Result<Vec<HalfRecord>, StoreError>;
+
+    /// Every link half's last reported state.
+    async fn link_statuses(&self) -> Result<Vec<HalfRecord>, StoreError>;
+
     /// `agent` left `relay` (it stopped answering) at `now`, on `links`
     /// (its links placed there): records it for each, in place of what
     /// the agent said before of that link, and bumps the config version of
@@ -624,6 +638,23 @@ pub trait Store: Send + Sync {
 
     /// Closes the connections (the store is unusable afterwards).
     async fn close(&self);
+}
+
+/// A link half as its agent last reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HalfRecord {
+    /// The link.
+    pub link_id: LinkId,
+    /// The agent holding the half.
+    pub agent: NodeId,
+    /// Its state.
+    pub state: HalfState,
+    /// Why, as the agent said.
+    pub reason: Option<String>,
+    /// The relay it is attached to.
+    pub relay_id: Option<RelayId>,
+    /// Unix time (the controller's) it entered `state`.
+    pub since: u64,
 }
 
 /// A link half its agent refused.

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use comsat_controller::store::DatabaseUrl;
 use comsat_controller::{Controller, InitOptions, RunOptions, init};
 use comsat_node::keys::Generate;
 use comsat_protocol::api::{
@@ -84,10 +85,17 @@ pub fn client(ca_pem: &[u8]) -> reqwest::Client {
 }
 
 pub async fn start(extra_config: &str) -> Api {
+    start_on(extra_config, None).await
+}
+
+/// [`start`] on the PostgreSQL database at `database`, or SQLite.
+pub async fn start_on(extra_config: &str, database: Option<&str>) -> Api {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("ctl");
+    let database = database.map(|url| DatabaseUrl::parse(url).expect("database url"));
     init(&InitOptions {
         data_dir: data.clone(),
+        database: database.clone(),
         ..InitOptions::default()
     })
     .expect("init");
@@ -100,7 +108,7 @@ pub async fn start(extra_config: &str) -> Api {
     let controller = Controller::bind(RunOptions {
         data_dir: data.clone(),
         listen: Some("127.0.0.1:0".parse().expect("addr")),
-        database: None,
+        database,
         metrics: None,
     })
     .await

@@ -19,6 +19,7 @@
 //! | [`PATH_AGENT_CONFIG`] | GET `?since=V&wait_ms=W` | agent | → [`AgentDesired`] |
 //! | [`PATH_AGENT_REFUSALS`] | POST | agent | [`AgentRefusals`] → [`Empty`] |
 //! | [`PATH_AGENT_RELAY_SILENT`] | POST | agent | [`RelaySilent`] → [`Empty`] |
+//! | [`PATH_AGENT_LINK_STATUS`] | POST | agent | [`AgentLinkStatus`] → [`Empty`] |
 //! | [`PATH_TOKENS`] | POST | `tokens/KIND` create | [`TokenCreate`] → [`TokenCreated`] |
 //! | [`PATH_OPEN_TOKENS`] | GET | `tokens` list | → `Vec<`[`JoinTokenInfo`]`>` |
 //! | [`PATH_AGENTS`], [`PATH_RELAYS`] | GET | `agents`/`relays` list | → `Vec<`[`AgentInfo`]`>`, `Vec<`[`RelayInfo`]`>` |
@@ -570,6 +571,9 @@ pub struct LinkInfo {
     /// Its agents' refusals: a half refused is not served.
     #[serde(default)]
     pub refused: Vec<LinkRefused>,
+    /// Its status, from what its agents report.
+    #[serde(default)]
+    pub status: LinkStatus,
 }
 
 /// `GET PATH_STATUS`.
@@ -589,11 +593,17 @@ pub struct Status {
 
 mod join;
 mod rbac;
+mod status;
 
 pub use join::{JOIN_TOKEN_PREFIX, JoinToken, JoinTokenError, MAX_JOIN_TOKEN_LEN};
 pub use rbac::{
     ApiTokenInfo, AuditRecord, PrincipalCreate, PrincipalCreated, PrincipalInfo, PrincipalKind,
     RoleBindingCreate, RoleBindingInfo, RoleCreate, RoleInfo, Rule, UnknownPrincipalKind,
+};
+pub use status::{
+    AgentLinkStatus, HalfReport, HalfState, HalfStatus, LinkState, LinkStatus, MAX_STATUS_LINKS,
+    MAX_STATUS_REASON_LEN, PATH_AGENT_LINK_STATUS, STATUS_REFRESH_SECS, STATUS_STALE_SECS,
+    UnknownHalfState,
 };
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use super::Backend;
 
 /// Each migration: its version, its description and its template.
-const MIGRATIONS: [(i64, &str, &str); 9] = [
+const MIGRATIONS: [(i64, &str, &str); 10] = [
     (1, "init", include_str!("../../../migrations/0001_init.sql")),
     (
         2,
@@ -56,6 +56,11 @@ const MIGRATIONS: [(i64, &str, &str); 9] = [
         9,
         "peer moves",
         include_str!("../../../migrations/0009_peer_moves.sql"),
+    ),
+    (
+        10,
+        "link status",
+        include_str!("../../../migrations/0010_link_status.sql"),
     ),
 ];
 
@@ -96,7 +101,7 @@ mod tests {
 
     /// SHA-384 of each released migration as each database has it, in
     /// order: what databases made by earlier releases hold.
-    const RELEASED: [(&str, &str); 9] = [
+    const RELEASED: [(&str, &str); 10] = [
         (
             "8a5ed74d7edaa043f65cba738a33406e9aadf28d5e25b5466d514952facfe8d7c42bf469371eba9797bec815b7cad112",
             "04b07fec1a7d34a6af53470ec77b693a09bbcc12e80489802d7e505689b88030048162c19e7c6ee2b930a5f76538c07c",
@@ -132,6 +137,10 @@ mod tests {
         (
             "304312fdc4a92755f888093d6a8b6857ea56ec0c3159bf92b7855d7fc3437e93793f7db4cf69419e6f25d427d5c7b383",
             "304312fdc4a92755f888093d6a8b6857ea56ec0c3159bf92b7855d7fc3437e93793f7db4cf69419e6f25d427d5c7b383",
+        ),
+        (
+            "a3faef2ce030753995e8ec5c6b3ba1b1790e526ade52e95f080c6a9c74bf26ac9cb793d748850c5471d737660d001307",
+            "a3faef2ce030753995e8ec5c6b3ba1b1790e526ade52e95f080c6a9c74bf26ac9cb793d748850c5471d737660d001307",
         ),
     ];
 

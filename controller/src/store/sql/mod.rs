@@ -18,14 +18,16 @@
 mod connect;
 mod migrations;
 mod moves;
+mod principals;
 mod refusals;
 mod rows;
+mod status;
 mod tokens;
 mod tx;
 
 use async_trait::async_trait;
 use comsat_protocol::api::{
-    ApiTokenInfo, AuditRecord, JoinTokenInfo, NodeKind, PrincipalInfo, PrincipalKind, RelayLoad,
+    AuditRecord, HalfReport, JoinTokenInfo, NodeKind, PrincipalInfo, PrincipalKind, RelayLoad,
     RoleBindingCreate,
 };
 use comsat_protocol::{LinkId, NodeId, RelayId};
@@ -39,8 +41,8 @@ use self::tx::{
     is_unique_violation, mark_change, node_name_taken, unless_taken,
 };
 use super::{
-    ApiTokenRecord, EventRecord, LinkGrantUpdate, LinkRecord, NewApiToken, NewEvent, NewJoinToken,
-    NewNode, NodeRecord, Redemption, RefusalRecord, Store, StoreError,
+    ApiTokenRecord, EventRecord, HalfRecord, LinkGrantUpdate, LinkRecord, NewApiToken, NewEvent,
+    NewJoinToken, NewNode, NodeRecord, Redemption, RefusalRecord, Store, StoreError,
 };
 
 /// Which database a [`SqlStore`] talks to.
@@ -148,40 +150,7 @@ impl Store for SqlStore {
     }
 
     async fn principals(&self, kind: PrincipalKind) -> Result<Vec<PrincipalInfo>, StoreError> {
-        let rows =
-            sqlx::query("SELECT name, created_at FROM principals WHERE kind = $1 ORDER BY name")
-                .bind(kind.as_str())
-                .fetch_all(&self.pool)
-                .await?;
-        let tokens = sqlx::query(
-            "SELECT name, id, created_at, expires_at, revoked_at FROM api_tokens \
-             WHERE subject_kind = $1 ORDER BY created_at, id",
-        )
-        .bind(kind.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        let mut out = Vec::new();
-        for r in &rows {
-            let name: String = r.try_get("name")?;
-            let mut mine = Vec::new();
-            for t in &tokens {
-                if t.try_get::<String, _>("name")? == name {
-                    mine.push(ApiTokenInfo {
-                        id: t.try_get::<Option<String>, _>("id")?.unwrap_or_default(),
-                        created_at: to_u64(t.try_get("created_at")?),
-                        expires_at: t.try_get::<Option<i64>, _>("expires_at")?.map(to_u64),
-                        revoked_at: t.try_get::<Option<i64>, _>("revoked_at")?.map(to_u64),
-                    });
-                }
-            }
-            out.push(PrincipalInfo {
-                kind,
-                name,
-                created_at: to_u64(r.try_get("created_at")?),
-                tokens: mine,
-            });
-        }
-        Ok(out)
+        self.read_principals(kind).await
     }
 
     async fn add_principal_token(
@@ -859,6 +828,19 @@ impl Store for SqlStore {
 
     async fn refusals(&self) -> Result<Vec<RefusalRecord>, StoreError> {
         self.all_refusals().await
+    }
+
+    async fn set_link_status(
+        &self,
+        agent: &NodeId,
+        halves: &[HalfReport],
+        now: u64,
+    ) -> Result<Vec<HalfRecord>, StoreError> {
+        self.replace_link_status(agent, halves, now).await
+    }
+
+    async fn link_statuses(&self) -> Result<Vec<HalfRecord>, StoreError> {
+        self.all_link_status().await
     }
 
     async fn record_peer_moves(
