@@ -130,3 +130,78 @@ async fn every_components_metrics_pass_promtool() -> Result<()> {
     }
     Ok(())
 }
+
+/// The controller's own gauges and counters, from a fleet that enrolled,
+/// long-polls and carries a link: enrolments by kind, refusals by action,
+/// long polls open, the database pool and its latency, and each relay's
+/// pending grant events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_counts_enrolments_refusals_polls_and_pending_events() -> Result<()> {
+    let (c, listen, _) = demo().await?;
+    round_trip_eventually(listen, 1 << 16)
+        .await
+        .with_context(|| c.logs())?;
+    let admin = std::fs::read_to_string(c.path("controller/admin.token"))?;
+    let admin = admin.trim();
+    // A stranger's token: refused, and counted.
+    let (code, _) = raw_get(&c, api::PATH_LINKS, "comsat_not_a_token").await?;
+    ensure!(code == 401);
+    let m = |series: &str, m: &str| comsat_tests::metric(m, series);
+    let mut last = String::new();
+    for _ in 0..100 {
+        let (code, text) = raw_get(&c, "/metrics", admin).await?;
+        ensure!(code == 200, "{code} {text}");
+        last = text;
+        // Every node long-polls again as soon as it is answered: one
+        // scrape may fall between an answer and the next poll.
+        if m("comsat_controller_long_polls_open{kind=\"agent\"}", &last) >= 1.0
+            && m("comsat_controller_long_polls_open{kind=\"relay\"}", &last) >= 1.0
+            && m(
+                "comsat_controller_relay_events_pending{relay=\"relay-1\"}",
+                &last,
+            ) == 0.0
+            && last.contains("comsat_controller_relay_events_pending{relay=\"relay-1\"}")
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let last = &last;
+    ensure!(
+        m("comsat_controller_long_polls_open{kind=\"agent\"}", last) >= 1.0,
+        "{last}"
+    );
+    ensure!(
+        m("comsat_controller_long_polls_open{kind=\"relay\"}", last) >= 1.0,
+        "{last}"
+    );
+    ensure!(
+        last.contains("comsat_controller_relay_events_pending{relay=\"relay-1\"} 0"),
+        "the relay has every event: {last}"
+    );
+    ensure!(
+        m("comsat_controller_enrolments_total{kind=\"agent\"}", last) == 2.0,
+        "{last}"
+    );
+    ensure!(
+        m("comsat_controller_enrolments_total{kind=\"relay\"}", last) == 1.0,
+        "{last}"
+    );
+    ensure!(
+        m(
+            "comsat_controller_refusals_total{action=\"authenticate\"}",
+            last
+        ) >= 1.0,
+        "{last}"
+    );
+    ensure!(
+        m("comsat_controller_db_ping_seconds_count", last) >= 1.0,
+        "{last}"
+    );
+    ensure!(
+        last.contains("comsat_controller_db_connections{state=\"idle\"}")
+            && last.contains("comsat_controller_db_connections{state=\"busy\"}"),
+        "{last}"
+    );
+    Ok(())
+}

@@ -101,6 +101,10 @@ impl Shared {
     ) {
         // What a peer sent (a JWT header, a name) may hold control
         // characters: stored escaped, so no reader of the log sees them raw.
+        if outcome == Outcome::Denied {
+            metrics::counter!(crate::http::health::REFUSALS_TOTAL, "action" => printable(action).into_owned())
+                .increment(1);
+        }
         let clean = |s: &str| printable(s).into_owned();
         let record = AuditRecord {
             at_ms: now_ms(),

@@ -159,6 +159,7 @@ impl Controller {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let audience = format!("comsat-controller:{}", authority.public());
         let shared = Arc::new(Shared {
+            relay_cursors: std::sync::Mutex::default(),
             store: Arc::new(store),
             config,
             authority,

@@ -1,6 +1,7 @@
 //! The controller's shared state and the logic behind the API: link
 //! creation and deletion, relay assignment, grant signing and renewal.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::http::StatusCode;
@@ -113,9 +114,19 @@ pub(crate) struct Shared {
     pub(crate) auth_limit: crate::audit::SourceLimiter,
     /// Renders this process's metrics, where it records them.
     pub(crate) metrics: Option<crate::MetricsText>,
+    /// The event cursor each relay long-polling this controller last sent
+    /// (what it has fetched), for its pending events in `/metrics`.
+    pub(crate) relay_cursors: std::sync::Mutex<HashMap<RelayId, u64>>,
 }
 
 impl Shared {
+    /// The relays' event cursors ([`Shared::relay_cursors`]).
+    pub(crate) fn relay_cursors(&self) -> std::sync::MutexGuard<'_, HashMap<RelayId, u64>> {
+        self.relay_cursors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Wakes every long poll to look again.
     pub(crate) fn notify(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));

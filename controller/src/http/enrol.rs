@@ -317,6 +317,7 @@ async fn enrol(
         Err(e) => return Err(refuse_token(&state, &caller, &req, &resource, e).await),
     };
     tracing::info!(kind = %record.kind, name = %record.name, node_id = %record.node_id, "node enrolled");
+    metrics::counter!(super::health::ENROLMENTS_TOTAL, "kind" => record.kind.as_str()).increment(1);
     Ok((
         Audited::on(resource).by(format!("{}:{}", record.kind, record.name)),
         Json(EnrolResponse {

@@ -10,6 +10,12 @@
 //! | `comsat_controller_requests_total{route,method,code}` | counter | requests answered, by route template (`/v1/links/{name}`), method and status code |
 //! | `comsat_controller_request_duration_seconds{route}` | histogram | time to answer, by route template (long polls included: they wait by design) |
 //! | `comsat_controller_ready` | gauge | 1 when the last `/readyz` found the database answering, 0 when not |
+//! | `comsat_controller_enrolments_total{kind}` | counter | nodes enrolled, by kind (`agent`, `relay`) |
+//! | `comsat_controller_refusals_total{action}` | counter | refusals recorded in the audit log, by action (`authenticate`, `enrol`, `links.create`, `link.refuse`, `node.clone`, …: each a fixed name of the code, or a route's resource and verb) |
+//! | `comsat_controller_long_polls_open{kind}` | gauge | long polls waiting now: `relay` (grant events), `agent` (desired state) |
+//! | `comsat_controller_db_connections{state}` | gauge | the database pool's connections, `idle` and `busy`, when last scraped |
+//! | `comsat_controller_db_ping_seconds` | histogram | time for the database to answer a trivial query (at each `/readyz` and each scrape) |
+//! | `comsat_controller_relay_events_pending{relay}` | gauge | grant events a relay has not fetched yet, by relay name, at each scrape (counted up to 1,001) for the relays that long-poll this controller |
 
 use std::time::{Duration, Instant};
 
@@ -20,8 +26,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics::{counter, gauge, histogram};
 
+use comsat_protocol::RelayId;
+use comsat_protocol::api::{self, NodeKind};
+
 use super::AppState;
 use super::access::{Policy, Routes};
+use crate::store::StoreError;
 
 /// Requests answered, by route, method and code.
 pub(crate) const REQUESTS_TOTAL: &str = "comsat_controller_requests_total";
@@ -29,6 +39,19 @@ pub(crate) const REQUESTS_TOTAL: &str = "comsat_controller_requests_total";
 pub(crate) const REQUEST_DURATION: &str = "comsat_controller_request_duration_seconds";
 /// Whether the last readiness check passed.
 pub(crate) const READY: &str = "comsat_controller_ready";
+
+/// Nodes enrolled, by kind.
+pub(crate) const ENROLMENTS_TOTAL: &str = "comsat_controller_enrolments_total";
+/// Refusals recorded in the audit log, by action.
+pub(crate) const REFUSALS_TOTAL: &str = "comsat_controller_refusals_total";
+/// Long polls waiting now, by kind.
+const LONG_POLLS_OPEN: &str = "comsat_controller_long_polls_open";
+/// The database pool's connections, by state.
+const DB_CONNECTIONS: &str = "comsat_controller_db_connections";
+/// Time for the database to answer a trivial query.
+const DB_PING: &str = "comsat_controller_db_ping_seconds";
+/// Grant events a relay has not fetched yet.
+const RELAY_EVENTS_PENDING: &str = "comsat_controller_relay_events_pending";
 
 /// How long `/readyz` waits for the database.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -47,6 +70,25 @@ pub(super) fn routes(routes: Routes) -> Routes {
         READY,
         "1 when the database answered the last readiness check"
     );
+    metrics::describe_counter!(ENROLMENTS_TOTAL, "Nodes enrolled, by kind");
+    metrics::describe_counter!(
+        REFUSALS_TOTAL,
+        "Refusals recorded in the audit log, by action"
+    );
+    metrics::describe_gauge!(LONG_POLLS_OPEN, "Long polls waiting now, by kind");
+    metrics::describe_gauge!(
+        DB_CONNECTIONS,
+        "The database pool's connections, by state, when last scraped"
+    );
+    metrics::describe_histogram!(
+        DB_PING,
+        metrics::Unit::Seconds,
+        "Time for the database to answer a trivial query"
+    );
+    metrics::describe_gauge!(
+        RELAY_EVENTS_PENDING,
+        "Grant events a relay has not fetched yet (counted up to 1001), by relay"
+    );
     routes
         .add("/healthz", Policy::public(), get(|| async { "ok\n" }))
         .add("/readyz", Policy::public(), get(readyz))
@@ -56,7 +98,7 @@ pub(super) fn routes(routes: Routes) -> Routes {
 /// 200 while the database answers within [`READY_TIMEOUT`], else 503
 /// (what failed goes to the log, not to whoever asked).
 async fn readyz(State(state): State<AppState>) -> Response {
-    let answer = tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await;
+    let answer = ping(&state).await;
     let ready = matches!(answer, Ok(Ok(())));
     gauge!(READY).set(if ready { 1.0 } else { 0.0 });
     match answer {
@@ -80,9 +122,73 @@ fn not_ready(why: &str) -> Response {
         .into_response()
 }
 
+/// Asks the database a trivial query, timed, within [`READY_TIMEOUT`].
+async fn ping(state: &AppState) -> Result<Result<(), StoreError>, tokio::time::error::Elapsed> {
+    let asked = Instant::now();
+    let answer = tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await;
+    if matches!(answer, Ok(Ok(()))) {
+        histogram!(DB_PING).record(asked.elapsed().as_secs_f64());
+    }
+    answer
+}
+
+/// A long poll waiting, counted while it lives.
+pub(crate) struct LongPoll(&'static str);
+
+impl LongPoll {
+    /// A long poll of `kind` (`relay`, `agent`) starts.
+    pub(crate) fn start(kind: &'static str) -> Self {
+        gauge!(LONG_POLLS_OPEN, "kind" => kind).increment(1.0);
+        Self(kind)
+    }
+}
+
+impl Drop for LongPoll {
+    fn drop(&mut self) {
+        gauge!(LONG_POLLS_OPEN, "kind" => self.0).decrement(1.0);
+    }
+}
+
+/// What is measured when scraped: the pool, a ping, and the events each
+/// relay polling here has not fetched (the first [`api::MAX_EVENTS_PER_POLL`]
+/// and one more are counted). A failure leaves the last values.
+async fn observe(state: &AppState) {
+    let (size, idle) = state.store.pool_connections();
+    gauge!(DB_CONNECTIONS, "state" => "idle").set(idle as f64);
+    gauge!(DB_CONNECTIONS, "state" => "busy").set((size as f64 - idle as f64).max(0.0));
+    if !matches!(ping(state).await, Ok(Ok(()))) {
+        return;
+    }
+    let Ok(relays) = state.store.nodes(NodeKind::Relay).await else {
+        return;
+    };
+    let cursors: Vec<(RelayId, u64)> = {
+        let mut cursors = state.relay_cursors();
+        cursors.retain(|id, _| relays.iter().any(|r| r.node_id.0 == id.0));
+        cursors.iter().map(|(id, since)| (*id, *since)).collect()
+    };
+    for (relay, since) in cursors {
+        let Ok(rows) = state
+            .store
+            .relay_events(&relay, since, api::MAX_EVENTS_PER_POLL + 1)
+            .await
+        else {
+            return;
+        };
+        let name = relays
+            .iter()
+            .find(|r| r.node_id.0 == relay.0)
+            .map_or_else(|| relay.to_string(), |r| r.name.clone());
+        gauge!(RELAY_EVENTS_PENDING, "relay" => name).set(rows.len() as f64);
+    }
+}
+
 async fn render(State(state): State<AppState>) -> Response {
     match &state.metrics {
-        Some(text) => ([("content-type", "text/plain; version=0.0.4")], (text.0)()).into_response(),
+        Some(text) => {
+            observe(&state).await;
+            ([("content-type", "text/plain; version=0.0.4")], (text.0)()).into_response()
+        }
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             "this process records no metrics\n",

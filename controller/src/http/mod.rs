@@ -19,7 +19,7 @@ mod access;
 mod audit;
 mod auth;
 mod enrol;
-mod health;
+pub(crate) mod health;
 mod links;
 mod nodes;
 mod rbac;

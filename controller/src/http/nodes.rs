@@ -97,6 +97,8 @@ async fn relay_events(
 ) -> Result<Json<RelayEvents>, ApiError> {
     let q = query(q)?;
     let relay_id = RelayId(relay.node_id.0);
+    state.relay_cursors().insert(relay_id, q.since);
+    let _open = super::health::LongPoll::start("relay");
     let deadline = deadline(q.wait_ms);
     let mut changes = state.changes.subscribe();
     let mut shutdown = state.shutdown.clone();
@@ -357,6 +359,7 @@ async fn agent_config(
     q: Result<Query<PollQuery>, QueryRejection>,
 ) -> Result<Json<AgentDesired>, ApiError> {
     let q = query(q)?;
+    let _open = super::health::LongPoll::start("agent");
     let deadline = deadline(q.wait_ms);
     let mut changes = state.changes.subscribe();
     let mut shutdown = state.shutdown.clone();

@@ -636,6 +636,9 @@ pub trait Store: Send + Sync {
     /// Answers if the database does (a trivial query).
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// The connections of its pool: (open, idle).
+    fn pool_connections(&self) -> (u32, usize);
+
     /// Closes the connections (the store is unusable afterwards).
     async fn close(&self);
 }
