@@ -110,3 +110,53 @@ async fn a_link_that_cannot_listen_shows_failed_with_why_and_turns_ready_once_it
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_that_never_bound_its_socket_leaves_the_socket_of_another_program_alone()
+-> Result<()> {
+    let mut c = Fleet::builder().relays(1).agents(&["a", "b"]).start()?;
+    let sockets = tempfile::tempdir()?;
+    std::fs::write(
+        c.path("a").join("consent.toml"),
+        format!("listen = [\"unix://{}/*\"]\n", sockets.path().display()),
+    )?;
+    c.agent("a")?.kill();
+    c.run_agent("a")?;
+    // Another program listens on the socket the link is to listen on.
+    let sock = sockets.path().join("app.sock");
+    let theirs = std::os::unix::net::UnixListener::bind(&sock)?;
+    c.ctl_ok(&[
+        "link",
+        "create",
+        "taken",
+        "--from",
+        "a",
+        "--listen",
+        &format!("unix://{}", sock.display()),
+        "--to",
+        "b",
+        "--target",
+        "tcp://127.0.0.1:1",
+    ])?;
+    wait_for(CONVERGE, || {
+        let shown = c.ctl_ok(&["link", "show", "taken"])?;
+        ensure!(
+            shown.starts_with("status:     failed since ")
+                && shown.contains("another process is listening on this socket"),
+            "{shown}"
+        );
+        Ok(())
+    })
+    .with_context(|| c.logs())?;
+
+    // Deleted: the agent lets go of the link, and of nothing else.
+    c.ctl_ok(&["link", "delete", "taken"])?;
+    c.agent("a")?
+        .wait_line("comsat agent link taken removed", CONVERGE)
+        .with_context(|| c.logs())?;
+    ensure!(sock.exists(), "the agent removed another program's socket");
+    let client = std::os::unix::net::UnixStream::connect(&sock)?;
+    let (_accepted, _) = theirs.accept()?;
+    drop(client);
+    Ok(())
+}

@@ -377,7 +377,9 @@ impl Agent {
                     let _ = task.await;
                 }
                 held.rt.shut(&self.shared.metrics);
-                if let LocalRole::Listen(spec) = &held.rt.role {
+                // Only a socket this link bound: one it could not bind is
+                // another program's.
+                if let (LocalRole::Listen(spec), Some(_)) = (&held.rt.role, held.rt.bound()) {
                     local::cleanup(spec);
                 }
                 tracing::info!(link = %held.cfg.name, "link removed");
