@@ -30,8 +30,10 @@ pub(crate) enum Command {
     /// Run the whole system locally in one process: a controller, a relay
     /// and two agents on loopback, enrolled with join tokens, plus a demo
     /// service and link. Ctrl-C stops it; a second run reuses DIR.
+    #[cfg(feature = "server")]
     Up(UpArgs),
     /// Run a relay.
+    #[cfg(feature = "server")]
     Relay {
         #[command(subcommand)]
         command: RelayCommand,
@@ -42,6 +44,7 @@ pub(crate) enum Command {
         command: AgentCommand,
     },
     /// The control plane: enrolment, links, grants.
+    #[cfg(feature = "server")]
     Controller {
         #[command(subcommand)]
         command: ControllerCommand,
@@ -56,12 +59,26 @@ pub(crate) enum Command {
         shell: clap_complete::Shell,
     },
     /// Development helpers.
+    #[cfg(feature = "server")]
     Dev {
         #[command(subcommand)]
         command: DevCommand,
     },
 }
 
+impl Command {
+    /// Whether it talks to a person (`up`, `ctl`): only warnings unless asked.
+    pub(crate) fn quiet(&self) -> bool {
+        match self {
+            #[cfg(feature = "server")]
+            Self::Up(_) => true,
+            Self::Ctl(_) => true,
+            _ => false,
+        }
+    }
+}
+
+#[cfg(feature = "server")]
 #[derive(Args, Debug)]
 pub(crate) struct UpArgs {
     /// Where the controller, relay and agents keep their state.
@@ -85,6 +102,7 @@ pub(crate) struct UpArgs {
     pub(crate) no_demo: bool,
 }
 
+#[cfg(feature = "server")]
 #[derive(Subcommand, Debug)]
 pub(crate) enum ControllerCommand {
     /// Create a controller's data dir: authority key, CA and server
@@ -151,6 +169,7 @@ pub(crate) struct NodeRunArgs {
     pub(crate) bulk_nice: Option<u8>,
 }
 
+#[cfg(feature = "server")]
 #[derive(Subcommand, Debug)]
 pub(crate) enum RelayCommand {
     /// Serve agents: from an enrolled data dir (grants pushed by the
@@ -525,12 +544,14 @@ pub(crate) enum LinkCommand {
     },
 }
 
+#[cfg(feature = "server")]
 #[derive(Subcommand, Debug)]
 pub(crate) enum DevCommand {
     /// Write a local setup: authority, CA, a relay, two agents, grants.
     Init(DevInit),
 }
 
+#[cfg(feature = "server")]
 #[derive(Args, Debug)]
 pub(crate) struct DevInit {
     /// Directory to create the setup in.
@@ -561,6 +582,7 @@ pub(crate) struct DevInit {
     pub(crate) extra_relays: Vec<(SocketAddr, Option<SocketAddr>)>,
 }
 
+#[cfg(feature = "server")]
 fn parse_extra_relay(s: &str) -> Result<(SocketAddr, Option<SocketAddr>), String> {
     let (quic, admin) = match s.split_once(',') {
         Some((q, a)) => (q, Some(a)),
@@ -575,6 +597,7 @@ fn parse_extra_relay(s: &str) -> Result<(SocketAddr, Option<SocketAddr>), String
     Ok((quic, admin))
 }
 
+#[cfg(feature = "server")]
 fn parse_link(s: &str) -> Result<comsat_controller::dev::DevLink, String> {
     let parts: Vec<&str> = s.splitn(3, ',').collect();
     let [name, listen, target] = parts[..] else {

@@ -13,16 +13,18 @@ use anyhow::Context;
 use clap::Parser;
 use comsat_agent::enrolled::FedAgent;
 use comsat_protocol::api::{self, NodeKind};
-use comsat_relay::ops as relay_ops;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 mod cli;
+#[cfg(feature = "server")]
+mod server;
+#[cfg(feature = "server")]
 mod up;
 
 use cli::{
-    AgentCommand, AuditCommand, Cli, Command, ControllerCommand, CtlArgs, CtlCommand, DevCommand,
-    DevInit, LinkCommand, ListCommand, LogFormat, NodeRunArgs, OutputFormat, PrincipalCommand,
-    RelayCommand, RoleBindingCommand, RoleCommand, TokenArgs, TokenCommand, UpArgs,
+    AgentCommand, AuditCommand, Cli, Command, CtlArgs, CtlCommand, LinkCommand, ListCommand,
+    LogFormat, NodeRunArgs, OutputFormat, PrincipalCommand, RoleBindingCommand, RoleCommand,
+    TokenArgs, TokenCommand,
 };
 
 fn init_tracing(format: LogFormat, default: &str) {
@@ -76,61 +78,6 @@ impl std::fmt::Display for Usage {
 
 impl std::error::Error for Usage {}
 
-async fn run_relay(path: PathBuf, drain_grace: Option<std::time::Duration>) -> anyhow::Result<()> {
-    let config = comsat_relay::RelayConfig::load(&path).map_err(|e| Usage(e.to_string()))?;
-    let prometheus = install_metrics()?;
-    let admin = config.admin;
-    let grace = drain_grace.unwrap_or(config.drain.grace());
-    let relay = comsat_relay::Relay::bind(config).map_err(|e| Usage(e.to_string()))?;
-    let dir = path.parent().unwrap_or(std::path::Path::new("."));
-    serve_relay(
-        relay,
-        prometheus,
-        admin,
-        dir,
-        grace,
-        relay_ops::Reload::Config(path.clone()),
-    )
-    .await
-}
-
-/// Serves `relay` until a signal stops it (see [`relay_ops`]).
-async fn serve_relay(
-    relay: comsat_relay::Relay,
-    prometheus: PrometheusHandle,
-    admin: Option<SocketAddr>,
-    dir: &std::path::Path,
-    grace: std::time::Duration,
-    reload: relay_ops::Reload,
-) -> anyhow::Result<()> {
-    let quic = relay.local_addr()?;
-    let extra: comsat_relay::admin::ExtraMetrics = std::sync::Arc::new(relay.link_metrics());
-    let admin_shown = serve_admin(
-        admin,
-        prometheus,
-        Some(extra),
-        relay.readiness(),
-        "not serving: draining\n",
-    )
-    .await?;
-    let stop = relay_ops::watch_signals(relay.handle(), grace, reload)?;
-    let _pid = relay_ops::PidFile::create(dir)?;
-    match relay.interactive_addr().transpose()? {
-        Some(interactive) => {
-            tracing::info!(%quic, admin = %admin_shown, %interactive, "relay listening");
-            println!(
-                "comsat relay listening quic={quic} admin={admin_shown} interactive={interactive}"
-            );
-        }
-        None => {
-            tracing::info!(%quic, admin = %admin_shown, "relay listening");
-            println!("comsat relay listening quic={quic} admin={admin_shown}");
-        }
-    }
-    relay.run_until(stop).await?;
-    Ok(())
-}
-
 async fn run_agent(config: PathBuf) -> anyhow::Result<()> {
     let config = comsat_agent::AgentConfig::load(&config).map_err(|e| Usage(e.to_string()))?;
     let prometheus = install_metrics()?;
@@ -152,87 +99,6 @@ async fn run_agent(config: PathBuf) -> anyhow::Result<()> {
     }
     println!("comsat agent started");
     agent.run(shutdown_signal()).await;
-    Ok(())
-}
-
-fn dev_init(args: DevInit) -> anyhow::Result<()> {
-    let links = if args.links.is_empty() {
-        vec![comsat_controller::dev::DevLink {
-            name: "demo".into(),
-            listen: "tcp://127.0.0.1:7000".into(),
-            target: "tcp://127.0.0.1:9000".into(),
-            allowed_uids: vec![],
-        }]
-    } else {
-        args.links
-    };
-    let layout = comsat_controller::dev::init(
-        &args.dir,
-        &comsat_controller::dev::DevOptions {
-            relay_listen: args.relay_listen,
-            relay_admin: Some(args.relay_admin),
-            agent_admin: [Some(args.agent_a_admin), Some(args.agent_b_admin)],
-            links,
-            pin_sha256: args.pin_sha256,
-            extra_relays: args.extra_relays,
-        },
-    )
-    .map_err(|e| Usage(format!("{e:#}")))?;
-    println!("wrote a local comsat setup to {}", layout.dir.display());
-    println!("run, each in its own terminal:");
-    println!(
-        "  comsat relay run --config {}",
-        layout.relay_config.display()
-    );
-    println!(
-        "  comsat agent run --config {}",
-        layout.agent_a.config.display()
-    );
-    println!(
-        "  comsat agent run --config {}",
-        layout.agent_b.config.display()
-    );
-    Ok(())
-}
-
-fn controller_init(opts: comsat_controller::InitOptions) -> anyhow::Result<()> {
-    let report = comsat_controller::init(&opts).map_err(|e| Usage(e.to_string()))?;
-    let dir = report.data_dir.display();
-    println!("initialised a comsat controller in {dir}");
-    println!("  URL:            {}", report.public_url);
-    println!("  CA SHA-256:     {}", report.ca_sha256);
-    println!("  admin token:    {dir}/admin.token (keep it secret)");
-    println!("  ctl context:    {}", report.context_file.display());
-    println!("next:");
-    println!("  comsat controller run --data-dir {dir}");
-    println!("  export COMSAT_CONTEXT={}", report.context_file.display());
-    println!("  comsat ctl token create --kind relay --name relay-1 > relay.token");
-    Ok(())
-}
-
-async fn run_up(args: UpArgs) -> anyhow::Result<()> {
-    let prometheus = install_metrics()?;
-    let opts = up::UpOptions {
-        data_dir: args.data_dir,
-        controller_port: args.controller_port,
-        relay_port: args.relay_port,
-        relay_interactive_port: args.relay_interactive_port,
-        demo_listen: args.demo_listen,
-        demo: !args.no_demo,
-    };
-    up::up(opts, prometheus, shutdown_signal()).await
-}
-
-async fn run_controller(mut opts: comsat_controller::RunOptions) -> anyhow::Result<()> {
-    let prometheus = install_metrics()?;
-    let render = std::sync::Arc::new(move || prometheus.render());
-    opts.metrics = Some(comsat_controller::MetricsText(render));
-    let controller = comsat_controller::Controller::bind(opts)
-        .await
-        .map_err(|e| Usage(e.to_string()))?;
-    let addr = controller.local_addr();
-    println!("comsat controller listening https://{addr}");
-    controller.run(shutdown_signal()).await?;
     Ok(())
 }
 
@@ -433,55 +299,6 @@ async fn enrol(
     Ok(())
 }
 
-async fn run_enrolled_relay(
-    dir: PathBuf,
-    (listen, interactive_listen): (Option<SocketAddr>, Option<SocketAddr>),
-    admin: Option<SocketAddr>,
-    bulk_nice: Option<u8>,
-    drain_grace: Option<std::time::Duration>,
-) -> anyhow::Result<()> {
-    let state =
-        comsat_node::NodeState::load(&dir, NodeKind::Relay).map_err(|e| Usage(format!("{e:#}")))?;
-    let mut config = comsat_relay::RelayConfig::enrolled(&dir, &state, listen, admin)
-        .map_err(|e| Usage(e.to_string()))?;
-    if let Some(n) = bulk_nice {
-        config.bulk_nice = n;
-    }
-    if let Some(lane) = interactive_listen {
-        if state.interactive_addr.is_none() {
-            return Err(Usage(format!(
-                "--interactive-listen {lane}: {} was enrolled without --interactive-port, so the \
-                 controller tells agents of no interactive listener here; enrol the relay anew \
-                 with --interactive-port PORT",
-                dir.display()
-            ))
-            .into());
-        }
-        config.interactive_listen = Some(lane);
-    }
-    let grace = drain_grace.unwrap_or(config.drain.grace());
-    let prometheus = install_metrics()?;
-    let relay = comsat_relay::Relay::bind_fed(config).map_err(|e| Usage(e.to_string()))?;
-    tracing::info!(name = %state.name, "relay starting");
-    let sync = comsat_node::relay::RelaySync::start(
-        dir.clone(),
-        state,
-        comsat_relay::enrolled::FedRelay::new(&relay),
-    );
-    let sync = tokio::spawn(sync.run());
-    let result = serve_relay(
-        relay,
-        prometheus,
-        admin,
-        &dir,
-        grace,
-        relay_ops::Reload::Certificate,
-    )
-    .await;
-    sync.abort();
-    result
-}
-
 async fn run_enrolled_agent(
     dir: PathBuf,
     admin: Option<SocketAddr>,
@@ -507,7 +324,7 @@ async fn run_enrolled_agent(
     println!("comsat agent admin {admin_shown}");
     let mut fed = FedAgent {
         agent: &mut agent,
-        announce,
+        announce: comsat_agent::enrolled::announce,
     };
     let applied = fed.apply_cached(&dir).await;
     println!("comsat agent started");
@@ -521,34 +338,17 @@ async fn run_enrolled_agent(
     Ok(())
 }
 
-/// Prints what applying a desired state did, in the machine-readable
-/// lines the tests and scripts read.
-pub(crate) fn announce(applied: &comsat_agent::Applied) {
-    for (name, addr) in &applied.listening {
-        println!("comsat agent link {name} listening {addr}");
-    }
-    for name in &applied.removed {
-        println!("comsat agent link {name} removed");
-    }
-    for (name, _) in &applied.failed {
-        println!("comsat agent link {name} failed");
-    }
-    for (name, _) in &applied.refused {
-        println!("comsat agent link {name} refused");
-    }
-}
-
 async fn serve_admin(
     addr: Option<SocketAddr>,
     prometheus: PrometheusHandle,
-    extra: Option<comsat_relay::admin::ExtraMetrics>,
+    extra: Option<comsat_node::admin::ExtraMetrics>,
     ready: impl Fn() -> bool + Send + Sync + 'static,
     not_ready: &'static str,
 ) -> anyhow::Result<String> {
     let Some(addr) = addr else {
         return Ok("none".into());
     };
-    let (bound, serve) = comsat_relay::admin::bind(
+    let (bound, serve) = comsat_node::admin::bind(
         addr,
         prometheus,
         extra,
@@ -563,14 +363,18 @@ async fn serve_admin(
 }
 
 fn main() -> ExitCode {
-    keep_freed_memory();
+    comsat_node::keep_freed_memory();
     let cli = Cli::parse();
     // `up` and `ctl` talk to a person: only warnings unless asked.
-    let quiet = matches!(cli.command, Command::Up(_) | Command::Ctl(_));
-    init_tracing(cli.log_format, if quiet { "warn" } else { "info" });
+    init_tracing(
+        cli.log_format,
+        if cli.command.quiet() { "warn" } else { "info" },
+    );
     let result = match cli.command {
-        Command::Up(args) => runtime().and_then(|rt| rt.block_on(run_up(args))),
-        Command::Controller { command } => controller(command),
+        #[cfg(feature = "server")]
+        Command::Up(args) => runtime().and_then(|rt| rt.block_on(server::run_up(args))),
+        #[cfg(feature = "server")]
+        Command::Controller { command } => server::controller(command),
         Command::Ctl(args) => runtime().and_then(|rt| rt.block_on(ctl(args))),
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -580,11 +384,13 @@ fn main() -> ExitCode {
             let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
             Ok(())
         }
+        #[cfg(feature = "server")]
         Command::Dev {
-            command: DevCommand::Init(args),
-        } => dev_init(args),
+            command: cli::DevCommand::Init(args),
+        } => server::dev_init(args),
+        #[cfg(feature = "server")]
         Command::Relay { command } => {
-            runtime_preferring_lanes().and_then(|rt| rt.block_on(relay(command)))
+            runtime_preferring_lanes().and_then(|rt| rt.block_on(server::relay(command)))
         }
         Command::Agent { command } => {
             runtime_preferring_lanes().and_then(|rt| rt.block_on(agent(command)))
@@ -599,101 +405,6 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
-        }
-    }
-}
-
-/// `comsat controller ...`.
-fn controller(command: ControllerCommand) -> anyhow::Result<()> {
-    match command {
-        ControllerCommand::Init {
-            data_dir,
-            public_url,
-            tls_cert,
-            tls_key,
-            tls_ca,
-            database,
-        } => controller_init(comsat_controller::InitOptions {
-            data_dir,
-            public_url: Some(public_url),
-            tls_cert,
-            tls_key,
-            tls_ca,
-            database,
-        }),
-        ControllerCommand::Run {
-            data_dir,
-            listen,
-            database,
-        } => runtime().and_then(|rt| {
-            rt.block_on(run_controller(comsat_controller::RunOptions {
-                data_dir,
-                listen,
-                database,
-                metrics: None,
-            }))
-        }),
-    }
-}
-
-/// `comsat relay ...`.
-async fn relay(command: RelayCommand) -> anyhow::Result<()> {
-    match command {
-        RelayCommand::Run {
-            node:
-                NodeRunArgs {
-                    data_dir: Some(dir),
-                    admin,
-                    bulk_nice,
-                },
-            listen,
-            interactive_listen,
-            drain_grace,
-            ..
-        } => {
-            let listen = (listen, interactive_listen);
-            run_enrolled_relay(dir, listen, admin, bulk_nice, drain_grace).await
-        }
-        RelayCommand::Run {
-            config,
-            drain_grace,
-            ..
-        } => match config {
-            Some(config) => run_relay(config, drain_grace).await,
-            None => Err(Usage("pass --data-dir DIR or --config FILE".into()).into()),
-        },
-        RelayCommand::Drain {
-            data_dir,
-            config,
-            timeout,
-        } => {
-            let dir = match (data_dir, config) {
-                (Some(dir), _) => dir,
-                (None, Some(config)) => config
-                    .parent()
-                    .map(std::path::Path::to_path_buf)
-                    .unwrap_or_default(),
-                (None, None) => {
-                    return Err(Usage("pass --data-dir DIR or --config FILE".into()).into());
-                }
-            };
-            let dir = if dir.as_os_str().is_empty() {
-                PathBuf::from(".")
-            } else {
-                dir
-            };
-            tokio::task::spawn_blocking(move || relay_ops::drain(&dir, timeout))
-                .await?
-                .map_err(Into::into)
-        }
-        RelayCommand::Enrol {
-            token,
-            data_dir,
-            public_addr,
-            interactive_port,
-        } => {
-            let relay = Some((public_addr, interactive_port));
-            enrol(token, NodeKind::Relay, data_dir, relay).await
         }
     }
 }
@@ -721,30 +432,6 @@ async fn agent(command: AgentCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Freed memory that glibc's malloc keeps for reuse, per arena, before it
-/// hands any back to the kernel: twice this.
-///
-/// A bulk flow frees its acknowledged records (up to 64 KiB each, a flow
-/// window of them) and QUIC's receive batches in bursts of a few MiB. With
-/// glibc's default thresholds (128 KiB) each burst was handed back with
-/// `madvise` and, moments later, faulted in again page by page, zeroed: ~50
-/// page faults per MiB moved at agent A and ~35 at agent B, some 5 % of their
-/// CPU (`comsat-bench`'s "minor page faults per GB" shows it).
-const KEEP_FREED: usize = 4 << 20;
-
-/// Raises glibc's trim threshold to 2 × [`KEEP_FREED`] (and its mmap
-/// threshold to [`KEEP_FREED`]) without `unsafe`: glibc's thresholds are
-/// dynamic by default, and freeing a block that was mapped on its own,
-/// larger than the current mmap threshold (and at most 32 MiB), raises the
-/// mmap threshold to its size and the trim threshold to twice that
-/// (mallopt(3), "M_MMAP_THRESHOLD"). Where an operator set either threshold
-/// (`GLIBC_TUNABLES`, `MALLOC_TRIM_THRESHOLD_`), glibc keeps theirs; other C
-/// libraries just see one allocation. The cost: after a burst, up to
-/// 8 MiB of freed memory per arena stays mapped for the next one.
-fn keep_freed_memory() {
-    drop(std::hint::black_box(Vec::<u8>::with_capacity(KEEP_FREED)));
-}
-
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -765,6 +452,14 @@ fn runtime_preferring_lanes() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
+#[cfg(feature = "server")]
+use comsat_relay::bulk_nice as server_bulk_nice;
+/// An agent-only build runs no relay, which asks for none.
+#[cfg(not(feature = "server"))]
+fn server_bulk_nice() -> i32 {
+    0
+}
+
 /// Raises the calling worker thread's niceness to what the relay or agent
 /// asks for, once (Linux keeps niceness per thread; raising it needs no
 /// privilege, lowering it would, so it only ever goes up).
@@ -772,7 +467,7 @@ fn take_bulk_nice() {
     thread_local! {
         static TAKEN: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
     }
-    let want = comsat_relay::bulk_nice().max(comsat_agent::bulk_nice());
+    let want = server_bulk_nice().max(comsat_agent::bulk_nice());
     TAKEN.with(|taken| {
         let more = want - taken.get();
         if more <= 0 {

@@ -261,7 +261,7 @@ async fn start_agents(
         tasks.spawn(async move {
             let mut fed = FedAgent {
                 agent: &mut agent,
-                announce: crate::announce,
+                announce: comsat_agent::enrolled::announce,
             };
             let applied = fed.apply_cached(&agent_dir).await;
             tokio::select! {

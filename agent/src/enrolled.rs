@@ -91,3 +91,20 @@ impl AgentSink for FedAgent<'_> {
         Box::new(self.agent.status_source())
     }
 }
+
+/// Prints what applying a desired state did, in the machine-readable
+/// lines the tests and scripts read.
+pub fn announce(applied: &Applied) {
+    for (name, addr) in &applied.listening {
+        println!("comsat agent link {name} listening {addr}");
+    }
+    for name in &applied.removed {
+        println!("comsat agent link {name} removed");
+    }
+    for (name, _) in &applied.failed {
+        println!("comsat agent link {name} failed");
+    }
+    for (name, _) in &applied.refused {
+        println!("comsat agent link {name} refused");
+    }
+}

@@ -1,4 +1,5 @@
-//! The admin HTTP server: `/metrics`, `/healthz`, `/readyz`.
+//! The admin HTTP server of relays and agents: `/metrics`, `/healthz`,
+//! `/readyz`.
 //!
 //! Serve it on a loopback or management address only: it needs no
 //! authentication because it reveals nothing secret, but it does reveal

@@ -17,16 +17,19 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
+pub mod admin;
 pub mod agent;
 pub mod apply;
 pub mod client;
 pub mod ctl;
 pub mod keys;
+mod memory;
 mod metric_set;
 pub mod relay;
 mod retry;
 pub mod state;
 
+pub use memory::keep_freed_memory;
 pub use state::{Enrolled, NodeState, enrol, read_at_most, read_token, write_atomic};
 
 /// Unix time now, in seconds.

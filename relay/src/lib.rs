@@ -6,12 +6,11 @@
 //! streams. It only ever sees ciphertext: the agents run Noise end to end.
 //!
 //! Entry points: [`RelayConfig::load`], then [`Relay::bind`] and
-//! [`Relay::run`]. [`admin`] serves metrics and health.
+//! [`Relay::run`]. `comsat_node::admin` serves its metrics and health.
 
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
-pub mod admin;
 pub mod adversary;
 pub mod config;
 pub mod defaults;
