@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use comsat_protocol::RelayId;
-use comsat_protocol::api::{HalfReport, HalfState};
+use comsat_protocol::api::{HalfReport, HalfState, MAX_STATUS_REASON_LEN};
 use tracing::{info, warn};
 
 use crate::config::LocalSpec;
@@ -84,10 +84,24 @@ impl LinkRt {
         HalfReport {
             link_id: self.cfg.link_id,
             state,
-            reason,
+            reason: reason.map(at_most),
             relay_id: at.relay,
         }
     }
+}
+
+/// `reason`, cut to what a report may carry ([`MAX_STATUS_REASON_LEN`]
+/// bytes) at a character boundary.
+fn at_most(mut reason: String) -> String {
+    if reason.len() > MAX_STATUS_REASON_LEN {
+        let mut end = MAX_STATUS_REASON_LEN - "…".len();
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push('…');
+    }
+    reason
 }
 
 /// Serves `rt`'s listener after its first bind failed with `error`:
@@ -115,5 +129,21 @@ pub(crate) async fn listen_retrying(
             }
             Err(e) => error = e,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_reason_is_cut_to_what_a_report_carries() {
+        assert_eq!(at_most("short".into()), "short");
+        let long = format!("cannot listen on unix:///{}: in use", "é".repeat(600));
+        let cut = at_most(long.clone());
+        assert!(cut.len() <= MAX_STATUS_REASON_LEN, "{}", cut.len());
+        assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
+        let exact = "x".repeat(MAX_STATUS_REASON_LEN);
+        assert_eq!(at_most(exact.clone()), exact);
     }
 }

@@ -23,8 +23,9 @@ pub const STATUS_STALE_SECS: u64 = 2 * STATUS_REFRESH_SECS + 30;
 /// Most link halves in one [`AgentLinkStatus`].
 pub const MAX_STATUS_LINKS: usize = 4096;
 
-/// Longest reason in a [`HalfReport`], in bytes.
-pub const MAX_STATUS_REASON_LEN: usize = 1024;
+/// Longest reason in a [`HalfReport`], in bytes (an agent cuts a longer
+/// one: a whole report stays well below the API's body limit).
+pub const MAX_STATUS_REASON_LEN: usize = 512;
 
 /// `POST PATH_AGENT_LINK_STATUS`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
