@@ -244,10 +244,11 @@ pub(crate) fn enrol_limiter() -> SourceLimiter {
     SourceLimiter::new(20, 1.0 / 3.0)
 }
 
-/// Failed authentications per source: 20 at once, then one a second.
-/// While a source has none left, even a correct credential is refused.
-pub(crate) fn auth_failure_limiter() -> SourceLimiter {
-    SourceLimiter::new(20, 1.0)
+/// Failed authentications per source: `burst` at once (the controller's
+/// `auth_failures_per_source`), then one a second. While a source has none
+/// left, even a correct credential is refused.
+pub(crate) fn auth_failure_limiter(burst: u32) -> SourceLimiter {
+    SourceLimiter::new(burst, 1.0)
 }
 
 /// How long a limited caller is told to wait.

@@ -19,6 +19,7 @@
 //! | `max_connections` | 768 | HTTPS connections open at once (keep it below the process's open-file limit); when all are taken, the one waiting longest for a request head (slow, or idle after its answer) is closed to make room, and a newcomer is closed at once only when every connection holds a request in flight |
 //! | `max_connections_per_source` | 256 | of those, from one IPv4 address or IPv6 /64 (at most `max_connections`) |
 //! | `http_idle_timeout_secs` | 20 | a connection that completes no TLS handshake or request head for this long (a slow one, or one idle between requests) is closed; a request in flight is not idle (1 to 300) |
+//! | `auth_failures_per_source` | 20 | failed authentications an address may make at once before it gets 429 (then one a second; even a correct credential waits meanwhile; 1 to 1000000) |
 //! | `tls_cert` | `tls.crt` | the HTTPS server certificate chain (PEM) |
 //! | `tls_key` | `tls.key` | its private key (PEM, mode 0600) |
 //! | `ca` | `ca.pem` | the CA nodes pin (its SHA-256 goes into join tokens; served at `/v1/ca`) |
@@ -88,6 +89,9 @@ fn default_max_connections_per_source() -> usize {
 fn default_http_idle_timeout() -> u64 {
     20
 }
+fn default_auth_failures_per_source() -> u32 {
+    20
+}
 fn path_default(s: &str) -> PathBuf {
     PathBuf::from(s)
 }
@@ -135,6 +139,10 @@ pub struct ControllerConfig {
     /// request head.
     #[serde(default = "default_http_idle_timeout")]
     pub http_idle_timeout_secs: u64,
+    /// Failed authentications an address may make at once before it is
+    /// refused with 429 (then one a second).
+    #[serde(default = "default_auth_failures_per_source")]
+    pub auth_failures_per_source: u32,
     /// HTTPS certificate chain (PEM).
     #[serde(default = "tls_cert_default")]
     pub tls_cert: PathBuf,
@@ -196,6 +204,7 @@ impl Default for ControllerConfig {
             max_connections: default_max_connections(),
             max_connections_per_source: default_max_connections_per_source(),
             http_idle_timeout_secs: default_http_idle_timeout(),
+            auth_failures_per_source: default_auth_failures_per_source(),
             tls_cert: tls_cert_default(),
             tls_key: tls_key_default(),
             ca: ca_default(),
@@ -358,6 +367,9 @@ pub enum ConfigError {
     /// `http_idle_timeout_secs` out of range.
     #[error("http_idle_timeout_secs must be 1 to 300")]
     IdleTimeout,
+    /// `auth_failures_per_source` out of range.
+    #[error("auth_failures_per_source must be 1 to 1000000")]
+    AuthFailures,
 }
 
 /// Whether `host` is `localhost` or a loopback IP.
@@ -448,6 +460,9 @@ impl ControllerConfig {
         }
         if !(1..=300).contains(&self.http_idle_timeout_secs) {
             return Err(ConfigError::IdleTimeout);
+        }
+        if !(1..=1_000_000).contains(&self.auth_failures_per_source) {
+            return Err(ConfigError::AuthFailures);
         }
         Ok(())
     }

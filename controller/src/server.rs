@@ -158,6 +158,7 @@ impl Controller {
             .map_err(|source| ControllerError::Bind { addr, source })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let audience = format!("comsat-controller:{}", authority.public());
+        let auth_failures = config.auth_failures_per_source;
         let shared = Arc::new(Shared {
             relay_cursors: std::sync::Mutex::default(),
             store: Arc::new(store),
@@ -172,7 +173,7 @@ impl Controller {
             link_lock: Mutex::new(()),
             started_at: unix_now(),
             enrol_limit: crate::audit::enrol_limiter(),
-            auth_limit: crate::audit::auth_failure_limiter(),
+            auth_limit: crate::audit::auth_failure_limiter(auth_failures),
             metrics: opts.metrics.clone(),
         });
         Ok(Self {
@@ -188,6 +189,12 @@ impl Controller {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Every (path, method) its API serves: what its OpenAPI description
+    /// must hold.
+    pub fn api_routes(&self) -> Vec<(String, &'static str)> {
+        crate::http::route_table(&self.shared)
     }
 
     /// The JWT audience of this deployment.

@@ -783,3 +783,46 @@ async fn relay_join_tokens_are_audited_as_sensitive_and_may_name_one_relay() {
         "{tokens:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_administrator_cannot_be_taken_away() {
+    let api = start("").await;
+    let users: Vec<api::PrincipalInfo> = api.admin_get(api::PATH_USERS).await;
+    let admin_token = users[0].tokens[0].id.clone();
+    let lockouts = [
+        (Method::DELETE, format!("{}/admin", api::PATH_ROLE_BINDINGS)),
+        (
+            Method::DELETE,
+            format!("{}/admin/tokens/{admin_token}", api::PATH_USERS),
+        ),
+    ];
+    for (method, path) in &lockouts {
+        let (status, text) = call(&api, &api.admin, method.clone(), path, None).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{method} {path}: {text}");
+        assert!(
+            text.contains("no user or service account with the role admin"),
+            "{text}"
+        );
+    }
+    // Another administrator, with a token: now each may go, but not both.
+    let ops = bind_a_service_account(&api, "admin").await;
+    let (status, text) = call(&api, &ops, Method::DELETE, &lockouts[0].1, None).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let (status, text) = call(&api, &ops, Method::DELETE, &lockouts[1].1, None).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the user admin no longer administers: {text}"
+    );
+    let (status, text) = call(
+        &api,
+        &ops,
+        Method::DELETE,
+        &format!("{}/b-admin", api::PATH_ROLE_BINDINGS),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{text}");
+    let (status, _) = call(&api, &ops, Method::GET, api::PATH_ROLE_BINDINGS, None).await;
+    assert_eq!(status, StatusCode::OK, "the last administrator still works");
+}

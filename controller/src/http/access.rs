@@ -125,10 +125,37 @@ impl Policy {
     }
 }
 
-/// The router being built: every route goes in with its [`Policy`].
+/// The router being built: every route goes in with its [`Policy`], and
+/// in the table of (path, method) the API's description is checked
+/// against.
 pub(super) struct Routes {
     router: Router<AppState>,
     state: AppState,
+    table: Vec<(String, &'static str)>,
+}
+
+/// One method's handler at a route, named for the route table.
+pub(super) struct Handler(&'static str, MethodRouter<AppState>);
+
+macro_rules! methods {
+    ($($method:ident),*) => {$(
+        /// The handler of this method, named for the route table.
+        pub(super) fn $method<H, T>(handler: H) -> Handler
+        where
+            H: axum::handler::Handler<T, AppState>,
+            T: 'static,
+        {
+            Handler(stringify!($method), axum::routing::$method(handler))
+        }
+    )*};
+}
+methods!(get, post, patch, delete);
+
+impl Handler {
+    /// `router`, already made (with layers of its own), serving `method`.
+    pub(super) fn of(method: &'static str, router: MethodRouter<AppState>) -> Self {
+        Self(method, router)
+    }
 }
 
 impl Routes {
@@ -136,21 +163,29 @@ impl Routes {
         Self {
             router: Router::new(),
             state: state.clone(),
+            table: Vec::new(),
         }
     }
 
-    /// Serves `handler` (one method, or several under the same policy) at
-    /// `path`, behind `policy`.
-    pub(super) fn add(self, path: &str, policy: Policy, handler: MethodRouter<AppState>) -> Self {
+    /// Serves `handler` at `path`, behind `policy`.
+    pub(super) fn add(mut self, path: &str, policy: Policy, handler: Handler) -> Self {
+        let Handler(method, handler) = handler;
         let guard = middleware::from_fn_with_state((self.state.clone(), Arc::new(policy)), guard);
+        self.table.push((path.to_owned(), method));
         Self {
             router: self.router.route(path, handler.route_layer(guard)),
             state: self.state,
+            table: self.table,
         }
     }
 
     pub(super) fn into_router(self) -> Router<AppState> {
         self.router
+    }
+
+    /// Every (path, method) served.
+    pub(super) fn table(&self) -> Vec<(String, &'static str)> {
+        self.table.clone()
     }
 }
 

@@ -1,9 +1,9 @@
 //! The audit log, as operators read it.
 
+use super::access::get;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::routing::get;
 use comsat_protocol::api::{self, AuditRecord};
 use serde::Deserialize;
 

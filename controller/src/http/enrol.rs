@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
+use super::access::{Handler, get, post};
 use crate::unix_now;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use comsat_node::keys::RandomId;
 use comsat_protocol::api::{
     self, EnrolRequest, EnrolResponse, JoinToken, NodeKind, TokenCreate, TokenCreated,
@@ -46,7 +46,10 @@ pub(super) fn routes(r: Routes) -> Routes {
             api::PATH_ENROL,
             Policy::public().audited("enrol"),
             // A stranger's body: small (a request is a few KiB with a CSR).
-            post(enrol).layer(DefaultBodyLimit::max(api::MAX_ENROL_BODY_LEN)),
+            Handler::of(
+                "post",
+                axum::routing::post(enrol).layer(DefaultBodyLimit::max(api::MAX_ENROL_BODY_LEN)),
+            ),
         )
 }
 

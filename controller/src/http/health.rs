@@ -19,11 +19,11 @@
 
 use std::time::{Duration, Instant};
 
+use super::access::get;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use metrics::{counter, gauge, histogram};
 
 use comsat_protocol::RelayId;

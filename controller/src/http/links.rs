@@ -1,11 +1,11 @@
 //! Links: their checks, creation, changes and deletion.
 
+use super::access::{delete, get, patch, post};
 use crate::unix_now;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get, patch, post};
 use comsat_node::keys::RandomId;
 use comsat_protocol::LinkId;
 use comsat_protocol::api::{

@@ -22,6 +22,7 @@ mod enrol;
 pub(crate) mod health;
 mod links;
 mod nodes;
+mod openapi;
 mod rbac;
 
 use std::sync::Arc;
@@ -39,19 +40,28 @@ pub(super) type AppState = Arc<Shared>;
 /// The API's routes. Each module lists its own, each route with its
 /// [`access::Policy`]: who may call it and what its success records.
 pub(crate) fn router(state: AppState) -> Router {
-    let routes = access::Routes::new(&state);
+    routes(&state)
+        .into_router()
+        .fallback(|| async { ApiError::not_found("no such API path") })
+        .layer(axum::middleware::from_fn(health::count_request))
+        .layer(DefaultBodyLimit::max(api::MAX_BODY_LEN))
+        .with_state(state)
+}
+
+fn routes(state: &AppState) -> access::Routes {
+    let routes = access::Routes::new(state);
     let routes = enrol::routes(routes);
     let routes = nodes::routes(routes);
     let routes = links::routes(routes);
     let routes = rbac::routes(routes);
     let routes = audit::routes(routes);
     let routes = health::routes(routes);
-    routes
-        .into_router()
-        .fallback(|| async { ApiError::not_found("no such API path") })
-        .layer(axum::middleware::from_fn(health::count_request))
-        .layer(DefaultBodyLimit::max(api::MAX_BODY_LEN))
-        .with_state(state)
+    openapi::routes(routes)
+}
+
+/// Every (path, method) the API serves, in the order they were added.
+pub(crate) fn route_table(state: &AppState) -> Vec<(String, &'static str)> {
+    routes(state).table()
 }
 
 /// Parses a JSON body read as bytes (after the caller was authenticated:

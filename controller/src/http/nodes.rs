@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use super::access::{delete, get, post};
 use crate::unix_now;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
 use comsat_protocol::api::{
     self, AgentDesired, AgentInfo, AgentLink, CertRequest, CertResponse, Empty, NodeKind, PeerMove,
     RelayAddr, RelayEvent, RelayEventKind, RelayEvents, RelayHeartbeat, RelayInfo, RelaySilent,

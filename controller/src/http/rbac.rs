@@ -1,12 +1,12 @@
 //! Users and service accounts with their API tokens, roles and role
 //! bindings.
 
+use super::access::{delete, get, post};
 use crate::unix_now;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
 use comsat_protocol::api::{
     self, Empty, PrincipalCreate, PrincipalCreated, PrincipalInfo, PrincipalKind,
     RoleBindingCreate, RoleBindingInfo, RoleCreate, RoleInfo,
@@ -156,6 +156,7 @@ async fn delete_principal(
             "{target} cannot delete itself; use another account"
         )));
     }
+    keep_an_admin(&state, Lost::Principal(kind, &name)).await?;
     if !state.store.delete_principal(kind, &name).await? {
         return Err(ApiError::not_found(format!("no {kind} named `{name}`")));
     }
@@ -205,6 +206,7 @@ async fn revoke_token(
     kind: PrincipalKind,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<(Audited, Json<Empty>), ApiError> {
+    keep_an_admin(&state, Lost::Token(kind, &name, &id)).await?;
     if !state
         .store
         .revoke_token(kind, &name, &id, unix_now())
@@ -394,10 +396,54 @@ async fn delete_binding(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<(Audited, Json<Empty>), ApiError> {
+    keep_an_admin(&state, Lost::Binding(&name)).await?;
     if !state.store.delete_binding(&name).await? {
         return Err(ApiError::not_found(format!(
             "no role binding named `{name}`"
         )));
     }
     Ok((Audited::on(format!("rolebinding/{name}")), Json(Empty {})))
+}
+
+/// What a change would take away.
+#[derive(Clone, Copy)]
+enum Lost<'a> {
+    Binding(&'a str),
+    Principal(PrincipalKind, &'a str),
+    Token(PrincipalKind, &'a str, &'a str),
+}
+
+/// Refuses (409) a change after which no user or service account would
+/// hold the built-in `admin` role with a token that works: nobody could
+/// bind roles, make tokens or undo the change any more. (Two such changes
+/// at once on different controllers can still both pass.)
+async fn keep_an_admin(state: &Shared, lost: Lost<'_>) -> Result<(), ApiError> {
+    let now = unix_now();
+    let bindings = state.store.bindings().await?;
+    for kind in [PrincipalKind::User, PrincipalKind::ServiceAccount] {
+        for p in state.store.principals(kind).await? {
+            if matches!(lost, Lost::Principal(k, n) if k == kind && n == p.name) {
+                continue;
+            }
+            let admin = bindings.iter().any(|b| {
+                b.role == "admin"
+                    && b.subject_kind == kind
+                    && b.subject_name == p.name
+                    && !matches!(lost, Lost::Binding(n) if n == b.name)
+            });
+            let token = p.tokens.iter().any(|t| {
+                t.revoked_at.is_none()
+                    && t.expires_at.is_none_or(|e| e > now)
+                    && !matches!(lost, Lost::Token(k, n, id) if k == kind && n == p.name && id == t.id)
+            });
+            if admin && token {
+                return Ok(());
+            }
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "this would leave no user or service account with the role admin and a token that \
+         works: bind admin to another one (`comsat ctl rolebinding create`) first",
+    ))
 }

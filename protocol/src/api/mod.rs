@@ -32,6 +32,7 @@
 //! | [`PATH_ROLE_BINDINGS`], `…/{name}` | GET / POST / DELETE | `rolebindings` | [`RoleBindingCreate`] → [`RoleBindingInfo`] |
 //! | [`PATH_AUDIT`] | GET `?since=S&subject=P&limit=N` | `audit` list | → `Vec<`[`AuditRecord`]`>` |
 //! | [`PATH_STATUS`] | GET | `status` get | → [`Status`] |
+//! | [`PATH_OPENAPI`] | GET | anyone | → this API's OpenAPI 3 document (YAML) |
 
 use std::fmt;
 
@@ -70,6 +71,8 @@ pub const PATH_RELAYS: &str = "/v1/relays";
 pub const PATH_LINKS: &str = "/v1/links";
 /// Summary (admin).
 pub const PATH_STATUS: &str = "/v1/status";
+/// `GET`: the API's OpenAPI 3 document (YAML), for anyone.
+pub const PATH_OPENAPI: &str = "/v1/openapi.yaml";
 /// `GET`: the audit log (admin), `?since=UNIX_SECS&subject=S&limit=N`.
 pub const PATH_AUDIT: &str = "/v1/audit";
 /// `GET` list, `POST` create ([`PrincipalCreate`]): service accounts;
