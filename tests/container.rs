@@ -45,11 +45,8 @@ impl Drop for Removed {
 
 #[test]
 fn the_image_builds_runs_as_comsat_and_checks_its_health() -> Result<()> {
-    let Some(base) = std::env::var("COMSAT_TEST_DOCKER_BASE")
-        .ok()
-        .filter(|b| !b.is_empty())
+    let Some(base) = comsat_tests::tools::from_env("COMSAT_TEST_DOCKER_BASE", "building the image")
     else {
-        eprintln!("COMSAT_TEST_DOCKER_BASE is not set: the image is not built");
         return Ok(());
     };
     let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile");

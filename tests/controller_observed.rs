@@ -77,26 +77,13 @@ async fn the_controller_answers_health_readiness_and_metrics() -> Result<()> {
 /// Runs `promtool check metrics` (Prometheus's own linter) on `text`, the
 /// scrape of `what`.
 fn promtool_check(promtool: &str, what: &str, text: &str) -> Result<()> {
-    use std::io::Write;
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("promtool's stdin")?
-        .write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "promtool finds fault with the metrics of {what}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    let mut cmd = std::process::Command::new(promtool);
+    cmd.args(["check", "metrics"]);
+    comsat_tests::tools::passes(
+        cmd,
+        Some(text.as_bytes()),
+        &format!("the metrics of {what}"),
+    )
 }
 
 /// Every component's `/metrics`, scraped while a link carries bytes, passes
@@ -104,11 +91,8 @@ fn promtool_check(promtool: &str, what: &str, text: &str) -> Result<()> {
 /// tool (CI installs Debian's `prometheus` package for it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_components_metrics_pass_promtool() -> Result<()> {
-    let Some(promtool) = std::env::var("COMSAT_TEST_PROMTOOL")
-        .ok()
-        .filter(|p| !p.is_empty())
+    let Some(promtool) = comsat_tests::tools::from_env("COMSAT_TEST_PROMTOOL", "promtool's check")
     else {
-        eprintln!("COMSAT_TEST_PROMTOOL is not set: promtool's check does not run");
         return Ok(());
     };
     let (c, listen, _) = demo().await?;

@@ -222,24 +222,17 @@ fn the_kubernetes_manifests_validate() -> Result<()> {
         sorted == files,
         "kustomization lists {listed:?}, the directory holds {files:?}"
     );
-    let Some(validate) = std::env::var("COMSAT_TEST_KUBERNETES_VALIDATE")
-        .ok()
-        .filter(|v| !v.is_empty())
-    else {
-        eprintln!("COMSAT_TEST_KUBERNETES_VALIDATE is not set: the manifests are not validated");
+    let Some(validate) = comsat_tests::tools::from_env(
+        "COMSAT_TEST_KUBERNETES_VALIDATE",
+        "validating the manifests",
+    ) else {
         return Ok(());
     };
     for file in &files {
-        let out = Command::new(&validate)
-            .args(["--strict", "--kubernetes-version", "1.30.0"])
-            .arg(dir.join(file))
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "{file} does not validate:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut cmd = Command::new(&validate);
+        cmd.args(["--strict", "--kubernetes-version", "1.30.0"])
+            .arg(dir.join(file));
+        comsat_tests::tools::passes(cmd, None, file)?;
     }
     Ok(())
 }

@@ -466,13 +466,7 @@ async fn bad_patches_push_nothing(api: &Api, relays: [&Node; 2], cursors: &[u64]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agents_refusals_show_with_the_link_and_in_the_audit_log() {
     let api = start("").await;
-    let a = api.enrol_agent("a").await;
-    let b = api.enrol_agent("b").await;
-    let c = api.enrol_agent("c").await;
-    let r1 = api.enrol_relay("r1", "127.0.0.1:4431").await;
-    api.heartbeat(&r1).await;
-    let resp = api.create_link(&link("db", "a", "b")).await;
-    assert_eq!(resp.status(), StatusCode::CREATED);
+    let ([a, b, c, _], _) = db_between_a_and_b(&api).await;
     let refuse = async |agent: &Node, body: serde_json::Value| {
         let resp = api
             .client
@@ -586,14 +580,7 @@ async fn a_second_link_at_one_agents_listen_address_is_refused_naming_the_first(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_shows_what_its_agents_report_worst_first() {
     let api = start("").await;
-    let a = api.enrol_agent("a").await;
-    let b = api.enrol_agent("b").await;
-    let c = api.enrol_agent("c").await;
-    let r1 = api.enrol_relay("r1", "127.0.0.1:4431").await;
-    api.heartbeat(&r1).await;
-    let resp = api.create_link(&link("db", "a", "b")).await;
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    let created: LinkInfo = resp.json().await.expect("json");
+    let ([a, b, c, r1], created) = db_between_a_and_b(&api).await;
     let id = created.link_id.to_string();
     let relay = r1.relay_id().to_string();
     assert_eq!(created.status.state, api::LinkState::Unknown);
@@ -688,4 +675,16 @@ async fn a_link_shows_what_its_agents_report_worst_first() {
         .await
         .expect("send");
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// Agents a, b and c, relay r1 (healthy), and link `db` from a to b.
+async fn db_between_a_and_b(api: &Api) -> ([Node; 4], LinkInfo) {
+    let a = api.enrol_agent("a").await;
+    let b = api.enrol_agent("b").await;
+    let c = api.enrol_agent("c").await;
+    let r1 = api.enrol_relay("r1", "127.0.0.1:4431").await;
+    api.heartbeat(&r1).await;
+    let resp = api.create_link(&link("db", "a", "b")).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    ([a, b, c, r1], resp.json().await.expect("json"))
 }

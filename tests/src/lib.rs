@@ -19,6 +19,7 @@ pub mod netns;
 pub mod oracle;
 pub mod proc;
 pub mod raw;
+pub mod tools;
 
 pub use oracle::Oracle;
 
