@@ -523,9 +523,9 @@ impl Agent {
 
     /// A function telling whether every link is up: its listener bound,
     /// attached to a relay with an end-to-end session, its peer attached
-    /// there too (what
-    /// `/readyz` reports). A link whose peer is away still takes flows (the
-    /// relay holds them until it is back), but is not ready.
+    /// there too (what `/readyz` reports). A link whose peer is away still
+    /// takes flows (the relay holds them until it is back), but is not
+    /// ready.
     pub fn readiness(&self) -> impl Fn() -> bool + Send + Sync + 'static {
         let live = self.live.clone();
         move || lock(&live).iter().all(|l| l.up() && l.local_ok())
