@@ -4,7 +4,9 @@
 #   docker run --rm comsat --version
 #
 # Stages, in the order the classic builder runs them:
-#   runtime   the base image (BASE) with the `comsat` user and its data dir;
+#   runtime   the base image (BASE) with the `comsat` user, its data dir
+#             (/var/lib/comsat) and a directory for links' local sockets
+#             (/run/comsat), for volumes to share with applications;
 #   prebuilt  runtime + a binary built elsewhere, from a context holding
 #             just `comsat` (`docker build --target prebuilt CONTEXT`), for
 #             machines that build on the host or cannot pull a Rust image;
@@ -21,9 +23,10 @@ ARG BUILDER=rust:1.95-slim-bookworm
 FROM ${BASE} AS runtime
 RUN groupadd --system --gid 10001 comsat \
  && useradd --system --uid 10001 --gid comsat --home-dir /var/lib/comsat --no-create-home comsat \
- && mkdir -p /var/lib/comsat \
- && chown comsat:comsat /var/lib/comsat \
- && chmod 0750 /var/lib/comsat
+ && mkdir -p /var/lib/comsat /run/comsat \
+ && chown comsat:comsat /var/lib/comsat /run/comsat \
+ && chmod 0750 /var/lib/comsat \
+ && chmod 0755 /run/comsat
 # The admin address's /healthz (relays and agents run with
 # `--admin 127.0.0.1:$COMSAT_ADMIN_PORT`; the controller's health is on
 # its HTTPS port: disable this check for it, or probe /healthz there).

@@ -6,42 +6,12 @@
 //! debootstrap and `docker import`); each image and container it makes is
 //! removed, by name, when it ends.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
+use comsat_tests::docker::{Removed, build_image, docker};
 
 const BIN: &str = env!("CARGO_BIN_EXE_comsat");
-
-/// Runs `docker ARGS`: its stdout, or why it failed.
-fn docker(args: &[&str]) -> Result<String> {
-    let out = Command::new("docker")
-        .args(args)
-        .env("DOCKER_BUILDKIT", "0")
-        .output()
-        .context("running docker")?;
-    if !out.status.success() {
-        bail!(
-            "docker {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-/// Removes an image or container by name when dropped.
-struct Removed(&'static str, String);
-
-impl Drop for Removed {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args([self.0, "-f", &self.1])
-            .output();
-    }
-}
 
 #[test]
 fn the_image_builds_runs_as_comsat_and_checks_its_health() -> Result<()> {
@@ -49,24 +19,8 @@ fn the_image_builds_runs_as_comsat_and_checks_its_health() -> Result<()> {
     else {
         return Ok(());
     };
-    let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile");
-    let context = tempfile::tempdir()?;
-    std::fs::copy(BIN, context.path().join("comsat"))?;
     let tag = format!("comsat-test:{}", rand::random::<u32>());
-    let _image = Removed("rmi", tag.clone());
-    docker(&[
-        "build",
-        "--quiet",
-        "--file",
-        &dockerfile.to_string_lossy(),
-        "--target",
-        "prebuilt",
-        "--build-arg",
-        &format!("BASE={base}"),
-        "--tag",
-        &tag,
-        &context.path().to_string_lossy(),
-    ])?;
+    let _image = build_image(&base, BIN, &tag)?;
 
     let version = docker(&["run", "--rm", &tag, "--version"])?;
     ensure!(

@@ -6,6 +6,8 @@
 //! - The Kubernetes manifests: the relay's drain ends before its preStop
 //!   hook gives up and that before Kubernetes kills it, and every object
 //!   validates against the Kubernetes schemas (`kubernetes-validate`).
+//! - The Compose fleet: Compose waits out a relay's drain before it kills
+//!   it (the fleet itself runs in `tests/compose_fleet.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -234,5 +236,38 @@ fn the_kubernetes_manifests_validate() -> Result<()> {
             .arg(dir.join(file));
         comsat_tests::tools::passes(cmd, None, file)?;
     }
+    Ok(())
+}
+
+/// Compose's stop (SIGTERM, then SIGKILL after `stop_grace_period`) leaves
+/// a relay of `deploy/compose` its whole drain.
+#[test]
+fn compose_waits_out_the_relays_drain() -> Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/compose/compose.yaml");
+    let text = std::fs::read_to_string(path)?;
+    let run = text
+        .lines()
+        .find(|l| l.contains("comsat relay run"))
+        .context("no `comsat relay run` in compose.yaml")?;
+    let words: Vec<&str> = run.split_whitespace().collect();
+    let at = words
+        .iter()
+        .position(|w| *w == "--drain-grace")
+        .context("the relay's --drain-grace")?;
+    let grace = secs(words.get(at + 1).context("a value after --drain-grace")?)?;
+    let stops: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("stop_grace_period:"))
+        .map(|v| secs(v.trim()))
+        .collect::<Result<_>>()?;
+    ensure!(
+        stops.len() == 1,
+        "one stop_grace_period, the nodes': {stops:?}"
+    );
+    ensure!(
+        grace < stops[0],
+        "the relay drains for {grace} s, Compose kills it after {} s",
+        stops[0]
+    );
     Ok(())
 }

@@ -6,14 +6,14 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use comsat_tests::oracle::{Received, hash_counting};
 use comsat_tests::{Oracle, metric, scrape};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::common::System;
 
@@ -24,19 +24,36 @@ pub const PER_FLOW: u64 = 32 * 1024 * 1024;
 
 pub const REPLY_XOR: u64 = 0x0bad_cafe;
 
-/// Sends `seed` + its stream and hashes what comes back, counting progress.
+/// How long a slowed sender waits after each chunk: about 1.3 MB/s a
+/// flow, so a disruption is sure to happen in the middle of a transfer.
+const SLOW_PAUSE: Duration = Duration::from_millis(50);
+
+/// Sends `seed` + its stream and hashes what comes back, counting progress;
+/// while `slow` is set, the sender pauses after every chunk.
 pub async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     s: S,
     send_seed: u64,
     header: Option<u64>,
     progress: &AtomicU64,
+    slow: &AtomicBool,
 ) -> Result<Received> {
     let (mut r, mut w) = tokio::io::split(s);
     let send = async {
         if let Some(h) = header {
             w.write_u64(h).await?;
         }
-        Oracle::write_to(send_seed, PER_FLOW, &mut w).await?;
+        let mut o = Oracle::new(send_seed, PER_FLOW);
+        let mut buf = Vec::new();
+        loop {
+            o.next_chunk(&mut buf);
+            if buf.is_empty() {
+                break;
+            }
+            w.write_all(&buf).await?;
+            if slow.load(Ordering::Relaxed) {
+                tokio::time::sleep(SLOW_PAUSE).await;
+            }
+        }
         w.shutdown().await
     };
     let (sent, received) = tokio::join!(send, hash_counting(&mut r, progress));
@@ -47,7 +64,29 @@ pub async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
 /// A running bulk transfer: 4 flows, 32 MiB each way each.
 pub struct Bulk {
     pub progress: Arc<AtomicU64>,
+    /// While set, every sender is slowed down (see [`exchange`]).
+    pub slow: Arc<AtomicBool>,
     pub done: tokio::task::JoinHandle<Result<()>>,
+}
+
+/// Where the server side of a [`Bulk`] accepts its flows.
+pub trait Accept: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = TcpStream;
+    async fn accept(&self) -> std::io::Result<TcpStream> {
+        Ok(Self::accept(self).await?.0)
+    }
+}
+
+impl Accept for UnixListener {
+    type Stream = UnixStream;
+    async fn accept(&self) -> std::io::Result<UnixStream> {
+        Ok(Self::accept(self).await?.0)
+    }
 }
 
 impl Bulk {
@@ -64,17 +103,30 @@ impl Bulk {
         C: Fn() -> CF,
         CF: Future<Output = std::io::Result<TcpStream>> + Send + 'static,
     {
+        Self::over(connect, target, false)
+    }
+
+    /// Like [`Self::start_with`] over any kind of stream, slowed from the
+    /// start if `slow` (until [`Self::full_speed`]).
+    pub fn over<C, CF, S, A>(connect: C, target: A, slow: bool) -> Self
+    where
+        C: Fn() -> CF,
+        CF: Future<Output = std::io::Result<S>> + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        A: Accept,
+    {
         let progress = Arc::new(AtomicU64::new(0));
+        let slow = Arc::new(AtomicBool::new(slow));
         let server = {
-            let progress = progress.clone();
+            let (progress, slow) = (progress.clone(), slow.clone());
             tokio::spawn(async move {
                 let mut flows = Vec::new();
                 for _ in 0..FLOWS {
-                    let (mut s, _) = target.accept().await?;
-                    let progress = progress.clone();
+                    let mut s = target.accept().await?;
+                    let (progress, slow) = (progress.clone(), slow.clone());
                     flows.push(tokio::spawn(async move {
                         let seed = s.read_u64().await?;
-                        let got = exchange(s, seed ^ REPLY_XOR, None, &progress).await?;
+                        let got = exchange(s, seed ^ REPLY_XOR, None, &progress, &slow).await?;
                         anyhow::Ok((seed, got))
                     }));
                 }
@@ -83,11 +135,11 @@ impl Bulk {
         };
         let clients: Vec<_> = (1..=FLOWS)
             .map(|seed| {
-                let progress = progress.clone();
+                let (progress, slow) = (progress.clone(), slow.clone());
                 let connecting = connect();
                 tokio::spawn(async move {
                     let s = connecting.await?;
-                    let got = exchange(s, seed, Some(seed), &progress).await?;
+                    let got = exchange(s, seed, Some(seed), &progress, &slow).await?;
                     anyhow::Ok((seed, got))
                 })
             })
@@ -118,7 +170,16 @@ impl Bulk {
             );
             Ok(())
         });
-        Self { progress, done }
+        Self {
+            progress,
+            slow,
+            done,
+        }
+    }
+
+    /// Lets every sender go as fast as the link takes.
+    pub fn full_speed(&self) {
+        self.slow.store(false, Ordering::Relaxed);
     }
 
     /// Waits until `at` bytes have arrived, in either direction.

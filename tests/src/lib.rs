@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod docker;
 pub mod fault;
 pub mod fleet;
 pub mod hostile;
