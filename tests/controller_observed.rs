@@ -189,3 +189,39 @@ async fn the_controller_counts_enrolments_refusals_polls_and_pending_events() ->
     );
     Ok(())
 }
+
+/// Relays label per-link series with the link's id; the controller's
+/// `comsat_controller_link_info` gives each id its name, so a query puts
+/// names on the relays' series. A deleted link's info series goes with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_names_the_links_the_relays_count_by_id() -> Result<()> {
+    let (c, listen, _) = demo().await?;
+    round_trip_eventually(listen, 1 << 16)
+        .await
+        .with_context(|| c.logs())?;
+    let shown: serde_json::Value =
+        serde_json::from_str(&c.ctl_ok(&["link", "show", "demo", "-o", "json"])?)?;
+    let id = shown["link_id"].as_str().context("link_id")?.to_owned();
+    let admin = std::fs::read_to_string(c.path("controller/admin.token"))?;
+    let admin = admin.trim();
+    let (code, m) = raw_get(&c, "/metrics", admin).await?;
+    ensure!(code == 200, "{code} {m}");
+    let info = format!("comsat_controller_link_info{{link=\"{id}\",name=\"demo\"}}");
+    ensure!(comsat_tests::metric(&m, &info) == 1.0, "no {info} in {m}");
+    // The relay counts the same link under the same label value.
+    let relay = comsat_tests::proc::scrape(c.relay_admin("relay-1")?)?;
+    let bytes = format!("comsat_relay_link_bytes_total{{link=\"{id}\",direction=\"a_to_b\"}}");
+    ensure!(
+        comsat_tests::metric(&relay, &bytes) > 0.0,
+        "no {bytes} in {relay}"
+    );
+
+    c.ctl_ok(&["link", "delete", "demo"])?;
+    let (code, m) = raw_get(&c, "/metrics", admin).await?;
+    ensure!(code == 200, "{code} {m}");
+    ensure!(
+        m.contains("# TYPE comsat_controller_link_info gauge") && !m.contains(&id),
+        "the deleted link's info series is still there: {m}"
+    );
+    Ok(())
+}

@@ -16,6 +16,12 @@
 //! | `comsat_controller_db_connections{state}` | gauge | the database pool's connections, `idle` and `busy`, when last scraped |
 //! | `comsat_controller_db_ping_seconds` | histogram | time for the database to answer a trivial query (at each `/readyz` and each scrape) |
 //! | `comsat_controller_relay_events_pending{relay}` | gauge | grant events a relay has not fetched yet, by relay name, at each scrape (counted up to 1,001) for the relays that long-poll this controller |
+//! | `comsat_controller_link_info{link,name}` | gauge | 1 for each link (the first 10,000 by name), read from the database at each scrape: `link` is its id, the label relays give their per-link series, `name` its name |
+//!
+//! Relays know a link by its id only (they hold grants, not names: need to
+//! know); `comsat_controller_link_info` puts names on their series in a
+//! query: `comsat_relay_link_bytes_total * on(link) group_left(name)
+//! comsat_controller_link_info`.
 
 use std::time::{Duration, Instant};
 
@@ -52,6 +58,11 @@ const DB_CONNECTIONS: &str = "comsat_controller_db_connections";
 const DB_PING: &str = "comsat_controller_db_ping_seconds";
 /// Grant events a relay has not fetched yet.
 const RELAY_EVENTS_PENDING: &str = "comsat_controller_relay_events_pending";
+
+/// The link info series, for the links a scrape reports.
+const LINK_INFO: &str = "comsat_controller_link_info";
+/// At most this many links get a [`LINK_INFO`] series, the first by name.
+const MAX_LINK_INFO: usize = 10_000;
 
 /// How long `/readyz` waits for the database.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -183,11 +194,47 @@ async fn observe(state: &AppState) {
     }
 }
 
+/// [`LINK_INFO`]'s family: a series for each link, rendered here rather
+/// than recorded, so that a deleted link's series goes with it. Empty when
+/// the database does not answer.
+async fn link_info(state: &AppState) -> String {
+    use std::fmt::Write;
+    let Ok(mut links) = state.store.links().await else {
+        return String::new();
+    };
+    links.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out = format!(
+        "# HELP {LINK_INFO} 1 for each link: its id (the label `link` of relays' per-link series) and name
+         # TYPE {LINK_INFO} gauge
+"
+    );
+    for link in links.iter().take(MAX_LINK_INFO) {
+        let _ = writeln!(
+            out,
+            "{LINK_INFO}{{link=\"{}\",name=\"{}\"}} 1",
+            hex::encode(link.link_id.0),
+            escape_label(&link.name)
+        );
+    }
+    out
+}
+
+/// `value` as a Prometheus label value (the controller's names never need
+/// it, but a database is read here, not trusted).
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 async fn render(State(state): State<AppState>) -> Response {
     match &state.metrics {
         Some(text) => {
             observe(&state).await;
-            ([("content-type", "text/plain; version=0.0.4")], (text.0)()).into_response()
+            let mut body = (text.0)();
+            body.push_str(&link_info(&state).await);
+            ([("content-type", "text/plain; version=0.0.4")], body).into_response()
         }
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
