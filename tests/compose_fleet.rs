@@ -313,7 +313,15 @@ impl Apps<'_> {
             "edge-a cut off for 3 s: {} bytes arrived meanwhile",
             back_at - cut_at
         );
-        self.finish(transfer, "through a cut network").await
+        self.finish(transfer, "through a cut network").await?;
+        // edge-a knew its own network was down (no route toward its
+        // relay): it waited for it and went back to the same relay, where
+        // edge-b still was, rather than blaming the relay and moving.
+        let offline = blocking(|| series(c, "edge-a", "comsat_agent_relay_offline_total"))?;
+        ensure!(offline >= 1.0, "edge-a did not see its network down");
+        let offline = blocking(|| series(c, "edge-b", "comsat_agent_relay_offline_total"))?;
+        ensure!(offline == 0.0, "edge-b, never cut off, counts {offline}");
+        Ok(())
     }
 }
 

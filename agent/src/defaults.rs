@@ -197,6 +197,11 @@ pub const BULK_NICE: u8 = 5;
 /// again.
 pub const BIND_RETRY: Duration = Duration::from_secs(1);
 
+/// How often an agent without a route toward its relay (its own network
+/// is down) looks whether it has one again: no packet goes on the wire
+/// for it, so it looks often, and is back within this of its network.
+pub const ROUTE_CHECK: Duration = Duration::from_millis(250);
+
 /// How often an agent looks whether its address toward a relay changed
 /// (a new uplink), to move the connection to a new socket at once. No
 /// packet goes on the wire for it.

@@ -7,6 +7,7 @@
 //! | `comsat_agent_relay_drains_total` | counter | times a draining relay told the agent to move its links to the next relay |
 //! | `comsat_agent_relay_silences_total` | counter | relay connections given up because the relay left data (or a keep-alive) unanswered past the watchdog's bound: a relay host gone or cut off |
 //! | `comsat_agent_relay_rebinds_total` | counter | relay connections (and lanes) moved to a new socket because this machine's address toward the relay changed (a new uplink): the connection migrates at once, without a new handshake |
+//! | `comsat_agent_relay_offline_total` | counter | relay connections lost because this machine had no route toward the relay (its own network went down): the agent waited for a route and went back to the same relay, without moving its links or blaming the relay |
 //! | `comsat_agent_peer_moves_total` | counter | relay connections left because the controller said the links' peers left that relay, which stopped answering them |
 //! | `comsat_agent_links_ready` | gauge | links up: attached to a relay with an end-to-end session, the peer attached there too |
 //! | `comsat_agent_flows_total` | counter | flows opened (both directions of dialling) |
@@ -62,6 +63,11 @@ comsat_node::metric_set! {
         pub(crate) rebinds: Counter = RELAY_REBINDS_TOTAL(
             "comsat_agent_relay_rebinds_total",
             "Relay connections moved to a new socket because the local address toward the relay changed"
+        ),
+        /// Relay connections lost to this machine's own network.
+        pub(crate) offline: Counter = RELAY_OFFLINE_TOTAL(
+            "comsat_agent_relay_offline_total",
+            "Relay connections lost because this machine had no route toward the relay"
         ),
         /// Relay connections left to follow the peers.
         pub(crate) peer_moves: Counter = PEER_MOVES_TOTAL(

@@ -52,6 +52,11 @@ pub(crate) enum Outcome {
     Drained,
     /// It was never established.
     Failed,
+    /// It went silent, or could not be established, while this machine
+    /// had no route toward the relay: its own network is down, not the
+    /// relay. The peers are still there; the group waits for a route and
+    /// goes back to the same relay.
+    Offline,
 }
 
 /// What the group does next.
@@ -114,6 +119,8 @@ impl RelayList {
     /// too; a silent one (probably gone) as well, where there is another;
     /// one that closed sends it back to the first; a failed connection on
     /// to the next. Coming back to the first relay waits for the backoff.
+    /// Losing this machine's own network keeps the relay it was on (the
+    /// caller waits for a route instead of the backoff).
     pub(crate) fn on_ended(&mut self, how: Outcome) -> Next {
         if how != Outcome::Drained {
             self.drained = 0;
@@ -146,6 +153,10 @@ impl RelayList {
             }
             Outcome::Failed => {
                 self.advance();
+            }
+            Outcome::Offline => {
+                self.hops = 0;
+                return self.go(self.current, true, false);
             }
         }
         let relay = self.current;

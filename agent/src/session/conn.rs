@@ -313,7 +313,7 @@ impl Roaming {
 
 /// The address this machine sends from toward `remote` now (a connected
 /// UDP socket sends nothing: the kernel only picks the route).
-fn local_ip_toward(remote: SocketAddr) -> Option<std::net::IpAddr> {
+pub(super) fn local_ip_toward(remote: SocketAddr) -> Option<std::net::IpAddr> {
     let socket = std::net::UdpSocket::bind(unspecified(remote)).ok()?;
     socket.connect(remote).ok()?;
     Some(socket.local_addr().ok()?.ip())

@@ -2,6 +2,7 @@
 //! answers.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use comsat_protocol::{LinkId, RelayId};
@@ -16,7 +17,7 @@ use crate::group::{Busy, Runtimes};
 use crate::link::{AckWake, LinkRt};
 use crate::shared::Shared;
 
-use super::conn::{ConnectError, connect};
+use super::conn::{ConnectError, connect, local_ip_toward};
 use super::control::{Ended, Moves};
 use super::lane::Lane;
 
@@ -50,6 +51,9 @@ pub(crate) async fn relay_loop(
     let mut backoff = Backoff::new(defaults::RECONNECT_INITIAL, defaults::RECONNECT_MAX);
     let started = Instant::now();
     let mut list = RelayList::new(candidates.len());
+    // Where each relay was last reached, to tell whether this machine still
+    // has a route toward it when its connection is lost.
+    let mut reached: Vec<Option<SocketAddr>> = vec![None; candidates.len()];
     loop {
         let (relay, client) = &candidates[list.current()];
         let span = info_span!(
@@ -67,7 +71,14 @@ pub(crate) async fn relay_loop(
             &mut left,
         )
         .instrument(span)
-        .await;
+        .await
+        .map(|(ended, remote)| {
+            reached[list.current()] = Some(remote);
+            ended
+        });
+        // No route toward where the relay was: this machine's network is
+        // down, not the relay (the kernel picks a route; nothing is sent).
+        let offline = reached[list.current()].filter(|at| local_ip_toward(*at).is_none());
         let error = ended.as_ref().err().map(|e| format!("{}: {e}", relay.addr));
         for link in links.values() {
             link.set_ready(None, &shared.metrics);
@@ -76,6 +87,7 @@ pub(crate) async fn relay_loop(
             link.set_relay(None, error.clone());
         }
         let how = match &ended {
+            Ok(Ended::Silent) | Err(_) if offline.is_some() => Outcome::Offline,
             Ok(Ended::Closed) => Outcome::Closed,
             Ok(Ended::Silent | Ended::PeerMoved) => Outcome::Silent,
             Ok(Ended::Hop) => Outcome::Hop,
@@ -85,6 +97,10 @@ pub(crate) async fn relay_loop(
         let next = list.on_ended(how);
         let to = &candidates[next.relay].0.addr;
         match (how, ended) {
+            (Outcome::Offline, _) => {
+                shared.metrics.offline.increment(1);
+                warn!(relay = %relay.addr, "no route toward the relay: this machine's network is down; its links wait for it and come back to this relay");
+            }
             (Outcome::Drained, _) => {
                 shared.metrics.relay_drains.increment(1);
                 info!(from = %relay.addr, to = %to, "relay is draining; moving to the next relay");
@@ -124,7 +140,23 @@ pub(crate) async fn relay_loop(
         if next.wait {
             tokio::time::sleep(backoff.next_delay(rand::random::<f64>())).await;
         }
+        if let Some(at) = offline {
+            wait_for_route(at).await;
+        }
     }
+}
+
+/// Returns once this machine has a route toward `at` again (looked at
+/// every [`defaults::ROUTE_CHECK`]; nothing goes on the wire).
+async fn wait_for_route(at: SocketAddr) {
+    let waited = Instant::now();
+    while local_ip_toward(at).is_none() {
+        tokio::time::sleep(defaults::ROUTE_CHECK).await;
+    }
+    info!(
+        after_ms = waited.elapsed().as_millis() as u64,
+        "a route toward the relay again: reconnecting"
+    );
 }
 
 /// Queues `relay`, which stopped answering, for the controller to tell the
@@ -145,7 +177,7 @@ async fn connect_and_serve(
     (can_hop, hops): (bool, u32),
     lanes: Option<&(Runtimes, Arc<Busy>)>,
     left: &mut watch::Receiver<Option<RelayId>>,
-) -> Result<Ended, ConnectError> {
+) -> Result<(Ended, SocketAddr), ConnectError> {
     let dialled = std::time::Instant::now();
     let (endpoint, conn, send, recv, decoder) =
         connect(shared, &relay.addr, &relay.server_name, client).await?;
@@ -201,7 +233,8 @@ async fn connect_and_serve(
         rtt_us = stats.path.rtt.as_micros() as u64,
         "relay connection ended"
     );
+    let remote = conn.remote_address();
     conn.close(0u32.into(), b"bye");
     endpoint.close(0u32.into(), b"bye");
-    Ok(ended)
+    Ok((ended, remote))
 }

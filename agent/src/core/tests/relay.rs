@@ -47,6 +47,20 @@ fn a_silent_relay_sends_the_group_to_the_next_one_at_once() {
 }
 
 #[test]
+fn losing_this_machines_network_keeps_the_relay_it_was_on() {
+    let mut l = RelayList::new(3);
+    assert_eq!(l.on_ended(Outcome::Failed), next(1, false, false));
+    l.on_ended(Outcome::Hop);
+    assert_eq!(l.hops(), 1);
+    // Where silence would move the group on, its own network being down
+    // does not: same relay, a fresh backoff, no backoff wait (the caller
+    // waits for a route).
+    assert_eq!(l.on_ended(Outcome::Offline), next(2, true, false));
+    assert_eq!(l.on_ended(Outcome::Offline), next(2, true, false));
+    assert_eq!(l.hops(), 0);
+}
+
+#[test]
 fn hops_without_meeting_a_peer_are_counted_until_a_connection_closes() {
     let mut l = RelayList::new(2);
     assert!(l.can_hop());
