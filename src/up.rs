@@ -389,6 +389,10 @@ fn print_banner(
     println!();
     println!("comsat is up — everything on loopback, state in {d}");
     println!("  controller  https://{controller}");
+    println!(
+        "  console     https://{controller}/ui (sign in with {d}/controller/admin.token; \
+         the browser warns until it trusts {d}/controller/ca.pem)"
+    );
     match lane {
         Some(lane) => {
             println!("  relay       {RELAY}, QUIC on {relay}, interactive listener on {lane}")

@@ -41,6 +41,11 @@ async fn up_serves_the_demo_link_stops_on_ctrl_c_and_comes_back_with_the_same_id
     for run in 0..2 {
         let mut up = Proc::spawn(BIN, &format!("up-{run}"), &args, dir.path())?;
         up.wait_line("comsat up ready", Duration::from_secs(120))?;
+        // The banner (before the ready line) names the console.
+        up.wait_line(
+            &format!("  console     https://127.0.0.1:{controller_port}/ui (sign in with"),
+            Duration::from_secs(1),
+        )?;
         let reply = ask(demo.parse()?, b"GET / HTTP/1.0\r\n\r\n").await?;
         ensure!(
             reply.starts_with("HTTP/1.0 200") && reply.ends_with(DEMO_REPLY),

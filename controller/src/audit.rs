@@ -30,6 +30,7 @@ use crate::state::Shared;
 /// The caller of a request: its headers and address.
 pub(crate) struct Caller {
     pub(crate) headers: HeaderMap,
+    pub(crate) method: axum::http::Method,
     pub(crate) addr: Option<SocketAddr>,
     /// The request path (at most [`MAX_PATH_RECORDED`] bytes of it).
     pub(crate) path: String,
@@ -60,6 +61,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
         Ok(Self {
             path: path[..end].to_owned(),
             headers: parts.headers.clone(),
+            method: parts.method.clone(),
             addr: parts
                 .extensions
                 .get::<ConnectInfo<SocketAddr>>()

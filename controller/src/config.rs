@@ -20,6 +20,7 @@
 //! | `max_connections_per_source` | 256 | of those, from one IPv4 address or IPv6 /64 (at most `max_connections`) |
 //! | `http_idle_timeout_secs` | 20 | a connection that completes no TLS handshake or request head for this long (a slow one, or one idle between requests) is closed; a request in flight is not idle (1 to 300) |
 //! | `auth_failures_per_source` | 20 | failed authentications an address may make at once before it gets 429 (then one a second; even a correct credential waits meanwhile; 1 to 1000000) |
+//! | `console_session_secs` | 28800 (8 h) | how long a console sign-in lasts (its session also ends with the API token it was opened with; 1 to 604800) |
 //! | `tls_cert` | `tls.crt` | the HTTPS server certificate chain (PEM) |
 //! | `tls_key` | `tls.key` | its private key (PEM, mode 0600) |
 //! | `ca` | `ca.pem` | the CA nodes pin (its SHA-256 goes into join tokens; served at `/v1/ca`) |
@@ -92,6 +93,9 @@ fn default_http_idle_timeout() -> u64 {
 fn default_auth_failures_per_source() -> u32 {
     20
 }
+fn default_console_session() -> u64 {
+    8 * 3600
+}
 fn path_default(s: &str) -> PathBuf {
     PathBuf::from(s)
 }
@@ -143,6 +147,9 @@ pub struct ControllerConfig {
     /// refused with 429 (then one a second).
     #[serde(default = "default_auth_failures_per_source")]
     pub auth_failures_per_source: u32,
+    /// Seconds a console session lasts.
+    #[serde(default = "default_console_session")]
+    pub console_session_secs: u64,
     /// HTTPS certificate chain (PEM).
     #[serde(default = "tls_cert_default")]
     pub tls_cert: PathBuf,
@@ -205,6 +212,7 @@ impl Default for ControllerConfig {
             max_connections_per_source: default_max_connections_per_source(),
             http_idle_timeout_secs: default_http_idle_timeout(),
             auth_failures_per_source: default_auth_failures_per_source(),
+            console_session_secs: default_console_session(),
             tls_cert: tls_cert_default(),
             tls_key: tls_key_default(),
             ca: ca_default(),
@@ -370,6 +378,9 @@ pub enum ConfigError {
     /// `auth_failures_per_source` out of range.
     #[error("auth_failures_per_source must be 1 to 1000000")]
     AuthFailures,
+    /// `console_session_secs` out of range.
+    #[error("console_session_secs must be 1 to 604800")]
+    ConsoleSession,
 }
 
 /// Whether `host` is `localhost` or a loopback IP.
@@ -463,6 +474,9 @@ impl ControllerConfig {
         }
         if !(1..=1_000_000).contains(&self.auth_failures_per_source) {
             return Err(ConfigError::AuthFailures);
+        }
+        if !(1..=604_800).contains(&self.console_session_secs) {
+            return Err(ConfigError::ConsoleSession);
         }
         Ok(())
     }

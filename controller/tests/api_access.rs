@@ -19,30 +19,41 @@ async fn every_builtin_role_is_allowed_exactly_what_it_says() {
     for (role, rules) in rbac::builtin_roles() {
         // A service account bound to the role.
         let token = bind_a_service_account(&api, role).await;
+        // The same account signed in to the console: its session must be
+        // allowed exactly the same.
+        let console = console_session(&api, &token).await;
 
-        // Every (resource, verb) the API has, with a call that shows it.
-        let mut cases = agent_relay_and_link_calls();
-        cases.extend(token_role_and_binding_calls(&mut n));
-        cases.extend(account_user_audit_and_status_calls(&mut n));
-        for (resource, verb, method, path, body) in cases {
-            let (status, text) = call(&api, &token, method.clone(), &path, body).await;
-            let want = rbac::allows(&rules, resource, verb);
-            assert_ne!(
-                status,
-                StatusCode::UNAUTHORIZED,
-                "{role} {method} {path}: {text}"
-            );
-            assert_eq!(
-                status != StatusCode::FORBIDDEN,
-                want,
-                "role {role}, {verb} on {resource} ({method} {path}): {status} {text}"
-            );
-            if !want {
-                refused += 1;
-                assert!(
-                    text.contains(&format!("`{verb}` on `{resource}`")),
-                    "the refusal names the missing permission: {text}"
+        // Every (resource, verb) the API has, with a call that shows it,
+        // with the token and then through the console's session.
+        for via_console in [false, true] {
+            let mut cases = agent_relay_and_link_calls();
+            cases.extend(token_role_and_binding_calls(&mut n));
+            cases.extend(account_user_audit_and_status_calls(&mut n));
+            for (resource, verb, method, path, body) in cases {
+                let (status, text) = if via_console {
+                    // (the session's CSRF token goes with every change)
+                    call_in_session(&api, &console, method.clone(), &path, body).await
+                } else {
+                    call(&api, &token, method.clone(), &path, body).await
+                };
+                let want = rbac::allows(&rules, resource, verb);
+                assert_ne!(
+                    status,
+                    StatusCode::UNAUTHORIZED,
+                    "{role} {method} {path}: {text}"
                 );
+                assert_eq!(
+                    status != StatusCode::FORBIDDEN,
+                    want,
+                    "role {role}, {verb} on {resource} ({method} {path}): {status} {text}"
+                );
+                if !want {
+                    refused += 1;
+                    assert!(
+                        text.contains(&format!("`{verb}` on `{resource}`")),
+                        "the refusal names the missing permission: {text}"
+                    );
+                }
             }
         }
     }

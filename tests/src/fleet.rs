@@ -747,6 +747,16 @@ pub async fn raw_get(c: &Fleet, path: &str, bearer: &str) -> Result<(u16, String
 
 /// GETs `path` from the controller at `url` with a bearer token.
 pub async fn raw_get_at(c: &Fleet, url: &str, path: &str, bearer: &str) -> Result<(u16, String)> {
+    let resp = http_client(c)?
+        .get(format!("{url}{path}"))
+        .bearer_auth(bearer)
+        .send()
+        .await?;
+    Ok((resp.status().as_u16(), resp.text().await?))
+}
+
+/// An HTTPS client that trusts `c`'s controller CA (and nothing else).
+pub fn http_client(c: &Fleet) -> Result<reqwest::Client> {
     let roots = {
         let mut r = rustls::RootCertStore::empty();
         for cert in comsat_node::client::read_ca(&c.path("controller/ca.pem"))? {
@@ -760,16 +770,10 @@ pub async fn raw_get_at(c: &Fleet, url: &str, path: &str, bearer: &str) -> Resul
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let http = reqwest::Client::builder()
+    Ok(reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .timeout(Duration::from_secs(10))
-        .build()?;
-    let resp = http
-        .get(format!("{url}{path}"))
-        .bearer_auth(bearer)
-        .send()
-        .await?;
-    Ok((resp.status().as_u16(), resp.text().await?))
+        .build()?)
 }
 
 pub fn node_key(c: &Fleet, name: &str) -> Result<(NodeState, SigningKey)> {

@@ -9,6 +9,7 @@ use comsat_protocol::api::{NodeKind, PrincipalKind, Rule};
 use comsat_protocol::jwt;
 use comsat_protocol::text::printable;
 
+use super::console;
 use crate::audit::{Caller, Outcome, Verdict};
 use crate::init::token_hash;
 use crate::rbac;
@@ -34,7 +35,7 @@ const UNAUTHORIZED: &str = "unauthorized (the controller's audit log has the rea
 
 /// Refuses a caller whose source has failed too often, before looking at
 /// its credentials.
-fn check_not_limited(state: &Shared, caller: &Caller) -> Result<(), ApiError> {
+pub(super) fn check_not_limited(state: &Shared, caller: &Caller) -> Result<(), ApiError> {
     if state.auth_limit.exhausted(caller.ip()) {
         return Err(ApiError::too_many());
     }
@@ -43,7 +44,12 @@ fn check_not_limited(state: &Shared, caller: &Caller) -> Result<(), ApiError> {
 
 /// Records a refused authentication (and the source running out of
 /// attempts, once) and answers the uniform 401.
-async fn refuse_auth(state: &Shared, caller: &Caller, subject: &str, reason: &str) -> ApiError {
+pub(super) async fn refuse_auth(
+    state: &Shared,
+    caller: &Caller,
+    subject: &str,
+    reason: &str,
+) -> ApiError {
     tracing::warn!(source = ?caller.source(), subject = %printable(subject), reason = %printable(reason), path = %caller.path, "refused an authentication");
     state
         .audit(
@@ -72,27 +78,45 @@ async fn refuse_auth(state: &Shared, caller: &Caller, subject: &str, reason: &st
 
 /// The user or service account an API token stands for.
 pub(super) struct Principal {
-    kind: PrincipalKind,
-    name: String,
+    pub(super) kind: PrincipalKind,
+    pub(super) name: String,
 }
 
 impl Principal {
-    fn subject(&self) -> String {
+    pub(super) fn subject(&self) -> String {
         format!("{}:{}", self.kind, self.name)
     }
 }
 
-/// Authenticates an API token: known, not revoked, not expired.
+/// Authenticates an API token (known, not revoked, not expired): a bearer
+/// token, or the one a console session was opened with
+/// ([`super::console`]).
 pub(super) async fn authenticate_api(
     state: &Shared,
     caller: &Caller,
 ) -> Result<Principal, ApiError> {
     check_not_limited(state, caller)?;
-    let token = match bearer(&caller.headers) {
-        Ok(t) => t,
-        Err(reason) => return Err(refuse_auth(state, caller, "anonymous", reason).await),
+    let hash = match (
+        bearer(&caller.headers),
+        console::session_cookie(&caller.headers),
+    ) {
+        (Ok(t), _) => token_hash(t),
+        (Err(_), Some(cookie)) if !caller.headers.contains_key(header::AUTHORIZATION) => {
+            console::session_token(state, caller, &cookie).await?
+        }
+        (Err(reason), _) => return Err(refuse_auth(state, caller, "anonymous", reason).await),
     };
-    let Some(rec) = state.store.api_token(&token_hash(token)).await? else {
+    authenticate_token(state, caller, &hash).await
+}
+
+/// The user or service account whose API token has `hash`, where that
+/// token is valid.
+pub(super) async fn authenticate_token(
+    state: &Shared,
+    caller: &Caller,
+    hash: &str,
+) -> Result<Principal, ApiError> {
+    let Some(rec) = state.store.api_token(hash).await? else {
         return Err(refuse_auth(state, caller, "anonymous", "unknown API token").await);
     };
     let subject = format!("{}:{}", rec.kind, rec.name);

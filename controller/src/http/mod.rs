@@ -13,11 +13,13 @@
 //!   bindings;
 //! - [`audit`] reads the audit log;
 //! - [`health`] says whether the controller serves and is ready, and
-//!   shows its metrics (every request counted by route and code).
+//!   shows its metrics (every request counted by route and code);
+//! - [`console`] serves the console's pages and signs people in to it.
 
 mod access;
 mod audit;
 mod auth;
+mod console;
 mod enrol;
 pub(crate) mod health;
 mod links;
@@ -56,6 +58,7 @@ fn routes(state: &AppState) -> access::Routes {
     let routes = rbac::routes(routes);
     let routes = audit::routes(routes);
     let routes = health::routes(routes);
+    let routes = console::routes(routes);
     openapi::routes(routes)
 }
 

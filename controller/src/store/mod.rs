@@ -214,6 +214,32 @@ pub struct ApiTokenRecord {
     pub revoked_at: Option<u64>,
 }
 
+/// A console session, found by the SHA-256 of its cookie; it acts for the
+/// API token it was opened with (by that token's hash), until it expires.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConsoleSession {
+    /// SHA-256 of the session cookie, hex.
+    pub id_hash: String,
+    /// The hash of the API token it was opened with (as `api_tokens`
+    /// keeps it).
+    pub token_hash: String,
+    /// The token a change request must carry in `X-CSRF-Token`.
+    pub csrf: String,
+    /// Unix time it was opened.
+    pub created_at: u64,
+    /// Unix time it ends.
+    pub expires_at: u64,
+}
+
+impl std::fmt::Debug for ConsoleSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleSession")
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A join token to store (the secret itself is never stored).
 #[derive(Clone, Debug)]
 pub struct NewJoinToken {
@@ -632,6 +658,16 @@ pub trait Store: Send + Sync {
         agent: &NodeId,
         since: u64,
     ) -> Result<Vec<(LinkId, RelayId, u64)>, StoreError>;
+
+    /// Stores a console session, and forgets those expired at `now`.
+    async fn create_console_session(&self, s: &ConsoleSession, now: u64) -> Result<(), StoreError>;
+
+    /// The console session whose cookie has this hash, if any (even
+    /// expired: the caller decides).
+    async fn console_session(&self, id_hash: &str) -> Result<Option<ConsoleSession>, StoreError>;
+
+    /// Ends a console session; `false` if there was none.
+    async fn delete_console_session(&self, id_hash: &str) -> Result<bool, StoreError>;
 
     /// Answers if the database does (a trivial query).
     async fn ping(&self) -> Result<(), StoreError>;

@@ -386,6 +386,58 @@ pub async fn one_grant(api: &Api, relay: &Node, since: u64) -> (comsat_protocol:
     (g, ev.next)
 }
 
+/// A console session: its cookie (`comsat_session=…`) and CSRF token.
+pub struct ConsoleSession {
+    pub cookie: String,
+    pub csrf: String,
+}
+
+/// Signs in to the console with `token`.
+pub async fn console_session(api: &Api, token: &str) -> ConsoleSession {
+    let resp = api
+        .client
+        .post(api.url(api::PATH_CONSOLE_SESSION))
+        .json(&serde_json::json!({ "token": token }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let cookie = resp.headers()[reqwest::header::SET_COOKIE]
+        .to_str()
+        .expect("ascii")
+        .split(';')
+        .next()
+        .expect("name=value")
+        .to_owned();
+    let info: api::ConsoleSessionInfo = resp.json().await.expect("session info");
+    ConsoleSession {
+        cookie,
+        csrf: info.csrf,
+    }
+}
+
+/// Like [`call`], through console session `s` (its CSRF token sent along).
+pub async fn call_in_session(
+    api: &Api,
+    s: &ConsoleSession,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (StatusCode, String) {
+    let mut req = api
+        .client
+        .request(method, api.url(path))
+        .header("cookie", &s.cookie)
+        .header("x-csrf-token", &s.csrf);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("send");
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    (status, text)
+}
+
 /// Sends `method path` with `body` and bearer `token`; returns the status
 /// and the error message, if any.
 pub async fn call(

@@ -594,10 +594,15 @@ pub struct Status {
     pub unassigned_links: u64,
 }
 
+mod console;
 mod join;
 mod rbac;
 mod status;
 
+pub use console::{
+    ConsoleSessionInfo, ConsoleSignIn, MAX_TOKEN_LEN, PATH_CONSOLE, PATH_CONSOLE_SCRIPT,
+    PATH_CONSOLE_SESSION, PATH_CONSOLE_STYLE,
+};
 pub use join::{JOIN_TOKEN_PREFIX, JoinToken, JoinTokenError, MAX_JOIN_TOKEN_LEN};
 pub use rbac::{
     ApiTokenInfo, AuditRecord, PrincipalCreate, PrincipalCreated, PrincipalInfo, PrincipalKind,

@@ -19,7 +19,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use super::Backend;
 
 /// Each migration: its version, its description and its template.
-const MIGRATIONS: [(i64, &str, &str); 10] = [
+const MIGRATIONS: [(i64, &str, &str); 11] = [
     (1, "init", include_str!("../../../migrations/0001_init.sql")),
     (
         2,
@@ -62,6 +62,11 @@ const MIGRATIONS: [(i64, &str, &str); 10] = [
         "link status",
         include_str!("../../../migrations/0010_link_status.sql"),
     ),
+    (
+        11,
+        "console sessions",
+        include_str!("../../../migrations/0011_console_sessions.sql"),
+    ),
 ];
 
 /// The migrator for `backend`'s database.
@@ -101,7 +106,7 @@ mod tests {
 
     /// SHA-384 of each released migration as each database has it, in
     /// order: what databases made by earlier releases hold.
-    const RELEASED: [(&str, &str); 10] = [
+    const RELEASED: [(&str, &str); 11] = [
         (
             "8a5ed74d7edaa043f65cba738a33406e9aadf28d5e25b5466d514952facfe8d7c42bf469371eba9797bec815b7cad112",
             "04b07fec1a7d34a6af53470ec77b693a09bbcc12e80489802d7e505689b88030048162c19e7c6ee2b930a5f76538c07c",
@@ -141,6 +146,10 @@ mod tests {
         (
             "a3faef2ce030753995e8ec5c6b3ba1b1790e526ade52e95f080c6a9c74bf26ac9cb793d748850c5471d737660d001307",
             "a3faef2ce030753995e8ec5c6b3ba1b1790e526ade52e95f080c6a9c74bf26ac9cb793d748850c5471d737660d001307",
+        ),
+        (
+            "6d7e8e1c28c6680633b46555b2e8d548de740394e1c3a9e79b2bf41de49e8cc76e2d7f3e6cd0c84c50639ca6dc6da3c4",
+            "6d7e8e1c28c6680633b46555b2e8d548de740394e1c3a9e79b2bf41de49e8cc76e2d7f3e6cd0c84c50639ca6dc6da3c4",
         ),
     ];
 

@@ -21,6 +21,7 @@ mod moves;
 mod principals;
 mod refusals;
 mod rows;
+mod sessions;
 mod status;
 mod tokens;
 mod tx;
@@ -41,8 +42,9 @@ use self::tx::{
     is_unique_violation, mark_change, node_name_taken, unless_taken,
 };
 use super::{
-    ApiTokenRecord, EventRecord, HalfRecord, LinkGrantUpdate, LinkRecord, NewApiToken, NewEvent,
-    NewJoinToken, NewNode, NodeRecord, Redemption, RefusalRecord, Store, StoreError,
+    ApiTokenRecord, ConsoleSession, EventRecord, HalfRecord, LinkGrantUpdate, LinkRecord,
+    NewApiToken, NewEvent, NewJoinToken, NewNode, NodeRecord, Redemption, RefusalRecord, Store,
+    StoreError,
 };
 
 /// Which database a [`SqlStore`] talks to.
@@ -859,6 +861,18 @@ impl Store for SqlStore {
         since: u64,
     ) -> Result<Vec<(LinkId, RelayId, u64)>, StoreError> {
         self.read_peer_moves(agent, since).await
+    }
+
+    async fn create_console_session(&self, s: &ConsoleSession, now: u64) -> Result<(), StoreError> {
+        self.insert_console_session(s, now).await
+    }
+
+    async fn console_session(&self, id_hash: &str) -> Result<Option<ConsoleSession>, StoreError> {
+        self.find_console_session(id_hash).await
+    }
+
+    async fn delete_console_session(&self, id_hash: &str) -> Result<bool, StoreError> {
+        self.remove_console_session(id_hash).await
     }
 
     fn pool_connections(&self) -> (u32, usize) {
