@@ -4,8 +4,10 @@
 //! with the admin's token, finds the demo link ready, checks the session
 //! cookie's flags and that the page holds no token, saves a screenshot of
 //! the overview (under the target directory's `tmp/console-screenshots`),
-//! signs out; then, signed in as a viewer, finds nothing to change, and a
-//! change forged from that session is refused with 403.
+//! creates a link and sees it ready, changes its limits and deletes it,
+//! creates a join token, signs out; then, signed in as a viewer, finds
+//! nothing to change, and a change forged from that session is refused
+//! with 403.
 //!
 //! Runs where `COMSAT_TEST_SELENIUM_PYTHON` names a Python with Selenium
 //! and `COMSAT_TEST_CHROMEDRIVER` and `COMSAT_TEST_CHROMIUM` the driver
@@ -29,7 +31,7 @@ async fn the_console_in_chromium_signs_in_shows_the_fleet_and_lets_a_viewer_chan
     ) else {
         return Ok(());
     };
-    let (c, listen, _) = demo().await?;
+    let (c, listen, target) = demo().await?;
     round_trip_eventually(listen, 1 << 16)
         .await
         .with_context(|| c.logs())?;
@@ -51,6 +53,7 @@ async fn the_console_in_chromium_signs_in_shows_the_fleet_and_lets_a_viewer_chan
     std::fs::create_dir_all(&shots)?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/console.py");
 
+    let web = comsat_tests::fleet::free_tcp_port()?;
     let out = tokio::task::spawn_blocking({
         let (url, admin) = (controller_url(&c)?, c.path("controller/admin.token"));
         let shots = shots.clone();
@@ -66,6 +69,10 @@ async fn the_console_in_chromium_signs_in_shows_the_fleet_and_lets_a_viewer_chan
                 .arg("--screenshots")
                 .arg(shots)
                 .args(["--chromedriver", &chromedriver, "--chromium", &chromium])
+                .arg("--listen")
+                .arg(format!("tcp://127.0.0.1:{web}"))
+                .arg("--target")
+                .arg(format!("tcp://{target}"))
                 .output()
         }
     })

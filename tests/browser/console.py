@@ -1,8 +1,10 @@
 """Drives the comsat console in headless Chromium through chromedriver
 (Selenium's WebDriver), as a person would: signs in with the admin's API
-token, finds the demo link ready, saves a screenshot of the overview, signs
-out; then signs in as a viewer and finds nothing to change, and a change
-forged from that session (with its CSRF token) refused with 403.
+token, finds the demo link ready, saves a screenshot of the overview,
+creates a link and sees it ready, changes its limits, deletes it, creates
+a join token (shown once with its enrol command), signs out; then signs
+in as a viewer and finds nothing to change, and a change forged from that
+session (with its CSRF token) refused with 403.
 
 Run by tests/console_browser.rs against a fleet it started; prints one
 line per step and exits non-zero on the first that fails.
@@ -15,11 +17,18 @@ import tempfile
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as shown
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 WAIT = 30
+
+
+def wait(d):
+    """Waits up to WAIT seconds, looking again when the page rebuilt what
+    was found (its tables refresh every 2 s)."""
+    return WebDriverWait(d, WAIT, ignored_exceptions=(StaleElementReferenceException,))
 
 
 def browser(args, profile):
@@ -46,10 +55,10 @@ def step(what):
 
 def sign_in(d, url, token):
     d.get(url + "/ui")
-    WebDriverWait(d, WAIT).until(shown.visibility_of_element_located((By.ID, "sign-in")))
+    wait(d).until(shown.visibility_of_element_located((By.ID, "sign-in")))
     d.find_element(By.ID, "token").send_keys(token)
     d.find_element(By.CSS_SELECTOR, "#sign-in-form button[type=submit]").click()
-    WebDriverWait(d, WAIT).until(shown.visibility_of_element_located((By.ID, "overview")))
+    wait(d).until(shown.visibility_of_element_located((By.ID, "overview")))
 
 
 def link_state(d, name):
@@ -60,6 +69,70 @@ def link_state(d, name):
     return None
 
 
+def row(d, name):
+    for r in d.find_elements(By.CSS_SELECTOR, "#links tbody tr"):
+        cells = r.find_elements(By.TAG_NAME, "td")
+        if cells and cells[0].text == name:
+            return r
+    return None
+
+
+def click_in_row(d, name, text):
+    def click(d):
+        r = row(d, name)
+        if r is None:
+            return False
+        r.find_element(By.XPATH, f".//button[text()='{text}']").click()
+        return True
+
+    wait(d).until(click)
+
+
+def fill(form, values):
+    for name, value in values.items():
+        field = form.find_element(By.NAME, name)
+        if field.tag_name == "select":
+            Select(field).select_by_value(value)
+        else:
+            field.clear()
+            field.send_keys(value)
+
+
+def links_and_tokens(d, args):
+    """Creates link `web`, changes its limits, deletes it; makes a token."""
+    d.find_element(By.CSS_SELECTOR, "#new-link summary").click()
+    form = d.find_element(By.ID, "new-link-form")
+    fill(form, {"name": "web", "from": "a", "listen": args.listen, "to": "b", "target": args.target})
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait(d).until(lambda d: link_state(d, "web") == "ready")
+    step("created link web, and it shows ready")
+
+    click_in_row(d, "web", "Limits")
+    limits = wait(d).until(lambda d: row(d, "web").find_element(By.CSS_SELECTOR, "form.limits"))
+    fill(limits, {"max_flows": "5"})
+    limits.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait(d).until(
+        lambda d: row(d, "web") is not None
+        and row(d, "web").find_elements(By.TAG_NAME, "td")[5].text == "5 flows"
+    )
+    step("changed web's limits to 5 flows")
+
+    click_in_row(d, "web", "Delete")
+    wait(d).until(shown.alert_is_present()).accept()
+    wait(d).until(lambda d: row(d, "web") is None)
+    step("deleted link web")
+
+    d.find_element(By.CSS_SELECTOR, "#new-token summary").click()
+    form = d.find_element(By.ID, "new-token-form")
+    fill(form, {"kind": "agent", "name": "edge-x"})
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait(d).until(shown.visibility_of_element_located((By.ID, "token-shown")))
+    command = d.find_element(By.ID, "token-command").text
+    assert command.startswith("comsat agent enrol --token-file edge-x.token"), command
+    assert len(d.find_element(By.ID, "token-value").text) > 40
+    step("created a join token for edge-x, shown with its enrol command")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--url", required=True)
@@ -68,6 +141,8 @@ def main():
     p.add_argument("--screenshots", required=True)
     p.add_argument("--chromedriver", required=True)
     p.add_argument("--chromium", required=True)
+    p.add_argument("--listen", required=True)
+    p.add_argument("--target", required=True)
     args = p.parse_args()
     admin = open(args.admin_token_file).read().strip()
     viewer = open(args.viewer_token_file).read().strip()
@@ -78,7 +153,7 @@ def main():
             sign_in(d, args.url, admin)
             assert d.find_element(By.ID, "who").text == "user:admin"
             step("signed in as user:admin")
-            WebDriverWait(d, WAIT).until(lambda d: link_state(d, "demo") == "ready")
+            wait(d).until(lambda d: link_state(d, "demo") == "ready")
             step("the demo link shows ready")
             cookie = d.get_cookie("comsat_session")
             assert cookie is not None, "no session cookie"
@@ -89,15 +164,17 @@ def main():
             step("the session cookie is HttpOnly, Secure, SameSite=Strict; the token is not in the page")
             d.save_screenshot(f"{args.screenshots}/overview.png")
             step("saved overview.png")
+            links_and_tokens(d, args)
             d.find_element(By.ID, "sign-out").click()
-            WebDriverWait(d, WAIT).until(shown.visibility_of_element_located((By.ID, "sign-in")))
+            wait(d).until(shown.visibility_of_element_located((By.ID, "sign-in")))
             d.get(args.url + "/ui")
-            WebDriverWait(d, WAIT).until(shown.visibility_of_element_located((By.ID, "sign-in")))
+            wait(d).until(shown.visibility_of_element_located((By.ID, "sign-in")))
             step("signed out, and a reload asks to sign in again")
 
             sign_in(d, args.url, viewer)
-            WebDriverWait(d, WAIT).until(lambda d: link_state(d, "demo") == "ready")
+            wait(d).until(lambda d: link_state(d, "demo") == "ready")
             changes = d.find_elements(By.CSS_SELECTOR, "[data-change]")
+            assert len(changes) >= 4, "the page has no change controls at all"
             assert all(not e.is_displayed() for e in changes), "a viewer is offered a change"
             step("a viewer sees the fleet and is offered no change")
             status = d.execute_async_script(

@@ -25,6 +25,26 @@ async function call(method, path, body) {
   return r.status === 204 ? null : r.json();
 }
 
+// What the signed-in subject's roles allow (as the controller decides:
+// the API checks every request regardless of what the page offers).
+function allows(resource, verb) {
+  return (session ? session.rules : []).some((r) =>
+    r.resources.some((x) => x === "*" || x === resource || resource.startsWith(x + "/")) &&
+    r.verbs.some((v) => v === "*" || v === verb));
+}
+
+// Hides every control whose change (data-change="RESOURCE:VERB") the
+// roles do not allow; a join token is allowed if either kind is.
+function gate() {
+  for (const el of document.querySelectorAll("[data-change]")) {
+    const [resource, verb] = el.dataset.change.split(":");
+    const ok = resource === "tokens"
+      ? allows("tokens/agent", verb) || allows("tokens/relay", verb)
+      : allows(resource, verb);
+    el.hidden = !ok;
+  }
+}
+
 function ago(unix) {
   if (!unix) return "never";
   const s = Math.max(0, Math.round(Date.now() / 1000 - unix));
@@ -106,15 +126,131 @@ async function refresh() {
   ]), "No relays yet: create a join token for one.", 7);
   fill("agents", agents.map((a) => [cell(a.name), cell(a.links, "num"), cell(ago(a.last_seen))]),
     "No agents yet: create a join token for one.", 3);
-  fill("links", links.map((l) => [
-    cell(l.name), state(l.status.state), cell(l.from + " " + l.listen), cell(l.to + " " + l.target),
-    cell(l.relays.join(", ")), cell(l.status.reason || ""),
-  ]), "No links yet.", 6);
+  if (!editing) {
+    fill("links", links.map((l) => [
+      cell(l.name), state(l.status.state), cell(l.from + " " + l.listen), cell(l.to + " " + l.target),
+      cell(l.relays.join(", ")), cell(limits(l)), cell(l.status.reason || ""), actions(l),
+    ]), "No links yet: create one below.", 8);
+  }
+  agentChoices(agents);
+  gate();
   $("updated").textContent = "Updated " + new Date().toLocaleTimeString();
 }
 
+let editing = false;
+
+function limits(l) {
+  const parts = [];
+  if (l.max_flows) parts.push(l.max_flows + " flows");
+  if (l.rate_limit_bytes_per_sec) parts.push(bytes(l.rate_limit_bytes_per_sec) + "/s");
+  return parts.length ? parts.join(", ") : "none";
+}
+
+function button(text, change, onclick, cls) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = text;
+  b.dataset.change = change;
+  if (cls) b.className = cls;
+  b.addEventListener("click", onclick);
+  return b;
+}
+
+function actions(l) {
+  const td = document.createElement("td");
+  td.className = "actions";
+  td.append(
+    button("Limits", "links:update", () => editLimits(l, td)),
+    button("Delete", "links:delete", () => deleteLink(l), "danger"),
+  );
+  return td;
+}
+
+function editLimits(l, td) {
+  editing = true;
+  const form = document.createElement("form");
+  form.className = "inline limits";
+  form.innerHTML =
+    '<label>Max flows <input name="max_flows" type="number" min="0"></label>' +
+    '<label>Bytes/s <input name="rate" type="number" min="0"></label>' +
+    '<button type="submit">Save</button><button type="button" name="cancel">Cancel</button>';
+  el(form, "max_flows").value = l.max_flows || 0;
+  el(form, "rate").value = l.rate_limit_bytes_per_sec || 0;
+  el(form, "cancel").addEventListener("click", () => { editing = false; refresh().catch(() => {}); });
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    try {
+      await call("PATCH", "/v1/links/" + encodeURIComponent(l.name), {
+        max_flows: Number(el(form, "max_flows").value), rate_limit_bytes_per_sec: Number(el(form, "rate").value),
+      });
+      editing = false;
+      await refresh();
+    } catch (err) { alert("Not changed: " + err.message); }
+  });
+  td.replaceChildren(form);
+}
+
+async function deleteLink(l) {
+  if (!confirm("Delete link " + l.name + "? Its listener closes and open flows are reset.")) return;
+  try { await call("DELETE", "/v1/links/" + encodeURIComponent(l.name)); } catch (err) { alert("Not deleted: " + err.message); }
+  await refresh().catch(() => {});
+}
+
+// A form's control by name (never a property of the form itself).
+function el(form, name) {
+  return form.elements.namedItem(name);
+}
+
+function agentChoices(agents) {
+  const form = $("new-link-form");
+  for (const field of [el(form, "from"), el(form, "to")]) {
+    const chosen = field.value;
+    const names = agents.map((a) => a.name);
+    if ([...field.options].map((o) => o.value).join() === names.join()) continue;
+    field.replaceChildren(...names.map((n) => new Option(n, n)));
+    if (names.includes(chosen)) field.value = chosen;
+  }
+}
+
+$("new-link-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const f = e.target;
+  $("new-link-error").textContent = "";
+  try {
+    await call("POST", "/v1/links", {
+      name: el(f, "name").value.trim(), from: el(f, "from").value, listen: el(f, "listen").value.trim(),
+      to: el(f, "to").value, target: el(f, "target").value.trim(),
+    });
+    f.reset();
+    await refresh();
+  } catch (err) { $("new-link-error").textContent = err.message; }
+});
+
+$("new-token-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const f = e.target;
+  const kind = el(f, "kind").value, name = el(f, "name").value.trim();
+  $("new-token-error").textContent = "";
+  try {
+    const t = await call("POST", "/v1/tokens", { kind, name });
+    const extra = kind === "relay" ? " --public-addr HOST:4433" : "";
+    $("token-command").textContent =
+      "comsat " + kind + " enrol --token-file " + name + ".token --data-dir /var/lib/comsat/" + kind + extra;
+    $("token-value").textContent = t.token;
+    $("token-shown").hidden = false;
+    f.reset();
+  } catch (err) { $("new-token-error").textContent = err.message; }
+});
+
+$("token-copy").addEventListener("click", () => {
+  navigator.clipboard.writeText($("token-value").textContent).catch(() => {});
+});
+
 function showSignIn() {
   session = null;
+  editing = false;
+  $("token-shown").hidden = true;
+  $("token-value").textContent = "";
   if (timer) { clearInterval(timer); timer = null; }
   $("overview").hidden = true;
   $("sign-out").hidden = true;
@@ -128,6 +264,7 @@ function showConsole(info) {
   $("who").textContent = info.subject;
   $("sign-out").hidden = false;
   $("overview").hidden = false;
+  gate();
   refresh().catch(() => {});
   if (!timer) timer = setInterval(() => refresh().catch(() => {}), 2000);
 }
