@@ -1,7 +1,8 @@
 //! The console against a running fleet (real processes): signing in with
 //! the admin's API token and working through the session never puts the
 //! token in a page, an answer or the controller's log; the session sees
-//! the demo link ready, changes it (with its CSRF token), and signs out.
+//! the demo link ready with what it carried (as its relay reported), the
+//! nodes' versions, changes the link (with its CSRF token), and signs out.
 
 use anyhow::{Context, Result, ensure};
 use comsat_protocol::api::{self, ConsoleSessionInfo, LinkInfo};
@@ -59,13 +60,38 @@ async fn the_console_works_through_its_session_and_never_shows_or_logs_the_token
             .iter()
             .find(|l| l.spec.name == "demo")
             .context("demo")?;
-        if demo.status.state == api::LinkState::Ready {
+        // The relay reports what the link carried with its next heartbeat
+        // (every 5 s): at least the 64 KiB sent, as ciphertext.
+        let carried = demo
+            .traffic
+            .as_ref()
+            .is_some_and(|t| t.relay == "relay-1" && t.bytes_a_to_b >= 1 << 16);
+        if demo.status.state == api::LinkState::Ready && carried {
             break;
         }
         tries += 1;
-        ensure!(tries < 100, "not ready: {:?}", demo.status);
+        ensure!(
+            tries < 200,
+            "not ready: {:?} {:?}",
+            demo.status,
+            demo.traffic
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+
+    let relays: Vec<api::RelayInfo> = http
+        .get(format!("{url}{}", api::PATH_RELAYS))
+        .header("cookie", &cookie)
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        relays
+            .iter()
+            .all(|r| r.version.as_deref() == Some(env!("CARGO_PKG_VERSION"))),
+        "{relays:?}"
+    );
 
     let resp = http
         .patch(format!("{url}{}/demo", api::PATH_LINKS))

@@ -9,7 +9,11 @@ use comsat_protocol::api::{
 use comsat_protocol::{LinkId, NodeId};
 
 use crate::state::Shared;
-use crate::store::{HalfRecord, LinkRecord, RefusalRecord, StoreError};
+use crate::store::{HalfRecord, LinkRecord, RefusalRecord, StoreError, TrafficRecord};
+
+/// A relay's report of a link older than this shows no rate: it moved
+/// nothing since (relays report every 5 s the links that moved bytes).
+const TRAFFIC_FRESH_SECS: u64 = 12;
 
 /// A node as a link's view names it.
 struct Seen {
@@ -22,6 +26,8 @@ struct Known {
     nodes: HashMap<NodeId, Seen>,
     refusals: Vec<RefusalRecord>,
     halves: HashMap<(LinkId, NodeId), HalfRecord>,
+    /// Each link's latest relay report.
+    traffic: HashMap<LinkId, TrafficRecord>,
     now: u64,
 }
 
@@ -43,7 +49,14 @@ impl Shared {
                 );
             }
         }
+        let mut traffic: HashMap<LinkId, TrafficRecord> = HashMap::new();
+        for t in self.store.traffic().await? {
+            if traffic.get(&t.link_id).is_none_or(|old| old.at < t.at) {
+                traffic.insert(t.link_id, t);
+            }
+        }
         let known = Known {
+            traffic,
             nodes,
             refusals: self.store.refusals().await?,
             halves: self
@@ -114,6 +127,18 @@ impl Known {
             created_at: link.created_at,
             refused,
             status: LinkStatus::combine(halves, !link.relays.is_empty()),
+            traffic: self.traffic.get(&link.link_id).map(|t| {
+                let fresh = t.at + TRAFFIC_FRESH_SECS >= self.now;
+                api::LinkTrafficInfo {
+                    relay: self.name(&t.relay),
+                    bytes_a_to_b: t.a_to_b,
+                    bytes_b_to_a: t.b_to_a,
+                    flows_open: if fresh { t.flows_open } else { 0 },
+                    bytes_per_sec_a_to_b: if fresh { t.rate_a_to_b } else { 0 },
+                    bytes_per_sec_b_to_a: if fresh { t.rate_b_to_a } else { 0 },
+                    at: t.at,
+                }
+            }),
         }
     }
 

@@ -38,6 +38,12 @@ pub trait RelaySink: Send + Sync + 'static {
     /// Clone alarms for the controller's audit log, oldest first, at most
     /// `max`, and how many the relay dropped since the last call.
     fn clone_alarms(&self, max: usize) -> (Vec<api::NodeClone>, u64);
+    /// The counters of the links that moved bytes since the last call or
+    /// hold flows, at most `max`.
+    fn link_traffic(&self, max: usize) -> Vec<api::LinkTraffic> {
+        let _ = max;
+        Vec::new()
+    }
 }
 
 /// An enrolled relay's grants: verified ones from the controller, kept in
@@ -94,10 +100,14 @@ impl<S: RelaySink> RelaySync<S> {
             async move {
                 let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
                 // Alarms a failed heartbeat carried go with the next one.
-                let mut body = api::RelayHeartbeat::default();
+                let mut body = api::RelayHeartbeat {
+                    version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+                    ..api::RelayHeartbeat::default()
+                };
                 loop {
                     tick.tick().await;
                     body.load = sink.load();
+                    body.traffic = sink.link_traffic(api::MAX_TRAFFIC_PER_HEARTBEAT);
                     let room = api::MAX_CLONES_PER_HEARTBEAT.saturating_sub(body.clones.len());
                     let (clones, dropped) = sink.clone_alarms(room);
                     body.clones.extend(clones);

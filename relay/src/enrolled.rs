@@ -51,6 +51,7 @@ impl RelayConfig {
 pub struct FedRelay {
     handle: RelayHandle,
     load: Box<dyn Fn() -> api::RelayLoad + Send + Sync>,
+    traffic: Box<dyn Fn(usize) -> Vec<api::LinkTraffic> + Send + Sync>,
 }
 
 impl FedRelay {
@@ -59,6 +60,7 @@ impl FedRelay {
         Arc::new(Self {
             handle: relay.handle(),
             load: Box::new(relay.load_probe()),
+            traffic: Box::new(relay.traffic_probe()),
         })
     }
 }
@@ -78,5 +80,9 @@ impl RelaySink for FedRelay {
 
     fn clone_alarms(&self, max: usize) -> (Vec<api::NodeClone>, u64) {
         self.handle.take_clone_alarms(max)
+    }
+
+    fn link_traffic(&self, max: usize) -> Vec<api::LinkTraffic> {
+        (self.traffic)(max)
     }
 }

@@ -235,6 +235,38 @@ impl LinkTable {
         lock(&self.reported).retain(|id| stats.contains_key(id));
     }
 
+    /// The counters of the links that moved bytes since the last call
+    /// (`last` remembers what each had then) or hold flows now, at most
+    /// `max`, by link id.
+    pub(crate) fn traffic(
+        &self,
+        last: &Mutex<HashMap<LinkId, [u64; 2]>>,
+        max: usize,
+    ) -> Vec<comsat_protocol::api::LinkTraffic> {
+        let mut all: Vec<(LinkId, Sample)> = lock(&self.stats)
+            .iter()
+            .map(|(id, s)| (*id, s.snapshot()))
+            .collect();
+        all.sort_by_key(|(id, _)| *id);
+        let mut last = lock(last);
+        last.retain(|id, _| all.iter().any(|(a, _)| a == id));
+        let mut out = Vec::new();
+        for (id, s) in all {
+            let moved = s.bytes != [0, 0] && last.get(&id) != Some(&s.bytes);
+            if out.len() >= max || !(moved || s.flows_open > 0) {
+                continue;
+            }
+            last.insert(id, s.bytes);
+            out.push(comsat_protocol::api::LinkTraffic {
+                link_id: id,
+                bytes_a_to_b: s.bytes[0],
+                bytes_b_to_a: s.bytes[1],
+                flows_open: s.flows_open,
+            });
+        }
+        out
+    }
+
     /// Prometheus text for the per-link series: links with a place of their
     /// own (at most `max_links`, first used first), then `_other`.
     pub(crate) fn render(&self, max_links: usize) -> String {

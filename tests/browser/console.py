@@ -1,6 +1,8 @@
 """Drives the comsat console in headless Chromium through chromedriver
 (Selenium's WebDriver), as a person would: signs in with the admin's API
 token, finds the demo link ready, saves a screenshot of the overview,
+watches the demo link's bytes per second rise while a flow runs (the test
+that runs this keeps one going) and saves a screenshot of it,
 creates a link and sees it ready, changes its limits, deletes it, creates
 a join token (shown once with its enrol command), signs out; then signs
 in as a viewer and finds nothing to change, and a change forged from that
@@ -98,6 +100,15 @@ def fill(form, values):
             field.send_keys(value)
 
 
+def moving(d, name):
+    """Whether link `name`'s traffic cell shows bytes per second moving."""
+    r = row(d, name)
+    if r is None:
+        return False
+    text = r.find_elements(By.TAG_NAME, "td")[5].text
+    return "/s" in text and not ("↑ 0 B/s" in text and "↓ 0 B/s" in text)
+
+
 def links_and_tokens(d, args):
     """Creates link `web`, changes its limits, deletes it; makes a token."""
     d.find_element(By.CSS_SELECTOR, "#new-link summary").click()
@@ -113,7 +124,7 @@ def links_and_tokens(d, args):
     limits.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     wait(d).until(
         lambda d: row(d, "web") is not None
-        and row(d, "web").find_elements(By.TAG_NAME, "td")[5].text == "5 flows"
+        and row(d, "web").find_elements(By.TAG_NAME, "td")[6].text == "5 flows"
     )
     step("changed web's limits to 5 flows")
 
@@ -164,6 +175,13 @@ def main():
             step("the session cookie is HttpOnly, Secure, SameSite=Strict; the token is not in the page")
             d.save_screenshot(f"{args.screenshots}/overview.png")
             step("saved overview.png")
+            wait(d).until(lambda d: moving(d, "demo"))
+            traffic = row(d, "demo").find_elements(By.TAG_NAME, "td")[5]
+            assert traffic.find_elements(By.CSS_SELECTOR, "svg.spark polyline"), "no sparkline"
+            step(f"the demo link's bytes per second rise while a flow runs: {traffic.text}")
+            row(d, "demo").screenshot(f"{args.screenshots}/link-under-traffic.png")
+            d.save_screenshot(f"{args.screenshots}/overview-under-traffic.png")
+            step("saved link-under-traffic.png")
             links_and_tokens(d, args)
             d.find_element(By.ID, "sign-out").click()
             wait(d).until(shown.visibility_of_element_located((By.ID, "sign-in")))

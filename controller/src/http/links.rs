@@ -52,6 +52,12 @@ async fn agent_link_status(
             api::MAX_STATUS_LINKS
         )));
     }
+    if let Some(v) = super::nodes::checked_version(req.version.as_deref())? {
+        state
+            .store
+            .set_version(&node.node_id, v, unix_now())
+            .await?;
+    }
     let links = state.store.links_of_agent(&node.node_id).await?;
     let mut halves = Vec::with_capacity(req.links.len());
     for mut h in req.links {

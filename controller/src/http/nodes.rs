@@ -145,6 +145,13 @@ async fn relay_heartbeat(
     body: Bytes,
 ) -> Result<Json<Empty>, ApiError> {
     let hb: RelayHeartbeat = parse_json(&body)?;
+    if hb.traffic.len() > api::MAX_TRAFFIC_PER_HEARTBEAT {
+        return Err(ApiError::bad_request(format!(
+            "a heartbeat reports at most {} links' traffic",
+            api::MAX_TRAFFIC_PER_HEARTBEAT
+        )));
+    }
+    let version = checked_version(hb.version.as_deref())?;
     if hb.clones.len() > api::MAX_CLONES_PER_HEARTBEAT
         || hb.clones.iter().any(|c| {
             c.source.len() > api::MAX_CLONE_SOURCE_LEN
@@ -157,12 +164,37 @@ async fn relay_heartbeat(
             api::MAX_CLONE_SOURCE_LEN
         )));
     }
-    state
-        .store
-        .heartbeat(&relay.node_id, &hb.load, unix_now())
-        .await?;
+    let now = unix_now();
+    state.store.heartbeat(&relay.node_id, &hb.load, now).await?;
+    if let Some(v) = version {
+        state.store.set_version(&relay.node_id, v, now).await?;
+    }
+    if !hb.traffic.is_empty() {
+        state
+            .store
+            .record_traffic(&relay.node_id, &hb.traffic, now)
+            .await?;
+    }
     audit_clones(&state, &caller, &relay, &hb).await?;
     Ok(Json(Empty {}))
+}
+
+/// A version a node reports: at most [`api::MAX_VERSION_LEN`] bytes of
+/// printable ASCII, or refused.
+pub(super) fn checked_version(v: Option<&str>) -> Result<Option<&str>, ApiError> {
+    match v {
+        Some(v)
+            if v.is_empty()
+                || v.len() > api::MAX_VERSION_LEN
+                || !v.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Err(ApiError::bad_request(format!(
+                "version: 1 to {} printable ASCII characters",
+                api::MAX_VERSION_LEN
+            )))
+        }
+        v => Ok(v),
+    }
 }
 
 /// Records a relay's clone alarms (one node key connected from two sources
@@ -386,6 +418,7 @@ async fn agent_config(
 async fn list_agents(State(state): State<AppState>) -> Result<Json<Vec<AgentInfo>>, ApiError> {
     let links = state.store.links().await?;
     let agents = state.store.nodes(NodeKind::Agent).await?;
+    let versions = state.store.versions().await?;
     Ok(Json(
         agents
             .into_iter()
@@ -394,6 +427,7 @@ async fn list_agents(State(state): State<AppState>) -> Result<Json<Vec<AgentInfo
                     .iter()
                     .filter(|l| l.from_node == a.node_id || l.to_node == a.node_id)
                     .count() as u64,
+                version: versions.get(&a.node_id).cloned(),
                 name: a.name,
                 node_id: a.node_id,
                 last_seen: a.last_seen,
@@ -406,6 +440,7 @@ async fn list_relays(State(state): State<AppState>) -> Result<Json<Vec<RelayInfo
     let now = unix_now();
     let links = state.store.links().await?;
     let (relays, _) = state.relays(now).await?;
+    let versions = state.store.versions().await?;
     Ok(Json(
         relays
             .into_iter()
@@ -413,6 +448,7 @@ async fn list_relays(State(state): State<AppState>) -> Result<Json<Vec<RelayInfo
                 let id = r.relay_id();
                 RelayInfo {
                     healthy: state.healthy(&r, now),
+                    version: versions.get(&r.node_id).cloned(),
                     links: links.iter().filter(|l| l.relays.contains(&id)).count() as u64,
                     name: r.name,
                     relay_id: id,

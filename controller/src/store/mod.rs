@@ -52,10 +52,12 @@ pub mod testing {
     }
 }
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use comsat_protocol::api::{
-    AuditRecord, HalfReport, HalfState, JoinTokenInfo, NodeKind, PrincipalInfo, PrincipalKind,
-    RelayLoad, RoleBindingCreate,
+    self as api, AuditRecord, HalfReport, HalfState, JoinTokenInfo, NodeKind, PrincipalInfo,
+    PrincipalKind, RelayLoad, RoleBindingCreate,
 };
 use comsat_protocol::{LinkId, NodeId, NoisePublicKey, RelayId, SignPublicKey};
 
@@ -238,6 +240,28 @@ impl std::fmt::Debug for ConsoleSession {
             .field("expires_at", &self.expires_at)
             .finish_non_exhaustive()
     }
+}
+
+/// A link's latest counters from one relay, with the rate since the
+/// report before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrafficRecord {
+    /// The link.
+    pub link_id: LinkId,
+    /// The relay that reported it.
+    pub relay: NodeId,
+    /// Bytes from side A to side B.
+    pub a_to_b: u64,
+    /// Bytes from side B to side A.
+    pub b_to_a: u64,
+    /// Flows open.
+    pub flows_open: u64,
+    /// Bytes per second from A to B since the report before.
+    pub rate_a_to_b: u64,
+    /// Bytes per second from B to A.
+    pub rate_b_to_a: u64,
+    /// Unix time of the report.
+    pub at: u64,
 }
 
 /// A join token to store (the secret itself is never stored).
@@ -658,6 +682,24 @@ pub trait Store: Send + Sync {
         agent: &NodeId,
         since: u64,
     ) -> Result<Vec<(LinkId, RelayId, u64)>, StoreError>;
+
+    /// Stores what relay `relay` reported of its links (those whose grant
+    /// names it; others are ignored), and forgets reports over an hour old.
+    async fn record_traffic(
+        &self,
+        relay: &NodeId,
+        traffic: &[api::LinkTraffic],
+        now: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Every link's latest report from each relay.
+    async fn traffic(&self) -> Result<Vec<TrafficRecord>, StoreError>;
+
+    /// Stores the software version node `node` reports.
+    async fn set_version(&self, node: &NodeId, version: &str, now: u64) -> Result<(), StoreError>;
+
+    /// The software version each node last reported.
+    async fn versions(&self) -> Result<HashMap<NodeId, String>, StoreError>;
 
     /// Stores a console session, and forgets those expired at `now`.
     async fn create_console_session(&self, s: &ConsoleSession, now: u64) -> Result<(), StoreError>;

@@ -205,7 +205,27 @@ fn show_link(l: &api::LinkInfo, out: Output) -> anyhow::Result<String> {
             } else {
                 l.relays.join(", ")
             }
-        ))
+        )
+        + &traffic(l))
+}
+
+/// What the link carries, as a relay last reported it.
+fn traffic(l: &api::LinkInfo) -> String {
+    let Some(t) = &l.traffic else {
+        return "traffic:    none reported yet\n".into();
+    };
+    format!(
+        "traffic:    {} from {}, {} from {}; {} flows open; {} bytes and {} bytes in all (relay {}, {})\n",
+        format_rate(t.bytes_per_sec_a_to_b),
+        l.spec.from,
+        format_rate(t.bytes_per_sec_b_to_a),
+        l.spec.to,
+        t.flows_open,
+        t.bytes_a_to_b,
+        t.bytes_b_to_a,
+        printable(&t.relay),
+        ago(Some(t.at))
+    )
 }
 
 /// A link's status and each half's, as `link show` prints them (the
@@ -269,6 +289,7 @@ mod tests {
             created_at: 0,
             refused: vec![],
             status: api::LinkStatus::default(),
+            traffic: None,
         }
     }
 

@@ -276,6 +276,9 @@ pub struct RelayLoad {
     pub links: u64,
     /// Bytes held for absent peers.
     pub buffered_bytes: u64,
+    /// Whether it is draining (its links move to other relays).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Most clone alarms one heartbeat carries (a relay keeps the rest for
@@ -313,6 +316,12 @@ pub struct RelayHeartbeat {
     /// than it keeps).
     #[serde(default)]
     pub clones_dropped: u64,
+    /// What its links carried (at most [`MAX_TRAFFIC_PER_HEARTBEAT`]).
+    #[serde(default)]
+    pub traffic: Vec<LinkTraffic>,
+    /// Its software version (at most [`MAX_VERSION_LEN`] bytes).
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 /// A relay's certificate renewal request.
@@ -484,6 +493,9 @@ pub struct AgentInfo {
     pub last_seen: Option<u64>,
     /// Links it holds a side of.
     pub links: u64,
+    /// The software version it last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// An enrolled relay.
@@ -505,6 +517,9 @@ pub struct RelayInfo {
     pub load: RelayLoad,
     /// Links assigned to it.
     pub links: u64,
+    /// The software version it last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// What a link is, as the operator writes it: the body of
@@ -577,6 +592,10 @@ pub struct LinkInfo {
     /// Its status, from what its agents report.
     #[serde(default)]
     pub status: LinkStatus,
+    /// What it carries, as a relay last reported (none yet: it moved
+    /// nothing since a relay began carrying it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<LinkTrafficInfo>,
 }
 
 /// `GET PATH_STATUS`.
@@ -598,6 +617,7 @@ mod console;
 mod join;
 mod rbac;
 mod status;
+mod traffic;
 
 pub use console::{
     ConsoleSessionInfo, ConsoleSignIn, MAX_TOKEN_LEN, PATH_CONSOLE, PATH_CONSOLE_SCRIPT,
@@ -613,6 +633,7 @@ pub use status::{
     MAX_STATUS_REASON_LEN, PATH_AGENT_LINK_STATUS, STATUS_REFRESH_SECS, STATUS_STALE_SECS,
     UnknownHalfState,
 };
+pub use traffic::{LinkTraffic, LinkTrafficInfo, MAX_TRAFFIC_PER_HEARTBEAT, MAX_VERSION_LEN};
 
 #[cfg(test)]
 mod tests {

@@ -33,6 +33,10 @@ pub const MAX_STATUS_REASON_LEN: usize = 512;
 pub struct AgentLinkStatus {
     /// Every link half the agent holds (at most [`MAX_STATUS_LINKS`]).
     pub links: Vec<HalfReport>,
+    /// The agent's software version (at most
+    /// [`super::MAX_VERSION_LEN`] bytes).
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 /// One link half as its agent sees it.

@@ -579,7 +579,18 @@ impl Relay {
             connections: state.connections.current() as u64,
             links: state.grants.snapshot().len() as u64,
             buffered_bytes: state.links().table.buffered(),
+            draining: state.is_draining(),
         }
+    }
+
+    /// What its links carried since the probe was last asked (see
+    /// [`comsat_node::relay::RelaySink::link_traffic`]).
+    pub fn traffic_probe(
+        &self,
+    ) -> impl Fn(usize) -> Vec<comsat_protocol::api::LinkTraffic> + Send + Sync + 'static {
+        let state = self.state.clone();
+        let last = Mutex::default();
+        move |max| state.stats.traffic(&last, max)
     }
 
     /// Whether the relay is serving (what `/readyz` reports). A bound

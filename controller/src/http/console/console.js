@@ -120,17 +120,17 @@ async function refresh() {
   }));
 
   fill("relays", relays.map((r) => [
-    cell(r.name), state(r.healthy ? "healthy" : "down"), cell(r.public_addr),
+    cell(r.name), state(!r.healthy ? "down" : r.load.draining ? "draining" : "healthy"), cell(r.public_addr),
     cell(r.links, "num"), cell(r.load.connections, "num"), cell(bytes(r.load.buffered_bytes), "num"),
-    cell(ago(r.last_heartbeat)),
-  ]), "No relays yet: create a join token for one.", 7);
-  fill("agents", agents.map((a) => [cell(a.name), cell(a.links, "num"), cell(ago(a.last_seen))]),
-    "No agents yet: create a join token for one.", 3);
+    cell(r.version || "–"), cell(ago(r.last_heartbeat)),
+  ]), "No relays yet: create a join token for one.", 8);
+  fill("agents", agents.map((a) => [cell(a.name), cell(a.links, "num"), cell(a.version || "–"), cell(ago(a.last_seen))]),
+    "No agents yet: create a join token for one.", 4);
   if (!editing) {
     fill("links", links.map((l) => [
       cell(l.name), state(l.status.state), cell(l.from + " " + l.listen), cell(l.to + " " + l.target),
-      cell(l.relays.join(", ")), cell(limits(l)), cell(l.status.reason || ""), actions(l),
-    ]), "No links yet: create one below.", 8);
+      cell(l.relays.join(", ")), traffic(l), cell(limits(l)), cell(l.status.reason || ""), actions(l),
+    ]), "No links yet: create one below.", 9);
   }
   agentChoices(agents);
   gate();
@@ -138,6 +138,49 @@ async function refresh() {
 }
 
 let editing = false;
+
+// Each link's recent rates (both directions together), oldest first, for
+// its sparkline: one point a refresh, the last 60 (two minutes).
+const history = new Map();
+
+function traffic(l) {
+  const t = l.traffic;
+  const td = cell("", "traffic");
+  const rate = t ? t.bytes_per_sec_a_to_b + t.bytes_per_sec_b_to_a : 0;
+  const points = history.get(l.name) || [];
+  points.push(rate);
+  if (points.length > 60) points.shift();
+  history.set(l.name, points);
+  if (!t) {
+    td.textContent = "nothing yet";
+    return td;
+  }
+  const text = document.createElement("span");
+  text.className = "rate";
+  text.textContent = "↑ " + bytes(t.bytes_per_sec_a_to_b) + "/s ↓ " + bytes(t.bytes_per_sec_b_to_a) +
+    "/s · " + t.flows_open + (t.flows_open === 1 ? " flow" : " flows");
+  text.title = bytes(t.bytes_a_to_b) + " from " + l.from + ", " + bytes(t.bytes_b_to_a) +
+    " from " + l.to + " through " + t.relay;
+  td.append(text, sparkline(points));
+  return td;
+}
+
+function sparkline(points) {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  const w = 90, h = 18;
+  svg.setAttribute("class", "spark");
+  svg.setAttribute("width", w);
+  svg.setAttribute("height", h);
+  svg.setAttribute("viewBox", "0 0 " + w + " " + h);
+  const top = Math.max(1, ...points);
+  const step = w / 59;
+  const line = document.createElementNS(ns, "polyline");
+  line.setAttribute("points", points.map((p, i) =>
+    (w - (points.length - 1 - i) * step).toFixed(1) + "," + (h - 1 - (p / top) * (h - 2)).toFixed(1)).join(" "));
+  svg.append(line);
+  return svg;
+}
 
 function limits(l) {
   const parts = [];

@@ -19,7 +19,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use super::Backend;
 
 /// Each migration: its version, its description and its template.
-const MIGRATIONS: [(i64, &str, &str); 11] = [
+const MIGRATIONS: [(i64, &str, &str); 12] = [
     (1, "init", include_str!("../../../migrations/0001_init.sql")),
     (
         2,
@@ -67,6 +67,11 @@ const MIGRATIONS: [(i64, &str, &str); 11] = [
         "console sessions",
         include_str!("../../../migrations/0011_console_sessions.sql"),
     ),
+    (
+        12,
+        "traffic and versions",
+        include_str!("../../../migrations/0012_traffic_and_versions.sql"),
+    ),
 ];
 
 /// The migrator for `backend`'s database.
@@ -106,7 +111,7 @@ mod tests {
 
     /// SHA-384 of each released migration as each database has it, in
     /// order: what databases made by earlier releases hold.
-    const RELEASED: [(&str, &str); 11] = [
+    const RELEASED: [(&str, &str); 12] = [
         (
             "8a5ed74d7edaa043f65cba738a33406e9aadf28d5e25b5466d514952facfe8d7c42bf469371eba9797bec815b7cad112",
             "04b07fec1a7d34a6af53470ec77b693a09bbcc12e80489802d7e505689b88030048162c19e7c6ee2b930a5f76538c07c",
@@ -150,6 +155,10 @@ mod tests {
         (
             "6d7e8e1c28c6680633b46555b2e8d548de740394e1c3a9e79b2bf41de49e8cc76e2d7f3e6cd0c84c50639ca6dc6da3c4",
             "6d7e8e1c28c6680633b46555b2e8d548de740394e1c3a9e79b2bf41de49e8cc76e2d7f3e6cd0c84c50639ca6dc6da3c4",
+        ),
+        (
+            "25b5b1a37fff1837b2d36a243ba87d5b7b06bc46d14989c7cfad721ad8333a177ea482bebc4fb11c016099adfa15d443",
+            "25b5b1a37fff1837b2d36a243ba87d5b7b06bc46d14989c7cfad721ad8333a177ea482bebc4fb11c016099adfa15d443",
         ),
     ];
 

@@ -24,12 +24,15 @@ mod rows;
 mod sessions;
 mod status;
 mod tokens;
+mod traffic;
 mod tx;
+
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 use comsat_protocol::api::{
-    AuditRecord, HalfReport, JoinTokenInfo, NodeKind, PrincipalInfo, PrincipalKind, RelayLoad,
-    RoleBindingCreate,
+    self as api, AuditRecord, HalfReport, JoinTokenInfo, NodeKind, PrincipalInfo, PrincipalKind,
+    RelayLoad, RoleBindingCreate,
 };
 use comsat_protocol::{LinkId, NodeId, RelayId};
 use sqlx::{AnyPool, Row};
@@ -39,12 +42,12 @@ use self::rows::{
 };
 use self::tx::{
     bump_agents, bump_link_agents, insert_events, insert_principal, insert_token,
-    is_unique_violation, mark_change, node_name_taken, unless_taken,
+    is_unique_violation, mark_change, unless_taken,
 };
 use super::{
     ApiTokenRecord, ConsoleSession, EventRecord, HalfRecord, LinkGrantUpdate, LinkRecord,
     NewApiToken, NewEvent, NewJoinToken, NewNode, NodeRecord, Redemption, RefusalRecord, Store,
-    StoreError,
+    StoreError, TrafficRecord,
 };
 
 /// Which database a [`SqlStore`] talks to.
@@ -329,116 +332,7 @@ impl Store for SqlStore {
         r: &Redemption,
         node: &NewNode,
     ) -> Result<NodeRecord, StoreError> {
-        let mut tx = self.write_tx().await?;
-        // The one statement that decides who wins a race.
-        let won = sqlx::query(
-            "UPDATE join_tokens SET used_at = $1 \
-             WHERE id = $2 AND secret_hash = $3 AND kind = $4 AND used_at IS NULL \
-             RETURNING name, expires_at",
-        )
-        .bind(to_i64(r.now))
-        .bind(&r.token_id)
-        .bind(&r.secret_hash)
-        .bind(r.kind.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(won) = won else {
-            // Find out why, without changing anything.
-            let row =
-                sqlx::query("SELECT secret_hash, kind, used_at FROM join_tokens WHERE id = $1")
-                    .bind(&r.token_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            tx.rollback().await?;
-            let Some(row) = row else {
-                return Err(StoreError::UnknownToken);
-            };
-            let hash: String = row.try_get("secret_hash")?;
-            if hash != r.secret_hash {
-                return Err(StoreError::UnknownToken);
-            }
-            if row.try_get::<Option<i64>, _>("used_at")?.is_some() {
-                return Err(StoreError::TokenUsed);
-            }
-            let token_kind: NodeKind =
-                parse("join_tokens.kind", &row.try_get::<String, _>("kind")?)?;
-            return Err(StoreError::WrongKind { token_kind });
-        };
-        let expires_at = to_u64(won.try_get("expires_at")?);
-        if expires_at <= r.now {
-            // Used up all the same: an expired token never works again.
-            tx.commit().await?;
-            return Err(StoreError::TokenExpired);
-        }
-        let token_name: Option<String> = won.try_get("name")?;
-        let name = match token_name {
-            Some(name) => {
-                if node_name_taken(&mut tx, r.kind, &name).await? {
-                    tx.rollback().await?;
-                    return Err(StoreError::NodeNameTaken { kind: r.kind, name });
-                }
-                name
-            }
-            None => {
-                let mut tries = 0;
-                loop {
-                    let name = format!("{}-{}", r.kind, hex::encode(rand::random::<[u8; 4]>()));
-                    let taken = node_name_taken(&mut tx, r.kind, &name).await?;
-                    tries += 1;
-                    if !taken {
-                        break name;
-                    }
-                    if tries > 16 {
-                        tx.rollback().await?;
-                        return Err(StoreError::NodeNameTaken { kind: r.kind, name });
-                    }
-                }
-            }
-        };
-        let record = NodeRecord {
-            node_id: node.node_id,
-            kind: r.kind,
-            name,
-            sign_pub: node.sign_pub,
-            noise_pub: node.noise_pub,
-            public_addr: node.public_addr.clone(),
-            interactive_addr: node.interactive_addr.clone(),
-            created_at: r.now,
-            last_seen: Some(r.now),
-            last_heartbeat: None,
-            load: RelayLoad::default(),
-            config_version: 1,
-        };
-        let inserted = sqlx::query(
-            "INSERT INTO nodes (node_id, kind, name, sign_pub, noise_pub, public_addr, created_at, \
-             last_seen, last_heartbeat, load, config_version, interactive_addr) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL, $9, $10)",
-        )
-        .bind(record.node_id.to_string())
-        .bind(record.kind.as_str())
-        .bind(&record.name)
-        .bind(record.sign_pub.to_string())
-        .bind(record.noise_pub.map(|k| k.to_string()))
-        .bind(record.public_addr.as_deref())
-        .bind(to_i64(r.now))
-        .bind(to_i64(r.now))
-        .bind(to_i64(record.config_version))
-        .bind(record.interactive_addr.as_deref())
-        .execute(&mut *tx)
-        .await;
-        if let Err(e) = inserted {
-            let unique = is_unique_violation(&e);
-            tx.rollback().await?;
-            if unique {
-                return Err(StoreError::NodeNameTaken {
-                    kind: record.kind,
-                    name: record.name,
-                });
-            }
-            return Err(e.into());
-        }
-        tx.commit().await?;
-        Ok(record)
+        self.redeem(r, node).await
     }
 
     async fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError> {
@@ -861,6 +755,27 @@ impl Store for SqlStore {
         since: u64,
     ) -> Result<Vec<(LinkId, RelayId, u64)>, StoreError> {
         self.read_peer_moves(agent, since).await
+    }
+
+    async fn record_traffic(
+        &self,
+        relay: &NodeId,
+        traffic: &[api::LinkTraffic],
+        now: u64,
+    ) -> Result<(), StoreError> {
+        self.write_traffic(relay, traffic, now).await
+    }
+
+    async fn traffic(&self) -> Result<Vec<TrafficRecord>, StoreError> {
+        self.all_traffic().await
+    }
+
+    async fn set_version(&self, node: &NodeId, version: &str, now: u64) -> Result<(), StoreError> {
+        self.write_version(node, version, now).await
+    }
+
+    async fn versions(&self) -> Result<HashMap<NodeId, String>, StoreError> {
+        self.all_versions().await
     }
 
     async fn create_console_session(&self, s: &ConsoleSession, now: u64) -> Result<(), StoreError> {
