@@ -464,6 +464,9 @@ pub(crate) enum AuditCommand {
         /// Only this subject, or subjects starting with it (`agent:`).
         #[arg(long)]
         subject: Option<String>,
+        /// Only records of this outcome: ok, denied or alarm.
+        #[arg(long, value_parser = ["ok", "denied", "alarm"])]
+        result: Option<String>,
         /// At most this many records.
         #[arg(long, default_value_t = 1000)]
         limit: usize,

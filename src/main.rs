@@ -164,9 +164,10 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 AuditCommand::List {
                     since,
                     subject,
+                    result,
                     limit,
                 },
-        } => ctl::audit_list(&c, since, subject, limit, out).await?,
+        } => ctl::audit_list(&c, since, (subject, result), limit, out).await?,
         CtlCommand::ServiceAccount { command } => {
             principal(&c, api::PrincipalKind::ServiceAccount, command, out).await?
         }

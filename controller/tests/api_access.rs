@@ -837,3 +837,46 @@ async fn the_last_administrator_cannot_be_taken_away() {
     let (status, _) = call(&api, &ops, Method::GET, api::PATH_ROLE_BINDINGS, None).await;
     assert_eq!(status, StatusCode::OK, "the last administrator still works");
 }
+
+/// The audit log filters by outcome, and refuses an outcome it does not
+/// know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_filters_by_outcome() {
+    let api = start("").await;
+    // A refused authentication, and an admin's success.
+    let (status, _) = call(
+        &api,
+        "comsat_not_a_token",
+        Method::GET,
+        api::PATH_LINKS,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, text) = call(
+        &api,
+        &api.admin,
+        Method::POST,
+        api::PATH_SERVICE_ACCOUNTS,
+        Some(json!({ "name": "ci" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    for (result, other) in [("denied", "ok"), ("ok", "denied")] {
+        let records: Vec<AuditRecord> = api
+            .admin_get(&format!("{}?result={result}", api::PATH_AUDIT))
+            .await;
+        assert!(!records.is_empty(), "{result}");
+        assert!(records.iter().all(|r| r.result == result), "{records:#?}");
+        assert!(records.iter().all(|r| r.result != other));
+    }
+    let (status, text) = call(
+        &api,
+        &api.admin,
+        Method::GET,
+        &format!("{}?result=maybe", api::PATH_AUDIT),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+}

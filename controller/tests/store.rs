@@ -684,35 +684,54 @@ async fn the_audit_log_filters_by_time_and_subject_and_forgets_by_retention(db: 
     ] {
         store.append_audit(&r).await.expect("append");
     }
-    let all = store.audit(0, None, 100).await.expect("all");
+    let all = store.audit(0, None, None, 100).await.expect("all");
     assert_eq!(
         all.iter().map(|r| r.at_ms).collect::<Vec<_>>(),
         [1_000, 2_000, 3_000, 4_000]
     );
     assert_eq!(all[1], rec(2_000, "agent:edge-a", "denied"));
-    let agents = store.audit(0, Some("agent:"), 100).await.expect("agents");
+    let agents = store
+        .audit(0, Some("agent:"), None, 100)
+        .await
+        .expect("agents");
     assert_eq!(agents.len(), 2);
     let since = store
-        .audit(2_500, Some("user:admin"), 100)
+        .audit(2_500, Some("user:admin"), None, 100)
         .await
         .expect("since");
     assert_eq!(since, vec![rec(4_000, "user:admin", "denied")]);
+    let denied = store
+        .audit(0, None, Some("denied"), 100)
+        .await
+        .expect("denied");
+    assert_eq!(
+        denied.iter().map(|r| r.at_ms).collect::<Vec<_>>(),
+        [2_000, 4_000]
+    );
+    let admin_ok = store
+        .audit(0, Some("user:admin"), Some("ok"), 100)
+        .await
+        .expect("admin ok");
+    assert_eq!(admin_ok, vec![rec(1_000, "user:admin", "ok")]);
     // A wildcard in the filter is a plain character.
     assert!(
         store
-            .audit(0, Some("%"), 100)
+            .audit(0, Some("%"), None, 100)
             .await
             .expect("pct")
             .is_empty()
     );
     // The newest when limited.
-    let newest = store.audit(0, None, 2).await.expect("limited");
+    let newest = store.audit(0, None, None, 2).await.expect("limited");
     assert_eq!(
         newest.iter().map(|r| r.at_ms).collect::<Vec<_>>(),
         [3_000, 4_000]
     );
     assert_eq!(store.purge_audit(2_500).await.expect("purge"), 2);
-    assert_eq!(store.audit(0, None, 100).await.expect("rest").len(), 2);
+    assert_eq!(
+        store.audit(0, None, None, 100).await.expect("rest").len(),
+        2
+    );
 }
 
 both!(an_agents_refusals_replace_what_it_said_before);

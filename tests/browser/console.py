@@ -133,6 +133,22 @@ def links_and_tokens(d, args):
     wait(d).until(lambda d: row(d, "web") is None)
     step("deleted link web")
 
+    form = d.find_element(By.ID, "audit-form")
+    fill(form, {"subject": "user:admin", "result": "ok"})
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+    def audited(d):
+        rows = [
+            [c.text for c in r.find_elements(By.TAG_NAME, "td")]
+            for r in d.find_elements(By.CSS_SELECTOR, "#audit-log tbody tr")
+        ]
+        actions = {r[2] for r in rows if len(r) == 6}
+        only = all(len(r) == 6 and r[1] == "user:admin" and r[4] == "ok" for r in rows)
+        return only and {"link.create", "link.update", "link.delete"} <= actions
+
+    wait(d).until(audited)
+    step("the audit log, filtered to user:admin and ok, shows the link's creation, change and deletion")
+
     d.find_element(By.CSS_SELECTOR, "#new-token summary").click()
     form = d.find_element(By.ID, "new-token-form")
     fill(form, {"kind": "agent", "name": "edge-x"})

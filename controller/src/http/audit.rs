@@ -28,6 +28,9 @@ struct AuditQuery {
     since: u64,
     #[serde(default)]
     subject: Option<String>,
+    /// `ok`, `denied` or `alarm`.
+    #[serde(default)]
+    result: Option<String>,
     #[serde(default)]
     limit: Option<usize>,
 }
@@ -40,13 +43,24 @@ async fn audit_list(
     if q.subject.as_ref().is_some_and(|s| s.len() > 256) {
         return Err(ApiError::bad_request("subject: at most 256 characters"));
     }
+    if q.result
+        .as_deref()
+        .is_some_and(|r| !["ok", "denied", "alarm"].contains(&r))
+    {
+        return Err(ApiError::bad_request("result: ok, denied or alarm"));
+    }
     let limit = q
         .limit
         .unwrap_or(api::MAX_AUDIT_RECORDS)
         .clamp(1, api::MAX_AUDIT_RECORDS);
     let records = state
         .store
-        .audit(q.since.saturating_mul(1000), q.subject.as_deref(), limit)
+        .audit(
+            q.since.saturating_mul(1000),
+            q.subject.as_deref(),
+            q.result.as_deref(),
+            limit,
+        )
         .await?;
     Ok(Json(records))
 }

@@ -543,12 +543,14 @@ pub trait Store: Send + Sync {
     async fn append_audit(&self, record: &AuditRecord) -> Result<(), StoreError>;
 
     /// Audit records at or after `since_ms`, of `subject` if given (a
-    /// prefix: `agent:` matches every agent), oldest first, at most `limit`
-    /// (the newest ones when there are more).
+    /// prefix: `agent:` matches every agent) and of outcome `result` if
+    /// given, oldest first, at most `limit` (the newest ones when there are
+    /// more).
     async fn audit(
         &self,
         since_ms: u64,
         subject: Option<&str>,
+        result: Option<&str>,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, StoreError>;
 

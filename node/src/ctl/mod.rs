@@ -486,7 +486,7 @@ pub async fn binding_list(c: &Client, out: Output) -> anyhow::Result<String> {
 pub async fn audit_list(
     c: &Client,
     since: Option<std::time::Duration>,
-    subject: Option<String>,
+    (subject, result): (Option<String>, Option<String>),
     limit: usize,
     out: Output,
 ) -> anyhow::Result<String> {
@@ -500,6 +500,9 @@ pub async fn audit_list(
     }
     if let Some(s) = subject {
         query.push(("subject", s));
+    }
+    if let Some(r) = result {
+        query.push(("result", r));
     }
     let v: Vec<api::AuditRecord> = c.get(api::PATH_AUDIT, &query, "audit list").await?;
     if out == Output::Json {

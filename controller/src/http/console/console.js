@@ -34,8 +34,13 @@ function allows(resource, verb) {
 }
 
 // Hides every control whose change (data-change="RESOURCE:VERB") the
-// roles do not allow; a join token is allowed if either kind is.
+// roles do not allow, and every view they may not read
+// (data-needs="RESOURCE:VERB"); a join token is allowed if either kind is.
 function gate() {
+  for (const el of document.querySelectorAll("[data-needs]")) {
+    const [resource, verb] = el.dataset.needs.split(":");
+    el.hidden = !allows(resource, verb);
+  }
   for (const el of document.querySelectorAll("[data-change]")) {
     const [resource, verb] = el.dataset.change.split(":");
     const ok = resource === "tokens"
@@ -285,6 +290,26 @@ $("new-token-form").addEventListener("submit", async (e) => {
   } catch (err) { $("new-token-error").textContent = err.message; }
 });
 
+async function showAudit() {
+  const f = $("audit-form");
+  const q = new URLSearchParams({ limit: "200" });
+  const subject = el(f, "subject").value.trim();
+  const result = el(f, "result").value;
+  if (subject) q.set("subject", subject);
+  if (result) q.set("result", result);
+  const records = await call("GET", "/v1/audit?" + q.toString());
+  records.reverse();
+  fill("audit-log", records.map((r) => [
+    cell(new Date(r.at_ms).toLocaleString()), cell(r.subject), cell(r.action), cell(r.resource),
+    state(r.result), cell(r.reason || ""),
+  ]), "No records match.", 6);
+}
+
+$("audit-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  showAudit().catch((err) => { $("updated").textContent = "Audit log: " + err.message; });
+});
+
 $("token-copy").addEventListener("click", () => {
   navigator.clipboard.writeText($("token-value").textContent).catch(() => {});
 });
@@ -308,6 +333,7 @@ function showConsole(info) {
   $("sign-out").hidden = false;
   $("overview").hidden = false;
   gate();
+  if (allows("audit", "list")) showAudit().catch(() => {});
   refresh().catch(() => {});
   if (!timer) timer = setInterval(() => refresh().catch(() => {}), 2000);
 }

@@ -405,6 +405,7 @@ impl Store for SqlStore {
         &self,
         since_ms: u64,
         subject: Option<&str>,
+        result: Option<&str>,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, StoreError> {
         // The newest `limit` records, then oldest first. A subject filter
@@ -413,12 +414,14 @@ impl Store for SqlStore {
         let rows = sqlx::query(
             "SELECT at_ms, subject, action, resource, result, reason, source FROM audit_log \
              WHERE at_ms >= $1 AND substr(subject, 1, CAST($2 AS INTEGER)) = $3 \
+             AND ($5 = '' OR result = $5) \
              ORDER BY at_ms DESC, id DESC LIMIT $4",
         )
         .bind(to_i64(since_ms))
         .bind(i64::try_from(prefix.len()).unwrap_or(i64::MAX))
         .bind(prefix)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(result.unwrap_or(""))
         .fetch_all(&self.pool)
         .await?;
         let mut out = rows
