@@ -104,6 +104,40 @@ async fn relays_report_what_links_carry_and_nodes_their_versions() {
         None
     );
 
+    // A draining relay says so with its load.
+    let resp = api
+        .client
+        .post(api.url(api::PATH_RELAY_HEARTBEAT))
+        .bearer_auth(r2.jwt())
+        .json(&RelayHeartbeat {
+            load: RelayLoad {
+                draining: true,
+                ..RelayLoad::default()
+            },
+            ..RelayHeartbeat::default()
+        })
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let relays: Vec<RelayInfo> = api.admin_get(api::PATH_RELAYS).await;
+    assert!(
+        relays
+            .iter()
+            .find(|r| r.name == "r2")
+            .expect("r2")
+            .load
+            .draining
+    );
+    assert!(
+        !relays
+            .iter()
+            .find(|r| r.name == "r1")
+            .expect("r1")
+            .load
+            .draining
+    );
+
     // Agents report theirs with their link status.
     let resp = api
         .client

@@ -105,7 +105,9 @@ async function refresh() {
   const stale = Date.now() / 1000 - 300;
   const unseen = agents.filter((a) => !a.last_seen || a.last_seen < stale);
   $("relays-count").textContent = relays.length;
-  $("relays-detail").textContent = healthy + " healthy, " + (relays.length - healthy) + " down";
+  const draining = relays.filter((r) => r.healthy && r.load.draining).length;
+  $("relays-detail").textContent = healthy + " healthy, " + (relays.length - healthy) + " down" +
+    (draining ? ", " + draining + " draining" : "");
   $("agents-count").textContent = agents.length;
   $("agents-detail").textContent = unseen.length + " not seen for 5 min";
   $("links-count").textContent = links.length;
@@ -113,6 +115,7 @@ async function refresh() {
 
   const attention = [];
   for (const r of relays) if (!r.healthy) attention.push("Relay " + r.name + " is down (last heartbeat " + ago(r.last_heartbeat) + ")");
+  for (const r of relays) if (r.healthy && r.load.draining) attention.push("Relay " + r.name + " is draining: its links are moving to other relays");
   for (const l of links) if (["failed", "refused"].includes(l.status.state)) attention.push("Link " + l.name + " is " + l.status.state + ": " + (l.status.reason || ""));
   for (const a of unseen) attention.push("Agent " + a.name + " not seen " + ago(a.last_seen));
   if (relays.length === 0) attention.push("No relays yet: create a join token (comsat ctl token create --kind relay --name NAME) and enrol one.");
