@@ -286,6 +286,26 @@ async fn no_session_a_bad_token_or_a_forged_cookie_gets_nothing() {
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {text}");
         }
     }
+    // Not from the console's page: a form's body, or another site.
+    let resp = api
+        .client
+        .post(api.url(api::PATH_CONSOLE_SESSION))
+        .header("content-type", "text/plain")
+        .body(format!("{{\"token\":\"{}\"}}", api.admin))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let resp = api
+        .client
+        .post(api.url(api::PATH_CONSOLE_SESSION))
+        .header("sec-fetch-site", "cross-site")
+        .json(&json!({ "token": api.admin }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert!(resp.headers().get(SET_COOKIE).is_none());
     // Without any credential.
     let resp = api
         .client

@@ -9,8 +9,10 @@
 //! was opened with would, under the same role checks, for
 //! `console_session_secs` or until that token is revoked or expires. A
 //! request that changes anything must also carry the session's CSRF token
-//! in `X-CSRF-Token` (the page holds it in memory, never in storage). The
-//! API token itself is never put in a page, a cookie or a log.
+//! in `X-CSRF-Token` (the page holds it in memory, never in storage). A
+//! sign-in must be JSON and not from another site (`Sec-Fetch-Site`), so
+//! no other site can sign a browser in as someone else. The API token
+//! itself is never put in a page, a cookie or a log.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -210,6 +212,29 @@ async fn open_session(
     body: &[u8],
 ) -> Result<(String, ConsoleSessionInfo), ApiError> {
     check_not_limited(state, caller)?;
+    // A sign-in comes from the console's own page: JSON, never a form
+    // another site posts (which could sign a browser in as someone else).
+    let json = caller
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "sign in with a JSON body (Content-Type: application/json)",
+        ));
+    }
+    if caller
+        .headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v == "cross-site")
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden: a sign-in from another site",
+        ));
+    }
     let asked: ConsoleSignIn = parse_json(body)?;
     if asked.token.is_empty() || asked.token.len() > api::MAX_TOKEN_LEN {
         return Err(ApiError::bad_request(format!(
