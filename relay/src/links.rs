@@ -249,7 +249,8 @@ impl LinkTable {
             .collect();
         all.sort_by_key(|(id, _)| *id);
         let mut last = lock(last);
-        last.retain(|id, _| all.iter().any(|(a, _)| a == id));
+        let granted: std::collections::HashSet<LinkId> = all.iter().map(|(id, _)| *id).collect();
+        last.retain(|id, _| granted.contains(id));
         let mut out = Vec::new();
         for (id, s) in all {
             let moved = s.bytes != [0, 0] && last.get(&id) != Some(&s.bytes);
@@ -507,6 +508,30 @@ mod tests {
                 .collect()
         };
         assert_eq!(firsts(&text), firsts(&again));
+    }
+
+    #[test]
+    fn traffic_reports_links_that_moved_since_the_last_report_up_to_a_bound() {
+        let table = LinkTable::default();
+        let last = Mutex::default();
+        table.get(&grant(1));
+        for id in 2..=4u8 {
+            table.get(&grant(id)).add_bytes(Side::B, u64::from(id));
+        }
+        let ids = |t: &[comsat_protocol::api::LinkTraffic]| -> Vec<u8> {
+            t.iter().map(|x| x.link_id.0[0]).collect()
+        };
+        // Link 1 moved nothing: not reported. At most 2 at once.
+        let first = table.traffic(&last, 2);
+        assert_eq!(ids(&first), [2, 3]);
+        assert_eq!((first[0].bytes_a_to_b, first[0].bytes_b_to_a), (0, 2));
+        // Link 4 waited for room; 2 and 3 moved nothing since.
+        assert_eq!(ids(&table.traffic(&last, 2)), [4]);
+        assert!(table.traffic(&last, 2).is_empty());
+        table.get(&grant(3)).add_bytes(Side::A, 10);
+        let again = table.traffic(&last, 2);
+        assert_eq!(ids(&again), [3]);
+        assert_eq!((again[0].bytes_a_to_b, again[0].bytes_b_to_a), (10, 3));
     }
 
     #[test]
