@@ -200,6 +200,14 @@ impl Sample {
     }
 }
 
+/// What the traffic reports have said: each link's counters at its last
+/// report, and where a report cut short by its bound stopped.
+#[derive(Debug, Default)]
+pub(crate) struct TrafficSeen {
+    last: HashMap<LinkId, [u64; 2]>,
+    stopped_after: Option<LinkId>,
+}
+
 /// The stats of every granted link, and which links have series of their
 /// own on `/metrics`.
 #[derive(Debug, Default)]
@@ -236,11 +244,12 @@ impl LinkTable {
     }
 
     /// The counters of the links that moved bytes since the last call
-    /// (`last` remembers what each had then) or hold flows now, at most
-    /// `max`, by link id.
+    /// (`seen` remembers what each had then) or hold flows now, at most
+    /// `max`, by link id from where the last call stopped (so that with
+    /// more links moving than `max`, each gets its turn).
     pub(crate) fn traffic(
         &self,
-        last: &Mutex<HashMap<LinkId, [u64; 2]>>,
+        seen: &Mutex<TrafficSeen>,
         max: usize,
     ) -> Vec<comsat_protocol::api::LinkTraffic> {
         let mut all: Vec<(LinkId, Sample)> = lock(&self.stats)
@@ -248,16 +257,26 @@ impl LinkTable {
             .map(|(id, s)| (*id, s.snapshot()))
             .collect();
         all.sort_by_key(|(id, _)| *id);
-        let mut last = lock(last);
+        let mut seen = lock(seen);
         let granted: std::collections::HashSet<LinkId> = all.iter().map(|(id, _)| *id).collect();
-        last.retain(|id, _| granted.contains(id));
+        seen.last.retain(|id, _| granted.contains(id));
+        if let Some(after) = seen.stopped_after.take() {
+            let at = all.partition_point(|(id, _)| *id <= after);
+            all.rotate_left(at);
+        }
         let mut out = Vec::new();
         for (id, s) in all {
-            let moved = s.bytes != [0, 0] && last.get(&id) != Some(&s.bytes);
-            if out.len() >= max || !(moved || s.flows_open > 0) {
+            let moved = s.bytes != [0, 0] && seen.last.get(&id) != Some(&s.bytes);
+            if !(moved || s.flows_open > 0) {
                 continue;
             }
-            last.insert(id, s.bytes);
+            if out.len() >= max {
+                seen.stopped_after = out
+                    .last()
+                    .map(|t: &comsat_protocol::api::LinkTraffic| t.link_id);
+                break;
+            }
+            seen.last.insert(id, s.bytes);
             out.push(comsat_protocol::api::LinkTraffic {
                 link_id: id,
                 bytes_a_to_b: s.bytes[0],
@@ -525,13 +544,17 @@ mod tests {
         let first = table.traffic(&last, 2);
         assert_eq!(ids(&first), [2, 3]);
         assert_eq!((first[0].bytes_a_to_b, first[0].bytes_b_to_a), (0, 2));
-        // Link 4 waited for room; 2 and 3 moved nothing since.
-        assert_eq!(ids(&table.traffic(&last, 2)), [4]);
+        // Link 4's turn comes next, before 2 and 3 again (which moved
+        // more meanwhile).
+        table.get(&grant(2)).add_bytes(Side::A, 1);
+        table.get(&grant(3)).add_bytes(Side::A, 1);
+        assert_eq!(ids(&table.traffic(&last, 2)), [4, 2]);
+        assert_eq!(ids(&table.traffic(&last, 2)), [3]);
         assert!(table.traffic(&last, 2).is_empty());
         table.get(&grant(3)).add_bytes(Side::A, 10);
         let again = table.traffic(&last, 2);
         assert_eq!(ids(&again), [3]);
-        assert_eq!((again[0].bytes_a_to_b, again[0].bytes_b_to_a), (10, 3));
+        assert_eq!((again[0].bytes_a_to_b, again[0].bytes_b_to_a), (11, 3));
     }
 
     #[test]
