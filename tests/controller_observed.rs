@@ -220,7 +220,10 @@ async fn the_controller_names_the_links_the_relays_count_by_id() -> Result<()> {
     let (code, m) = raw_get(&c, "/metrics", admin).await?;
     ensure!(code == 200, "{code} {m}");
     ensure!(
-        m.contains("# TYPE comsat_controller_link_info gauge") && !m.contains(&id),
+        m.contains("# TYPE comsat_controller_link_info gauge")
+            && m.lines()
+                .any(|l| l == "# TYPE comsat_controller_link_info gauge")
+            && !m.contains(&id),
         "the deleted link's info series is still there: {m}"
     );
     Ok(())

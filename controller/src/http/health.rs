@@ -204,9 +204,8 @@ async fn link_info(state: &AppState) -> String {
     };
     links.sort_by(|a, b| a.name.cmp(&b.name));
     let mut out = format!(
-        "# HELP {LINK_INFO} 1 for each link: its id (the label `link` of relays' per-link series) and name
-         # TYPE {LINK_INFO} gauge
-"
+        "# HELP {LINK_INFO} 1 for each link: its id (the label `link` of relays' per-link series) and name\n\
+         # TYPE {LINK_INFO} gauge\n"
     );
     for link in links.iter().take(MAX_LINK_INFO) {
         let _ = writeln!(
