@@ -316,6 +316,30 @@ async fn no_session_a_bad_token_or_a_forged_cookie_gets_nothing() {
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 }
 
+/// One token holds at most 16 sessions: signing in again ends an older
+/// one, never the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_holds_a_bounded_number_of_sessions() {
+    let api = start("").await;
+    let mut sessions = Vec::new();
+    for _ in 0..20 {
+        sessions.push(console_session(&api, &api.admin).await);
+    }
+    let mut live = 0;
+    for s in &sessions {
+        let (status, _) = with_session(&api, s, None, Method::GET, api::PATH_LINKS, None).await;
+        if status == StatusCode::OK {
+            live += 1;
+        } else {
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+        }
+    }
+    assert_eq!(live, 16);
+    let newest = sessions.last().expect("a session");
+    let (status, _) = with_session(&api, newest, None, Method::GET, api::PATH_LINKS, None).await;
+    assert_eq!(status, StatusCode::OK, "the newest session stays");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ends_when_it_expires_and_when_its_token_is_revoked() {
     let api = start("console_session_secs = 1\n").await;

@@ -22,7 +22,7 @@ use comsat_protocol::api::{self, ConsoleSessionInfo, ConsoleSignIn};
 
 use super::AppState;
 use super::access::{Audited, Policy, Routes, delete, get, post};
-use super::auth::{authenticate_token, check_not_limited, refuse_auth, rules_of};
+use super::auth::{Principal, authenticate_token, check_not_limited, refuse_auth, rules_of};
 use super::parse_json;
 use crate::audit::{Caller, Outcome};
 use crate::init::token_hash;
@@ -31,11 +31,15 @@ use crate::store::ConsoleSession;
 use crate::unix_now;
 
 /// The session cookie's name.
-pub(super) const COOKIE: &str = "comsat_session";
+const COOKIE: &str = "comsat_session";
 /// The header a change request carries the session's CSRF token in.
 const CSRF_HEADER: &str = "x-csrf-token";
 /// Hex digits of a session cookie and a CSRF token (32 random bytes).
 const SECRET_HEX: usize = 64;
+/// Sessions one API token may hold at once; signing in again ends the
+/// oldest beyond this, so no token holder can grow the table without
+/// bound.
+const MAX_SESSIONS_PER_TOKEN: usize = 16;
 
 const PAGE: &str = include_str!("console/console.html");
 const SCRIPT: &str = include_str!("console/console.js");
@@ -253,33 +257,48 @@ async fn open_session(
         created_at: now,
         expires_at: now + state.config.console_session_secs,
     };
-    state.store.create_console_session(&session, now).await?;
-    let rules = rules_of(state, principal.kind, &principal.name).await?;
-    Ok((
-        cookie,
-        ConsoleSessionInfo {
-            subject: principal.subject(),
-            csrf: session.csrf,
-            expires_at: session.expires_at,
-            rules,
-        },
-    ))
+    state
+        .store
+        .create_console_session(&session, now, MAX_SESSIONS_PER_TOKEN)
+        .await?;
+    Ok((cookie, info_of(state, &principal, session).await?))
 }
 
-/// `GET /ui/session`: who the session's cookie signs in as, its CSRF
-/// token and what its roles allow (for the page to offer only that).
+/// What the page learns of `session`: who it acts as, its CSRF token and
+/// what the roles allow (for the page to offer only that).
+async fn info_of(
+    state: &Shared,
+    principal: &Principal,
+    session: ConsoleSession,
+) -> Result<ConsoleSessionInfo, ApiError> {
+    Ok(ConsoleSessionInfo {
+        subject: principal.subject(),
+        csrf: session.csrf,
+        expires_at: session.expires_at,
+        rules: rules_of(state, principal.kind, &principal.name).await?,
+    })
+}
+
+/// The caller's live session (by its cookie) and who it acts for; the
+/// caller's address is held to the same rate of failures as any other
+/// authentication.
+async fn signed_in(
+    state: &Shared,
+    caller: &Caller,
+) -> Result<(ConsoleSession, Principal), ApiError> {
+    check_not_limited(state, caller)?;
+    let cookie = session_cookie(&caller.headers).ok_or_else(no_session)?;
+    let session = live_session(state, caller, &cookie).await?;
+    let principal = authenticate_token(state, caller, &session.token_hash).await?;
+    Ok((session, principal))
+}
+
+/// `GET /ui/session`: the session of the caller's cookie, as the page
+/// learns it after a reload.
 async fn session_info(State(state): State<AppState>, caller: Caller) -> Response {
     let info = async {
-        let cookie = session_cookie(&caller.headers).ok_or_else(no_session)?;
-        let session = live_session(&state, &caller, &cookie).await?;
-        let principal = authenticate_token(&state, &caller, &session.token_hash).await?;
-        let rules = rules_of(&state, principal.kind, &principal.name).await?;
-        Ok::<_, ApiError>(ConsoleSessionInfo {
-            subject: principal.subject(),
-            csrf: session.csrf,
-            expires_at: session.expires_at,
-            rules,
-        })
+        let (session, principal) = signed_in(&state, &caller).await?;
+        info_of(&state, &principal, session).await
     };
     hardened(match info.await {
         Ok(info) => axum::Json(info).into_response(),
@@ -291,9 +310,7 @@ async fn session_info(State(state): State<AppState>, caller: Caller) -> Response
 /// controller sharing the database).
 async fn sign_out(State(state): State<AppState>, caller: Caller) -> Response {
     let ended = async {
-        let cookie = session_cookie(&caller.headers).ok_or_else(no_session)?;
-        let session = live_session(&state, &caller, &cookie).await?;
-        let principal = authenticate_token(&state, &caller, &session.token_hash).await?;
+        let (session, principal) = signed_in(&state, &caller).await?;
         state.store.delete_console_session(&session.id_hash).await?;
         Ok::<_, ApiError>(principal.subject())
     };

@@ -703,8 +703,14 @@ pub trait Store: Send + Sync {
     /// The software version each node last reported.
     async fn versions(&self) -> Result<HashMap<NodeId, String>, StoreError>;
 
-    /// Stores a console session, and forgets those expired at `now`.
-    async fn create_console_session(&self, s: &ConsoleSession, now: u64) -> Result<(), StoreError>;
+    /// Stores a console session, forgets those expired at `now`, and ends
+    /// the oldest of its token's sessions beyond the newest `most`.
+    async fn create_console_session(
+        &self,
+        s: &ConsoleSession,
+        now: u64,
+        most: usize,
+    ) -> Result<(), StoreError>;
 
     /// The console session whose cookie has this hash, if any (even
     /// expired: the caller decides).

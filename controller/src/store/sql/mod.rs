@@ -781,8 +781,13 @@ impl Store for SqlStore {
         self.all_versions().await
     }
 
-    async fn create_console_session(&self, s: &ConsoleSession, now: u64) -> Result<(), StoreError> {
-        self.insert_console_session(s, now).await
+    async fn create_console_session(
+        &self,
+        s: &ConsoleSession,
+        now: u64,
+        most: usize,
+    ) -> Result<(), StoreError> {
+        self.insert_console_session(s, now, most).await
     }
 
     async fn console_session(&self, id_hash: &str) -> Result<Option<ConsoleSession>, StoreError> {

@@ -11,6 +11,7 @@ impl SqlStore {
         &self,
         s: &ConsoleSession,
         now: u64,
+        most: usize,
     ) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM console_sessions WHERE expires_at <= $1")
             .bind(to_i64(now))
@@ -25,6 +26,19 @@ impl SqlStore {
         .bind(&s.csrf)
         .bind(to_i64(s.created_at))
         .bind(to_i64(s.expires_at))
+        .execute(&self.pool)
+        .await?;
+        // The new session stays; of the token's others, the newest
+        // `most - 1`.
+        sqlx::query(
+            "DELETE FROM console_sessions WHERE token_hash = $1 AND id_hash <> $3 \
+             AND id_hash NOT IN (SELECT id_hash FROM console_sessions \
+             WHERE token_hash = $1 AND id_hash <> $3 \
+             ORDER BY created_at DESC, id_hash LIMIT $2)",
+        )
+        .bind(&s.token_hash)
+        .bind(i64::try_from(most.saturating_sub(1)).unwrap_or(i64::MAX))
+        .bind(&s.id_hash)
         .execute(&self.pool)
         .await?;
         Ok(())
