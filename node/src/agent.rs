@@ -210,9 +210,10 @@ async fn report_status(client: crate::client::Client, source: StatusSource) {
             tokio::time::sleep(STATUS_CHECK).await;
             continue;
         }
+        // The version goes with reports until the controller took one.
         let body = api::AgentLinkStatus {
             links: now.clone(),
-            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            version: told.is_none().then(|| env!("CARGO_PKG_VERSION").to_owned()),
         };
         let sent: anyhow::Result<api::Empty> = client
             .post(api::PATH_AGENT_LINK_STATUS, &body, "link status")

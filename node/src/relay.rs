@@ -119,6 +119,9 @@ impl<S: RelaySink> RelaySync<S> {
                         Ok(_) => {
                             body.clones.clear();
                             body.clones_dropped = 0;
+                            // The controller keeps the version: it goes
+                            // with heartbeats until one was taken.
+                            body.version = None;
                         }
                         Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                     }
