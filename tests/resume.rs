@@ -155,7 +155,13 @@ async fn draining_two_relays_in_turn_under_traffic_loses_nothing() -> Result<()>
     let (code, took) = exited(&mut sys.relay, GRACE + Duration::from_secs(15)).await?;
     eprintln!("relay 1 drained at {at} bytes in {took:?}");
     assert_eq!(code, Some(0), "{}", sys.relay.log_tail());
-    assert!(took < GRACE, "the drain used its whole grace ({took:?})");
+    assert!(
+        took < GRACE,
+        "the drain used its whole grace ({took:?})\nrelay:\n{}\nagent a:\n{}\nagent b:\n{}",
+        sys.relay.log_tail(),
+        sys.agents[0].0.log_tail(),
+        sys.agents[1].0.log_tail()
+    );
     assert!(
         sys.relay
             .log_tail()

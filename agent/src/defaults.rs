@@ -197,6 +197,12 @@ pub const BULK_NICE: u8 = 5;
 /// again.
 pub const BIND_RETRY: Duration = Duration::from_secs(1);
 
+/// How long a closed relay connection's endpoint is kept to send the
+/// close: one dropped at once may never send it, and the relay then holds
+/// the connection (a draining relay waits its grace) until its idle
+/// timeout.
+pub const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
 /// How often an agent without a route toward its relay (its own network
 /// is down) looks whether it has one again: no packet goes on the wire
 /// for it, so it looks often, and is back within this of its network.

@@ -311,6 +311,16 @@ impl Roaming {
     }
 }
 
+/// Closes `endpoint` and its connection, and keeps the endpoint in the
+/// background until the close has gone out (at most
+/// [`defaults::CLOSE_FLUSH`]), so that the relay learns of it at once.
+pub(super) fn close_endpoint(endpoint: quinn::Endpoint) {
+    endpoint.close(0u32.into(), b"bye");
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(defaults::CLOSE_FLUSH, endpoint.wait_idle()).await;
+    });
+}
+
 /// The address this machine sends from toward `remote` now (a connected
 /// UDP socket sends nothing: the kernel only picks the route).
 pub(super) fn local_ip_toward(remote: SocketAddr) -> Option<std::net::IpAddr> {

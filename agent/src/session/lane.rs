@@ -153,7 +153,7 @@ async fn run(
                     });
                 }
                 conn.close(0u32.into(), b"bye");
-                endpoint.close(0u32.into(), b"bye");
+                super::conn::close_endpoint(endpoint);
                 info!("lane connection ended");
                 if attached {
                     backoff.reset();

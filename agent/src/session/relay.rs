@@ -17,7 +17,7 @@ use crate::group::{Busy, Runtimes};
 use crate::link::{AckWake, LinkRt};
 use crate::shared::Shared;
 
-use super::conn::{ConnectError, connect, local_ip_toward};
+use super::conn::{ConnectError, close_endpoint, connect, local_ip_toward};
 use super::control::{Ended, Moves};
 use super::lane::Lane;
 
@@ -235,6 +235,6 @@ async fn connect_and_serve(
     );
     let remote = conn.remote_address();
     conn.close(0u32.into(), b"bye");
-    endpoint.close(0u32.into(), b"bye");
+    close_endpoint(endpoint);
     Ok((ended, remote))
 }
