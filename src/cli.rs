@@ -618,6 +618,7 @@ fn parse_link(s: &str) -> Result<comsat_controller::dev::DevLink, String> {
         listen: listen.into(),
         target: target.into(),
         allowed_uids: vec![],
+        allow: vec![],
     })
 }
 
@@ -644,6 +645,11 @@ pub(crate) struct LinkCreateArgs {
     /// Unix listeners: a peer gid allowed to connect (repeatable).
     #[arg(long = "allow-gid")]
     allow_gids: Vec<u32>,
+    /// tcp:// and unix:// listeners: a rule of workload selectors
+    /// separated by spaces, like "unix:path:/usr/bin/psql unix:uid:1000";
+    /// a caller is admitted if one rule matches (repeatable).
+    #[arg(long = "allow")]
+    allow: Vec<String>,
     /// Concurrent flows the relays allow the link (default: no limit);
     /// one more is reset and counted.
     #[arg(long)]
@@ -671,6 +677,7 @@ impl From<LinkCreateArgs> for comsat_protocol::api::LinkSpec {
             target: a.target,
             allowed_uids: a.allow_uids,
             allowed_gids: a.allow_gids,
+            allow: a.allow,
             max_flows: a.max_flows,
             rate_limit_bytes_per_sec: a.rate_limit,
             connection: a.connection,

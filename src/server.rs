@@ -73,6 +73,7 @@ pub(crate) fn dev_init(args: DevInit) -> anyhow::Result<()> {
             listen: "tcp://127.0.0.1:7000".into(),
             target: "tcp://127.0.0.1:9000".into(),
             allowed_uids: vec![],
+            allow: vec![],
         }]
     } else {
         args.links

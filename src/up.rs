@@ -305,6 +305,7 @@ async fn ensure_demo_link(admin: &Client, listen: &SocketAddr, sock: &Path) -> a
         target: want_target,
         allowed_uids: vec![],
         allowed_gids: vec![],
+        allow: vec![],
         max_flows: None,
         rate_limit_bytes_per_sec: None,
         connection: None,

@@ -339,10 +339,7 @@ async fn unix_peer_with_wrong_uid_is_refused() -> Result<()> {
     );
     let m = scrape(sys.agents[0].1)?;
     assert_eq!(
-        metric(
-            &m,
-            "comsat_agent_local_refused_total{reason=\"peer_credentials\"}"
-        ),
+        metric(&m, "comsat_agent_local_refused_total{reason=\"workload\"}"),
         1.0
     );
     assert_eq!(metric(&m, "comsat_agent_flows_total"), 0.0);

@@ -19,6 +19,7 @@ fn init_writes_loadable_configs() {
                 listen: "tcp://127.0.0.1:7000".into(),
                 target: "tcp://127.0.0.1:9000".into(),
                 allowed_uids: vec![],
+                allow: vec![],
             }],
             pin_sha256: false,
             extra_relays: vec![],
@@ -45,6 +46,7 @@ fn links_kept_on_one_relay_or_given_a_connection_in_both_agents() {
         listen: "tcp://127.0.0.1:0".into(),
         target: "tcp://127.0.0.1:9000".into(),
         allowed_uids: vec![],
+        allow: vec![],
     };
     let layout = init(
         dir.path(),

@@ -142,6 +142,7 @@ fn two_relays(dir: &std::path::Path, target: String) -> Result<DevLayout> {
                 listen: "tcp://127.0.0.1:0".into(),
                 target,
                 allowed_uids: vec![],
+                allow: vec![],
             }],
             pin_sha256: false,
             extra_relays: vec![(format!("127.0.0.1:{}", free_udp_port()?).parse()?, None)],

@@ -46,6 +46,7 @@ async fn echo_system() -> Result<(System, SocketAddr)> {
         listen: "tcp://127.0.0.1:0".into(),
         target: format!("tcp://{}", target.local_addr()?),
         allowed_uids: vec![],
+        allow: vec![],
     }))?;
     tokio::spawn(echo_server(target));
     let listen: SocketAddr = sys.tcp_listen_addr("echo")?;
@@ -257,6 +258,7 @@ async fn a_relay_at_its_link_cap_refuses_the_next_link_and_serves_the_first() ->
         listen: "tcp://127.0.0.1:0".into(),
         target: format!("tcp://{}", target.local_addr().expect("bound")),
         allowed_uids: vec![],
+        allow: vec![],
     };
     let mut sys = System::start(Options {
         links: vec![link("one"), link("two")],
@@ -321,6 +323,7 @@ async fn an_agent_with_hundreds_of_links_on_one_relay_gets_them_all_ready() -> R
             listen: "tcp://127.0.0.1:0".into(),
             target: format!("tcp://{target_addr}"),
             allowed_uids: vec![],
+            allow: vec![],
         })
         .collect();
     let mut sys = System::start(Options {

@@ -26,6 +26,7 @@ fn bulk_system(target: SocketAddr, extra_relays: usize) -> Result<System> {
             listen: "tcp://127.0.0.1:0".into(),
             target: format!("tcp://{target}"),
             allowed_uids: vec![],
+            allow: vec![],
         }],
         tap: false,
         pin_sha256: false,
@@ -393,6 +394,7 @@ fn echo_system(target: SocketAddr, flow_timeout_ms: Option<u64>) -> Result<Syste
             listen: "tcp://127.0.0.1:0".into(),
             target: format!("tcp://{target}"),
             allowed_uids: vec![],
+            allow: vec![],
         }),
         |_, text| match flow_timeout_ms {
             Some(ms) => text.replacen(
@@ -524,6 +526,7 @@ async fn relay_stores_and_forwards_while_the_peer_is_away() -> Result<()> {
                 listen: "tcp://127.0.0.1:0".into(),
                 target: format!("tcp://{}", target.local_addr()?),
                 allowed_uids: vec![],
+                allow: vec![],
             }],
             tap: false,
             pin_sha256: false,
@@ -615,6 +618,7 @@ fn partitioned_system(
             listen: "tcp://127.0.0.1:0".into(),
             target: format!("tcp://{target}"),
             allowed_uids: vec![],
+            allow: vec![],
         }),
         |agent, text| {
             let text = text.replacen(
@@ -709,12 +713,14 @@ async fn slow_receiver_blocks_its_sender_and_not_other_links() -> Result<()> {
         listen: "tcp://127.0.0.1:0".into(),
         target: format!("tcp://{}", slow_target.local_addr()?),
         allowed_uids: vec![],
+        allow: vec![],
     });
     options.links.push(DevLink {
         name: "fast".into(),
         listen: "tcp://127.0.0.1:0".into(),
         target: format!("tcp://{}", fast_target.local_addr()?),
         allowed_uids: vec![],
+        allow: vec![],
     });
     let mut sys = System::start(options)?;
     let slow: SocketAddr = sys.tcp_listen_addr("slow")?;
@@ -826,6 +832,7 @@ async fn agents_meet_on_a_relay_both_can_reach() -> Result<()> {
         listen: "tcp://127.0.0.1:0".into(),
         target: format!("tcp://{target_addr}"),
         allowed_uids: vec![],
+        allow: vec![],
     });
     options.extra_relays = 1;
     let mut sys = System::start_with(options, |agent, text| {

@@ -29,6 +29,8 @@
 //! # target = "tcp://127.0.0.1:5432" # exactly one of listen / target
 //! allowed_uids = [1000]            # unix listeners: allowed peer uids
 //! allowed_gids = []                # unix listeners: allowed peer gids
+//! allow = ["unix:path:/usr/bin/app unix:uid:1000"] # listeners: workloads
+//!                                  # admitted (comsat_protocol::workload)
 //! connection = "interactive"       # optional: a connection (and thread)
 //!                                  # apart from unnamed links; see below
 //! [[links.relays]]                # in order of preference, as in the grant
@@ -367,6 +369,8 @@ impl AgentConfig {
                 .map_err(|e| bad(format!("link `{}`: {e}", link.name)))?;
             link.check_connection()
                 .map_err(|e| bad(format!("link `{}`: {e}", link.name)))?;
+            link.allow_rules()
+                .map_err(|e| bad(format!("link `{}`: {e}", link.name)))?;
             if link
                 .relays
                 .iter()
@@ -413,6 +417,7 @@ mod tests {
             target: target.map(Into::into),
             allowed_uids: vec![],
             allowed_gids: vec![],
+            allow: vec![],
             relays: vec![RelayEndpoint {
                 addr: "127.0.0.1:1".into(),
                 server_name: "localhost".into(),
@@ -445,6 +450,7 @@ mod tests {
             target: None,
             allowed_uids: vec![],
             allowed_gids: vec![],
+            allow: vec![],
             relays: vec![relay(1, Some("r1.example:4434")), relay(2, None)],
             connection: Some("interactive".into()),
         };

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
+mod attest;
 pub mod config;
 pub mod consent;
 mod core;
@@ -565,6 +566,7 @@ fn check(cfg: &LinkConfig) -> Result<LocalRole, AgentError> {
     };
     let role = cfg.role().map_err(bad)?;
     cfg.check_connection().map_err(bad)?;
+    cfg.allow_rules().map_err(bad)?;
     for relay in &cfg.relays {
         tls::client_config(relay, defaults::KEEP_ALIVE_INTERVAL).map_err(|reason| {
             AgentError::Tls {

@@ -9,6 +9,7 @@ use bytes::BufMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixListener, UnixStream, tcp, unix};
 
+use crate::attest::Caller;
 use crate::config::LocalSpec;
 
 /// A bound local listener.
@@ -89,18 +90,24 @@ impl Listener {
         }
     }
 
-    /// Accepts the next connection with the peer's uid and gid (Unix only).
-    pub(crate) async fn accept(&self) -> io::Result<(LocalConn, Option<(u32, u32)>)> {
+    /// Accepts the next connection, with what it tells of its caller.
+    pub(crate) async fn accept(&self) -> io::Result<(LocalConn, Caller)> {
         match self {
             Self::Tcp(l) => {
-                let (s, _) = l.accept().await?;
+                let (s, peer) = l.accept().await?;
                 let _ = s.set_nodelay(true);
-                Ok((LocalConn::Tcp(s), None))
+                let local = s.local_addr()?;
+                Ok((LocalConn::Tcp(s), Caller::Tcp { peer, local }))
             }
             Self::Unix(l) => {
                 let (s, _) = l.accept().await?;
                 let cred = s.peer_cred()?;
-                Ok((LocalConn::Unix(s), Some((cred.uid(), cred.gid()))))
+                let caller = Caller::Unix {
+                    pid: cred.pid(),
+                    uid: cred.uid(),
+                    gid: cred.gid(),
+                };
+                Ok((LocalConn::Unix(s), caller))
             }
             Self::Udp(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -247,18 +254,6 @@ impl LocalWrite {
     }
 }
 
-/// Whether a Unix peer with `cred` may use a listener restricted to
-/// `uids`/`gids` (both empty: anyone who can reach the socket file).
-pub(crate) fn peer_allowed(cred: Option<(u32, u32)>, uids: &[u32], gids: &[u32]) -> bool {
-    if uids.is_empty() && gids.is_empty() {
-        return true;
-    }
-    match cred {
-        Some((uid, gid)) => uids.contains(&uid) || gids.contains(&gid),
-        None => false,
-    }
-}
-
 fn is_socket(meta: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::FileTypeExt;
     meta.file_type().is_socket()
@@ -291,13 +286,4 @@ mod tests {
     }
 
     use super::*;
-
-    #[test]
-    fn credentials_policy() {
-        assert!(peer_allowed(Some((5, 5)), &[], &[]));
-        assert!(peer_allowed(Some((1000, 5)), &[1000], &[]));
-        assert!(!peer_allowed(Some((1001, 5)), &[1000], &[]));
-        assert!(peer_allowed(Some((1001, 50)), &[1000], &[50]));
-        assert!(!peer_allowed(None, &[1000], &[]));
-    }
 }

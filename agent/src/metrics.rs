@@ -20,7 +20,8 @@
 //! | `comsat_agent_ack_messages_total` | counter | end-to-end acknowledgement messages sent to peers (each acknowledges what the link's flows delivered since the last; an interactive flow's go out within 100 ms, a bulk flow's every 512 KiB) |
 //! | `comsat_agent_sent_bytes_total` | counter | application bytes sent into links, counted as they move |
 //! | `comsat_agent_received_bytes_total` | counter | application bytes delivered from links |
-//! | `comsat_agent_local_refused_total{reason}` | counter | local connections refused: `peer_credentials`, `link_not_ready`, `grant_expired` (the relay ended the link at its grant's `not_after` and no renewed grant came) |
+//! | `comsat_agent_local_refused_total{reason}` | counter | local connections refused: `workload` (no `allow` rule of the link matches the caller; see `comsat_agent_workloads_refused_total`), `link_not_ready`, `grant_expired` (the relay ended the link at its grant's `not_after` and no renewed grant came) |
+//! | `comsat_agent_workloads_refused_total{link}` | counter | local callers refused because no `allow` rule of the link matches them; the warning logged with each names the caller's pid and selectors |
 //! | `comsat_agent_rekeys_total{kind}` | counter | end-to-end keys replaced: `records` (a flow sealed as many records as one key may, and moved to its next key), `flow_ids` (this agent used a generation of flow ids and started the next, under new keys) |
 //! | `comsat_agent_udp_datagrams_sent_total{link}` | counter | datagrams of a `udp://` link's flows sealed and sent to the peer |
 //! | `comsat_agent_udp_datagrams_received_total{link}` | counter | datagrams from the peer delivered to the link's local flows |
@@ -146,11 +147,16 @@ comsat_node::metric_set! {
         ),
     }
     labelled {
-        /// Local connections refused, by `reason`: `peer_credentials`,
+        /// Local connections refused, by `reason`: `workload`,
         /// `link_not_ready`, `grant_expired`.
         Counter LOCAL_REFUSED_TOTAL(
             "comsat_agent_local_refused_total",
             "Local connections refused, by reason"
+        ),
+        /// Local callers no `allow` rule matches, by `link`.
+        Counter WORKLOADS_REFUSED_TOTAL(
+            "comsat_agent_workloads_refused_total",
+            "Local callers refused because no allow rule of the link matches them (the log line names their selectors), by link"
         ),
         /// End-to-end keys replaced, by `kind`: `records` (a key sealed the most
         /// records it may), `flow_ids` (a generation of flow ids ran out).
@@ -200,6 +206,10 @@ impl Metrics {
 
     pub(crate) fn local_refused(&self, reason: &'static str) {
         counter!(LOCAL_REFUSED_TOTAL, "reason" => reason).increment(1);
+    }
+
+    pub(crate) fn workload_refused(&self, link: &str) {
+        counter!(WORKLOADS_REFUSED_TOTAL, "link" => link.to_owned()).increment(1);
     }
 
     pub(crate) fn rekeyed(&self, kind: &'static str) {

@@ -18,6 +18,7 @@ pub(crate) fn link(name: &str, target: SocketAddr) -> DevLink {
         listen: "tcp://127.0.0.1:0".into(),
         target: format!("tcp://{target}"),
         allowed_uids: vec![],
+        allow: vec![],
     }
 }
 

@@ -128,6 +128,7 @@ fn udp_link(name: &str, target: SocketAddr) -> DevLink {
         listen: "udp://127.0.0.1:0".into(),
         target: format!("udp://{target}"),
         allowed_uids: vec![],
+        allow: vec![],
     }
 }
 

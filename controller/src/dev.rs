@@ -93,6 +93,8 @@ pub struct DevLink {
     pub target: String,
     /// Unix listener: allowed peer uids (empty: any).
     pub allowed_uids: Vec<u32>,
+    /// The workloads the listener admits (`comsat_protocol::workload`).
+    pub allow: Vec<String>,
 }
 
 /// What to create.
@@ -289,11 +291,16 @@ pub fn init(dir: &Path, opts: &DevOptions) -> Result<DevLayout> {
         let _ = write!(
             a_toml,
             "\n[[links]]\nname = {}\nlink_id = \"{link_id}\"\ngeneration = 1\nside = \"a\"\n\
-             peer_noise_public_key = \"{}\"\nlisten = {}\nallowed_uids = {:?}\n{relay}",
+             peer_noise_public_key = \"{}\"\nlisten = {}\nallowed_uids = {:?}\nallow = [{}]\n{relay}",
             toml_str(&link.name),
             agent_b.noise_pub,
             toml_str(&link.listen),
             link.allowed_uids,
+            link.allow
+                .iter()
+                .map(|r| toml_str(r))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
         let _ = write!(
             b_toml,

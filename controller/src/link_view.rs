@@ -113,6 +113,7 @@ impl Known {
                 target: link.target.clone(),
                 allowed_uids: link.allowed_uids.clone(),
                 allowed_gids: link.allowed_gids.clone(),
+                allow: link.allow.clone(),
                 max_flows: link.max_flows,
                 rate_limit_bytes_per_sec: link.rate_limit,
                 connection: link.connection.clone(),

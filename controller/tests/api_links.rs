@@ -688,3 +688,67 @@ async fn db_between_a_and_b(api: &Api) -> ([Node; 4], LinkInfo) {
     assert_eq!(resp.status(), StatusCode::CREATED);
     ([a, b, c, r1], resp.json().await.expect("json"))
 }
+
+#[tokio::test]
+async fn allow_rules_reach_the_listening_agent_only_and_bad_ones_create_nothing() {
+    let mut api = start("").await;
+    let a = api.enrol_agent("a").await;
+    let b = api.enrol_agent("b").await;
+    let r1 = api.enrol_relay("r1", "127.0.0.1:4431").await;
+    api.heartbeat(&r1).await;
+    // A rule that does not parse, too many rules, or rules on a UDP
+    // listener: 400 naming what is wrong and the forms, nothing created.
+    let many = vec!["unix:uid:1".to_owned(); comsat_protocol::workload::MAX_RULES + 1];
+    for (listen, allow, says) in [
+        (
+            "tcp://127.0.0.1:7000",
+            vec!["unix:uid:me".to_owned()],
+            "unix:uid:N",
+        ),
+        (
+            "tcp://127.0.0.1:7000",
+            vec!["unix:path:bin/app".to_owned()],
+            "absolute",
+        ),
+        ("tcp://127.0.0.1:7000", vec![String::new()], "no selector"),
+        ("tcp://127.0.0.1:7000", many, "more than 64"),
+        (
+            "udp://127.0.0.1:7000",
+            vec!["unix:uid:1".to_owned()],
+            "tcp:// and unix://",
+        ),
+    ] {
+        let mut body = link("db", "a", "b");
+        if listen.starts_with("udp://") {
+            body.target = "udp://127.0.0.1:53".into();
+        }
+        body.listen = listen.into();
+        body.allow = allow;
+        let (code, msg) = error_of(api.create_link(&body).await).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{listen}");
+        assert!(msg.contains(says), "{says}: {msg}");
+    }
+    let links: Vec<LinkInfo> = api.admin_get(api::PATH_LINKS).await;
+    assert!(links.is_empty());
+
+    let rules = vec![
+        "unix:path:/usr/bin/psql unix:uid:1000".to_owned(),
+        format!("unix:sha256:{}", "ab".repeat(32)),
+    ];
+    let mut body = link("db", "a", "b");
+    body.allow = rules.clone();
+    let resp = api.create_link(&body).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let info: LinkInfo = resp.json().await.expect("json");
+    assert_eq!(info.spec.allow, rules);
+    let shown: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
+    assert_eq!(shown.spec.allow, rules);
+    // The listening agent gets the rules; the target's agent needs them not.
+    let half = |desired: api::AgentDesired| desired.links.into_iter().find(|l| l.name == "db");
+    let at_a = half(api.config(&a, 0, 0).await).expect("a's half");
+    assert_eq!(at_a.allow, rules);
+    assert_eq!(at_a.allow_rules().expect("parse").len(), 2);
+    let at_b = half(api.config(&b, 0, 0).await).expect("b's half");
+    assert!(at_b.allow.is_empty());
+    api.stop().await;
+}

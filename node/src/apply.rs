@@ -118,6 +118,8 @@ pub struct LinkSpec {
     allowed_uids: Vec<u32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     allowed_gids: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    allow: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_flows: Option<u32>,
     /// Like `10MiB/s`.
@@ -338,6 +340,7 @@ async fn apply_link(c: &Client, name: String, s: LinkSpec) -> anyhow::Result<Str
             target: s.target,
             allowed_uids: s.allowed_uids,
             allowed_gids: s.allowed_gids,
+            allow: s.allow,
             max_flows: s.max_flows,
             rate_limit_bytes_per_sec: rate,
             connection: s.connection,
@@ -352,6 +355,7 @@ async fn apply_link(c: &Client, name: String, s: LinkSpec) -> anyhow::Result<Str
         ("target", have.spec.target == s.target),
         ("allowedUids", have.spec.allowed_uids == s.allowed_uids),
         ("allowedGids", have.spec.allowed_gids == s.allowed_gids),
+        ("allow", have.spec.allow == s.allow),
     ];
     if let Some((field, _)) = fixed.iter().find(|(_, same)| !same) {
         bail!(
@@ -530,6 +534,7 @@ pub async fn get(c: &Client, kind: &str, name: &str, json: bool) -> anyhow::Resu
                     target: l.spec.target,
                     allowed_uids: l.spec.allowed_uids,
                     allowed_gids: l.spec.allowed_gids,
+                    allow: l.spec.allow,
                     max_flows: l.spec.max_flows,
                     rate_limit: l.spec.rate_limit_bytes_per_sec.map(|r| r.to_string()),
                     connection: l.spec.connection,

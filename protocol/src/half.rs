@@ -8,6 +8,7 @@ use crate::api::{MAX_CONNECTION_NAME_LEN, valid_connection_name};
 use crate::endpoint::{Endpoint, EndpointError};
 use crate::ids::{LinkId, Side};
 use crate::keys::NoisePublicKey;
+use crate::workload::{self, Rule, RuleError, Selector};
 
 /// One agent's half of a link; `R` says how it reaches each relay.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +33,12 @@ pub struct LinkHalf<R> {
     /// Unix listeners: allowed peer gids.
     #[serde(default)]
     pub allowed_gids: Vec<u32>,
+    /// Listeners: the workloads admitted, as rules of selectors
+    /// ([`crate::workload`]); with `allowed_uids` and `allowed_gids`,
+    /// a caller one of them matches is admitted (all empty: anyone who can
+    /// reach the listener).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
     /// The relays that carry the link, in order of preference: how to
     /// reach and authenticate each.
     pub relays: Vec<R>,
@@ -64,6 +71,12 @@ pub enum LinkError {
     /// Both or neither of `listen` and `target`.
     #[error("set exactly one of `listen` or `target`")]
     Role,
+    /// An `allow` rule that does not parse, or too many.
+    #[error("{0}")]
+    Allow(#[from] RuleError),
+    /// `allow` rules on a target or a UDP listener.
+    #[error("allow rules apply to tcp:// and unix:// listeners only")]
+    AllowNotListener,
     /// A `connection` name out of its grammar.
     #[error(
         "connection `{0}`: use 1 to {MAX_CONNECTION_NAME_LEN} letters, digits, `-`, `_` or `.`"
@@ -97,6 +110,29 @@ impl<R> LinkHalf<R> {
         }
     }
 
+    /// The workloads the listener admits: the `allow` rules, and one rule
+    /// per allowed uid and gid. Empty: anyone who can reach the listener.
+    pub fn allow_rules(&self) -> Result<Vec<Rule>, LinkError> {
+        let mut rules = workload::parse_rules(&self.allow)?;
+        if !rules.is_empty()
+            && (self.listen.is_none()
+                || matches!(self.role(), Ok(LocalRole::Listen(Endpoint::Udp(_)))))
+        {
+            return Err(LinkError::AllowNotListener);
+        }
+        rules.extend(
+            self.allowed_uids
+                .iter()
+                .map(|&u| Rule::one(Selector::Uid(u))),
+        );
+        rules.extend(
+            self.allowed_gids
+                .iter()
+                .map(|&g| Rule::one(Selector::Gid(g))),
+        );
+        Ok(rules)
+    }
+
     /// Whether `other` is the same link half except for its generation and
     /// relays: then its session and flows carry over. A changed
     /// `connection` is another half: its listener and flows run on another
@@ -110,6 +146,7 @@ impl<R> LinkHalf<R> {
             && self.target == other.target
             && self.allowed_uids == other.allowed_uids
             && self.allowed_gids == other.allowed_gids
+            && self.allow == other.allow
             && self.name == other.name
     }
 
@@ -125,6 +162,7 @@ impl<R> LinkHalf<R> {
             target: self.target.clone(),
             allowed_uids: self.allowed_uids.clone(),
             allowed_gids: self.allowed_gids.clone(),
+            allow: self.allow.clone(),
             relays: self.relays.iter().map(f).collect(),
             connection: self.connection.clone(),
         }

@@ -32,6 +32,7 @@ pub mod record;
 pub mod replay;
 pub mod resume;
 pub mod text;
+pub mod workload;
 
 pub use grant::{Grant, GrantError, GrantSide, LinkLimits, SignedGrant};
 pub use ids::{FlowId, LinkId, NodeId, RelayId, Side};

@@ -28,6 +28,7 @@ pub fn link(name: &str, listen: String, target: String) -> DevLink {
         listen,
         target,
         allowed_uids: vec![],
+        allow: vec![],
     }
 }
 

@@ -131,6 +131,7 @@ impl Setup {
                         },
                         target: target.clone(),
                         allowed_uids: vec![],
+                        allow: vec![],
                     })
                     .collect(),
                 pin_sha256: false,

@@ -7,10 +7,12 @@ use comsat_protocol::record::split_flow_id;
 use comsat_protocol::record::{
     FLOW_HEADER_LEN, FlowHeader, RECORD_HEADER_LEN, RecordHeader, RecordKind,
 };
+use comsat_protocol::workload::{Needs, Rule};
 use comsat_protocol::{FlowId, LinkId};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::attest::{self, Caller};
 use crate::config::{LocalRole, LocalSpec};
 use crate::defaults;
 use crate::flow::{self, Flow};
@@ -324,8 +326,17 @@ pub(crate) async fn serve_listener(
         }
         stream => stream,
     };
+    // Checked when the link was taken; a rule that fails here admits no one.
+    let rules = match link.cfg.allow_rules() {
+        Ok(rules) => Arc::new(rules),
+        Err(e) => {
+            warn!(link = %link.cfg.name, error = %e, "listener closed: its allow rules do not parse");
+            return;
+        }
+    };
+    let needs = Needs::of(&rules);
     loop {
-        let (conn, cred) = match listener.accept().await {
+        let (conn, caller) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 warn!(link = %link.cfg.name, error = %e, "accept failed");
@@ -333,20 +344,39 @@ pub(crate) async fn serve_listener(
                 continue;
             }
         };
-        if !local::peer_allowed(cred, &link.cfg.allowed_uids, &link.cfg.allowed_gids) {
-            shared.metrics.local_refused("peer_credentials");
-            let (uid, gid) = cred.unwrap_or((u32::MAX, u32::MAX));
-            warn!(link = %link.cfg.name, uid, gid, "local peer refused: not an allowed workload");
-            drop(conn);
-            continue;
-        }
         let shared = shared.clone();
         let link = link.clone();
+        let rules = rules.clone();
         let accepted = std::time::Instant::now();
         tokio::spawn(async move {
+            if !rules.is_empty() && !admitted(&shared, &link, &rules, needs, caller).await {
+                return refuse_local(conn);
+            }
             dial_flow(&shared, &link, conn, accepted).await;
         });
     }
+}
+
+/// Whether one of `rules` matches the workload behind `caller`; a caller
+/// refused is logged with its selectors and counted.
+async fn admitted(
+    shared: &Shared,
+    link: &LinkRt,
+    rules: &[Rule],
+    needs: Needs,
+    caller: Caller,
+) -> bool {
+    let workload = tokio::task::spawn_blocking(move || attest::attest(caller, needs))
+        .await
+        .unwrap_or_default();
+    if rules.iter().any(|r| r.matches(&workload)) {
+        debug!(link = %link.cfg.name, %workload, "local caller admitted");
+        return true;
+    }
+    shared.metrics.local_refused("workload");
+    shared.metrics.workload_refused(&link.cfg.name);
+    warn!(link = %link.cfg.name, %workload, "local caller refused: no allow rule of the link matches it");
+    false
 }
 
 /// Ends a local connection no flow carries with a reset, so the

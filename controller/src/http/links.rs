@@ -218,6 +218,15 @@ async fn create_link(
             "allowed_uids and allowed_gids apply only to unix:// listeners",
         ));
     }
+    if !req.allow.is_empty() {
+        comsat_protocol::workload::parse_rules(&req.allow)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        if !matches!(listen, Endpoint::Tcp(_) | Endpoint::Unix(_)) {
+            return Err(ApiError::bad_request(
+                "allow rules apply to tcp:// and unix:// listeners only",
+            ));
+        }
+    }
     if req.from == req.to {
         return Err(ApiError::bad_request(format!(
             "from and to are both `{}`: a link joins two different agents",
@@ -247,6 +256,7 @@ async fn create_link(
         target: req.target.clone(),
         allowed_uids: req.allowed_uids.clone(),
         allowed_gids: req.allowed_gids.clone(),
+        allow: req.allow.clone(),
         relays: Vec::new(),
         created_at: now,
         grant_not_after: 0,

@@ -328,6 +328,11 @@ async fn desired(state: &Shared, agent: &NodeRecord) -> Result<AgentDesired, Api
             } else {
                 Vec::new()
             },
+            allow: if side == Side::A {
+                link.allow.clone()
+            } else {
+                Vec::new()
+            },
             relays: relay_addrs,
             connection: link.connection.clone(),
         });

@@ -366,6 +366,8 @@ pub struct LinkRecord {
     pub allowed_uids: Vec<u32>,
     /// Unix listeners: allowed peer gids.
     pub allowed_gids: Vec<u32>,
+    /// Listeners: the workloads admitted (`comsat_protocol::workload`).
+    pub allow: Vec<String>,
     /// Assigned relays, primary first (empty: unassigned).
     pub relays: Vec<RelayId>,
     /// Unix time created.

@@ -353,6 +353,7 @@ pub fn link(name: &str, from: &str, to: &str) -> LinkSpec {
         target: "tcp://127.0.0.1:5432".into(),
         allowed_uids: vec![],
         allowed_gids: vec![],
+        allow: vec![],
         max_flows: None,
         rate_limit_bytes_per_sec: None,
         connection: None,

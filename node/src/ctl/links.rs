@@ -279,6 +279,7 @@ mod tests {
                 target: "tcp://127.0.0.1:5432".into(),
                 allowed_uids: vec![],
                 allowed_gids: vec![],
+                allow: vec![],
                 max_flows,
                 rate_limit_bytes_per_sec: max_flows.map(|_| 10 << 20),
                 connection: max_flows.map(|_| "interactive".into()),

@@ -543,6 +543,10 @@ pub struct LinkSpec {
     /// Unix listeners: allowed peer gids.
     #[serde(default)]
     pub allowed_gids: Vec<u32>,
+    /// The workloads the listener admits: rules of selectors
+    /// ([`crate::workload`]), at most [`crate::workload::MAX_RULES`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
     /// Concurrent flows the relay lets the link have (`None`: unlimited).
     pub max_flows: Option<u32>,
     /// Bytes per second the relay lets the link carry in each direction

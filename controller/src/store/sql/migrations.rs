@@ -19,7 +19,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use super::Backend;
 
 /// Each migration: its version, its description and its template.
-const MIGRATIONS: [(i64, &str, &str); 12] = [
+const MIGRATIONS: [(i64, &str, &str); 13] = [
     (1, "init", include_str!("../../../migrations/0001_init.sql")),
     (
         2,
@@ -72,6 +72,11 @@ const MIGRATIONS: [(i64, &str, &str); 12] = [
         "traffic and versions",
         include_str!("../../../migrations/0012_traffic_and_versions.sql"),
     ),
+    (
+        13,
+        "workload rules",
+        include_str!("../../../migrations/0013_workload_rules.sql"),
+    ),
 ];
 
 /// The migrator for `backend`'s database.
@@ -111,7 +116,7 @@ mod tests {
 
     /// SHA-384 of each released migration as each database has it, in
     /// order: what databases made by earlier releases hold.
-    const RELEASED: [(&str, &str); 12] = [
+    const RELEASED: [(&str, &str); 13] = [
         (
             "8a5ed74d7edaa043f65cba738a33406e9aadf28d5e25b5466d514952facfe8d7c42bf469371eba9797bec815b7cad112",
             "04b07fec1a7d34a6af53470ec77b693a09bbcc12e80489802d7e505689b88030048162c19e7c6ee2b930a5f76538c07c",
@@ -159,6 +164,10 @@ mod tests {
         (
             "25b5b1a37fff1837b2d36a243ba87d5b7b06bc46d14989c7cfad721ad8333a177ea482bebc4fb11c016099adfa15d443",
             "25b5b1a37fff1837b2d36a243ba87d5b7b06bc46d14989c7cfad721ad8333a177ea482bebc4fb11c016099adfa15d443",
+        ),
+        (
+            "3b34f11ec6b9ab944c7709c916cd74eb07657d21f9d3e22777d07ebe8b658002c977aea4e02a9e375019d95fa25519cf",
+            "3b34f11ec6b9ab944c7709c916cd74eb07657d21f9d3e22777d07ebe8b658002c977aea4e02a9e375019d95fa25519cf",
         ),
     ];
 

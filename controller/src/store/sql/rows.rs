@@ -65,7 +65,8 @@ pub(super) fn node_from_row(row: &AnyRow) -> Result<NodeRecord, StoreError> {
 }
 
 pub(super) const LINK_COLUMNS: &str = "link_id, name, generation, from_node, listen, to_node, target, \
-     allowed_uids, allowed_gids, relays, created_at, grant_not_after, max_flows, rate_limit, connection";
+     allowed_uids, allowed_gids, relays, created_at, grant_not_after, max_flows, rate_limit, connection, \
+     allow_rules";
 
 pub(super) fn link_from_row(row: &AnyRow) -> Result<LinkRecord, StoreError> {
     let relays: Vec<String> = json("links.relays", &row.try_get::<String, _>("relays")?)?;
@@ -84,6 +85,10 @@ pub(super) fn link_from_row(row: &AnyRow) -> Result<LinkRecord, StoreError> {
         allowed_gids: json(
             "links.allowed_gids",
             &row.try_get::<String, _>("allowed_gids")?,
+        )?,
+        allow: json(
+            "links.allow_rules",
+            &row.try_get::<String, _>("allow_rules")?,
         )?,
         relays: relays
             .iter()
