@@ -619,6 +619,7 @@ fn parse_link(s: &str) -> Result<comsat_controller::dev::DevLink, String> {
         target: target.into(),
         allowed_uids: vec![],
         allow: vec![],
+        proxy_protocol: false,
     })
 }
 
@@ -645,11 +646,12 @@ pub(crate) struct LinkCreateArgs {
     /// Unix listeners: a peer gid allowed to connect (repeatable).
     #[arg(long = "allow-gid")]
     allow_gids: Vec<u32>,
-    /// tcp:// and unix:// listeners: a rule of workload selectors
-    /// separated by spaces, like "unix:path:/usr/bin/psql unix:uid:1000";
-    /// a caller is admitted if one rule matches (repeatable).
+    /// Admit callers with these selectors, like "[SPIFFE-ID] unix:path:/usr/bin/psql unix:uid:1000" (repeatable).
     #[arg(long = "allow")]
     allow: Vec<String>,
+    /// Start each target connection with a PROXY v2 header naming the caller.
+    #[arg(long)]
+    proxy_protocol: bool,
     /// Concurrent flows the relays allow the link (default: no limit);
     /// one more is reset and counted.
     #[arg(long)]
@@ -678,6 +680,7 @@ impl From<LinkCreateArgs> for comsat_protocol::api::LinkSpec {
             allowed_uids: a.allow_uids,
             allowed_gids: a.allow_gids,
             allow: a.allow,
+            proxy_protocol: a.proxy_protocol,
             max_flows: a.max_flows,
             rate_limit_bytes_per_sec: a.rate_limit,
             connection: a.connection,

@@ -74,6 +74,7 @@ pub(crate) fn dev_init(args: DevInit) -> anyhow::Result<()> {
             target: "tcp://127.0.0.1:9000".into(),
             allowed_uids: vec![],
             allow: vec![],
+            proxy_protocol: false,
         }]
     } else {
         args.links

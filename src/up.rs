@@ -306,6 +306,7 @@ async fn ensure_demo_link(admin: &Client, listen: &SocketAddr, sock: &Path) -> a
         allowed_uids: vec![],
         allowed_gids: vec![],
         allow: vec![],
+        proxy_protocol: false,
         max_flows: None,
         rate_limit_bytes_per_sec: None,
         connection: None,

@@ -20,6 +20,7 @@ fn init_writes_loadable_configs() {
                 target: "tcp://127.0.0.1:9000".into(),
                 allowed_uids: vec![],
                 allow: vec![],
+                proxy_protocol: false,
             }],
             pin_sha256: false,
             extra_relays: vec![],
@@ -47,6 +48,7 @@ fn links_kept_on_one_relay_or_given_a_connection_in_both_agents() {
         target: "tcp://127.0.0.1:9000".into(),
         allowed_uids: vec![],
         allow: vec![],
+        proxy_protocol: false,
     };
     let layout = init(
         dir.path(),

@@ -623,3 +623,53 @@ async fn datagrams_a_relay_repeats_or_replays_are_delivered_once() -> Result<()>
     );
     Ok(())
 }
+
+/// Attack: flip a bit in the `Open` of a flow on a link that hands the
+/// caller's identity to its service (an allow rule naming a SPIFFE ID, and
+/// the PROXY protocol). Checks: the caller's identity is sealed in the
+/// `Open` (protocol.md, "Records"), so the relay can neither read nor
+/// change it: an altered `Open` dials nothing, and every connection the
+/// service ever gets starts with a header naming the caller's real ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_identity_cannot_be_changed_by_the_relay() -> Result<()> {
+    const ID: &str = "spiffe://example.org/client";
+    let (addr, target) = target().await?;
+    // This test's process is the caller: admitted by its uid.
+    let uid = rustix::process::geteuid().as_raw();
+    let sys = Setup::start_with(&[("l", addr)], "", |l| {
+        l.allow = vec![format!("{ID} unix:uid:{uid}")];
+        l.proxy_protocol = true;
+    })
+    .await?;
+    sys.hostile.set_record_attack(RecordAttack::FlipBit(0));
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        send_through(sys.listen, b"an altered Open"),
+    )
+    .await;
+    assert!(sys.hostile.attacks_done() >= 1, "the attack did not happen");
+    sys.hostile.set_record_attack(RecordAttack::None);
+    let sent = payload(9, 10_000);
+    send_through(sys.listen, &sent).await?;
+    // The last connection carried the flow sent untouched; none ever
+    // started with another identity.
+    let dials = target.dials();
+    assert!(dials >= 1);
+    for i in 0..dials {
+        let (got, _) = target.delivered(i).await?;
+        let (header, rest) = comsat_tests::proxy_v2::split(&got)?;
+        assert_eq!(header.version_command, 0x21, "PROXY command");
+        assert_eq!(header.family, 0x00, "no addresses: locations stay hidden");
+        assert_eq!(header.tlv_text(0xE0).as_deref(), Some(ID));
+        let selectors = header.tlv_text(0xE1).unwrap_or_default();
+        assert!(
+            selectors.contains(&format!("unix:uid:{uid}")),
+            "{selectors}"
+        );
+        if i == dials - 1 {
+            assert_eq!(rest, sent.as_slice());
+        }
+    }
+    sys.assert_no_nonce_reused();
+    Ok(())
+}

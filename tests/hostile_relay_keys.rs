@@ -143,6 +143,7 @@ fn two_relays(dir: &std::path::Path, target: String) -> Result<DevLayout> {
                 target,
                 allowed_uids: vec![],
                 allow: vec![],
+                proxy_protocol: false,
             }],
             pin_sha256: false,
             extra_relays: vec![(format!("127.0.0.1:{}", free_udp_port()?).parse()?, None)],

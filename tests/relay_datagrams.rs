@@ -75,6 +75,7 @@ async fn the_relay_forwards_a_links_datagrams_unchanged_and_drops_what_it_must_n
             target: "tcp://127.0.0.1:9".into(),
             allowed_uids: vec![],
             allow: vec![],
+            proxy_protocol: false,
         }),
         false,
     )?;

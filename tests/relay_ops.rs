@@ -47,6 +47,7 @@ async fn echo_system() -> Result<(System, SocketAddr)> {
         target: format!("tcp://{}", target.local_addr()?),
         allowed_uids: vec![],
         allow: vec![],
+        proxy_protocol: false,
     }))?;
     tokio::spawn(echo_server(target));
     let listen: SocketAddr = sys.tcp_listen_addr("echo")?;
@@ -259,6 +260,7 @@ async fn a_relay_at_its_link_cap_refuses_the_next_link_and_serves_the_first() ->
         target: format!("tcp://{}", target.local_addr().expect("bound")),
         allowed_uids: vec![],
         allow: vec![],
+        proxy_protocol: false,
     };
     let mut sys = System::start(Options {
         links: vec![link("one"), link("two")],
@@ -324,6 +326,7 @@ async fn an_agent_with_hundreds_of_links_on_one_relay_gets_them_all_ready() -> R
             target: format!("tcp://{target_addr}"),
             allowed_uids: vec![],
             allow: vec![],
+            proxy_protocol: false,
         })
         .collect();
     let mut sys = System::start(Options {

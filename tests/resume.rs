@@ -27,6 +27,7 @@ fn bulk_system(target: SocketAddr, extra_relays: usize) -> Result<System> {
             target: format!("tcp://{target}"),
             allowed_uids: vec![],
             allow: vec![],
+            proxy_protocol: false,
         }],
         tap: false,
         pin_sha256: false,
@@ -395,6 +396,7 @@ fn echo_system(target: SocketAddr, flow_timeout_ms: Option<u64>) -> Result<Syste
             target: format!("tcp://{target}"),
             allowed_uids: vec![],
             allow: vec![],
+            proxy_protocol: false,
         }),
         |_, text| match flow_timeout_ms {
             Some(ms) => text.replacen(
@@ -527,6 +529,7 @@ async fn relay_stores_and_forwards_while_the_peer_is_away() -> Result<()> {
                 target: format!("tcp://{}", target.local_addr()?),
                 allowed_uids: vec![],
                 allow: vec![],
+                proxy_protocol: false,
             }],
             tap: false,
             pin_sha256: false,
@@ -619,6 +622,7 @@ fn partitioned_system(
             target: format!("tcp://{target}"),
             allowed_uids: vec![],
             allow: vec![],
+            proxy_protocol: false,
         }),
         |agent, text| {
             let text = text.replacen(
@@ -714,6 +718,7 @@ async fn slow_receiver_blocks_its_sender_and_not_other_links() -> Result<()> {
         target: format!("tcp://{}", slow_target.local_addr()?),
         allowed_uids: vec![],
         allow: vec![],
+        proxy_protocol: false,
     });
     options.links.push(DevLink {
         name: "fast".into(),
@@ -721,6 +726,7 @@ async fn slow_receiver_blocks_its_sender_and_not_other_links() -> Result<()> {
         target: format!("tcp://{}", fast_target.local_addr()?),
         allowed_uids: vec![],
         allow: vec![],
+        proxy_protocol: false,
     });
     let mut sys = System::start(options)?;
     let slow: SocketAddr = sys.tcp_listen_addr("slow")?;
@@ -833,6 +839,7 @@ async fn agents_meet_on_a_relay_both_can_reach() -> Result<()> {
         target: format!("tcp://{target_addr}"),
         allowed_uids: vec![],
         allow: vec![],
+        proxy_protocol: false,
     });
     options.extra_relays = 1;
     let mut sys = System::start_with(options, |agent, text| {

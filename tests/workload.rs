@@ -232,3 +232,107 @@ async fn only_the_allowed_uid_reaches_a_unix_link() -> Result<()> {
     assert!(refusal.contains(&format!("unix:uid:{OTHER}")), "{refusal}");
     Ok(())
 }
+
+/// A target that keeps every connection's bytes, to their end, and
+/// answers `ok`.
+async fn keeper() -> Result<(String, Arc<Mutex<Vec<Vec<u8>>>>)> {
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = format!("tcp://{}", target.local_addr()?);
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let kept = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = target.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut bytes = Vec::new();
+                // The client sends one line and waits: read up to it.
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    bytes.extend_from_slice(&buf[..n]);
+                    if bytes.ends_with(b"\n") {
+                        break;
+                    }
+                }
+                let _ = s.write_all(b"ok\n").await;
+                kept.lock().expect("lock").push(bytes);
+            });
+        }
+    });
+    Ok((addr, got))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_reads_the_callers_spiffe_id_in_a_proxy_header() -> Result<()> {
+    const ID: &str = "spiffe://example.org/billing";
+    let bin = tempfile::tempdir()?;
+    let billing = bash_copy(bin.path(), "billing", b"")?;
+    let (target, got) = keeper().await?;
+    let mut l = link("named", "tcp://127.0.0.1:0".into(), target);
+    l.allow = vec![
+        format!("{ID} unix:path:{}", billing.display()),
+        "spiffe://example.org/nobody unix:uid:4294967294".into(),
+    ];
+    l.proxy_protocol = true;
+    let mut sys = System::start(Options::one(l))?;
+    let addr = sys.tcp_listen_addr("named")?;
+    sys.wait_ready()?;
+    assert_eq!(
+        call(&billing, addr, "invoice-42").await?.as_deref(),
+        Some("ok")
+    );
+    let kept = got.lock().expect("lock").clone();
+    assert_eq!(kept.len(), 1);
+    let (header, rest) = comsat_tests::proxy_v2::split(&kept[0])?;
+    assert_eq!((header.version_command, header.family), (0x21, 0x00));
+    assert!(header.addresses.is_empty());
+    assert_eq!(header.tlv_text(0xE0).as_deref(), Some(ID));
+    let selectors = header.tlv_text(0xE1).context("selectors")?;
+    assert!(
+        selectors.contains(&format!("unix:path:{}", billing.display())),
+        "{selectors}"
+    );
+    assert_eq!(rest, b"invoice-42\n");
+    Ok(())
+}
+
+/// An agent A that attests no callers (here: its config lost the rules,
+/// as an older agent would ignore them) sends flows that name no caller;
+/// agent B, holding the link's rules, refuses them and dials nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_agent_refuses_flows_whose_caller_no_rule_admits() -> Result<()> {
+    let bin = tempfile::tempdir()?;
+    let allowed = bash_copy(bin.path(), "allowed-client", b"")?;
+    let (target, got) = greeter().await?;
+    let mut l = link("checked", "tcp://127.0.0.1:0".into(), target);
+    l.allow = vec![format!("unix:path:{}", allowed.display())];
+    let rules_line = format!("allow = [{:?}]\n", l.allow[0]);
+    let mut sys = System::start_with(Options::one(l), |agent, config| {
+        if agent == 0 {
+            config.replacen(&rules_line, "", 1)
+        } else {
+            config
+        }
+    })?;
+    let addr = sys.tcp_listen_addr("checked")?;
+    sys.wait_ready()?;
+    assert_eq!(call(&allowed, addr, "through-a").await?, None);
+    assert!(
+        got.lock().expect("lock").is_empty(),
+        "the target was dialled"
+    );
+    let m = scrape(sys.agents[1].1)?;
+    assert_eq!(
+        metric(&m, "comsat_agent_workloads_refused_total{link=\"checked\"}"),
+        1.0
+    );
+    let log = sys.agents[1].0.log();
+    assert!(
+        log.contains("flow refused: it names no caller"),
+        "agent B's log:\n{log}"
+    );
+    Ok(())
+}

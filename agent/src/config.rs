@@ -418,6 +418,7 @@ mod tests {
             allowed_uids: vec![],
             allowed_gids: vec![],
             allow: vec![],
+            proxy_protocol: false,
             relays: vec![RelayEndpoint {
                 addr: "127.0.0.1:1".into(),
                 server_name: "localhost".into(),
@@ -451,6 +452,7 @@ mod tests {
             allowed_uids: vec![],
             allowed_gids: vec![],
             allow: vec![],
+            proxy_protocol: false,
             relays: vec![relay(1, Some("r1.example:4434")), relay(2, None)],
             connection: Some("interactive".into()),
         };

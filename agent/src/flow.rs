@@ -266,9 +266,13 @@ impl Flow {
         self.push(kind, record, None)
     }
 
-    /// Queues the `Open` record that starts a flow (dialling side).
-    pub(crate) fn open(&self) -> Result<(), FlowError> {
-        self.push_empty(RecordKind::Open)
+    /// Queues the `Open` record that starts a flow (dialling side), with
+    /// `payload` (the caller's identity, or nothing).
+    pub(crate) fn open(&self, payload: &[u8]) -> Result<(), FlowError> {
+        let mut record = Vec::with_capacity(RECORD_PREFIX_LEN + payload.len() + NOISE_TAG_LEN);
+        record.resize(RECORD_PREFIX_LEN, 0);
+        record.extend_from_slice(payload);
+        self.push(RecordKind::Open, record, None)
     }
 
     /// Records that the `Open` record (seq 0) was received before the flow

@@ -233,6 +233,10 @@ impl LocalWrite {
     }
 
     /// Half-closes: the application reads end of stream.
+    pub(crate) async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        self.inner().write_all(data).await
+    }
+
     pub(crate) async fn shutdown(&mut self) -> io::Result<()> {
         self.inner().shutdown().await
     }

@@ -19,6 +19,7 @@ pub(crate) fn link(name: &str, target: SocketAddr) -> DevLink {
         target: format!("tcp://{target}"),
         allowed_uids: vec![],
         allow: vec![],
+        proxy_protocol: false,
     }
 }
 

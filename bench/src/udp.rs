@@ -129,6 +129,7 @@ fn udp_link(name: &str, target: SocketAddr) -> DevLink {
         target: format!("udp://{target}"),
         allowed_uids: vec![],
         allow: vec![],
+        proxy_protocol: false,
     }
 }
 

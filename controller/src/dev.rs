@@ -93,8 +93,11 @@ pub struct DevLink {
     pub target: String,
     /// Unix listener: allowed peer uids (empty: any).
     pub allowed_uids: Vec<u32>,
-    /// The workloads the listener admits (`comsat_protocol::workload`).
+    /// The workloads the listener admits (`comsat_protocol::workload`);
+    /// side B checks each flow's caller against them too.
     pub allow: Vec<String>,
+    /// Side B starts each target connection with a PROXY v2 header.
+    pub proxy_protocol: bool,
 }
 
 /// What to create.
@@ -305,10 +308,16 @@ pub fn init(dir: &Path, opts: &DevOptions) -> Result<DevLayout> {
         let _ = write!(
             b_toml,
             "\n[[links]]\nname = {}\nlink_id = \"{link_id}\"\ngeneration = 1\nside = \"b\"\n\
-             peer_noise_public_key = \"{}\"\ntarget = {}\n{relay}",
+             peer_noise_public_key = \"{}\"\ntarget = {}\nallow = [{}]\nproxy_protocol = {}\n{relay}",
             toml_str(&link.name),
             agent_a.noise_pub,
             toml_str(&link.target),
+            link.allow
+                .iter()
+                .map(|r| toml_str(r))
+                .collect::<Vec<_>>()
+                .join(", "),
+            link.proxy_protocol,
         );
         links.push((link.name.clone(), link_id));
     }

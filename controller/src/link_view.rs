@@ -114,6 +114,7 @@ impl Known {
                 allowed_uids: link.allowed_uids.clone(),
                 allowed_gids: link.allowed_gids.clone(),
                 allow: link.allow.clone(),
+                proxy_protocol: link.proxy_protocol,
                 max_flows: link.max_flows,
                 rate_limit_bytes_per_sec: link.rate_limit,
                 connection: link.connection.clone(),

@@ -690,7 +690,7 @@ async fn db_between_a_and_b(api: &Api) -> ([Node; 4], LinkInfo) {
 }
 
 #[tokio::test]
-async fn allow_rules_reach_the_listening_agent_only_and_bad_ones_create_nothing() {
+async fn allow_rules_reach_both_agents_and_bad_ones_create_nothing() {
     let mut api = start("").await;
     let a = api.enrol_agent("a").await;
     let b = api.enrol_agent("b").await;
@@ -717,6 +717,11 @@ async fn allow_rules_reach_the_listening_agent_only_and_bad_ones_create_nothing(
             vec!["unix:uid:1".to_owned()],
             "tcp:// and unix://",
         ),
+        (
+            "tcp://127.0.0.1:7000",
+            vec!["spiffe://e.org unix:uid:1".to_owned()],
+            "path",
+        ),
     ] {
         let mut body = link("db", "a", "b");
         if listen.starts_with("udp://") {
@@ -737,18 +742,23 @@ async fn allow_rules_reach_the_listening_agent_only_and_bad_ones_create_nothing(
     ];
     let mut body = link("db", "a", "b");
     body.allow = rules.clone();
+    body.proxy_protocol = true;
     let resp = api.create_link(&body).await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let info: LinkInfo = resp.json().await.expect("json");
     assert_eq!(info.spec.allow, rules);
     let shown: LinkInfo = api.admin_get(&format!("{}/db", api::PATH_LINKS)).await;
     assert_eq!(shown.spec.allow, rules);
-    // The listening agent gets the rules; the target's agent needs them not.
+    // Both agents get the rules (the target's checks each flow's caller
+    // against them); only the target's writes the PROXY header.
     let half = |desired: api::AgentDesired| desired.links.into_iter().find(|l| l.name == "db");
     let at_a = half(api.config(&a, 0, 0).await).expect("a's half");
     assert_eq!(at_a.allow, rules);
     assert_eq!(at_a.allow_rules().expect("parse").len(), 2);
+    assert!(!at_a.proxy_protocol);
     let at_b = half(api.config(&b, 0, 0).await).expect("b's half");
-    assert!(at_b.allow.is_empty());
+    assert_eq!(at_b.allow, rules);
+    assert!(at_b.proxy_protocol);
+    assert!(shown.spec.proxy_protocol);
     api.stop().await;
 }

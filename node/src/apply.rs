@@ -120,6 +120,8 @@ pub struct LinkSpec {
     allowed_gids: Vec<u32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     allow: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    proxy_protocol: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_flows: Option<u32>,
     /// Like `10MiB/s`.
@@ -341,6 +343,7 @@ async fn apply_link(c: &Client, name: String, s: LinkSpec) -> anyhow::Result<Str
             allowed_uids: s.allowed_uids,
             allowed_gids: s.allowed_gids,
             allow: s.allow,
+            proxy_protocol: s.proxy_protocol,
             max_flows: s.max_flows,
             rate_limit_bytes_per_sec: rate,
             connection: s.connection,
@@ -356,6 +359,10 @@ async fn apply_link(c: &Client, name: String, s: LinkSpec) -> anyhow::Result<Str
         ("allowedUids", have.spec.allowed_uids == s.allowed_uids),
         ("allowedGids", have.spec.allowed_gids == s.allowed_gids),
         ("allow", have.spec.allow == s.allow),
+        (
+            "proxyProtocol",
+            have.spec.proxy_protocol == s.proxy_protocol,
+        ),
     ];
     if let Some((field, _)) = fixed.iter().find(|(_, same)| !same) {
         bail!(
@@ -535,6 +542,7 @@ pub async fn get(c: &Client, kind: &str, name: &str, json: bool) -> anyhow::Resu
                     allowed_uids: l.spec.allowed_uids,
                     allowed_gids: l.spec.allowed_gids,
                     allow: l.spec.allow,
+                    proxy_protocol: l.spec.proxy_protocol,
                     max_flows: l.spec.max_flows,
                     rate_limit: l.spec.rate_limit_bytes_per_sec.map(|r| r.to_string()),
                     connection: l.spec.connection,

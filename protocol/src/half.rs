@@ -33,12 +33,17 @@ pub struct LinkHalf<R> {
     /// Unix listeners: allowed peer gids.
     #[serde(default)]
     pub allowed_gids: Vec<u32>,
-    /// Listeners: the workloads admitted, as rules of selectors
+    /// The workloads admitted, as rules of selectors
     /// ([`crate::workload`]); with `allowed_uids` and `allowed_gids`,
     /// a caller one of them matches is admitted (all empty: anyone who can
-    /// reach the listener).
+    /// reach the listener). Side B checks each flow's caller against them
+    /// too, where `allow` is not empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
+    /// Side B: each flow's target connection starts with a PROXY protocol
+    /// v2 header naming the caller's identity.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
     /// The relays that carry the link, in order of preference: how to
     /// reach and authenticate each.
     pub relays: Vec<R>,
@@ -74,9 +79,9 @@ pub enum LinkError {
     /// An `allow` rule that does not parse, or too many.
     #[error("{0}")]
     Allow(#[from] RuleError),
-    /// `allow` rules on a target or a UDP listener.
-    #[error("allow rules apply to tcp:// and unix:// listeners only")]
-    AllowNotListener,
+    /// `allow` rules or the PROXY protocol on a `udp://` link.
+    #[error("allow rules and the PROXY protocol apply to tcp:// and unix:// links only")]
+    Datagrams,
     /// A `connection` name out of its grammar.
     #[error(
         "connection `{0}`: use 1 to {MAX_CONNECTION_NAME_LEN} letters, digits, `-`, `_` or `.`"
@@ -114,11 +119,12 @@ impl<R> LinkHalf<R> {
     /// per allowed uid and gid. Empty: anyone who can reach the listener.
     pub fn allow_rules(&self) -> Result<Vec<Rule>, LinkError> {
         let mut rules = workload::parse_rules(&self.allow)?;
-        if !rules.is_empty()
-            && (self.listen.is_none()
-                || matches!(self.role(), Ok(LocalRole::Listen(Endpoint::Udp(_)))))
-        {
-            return Err(LinkError::AllowNotListener);
+        let datagrams = matches!(
+            self.role(),
+            Ok(LocalRole::Listen(Endpoint::Udp(_)) | LocalRole::Target(Endpoint::Udp(_)))
+        );
+        if datagrams && (!rules.is_empty() || self.proxy_protocol) {
+            return Err(LinkError::Datagrams);
         }
         rules.extend(
             self.allowed_uids
@@ -147,6 +153,7 @@ impl<R> LinkHalf<R> {
             && self.allowed_uids == other.allowed_uids
             && self.allowed_gids == other.allowed_gids
             && self.allow == other.allow
+            && self.proxy_protocol == other.proxy_protocol
             && self.name == other.name
     }
 
@@ -163,6 +170,7 @@ impl<R> LinkHalf<R> {
             allowed_uids: self.allowed_uids.clone(),
             allowed_gids: self.allowed_gids.clone(),
             allow: self.allow.clone(),
+            proxy_protocol: self.proxy_protocol,
             relays: self.relays.iter().map(f).collect(),
             connection: self.connection.clone(),
         }

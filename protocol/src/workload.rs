@@ -13,13 +13,25 @@
 //! | `k8s:pod-uid:UID` | the Kubernetes pod it runs in |
 //!
 //! A rule is one or more selectors separated by spaces; it matches a
-//! caller that has every one of them. A listener with rules admits a caller
+//! caller that has every one of them. A rule may start with a SPIFFE ID
+//! (`spiffe://TRUST-DOMAIN/PATH`): the identity of the callers it matches,
+//! as a SPIRE registration entry maps selectors to one.
+//!
+//! The listening agent tells the target's agent who called, inside the
+//! end-to-end encrypted `Open` of each flow ([`CallerIdentity`]): the
+//! relay can neither read nor change it. The target's agent checks it
+//! against the same rules, and can hand it to the service in a PROXY
+//! protocol v2 header. A listener with rules admits a caller
 //! that one rule matches, and refuses any other before a byte of it leaves
 //! the agent. A selector the agent could not learn (the process is gone, or
 //! belongs to a user whose processes the agent may not read) matches no
 //! rule: a caller is never admitted on what is unknown.
 
 use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, CodecError};
 
 /// Most rules on one link.
 pub const MAX_RULES: usize = 64;
@@ -32,6 +44,47 @@ pub const MAX_RULE_LEN: usize = 1024;
 
 /// Longest container or pod id accepted.
 const MAX_ID_LEN: usize = 128;
+
+/// Longest SPIFFE ID accepted (the SPIFFE standard's limit).
+pub const MAX_SPIFFE_ID_LEN: usize = 2048;
+
+/// Longest encoded [`CallerIdentity`].
+pub const MAX_CALLER_LEN: usize = 4096;
+
+/// Most selectors a [`CallerIdentity`] carries.
+pub const MAX_CALLER_SELECTORS: usize = 16;
+
+/// Checks a SPIFFE ID: `spiffe://` then a trust domain of lowercase
+/// letters, digits, `.`, `-` and `_`, then a path of segments of letters,
+/// digits, `.`, `-` and `_` (none empty, `.` or `..`), at most
+/// [`MAX_SPIFFE_ID_LEN`] bytes in all.
+pub fn check_spiffe_id(id: &str) -> Result<(), &'static str> {
+    if id.len() > MAX_SPIFFE_ID_LEN {
+        return Err("a SPIFFE ID is at most 2048 bytes");
+    }
+    let rest = id
+        .strip_prefix("spiffe://")
+        .ok_or("a SPIFFE ID starts with spiffe://")?;
+    let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let domain_ok = !domain.is_empty()
+        && domain.bytes().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-' || c == b'_'
+        });
+    if !domain_ok {
+        return Err("a trust domain is lowercase letters, digits, ., - and _");
+    }
+    let segments_ok = path.split('/').all(|s| {
+        !s.is_empty()
+            && s != "."
+            && s != ".."
+            && s.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'-' || c == b'_')
+    });
+    if path.is_empty() || !segments_ok {
+        return Err("a SPIFFE ID's path is segments of letters, digits, ., - and _");
+    }
+    Ok(())
+}
 
 /// One selector of a rule.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -56,9 +109,10 @@ pub enum Selector {
 pub enum RuleError {
     /// A rule that does not parse.
     #[error(
-        "allow rule `{rule}`: {why}; a rule is selectors separated by spaces, each one of \
-         unix:uid:N, unix:gid:N, unix:path:/ABSOLUTE/PATH, unix:sha256:HEX (64 digits), \
-         docker:id:ID or k8s:pod-uid:UID, and it admits a caller that has all of them"
+        "allow rule `{rule}`: {why}; a rule is an optional SPIFFE ID (spiffe://DOMAIN/PATH) \
+         then selectors, separated by spaces, each one of unix:uid:N, unix:gid:N, \
+         unix:path:/ABSOLUTE/PATH, unix:sha256:HEX (64 digits), docker:id:ID or \
+         k8s:pod-uid:UID, and it admits a caller that has all of them"
     )]
     Rule {
         /// The rule, as written (escaped).
@@ -139,13 +193,17 @@ impl fmt::Display for Selector {
     }
 }
 
-/// One rule: every selector must match.
+/// One rule: every selector must match; its callers are `id`, if it
+/// names one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule(Vec<Selector>);
+pub struct Rule {
+    id: Option<String>,
+    selectors: Vec<Selector>,
+}
 
 impl Rule {
-    /// Parses a rule: 1 to [`MAX_SELECTORS_PER_RULE`] selectors separated
-    /// by spaces.
+    /// Parses a rule: an optional SPIFFE ID, then 1 to
+    /// [`MAX_SELECTORS_PER_RULE`] selectors, separated by spaces.
     pub fn parse(s: &str) -> Result<Self, RuleError> {
         let bad = |why| RuleError::Rule {
             rule: s
@@ -159,8 +217,15 @@ impl Rule {
         if s.len() > MAX_RULE_LEN {
             return Err(bad("too long"));
         }
-        let selectors = s
-            .split_ascii_whitespace()
+        let mut words = s.split_ascii_whitespace().peekable();
+        let id = match words.peek() {
+            Some(w) if w.starts_with("spiffe:") => {
+                check_spiffe_id(w).map_err(bad)?;
+                words.next().map(str::to_owned)
+            }
+            _ => None,
+        };
+        let selectors = words
             .map(|sel| Selector::parse(sel).map_err(bad))
             .collect::<Result<Vec<_>, _>>()?;
         if selectors.is_empty() {
@@ -169,34 +234,111 @@ impl Rule {
         if selectors.len() > MAX_SELECTORS_PER_RULE {
             return Err(bad("more than 8 selectors"));
         }
-        Ok(Self(selectors))
+        Ok(Self { id, selectors })
     }
 
     /// A rule of one selector.
     pub fn one(selector: Selector) -> Self {
-        Self(vec![selector])
+        Self {
+            id: None,
+            selectors: vec![selector],
+        }
+    }
+
+    /// The SPIFFE ID of the callers it matches, if it names one.
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_deref()
     }
 
     /// Its selectors.
     pub fn selectors(&self) -> &[Selector] {
-        &self.0
+        &self.selectors
     }
 
     /// Whether `workload` has every selector of the rule.
     pub fn matches(&self, workload: &Workload) -> bool {
-        self.0.iter().all(|s| s.matches(workload))
+        self.selectors.iter().all(|s| s.matches(workload))
     }
 }
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (n, s) in self.0.iter().enumerate() {
+        if let Some(id) = &self.id {
+            write!(f, "{id} ")?;
+        }
+        for (n, s) in self.selectors.iter().enumerate() {
             if n > 0 {
                 f.write_str(" ")?;
             }
             write!(f, "{s}")?;
         }
         Ok(())
+    }
+}
+
+/// The first of `rules` that matches `workload`: the caller is admitted,
+/// as that rule's identity.
+pub fn first_match<'r>(rules: &'r [Rule], workload: &Workload) -> Option<&'r Rule> {
+    rules.iter().find(|r| r.matches(workload))
+}
+
+/// Who opened a flow, as the listening agent attested it: sealed in the
+/// flow's `Open`, end to end.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallerIdentity {
+    /// The SPIFFE ID of the rule that admitted the caller, if it names one.
+    pub id: Option<String>,
+    /// The caller's selectors, as rules write them (no pid).
+    pub selectors: Vec<String>,
+}
+
+impl CallerIdentity {
+    /// What a caller admitted by `rule` (if any) is.
+    pub fn of(workload: &Workload, rule: Option<&Rule>) -> Self {
+        Self {
+            id: rule.and_then(|r| r.id.clone()),
+            selectors: workload.selectors().iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Encodes it, for an `Open`'s payload.
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        codec::encode(self)
+    }
+
+    /// Decodes an `Open`'s payload: at most [`MAX_CALLER_LEN`] bytes, a
+    /// valid SPIFFE ID, at most [`MAX_CALLER_SELECTORS`] selectors that
+    /// parse, each kind at most once.
+    pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
+        let caller = codec::decode::<Self, MAX_CALLER_LEN>(bytes)?;
+        let bad = |why: &str| CodecError::Malformed(format!("caller identity: {why}"));
+        if let Some(id) = &caller.id {
+            check_spiffe_id(id).map_err(bad)?;
+        }
+        if caller.selectors.len() > MAX_CALLER_SELECTORS {
+            return Err(bad("too many selectors"));
+        }
+        caller.workload().map_err(bad)?;
+        Ok(caller)
+    }
+
+    /// The workload its selectors describe (pid unknown).
+    pub fn workload(&self) -> Result<Workload, &'static str> {
+        let mut w = Workload::default();
+        for s in &self.selectors {
+            let twice = match Selector::parse(s)? {
+                Selector::Uid(n) => w.uid.replace(n).is_some(),
+                Selector::Gid(n) => w.gid.replace(n).is_some(),
+                Selector::Path(p) => w.path.replace(p).is_some(),
+                Selector::Sha256(d) => w.sha256.replace(d).is_some(),
+                Selector::Container(c) => w.container.replace(c).is_some(),
+                Selector::Pod(p) => w.pod.replace(p).is_some(),
+            };
+            if twice {
+                return Err("a selector kind given twice");
+            }
+        }
+        Ok(w)
     }
 }
 
@@ -255,6 +397,45 @@ impl fmt::Display for Workload {
         }
         Ok(())
     }
+}
+
+/// PROXY protocol v2 TLV type of the caller's SPIFFE ID (from the
+/// protocol's custom range, as proposed for Linkerd).
+pub const PP2_TYPE_SPIFFE_ID: u8 = 0xE0;
+
+/// PROXY protocol v2 TLV type of the caller's selectors, separated by
+/// spaces.
+pub const PP2_TYPE_SELECTORS: u8 = 0xE1;
+
+/// The PROXY protocol v2 header that starts a flow's target connection:
+/// command PROXY, no addresses (`AF_UNSPEC`: the target agent never learns
+/// where the caller is), and the caller's SPIFFE ID and selectors as TLVs
+/// where known.
+pub fn proxy_v2_header(caller: Option<&CallerIdentity>) -> Vec<u8> {
+    const SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+    let mut tlvs = Vec::new();
+    let mut tlv = |kind: u8, value: &[u8]| {
+        // Both values are bounded by MAX_CALLER_LEN, far below u16::MAX.
+        let len = u16::try_from(value.len()).unwrap_or(u16::MAX);
+        tlvs.push(kind);
+        tlvs.extend_from_slice(&len.to_be_bytes());
+        tlvs.extend_from_slice(&value[..usize::from(len)]);
+    };
+    if let Some(c) = caller {
+        if let Some(id) = &c.id {
+            tlv(PP2_TYPE_SPIFFE_ID, id.as_bytes());
+        }
+        if !c.selectors.is_empty() {
+            tlv(PP2_TYPE_SELECTORS, c.selectors.join(" ").as_bytes());
+        }
+    }
+    let mut header = Vec::with_capacity(16 + tlvs.len());
+    header.extend_from_slice(SIGNATURE);
+    header.push(0x21); // version 2, PROXY
+    header.push(0x00); // AF_UNSPEC, UNSPEC
+    header.extend_from_slice(&u16::try_from(tlvs.len()).unwrap_or(0).to_be_bytes());
+    header.extend_from_slice(&tlvs);
+    header
 }
 
 /// What attesting a caller takes for `rules`: whether any rule names the
@@ -395,7 +576,115 @@ mod tests {
         assert_eq!(Rule::parse(&rule.to_string()).expect("parse"), rule);
     }
 
+    #[test]
+    fn proxy_v2_header_snapshot() {
+        let signature = "0d0a0d0a000d0a515549540a";
+        assert_eq!(
+            hex::encode(proxy_v2_header(None)),
+            format!("{signature}21000000")
+        );
+        let caller = CallerIdentity {
+            id: Some("spiffe://e.org/a".into()),
+            selectors: vec!["unix:uid:1".into(), "unix:gid:2".into()],
+        };
+        let tlv_id = format!("e00010{}", hex::encode("spiffe://e.org/a"));
+        let tlv_sel = format!("e10015{}", hex::encode("unix:uid:1 unix:gid:2"));
+        assert_eq!(
+            hex::encode(proxy_v2_header(Some(&caller))),
+            format!("{signature}2100002b{tlv_id}{tlv_sel}")
+        );
+    }
+
+    #[test]
+    fn spiffe_ids() {
+        for good in [
+            "spiffe://example.org/billing",
+            "spiffe://site-a.example_1/ns/prod/sa/db.reader",
+        ] {
+            assert_eq!(check_spiffe_id(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "spiffe://Example.org/x",
+            "spiffe://example.org",
+            "spiffe://example.org/",
+            "spiffe://example.org/a//b",
+            "spiffe://example.org/a/../b",
+            "spiffe:///x",
+            "http://example.org/x",
+            "spiffe://example.org/a b",
+        ] {
+            assert!(check_spiffe_id(bad).is_err(), "{bad}");
+        }
+        assert!(check_spiffe_id(&format!("spiffe://e.org/{}", "a".repeat(2048))).is_err());
+    }
+
+    #[test]
+    fn a_rule_may_name_the_identity_of_its_callers() {
+        let rule =
+            Rule::parse("spiffe://example.org/billing unix:path:/usr/bin/app").expect("parse");
+        assert_eq!(rule.id(), Some("spiffe://example.org/billing"));
+        assert!(rule.matches(&caller()));
+        assert_eq!(Rule::parse(&rule.to_string()).expect("parse"), rule);
+        // An ID alone admits no one; only the first word may be one.
+        assert!(Rule::parse("spiffe://example.org/billing").is_err());
+        assert!(Rule::parse("unix:uid:1 spiffe://example.org/billing").is_err());
+        assert!(Rule::parse("spiffe://Bad/x unix:uid:1").is_err());
+        let rules = parse_rules(&[
+            "spiffe://example.org/other unix:uid:7".to_owned(),
+            "spiffe://example.org/billing unix:uid:1000".to_owned(),
+            "unix:gid:100".to_owned(),
+        ])
+        .expect("parse");
+        let first = first_match(&rules, &caller()).expect("a match");
+        assert_eq!(first.id(), Some("spiffe://example.org/billing"));
+    }
+
+    #[test]
+    fn a_caller_identity_round_trips_and_bad_ones_are_refused() {
+        let rule = Rule::parse("spiffe://example.org/billing unix:uid:1000").expect("parse");
+        let id = CallerIdentity::of(&caller(), Some(&rule));
+        assert_eq!(id.id.as_deref(), Some("spiffe://example.org/billing"));
+        let bytes = id.encode().expect("encode");
+        let back = CallerIdentity::decode(&bytes).expect("decode");
+        assert_eq!(back, id);
+        let mut w = caller();
+        w.pid = None;
+        assert_eq!(back.workload(), Ok(w));
+        let forged = |id: Option<&str>, selectors: Vec<String>| {
+            CallerIdentity {
+                id: id.map(Into::into),
+                selectors,
+            }
+            .encode()
+            .expect("encode")
+        };
+        for bytes in [
+            forged(Some("spiffe://Bad/x"), vec![]),
+            forged(None, vec!["unix:uid:x".into()]),
+            forged(None, vec!["unix:uid:1".into(), "unix:uid:2".into()]),
+            forged(None, vec!["unix:gid:1".into(); MAX_CALLER_SELECTORS + 1]),
+            forged(None, vec!["x".repeat(MAX_CALLER_LEN)]),
+        ] {
+            assert!(CallerIdentity::decode(&bytes).is_err());
+        }
+    }
+
     proptest! {
+        #[test]
+        fn arbitrary_caller_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(c) = CallerIdentity::decode(&bytes) {
+                prop_assert_eq!(CallerIdentity::decode(&c.encode().expect("encode")).expect("decode"), c);
+            }
+        }
+
+        #[test]
+        fn callers_round_trip(uid in any::<u32>(), gid in any::<u32>(), path in "(/[a-z0-9_-]{1,12}){1,4}") {
+            let w = Workload { uid: Some(uid), gid: Some(gid), path: Some(path), ..Workload::default() };
+            let c = CallerIdentity::of(&w, None);
+            let back = CallerIdentity::decode(&c.encode().expect("encode")).expect("decode");
+            prop_assert_eq!(back.workload(), Ok(w));
+        }
+
         #[test]
         fn arbitrary_rules_never_panic(s in ".{0,200}") {
             if let Ok(rule) = Rule::parse(&s) {

@@ -29,6 +29,7 @@ pub fn link(name: &str, listen: String, target: String) -> DevLink {
         target,
         allowed_uids: vec![],
         allow: vec![],
+        proxy_protocol: false,
     }
 }
 

@@ -113,6 +113,15 @@ impl Setup {
     /// Like [`Self::start_links`], with `agent_settings` (top-level lines)
     /// added to both agents' configs.
     pub async fn start_tuned(links: &[(&str, String)], agent_settings: &str) -> Result<Self> {
+        Self::start_with(links, agent_settings, |_| {}).await
+    }
+
+    /// Like [`Self::start_tuned`], each link changed by `edit` first.
+    pub async fn start_with(
+        links: &[(&str, String)],
+        agent_settings: &str,
+        edit: impl Fn(&mut DevLink),
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let any: SocketAddr = "127.0.0.1:0".parse()?;
         let layout = comsat_controller::dev::init(
@@ -123,15 +132,20 @@ impl Setup {
                 agent_admin: [Some(any), Some(any)],
                 links: links
                     .iter()
-                    .map(|(name, target)| DevLink {
-                        name: (*name).into(),
-                        listen: match target.starts_with("udp://") {
-                            true => "udp://127.0.0.1:0".into(),
-                            false => "tcp://127.0.0.1:0".into(),
-                        },
-                        target: target.clone(),
-                        allowed_uids: vec![],
-                        allow: vec![],
+                    .map(|(name, target)| {
+                        let mut link = DevLink {
+                            name: (*name).into(),
+                            listen: match target.starts_with("udp://") {
+                                true => "udp://127.0.0.1:0".into(),
+                                false => "tcp://127.0.0.1:0".into(),
+                            },
+                            target: target.clone(),
+                            allowed_uids: vec![],
+                            allow: vec![],
+                            proxy_protocol: false,
+                        };
+                        edit(&mut link);
+                        link
                     })
                     .collect(),
                 pin_sha256: false,

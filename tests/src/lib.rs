@@ -19,6 +19,7 @@ pub mod hostile;
 pub mod netns;
 pub mod oracle;
 pub mod proc;
+pub mod proxy_v2;
 pub mod raw;
 pub mod tools;
 

@@ -7,7 +7,7 @@ use comsat_protocol::record::split_flow_id;
 use comsat_protocol::record::{
     FLOW_HEADER_LEN, FlowHeader, RECORD_HEADER_LEN, RecordHeader, RecordKind,
 };
-use comsat_protocol::workload::{Needs, Rule};
+use comsat_protocol::workload::{self, CallerIdentity, Needs, Rule};
 use comsat_protocol::{FlowId, LinkId};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span, warn};
@@ -99,14 +99,15 @@ async fn claim(link: &LinkRt, flow_id: FlowId) -> Result<Stream<'_>, AcceptError
 /// Reads the first record of a new flow and finds the session and
 /// generation of flow ids it is an authentic `Open` under: the current
 /// session, then (side B) those of the handshakes it answered, which it
-/// confirms. `Ok(None)`: no record that could be an `Open`; `Err`: one
-/// that decrypted under no key it could be sealed with (a forgery).
+/// confirms; with its payload. `Ok(None)`: no record that could be an
+/// `Open`; `Err`: one that decrypted under no key it could be sealed with
+/// (a forgery).
 async fn read_open(
     shared: &Shared,
     link: &LinkRt,
     flow_id: FlowId,
     recv: &mut quinn::RecvStream,
-) -> Result<Option<(u32, Arc<LinkSession>)>, ()> {
+) -> Result<Option<(u32, Arc<LinkSession>, Vec<u8>)>, ()> {
     let (current, candidates) = link.sessions();
     let mut rh = [0u8; RECORD_HEADER_LEN];
     let Ok(()) = recv.read_exact(&mut rh).await else {
@@ -127,21 +128,27 @@ async fn read_open(
         generations
             .into_iter()
             .filter(|g| *g as u8 == tag)
-            .find(|g| {
+            .find_map(|g| {
                 let mut plain = Vec::new();
-                let (_, mut opener) = s.noise.flow(*g, id);
+                let (_, mut opener) = s.noise.flow(g, id);
                 let kind = opener.open_record(0, &ct, &mut plain);
-                matches!(kind, Ok(RecordKind::Open))
+                matches!(kind, Ok(RecordKind::Open)).then_some((g, plain))
             })
     };
-    if let Some(found) = current.and_then(|s| Some((opens(&s)?, s))) {
+    if let Some(found) = current.and_then(|s| {
+        let (g, payload) = opens(&s)?;
+        Some((g, s, payload))
+    }) {
         return Ok(Some(found));
     }
-    let Some((g, c)) = candidates.into_iter().find_map(|c| Some((opens(&c)?, c))) else {
+    let Some((g, c, payload)) = candidates.into_iter().find_map(|c| {
+        let (g, payload) = opens(&c)?;
+        Some((g, c, payload))
+    }) else {
         return Err(());
     };
     link.confirm(&c, &shared.metrics);
-    Ok(Some((g, c)))
+    Ok(Some((g, c, payload)))
 }
 
 async fn accept_flow(
@@ -159,6 +166,7 @@ async fn accept_flow(
         claim,
         generation,
         session,
+        caller,
     } = match started {
         Ok(Opened::New(new)) => new,
         Ok(Opened::Resume(link, id, flow)) => {
@@ -175,6 +183,14 @@ async fn accept_flow(
             return Err(e);
         }
     };
+    let caller = match caller {
+        Ok(caller) => caller,
+        Err(why) => {
+            shared.metrics.workload_refused(&link.cfg.name);
+            warn!(link = %link.cfg.name, flow = h.flow_id, "flow refused: {why}");
+            return reset_flow(shared, &session, generation, h.flow_id, send).await;
+        }
+    };
     let local = match local::dial(target, defaults::TARGET_DIAL_TIMEOUT).await {
         Ok(c) => {
             shared.metrics.flow_setup("dial", asked.elapsed());
@@ -182,21 +198,20 @@ async fn accept_flow(
         }
         Err(e) => {
             warn!(link = %link.cfg.name, target = %target, error = %e, "cannot reach target");
-            let mut out = Vec::new();
-            if session
-                .noise
-                .flow(generation, split_flow_id(h.flow_id).1)
-                .0
-                .seal_record(0, RecordKind::Reset, &[], &mut out)
-                .is_ok()
-                && send.write_all(&out).await.is_ok()
-            {
-                let _ = send.finish();
-            }
-            shared.metrics.flows_failed.increment(1);
-            return Ok(());
+            return reset_flow(shared, &session, generation, h.flow_id, send).await;
         }
     };
+    let (reader, mut writer) = local.split();
+    if link.cfg.proxy_protocol {
+        let header = workload::proxy_v2_header(caller.as_ref());
+        if let Err(e) = writer.write_all(&header).await {
+            warn!(link = %link.cfg.name, target = %target, error = %e, "cannot write the PROXY header to the target");
+            return reset_flow(shared, &session, generation, h.flow_id, send).await;
+        }
+    }
+    if let Some(c) = &caller {
+        debug!(link = %link.cfg.name, flow = h.flow_id, id = c.id.as_deref().unwrap_or("-"), selectors = %c.selectors.join(" "), "flow from caller");
+    }
     let flow = Flow::new(
         h.flow_id,
         generation,
@@ -210,10 +225,33 @@ async fn accept_flow(
     lock(&link.flows).insert(h.flow_id, flow.clone());
     drop(claim);
     shared.metrics.flows_total.increment(1);
-    let (reader, writer) = local.split();
     flow::run(flow, reader, writer, Some(((send, recv), lane)))
         .instrument(info_span!("flow", link = %link.cfg.name, id = h.flow_id))
         .await;
+    Ok(())
+}
+
+/// Ends a flow with a sealed reset (the peer resets its local
+/// connection), and counts it failed.
+async fn reset_flow(
+    shared: &Shared,
+    session: &LinkSession,
+    generation: u32,
+    flow_id: FlowId,
+    mut send: quinn::SendStream,
+) -> Result<(), AcceptError> {
+    let mut out = Vec::new();
+    if session
+        .noise
+        .flow(generation, split_flow_id(flow_id).1)
+        .0
+        .seal_record(0, RecordKind::Reset, &[], &mut out)
+        .is_ok()
+        && send.write_all(&out).await.is_ok()
+    {
+        let _ = send.finish();
+    }
+    shared.metrics.flows_failed.increment(1);
     Ok(())
 }
 
@@ -228,6 +266,38 @@ struct NewFlow<'a> {
     /// The generation of flow ids (and keys) it belongs to.
     generation: u32,
     session: Arc<LinkSession>,
+    /// Who opened it, as its `Open` says, if the link admits them.
+    caller: Result<Option<CallerIdentity>, &'static str>,
+}
+
+/// Side B: the caller a flow's `Open` names (`None`: it names none, as
+/// agents that attest no callers send it), if the link admits it: where
+/// the link has `allow` rules, a caller that one of them matches, with the
+/// SPIFFE ID of the first that does. Side A checked the same rules; this
+/// keeps an agent that does not (an older one) from letting anyone in.
+fn caller_of(link: &LinkRt, payload: &[u8]) -> Result<Option<CallerIdentity>, &'static str> {
+    let caller = match payload {
+        [] => None,
+        bytes => {
+            Some(CallerIdentity::decode(bytes).map_err(|_| "its caller identity does not parse")?)
+        }
+    };
+    if link.cfg.allow.is_empty() {
+        return Ok(caller);
+    }
+    let rules = link
+        .cfg
+        .allow_rules()
+        .map_err(|_| "the link's rules do not parse")?;
+    let Some(c) = &caller else {
+        return Err("it names no caller (the peer agent attests none)");
+    };
+    let workload = c.workload()?;
+    match workload::first_match(&rules, &workload) {
+        Some(rule) if rule.id() == c.id.as_deref() => Ok(caller),
+        Some(_) => Err("its caller's SPIFFE ID is not its rule's"),
+        None => Err("no allow rule of the link matches its caller"),
+    }
 }
 
 /// What the start of a stream the relay opened asks for.
@@ -275,7 +345,7 @@ async fn open_flow<'a>(
         read_open(shared, link, h.flow_id, recv),
     )
     .await;
-    let Ok(Ok(Some((generation, session)))) = opened else {
+    let Ok(Ok(Some((generation, session, payload)))) = opened else {
         if matches!(opened, Ok(Err(()))) {
             link.forged(shared.max_forgeries, &shared.metrics);
         }
@@ -311,6 +381,7 @@ async fn open_flow<'a>(
         claim,
         generation,
         session,
+        caller: caller_of(link, &payload),
     }))
 }
 
@@ -349,34 +420,38 @@ pub(crate) async fn serve_listener(
         let rules = rules.clone();
         let accepted = std::time::Instant::now();
         tokio::spawn(async move {
-            if !rules.is_empty() && !admitted(&shared, &link, &rules, needs, caller).await {
-                return refuse_local(conn);
+            let mut identity = None;
+            if !rules.is_empty() {
+                match admitted(&shared, &link, &rules, needs, caller).await {
+                    Some(c) => identity = Some(c),
+                    None => return refuse_local(conn),
+                }
             }
-            dial_flow(&shared, &link, conn, accepted).await;
+            dial_flow(&shared, &link, conn, accepted, identity).await;
         });
     }
 }
 
-/// Whether one of `rules` matches the workload behind `caller`; a caller
-/// refused is logged with its selectors and counted.
+/// The identity of the workload behind `caller` if one of `rules` matches
+/// it; a caller refused is logged with its selectors and counted.
 async fn admitted(
     shared: &Shared,
     link: &LinkRt,
     rules: &[Rule],
     needs: Needs,
     caller: Caller,
-) -> bool {
+) -> Option<CallerIdentity> {
     let workload = tokio::task::spawn_blocking(move || attest::attest(caller, needs))
         .await
         .unwrap_or_default();
-    if rules.iter().any(|r| r.matches(&workload)) {
-        debug!(link = %link.cfg.name, %workload, "local caller admitted");
-        return true;
+    if let Some(rule) = workload::first_match(rules, &workload) {
+        debug!(link = %link.cfg.name, %workload, id = rule.id().unwrap_or("-"), "local caller admitted");
+        return Some(CallerIdentity::of(&workload, Some(rule)));
     }
     shared.metrics.local_refused("workload");
     shared.metrics.workload_refused(&link.cfg.name);
     warn!(link = %link.cfg.name, %workload, "local caller refused: no allow rule of the link matches it");
-    false
+    None
 }
 
 /// Ends a local connection no flow carries with a reset, so the
@@ -392,6 +467,7 @@ async fn dial_flow(
     link: &Arc<LinkRt>,
     conn: local::LocalConn,
     accepted: std::time::Instant,
+    caller: Option<CallerIdentity>,
 ) {
     if link.expired.load(Ordering::Relaxed) && link.ready.borrow().is_none() {
         shared.metrics.local_refused("grant_expired");
@@ -424,7 +500,15 @@ async fn dial_flow(
         shared.budget.clone(),
         shared.metrics.clone(),
     );
-    if flow.open().is_err() {
+    let payload = match caller.as_ref().map(CallerIdentity::encode) {
+        None => Vec::new(),
+        Some(Ok(bytes)) => bytes,
+        Some(Err(e)) => {
+            warn!(link = %link.cfg.name, error = %e, "caller identity not encoded; local connection reset");
+            return refuse_local(conn);
+        }
+    };
+    if flow.open(&payload).is_err() {
         return refuse_local(conn);
     }
     shared.metrics.flow_setup("listen", accepted.elapsed());

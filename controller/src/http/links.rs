@@ -218,14 +218,12 @@ async fn create_link(
             "allowed_uids and allowed_gids apply only to unix:// listeners",
         ));
     }
-    if !req.allow.is_empty() {
-        comsat_protocol::workload::parse_rules(&req.allow)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        if !matches!(listen, Endpoint::Tcp(_) | Endpoint::Unix(_)) {
-            return Err(ApiError::bad_request(
-                "allow rules apply to tcp:// and unix:// listeners only",
-            ));
-        }
+    comsat_protocol::workload::parse_rules(&req.allow)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if (!req.allow.is_empty() || req.proxy_protocol) && listen.is_datagram() {
+        return Err(ApiError::bad_request(
+            "allow rules and proxy_protocol apply to tcp:// and unix:// links only",
+        ));
     }
     if req.from == req.to {
         return Err(ApiError::bad_request(format!(
@@ -257,6 +255,7 @@ async fn create_link(
         allowed_uids: req.allowed_uids.clone(),
         allowed_gids: req.allowed_gids.clone(),
         allow: req.allow.clone(),
+        proxy_protocol: req.proxy_protocol,
         relays: Vec::new(),
         created_at: now,
         grant_not_after: 0,

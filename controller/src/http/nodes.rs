@@ -318,21 +318,11 @@ async fn desired(state: &Shared, agent: &NodeRecord) -> Result<AgentDesired, Api
             peer_noise_public_key: peer_noise,
             listen: (side == Side::A).then(|| link.listen.clone()),
             target: (side == Side::B).then(|| link.target.clone()),
-            allowed_uids: if side == Side::A {
-                link.allowed_uids.clone()
-            } else {
-                Vec::new()
-            },
-            allowed_gids: if side == Side::A {
-                link.allowed_gids.clone()
-            } else {
-                Vec::new()
-            },
-            allow: if side == Side::A {
-                link.allow.clone()
-            } else {
-                Vec::new()
-            },
+            // Both sides: side B checks each flow's caller against them.
+            allowed_uids: link.allowed_uids.clone(),
+            allowed_gids: link.allowed_gids.clone(),
+            allow: link.allow.clone(),
+            proxy_protocol: side == Side::B && link.proxy_protocol,
             relays: relay_addrs,
             connection: link.connection.clone(),
         });

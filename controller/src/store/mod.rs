@@ -368,6 +368,8 @@ pub struct LinkRecord {
     pub allowed_gids: Vec<u32>,
     /// Listeners: the workloads admitted (`comsat_protocol::workload`).
     pub allow: Vec<String>,
+    /// Side B writes a PROXY protocol v2 header to the target.
+    pub proxy_protocol: bool,
     /// Assigned relays, primary first (empty: unassigned).
     pub relays: Vec<RelayId>,
     /// Unix time created.

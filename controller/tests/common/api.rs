@@ -354,6 +354,7 @@ pub fn link(name: &str, from: &str, to: &str) -> LinkSpec {
         allowed_uids: vec![],
         allowed_gids: vec![],
         allow: vec![],
+        proxy_protocol: false,
         max_flows: None,
         rate_limit_bytes_per_sec: None,
         connection: None,

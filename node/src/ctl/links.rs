@@ -206,7 +206,27 @@ fn show_link(l: &api::LinkInfo, out: Output) -> anyhow::Result<String> {
                 l.relays.join(", ")
             }
         )
+        + &workloads(&l.spec)
         + &traffic(l))
+}
+
+/// The workloads a link admits and whether its service reads who called.
+fn workloads(spec: &api::LinkSpec) -> String {
+    let mut out = String::new();
+    for rule in &spec.allow {
+        out.push_str(&format!(
+            "allow:      {}
+",
+            printable(rule)
+        ));
+    }
+    if spec.proxy_protocol {
+        out.push_str(
+            "proxy:      PROXY v2 header naming the caller, to the target
+",
+        );
+    }
+    out
 }
 
 /// What the link carries, as a relay last reported it.
@@ -280,6 +300,7 @@ mod tests {
                 allowed_uids: vec![],
                 allowed_gids: vec![],
                 allow: vec![],
+                proxy_protocol: false,
                 max_flows,
                 rate_limit_bytes_per_sec: max_flows.map(|_| 10 << 20),
                 connection: max_flows.map(|_| "interactive".into()),
@@ -387,6 +408,14 @@ mod tests {
         assert!(shown.contains("\nmax flows:  unlimited\n"), "{shown}");
         assert!(
             shown.contains("\nconnection: shared with the agents' other links\n"),
+            "{shown}"
+        );
+        let mut guarded = info("db", None);
+        guarded.spec.allow = vec!["spiffe://e.org/app unix:uid:1000".into()];
+        guarded.spec.proxy_protocol = true;
+        let shown = show_link(&guarded, Output::Table)?;
+        assert!(
+            shown.contains("\nallow:      spiffe://e.org/app unix:uid:1000\nproxy:      PROXY v2"),
             "{shown}"
         );
         let json = show_link(&info("db", Some(8)), Output::Json)?;

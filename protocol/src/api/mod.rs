@@ -547,6 +547,10 @@ pub struct LinkSpec {
     /// ([`crate::workload`]), at most [`crate::workload::MAX_RULES`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
+    /// Each flow's connection to the target starts with a PROXY protocol
+    /// v2 header naming the caller (tcp:// and unix:// links).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
     /// Concurrent flows the relay lets the link have (`None`: unlimited).
     pub max_flows: Option<u32>,
     /// Bytes per second the relay lets the link carry in each direction

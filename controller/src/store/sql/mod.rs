@@ -508,8 +508,8 @@ impl Store for SqlStore {
         let inserted = sqlx::query(
             "INSERT INTO links (link_id, name, generation, from_node, listen, to_node, target, \
              allowed_uids, allowed_gids, relays, created_at, grant_not_after, max_flows, \
-             rate_limit, connection, allow_rules) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+             rate_limit, connection, allow_rules, proxy_protocol) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         )
         .bind(link.link_id.to_string())
         .bind(&link.name)
@@ -527,6 +527,7 @@ impl Store for SqlStore {
         .bind(link.rate_limit.map(to_i64))
         .bind(link.connection.as_deref())
         .bind(to_json(&link.allow)?)
+        .bind(i64::from(link.proxy_protocol))
         .execute(&mut *tx)
         .await;
         if let Err(e) = inserted {

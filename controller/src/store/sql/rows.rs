@@ -66,7 +66,7 @@ pub(super) fn node_from_row(row: &AnyRow) -> Result<NodeRecord, StoreError> {
 
 pub(super) const LINK_COLUMNS: &str = "link_id, name, generation, from_node, listen, to_node, target, \
      allowed_uids, allowed_gids, relays, created_at, grant_not_after, max_flows, rate_limit, connection, \
-     allow_rules";
+     allow_rules, proxy_protocol";
 
 pub(super) fn link_from_row(row: &AnyRow) -> Result<LinkRecord, StoreError> {
     let relays: Vec<String> = json("links.relays", &row.try_get::<String, _>("relays")?)?;
@@ -90,6 +90,7 @@ pub(super) fn link_from_row(row: &AnyRow) -> Result<LinkRecord, StoreError> {
             "links.allow_rules",
             &row.try_get::<String, _>("allow_rules")?,
         )?,
+        proxy_protocol: row.try_get::<i64, _>("proxy_protocol")? != 0,
         relays: relays
             .iter()
             .map(|r| parse::<RelayId>("links.relays", r))
