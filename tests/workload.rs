@@ -296,7 +296,36 @@ async fn the_service_reads_the_callers_spiffe_id_in_a_proxy_header() -> Result<(
         "{selectors}"
     );
     assert_eq!(rest, b"invoice-42\n");
+    // Both agents log the flow when it ends: who called, bytes each way
+    // of the flow (the request's 11, the 3 of `ok\n`; not the header),
+    // and how it ended.
+    for (agent, sent, received) in [(0, 11, 3), (1, 3, 11)] {
+        let line = wait_log_line(&sys.agents[agent].0, "flow ended").await?;
+        for field in [
+            "link=\"named\"".to_owned(),
+            format!("caller_id=\"{ID}\""),
+            format!("bytes_sent={sent}"),
+            format!("bytes_received={received}"),
+            "outcome=completed".to_owned(),
+        ] {
+            assert!(line.contains(&field), "agent {agent}: {field} in {line}");
+        }
+    }
     Ok(())
+}
+
+/// The first line of `agent`'s log containing `text`, waiting for it.
+async fn wait_log_line(agent: &comsat_tests::Proc, text: &str) -> Result<String> {
+    let deadline = std::time::Instant::now() + CLIENT_TIMEOUT;
+    loop {
+        if let Some(line) = agent.log().lines().find(|l| l.contains(text)) {
+            return Ok(line.to_owned());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("no line with {text:?}:\n{}", agent.log());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// An agent A that attests no callers (here: its config lost the rules,

@@ -20,18 +20,20 @@
 //! its driver: the QUIC streams, the local socket, the runtimes and the
 //! timers, calling the core with the current time.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use comsat_protocol::api::{FlowOutcome, FlowRecord};
 use comsat_protocol::limits::NOISE_TAG_LEN;
 use comsat_protocol::noise::{NoiseError, RECORD_PREFIX_LEN};
 use comsat_protocol::quantum::Quantum;
 use comsat_protocol::record::{
     FlowHeader, RECORD_HEADER_LEN, RecordError, RecordHeader, RecordKind, decode_record,
 };
-use comsat_protocol::{FlowId, StreamCode};
+use comsat_protocol::workload::CallerIdentity;
+use comsat_protocol::{FlowId, Side, StreamCode};
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
@@ -43,10 +45,12 @@ use crate::core::flow::{
     ResumeLimits, SendCore, StreamEnded, Then, completed,
 };
 use crate::defaults;
+use crate::flowlog::{self, FlowLog};
 use crate::group::BusyGuard;
 use crate::link::{LinkFlow, LinkRt, LinkSession};
 use crate::local::{LocalConn, LocalRead, LocalWrite};
 use crate::metrics::Metrics;
+use crate::shared::Shared;
 use crate::sync::lock;
 
 /// Why a stream or a flow ended.
@@ -149,18 +153,26 @@ pub(crate) struct Flow {
     turned_bulk: Notify,
     budget: Arc<Semaphore>,
     metrics: Metrics,
+    /// Where the flow's record goes when it ends.
+    log: Arc<FlowLog>,
+    caller: Option<CallerIdentity>,
+    started_ms: u64,
+    /// Bytes read from the local connection and sealed.
+    bytes_sent: AtomicU64,
+    /// Bytes written to the local connection.
+    bytes_received: AtomicU64,
 }
 
 impl Flow {
-    #[allow(clippy::too_many_arguments)]
+    /// A new flow of `link` under `session`'s keys; `caller`: who opened
+    /// it, as attested (side A) or as its `Open` says (side B).
     pub(crate) fn new(
-        id: FlowId,
-        generation: u32,
+        (id, generation): (FlowId, u32),
         session: Arc<LinkSession>,
         link: Arc<LinkRt>,
         dialer: bool,
-        budget: Arc<Semaphore>,
-        metrics: Metrics,
+        shared: &Shared,
+        caller: Option<CallerIdentity>,
     ) -> Arc<Self> {
         let (streams_in, streams_out) = mpsc::channel(2);
         let (sealer, opener) = session
@@ -190,8 +202,13 @@ impl Flow {
                 now(),
             )),
             turned_bulk: Notify::new(),
-            budget,
-            metrics,
+            budget: shared.budget.clone(),
+            metrics: shared.metrics.clone(),
+            log: shared.flow_log.clone(),
+            caller,
+            started_ms: flowlog::now_ms(),
+            bytes_sent: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
         })
     }
 
@@ -320,6 +337,26 @@ impl Flow {
             self.metrics.flows_failed.increment(1);
         }
         self.link.remove_flow(self.id);
+        let caller = self.caller.clone().unwrap_or_default();
+        self.log.record(
+            &self.link.cfg.name,
+            FlowRecord {
+                link_id: self.link.cfg.link_id,
+                flow_id: self.id,
+                side: if self.dialer { Side::A } else { Side::B },
+                caller_id: caller.id,
+                caller: caller.selectors,
+                relay_id: lock(&self.link.relay_at).relay,
+                started_ms: self.started_ms,
+                ended_ms: flowlog::now_ms(),
+                bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
+                bytes_received: self.bytes_received.load(Ordering::Relaxed),
+                outcome: match how {
+                    End::Reset | End::Running => FlowOutcome::Reset,
+                    End::Completed => FlowOutcome::Completed,
+                },
+            },
+        );
     }
 
     /// The next stream the peer opened for this flow (accepting side).
@@ -374,6 +411,7 @@ impl Flow {
                         return None;
                     }
                     self.metrics.sent_bytes.increment(len as u64);
+                    self.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
                     self.meter(len);
                     if quantum.spend(len) {
                         tokio::task::yield_now().await;
@@ -485,6 +523,7 @@ impl Flow {
             }
             delivery.wrote(n);
             self.metrics.received_bytes.increment(n as u64);
+            self.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
             self.meter(n);
         }
         if delivery.fin() {

@@ -22,6 +22,7 @@ pub mod defaults;
 pub mod enrolled;
 pub mod error;
 mod flow;
+mod flowlog;
 mod group;
 mod link;
 mod local;
@@ -189,6 +190,7 @@ impl Agent {
                 .keep_alive_ms
                 .map_or(defaults::KEEP_ALIVE_INTERVAL, Duration::from_millis),
             silent,
+            flow_log: Arc::default(),
         });
         let flow_timeout = config
             .flow_timeout_ms
@@ -520,6 +522,18 @@ impl Agent {
     ) -> impl Fn() -> Vec<comsat_protocol::api::HalfReport> + Send + Sync + 'static {
         let live = self.live.clone();
         move || lock(&live).iter().map(|l| l.half_report()).collect()
+    }
+
+    /// A function taking up to `max` records of flows that ended, oldest
+    /// first, with how many were dropped since the last take (the queue
+    /// holds at most 10,000), for the controller
+    /// ([`comsat_node::agent::AgentSink::flow_source`]).
+    pub fn flow_records(
+        &self,
+    ) -> impl Fn(usize) -> (Vec<comsat_protocol::api::FlowRecord>, u64) + Send + Sync + 'static
+    {
+        let log = self.shared.flow_log.clone();
+        move |max| log.take(max)
     }
 
     /// A function telling whether every link is up: its listener bound,

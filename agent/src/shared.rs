@@ -30,4 +30,6 @@ pub(crate) struct Shared {
     /// tells the peers ([`crate::Agent::silent_relays`]); dropped when
     /// nobody takes them.
     pub(crate) silent: mpsc::Sender<RelayId>,
+    /// Flows that ended, for the log and the controller.
+    pub(crate) flow_log: Arc<crate::flowlog::FlowLog>,
 }

@@ -3,12 +3,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use comsat_protocol::api::{FlowOutcome, FlowRecord};
 use comsat_protocol::record::split_flow_id;
 use comsat_protocol::record::{
     FLOW_HEADER_LEN, FlowHeader, RECORD_HEADER_LEN, RecordHeader, RecordKind,
 };
 use comsat_protocol::workload::{self, CallerIdentity, Needs, Rule};
-use comsat_protocol::{FlowId, LinkId};
+use comsat_protocol::{FlowId, LinkId, Side};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -188,6 +189,7 @@ async fn accept_flow(
         Err(why) => {
             shared.metrics.workload_refused(&link.cfg.name);
             warn!(link = %link.cfg.name, flow = h.flow_id, "flow refused: {why}");
+            log_refused(shared, link, h.flow_id, Side::B, None);
             return reset_flow(shared, &session, generation, h.flow_id, send).await;
         }
     };
@@ -209,17 +211,13 @@ async fn accept_flow(
             return reset_flow(shared, &session, generation, h.flow_id, send).await;
         }
     }
-    if let Some(c) = &caller {
-        debug!(link = %link.cfg.name, flow = h.flow_id, id = c.id.as_deref().unwrap_or("-"), selectors = %c.selectors.join(" "), "flow from caller");
-    }
     let flow = Flow::new(
-        h.flow_id,
-        generation,
+        (h.flow_id, generation),
         session,
         link.clone(),
         false,
-        shared.budget.clone(),
-        shared.metrics.clone(),
+        shared,
+        caller,
     );
     flow.opened_by_peer();
     lock(&link.flows).insert(h.flow_id, flow.clone());
@@ -229,6 +227,35 @@ async fn accept_flow(
         .instrument(info_span!("flow", link = %link.cfg.name, id = h.flow_id))
         .await;
     Ok(())
+}
+
+/// Records a flow refused for its caller in the flow log (side A: no flow
+/// id was taken, 0).
+fn log_refused(
+    shared: &Shared,
+    link: &LinkRt,
+    flow_id: FlowId,
+    side: Side,
+    caller: Option<CallerIdentity>,
+) {
+    let caller = caller.unwrap_or_default();
+    let now = crate::flowlog::now_ms();
+    shared.flow_log.record(
+        &link.cfg.name,
+        FlowRecord {
+            link_id: link.cfg.link_id,
+            flow_id,
+            side,
+            caller_id: caller.id,
+            caller: caller.selectors,
+            relay_id: lock(&link.relay_at).relay,
+            started_ms: now,
+            ended_ms: now,
+            bytes_sent: 0,
+            bytes_received: 0,
+            outcome: FlowOutcome::Refused,
+        },
+    );
 }
 
 /// Ends a flow with a sealed reset (the peer resets its local
@@ -450,6 +477,8 @@ async fn admitted(
     }
     shared.metrics.local_refused("workload");
     shared.metrics.workload_refused(&link.cfg.name);
+    let caller = CallerIdentity::of(&workload, None);
+    log_refused(shared, link, 0, Side::A, Some(caller));
     warn!(link = %link.cfg.name, %workload, "local caller refused: no allow rule of the link matches it");
     None
 }
@@ -491,15 +520,6 @@ async fn dial_flow(
         warn!(link = %link.cfg.name, "flow ids exhausted for this session");
         return refuse_local(conn);
     };
-    let flow = Flow::new(
-        flow_id,
-        generation,
-        current.session,
-        link.clone(),
-        true,
-        shared.budget.clone(),
-        shared.metrics.clone(),
-    );
     let payload = match caller.as_ref().map(CallerIdentity::encode) {
         None => Vec::new(),
         Some(Ok(bytes)) => bytes,
@@ -508,6 +528,14 @@ async fn dial_flow(
             return refuse_local(conn);
         }
     };
+    let flow = Flow::new(
+        (flow_id, generation),
+        current.session,
+        link.clone(),
+        true,
+        shared,
+        caller,
+    );
     if flow.open(&payload).is_err() {
         return refuse_local(conn);
     }

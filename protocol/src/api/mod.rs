@@ -20,6 +20,8 @@
 //! | [`PATH_AGENT_REFUSALS`] | POST | agent | [`AgentRefusals`] → [`Empty`] |
 //! | [`PATH_AGENT_RELAY_SILENT`] | POST | agent | [`RelaySilent`] → [`Empty`] |
 //! | [`PATH_AGENT_LINK_STATUS`] | POST | agent | [`AgentLinkStatus`] → [`Empty`] |
+//! | [`PATH_AGENT_FLOWS`] | POST | agent | [`AgentFlows`] → [`Empty`] |
+//! | [`PATH_FLOWS`] | GET `?link=NAME&identity=ID&since=MS&until=MS&limit=N` | `flows` list | → `Vec<`[`FlowInfo`]`>` |
 //! | [`PATH_TOKENS`] | POST | `tokens/KIND` create | [`TokenCreate`] → [`TokenCreated`] |
 //! | [`PATH_OPEN_TOKENS`] | GET | `tokens` list | → `Vec<`[`JoinTokenInfo`]`>` |
 //! | [`PATH_AGENTS`], [`PATH_RELAYS`] | GET | `agents`/`relays` list | → `Vec<`[`AgentInfo`]`>`, `Vec<`[`RelayInfo`]`>` |
@@ -622,6 +624,7 @@ pub struct Status {
 }
 
 mod console;
+mod flows;
 mod join;
 mod rbac;
 mod status;
@@ -630,6 +633,10 @@ mod traffic;
 pub use console::{
     ConsoleSessionInfo, ConsoleSignIn, MAX_TOKEN_LEN, PATH_CONSOLE, PATH_CONSOLE_SCRIPT,
     PATH_CONSOLE_SESSION, PATH_CONSOLE_STYLE,
+};
+pub use flows::{
+    AgentFlows, FlowInfo, FlowOutcome, FlowRecord, MAX_FLOWS_PER_QUERY, MAX_FLOWS_PER_REPORT,
+    PATH_AGENT_FLOWS, PATH_FLOWS,
 };
 pub use join::{JOIN_TOKEN_PREFIX, JoinToken, JoinTokenError, MAX_JOIN_TOKEN_LEN};
 pub use rbac::{
