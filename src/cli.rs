@@ -326,8 +326,10 @@ pub(crate) enum CtlCommand {
     /// The audit log: changes and refused authentications, with reasons.
     Audit {
         #[command(subcommand)]
-        command: AuditCommand,
+        command: comsat_node::ctl::log::AuditCommand,
     },
+    /// The flow log: each flow's caller, bytes and outcome, as its agents report it.
+    Flows(comsat_node::ctl::log::FlowsArgs),
     /// Service accounts (automation) and their API tokens.
     #[command(name = "serviceaccount")]
     ServiceAccount {
@@ -451,25 +453,6 @@ pub(crate) enum RoleBindingCommand {
     Delete {
         /// Its name.
         name: String,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-pub(crate) enum AuditCommand {
-    /// List audit records, oldest first (at most 1000, the newest).
-    List {
-        /// Only records newer than this, e.g. 10m, 1h, 7d.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        since: Option<std::time::Duration>,
-        /// Only this subject, or subjects starting with it (`agent:`).
-        #[arg(long)]
-        subject: Option<String>,
-        /// Only records of this outcome: ok, denied or alarm.
-        #[arg(long, value_parser = ["ok", "denied", "alarm"])]
-        result: Option<String>,
-        /// At most this many records.
-        #[arg(long, default_value_t = 1000)]
-        limit: usize,
     },
 }
 

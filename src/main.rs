@@ -22,9 +22,9 @@ mod server;
 mod up;
 
 use cli::{
-    AgentCommand, AuditCommand, Cli, Command, CtlArgs, CtlCommand, LinkCommand, ListCommand,
-    LogFormat, NodeRunArgs, OutputFormat, PrincipalCommand, RoleBindingCommand, RoleCommand,
-    TokenArgs, TokenCommand,
+    AgentCommand, Cli, Command, CtlArgs, CtlCommand, LinkCommand, ListCommand, LogFormat,
+    NodeRunArgs, OutputFormat, PrincipalCommand, RoleBindingCommand, RoleCommand, TokenArgs,
+    TokenCommand,
 };
 
 fn init_tracing(format: LogFormat, default: &str) {
@@ -159,15 +159,8 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         } => ctl::delete(&c, api::PATH_RELAYS, &name, "relay delete").await?,
         CtlCommand::Link { command } => link(&c, command, out).await?,
         CtlCommand::Status => ctl::status(&c, out).await?,
-        CtlCommand::Audit {
-            command:
-                AuditCommand::List {
-                    since,
-                    subject,
-                    result,
-                    limit,
-                },
-        } => ctl::audit_list(&c, since, (subject, result), limit, out).await?,
+        CtlCommand::Audit { command } => ctl::log::audit(&c, command, out).await?,
+        CtlCommand::Flows(a) => ctl::log::flows(&c, a, out).await?,
         CtlCommand::ServiceAccount { command } => {
             principal(&c, api::PrincipalKind::ServiceAccount, command, out).await?
         }

@@ -90,6 +90,10 @@ impl AgentSink for FedAgent<'_> {
     fn status_source(&self) -> comsat_node::agent::StatusSource {
         Box::new(self.agent.status_source())
     }
+
+    fn flow_source(&self) -> comsat_node::agent::FlowSource {
+        Box::new(self.agent.flow_records())
+    }
 }
 
 /// Prints what applying a desired state did, in the machine-readable

@@ -16,6 +16,8 @@
 //! | `grant_ttl_secs` | 604800 (7 days) | lifetime of grants; they are re-signed before half of it is gone (at least 60) |
 //! | `link_buffer_limit` | 67108864 (64 MiB) | bytes a relay may hold per link while one side is away |
 //! | `audit_retention_days` | 90 | audit records older than this are removed (hourly); 0 keeps them forever |
+//! | `flow_log_days` | 7 | flow records older than this are removed (every minute); 0 keeps them until `flow_log_max_records` |
+//! | `flow_log_max_records` | 1000000 | the most flow records kept: beyond it the oldest are removed (every minute; 1000 to 100000000) |
 //! | `max_connections` | 768 | HTTPS connections open at once (keep it below the process's open-file limit); when all are taken, the one waiting longest for a request head (slow, or idle after its answer) is closed to make room, and a newcomer is closed at once only when every connection holds a request in flight |
 //! | `max_connections_per_source` | 256 | of those, from one IPv4 address or IPv6 /64 (at most `max_connections`) |
 //! | `http_idle_timeout_secs` | 20 | a connection that completes no TLS handshake or request head for this long (a slow one, or one idle between requests) is closed; a request in flight is not idle (1 to 300) |
@@ -81,6 +83,12 @@ fn default_buffer_limit() -> u64 {
 fn default_audit_retention() -> u64 {
     90
 }
+fn default_flow_log_days() -> u64 {
+    7
+}
+fn default_flow_log_max() -> u64 {
+    1_000_000
+}
 fn default_max_connections() -> usize {
     768
 }
@@ -133,6 +141,12 @@ pub struct ControllerConfig {
     /// Days audit records are kept (0: forever).
     #[serde(default = "default_audit_retention")]
     pub audit_retention_days: u64,
+    /// Days flow records are kept (0: until `flow_log_max_records`).
+    #[serde(default = "default_flow_log_days")]
+    pub flow_log_days: u64,
+    /// The most flow records kept.
+    #[serde(default = "default_flow_log_max")]
+    pub flow_log_max_records: u64,
     /// HTTPS connections open at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -208,6 +222,8 @@ impl Default for ControllerConfig {
             grant_ttl_secs: default_grant_ttl(),
             link_buffer_limit: default_buffer_limit(),
             audit_retention_days: default_audit_retention(),
+            flow_log_days: default_flow_log_days(),
+            flow_log_max_records: default_flow_log_max(),
             max_connections: default_max_connections(),
             max_connections_per_source: default_max_connections_per_source(),
             http_idle_timeout_secs: default_http_idle_timeout(),
@@ -378,6 +394,9 @@ pub enum ConfigError {
     /// `auth_failures_per_source` out of range.
     #[error("auth_failures_per_source must be 1 to 1000000")]
     AuthFailures,
+    /// `flow_log_max_records` out of range.
+    #[error("flow_log_max_records must be 1000 to 100000000")]
+    FlowLogMax,
     /// `console_session_secs` out of range.
     #[error("console_session_secs must be 1 to 604800")]
     ConsoleSession,
@@ -474,6 +493,9 @@ impl ControllerConfig {
         }
         if !(1..=1_000_000).contains(&self.auth_failures_per_source) {
             return Err(ConfigError::AuthFailures);
+        }
+        if !(1_000..=100_000_000).contains(&self.flow_log_max_records) {
+            return Err(ConfigError::FlowLogMax);
         }
         if !(1..=604_800).contains(&self.console_session_secs) {
             return Err(ConfigError::ConsoleSession);

@@ -31,6 +31,7 @@ pub const RESOURCES: &[&str] = &[
     "serviceaccounts",
     "users",
     "audit",
+    "flows",
     "status",
     "metrics",
 ];

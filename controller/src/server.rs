@@ -416,6 +416,20 @@ async fn purge_loop(shared: Arc<Shared>) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "purging expired JWT ids failed"),
         }
+        let days = shared.config.flow_log_days;
+        let before = match days {
+            0 => 0,
+            d => crate::audit::now_ms().saturating_sub(d.saturating_mul(86_400_000)),
+        };
+        match shared
+            .store
+            .purge_flows(before, shared.config.flow_log_max_records)
+            .await
+        {
+            Ok(n) if n > 0 => tracing::debug!(removed = n, "old flow records removed"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "removing old flow records failed"),
+        }
         let days = shared.config.audit_retention_days;
         if days > 0 {
             let before = crate::audit::now_ms().saturating_sub(days.saturating_mul(86_400_000));

@@ -10,7 +10,7 @@ use comsat_controller::store::{
     Store, StoreError,
 };
 use comsat_node::keys::{Generate, RandomId};
-use comsat_protocol::api::NodeKind;
+use comsat_protocol::api::{self, NodeKind};
 use comsat_protocol::{LinkId, NodeId, NoiseSecretKey, RelayId, SigningKey};
 
 mod common;
@@ -905,3 +905,114 @@ async fn a_database_server_whose_certificate_does_not_name_the_host_is_refused()
         "{text}"
     );
 }
+
+fn flow(link: LinkId, flow_id: u32, ended_ms: u64, caller_id: Option<&str>) -> api::FlowRecord {
+    api::FlowRecord {
+        link_id: link,
+        flow_id,
+        side: comsat_protocol::Side::A,
+        caller_id: caller_id.map(str::to_owned),
+        caller: vec!["unix:uid:7".into(), "unix:path:/usr/bin/app_1".into()],
+        relay_id: None,
+        started_ms: ended_ms - 1,
+        ended_ms,
+        bytes_sent: u64::from(flow_id) * 3,
+        bytes_received: u64::from(flow_id) * 5,
+        outcome: api::FlowOutcome::Completed,
+    }
+}
+
+async fn the_flow_log_answers_queries_and_stays_bounded(db: Db) {
+    let store = open(&db).await;
+    let agent = NodeId::random();
+    let (link, other) = (LinkId::random(), LinkId::random());
+    const ID: &str = "spiffe://example.org/app";
+    let records: Vec<_> = (1..=1500u32)
+        .map(|n| flow(link, n, 10_000 + u64::from(n), (n % 2 == 0).then_some(ID)))
+        .chain((1..=10u32).map(|n| flow(other, n, 5_000 + u64::from(n), None)))
+        .collect();
+    for batch in records.chunks(500) {
+        store.add_flows(&agent, batch).await.expect("add");
+    }
+    // A batch sent again (its answer was lost) is kept once.
+    store
+        .add_flows(&agent, &records[..100])
+        .await
+        .expect("again");
+    let q = |link: Option<LinkId>, identity: Option<&str>, since_ms: u64, until_ms: u64| {
+        comsat_controller::store::FlowQuery {
+            link,
+            identity: identity.map(str::to_owned),
+            since_ms,
+            until_ms,
+            limit: 10_000,
+        }
+    };
+    let all = store
+        .flows(&q(None, None, 0, u64::MAX >> 1))
+        .await
+        .expect("all");
+    assert_eq!(all.len(), 1510);
+    assert_eq!(all[0].1, records[1499], "the latest first, as reported");
+    assert!(all.iter().all(|(a, _)| *a == agent));
+    let of_link = store
+        .flows(&q(Some(link), None, 0, u64::MAX >> 1))
+        .await
+        .expect("link");
+    assert_eq!(of_link.len(), 1500);
+    let by_id = store
+        .flows(&q(None, Some(ID), 0, u64::MAX >> 1))
+        .await
+        .expect("id");
+    assert_eq!(by_id.len(), 750);
+    assert!(
+        by_id
+            .iter()
+            .all(|(_, r)| r.caller_id.as_deref() == Some(ID))
+    );
+    let by_selector = store
+        .flows(&q(None, Some("unix:uid:7"), 0, u64::MAX >> 1))
+        .await
+        .expect("selector");
+    assert_eq!(by_selector.len(), 1510);
+    // `_` and `%` are no wildcards here.
+    for not_there in [
+        "unix:path:/usr/bin/app%",
+        "unix:path:/usr/bin/app_2",
+        "unix:uid:",
+    ] {
+        let none = store
+            .flows(&q(None, Some(not_there), 0, u64::MAX >> 1))
+            .await
+            .expect("selector");
+        assert!(none.is_empty(), "{not_there}");
+    }
+    let window = store
+        .flows(&q(None, None, 10_101, 10_200))
+        .await
+        .expect("window");
+    assert_eq!(window.len(), 100);
+    let mut limited = q(None, None, 0, u64::MAX >> 1);
+    limited.limit = 7;
+    assert_eq!(store.flows(&limited).await.expect("limit").len(), 7);
+
+    // Bounded: beyond the newest 1000 the oldest go; then by age.
+    let removed = store.purge_flows(0, 1000).await.expect("purge");
+    assert_eq!(removed, 510);
+    let kept = store
+        .flows(&q(None, None, 0, u64::MAX >> 1))
+        .await
+        .expect("kept");
+    assert_eq!(kept.len(), 1000);
+    assert!(kept.iter().all(|(_, r)| r.ended_ms > 10_500));
+    assert_eq!(store.purge_flows(11_001, 1000).await.expect("age"), 500);
+    assert_eq!(
+        store
+            .flows(&q(None, None, 0, u64::MAX >> 1))
+            .await
+            .expect("left")
+            .len(),
+        500
+    );
+}
+both!(the_flow_log_answers_queries_and_stays_bounded);

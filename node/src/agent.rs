@@ -38,10 +38,20 @@ pub trait AgentSink: Send {
     /// A function telling the state of every link half the agent holds
     /// now, for the controller.
     fn status_source(&self) -> StatusSource;
+
+    /// A function taking up to N records of flows that ended, with how
+    /// many were dropped since the last take, for the controller.
+    fn flow_source(&self) -> FlowSource;
 }
 
 /// What [`AgentSink::status_source`] gives.
 pub type StatusSource = Box<dyn Fn() -> Vec<api::HalfReport> + Send + Sync>;
+
+/// What [`AgentSink::flow_source`] gives.
+pub type FlowSource = Box<dyn Fn(usize) -> (Vec<api::FlowRecord>, u64) + Send + Sync>;
+
+/// How often an agent sends the controller the flows that ended.
+const FLOW_REPORT: Duration = Duration::from_secs(2);
 
 /// How often the agent's link halves are looked at, to tell the controller
 /// what changed.
@@ -90,6 +100,10 @@ pub async fn agent_sync(
     let _status = AbortOnDrop(tokio::spawn(report_status(
         client.clone(),
         agent.status_source(),
+    )));
+    let _flows = AbortOnDrop(tokio::spawn(report_flows(
+        client.clone(),
+        agent.flow_source(),
     )));
     let mut moves = Moves::default();
     let mut retry = Retry::new();
@@ -178,6 +192,48 @@ async fn report_silent(
             .await;
         if let Err(e) = sent {
             tracing::warn!(error = %e, relay = %relay_id, "cannot tell the controller this agent left a silent relay; its peers notice by themselves");
+        }
+    }
+}
+
+/// Sends the controller the flows that ended, every [`FLOW_REPORT`] (at
+/// once again while a full batch waits). A batch the controller did not
+/// take is sent again, less often while it keeps failing; meanwhile the
+/// agent's queue stays bounded (it drops its oldest and counts them).
+async fn report_flows(client: crate::client::Client, source: FlowSource) {
+    let mut pending: Option<api::AgentFlows> = None;
+    let mut wait = FLOW_REPORT;
+    loop {
+        tokio::time::sleep(wait).await;
+        loop {
+            let batch = match pending.take() {
+                Some(b) => b,
+                None => {
+                    let (flows, dropped) = source(api::MAX_FLOWS_PER_REPORT);
+                    if flows.is_empty() && dropped == 0 {
+                        break;
+                    }
+                    api::AgentFlows { flows, dropped }
+                }
+            };
+            let full = batch.flows.len() == api::MAX_FLOWS_PER_REPORT;
+            let sent: anyhow::Result<api::Empty> = client
+                .post(api::PATH_AGENT_FLOWS, &batch, "flow records")
+                .await;
+            match sent {
+                Ok(_) => {
+                    wait = FLOW_REPORT;
+                    if !full {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot send flow records to the controller; trying again");
+                    pending = Some(batch);
+                    wait = (wait * 2).min(STATUS_RETRY_MAX);
+                    break;
+                }
+            }
         }
     }
 }

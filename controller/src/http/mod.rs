@@ -21,6 +21,7 @@ mod audit;
 mod auth;
 mod console;
 mod enrol;
+mod flows;
 pub(crate) mod health;
 mod links;
 mod nodes;
@@ -57,6 +58,7 @@ fn routes(state: &AppState) -> access::Routes {
     let routes = links::routes(routes);
     let routes = rbac::routes(routes);
     let routes = audit::routes(routes);
+    let routes = flows::routes(routes);
     let routes = health::routes(routes);
     let routes = console::routes(routes);
     openapi::routes(routes)

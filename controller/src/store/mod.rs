@@ -432,6 +432,22 @@ pub struct LinkGrantUpdate {
 /// agent may move the same link again ([`Store::record_peer_moves`]).
 pub const PEER_MOVE_SPACING_SECS: u64 = 5;
 
+/// What a flow log query asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowQuery {
+    /// Flows of this link only.
+    pub link: Option<LinkId>,
+    /// Flows whose caller has this SPIFFE ID (`spiffe://…`) or this
+    /// selector.
+    pub identity: Option<String>,
+    /// Flows that ended at or after this Unix time (milliseconds).
+    pub since_ms: u64,
+    /// And at or before this one.
+    pub until_ms: u64,
+    /// The most records answered.
+    pub limit: u32,
+}
+
 /// Every database operation of the controller.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -700,6 +716,18 @@ pub trait Store: Send + Sync {
 
     /// Every link's latest report from each relay.
     async fn traffic(&self) -> Result<Vec<TrafficRecord>, StoreError>;
+
+    /// Keeps the flow records agent `agent` reported (one kept already is
+    /// left as it is).
+    async fn add_flows(&self, agent: &NodeId, flows: &[api::FlowRecord]) -> Result<(), StoreError>;
+
+    /// The flow records `q` asks for, the latest ended first, with the
+    /// agent that reported each.
+    async fn flows(&self, q: &FlowQuery) -> Result<Vec<(NodeId, api::FlowRecord)>, StoreError>;
+
+    /// Removes flow records that ended before `before_ms`, and the oldest
+    /// beyond the newest `max`; how many.
+    async fn purge_flows(&self, before_ms: u64, max: u64) -> Result<u64, StoreError>;
 
     /// Stores the software version node `node` reports.
     async fn set_version(&self, node: &NodeId, version: &str, now: u64) -> Result<(), StoreError>;

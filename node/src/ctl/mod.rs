@@ -24,6 +24,7 @@ use zeroize::Zeroizing;
 use crate::client::{self, Auth, Client};
 
 mod links;
+pub mod log;
 
 pub use links::{
     RateError, format_rate, link_create, link_delete, link_list, link_show, link_update, parse_rate,
@@ -480,55 +481,6 @@ pub async fn binding_list(c: &Client, out: Output) -> anyhow::Result<String> {
         return json(&v);
     }
     Ok(binding_rows(&v))
-}
-
-/// `audit list`.
-pub async fn audit_list(
-    c: &Client,
-    since: Option<std::time::Duration>,
-    (subject, result): (Option<String>, Option<String>),
-    limit: usize,
-    out: Output,
-) -> anyhow::Result<String> {
-    let mut query = vec![("limit", limit.to_string())];
-    if let Some(d) = since {
-        let from = std::time::SystemTime::now()
-            .checked_sub(d)
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
-        query.push(("since", from.to_string()));
-    }
-    if let Some(s) = subject {
-        query.push(("subject", s));
-    }
-    if let Some(r) = result {
-        query.push(("result", r));
-    }
-    let v: Vec<api::AuditRecord> = c.get(api::PATH_AUDIT, &query, "audit list").await?;
-    if out == Output::Json {
-        return json(&v);
-    }
-    let rows = v
-        .iter()
-        .map(|r| {
-            let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.at_ms);
-            vec![
-                humantime::format_rfc3339_seconds(at).to_string(),
-                r.subject.clone(),
-                r.action.clone(),
-                r.resource.clone(),
-                r.result.clone(),
-                r.reason.clone().unwrap_or_default(),
-                r.source.clone().unwrap_or_default(),
-            ]
-        })
-        .collect::<Vec<_>>();
-    Ok(table(
-        &[
-            "TIME", "SUBJECT", "ACTION", "RESOURCE", "RESULT", "REASON", "SOURCE",
-        ],
-        &rows,
-    ))
 }
 
 /// `status`.

@@ -19,7 +19,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use super::Backend;
 
 /// Each migration: its version, its description and its template.
-const MIGRATIONS: [(i64, &str, &str); 13] = [
+const MIGRATIONS: [(i64, &str, &str); 14] = [
     (1, "init", include_str!("../../../migrations/0001_init.sql")),
     (
         2,
@@ -77,6 +77,11 @@ const MIGRATIONS: [(i64, &str, &str); 13] = [
         "workload rules",
         include_str!("../../../migrations/0013_workload_rules.sql"),
     ),
+    (
+        14,
+        "flow log",
+        include_str!("../../../migrations/0014_flow_log.sql"),
+    ),
 ];
 
 /// The migrator for `backend`'s database.
@@ -116,7 +121,7 @@ mod tests {
 
     /// SHA-384 of each released migration as each database has it, in
     /// order: what databases made by earlier releases hold.
-    const RELEASED: [(&str, &str); 13] = [
+    const RELEASED: [(&str, &str); 14] = [
         (
             "8a5ed74d7edaa043f65cba738a33406e9aadf28d5e25b5466d514952facfe8d7c42bf469371eba9797bec815b7cad112",
             "04b07fec1a7d34a6af53470ec77b693a09bbcc12e80489802d7e505689b88030048162c19e7c6ee2b930a5f76538c07c",
@@ -168,6 +173,10 @@ mod tests {
         (
             "5446aea786af4ee99a00709eb1e567d4335607523862ca54f45198cdf114b4a902c0f4b7e5c4e8787a4a3225b61243fb",
             "5446aea786af4ee99a00709eb1e567d4335607523862ca54f45198cdf114b4a902c0f4b7e5c4e8787a4a3225b61243fb",
+        ),
+        (
+            "777bdcc672912ceac1cb0760b4df61a8edcc7cc1a7f0a547b7a77b2c1f9cfe0d5092bfbe7fa0b063b5e2957c8482f355",
+            "777bdcc672912ceac1cb0760b4df61a8edcc7cc1a7f0a547b7a77b2c1f9cfe0d5092bfbe7fa0b063b5e2957c8482f355",
         ),
     ];
 

@@ -16,6 +16,7 @@
 //! Queries use `$1`-style parameters, which both databases take.
 
 mod connect;
+mod flows;
 mod migrations;
 mod moves;
 mod principals;
@@ -45,9 +46,9 @@ use self::tx::{
     is_unique_violation, mark_change, unless_taken,
 };
 use super::{
-    ApiTokenRecord, ConsoleSession, EventRecord, HalfRecord, LinkGrantUpdate, LinkRecord,
-    NewApiToken, NewEvent, NewJoinToken, NewNode, NodeRecord, Redemption, RefusalRecord, Store,
-    StoreError, TrafficRecord,
+    ApiTokenRecord, ConsoleSession, EventRecord, FlowQuery, HalfRecord, LinkGrantUpdate,
+    LinkRecord, NewApiToken, NewEvent, NewJoinToken, NewNode, NodeRecord, Redemption,
+    RefusalRecord, Store, StoreError, TrafficRecord,
 };
 
 /// Which database a [`SqlStore`] talks to.
@@ -773,6 +774,18 @@ impl Store for SqlStore {
 
     async fn traffic(&self) -> Result<Vec<TrafficRecord>, StoreError> {
         self.all_traffic().await
+    }
+
+    async fn add_flows(&self, agent: &NodeId, flows: &[api::FlowRecord]) -> Result<(), StoreError> {
+        self.write_flows(agent, flows).await
+    }
+
+    async fn flows(&self, q: &FlowQuery) -> Result<Vec<(NodeId, api::FlowRecord)>, StoreError> {
+        self.read_flows(q).await
+    }
+
+    async fn purge_flows(&self, before_ms: u64, max: u64) -> Result<u64, StoreError> {
+        self.delete_flows(before_ms, max).await
     }
 
     async fn set_version(&self, node: &NodeId, version: &str, now: u64) -> Result<(), StoreError> {
