@@ -50,7 +50,7 @@ pub(crate) enum Command {
         command: ControllerCommand,
     },
     /// Operate a controller: join tokens, agents, relays, links.
-    Ctl(CtlArgs),
+    Ctl(Box<CtlArgs>),
     /// Print a shell completion script, e.g.
     /// `comsat completions bash > /etc/bash_completion.d/comsat`.
     Completions {

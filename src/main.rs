@@ -369,7 +369,7 @@ fn main() -> ExitCode {
         Command::Up(args) => runtime().and_then(|rt| rt.block_on(server::run_up(args))),
         #[cfg(feature = "server")]
         Command::Controller { command } => server::controller(command),
-        Command::Ctl(args) => runtime().and_then(|rt| rt.block_on(ctl(args))),
+        Command::Ctl(args) => runtime().and_then(|rt| rt.block_on(ctl(*args))),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut script = Vec::new();

@@ -231,5 +231,10 @@ pub const UDP_SWEEP: Duration = Duration::from_secs(1);
 /// How often side B resolves a `udp://` target given by name again.
 pub const UDP_RESOLVE_EVERY: Duration = Duration::from_secs(30);
 
+/// Local callers one listener attests at once (each reads `/proc`); more
+/// wait their turn, so a flood of connections on one box costs the agent
+/// a bounded share of the machine.
+pub const MAX_ATTESTING: usize = 8;
+
 /// How soon side B tries again a target name that did not resolve.
 pub const UDP_RESOLVE_RETRY: Duration = Duration::from_secs(5);

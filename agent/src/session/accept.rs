@@ -433,6 +433,7 @@ pub(crate) async fn serve_listener(
         }
     };
     let needs = Needs::of(&rules);
+    let attesting = Arc::new(tokio::sync::Semaphore::new(defaults::MAX_ATTESTING));
     loop {
         let (conn, caller) = match listener.accept().await {
             Ok(c) => c,
@@ -445,10 +446,12 @@ pub(crate) async fn serve_listener(
         let shared = shared.clone();
         let link = link.clone();
         let rules = rules.clone();
+        let attesting = attesting.clone();
         let accepted = std::time::Instant::now();
         tokio::spawn(async move {
             let mut identity = None;
             if !rules.is_empty() {
+                let _turn = attesting.acquire().await;
                 match admitted(&shared, &link, &rules, needs, caller).await {
                     Some(c) => identity = Some(c),
                     None => return refuse_local(conn),
