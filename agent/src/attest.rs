@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::sync::{Mutex, OnceLock};
 
-use comsat_protocol::workload::{Needs, Workload};
+use comsat_protocol::workload::{Needs, Selector, Workload};
 use procfs::process::{FDTarget, Process};
 use sha2::{Digest, Sha256};
 
@@ -75,7 +75,13 @@ pub(crate) fn attest(caller: Caller, needs: Needs) -> Workload {
         }
     };
     if let Some(p) = process.filter(|_| needs.process) {
-        w.path = p.exe().ok().map(|e| e.to_string_lossy().into_owned());
+        // A path no selector can name (not UTF-8, a control character in
+        // it) stays unknown.
+        w.path = p
+            .exe()
+            .ok()
+            .and_then(|e| e.to_str().map(str::to_owned))
+            .filter(|path| Selector::parse(&format!("unix:path:{path}")).is_ok());
         if needs.sha256 {
             w.sha256 = executable_sha256(&p);
         }

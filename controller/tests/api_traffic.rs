@@ -173,3 +173,76 @@ async fn relays_report_what_links_carry_and_nodes_their_versions() {
         );
     }
 }
+
+/// The flow log over the API: an agent's records of its own links are
+/// kept, those of links it does not hold and those out of their limits are
+/// left out (the rest of the batch is kept), and a batch over the limit is
+/// refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_report_flows_of_their_own_links_only() {
+    let api = start("").await;
+    let a = api.enrol_agent("a").await;
+    let b = api.enrol_agent("b").await;
+    let c = api.enrol_agent("c").await;
+    let r1 = api.enrol_relay("r1", "127.0.0.1:4431").await;
+    api.heartbeat(&r1).await;
+    let resp = api.create_link(&link("db", "a", "b")).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let db: LinkInfo = resp.json().await.expect("json");
+    let record = |flow_id: u32, caller_id: Option<&str>| api::FlowRecord {
+        link_id: db.link_id,
+        flow_id,
+        side: comsat_protocol::Side::A,
+        caller_id: caller_id.map(str::to_owned),
+        caller: vec!["unix:uid:1000".into()],
+        relay_id: None,
+        started_ms: 1_000,
+        ended_ms: 2_000 + u64::from(flow_id),
+        bytes_sent: 10,
+        bytes_received: 20,
+        outcome: api::FlowOutcome::Completed,
+    };
+    let report = async |agent: &Node, flows: Vec<api::FlowRecord>| {
+        api.client
+            .post(api.url(api::PATH_AGENT_FLOWS))
+            .bearer_auth(agent.jwt())
+            .json(&api::AgentFlows { flows, dropped: 0 })
+            .send()
+            .await
+            .expect("send")
+            .status()
+    };
+    let good = record(1, Some("spiffe://example.org/app"));
+    let bad = record(2, Some("spiffe://Not Valid/x"));
+    assert_eq!(report(&a, vec![good.clone(), bad]).await, StatusCode::OK);
+    // Agent c holds no half of `db`: its records are left out.
+    assert_eq!(report(&c, vec![record(3, None)]).await, StatusCode::OK);
+    let too_many = vec![record(4, None); api::MAX_FLOWS_PER_REPORT + 1];
+    assert_eq!(report(&b, too_many).await, StatusCode::BAD_REQUEST);
+    let flows: Vec<api::FlowInfo> = api.admin_get(api::PATH_FLOWS).await;
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    assert_eq!(flows[0].record, good);
+    assert_eq!(
+        (flows[0].link.as_str(), flows[0].agent.as_str()),
+        ("db", "a")
+    );
+    let by_id: Vec<api::FlowInfo> = api
+        .admin_get(&format!(
+            "{}?identity=spiffe://example.org/app&link=db",
+            api::PATH_FLOWS
+        ))
+        .await;
+    assert_eq!(by_id.len(), 1);
+    let none: Vec<api::FlowInfo> = api
+        .admin_get(&format!("{}?link=nosuchlink", api::PATH_FLOWS))
+        .await;
+    assert!(none.is_empty());
+    let resp = api
+        .client
+        .get(api.url(&format!("{}?identity=uid:1", api::PATH_FLOWS)))
+        .bearer_auth(&api.admin)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+}

@@ -7,6 +7,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use comsat_protocol::api::{self, AgentFlows, Empty, FlowInfo, NodeKind};
+use comsat_protocol::text::printable;
 use comsat_protocol::{NodeId, RelayId};
 use serde::Deserialize;
 
@@ -36,17 +37,17 @@ async fn agent_flows(
             api::MAX_FLOWS_PER_REPORT
         )));
     }
-    for f in &req.flows {
-        f.check().map_err(|e| {
-            ApiError::bad_request(format!("flow {} of link {}: {e}", f.flow_id, f.link_id))
-        })?;
-    }
     if req.dropped > 0 {
         tracing::warn!(agent = %node.name, dropped = req.dropped, "an agent dropped flow records the controller took too slowly");
     }
+    // A record that fails its checks is left out (and said), not the
+    // batch: the agent would send it again and again.
+    let (flows, bad): (Vec<_>, Vec<_>) = req.flows.into_iter().partition(|f| f.check().is_ok());
+    if let Some(Err(why)) = bad.first().map(api::FlowRecord::check) {
+        tracing::warn!(agent = %node.name, refused = bad.len(), first = %printable(&why), "flow records out of their limits left out");
+    }
     let links = state.store.links_of_agent(&node.node_id).await?;
-    let flows: Vec<_> = req
-        .flows
+    let flows: Vec<_> = flows
         .into_iter()
         .filter(|f| links.iter().any(|l| l.link_id == f.link_id))
         .collect();
