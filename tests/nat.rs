@@ -261,7 +261,9 @@ async fn a_256_mib_echo_survives_nat_rebinding_and_renumbering() -> Result<()> {
     let (fleet, target, listen) = nat_fleet(&t, &[], "roam")?;
     let bulk = transfer::Bulk::start_with(move || connect_in(a_ns.clone(), listen), target);
     // Once every flow is under way: the connections it needs are up.
-    bulk.reach(transfer::Bulk::TOTAL / 8).await?;
+    bulk.reach(transfer::Bulk::TOTAL / 8)
+        .await
+        .with_context(|| fleet.logs())?;
     let connects = relay_connects(&fleet, "a")?;
     let step = transfer::Bulk::TOTAL / 8;
     let mut at = step;
@@ -335,7 +337,9 @@ async fn a_3_s_partition_of_an_edge_is_a_pause() -> Result<()> {
     let a_ns = t.edges()[0].ns.clone();
     let (fleet, target, listen) = nat_fleet(&t, &[], "cut")?;
     let bulk = transfer::Bulk::start_with(move || connect_in(a_ns.clone(), listen), target);
-    bulk.reach(transfer::Bulk::TOTAL / 4).await?;
+    bulk.reach(transfer::Bulk::TOTAL / 4)
+        .await
+        .with_context(|| fleet.logs())?;
     let connects = relay_connects(&fleet, "a")?;
     t.cut(0)?;
     tokio::time::sleep(Duration::from_secs(3)).await;

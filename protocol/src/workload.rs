@@ -17,15 +17,17 @@
 //! (`spiffe://TRUST-DOMAIN/PATH`): the identity of the callers it matches,
 //! as a SPIRE registration entry maps selectors to one.
 //!
+//! A listener with rules admits a caller that one rule matches, and
+//! refuses any other before a byte of it leaves the agent. A selector the
+//! agent could not learn (the process is gone, or belongs to a user whose
+//! processes the agent may not read) matches no rule: a caller is never
+//! admitted on what is unknown.
+//!
 //! The listening agent tells the target's agent who called, inside the
 //! end-to-end encrypted `Open` of each flow ([`CallerIdentity`]): the
 //! relay can neither read nor change it. The target's agent checks it
 //! against the same rules, and can hand it to the service in a PROXY
-//! protocol v2 header. A listener with rules admits a caller
-//! that one rule matches, and refuses any other before a byte of it leaves
-//! the agent. A selector the agent could not learn (the process is gone, or
-//! belongs to a user whose processes the agent may not read) matches no
-//! rule: a caller is never admitted on what is unknown.
+//! protocol v2 header.
 
 use std::fmt;
 
@@ -145,13 +147,16 @@ impl Selector {
             ("unix", "uid") => value.parse().map(Self::Uid).map_err(|_| "bad uid"),
             ("unix", "gid") => value.parse().map(Self::Gid).map_err(|_| "bad gid"),
             ("unix", "path") => {
+                // No space either: selectors are separated by spaces.
                 let plain = value.starts_with('/')
                     && !value.split('/').any(|c| c == ".." || c == ".")
-                    && !value.bytes().any(|c| c.is_ascii_control());
+                    && !value
+                        .bytes()
+                        .any(|c| c.is_ascii_control() || c.is_ascii_whitespace());
                 if plain {
                     Ok(Self::Path(value.to_owned()))
                 } else {
-                    Err("an executable path is absolute, without . or ..")
+                    Err("an executable path is absolute, without . or .. or spaces")
                 }
             }
             ("unix", "sha256") => {
@@ -527,6 +532,7 @@ mod tests {
             "uid:1000",
             "unix:path:relative/app",
             "unix:path:/usr/../bin/sh",
+            "unix:path:/opt/my\tapp",
             "unix:sha256:abcd",
             "docker:id:a/b",
             "spiffe://x/y",
