@@ -2,6 +2,7 @@
 //! answered, its flows and the acknowledgements it owes, as the relay
 //! session, the lane and the flows share it.
 
+use comsat_protocol::workload::Rule;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -123,6 +124,9 @@ pub(crate) struct Ready {
 /// The live state of one link.
 pub(crate) struct LinkRt {
     pub(crate) cfg: LinkConfig,
+    /// The workloads the link admits, parsed once (`None`: its rules do
+    /// not parse, and it admits no one; the agent checked them before).
+    pub(crate) rules: Option<Arc<[Rule]>>,
     pub(crate) role: LocalRole,
     pub(crate) flow_timeout: Duration,
     pub(crate) ready: watch::Sender<Option<Ready>>,
@@ -199,6 +203,7 @@ impl LinkRt {
         runtimes: Option<Runtimes>,
     ) -> Self {
         Self {
+            rules: cfg.allow_rules().ok().map(Arc::from),
             udp: UdpLink::new(&cfg.name, cfg.link_id, &role),
             role,
             flow_timeout,

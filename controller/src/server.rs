@@ -22,6 +22,10 @@ use crate::unix_now;
 const ASSIGN_INTERVAL: Duration = Duration::from_secs(1);
 /// How often expired JWT ids are forgotten.
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Traffic reports older than this are forgotten (the link moved, or went
+/// quiet).
+const TRAFFIC_KEPT_SECS: u64 = 3600;
 /// How often a controller sharing its database looks for other
 /// controllers' changes (it is woken sooner by `LISTEN` where it works).
 const SHARED_POLL: Duration = Duration::from_millis(500);
@@ -415,6 +419,10 @@ async fn purge_loop(shared: Arc<Shared>) {
             Ok(n) if n > 0 => tracing::debug!(purged = n, "expired JWT ids forgotten"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "purging expired JWT ids failed"),
+        }
+        let before = unix_now().saturating_sub(TRAFFIC_KEPT_SECS);
+        if let Err(e) = shared.store.purge_traffic(before).await {
+            tracing::warn!(error = %e, "forgetting old traffic reports failed");
         }
         let days = shared.config.flow_log_days;
         let before = match days {

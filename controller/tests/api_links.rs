@@ -677,18 +677,6 @@ async fn a_link_shows_what_its_agents_report_worst_first() {
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 }
 
-/// Agents a, b and c, relay r1 (healthy), and link `db` from a to b.
-async fn db_between_a_and_b(api: &Api) -> ([Node; 4], LinkInfo) {
-    let a = api.enrol_agent("a").await;
-    let b = api.enrol_agent("b").await;
-    let c = api.enrol_agent("c").await;
-    let r1 = api.enrol_relay("r1", "127.0.0.1:4431").await;
-    api.heartbeat(&r1).await;
-    let resp = api.create_link(&link("db", "a", "b")).await;
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    ([a, b, c, r1], resp.json().await.expect("json"))
-}
-
 #[tokio::test]
 async fn allow_rules_reach_both_agents_and_bad_ones_create_nothing() {
     let mut api = start("").await;

@@ -181,14 +181,7 @@ async fn relays_report_what_links_carry_and_nodes_their_versions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_report_flows_of_their_own_links_only() {
     let api = start("").await;
-    let a = api.enrol_agent("a").await;
-    let b = api.enrol_agent("b").await;
-    let c = api.enrol_agent("c").await;
-    let r1 = api.enrol_relay("r1", "127.0.0.1:4431").await;
-    api.heartbeat(&r1).await;
-    let resp = api.create_link(&link("db", "a", "b")).await;
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    let db: LinkInfo = resp.json().await.expect("json");
+    let ([a, b, c, _], db) = db_between_a_and_b(&api).await;
     let record = |flow_id: u32, caller_id: Option<&str>| api::FlowRecord {
         link_id: db.link_id,
         flow_id,

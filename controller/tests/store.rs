@@ -1016,3 +1016,47 @@ async fn the_flow_log_answers_queries_and_stays_bounded(db: Db) {
     );
 }
 both!(the_flow_log_answers_queries_and_stays_bounded);
+
+async fn traffic_reports_are_kept_until_purged(db: Db) {
+    let store = open(&db).await;
+    let a = enrol(&store, NodeKind::Agent, "a").await;
+    let b = enrol(&store, NodeKind::Agent, "b").await;
+    let relay = enrol(&store, NodeKind::Relay, "r1").await;
+    let link = LinkRecord {
+        link_id: LinkId::random(),
+        name: "db".into(),
+        generation: 1,
+        from_node: a.node_id,
+        listen: "tcp://127.0.0.1:7000".into(),
+        to_node: b.node_id,
+        target: "tcp://127.0.0.1:5432".into(),
+        allowed_uids: vec![],
+        allowed_gids: vec![],
+        allow: vec![],
+        proxy_protocol: false,
+        relays: vec![relay.relay_id()],
+        created_at: unix_now(),
+        grant_not_after: unix_now() + 3600,
+        max_flows: None,
+        rate_limit: None,
+        connection: None,
+    };
+    store.create_link(&link, &[]).await.expect("create");
+    let report = api::LinkTraffic {
+        link_id: link.link_id,
+        bytes_a_to_b: 100,
+        bytes_b_to_a: 200,
+        flows_open: 1,
+    };
+    // Recording never forgets anything by itself: a report two hours old
+    // stays until a purge.
+    store
+        .record_traffic(&relay.node_id, std::slice::from_ref(&report), 1_000)
+        .await
+        .expect("old report");
+    assert_eq!(store.traffic().await.expect("traffic").len(), 1);
+    assert_eq!(store.purge_traffic(999).await.expect("purge"), 0);
+    assert_eq!(store.purge_traffic(1_001).await.expect("purge"), 1);
+    assert!(store.traffic().await.expect("traffic").is_empty());
+}
+both!(traffic_reports_are_kept_until_purged);

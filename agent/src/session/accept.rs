@@ -313,14 +313,14 @@ fn caller_of(link: &LinkRt, payload: &[u8]) -> Result<Option<CallerIdentity>, &'
         return Ok(caller);
     }
     let rules = link
-        .cfg
-        .allow_rules()
-        .map_err(|_| "the link's rules do not parse")?;
+        .rules
+        .as_deref()
+        .ok_or("the link's rules do not parse")?;
     let Some(c) = &caller else {
         return Err("it names no caller (the peer agent attests none)");
     };
     let workload = c.workload()?;
-    match workload::first_match(&rules, &workload) {
+    match workload::first_match(rules, &workload) {
         Some(rule) if rule.id() == c.id.as_deref() => Ok(caller),
         Some(_) => Err("its caller's SPIFFE ID is not its rule's"),
         None => Err("no allow rule of the link matches its caller"),
@@ -424,13 +424,10 @@ pub(crate) async fn serve_listener(
         }
         stream => stream,
     };
-    // Checked when the link was taken; a rule that fails here admits no one.
-    let rules = match link.cfg.allow_rules() {
-        Ok(rules) => Arc::new(rules),
-        Err(e) => {
-            warn!(link = %link.cfg.name, error = %e, "listener closed: its allow rules do not parse");
-            return;
-        }
+    // Checked when the link was taken; rules that fail here admit no one.
+    let Some(rules) = link.rules.clone() else {
+        warn!(link = %link.cfg.name, "listener closed: its allow rules do not parse");
+        return;
     };
     let needs = Needs::of(&rules);
     let attesting = Arc::new(tokio::sync::Semaphore::new(defaults::MAX_ATTESTING));

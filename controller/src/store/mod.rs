@@ -706,7 +706,7 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<(LinkId, RelayId, u64)>, StoreError>;
 
     /// Stores what relay `relay` reported of its links (those whose grant
-    /// names it; others are ignored), and forgets reports over an hour old.
+    /// names it; others are ignored).
     async fn record_traffic(
         &self,
         relay: &NodeId,
@@ -716,6 +716,10 @@ pub trait Store: Send + Sync {
 
     /// Every link's latest report from each relay.
     async fn traffic(&self) -> Result<Vec<TrafficRecord>, StoreError>;
+
+    /// Forgets traffic reports made before `before` (the link moved, or
+    /// went quiet); how many.
+    async fn purge_traffic(&self, before: u64) -> Result<u64, StoreError>;
 
     /// Keeps the flow records agent `agent` reported (one kept already is
     /// left as it is).

@@ -458,3 +458,15 @@ pub async fn call(
     let text = resp.text().await.unwrap_or_default();
     (status, text)
 }
+
+/// Agents a, b and c, relay r1 (healthy), and link `db` from a to b.
+pub async fn db_between_a_and_b(api: &Api) -> ([Node; 4], api::LinkInfo) {
+    let a = api.enrol_agent("a").await;
+    let b = api.enrol_agent("b").await;
+    let c = api.enrol_agent("c").await;
+    let r1 = api.enrol_relay("r1", "127.0.0.1:4431").await;
+    api.heartbeat(&r1).await;
+    let resp = api.create_link(&link("db", "a", "b")).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    ([a, b, c, r1], resp.json().await.expect("json"))
+}

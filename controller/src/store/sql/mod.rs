@@ -776,6 +776,10 @@ impl Store for SqlStore {
         self.all_traffic().await
     }
 
+    async fn purge_traffic(&self, before: u64) -> Result<u64, StoreError> {
+        self.delete_traffic(before).await
+    }
+
     async fn add_flows(&self, agent: &NodeId, flows: &[api::FlowRecord]) -> Result<(), StoreError> {
         self.write_flows(agent, flows).await
     }

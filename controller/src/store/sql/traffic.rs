@@ -10,9 +10,6 @@ use super::SqlStore;
 use super::rows::{parse, to_i64, to_u64};
 use crate::store::{StoreError, TrafficRecord};
 
-/// Reports older than this are forgotten (the link moved, or went quiet).
-const TRAFFIC_KEPT_SECS: u64 = 3600;
-
 /// Bytes per second from `old` (at `old_at`) to `new` (at `now`); 0 when
 /// the counter went back (the relay restarted) or no time passed.
 fn rate(new: u64, old: u64, old_at: u64, now: u64) -> u64 {
@@ -74,12 +71,16 @@ impl SqlStore {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query("DELETE FROM link_traffic WHERE at < $1")
-            .bind(to_i64(now.saturating_sub(TRAFFIC_KEPT_SECS)))
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    pub(super) async fn delete_traffic(&self, before: u64) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM link_traffic WHERE at < $1")
+            .bind(to_i64(before))
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 
     pub(super) async fn all_traffic(&self) -> Result<Vec<TrafficRecord>, StoreError> {
