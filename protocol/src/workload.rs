@@ -135,8 +135,11 @@ fn plain_id(s: &str) -> bool {
 }
 
 impl Selector {
-    /// Parses one selector.
+    /// Parses one selector, at most [`MAX_RULE_LEN`] bytes.
     pub fn parse(s: &str) -> Result<Self, &'static str> {
+        if s.len() > MAX_RULE_LEN {
+            return Err("a selector is at most 1024 bytes");
+        }
         let Some((scheme, rest)) = s.split_once(':') else {
             return Err("a selector is TYPE:KIND:VALUE");
         };
@@ -540,6 +543,8 @@ mod tests {
             let e = Rule::parse(bad).expect_err("refused");
             assert!(e.to_string().contains("unix:uid:N"), "{e}");
         }
+        let long_path = format!("unix:path:/{}", "a".repeat(MAX_RULE_LEN));
+        assert!(Selector::parse(&long_path).is_err());
         let nine = ["unix:uid:1"; 9].join(" ");
         assert!(Rule::parse(&nine).is_err());
         assert!(Rule::parse(&"x".repeat(MAX_RULE_LEN + 1)).is_err());

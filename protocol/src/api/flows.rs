@@ -169,6 +169,9 @@ mod tests {
         let mut bad = record();
         bad.ended_ms = 0;
         assert!(bad.check().is_err());
+        let mut bad = record();
+        bad.caller = vec![format!("unix:path:/{}", "x".repeat(2000))];
+        assert!(bad.check().is_err(), "a selector over its length limit");
         let json = serde_json::to_string(&record()).expect("json");
         assert!(json.contains("\"outcome\":\"completed\""), "{json}");
         let back: FlowRecord = serde_json::from_str(&json).expect("back");
