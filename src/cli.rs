@@ -125,6 +125,10 @@ pub(crate) enum ControllerCommand {
         /// the last certificate of the chain.
         #[arg(long, requires = "tls_cert")]
         tls_ca: Option<PathBuf>,
+        /// The SPIFFE trust domain of relays' and agents' IDs (default: the
+        /// host of --public-url if it is a DNS name, else comsat.internal).
+        #[arg(long)]
+        trust_domain: Option<String>,
         /// Keep state in this PostgreSQL database
         /// (postgres://USER:PASSWORD@HOST:PORT/DB) instead of the SQLite
         /// file in the data dir; it must be empty. Prefer the environment

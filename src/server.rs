@@ -114,6 +114,7 @@ fn controller_init(opts: comsat_controller::InitOptions) -> anyhow::Result<()> {
     println!("initialised a comsat controller in {dir}");
     println!("  URL:            {}", report.public_url);
     println!("  CA SHA-256:     {}", report.ca_sha256);
+    println!("  trust domain:   spiffe://{}", report.trust_domain);
     println!("  admin token:    {dir}/admin.token (keep it secret)");
     println!("  ctl context:    {}", report.context_file.display());
     println!("next:");
@@ -207,6 +208,7 @@ pub(crate) fn controller(command: ControllerCommand) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             tls_ca,
+            trust_domain,
             database,
         } => controller_init(comsat_controller::InitOptions {
             data_dir,
@@ -214,6 +216,7 @@ pub(crate) fn controller(command: ControllerCommand) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             tls_ca,
+            trust_domain,
             database,
         }),
         ControllerCommand::Run {

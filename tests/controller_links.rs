@@ -36,7 +36,7 @@ async fn a_link_created_with_ctl_carries_bytes_and_delete_takes_it_away() -> Res
         "{table}"
     );
     let status = c.ctl_ok(&["status"])?;
-    ensure!(status.contains("agents:     2"), "{status}");
+    ensure!(status.contains("agents:       2"), "{status}");
 
     // An agent restarted with its data dir comes back without a token.
     let relay_admin = c.relay_admin("relay-1")?;

@@ -211,6 +211,11 @@ pub struct RelayEndpoint {
     /// dev`'s relay certificates do), so a relay holding a certificate
     /// from the same CA cannot stand in for another.
     pub relay_id: Option<RelayId>,
+    /// The relay's SPIFFE ID: with `relay_id`, a certificate that is its
+    /// X.509-SVID names it (as the controller's are). Certificates of the
+    /// form from before relays had SPIFFE IDs name it by `relay_id` alone.
+    #[serde(default)]
+    pub spiffe_id: Option<String>,
     /// `host:port` of the lane: a second connection on which links without
     /// a `connection` start their flows (see the module docs), to the
     /// relay's interactive listener or to `addr`. None: every flow rides
@@ -236,6 +241,7 @@ pub fn from_desired(link: &comsat_protocol::api::AgentLink, relay_ca_file: &Path
         ca_file: Some(relay_ca_file.to_owned()),
         cert_sha256: None,
         relay_id: Some(r.relay_id),
+        spiffe_id: r.spiffe_id.clone(),
         // The other links start their flows there, or, where the relay
         // runs no interactive listener, on a lane to its main one (a link
         // already on a connection of its own has no lane beside it).
@@ -425,6 +431,7 @@ mod tests {
                 ca_file: None,
                 cert_sha256: Some("00".into()),
                 relay_id: None,
+                spiffe_id: None,
                 lane_addr: None,
             }],
             connection: None,
@@ -440,6 +447,7 @@ mod tests {
             addr: format!("r{n}.example:4433"),
             server_name: format!("r{n}.example"),
             interactive_addr: lane.map(Into::into),
+            spiffe_id: None,
         };
         let mut desired = AgentLink {
             name: "ssh".into(),

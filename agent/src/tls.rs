@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use comsat_protocol::ids::cert_names_relay;
 use comsat_protocol::limits::MAX_PEM_FILE_LEN;
+use comsat_protocol::spiffe::cert_names_relay;
 use comsat_protocol::{ALPN, RelayId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -90,7 +90,11 @@ pub fn client_config(
                     .map_err(|e| ca_err(e.to_string()))?;
                     builder
                         .dangerous()
-                        .with_custom_certificate_verifier(Arc::new(NamedRelay { inner, relay_id }))
+                        .with_custom_certificate_verifier(Arc::new(NamedRelay {
+                            inner,
+                            relay_id,
+                            spiffe_id: relay.spiffe_id.clone(),
+                        }))
                         .with_no_client_auth()
                 }
                 None => builder.with_root_certificates(roots).with_no_client_auth(),
@@ -134,11 +138,14 @@ pub fn client_config(
 }
 
 /// A certificate that chains to the CA and names the server, as `inner`
-/// checks, and also names relay `relay_id`.
+/// checks, and also names relay `relay_id`: as the X.509-SVID of
+/// `spiffe_id`, or in the form of certificates from before relays had
+/// SPIFFE IDs.
 #[derive(Debug)]
 struct NamedRelay {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
     relay_id: RelayId,
+    spiffe_id: Option<String>,
 }
 
 /// The relay certificate names another relay, or none.
@@ -165,14 +172,15 @@ impl ServerCertVerifier for NamedRelay {
         let verified =
             self.inner
                 .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
-        if cert_names_relay(end_entity, &self.relay_id) {
+        if cert_names_relay(end_entity, &self.relay_id, self.spiffe_id.as_deref()) {
             Ok(verified)
         } else {
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::Other(rustls::OtherError(Arc::new(OtherRelay(format!(
-                    "the certificate does not name relay {}, the relay the link's grant names: \
-                     another relay holds a certificate from the same CA",
-                    self.relay_id
+                    "the certificate does not name relay {} ({}), the relay the link's grant \
+                     names: another relay holds a certificate from the same CA",
+                    self.relay_id,
+                    self.spiffe_id.as_deref().unwrap_or("no SPIFFE ID")
                 ))))),
             ))
         }
@@ -275,6 +283,7 @@ mod tests {
             ca_file: Some(ca),
             cert_sha256: None,
             relay_id: None,
+            spiffe_id: None,
             lane_addr: None,
         };
         let err = client_config(&relay, defaults::KEEP_ALIVE_INTERVAL).expect_err("too large");
@@ -284,26 +293,25 @@ mod tests {
         );
     }
 
-    /// A CA, and a certificate for `localhost` it issued naming `relay`
-    /// (or no relay).
-    fn ca_and_leaf(relay: Option<RelayId>) -> (CertificateDer<'static>, CertificateDer<'static>) {
+    /// A CA, and a certificate for `localhost` it issued with `uris` as
+    /// its URI subjectAltNames.
+    fn ca_and_leaf(uris: &[String]) -> (CertificateDer<'static>, CertificateDer<'static>) {
         let ca_key = rcgen::KeyPair::generate().expect("key");
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("ca");
         let key = rcgen::KeyPair::generate().expect("key");
         let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("p");
-        if let Some(relay) = relay {
+        for uri in uris {
             params.subject_alt_names.push(rcgen::SanType::URI(
-                rcgen::string::Ia5String::try_from(comsat_protocol::ids::relay_cert_uri(&relay))
-                    .expect("uri"),
+                rcgen::string::Ia5String::try_from(uri.as_str()).expect("uri"),
             ));
         }
         let leaf = params.signed_by(&key, &ca).expect("leaf");
         (ca.der().clone(), leaf.der().clone())
     }
 
-    fn verifier(ca: CertificateDer<'static>, relay_id: RelayId) -> NamedRelay {
+    fn verifier(ca: CertificateDer<'static>, relay_id: RelayId, spiffe_id: &str) -> NamedRelay {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca).expect("root");
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -312,7 +320,11 @@ mod tests {
         )
         .build()
         .expect("verifier");
-        NamedRelay { inner, relay_id }
+        NamedRelay {
+            inner,
+            relay_id,
+            spiffe_id: Some(spiffe_id.to_owned()),
+        }
     }
 
     fn check(
@@ -326,21 +338,33 @@ mod tests {
     #[test]
     fn a_relay_certificate_must_name_the_relay_the_grant_names() {
         let (x, y) = (RelayId([1; 16]), RelayId([2; 16]));
-        let (ca, leaf_x) = ca_and_leaf(Some(x));
-        assert!(check(&verifier(ca.clone(), x), &leaf_x).is_ok());
+        let (x_id, y_id) = ("spiffe://td.example/relay/x", "spiffe://td.example/relay/y");
+        let (ca, leaf_x) = ca_and_leaf(&[x_id.to_owned()]);
+        assert!(check(&verifier(ca.clone(), x, x_id), &leaf_x).is_ok());
         // Relay X's certificate, from the same CA, presented for relay Y.
-        let err = check(&verifier(ca, y), &leaf_x).expect_err("another relay's certificate");
+        let err = check(&verifier(ca, y, y_id), &leaf_x).expect_err("another relay's certificate");
         assert!(
             err.to_string()
-                .contains(&format!("does not name relay {y}")),
+                .contains(&format!("does not name relay {y} ({y_id})")),
             "{err}"
         );
+        // The same name in another trust domain is another relay.
+        let (ca, other_domain) = ca_and_leaf(&["spiffe://other.example/relay/x".to_owned()]);
+        assert!(check(&verifier(ca, x, x_id), &other_domain).is_err());
+        // An X.509-SVID has one URI: a second one makes it none.
+        let (ca, two) = ca_and_leaf(&[x_id.to_owned(), y_id.to_owned()]);
+        assert!(check(&verifier(ca.clone(), x, x_id), &two).is_err());
+        assert!(check(&verifier(ca, y, y_id), &two).is_err());
+        // The form from before relays had SPIFFE IDs names the relay by id.
+        let (ca, legacy) = ca_and_leaf(&[format!("urn:comsat:relay:{x}")]);
+        assert!(check(&verifier(ca.clone(), x, x_id), &legacy).is_ok());
+        assert!(check(&verifier(ca, y, y_id), &legacy).is_err());
         // A certificate that names no relay at all.
-        let (ca, plain) = ca_and_leaf(None);
-        assert!(check(&verifier(ca, x), &plain).is_err());
+        let (ca, plain) = ca_and_leaf(&[]);
+        assert!(check(&verifier(ca, x, x_id), &plain).is_err());
         // The CA still decides first: a certificate from another CA fails
         // however it names the relay.
-        let (other_ca, _) = ca_and_leaf(None);
-        assert!(check(&verifier(other_ca, x), &leaf_x).is_err());
+        let (other_ca, _) = ca_and_leaf(&[]);
+        assert!(check(&verifier(other_ca, x, x_id), &leaf_x).is_err());
     }
 }

@@ -12,7 +12,9 @@
 //! | `heartbeat_interval_secs` | 5 | how often relays heartbeat (informational: relays use a fixed 5 s) |
 //! | `heartbeat_timeout_secs` | 15 | a relay with no heartbeat for this long is unhealthy and its links move; must exceed `heartbeat_interval_secs` |
 //! | `relays_per_link` | 2 | relays each link is assigned: a primary and backups (1 to 16) |
+//! | `trust_domain` | the host of `public_url` if it is a DNS name, else `comsat.internal` | the SPIFFE trust domain: relays are `spiffe://DOMAIN/relay/NAME` and agents `spiffe://DOMAIN/agent/NAME` in the X.509-SVIDs the controller issues (lowercase letters, digits, `.`, `-`, `_`; `controller init --trust-domain` sets it) |
 //! | `relay_cert_ttl_secs` | 86400 | lifetime of relay certificates the controller issues (at least 300) |
+//! | `agent_svid_ttl_secs` | 3600 | lifetime of agents' X.509-SVIDs (300 to 2592000); agents renew theirs when a third is left |
 //! | `grant_ttl_secs` | 604800 (7 days) | lifetime of grants; they are re-signed before half of it is gone (at least 60) |
 //! | `link_buffer_limit` | 67108864 (64 MiB) | bytes a relay may hold per link while one side is away |
 //! | `audit_retention_days` | 90 | audit records older than this are removed (hourly); 0 keeps them forever |
@@ -74,6 +76,9 @@ fn default_relays_per_link() -> usize {
 fn default_relay_cert_ttl() -> u64 {
     86_400
 }
+fn default_agent_svid_ttl() -> u64 {
+    3600
+}
 fn default_grant_ttl() -> u64 {
     7 * 86_400
 }
@@ -132,6 +137,12 @@ pub struct ControllerConfig {
     /// Lifetime of issued relay certificates, seconds.
     #[serde(default = "default_relay_cert_ttl")]
     pub relay_cert_ttl_secs: u64,
+    /// The SPIFFE trust domain (see [`ControllerConfig::trust_domain`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
+    /// Lifetime of agents' X.509-SVIDs, seconds.
+    #[serde(default = "default_agent_svid_ttl")]
+    pub agent_svid_ttl_secs: u64,
     /// Lifetime of grants, seconds.
     #[serde(default = "default_grant_ttl")]
     pub grant_ttl_secs: u64,
@@ -220,6 +231,8 @@ impl Default for ControllerConfig {
             relays_per_link: default_relays_per_link(),
             relay_cert_ttl_secs: default_relay_cert_ttl(),
             grant_ttl_secs: default_grant_ttl(),
+            trust_domain: None,
+            agent_svid_ttl_secs: default_agent_svid_ttl(),
             link_buffer_limit: default_buffer_limit(),
             audit_retention_days: default_audit_retention(),
             flow_log_days: default_flow_log_days(),
@@ -371,6 +384,17 @@ pub enum ConfigError {
     /// `relay_cert_ttl_secs` below 300.
     #[error("relay_cert_ttl_secs must be at least 300")]
     RelayCertTtl,
+    /// `trust_domain` is no SPIFFE trust domain.
+    #[error("trust_domain `{domain}`: {why}")]
+    TrustDomain {
+        /// The value.
+        domain: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// `agent_svid_ttl_secs` out of range.
+    #[error("agent_svid_ttl_secs must be 300 to 2592000 (30 days)")]
+    AgentSvidTtl,
     /// `grant_ttl_secs` out of range.
     #[error("grant_ttl_secs must be 60 to 315360000 (ten years)")]
     GrantTtl,
@@ -402,6 +426,20 @@ pub enum ConfigError {
     ConsoleSession,
 }
 
+/// The trust domain of a controller at `public_url` whose configuration
+/// names none: the URL's host if it is a DNS name, else `comsat.internal`.
+pub fn default_trust_domain(public_url: &str) -> String {
+    parse_public_url(public_url)
+        .ok()
+        .map(|(host, _)| host.to_ascii_lowercase())
+        .filter(|host| {
+            host.parse::<IpAddr>().is_err()
+                && host != "localhost"
+                && comsat_protocol::spiffe::check_trust_domain(host).is_ok()
+        })
+        .unwrap_or_else(|| "comsat.internal".to_owned())
+}
+
 /// Whether `host` is `localhost` or a loopback IP.
 pub fn is_loopback_host(host: &str) -> bool {
     host.eq_ignore_ascii_case("localhost")
@@ -409,6 +447,14 @@ pub fn is_loopback_host(host: &str) -> bool {
 }
 
 impl ControllerConfig {
+    /// The SPIFFE trust domain: `trust_domain`, or
+    /// [`default_trust_domain`] of `public_url`.
+    pub fn trust_domain(&self) -> String {
+        self.trust_domain
+            .clone()
+            .unwrap_or_else(|| default_trust_domain(&self.public_url))
+    }
+
     /// Reads and checks `DIR/controller.toml`, making its paths absolute.
     pub fn load(dir: &Path) -> Result<Self, ControllerError> {
         let path = dir.join(CONFIG_FILE);
@@ -460,6 +506,17 @@ impl ControllerConfig {
     /// Checks values; the error names the key and the allowed range.
     pub fn check(&self) -> Result<(), ConfigError> {
         parse_public_url(&self.public_url)?;
+        if let Some(domain) = &self.trust_domain {
+            comsat_protocol::spiffe::check_trust_domain(domain).map_err(|why| {
+                ConfigError::TrustDomain {
+                    domain: domain.clone(),
+                    why,
+                }
+            })?;
+        }
+        if !(300..=30 * 86_400).contains(&self.agent_svid_ttl_secs) {
+            return Err(ConfigError::AgentSvidTtl);
+        }
         if self.jwt_leeway_secs > 300 {
             return Err(ConfigError::JwtLeeway);
         }
@@ -560,6 +617,23 @@ mod tests {
         assert_eq!(c.listen_addr(), "0.0.0.0:443".parse().expect("addr"));
         c.listen = Some("10.0.0.1:1".parse().expect("addr"));
         assert_eq!(c.listen_addr(), "10.0.0.1:1".parse().expect("addr"));
+    }
+
+    #[test]
+    fn the_trust_domain_is_set_or_follows_a_dns_host() {
+        let mut c = ControllerConfig::default();
+        assert_eq!(c.trust_domain(), "comsat.internal");
+        c.public_url = "https://Ctl.Example.com:9443".into();
+        assert_eq!(c.trust_domain(), "ctl.example.com");
+        c.trust_domain = Some("site-a.example".into());
+        assert_eq!(c.trust_domain(), "site-a.example");
+        assert_eq!(c.check(), Ok(()));
+        c.trust_domain = Some("Site A".into());
+        let err = c.check().expect_err("not a trust domain");
+        assert!(err.to_string().contains("trust_domain `Site A`"), "{err}");
+        c.trust_domain = None;
+        c.agent_svid_ttl_secs = 10;
+        assert_eq!(c.check(), Err(ConfigError::AgentSvidTtl));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use comsat_node::keys::{Generate, KeyFile, RandomId};
 use comsat_node::keys::{KeyFileError, write_secret_file};
+use comsat_protocol::api::NodeKind;
 use comsat_protocol::codec::CodecError;
 use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
 use comsat_protocol::{LinkId, NodeId, NoisePublicKey, NoiseSecretKey, RelayId, SigningKey};
@@ -79,6 +80,9 @@ pub const GRANT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The name dev relay certificates are issued for, and agents dial.
 const DEV_RELAY_NAME: &str = "localhost";
 
+/// The SPIFFE trust domain of a dev setup's relays.
+const DEV_TRUST_DOMAIN: &str = "comsat.internal";
+
 /// Default relay buffer per link (used once buffering lands).
 pub const BUFFER_LIMIT: u64 = 8 * 1024 * 1024;
 
@@ -124,6 +128,8 @@ pub struct DevOptions {
 pub struct DevRelay {
     /// Its id.
     pub id: RelayId,
+    /// Its SPIFFE ID, which its certificate carries.
+    pub spiffe_id: String,
     /// Its config file.
     pub config: PathBuf,
     /// Its grant directory.
@@ -243,7 +249,8 @@ pub fn init(dir: &Path, opts: &DevOptions) -> Result<DevLayout> {
             format!("relay-{}", n + 1)
         };
         relays.push(create_relay(
-            &dir.join(name),
+            &dir.join(&name),
+            &name,
             &ca,
             &authority,
             listen,
@@ -252,21 +259,7 @@ pub fn init(dir: &Path, opts: &DevOptions) -> Result<DevLayout> {
     }
     let (agent_a, mut a_toml) = create_agent(&dir.join("agent-a"), opts.agent_admin[0])?;
     let (agent_b, mut b_toml) = create_agent(&dir.join("agent-b"), opts.agent_admin[1])?;
-    let relay_tables: String = relays
-        .iter()
-        .map(|r| {
-            let pin = if opts.pin_sha256 {
-                format!("cert_sha256 = \"{}\"\n", r.cert_sha256)
-            } else {
-                // Relative to the agent's directory, so the setup can move.
-                "ca_file = \"../ca.pem\"\n".to_owned()
-            };
-            format!(
-                "[[links.relays]]\naddr = \"{}\"\nserver_name = \"{DEV_RELAY_NAME}\"\nrelay_id = \"{}\"\n{pin}",
-                r.listen, r.id
-            )
-        })
-        .collect();
+    let relay_tables: String = relays.iter().map(|r| r.table(opts.pin_sha256)).collect();
     let mut links = Vec::new();
     for link in &opts.links {
         let link_id = LinkId::random();
@@ -577,8 +570,27 @@ impl DevLayout {
     }
 }
 
+impl DevRelay {
+    /// The relay as a link's `[[links.relays]]` table in an agent's
+    /// config: pinned by its certificate's hash, or by the CA.
+    fn table(&self, pin_sha256: bool) -> String {
+        let pin = if pin_sha256 {
+            format!("cert_sha256 = \"{}\"\n", self.cert_sha256)
+        } else {
+            // Relative to the agent's directory, so the setup can move.
+            "ca_file = \"../ca.pem\"\n".to_owned()
+        };
+        format!(
+            "[[links.relays]]\naddr = \"{}\"\nserver_name = \"{DEV_RELAY_NAME}\"\nrelay_id = \"{}\"\n\
+             spiffe_id = \"{}\"\n{pin}",
+            self.listen, self.id, self.spiffe_id
+        )
+    }
+}
+
 fn create_relay(
     relay_dir: &Path,
+    name: &str,
     ca: &CaIssuer,
     authority: &SigningKey,
     listen: SocketAddr,
@@ -593,7 +605,12 @@ fn create_relay(
     let csr = rcgen::CertificateParams::new(vec![DEV_RELAY_NAME.to_owned()])?
         .serialize_request(&relay_key)?
         .pem()?;
-    let cert_pem = ca.issue_for_csr(&csr, DEV_RELAY_NAME, &id, unix_now(), GRANT_VALIDITY)?;
+    let spiffe_id =
+        comsat_protocol::spiffe::node_spiffe_id(DEV_TRUST_DOMAIN, NodeKind::Relay, name);
+    let svid = pki::Svid::Relay {
+        host: DEV_RELAY_NAME,
+    };
+    let cert_pem = ca.issue_svid(&csr, svid, &spiffe_id, unix_now(), GRANT_VALIDITY)?;
     std::fs::write(relay_dir.join("relay.crt"), &cert_pem)?;
     write_secret_file(
         &relay_dir.join("relay.key"),
@@ -617,6 +634,7 @@ fn create_relay(
     std::fs::write(&config, relay_toml)?;
     Ok(DevRelay {
         id,
+        spiffe_id,
         config,
         grants_dir,
         cert_sha256,

@@ -54,6 +54,9 @@ pub struct InitOptions {
     pub tls_key: Option<PathBuf>,
     /// The CA nodes pin (PEM); default: the last certificate of `tls_cert`.
     pub tls_ca: Option<PathBuf>,
+    /// The SPIFFE trust domain (default: the host of `public_url` if it
+    /// is a DNS name, else `comsat.internal`).
+    pub trust_domain: Option<String>,
     /// A PostgreSQL database instead of the SQLite file (it must hold no
     /// controller yet: a second controller copies the first one's data
     /// dir and runs with the same database).
@@ -69,6 +72,8 @@ pub struct InitReport {
     pub public_url: String,
     /// SHA-256 of the CA certificate (hex), as pinned by join tokens.
     pub ca_sha256: String,
+    /// The SPIFFE trust domain.
+    pub trust_domain: String,
     /// The `comsat ctl` context file.
     pub context_file: PathBuf,
 }
@@ -112,6 +117,18 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, ControllerError> {
         message: e.to_string(),
     })?;
     let operator_tls = operator_tls(opts)?;
+    let trust_domain = match &opts.trust_domain {
+        Some(domain) => {
+            comsat_protocol::spiffe::check_trust_domain(domain).map_err(|why| {
+                ControllerError::Option {
+                    option: "--trust-domain",
+                    message: format!("`{domain}`: {why}"),
+                }
+            })?;
+            domain.clone()
+        }
+        None => crate::config::default_trust_domain(&public_url),
+    };
 
     std::fs::create_dir_all(dir).map_err(ControllerError::io(dir))?;
     {
@@ -156,12 +173,13 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, ControllerError> {
     let context_file = dir.join(CONTEXT_FILE);
     write_context(&context_file, &public_url)?;
     // Written last: its presence means a complete data dir.
-    write_config(&dir.join(CONFIG_FILE), &public_url)?;
+    write_config(&dir.join(CONFIG_FILE), &public_url, &trust_domain)?;
 
     Ok(InitReport {
         data_dir: dir.clone(),
         public_url,
         ca_sha256,
+        trust_domain,
         context_file,
     })
 }
@@ -293,25 +311,28 @@ fn write_context(path: &Path, public_url: &str) -> Result<(), ControllerError> {
     )
 }
 
-/// Writes `controller.toml`: `public_url`, and every other key commented
-/// out at its default.
-fn write_config(path: &Path, public_url: &str) -> Result<(), ControllerError> {
+/// Writes `controller.toml`: `public_url` and `trust_domain`, and every
+/// other key commented out at its default.
+fn write_config(path: &Path, public_url: &str, trust_domain: &str) -> Result<(), ControllerError> {
     write_public(
         path,
         format!(
             "# comsat controller configuration, written by `comsat controller init`.\n\
              # Every key is optional; defaults are shown commented out.\n\
              public_url = {}\n\
+             trust_domain = {}\n\
              # listen = \"0.0.0.0:8443\"\n\
              # jwt_leeway_secs = 30\n\
              # heartbeat_interval_secs = 5\n\
              # heartbeat_timeout_secs = 15\n\
              # relays_per_link = 2\n\
              # relay_cert_ttl_secs = 86400\n\
+             # agent_svid_ttl_secs = 3600\n\
              # grant_ttl_secs = 604800\n\
              # link_buffer_limit = 67108864\n\
              # audit_retention_days = 90\n",
-            toml_str(public_url)
+            toml_str(public_url),
+            toml_str(trust_domain)
         )
         .as_bytes(),
     )
@@ -466,6 +487,7 @@ mod tests {
             tls_cert: Some(chain),
             tls_key: Some(key_path.clone()),
             tls_ca: None,
+            trust_domain: None,
             database: None,
         })
         .expect("init");

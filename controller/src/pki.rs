@@ -4,10 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use comsat_protocol::RelayId;
 use comsat_protocol::endpoint::split_host_port;
 pub use comsat_protocol::endpoint::valid_host;
-use comsat_protocol::ids::relay_cert_uri;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -102,6 +100,8 @@ pub fn generate_ca(common_name: &str) -> Result<CaFiles, PkiError> {
         .distinguished_name
         .push(DnType::CommonName, common_name);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    // Dated now: the SPIFFE bundle's sequence is its authorities' newest.
+    params.not_before = OffsetDateTime::now_utc() - time::Duration::minutes(5);
     let cert = params
         .self_signed(&key)
         .map_err(rc("self-signing the CA"))?;
@@ -190,28 +190,54 @@ impl CaIssuer {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
-    /// A relay certificate for the public key of `csr_pem` (whose signature
-    /// must verify), naming only `host` and the relay (its
-    /// [`relay_cert_uri`]), valid for `ttl` from `now`. What the CSR asks
-    /// for beyond its key is ignored.
-    pub fn issue_for_csr(
+    /// An X.509-SVID for the public key of `csr_pem` (whose signature must
+    /// verify), valid for `ttl` from `now`: its one URI subjectAltName is
+    /// `spiffe_id`; a relay's (`Svid::Relay`) also names the `host` agents
+    /// dial and is for TLS servers, an agent's (`Svid::Agent`) is for TLS
+    /// clients. What the CSR asks for beyond its key is ignored. Returns
+    /// the certificate, PEM.
+    pub fn issue_svid(
         &self,
         csr_pem: &str,
-        host: &str,
-        relay: &RelayId,
+        svid: Svid<'_>,
+        spiffe_id: &str,
         now: u64,
         ttl: Duration,
     ) -> Result<String, PkiError> {
         let mut csr = parse_csr(csr_pem)?;
-        csr.params = leaf_params(vec![host.to_owned()], "comsat relay", now, ttl)?;
-        let uri = rcgen::string::Ia5String::try_from(relay_cert_uri(relay))
-            .map_err(rc("the relay's certificate URI"))?;
+        csr.params = match svid {
+            Svid::Relay { host } => leaf_params(vec![host.to_owned()], "comsat relay", now, ttl)?,
+            Svid::Agent => {
+                let mut params = leaf_params(Vec::new(), "comsat agent", now, ttl)?;
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+                params
+            }
+        };
+        // An X.509-SVID says it is no CA: basicConstraints, critical, with
+        // cA at its default (false), which DER leaves out (rcgen's
+        // `ExplicitNoCa` writes it, which strict parsers refuse).
+        let mut no_ca = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 19], vec![0x30, 0x00]);
+        no_ca.set_criticality(true);
+        csr.params.custom_extensions.push(no_ca);
+        let uri = rcgen::string::Ia5String::try_from(spiffe_id).map_err(rc("the SPIFFE ID"))?;
         csr.params.subject_alt_names.push(SanType::URI(uri));
         let cert = csr
             .signed_by(&self.issuer)
-            .map_err(rc("signing the relay certificate"))?;
+            .map_err(rc("signing the certificate"))?;
         Ok(cert.pem())
     }
+}
+
+/// Whose X.509-SVID [`CaIssuer::issue_svid`] issues.
+#[derive(Clone, Copy, Debug)]
+pub enum Svid<'a> {
+    /// A relay's, a TLS server reached at `host`.
+    Relay {
+        /// The host agents dial.
+        host: &'a str,
+    },
+    /// An agent's, a TLS client.
+    Agent,
 }
 
 /// Parses and checks a PEM CSR.
@@ -271,6 +297,44 @@ fn der_to_pem(der: &[u8]) -> String {
     }
     out.push_str("-----END CERTIFICATE-----\n");
     out
+}
+
+/// The SPIFFE bundle of the X.509 authorities in `ca_pem` (P-256 CAs, as
+/// the controller makes them): a JWK each, with the certificate in `x5c`.
+/// Its sequence is the newest authority's notBefore, so it grows when an
+/// authority is added.
+pub fn spiffe_bundle(ca_pem: &[u8]) -> Result<comsat_protocol::api::SpiffeBundle, PkiError> {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    let mut keys = Vec::new();
+    let mut sequence = 0u64;
+    for der in certs_from_pem(ca_pem)? {
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| PkiError::Pem(format!("a CA certificate does not parse: {e}")))?;
+        let point = &cert.public_key().subject_public_key.data;
+        // An uncompressed P-256 point: 0x04, x, y.
+        let (Some(0x04), 65) = (point.first().copied(), point.len()) else {
+            return Err(PkiError::Pem(
+                "a CA key is not an uncompressed P-256 point: the bundle holds EC P-256 authorities"
+                    .into(),
+            ));
+        };
+        let not_before = cert.validity().not_before.timestamp();
+        sequence = sequence.max(u64::try_from(not_before).unwrap_or(0));
+        keys.push(comsat_protocol::api::BundleKey {
+            kty: "EC".into(),
+            crv: "P-256".into(),
+            x: URL_SAFE_NO_PAD.encode(&point[1..33]),
+            y: URL_SAFE_NO_PAD.encode(&point[33..]),
+            use_: "x509-svid".into(),
+            x5c: vec![STANDARD.encode(der.as_ref())],
+        });
+    }
+    Ok(comsat_protocol::api::SpiffeBundle {
+        keys,
+        spiffe_sequence: sequence,
+        spiffe_refresh_hint: comsat_protocol::api::SPIFFE_REFRESH_HINT_SECS,
+    })
 }
 
 /// Checks a new HTTPS certificate before it replaces the served one: the
@@ -354,27 +418,32 @@ mod tests {
         assert!(!valid_host("-x.example"));
     }
 
+    fn csr_asking_for(name: &str, key: &KeyPair) -> String {
+        let params = CertificateParams::new(vec![name.to_owned()]).expect("params");
+        params
+            .serialize_request(key)
+            .expect("csr")
+            .pem()
+            .expect("pem")
+    }
+
+    fn issued(pem: &str) -> CertificateDer<'static> {
+        certs_from_pem(pem.as_bytes()).expect("parse").remove(0)
+    }
+
     #[test]
-    fn relay_certificate_names_only_the_host_and_the_relay_and_keeps_the_key() {
+    fn a_relay_svid_names_only_the_host_and_the_relay_and_keeps_the_key() {
         let ca = generate_ca("test relay CA").expect("ca");
         let issuer = CaIssuer::from_pem(&ca.cert_pem, &ca.key_pem).expect("issuer");
         let key = KeyPair::generate().expect("key");
-        let params = CertificateParams::new(vec!["evil.example".to_owned()]).expect("params");
-        let csr = params
-            .serialize_request(&key)
-            .expect("csr")
-            .pem()
-            .expect("pem");
+        let csr = csr_asking_for("evil.example", &key);
+        let id = "spiffe://site-a.example/relay/r1";
+        let relay = Svid::Relay { host: "10.1.2.3" };
+        let ttl = Duration::from_secs(3600);
         let pem = issuer
-            .issue_for_csr(
-                &csr,
-                "10.1.2.3",
-                &RelayId([7; 16]),
-                1_800_000_000,
-                Duration::from_secs(3600),
-            )
+            .issue_svid(&csr, relay, id, 1_800_000_000, ttl)
             .expect("issue");
-        let der = certs_from_pem(pem.as_bytes()).expect("parse").remove(0);
+        let der = issued(&pem);
         let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).expect("x509");
         let san = cert
             .subject_alternative_name()
@@ -386,20 +455,84 @@ mod tests {
         assert_eq!(san.len(), 2);
         assert!(format!("{:?}", san[0]).contains("[10, 1, 2, 3]"), "{san:?}");
         assert_eq!(
-            format!("{:?}", san[1]),
-            "URI(\"urn:comsat:relay:07070707070707070707070707070707\")"
+            comsat_protocol::spiffe::svid_spiffe_id(der.as_ref()).as_deref(),
+            Some(id)
         );
         assert!(!cert.is_ca());
+        let constraints = cert.basic_constraints().expect("ext").expect("present");
+        assert!(!constraints.value.ca, "an SVID says it is no CA");
+        let eku = cert.extended_key_usage().expect("ext").expect("present");
+        assert!(eku.value.server_auth && !eku.value.client_auth);
         assert_eq!(
             cert.public_key().raw,
             key.subject_public_key_info().as_slice()
         );
         assert_eq!(cert.validity().not_after.timestamp(), 1_800_000_000 + 3600);
-        assert!(
-            issuer
-                .issue_for_csr("garbage", "x", &RelayId([1; 16]), 0, Duration::from_secs(1))
-                .is_err()
+        assert!(issuer.issue_svid("garbage", relay, id, 0, ttl).is_err());
+    }
+
+    #[test]
+    fn an_agent_svid_is_a_client_certificate_naming_no_host() {
+        let ca = generate_ca("test CA").expect("ca");
+        let issuer = CaIssuer::from_pem(&ca.cert_pem, &ca.key_pem).expect("issuer");
+        let key = KeyPair::generate().expect("key");
+        let csr = csr_asking_for("relay.example", &key);
+        let id = "spiffe://site-a.example/agent/a1";
+        let pem = issuer
+            .issue_svid(
+                &csr,
+                Svid::Agent,
+                id,
+                1_800_000_000,
+                Duration::from_secs(600),
+            )
+            .expect("issue");
+        let der = issued(&pem);
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).expect("x509");
+        assert_eq!(
+            comsat_protocol::spiffe::cert_uris(der.as_ref()),
+            Some(vec![id.to_owned()]),
+            "its one name is its SPIFFE ID"
         );
+        let eku = cert.extended_key_usage().expect("ext").expect("present");
+        assert!(eku.value.client_auth && !eku.value.server_auth);
+        // An agent's SVID never passes for a relay, whose SPIFFE ID differs.
+        let relay = comsat_protocol::RelayId([3; 16]);
+        assert!(!comsat_protocol::spiffe::cert_names_relay(
+            der.as_ref(),
+            &relay,
+            Some("spiffe://site-a.example/relay/a1")
+        ));
+    }
+
+    #[test]
+    fn the_bundle_holds_each_authority_with_its_key() {
+        let a = generate_ca("a").expect("a");
+        let b = generate_ca("b").expect("b");
+        let bundle =
+            spiffe_bundle(format!("{}{}", a.cert_pem, b.cert_pem).as_bytes()).expect("bundle");
+        assert_eq!(bundle.keys.len(), 2);
+        let key = &bundle.keys[0];
+        assert_eq!((key.kty.as_str(), key.crv.as_str()), ("EC", "P-256"));
+        assert_eq!(key.use_, "x509-svid");
+        use base64::Engine;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(&key.x5c[0])
+            .expect("x5c");
+        assert_eq!(
+            der,
+            certs_from_pem(a.cert_pem.as_bytes()).expect("a")[0].as_ref()
+        );
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&key.x)
+            .expect("x");
+        let spki = KeyPair::from_pem(&a.key_pem)
+            .expect("key")
+            .public_key_raw()
+            .to_vec();
+        assert_eq!(x, spki[1..33], "x is the CA key's");
+        assert!(bundle.spiffe_sequence > 1_700_000_000);
+        assert!(spiffe_bundle(b"garbage").is_err());
     }
 
     #[test]

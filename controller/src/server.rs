@@ -127,6 +127,14 @@ impl Controller {
         let relay_ca_key = read_secret(&config.relay_ca_key, dir)?;
         let relay_ca = CaIssuer::from_pem(&relay_ca_pem, &relay_ca_key)
             .map_err(ControllerError::pki(&config.relay_ca_cert))?;
+        let spiffe_bundle = pki::spiffe_bundle(relay_ca_pem.as_bytes())
+            .map_err(ControllerError::pki(&config.relay_ca_cert))
+            .and_then(|b| {
+                serde_json::to_string(&b).map_err(|e| ControllerError::Option {
+                    option: "relay_ca_cert",
+                    message: e.to_string(),
+                })
+            })?;
         let cert_pem = read_text(&config.tls_cert, dir)?;
         let key_pem = read_secret(&config.tls_key, dir)?;
         let tls = pki::server_tls_config(cert_pem.as_bytes(), key_pem.as_bytes())
@@ -172,6 +180,7 @@ impl Controller {
             ca_pem,
             ca_sha256,
             relay_ca,
+            spiffe_bundle,
             changes: watch::channel(0).0,
             shutdown: shutdown_rx,
             link_lock: Mutex::new(()),

@@ -100,6 +100,9 @@ pub(crate) struct Shared {
     pub(crate) ca_pem: String,
     pub(crate) ca_sha256: [u8; 32],
     pub(crate) relay_ca: CaIssuer,
+    /// The trust domain's SPIFFE bundle (JSON): the authorities of
+    /// `relay_ca`, which signs every SVID.
+    pub(crate) spiffe_bundle: String,
     /// Bumped after every write that a long poll may be waiting for.
     pub(crate) changes: watch::Sender<u64>,
     /// Becomes `true` when the server shuts down.
@@ -120,6 +123,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The SPIFFE ID of the node `name` of `kind` in this controller's
+    /// trust domain.
+    pub(crate) fn spiffe_id(&self, kind: NodeKind, name: &str) -> String {
+        comsat_protocol::spiffe::node_spiffe_id(&self.config.trust_domain(), kind, name)
+    }
+
     /// The relays' event cursors ([`Shared::relay_cursors`]).
     pub(crate) fn relay_cursors(&self) -> std::sync::MutexGuard<'_, HashMap<RelayId, u64>> {
         self.relay_cursors

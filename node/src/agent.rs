@@ -105,6 +105,11 @@ pub async fn agent_sync(
         client.clone(),
         agent.flow_source(),
     )));
+    let _svid = AbortOnDrop(tokio::spawn(crate::svid::agent_svid(
+        client.clone(),
+        dir.clone(),
+        state.clone(),
+    )));
     let mut moves = Moves::default();
     let mut retry = Retry::new();
     // Refusals the controller has not taken yet: sent before each poll

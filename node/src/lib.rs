@@ -28,6 +28,7 @@ mod metric_set;
 pub mod relay;
 mod retry;
 pub mod state;
+pub mod svid;
 
 pub use memory::keep_freed_memory;
 pub use state::{Enrolled, NodeState, enrol, read_at_most, read_token, write_atomic};

@@ -9,15 +9,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::keys::read_secret_file;
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use comsat_protocol::api::{self, NodeKind};
 use comsat_protocol::grant::SignedGrant;
-use comsat_protocol::limits::{MAX_PEM_FILE_LEN, MAX_SIGNED_GRANT_LEN};
+use comsat_protocol::limits::MAX_SIGNED_GRANT_LEN;
 use comsat_protocol::{LinkId, RelayId};
 
-use crate::client::{self, Client};
+use crate::client::Client;
 use crate::retry::{Retry, long_poll};
 use crate::state::{NodeState, csr, host_of, write_atomic};
+use crate::svid;
 use crate::unix_now;
 
 /// How often a relay heartbeats.
@@ -128,14 +129,21 @@ impl<S: RelaySink> RelaySync<S> {
                 }
             }
         };
-        let relay = RelayId(self.state.node_id.0);
         let dir = self.dir.clone();
         let sink = self.sink.clone();
-        tokio::join!(
-            hb,
-            self.events(&client),
-            renew_cert(&client, &dir, relay, &*sink)
+        let path = format!("relay/{}", self.state.name);
+        let cert = svid::Renewed {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            current: |der: &[u8]| svid::is_svid_of(der, &path),
+        };
+        let renewing = svid::renew(
+            "relay certificate",
+            cert,
+            || request_cert(&client, &dir),
+            || sink.certificate_renewed(),
         );
+        tokio::join!(hb, self.events(&client), renewing);
     }
 
     async fn events(&mut self, client: &Client) {
@@ -269,109 +277,13 @@ fn check_grant(
     Ok(bytes)
 }
 
-/// The seconds left of the certificate at `path`, its whole lifetime, and
-/// whether it names `relay` (agents refuse a relay certificate that does
-/// not; those from before relay certificates named their relay do not).
-fn cert_life(path: &Path, relay: &RelayId) -> Option<(i64, i64, bool)> {
-    let pem = crate::state::read_at_most(path, MAX_PEM_FILE_LEN).ok()?;
-    let der = client::read_ca_pem(&pem).ok()?;
-    let first = der.first()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(first.as_ref()).ok()?;
-    let names_relay = comsat_protocol::ids::cert_names_relay(first, relay);
-    let v = cert.validity();
-    let now = unix_now() as i64;
-    Some((
-        v.not_after.timestamp() - now,
-        v.not_after.timestamp() - v.not_before.timestamp(),
-        names_relay,
-    ))
-}
-
-async fn renew_cert(client: &Client, dir: &Path, relay: RelayId, sink: &impl RelaySink) {
-    let cert = dir.join("tls.crt");
-    let mut retry = Retry::new();
-    // A certificate that does not name this relay is renewed at once, once
-    // (a controller of an older version issues such certificates still).
-    let mut unnamed_renewed = false;
-    loop {
-        // Renew when a third of the lifetime is left.
-        let due = |left: i64, life: i64, named: bool| {
-            if named || unnamed_renewed {
-                (left - life / 3).max(0) as u64
-            } else {
-                0
-            }
-        };
-        let wait = match cert_life(&cert, &relay) {
-            Some((left, life, named)) => due(left, life, named),
-            None => 0,
-        };
-        tokio::time::sleep(Duration::from_secs(wait.min(3600))).await;
-        if cert_life(&cert, &relay).is_some_and(|(left, life, named)| due(left, life, named) > 0) {
-            continue;
-        }
-        match request_cert(client, dir)
-            .await
-            .and_then(|pem| check_renewed(&pem, dir).map(|()| pem))
-        {
-            Ok(pem) => {
-                retry.reset();
-                if cert_life(&cert, &relay).is_some_and(|(_, _, named)| !named) {
-                    unnamed_renewed = true;
-                }
-                match write_atomic(&cert, pem.as_bytes()) {
-                    Ok(()) => {
-                        tracing::info!("relay certificate renewed");
-                        sink.certificate_renewed();
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot write the renewed certificate"),
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "certificate renewal failed; retrying");
-                retry.wait().await;
-            }
-        }
-    }
-}
-
-/// Checks a renewed certificate before it replaces the served one: it
-/// parses, is for this relay's key (`tls.key`), and is valid now for a
-/// while. A bad one is refused (and asked for again with backoff).
-fn check_renewed(pem: &str, dir: &Path) -> anyhow::Result<()> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow!("the renewed certificate is not PEM: {e}"))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| anyhow!("the controller sent no certificate"))?;
-    let key_pem = read_secret_file(&dir.join("tls.key"))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("tls.key")?;
-    rustls::sign::CertifiedKey::from_der(
-        certs.clone(),
-        key,
-        &rustls::crypto::ring::default_provider(),
-    )
-    .map_err(|e| anyhow!("the renewed certificate is not for this relay's key: {e}"))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
-        .map_err(|e| anyhow!("the renewed certificate does not parse: {e}"))?;
-    let now = unix_now() as i64;
-    let v = cert.validity();
-    if v.not_before.timestamp() > now + 300 || v.not_after.timestamp() <= now + 60 {
-        bail!("the renewed certificate is not valid now");
-    }
-    Ok(())
-}
-
 async fn request_cert(client: &Client, dir: &Path) -> anyhow::Result<String> {
     let state = NodeState::load(dir, NodeKind::Relay)?;
     let key_pem = read_secret_file(&dir.join("tls.key"))?;
     let key = rcgen::KeyPair::from_pem(&key_pem).context("tls.key")?;
     let host = host_of(state.public_addr.as_deref().unwrap_or_default())?;
     let body = api::CertRequest {
-        csr_pem: csr(&key, &host)?,
+        csr_pem: csr(&key, vec![host])?,
     };
     let resp: api::CertResponse = client
         .post(api::PATH_RELAY_CERT, &body, "certificate renewal")
@@ -383,7 +295,6 @@ async fn request_cert(client: &Client, dir: &Path) -> anyhow::Result<String> {
 mod tests {
     use super::*;
     use crate::keys::Generate;
-    use crate::keys::write_secret_file;
     use comsat_protocol::grant::{Grant, GrantSide, LinkLimits};
     use comsat_protocol::{NodeId, SigningKey};
 
@@ -475,27 +386,5 @@ mod tests {
             )
             .is_err()
         );
-    }
-
-    #[test]
-    fn a_renewed_certificate_must_be_for_the_relays_key() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let key = rcgen::KeyPair::generate().expect("key");
-        write_secret_file(&dir.path().join("tls.key"), key.serialize_pem().as_bytes())
-            .expect("key file");
-        let cert = rcgen::CertificateParams::new(vec!["relay.example".to_owned()])
-            .expect("params")
-            .self_signed(&key)
-            .expect("cert");
-        check_renewed(&cert.pem(), dir.path()).expect("good");
-        let other = rcgen::KeyPair::generate().expect("key");
-        let wrong = rcgen::CertificateParams::new(vec!["relay.example".to_owned()])
-            .expect("params")
-            .self_signed(&other)
-            .expect("cert");
-        let err = check_renewed(&wrong.pem(), dir.path()).expect_err("other key");
-        assert!(err.to_string().contains("key"), "{err}");
-        assert!(check_renewed("junk", dir.path()).is_err());
-        assert!(check_renewed("", dir.path()).is_err());
     }
 }

@@ -256,7 +256,7 @@ pub async fn enrol(
             })?;
             let host = host_of(addr)?;
             let key = rcgen::KeyPair::generate().context("generating the relay TLS key")?;
-            req.csr_pem = Some(csr(&key, &host)?);
+            req.csr_pem = Some(csr(&key, vec![host])?);
             req.public_addr = Some(addr.to_owned());
             req.interactive_addr = interactive_port
                 .map(|port| interactive_addr(addr, port))
@@ -321,9 +321,10 @@ pub(crate) fn host_of(addr: &str) -> anyhow::Result<String> {
     Ok(host.to_owned())
 }
 
-pub(crate) fn csr(key: &rcgen::KeyPair, host: &str) -> anyhow::Result<String> {
-    let params = rcgen::CertificateParams::new(vec![host.to_owned()])
-        .with_context(|| format!("`{host}` is not a valid certificate name"))?;
+pub(crate) fn csr(key: &rcgen::KeyPair, names: Vec<String>) -> anyhow::Result<String> {
+    let shown = names.join(", ");
+    let params = rcgen::CertificateParams::new(names)
+        .with_context(|| format!("`{shown}` is not a valid certificate name"))?;
     let req = params
         .serialize_request(key)
         .context("building the certificate signing request")?;

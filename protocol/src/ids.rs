@@ -110,28 +110,6 @@ id_type!(
     LinkId
 );
 
-/// The URI a relay certificate names its relay by (a subjectAltName), so
-/// an agent can check that the relay it reached is the one its grant names.
-pub fn relay_cert_uri(relay: &RelayId) -> String {
-    format!("urn:comsat:relay:{relay}")
-}
-
-/// Whether the certificate `der` names `relay` by its URI
-/// ([`relay_cert_uri`]) among its subjectAltNames. `false` for anything
-/// that does not parse.
-pub fn cert_names_relay(der: &[u8], relay: &RelayId) -> bool {
-    let want = relay_cert_uri(relay);
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(der) else {
-        return false;
-    };
-    let Ok(Some(san)) = parsed.subject_alternative_name() else {
-        return false;
-    };
-    san.value
-        .general_names
-        .iter()
-        .any(|name| matches!(name, x509_parser::extensions::GeneralName::URI(uri) if *uri == want))
-}
 id_type!(
     /// The id of a relay, as named in grants.
     RelayId

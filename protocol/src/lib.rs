@@ -31,6 +31,7 @@ pub mod quantum;
 pub mod record;
 pub mod replay;
 pub mod resume;
+pub mod spiffe;
 pub mod text;
 pub mod workload;
 

@@ -47,46 +47,13 @@ pub const MAX_RULE_LEN: usize = 1024;
 /// Longest container or pod id accepted.
 const MAX_ID_LEN: usize = 128;
 
-/// Longest SPIFFE ID accepted (the SPIFFE standard's limit).
-pub const MAX_SPIFFE_ID_LEN: usize = 2048;
-
 /// Longest encoded [`CallerIdentity`].
 pub const MAX_CALLER_LEN: usize = 4096;
 
 /// Most selectors a [`CallerIdentity`] carries.
 pub const MAX_CALLER_SELECTORS: usize = 16;
 
-/// Checks a SPIFFE ID: `spiffe://` then a trust domain of lowercase
-/// letters, digits, `.`, `-` and `_`, then a path of segments of letters,
-/// digits, `.`, `-` and `_` (none empty, `.` or `..`), at most
-/// [`MAX_SPIFFE_ID_LEN`] bytes in all.
-pub fn check_spiffe_id(id: &str) -> Result<(), &'static str> {
-    if id.len() > MAX_SPIFFE_ID_LEN {
-        return Err("a SPIFFE ID is at most 2048 bytes");
-    }
-    let rest = id
-        .strip_prefix("spiffe://")
-        .ok_or("a SPIFFE ID starts with spiffe://")?;
-    let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let domain_ok = !domain.is_empty()
-        && domain.bytes().all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-' || c == b'_'
-        });
-    if !domain_ok {
-        return Err("a trust domain is lowercase letters, digits, ., - and _");
-    }
-    let segments_ok = path.split('/').all(|s| {
-        !s.is_empty()
-            && s != "."
-            && s != ".."
-            && s.bytes()
-                .all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'-' || c == b'_')
-    });
-    if path.is_empty() || !segments_ok {
-        return Err("a SPIFFE ID's path is segments of letters, digits, ., - and _");
-    }
-    Ok(())
-}
+pub use crate::spiffe::{MAX_SPIFFE_ID_LEN, check_spiffe_id};
 
 /// One selector of a rule.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -604,29 +571,6 @@ mod tests {
             hex::encode(proxy_v2_header(Some(&caller))),
             format!("{signature}2100002b{tlv_id}{tlv_sel}")
         );
-    }
-
-    #[test]
-    fn spiffe_ids() {
-        for good in [
-            "spiffe://example.org/billing",
-            "spiffe://site-a.example_1/ns/prod/sa/db.reader",
-        ] {
-            assert_eq!(check_spiffe_id(good), Ok(()), "{good}");
-        }
-        for bad in [
-            "spiffe://Example.org/x",
-            "spiffe://example.org",
-            "spiffe://example.org/",
-            "spiffe://example.org/a//b",
-            "spiffe://example.org/a/../b",
-            "spiffe:///x",
-            "http://example.org/x",
-            "spiffe://example.org/a b",
-        ] {
-            assert!(check_spiffe_id(bad).is_err(), "{bad}");
-        }
-        assert!(check_spiffe_id(&format!("spiffe://e.org/{}", "a".repeat(2048))).is_err());
     }
 
     #[test]

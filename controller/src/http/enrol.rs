@@ -10,10 +10,10 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use comsat_node::keys::RandomId;
+use comsat_protocol::NodeId;
 use comsat_protocol::api::{
     self, EnrolRequest, EnrolResponse, JoinToken, NodeKind, TokenCreate, TokenCreated,
 };
-use comsat_protocol::{NodeId, RelayId};
 use sha2::{Digest, Sha256};
 
 use super::access::{Audited, Policy, Routes};
@@ -21,7 +21,7 @@ use super::{AppState, parse_json};
 use crate::audit::{Caller, Outcome, Verdict};
 use crate::pki;
 use crate::state::{ApiError, Shared};
-use crate::store::{NewJoinToken, NewNode, Redemption, StoreError};
+use crate::store::{NewJoinToken, NewNode, NodeRecord, Redemption, StoreError};
 
 /// Default join token lifetime.
 const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
@@ -32,6 +32,7 @@ const MAX_TOKEN_TTL_SECS: u64 = 30 * 86_400;
 /// The CA, join token and enrolment routes.
 pub(super) fn routes(r: Routes) -> Routes {
     r.add(api::PATH_CA, Policy::public(), get(get_ca))
+        .add(api::PATH_SPIFFE_BUNDLE, Policy::public(), get(get_bundle))
         .add(
             api::PATH_TOKENS,
             Policy::api_on_body(token_resource, "create").audited("token.create"),
@@ -57,6 +58,16 @@ async fn get_ca(State(state): State<AppState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         state.ca_pem.clone(),
+    )
+        .into_response()
+}
+
+/// The trust domain's SPIFFE bundle: what a federated trust domain
+/// fetches to check this one's SVIDs.
+async fn get_bundle(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.spiffe_bundle.clone(),
     )
         .into_response()
 }
@@ -200,14 +211,10 @@ async fn deny_enrolment(state: &Shared, caller: &Caller, resource: &str, reason:
         .await;
 }
 
-/// Checks what a node of the kind it enrols as must send; a relay's
-/// certificate is issued here, to be handed out only if the token redeems.
-fn check_enrolling(
-    state: &Shared,
-    req: &EnrolRequest,
-    node_id: &NodeId,
-    now: u64,
-) -> Result<Option<String>, ApiError> {
+/// Checks what a node of the kind it enrols as must send: a relay's CSR is
+/// checked here (its certificate is issued once the token redeems and the
+/// relay has its name); returns the host its certificate names.
+fn check_enrolling(req: &EnrolRequest) -> Result<Option<&str>, ApiError> {
     match req.kind {
         NodeKind::Agent => {
             if req.noise_public_key.is_none() {
@@ -225,17 +232,34 @@ fn check_enrolling(
             if let Some(lane) = &req.interactive_addr {
                 check_interactive_addr(addr, host, lane)?;
             }
-            let cert = state
-                .relay_ca
-                .issue_for_csr(
-                    csr,
-                    host,
-                    &RelayId(node_id.0),
-                    now,
-                    Duration::from_secs(state.config.relay_cert_ttl_secs),
-                )
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
-            Ok(Some(cert))
+            pki::parse_csr(csr).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Ok(Some(host))
+        }
+    }
+}
+
+/// The X.509-SVID of a relay that just enrolled, from the CSR
+/// [`check_enrolling`] checked. Should signing fail, the relay is removed
+/// again: it cannot serve without a certificate.
+async fn relay_svid(
+    state: &Shared,
+    relay: &NodeRecord,
+    csr: &str,
+    host: &str,
+    now: u64,
+) -> Result<String, ApiError> {
+    let id = state.spiffe_id(NodeKind::Relay, &relay.name);
+    let ttl = Duration::from_secs(state.config.relay_cert_ttl_secs);
+    match state
+        .relay_ca
+        .issue_svid(csr, pki::Svid::Relay { host }, &id, now, ttl)
+    {
+        Ok(pem) => Ok(pem),
+        Err(e) => {
+            if let Err(undo) = state.store.delete_node(&relay.node_id).await {
+                tracing::error!(relay = %relay.name, error = %undo, "cannot remove the relay whose certificate failed");
+            }
+            Err(ApiError::internal("issuing the relay certificate", e))
         }
     }
 }
@@ -313,11 +337,15 @@ async fn enrol(
         return Err(refuse_token(&state, &caller, &req, &resource, e).await);
     }
     let node_id = NodeId::random();
-    let cert_pem = check_enrolling(&state, &req, &node_id, now)?;
+    let relay_host = check_enrolling(&req)?;
     let node = new_node(&req, node_id);
     let record = match state.store.redeem_join_token(&redemption, &node).await {
         Ok(r) => r,
         Err(e) => return Err(refuse_token(&state, &caller, &req, &resource, e).await),
+    };
+    let cert_pem = match (relay_host, &req.csr_pem) {
+        (Some(host), Some(csr)) => Some(relay_svid(&state, &record, csr, host, now).await?),
+        _ => None,
     };
     tracing::info!(kind = %record.kind, name = %record.name, node_id = %record.node_id, "node enrolled");
     metrics::counter!(super::health::ENROLMENTS_TOTAL, "kind" => record.kind.as_str()).increment(1);

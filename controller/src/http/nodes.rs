@@ -45,6 +45,7 @@ pub(super) fn routes(r: Routes) -> Routes {
         .add(api::PATH_RELAY_CERT, relay().audited("relay.cert"), post(relay_cert))
         .add(api::PATH_AGENT_CONFIG, Policy::node(NodeKind::Agent), get(agent_config))
         .add(api::PATH_AGENT_RELAY_SILENT, Policy::node(NodeKind::Agent), post(relay_silent))
+        .add(api::PATH_AGENT_SVID, Policy::node(NodeKind::Agent), post(agent_svid))
         .add(api::PATH_AGENTS, Policy::api("agents", "list"), get(list_agents))
         .add(api::PATH_RELAYS, Policy::api("relays", "list"), get(list_relays))
         .add(api::PATH_STATUS, Policy::api("status", "get"), get(status));
@@ -254,14 +255,16 @@ async fn relay_cert(
     let req: CertRequest = parse_json(&body)?;
     let addr = relay.public_addr.as_deref().unwrap_or_default();
     let host = relay_host(addr)?;
+    let id = state.spiffe_id(NodeKind::Relay, &relay.name);
+    let ttl = Duration::from_secs(state.config.relay_cert_ttl_secs);
     let cert_pem = state
         .relay_ca
-        .issue_for_csr(
+        .issue_svid(
             &req.csr_pem,
-            host,
-            &RelayId(relay.node_id.0),
+            pki::Svid::Relay { host },
+            &id,
             unix_now(),
-            Duration::from_secs(state.config.relay_cert_ttl_secs),
+            ttl,
         )
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     tracing::info!(relay = %relay.name, "relay certificate renewed");
@@ -269,6 +272,24 @@ async fn relay_cert(
         Audited::on(format!("relay/{}", relay.name)),
         Json(CertResponse { cert_pem }),
     ))
+}
+
+/// An agent's X.509-SVID (`spiffe://DOMAIN/agent/NAME`) for the key of its
+/// CSR, valid for `agent_svid_ttl_secs`; it renews it before it runs out.
+async fn agent_svid(
+    State(state): State<AppState>,
+    CallingNode(agent): CallingNode,
+    body: Bytes,
+) -> Result<Json<CertResponse>, ApiError> {
+    let req: CertRequest = parse_json(&body)?;
+    let id = state.spiffe_id(NodeKind::Agent, &agent.name);
+    let ttl = Duration::from_secs(state.config.agent_svid_ttl_secs);
+    let cert_pem = state
+        .relay_ca
+        .issue_svid(&req.csr_pem, pki::Svid::Agent, &id, unix_now(), ttl)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    tracing::debug!(agent = %agent.name, "agent SVID issued");
+    Ok(Json(CertResponse { cert_pem }))
 }
 
 /// An agent's desired state: its half of each of its links.
@@ -307,6 +328,7 @@ async fn desired(state: &Shared, agent: &NodeRecord) -> Result<AgentDesired, Api
                     addr,
                     server_name,
                     interactive_addr: relay.interactive_addr.clone(),
+                    spiffe_id: Some(state.spiffe_id(NodeKind::Relay, &relay.name)),
                 })
             })
             .collect();
@@ -423,6 +445,7 @@ async fn list_agents(State(state): State<AppState>) -> Result<Json<Vec<AgentInfo
                     .filter(|l| l.from_node == a.node_id || l.to_node == a.node_id)
                     .count() as u64,
                 version: versions.get(&a.node_id).cloned(),
+                spiffe_id: Some(state.spiffe_id(NodeKind::Agent, &a.name)),
                 name: a.name,
                 node_id: a.node_id,
                 last_seen: a.last_seen,
@@ -445,6 +468,7 @@ async fn list_relays(State(state): State<AppState>) -> Result<Json<Vec<RelayInfo
                     healthy: state.healthy(&r, now),
                     version: versions.get(&r.node_id).cloned(),
                     links: links.iter().filter(|l| l.relays.contains(&id)).count() as u64,
+                    spiffe_id: Some(state.spiffe_id(NodeKind::Relay, &r.name)),
                     name: r.name,
                     relay_id: id,
                     public_addr: r.public_addr.unwrap_or_default(),
@@ -479,6 +503,7 @@ async fn get_node(
         "name": node.name,
         "node_id": node.node_id.to_string(),
         "kind": kind.as_str(),
+        "spiffe_id": state.spiffe_id(kind, &node.name),
         "public_addr": node.public_addr,
         "created_at": node.created_at,
         "last_seen": node.last_seen,
@@ -537,5 +562,6 @@ async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError>
                     .any(|r| healthy.iter().any(|c| c.relay_id == *r))
             })
             .count() as u64,
+        trust_domain: Some(state.config.trust_domain()),
     }))
 }

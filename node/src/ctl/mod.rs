@@ -199,14 +199,20 @@ pub async fn token_create(
 /// `agent list`.
 pub async fn agent_list(c: &Client, out: Output) -> anyhow::Result<String> {
     let v: Vec<api::AgentInfo> = c.get(api::PATH_AGENTS, &[], "agent list").await?;
-    listed(&v, out, &["NAME", "ID", "LINKS", "LAST SEEN"], |a| {
-        vec![
-            a.name.clone(),
-            a.node_id.to_string(),
-            a.links.to_string(),
-            ago(a.last_seen),
-        ]
-    })
+    listed(
+        &v,
+        out,
+        &["NAME", "SPIFFE ID", "ID", "LINKS", "LAST SEEN"],
+        |a| {
+            vec![
+                a.name.clone(),
+                a.spiffe_id.clone().unwrap_or_else(|| "-".into()),
+                a.node_id.to_string(),
+                a.links.to_string(),
+                ago(a.last_seen),
+            ]
+        },
+    )
 }
 
 /// `items` as JSON, or as a table of `header` and a row per item.
@@ -228,6 +234,7 @@ pub async fn relay_list(c: &Client, out: Output) -> anyhow::Result<String> {
     let v: Vec<api::RelayInfo> = c.get(api::PATH_RELAYS, &[], "relay list").await?;
     let header = [
         "NAME",
+        "SPIFFE ID",
         "ADDRESS",
         "INTERACTIVE",
         "STATE",
@@ -238,6 +245,7 @@ pub async fn relay_list(c: &Client, out: Output) -> anyhow::Result<String> {
     listed(&v, out, &header, |r| {
         vec![
             r.name.clone(),
+            r.spiffe_id.clone().unwrap_or_else(|| "-".into()),
             r.public_addr.clone(),
             r.interactive_addr.clone().unwrap_or_else(|| "-".into()),
             if r.healthy { "healthy" } else { "unhealthy" }.into(),
@@ -489,8 +497,9 @@ pub async fn status(c: &Client, out: Output) -> anyhow::Result<String> {
     if out == Output::Json {
         return json(&s);
     }
+    let domain = s.trust_domain.as_deref().unwrap_or("-");
     Ok(format!(
-        "controller: {}\nagents:     {}\nrelays:     {} ({} healthy)\nlinks:      {} ({} without a healthy relay)\n",
+        "controller:   {}\ntrust domain: spiffe://{domain}\nagents:       {}\nrelays:       {} ({} healthy)\nlinks:        {} ({} without a healthy relay)\n",
         c.base(),
         s.agents,
         s.relays,

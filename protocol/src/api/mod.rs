@@ -21,6 +21,8 @@
 //! | [`PATH_AGENT_RELAY_SILENT`] | POST | agent | [`RelaySilent`] → [`Empty`] |
 //! | [`PATH_AGENT_LINK_STATUS`] | POST | agent | [`AgentLinkStatus`] → [`Empty`] |
 //! | [`PATH_AGENT_FLOWS`] | POST | agent | [`AgentFlows`] → [`Empty`] |
+//! | [`PATH_AGENT_SVID`] | POST | agent | [`CertRequest`] → [`CertResponse`] (its X.509-SVID) |
+//! | [`PATH_SPIFFE_BUNDLE`] | GET | anyone | → [`SpiffeBundle`] (the trust domain's, for federation) |
 //! | [`PATH_FLOWS`] | GET `?link=NAME&identity=ID&since=MS&until=MS&limit=N` | `flows` list | → `Vec<`[`FlowInfo`]`>` |
 //! | [`PATH_TOKENS`] | POST | `tokens/KIND` create | [`TokenCreate`] → [`TokenCreated`] |
 //! | [`PATH_OPEN_TOKENS`] | GET | `tokens` list | → `Vec<`[`JoinTokenInfo`]`>` |
@@ -354,6 +356,9 @@ pub struct RelayAddr {
     /// a `connection` dial it instead of `addr`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interactive_addr: Option<String>,
+    /// Its SPIFFE ID, which its certificate (an X.509-SVID) must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
 }
 
 pub use crate::half::LinkHalf;
@@ -498,6 +503,9 @@ pub struct AgentInfo {
     /// The software version it last reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// Its SPIFFE ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
 }
 
 /// An enrolled relay.
@@ -522,6 +530,9 @@ pub struct RelayInfo {
     /// The software version it last reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// Its SPIFFE ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
 }
 
 /// What a link is, as the operator writes it: the body of
@@ -621,12 +632,16 @@ pub struct Status {
     pub links: u64,
     /// Links with no healthy relay.
     pub unassigned_links: u64,
+    /// The SPIFFE trust domain of the controller's relays and agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
 }
 
 mod console;
 mod flows;
 mod join;
 mod rbac;
+mod spiffe;
 mod status;
 mod traffic;
 
@@ -642,6 +657,9 @@ pub use join::{JOIN_TOKEN_PREFIX, JoinToken, JoinTokenError, MAX_JOIN_TOKEN_LEN}
 pub use rbac::{
     ApiTokenInfo, AuditRecord, PrincipalCreate, PrincipalCreated, PrincipalInfo, PrincipalKind,
     RoleBindingCreate, RoleBindingInfo, RoleCreate, RoleInfo, Rule, UnknownPrincipalKind,
+};
+pub use spiffe::{
+    BundleKey, PATH_AGENT_SVID, PATH_SPIFFE_BUNDLE, SPIFFE_REFRESH_HINT_SECS, SpiffeBundle,
 };
 pub use status::{
     AgentLinkStatus, HalfReport, HalfState, HalfStatus, LinkState, LinkStatus, MAX_STATUS_LINKS,

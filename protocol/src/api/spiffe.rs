@@ -1,0 +1,43 @@
+//! SPIFFE: agents' X.509-SVIDs and the trust domain's bundle.
+
+use serde::{Deserialize, Serialize};
+
+/// `POST`: an agent's X.509-SVID for the key of its CSR
+/// ([`super::CertRequest`] → [`super::CertResponse`]).
+pub const PATH_AGENT_SVID: &str = "/v1/agent/svid";
+
+/// `GET`, anyone: the trust domain's bundle in the SPIFFE bundle format
+/// ([`SpiffeBundle`]), what another trust domain federates with.
+pub const PATH_SPIFFE_BUNDLE: &str = "/v1/spiffe/bundle";
+
+/// Seconds a bundle consumer waits before it fetches the bundle again.
+pub const SPIFFE_REFRESH_HINT_SECS: u64 = 300;
+
+/// A SPIFFE bundle: a JWK set of the trust domain's X.509 authorities.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpiffeBundle {
+    /// The authorities.
+    pub keys: Vec<BundleKey>,
+    /// Increases whenever the authorities change.
+    pub spiffe_sequence: u64,
+    /// Seconds before a consumer should fetch the bundle again.
+    pub spiffe_refresh_hint: u64,
+}
+
+/// One X.509 authority of a [`SpiffeBundle`]: an EC P-256 JWK.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleKey {
+    /// `EC`.
+    pub kty: String,
+    /// `P-256`.
+    pub crv: String,
+    /// The public point's x, base64url without padding.
+    pub x: String,
+    /// The public point's y, base64url without padding.
+    pub y: String,
+    /// `x509-svid`.
+    #[serde(rename = "use")]
+    pub use_: String,
+    /// The authority's certificate, standard base64 DER, alone.
+    pub x5c: Vec<String>,
+}
