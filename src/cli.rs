@@ -129,6 +129,10 @@ pub(crate) enum ControllerCommand {
         /// host of --public-url if it is a DNS name, else comsat.internal).
         #[arg(long)]
         trust_domain: Option<String>,
+        /// Your root CA (PEM): the relay CA becomes an intermediate under
+        /// it, from a CSR (relay-ca.csr) you sign where the root's key is.
+        #[arg(long)]
+        upstream_ca: Option<PathBuf>,
         /// Keep state in this PostgreSQL database
         /// (postgres://USER:PASSWORD@HOST:PORT/DB) instead of the SQLite
         /// file in the data dir; it must be empty. Prefer the environment

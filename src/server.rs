@@ -115,6 +115,12 @@ fn controller_init(opts: comsat_controller::InitOptions) -> anyhow::Result<()> {
     println!("  URL:            {}", report.public_url);
     println!("  CA SHA-256:     {}", report.ca_sha256);
     println!("  trust domain:   spiffe://{}", report.trust_domain);
+    if let Some(csr) = &report.relay_ca_csr {
+        println!(
+            "  relay CA CSR:   {} (sign it with your root CA and install the certificate as {dir}/relay-ca.pem)",
+            csr.display()
+        );
+    }
     println!("  admin token:    {dir}/admin.token (keep it secret)");
     println!("  ctl context:    {}", report.context_file.display());
     println!("next:");
@@ -209,6 +215,7 @@ pub(crate) fn controller(command: ControllerCommand) -> anyhow::Result<()> {
             tls_key,
             tls_ca,
             trust_domain,
+            upstream_ca,
             database,
         } => controller_init(comsat_controller::InitOptions {
             data_dir,
@@ -217,6 +224,7 @@ pub(crate) fn controller(command: ControllerCommand) -> anyhow::Result<()> {
             tls_key,
             tls_ca,
             trust_domain,
+            upstream_ca,
             database,
         }),
         ControllerCommand::Run {

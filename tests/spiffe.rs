@@ -136,31 +136,328 @@ async fn relays_and_agents_hold_x509_svids_of_the_trust_domain() -> Result<()> {
     );
 
     // An independent SPIFFE library agrees.
+    py_spiffe_agrees(&c, bundle.as_bytes(), &["relay-1", "a", "b"])
+}
+
+/// With `COMSAT_TEST_SPIFFE_PYTHON`, py-spiffe parses the certificates of
+/// `nodes` in `c` (relays' `tls.crt`, agents' `svid.pem`, with their keys)
+/// as X.509-SVIDs of their SPIFFE IDs in [`DOMAIN`], and `bundle` (as the
+/// bundle endpoint served it) as the bundle they chain to.
+fn py_spiffe_agrees(c: &Fleet, bundle: &[u8], nodes: &[&str]) -> Result<()> {
     let Some(python) = from_env("COMSAT_TEST_SPIFFE_PYTHON", "the py-spiffe check") else {
         return Ok(());
     };
     let bundle_file = c.path("bundle.json");
-    std::fs::write(&bundle_file, &bundle)?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/spiffe/svids.py");
+    std::fs::write(&bundle_file, bundle)?;
     let mut cmd = Command::new(python);
-    cmd.arg(script)
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/spiffe/svids.py"))
         .args(["--trust-domain", DOMAIN, "--bundle"])
         .arg(&bundle_file);
-    let svids = [
-        ("relay-1/tls.crt", "relay-1/tls.key", relay_id.clone()),
-        (
-            "a/svid.pem",
-            "a/svid.key",
-            format!("spiffe://{DOMAIN}/agent/a"),
-        ),
-        (
-            "b/svid.pem",
-            "b/svid.key",
-            format!("spiffe://{DOMAIN}/agent/b"),
-        ),
-    ];
-    for (cert, key, id) in &svids {
-        cmd.arg("--svid").arg(c.path(cert)).arg(c.path(key)).arg(id);
+    for node in nodes {
+        let (cert, key, id) = match node.strip_prefix("relay-") {
+            Some(_) => (
+                "tls.crt",
+                "tls.key",
+                format!("spiffe://{DOMAIN}/relay/{node}"),
+            ),
+            None => (
+                "svid.pem",
+                "svid.key",
+                format!("spiffe://{DOMAIN}/agent/{node}"),
+            ),
+        };
+        cmd.arg("--svid")
+            .arg(c.path(&format!("{node}/{cert}")))
+            .arg(c.path(&format!("{node}/{key}")))
+            .arg(id);
     }
     passes(cmd, None, "comsat's X.509-SVIDs and SPIFFE bundle")
+}
+
+/// Runs `openssl ARGS` in `dir`; fails with its output.
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let mut cmd = Command::new("openssl");
+    cmd.current_dir(dir).args(args);
+    passes(cmd, None, "its arguments")
+}
+
+/// The operator's root CA, made where it stays: `root.pem` and `root.key`
+/// in `dir`, as the documentation makes it.
+fn make_root(dir: &Path) -> Result<()> {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "root.key",
+            "-out",
+            "root.pem",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=Example root CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    )
+}
+
+/// Signs the CSR of a controller initialised with `--upstream-ca` where
+/// the root is (`root_dir`), as the documentation does, and installs the
+/// certificate in the controller's data dir.
+fn sign_relay_ca(root_dir: &Path, ctl_dir: &Path, domain: &str) -> Result<()> {
+    std::fs::copy(ctl_dir.join("relay-ca.csr"), root_dir.join("relay-ca.csr"))?;
+    std::fs::write(
+        root_dir.join("relay-ca.ext"),
+        format!(
+            "basicConstraints = critical, CA:TRUE, pathlen:0\n\
+             keyUsage = critical, keyCertSign, cRLSign\n\
+             subjectAltName = URI:spiffe://{domain}\n"
+        ),
+    )?;
+    openssl(
+        root_dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "relay-ca.csr",
+            "-CA",
+            "root.pem",
+            "-CAkey",
+            "root.key",
+            "-CAcreateserial",
+            "-days",
+            "365",
+            "-extfile",
+            "relay-ca.ext",
+            "-out",
+            "relay-ca.pem",
+        ],
+    )?;
+    std::fs::copy(root_dir.join("relay-ca.pem"), ctl_dir.join("relay-ca.pem"))?;
+    Ok(())
+}
+
+/// A controller of trust domain `domain` under the root in `root_dir`,
+/// running once its relay CA is signed.
+fn site_under(root_dir: &Path, domain: &str) -> Result<Fleet> {
+    let root = root_dir.join("root.pem");
+    let mut c = Fleet::init_in(
+        Net::default(),
+        None,
+        |t| t,
+        |_| {
+            Ok(vec![
+                "--trust-domain".to_owned(),
+                domain.to_owned(),
+                "--upstream-ca".to_owned(),
+                s(&root),
+            ])
+        },
+    )?;
+    let ctl_dir = c.path("controller");
+    // Until the relay CA is signed, the controller says what to do.
+    let (code, _, err) = comsat(&["controller", "run", "--data-dir", &s(&ctl_dir)])?;
+    ensure!(
+        code == 2 && err.contains("relay-ca.pem") && err.contains("relay-ca.csr"),
+        "{code}: {err}"
+    );
+    sign_relay_ca(root_dir, &ctl_dir, domain)?;
+    c.run_controller()?;
+    Ok(c)
+}
+
+/// Every file under `dir`, read.
+fn files_under(dir: &Path) -> Result<Vec<(std::path::PathBuf, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            out.extend(files_under(&path)?);
+        } else if path.is_file() {
+            out.push((path.clone(), std::fs::read(&path)?));
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_under_an_upstream_root_chains_to_it_and_never_holds_its_key() -> Result<()> {
+    if Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("openssl is not installed: the upstream root test does not run");
+        return Ok(());
+    }
+    // The operator's root, on a machine of its own (here a directory no
+    // controller reads).
+    let root_dir = tempfile::tempdir()?;
+    make_root(root_dir.path())?;
+    let mut a = site_under(root_dir.path(), DOMAIN)?;
+    a.enrol_relay("relay-1")?;
+    a.enrol_agent("a")?;
+    a.enrol_agent("b")?;
+    a.wait_relays_healthy(1)?;
+    let target = hash_server().await?;
+    let listen = a.create_link("demo", target, &[])?;
+    round_trip_eventually(listen, 1 << 20)
+        .await
+        .with_context(|| a.logs())?;
+
+    // What the controller issues chains to the root, as OpenSSL checks it.
+    for (cert, what) in [("relay-1/tls.crt", "relay"), ("a/svid.pem", "agent")] {
+        wait_for(CONVERGE, || {
+            ensure!(a.path(cert).exists(), "no {what} certificate yet");
+            Ok(())
+        })?;
+        let mut cmd = Command::new("openssl");
+        cmd.args(["verify", "-CAfile"])
+            .arg(root_dir.path().join("root.pem"))
+            .arg("-untrusted")
+            .arg(a.path("controller/relay-ca.pem"))
+            .arg(a.path(cert));
+        passes(cmd, None, &format!("the {what}'s certificate chain"))?;
+    }
+    // The bundle is the root.
+    let url = controller_url(&a)?;
+    let bundle: api::SpiffeBundle = http_client(&a)?
+        .get(format!("{url}{}", api::PATH_SPIFFE_BUNDLE))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let root_der = comsat_node::client::read_ca_pem(&std::fs::read_to_string(
+        root_dir.path().join("root.pem"),
+    )?)?;
+    use base64::Engine;
+    let x5c = base64::engine::general_purpose::STANDARD.decode(&bundle.keys[0].x5c[0])?;
+    ensure!(
+        bundle.keys.len() == 1 && x5c == root_der[0].as_ref(),
+        "the bundle is not the root: {bundle:?}"
+    );
+
+    py_spiffe_agrees(&a, &serde_json::to_vec(&bundle)?, &["relay-1", "a"])?;
+
+    // The root's key is nowhere on the controller's or the nodes' side.
+    let root_key = std::fs::read_to_string(root_dir.path().join("root.key"))?;
+    let body: String = root_key
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    for (path, bytes) in files_under(a.dir.path())? {
+        let text = String::from_utf8_lossy(&bytes).replace(['\n', '\r'], "");
+        ensure!(
+            !text.contains(&body),
+            "{} holds the root's key",
+            path.display()
+        );
+    }
+
+    a_compromised_site_cannot_pose_as_a_relay(&mut a, root_dir.path(), listen).await
+}
+
+/// A second site under the same root as `a` (in `root_dir`), with a trust
+/// domain of its own, is compromised: its CA makes a certificate with site
+/// A's relay's SPIFFE ID and host, and one of its relays serves it at site
+/// A's relay's address. Site A's agents refuse it, and no byte flows
+/// through it to `listen`'s link.
+async fn a_compromised_site_cannot_pose_as_a_relay(
+    a: &mut Fleet,
+    root_dir: &Path,
+    listen: std::net::SocketAddr,
+) -> Result<()> {
+    let mut b = site_under(root_dir, "site-b.example")?;
+    b.enrol_relay_only("relay-1")?;
+    let b_dir = b.path("relay-1");
+    let forged = forge_relay_cert(&b, &b_dir, &format!("spiffe://{DOMAIN}/relay/relay-1"))?;
+    std::fs::write(b_dir.join("tls.crt"), &forged)?;
+    std::fs::write(root_dir.join("forged.pem"), &forged)?;
+    // It does chain to the shared root: an agent trusting the root would
+    // take it.
+    let mut cmd = Command::new("openssl");
+    cmd.current_dir(root_dir).args([
+        "verify",
+        "-CAfile",
+        "root.pem",
+        "-untrusted",
+        "forged.pem",
+        "forged.pem",
+    ]);
+    passes(cmd, None, "the forged certificate's chain")?;
+    let a_relay = a.relays[0].2;
+    let a_admin = a.agents.iter().find(|x| x.0 == "a").context("agent a")?.2;
+    let failures = || -> Result<f64> {
+        Ok(comsat_tests::proc::metric(
+            &comsat_tests::proc::scrape(a_admin)?,
+            "comsat_agent_relay_connect_failures_total",
+        ))
+    };
+    let before = failures()?;
+    // Site A's relay stops (it tells its agents), and the impostor takes
+    // its address.
+    a.relays[0].1.interrupt()?;
+    wait_for(CONVERGE, || {
+        ensure!(!a.relays[0].1.is_running(), "site A's relay still runs");
+        Ok(())
+    })?;
+    let _impostor = comsat_tests::proc::Proc::spawn(
+        bin(),
+        "impostor",
+        &[
+            "relay",
+            "run",
+            "--data-dir",
+            &s(&b_dir),
+            "--listen",
+            &a_relay.to_string(),
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        b.dir.path(),
+    )?;
+    // Site A's agents anchor relay certificates at site A's CA, not at the
+    // root: they refuse it, and no byte flows.
+    wait_for(3 * CONVERGE, || {
+        let log = a.agent("a")?.log();
+        ensure!(
+            log.contains("UnknownIssuer"),
+            "agent a has not refused the impostor"
+        );
+        Ok(())
+    })
+    .with_context(|| a.logs())?;
+    ensure!(failures()? > before, "the refusal is not counted");
+    ensure!(
+        round_trip(listen, 1024, 3).await.is_err(),
+        "bytes flowed through the impostor"
+    );
+    Ok(())
+}
+
+/// A relay certificate for the key of site `b`'s relay in `relay_dir`,
+/// naming `spiffe_id` and 127.0.0.1, signed with site B's CA, followed by
+/// site B's CA certificate.
+fn forge_relay_cert(b: &Fleet, relay_dir: &Path, spiffe_id: &str) -> Result<String> {
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(b.path("controller/relay-ca.key"))?)?;
+    let ca_pem = std::fs::read_to_string(b.path("controller/relay-ca.pem"))?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(relay_dir.join("tls.key"))?)?;
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::URI(rcgen::string::Ia5String::try_from(
+            spiffe_id,
+        )?));
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    Ok(params.signed_by(&key, &issuer)?.pem() + &ca_pem)
 }

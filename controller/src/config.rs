@@ -30,6 +30,7 @@
 //! | `ca` | `ca.pem` | the CA nodes pin (its SHA-256 goes into join tokens; served at `/v1/ca`) |
 //! | `relay_ca_cert` | `relay-ca.pem` | the CA that signs relay certificates (agents trust it) |
 //! | `relay_ca_key` | `relay-ca.key` | its private key (mode 0600) |
+//! | `upstream_ca` | `upstream-ca.pem` | if the file exists: the operator's root(s) the relay CA is an intermediate under (`controller init --upstream-ca`); certificates must chain to it, and it is the trust domain's bundle |
 //! | `authority_key` | `authority.key` | the ed25519 authority key that signs grants (mode 0600) |
 //! | `database` | `controller.db` | the SQLite database (unused with `--database postgres://…` / `COMSAT_DATABASE_URL`, which is never read from this file: it may hold a password) |
 //!
@@ -190,6 +191,9 @@ pub struct ControllerConfig {
     /// The relay CA key.
     #[serde(default = "relay_ca_key_default")]
     pub relay_ca_key: PathBuf,
+    /// The operator's upstream CA, if the file exists.
+    #[serde(default = "upstream_ca_default")]
+    pub upstream_ca: PathBuf,
     /// The authority key.
     #[serde(default = "authority_key_default")]
     pub authority_key: PathBuf,
@@ -212,6 +216,9 @@ fn relay_ca_cert_default() -> PathBuf {
 }
 fn relay_ca_key_default() -> PathBuf {
     path_default("relay-ca.key")
+}
+fn upstream_ca_default() -> PathBuf {
+    path_default("upstream-ca.pem")
 }
 fn authority_key_default() -> PathBuf {
     path_default("authority.key")
@@ -247,6 +254,7 @@ impl Default for ControllerConfig {
             ca: ca_default(),
             relay_ca_cert: relay_ca_cert_default(),
             relay_ca_key: relay_ca_key_default(),
+            upstream_ca: upstream_ca_default(),
             authority_key: authority_key_default(),
             database: database_default(),
         }
@@ -493,6 +501,7 @@ impl ControllerConfig {
             &mut config.ca,
             &mut config.relay_ca_cert,
             &mut config.relay_ca_key,
+            &mut config.upstream_ca,
             &mut config.authority_key,
             &mut config.database,
         ] {

@@ -6,8 +6,11 @@
 //! ca.pem            the CA nodes pin for the controller API
 //! ca.key            its key, when generated here (0600)
 //! tls.crt, tls.key  the HTTPS certificate and key (key 0600)
-//! relay-ca.pem      the CA that signs relay certificates (agents trust it)
+//! relay-ca.pem      the CA that signs relay certificates and agents' SVIDs
+//!                   (agents trust it); with --upstream-ca, the operator
+//!                   installs it, signed from relay-ca.csr
 //! relay-ca.key      its key (0600)
+//! upstream-ca.pem   with --upstream-ca: the operator's root(s)
 //! controller.db     the SQLite database
 //! admin.token       the first admin API token (0600; only its hash is in the db)
 //! context.toml      what `comsat ctl` needs to reach this controller
@@ -57,6 +60,12 @@ pub struct InitOptions {
     /// The SPIFFE trust domain (default: the host of `public_url` if it
     /// is a DNS name, else `comsat.internal`).
     pub trust_domain: Option<String>,
+    /// The operator's root CA (PEM, certificates only): the relay CA
+    /// becomes an intermediate under it. `init` then writes a CSR
+    /// (`relay-ca.csr`) for the operator to sign where the root's key is,
+    /// and the controller runs once the signed certificate is installed
+    /// as `relay-ca.pem`.
+    pub upstream_ca: Option<PathBuf>,
     /// A PostgreSQL database instead of the SQLite file (it must hold no
     /// controller yet: a second controller copies the first one's data
     /// dir and runs with the same database).
@@ -74,6 +83,8 @@ pub struct InitReport {
     pub ca_sha256: String,
     /// The SPIFFE trust domain.
     pub trust_domain: String,
+    /// With an upstream CA: the CSR of the relay CA to have it sign.
+    pub relay_ca_csr: Option<PathBuf>,
     /// The `comsat ctl` context file.
     pub context_file: PathBuf,
 }
@@ -117,6 +128,28 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, ControllerError> {
         message: e.to_string(),
     })?;
     let operator_tls = operator_tls(opts)?;
+    let upstream = match &opts.upstream_ca {
+        Some(path) => {
+            let pem = read_file(path, "--upstream-ca")?;
+            if key_in(&pem) {
+                return Err(ControllerError::Option {
+                    option: "--upstream-ca",
+                    message: format!(
+                        "{} holds a private key: give the root's certificate only; its key \
+                         stays where it is and signs relay-ca.csr there",
+                        path.display()
+                    ),
+                });
+            }
+            // Certificates that a bundle can hold.
+            pki::spiffe_bundle(&pem).map_err(|e| ControllerError::Option {
+                option: "--upstream-ca",
+                message: format!("{}: {e}", path.display()),
+            })?;
+            Some(pem)
+        }
+        None => None,
+    };
     let trust_domain = match &opts.trust_domain {
         Some(domain) => {
             comsat_protocol::spiffe::check_trust_domain(domain).map_err(|why| {
@@ -150,12 +183,8 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, ControllerError> {
     let ca_sha256 =
         hex::encode(pki::first_cert_sha256(&ca_pem).map_err(ControllerError::pki(&ca_path))?);
 
-    // The relay CA.
-    let relay_ca_path = dir.join("relay-ca.pem");
-    let relay_ca =
-        pki::generate_ca("comsat relay CA").map_err(ControllerError::pki(&relay_ca_path))?;
-    write_secret_file(&dir.join("relay-ca.key"), relay_ca.key_pem.as_bytes())?;
-    write_public(&relay_ca_path, relay_ca.cert_pem.as_bytes())?;
+    // The relay CA: self-signed, or a CSR for the upstream CA to sign.
+    let relay_ca_csr = relay_ca(dir, upstream.as_deref(), &trust_domain)?;
 
     // The first admin token; only its hash goes into the database.
     let token = format!(
@@ -180,8 +209,38 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, ControllerError> {
         public_url,
         ca_sha256,
         trust_domain,
+        relay_ca_csr,
         context_file,
     })
+}
+
+/// Whether a PEM text holds a private key.
+fn key_in(pem: &[u8]) -> bool {
+    String::from_utf8_lossy(pem).contains("PRIVATE KEY-----")
+}
+
+/// Makes the relay CA: a self-signed one, or, under `upstream` (the
+/// operator's roots, written to `upstream-ca.pem`), a key and a CSR for
+/// the operator to sign. Returns the CSR's path.
+fn relay_ca(
+    dir: &Path,
+    upstream: Option<&[u8]>,
+    trust_domain: &str,
+) -> Result<Option<PathBuf>, ControllerError> {
+    let relay_ca_path = dir.join("relay-ca.pem");
+    let Some(upstream) = upstream else {
+        let relay_ca =
+            pki::generate_ca("comsat relay CA").map_err(ControllerError::pki(&relay_ca_path))?;
+        write_secret_file(&dir.join("relay-ca.key"), relay_ca.key_pem.as_bytes())?;
+        write_public(&relay_ca_path, relay_ca.cert_pem.as_bytes())?;
+        return Ok(None);
+    };
+    let csr_path = dir.join("relay-ca.csr");
+    let (csr, key) = pki::generate_ca_csr(trust_domain).map_err(ControllerError::pki(&csr_path))?;
+    write_secret_file(&dir.join("relay-ca.key"), key.as_bytes())?;
+    write_public(&csr_path, csr.as_bytes())?;
+    write_public(&dir.join("upstream-ca.pem"), upstream)?;
+    Ok(Some(csr_path))
 }
 
 /// Refuses a directory that holds a controller (or part of one).
@@ -413,6 +472,49 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
+    fn init_under_an_upstream_ca_writes_a_csr_and_never_takes_a_key() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = pki::generate_ca("root").expect("root");
+        let root_pem = tmp.path().join("root.pem");
+        std::fs::write(&root_pem, &root.cert_pem).expect("write");
+        let dir = tmp.path().join("ctl");
+        let report = init(&InitOptions {
+            data_dir: dir.clone(),
+            trust_domain: Some("site-a.example".into()),
+            upstream_ca: Some(root_pem),
+            ..Default::default()
+        })
+        .expect("init");
+        assert_eq!(report.relay_ca_csr, Some(dir.join("relay-ca.csr")));
+        let csr = std::fs::read_to_string(dir.join("relay-ca.csr")).expect("csr");
+        let parsed = pki::parse_csr(&csr).expect("a CSR");
+        assert!(
+            format!("{:?}", parsed.params.subject_alt_names).contains("spiffe://site-a.example"),
+            "{:?}",
+            parsed.params.subject_alt_names
+        );
+        assert!(
+            !dir.join("relay-ca.pem").exists(),
+            "the operator installs it"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("upstream-ca.pem")).expect("root"),
+            root.cert_pem
+        );
+        // A file with the root's key in it is refused.
+        let with_key = tmp.path().join("root-and-key.pem");
+        std::fs::write(&with_key, format!("{}{}", root.cert_pem, root.key_pem)).expect("write");
+        let err = init(&InitOptions {
+            data_dir: tmp.path().join("other"),
+            upstream_ca: Some(with_key),
+            ..Default::default()
+        })
+        .expect_err("a key");
+        assert!(err.to_string().contains("holds a private key"), "{err}");
+        assert!(!tmp.path().join("other").exists(), "nothing written");
+    }
+
+    #[test]
     fn init_writes_a_complete_private_data_dir_once() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("ctl");
@@ -488,6 +590,7 @@ mod tests {
             tls_key: Some(key_path.clone()),
             tls_ca: None,
             trust_domain: None,
+            upstream_ca: None,
             database: None,
         })
         .expect("init");

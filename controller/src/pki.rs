@@ -111,10 +111,37 @@ pub fn generate_ca(common_name: &str) -> Result<CaFiles, PkiError> {
     })
 }
 
+/// A new key for the controller's signing CA, and a CSR for the operator's
+/// upstream CA to sign into a CA certificate for the trust domain (the CSR
+/// names `spiffe://DOMAIN`, as SPIFFE signing CAs do). Returns (CSR PEM,
+/// key PEM).
+pub fn generate_ca_csr(trust_domain: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate().map_err(rc("generating a CA key"))?;
+    // A CSR carries the name; the signer makes it a CA (CA:TRUE, pathlen
+    // 0, keyCertSign and cRLSign), as the documentation shows.
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc("CA parameters"))?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("comsat {trust_domain} CA"));
+    let uri = rcgen::string::Ia5String::try_from(format!("spiffe://{trust_domain}"))
+        .map_err(rc("the trust domain's URI"))?;
+    params.subject_alt_names.push(SanType::URI(uri));
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|r| r.pem())
+        .map_err(rc("the CA's certificate signing request"))?;
+    Ok((csr, key.serialize_pem()))
+}
+
 /// An issuer loaded from a CA's files.
 pub struct CaIssuer {
     issuer: Issuer<'static, KeyPair>,
+    /// Its own certificate, PEM.
     cert_pem: String,
+    /// The certificates an issued one is followed by: the CA's file
+    /// (itself and the intermediates above it) when the CA is not
+    /// self-signed; empty when it is.
+    chain_pem: String,
 }
 
 impl std::fmt::Debug for CaIssuer {
@@ -158,20 +185,75 @@ fn leaf_params(
 }
 
 impl CaIssuer {
-    /// Loads a CA from its certificate and key PEM.
+    /// Loads a CA from its key and its certificate PEM: the CA's own
+    /// certificate first, then, for a CA under an upstream one, the
+    /// intermediates above it.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let key = KeyPair::from_pem(key_pem).map_err(rc("reading the CA key"))?;
+        let first = certs_from_pem(cert_pem.as_bytes())?.remove(0);
+        let own_pem = der_to_pem(first.as_ref());
         let issuer =
-            Issuer::from_ca_cert_pem(cert_pem, key).map_err(rc("reading the CA certificate"))?;
+            Issuer::from_ca_cert_pem(&own_pem, key).map_err(rc("reading the CA certificate"))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(first.as_ref())
+            .map_err(|e| PkiError::Pem(format!("the CA certificate does not parse: {e}")))?;
+        let self_signed = parsed.subject() == parsed.issuer();
         Ok(Self {
             issuer,
-            cert_pem: cert_pem.to_owned(),
+            cert_pem: own_pem,
+            chain_pem: if self_signed {
+                String::new()
+            } else {
+                cert_pem.to_owned()
+            },
         })
     }
 
-    /// The CA certificate, PEM.
+    /// The CA's own certificate, PEM: what agents anchor relay
+    /// certificates to.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// Checks that this CA, under an upstream CA, issues certificates that
+    /// chain to `upstream_pem` (the roots): that its key is its
+    /// certificate's, that it may sign, and that its chain verifies, as a
+    /// TLS peer checks it, with a probe certificate issued now.
+    pub fn check_chains_to(
+        &self,
+        upstream_pem: &[u8],
+        trust_domain: &str,
+        now: u64,
+    ) -> Result<(), PkiError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for root in certs_from_pem(upstream_pem)? {
+            roots.add(root).map_err(PkiError::PinnedCaUnusable)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| PkiError::Pem(format!("the upstream CA is unusable: {e}")))?;
+        let key = KeyPair::generate().map_err(rc("generating a probe key"))?;
+        let csr = CertificateParams::new(Vec::<String>::new())
+            .and_then(|p| p.serialize_request(&key))
+            .and_then(|r| r.pem())
+            .map_err(rc("a probe CSR"))?;
+        let probe = format!("spiffe://{trust_domain}/comsat/probe");
+        let pem = self.issue_svid(&csr, Svid::Agent, &probe, now, Duration::from_secs(600))?;
+        let chain = certs_from_pem(pem.as_bytes())?;
+        let (leaf, rest) = chain.split_first().ok_or(PkiError::NoCertificate)?;
+        verifier
+            .verify_client_cert(
+                leaf,
+                rest,
+                rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(now)),
+            )
+            .map_err(|e| {
+                PkiError::Pem(format!(
+                    "certificates it issues do not verify against the upstream CA: {e}"
+                ))
+            })?;
+        Ok(())
     }
 
     /// A new key and server certificate for `names` (IP addresses become
@@ -224,7 +306,7 @@ impl CaIssuer {
         let cert = csr
             .signed_by(&self.issuer)
             .map_err(rc("signing the certificate"))?;
-        Ok(cert.pem())
+        Ok(cert.pem() + &self.chain_pem)
     }
 }
 
@@ -299,42 +381,79 @@ fn der_to_pem(der: &[u8]) -> String {
     out
 }
 
-/// The SPIFFE bundle of the X.509 authorities in `ca_pem` (P-256 CAs, as
-/// the controller makes them): a JWK each, with the certificate in `x5c`.
-/// Its sequence is the newest authority's notBefore, so it grows when an
-/// authority is added.
+/// The SPIFFE bundle of the X.509 authorities in `ca_pem` (EC P-256,
+/// P-384 and P-521 or RSA keys): a JWK each, with the certificate in
+/// `x5c`. Its sequence is the newest authority's notBefore, so it grows
+/// when an authority is added.
 pub fn spiffe_bundle(ca_pem: &[u8]) -> Result<comsat_protocol::api::SpiffeBundle, PkiError> {
-    use base64::Engine;
-    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
     let mut keys = Vec::new();
     let mut sequence = 0u64;
     for der in certs_from_pem(ca_pem)? {
         let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
             .map_err(|e| PkiError::Pem(format!("a CA certificate does not parse: {e}")))?;
-        let point = &cert.public_key().subject_public_key.data;
-        // An uncompressed P-256 point: 0x04, x, y.
-        let (Some(0x04), 65) = (point.first().copied(), point.len()) else {
-            return Err(PkiError::Pem(
-                "a CA key is not an uncompressed P-256 point: the bundle holds EC P-256 authorities"
-                    .into(),
-            ));
-        };
         let not_before = cert.validity().not_before.timestamp();
         sequence = sequence.max(u64::try_from(not_before).unwrap_or(0));
-        keys.push(comsat_protocol::api::BundleKey {
-            kty: "EC".into(),
-            crv: "P-256".into(),
-            x: URL_SAFE_NO_PAD.encode(&point[1..33]),
-            y: URL_SAFE_NO_PAD.encode(&point[33..]),
-            use_: "x509-svid".into(),
-            x5c: vec![STANDARD.encode(der.as_ref())],
-        });
+        keys.push(bundle_key(&cert, der.as_ref())?);
     }
     Ok(comsat_protocol::api::SpiffeBundle {
         keys,
         spiffe_sequence: sequence,
         spiffe_refresh_hint: comsat_protocol::api::SPIFFE_REFRESH_HINT_SECS,
     })
+}
+
+/// An X.509 authority as a JWK of a SPIFFE bundle.
+fn bundle_key(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+    der: &[u8],
+) -> Result<comsat_protocol::api::BundleKey, PkiError> {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    use x509_parser::public_key::PublicKey;
+    let b64 = |bytes: &[u8]| Some(URL_SAFE_NO_PAD.encode(bytes));
+    let unusable = || {
+        PkiError::Pem(format!(
+            "the key of CA `{}` is neither EC (P-256, P-384, P-521) nor RSA",
+            cert.subject()
+        ))
+    };
+    let mut key = comsat_protocol::api::BundleKey {
+        kty: "EC".into(),
+        crv: None,
+        x: None,
+        y: None,
+        n: None,
+        e: None,
+        use_: "x509-svid".into(),
+        x5c: vec![STANDARD.encode(der)],
+    };
+    match cert.public_key().parsed().map_err(|_| unusable())? {
+        PublicKey::EC(point) => {
+            // Uncompressed: 0x04, x, y.
+            let point = point.data();
+            let crv = match point.len() {
+                65 => "P-256",
+                97 => "P-384",
+                133 => "P-521",
+                _ => return Err(unusable()),
+            };
+            if point.first() != Some(&0x04) {
+                return Err(unusable());
+            }
+            let half = (point.len() - 1) / 2;
+            key.crv = Some(crv.into());
+            key.x = b64(&point[1..=half]);
+            key.y = b64(&point[1 + half..]);
+        }
+        PublicKey::RSA(rsa) => {
+            let trim = |b: &[u8]| b.iter().position(|&x| x != 0).map_or(0, |i| i);
+            key.kty = "RSA".into();
+            key.n = b64(&rsa.modulus[trim(rsa.modulus)..]);
+            key.e = b64(&rsa.exponent[trim(rsa.exponent)..]);
+        }
+        _ => return Err(unusable()),
+    }
+    Ok(key)
 }
 
 /// Checks a new HTTPS certificate before it replaces the served one: the
@@ -513,7 +632,10 @@ mod tests {
             spiffe_bundle(format!("{}{}", a.cert_pem, b.cert_pem).as_bytes()).expect("bundle");
         assert_eq!(bundle.keys.len(), 2);
         let key = &bundle.keys[0];
-        assert_eq!((key.kty.as_str(), key.crv.as_str()), ("EC", "P-256"));
+        assert_eq!(
+            (key.kty.as_str(), key.crv.as_deref()),
+            ("EC", Some("P-256"))
+        );
         assert_eq!(key.use_, "x509-svid");
         use base64::Engine;
         let der = base64::engine::general_purpose::STANDARD
@@ -524,7 +646,7 @@ mod tests {
             certs_from_pem(a.cert_pem.as_bytes()).expect("a")[0].as_ref()
         );
         let x = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(&key.x)
+            .decode(key.x.as_deref().expect("x"))
             .expect("x");
         let spki = KeyPair::from_pem(&a.key_pem)
             .expect("key")
@@ -533,6 +655,56 @@ mod tests {
         assert_eq!(x, spki[1..33], "x is the CA key's");
         assert!(bundle.spiffe_sequence > 1_700_000_000);
         assert!(spiffe_bundle(b"garbage").is_err());
+    }
+
+    /// A root, and the relay CA of `generate_ca_csr` it signed as a CA
+    /// for `domain`: (root PEM, relay CA PEM, relay CA key PEM).
+    fn signed_under_a_root(domain: &str) -> (String, String, String) {
+        let root = generate_ca("root").expect("root");
+        let root_key = KeyPair::from_pem(&root.key_pem).expect("key");
+        let root_issuer = Issuer::from_ca_cert_pem(&root.cert_pem, root_key).expect("issuer");
+        let (csr, key) = generate_ca_csr(domain).expect("csr");
+        let mut csr = parse_csr(&csr).expect("parse");
+        csr.params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        csr.params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = csr.signed_by(&root_issuer).expect("sign");
+        (root.cert_pem, cert.pem(), key)
+    }
+
+    #[test]
+    fn a_ca_under_a_root_issues_chains_that_verify_to_it_and_no_other() {
+        let (root, relay_ca, key) = signed_under_a_root("site-a.example");
+        let issuer = CaIssuer::from_pem(&relay_ca, &key).expect("issuer");
+        issuer
+            .check_chains_to(root.as_bytes(), "site-a.example", 1_800_000_000)
+            .expect("chains to its root");
+        // Issued certificates carry the intermediate after them.
+        let key = KeyPair::generate().expect("key");
+        let pem = issuer
+            .issue_svid(
+                &csr_asking_for("x", &key),
+                Svid::Agent,
+                "spiffe://site-a.example/agent/a",
+                1_800_000_000,
+                Duration::from_secs(600),
+            )
+            .expect("issue");
+        assert_eq!(certs_from_pem(pem.as_bytes()).expect("chain").len(), 2);
+        assert_eq!(issuer.cert_pem(), der_to_pem(issued(&relay_ca).as_ref()));
+        // Another root, or a key that is not the certificate's, fails.
+        let other = generate_ca("another root").expect("root");
+        let err = issuer
+            .check_chains_to(other.cert_pem.as_bytes(), "site-a.example", 1_800_000_000)
+            .expect_err("another root");
+        assert!(err.to_string().contains("upstream CA"), "{err}");
+        let stranger = KeyPair::generate().expect("key").serialize_pem();
+        let wrong = CaIssuer::from_pem(&relay_ca, &stranger).expect("loads");
+        assert!(
+            wrong
+                .check_chains_to(root.as_bytes(), "site-a.example", 1_800_000_000)
+                .is_err(),
+            "a key that is not the CA certificate's"
+        );
     }
 
     #[test]

@@ -107,6 +107,46 @@ fn read_secret(path: &Path, dir: &Path) -> Result<String, ControllerError> {
     Ok(comsat_node::keys::read_secret_file(path)?.to_string())
 }
 
+/// The CA that signs every SVID (`relay_ca_cert`, with its key), and the
+/// trust domain's SPIFFE bundle (JSON): the upstream CA's roots if the
+/// relay CA is under one (which it must then chain to), else the relay CA.
+fn signing_ca(
+    config: &ControllerConfig,
+    dir: &Path,
+) -> Result<(CaIssuer, String), ControllerError> {
+    let csr = config.relay_ca_cert.with_extension("csr");
+    if !config.relay_ca_cert.exists() && csr.exists() {
+        return Err(ControllerError::Config {
+            path: config.relay_ca_cert.clone(),
+            message: format!(
+                "missing: have your upstream CA sign {} (a CA certificate for the trust \
+                 domain) and put the certificate, followed by any intermediates above it, here",
+                csr.display()
+            ),
+        });
+    }
+    let relay_ca_pem = read_text(&config.relay_ca_cert, dir)?;
+    let relay_ca_key = read_secret(&config.relay_ca_key, dir)?;
+    let relay_ca = CaIssuer::from_pem(&relay_ca_pem, &relay_ca_key)
+        .map_err(ControllerError::pki(&config.relay_ca_cert))?;
+    let bundle_pem = if config.upstream_ca.exists() {
+        let upstream = read_text(&config.upstream_ca, dir)?;
+        relay_ca
+            .check_chains_to(upstream.as_bytes(), &config.trust_domain(), unix_now())
+            .map_err(ControllerError::pki(&config.relay_ca_cert))?;
+        upstream
+    } else {
+        relay_ca.cert_pem().to_owned()
+    };
+    let bundle = pki::spiffe_bundle(bundle_pem.as_bytes())
+        .map_err(ControllerError::pki(&config.upstream_ca))?;
+    let json = serde_json::to_string(&bundle).map_err(|e| ControllerError::Config {
+        path: config.upstream_ca.clone(),
+        message: e.to_string(),
+    })?;
+    Ok((relay_ca, json))
+}
+
 impl Controller {
     /// Reads the data dir, opens the database (applying migrations) and
     /// binds the listen address.
@@ -123,18 +163,7 @@ impl Controller {
         let ca_pem = read_text(&config.ca, dir)?;
         let ca_sha256 =
             pki::first_cert_sha256(ca_pem.as_bytes()).map_err(ControllerError::pki(&config.ca))?;
-        let relay_ca_pem = read_text(&config.relay_ca_cert, dir)?;
-        let relay_ca_key = read_secret(&config.relay_ca_key, dir)?;
-        let relay_ca = CaIssuer::from_pem(&relay_ca_pem, &relay_ca_key)
-            .map_err(ControllerError::pki(&config.relay_ca_cert))?;
-        let spiffe_bundle = pki::spiffe_bundle(relay_ca_pem.as_bytes())
-            .map_err(ControllerError::pki(&config.relay_ca_cert))
-            .and_then(|b| {
-                serde_json::to_string(&b).map_err(|e| ControllerError::Option {
-                    option: "relay_ca_cert",
-                    message: e.to_string(),
-                })
-            })?;
+        let (relay_ca, spiffe_bundle) = signing_ca(&config, dir)?;
         let cert_pem = read_text(&config.tls_cert, dir)?;
         let key_pem = read_secret(&config.tls_key, dir)?;
         let tls = pki::server_tls_config(cert_pem.as_bytes(), key_pem.as_bytes())

@@ -39,9 +39,14 @@ def bundle_authorities(trust_domain: TrustDomain, text: bytes) -> X509Bundle:
     by_der = {a.public_bytes(serialization.Encoding.DER): a for a in bundle.x509_authorities}
     for jwk, der in zip(doc["keys"], ders):
         numbers = by_der[der].public_key().public_numbers()
-        assert jwk["kty"] == "EC" and jwk["crv"] == "P-256", "not an EC P-256 JWK"
-        assert int.from_bytes(b64url(jwk["x"]), "big") == numbers.x, "x is not the certificate's"
-        assert int.from_bytes(b64url(jwk["y"]), "big") == numbers.y, "y is not the certificate's"
+        if jwk["kty"] == "EC":
+            assert jwk["crv"] == {256: "P-256", 384: "P-384", 521: "P-521"}[numbers.curve.key_size]
+            assert int.from_bytes(b64url(jwk["x"]), "big") == numbers.x, "x is not the certificate's"
+            assert int.from_bytes(b64url(jwk["y"]), "big") == numbers.y, "y is not the certificate's"
+        else:
+            assert jwk["kty"] == "RSA", f"a JWK of kty {jwk['kty']!r}"
+            assert int.from_bytes(b64url(jwk["n"]), "big") == numbers.n, "n is not the certificate's"
+            assert int.from_bytes(b64url(jwk["e"]), "big") == numbers.e, "e is not the certificate's"
     return bundle
 
 
@@ -60,11 +65,17 @@ def main() -> int:
             svid = X509Svid.parse(c.read(), k.read())
         assert svid.spiffe_id == SpiffeId(expected), f"{cert}: {svid.spiffe_id} is not {expected}"
         assert svid.spiffe_id.trust_domain == trust_domain
-        issuers = [a for a in bundle.x509_authorities if a.subject == svid.leaf.issuer]
+        # Each certificate of the chain is issued by the next, the last by
+        # an authority of the bundle.
+        chain = svid.cert_chain
+        for child, parent in zip(chain, chain[1:]):
+            child.verify_directly_issued_by(parent)
+        issuers = [a for a in bundle.x509_authorities if a.subject == chain[-1].issuer]
         for issuer in issuers:
-            svid.leaf.verify_directly_issued_by(issuer)
-        assert issuers, f"{cert}: no authority of the bundle issued it"
-        print(f"{cert}: an X.509-SVID of {svid.spiffe_id}, issued by the bundle's authority")
+            chain[-1].verify_directly_issued_by(issuer)
+        assert issuers, f"{cert}: no authority of the bundle issued its chain"
+        print(f"{cert}: an X.509-SVID of {svid.spiffe_id}, chained to the bundle "
+              f"({len(chain)} certificate(s))")
     print(f"bundle of {trust_domain}: {len(bundle.x509_authorities)} X.509 authority(ies)")
     return 0
 

@@ -194,6 +194,18 @@ impl Fleet {
         edit: impl FnOnce(String) -> String,
         init_args: impl FnOnce(&Path) -> Result<Vec<String>>,
     ) -> Result<Self> {
+        let mut c = Self::init_in(net, database, edit, init_args)?;
+        c.run_controller()?;
+        Ok(c)
+    }
+
+    /// Like [`Self::start_in`], without running the controller.
+    pub fn init_in(
+        net: Net,
+        database: Option<String>,
+        edit: impl FnOnce(String) -> String,
+        init_args: impl FnOnce(&Path) -> Result<Vec<String>>,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = free_tcp_port()?;
         let ctl_dir = dir.path().join("controller");
@@ -217,7 +229,7 @@ impl Fleet {
         let toml = ctl_dir.join("controller.toml");
         let text = std::fs::read_to_string(&toml)?;
         std::fs::write(&toml, edit(text))?;
-        let mut c = Self {
+        Ok(Self {
             dir,
             database,
             fallback: None,
@@ -226,9 +238,7 @@ impl Fleet {
             agents: Vec::new(),
             net,
             agent_args: Vec::new(),
-        };
-        c.run_controller()?;
-        Ok(c)
+        })
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

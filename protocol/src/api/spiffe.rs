@@ -24,17 +24,26 @@ pub struct SpiffeBundle {
     pub spiffe_refresh_hint: u64,
 }
 
-/// One X.509 authority of a [`SpiffeBundle`]: an EC P-256 JWK.
+/// One X.509 authority of a [`SpiffeBundle`]: an EC or RSA JWK.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BundleKey {
-    /// `EC`.
+    /// `EC` or `RSA`.
     pub kty: String,
-    /// `P-256`.
-    pub crv: String,
-    /// The public point's x, base64url without padding.
-    pub x: String,
-    /// The public point's y, base64url without padding.
-    pub y: String,
+    /// EC: `P-256`, `P-384` or `P-521`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crv: Option<String>,
+    /// EC: the public point's x, base64url without padding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x: Option<String>,
+    /// EC: the public point's y, base64url without padding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub y: Option<String>,
+    /// RSA: the modulus, base64url without padding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<String>,
+    /// RSA: the public exponent, base64url without padding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub e: Option<String>,
     /// `x509-svid`.
     #[serde(rename = "use")]
     pub use_: String,
