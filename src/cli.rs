@@ -238,6 +238,8 @@ pub(crate) enum RelayCommand {
         /// it, lanes go to the main port). Open the port too.
         #[arg(long, value_name = "PORT")]
         interactive_port: Option<u16>,
+        #[command(flatten)]
+        own_cert: comsat_node::state::OwnCert,
     },
 }
 
@@ -338,6 +340,9 @@ pub(crate) enum CtlCommand {
     },
     /// The flow log: each flow's caller, bytes and outcome, as its agents report it.
     Flows(comsat_node::ctl::log::FlowsArgs),
+    /// Bundles of the trust domains the controller federates with.
+    #[command(subcommand)]
+    Bundle(comsat_node::ctl::bundle::BundleCommand),
     /// Service accounts (automation) and their API tokens.
     #[command(name = "serviceaccount")]
     ServiceAccount {

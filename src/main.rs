@@ -161,6 +161,7 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Status => ctl::status(&c, out).await?,
         CtlCommand::Audit { command } => ctl::log::audit(&c, command, out).await?,
         CtlCommand::Flows(a) => ctl::log::flows(&c, a, out).await?,
+        CtlCommand::Bundle(command) => ctl::bundle::bundle(&c, command, out).await?,
         CtlCommand::ServiceAccount { command } => {
             principal(&c, api::PrincipalKind::ServiceAccount, command, out).await?
         }
@@ -262,7 +263,7 @@ async fn enrol(
     token: TokenArgs,
     kind: NodeKind,
     dir: PathBuf,
-    relay: Option<(String, Option<u16>)>,
+    relay: Option<(String, Option<u16>, comsat_node::state::OwnCert)>,
 ) -> anyhow::Result<()> {
     let join = comsat_node::read_token(token.token, token.token_file.as_deref())
         .map_err(|e| Usage(format!("{e:#}")))?;
@@ -278,8 +279,9 @@ async fn enrol(
         &join,
         kind,
         &dir,
-        relay.as_ref().map(|(addr, _)| addr.as_str()),
-        relay.as_ref().and_then(|(_, port)| *port),
+        relay.as_ref().map(|(addr, ..)| addr.as_str()),
+        relay.as_ref().and_then(|(_, port, _)| *port),
+        &relay.as_ref().map(|r| r.2.clone()).unwrap_or_default(),
         &token.fallback_controllers,
     )
     .await?;

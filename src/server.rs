@@ -110,23 +110,7 @@ pub(crate) fn dev_init(args: DevInit) -> anyhow::Result<()> {
 
 fn controller_init(opts: comsat_controller::InitOptions) -> anyhow::Result<()> {
     let report = comsat_controller::init(&opts).map_err(|e| Usage(e.to_string()))?;
-    let dir = report.data_dir.display();
-    println!("initialised a comsat controller in {dir}");
-    println!("  URL:            {}", report.public_url);
-    println!("  CA SHA-256:     {}", report.ca_sha256);
-    println!("  trust domain:   spiffe://{}", report.trust_domain);
-    if let Some(csr) = &report.relay_ca_csr {
-        println!(
-            "  relay CA CSR:   {} (sign it with your root CA and install the certificate as {dir}/relay-ca.pem)",
-            csr.display()
-        );
-    }
-    println!("  admin token:    {dir}/admin.token (keep it secret)");
-    println!("  ctl context:    {}", report.context_file.display());
-    println!("next:");
-    println!("  comsat controller run --data-dir {dir}");
-    println!("  export COMSAT_CONTEXT={}", report.context_file.display());
-    println!("  comsat ctl token create --kind relay --name relay-1 > relay.token");
+    print!("{report}");
     Ok(())
 }
 
@@ -297,8 +281,9 @@ pub(crate) async fn relay(command: RelayCommand) -> anyhow::Result<()> {
             data_dir,
             public_addr,
             interactive_port,
+            own_cert,
         } => {
-            let relay = Some((public_addr, interactive_port));
+            let relay = Some((public_addr, interactive_port, own_cert));
             enrol(token, NodeKind::Relay, data_dir, relay).await
         }
     }

@@ -179,7 +179,17 @@ async fn start_relay(
         let token = new_token(admin, NodeKind::Relay, RELAY).await?;
         let addr = format!("127.0.0.1:{}", opts.relay_port);
         let lane = Some(opts.relay_interactive_port);
-        comsat_node::enrol(&token, NodeKind::Relay, &relay_dir, Some(&addr), lane, &[]).await?;
+        let own = Default::default();
+        comsat_node::enrol(
+            &token,
+            NodeKind::Relay,
+            &relay_dir,
+            Some(&addr),
+            lane,
+            &own,
+            &[],
+        )
+        .await?;
     }
     let relay_state = NodeState::load(&relay_dir, NodeKind::Relay)?;
     let relay_config = comsat_relay::RelayConfig::enrolled(&relay_dir, &relay_state, None, None)?;
@@ -250,7 +260,8 @@ async fn start_agents(
         let agent_dir = dir.join(name);
         if !agent_dir.join("node.toml").exists() {
             let token = new_token(admin, NodeKind::Agent, name).await?;
-            comsat_node::enrol(&token, NodeKind::Agent, &agent_dir, None, None, &[]).await?;
+            let own = Default::default();
+            comsat_node::enrol(&token, NodeKind::Agent, &agent_dir, None, None, &own, &[]).await?;
         }
         let state = NodeState::load(&agent_dir, NodeKind::Agent)?;
         if name == AGENTS[1] {

@@ -461,3 +461,126 @@ fn forge_relay_cert(b: &Fleet, relay_dir: &Path, spiffe_id: &str) -> Result<Stri
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     Ok(params.signed_by(&key, &issuer)?.pem() + &ca_pem)
 }
+
+/// A certificate of site `b`'s CA for a relay of its own at 127.0.0.1,
+/// `spiffe_id`, for a new key: (chain PEM, key PEM), as another SPIFFE
+/// issuer of that trust domain would make it.
+fn issued_by_site(b: &Fleet, spiffe_id: &str) -> Result<(String, String)> {
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(b.path("controller/relay-ca.key"))?)?;
+    let ca_pem = std::fs::read_to_string(b.path("controller/relay-ca.pem"))?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::URI(rcgen::string::Ia5String::try_from(
+            spiffe_id,
+        )?));
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    Ok((params.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_take_a_relay_of_another_trust_domain_only_while_it_is_federated() -> Result<()> {
+    // Site B: its trust domain's CA issues the SVID of a relay at its edge.
+    let b = Fleet::start_with(
+        |t| t,
+        |_| {
+            Ok(vec![
+                "--trust-domain".to_owned(),
+                "site-b.example".to_owned(),
+            ])
+        },
+    )?;
+    let edge_id = "spiffe://site-b.example/relay/edge-1";
+    let (chain, key) = issued_by_site(&b, edge_id)?;
+    let own = tempfile::tempdir()?;
+    let (cert_file, key_file) = (own.path().join("edge.crt"), own.path().join("edge.key"));
+    std::fs::write(&cert_file, &chain)?;
+    std::fs::write(&key_file, &key)?;
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    let own_cert = ["--tls-cert", &s(&cert_file), "--tls-key", &s(&key_file)];
+
+    // Site A does not federate with site B yet: the relay cannot enrol.
+    let mut a = Fleet::start_with(
+        |t| t,
+        |_| Ok(vec!["--trust-domain".to_owned(), DOMAIN.to_owned()]),
+    )?;
+    let err = a
+        .enrol_relay_only_with("edge-0", &own_cert)
+        .expect_err("site B is not federated");
+    ensure!(
+        format!("{err:#}").contains("does not federate with"),
+        "{err:#}"
+    );
+
+    // Federated with site B's bundle, as its bundle endpoint serves it.
+    let bundle = http_client(&b)?
+        .get(format!(
+            "{}{}",
+            controller_url(&b)?,
+            api::PATH_SPIFFE_BUNDLE
+        ))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let bundle_file = a.path("site-b.bundle.json");
+    std::fs::write(&bundle_file, &bundle)?;
+    a.ctl_ok(&[
+        "bundle",
+        "set",
+        "site-b.example",
+        "--file",
+        &s(&bundle_file),
+    ])?;
+    let listed = a.ctl_ok(&["bundle", "list"])?;
+    ensure!(listed.contains("site-b.example"), "{listed}");
+    a.enrol_relay_only_with("edge-1", &own_cert)?;
+    a.run_relay("edge-1")?;
+    a.enrol_agent("a")?;
+    a.enrol_agent("b")?;
+    a.wait_relays_healthy(1)?;
+    let relays: Vec<api::RelayInfo> =
+        serde_json::from_str(&a.ctl_ok(&["relay", "list", "-o", "json"])?)?;
+    ensure!(
+        relays[0].spiffe_id.as_deref() == Some(edge_id),
+        "{relays:?}"
+    );
+    let target = hash_server().await?;
+    let listen = a.create_link("demo", target, &[])?;
+    round_trip_eventually(listen, 1 << 20)
+        .await
+        .with_context(|| a.logs())?;
+
+    // No longer federated: an agent that connects anew refuses the relay.
+    a.ctl_ok(&["bundle", "delete", "site-b.example"])?;
+    let anchor = a.path("a/bundles/site-b.example.pem");
+    wait_for(CONVERGE, || {
+        ensure!(!anchor.exists(), "agent a still holds site B's bundle");
+        Ok(())
+    })
+    .with_context(|| a.logs())?;
+    a.agent("a")?.kill();
+    a.run_agent("a")?;
+    wait_for(3 * CONVERGE, || {
+        let log = a.agent("a")?.log();
+        ensure!(
+            log.contains("invalid peer certificate"),
+            "agent a has not refused the relay"
+        );
+        Ok(())
+    })
+    .with_context(|| a.logs())?;
+    ensure!(
+        round_trip(listen, 1024, 5).await.is_err(),
+        "bytes flowed through a relay of a trust domain no longer federated"
+    );
+    Ok(())
+}

@@ -228,8 +228,21 @@ pub struct RelayEndpoint {
 pub use comsat_protocol::endpoint::Endpoint as LocalSpec;
 
 /// This agent's half of a link as the controller sends it; relay
-/// certificates must chain to `relay_ca_file`.
-pub fn from_desired(link: &comsat_protocol::api::AgentLink, relay_ca_file: &Path) -> LinkConfig {
+/// certificates must chain to `relay_ca_file`, or, for a relay whose SPIFFE
+/// ID is of a trust domain in `federated`, to that domain's bundle (its
+/// [`comsat_node::agent::bundle_file`]).
+pub fn from_desired(
+    link: &comsat_protocol::api::AgentLink,
+    relay_ca_file: &Path,
+    federated: &std::collections::HashSet<String>,
+) -> LinkConfig {
+    let anchor = |spiffe_id: Option<&str>| {
+        spiffe_id
+            .and_then(comsat_protocol::spiffe::split_spiffe_id)
+            .filter(|(domain, _)| federated.contains(*domain))
+            .and_then(|(domain, _)| comsat_node::agent::bundle_file(relay_ca_file, domain))
+            .unwrap_or_else(|| relay_ca_file.to_owned())
+    };
     link.map_relays(|r| RelayEndpoint {
         // A link of its own connection dials the relay's interactive
         // listener where it runs one.
@@ -238,7 +251,7 @@ pub fn from_desired(link: &comsat_protocol::api::AgentLink, relay_ca_file: &Path
             _ => r.addr.clone(),
         },
         server_name: r.server_name.clone(),
-        ca_file: Some(relay_ca_file.to_owned()),
+        ca_file: Some(anchor(r.spiffe_id.as_deref())),
         cert_sha256: None,
         relay_id: Some(r.relay_id),
         spiffe_id: r.spiffe_id.clone(),
@@ -465,7 +478,7 @@ mod tests {
             connection: Some("interactive".into()),
         };
         let ca = Path::new("/ca.pem");
-        let cfg = from_desired(&desired, ca);
+        let cfg = from_desired(&desired, ca, &Default::default());
         assert_eq!(cfg.connection.as_deref(), Some("interactive"));
         let addrs: Vec<&str> = cfg.relays.iter().map(|r| r.addr.as_str()).collect();
         // A relay without an interactive listener is reached on its main one.
@@ -477,7 +490,7 @@ mod tests {
         // lane to each relay's interactive listener, or to its main one
         // where it runs none.
         desired.connection = None;
-        let cfg = from_desired(&desired, ca);
+        let cfg = from_desired(&desired, ca, &Default::default());
         let addrs: Vec<&str> = cfg.relays.iter().map(|r| r.addr.as_str()).collect();
         let lanes: Vec<Option<&str>> = cfg.relays.iter().map(|r| r.lane_addr.as_deref()).collect();
         assert_eq!(

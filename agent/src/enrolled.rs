@@ -62,10 +62,11 @@ impl AgentSink for FedAgent<'_> {
         desired: &api::AgentDesired,
         relay_ca: &Path,
     ) -> Vec<api::LinkRefusal> {
+        let federated = comsat_node::agent::federated_domains(&desired.federated_bundles);
         let links = desired
             .links
             .iter()
-            .map(|l| crate::config::from_desired(l, relay_ca))
+            .map(|l| crate::config::from_desired(l, relay_ca, &federated))
             .collect();
         let applied = self.agent.apply(links).await;
         for (name, e) in &applied.failed {

@@ -89,6 +89,35 @@ pub struct InitReport {
     pub context_file: PathBuf,
 }
 
+impl std::fmt::Display for InitReport {
+    /// What `comsat controller init` prints: what it made, and what next.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dir = self.data_dir.display();
+        let context = self.context_file.display();
+        writeln!(f, "initialised a comsat controller in {dir}")?;
+        writeln!(f, "  URL:            {}", self.public_url)?;
+        writeln!(f, "  CA SHA-256:     {}", self.ca_sha256)?;
+        writeln!(f, "  trust domain:   spiffe://{}", self.trust_domain)?;
+        if let Some(csr) = &self.relay_ca_csr {
+            writeln!(
+                f,
+                "  relay CA CSR:   {} (sign it with your root CA and install the certificate \
+                 as {dir}/relay-ca.pem)",
+                csr.display()
+            )?;
+        }
+        writeln!(f, "  admin token:    {dir}/admin.token (keep it secret)")?;
+        writeln!(f, "  ctl context:    {context}")?;
+        writeln!(f, "next:")?;
+        writeln!(f, "  comsat controller run --data-dir {dir}")?;
+        writeln!(f, "  export COMSAT_CONTEXT={context}")?;
+        writeln!(
+            f,
+            "  comsat ctl token create --kind relay --name relay-1 > relay.token"
+        )
+    }
+}
+
 /// SHA-256 of an API token, hex: what the database stores.
 pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -142,7 +171,7 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, ControllerError> {
                 });
             }
             // Certificates that a bundle can hold.
-            pki::spiffe_bundle(&pem).map_err(|e| ControllerError::Option {
+            crate::bundle::spiffe_bundle(&pem).map_err(|e| ControllerError::Option {
                 option: "--upstream-ca",
                 message: format!("{}: {e}", path.display()),
             })?;
@@ -229,8 +258,8 @@ fn relay_ca(
 ) -> Result<Option<PathBuf>, ControllerError> {
     let relay_ca_path = dir.join("relay-ca.pem");
     let Some(upstream) = upstream else {
-        let relay_ca =
-            pki::generate_ca("comsat relay CA").map_err(ControllerError::pki(&relay_ca_path))?;
+        let relay_ca = pki::generate_ca(&format!("comsat {trust_domain} CA"))
+            .map_err(ControllerError::pki(&relay_ca_path))?;
         write_secret_file(&dir.join("relay-ca.key"), relay_ca.key_pem.as_bytes())?;
         write_public(&relay_ca_path, relay_ca.cert_pem.as_bytes())?;
         return Ok(None);

@@ -23,6 +23,7 @@
 mod admit;
 pub mod assign;
 mod audit;
+pub mod bundle;
 pub mod config;
 pub mod dev;
 mod error;

@@ -369,7 +369,7 @@ pub fn last_cert_pem(pem: &[u8]) -> Result<String, PkiError> {
     Ok(der_to_pem(last.as_ref()))
 }
 
-fn der_to_pem(der: &[u8]) -> String {
+pub(crate) fn der_to_pem(der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
@@ -379,81 +379,6 @@ fn der_to_pem(der: &[u8]) -> String {
     }
     out.push_str("-----END CERTIFICATE-----\n");
     out
-}
-
-/// The SPIFFE bundle of the X.509 authorities in `ca_pem` (EC P-256,
-/// P-384 and P-521 or RSA keys): a JWK each, with the certificate in
-/// `x5c`. Its sequence is the newest authority's notBefore, so it grows
-/// when an authority is added.
-pub fn spiffe_bundle(ca_pem: &[u8]) -> Result<comsat_protocol::api::SpiffeBundle, PkiError> {
-    let mut keys = Vec::new();
-    let mut sequence = 0u64;
-    for der in certs_from_pem(ca_pem)? {
-        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
-            .map_err(|e| PkiError::Pem(format!("a CA certificate does not parse: {e}")))?;
-        let not_before = cert.validity().not_before.timestamp();
-        sequence = sequence.max(u64::try_from(not_before).unwrap_or(0));
-        keys.push(bundle_key(&cert, der.as_ref())?);
-    }
-    Ok(comsat_protocol::api::SpiffeBundle {
-        keys,
-        spiffe_sequence: sequence,
-        spiffe_refresh_hint: comsat_protocol::api::SPIFFE_REFRESH_HINT_SECS,
-    })
-}
-
-/// An X.509 authority as a JWK of a SPIFFE bundle.
-fn bundle_key(
-    cert: &x509_parser::certificate::X509Certificate<'_>,
-    der: &[u8],
-) -> Result<comsat_protocol::api::BundleKey, PkiError> {
-    use base64::Engine;
-    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-    use x509_parser::public_key::PublicKey;
-    let b64 = |bytes: &[u8]| Some(URL_SAFE_NO_PAD.encode(bytes));
-    let unusable = || {
-        PkiError::Pem(format!(
-            "the key of CA `{}` is neither EC (P-256, P-384, P-521) nor RSA",
-            cert.subject()
-        ))
-    };
-    let mut key = comsat_protocol::api::BundleKey {
-        kty: "EC".into(),
-        crv: None,
-        x: None,
-        y: None,
-        n: None,
-        e: None,
-        use_: "x509-svid".into(),
-        x5c: vec![STANDARD.encode(der)],
-    };
-    match cert.public_key().parsed().map_err(|_| unusable())? {
-        PublicKey::EC(point) => {
-            // Uncompressed: 0x04, x, y.
-            let point = point.data();
-            let crv = match point.len() {
-                65 => "P-256",
-                97 => "P-384",
-                133 => "P-521",
-                _ => return Err(unusable()),
-            };
-            if point.first() != Some(&0x04) {
-                return Err(unusable());
-            }
-            let half = (point.len() - 1) / 2;
-            key.crv = Some(crv.into());
-            key.x = b64(&point[1..=half]);
-            key.y = b64(&point[1 + half..]);
-        }
-        PublicKey::RSA(rsa) => {
-            let trim = |b: &[u8]| b.iter().position(|&x| x != 0).map_or(0, |i| i);
-            key.kty = "RSA".into();
-            key.n = b64(&rsa.modulus[trim(rsa.modulus)..]);
-            key.e = b64(&rsa.exponent[trim(rsa.exponent)..]);
-        }
-        _ => return Err(unusable()),
-    }
-    Ok(key)
 }
 
 /// Checks a new HTTPS certificate before it replaces the served one: the
@@ -622,39 +547,6 @@ mod tests {
             &relay,
             Some("spiffe://site-a.example/relay/a1")
         ));
-    }
-
-    #[test]
-    fn the_bundle_holds_each_authority_with_its_key() {
-        let a = generate_ca("a").expect("a");
-        let b = generate_ca("b").expect("b");
-        let bundle =
-            spiffe_bundle(format!("{}{}", a.cert_pem, b.cert_pem).as_bytes()).expect("bundle");
-        assert_eq!(bundle.keys.len(), 2);
-        let key = &bundle.keys[0];
-        assert_eq!(
-            (key.kty.as_str(), key.crv.as_deref()),
-            ("EC", Some("P-256"))
-        );
-        assert_eq!(key.use_, "x509-svid");
-        use base64::Engine;
-        let der = base64::engine::general_purpose::STANDARD
-            .decode(&key.x5c[0])
-            .expect("x5c");
-        assert_eq!(
-            der,
-            certs_from_pem(a.cert_pem.as_bytes()).expect("a")[0].as_ref()
-        );
-        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(key.x.as_deref().expect("x"))
-            .expect("x");
-        let spki = KeyPair::from_pem(&a.key_pem)
-            .expect("key")
-            .public_key_raw()
-            .to_vec();
-        assert_eq!(x, spki[1..33], "x is the CA key's");
-        assert!(bundle.spiffe_sequence > 1_700_000_000);
-        assert!(spiffe_bundle(b"garbage").is_err());
     }
 
     /// A root, and the relay CA of `generate_ca_csr` it signed as a CA

@@ -32,6 +32,7 @@ pub const RESOURCES: &[&str] = &[
     "users",
     "audit",
     "flows",
+    "bundles",
     "status",
     "metrics",
 ];

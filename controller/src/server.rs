@@ -138,7 +138,7 @@ fn signing_ca(
     } else {
         relay_ca.cert_pem().to_owned()
     };
-    let bundle = pki::spiffe_bundle(bundle_pem.as_bytes())
+    let bundle = crate::bundle::spiffe_bundle(bundle_pem.as_bytes())
         .map_err(ControllerError::pki(&config.upstream_ca))?;
     let json = serde_json::to_string(&bundle).map_err(|e| ControllerError::Config {
         path: config.upstream_ca.clone(),

@@ -129,6 +129,14 @@ impl Shared {
         comsat_protocol::spiffe::node_spiffe_id(&self.config.trust_domain(), kind, name)
     }
 
+    /// The SPIFFE ID of `node`: the one its own certificate carries (a
+    /// relay of a federated trust domain), or its ID in this controller's.
+    pub(crate) fn node_spiffe_id(&self, node: &NodeRecord) -> String {
+        node.spiffe_id
+            .clone()
+            .unwrap_or_else(|| self.spiffe_id(node.kind, &node.name))
+    }
+
     /// The relays' event cursors ([`Shared::relay_cursors`]).
     pub(crate) fn relay_cursors(&self) -> std::sync::MutexGuard<'_, HashMap<RelayId, u64>> {
         self.relay_cursors

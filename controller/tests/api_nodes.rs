@@ -197,6 +197,7 @@ async fn a_relay_token_refuses_an_agent_and_enrols_one_relay_once(
         public_addr: None,
         interactive_addr: None,
         csr_pem: None,
+        svid_pem: None,
     };
     // Every refusal answers the same; the audit log has the reason.
     let refused = |(status, msg): (StatusCode, String)| {

@@ -80,6 +80,7 @@ fn new_node(kind: NodeKind) -> NewNode {
         noise_pub: (kind == NodeKind::Agent).then(|| NoiseSecretKey::generate().public()),
         public_addr: (kind == NodeKind::Relay).then(|| "127.0.0.1:4433".to_owned()),
         interactive_addr: (kind == NodeKind::Relay).then(|| "127.0.0.1:4434".to_owned()),
+        spiffe_id: None,
     }
 }
 
@@ -1060,3 +1061,39 @@ async fn traffic_reports_are_kept_until_purged(db: Db) {
     assert!(store.traffic().await.expect("traffic").is_empty());
 }
 both!(traffic_reports_are_kept_until_purged);
+
+async fn federated_bundles_are_set_replaced_and_removed_and_agents_hear_of_it(db: Db) {
+    let store = open(&db).await;
+    let agent = enrol(&store, NodeKind::Agent, "a").await;
+    let relay = enrol(&store, NodeKind::Relay, "r1").await;
+    let version = |id: NodeId| {
+        let store = &store;
+        async move {
+            store
+                .node(&id)
+                .await
+                .expect("node")
+                .expect("there")
+                .config_version
+        }
+    };
+    let (a0, r0) = (version(agent.node_id).await, version(relay.node_id).await);
+    let bundle = |pem: &str| api::TrustBundle {
+        trust_domain: "site-b.example".into(),
+        bundle_pem: pem.into(),
+    };
+    store.set_bundle(&bundle("one"), 1).await.expect("set");
+    store.set_bundle(&bundle("two"), 2).await.expect("replace");
+    assert_eq!(store.bundles().await.expect("list"), vec![bundle("two")]);
+    assert_eq!(
+        version(agent.node_id).await,
+        a0 + 2,
+        "agents hear of each change"
+    );
+    assert_eq!(version(relay.node_id).await, r0, "relays do not");
+    assert!(store.delete_bundle("site-b.example").await.expect("delete"));
+    assert!(!store.delete_bundle("site-b.example").await.expect("again"));
+    assert!(store.bundles().await.expect("list").is_empty());
+    assert_eq!(version(agent.node_id).await, a0 + 3);
+}
+both!(federated_bundles_are_set_replaced_and_removed_and_agents_hear_of_it);

@@ -60,6 +60,53 @@ const STATUS_CHECK: Duration = Duration::from_millis(500);
 /// The longest wait between two tries to tell the controller.
 const STATUS_RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// Where an agent keeps a federated trust domain's bundle: `DOMAIN.pem`
+/// in `bundles/` beside its relay CA file `relay_ca`. `None` for what is
+/// no trust domain (which could name no file).
+pub fn bundle_file(relay_ca: &Path, domain: &str) -> Option<PathBuf> {
+    comsat_protocol::spiffe::check_trust_domain(domain).ok()?;
+    Some(
+        relay_ca
+            .with_file_name("bundles")
+            .join(format!("{domain}.pem")),
+    )
+}
+
+/// The trust domains of `bundles` an agent anchors relays at (those whose
+/// file [`bundle_file`] can name).
+pub fn federated_domains(bundles: &[api::TrustBundle]) -> HashSet<String> {
+    bundles
+        .iter()
+        .filter(|b| bundle_file(Path::new("x"), &b.trust_domain).is_some())
+        .map(|b| b.trust_domain.clone())
+        .take(api::MAX_FEDERATED)
+        .collect()
+}
+
+/// Writes the federated bundles beside `relay_ca` and removes those of
+/// trust domains no longer federated.
+fn write_bundles(relay_ca: &Path, bundles: &[api::TrustBundle]) -> anyhow::Result<()> {
+    let keep = federated_domains(bundles);
+    let dir = relay_ca.with_file_name("bundles");
+    std::fs::create_dir_all(&dir)?;
+    for b in bundles.iter().filter(|b| keep.contains(&b.trust_domain)) {
+        if let Some(path) = bundle_file(relay_ca, &b.trust_domain) {
+            write_atomic(&path, b.bundle_pem.as_bytes())?;
+        }
+    }
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        let domain = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
+        if path.extension().is_some_and(|e| e == "pem") && !keep.contains(domain) {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
 /// The last desired state this agent applied, if any.
 pub fn cached_desired(dir: &Path) -> Option<api::AgentDesired> {
     let text = read_at_most(&dir.join("desired.json"), MAX_DESIRED_FILE).ok()?;
@@ -141,6 +188,9 @@ pub async fn agent_sync(
         }
         if let Err(e) = write_atomic(&dir.join("relay-ca.pem"), desired.relay_ca_pem.as_bytes()) {
             tracing::error!(error = %e, "cannot save the relay CA");
+        }
+        if let Err(e) = write_bundles(&dir.join("relay-ca.pem"), &desired.federated_bundles) {
+            tracing::error!(error = %e, "cannot save the federated trust domains' bundles");
         }
         let refused = agent.apply(&desired, &dir.join("relay-ca.pem")).await;
         unsent = Some(api::AgentRefusals { refused });

@@ -284,6 +284,16 @@ impl Client {
             .await
     }
 
+    /// `PUT path` with a JSON body.
+    pub async fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        what: &str,
+    ) -> anyhow::Result<T> {
+        self.send_json(reqwest::Method::PUT, path, body, what).await
+    }
+
     /// `PATCH path` with a JSON body.
     pub async fn patch<B: Serialize, T: DeserializeOwned>(
         &self,

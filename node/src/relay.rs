@@ -137,12 +137,20 @@ impl<S: RelaySink> RelaySync<S> {
             key: dir.join("tls.key"),
             current: |der: &[u8]| svid::is_svid_of(der, &path),
         };
-        let renewing = svid::renew(
-            "relay certificate",
-            cert,
-            || request_cert(&client, &dir),
-            || sink.certificate_renewed(),
-        );
+        let own = self.state.own_certificate;
+        let renewing = async {
+            if own {
+                // Its own certificate is renewed where it was issued.
+                std::future::pending::<()>().await;
+            }
+            svid::renew(
+                "relay certificate",
+                cert,
+                || request_cert(&client, &dir),
+                || sink.certificate_renewed(),
+            )
+            .await;
+        };
         tokio::join!(hb, self.events(&client), renewing);
     }
 
@@ -309,6 +317,7 @@ mod tests {
             authority_public_key: authority.public(),
             public_addr: Some("127.0.0.1:4433".into()),
             interactive_addr: None,
+            own_certificate: false,
         }
     }
 

@@ -18,12 +18,13 @@
 //! certificate signing request go to the controller.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::keys::write_secret_file;
 use crate::keys::{Generate, KeyFile};
 use anyhow::{Context, anyhow, bail};
 use comsat_protocol::api::{self, JoinToken, NodeKind};
+use comsat_protocol::limits::MAX_PEM_FILE_LEN;
 use comsat_protocol::{NodeId, NoiseSecretKey, SignPublicKey, SigningKey};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -59,6 +60,23 @@ pub struct NodeState {
     /// `public_addr`), if they run one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interactive_addr: Option<String>,
+    /// Relays that brought their own certificate (`tls.crt`): the relay
+    /// does not ask the controller to renew it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub own_certificate: bool,
+}
+
+/// A relay's own certificate, instead of one the controller issues.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct OwnCert {
+    /// The relay's own certificate chain (PEM): an X.509-SVID of a trust
+    /// domain the controller federates with, naming --public-addr's host.
+    /// Renew it by replacing tls.crt and tls.key in the data dir.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 fn read_capped(path: &Path) -> anyhow::Result<String> {
@@ -210,13 +228,15 @@ pub struct Enrolled {
 
 /// Enrols this machine as a node of `kind` with `token`, writing its data
 /// dir. Relays give the address agents will dial and, if they run an
-/// interactive listener, its port (on the same host).
+/// interactive listener, its port (on the same host), and may bring their
+/// own certificate.
 pub async fn enrol(
     token: &JoinToken,
     kind: NodeKind,
     dir: &Path,
     public_addr: Option<&str>,
     interactive_port: Option<u16>,
+    own_cert: &OwnCert,
     fallbacks: &[String],
 ) -> anyhow::Result<Enrolled> {
     if dir.join("node.toml").exists() {
@@ -241,6 +261,7 @@ pub async fn enrol(
         public_addr: None,
         interactive_addr: None,
         csr_pem: None,
+        svid_pem: None,
     };
     let mut noise = None;
     let mut tls_key = None;
@@ -255,8 +276,22 @@ pub async fn enrol(
                 anyhow!("a relay needs --public-addr HOST:PORT, the address agents dial")
             })?;
             let host = host_of(addr)?;
-            let key = rcgen::KeyPair::generate().context("generating the relay TLS key")?;
-            req.csr_pem = Some(csr(&key, vec![host])?);
+            let key = match (&own_cert.tls_cert, &own_cert.tls_key) {
+                (Some(cert), Some(key)) => {
+                    let chain = read_at_most(cert, MAX_PEM_FILE_LEN)?;
+                    crate::svid::check_renewed(&chain, key)
+                        .with_context(|| format!("--tls-cert {}", cert.display()))?;
+                    req.svid_pem = Some(chain);
+                    let pem = crate::keys::read_secret_file(key)?;
+                    rcgen::KeyPair::from_pem(&pem)
+                        .with_context(|| format!("{}: not a PEM private key", key.display()))?
+                }
+                _ => {
+                    let key = rcgen::KeyPair::generate().context("generating the relay TLS key")?;
+                    req.csr_pem = Some(csr(&key, vec![host])?);
+                    key
+                }
+            };
             req.public_addr = Some(addr.to_owned());
             req.interactive_addr = interactive_port
                 .map(|port| interactive_addr(addr, port))
@@ -275,6 +310,7 @@ pub async fn enrol(
         let cert = resp
             .cert_pem
             .as_deref()
+            .or(req.svid_pem.as_deref())
             .ok_or_else(|| anyhow!("the controller sent no certificate for this relay"))?;
         write_atomic(&dir.join("tls.crt"), cert.as_bytes())?;
         std::fs::create_dir_all(dir.join("grants"))?;
@@ -291,6 +327,7 @@ pub async fn enrol(
         authority_public_key: resp.authority_public_key,
         public_addr: public_addr.map(str::to_owned),
         interactive_addr: req.interactive_addr.clone(),
+        own_certificate: req.svid_pem.is_some(),
     };
     write_atomic(&dir.join("node.toml"), toml::to_string(&state)?.as_bytes())?;
     Ok(Enrolled {
@@ -360,6 +397,7 @@ mod tests {
             authority_public_key: SigningKey::generate().public(),
             public_addr: Some("127.0.0.1:4433".into()),
             interactive_addr: None,
+            own_certificate: false,
         };
         let (listen, lane) = st.relay_listen(None).expect("listen");
         assert_eq!(listen, "0.0.0.0:4433".parse().expect("addr"));

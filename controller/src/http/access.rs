@@ -149,7 +149,7 @@ macro_rules! methods {
         }
     )*};
 }
-methods!(get, post, patch, delete);
+methods!(get, post, put, patch, delete);
 
 impl Handler {
     /// `router`, already made (with layers of its own), serving `method`.

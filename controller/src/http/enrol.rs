@@ -213,7 +213,8 @@ async fn deny_enrolment(state: &Shared, caller: &Caller, resource: &str, reason:
 
 /// Checks what a node of the kind it enrols as must send: a relay's CSR is
 /// checked here (its certificate is issued once the token redeems and the
-/// relay has its name); returns the host its certificate names.
+/// relay has its name), or the certificate it brings; returns the host its
+/// certificate names.
 fn check_enrolling(req: &EnrolRequest) -> Result<Option<&str>, ApiError> {
     match req.kind {
         NodeKind::Agent => {
@@ -223,19 +224,62 @@ fn check_enrolling(req: &EnrolRequest) -> Result<Option<&str>, ApiError> {
             Ok(None)
         }
         NodeKind::Relay => {
-            let (Some(addr), Some(csr)) = (&req.public_addr, &req.csr_pem) else {
+            let (Some(addr), true) = (
+                &req.public_addr,
+                req.csr_pem.is_some() != req.svid_pem.is_some(),
+            ) else {
                 return Err(ApiError::bad_request(
-                    "a relay must send public_addr (HOST:PORT agents dial) and csr_pem",
+                    "a relay must send public_addr (HOST:PORT agents dial) and either csr_pem \
+                     or svid_pem (a certificate of its own)",
                 ));
             };
             let host = relay_host(addr)?;
             if let Some(lane) = &req.interactive_addr {
                 check_interactive_addr(addr, host, lane)?;
             }
-            pki::parse_csr(csr).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            if let Some(csr) = &req.csr_pem {
+                pki::parse_csr(csr).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            }
             Ok(Some(host))
         }
     }
+}
+
+/// The SPIFFE ID of a relay that brings its own certificate (`chain`):
+/// an X.509-SVID of a trust domain this controller federates with, for
+/// `host`, chaining to that domain's bundle, and no other relay's ID.
+async fn federated_relay(state: &Shared, chain: &str, host: &str) -> Result<String, ApiError> {
+    if chain.len() > api::MAX_BUNDLE_LEN {
+        return Err(ApiError::bad_request("svid_pem is too long"));
+    }
+    let refused = |why: String| {
+        ApiError::bad_request(format!("the relay's own certificate (svid_pem): {why}"))
+    };
+    let leaf = pki::certs_from_pem(chain.as_bytes()).map_err(|e| refused(e.to_string()))?;
+    let id = comsat_protocol::spiffe::svid_spiffe_id(leaf[0].as_ref())
+        .ok_or_else(|| refused("it is no X.509-SVID (one URI, a SPIFFE ID)".into()))?;
+    let (domain, _) = comsat_protocol::spiffe::split_spiffe_id(&id)
+        .ok_or_else(|| refused(format!("`{id}` is no SPIFFE ID")))?;
+    let bundles = state.store.bundles().await?;
+    let bundle = bundles
+        .iter()
+        .find(|b| b.trust_domain == domain)
+        .ok_or_else(|| {
+            refused(format!(
+                "{id} is of trust domain {domain}, which this controller does not federate with \
+             (comsat ctl bundle set {domain} --file BUNDLE first)"
+            ))
+        })?;
+    crate::bundle::check_federated_relay(chain, host, domain, &bundle.bundle_pem)
+        .map_err(|e| refused(e.to_string()))?;
+    let relays = state.store.nodes(NodeKind::Relay).await?;
+    if relays
+        .iter()
+        .any(|r| r.spiffe_id.as_deref() == Some(id.as_str()))
+    {
+        return Err(refused(format!("another relay is {id}")));
+    }
+    Ok(id)
 }
 
 /// The X.509-SVID of a relay that just enrolled, from the CSR
@@ -278,6 +322,7 @@ fn new_node(req: &EnrolRequest, node_id: NodeId) -> NewNode {
         } else {
             None
         },
+        spiffe_id: None,
     }
 }
 
@@ -338,7 +383,10 @@ async fn enrol(
     }
     let node_id = NodeId::random();
     let relay_host = check_enrolling(&req)?;
-    let node = new_node(&req, node_id);
+    let mut node = new_node(&req, node_id);
+    if let (Some(host), Some(chain)) = (relay_host, &req.svid_pem) {
+        node.spiffe_id = Some(federated_relay(&state, chain, host).await?);
+    }
     let record = match state.store.redeem_join_token(&redemption, &node).await {
         Ok(r) => r,
         Err(e) => return Err(refuse_token(&state, &caller, &req, &resource, e).await),

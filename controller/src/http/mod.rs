@@ -19,6 +19,7 @@
 mod access;
 mod audit;
 mod auth;
+mod bundles;
 mod console;
 mod enrol;
 mod flows;
@@ -59,6 +60,7 @@ fn routes(state: &AppState) -> access::Routes {
     let routes = rbac::routes(routes);
     let routes = audit::routes(routes);
     let routes = flows::routes(routes);
+    let routes = bundles::routes(routes);
     let routes = health::routes(routes);
     let routes = console::routes(routes);
     openapi::routes(routes)

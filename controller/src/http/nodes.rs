@@ -253,6 +253,11 @@ async fn relay_cert(
     body: Bytes,
 ) -> Result<(Audited, Json<CertResponse>), ApiError> {
     let req: CertRequest = parse_json(&body)?;
+    if let Some(id) = &relay.spiffe_id {
+        return Err(ApiError::bad_request(format!(
+            "this relay is {id} and brings its own certificate: renew it where it was issued"
+        )));
+    }
     let addr = relay.public_addr.as_deref().unwrap_or_default();
     let host = relay_host(addr)?;
     let id = state.spiffe_id(NodeKind::Relay, &relay.name);
@@ -328,7 +333,7 @@ async fn desired(state: &Shared, agent: &NodeRecord) -> Result<AgentDesired, Api
                     addr,
                     server_name,
                     interactive_addr: relay.interactive_addr.clone(),
-                    spiffe_id: Some(state.spiffe_id(NodeKind::Relay, &relay.name)),
+                    spiffe_id: Some(state.node_spiffe_id(relay)),
                 })
             })
             .collect();
@@ -366,6 +371,7 @@ async fn desired(state: &Shared, agent: &NodeRecord) -> Result<AgentDesired, Api
         links,
         relay_ca_pem: state.relay_ca.cert_pem().to_owned(),
         peer_moves,
+        federated_bundles: state.store.bundles().await?,
     })
 }
 
@@ -468,7 +474,7 @@ async fn list_relays(State(state): State<AppState>) -> Result<Json<Vec<RelayInfo
                     healthy: state.healthy(&r, now),
                     version: versions.get(&r.node_id).cloned(),
                     links: links.iter().filter(|l| l.relays.contains(&id)).count() as u64,
-                    spiffe_id: Some(state.spiffe_id(NodeKind::Relay, &r.name)),
+                    spiffe_id: Some(state.node_spiffe_id(&r)),
                     name: r.name,
                     relay_id: id,
                     public_addr: r.public_addr.unwrap_or_default(),
@@ -503,7 +509,7 @@ async fn get_node(
         "name": node.name,
         "node_id": node.node_id.to_string(),
         "kind": kind.as_str(),
-        "spiffe_id": state.spiffe_id(kind, &node.name),
+        "spiffe_id": state.node_spiffe_id(&node),
         "public_addr": node.public_addr,
         "created_at": node.created_at,
         "last_seen": node.last_seen,

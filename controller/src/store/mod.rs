@@ -307,6 +307,9 @@ pub struct NewNode {
     pub public_addr: Option<String>,
     /// Relays: the `host:port` of their interactive listener, if any.
     pub interactive_addr: Option<String>,
+    /// Relays that bring their own certificate: its SPIFFE ID (in a
+    /// federated trust domain).
+    pub spiffe_id: Option<String>,
 }
 
 /// An enrolled node.
@@ -326,6 +329,8 @@ pub struct NodeRecord {
     pub public_addr: Option<String>,
     /// Relays: the address of their interactive listener, if any.
     pub interactive_addr: Option<String>,
+    /// Relays that brought their own certificate: its SPIFFE ID.
+    pub spiffe_id: Option<String>,
     /// Unix time enrolled.
     pub created_at: u64,
     /// Unix time of its last authenticated request.
@@ -732,6 +737,17 @@ pub trait Store: Send + Sync {
     /// Removes flow records that ended before `before_ms`, and the oldest
     /// beyond the newest `max`; how many.
     async fn purge_flows(&self, before_ms: u64, max: u64) -> Result<u64, StoreError>;
+
+    /// The bundles of the federated trust domains, by trust domain.
+    async fn bundles(&self) -> Result<Vec<api::TrustBundle>, StoreError>;
+
+    /// Sets a federated trust domain's bundle; every agent's desired state
+    /// changes (its relays may chain to it).
+    async fn set_bundle(&self, bundle: &api::TrustBundle, now: u64) -> Result<(), StoreError>;
+
+    /// Removes a federated trust domain's bundle (`false`: there was none);
+    /// every agent's desired state changes.
+    async fn delete_bundle(&self, trust_domain: &str) -> Result<bool, StoreError>;
 
     /// Stores the software version node `node` reports.
     async fn set_version(&self, node: &NodeId, version: &str, now: u64) -> Result<(), StoreError>;

@@ -192,6 +192,7 @@ impl Api {
                 public_addr: None,
                 interactive_addr: None,
                 csr_pem: None,
+                svid_pem: None,
             })
             .await;
         assert_eq!(resp.status(), StatusCode::OK);
@@ -228,6 +229,7 @@ impl Api {
                 public_addr: Some(addr.to_owned()),
                 interactive_addr: interactive.map(str::to_owned),
                 csr_pem: Some(csr()),
+                svid_pem: None,
             })
             .await;
         (key, resp)

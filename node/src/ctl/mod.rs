@@ -23,6 +23,7 @@ use zeroize::Zeroizing;
 
 use crate::client::{self, Auth, Client};
 
+pub mod bundle;
 mod links;
 pub mod log;
 

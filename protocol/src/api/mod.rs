@@ -23,6 +23,7 @@
 //! | [`PATH_AGENT_FLOWS`] | POST | agent | [`AgentFlows`] → [`Empty`] |
 //! | [`PATH_AGENT_SVID`] | POST | agent | [`CertRequest`] → [`CertResponse`] (its X.509-SVID) |
 //! | [`PATH_SPIFFE_BUNDLE`] | GET | anyone | → [`SpiffeBundle`] (the trust domain's, for federation) |
+//! | [`PATH_BUNDLES`], `…/{domain}` | GET / PUT / DELETE | `bundles` list / update / delete | → `Vec<`[`TrustBundle`]`>`; [`BundleSet`] → [`TrustBundle`]; → [`Empty`] |
 //! | [`PATH_FLOWS`] | GET `?link=NAME&identity=ID&since=MS&until=MS&limit=N` | `flows` list | → `Vec<`[`FlowInfo`]`>` |
 //! | [`PATH_TOKENS`] | POST | `tokens/KIND` create | [`TokenCreate`] → [`TokenCreated`] |
 //! | [`PATH_OPEN_TOKENS`] | GET | `tokens` list | → `Vec<`[`JoinTokenInfo`]`>` |
@@ -203,6 +204,10 @@ pub struct EnrolRequest {
     pub interactive_addr: Option<String>,
     /// Relays: a PEM certificate signing request for their TLS key.
     pub csr_pem: Option<String>,
+    /// Relays that bring their own certificate instead (an X.509-SVID of a
+    /// federated trust domain): its chain, PEM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub svid_pem: Option<String>,
 }
 
 impl fmt::Debug for EnrolRequest {
@@ -382,6 +387,10 @@ pub struct AgentDesired {
     /// meet its peer there, without waiting to notice the silence itself.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peer_moves: Vec<PeerMove>,
+    /// The bundles of the trust domains the controller federates with:
+    /// relays whose SPIFFE ID is in one of them chain to its bundle.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub federated_bundles: Vec<TrustBundle>,
 }
 
 /// How long a peer's move stays in [`AgentDesired::peer_moves`], seconds.
@@ -659,7 +668,8 @@ pub use rbac::{
     RoleBindingCreate, RoleBindingInfo, RoleCreate, RoleInfo, Rule, UnknownPrincipalKind,
 };
 pub use spiffe::{
-    BundleKey, PATH_AGENT_SVID, PATH_SPIFFE_BUNDLE, SPIFFE_REFRESH_HINT_SECS, SpiffeBundle,
+    BundleKey, BundleSet, MAX_BUNDLE_LEN, MAX_FEDERATED, PATH_AGENT_SVID, PATH_BUNDLES,
+    PATH_SPIFFE_BUNDLE, SPIFFE_REFRESH_HINT_SECS, SpiffeBundle, TrustBundle,
 };
 pub use status::{
     AgentLinkStatus, HalfReport, HalfState, HalfStatus, LinkState, LinkStatus, MAX_STATUS_LINKS,
@@ -698,6 +708,7 @@ mod tests {
             public_addr: None,
             interactive_addr: None,
             csr_pem: None,
+            svid_pem: None,
         };
         assert!(!format!("{req:?}").contains(&t.secret));
     }

@@ -10,6 +10,34 @@ pub const PATH_AGENT_SVID: &str = "/v1/agent/svid";
 /// ([`SpiffeBundle`]), what another trust domain federates with.
 pub const PATH_SPIFFE_BUNDLE: &str = "/v1/spiffe/bundle";
 
+/// The bundles of federated trust domains (operators); one is
+/// `PATH_BUNDLES/{trust domain}`.
+pub const PATH_BUNDLES: &str = "/v1/bundles";
+
+/// Most federated trust domains.
+pub const MAX_FEDERATED: usize = 64;
+
+/// Longest bundle accepted (PEM or SPIFFE bundle JSON), in bytes.
+pub const MAX_BUNDLE_LEN: usize = 256 * 1024;
+
+/// A federated trust domain's bundle: its X.509 authorities.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustBundle {
+    /// The trust domain.
+    pub trust_domain: String,
+    /// Its X.509 authorities, PEM.
+    pub bundle_pem: String,
+}
+
+/// `PUT PATH_BUNDLES/{trust domain}`: the domain's bundle, as its bundle
+/// endpoint serves it (SPIFFE bundle JSON) or as PEM certificates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleSet {
+    /// The bundle.
+    pub bundle: String,
+}
+
 /// Seconds a bundle consumer waits before it fetches the bundle again.
 pub const SPIFFE_REFRESH_HINT_SECS: u64 = 300;
 

@@ -19,7 +19,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use super::Backend;
 
 /// Each migration: its version, its description and its template.
-const MIGRATIONS: [(i64, &str, &str); 14] = [
+const MIGRATIONS: [(i64, &str, &str); 15] = [
     (1, "init", include_str!("../../../migrations/0001_init.sql")),
     (
         2,
@@ -82,6 +82,11 @@ const MIGRATIONS: [(i64, &str, &str); 14] = [
         "flow log",
         include_str!("../../../migrations/0014_flow_log.sql"),
     ),
+    (
+        15,
+        "federation",
+        include_str!("../../../migrations/0015_federation.sql"),
+    ),
 ];
 
 /// The migrator for `backend`'s database.
@@ -121,7 +126,7 @@ mod tests {
 
     /// SHA-384 of each released migration as each database has it, in
     /// order: what databases made by earlier releases hold.
-    const RELEASED: [(&str, &str); 14] = [
+    const RELEASED: [(&str, &str); 15] = [
         (
             "8a5ed74d7edaa043f65cba738a33406e9aadf28d5e25b5466d514952facfe8d7c42bf469371eba9797bec815b7cad112",
             "04b07fec1a7d34a6af53470ec77b693a09bbcc12e80489802d7e505689b88030048162c19e7c6ee2b930a5f76538c07c",
@@ -177,6 +182,10 @@ mod tests {
         (
             "777bdcc672912ceac1cb0760b4df61a8edcc7cc1a7f0a547b7a77b2c1f9cfe0d5092bfbe7fa0b063b5e2957c8482f355",
             "777bdcc672912ceac1cb0760b4df61a8edcc7cc1a7f0a547b7a77b2c1f9cfe0d5092bfbe7fa0b063b5e2957c8482f355",
+        ),
+        (
+            "d937b6d0da33b96296a2a4b19aa4592664e63cc1051df425f5b450509b12b3bf268b9030a7e3c54da36c417fb9a79cdf",
+            "d937b6d0da33b96296a2a4b19aa4592664e63cc1051df425f5b450509b12b3bf268b9030a7e3c54da36c417fb9a79cdf",
         ),
     ];
 

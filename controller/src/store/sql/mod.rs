@@ -15,6 +15,7 @@
 //!
 //! Queries use `$1`-style parameters, which both databases take.
 
+mod bundles;
 mod connect;
 mod flows;
 mod migrations;
@@ -790,6 +791,18 @@ impl Store for SqlStore {
 
     async fn purge_flows(&self, before_ms: u64, max: u64) -> Result<u64, StoreError> {
         self.delete_flows(before_ms, max).await
+    }
+
+    async fn bundles(&self) -> Result<Vec<api::TrustBundle>, StoreError> {
+        self.read_bundles().await
+    }
+
+    async fn set_bundle(&self, bundle: &api::TrustBundle, now: u64) -> Result<(), StoreError> {
+        self.write_bundle(bundle, now).await
+    }
+
+    async fn delete_bundle(&self, trust_domain: &str) -> Result<bool, StoreError> {
+        self.remove_bundle(trust_domain).await
     }
 
     async fn set_version(&self, node: &NodeId, version: &str, now: u64) -> Result<(), StoreError> {

@@ -40,7 +40,7 @@ pub(super) fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> 
 }
 
 const NODE_COLUMNS: &str = "node_id, kind, name, sign_pub, noise_pub, public_addr, created_at, \
-     last_seen, last_heartbeat, load, config_version, interactive_addr";
+     last_seen, last_heartbeat, load, config_version, interactive_addr, spiffe_id";
 
 pub(super) fn node_from_row(row: &AnyRow) -> Result<NodeRecord, StoreError> {
     let load: Option<String> = row.try_get("load")?;
@@ -53,6 +53,7 @@ pub(super) fn node_from_row(row: &AnyRow) -> Result<NodeRecord, StoreError> {
         noise_pub: noise.map(|n| parse("nodes.noise_pub", &n)).transpose()?,
         public_addr: row.try_get("public_addr")?,
         interactive_addr: row.try_get("interactive_addr")?,
+        spiffe_id: row.try_get("spiffe_id")?,
         created_at: to_u64(row.try_get("created_at")?),
         last_seen: row.try_get::<Option<i64>, _>("last_seen")?.map(to_u64),
         last_heartbeat: row.try_get::<Option<i64>, _>("last_heartbeat")?.map(to_u64),

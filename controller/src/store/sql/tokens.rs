@@ -119,6 +119,7 @@ impl SqlStore {
             noise_pub: node.noise_pub,
             public_addr: node.public_addr.clone(),
             interactive_addr: node.interactive_addr.clone(),
+            spiffe_id: node.spiffe_id.clone(),
             created_at: r.now,
             last_seen: Some(r.now),
             last_heartbeat: None,
@@ -127,8 +128,8 @@ impl SqlStore {
         };
         let inserted = sqlx::query(
             "INSERT INTO nodes (node_id, kind, name, sign_pub, noise_pub, public_addr, created_at, \
-             last_seen, last_heartbeat, load, config_version, interactive_addr) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL, $9, $10)",
+             last_seen, last_heartbeat, load, config_version, interactive_addr, spiffe_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL, $9, $10, $11)",
         )
         .bind(record.node_id.to_string())
         .bind(record.kind.as_str())
@@ -140,6 +141,7 @@ impl SqlStore {
         .bind(to_i64(r.now))
         .bind(to_i64(record.config_version))
         .bind(record.interactive_addr.as_deref())
+        .bind(record.spiffe_id.as_deref())
         .execute(&mut *tx)
         .await;
         if let Err(e) = inserted {
