@@ -214,7 +214,6 @@ pub struct RelayEndpoint {
     /// The relay's SPIFFE ID: with `relay_id`, a certificate that is its
     /// X.509-SVID names it (as the controller's are). Certificates of the
     /// form from before relays had SPIFFE IDs name it by `relay_id` alone.
-    #[serde(default)]
     pub spiffe_id: Option<String>,
     /// `host:port` of the lane: a second connection on which links without
     /// a `connection` start their flows (see the module docs), to the

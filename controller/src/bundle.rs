@@ -1,11 +1,9 @@
 //! SPIFFE bundles: the trust domain's, as its bundle endpoint serves it,
 //! and those of the trust domains the controller federates with.
 
-use std::sync::Arc;
-
 use rustls::pki_types::CertificateDer;
 
-use crate::pki::{PkiError, certs_from_pem, der_to_pem};
+use crate::pki::{PkiError, certs_from_pem, der_to_pem, verify_server_chain};
 
 /// The SPIFFE bundle of the X.509 authorities in `ca_pem` (EC P-256,
 /// P-384 and P-521 or RSA keys): a JWK each, with the certificate in
@@ -138,30 +136,13 @@ pub fn check_federated_relay(
     trust_domain: &str,
     bundle_pem: &str,
 ) -> Result<String, PkiError> {
-    use rustls::client::danger::ServerCertVerifier;
     let chain = certs_from_pem(chain_pem.as_bytes())?;
-    let (leaf, rest) = chain.split_first().ok_or(PkiError::NoCertificate)?;
-    let mut roots = rustls::RootCertStore::empty();
-    for root in certs_from_pem(bundle_pem.as_bytes())? {
-        roots.add(root).map_err(PkiError::PinnedCaUnusable)?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-            .build()?;
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|source| {
-        PkiError::InvalidHost {
-            host: host.to_owned(),
-            source,
-        }
+    let leaf = chain.first().ok_or(PkiError::NoCertificate)?;
+    verify_server_chain(&chain, bundle_pem.as_bytes(), host)?.map_err(|e| {
+        PkiError::Pem(format!(
+            "it does not verify against the bundle of {trust_domain} for {host}: {e}"
+        ))
     })?;
-    verifier
-        .verify_server_cert(leaf, rest, &name, &[], rustls::pki_types::UnixTime::now())
-        .map_err(|e| {
-            PkiError::Pem(format!(
-                "it does not verify against the bundle of {trust_domain} for {host}: {e}"
-            ))
-        })?;
     Ok(comsat_protocol::spiffe::svid_spiffe_id(leaf.as_ref()).unwrap_or_default())
 }
 

@@ -391,16 +391,32 @@ pub fn check_rotated_certificate(
     ca_pem: &[u8],
     host: &str,
 ) -> Result<rustls::ServerConfig, PkiError> {
-    use rustls::client::danger::ServerCertVerifier;
     let certs = certs_from_pem(cert_pem)?;
     let key = key_from_pem(key_pem)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     rustls::sign::CertifiedKey::from_der(certs.clone(), key.clone_key(), &provider)
         .map_err(PkiError::KeyMismatch)?;
+    verify_server_chain(&certs, ca_pem, host)?.map_err(|source| PkiError::Untrusted {
+        host: host.to_owned(),
+        source,
+    })?;
+    server_tls_config(cert_pem, key_pem)
+}
+
+/// Verifies the chain `certs` (the leaf first) of a TLS server reached at
+/// `host` against the roots in `roots_pem`, now, as a TLS client does.
+/// The outer error: unusable roots or host; the inner: the chain fails.
+pub(crate) fn verify_server_chain(
+    certs: &[CertificateDer<'static>],
+    roots_pem: &[u8],
+    host: &str,
+) -> Result<Result<(), rustls::Error>, PkiError> {
+    use rustls::client::danger::ServerCertVerifier;
     let mut roots = rustls::RootCertStore::empty();
-    for ca in certs_from_pem(ca_pem)? {
+    for ca in certs_from_pem(roots_pem)? {
         roots.add(ca).map_err(PkiError::PinnedCaUnusable)?;
     }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier =
         rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()?;
@@ -411,13 +427,9 @@ pub fn check_rotated_certificate(
         }
     })?;
     let (leaf, rest) = certs.split_first().ok_or(PkiError::NoCertificate)?;
-    verifier
+    Ok(verifier
         .verify_server_cert(leaf, rest, &name, &[], rustls::pki_types::UnixTime::now())
-        .map_err(|source| PkiError::Untrusted {
-            host: host.to_owned(),
-            source,
-        })?;
-    server_tls_config(cert_pem, key_pem)
+        .map(|_| ()))
 }
 
 /// The rustls server configuration (ring, TLS 1.2 and 1.3, HTTP/1.1).

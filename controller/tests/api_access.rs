@@ -545,6 +545,27 @@ fn account_user_audit_and_status_calls(n: &mut u32) -> Vec<Case> {
         ),
         ("audit", "list", Method::GET, api::PATH_AUDIT.into(), None),
         ("status", "get", Method::GET, api::PATH_STATUS.into(), None),
+        (
+            "bundles",
+            "list",
+            Method::GET,
+            api::PATH_BUNDLES.into(),
+            None,
+        ),
+        (
+            "bundles",
+            "update",
+            Method::PUT,
+            format!("{}/site-x.example", api::PATH_BUNDLES),
+            Some(json!({ "bundle": "not a bundle" })),
+        ),
+        (
+            "bundles",
+            "delete",
+            Method::DELETE,
+            format!("{}/nope.example", api::PATH_BUNDLES),
+            None,
+        ),
     ]
 }
 

@@ -72,12 +72,12 @@ pub fn bundle_file(relay_ca: &Path, domain: &str) -> Option<PathBuf> {
     )
 }
 
-/// The trust domains of `bundles` an agent anchors relays at (those whose
-/// file [`bundle_file`] can name).
+/// The trust domains of `bundles` an agent anchors relays at (valid ones,
+/// whose [`bundle_file`] it can name; at most [`api::MAX_FEDERATED`]).
 pub fn federated_domains(bundles: &[api::TrustBundle]) -> HashSet<String> {
     bundles
         .iter()
-        .filter(|b| bundle_file(Path::new("x"), &b.trust_domain).is_some())
+        .filter(|b| comsat_protocol::spiffe::check_trust_domain(&b.trust_domain).is_ok())
         .map(|b| b.trust_domain.clone())
         .take(api::MAX_FEDERATED)
         .collect()
