@@ -446,15 +446,18 @@ async fn a_compromised_site_cannot_pose_as_a_relay(
     Ok(())
 }
 
-/// A relay certificate for the key of site `b`'s relay in `relay_dir`,
-/// naming `spiffe_id` and 127.0.0.1, signed with site B's CA, followed by
-/// site B's CA certificate.
-fn forge_relay_cert(b: &Fleet, relay_dir: &Path, spiffe_id: &str) -> Result<String> {
+/// A certificate of site `b`'s CA for `key`, a relay at 127.0.0.1 named
+/// `spiffe_id`, as any SPIFFE issuer of site B's trust domain could make
+/// it; with site B's CA certificate, the chain.
+fn relay_cert_of_site(
+    b: &Fleet,
+    key: &rcgen::KeyPair,
+    spiffe_id: &str,
+) -> Result<(String, String)> {
     let ca_key =
         rcgen::KeyPair::from_pem(&std::fs::read_to_string(b.path("controller/relay-ca.key"))?)?;
     let ca_pem = std::fs::read_to_string(b.path("controller/relay-ca.pem"))?;
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
-    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(relay_dir.join("tls.key"))?)?;
     let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
     params
         .subject_alt_names
@@ -463,27 +466,23 @@ fn forge_relay_cert(b: &Fleet, relay_dir: &Path, spiffe_id: &str) -> Result<Stri
         )?));
     params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    Ok(params.signed_by(&key, &issuer)?.pem() + &ca_pem)
+    Ok((params.signed_by(key, &issuer)?.pem(), ca_pem))
 }
 
-/// A certificate of site `b`'s CA for a relay of its own at 127.0.0.1,
-/// `spiffe_id`, for a new key: (chain PEM, key PEM), as another SPIFFE
-/// issuer of that trust domain would make it.
+/// Site `b`'s relay certificate for the key of its relay in `relay_dir`,
+/// naming `spiffe_id`, followed by site B's CA certificate.
+fn forge_relay_cert(b: &Fleet, relay_dir: &Path, spiffe_id: &str) -> Result<String> {
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(relay_dir.join("tls.key"))?)?;
+    let (leaf, ca) = relay_cert_of_site(b, &key, spiffe_id)?;
+    Ok(leaf + &ca)
+}
+
+/// A new key, and site `b`'s certificate for it naming `spiffe_id`:
+/// (certificate PEM, key PEM).
 fn issued_by_site(b: &Fleet, spiffe_id: &str) -> Result<(String, String)> {
-    let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(b.path("controller/relay-ca.key"))?)?;
-    let ca_pem = std::fs::read_to_string(b.path("controller/relay-ca.pem"))?;
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
     let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
-    params
-        .subject_alt_names
-        .push(rcgen::SanType::URI(rcgen::string::Ia5String::try_from(
-            spiffe_id,
-        )?));
-    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    Ok((params.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+    let (leaf, _) = relay_cert_of_site(b, &key, spiffe_id)?;
+    Ok((leaf, key.serialize_pem()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
