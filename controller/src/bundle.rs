@@ -129,21 +129,20 @@ pub fn federated_bundle_pem(bundle: &str) -> Result<String, PkiError> {
 /// Checks the certificate chain `chain_pem` a relay brings from a
 /// federated trust domain: its leaf is an X.509-SVID of that domain, for a
 /// TLS server reached at `host`, chaining to the domain's bundle
-/// (`bundle_pem`). Returns the SPIFFE ID.
+/// (`bundle_pem`).
 pub fn check_federated_relay(
     chain_pem: &str,
     host: &str,
     trust_domain: &str,
     bundle_pem: &str,
-) -> Result<String, PkiError> {
+) -> Result<(), PkiError> {
     let chain = certs_from_pem(chain_pem.as_bytes())?;
-    let leaf = chain.first().ok_or(PkiError::NoCertificate)?;
     verify_server_chain(&chain, bundle_pem.as_bytes(), host)?.map_err(|e| {
         PkiError::Pem(format!(
             "it does not verify against the bundle of {trust_domain} for {host}: {e}"
         ))
     })?;
-    Ok(comsat_protocol::spiffe::svid_spiffe_id(leaf.as_ref()).unwrap_or_default())
+    Ok(())
 }
 
 #[cfg(test)]

@@ -495,6 +495,8 @@ impl ControllerConfig {
             path: path.clone(),
             message: e.to_string(),
         })?;
+        // Resolved once: every SPIFFE ID the controller names uses it.
+        config.trust_domain = Some(config.trust_domain());
         for p in [
             &mut config.tls_cert,
             &mut config.tls_key,
